@@ -1,0 +1,67 @@
+"""Executes a Graph: forward (recording a tape when training) and reverse-mode backward over the tape."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .graph import Graph, Node
+from .ops.shape import Dropout
+
+
+@dataclass
+class Tape:
+    """What a training forward leaves for backward: each node with its saved context, in order."""
+
+    entries: list[tuple[Node, Any]] = field(default_factory=list)
+    buffer_updates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs a graph on a dict of named arrays; knows which values can carry a gradient."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        # Values downstream of a parameter or a float graph input: the only ones worth differentiating.
+        live = set(graph.params) | {i.name for i in graph.inputs}
+        for node in graph.nodes:
+            if any(i in live for i in node.inputs if i):
+                live.update(o for o in node.outputs if o)
+        self.differentiable = live
+
+    def forward(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], training: bool,
+                record: bool = False, seed: tuple[int, ...] = (0,)) -> tuple[dict[str, np.ndarray], Tape]:
+        """Run every node; return all values by name and the tape (empty unless record)."""
+        env: dict[str, np.ndarray] = dict(state)
+        env.update(feeds)
+        tape = Tape()
+        for index, node in enumerate(self.graph.nodes):
+            if isinstance(node.op, Dropout):
+                # Keyed by (run seed, node position) so masks are reproducible on any machine.
+                node.op.rng = np.random.default_rng(list(seed) + [index])
+            args = [env[i] if i else None for i in node.inputs]
+            outs, ctx = node.op.forward(args, training)
+            for name, value in zip(node.outputs, outs):
+                if name:
+                    env[name] = value
+            if training:
+                for pos, value in node.op.buffer_updates(ctx).items():
+                    tape.buffer_updates[node.inputs[pos]] = value
+            if record and any(o in self.differentiable for o in node.outputs):
+                tape.entries.append((node, ctx))
+        return env, tape
+
+    def backward(self, tape: Tape, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Reverse-mode pass: from dL/d(seed values) to dL/d(every parameter and graph input)."""
+        grads: dict[str, np.ndarray] = dict(seeds)
+        for node, ctx in reversed(tape.entries):
+            gouts = [grads.pop(o, None) if o else None for o in node.outputs]
+            if gouts[0] is None:
+                continue  # only non-differentiable side outputs (indices, masks, stats) were used
+            gins = node.op.backward(ctx, gouts)
+            for name, g in zip(node.inputs, gins):
+                if not name or g is None or name not in self.differentiable:
+                    continue
+                grads[name] = grads[name] + g if name in grads else g
+        return grads

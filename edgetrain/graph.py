@@ -1,0 +1,64 @@
+"""The trainable graph: nodes in execution order, parameters, buffers and constants by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Node:
+    """One operation: its ONNX identity plus the op object that computes it."""
+
+    name: str
+    op_type: str
+    inputs: list[str]  # "" marks an omitted optional input, as in ONNX
+    outputs: list[str]
+    attrs: dict[str, Any]
+    op: Any = None  # an edgetrain.ops.Op, bound after import
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.op_type}, {self.inputs} -> {self.outputs})"
+
+
+@dataclass
+class ValueInfo:
+    """A graph input or output: its name, ONNX element type and shape (None for the free batch dim)."""
+
+    name: str
+    elem_type: int
+    shape: tuple[int | None, ...]
+
+
+@dataclass
+class Graph:
+    """An imported model, ready to execute: everything the engine needs and nothing from protobuf."""
+
+    nodes: list[Node]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    params: dict[str, np.ndarray]  # trainable float initializers
+    buffers: dict[str, np.ndarray]  # state updated by training but not by the optimizer (BN stats)
+    constants: dict[str, np.ndarray]  # folded values and non-trainable initializers
+    opset: int
+    source: str = "<memory>"
+    producer: str = ""
+    value_shapes: dict[str, tuple] = field(default_factory=dict)  # from ONNX shape inference
+
+    def state_names(self) -> set[str]:
+        """Names of every value that is not computed by a node."""
+        return set(self.params) | set(self.buffers) | set(self.constants)
+
+    def consumers(self) -> dict[str, list[Node]]:
+        """Map each value name to the nodes that read it."""
+        out: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                if name:
+                    out.setdefault(name, []).append(node)
+        return out
+
+    def producer_of(self) -> dict[str, Node]:
+        """Map each computed value name to the node that writes it."""
+        return {o: n for n in self.nodes for o in n.outputs if o}

@@ -1,0 +1,140 @@
+"""The user-facing Model: eval forward, training loss and gradients, parameters and buffers."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .engine import Executor, Tape
+from .errors import DataError, ModelError
+from .graph import Graph
+from .losses import LOSSES, softmax_cross_entropy
+from .onnx_import import load_graph
+
+
+class Model:
+    """An imported ONNX model that can be run, differentiated and trained."""
+
+    def __init__(self, graph: Graph, dtype: np.dtype | type = np.float32, seed: int = 0):
+        self.graph = graph
+        self.dtype = np.dtype(dtype)
+        self.seed = seed
+        self.step = 0  # advances the dropout stream; the trainer owns it
+        cast = lambda d: {k: (v.astype(self.dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in d.items()}
+        self._params = cast(graph.params)
+        self._buffers = cast(graph.buffers)
+        self._constants = cast(graph.constants)
+        self.executor = Executor(graph)
+
+    # -- introspection --------------------------------------------------------------------------
+    @property
+    def input_name(self) -> str:
+        return self.graph.inputs[0].name
+
+    @property
+    def output_name(self) -> str:
+        return self.graph.outputs[0].name
+
+    @property
+    def input_shape(self) -> tuple:
+        """Shape of the first input; None stands for a free batch dimension."""
+        return self.graph.inputs[0].shape
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Trainable tensors by initializer name (live arrays: updating them in place trains the model)."""
+        return self._params
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Non-trainable state that training updates (BatchNorm running statistics)."""
+        return self._buffers
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer."""
+        return {k: v.copy() for k, v in {**self._params, **self._buffers}.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Overwrite parameters and buffers in place; names and shapes must match exactly."""
+        for table in (self._params, self._buffers):
+            for name, arr in table.items():
+                if name not in state:
+                    raise ModelError(f"state has no tensor '{name}'")
+                if state[name].shape != arr.shape:
+                    raise ModelError(f"tensor '{name}': shape {state[name].shape} != model's {arr.shape}")
+                arr[...] = state[name]
+
+    def astype(self, dtype) -> "Model":
+        """A copy of this model computing in another float type (float64 for gradient checks)."""
+        m = Model(self.graph, dtype, self.seed)
+        m._params = {k: v.astype(dtype) for k, v in self._params.items()}
+        m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
+        return m
+
+    # -- running ----------------------------------------------------------------------------------
+    def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        given = x if isinstance(x, dict) else {self.input_name: x}
+        feeds = {}
+        for vi in self.graph.inputs:
+            if vi.name not in given:
+                raise DataError(f"model input '{vi.name}' was not given")
+            arr = np.asarray(given[vi.name])
+            expect = vi.shape
+            if arr.ndim != len(expect) or any(e is not None and e != a for e, a in zip(expect, arr.shape)):
+                pretty = "(" + ", ".join("N" if e is None else str(e) for e in expect) + ")"
+                raise DataError(f"input '{vi.name}' must have shape {pretty}, got {arr.shape}"
+                                + ("; the model was exported with a fixed batch size, re-export it with a "
+                                   "dynamic batch dimension" if expect and expect[0] is not None
+                                   and arr.ndim == len(expect) and arr.shape[0] != expect[0] else ""))
+            if np.issubdtype(arr.dtype, np.floating) or vi.elem_type == onnx.TensorProto.FLOAT:
+                arr = arr.astype(self.dtype, copy=False)
+            feeds[vi.name] = arr
+        return feeds
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {**self._constants, **self._params, **self._buffers}
+
+    def run(self, x: np.ndarray | dict[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
+        """Forward pass; returns every graph output by name."""
+        env, _ = self.executor.forward(self._feeds(x), self._state(), training, seed=(self.seed, self.step))
+        return {o.name: env[o.name] for o in self.graph.outputs}
+
+    def __call__(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        """Eval-mode forward of a batch; returns the first output."""
+        return self.run(x)[self.output_name]
+
+    def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
+        """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
+        env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
+                                          seed=(self.seed, self.step))
+        return env, tape
+
+    def backward(self, tape: Tape, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Gradients of every parameter and input, given dL/d(outputs)."""
+        return self.executor.backward(tape, seeds)
+
+    def loss_and_grad(self, x, labels: np.ndarray, loss: str | Callable = "cross_entropy",
+                      label_smoothing: float = 0.0, update_buffers: bool = True) -> tuple[float, dict[str, np.ndarray]]:
+        """Training forward and backward: returns (loss, {parameter name: gradient})."""
+        env, tape = self.forward_train(x)
+        out = env[self.output_name]
+        if loss == "cross_entropy":
+            value, dout = softmax_cross_entropy(out, labels, label_smoothing)
+        elif isinstance(loss, str):
+            if loss not in LOSSES:
+                raise DataError(f"unknown loss '{loss}' (choose from {', '.join(LOSSES)})")
+            value, dout = LOSSES[loss](out, labels)
+        else:
+            value, dout = loss(out, labels)
+        grads = self.backward(tape, {self.output_name: dout})
+        if update_buffers:
+            for name, arr in tape.buffer_updates.items():
+                if name in self._buffers:
+                    self._buffers[name][...] = arr
+        zeros = lambda p: np.zeros_like(p)
+        return value, {name: grads.get(name, None) if name in grads else zeros(p) for name, p in self._params.items()}
+
+
+def load(path: str | os.PathLike | onnx.ModelProto, dtype=np.float32, seed: int = 0) -> Model:
+    """Import an ONNX model as a trainable Model."""
+    return Model(load_graph(path), dtype=dtype, seed=seed)

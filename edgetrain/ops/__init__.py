@@ -1,0 +1,13 @@
+"""Every op the engine runs, registered by ONNX op type in OPS."""
+from . import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registration side effects)
+from .base import OPS, Op, register, unbroadcast
+
+# Ops the importer evaluates away and never runs: their values are fixed at load time.
+FOLDED_AT_IMPORT = frozenset({"Constant"})
+
+# The MAC-bearing ops: the ones the integer engine quantises and cost accounting counts.
+MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+SUPPORTED = frozenset(OPS) | FOLDED_AT_IMPORT
+
+__all__ = ["OPS", "Op", "register", "unbroadcast", "SUPPORTED", "MAC_OPS", "FOLDED_AT_IMPORT"]

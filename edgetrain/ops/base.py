@@ -1,0 +1,71 @@
+"""The op interface: forward saves what backward needs; backward returns one gradient per input."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import ModelError
+from ..graph import Node
+
+OPS: dict[str, type["Op"]] = {}
+
+
+def register(*op_types: str):
+    """Class decorator: make an Op the implementation of these ONNX op types."""
+
+    def wrap(cls: type[Op]) -> type[Op]:
+        for t in op_types:
+            OPS[t] = cls
+        return cls
+
+    return wrap
+
+
+class Op:
+    """Base class of every op: attribute parsing at import, forward and backward at run time."""
+
+    op_type: ClassVar[str] = ""
+
+    def __init__(self, node: Node, opset: int):
+        self.node = node
+        self.opset = opset
+        self.attrs = node.attrs
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        """An attribute of the node, or the default the ONNX spec gives."""
+        return self.attrs.get(name, default)
+
+    def fail(self, what: str) -> ModelError:
+        """An error that names this node."""
+        return ModelError(f"node '{self.node.name}' ({self.node.op_type}): {what}")
+
+    def forward(self, inputs: list[np.ndarray | None], training: bool) -> tuple[list[np.ndarray], Any]:
+        """Compute the outputs; return them with the context backward will need."""
+        raise NotImplementedError
+
+    def backward(self, ctx: Any, grads: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        """Given dL/d(outputs), return dL/d(inputs) (None where an input takes no gradient)."""
+        raise ModelError(f"node '{self.node.name}': {self.node.op_type} has no gradient")
+
+    def buffer_updates(self, ctx: Any) -> dict[int, np.ndarray]:
+        """New values for stateful inputs after a training forward (input position -> array)."""
+        return {}
+
+    def macs(self, in_shapes: list[tuple], out_shapes: list[tuple]) -> int:
+        """Multiply-accumulates per forward pass (0 for ops without MAC work)."""
+        return 0
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum a gradient over the axes numpy broadcasting added or stretched, back to `shape`."""
+    shape = tuple(shape)
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)

@@ -1,0 +1,140 @@
+"""Elementwise arithmetic and activations, with numpy (multidirectional) broadcasting."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Op, register, unbroadcast
+
+
+@register("Add")
+class Add(Op):
+    def forward(self, inputs, training):
+        a, b = inputs
+        return [a + b], (a.shape, b.shape)
+
+    def backward(self, ctx, grads):
+        (g,) = grads
+        return [unbroadcast(g, ctx[0]), unbroadcast(g, ctx[1])]
+
+
+@register("Sub")
+class Sub(Op):
+    def forward(self, inputs, training):
+        a, b = inputs
+        return [a - b], (a.shape, b.shape)
+
+    def backward(self, ctx, grads):
+        (g,) = grads
+        return [unbroadcast(g, ctx[0]), unbroadcast(-g, ctx[1])]
+
+
+@register("Mul")
+class Mul(Op):
+    def forward(self, inputs, training):
+        a, b = inputs
+        return [a * b], (a, b)
+
+    def backward(self, ctx, grads):
+        a, b = ctx
+        (g,) = grads
+        return [unbroadcast(g * b, a.shape), unbroadcast(g * a, b.shape)]
+
+
+@register("Div")
+class Div(Op):
+    def forward(self, inputs, training):
+        a, b = inputs
+        if np.issubdtype(a.dtype, np.integer):
+            # ONNX integer division truncates toward zero, numpy's // floors.
+            return [np.trunc(a / b).astype(a.dtype)], None
+        return [a / b], (a, b)
+
+    def backward(self, ctx, grads):
+        a, b = ctx
+        (g,) = grads
+        return [unbroadcast(g / b, a.shape), unbroadcast(-g * a / (b * b), b.shape)]
+
+
+@register("Relu")
+class Relu(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        return [np.maximum(x, 0).astype(x.dtype, copy=False)], x > 0
+
+    def backward(self, ctx, grads):
+        return [grads[0] * ctx]
+
+
+@register("LeakyRelu")
+class LeakyRelu(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        alpha = np.asarray(self.attr("alpha", 0.01), dtype=x.dtype)
+        pos = x >= 0
+        return [np.where(pos, x, x * alpha)], (pos, alpha)
+
+    def backward(self, ctx, grads):
+        pos, alpha = ctx
+        return [np.where(pos, grads[0], grads[0] * alpha)]
+
+
+@register("Sigmoid")
+class Sigmoid(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        # Split by sign so exp never overflows.
+        e = np.exp(-np.abs(x))
+        y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        return [y], y
+
+    def backward(self, ctx, grads):
+        y = ctx
+        return [grads[0] * y * (1 - y)]
+
+
+@register("Clip")
+class Clip(Op):
+    """Clip with min/max as optional inputs (opset 11+): ReLU6 is Clip(0, 6)."""
+
+    def forward(self, inputs, training):
+        x = inputs[0]
+        lo = inputs[1] if len(inputs) > 1 else None
+        hi = inputs[2] if len(inputs) > 2 else None
+        y = x
+        if lo is not None:
+            y = np.maximum(y, lo.astype(x.dtype))
+        if hi is not None:
+            y = np.minimum(y, hi.astype(x.dtype))
+        keep = np.ones(x.shape, dtype=bool)
+        if lo is not None:
+            keep &= x >= lo
+        if hi is not None:
+            keep &= x <= hi
+        return [y.astype(x.dtype, copy=False)], keep
+
+    def backward(self, ctx, grads):
+        return [grads[0] * ctx, None, None]
+
+
+@register("Softmax")
+class Softmax(Op):
+    """Softmax over one axis (opset 13+), or over the flattened trailing axes (opset < 13)."""
+
+    def forward(self, inputs, training):
+        (x,) = inputs
+        default_axis = -1 if self.opset >= 13 else 1
+        axis = self.attr("axis", default_axis) % max(x.ndim, 1)
+        shape = x.shape
+        if self.opset < 13:
+            x = x.reshape(int(np.prod(shape[:axis], dtype=np.int64)), -1)
+            axis = 1
+        z = x - x.max(axis=axis, keepdims=True)
+        e = np.exp(z)
+        y = e / e.sum(axis=axis, keepdims=True)
+        return [y.reshape(shape)], (y, axis, shape)
+
+    def backward(self, ctx, grads):
+        y, axis, shape = ctx
+        g = grads[0].reshape(y.shape)
+        dx = y * (g - (g * y).sum(axis=axis, keepdims=True))
+        return [dx.reshape(shape)]

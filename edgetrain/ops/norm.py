@@ -1,0 +1,67 @@
+"""BatchNormalization: batch statistics and running-stat update in training, running stats in eval."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Op, register
+
+
+@register("BatchNormalization")
+class BatchNormalization(Op):
+    """Inputs X, scale, B, running mean, running var.
+
+    Running statistics follow ONNX's momentum convention (new = old * momentum + batch * (1 - momentum),
+    so PyTorch's momentum 0.1 arrives as 0.9). The running variance is updated with the unbiased batch
+    variance, as PyTorch does, because the models we fine-tune come from there; a graph that asks for
+    ONNX training mode itself (training_mode=1) gets ONNX's population variance instead.
+    """
+
+    def _use_batch_stats(self, training: bool) -> bool:
+        return training or bool(self.attr("training_mode", 0))
+
+    def forward(self, inputs, training):
+        x, scale, bias, mean, var = inputs
+        eps = np.asarray(self.attr("epsilon", 1e-5), dtype=x.dtype)
+        axes = (0,) + tuple(range(2, x.ndim))
+        bshape = (1, -1) + (1,) * (x.ndim - 2)
+        if not self._use_batch_stats(training):
+            inv = 1.0 / np.sqrt(var.astype(x.dtype) + eps)
+            y = (x - mean.reshape(bshape)) * (inv * scale).reshape(bshape) + bias.reshape(bshape)
+            return [y.astype(x.dtype, copy=False)], ("eval", inv, scale, bshape)
+        mu = x.mean(axis=axes)
+        xc = x - mu.reshape(bshape)
+        bvar = (xc * xc).mean(axis=axes)
+        inv = 1.0 / np.sqrt(bvar + eps)
+        xhat = xc * inv.reshape(bshape)
+        y = xhat * scale.reshape(bshape) + bias.reshape(bshape)
+        count = x.size // x.shape[1]
+        m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
+        onnx_training = bool(self.attr("training_mode", 0)) and not training
+        unbiased = bvar if onnx_training or count < 2 else bvar * (count / (count - 1))
+        new_mean = mean * m + mu.astype(mean.dtype) * (1 - m)
+        new_var = var * m + unbiased.astype(var.dtype) * (1 - m)
+        outs = [y.astype(x.dtype, copy=False)]
+        if len(self.node.outputs) > 1:
+            outs += [new_mean, new_var][: len(self.node.outputs) - 1]
+        return outs, ("train", xhat, inv, scale, bshape, axes, new_mean, new_var)
+
+    def buffer_updates(self, ctx):
+        if ctx[0] != "train":
+            return {}
+        return {3: ctx[6], 4: ctx[7]}
+
+    def backward(self, ctx, grads):
+        g = grads[0]
+        if ctx[0] == "eval":
+            _, inv, scale, bshape = ctx
+            return [g * (inv * scale).reshape(bshape), None, None, None, None]
+        _, xhat, inv, scale, bshape, axes, _, _ = ctx
+        dscale = (g * xhat).sum(axis=axes)
+        dbias = g.sum(axis=axes)
+        count = g.size // g.shape[1]
+        # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
+        # along xhat, since both statistics depend on every sample.
+        dx = (scale * inv).reshape(bshape) / count * (
+            count * g - dbias.reshape(bshape) - xhat * dscale.reshape(bshape)
+        )
+        return [dx.astype(g.dtype, copy=False), dscale, dbias, None, None]

@@ -1,0 +1,117 @@
+"""MaxPool, AveragePool and GlobalAveragePool (N-d, pads, strides, dilations, ceil mode)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Op, register
+from .windows import crop_spatial, geometry, pad_spatial
+
+
+def _lowest(dtype) -> float | int:
+    return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
+
+
+@register("MaxPool")
+class MaxPool(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
+                       bool(self.attr("ceil_mode", 0)))
+        xp = pad_spatial(x, geo, _lowest(x.dtype))
+        wins = np.stack([xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices()])
+        arg = wins.argmax(axis=0)
+        y = np.take_along_axis(wins, arg[None], axis=0)[0]
+        outs = [y]
+        if len(self.node.outputs) > 1 and self.node.outputs[1]:
+            outs.append(self._indices(arg, x.shape, geo))
+        return outs, (arg, x.shape, geo)
+
+    def _indices(self, arg, x_shape, geo):
+        """Flat positions of each maximum in the unpadded input, as ONNX's Indices output."""
+        offs = geo.offsets()[arg]  # (..., nd)
+        spatial = x_shape[2:]
+        n, c = x_shape[:2]
+        pos = []
+        for d in range(len(spatial)):
+            grid = np.arange(geo.out[d]) * geo.strides[d]
+            grid = grid.reshape((1, 1) + tuple(-1 if k == d else 1 for k in range(len(spatial))))
+            pos.append(grid + offs[..., d] * geo.dilations[d] - geo.pads_begin[d])
+        if self.attr("storage_order", 0) == 1:
+            pos, dims = pos[::-1], spatial[::-1]
+        else:
+            dims = spatial
+        flat = np.zeros(arg.shape, dtype=np.int64)
+        for p, size in zip(pos, dims):
+            flat = flat * size + p
+        base = (np.arange(n).reshape(-1, 1) * c + np.arange(c).reshape(1, -1)) * int(np.prod(spatial))
+        return flat + base.reshape(base.shape + (1,) * len(spatial))
+
+    def backward(self, ctx, grads):
+        arg, x_shape, geo = ctx
+        g = grads[0]
+        padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
+        dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
+        for i, sl in geo.slices():
+            dxp[(slice(None), slice(None)) + sl] += np.where(arg == i, g, 0)
+        return [np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])))]
+
+
+@register("AveragePool")
+class AveragePool(Op):
+    def _counts(self, x_shape, geo, dtype):
+        """How many elements each window averages: pads count only with count_include_pad."""
+        ones = np.ones((1, 1) + tuple(x_shape[2:]), dtype=dtype)
+        if self.attr("count_include_pad", 0):
+            ones = np.pad(ones, [(0, 0), (0, 0)] + [(b, e) for b, e in zip(geo.pads_begin, geo.pads_end)],
+                          constant_values=1)
+            ones = np.pad(ones, [(0, 0), (0, 0)] + [(0, c) for c in geo.ceil_extra])
+        else:
+            ones = pad_spatial(ones, geo, 0)
+        return sum(ones[(slice(None), slice(None)) + sl] for _, sl in geo.slices())
+
+    def forward(self, inputs, training):
+        (x,) = inputs
+        geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
+                       bool(self.attr("ceil_mode", 0)))
+        xp = pad_spatial(x, geo, 0)
+        total = sum(xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices())
+        counts = self._counts(x.shape, geo, x.dtype)
+        return [(total / counts).astype(x.dtype, copy=False)], (counts, x.shape, geo)
+
+    def backward(self, ctx, grads):
+        counts, x_shape, geo = ctx
+        g = grads[0] / counts
+        padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
+        dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
+        for _, sl in geo.slices():
+            dxp[(slice(None), slice(None)) + sl] += g
+        return [np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])))]
+
+
+@register("GlobalAveragePool")
+class GlobalAveragePool(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        axes = tuple(range(2, x.ndim))
+        return [x.mean(axis=axes, keepdims=True)], x.shape
+
+    def backward(self, ctx, grads):
+        shape = ctx
+        size = int(np.prod(shape[2:]))
+        return [np.broadcast_to(grads[0] / size, shape).copy()]
+
+
+@register("GlobalMaxPool")
+class GlobalMaxPool(Op):
+    def forward(self, inputs, training):
+        (x,) = inputs
+        flat = x.reshape(x.shape[:2] + (-1,))
+        arg = flat.argmax(axis=2)
+        y = np.take_along_axis(flat, arg[..., None], axis=2)
+        return [y.reshape(x.shape[:2] + (1,) * (x.ndim - 2))], (arg, x.shape)
+
+    def backward(self, ctx, grads):
+        arg, shape = ctx
+        d = np.zeros(shape[:2] + (int(np.prod(shape[2:])),), dtype=grads[0].dtype)
+        np.put_along_axis(d, arg[..., None], grads[0].reshape(shape[:2] + (1,)), axis=2)
+        return [d.reshape(shape)]
