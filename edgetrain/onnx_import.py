@@ -218,8 +218,9 @@ class Importer:
                 if axis > 0 and not isinstance(d, int):
                     raise self.fail(f"input '{vi.name}' dimension {axis} is '{d or '?'}', not fixed; edgetrain needs "
                                     f"every dimension but the batch (0) fixed: re-export with a fixed input size")
-            batch = shape[0] if shape and isinstance(shape[0], int) else None
-            out.append(ValueInfo(vi.name, vi.type.tensor_type.elem_type, (batch,) + tuple(shape[1:])))
+            if shape:
+                shape = (shape[0] if isinstance(shape[0], int) else None,) + tuple(shape[1:])
+            out.append(ValueInfo(vi.name, vi.type.tensor_type.elem_type, tuple(shape)))
         return out
 
     # -- initializers and folding -------------------------------------------------------------

@@ -26,8 +26,9 @@ class BatchNormalization(Op):
         bshape = (1, -1) + (1,) * (x.ndim - 2)
         if not self._use_batch_stats(training):
             inv = 1.0 / np.sqrt(var.astype(x.dtype) + eps)
-            y = (x - mean.reshape(bshape)) * (inv * scale).reshape(bshape) + bias.reshape(bshape)
-            return [y.astype(x.dtype, copy=False)], ("eval", inv, scale, bshape)
+            xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
+            y = xhat * scale.reshape(bshape) + bias.reshape(bshape)
+            return [y.astype(x.dtype, copy=False)], ("eval", xhat, inv, scale, bshape, axes)
         mu = x.mean(axis=axes)
         xc = x - mu.reshape(bshape)
         bvar = (xc * xc).mean(axis=axes)
@@ -53,8 +54,9 @@ class BatchNormalization(Op):
     def backward(self, ctx, grads):
         g = grads[0]
         if ctx[0] == "eval":
-            _, inv, scale, bshape = ctx
-            return [g * (inv * scale).reshape(bshape), None, None, None, None]
+            # Frozen statistics are constants, so the affine part is all there is to differentiate.
+            _, xhat, inv, scale, bshape, axes = ctx
+            return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
         _, xhat, inv, scale, bshape, axes, _, _ = ctx
         dscale = (g * xhat).sum(axis=axes)
         dbias = g.sum(axis=axes)

@@ -1,0 +1,85 @@
+"""Model summary for `edgetrain info`: layers, shapes, parameters, MACs, quantisation plan."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .layers import classifier_nodes, default_quantised
+from .model import Model
+
+
+@dataclass
+class LayerInfo:
+    """One node of the summary."""
+
+    name: str
+    op_type: str
+    output_shape: list
+    params: int
+    macs: int  # per sample
+    precision: str  # "int" (quantised by default), "fp32 (classifier)", or "-" for ops without MACs
+
+
+def _pretty(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+def summarize(model: Model) -> dict:
+    """Run one sample through the model and describe every layer."""
+    graph = model.graph
+    feeds = {}
+    for vi in graph.inputs:
+        shape = tuple(1 if d is None else d for d in vi.shape)
+        dtype = np.float32 if vi.elem_type == 1 else np.int64
+        feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    env, _ = model.executor.forward(model._feeds(feeds), model._state(), training=False)
+    quantised = {n.name for n in default_quantised(graph)}
+    classifier = {n.name for n in classifier_nodes(graph)}
+    layers = []
+    batch_free = {vi.name for vi in graph.inputs if vi.shape and vi.shape[0] is None}
+    for node in graph.nodes:
+        in_shapes = [env[i].shape if i else () for i in node.inputs]
+        out_shapes = [env[o].shape for o in node.outputs if o]
+        params = sum(int(np.prod(graph.params[i].shape)) for i in node.inputs if i in graph.params)
+        precision = "int" if node.name in quantised else "fp32 (classifier)" if node.name in classifier else "-"
+        shape = list(out_shapes[0]) if out_shapes else []
+        if batch_free and shape:
+            shape[0] = None
+        layers.append(LayerInfo(node.name, node.op_type, shape, params, node.op.macs(in_shapes, out_shapes), precision))
+    return {
+        "source": graph.source,
+        "producer": graph.producer,
+        "opset": graph.opset,
+        "inputs": [{"name": v.name, "shape": list(v.shape)} for v in graph.inputs],
+        "outputs": [{"name": v.name, "shape": list(env[v.name].shape[1:])} for v in graph.outputs],
+        "parameters": int(sum(p.size for p in graph.params.values())),
+        "buffers": int(sum(b.size for b in graph.buffers.values())),
+        "macs_per_sample": int(sum(layer.macs for layer in layers)),
+        "quantised_layers": sorted(quantised, key=[n.name for n in graph.nodes].index),
+        "layers": [asdict(layer) for layer in layers],
+    }
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a human-readable table."""
+    rows = [("layer", "op", "output", "params", "MACs/sample", "precision")]
+    for layer in summary["layers"]:
+        rows.append((layer["name"], layer["op_type"], _pretty(layer["output_shape"]), f"{layer['params']:,}",
+                     f"{layer['macs']:,}" if layer["macs"] else "", layer["precision"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"model: {summary['source']}  (opset {summary['opset']}" +
+             (f", from {summary['producer']}" if summary["producer"] else "") + ")"]
+    for vi in summary["inputs"]:
+        lines.append(f"input:  {vi['name']} {_pretty(vi['shape'])}")
+    lines.append("")
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j < 3 or j == 5 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    n_int = len(summary["quantised_layers"])
+    lines += ["", f"parameters: {summary['parameters']:,}   buffers: {summary['buffers']:,}   "
+                  f"MACs per sample: {summary['macs_per_sample']:,}",
+              f"integer engine quantises {n_int} layer{'s' if n_int != 1 else ''}; "
+              "classifier and BatchNorm stay fp32 (FracTrain's default)"]
+    return "\n".join(lines)
