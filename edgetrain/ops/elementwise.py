@@ -105,11 +105,13 @@ class Clip(Op):
             y = np.maximum(y, lo.astype(x.dtype))
         if hi is not None:
             y = np.minimum(y, hi.astype(x.dtype))
+        # No gradient at a bound itself, as for Relu (x > 0) and PyTorch's ReLU6/hardtanh: a value sitting
+        # exactly on the bound (a BatchNorm output of a channel constant across the batch) is clipped.
         keep = np.ones(x.shape, dtype=bool)
         if lo is not None:
-            keep &= x >= lo
+            keep &= x > lo
         if hi is not None:
-            keep &= x <= hi
+            keep &= x < hi
         return [y.astype(x.dtype, copy=False)], keep
 
     def backward(self, ctx, grads):

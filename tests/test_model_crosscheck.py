@@ -1,0 +1,177 @@
+"""Whole models: edgetrain's forward against onnxruntime, gradients against finite differences and
+PyTorch autograd."""
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import edgetrain
+import models
+from gradcheck import check_model_gradients, relative_error, relative_errors
+
+FORWARD_TOL = 1e-4  # relative, float32, against onnxruntime
+TORCH_GRAD_TOL = 1e-4  # relative, float32, against PyTorch autograd
+FD_TOL = 1e-6  # relative, float64, against central differences
+
+# Small inputs keep the suite fast; the graphs are the same as at full size.
+SHIPPED = {
+    "resnet8": dict(input_size=16),
+    "resnet20": dict(input_size=8),
+    "resnet38": dict(input_size=8),
+    "resnet74": dict(input_size=8),
+    "mobilenetv2": dict(input_size=16, width_mult=0.5),
+    "lenet5": dict(),
+    "mlp": dict(),
+}
+
+
+def randomise_state(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """Give BatchNorm non-trivial statistics and affine terms, so a match means something."""
+    rng = np.random.default_rng(seed)
+    for t in model.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if t.name.endswith("running_var"):
+            new = rng.uniform(0.5, 2.0, arr.shape)
+        elif t.name.endswith("running_mean") or (t.name.endswith("bias") and arr.ndim == 1):
+            new = rng.normal(0, 0.2, arr.shape)
+        elif arr.ndim == 1 and "bn" in t.name or "downsample.1" in t.name:
+            new = rng.uniform(0.5, 1.5, arr.shape)
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(new.astype(arr.dtype), t.name))
+    return model
+
+
+def input_for(model: edgetrain.Model, batch: int, seed: int = 0) -> np.ndarray:
+    shape = (batch,) + tuple(model.input_shape[1:])
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def ort_run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_forward_matches_onnxruntime(name):
+    proto = randomise_state(models.build_model(name, seed=1, **SHIPPED[name]), seed=2)
+    model = edgetrain.load(proto)
+    x = input_for(model, batch=3)
+    ours, ref = model(x), ort_run(proto, x)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < FORWARD_TOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet8", "mobilenetv2"])
+def test_shipped_model_gradients_match_finite_differences(name):
+    kwargs = dict(SHIPPED[name])
+    if name == "mobilenetv2":
+        kwargs.update(input_size=16, width_mult=0.25)
+    if name == "resnet8":
+        kwargs.update(input_size=8)
+    proto = randomise_state(models.build_model(name, seed=3, **kwargs), seed=4)
+    model = edgetrain.load(proto)
+    x = input_for(model, batch=3, seed=5)
+    errors = check_model_gradients(model, {model.input_name: x}, training=True, samples=6)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < FD_TOL, f"{name}: {worst} relative error {errors[worst]:.2e}"
+
+
+# --- models exported by PyTorch ---------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from models.export_torch import export_module, torch_mobilenetv2, torch_resnet18  # noqa: E402
+
+# (builder, input batch shape): MobileNetV2 at 64x64 so its last BatchNorms see 2x2 pixels, not one.
+TORCH_MODELS = {
+    "resnet18": (lambda: torch_resnet18(num_classes=10, width=16), (4, 3, 32, 32)),
+    "mobilenetv2": (lambda: torch_mobilenetv2(num_classes=10, width_mult=0.35), (4, 3, 64, 64)),
+}
+
+
+def _settle_batchnorm(module, x):
+    """One training-mode pass, so running statistics are not the trivial 0/1 of a fresh model."""
+    module.train()
+    with torch.no_grad():
+        module(x)
+    module.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(TORCH_MODELS))
+def exported(request, tmp_path_factory):
+    torch.manual_seed(0)
+    build, shape = TORCH_MODELS[request.param]
+    module = build()
+    x = torch.randn(*shape)
+    _settle_batchnorm(module, x)
+    path = str(tmp_path_factory.mktemp("torch") / f"{request.param}.onnx")
+    export_module(module, x, path)
+    return request.param, module, path, shape
+
+
+def test_torch_export_forward_matches_onnxruntime_and_torch(exported):
+    name, module, path, shape = exported
+    model = edgetrain.load(path)
+    x = np.random.default_rng(7).standard_normal((5,) + shape[1:]).astype(np.float32)
+    ours = model(x)
+    ref = ort_run(onnx.load(path), x)
+    with torch.no_grad():
+        tref = module.eval()(torch.from_numpy(x)).numpy()
+    scale = np.abs(ref).max()
+    assert scale > 1e-3, "logits too small for the comparison to mean anything"
+    assert np.abs(ours - ref).max() / scale < FORWARD_TOL
+    assert np.abs(ours - tref).max() / scale < FORWARD_TOL
+
+
+def _torch_grads(module, x, labels, dtype):
+    """Training-mode loss and parameter gradients of a copy of module in the given float type."""
+    import copy
+
+    m = copy.deepcopy(module).to(dtype)
+    m.train()
+    for sub in m.modules():  # dropout would draw its own mask; compare the deterministic part
+        if isinstance(sub, torch.nn.Dropout):
+            sub.eval()
+    loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(labels))
+    loss.backward()
+    return loss.item(), {k: p.grad.numpy().astype(np.float64) for k, p in m.named_parameters()}, m
+
+
+def test_torch_export_gradients_match_autograd(exported):
+    """float64: every tensor within 1e-6 of autograd. float32: within 1e-4 of torch where float32 can
+    resolve 1e-4 at all (torch's own float32 error below half that, as for ResNet-18); otherwise (a
+    random-init MobileNetV2, whose BatchNorms see few values per channel) at most 2x as far from the
+    float64 truth as torch's own float32 result is."""
+    name, module, path, shape = exported
+    x = np.random.default_rng(8).standard_normal(shape)
+    labels = np.arange(shape[0]) % 10
+    t64_loss, t64, t64_module = _torch_grads(module, x, labels, torch.float64)
+    t32_loss, t32, _ = _torch_grads(module, x, labels, torch.float32)
+
+    model64 = edgetrain.load(path, dtype=np.float64)
+    loss64, g64 = model64.loss_and_grad(x, labels)
+    assert abs(loss64 - t64_loss) / abs(t64_loss) < FD_TOL
+    assert set(g64) == set(t64), "parameter names differ from torch's"
+    err64 = relative_errors(g64, t64)
+    worst = max(err64, key=err64.get)
+    assert err64[worst] < FD_TOL, f"{name} float64: {worst} relative error {err64[worst]:.2e}"
+
+    model32 = edgetrain.load(path)
+    loss32, g32 = model32.loss_and_grad(x.astype(np.float32), labels)
+    assert abs(loss32 - t32_loss) / abs(t32_loss) < TORCH_GRAD_TOL
+    torch_own = max(relative_errors(t32, t64).values())
+    if torch_own < TORCH_GRAD_TOL / 2:
+        vs_torch = relative_errors(g32, t32)
+        worst = max(vs_torch, key=vs_torch.get)
+        assert vs_torch[worst] < TORCH_GRAD_TOL, f"{name} float32: {worst} relative error {vs_torch[worst]:.2e}"
+    else:
+        ours = max(relative_errors(g32, t64).values())
+        assert ours <= 2 * torch_own, f"{name} float32: ours {ours:.2e} from truth, torch's own {torch_own:.2e}"
+
+    # Running statistics after one training step agree with torch's too.
+    tbuf = dict(t64_module.named_buffers())
+    for k, v in model64.buffers().items():
+        assert relative_error(v, tbuf[k].numpy()) < FD_TOL, k
