@@ -27,10 +27,10 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    result = run_demo(steps=args.steps, seed=args.seed, progress=not args.json)
+    result = run_demo(steps=args.steps, seed=args.seed, out_dir=args.out, progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
-    return 0
+    return 0 if result["export_ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fine-tune the shipped model on the shipped digits")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="edgetrain-demo", help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.set_defaults(func=_cmd_demo)
     return p

@@ -45,6 +45,7 @@ class Graph:
     source: str = "<memory>"
     producer: str = ""
     value_shapes: dict[str, tuple] = field(default_factory=dict)  # from ONNX shape inference
+    original: Any = None  # the ModelProto as the user gave it, for export
 
     def state_names(self) -> set[str]:
         """Names of every value that is not computed by a node."""

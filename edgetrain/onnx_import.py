@@ -84,6 +84,8 @@ class Importer:
     """One import: each step is a method, run in order by run()."""
 
     def __init__(self, model: onnx.ModelProto, where: str):
+        self.original = onnx.ModelProto()
+        self.original.CopyFrom(model)  # export writes the user's graph back, not our folded one
         self.model = model
         self.where = where
 
@@ -109,7 +111,7 @@ class Importer:
         return Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
                      constants=self.constants, opset=self.opset, source=self.where,
                      producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
-                     value_shapes=self.shapes)
+                     value_shapes=self.shapes, original=self.original)
 
     # -- validation --------------------------------------------------------------------------
     def _opset(self) -> int:
