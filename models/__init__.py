@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 from typing import Callable
 
 import onnx
+
+from edgetrain.fileio import write_atomic
 
 from .lenet import lenet5
 from .mlp import mlp_classifier
@@ -24,10 +25,8 @@ BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "mlp": mlp_classifier,
 }
 
-NEW_FILE_MODE = 0o666
-TEMP_SUFFIX_BYTES = 4
 
-__all__ = ["BUILDERS", "build_model", "save_model", "write_bytes_atomic"]
+__all__ = ["BUILDERS", "build_model", "save_model"]
 
 
 def build_model(name: str, **kwargs: object) -> onnx.ModelProto:
@@ -39,26 +38,6 @@ def build_model(name: str, **kwargs: object) -> onnx.ModelProto:
     return builder(**kwargs)
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> None:
-    """Write data to path via a temp file in the same directory, so readers never see half a file."""
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(TEMP_SUFFIX_BYTES)}.tmp")
-    # os.open with NEW_FILE_MODE lets the umask decide permissions (mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no stray temp file behind on any failure, including KeyboardInterrupt.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Serialise model to path atomically."""
-    write_bytes_atomic(model.SerializeToString(), path)
+    write_atomic(path, model.SerializeToString())

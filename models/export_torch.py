@@ -17,7 +17,7 @@ from typing import Callable, NoReturn, Sequence
 import torch
 from torch import nn
 
-from . import write_bytes_atomic
+from edgetrain.fileio import write_atomic
 from .mobilenetv2 import make_divisible
 
 OPSET = 17
@@ -86,7 +86,7 @@ def export_module(
             )
     finally:
         module.train(was_training)
-    write_bytes_atomic(buffer.getvalue(), path)
+    write_atomic(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------ ResNet-18 (torchvision)

@@ -42,7 +42,7 @@ TORCH_ATOL = 1e-4
 
 
 def _fast_build(name: str, seed: int = SEED) -> onnx.ModelProto:
-    return models.build(name, num_classes=NUM_CLASSES, seed=seed, **FAST_KWARGS[name])
+    return models.build_model(name, num_classes=NUM_CLASSES, seed=seed, **FAST_KWARGS[name])
 
 
 def _input_shape(model: onnx.ModelProto, batch: int) -> list[int]:
@@ -72,7 +72,7 @@ def test_registry_has_expected_names() -> None:
 
 def test_build_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
-        models.build("vgg")
+        models.build_model("vgg")
 
 
 @pytest.mark.parametrize("name", sorted(models.BUILDERS))
@@ -110,7 +110,7 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(name: str) -> None:
 
 
 def test_registry_defaults_are_standard_shapes() -> None:
-    shapes = {name: _input_shape(models.build(name), 1) for name in ("resnet8", "mobilenetv2", "lenet5", "mlp")}
+    shapes = {name: _input_shape(models.build_model(name), 1) for name in ("resnet8", "mobilenetv2", "lenet5", "mlp")}
     assert shapes == {"resnet8": [1, 3, 32, 32], "mobilenetv2": [1, 3, 32, 32], "lenet5": [1, 1, 28, 28], "mlp": [1, 784]}
 
 
@@ -159,7 +159,7 @@ def test_resnet_initialisation_follows_torch() -> None:
 # ------------------------------------------------------------------ MobileNetV2
 def test_mobilenetv2_structure() -> None:
     # Full width: at width_mult 0.25 rounding to 8 channels creates extra residual joins.
-    model = models.build("mobilenetv2", input_size=8)
+    model = models.build_model("mobilenetv2", input_size=8)
     depthwise = [n for n in _ops(model, "Conv") if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     assert len(depthwise) == MOBILENETV2_BLOCKS
     assert len(_ops(model, "Add")) == MOBILENETV2_RESIDUAL_ADDS
@@ -173,7 +173,7 @@ def test_mobilenetv2_structure() -> None:
 # ---------------------------------------------------------------- LeNet and MLP
 def test_lenet_rejects_too_small_input() -> None:
     with pytest.raises(ValueError, match="too small"):
-        models.build("lenet5", input_size=8)
+        models.build_model("lenet5", input_size=8)
 
 
 def test_mlp_image_input_starts_with_flatten() -> None:
@@ -302,5 +302,5 @@ def test_mobilenetv2_initializers_match_torch_state_dict() -> None:
 
     state = torch_mobilenetv2(NUM_CLASSES, 0.25).state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    model = models.build("mobilenetv2", num_classes=NUM_CLASSES, width_mult=0.25, input_size=8)
+    model = models.build_model("mobilenetv2", num_classes=NUM_CLASSES, width_mult=0.25, input_size=8)
     assert {t.name: tuple(t.dims) for t in model.graph.initializer} == expected
