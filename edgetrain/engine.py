@@ -1,6 +1,7 @@
 """Executes a Graph: forward (recording a tape when training) and reverse-mode backward over the tape."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ class Executor:
             if any(i in live for i in node.inputs if i):
                 live.update(o for o in node.outputs if o)
         self.differentiable = live
+        # When set, seconds spent in each node's forward and backward accumulate here:
+        # {(node name, "forward" | "backward"): seconds}. Profiling tools read it.
+        self.timings: dict[tuple[str, str], float] | None = None
 
     def forward(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], training: bool,
                 record: bool = False, seed: tuple[int, ...] = (0,)) -> tuple[dict[str, np.ndarray], Tape]:
@@ -41,7 +45,11 @@ class Executor:
                 # Keyed by (run seed, node position) so masks are reproducible on any machine.
                 node.op.rng = np.random.default_rng(list(seed) + [index])
             args = [env[i] if i else None for i in node.inputs]
+            start = time.perf_counter() if self.timings is not None else 0.0
             outs, ctx = node.op.forward(args, training)
+            if self.timings is not None:
+                key = (node.name, "forward")
+                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
@@ -59,7 +67,11 @@ class Executor:
             gouts = [grads.pop(o, None) if o else None for o in node.outputs]
             if gouts[0] is None:
                 continue  # only non-differentiable side outputs (indices, masks, stats) were used
+            start = time.perf_counter() if self.timings is not None else 0.0
             gins = node.op.backward(ctx, gouts)
+            if self.timings is not None:
+                key = (node.name, "backward")
+                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
             for name, g in zip(node.inputs, gins):
                 if not name or g is None or name not in self.differentiable:
                     continue

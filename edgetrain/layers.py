@@ -37,3 +37,34 @@ def default_quantised(graph: Graph) -> list[Node]:
     """MAC layers the integer engine runs in fixed point unless configured otherwise."""
     keep_float = {n.name for n in classifier_nodes(graph)}
     return [n for n in mac_nodes(graph) if n.name not in keep_float]
+
+
+# Ops whose output is non-negative whenever every data input is (pooling and reshaping move values,
+# Add and Mul of non-negatives stay non-negative).
+_PRESERVES_SIGN = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
+                             "Transpose", "Identity", "Dropout", "Concat", "Add", "Mul", "Squeeze", "Unsqueeze",
+                             "Slice", "Gather"})
+_ALWAYS_NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "Softmax"})
+
+
+def non_negative_values(graph: Graph) -> set[str]:
+    """Values that can never be negative, found from the graph alone (after ReLU, ReLU6, pooling of those).
+
+    The integer engine stores these in an unsigned format, so no bit is spent on a sign that is
+    always positive.
+    """
+    known: set[str] = {name for name, v in graph.constants.items() if getattr(v, "size", 0) and (v >= 0).all()}
+    data_inputs = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 1, "Gather": 1, "Dropout": 1}
+    for node in graph.nodes:
+        out = node.outputs[0]
+        if node.op_type in _ALWAYS_NON_NEGATIVE:
+            known.add(out)
+        elif node.op_type == "Clip":
+            lo = node.inputs[1] if len(node.inputs) > 1 else ""
+            if lo and lo in graph.constants and (graph.constants[lo] >= 0).all():
+                known.add(out)
+        elif node.op_type in _PRESERVES_SIGN:
+            count = data_inputs.get(node.op_type, len(node.inputs))
+            if all(i in known for i in node.inputs[:count] if i):
+                known.add(out)
+    return known
