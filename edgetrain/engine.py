@@ -15,15 +15,19 @@ from .ops.shape import Dropout
 class Tape:
     """What a training forward leaves for backward: each node with its saved context, in order."""
 
-    entries: list[tuple[Node, Any]] = field(default_factory=list)
+    entries: list[tuple[Node, Any, Any]] = field(default_factory=list)  # (node, op, context)
     buffer_updates: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Executor:
     """Runs a graph on a dict of named arrays; knows which values can carry a gradient."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, ops: dict[str, Any] | None = None):
         self.graph = graph
+        # The op object of each node. A Model owns its table, so switching a layer to the integer
+        # path (set_precision) touches neither the graph nor another Model built from it.
+        self.ops = ops if ops is not None else {n.name: n.op for n in graph.nodes}
+        self.produced = {o for n in graph.nodes for o in n.outputs if o}
         # Values downstream of a parameter or a float graph input: the only ones worth differentiating.
         live = set(graph.params) | {i.name for i in graph.inputs}
         for node in graph.nodes:
@@ -41,12 +45,13 @@ class Executor:
         env.update(feeds)
         tape = Tape()
         for index, node in enumerate(self.graph.nodes):
-            if isinstance(node.op, Dropout):
+            op = self.ops[node.name]
+            if isinstance(op, Dropout):
                 # Keyed by (run seed, node position) so masks are reproducible on any machine.
-                node.op.rng = np.random.default_rng(list(seed) + [index])
+                op.rng = np.random.default_rng(list(seed) + [index])
             args = [env[i] if i else None for i in node.inputs]
             start = time.perf_counter() if self.timings is not None else 0.0
-            outs, ctx = node.op.forward(args, training)
+            outs, ctx = op.forward(args, training)
             if self.timings is not None:
                 key = (node.name, "forward")
                 self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
@@ -54,26 +59,38 @@ class Executor:
                 if name:
                     env[name] = value
             if training:
-                for pos, value in node.op.buffer_updates(ctx).items():
+                for pos, value in op.buffer_updates(ctx).items():
                     tape.buffer_updates[node.inputs[pos]] = value
             if record and any(o in self.differentiable for o in node.outputs):
-                tape.entries.append((node, ctx))
+                tape.entries.append((node, op, ctx))
         return env, tape
 
-    def backward(self, tape: Tape, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Reverse-mode pass: from dL/d(seed values) to dL/d(every parameter and graph input)."""
+    def needs_grad(self, name: str, wrt: set[str] | None) -> bool:
+        """Whether dL/d(name) is wanted: computed values always, leaves only when asked for."""
+        if not name or name not in self.differentiable:
+            return False
+        return wrt is None or name in wrt or name in self.produced
+
+    def backward(self, tape: Tape, seeds: dict[str, np.ndarray], wrt: set[str] | None = None) -> dict[str, np.ndarray]:
+        """Reverse-mode pass: from dL/d(seed values) to dL/d(parameters and graph inputs).
+
+        With `wrt`, leaves outside it get no gradient, and a MAC op whose input is such a leaf (the
+        first layer reading the data) skips its error back-propagation altogether.
+        """
         grads: dict[str, np.ndarray] = dict(seeds)
-        for node, ctx in reversed(tape.entries):
+        for node, op, ctx in reversed(tape.entries):
             gouts = [grads.pop(o, None) if o else None for o in node.outputs]
             if gouts[0] is None:
                 continue  # only non-differentiable side outputs (indices, masks, stats) were used
+            if hasattr(op, "skip_input_grad"):
+                op.skip_input_grad = not self.needs_grad(node.inputs[0], wrt)
             start = time.perf_counter() if self.timings is not None else 0.0
-            gins = node.op.backward(ctx, gouts)
+            gins = op.backward(ctx, gouts)
             if self.timings is not None:
                 key = (node.name, "backward")
                 self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
             for name, g in zip(node.inputs, gins):
-                if not name or g is None or name not in self.differentiable:
+                if g is None or not self.needs_grad(name, wrt):
                     continue
                 grads[name] = grads[name] + g if name in grads else g
         return grads

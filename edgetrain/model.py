@@ -7,11 +7,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .cost import CostMeter, LayerCost, layer_step_cost
 from .engine import Executor, Tape
 from .errors import DataError, ModelError
 from .graph import Graph
+from .layers import mac_nodes, non_negative_values
 from .losses import LOSSES, softmax_cross_entropy
 from .onnx_import import load_graph
+from .precision import FP32, LayerPrecision, PrecisionConfig
 
 
 class Model:
@@ -26,7 +29,16 @@ class Model:
         self._params = cast(graph.params)
         self._buffers = cast(graph.buffers)
         self._constants = cast(graph.constants)
-        self.executor = Executor(graph)
+        self.executor = Executor(graph, {n.name: n.op for n in graph.nodes})
+        self._float_ops = dict(self.executor.ops)
+        self._mac_nodes = mac_nodes(graph)
+        self.precision: dict[str, LayerPrecision] = {n.name: FP32 for n in self._mac_nodes}
+        self.precision_config = PrecisionConfig()
+        self.cost = CostMeter()
+        self.last_cost: dict[str, LayerCost] = {}
+        from .qops import QuantRuntime  # the integer path loads its kernels only when first used
+
+        self.runtime = QuantRuntime(seed=seed)
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -69,7 +81,36 @@ class Model:
         m = Model(self.graph, dtype, self.seed)
         m._params = {k: v.astype(dtype) for k, v in self._params.items()}
         m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
+        m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
         return m
+
+    # -- precision ------------------------------------------------------------------------------
+    def set_precision(self, default: "str | LayerPrecision | PrecisionConfig" = "fp32", overrides: dict | None = None,
+                      *, quantize_classifier: bool = False, pow2_scales: bool = False) -> dict[str, LayerPrecision]:
+        """Choose each MAC layer's bit-widths (e.g. "8/8", {"layer1.*": "4/8"}); takes effect at the next step.
+
+        Layers the integer kernels cannot run (1-D/3-D convs, transposed Gemm inputs) stay fp32.
+        Returns the precision now in force, by layer.
+        """
+        from .qops import integer_form
+
+        config = default if isinstance(default, PrecisionConfig) else PrecisionConfig.make(
+            default, overrides, quantize_classifier)
+        resolved = config.resolve(self.graph)
+        unsigned = non_negative_values(self.graph)
+        self.runtime.pow2_scales = pow2_scales
+        for index, node in enumerate(self._mac_nodes):
+            want = resolved[node.name]
+            form = integer_form(node, self._params)
+            if want.is_float or form is None:
+                self.executor.ops[node.name] = self._float_ops[node.name]
+                self.precision[node.name] = FP32
+                continue
+            self.executor.ops[node.name] = form(self._float_ops[node.name], want, index,
+                                                node.inputs[0] in unsigned, self.runtime)
+            self.precision[node.name] = want
+        self.precision_config = config
+        return dict(self.precision)
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,13 +146,27 @@ class Model:
 
     def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
         """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
+        self.runtime.seed, self.runtime.step = self.seed, self.step  # keys of the stochastic rounding
         env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
                                           seed=(self.seed, self.step))
         return env, tape
 
-    def backward(self, tape: Tape, seeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Gradients of every parameter and input, given dL/d(outputs)."""
-        return self.executor.backward(tape, seeds)
+    def backward(self, tape: Tape, seeds: dict[str, np.ndarray], wrt: set[str] | None = None) -> dict[str, np.ndarray]:
+        """Gradients given dL/d(outputs): of every parameter and input, or only of the names in `wrt`."""
+        return self.executor.backward(tape, seeds, wrt)
+
+    def step_cost(self, env: dict[str, np.ndarray]) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+        """BitOPs of the training step whose forward values are in env: at the current precision, and in fp32."""
+        costs, fp32 = {}, {}
+        for node in self._mac_nodes:
+            in_shapes = [env[i].shape if i else () for i in node.inputs]
+            out_shapes = [env[o].shape for o in node.outputs if o]
+            macs = self._float_ops[node.name].macs(in_shapes, out_shapes) * int(np.prod(out_shapes[0][:1]))
+            first = node.inputs[0] not in self.executor.produced  # reads the data: nothing to back-propagate into
+            saved = int(np.prod(in_shapes[0]))
+            costs[node.name] = layer_step_cost(macs, self.precision[node.name], saved, not first)
+            fp32[node.name] = layer_step_cost(macs, FP32, saved, not first)
+        return costs, fp32
 
     def loss_and_grad(self, x, labels: np.ndarray, loss: str | Callable = "cross_entropy",
                       label_smoothing: float = 0.0, update_buffers: bool = True) -> tuple[float, dict[str, np.ndarray]]:
@@ -126,7 +181,9 @@ class Model:
             value, dout = LOSSES[loss](out, labels)
         else:
             value, dout = loss(out, labels)
-        grads = self.backward(tape, {self.output_name: dout})
+        grads = self.backward(tape, {self.output_name: dout}, wrt=set(self._params))
+        self.last_cost, fp32 = self.step_cost(env)
+        self.cost.add_step(self.last_cost, fp32)
         if update_buffers:
             for name, arr in tape.buffer_updates.items():
                 if name in self._buffers:

@@ -9,6 +9,7 @@ from .windows import crop_spatial, geometry, pad_spatial
 
 @register("Conv")
 class Conv(Op):
+    skip_input_grad = False  # set by the executor when nobody needs dL/dx (the first layer)
     def _geometry(self, x_shape, w_shape):
         kernel = tuple(self.attr("kernel_shape", w_shape[2:]))
         return geometry(self.node.name, self.attrs, tuple(x_shape[2:]), kernel)
@@ -41,6 +42,8 @@ class Conv(Op):
         m = w.shape[0]
         gy = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(groups, m // groups, -1)
         dw = np.matmul(gy, cols.transpose(0, 2, 1)).reshape(w.shape)
+        if self.skip_input_grad:
+            return [None, dw] + ([g.sum(axis=(0,) + tuple(range(2, g.ndim)))] if has_bias else [])
         dcols = np.matmul(w.reshape(groups, m // groups, -1).transpose(0, 2, 1), gy)
         dcols = dcols.reshape((c, geo.window_size, n) + geo.out)
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))

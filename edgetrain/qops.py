@@ -1,0 +1,191 @@
+"""Conv, Gemm and MatMul on integer kernels: the MAC work of training in fixed point.
+
+Each op quantises its operands, hands the integer tensors to `edgetrain.kernels` (exact integer
+results), and rescales the integer result into the float domain where BatchNorm, ReLU and the rest
+run (docs/NUMERICS.md). Per layer and step:
+
+    forward          y  = (x_q * w_q) * s_x * s_w[c]                 x: nearest, per tensor
+                                                                     w: nearest, per output channel
+    weight gradient  dW = (dy_q * x_q) * s_dy * s_x                  dy: stochastic, per tensor
+    error backprop   dx = (g_q * w_q) * s_g,   g = dy * s_w[c]       g: stochastic, per tensor
+
+The error back-propagation sums over output channels, so the weights' per-channel scales must leave
+the integer operand first: they are folded into the gradient before it is quantised. The float master
+weights receive dW directly (straight-through estimator over the weight quantiser).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .graph import Node
+from .ops.base import Op, unbroadcast
+from .ops.windows import geometry
+from .precision import LayerPrecision
+from .quant import RunningRange, quantize
+
+# Random-bit streams of one layer: the weight gradient's and the error's rounding must not share bits.
+STREAM_WEIGHT_GRAD = 0
+STREAM_ERROR = 1
+STREAMS_PER_LAYER = 2
+
+
+@dataclass
+class QuantRuntime:
+    """What the quantised ops of one model share: run key, eval ranges, counters."""
+
+    seed: int = 0
+    step: int = 0
+    pow2_scales: bool = False
+    range_momentum: float = 0.1  # weight of a new batch in the running activation range eval uses
+    act_ranges: dict[str, RunningRange] = field(default_factory=dict)
+    saturated: dict[str, int] = field(default_factory=dict)  # elements clipped, per layer
+
+    def count(self, layer: str, n: int) -> None:
+        """Add clipped elements to a layer's counter (never silent)."""
+        if n:
+            self.saturated[layer] = self.saturated.get(layer, 0) + int(n)
+
+
+class QuantMAC(Op):
+    """Shared machinery of the integer Conv and Gemm/MatMul: operand quantisation and rescaling."""
+
+    def __init__(self, float_op: Op, precision: LayerPrecision, layer_index: int, unsigned_input: bool,
+                 runtime: QuantRuntime):
+        super().__init__(float_op.node, float_op.opset)
+        self.float_op = float_op
+        self.precision = precision
+        self.layer_index = layer_index
+        self.unsigned_input = unsigned_input
+        self.runtime = runtime
+        self.skip_input_grad = False  # set by the executor when nobody needs dL/dx
+
+    def _key(self, stream: int) -> tuple[int, int, int]:
+        rt = self.runtime
+        return (rt.seed, rt.step, self.layer_index * STREAMS_PER_LAYER + stream)
+
+    def _quantize_input(self, x: np.ndarray, training: bool):
+        """Activations: per-tensor range from the batch in training, the running range in eval."""
+        rt = self.runtime
+        running = rt.act_ranges.setdefault(self.node.name, RunningRange(rt.range_momentum))
+        # Eval quantises with the range seen in training, so one odd batch cannot rescale the layer;
+        # before any training step there is no such range and the batch's own is used.
+        fixed = running.value if not training and running.value else None
+        q = quantize(x, self.precision.act_bits, signed=not self.unsigned_input, range=fixed, pow2=rt.pow2_scales)
+        if training:
+            running.update(q.stats.observed_max)
+        rt.count(self.node.name, q.stats.saturated)
+        return q
+
+    def _quantize_weight(self, w_rows: np.ndarray):
+        """Weights: per output channel (rows), nearest, from the float master copy each step."""
+        return quantize(w_rows, self.precision.weight_bits, signed=True, axis=0, pow2=self.runtime.pow2_scales)
+
+    def _quantize_grad(self, g: np.ndarray, stream: int):
+        return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic", key=self._key(stream),
+                        pow2=self.runtime.pow2_scales)
+
+    def macs(self, in_shapes, out_shapes):
+        return self.float_op.macs(in_shapes, out_shapes)
+
+
+class QuantConv(QuantMAC):
+    """2-D Conv (groups, depthwise, strides, pads, dilations) on integer kernels."""
+
+    def _conv_args(self, x_shape, w_shape):
+        geo = geometry(self.node.name, self.attrs, tuple(x_shape[2:]), tuple(self.attr("kernel_shape", w_shape[2:])))
+        pads = (geo.pads_begin[0], geo.pads_begin[1], geo.pads_end[0], geo.pads_end[1])
+        return dict(stride=geo.strides, pads=pads, dilation=geo.dilations, groups=int(self.attr("group", 1)))
+
+    def forward(self, inputs, training):
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        args = self._conv_args(x.shape, w.shape)
+        xq = self._quantize_input(x, training)
+        wq = self._quantize_weight(w)
+        acc = kernels.conv2d_forward(xq.q, wq.q, **args)
+        scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).reshape(1, -1, 1, 1)
+        y = acc.astype(x.dtype) * scale.astype(x.dtype)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return [y], (xq, wq, x.shape, w.shape, args, b is not None, x.dtype)
+
+    def backward(self, ctx, grads):
+        xq, wq, x_shape, w_shape, args, has_bias, dtype = ctx
+        dy = grads[0]
+        dyq = self._quantize_grad(dy, STREAM_WEIGHT_GRAD)
+        dw = kernels.conv2d_backward_weight(dyq.q, xq.q, w_shape, **args).astype(dtype)
+        dw *= dtype.type(np.float32(dyq.scale) * np.float32(xq.scale))
+        dx = None
+        if not self.skip_input_grad:
+            g = dy * wq.scale.astype(dtype).reshape(1, -1, 1, 1)
+            gq = self._quantize_grad(g, STREAM_ERROR)
+            dx = kernels.conv2d_backward_data(gq.q, wq.q, x_shape, **args).astype(dtype)
+            dx *= dtype.type(gq.scale)
+        out = [dx, dw]
+        if has_bias:
+            out.append(dy.sum(axis=(0, 2, 3)))
+        return out
+
+
+class QuantLinear(QuantMAC):
+    """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers."""
+
+    def _weight_rows(self, w: np.ndarray) -> np.ndarray:
+        # Rows must be output channels: Gemm with transB=1 stores (out, in), MatMul and transB=0 (in, out).
+        if self.node.op_type == "Gemm" and self.attr("transB", 0):
+            return w
+        return w.T
+
+    def forward(self, inputs, training):
+        x, w = inputs[0], inputs[1]
+        c = inputs[2] if len(inputs) > 2 else None
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq = self._quantize_input(x2, training)
+        wq = self._quantize_weight(self._weight_rows(w))
+        acc = kernels.linear_forward(xq.q, wq.q)
+        scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).reshape(1, -1)
+        alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
+        beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
+        y = acc.astype(x.dtype) * scale.astype(x.dtype)
+        if alpha != 1.0:
+            y *= x.dtype.type(alpha)
+        if c is not None:
+            y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
+        y = y.reshape(lead + (y.shape[-1],))
+        return [y], (xq, wq, x.shape, w.shape, None if c is None else c.shape, alpha, beta, x.dtype)
+
+    def backward(self, ctx, grads):
+        xq, wq, x_shape, w_shape, c_shape, alpha, beta, dtype = ctx
+        dy = grads[0].reshape(-1, grads[0].shape[-1])
+        dy_a = dy * dtype.type(alpha) if alpha != 1.0 else dy
+        dyq = self._quantize_grad(dy_a, STREAM_WEIGHT_GRAD)
+        dw_rows = kernels.linear_backward_weight(dyq.q, xq.q).astype(dtype)
+        dw_rows *= dtype.type(np.float32(dyq.scale) * np.float32(xq.scale))
+        dw = dw_rows if dw_rows.shape == tuple(w_shape) else np.ascontiguousarray(dw_rows.T)
+        dx = None
+        if not self.skip_input_grad:
+            gq = self._quantize_grad(dy_a * wq.scale.astype(dtype).reshape(1, -1), STREAM_ERROR)
+            dx = (kernels.linear_backward_data(gq.q, wq.q).astype(dtype) * dtype.type(gq.scale)).reshape(x_shape)
+        out = [dx, dw]
+        if c_shape is not None:
+            out.append(unbroadcast(grads[0] * dtype.type(beta) if beta != 1.0 else grads[0], c_shape))
+        return out
+
+
+def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | None:
+    """The integer op that can run this MAC node, or None where the float path stays (1-D/3-D conv,
+    a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
+    w = params.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        return QuantConv if w.ndim == 4 else None
+    if node.op_type == "Gemm":
+        return QuantLinear if not node.attrs.get("transA", 0) else None
+    if node.op_type == "MatMul":
+        return QuantLinear if w.ndim == 2 else None
+    return None

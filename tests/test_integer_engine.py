@@ -1,0 +1,190 @@
+"""The integer engine computes what it claims: exact against a float64 fake-quantised simulation,
+deterministic, and trains as well as fp32 on the shipped digits."""
+import numpy as np
+import pytest
+
+import edgetrain
+import models
+from edgetrain import qops
+from edgetrain.ops.conv import Conv
+from edgetrain.ops.linear import Gemm
+
+
+class _Float64Kernels:
+    """The same three products as edgetrain.kernels, computed by the float reference ops in float64.
+
+    Integer operands below 2^53 make every float64 product and partial sum exact here, so this is an
+    independent exact implementation: the float Conv op's im2col and BLAS, not the Numba kernels.
+    """
+
+    def __init__(self, node):
+        self.node = node
+
+    def _conv(self, args, w_shape):
+        from edgetrain.graph import Node
+
+        attrs = {"strides": list(args["stride"]), "dilations": list(args["dilation"]), "group": args["groups"],
+                 "pads": [args["pads"][0], args["pads"][1], args["pads"][2], args["pads"][3]],
+                 "kernel_shape": list(w_shape[2:])}
+        return Conv(Node("sim", "Conv", ["x", "w"], ["y"], attrs), 17)
+
+    def conv2d_forward(self, xq, wq, **args):
+        y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], False)
+        return y[0]
+
+    def conv2d_backward_weight(self, dyq, xq, w_shape, **args):
+        conv = self._conv(args, w_shape)
+        _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], True)
+        return conv.backward(ctx, [dyq.astype(np.float64)])[1]
+
+    def conv2d_backward_data(self, gq, wq, x_shape, **args):
+        conv = self._conv(args, wq.shape)
+        _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], True)
+        return conv.backward(ctx, [gq.astype(np.float64)])[0]
+
+    def linear_forward(self, xq, wq):
+        return xq.astype(np.float64) @ wq.astype(np.float64).T
+
+    def linear_backward_weight(self, dyq, xq):
+        return dyq.astype(np.float64).T @ xq.astype(np.float64)
+
+    def linear_backward_data(self, gq, wq):
+        return gq.astype(np.float64) @ wq.astype(np.float64)
+
+
+def _train_step(model, x, y):
+    loss, grads = model.loss_and_grad(x, y)
+    return loss, grads
+
+
+@pytest.mark.parametrize("name,kwargs,bits", [
+    ("lenet5", {}, "8/8"),
+    ("lenet5", {}, "4/6"),
+    ("resnet8", dict(in_channels=1, input_size=12), "8/8"),
+    ("mobilenetv2", dict(input_size=16, width_mult=0.25), "6/8:w4"),
+    ("mlp", {}, "3/16"),
+])
+def test_integer_engine_equals_float64_fake_quant_simulation(name, kwargs, bits, monkeypatch):
+    proto = models.build_model(name, seed=4, **kwargs)
+    model = edgetrain.load(proto, seed=11)
+    model.set_precision(bits, quantize_classifier=True)
+    shape = (6,) + tuple(model.input_shape[1:])
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    y = np.arange(6) % 10
+    model.step = 3
+    loss, grads = _train_step(model, x, y)
+    out = model(x)
+
+    sim = edgetrain.load(proto, seed=11)
+    sim.set_precision(bits, quantize_classifier=True)
+    sim.step = 3
+    monkeypatch.setattr(qops, "kernels", _Float64Kernels(None))
+    sim_loss, sim_grads = _train_step(sim, x, y)
+    sim_out = sim(x)
+
+    assert loss == sim_loss
+    np.testing.assert_array_equal(out, sim_out)
+    for k in grads:
+        np.testing.assert_array_equal(grads[k], sim_grads[k], err_msg=k)
+    assert any(isinstance(op, qops.QuantMAC) for op in model.executor.ops.values())
+
+
+def _run(seed, steps=3, bits="8/8", threads=None):
+    import numba
+
+    model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=seed)
+    model.set_precision(bits)
+    x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
+    y = np.arange(16) % 10
+    from edgetrain.optim import SGD
+
+    opt = SGD(model.parameters(), 0.05, momentum=0.9)
+    old = numba.get_num_threads()
+    try:
+        if threads:
+            numba.set_num_threads(threads)
+        for step in range(steps):
+            model.step = step
+            _, g = model.loss_and_grad(x, y)
+            opt.step(g)
+    finally:
+        numba.set_num_threads(old)
+    return model.state_dict()
+
+
+def test_same_seed_same_bits_other_seed_differs():
+    a, b, c = _run(0), _run(0), _run(1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a), "the seed must reach the stochastic rounding"
+
+
+def test_thread_count_does_not_change_the_bits():
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    with threadpool_limits(1):
+        one = _run(0, threads=1)
+    two = _run(0, threads=2)
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+
+
+def test_set_precision_between_steps_and_patterns():
+    model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12))
+    p = model.set_precision("8/8", {"layer1.*": "4/6", "layer3.0.conv2": "fp32"})
+    assert str(p["layer1.0.conv1"]) == "4/6" and str(p["layer2.0.conv1"]) == "8/8"
+    assert p["layer3.0.conv2"].is_float and p["fc"].is_float  # classifier fp32 by default
+    x = np.random.default_rng(0).standard_normal((4, 1, 12, 12)).astype(np.float32)
+    model.loss_and_grad(x, np.arange(4))
+    mixed = model.cost.bitops
+    model.set_precision("fp32")
+    model.loss_and_grad(x, np.arange(4))
+    fp32_step = model.cost.bitops - mixed
+    assert fp32_step * 2 == model.cost.fp32_bitops  # the same shapes cost the same in fp32 every step
+    assert mixed < fp32_step
+    with pytest.raises(edgetrain.EdgetrainError, match="match no MAC layer"):
+        model.set_precision("8/8", {"nonexistent.*": "4/4"})
+    with pytest.raises(edgetrain.EdgetrainError, match="bits must be in 2..16"):
+        model.set_precision("1/8")
+
+
+def test_bitops_by_hand():
+    model = edgetrain.load(models.build_model("lenet5"))
+    model.set_precision("4/8")
+    x = np.zeros((10, 1, 28, 28), np.float32)
+    model.loss_and_grad(x, np.zeros(10, int))
+    c = model.last_cost["conv2"]
+    macs = 10 * (10 * 10 * 16 * 6 * 5 * 5)  # batch x output pixels x out channels x (in x k x k)
+    assert c.macs == macs
+    assert (c.forward, c.backward_data, c.backward_weight) == (macs * 4 * 4, macs * 8 * 4, macs * 4 * 8)
+    first = model.last_cost["conv1"]
+    assert first.backward_data == 0  # nothing to back-propagate into the data
+    fc3 = model.last_cost["fc3"]
+    assert fc3.forward == fc3.macs * 32 * 32  # the classifier stays fp32
+    assert model.cost.fp32_bitops > model.cost.bitops
+
+
+def test_skipped_input_gradient_is_not_computed(monkeypatch):
+    calls = []
+    real = qops.kernels.conv2d_backward_data
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(qops.kernels, "conv2d_backward_data", spy)
+    model = edgetrain.load(models.build_model("lenet5"))
+    model.set_precision("8/8")
+    model.loss_and_grad(np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, int))
+    assert len(calls) == 1  # conv2 back-propagates into conv1's output; conv1 has no one to tell
+
+
+def test_eval_uses_running_range_and_counts_saturation():
+    model = edgetrain.load(models.build_model("mlp"))
+    model.set_precision("8/8")
+    x = np.random.default_rng(0).standard_normal((8, 784)).astype(np.float32)
+    model.loss_and_grad(x, np.arange(8))
+    assert not model.runtime.saturated
+    model(x * 10)  # ten times the range training saw: clipped in eval, and counted
+    assert model.runtime.saturated.get("fc1", 0) > 0
