@@ -4,11 +4,13 @@ The full Trainer (schedules, checkpoints, logs) builds on these two functions.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from tqdm import tqdm
 
 from .model import Model
-from .optim import SGD
+from .optim import Optimizer
 
 
 def batches(n: int, batch_size: int, seed: int):
@@ -21,13 +23,16 @@ def batches(n: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def fit(model: Model, x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, optimizer: SGD,
-        seed: int = 0, progress: bool = False, desc: str = "train") -> list[float]:
-    """Train for a number of steps; returns the loss of every step."""
+def fit(model: Model, x: np.ndarray, y: np.ndarray, *, steps: int, batch_size: int, optimizer: Optimizer,
+        seed: int = 0, progress: bool = False, desc: str = "train",
+        schedule: Callable[[int], float] | None = None) -> list[float]:
+    """Train for a number of steps (learning rate from `schedule(step)` if given); returns every step's loss."""
     losses = []
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, idx in zip(range(steps), batches(len(x), batch_size, seed)):
         model.step = step
+        if schedule is not None:
+            optimizer.lr = schedule(step)
         loss, grads = model.loss_and_grad(x[idx], y[idx])
         optimizer.step(grads)
         losses.append(loss)

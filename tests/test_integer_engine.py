@@ -188,3 +188,37 @@ def test_eval_uses_running_range_and_counts_saturation():
     assert not model.runtime.saturated
     model(x * 10)  # ten times the range training saw: clipped in eval, and counted
     assert model.runtime.saturated.get("fc1", 0) > 0
+
+
+# --- training quality on the shipped digits -------------------------------------------------
+ACCURACY_STEPS = 300
+ACCURACY_BATCH = 64
+
+
+def _train_digits(name, precision, **kwargs):
+    from edgetrain.datasets import load_digits
+    from edgetrain.optim import SGD
+    from edgetrain.schedules import make_schedule
+    from edgetrain.training import accuracy, fit
+
+    x, y = load_digits("train")
+    xt, yt = load_digits("test")
+    model = edgetrain.load(models.build_model(name, seed=0, **kwargs))
+    if precision != "fp32":
+        model.set_precision(precision)
+    opt = SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
+    fit(model, x, y, steps=ACCURACY_STEPS, batch_size=ACCURACY_BATCH, optimizer=opt, seed=0,
+        schedule=make_schedule("cosine", 0.05, ACCURACY_STEPS))
+    return accuracy(model, xt, yt), model
+
+
+@pytest.mark.parametrize("name,kwargs", [("lenet5", {}), ("resnet8", dict(in_channels=1, input_size=28))])
+def test_static_low_precision_trains_as_well_as_fp32(name, kwargs):
+    """Static 8/8 within 1.0 point of fp32 after the same steps; 4/8 within 3 points."""
+    fp32, _ = _train_digits(name, "fp32", **kwargs)
+    eight, m8 = _train_digits(name, "8/8", **kwargs)
+    four, _ = _train_digits(name, "4/8", **kwargs)
+    assert fp32 > 0.9, f"fp32 baseline too weak to compare against: {fp32:.3f}"
+    assert eight >= fp32 - 0.010, f"8/8 {eight:.3f} vs fp32 {fp32:.3f}"
+    assert four >= fp32 - 0.030, f"4/8 {four:.3f} vs fp32 {fp32:.3f}"
+    assert m8.cost.percent_of_fp32 < 7.0  # 8/8 is 6.25% of fp32's BitOPs, plus the fp32 classifier

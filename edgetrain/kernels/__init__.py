@@ -1,0 +1,194 @@
+"""Exact integer kernels of the fixed-point engine: GEMM, Linear and Conv2d (forward and both backwards).
+
+This module is the one entry point: it validates arguments, chooses the accumulator from the
+worst-case bound (see `bounds`), and hands canonical operands to the active backend, so a faster
+backend can be swapped in with `set_backend` without touching any caller.
+
+Operands are integer arrays (int8, uint8, int16, or uint16) holding quantised values (a
+QTensor's `.q`); results are int32 when every partial sum provably fits int32 (judged from the
+operands' actual maxima, so the dtype can differ between calls), else int64, and are always exact:
+bit for bit what an int64 reference computes. Rescaling by the operands' scales is the caller's.
+Conv arrays are NCHW, weights (M, C/groups, kH, kW), pads in ONNX order (top, left, bottom, right),
+with the floor output size of ONNX/PyTorch (edgetrain.ops.conv.Conv with explicit pads).
+
+Every call with less than `threads.SMALL_WORK` multiply-accumulates runs single-threaded.
+`tools/bench_kernels.py` measures the kernels at ResNet-20 shapes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .bounds import INT32_MAX, accumulator_dtype, amax_abs, dot_bound, segment_length
+from .geometry import Conv2dGeometry, conv2d_geometry
+from .numba_backend import NumbaBackend
+
+__all__ = [
+    "gemm", "gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
+    "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
+    "accumulator_dtype", "dot_bound", "segment_length", "conv2d_geometry", "Conv2dGeometry",
+    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
+]
+
+SUPPORTED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
+_INT16_MAX = 32767
+_UINT16_SPLIT = 15  # uint16 values >= 2^15 are split at this bit into two int16-safe halves
+
+
+class KernelBackend(Protocol):
+    """What a backend implements. Operands arrive as int8/uint8/int16 arrays whose values fit int16;
+    `seg` is the longest run of terms whose int32 sum is exact; results must be exact and of
+    `out_dtype`. Shapes are already validated; `geo` is a `Conv2dGeometry`."""
+
+    name: str
+
+    def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int) -> np.ndarray: ...
+
+    def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
+                       seg: int) -> np.ndarray: ...
+
+    def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
+                             seg: int) -> np.ndarray: ...
+
+    def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
+                               seg: int) -> np.ndarray: ...
+
+
+_BACKENDS: dict[str, KernelBackend] = {"numba": NumbaBackend()}
+_active: list[str] = ["numba"]
+
+
+def register_backend(backend: KernelBackend) -> None:
+    """Make a backend selectable by its `name`."""
+    _BACKENDS[backend.name] = backend
+
+
+def set_backend(name: str) -> str:
+    """Route every kernel call to the named backend; returns the previous backend's name."""
+    if name not in _BACKENDS:
+        raise KeyError(f"unknown kernel backend '{name}'; registered: {sorted(_BACKENDS)}")
+    previous = _active[0]
+    _active[0] = name
+    return previous
+
+
+def get_backend() -> KernelBackend:
+    """The backend kernel calls currently go to."""
+    return _BACKENDS[_active[0]]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _check(x: np.ndarray, name: str, ndim: int) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be int8, uint8, int16 or uint16 (quantised values), got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    return x
+
+
+def _int16_parts(x: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """x as a sum of (part << shift) with int16-safe parts; one part unless uint16 exceeds 2^15-1."""
+    if x.dtype != np.uint16:
+        return [(x, 0)]
+    if amax_abs(x) <= _INT16_MAX:
+        return [(x.view(np.int16), 0)]
+    low_mask = np.uint16((1 << _UINT16_SPLIT) - 1)
+    return [((x & low_mask).view(np.int16), 0), ((x >> np.uint16(_UINT16_SPLIT)).view(np.int16), _UINT16_SPLIT)]
+
+
+def _exact(op: Callable[[np.ndarray, np.ndarray, np.dtype, int], np.ndarray], a: np.ndarray, b: np.ndarray,
+           length: int) -> np.ndarray:
+    """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator."""
+    amax_a, amax_b = amax_abs(a), amax_abs(b)
+    out_dtype = accumulator_dtype(length, amax_a, amax_b)
+    parts_a, parts_b = _int16_parts(a), _int16_parts(b)
+    if len(parts_a) == 1 and len(parts_b) == 1:
+        return op(parts_a[0][0], parts_b[0][0], out_dtype, segment_length(length, amax_a, amax_b))
+    total = None
+    for pa, sa in parts_a:
+        for pb, sb in parts_b:
+            part = op(pa, pb, np.dtype(np.int64), segment_length(length, amax_abs(pa), amax_abs(pb)))
+            part = part.astype(np.int64, copy=False) << (sa + sb)
+            total = part if total is None else total + part
+    return total.astype(out_dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------- GEMM, Linear
+
+
+def gemm_nt(a: np.ndarray, bt: np.ndarray) -> np.ndarray:
+    """a (M, K) @ bt (N, K)^T, exact; the layout every other product reduces to."""
+    a, bt = _check(a, "a", 2), _check(bt, "bt", 2)
+    if a.shape[1] != bt.shape[1]:
+        raise ValueError(f"gemm_nt: a {a.shape} and bt {bt.shape} disagree on K")
+    return _exact(get_backend().gemm_nt, a, bt, a.shape[1])
+
+
+def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (M, K) @ b (K, N), exact, int32 or int64 by the worst-case bound."""
+    a, b = _check(a, "a", 2), _check(b, "b", 2)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm: a {a.shape} and b {b.shape} disagree on K")
+    return _exact(get_backend().gemm_nt, a, b.T, a.shape[1])
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x W^T for x (B, in) and w (out, in), as torch.nn.Linear without bias."""
+    return gemm_nt(x, w)
+
+
+def linear_backward_data(dy: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """dx = dy W for dy (B, out) and w (out, in)."""
+    return gemm(dy, w)
+
+
+def linear_backward_weight(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """dW = dy^T x for dy (B, out) and x (B, in): a reduction over the batch."""
+    dy, x = _check(dy, "dy", 2), _check(x, "x", 2)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"linear_backward_weight: dy {dy.shape} and x {x.shape} disagree on the batch")
+    return _exact(get_backend().gemm_nt, dy.T, x.T, dy.shape[0])
+
+
+# ---------------------------------------------------------------------------------------- Conv2d
+
+
+def conv2d_forward(x: np.ndarray, w: np.ndarray, stride: int | Sequence[int] = 1,
+                   pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
+                   groups: int = 1) -> np.ndarray:
+    """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact."""
+    x, w = _check(x, "x", 4), _check(w, "w", 4)
+    geo = conv2d_geometry(x.shape, w.shape, stride, pads, dilation, groups)
+    backend = get_backend()
+    return _exact(lambda a, b, dt, seg: backend.conv2d_forward(a, b, geo, dt, seg), x, w,
+                  geo.in_per_group * geo.taps)
+
+
+def conv2d_backward_data(dy: np.ndarray, w: np.ndarray, x_shape: Sequence[int], stride: int | Sequence[int] = 1,
+                         pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
+                         groups: int = 1) -> np.ndarray:
+    """dx (N, C, H, W) = the transposed conv of dy (N, M, OH, OW) with w, exact."""
+    dy, w = _check(dy, "dy", 4), _check(w, "w", 4)
+    geo = conv2d_geometry(x_shape, w.shape, stride, pads, dilation, groups)
+    if dy.shape != geo.y_shape:
+        raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
+    backend = get_backend()
+    return _exact(lambda a, b, dt, seg: backend.conv2d_backward_data(a, b, geo, dt, seg), dy, w,
+                  geo.out_per_group * geo.taps)
+
+
+def conv2d_backward_weight(dy: np.ndarray, x: np.ndarray, w_shape: Sequence[int], stride: int | Sequence[int] = 1,
+                           pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
+                           groups: int = 1) -> np.ndarray:
+    """dW (M, C/groups, kH, kW) = sum over batch and output pixels of dy x patches, exact."""
+    dy, x = _check(dy, "dy", 4), _check(x, "x", 4)
+    geo = conv2d_geometry(x.shape, w_shape, stride, pads, dilation, groups)
+    if dy.shape != geo.y_shape:
+        raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
+    backend = get_backend()
+    return _exact(lambda a, b, dt, seg: backend.conv2d_backward_weight(a, b, geo, dt, seg), dy, x,
+                  geo.batch * geo.out_h * geo.out_w)

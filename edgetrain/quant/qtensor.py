@@ -1,0 +1,98 @@
+"""QTensor: integer values and the float scale that maps them back, x ~= q * scale."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .quantizer import QuantStats
+
+MIN_BITS_SIGNED = 2  # 1-bit signed would be {0} with a symmetric range
+MIN_BITS_UNSIGNED = 1
+MAX_BITS = 16
+
+
+def check_bits(bits: int, signed: bool) -> int:
+    """Validate a bit-width for the signed or unsigned form and return it as an int."""
+    lo = MIN_BITS_SIGNED if signed else MIN_BITS_UNSIGNED
+    if not isinstance(bits, (int, np.integer)) or not lo <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {lo}..{MAX_BITS} for the {'signed' if signed else 'unsigned'} "
+                         f"form, got {bits!r}")
+    return int(bits)
+
+
+def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Integer range: symmetric [-(2^(b-1)-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    bits = check_bits(bits, signed)
+    if signed:
+        top = (1 << (bits - 1)) - 1
+        return -top, top
+    return 0, (1 << bits) - 1
+
+
+def storage_dtype(bits: int, signed: bool = True) -> np.dtype:
+    """Smallest numpy integer dtype holding the range: int8/int16 signed, uint8/uint16 unsigned."""
+    bits = check_bits(bits, signed)
+    if signed:
+        return np.dtype(np.int8 if bits <= 8 else np.int16)
+    return np.dtype(np.uint8 if bits <= 8 else np.uint16)
+
+
+@dataclass
+class QTensor:
+    """Fixed-point tensor: integers `q` and a float32 `scale` (a scalar, or one per index of `axis`).
+
+    `stats` records what quantisation saw (saturations, observed range); it is not part of the
+    tensor's value and is ignored by ==.
+    """
+
+    q: np.ndarray
+    scale: np.float32 | np.ndarray
+    bits: int
+    signed: bool = True
+    axis: int | None = None
+    stats: "QuantStats | None" = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        want = storage_dtype(self.bits, self.signed)
+        if self.q.dtype != want:
+            raise TypeError(f"{self.bits}-bit {'signed' if self.signed else 'unsigned'} values are stored as {want}, "
+                            f"got {self.q.dtype}")
+        scale = np.asarray(self.scale)
+        if scale.dtype != np.float32:
+            raise TypeError(f"scale must be float32, got {scale.dtype}")
+        if self.axis is None:
+            if scale.ndim != 0:
+                raise ValueError(f"a per-tensor scale must be a scalar, got shape {scale.shape}")
+            self.scale = np.float32(scale)
+        else:
+            self.axis = int(self.axis) % self.q.ndim
+            if scale.shape != (self.q.shape[self.axis],):
+                raise ValueError(f"per-channel scale must have shape ({self.q.shape[self.axis]},) for axis "
+                                 f"{self.axis} of {self.q.shape}, got {scale.shape}")
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, self.signed)[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def scale_broadcast(self) -> np.ndarray:
+        """The scale shaped to broadcast against q."""
+        if self.axis is None:
+            return np.asarray(self.scale)
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return np.asarray(self.scale).reshape(shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 q * scale."""
+        return self.q.astype(np.float32) * self.scale_broadcast()

@@ -1,0 +1,233 @@
+"""Quantisers: float tensor -> QTensor, with per-tensor or per-channel scales and two roundings.
+
+Conventions, identical everywhere in the engine:
+
+* scale = range / qmax, where range is max|x| (signed) or max x (unsigned) of the tensor or of
+  each channel, or a range the caller gives (e.g. a `RunningRange` in eval). The float32 scale is
+  rounded up when needed so that range / scale <= qmax holds exactly: data-derived ranges never
+  saturate. `pow2=True` rounds the scale up to a power of two (rescaling becomes a shift). A zero
+  range gives scale 1 (every q is 0), never a division by zero; scales below the smallest normal
+  float32 (ranges under qmax * 2^-126) are raised to it.
+* nearest rounding is round half to even (IEEE-754 default, numpy.rint): 0.5 -> 0, 1.5 -> 2.
+* stochastic rounding is q = floor(x / scale + u), u in [0, 1) from the counter-based generator of
+  `rng`, drawn for the element's flat C-order index (+ `index_offset`) in the stream of `key`:
+  unbiased, |error| < scale, and bit-identical for any chunking or thread count.
+* x / scale is computed in float64; values beyond [qmin, qmax] * scale are clipped AND counted in
+  `QuantStats.saturated` (only possible with a given range, or for negatives in the unsigned form).
+* NaN or infinity in the input raises ValueError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..kernels.threads import threads_for
+from .qtensor import QTensor, check_bits, qrange, storage_dtype
+from .rng import RngKey, _uniform, stream_seed
+
+ROUNDINGS = ("nearest", "stochastic")
+_PIECE = 1 << 15  # elements per parallel work item
+# Elementwise work is cheap per element, so it goes parallel only from this many elements on.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+_SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a power of two
+
+
+@dataclass(frozen=True)
+class QuantStats:
+    """What one quantisation saw: element count, how many were clipped, the largest |x|."""
+
+    elements: int
+    saturated: int
+    observed_max: float
+
+    @property
+    def saturated_fraction(self) -> float:
+        return self.saturated / self.elements if self.elements else 0.0
+
+
+@dataclass
+class RunningRange:
+    """Exponential moving average of a tensor's observed max |x| (the range eval quantises with)."""
+
+    momentum: float = 0.1
+    value: float | None = None
+
+    def update(self, observed: float) -> float:
+        """Fold in one batch's range (the first batch sets it) and return the new value."""
+        observed = float(observed)
+        self.value = observed if self.value is None else (1.0 - self.momentum) * self.value + self.momentum * observed
+        return self.value
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@njit(inline="always", cache=True)
+def _store(r, v, lo, hi, dst, j):
+    """dst[j] = r clipped to [lo, hi]; returns 1 if v lies beyond the range (a saturation)."""
+    dst[j] = np.int32(min(max(r, lo), hi))
+    return (v < lo) | (v > hi)
+
+
+# The two kernels share their layout: work item w is piece (w % pieces) of row (w // pieces) of
+# x3 = (outer, channels, inner); loops start at 0 on slices and have no data-dependent branch, so
+# LLVM vectorises them (NaN/inf are rejected before, in NumPy).
+
+
+@njit(parallel=True, cache=True)
+def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat):
+    """out3 = clip(rint(x3 / scale[channel])) as int32; sat[w] = saturations of work item w."""
+    outer, channels, inner = x3.shape
+    span = (inner + pieces - 1) // pieces
+    lo = np.float64(qmin)
+    hi = np.float64(qmax)
+    for w in prange(outer * channels * pieces):
+        row = w // pieces
+        j0 = (w % pieces) * span
+        src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
+        dst = out3[row // channels, row % channels, j0:]
+        s = np.float64(scale[row % channels])
+        ns = 0
+        for j in range(src.size):
+            v = np.float64(src[j]) / s
+            ns += _store(np.rint(v), v, lo, hi, dst, j)
+        sat[w] = ns
+
+
+@njit(parallel=True, cache=True)
+def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat):
+    """out3 = clip(floor(x3 / scale[channel] + u)), u drawn for each element's flat index."""
+    outer, channels, inner = x3.shape
+    span = (inner + pieces - 1) // pieces
+    lo = np.float64(qmin)
+    hi = np.float64(qmax)
+    for w in prange(outer * channels * pieces):
+        row = w // pieces
+        j0 = (w % pieces) * span
+        src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
+        dst = out3[row // channels, row % channels, j0:]
+        s = np.float64(scale[row % channels])
+        first = np.uint64(offset + row * inner + j0)  # flat C-order index of src[0]
+        ns = 0
+        for j in range(src.size):
+            v = np.float64(src[j]) / s
+            ns += _store(np.floor(v + _uniform(seed, first + np.uint64(j))), v, lo, hi, dst, j)
+        sat[w] = ns
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _as_float(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return np.ascontiguousarray(x)
+
+
+def _view3(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, int | None]:
+    """x as (outer, channels, inner) around `axis` (channels = 1 for a per-tensor scale)."""
+    if axis is None:
+        return x.reshape(1, 1, x.size), None
+    if x.ndim == 0:
+        raise ValueError("a per-channel scale needs an array with at least one axis")
+    axis = int(axis) % x.ndim
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    return x.reshape(outer, x.shape[axis], -1), axis
+
+
+def _pieces(inner: int) -> int:
+    return max(1, -(-inner // _PIECE))
+
+
+def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel min and max of (outer, channels, inner); ValueError on NaN or infinity."""
+    if x3.size == 0:
+        return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
+    lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
+    # min/max propagate NaN and keep infinities, so finite extrema prove the whole tensor finite.
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite values")
+    return lo, hi
+
+
+def channel_range(x: np.ndarray, *, signed: bool = True, axis: int | None = None) -> np.ndarray:
+    """max|x| (signed) or max(x, 0) (unsigned) of the whole tensor, or of each index of `axis`."""
+    lo, hi = _finite_extrema(_view3(_as_float(x), axis)[0])
+    top = np.maximum(np.abs(lo), np.abs(hi)) if signed else hi
+    return np.maximum(top, 0.0)
+
+
+def scale_from_range(top, bits: int, *, signed: bool = True, pow2: bool = False) -> np.ndarray:
+    """float32 scale(s) with top / scale <= qmax exactly; 1 where top is 0; a power of two if pow2."""
+    qmax = qrange(bits, signed)[1]
+    top = np.asarray(top, np.float64)
+    if not np.all(np.isfinite(top)) or np.any(top < 0):
+        raise ValueError(f"a quantisation range must be finite and >= 0, got {top}")
+    raw = top / qmax
+    if pow2:
+        mant, exp = np.frexp(raw)
+        scale = np.ldexp(1.0, np.where(mant == 0.5, exp - 1, exp)).astype(np.float32)
+    else:
+        scale = raw.astype(np.float32)
+    scale = np.maximum(scale, np.float32(_SCALE_FLOOR))
+    # float32 rounding (or float64 rounding of raw) can leave top / scale a hair above qmax.
+    for _ in range(2):
+        over = top / scale.astype(np.float64) > qmax
+        if not over.any():
+            break
+        scale = np.where(over, scale * np.float32(2) if pow2 else np.nextafter(scale, np.float32(np.inf)), scale)
+    return np.where(top > 0, scale, np.float32(1)).astype(np.float32)
+
+
+def compute_scale(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None = None,
+                  pow2: bool = False) -> np.float32 | np.ndarray:
+    """The scale `quantize` would derive from x's own range (a scalar, or one per index of axis)."""
+    scale = scale_from_range(channel_range(x, signed=signed, axis=axis), bits, signed=signed, pow2=pow2)
+    return scale if axis is not None else np.float32(scale[0])
+
+
+# ---------------------------------------------------------------------------------- quantize
+
+
+def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None = None, rounding: str = "nearest",
+             pow2: bool = False, range: float | np.ndarray | None = None,
+             key: "RngKey | tuple[int, int, int] | None" = None, index_offset: int = 0) -> QTensor:
+    """Quantise x to `bits` (see the module doc for every convention); the result's `.stats` counts
+    saturated elements. `range` fixes max|x| (or a per-channel array); `key` (seed, step, layer)
+    is required by stochastic rounding; `index_offset` shifts the element indices it draws for."""
+    bits = check_bits(bits, signed)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    stochastic = rounding == "stochastic"
+    if stochastic and key is None:
+        raise ValueError("stochastic rounding needs key=(seed, step, layer): it never uses a global RNG")
+    x = _as_float(x)
+    x3, axis = _view3(x, axis)
+    outer, channels, inner = x3.shape
+    qmin, qmax = qrange(bits, signed)
+    lo, hi = _finite_extrema(x3)
+    if range is None:
+        top = np.maximum(np.abs(lo), np.abs(hi)) if signed else np.maximum(hi, 0.0)
+    else:
+        top = np.broadcast_to(np.asarray(range, np.float64), (channels,))
+        if np.any(top <= 0):
+            raise ValueError(f"a given quantisation range must be > 0, got {range}")
+    scale = scale_from_range(top, bits, signed=signed, pow2=pow2)
+    pieces = _pieces(inner)
+    items = outer * channels * pieces
+    q32 = np.empty(x3.shape, np.int32)
+    sat = np.zeros(items, np.int64)
+    if items:
+        with threads_for(x3.size, PARALLEL_MIN_ELEMENTS):
+            if stochastic:
+                _quantize_stochastic(x3, scale, qmin, qmax, np.uint64(stream_seed(key)), np.int64(index_offset),
+                                     pieces, q32, sat)
+            else:
+                _quantize_nearest(x3, scale, qmin, qmax, pieces, q32, sat)
+    observed = float(max(np.abs(lo).max(), np.abs(hi).max())) if x.size else 0.0
+    stats = QuantStats(int(x.size), int(sat.sum()), observed)
+    q = q32.astype(storage_dtype(bits, signed)).reshape(x.shape)
+    return QTensor(q, scale if axis is not None else np.float32(scale[0]), bits, signed, axis, stats)

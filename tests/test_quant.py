@@ -1,0 +1,341 @@
+"""Quantisers and the counter-based generator: property tests (hypothesis) and statistics."""
+from itertools import pairwise
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edgetrain.quant import (
+    QTensor,
+    QuantStats,
+    RngKey,
+    RunningRange,
+    compute_scale,
+    qrange,
+    quantize,
+    random_bits,
+    storage_dtype,
+    stream_seed,
+    uniform,
+)
+from edgetrain.quant import quantizer as quantizer_module
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+bits_st = st.integers(2, 16)
+shapes_st = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
+floats_st = st.floats(-1e4, 1e4, allow_nan=False, width=32) | st.sampled_from([0.0, 1e-30, -1e-30, 3.0, -3.0])
+arrays_st = hnp.arrays(np.float32, shapes_st, elements=floats_st)
+
+
+def deq64(qt: QTensor) -> np.ndarray:
+    """q * scale in float64 (exact for <=16-bit q and a float32 scale)."""
+    return qt.q.astype(np.float64) * qt.scale_broadcast().astype(np.float64)
+
+
+# ------------------------------------------------------------------------------- ranges, dtypes
+
+
+def test_ranges_and_storage_dtypes():
+    for bits in range(2, 17):
+        lo, hi = qrange(bits)
+        assert (lo, hi) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+        assert storage_dtype(bits) == (np.int8 if bits <= 8 else np.int16)
+        assert qrange(bits, signed=False) == (0, 2 ** bits - 1)
+        assert storage_dtype(bits, signed=False) == (np.uint8 if bits <= 8 else np.uint16)
+    for bad in (1, 17, 0, 2.5):
+        with pytest.raises(ValueError):
+            qrange(bad)
+
+
+@SETTINGS
+@given(x=arrays_st, bits=bits_st, signed=st.booleans(), stochastic=st.booleans(), pow2=st.booleans(),
+       per_channel=st.booleans(), seed=st.integers(0, 2 ** 64 - 1))
+def test_values_always_in_range_and_dtype(x, bits, signed, stochastic, pow2, per_channel, seed):
+    qt = quantize(x, bits, signed=signed, axis=0 if per_channel else None, pow2=pow2,
+                  rounding="stochastic" if stochastic else "nearest", key=(seed, 3, 7))
+    lo, hi = qrange(bits, signed)
+    assert qt.q.dtype == storage_dtype(bits, signed) and qt.q.shape == x.shape
+    assert qt.q.min() >= lo and qt.q.max() <= hi
+    scale = np.asarray(qt.scale)
+    assert scale.dtype == np.float32 and np.all(scale > 0) and np.all(np.isfinite(scale))
+    if signed:  # a data-derived range never saturates
+        assert qt.stats.saturated == 0
+    assert qt.stats.elements == x.size
+
+
+@SETTINGS
+@given(x=arrays_st, bits=bits_st, pow2=st.booleans(), per_channel=st.booleans())
+def test_nearest_error_at_most_half_a_step(x, bits, pow2, per_channel):
+    qt = quantize(x, bits, axis=0 if per_channel else None, pow2=pow2)
+    err = np.abs(deq64(qt) - x.astype(np.float64))
+    half = qt.scale_broadcast().astype(np.float64) / 2
+    assert np.all(err <= half * (1 + 1e-12) + np.abs(x) * 1e-15)
+    # Data-derived ranges use the whole grid: the largest |x| lands on +-qmax (unless the scale
+    # would be subnormal, where it is floored to the smallest normal float32).
+    if not per_channel and not pow2 and np.abs(x).max() / qrange(bits)[1] >= np.finfo(np.float32).tiny:
+        assert np.abs(qt.q.astype(np.int64)).max() == qrange(bits)[1]
+
+
+@SETTINGS
+@given(x=arrays_st, bits=bits_st, step=st.integers(0, 10 ** 6))
+def test_stochastic_error_below_one_step(x, bits, step):
+    qt = quantize(x, bits, rounding="stochastic", key=(11, step, 2))
+    err = np.abs(deq64(qt) - x.astype(np.float64))
+    assert np.all(err < float(qt.scale) * (1 + 1e-12))
+    # Stochastic rounding only ever picks one of the two neighbouring grid points.
+    v = x.astype(np.float64) / float(qt.scale)
+    assert np.all((qt.q >= np.floor(v) - 1e-9) & (qt.q <= np.ceil(v) + 1e-9))
+
+
+def test_nearest_is_round_half_to_even():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5], np.float32)
+    qt = quantize(x, 8, range=127.0)  # scale exactly 1
+    assert float(qt.scale) == 1.0
+    np.testing.assert_array_equal(qt.q, [0, 2, 2, 0, -2, -2, 4, 126])
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Mean of q*scale over many independent draws equals x within a few standard errors."""
+    x = np.linspace(-1.0, 1.0, 37, dtype=np.float32)
+    scale_range = 1.0
+    bits = 4  # coarse grid (scale 1/7) so that the bias of nearest rounding would be visible
+    copies = 4000
+    qt = quantize(np.tile(x, copies), bits, range=scale_range, rounding="stochastic", key=(5, 0, 1))
+    mean = deq64(qt).reshape(copies, -1).mean(axis=0)
+    step = float(qt.scale)
+    # Per copy the error is Bernoulli with variance <= step^2 / 4.
+    assert np.all(np.abs(mean - x) < 5 * (step / 2) / np.sqrt(copies))
+    # Over keys (steps) for the same elements as well.
+    means = np.mean([deq64(quantize(x, bits, range=scale_range, rounding="stochastic", key=(5, s, 1)))
+                     for s in range(2000)], axis=0)
+    assert np.all(np.abs(means - x) < 5 * (step / 2) / np.sqrt(2000))
+    nearest_bias = np.abs(deq64(quantize(x, bits, range=scale_range)) - x).max()
+    assert nearest_bias > 10 * (step / 2) / np.sqrt(copies)  # the test can tell the difference
+
+
+# ----------------------------------------------------------------------------------- scales
+
+
+@SETTINGS
+@given(x=arrays_st, bits=bits_st, per_channel=st.booleans())
+def test_pow2_scales_are_powers_of_two(x, bits, per_channel):
+    qt = quantize(x, bits, axis=0 if per_channel else None, pow2=True)
+    mant, _ = np.frexp(np.atleast_1d(qt.scale).astype(np.float64))
+    assert np.all(mant == 0.5)
+
+
+@SETTINGS
+@given(w=hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(1, 5), st.integers(1, 3), st.integers(1, 3)),
+                    elements=floats_st), bits=bits_st)
+def test_per_channel_scale_per_output_row(w, bits):
+    qt = quantize(w, bits, axis=0)
+    qmax = qrange(bits)[1]
+    assert qt.axis == 0 and qt.scale.shape == (w.shape[0],)
+    for c in range(w.shape[0]):
+        amax = float(np.abs(w[c]).max())
+        if amax == 0:
+            assert qt.scale[c] == 1 and not qt.q[c].any()
+            continue
+        assert amax / float(qt.scale[c]) <= qmax
+        if amax / qmax < np.finfo(np.float32).tiny:  # a subnormal scale is raised to the smallest normal
+            assert qt.scale[c] == np.finfo(np.float32).tiny
+            continue
+        # The smallest float32 scale with amax / scale <= qmax, so the row's largest |w| hits qmax.
+        assert amax / float(np.nextafter(qt.scale[c], np.float32(0))) > qmax
+        assert np.abs(qt.q[c].astype(np.int64)).max() == qmax
+    np.testing.assert_array_equal(compute_scale(w, bits, axis=0), qt.scale)
+
+
+def test_per_channel_along_other_axis_and_dequantize():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 10
+    qt = quantize(x, 8, axis=1)
+    assert qt.scale.shape == (3,)
+    want = np.abs(x).max(axis=(0, 2)) / 127
+    np.testing.assert_allclose(qt.scale, want, rtol=1e-6)
+    assert qt.dequantize().dtype == np.float32
+    np.testing.assert_allclose(qt.dequantize(), x, atol=float(qt.scale.max()) / 2 + 1e-6)
+
+
+def test_zero_tensor_never_divides_by_zero():
+    for pow2 in (False, True):
+        for axis in (None, 0):
+            qt = quantize(np.zeros((3, 4), np.float32), 8, axis=axis, pow2=pow2)
+            assert np.all(np.asarray(qt.scale) == 1) and not qt.q.any()
+            assert qt.stats == QuantStats(12, 0, 0.0)
+    qt = quantize(np.zeros(5), 8, rounding="stochastic", key=(0, 0, 0))
+    assert not qt.q.any()
+    qt = quantize(np.full(4, 1e-44, np.float32), 8)  # subnormal range: scale stays a positive normal
+    assert float(qt.scale) > 0 and np.all(deq64(qt) >= 0)
+
+
+# --------------------------------------------------------------------------------- unsigned
+
+
+@SETTINGS
+@given(x=arrays_st, bits=st.integers(1, 16), stochastic=st.booleans())
+def test_unsigned_form_uses_the_whole_grid(x, bits, stochastic):
+    relu = np.maximum(x, 0)
+    qt = quantize(relu, bits, signed=False, rounding="stochastic" if stochastic else "nearest", key=(1, 1, 1))
+    assert qt.q.dtype == (np.uint8 if bits <= 8 else np.uint16)
+    assert int(qt.q.max()) <= 2 ** bits - 1 and qt.stats.saturated == 0
+    if relu.max() > 0 and not stochastic:
+        assert int(qt.q.max()) == 2 ** bits - 1  # no bit wasted on a sign
+    # Negative values in the unsigned form are clipped to 0 and reported.
+    qt = quantize(x, bits, signed=False)
+    assert qt.stats.saturated == int((x < 0).sum())
+    assert np.all(qt.q[x < 0] == 0)
+
+
+# ------------------------------------------------------------------------------- saturation
+
+
+@SETTINGS
+@given(x=arrays_st, bits=bits_st, r=st.floats(1e-3, 1e3), stochastic=st.booleans())
+def test_saturation_with_a_fixed_range_is_clipped_and_counted(x, bits, r, stochastic):
+    qt = quantize(x, bits, range=r, rounding="stochastic" if stochastic else "nearest", key=(2, 2, 2))
+    qmax = qrange(bits)[1]
+    v = x.astype(np.float64) / float(qt.scale)
+    beyond = np.abs(v) > qmax
+    assert qt.stats.saturated == int(beyond.sum())
+    assert np.all(qt.q[v > qmax] == qmax) and np.all(qt.q[v < -qmax] == -qmax)
+    assert qt.stats.observed_max == pytest.approx(float(np.abs(x).max()))
+
+
+def test_rejects_nan_and_missing_key():
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(np.array([1.0, np.nan]), 8)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(np.array([1.0, np.inf]), 8, range=1.0)
+    with pytest.raises(ValueError, match="key"):
+        quantize(np.ones(3), 8, rounding="stochastic")
+    with pytest.raises(ValueError):
+        quantize(np.ones(3), 8, rounding="up")
+    with pytest.raises(ValueError):
+        quantize(np.ones(3), 8, range=0.0)
+
+
+def test_qtensor_validates_its_fields():
+    with pytest.raises(TypeError):
+        QTensor(np.zeros(3, np.int16), np.float32(1), 8)
+    with pytest.raises(TypeError):
+        QTensor(np.zeros(3, np.int8), np.float64(1), 8)
+    with pytest.raises(ValueError):
+        QTensor(np.zeros((2, 3), np.int8), np.ones(3, np.float32), 8, axis=0)
+
+
+def test_running_range():
+    rr = RunningRange(momentum=0.1)
+    assert rr.update(2.0) == 2.0
+    assert rr.update(4.0) == pytest.approx(2.2)
+
+
+# -------------------------------------------------------------------------------- generator
+
+
+def _splitmix_reference(seed: int, index: int) -> int:
+    """Textbook SplitMix64: state after index+1 increments, then the finaliser (pure Python)."""
+    mask = (1 << 64) - 1
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_generator_is_documented_splitmix64():
+    key = RngKey(seed=2024, step=17, layer=3)
+    seed = stream_seed(key)
+    bits = random_bits(key, 50, offset=10 ** 9)
+    assert [int(b) for b in bits] == [_splitmix_reference(seed, 10 ** 9 + i) for i in range(50)]
+    u = uniform(key, 50, offset=10 ** 9)
+    np.testing.assert_array_equal(u, (bits >> np.uint64(11)).astype(np.float64) / 2.0 ** 53)
+    assert u.min() >= 0 and u.max() < 1
+    # Golden values pin the stream derivation: a resumed run on another machine must draw these.
+    assert stream_seed((1, 2, 3)) == stream_seed(RngKey(1, 2, 3)) == 0xEE4E49653E58C3FA
+    assert [int(b) for b in random_bits((1, 2, 3), 3)] == [0x31980E0DE9C0AA34, 0x689FB8B5382641AB, 0x5827FBFDC5DB4200]
+
+
+def test_generator_ignores_chunking_and_threads(monkeypatch):
+    key = (7, 123456, 42)
+    n = 300_001
+    whole = random_bits(key, n)
+    cuts = [0, 1, 999, 65_536, 65_537, 200_000, n]
+    pieces = np.concatenate([random_bits(key, b - a, offset=a) for a, b in pairwise(cuts)])
+    np.testing.assert_array_equal(whole, pieces)
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(n_threads)
+            runs.append(random_bits(key, n))
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(runs[0], runs[-1])
+    np.testing.assert_array_equal(runs[0], whole)
+
+
+def test_stochastic_quantize_ignores_chunking_and_threads(monkeypatch):
+    monkeypatch.setattr(quantizer_module, "PARALLEL_MIN_ELEMENTS", 0)  # parallel even when small
+    monkeypatch.setattr(quantizer_module, "_PIECE", 1000)  # many work items, uneven last one
+    x = np.random.default_rng(0).standard_normal((6, 5, 7, 11)).astype(np.float32)
+    key = (3, 99, 5)
+    whole = quantize(x, 6, rounding="stochastic", key=key, range=3.0)
+    flat = x.reshape(-1)
+    cuts = [0, 17, 500, 1001, flat.size]
+    parts = [quantize(flat[a:b], 6, rounding="stochastic", key=key, range=3.0, index_offset=a).q
+             for a, b in pairwise(cuts)]
+    np.testing.assert_array_equal(whole.q.reshape(-1), np.concatenate(parts))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = quantize(x, 6, rounding="stochastic", key=key, range=3.0)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(whole.q, one.q)
+    # Per-channel scales draw from the same element indices.
+    pc = quantize(x, 6, axis=1, rounding="stochastic", key=key)
+    pc2 = quantize(x, 6, axis=1, rounding="stochastic", key=key)
+    np.testing.assert_array_equal(pc.q, pc2.q)
+
+
+def test_other_seed_step_or_layer_gives_other_bits():
+    base = random_bits((1, 2, 3), 1000)
+    for other in [(2, 2, 3), (1, 3, 3), (1, 2, 4), (3, 2, 1), (0, 0, 0), (2, 1, 3)]:
+        bits = random_bits(other, 1000)
+        assert np.mean(bits == base) < 0.01
+    x = np.linspace(-1, 1, 1001)
+    a = quantize(x, 3, rounding="stochastic", key=(1, 2, 3)).q
+    b = quantize(x, 3, rounding="stochastic", key=(1, 3, 3)).q
+    assert (a != b).any()
+    np.testing.assert_array_equal(a, quantize(x, 3, rounding="stochastic", key=(1, 2, 3)).q)
+
+
+def _chi_square(counts: np.ndarray) -> tuple[float, int]:
+    expected = counts.sum() / counts.size
+    return float(((counts - expected) ** 2 / expected).sum()), counts.size - 1
+
+
+def _assert_chi_square_ok(counts: np.ndarray) -> None:
+    stat, dof = _chi_square(counts.ravel())
+    # chi2(dof) has mean dof and sd sqrt(2 dof); 6 sd leaves ~1e-9 false alarms.
+    assert abs(stat - dof) < 6 * np.sqrt(2 * dof), (stat, dof)
+
+
+def test_generator_uniformity_chi_square():
+    n = 4_000_000
+    u = uniform((9, 8, 7), n)
+    _assert_chi_square_ok(np.bincount((u * 1024).astype(np.int64), minlength=1024))
+    # The low bits that reach the mantissa (bits 11..20 of the word) are uniform too.
+    low = (random_bits((9, 8, 7), n) >> np.uint64(11)) & np.uint64(1023)
+    _assert_chi_square_ok(np.bincount(low.astype(np.int64), minlength=1024))
+    # Consecutive indices are independent: pairs fill a 32x32 grid uniformly.
+    pairs = (u * 32).astype(np.int64)
+    _assert_chi_square_ok(np.bincount(pairs[:-1:2] * 32 + pairs[1::2], minlength=1024))
+    # Neighbouring steps (the same element in consecutive training steps) are independent.
+    v = uniform((9, 9, 7), n // 4)
+    grid = (u[: n // 4] * 32).astype(np.int64) * 32 + (v * 32).astype(np.int64)
+    _assert_chi_square_ok(np.bincount(grid, minlength=1024))
+    assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / n)
