@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="edgetrain-demo", help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.set_defaults(func=_cmd_demo)
+    from firmware_bridge.cli import add_profile_command
+
+    add_profile_command(sub)
     return p
 
 

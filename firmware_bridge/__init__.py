@@ -10,6 +10,13 @@ Layers, bottom up:
 * `relay`: a lossy, paced byte relay that simulates a noisy UART.
 * `telemetry`: power, temperature and clock readers for Jetson, Raspberry Pi and Linux.
 
+Profiling on top of the link (these import edgetrain, so they are not imported here):
+
+* `agent`: the board agent (`edgetrain-agent`); `host`: the host side of `edgetrain profile`.
+* `workload`: the workload, training loop and weights digest both sides share.
+* `cache`, `measure`, `report`, `sim`, `cli`: blob cache, memory/power measurement, report
+  rendering, the simulated board, and the command-line glue.
+
 The wire protocol is specified in docs/PROTOCOL.md.
 """
 

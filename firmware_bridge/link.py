@@ -66,6 +66,14 @@ DEFAULT_PEER_TIMEOUT = 5.0
 _NACK_REPEAT_FRACTION = 0.25
 
 
+def _type_name(msg_type: int) -> str:
+    # send_raw can put any type byte in flight; error messages must not choke on it.
+    try:
+        return MsgType(msg_type).name
+    except ValueError:
+        return f"type 0x{msg_type:02x}"
+
+
 class SerialLike(Protocol):
     """What the link needs from a port: pyserial's read/write with a settable timeout."""
 
@@ -213,6 +221,11 @@ class Link:
         return len(self._inflight)
 
     @property
+    def can_send(self) -> bool:
+        """Return True if a message can be sent now without waiting for the window to open."""
+        return len(self._inflight) < self._send_window
+
+    @property
     def decoder_stats(self) -> DecoderStats:
         """Return the frame decoder's counters (garbage, CRC errors, ...)."""
         return self._decoder.stats
@@ -248,10 +261,22 @@ class Link:
         msg_type = MsgType(msg_type)
         if not CATALOGUE[msg_type].sequenced:
             raise ValueError(f"{msg_type.name} is sent by the link itself")
-        data = encode_payload(msg_type, payload)
+        return self._send_sequenced(msg_type, encode_payload(msg_type, payload), wait=wait, timeout=timeout)
+
+    def send_raw(self, msg_type: int, payload: bytes = b"", *, wait: bool = True, timeout: float | None = None) -> int:
+        """Send raw payload bytes under any non-control type byte, unchecked: for probing a peer (tests)."""
+        self._check_open()
+        if not 0 <= msg_type <= 0xFF:
+            raise ValueError(f"msg_type must be a byte, got {msg_type}")
+        if msg_type in CATALOGUE and not CATALOGUE[MsgType(msg_type)].sequenced:
+            raise ValueError(f"{MsgType(msg_type).name} is sent by the link itself")
+        return self._send_sequenced(msg_type, bytes(payload), wait=wait, timeout=timeout)
+
+    def _send_sequenced(self, msg_type: int, data: bytes, *, wait: bool, timeout: float | None) -> int:
         if len(data) > self._send_max_payload:
             raise FrameTooLarge(
-                f"{msg_type.name} payload of {len(data)} bytes exceeds the peer's limit of {self._send_max_payload}"
+                f"{_type_name(msg_type)} payload of {len(data)} bytes exceeds the peer's limit of "
+                f"{self._send_max_payload}"
             )
         deadline = None if timeout is None else self._clock() + timeout
         self._wait_until(lambda: len(self._inflight) < self._send_window, timeout, "send: window still full")
@@ -274,8 +299,12 @@ class Link:
         msg_type: MsgType = MsgType.MODEL_CHUNK,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout: float | None = None,
+        on_chunk: Callable[[int], None] | None = None,
     ) -> int:
-        """Send `blob` as chunks with a full window in flight; return the chunk count once all are acked."""
+        """Send `blob` as chunks with a full window in flight; return the chunk count once all are acked.
+
+        `on_chunk(n)` is called with each chunk's data length as it is queued (progress bars).
+        """
         if CATALOGUE[MsgType(msg_type)].kind is not PayloadKind.CHUNK:
             raise ValueError(f"{MsgType(msg_type).name} does not carry chunks")
         chunk_size = min(chunk_size, self._send_max_payload - CHUNK_HEADER.size)
@@ -284,6 +313,8 @@ class Link:
         for chunk in chunk_blob(blob, chunk_size):
             self.send(msg_type, chunk, wait=False, timeout=self._remaining(deadline))
             count += 1
+            if on_chunk is not None:
+                on_chunk(len(chunk.data))
         self.flush(timeout=self._remaining(deadline))
         return count
 
@@ -485,7 +516,7 @@ class Link:
                 continue
             if entry.retries >= self.max_retries:
                 raise PeerGone(
-                    f"peer stopped answering: {MsgType(entry.msg_type).name} frame {seq} unacknowledged "
+                    f"peer stopped answering: {_type_name(entry.msg_type)} frame {seq} unacknowledged "
                     f"after {entry.retries} retransmissions over {now - entry.first_sent:.2f} s"
                 )
             entry.retries += 1

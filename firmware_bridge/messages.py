@@ -20,10 +20,12 @@ from .frame import MAX_PAYLOAD
 
 __all__ = [
     "ACCEPTED_MODEL_FORMATS",
+    "BLOB_FORMATS",
     "BlobAssembler",
     "CATALOGUE",
     "CHUNK_HEADER",
     "Chunk",
+    "DATA_FORMAT",
     "Field",
     "MAX_BLOB_SIZE",
     "MAX_CHUNK_DATA",
@@ -73,6 +75,10 @@ MAX_CHUNK_DATA = MAX_PAYLOAD - CHUNK_HEADER.size
 # model a Pi or Jetson fine-tunes, and low enough to refuse a bogus total early.
 MAX_BLOB_SIZE = 1 << 30
 ACCEPTED_MODEL_FORMATS = ("onnx",)
+# A training data set travels like a model (content-addressed chunks and a commit) but is
+# NumPy .npz, which the agent opens with allow_pickle=False: arrays, never objects.
+DATA_FORMAT = "npz"
+BLOB_FORMATS = (*ACCEPTED_MODEL_FORMATS, DATA_FORMAT)
 WORKLOAD_TASKS = ("train", "evaluate")
 RESULT_STATUSES = ("ok", "error", "cancelled")
 # Window and payload limits a peer may announce; the floor leaves room for any control message.
@@ -162,14 +168,14 @@ CATALOGUE: dict[MsgType, Spec] = {
         (Field("code", (str,)), Field("message", (str,)), Field("fatal", (bool,), required=False)),
     ),
     MsgType.BYE: Spec(PayloadKind.JSON, (Field("reason", (str,), required=False),)),
-    MsgType.MODEL_QUERY: Spec(PayloadKind.JSON, (_sha256("sha256"),)),
+    MsgType.MODEL_QUERY: Spec(PayloadKind.JSON, (_sha256("sha256"), _one_of("format", BLOB_FORMATS, required=False))),
     MsgType.MODEL_HAVE: Spec(
         PayloadKind.JSON, (_sha256("sha256"), Field("have", (bool,)), _count("size", required=False))
     ),
     MsgType.MODEL_CHUNK: Spec(PayloadKind.CHUNK),
     MsgType.MODEL_COMMIT: Spec(
         PayloadKind.JSON,
-        (_sha256("sha256"), _count("size"), _one_of("format", ACCEPTED_MODEL_FORMATS)),
+        (_sha256("sha256"), _count("size"), _one_of("format", BLOB_FORMATS)),
     ),
     MsgType.WORKLOAD: Spec(
         PayloadKind.JSON,
