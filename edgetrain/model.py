@@ -110,7 +110,25 @@ class Model:
                                                 node.inputs[0] in unsigned, self.runtime)
             self.precision[node.name] = want
         self.precision_config = config
+        self._place_batchnorms()
         return dict(self.precision)
+
+    def _place_batchnorms(self) -> None:
+        """BatchNorms right after an integer layer get this model's own parallel instance."""
+        from .ops.norm import BatchNormalization
+        from .qops import QuantMAC
+
+        producer = self.graph.producer_of()
+        for node in self.graph.nodes:
+            if node.op_type != "BatchNormalization":
+                continue
+            src = producer.get(node.inputs[0])
+            if src is not None and isinstance(self.executor.ops[src.name], QuantMAC):
+                op = BatchNormalization(node, self.graph.opset)
+                op.parallel = True
+                self.executor.ops[node.name] = op
+            else:
+                self.executor.ops[node.name] = self._float_ops[node.name]
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,14 +4,14 @@ Each op quantises its operands, hands the integer tensors to `edgetrain.kernels`
 results), and rescales the integer result into the float domain where BatchNorm, ReLU and the rest
 run (docs/NUMERICS.md). Per layer and step:
 
-    forward          y  = (x_q * w_q) * s_x * s_w[c]                 x: nearest, per tensor
-                                                                     w: nearest, per output channel
-    weight gradient  dW = (dy_q * x_q) * s_dy * s_x                  dy: stochastic, per tensor
-    error backprop   dx = (g_q * w_q) * s_g,   g = dy * s_w[c]       g: stochastic, per tensor
+    forward          y  = (x_q * w_q) * s_x * s_w[c]      x: nearest, per tensor; w: nearest, per output channel
+    weight gradient  dW = (dy_q * x_q) * s_dy * s_x       dy: stochastic, per tensor, once per layer and step
+    error backprop   dx = (dy_q * v_q) * s_dy * s_v       v: the weights again, nearest, per tensor
 
-The error back-propagation sums over output channels, so the weights' per-channel scales must leave
-the integer operand first: they are folded into the gradient before it is quantised. The float master
-weights receive dW directly (straight-through estimator over the weight quantiser).
+The error back-propagation sums over output channels, along which per-channel weight scales vary, so
+it takes the weights quantised per tensor (a small tensor: re-quantising it costs next to nothing),
+and the one quantised gradient feeds both products, as in FracTrain. The float master weights receive
+dW directly (straight-through estimator over the weight quantiser).
 """
 from __future__ import annotations
 
@@ -22,14 +22,12 @@ import numpy as np
 from . import kernels
 from .graph import Node
 from .ops.base import Op, unbroadcast
+from .ops.norm_kernels import rescale_channels, rescale_flat
 from .ops.windows import geometry
 from .precision import LayerPrecision
 from .quant import RunningRange, quantize
 
-# Random-bit streams of one layer: the weight gradient's and the error's rounding must not share bits.
-STREAM_WEIGHT_GRAD = 0
-STREAM_ERROR = 1
-STREAMS_PER_LAYER = 2
+STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
 
 
 @dataclass
@@ -62,9 +60,9 @@ class QuantMAC(Op):
         self.runtime = runtime
         self.skip_input_grad = False  # set by the executor when nobody needs dL/dx
 
-    def _key(self, stream: int) -> tuple[int, int, int]:
+    def _key(self) -> tuple[int, int, int]:
         rt = self.runtime
-        return (rt.seed, rt.step, self.layer_index * STREAMS_PER_LAYER + stream)
+        return (rt.seed, rt.step, self.layer_index * STREAMS_PER_LAYER)
 
     def _quantize_input(self, x: np.ndarray, training: bool):
         """Activations: per-tensor range from the batch in training, the running range in eval."""
@@ -79,12 +77,14 @@ class QuantMAC(Op):
         rt.count(self.node.name, q.stats.saturated)
         return q
 
-    def _quantize_weight(self, w_rows: np.ndarray):
-        """Weights: per output channel (rows), nearest, from the float master copy each step."""
-        return quantize(w_rows, self.precision.weight_bits, signed=True, axis=0, pow2=self.runtime.pow2_scales)
+    def _quantize_weight(self, w_rows: np.ndarray, per_channel: bool = True):
+        """Weights: nearest, from the float master copy each step; per output channel (rows) for the
+        forward, per tensor for the error back-propagation."""
+        return quantize(w_rows, self.precision.weight_bits, signed=True, axis=0 if per_channel else None,
+                        pow2=self.runtime.pow2_scales)
 
-    def _quantize_grad(self, g: np.ndarray, stream: int):
-        return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic", key=self._key(stream),
+    def _quantize_grad(self, g: np.ndarray):
+        return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic", key=self._key(),
                         pow2=self.runtime.pow2_scales)
 
     def macs(self, in_shapes, out_shapes):
@@ -106,24 +106,22 @@ class QuantConv(QuantMAC):
         xq = self._quantize_input(x, training)
         wq = self._quantize_weight(w)
         acc = kernels.conv2d_forward(xq.q, wq.q, **args)
-        scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).reshape(1, -1, 1, 1)
-        y = acc.astype(x.dtype) * scale.astype(x.dtype)
+        scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).astype(x.dtype)
+        y = np.empty(acc.shape, dtype=x.dtype)
+        rescale_channels(acc.reshape(acc.shape[0], acc.shape[1], -1), scale, y.reshape(acc.shape[0], acc.shape[1], -1))
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
-        return [y], (xq, wq, x.shape, w.shape, args, b is not None, x.dtype)
+        return [y], (xq, w, x.shape, args, b is not None, x.dtype)
 
     def backward(self, ctx, grads):
-        xq, wq, x_shape, w_shape, args, has_bias, dtype = ctx
+        xq, w, x_shape, args, has_bias, dtype = ctx
         dy = grads[0]
-        dyq = self._quantize_grad(dy, STREAM_WEIGHT_GRAD)
-        dw = kernels.conv2d_backward_weight(dyq.q, xq.q, w_shape, **args).astype(dtype)
-        dw *= dtype.type(np.float32(dyq.scale) * np.float32(xq.scale))
+        dyq = self._quantize_grad(dy)
+        dw = _rescaled(kernels.conv2d_backward_weight(dyq.q, xq.q, w.shape, **args), dyq.scale, xq.scale, dtype)
         dx = None
         if not self.skip_input_grad:
-            g = dy * wq.scale.astype(dtype).reshape(1, -1, 1, 1)
-            gq = self._quantize_grad(g, STREAM_ERROR)
-            dx = kernels.conv2d_backward_data(gq.q, wq.q, x_shape, **args).astype(dtype)
-            dx *= dtype.type(gq.scale)
+            vq = self._quantize_weight(w, per_channel=False)
+            dx = _rescaled(kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args), dyq.scale, vq.scale, dtype)
         out = [dx, dw]
         if has_bias:
             out.append(dy.sum(axis=(0, 2, 3)))
@@ -156,24 +154,30 @@ class QuantLinear(QuantMAC):
         if c is not None:
             y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
         y = y.reshape(lead + (y.shape[-1],))
-        return [y], (xq, wq, x.shape, w.shape, None if c is None else c.shape, alpha, beta, x.dtype)
+        return [y], (xq, w, x.shape, None if c is None else c.shape, alpha, beta, x.dtype)
 
     def backward(self, ctx, grads):
-        xq, wq, x_shape, w_shape, c_shape, alpha, beta, dtype = ctx
+        xq, w, x_shape, c_shape, alpha, beta, dtype = ctx
         dy = grads[0].reshape(-1, grads[0].shape[-1])
         dy_a = dy * dtype.type(alpha) if alpha != 1.0 else dy
-        dyq = self._quantize_grad(dy_a, STREAM_WEIGHT_GRAD)
-        dw_rows = kernels.linear_backward_weight(dyq.q, xq.q).astype(dtype)
-        dw_rows *= dtype.type(np.float32(dyq.scale) * np.float32(xq.scale))
-        dw = dw_rows if dw_rows.shape == tuple(w_shape) else np.ascontiguousarray(dw_rows.T)
+        dyq = self._quantize_grad(dy_a)
+        dw_rows = _rescaled(kernels.linear_backward_weight(dyq.q, xq.q), dyq.scale, xq.scale, dtype)
+        dw = dw_rows if dw_rows.shape == w.shape else np.ascontiguousarray(dw_rows.T)
         dx = None
         if not self.skip_input_grad:
-            gq = self._quantize_grad(dy_a * wq.scale.astype(dtype).reshape(1, -1), STREAM_ERROR)
-            dx = (kernels.linear_backward_data(gq.q, wq.q).astype(dtype) * dtype.type(gq.scale)).reshape(x_shape)
+            vq = self._quantize_weight(self._weight_rows(w), per_channel=False)
+            dx = _rescaled(kernels.linear_backward_data(dyq.q, vq.q), dyq.scale, vq.scale, dtype).reshape(x_shape)
         out = [dx, dw]
         if c_shape is not None:
             out.append(unbroadcast(grads[0] * dtype.type(beta) if beta != 1.0 else grads[0], c_shape))
         return out
+
+
+def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
+    """An integer accumulator times the float32 product of two per-tensor scales, in one pass."""
+    out = np.empty(acc.shape, dtype=dtype)
+    rescale_flat(acc.reshape(-1), dtype.type(np.float32(s_a) * np.float32(s_b)), out.reshape(-1))
+    return out
 
 
 def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | None:

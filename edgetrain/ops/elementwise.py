@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Op, register, unbroadcast
+from .norm_kernels import relu_backward
 
 
 @register("Add")
@@ -59,10 +60,16 @@ class Div(Op):
 class Relu(Op):
     def forward(self, inputs, training):
         (x,) = inputs
-        return [np.maximum(x, 0).astype(x.dtype, copy=False)], x > 0
+        y = np.maximum(x, 0).astype(x.dtype, copy=False)
+        return [y], y  # y > 0 exactly where x > 0: no separate mask to build and keep
 
     def backward(self, ctx, grads):
-        return [grads[0] * ctx]
+        y, g = ctx, grads[0]
+        if not (y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype):
+            return [g * (y > 0)]
+        out = np.empty_like(g)
+        relu_backward(y.reshape(-1), g.reshape(-1), out.reshape(-1))
+        return [out]
 
 
 @register("LeakyRelu")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import norm_kernels
 from .base import Op, register
 
 
@@ -15,6 +16,8 @@ class BatchNormalization(Op):
     variance, as PyTorch does, because the models we fine-tune come from there; a graph that asks for
     ONNX training mode itself (training_mode=1) gets ONNX's population variance instead.
     """
+
+    parallel = False  # True for a Model's own instances that follow integer layers (see norm_kernels)
 
     def _use_batch_stats(self, training: bool) -> bool:
         return training or bool(self.attr("training_mode", 0))
@@ -29,22 +32,25 @@ class BatchNormalization(Op):
             xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
             y = xhat * scale.reshape(bshape) + bias.reshape(bshape)
             return [y.astype(x.dtype, copy=False)], ("eval", xhat, inv, scale, bshape, axes)
-        mu = x.mean(axis=axes)
-        xc = x - mu.reshape(bshape)
-        bvar = (xc * xc).mean(axis=axes)
-        inv = 1.0 / np.sqrt(bvar + eps)
-        xhat = xc * inv.reshape(bshape)
-        y = xhat * scale.reshape(bshape) + bias.reshape(bshape)
+        x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+        y3 = np.empty_like(x3)
+        mu = np.empty(x.shape[1], dtype=np.float64)
+        bvar = np.empty(x.shape[1], dtype=np.float64)
+        inv = np.empty(x.shape[1], dtype=np.float64)
+        forward = norm_kernels.bn_train_forward_parallel if self.parallel else norm_kernels.bn_train_forward
+        forward(x3, scale.astype(np.float64), bias.astype(np.float64), float(eps), y3, mu, bvar,
+                                      inv)
+        y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
         onnx_training = bool(self.attr("training_mode", 0)) and not training
         unbiased = bvar if onnx_training or count < 2 else bvar * (count / (count - 1))
         new_mean = mean * m + mu.astype(mean.dtype) * (1 - m)
         new_var = var * m + unbiased.astype(var.dtype) * (1 - m)
-        outs = [y.astype(x.dtype, copy=False)]
+        outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
-        return outs, ("train", xhat, inv, scale, bshape, axes, new_mean, new_var)
+        return outs, ("train", x3, mu, inv, scale, x.shape, new_mean, new_var)
 
     def buffer_updates(self, ctx):
         if ctx[0] != "train":
@@ -57,13 +63,13 @@ class BatchNormalization(Op):
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
             _, xhat, inv, scale, bshape, axes = ctx
             return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
-        _, xhat, inv, scale, bshape, axes, _, _ = ctx
-        dscale = (g * xhat).sum(axis=axes)
-        dbias = g.sum(axis=axes)
-        count = g.size // g.shape[1]
+        _, x3, mu, inv, scale, shape, _, _ = ctx
+        g3 = np.ascontiguousarray(g).reshape(x3.shape)
+        dx = np.empty_like(g3)
+        dscale = np.empty(x3.shape[1], dtype=np.float64)
+        dbias = np.empty(x3.shape[1], dtype=np.float64)
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
-        dx = (scale * inv).reshape(bshape) / count * (
-            count * g - dbias.reshape(bshape) - xhat * dscale.reshape(bshape)
-        )
-        return [dx.astype(g.dtype, copy=False), dscale, dbias, None, None]
+        backward = norm_kernels.bn_train_backward_parallel if self.parallel else norm_kernels.bn_train_backward
+        backward(x3, g3, scale.astype(np.float64), mu, inv, dx, dscale, dbias)
+        return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
