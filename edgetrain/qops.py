@@ -105,7 +105,7 @@ class QuantConv(QuantMAC):
         args = self._conv_args(x.shape, w.shape)
         xq = self._quantize_input(x, training)
         wq = self._quantize_weight(w)
-        acc = kernels.conv2d_forward(xq.q, wq.q, **args)
+        acc = kernels.conv2d_forward(xq.q, wq.q, **args, bounds=(_bound(xq), _bound(wq)))
         scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).astype(x.dtype)
         y = np.empty(acc.shape, dtype=x.dtype)
         rescale_channels(acc.reshape(acc.shape[0], acc.shape[1], -1), scale, y.reshape(acc.shape[0], acc.shape[1], -1))
@@ -117,11 +117,11 @@ class QuantConv(QuantMAC):
         xq, w, x_shape, args, has_bias, dtype = ctx
         dy = grads[0]
         dyq = self._quantize_grad(dy)
-        dw = _rescaled(kernels.conv2d_backward_weight(dyq.q, xq.q, w.shape, **args), dyq.scale, xq.scale, dtype)
+        dw = _rescaled(kernels.conv2d_backward_weight(dyq.q, xq.q, w.shape, **args, bounds=(_bound(dyq), _bound(xq))), dyq.scale, xq.scale, dtype)
         dx = None
         if not self.skip_input_grad:
             vq = self._quantize_weight(w, per_channel=False)
-            dx = _rescaled(kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args), dyq.scale, vq.scale, dtype)
+            dx = _rescaled(kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args, bounds=(_bound(dyq), _bound(vq))), dyq.scale, vq.scale, dtype)
         out = [dx, dw]
         if has_bias:
             out.append(dy.sum(axis=(0, 2, 3)))
@@ -144,7 +144,7 @@ class QuantLinear(QuantMAC):
         x2 = x.reshape(-1, x.shape[-1])
         xq = self._quantize_input(x2, training)
         wq = self._quantize_weight(self._weight_rows(w))
-        acc = kernels.linear_forward(xq.q, wq.q)
+        acc = kernels.linear_forward(xq.q, wq.q, bounds=(_bound(xq), _bound(wq)))
         scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).reshape(1, -1)
         alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
         beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
@@ -161,16 +161,21 @@ class QuantLinear(QuantMAC):
         dy = grads[0].reshape(-1, grads[0].shape[-1])
         dy_a = dy * dtype.type(alpha) if alpha != 1.0 else dy
         dyq = self._quantize_grad(dy_a)
-        dw_rows = _rescaled(kernels.linear_backward_weight(dyq.q, xq.q), dyq.scale, xq.scale, dtype)
+        dw_rows = _rescaled(kernels.linear_backward_weight(dyq.q, xq.q, bounds=(_bound(dyq), _bound(xq))), dyq.scale, xq.scale, dtype)
         dw = dw_rows if dw_rows.shape == w.shape else np.ascontiguousarray(dw_rows.T)
         dx = None
         if not self.skip_input_grad:
             vq = self._quantize_weight(self._weight_rows(w), per_channel=False)
-            dx = _rescaled(kernels.linear_backward_data(dyq.q, vq.q), dyq.scale, vq.scale, dtype).reshape(x_shape)
+            dx = _rescaled(kernels.linear_backward_data(dyq.q, vq.q, bounds=(_bound(dyq), _bound(vq))), dyq.scale, vq.scale, dtype).reshape(x_shape)
         out = [dx, dw]
         if c_shape is not None:
             out.append(unbroadcast(grads[0] * dtype.type(beta) if beta != 1.0 else grads[0], c_shape))
         return out
+
+
+def _bound(t) -> int:
+    """max |value| a QTensor can hold: its values were clipped into [qmin, qmax]."""
+    return max(-t.qmin, t.qmax)
 
 
 def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:

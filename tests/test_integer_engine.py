@@ -28,27 +28,27 @@ class _Float64Kernels:
                  "kernel_shape": list(w_shape[2:])}
         return Conv(Node("sim", "Conv", ["x", "w"], ["y"], attrs), 17)
 
-    def conv2d_forward(self, xq, wq, **args):
+    def conv2d_forward(self, xq, wq, bounds=None, **args):
         y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], False)
         return y[0]
 
-    def conv2d_backward_weight(self, dyq, xq, w_shape, **args):
+    def conv2d_backward_weight(self, dyq, xq, w_shape, bounds=None, **args):
         conv = self._conv(args, w_shape)
         _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], True)
         return conv.backward(ctx, [dyq.astype(np.float64)])[1]
 
-    def conv2d_backward_data(self, gq, wq, x_shape, **args):
+    def conv2d_backward_data(self, gq, wq, x_shape, bounds=None, **args):
         conv = self._conv(args, wq.shape)
         _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], True)
         return conv.backward(ctx, [gq.astype(np.float64)])[0]
 
-    def linear_forward(self, xq, wq):
+    def linear_forward(self, xq, wq, bounds=None):
         return xq.astype(np.float64) @ wq.astype(np.float64).T
 
-    def linear_backward_weight(self, dyq, xq):
+    def linear_backward_weight(self, dyq, xq, bounds=None):
         return dyq.astype(np.float64).T @ xq.astype(np.float64)
 
-    def linear_backward_data(self, gq, wq):
+    def linear_backward_data(self, gq, wq, bounds=None):
         return gq.astype(np.float64) @ wq.astype(np.float64)
 
 

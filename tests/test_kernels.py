@@ -339,3 +339,22 @@ def test_conv_geometry_matches_float_conv_op(case):
     dx_float, dw_float = op.backward(ctx, [dy.astype(np.float64)])
     np.testing.assert_array_equal(kernels.conv2d_backward_data(dy, w, x.shape, **kw).astype(np.float64), dx_float)
     np.testing.assert_array_equal(kernels.conv2d_backward_weight(dy, x, w.shape, **kw).astype(np.float64), dw_float)
+
+
+def test_caller_bounds_give_the_same_exact_result_and_choose_the_accumulator():
+    """Bounds from a quantiser (qmax) replace the operand scans: same bits, and int64 where needed."""
+    from edgetrain.kernels import accumulator_dtype, conv2d_backward_weight
+
+    rng = np.random.default_rng(3)
+    dy = rng.integers(-32767, 32768, (128, 4, 8, 8)).astype(np.int16)
+    x = rng.integers(0, 256, (128, 3, 8, 8)).astype(np.uint8)
+    measured = conv2d_backward_weight(dy, x, (4, 3, 3, 3), pads=(1, 1, 1, 1))
+    bounded = conv2d_backward_weight(dy, x, (4, 3, 3, 3), pads=(1, 1, 1, 1), bounds=(32767, 255))
+    np.testing.assert_array_equal(measured, bounded)
+    assert bounded.dtype == accumulator_dtype(128 * 8 * 8, 32767, 255) == np.int64
+    ref = np.zeros((4, 3, 3, 3), np.int64)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for i in range(3):
+        for j in range(3):
+            ref[:, :, i, j] = np.einsum("nmhw,nchw->mc", dy.astype(np.int64), xp[:, :, i:i + 8, j:j + 8])
+    np.testing.assert_array_equal(bounded, ref)

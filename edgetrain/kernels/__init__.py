@@ -100,10 +100,21 @@ def _int16_parts(x: np.ndarray) -> list[tuple[np.ndarray, int]]:
     return [((x & low_mask).view(np.int16), 0), ((x >> np.uint16(_UINT16_SPLIT)).view(np.int16), _UINT16_SPLIT)]
 
 
+Bounds = "tuple[int, int] | None"
+
+
 def _exact(op: Callable[[np.ndarray, np.ndarray, np.dtype, int], np.ndarray], a: np.ndarray, b: np.ndarray,
-           length: int) -> np.ndarray:
-    """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator."""
-    amax_a, amax_b = amax_abs(a), amax_abs(b)
+           length: int, bounds: Bounds = None) -> np.ndarray:
+    """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator.
+
+    `bounds` are guaranteed upper bounds of max|a| and max|b| (a quantiser's qmax: every value was
+    clipped into range); they spare two full scans of the operands per call. Without them the
+    operands' actual maxima are measured.
+    """
+    if bounds is not None and a.dtype != np.uint16 and b.dtype != np.uint16:
+        amax_a, amax_b = bounds
+    else:
+        amax_a, amax_b = amax_abs(a), amax_abs(b)
     out_dtype = accumulator_dtype(length, amax_a, amax_b)
     parts_a, parts_b = _int16_parts(a), _int16_parts(b)
     if len(parts_a) == 1 and len(parts_b) == 1:
@@ -120,38 +131,38 @@ def _exact(op: Callable[[np.ndarray, np.ndarray, np.dtype, int], np.ndarray], a:
 # ---------------------------------------------------------------------------------- GEMM, Linear
 
 
-def gemm_nt(a: np.ndarray, bt: np.ndarray) -> np.ndarray:
+def gemm_nt(a: np.ndarray, bt: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     """a (M, K) @ bt (N, K)^T, exact; the layout every other product reduces to."""
     a, bt = _check(a, "a", 2), _check(bt, "bt", 2)
     if a.shape[1] != bt.shape[1]:
         raise ValueError(f"gemm_nt: a {a.shape} and bt {bt.shape} disagree on K")
-    return _exact(get_backend().gemm_nt, a, bt, a.shape[1])
+    return _exact(get_backend().gemm_nt, a, bt, a.shape[1], bounds)
 
 
-def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def gemm(a: np.ndarray, b: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     """a (M, K) @ b (K, N), exact, int32 or int64 by the worst-case bound."""
     a, b = _check(a, "a", 2), _check(b, "b", 2)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"gemm: a {a.shape} and b {b.shape} disagree on K")
-    return _exact(get_backend().gemm_nt, a, b.T, a.shape[1])
+    return _exact(get_backend().gemm_nt, a, b.T, a.shape[1], bounds)
 
 
-def linear_forward(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def linear_forward(x: np.ndarray, w: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     """y = x W^T for x (B, in) and w (out, in), as torch.nn.Linear without bias."""
-    return gemm_nt(x, w)
+    return gemm_nt(x, w, bounds)
 
 
-def linear_backward_data(dy: np.ndarray, w: np.ndarray) -> np.ndarray:
+def linear_backward_data(dy: np.ndarray, w: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     """dx = dy W for dy (B, out) and w (out, in)."""
-    return gemm(dy, w)
+    return gemm(dy, w, bounds)
 
 
-def linear_backward_weight(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+def linear_backward_weight(dy: np.ndarray, x: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     """dW = dy^T x for dy (B, out) and x (B, in): a reduction over the batch."""
     dy, x = _check(dy, "dy", 2), _check(x, "x", 2)
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"linear_backward_weight: dy {dy.shape} and x {x.shape} disagree on the batch")
-    return _exact(get_backend().gemm_nt, dy.T, x.T, dy.shape[0])
+    return _exact(get_backend().gemm_nt, dy.T, x.T, dy.shape[0], bounds)
 
 
 # ---------------------------------------------------------------------------------------- Conv2d
@@ -159,18 +170,18 @@ def linear_backward_weight(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, stride: int | Sequence[int] = 1,
                    pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
-                   groups: int = 1) -> np.ndarray:
+                   groups: int = 1, bounds: Bounds = None) -> np.ndarray:
     """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact."""
     x, w = _check(x, "x", 4), _check(w, "w", 4)
     geo = conv2d_geometry(x.shape, w.shape, stride, pads, dilation, groups)
     backend = get_backend()
     return _exact(lambda a, b, dt, seg: backend.conv2d_forward(a, b, geo, dt, seg), x, w,
-                  geo.in_per_group * geo.taps)
+                  geo.in_per_group * geo.taps, bounds)
 
 
 def conv2d_backward_data(dy: np.ndarray, w: np.ndarray, x_shape: Sequence[int], stride: int | Sequence[int] = 1,
                          pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
-                         groups: int = 1) -> np.ndarray:
+                         groups: int = 1, bounds: Bounds = None) -> np.ndarray:
     """dx (N, C, H, W) = the transposed conv of dy (N, M, OH, OW) with w, exact."""
     dy, w = _check(dy, "dy", 4), _check(w, "w", 4)
     geo = conv2d_geometry(x_shape, w.shape, stride, pads, dilation, groups)
@@ -178,12 +189,12 @@ def conv2d_backward_data(dy: np.ndarray, w: np.ndarray, x_shape: Sequence[int], 
         raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
     backend = get_backend()
     return _exact(lambda a, b, dt, seg: backend.conv2d_backward_data(a, b, geo, dt, seg), dy, w,
-                  geo.out_per_group * geo.taps)
+                  geo.out_per_group * geo.taps, bounds)
 
 
 def conv2d_backward_weight(dy: np.ndarray, x: np.ndarray, w_shape: Sequence[int], stride: int | Sequence[int] = 1,
                            pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
-                           groups: int = 1) -> np.ndarray:
+                           groups: int = 1, bounds: Bounds = None) -> np.ndarray:
     """dW (M, C/groups, kH, kW) = sum over batch and output pixels of dy x patches, exact."""
     dy, x = _check(dy, "dy", 4), _check(x, "x", 4)
     geo = conv2d_geometry(x.shape, w_shape, stride, pads, dilation, groups)
@@ -191,4 +202,4 @@ def conv2d_backward_weight(dy: np.ndarray, x: np.ndarray, w_shape: Sequence[int]
         raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
     backend = get_backend()
     return _exact(lambda a, b, dt, seg: backend.conv2d_backward_weight(a, b, geo, dt, seg), dy, x,
-                  geo.batch * geo.out_h * geo.out_w)
+                  geo.batch * geo.out_h * geo.out_w, bounds)
