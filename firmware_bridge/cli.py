@@ -16,7 +16,6 @@ import json
 import sys
 from typing import Any
 
-from edgetrain.errors import EdgetrainError
 
 from .host import DEFAULT_BATCH, DEFAULT_STEPS, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP, ProfileRequest, prepare, profile
 from .profile_errors import BoardUnreachable, ProfileError
@@ -31,8 +30,6 @@ AGENT_ENTRY_POINT = "firmware_bridge.agent:main"
 DEFAULT_OUT = "edgetrain-profile"
 EXIT_OK = 0
 EXIT_DIGESTS_DIFFER = 1
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 LOG_TAIL_LINES = 3
 
 
@@ -198,25 +195,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
     return EXIT_OK if report["digest"]["agree"] else EXIT_DIGESTS_DIFFER
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, like edgetrain's CLI
-        raise EdgetrainError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone `python -m firmware_bridge.cli profile ...`, with edgetrain's CLI error handling."""
-    parser = _Parser(prog="edgetrain", description="edgetrain board profiling")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_profile_command(sub)
-    try:
-        args = parser.parse_args(argv)
-        return args.func(args)
-    except EdgetrainError as exc:
-        print(f"edgetrain: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("edgetrain: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    """Stand-alone `python -m firmware_bridge.cli profile ...`: the same as `edgetrain profile ...`."""
+    from edgetrain.cli import main as edgetrain_main
+
+    return edgetrain_main(argv)
 
 
 if __name__ == "__main__":
