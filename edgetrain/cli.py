@@ -33,6 +33,108 @@ def _cmd_demo(args) -> int:
     return 0 if result["export_ok"] else 1
 
 
+def _cmd_train(args) -> int:
+    from .commands import run_train, train_flags
+
+    return run_train(train_flags(args), config_file=args.config, resume=args.resume, as_json=args.json)
+
+
+def _cmd_eval(args) -> int:
+    from .commands import run_eval
+
+    return run_eval(args.target, data=args.data, bits=args.bits, batch_size=args.batch_size, as_json=args.json)
+
+
+def _cmd_export(args) -> int:
+    from .commands import run_export
+
+    return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json)
+
+
+def _typed(kind: type, low: float | None = None, what: str = ""):
+    """An argparse type: kind(text), at least `low`; the message names what was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if low is not None and not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _typed(int, 1, "a positive integer")
+NON_NEGATIVE_INT = _typed(int, 0, "an integer >= 0")
+POSITIVE_FLOAT = _typed(float, 0.0, "a number >= 0")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="fine-tune an ONNX model on a data set, in fp32 or fixed point",
+                       description="Fine-tune MODEL.onnx. Flags override the --config file; a run folder "
+                                   "(--out) gets log.jsonl, config.json, checkpoints and model.onnx.",
+                       argument_default=argparse.SUPPRESS)
+    t.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to train (or 'model' in the config file)")
+    t.add_argument("--data", metavar="SPEC", help="data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE")
+    t.add_argument("--schedule", metavar="{fp32,static}", help="precision schedule: fp32 (default) or static (fixed FW/BW bits); "
+                                      "pfq, dfq, fractrain: not available yet")
+    t.add_argument("--bits", metavar="FW/BW", help="FW/BW bits of the static schedule, e.g. 8/8 (default) or 4/8:w6")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="training steps")
+    length.add_argument("--epochs", type=POSITIVE_INT, metavar="N", help="training epochs (default 1)")
+    t.add_argument("--batch-size", type=POSITIVE_INT, metavar="N", help="default 64")
+    t.add_argument("--seed", type=NON_NEGATIVE_INT, metavar="S", help="seeds data order, augmentation, rounding (default 0)")
+    t.add_argument("--optimizer", metavar="{sgd,adam,adamw}", help="sgd (default), adam or adamw")
+    t.add_argument("--lr", type=POSITIVE_FLOAT, metavar="LR", help="learning rate (default 0.01)")
+    t.add_argument("--momentum", type=POSITIVE_FLOAT, metavar="M", help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=POSITIVE_FLOAT, metavar="WD", help="L2 (sgd, adam) or decoupled (adamw) weight decay")
+    t.add_argument("--lr-schedule", metavar="{constant,step,cosine}", help="constant (default), step or cosine")
+    t.add_argument("--lr-milestones", type=_int_list, metavar="S1,S2", help="steps where --lr-schedule step decays, e.g. 300,450")
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, metavar="N", help="linear learning-rate warm-up steps (default 0)")
+    t.add_argument("--eval-every", type=POSITIVE_INT, metavar="N", help="evaluate on the test split every N steps "
+                                                           "(default: every epoch, and at the end)")
+    t.add_argument("--out", metavar="DIR", help="run folder (default edgetrain-run)")
+    t.add_argument("--checkpoint-every", type=POSITIVE_INT, metavar="N", help="checkpoint every N steps (always at the end)")
+    t.add_argument("--keep", type=POSITIVE_INT, metavar="N", help="checkpoints kept (default 3)")
+    t.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out from its newest good checkpoint")
+    t.add_argument("--freeze", action="append", metavar="PATTERN",
+                   help="do not train parameters matching this name or glob (repeatable)")
+    t.add_argument("--train-last", type=POSITIVE_INT, metavar="K", help="train only the last K MAC layers")
+    t.add_argument("--bias-only", action="store_true", help="train only biases")
+    t.add_argument("--freeze-bn", action="store_true",
+                   help="freeze BatchNorm: scale and shift fixed, running statistics not updated")
+    t.add_argument("--num-classes", type=POSITIVE_INT, metavar="K",
+                   help="replace the classifier (last Gemm) with a fresh one of K outputs")
+    t.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file setting any of these options")
+    t.add_argument("--json", action="store_true", default=False, help="print one JSON object at the end")
+    t.set_defaults(func=_cmd_train)
+
+
+def _add_eval_export(sub) -> None:
+    e = sub.add_parser("eval", help="test accuracy of an ONNX model, a checkpoint or a run folder")
+    e.add_argument("target", metavar="MODEL_OR_CKPT", help="an ONNX file, a checkpoint file, or a run folder")
+    e.add_argument("--data", metavar="SPEC", help="data source (default: the run's own, for a checkpoint)")
+    e.add_argument("--bits", metavar="FW/BW", help="evaluate at these FW/BW bits (default: as trained; fp32 for an ONNX file)")
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=256, metavar="N", help="default 256")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=_cmd_eval)
+    x = sub.add_parser("export", help="write a trained checkpoint as ONNX (float, or int8 QDQ)")
+    x.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    x.add_argument("--out", required=True, metavar="FILE", help="the ONNX file to write")
+    x.add_argument("--int8", action="store_true", help="QuantizeLinear/DequantizeLinear around the integer "
+                                                       "layers, int8 weights (onnxruntime integer inference)")
+    x.add_argument("--json", action="store_true", help="machine-readable output")
+    x.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = _Parser(prog="edgetrain", description="Fine-tune ONNX models on small devices.")
@@ -47,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="edgetrain-demo", help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.set_defaults(func=_cmd_demo)
+    _add_train(sub)
+    _add_eval_export(sub)
     from firmware_bridge.cli import add_profile_command
 
     add_profile_command(sub)

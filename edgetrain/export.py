@@ -1,7 +1,9 @@
-"""Write a trained Model back to ONNX: the user's own graph with updated initializers."""
+"""Write a trained Model back to ONNX: the user's own graph with updated initializers (float), or the
+same graph with QuantizeLinear/DequantizeLinear around the integer layers (int8, for onnxruntime)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -9,7 +11,9 @@ from onnx import numpy_helper
 
 from .errors import ModelError
 from .fileio import write_atomic
+from .layers import mac_nodes
 from .model import Model
+from .quant import quantize, scale_from_range
 
 
 def to_onnx(model: Model) -> onnx.ModelProto:
@@ -39,3 +43,153 @@ def to_onnx(model: Model) -> onnx.ModelProto:
 def export_onnx(model: Model, path: str | os.PathLike) -> None:
     """Save the trained model as a float ONNX file that onnxruntime can serve."""
     write_atomic(path, to_onnx(model).SerializeToString())
+
+
+# -- int8 (QDQ) export ----------------------------------------------------------------------------
+QDQ_MIN_OPSET = 13  # per-axis DequantizeLinear, for the per-output-channel weight scales
+INT8_BITS = 8  # the export's integer formats; layers trained wider are re-quantised to 8 bits
+ACT_SUFFIXES = (".input_scale", ".input_zero_point", ".input_quantized", ".input_dequantized")
+WEIGHT_SUFFIXES = ("_quantized", "_scale", "_zero_point", "_dequantized")
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """How one quantised MAC layer is written: its activation format and weight channel axis."""
+
+    name: str
+    act_range: float
+    act_bits: int
+    act_unsigned: bool
+    weight_bits: int
+    weight_axis: int  # the axis of output channels in the stored weight
+
+
+def _plan(model: Model) -> list[_LayerPlan]:
+    from .qops import QuantMAC
+
+    plans = []
+    for node in mac_nodes(model.graph):
+        op = model.executor.ops[node.name]
+        if not isinstance(op, QuantMAC):
+            continue
+        prec = model.precision[node.name]
+        running = model.runtime.act_ranges.get(node.name)
+        if running is None or not running.value:
+            raise ModelError(f"layer '{node.name}' has no running activation range: train at least one step "
+                             "in this precision before an int8 export")
+        # Gemm with transB and Conv store (out, ...); Gemm without transB and MatMul store (in, out).
+        stores_rows = node.op_type == "Conv" or (node.op_type == "Gemm" and node.attrs.get("transB", 0))
+        plans.append(_LayerPlan(node.name, float(running.value), min(prec.act_bits, INT8_BITS), op.unsigned_input,
+                                min(prec.weight_bits, INT8_BITS), 0 if stores_rows else 1))
+    return plans
+
+
+def _quantised_weight(w: np.ndarray, bits: int, axis: int, pow2: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights and float32 per-output-channel scales, as the engine quantises them (nearest)."""
+    rows = w if axis == 0 else w.T
+    q = quantize(np.ascontiguousarray(rows), bits, signed=True, axis=0, pow2=pow2)
+    values = q.q.astype(np.int8)
+    return (values if axis == 0 else np.ascontiguousarray(values.T)), np.asarray(q.scale, np.float32).reshape(-1)
+
+
+def to_onnx_int8(model: Model) -> onnx.ModelProto:
+    """A QDQ model for integer inference: each quantised Conv/Gemm reads its activation through
+    QuantizeLinear/DequantizeLinear and its weights as int8 with per-output-channel scales.
+
+    Activations use uint8 (zero point 0) where the graph proves them non-negative, else int8 (zero
+    point 0), with the scale the engine's eval uses: the running range over the format's max. Biases,
+    BatchNorm and the classifier (fp32 in training) stay float; nothing is folded.
+    """
+    plans = _plan(model)
+    if not plans:
+        raise ModelError("int8 export needs integer layers, but every layer of this model is fp32 "
+                         "(train with --schedule static)")
+    if model.graph.opset < QDQ_MIN_OPSET:
+        raise ModelError(f"int8 export needs opset {QDQ_MIN_OPSET} or newer (per-channel DequantizeLinear); "
+                         f"the model has opset {model.graph.opset}")
+    proto = to_onnx(model)
+    g = proto.graph
+    pow2 = model.runtime.pow2_scales
+    by_output = {n.output[0]: n for n in g.node}
+    params = model.parameters()
+    graph_nodes = {n.name: n for n in model.graph.nodes}
+    before: dict[str, list[onnx.NodeProto]] = {}  # new nodes to insert before the node writing this output
+    done_weights: dict[str, str] = {}
+    for plan in plans:
+        out = graph_nodes[plan.name].outputs[0]
+        node = by_output[out]
+        added = before.setdefault(out, [])
+        scale = scale_from_range(plan.act_range, plan.act_bits, signed=not plan.act_unsigned, pow2=pow2)
+        s_name, z_name, q_name, dq_name = (plan.name + s for s in ACT_SUFFIXES)
+        zp_type = np.uint8 if plan.act_unsigned else np.int8
+        g.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32).reshape(()), s_name),
+                              numpy_helper.from_array(np.zeros((), zp_type), z_name)])
+        added.append(onnx.helper.make_node("QuantizeLinear", [node.input[0], s_name, z_name], [q_name],
+                                           name=plan.name + ".input_quantize"))
+        added.append(onnx.helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name],
+                                           name=plan.name + ".input_dequantize"))
+        node.input[0] = dq_name
+        w = node.input[1]
+        if w not in done_weights:
+            q, scales = _quantised_weight(params[w], plan.weight_bits, plan.weight_axis, pow2)
+            wq, ws, wz, wdq = (w + s for s in WEIGHT_SUFFIXES)
+            g.initializer.extend([numpy_helper.from_array(q, wq), numpy_helper.from_array(scales, ws),
+                                  numpy_helper.from_array(np.zeros(scales.shape, np.int8), wz)])
+            added.append(onnx.helper.make_node("DequantizeLinear", [wq, ws, wz], [wdq], axis=plan.weight_axis,
+                                               name=w + ".dequantize"))
+            done_weights[w] = wdq
+        node.input[1] = done_weights[w]
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        nodes.extend(before.get(n.output[0], []))
+        nodes.append(onnx.NodeProto())
+        nodes[-1].CopyFrom(n)  # the originals go with the del below
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_unused_initializers(g, set(done_weights))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _drop_unused_initializers(g: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the float copies of weights that are now read only as int8."""
+    read = {i for n in g.node for i in n.input}
+    unused = names - read
+    for field in (g.initializer, g.input):  # old exporters list initializers as inputs too
+        for i in reversed(range(len(field))):
+            if field[i].name in unused:
+                del field[i]
+
+
+def export_int8(model: Model, path: str | os.PathLike) -> None:
+    """Save the QDQ int8 model (to_onnx_int8) for onnxruntime."""
+    write_atomic(path, to_onnx_int8(model).SerializeToString())
+
+
+# -- checking an export ---------------------------------------------------------------------------
+def onnxruntime_outputs(path_or_proto: str | os.PathLike | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """First output of a model run by onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else os.fspath(path_or_proto)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def compare_with_engine(model: Model, path: str | os.PathLike, x: np.ndarray, *, int8: bool,
+                        batch_size: int = 256) -> dict[str, float]:
+    """Run an export in onnxruntime against the engine's eval forward of the same model.
+
+    A float export is compared with the engine in fp32 (the master weights), an int8 export with the
+    engine at the precision the model trained in. Returns max relative error and top-1 agreement.
+    """
+    saved = model.precision_config
+    try:
+        if not int8:
+            model.set_precision("fp32", pow2_scales=model.runtime.pow2_scales)
+        ours = np.concatenate([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        model.set_precision(saved, pow2_scales=model.runtime.pow2_scales)
+    theirs = onnxruntime_outputs(path, x)
+    return {"max_relative_error": float(np.abs(ours - theirs).max() / max(np.abs(ours).max(), 1e-30)),
+            "top1_agreement": float((ours.argmax(axis=1) == theirs.argmax(axis=1)).mean())}

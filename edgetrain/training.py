@@ -1,6 +1,8 @@
 """A minimal supervised loop (fixed steps, SGD, deterministic shuffling) and top-1 evaluation.
 
-The full Trainer (schedules, checkpoints, logs) builds on these two functions.
+Kept for scripts and the board workload, which need nothing more; `edgetrain.trainer.Trainer` is the
+full loop (schedules, precision control, evaluation, logs, checkpoints, resume). Both draw the same
+batches for a seed: `batches` here and `data.Loader` share the epoch permutation stream.
 """
 from __future__ import annotations
 
