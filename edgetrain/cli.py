@@ -76,6 +76,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
 
 
+def _str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="fine-tune an ONNX model on a data set, in fp32 or fixed point",
                        description="Fine-tune MODEL.onnx. Flags override the --config file; a run folder "
@@ -83,8 +87,8 @@ def _add_train(sub) -> None:
                        argument_default=argparse.SUPPRESS)
     t.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to train (or 'model' in the config file)")
     t.add_argument("--data", metavar="SPEC", help="data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE")
-    t.add_argument("--schedule", metavar="{fp32,static}", help="precision schedule: fp32 (default) or static (fixed FW/BW bits); "
-                                      "pfq, dfq, fractrain: not available yet")
+    t.add_argument("--schedule", metavar="{fp32,static,pfq}", help="precision schedule: fp32 (default), static (fixed "
+                                      "FW/BW bits) or pfq (bits rising in stages); dfq, fractrain: not available yet")
     t.add_argument("--bits", metavar="FW/BW", help="FW/BW bits of the static schedule, e.g. 8/8 (default) or 4/8:w6")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="training steps")
@@ -96,6 +100,15 @@ def _add_train(sub) -> None:
     t.add_argument("--momentum", type=POSITIVE_FLOAT, metavar="M", help="SGD momentum (default 0.9)")
     t.add_argument("--weight-decay", type=POSITIVE_FLOAT, metavar="WD", help="L2 (sgd, adam) or decoupled (adamw) weight decay")
     t.add_argument("--lr-schedule", metavar="{constant,step,cosine}", help="constant (default), step or cosine")
+    p = t.add_argument_group("pfq", "progressive fractional quantisation (--schedule pfq); defaults are FracTrain's")
+    p.add_argument("--pfq-stages", type=_str_list, metavar="FW/BW,...", help="stages, default 3/6,4/6,6/8,8/8")
+    p.add_argument("--pfq-switch-steps", type=_int_list, metavar="S1,S2,...", help="switch at these steps (manual mode)")
+    p.add_argument("--pfq-period", type=POSITIVE_INT, metavar="N", help="steps per loss period of the turning-point rule (400)")
+    p.add_argument("--pfq-eps", type=POSITIVE_FLOAT, metavar="EPS", help="flatness threshold (0.05)")
+    p.add_argument("--pfq-alpha", type=POSITIVE_FLOAT, metavar="A", help="eps shrinks by this factor per switch (0.3)")
+    p.add_argument("--pfq-window", type=POSITIVE_INT, metavar="N", help="periods compared (5)")
+    p.add_argument("--pfq-normaliser-periods", type=POSITIVE_INT, metavar="N", help="periods the normaliser averages (10)")
+    p.add_argument("--pfq-alpha-delay", type=NON_NEGATIVE_INT, metavar="N", help="switches before alpha applies (2)")
     t.add_argument("--lr-milestones", type=_int_list, metavar="S1,S2", help="steps where --lr-schedule step decays, e.g. 300,450")
     t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, metavar="N", help="linear learning-rate warm-up steps (default 0)")
     t.add_argument("--eval-every", type=POSITIVE_INT, metavar="N", help="evaluate on the test split every N steps "

@@ -38,8 +38,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli install
         tomllib = None  # type: ignore[assignment]
 
 CONFIG_JSON = "config.json"
-SCHEDULES_NOW = ("fp32", "static")
-SCHEDULES_LATER = ("pfq", "dfq", "fractrain")  # FracTrain's precision controllers, not built yet
+SCHEDULES_NOW = ("fp32", "static", "pfq")
+SCHEDULES_LATER = ("dfq", "fractrain")  # FracTrain's per-input precision controllers, not built yet
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_STATIC_BITS = "8/8"
@@ -89,6 +89,15 @@ class TrainConfig:
     quantize_classifier: bool = False
     pow2_scales: bool = False
     precision_overrides: dict[str, str] = field(default_factory=dict)
+    # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/pfq.py
+    pfq_stages: list[str] | None = None
+    pfq_period: int = 400
+    pfq_switch_steps: list[int] | None = None
+    pfq_eps: float = 0.05
+    pfq_alpha: float = 0.3
+    pfq_window: int = 5
+    pfq_normaliser_periods: int = 10
+    pfq_alpha_delay: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -97,6 +106,8 @@ class TrainConfig:
     @property
     def precision_spec(self) -> str:
         """The default precision of the run's MAC layers ("fp32" or FW/BW bits)."""
+        if self.schedule == "pfq":
+            return (self.pfq_stages or ["3/6"])[0]
         return "fp32" if self.schedule == "fp32" else (self.bits or DEFAULT_STATIC_BITS)
 
 
@@ -105,11 +116,12 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _KIND: dict[str, tuple[str, ...]] = {
     "str": ("model", "data", "schedule", "bits", "optimizer", "lr_schedule", "out"),
     "int": ("steps", "epochs", "batch_size", "seed", "warmup_steps", "eval_every", "checkpoint_every", "keep",
-            "train_last", "num_classes"),
-    "float": ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing", "val_fraction"),
+            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_delay"),
+    "float": ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing", "val_fraction",
+              "pfq_eps", "pfq_alpha"),
     "bool": ("bias_only", "freeze_bn", "augment", "quantize_classifier", "pow2_scales"),
-    "str_list": ("freeze",),
-    "int_list": ("lr_milestones",),
+    "str_list": ("freeze", "pfq_stages"),
+    "int_list": ("lr_milestones", "pfq_switch_steps"),
     "str_table": ("precision_overrides",),
 }
 KIND_OF = {key: kind for kind, keys in _KIND.items() for key in keys}
@@ -210,11 +222,13 @@ def _positive(key: str, value: int | None) -> None:
 def validate(c: TrainConfig) -> None:
     """Refuse values no run can use, each with one line naming the key."""
     if c.schedule in SCHEDULES_LATER:
-        raise EdgetrainError(f"schedule '{c.schedule}' is not available yet (FracTrain's PFQ/DFQ precision "
+        raise EdgetrainError(f"schedule '{c.schedule}' is not available yet (FracTrain's DFQ precision "
                              f"controllers come next); use: {', '.join(SCHEDULES_NOW)}")
     if c.schedule not in SCHEDULES_NOW:
         raise EdgetrainError(f"unknown schedule '{c.schedule}'; valid: {', '.join(SCHEDULES_NOW)} "
                              f"({', '.join(SCHEDULES_LATER)} not available yet)")
+    if c.schedule == "pfq" and c.bits is not None:
+        raise EdgetrainError(f"bits '{c.bits}': pfq's stages set the bits (--pfq-stages, e.g. 3/6,4/6,6/8,8/8)")
     if c.bits is not None and c.schedule == "fp32":
         raise EdgetrainError(f"bits '{c.bits}' need --schedule static (fp32 trains every layer in float)")
     if c.bits is not None and parse_precision(c.bits).is_float:

@@ -57,6 +57,15 @@ def make_controller(config: TrainConfig) -> PrecisionController:
     """The controller a config's schedule names."""
     if config.schedule in SCHEDULES_LATER:
         raise EdgetrainError(f"schedule '{config.schedule}' is not available yet")
+    if config.schedule == "pfq":
+        from .pfq import DEFAULT_STAGES, PFQController
+
+        if config.precision_overrides:
+            raise EdgetrainError("pfq moves every quantised layer together: precision overrides are not supported with it")
+        return PFQController(stages=tuple(config.pfq_stages or DEFAULT_STAGES), period_steps=config.pfq_period,
+                             switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
+                             eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
+                             normaliser_periods=config.pfq_normaliser_periods, alpha_delay=config.pfq_alpha_delay)
     if not config.precision_overrides:
         return FixedController(config.precision_spec)
     return FixedController({"default": config.precision_spec, "overrides": dict(config.precision_overrides)})

@@ -248,7 +248,10 @@ def bad_inputs(tmp: Path, runs) -> dict:
         "steps not a number": ([*train, "--steps", "ten"], ["--steps", "expected a positive integer", "'ten'"]),
         "steps zero": ([*train, "--steps", "0"], ["--steps", "expected a positive integer"]),
         "steps and epochs": ([*train, "--steps", "3", "--epochs", "1"], ["--epochs", "not allowed with"]),
-        "pfq not yet": ([*train, "--schedule", "pfq"], ["schedule 'pfq' is not available yet"]),
+        "dfq not yet": ([*train, "--schedule", "dfq"], ["schedule 'dfq' is not available yet"]),
+        "pfq with bits": ([*train, "--schedule", "pfq", "--bits", "8/8"], ["pfq's stages set the bits"]),
+        "pfq bad stage": ([*train, "--schedule", "pfq", "--pfq-stages", "3/6,9x"], ["precision '9x'"]),
+        "pfq bad switches": ([*train, "--schedule", "pfq", "--pfq-switch-steps", "9,3,5"], ["increasing switch steps"]),
         "fractrain not yet": ([*train, "--schedule", "fractrain"], ["'fractrain' is not available yet"]),
         "unknown schedule": ([*train, "--schedule", "fast"], ["unknown schedule 'fast'", "fp32, static"]),
         "bits with fp32": ([*train, "--bits", "8/8"], ["need --schedule static"]),
@@ -303,5 +306,36 @@ def test_bad_inputs_give_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch
 def test_a_bad_input_from_the_real_command_line(work):
     r = cli("train", MODEL, "--data", "digits", "--schedule", "dfq", cwd=work, check=False)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
-    assert r.stderr.strip() == ("edgetrain: error: schedule 'dfq' is not available yet (FracTrain's PFQ/DFQ "
-                                "precision controllers come next); use: fp32, static")
+    assert r.stderr.strip() == ("edgetrain: error: schedule 'dfq' is not available yet (FracTrain's DFQ "
+                                "precision controllers come next); use: fp32, static, pfq")
+
+
+def test_train_pfq_switches_stages_and_resumes_bit_for_bit(tmp_path):
+    """--schedule pfq: the log shows every stage in order, BitOPs fall below static 8/8, resume is exact."""
+    import json
+
+    model = tmp_path / "lenet5.onnx"
+    models.save_model(models.build_model("lenet5"), model)
+    pfq = ["--schedule", "pfq", "--pfq-switch-steps", "4,8,12", "--checkpoint-every", "6"]
+    full = json.loads(cli("train", model, *COMMON, "--steps", "16", *pfq, "--out", tmp_path / "a", "--json",
+                          cwd=tmp_path).stdout)
+    steps = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    seen = []
+    for s in steps:
+        p = s.get("precision")
+        if p and "3/6" in p and "3/6" not in seen:
+            seen.append("3/6")
+        for stage in ("4/6", "6/8", "8/8"):
+            if p and stage in p and stage not in seen:
+                seen.append(stage)
+    assert seen == ["3/6", "4/6", "6/8", "8/8"]
+    static = json.loads(cli("train", model, *COMMON, "--steps", "16", "--schedule", "static", "--out",
+                            tmp_path / "s", "--json", cwd=tmp_path).stdout)
+    key = next(k for k in full if "percent" in k)
+    assert full[key] < static[key]
+    # interrupted after the checkpoint at step 6, resumed to 16: the same weights
+    cli("train", model, *COMMON, "--steps", "6", *pfq, "--out", tmp_path / "b", cwd=tmp_path)
+    cli("train", model, *COMMON, "--steps", "16", *pfq, "--out", tmp_path / "b", "--resume", cwd=tmp_path)
+    from edgetrain.checkpoint import find_latest
+
+    assert_same(tensors(find_latest(tmp_path / "a").path), tensors(find_latest(tmp_path / "b").path))
