@@ -148,6 +148,14 @@ def _add_eval_export(sub) -> None:
     x.set_defaults(func=_cmd_export)
 
 
+def _cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = _Parser(prog="edgetrain", description="Fine-tune ONNX models on small devices.")
@@ -164,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     _add_train(sub)
     _add_eval_export(sub)
+    plot = sub.add_parser("plot", help="PNG figures of a training run: loss, accuracy, bit-widths, per-layer precision")
+    plot.add_argument("run", metavar="RUN_DIR", help="a folder written by edgetrain train")
+    plot.add_argument("--out", default=None, help="folder for the PNG files (default: the run folder)")
+    plot.set_defaults(func=_cmd_plot)
     from firmware_bridge.cli import add_profile_command
 
     add_profile_command(sub)

@@ -29,6 +29,9 @@ class RunLog:
             write_atomic(self.path, b"")
         else:
             self._truncate_after(resume_step)
+        # The per-layer precision last written: "layers" entries appear only when it changes.
+        self.last_layers: dict[str, str] | None = next(
+            (e["layers"] for e in reversed(self.kept) if e.get("type") == "layers"), None)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _truncate_after(self, step: int) -> None:

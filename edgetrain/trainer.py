@@ -328,6 +328,10 @@ class Trainer:
 
     def _log_step(self, log: RunLog, loss: float) -> None:
         cost = self.model.cost
+        layers = {name: str(p) for name, p in self.model.precision.items()}
+        if layers != log.last_layers:  # every layer's bits, whenever they change (edgetrain plot reads it)
+            log.write({"type": "layers", "step": self.step, "layers": layers})
+            log.last_layers = layers
         log.write({"type": "step", "step": self.step, "loss": loss, "lr": self.optimizer.lr,
                    "precision": precision_summary(self.model.precision),
                    "bitops": sum(c.total for c in cost.last_step.values()),
