@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from .errors import EdgetrainError
 
 EXIT_USER_ERROR = 2
@@ -51,22 +52,6 @@ def _cmd_export(args) -> int:
     return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json)
 
 
-def _typed(kind: type, low: float | None = None, what: str = ""):
-    """An argparse type: kind(text), at least `low`; the message names what was expected."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if low is not None and not value >= low:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-POSITIVE_INT = _typed(int, 1, "a positive integer")
-NON_NEGATIVE_INT = _typed(int, 0, "an integer >= 0")
-POSITIVE_FLOAT = _typed(float, 0.0, "a number >= 0")
 
 
 def _int_list(text: str) -> list[int]:
@@ -96,16 +81,16 @@ def _add_train(sub) -> None:
     t.add_argument("--batch-size", type=POSITIVE_INT, metavar="N", help="default 64")
     t.add_argument("--seed", type=NON_NEGATIVE_INT, metavar="S", help="seeds data order, augmentation, rounding (default 0)")
     t.add_argument("--optimizer", metavar="{sgd,adam,adamw}", help="sgd (default), adam or adamw")
-    t.add_argument("--lr", type=POSITIVE_FLOAT, metavar="LR", help="learning rate (default 0.01)")
-    t.add_argument("--momentum", type=POSITIVE_FLOAT, metavar="M", help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=POSITIVE_FLOAT, metavar="WD", help="L2 (sgd, adam) or decoupled (adamw) weight decay")
+    t.add_argument("--lr", type=NON_NEGATIVE_FLOAT, metavar="LR", help="learning rate (default 0.01)")
+    t.add_argument("--momentum", type=NON_NEGATIVE_FLOAT, metavar="M", help="SGD momentum (default 0.9)")
+    t.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, metavar="WD", help="L2 (sgd, adam) or decoupled (adamw) weight decay")
     t.add_argument("--lr-schedule", metavar="{constant,step,cosine}", help="constant (default), step or cosine")
     p = t.add_argument_group("pfq", "progressive fractional quantisation (--schedule pfq); defaults are FracTrain's")
     p.add_argument("--pfq-stages", type=_str_list, metavar="FW/BW,...", help="stages, default 3/6,4/6,6/8,8/8")
     p.add_argument("--pfq-switch-steps", type=_int_list, metavar="S1,S2,...", help="switch at these steps (manual mode)")
     p.add_argument("--pfq-period", type=POSITIVE_INT, metavar="N", help="steps per loss period of the turning-point rule (400)")
-    p.add_argument("--pfq-eps", type=POSITIVE_FLOAT, metavar="EPS", help="flatness threshold (0.05)")
-    p.add_argument("--pfq-alpha", type=POSITIVE_FLOAT, metavar="A", help="eps shrinks by this factor per switch (0.3)")
+    p.add_argument("--pfq-eps", type=NON_NEGATIVE_FLOAT, metavar="EPS", help="flatness threshold (0.05)")
+    p.add_argument("--pfq-alpha", type=NON_NEGATIVE_FLOAT, metavar="A", help="eps shrinks by this factor per switch (0.3)")
     p.add_argument("--pfq-window", type=POSITIVE_INT, metavar="N", help="periods compared (5)")
     p.add_argument("--pfq-normaliser-periods", type=POSITIVE_INT, metavar="N", help="periods the normaliser averages (10)")
     p.add_argument("--pfq-alpha-delay", type=NON_NEGATIVE_INT, metavar="N", help="switches before alpha applies (2)")

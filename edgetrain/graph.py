@@ -1,7 +1,7 @@
 """The trainable graph: nodes in execution order, parameters, buffers and constants by name."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,21 +44,7 @@ class Graph:
     opset: int
     source: str = "<memory>"
     producer: str = ""
-    value_shapes: dict[str, tuple] = field(default_factory=dict)  # from ONNX shape inference
     original: Any = None  # the ModelProto as the user gave it, for export
-
-    def state_names(self) -> set[str]:
-        """Names of every value that is not computed by a node."""
-        return set(self.params) | set(self.buffers) | set(self.constants)
-
-    def consumers(self) -> dict[str, list[Node]]:
-        """Map each value name to the nodes that read it."""
-        out: dict[str, list[Node]] = {}
-        for node in self.nodes:
-            for name in node.inputs:
-                if name:
-                    out.setdefault(name, []).append(node)
-        return out
 
     def producer_of(self) -> dict[str, Node]:
         """Map each computed value name to the node that writes it."""

@@ -5,7 +5,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .layers import classifier_nodes, default_quantised
+from .layers import classifier_nodes, mac_nodes
+from .precision import PrecisionConfig
+from .qops import integer_form
 from .model import Model
 
 
@@ -18,7 +20,7 @@ class LayerInfo:
     output_shape: list
     params: int
     macs: int  # per sample
-    precision: str  # "int" (quantised by default), "fp32 (classifier)", or "-" for ops without MACs
+    precision: str  # "int" (quantised by default), "fp32 (classifier)", "fp32", or "-" for ops without MACs
 
 
 def _pretty(shape) -> str:
@@ -34,15 +36,19 @@ def summarize(model: Model) -> dict:
         dtype = np.float32 if vi.elem_type == 1 else np.int64
         feeds[vi.name] = np.zeros(shape, dtype=dtype)
     env, _ = model.executor.forward(model._feeds(feeds), model._state(), training=False)
-    quantised = {n.name for n in default_quantised(graph)}
+    # The plan set_precision("8/8") would follow: its defaults, and only layers an integer kernel can run.
+    plan = PrecisionConfig.make("8/8").resolve(graph)
+    quantised = {n.name for n in mac_nodes(graph) if not plan[n.name].is_float and integer_form(n, graph.params)}
     classifier = {n.name for n in classifier_nodes(graph)}
+    macs = {n.name for n in mac_nodes(graph)}
     layers = []
     batch_free = {vi.name for vi in graph.inputs if vi.shape and vi.shape[0] is None}
     for node in graph.nodes:
         in_shapes = [env[i].shape if i else () for i in node.inputs]
         out_shapes = [env[o].shape for o in node.outputs if o]
         params = sum(int(np.prod(graph.params[i].shape)) for i in node.inputs if i in graph.params)
-        precision = "int" if node.name in quantised else "fp32 (classifier)" if node.name in classifier else "-"
+        precision = ("int" if node.name in quantised else "fp32 (classifier)" if node.name in classifier
+                     else "fp32" if node.name in macs else "-")
         shape = list(out_shapes[0]) if out_shapes else []
         if batch_free and shape:
             shape[0] = None

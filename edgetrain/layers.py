@@ -1,4 +1,5 @@
-"""Which nodes do MAC work, and which of those the integer engine quantises by default."""
+"""Graph facts the precision machinery needs: which nodes do MAC work, which of them is the classifier,
+and which values can never be negative."""
 from __future__ import annotations
 
 from .graph import Graph, Node
@@ -31,12 +32,6 @@ def classifier_nodes(graph: Graph) -> list[Node]:
             continue
         stack.extend(i for i in node.inputs if i)
     return [n for n in graph.nodes if n.name in found]
-
-
-def default_quantised(graph: Graph) -> list[Node]:
-    """MAC layers the integer engine runs in fixed point unless configured otherwise."""
-    keep_float = {n.name for n in classifier_nodes(graph)}
-    return [n for n in mac_nodes(graph) if n.name not in keep_float]
 
 
 # Ops whose output is non-negative whenever every data input is (pooling and reshaping move values,

@@ -14,7 +14,9 @@ from .graph import Graph
 from .layers import mac_nodes, non_negative_values
 from .losses import LOSSES, softmax_cross_entropy
 from .onnx_import import load_graph
+from .ops.norm import BatchNormalization
 from .precision import FP32, LayerPrecision, PrecisionConfig
+from .qops import QuantMAC, QuantRuntime, integer_form
 
 
 class Model:
@@ -36,8 +38,6 @@ class Model:
         self.precision_config = PrecisionConfig()
         self.cost = CostMeter()
         self.last_cost: dict[str, LayerCost] = {}
-        from .qops import QuantRuntime  # the integer path loads its kernels only when first used
-
         self.runtime = QuantRuntime(seed=seed)
 
     # -- introspection --------------------------------------------------------------------------
@@ -92,8 +92,6 @@ class Model:
         Layers the integer kernels cannot run (1-D/3-D convs, transposed Gemm inputs) stay fp32.
         Returns the precision now in force, by layer.
         """
-        from .qops import integer_form
-
         config = default if isinstance(default, PrecisionConfig) else PrecisionConfig.make(
             default, overrides, quantize_classifier)
         resolved = config.resolve(self.graph)
@@ -115,9 +113,6 @@ class Model:
 
     def _place_batchnorms(self) -> None:
         """BatchNorms right after an integer layer get this model's own parallel instance."""
-        from .ops.norm import BatchNormalization
-        from .qops import QuantMAC
-
         producer = self.graph.producer_of()
         for node in self.graph.nodes:
             if node.op_type != "BatchNormalization":
@@ -206,8 +201,8 @@ class Model:
             for name, arr in tape.buffer_updates.items():
                 if name in self._buffers:
                     self._buffers[name][...] = arr
-        zeros = lambda p: np.zeros_like(p)
-        return value, {name: grads.get(name, None) if name in grads else zeros(p) for name, p in self._params.items()}
+        # A parameter the loss does not reach (a frozen branch) gets an explicit zero gradient.
+        return value, {name: grads[name] if name in grads else np.zeros_like(p) for name, p in self._params.items()}
 
 
 def load(path: str | os.PathLike | onnx.ModelProto, dtype=np.float32, seed: int = 0) -> Model:

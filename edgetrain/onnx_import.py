@@ -111,7 +111,7 @@ class Importer:
         return Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
                      constants=self.constants, opset=self.opset, source=self.where,
                      producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
-                     value_shapes=self.shapes, original=self.original)
+                     original=self.original)
 
     # -- validation --------------------------------------------------------------------------
     def _opset(self) -> int:
@@ -283,8 +283,9 @@ class Importer:
         kept = []
         for n in g.node:
             value = None
-            if n.op_type == "Shape" and self._static_shape(n.input[0]) is not None:
-                shape = np.array(self._static_shape(n.input[0]), dtype=np.int64)
+            static = self._static_shape(n.input[0]) if n.op_type == "Shape" else None
+            if static is not None:
+                shape = np.array(static, dtype=np.int64)
                 a = _attrs(n)
                 value = [shape[a.get("start", 0):a.get("end", None)]]
             elif n.op_type not in NONDETERMINISTIC and all(not i or i in self.constants for i in n.input):

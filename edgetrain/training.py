@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from .data.loader import epoch_permutation
 from .model import Model
 from .optim import Optimizer
 
@@ -19,7 +20,7 @@ def batches(n: int, batch_size: int, seed: int):
     """Endless minibatch index arrays: a fresh permutation per epoch, from the seed alone."""
     epoch = 0
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
+        order = epoch_permutation(n, seed, epoch)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start:start + batch_size]
         epoch += 1

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY
+
 from .frame import encode_frame
 from .link import DEFAULT_CHUNK_SIZE, Link
 from .messages import MsgType, chunk_blob, encode_payload
@@ -92,13 +94,13 @@ def run(
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baud", type=int, default=DEFAULT_BAUD)
-    parser.add_argument("--size", type=int, default=1_000_000)
-    parser.add_argument("--window", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--corrupt", type=float, default=0.0, help="per-byte corruption probability")
-    parser.add_argument("--drop", type=float, default=0.0, help="per-byte drop probability")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baud", type=POSITIVE_INT, default=DEFAULT_BAUD)
+    parser.add_argument("--size", type=POSITIVE_INT, default=1_000_000)
+    parser.add_argument("--window", type=POSITIVE_INT, default=8)
+    parser.add_argument("--chunk-size", type=POSITIVE_INT, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--corrupt", type=PROBABILITY, default=0.0, help="per-byte corruption probability")
+    parser.add_argument("--drop", type=PROBABILITY, default=0.0, help="per-byte drop probability")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     args = parser.parse_args()
     result = run(
         baud=args.baud,

@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECONDS, PROBABILITY
+
 
 from .host import DEFAULT_BATCH, DEFAULT_STEPS, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP, ProfileRequest, prepare, profile
 from .profile_errors import BoardUnreachable, ProfileError
@@ -33,46 +35,6 @@ EXIT_DIGESTS_DIFFER = 1
 LOG_TAIL_LINES = 3
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return value
-
-
 def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     """Add `profile` to an argparse subparsers object; its `func(args)` returns the exit status."""
     parser = subparsers.add_parser(
@@ -83,29 +45,29 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="an ONNX file")
     parser.add_argument("--port", help="the board's serial device (/dev/ttyUSB0, COM3) or any pyserial URL")
-    parser.add_argument("--baud", type=_positive_int, default=DEFAULT_BAUD, help=f"line rate (default {DEFAULT_BAUD})")
-    parser.add_argument("--batch-size", type=_positive_int, help=f"samples per step (default {DEFAULT_BATCH})")
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--baud", type=POSITIVE_INT, default=DEFAULT_BAUD, help=f"line rate (default {DEFAULT_BAUD})")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, help=f"samples per step (default {DEFAULT_BATCH})")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})")
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=DEFAULT_WARMUP, help=f"untimed steps first (default {DEFAULT_WARMUP})"
+        "--warmup", type=NON_NEGATIVE_INT, default=DEFAULT_WARMUP, help=f"untimed steps first (default {DEFAULT_WARMUP})"
     )
     parser.add_argument("--precision", default=PRECISION_FP32, help="fp32, or an integer-engine spec such as 8/8")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seeds weights' data stream and labels")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights' data stream and labels")
     parser.add_argument("--data", help="train on arrays x and y of this .npz instead of synthetic data")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     parser.add_argument("--json", action="store_true", help="print the report as JSON, no progress bars")
     parser.add_argument("--latency-table", metavar="FILE", help="also write/update a per-layer latency table (JSON)")
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=POSITIVE_SECONDS,
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds of silence before the board counts as gone (default {DEFAULT_TIMEOUT_S:g})",
     )
     sim = parser.add_argument_group("simulated board (no hardware)")
     sim.add_argument("--simulate", action="store_true", help="run the agent here, on a pseudo-terminal")
-    sim.add_argument("--sim-corrupt", type=_rate, default=0.0, metavar="RATE", help="per-byte corruption probability")
-    sim.add_argument("--sim-drop", type=_rate, default=0.0, metavar="RATE", help="per-byte drop probability")
-    sim.add_argument("--sim-baud", type=_positive_int, metavar="N", help="pace the simulated line at N baud")
+    sim.add_argument("--sim-corrupt", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte corruption probability")
+    sim.add_argument("--sim-drop", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte drop probability")
+    sim.add_argument("--sim-baud", type=POSITIVE_INT, metavar="N", help="pace the simulated line at N baud")
     sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
     parser.set_defaults(func=run_profile_command)
     return parser

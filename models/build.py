@@ -11,6 +11,8 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
+from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
+
 from . import BUILDERS, build_model, save_model
 
 PROG = "python -m models.build"
@@ -28,33 +30,16 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def make_parser() -> argparse.ArgumentParser:
     """Return the argument parser for the build CLI."""
     parser = _OneLineParser(prog=PROG, description="Write edgetrain reference models as ONNX.")
     parser.add_argument("name", nargs="?", metavar="NAME", help=f"model to build: {', '.join(BUILDERS)}")
     parser.add_argument("--out", metavar="FILE", help="output .onnx path (with NAME)")
     parser.add_argument("--all", metavar="DIR", dest="all_dir", help="write every model with defaults into DIR")
-    parser.add_argument("--num-classes", type=_positive_int)
-    parser.add_argument("--in-channels", type=_positive_int)
-    parser.add_argument("--input-size", type=_positive_int)
-    parser.add_argument("--seed", type=_non_negative_int)
+    parser.add_argument("--num-classes", type=POSITIVE_INT)
+    parser.add_argument("--in-channels", type=POSITIVE_INT)
+    parser.add_argument("--input-size", type=POSITIVE_INT)
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT)
     return parser
 
 

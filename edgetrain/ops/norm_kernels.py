@@ -1,4 +1,4 @@
-"""One-pass Numba loops for BatchNorm's training forward and backward, and integer->float rescaling.
+"""One-pass Numba loops: BatchNorm's training forward and backward, integer->float rescaling, ReLU backward.
 
 NumPy needs several passes and temporaries per BatchNorm (mean, centred copy, variance, normalised
 copy, output); these do each job in one or two sweeps per channel. Sums accumulate in float64, and

@@ -1,0 +1,33 @@
+"""argparse value types shared by every edgetrain command line: a number in a range, or a clear refusal."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def bounded(kind: type, what: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: kind(text) within [low, high] (open ends where asked); the message says `what`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = not math.isnan(value)
+        if low is not None:
+            ok = ok and (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = bounded(int, "a positive integer", low=1)
+NON_NEGATIVE_INT = bounded(int, "an integer >= 0", low=0)
+NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
+POSITIVE_SECONDS = bounded(float, "a positive number of seconds", low=0.0, low_open=True, high=math.inf,
+                           high_open=True)
+PROBABILITY = bounded(float, "a probability in [0, 1)", low=0.0, high=1.0, high_open=True)
