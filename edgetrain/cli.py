@@ -17,10 +17,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_info(args) -> int:
+    from .commands import is_checkpoint, warn
     from .info import format_table, summarize
     from .model import load
 
-    summary = summarize(load(args.model))
+    if is_checkpoint(args.model):
+        from .runstate import open_checkpoint, restore_run
+
+        run = restore_run(open_checkpoint(args.model, warn))
+        summary = summarize(run.model)
+        summary["checkpoint"] = {"path": str(run.checkpoint.path), "step": run.checkpoint.step,
+                                 "schedule": run.config.schedule}
+    else:
+        summary = summarize(load(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     return 0
 
@@ -49,7 +58,7 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from .commands import run_export
 
-    return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json)
+    return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits)
 
 
 
@@ -59,6 +68,13 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _str_list(text: str) -> list[str]:
@@ -72,8 +88,9 @@ def _add_train(sub) -> None:
                        argument_default=argparse.SUPPRESS)
     t.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to train (or 'model' in the config file)")
     t.add_argument("--data", metavar="SPEC", help="data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE")
-    t.add_argument("--schedule", metavar="{fp32,static,pfq}", help="precision schedule: fp32 (default), static (fixed "
-                                      "FW/BW bits) or pfq (bits rising in stages); dfq, fractrain: not available yet")
+    t.add_argument("--schedule", metavar="{fp32,static,pfq,dfq,fractrain}",
+                   help="precision schedule: fp32 (default), static (fixed FW/BW bits), pfq (bits rising in stages), "
+                        "dfq (per-sample gates choose each block's bits or skip it) or fractrain (pfq driving dfq)")
     t.add_argument("--bits", metavar="FW/BW", help="FW/BW bits of the static schedule, e.g. 8/8 (default) or 4/8:w6")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="training steps")
@@ -94,6 +111,18 @@ def _add_train(sub) -> None:
     p.add_argument("--pfq-window", type=POSITIVE_INT, metavar="N", help="periods compared (5)")
     p.add_argument("--pfq-normaliser-periods", type=POSITIVE_INT, metavar="N", help="periods the normaliser averages (10)")
     p.add_argument("--pfq-alpha-delay", type=NON_NEGATIVE_INT, metavar="N", help="switches before alpha applies (2)")
+    d = t.add_argument_group("dfq", "dynamic fractional quantisation (--schedule dfq, fractrain); defaults are FracTrain's")
+    d.add_argument("--dfq-candidates", type=_str_list, metavar="FW/BW,...",
+                   help="the gates' choices, 0 = skip the block (default 0,3/6,4/6,4/8,6/8,6/12)")
+    d.add_argument("--dfq-weight-bits", type=POSITIVE_INT, metavar="W", help="weight bits of gated layers (4)")
+    d.add_argument("--dfq-target", type=NON_NEGATIVE_FLOAT, metavar="PCT",
+                   help="cost target of --schedule dfq: percent of the gated layers' fp32 training cost (3.0)")
+    d.add_argument("--dfq-beta", type=NON_NEGATIVE_FLOAT, metavar="B", help="weight of the cost regulariser (0.001)")
+    d.add_argument("--dfq-ungated", metavar="FW/BW", help="bits of the layers no gate controls: stem, shortcuts (8/8)")
+    d.add_argument("--dfq-cost-table", metavar="FILE.json",
+                   help="measured per-layer latencies (edgetrain profile --latency-table) as the cost instead of BitOPs")
+    d.add_argument("--fractrain-targets", type=_float_list, metavar="PCT,...",
+                   help="the targets the pfq indicator steps through (default 1.5,2.0,2.5,3.0)")
     t.add_argument("--lr-milestones", type=_int_list, metavar="S1,S2", help="steps where --lr-schedule step decays, e.g. 300,450")
     t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, metavar="N", help="linear learning-rate warm-up steps (default 0)")
     t.add_argument("--eval-every", type=POSITIVE_INT, metavar="N", help="evaluate on the test split every N steps "
@@ -129,6 +158,8 @@ def _add_eval_export(sub) -> None:
     x.add_argument("--out", required=True, metavar="FILE", help="the ONNX file to write")
     x.add_argument("--int8", action="store_true", help="QuantizeLinear/DequantizeLinear around the integer "
                                                        "layers, int8 weights (onnxruntime integer inference)")
+    x.add_argument("--gated-bits", metavar="FW/BW", help="dfq/fractrain runs: the candidate the int8 backbone's gated "
+                                                         "layers are written at (default: the most precise)")
     x.add_argument("--json", action="store_true", help="machine-readable output")
     x.set_defaults(func=_cmd_export)
 
@@ -145,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = _Parser(prog="edgetrain", description="Fine-tune ONNX models on small devices.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    info = sub.add_parser("info", help="layers, shapes, parameters, MACs and the quantisation plan of a model")
-    info.add_argument("model", help="an ONNX file")
+    info = sub.add_parser("info", help="layers, shapes, parameters, MACs, the quantisation plan and DFQ's units "
+                                       "of a model (or of a trained checkpoint, with its gates)")
+    info.add_argument("model", help="an ONNX file, a checkpoint file or a run folder")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
     demo = sub.add_parser("demo", help="fine-tune the shipped model on the shipped digits")

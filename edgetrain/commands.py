@@ -149,9 +149,11 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     return 0
 
 
-def run_export(target: str, *, out: str, int8: bool, as_json: bool) -> int:
-    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file."""
+def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None) -> int:
+    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
+    (and, for a DFQ run, its gates as OUT.gates.onnx)."""
     from .export import export_int8, export_onnx
+    from .gate_export import export_gates, gates_path
     from .runstate import open_checkpoint, restore_run
 
     if not is_checkpoint(target):
@@ -161,11 +163,22 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool) -> int:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise EdgetrainError(f"{out}: folder {folder} does not exist")
-    (export_int8 if int8 else export_onnx)(run.model, out)
+    if gated_bits is not None and (run.model.dfq is None or not int8):
+        raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
+    if int8:
+        export_int8(run.model, out, gated_bits)
+    else:
+        export_onnx(run.model, out)
     summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
                "format": "int8-qdq" if int8 else "float"}
+    if run.model.dfq is not None:
+        summary["gates"] = gates_path(out)
+        export_gates(run.model, summary["gates"])
+        if int8:
+            summary["gated_bits"] = gated_bits or run.model.dfq.most_precise()
     print(json.dumps(summary, indent=2) if as_json else
-          f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})")
+          f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})"
+          + (f"; gates: {summary['gates']}" if "gates" in summary else ""))
     return 0
 
 

@@ -38,8 +38,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with tomli install
         tomllib = None  # type: ignore[assignment]
 
 CONFIG_JSON = "config.json"
-SCHEDULES_NOW = ("fp32", "static", "pfq")
-SCHEDULES_LATER = ("dfq", "fractrain")  # FracTrain's per-input precision controllers, not built yet
+SCHEDULES = ("fp32", "static", "pfq", "dfq", "fractrain")
+DYNAMIC_SCHEDULES = ("dfq", "fractrain")  # gates choose each sample's precision per block
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 DEFAULT_STATIC_BITS = "8/8"
@@ -98,6 +98,15 @@ class TrainConfig:
     pfq_window: int = 5
     pfq_normaliser_periods: int = 10
     pfq_alpha_delay: int = 2
+    # DFQ (--schedule dfq, fractrain): defaults are FracTrain's CIFAR ones, see edgetrain/dfq.py
+    dfq_candidates: list[str] | None = None
+    dfq_weight_bits: int = 4
+    dfq_target: float = 3.0
+    dfq_beta: float = 1e-3
+    dfq_ungated: str = "8/8"
+    dfq_cost_table: str | None = None
+    # FracTrain (--schedule fractrain): the PFQ indicator (pfq_period, pfq_eps, ...) steps these DFQ targets
+    fractrain_targets: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -108,19 +117,23 @@ class TrainConfig:
         """The default precision of the run's MAC layers ("fp32" or FW/BW bits)."""
         if self.schedule == "pfq":
             return (self.pfq_stages or ["3/6"])[0]
+        if self.schedule in DYNAMIC_SCHEDULES:
+            return self.dfq_ungated
         return "fp32" if self.schedule == "fp32" else (self.bits or DEFAULT_STATIC_BITS)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # The type each key must have in a TOML file or a stored config (flags are typed by argparse already).
 _KIND: dict[str, tuple[str, ...]] = {
-    "str": ("model", "data", "schedule", "bits", "optimizer", "lr_schedule", "out"),
+    "str": ("model", "data", "schedule", "bits", "optimizer", "lr_schedule", "out", "dfq_ungated", "dfq_cost_table"),
     "int": ("steps", "epochs", "batch_size", "seed", "warmup_steps", "eval_every", "checkpoint_every", "keep",
-            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_delay"),
+            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_delay",
+            "dfq_weight_bits"),
     "float": ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing", "val_fraction",
-              "pfq_eps", "pfq_alpha"),
+              "pfq_eps", "pfq_alpha", "dfq_target", "dfq_beta"),
     "bool": ("bias_only", "freeze_bn", "augment", "quantize_classifier", "pow2_scales"),
-    "str_list": ("freeze", "pfq_stages"),
+    "str_list": ("freeze", "pfq_stages", "dfq_candidates"),
+    "float_list": ("fractrain_targets",),
     "int_list": ("lr_milestones", "pfq_switch_steps"),
     "str_table": ("precision_overrides",),
 }
@@ -154,11 +167,14 @@ def check_value(where: str, key: str, value: Any) -> Any:
         return list(value)
     if kind == "int_list" and isinstance(value, list) and all(_is_int(v) for v in value):
         return list(value)
+    if kind == "float_list" and isinstance(value, list) and all(
+            _is_int(v) or isinstance(v, float) for v in value):
+        return [float(v) for v in value]
     if kind == "str_table" and isinstance(value, Mapping) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         return dict(value)
     want = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-            "str_list": "a list of strings", "int_list": "a list of integers",
+            "str_list": "a list of strings", "int_list": "a list of integers", "float_list": "a list of numbers",
             "str_table": "a table of pattern = \"bits\" strings"}[kind]
     raise _fail(where, key, f"must be {want}, got {value!r}")
 
@@ -221,14 +237,12 @@ def _positive(key: str, value: int | None) -> None:
 
 def validate(c: TrainConfig) -> None:
     """Refuse values no run can use, each with one line naming the key."""
-    if c.schedule in SCHEDULES_LATER:
-        raise EdgetrainError(f"schedule '{c.schedule}' is not available yet (FracTrain's DFQ precision "
-                             f"controllers come next); use: {', '.join(SCHEDULES_NOW)}")
-    if c.schedule not in SCHEDULES_NOW:
-        raise EdgetrainError(f"unknown schedule '{c.schedule}'; valid: {', '.join(SCHEDULES_NOW)} "
-                             f"({', '.join(SCHEDULES_LATER)} not available yet)")
+    if c.schedule not in SCHEDULES:
+        raise EdgetrainError(f"unknown schedule '{c.schedule}'; valid: {', '.join(SCHEDULES)}")
     if c.schedule == "pfq" and c.bits is not None:
         raise EdgetrainError(f"bits '{c.bits}': pfq's stages set the bits (--pfq-stages, e.g. 3/6,4/6,6/8,8/8)")
+    if c.schedule in DYNAMIC_SCHEDULES:
+        _validate_dfq(c)
     if c.bits is not None and c.schedule == "fp32":
         raise EdgetrainError(f"bits '{c.bits}' need --schedule static (fp32 trains every layer in float)")
     if c.bits is not None and parse_precision(c.bits).is_float:
@@ -260,6 +274,26 @@ def validate(c: TrainConfig) -> None:
         raise _fail("option", "lr", f"must be positive, got {c.lr}")
     if c.label_smoothing >= 1:
         raise _fail("option", "label_smoothing", f"must be below 1, got {c.label_smoothing}")
+
+
+def _validate_dfq(c: TrainConfig) -> None:
+    from .dfq import parse_candidates
+    from .precision import MAX_BITS, MIN_BITS
+
+    if c.bits is not None:
+        raise EdgetrainError(f"bits '{c.bits}': {c.schedule}'s gates choose the bits per sample (--dfq-candidates); "
+                             "--dfq-ungated sets the stem's and shortcuts'")
+    if not MIN_BITS <= c.dfq_weight_bits <= MAX_BITS:
+        raise _fail("option", "dfq_weight_bits", f"must be in {MIN_BITS}..{MAX_BITS}, got {c.dfq_weight_bits}")
+    parse_candidates(c.dfq_candidates or ("0", "3/6"), c.dfq_weight_bits)
+    parse_precision(c.dfq_ungated)
+    targets = [c.dfq_target] + list(c.fractrain_targets or [])
+    if any(not math.isfinite(t) or not 0 < t <= 100 for t in targets):
+        raise EdgetrainError(f"dfq cost target {targets}: each must be a percentage in (0, 100]")
+    if not math.isfinite(c.dfq_beta) or c.dfq_beta < 0:
+        raise _fail("option", "dfq_beta", f"must be a finite number >= 0, got {c.dfq_beta}")
+    if c.dfq_cost_table is not None and not os.path.isfile(c.dfq_cost_table):
+        raise _fail("option", "dfq_cost_table", f"{c.dfq_cost_table}: no such file")
 
 
 def with_absolute_paths(c: TrainConfig) -> TrainConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Union, runtime_checkable
 
-from .config import SCHEDULES_LATER, TrainConfig
+from .config import TrainConfig
 from .errors import EdgetrainError
 
 # What a controller hands the Trainer: "8/8", "fp32", or {"default": "4/8", "overrides": {"fc1": "8/8"}}.
@@ -55,8 +55,20 @@ class FixedController:
 
 def make_controller(config: TrainConfig) -> PrecisionController:
     """The controller a config's schedule names."""
-    if config.schedule in SCHEDULES_LATER:
-        raise EdgetrainError(f"schedule '{config.schedule}' is not available yet")
+    if config.schedule == "dfq":
+        if config.precision_overrides:
+            raise EdgetrainError("dfq: precision overrides are not supported (the gates choose the gated layers' bits)")
+        return FixedController({"default": config.dfq_ungated, "dfq_target": config.dfq_target})
+    if config.schedule == "fractrain":
+        from .fractrain import DEFAULT_TARGETS, FracTrainController
+
+        if config.precision_overrides:
+            raise EdgetrainError("fractrain: precision overrides are not supported (the gates choose the bits)")
+        return FracTrainController(targets=tuple(config.fractrain_targets or DEFAULT_TARGETS),
+                                   ungated=config.dfq_ungated, period_steps=config.pfq_period,
+                                   switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
+                                   eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
+                                   normaliser_periods=config.pfq_normaliser_periods, alpha_delay=config.pfq_alpha_delay)
     if config.schedule == "pfq":
         from .pfq import DEFAULT_STAGES, PFQController
 

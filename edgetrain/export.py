@@ -22,7 +22,8 @@ def to_onnx(model: Model) -> onnx.ModelProto:
     proto.CopyFrom(model.graph.original)
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    values = {**model.parameters(), **model.buffers()}
+    gates = set(model.dfq.param_names) if model.dfq is not None else set()  # exported apart (gate_export)
+    values = {k: v for k, v in {**model.parameters(), **model.buffers()}.items() if k not in gates}
     for name, arr in values.items():
         if name in inits:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
@@ -64,22 +65,27 @@ class _LayerPlan:
     weight_axis: int  # the axis of output channels in the stored weight
 
 
-def _plan(model: Model) -> list[_LayerPlan]:
+def _plan(model: Model, gated_bits: str | None = None) -> list[_LayerPlan]:
     from .qops import QuantMAC
 
     plans = []
+    gated = model.dfq.gated_layers if model.dfq is not None else set()
     for node in mac_nodes(model.graph):
         op = model.executor.ops[node.name]
-        if not isinstance(op, QuantMAC):
+        if node.name in gated:
+            # A gated layer is written at one static candidate, with the range that candidate trained.
+            prec, key, unsigned = model.dfq.static_form(node.name, gated_bits or model.dfq.most_precise())
+        elif not isinstance(op, QuantMAC):
             continue
-        prec = model.precision[node.name]
-        running = model.runtime.act_ranges.get(node.name)
+        else:
+            prec, key, unsigned = model.precision[node.name], node.name, op.unsigned_input
+        running = model.runtime.act_ranges.get(key)
         if running is None or not running.value:
-            raise ModelError(f"layer '{node.name}' has no running activation range: train at least one step "
-                             "in this precision before an int8 export")
+            raise ModelError(f"layer '{node.name}' has no running activation range{' at ' + key.split('@')[1] if '@' in key else ''}: "
+                             "train at least one step in this precision before an int8 export")
         # Gemm with transB and Conv store (out, ...); Gemm without transB and MatMul store (in, out).
         stores_rows = node.op_type == "Conv" or (node.op_type == "Gemm" and node.attrs.get("transB", 0))
-        plans.append(_LayerPlan(node.name, float(running.value), min(prec.act_bits, INT8_BITS), op.unsigned_input,
+        plans.append(_LayerPlan(node.name, float(running.value), min(prec.act_bits, INT8_BITS), unsigned,
                                 min(prec.weight_bits, INT8_BITS), 0 if stores_rows else 1))
     return plans
 
@@ -92,15 +98,16 @@ def _quantised_weight(w: np.ndarray, bits: int, axis: int, pow2: bool) -> tuple[
     return (values if axis == 0 else np.ascontiguousarray(values.T)), np.asarray(q.scale, np.float32).reshape(-1)
 
 
-def to_onnx_int8(model: Model) -> onnx.ModelProto:
+def to_onnx_int8(model: Model, gated_bits: str | None = None) -> onnx.ModelProto:
     """A QDQ model for integer inference: each quantised Conv/Gemm reads its activation through
     QuantizeLinear/DequantizeLinear and its weights as int8 with per-output-channel scales.
 
     Activations use uint8 (zero point 0) where the graph proves them non-negative, else int8 (zero
     point 0), with the scale the engine's eval uses: the running range over the format's max. Biases,
-    BatchNorm and the classifier (fp32 in training) stay float; nothing is folded.
+    BatchNorm and the classifier (fp32 in training) stay float; nothing is folded. DFQ-gated layers
+    are written at one static candidate, `gated_bits` (default: the most precise one).
     """
-    plans = _plan(model)
+    plans = _plan(model, gated_bits)
     if not plans:
         raise ModelError("int8 export needs integer layers, but every layer of this model is fp32 "
                          "(train with --schedule static)")
@@ -161,9 +168,9 @@ def _drop_unused_initializers(g: onnx.GraphProto, names: set[str]) -> None:
                 del field[i]
 
 
-def export_int8(model: Model, path: str | os.PathLike) -> None:
+def export_int8(model: Model, path: str | os.PathLike, gated_bits: str | None = None) -> None:
     """Save the QDQ int8 model (to_onnx_int8) for onnxruntime."""
-    write_atomic(path, to_onnx_int8(model).SerializeToString())
+    write_atomic(path, to_onnx_int8(model, gated_bits).SerializeToString())
 
 
 # -- checking an export ---------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .dfq import gating_plan
+from .engine import Executor
 from .layers import classifier_nodes, mac_nodes
 from .precision import PrecisionConfig
 from .qops import integer_form
@@ -35,7 +37,8 @@ def summarize(model: Model) -> dict:
         shape = tuple(1 if d is None else d for d in vi.shape)
         dtype = np.float32 if vi.elem_type == 1 else np.int64
         feeds[vi.name] = np.zeros(shape, dtype=dtype)
-    env, _ = model.executor.forward(model._feeds(feeds), model._state(), training=False)
+    # The float ops over the imported graph: every value by name, also inside DFQ's gated blocks.
+    env, _ = Executor(graph, model._float_ops).forward(model._feeds(feeds), model._state(), training=False)
     # The plan set_precision("8/8") would follow: its defaults, and only layers an integer kernel can run.
     plan = PrecisionConfig.make("8/8").resolve(graph)
     quantised = {n.name for n in mac_nodes(graph) if not plan[n.name].is_float and integer_form(n, graph.params)}
@@ -64,6 +67,8 @@ def summarize(model: Model) -> dict:
         "macs_per_sample": int(sum(layer.macs for layer in layers)),
         "quantised_layers": sorted(quantised, key=[n.name for n in graph.nodes].index),
         "layers": [asdict(layer) for layer in layers],
+        # With gates (a dfq/fractrain checkpoint): what they are; without: what DFQ would gate.
+        "dfq": {**model.dfq.describe(), "target": model.dfq.target} if model.dfq is not None else gating_plan(graph),
     }
 
 
@@ -88,4 +93,20 @@ def format_table(summary: dict) -> str:
                   f"MACs per sample: {summary['macs_per_sample']:,}",
               f"integer engine quantises {n_int} layer{'s' if n_int != 1 else ''}; "
               "classifier and BatchNorm stay fp32 (FracTrain's default)"]
+    lines += _dfq_lines(summary["dfq"])
     return "\n".join(lines)
+
+
+def _dfq_lines(dfq: dict) -> list[str]:
+    units = dfq["units"]
+    if "settings" not in dfq:
+        what = "residual blocks" if dfq["kind"] == "blocks" else "layers (no residual blocks: no skipping)"
+        return [f"DFQ would gate {len(units)} {what}: " + ", ".join(u["name"] for u in units)]
+    s = dfq["settings"]
+    lines = ["", f"DFQ gates ({dfq['gate_parameters']} tensors), cost target {dfq['target']:g}% of fp32, "
+                 f"weights {s['weight_bits']} bits, candidates {', '.join(s['candidates'])}:"]
+    for u in units:
+        costs = dfq["candidate_percent"][u["name"]]
+        lines.append(f"  {u['name']}: {', '.join(u['layers'])}  ({u['macs_per_sample']:,} MACs/sample; "
+                     + ", ".join(f"{k} {v:.2f}%" for k, v in costs.items()) + ")")
+    return lines

@@ -39,6 +39,8 @@ class Model:
         self.cost = CostMeter()
         self.last_cost: dict[str, LayerCost] = {}
         self.runtime = QuantRuntime(seed=seed)
+        self.dfq = None  # a dfq.DFQ once enable_dfq() gates the model's blocks per sample
+        self.last_task_loss: float | None = None  # the loss before DFQ's cost term, of the last step
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -109,7 +111,22 @@ class Model:
             self.precision[node.name] = want
         self.precision_config = config
         self._place_batchnorms()
+        if self.dfq is not None:
+            self.dfq.mark_precision(self.precision)
         return dict(self.precision)
+
+    def enable_dfq(self, config=None):
+        """Gate this model's residual blocks (or, without blocks, its inner MAC layers) per sample: DFQ.
+
+        Adds the gates' parameters (named dfq.*) to parameters(); returns the edgetrain.dfq.DFQ.
+        """
+        from .dfq import DFQ, DFQConfig
+
+        if self.dfq is not None:
+            raise ModelError("DFQ is already enabled on this model")
+        self.dfq = DFQ(self, config or DFQConfig())
+        self.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
+        return self.dfq
 
     def _place_batchnorms(self) -> None:
         """BatchNorms right after an integer layer get this model's own parallel instance."""
@@ -150,6 +167,8 @@ class Model:
 
     def run(self, x: np.ndarray | dict[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         """Forward pass; returns every graph output by name."""
+        if self.dfq is not None:
+            self.dfq.begin_forward()
         env, _ = self.executor.forward(self._feeds(x), self._state(), training, seed=(self.seed, self.step))
         return {o.name: env[o.name] for o in self.graph.outputs}
 
@@ -160,6 +179,8 @@ class Model:
     def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
         """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
         self.runtime.seed, self.runtime.step = self.seed, self.step  # keys of the stochastic rounding
+        if self.dfq is not None:
+            self.dfq.begin_forward()
         env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
                                           seed=(self.seed, self.step))
         return env, tape
@@ -171,7 +192,10 @@ class Model:
     def step_cost(self, env: dict[str, np.ndarray]) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         """BitOPs of the training step whose forward values are in env: at the current precision, and in fp32."""
         costs, fp32 = {}, {}
+        gated = self.dfq.gated_layers if self.dfq is not None else ()
         for node in self._mac_nodes:
+            if node.name in gated:
+                continue
             in_shapes = [env[i].shape if i else () for i in node.inputs]
             out_shapes = [env[o].shape for o in node.outputs if o]
             macs = self._float_ops[node.name].macs(in_shapes, out_shapes) * int(np.prod(out_shapes[0][:1]))
@@ -179,6 +203,10 @@ class Model:
             saved = int(np.prod(in_shapes[0]))
             costs[node.name] = layer_step_cost(macs, self.precision[node.name], saved, not first)
             fp32[node.name] = layer_step_cost(macs, FP32, saved, not first)
+        if self.dfq is not None:
+            dyn, dyn_fp32 = self.dfq.step_costs()
+            costs.update(dyn)
+            fp32.update(dyn_fp32)
         return costs, fp32
 
     def loss_and_grad(self, x, labels: np.ndarray, loss: str | Callable = "cross_entropy",
@@ -194,6 +222,9 @@ class Model:
             value, dout = LOSSES[loss](out, labels)
         else:
             value, dout = loss(out, labels)
+        self.last_task_loss = value
+        if self.dfq is not None:
+            value = value + self.dfq.regularise()  # sets the regulariser's sign before backward reads it
         grads = self.backward(tape, {self.output_name: dout}, wrt=set(self._params))
         self.last_cost, fp32 = self.step_cost(env)
         self.cost.add_step(self.last_cost, fp32)

@@ -59,6 +59,8 @@ class QuantMAC(Op):
         self.unsigned_input = unsigned_input
         self.runtime = runtime
         self.skip_input_grad = False  # set by the executor when nobody needs dL/dx
+        # Names this layer's running activation range and clip counter; DFQ gives each candidate its own.
+        self.range_key = float_op.node.name
 
     def _key(self) -> tuple[int, int, int]:
         rt = self.runtime
@@ -67,14 +69,14 @@ class QuantMAC(Op):
     def _quantize_input(self, x: np.ndarray, training: bool):
         """Activations: per-tensor range from the batch in training, the running range in eval."""
         rt = self.runtime
-        running = rt.act_ranges.setdefault(self.node.name, RunningRange(rt.range_momentum))
+        running = rt.act_ranges.setdefault(self.range_key, RunningRange(rt.range_momentum))
         # Eval quantises with the range seen in training, so one odd batch cannot rescale the layer;
         # before any training step there is no such range and the batch's own is used.
         fixed = running.value if not training and running.value else None
         q = quantize(x, self.precision.act_bits, signed=not self.unsigned_input, range=fixed, pow2=rt.pow2_scales)
         if training:
             running.update(q.stats.observed_max)
-        rt.count(self.node.name, q.stats.saturated)
+        rt.count(self.range_key, q.stats.saturated)
         return q
 
     def _quantize_weight(self, w_rows: np.ndarray, per_channel: bool = True):

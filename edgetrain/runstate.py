@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError, CorruptCheckpointWarning, find_latest, load_checkpoint
-from .config import TrainConfig, from_checkpoint_dict
+from .config import DYNAMIC_SCHEDULES, TrainConfig, from_checkpoint_dict
 from .control import PrecisionSpec
 from .errors import EdgetrainError, ModelError
 from .finetune import head_parameter_names, new_head
@@ -58,14 +58,37 @@ def output_classes(model: Model) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
+def dfq_config(config: TrainConfig):
+    """The DFQConfig a TrainConfig's dfq_* keys describe."""
+    from .dfq import DEFAULT_CANDIDATES, DFQConfig
+
+    table = None
+    if config.dfq_cost_table:
+        from .latency import read_cost_table
+
+        table = read_cost_table(config.dfq_cost_table)
+    return DFQConfig(candidates=tuple(config.dfq_candidates or DEFAULT_CANDIDATES), weight_bits=config.dfq_weight_bits,
+                     target=config.dfq_target, beta=config.dfq_beta, cost_table=table)
+
+
+def prepare_model(model: Model, config: TrainConfig) -> None:
+    """What a schedule adds to the imported model before training or loading its state: DFQ's gates."""
+    if config.schedule in DYNAMIC_SCHEDULES and model.dfq is None:
+        model.enable_dfq(dfq_config(config))
+
+
 def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> None:
-    """Put a controller's spec ("8/8" or {"default", "overrides"}) in force."""
+    """Put a controller's spec ("8/8", {"default", "overrides"} or {"default", "dfq_target"}) in force."""
     if isinstance(spec, dict):
         default, overrides = spec.get("default", "fp32"), spec.get("overrides") or None
     else:
         default, overrides = spec, None
     model.set_precision(default, overrides, quantize_classifier=config.quantize_classifier,
                         pow2_scales=config.pow2_scales)
+    if isinstance(spec, dict) and "dfq_target" in spec:
+        if model.dfq is None:
+            raise EdgetrainError("a DFQ cost target was given but the model has no gates (schedule dfq or fractrain)")
+        model.dfq.target = float(spec["dfq_target"])
 
 
 def pack_state(model: Model, controller_state: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +192,7 @@ def restore_run(ckpt: Checkpoint, model_path: str | None = None) -> TrainedRun:
         raise EdgetrainError(f"{ckpt.path}: its model file {path} is not there (moved or deleted?)")
     ckpt.check_model(path)
     model, _ = build_model(path, config.seed, config.num_classes)
+    prepare_model(model, config)
     try:
         model.load_state_dict({**ckpt.params, **ckpt.buffers})
     except ModelError as exc:

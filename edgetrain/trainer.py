@@ -30,12 +30,13 @@ from .data.dataset import Dataset
 from .data.transforms import CIFAR_AUGMENT
 from .errors import EdgetrainError
 from .export import export_onnx
+from .gate_export import export_gates, gates_path
 from .finetune import trainable_names
 from .losses import softmax_cross_entropy
 from .model import Model
 from .optim import make_optimizer
 from .runlog import LOG_NAME, RunLog, precision_summary
-from .runstate import PRECISION, apply_precision, output_classes, pack_state, stored_spec, unpack_state
+from .runstate import PRECISION, apply_precision, output_classes, pack_state, prepare_model, stored_spec, unpack_state
 from .schedules import make_schedule
 
 EVAL_BATCH_SIZE = 256
@@ -168,8 +169,10 @@ class Trainer:
         elif config.lr_schedule == "cosine":
             sched_opts["min_lr"] = config.min_lr
         self.schedule = make_schedule(config.lr_schedule, config.lr, self.total_steps, **sched_opts)
+        prepare_model(model, config)  # DFQ's gates join the parameters before the optimizer sees them
         self.trainable = trainable_names(model, freeze=config.freeze, train_last=config.train_last,
-                                         bias_only=config.bias_only, freeze_bn=config.freeze_bn, always=head)
+                                         bias_only=config.bias_only, freeze_bn=config.freeze_bn,
+                                         always=list(head) + (model.dfq.param_names if model.dfq else []))
         chosen = set(self.trainable)
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
                                         trainable=chosen.__contains__, **_optimizer_options(config))
@@ -316,6 +319,8 @@ class Trainer:
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
             export_onnx(self.model, exported)
+            if self.model.dfq is not None:
+                export_gates(self.model, gates_path(exported))
         last = self.evals[-1]
         cost = self.model.cost
         return TrainResult(

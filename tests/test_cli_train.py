@@ -248,11 +248,16 @@ def bad_inputs(tmp: Path, runs) -> dict:
         "steps not a number": ([*train, "--steps", "ten"], ["--steps", "expected a positive integer", "'ten'"]),
         "steps zero": ([*train, "--steps", "0"], ["--steps", "expected a positive integer"]),
         "steps and epochs": ([*train, "--steps", "3", "--epochs", "1"], ["--epochs", "not allowed with"]),
-        "dfq not yet": ([*train, "--schedule", "dfq"], ["schedule 'dfq' is not available yet"]),
+        "dfq with bits": ([*train, "--schedule", "dfq", "--bits", "8/8"], ["choose the bits per sample"]),
+        "dfq bad candidate": ([*train, "--schedule", "dfq", "--dfq-candidates", "0,3/x"], ["precision '3/x'"]),
+        "dfq target": ([*train, "--schedule", "dfq", "--dfq-target", "0"], ["percentage in (0, 100]"]),
+        "dfq cost table missing": ([*train, "--schedule", "dfq", "--dfq-cost-table", str(tmp / "no.json")],
+                                   ["dfq_cost_table", "no such file"]),
         "pfq with bits": ([*train, "--schedule", "pfq", "--bits", "8/8"], ["pfq's stages set the bits"]),
         "pfq bad stage": ([*train, "--schedule", "pfq", "--pfq-stages", "3/6,9x"], ["precision '9x'"]),
         "pfq bad switches": ([*train, "--schedule", "pfq", "--pfq-switch-steps", "9,3,5"], ["increasing switch steps"]),
-        "fractrain not yet": ([*train, "--schedule", "fractrain"], ["'fractrain' is not available yet"]),
+        "fractrain bad targets": ([*train, "--schedule", "fractrain", "--fractrain-targets", "1.5,x"],
+                                  ["--fractrain-targets", "comma-separated numbers"]),
         "unknown schedule": ([*train, "--schedule", "fast"], ["unknown schedule 'fast'", "fp32, static"]),
         "bits with fp32": ([*train, "--bits", "8/8"], ["need --schedule static"]),
         "bits out of range": ([*train, "--schedule", "static", "--bits", "1/8"], ["FW bits must be in 2..16"]),
@@ -304,10 +309,9 @@ def test_bad_inputs_give_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch
 
 
 def test_a_bad_input_from_the_real_command_line(work):
-    r = cli("train", MODEL, "--data", "digits", "--schedule", "dfq", cwd=work, check=False)
+    r = cli("train", MODEL, "--data", "digits", "--schedule", "dqf", cwd=work, check=False)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
-    assert r.stderr.strip() == ("edgetrain: error: schedule 'dfq' is not available yet (FracTrain's DFQ "
-                                "precision controllers come next); use: fp32, static, pfq")
+    assert r.stderr.strip() == ("edgetrain: error: unknown schedule 'dqf'; valid: fp32, static, pfq, dfq, fractrain")
 
 
 def test_train_pfq_switches_stages_and_resumes_bit_for_bit(tmp_path):

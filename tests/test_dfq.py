@@ -1,0 +1,290 @@
+"""DFQ: gates, per-sample grouped execution done for real, skipped work, the cost regulariser, FracTrain."""
+import numpy as np
+import pytest
+
+import edgetrain
+import models
+from edgetrain import gates, kernels
+from edgetrain.dfq import DFQConfig, parse_candidates
+from edgetrain.errors import EdgetrainError
+
+
+def _resnet8(seed=0):
+    return edgetrain.load(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=12, width=8,
+                                             seed=seed), seed=seed)
+
+
+def _data(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, n)
+
+
+# -- the gate network --------------------------------------------------------------------------------
+def test_gate_backward_matches_finite_differences_across_two_units():
+    """Two units share the LSTM and head; the state carried from the first to the second is differentiated too."""
+    rng = np.random.default_rng(1)
+    params = gates.init_gate_params([3, 5], 4, seed=3, initial_choice=1, initial_logit=0.5, dtype=np.float64)
+    for k in params:
+        params[k] = params[k] + rng.normal(0, 0.3, params[k].shape)
+    x0 = rng.standard_normal((4, 3, 2, 2))
+    x1 = rng.standard_normal((4, 5))
+    w0 = rng.standard_normal((4, 4))
+    w1 = rng.standard_normal((4, 4))
+    shared_names = gates.SHARED_NAMES
+
+    def loss(p, a0, a1):
+        shared = tuple(p[n] for n in shared_names)
+        h = c = np.zeros((4, 16))
+        l0, c0 = gates.gate_forward(a0, tuple(p[n] for n in gates.unit_param_names(0)), shared, h, c)
+        l1, c1 = gates.gate_forward(a1, tuple(p[n] for n in gates.unit_param_names(1)), shared, c0.h, c0.c)
+        return float((l0 * w0).sum() + (l1 * w1).sum()), (c0, c1)
+
+    _, (c0, c1) = loss(params, x0, x1)
+    shared = tuple(params[n] for n in shared_names)
+    z = np.zeros((4, 16))
+    dx1, du1, ds1, dh, dc = gates.gate_backward(c1, w1, z, z, tuple(params[n] for n in gates.unit_param_names(1)), shared)
+    dx0, du0, ds0, _, _ = gates.gate_backward(c0, w0, dh, dc, tuple(params[n] for n in gates.unit_param_names(0)), shared)
+    analytic = dict(zip(gates.unit_param_names(0), du0)) | dict(zip(gates.unit_param_names(1), du1))
+    analytic |= {n: a + b for n, a, b in zip(shared_names, ds0, ds1)}
+    eps = 1e-6
+    for name, grad in analytic.items():
+        flat = params[name].reshape(-1)
+        for i in range(0, flat.size, max(1, flat.size // 7)):
+            keep = flat[i]
+            flat[i] = keep + eps
+            up, _ = loss(params, x0, x1)
+            flat[i] = keep - eps
+            down, _ = loss(params, x0, x1)
+            flat[i] = keep
+            assert abs((up - down) / (2 * eps) - grad.reshape(-1)[i]) < 1e-6 * max(1, abs(grad.reshape(-1)[i])), name
+    for x, dx, which in ((x0, dx0, 0), (x1, dx1, 1)):
+        flat = x.reshape(-1)
+        for i in range(0, flat.size, 5):
+            keep = flat[i]
+            flat[i] = keep + eps
+            up, _ = loss(params, x0, x1)
+            flat[i] = keep - eps
+            down, _ = loss(params, x0, x1)
+            flat[i] = keep
+            assert abs((up - down) / (2 * eps) - np.asarray(dx).reshape(-1)[i]) < 1e-6, which
+
+
+def test_straight_through_is_the_softmax_jacobian():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 5))
+    d = rng.standard_normal((3, 5))
+    p = gates.softmax(z)
+    jac = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
+    np.testing.assert_allclose(gates.straight_through(p, d), np.einsum("nij,nj->ni", jac, d), atol=1e-12)
+
+
+def test_candidates_parse_and_refuse():
+    c = parse_candidates(["0", "3/6", "6/12"], 4)
+    assert [x.text for x in c] == ["skip", "3/6", "6/12"] and c[0].skip and c[2].precision.weight_bits == 4
+    for bad in (["0"], ["fp32"], ["4/8", "4/8"], ["9/x"]):
+        with pytest.raises(EdgetrainError):
+            parse_candidates(bad, 4)
+
+
+# -- execution ------------------------------------------------------------------------------------
+def test_units_found_and_gated_layers_reported():
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq()
+    assert [u.name for u in d.units] == ["block0", "block1", "block2"]
+    assert all(str(m.precision[n]) == "dfq:w4" for n in d.gated_layers) and len(d.gated_layers) == 6
+    assert str(m.precision["conv1"]) == "8/8" and str(m.precision["fc"]) == "fp32"
+    assert all(n.startswith("dfq.") for n in d.param_names) and set(d.param_names) <= set(m.parameters())
+
+
+def test_one_candidate_for_all_samples_equals_the_static_model():
+    """Forced to one candidate, the gated forward is the static model at that precision, exactly."""
+    x, y = _data()
+    static = _resnet8()
+    static.set_precision("8/8", {"layer*.conv*": "4/8:w4"})
+    gated = _resnet8()
+    gated.set_precision("8/8")
+    d = gated.enable_dfq()
+    k = [c.text for c in d.candidates].index("4/8")
+    d.force = {u.index: k for u in d.units}
+    env_s, _ = static.forward_train(x)
+    env_g, _ = gated.forward_train(x)
+    np.testing.assert_array_equal(env_g[gated.output_name], env_s[static.output_name])
+    np.testing.assert_array_equal(gated(x), static(x))
+
+
+def test_backbone_gradients_match_the_static_model():
+    """With 16-bit gradients the only difference left is the gated layers' rounding streams: tiny."""
+    x, y = _data()
+    static = _resnet8()
+    static.set_precision("8/16", {"layer*.conv*": "8/16:w4"})
+    gated = _resnet8()
+    gated.set_precision("8/16")
+    d = gated.enable_dfq(DFQConfig(candidates=("0", "8/16"), beta=0.0, initial_choice="8/16", initial_logit=100.0))
+    # A saturated softmax passes no gradient through the gates, so the backbone sees only its own.
+    _, gs = static.loss_and_grad(x, y)
+    _, gg = gated.loss_and_grad(x, y)
+    assert all((c == 1).all() for c in d.record.choices.values())
+    for name, g in gs.items():
+        np.testing.assert_allclose(gg[name], g, rtol=2e-3, atol=2e-3 * np.abs(g).max() + 1e-7, err_msg=name)
+
+
+def test_grouped_batch_equals_each_sample_alone_in_eval():
+    """Samples grouped by candidate give what each sample gives on its own (eval: fixed ranges)."""
+    x, y = _data(16, seed=3)
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq()
+    rng = np.random.default_rng(0)
+    for step in range(4):  # every candidate sees data, so each has a running range
+        m.step = step
+        d.force = {u.index: rng.integers(0, len(d.candidates), len(x)) for u in d.units}
+        m.loss_and_grad(x, y)
+    d.force = None
+    m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
+    batched = m(x)
+    choices = {k: v.copy() for k, v in d.record.choices.items()}
+    assert len(set(np.concatenate(list(choices.values())).tolist())) >= 3  # a real mix of candidates
+    for i in range(len(x)):
+        alone = m(x[i:i + 1])
+        assert all(d.record.choices[u][0] == choices[u][i] for u in choices)
+        # Integer layers agree exactly; the float classifier's BLAS may round a batch of 1 differently.
+        np.testing.assert_allclose(alone[0], batched[i], rtol=1e-5, atol=1e-6)
+
+
+def test_skipping_does_no_work(monkeypatch):
+    """A skipped block calls no kernel: only the stem and the two shortcut convs run, forward and backward."""
+    calls = []
+    for name in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x, y = _data()
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq()
+    d.force = {u.index: 0 for u in d.units}  # candidate 0 is skip
+    m.loss_and_grad(x, y)
+    assert calls.count("conv2d_forward") == 3 and d.kernel_calls == 0
+    assert m.cost.per_layer["layer1.0.conv1"] == 0
+    calls.clear()
+    d.force = {0: np.array([0] * 6 + [3] * 6), 1: 0, 2: 0}  # half the samples run block 0 at 4/8
+    m.loss_and_grad(x, y)
+    assert calls.count("conv2d_forward") == 5 and d.kernel_calls == 4  # 2 convs x (forward, backward)
+    assert m.cost.last_step["layer1.0.conv1"].forward == 6 * d.units[0].macs["layer1.0.conv1"] * 4 * 4
+
+
+def test_layer_units_for_models_without_blocks():
+    m = edgetrain.load(models.build_model("lenet5", seed=0))
+    m.set_precision("8/8")
+    d = m.enable_dfq()
+    assert [u.name for u in d.units] == ["conv2", "fc1", "fc2"]
+    assert all(0 not in d.unit_candidates[u.index] for u in d.units)  # no skip without a shortcut
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8,) + tuple(m.input_shape[1:])).astype(np.float32)
+    loss, g = m.loss_and_grad(x, rng.integers(0, 10, 8))
+    assert np.isfinite(loss) and all(np.isfinite(v).all() for v in g.values())
+
+
+def test_the_regulariser_pulls_the_cost_to_its_target():
+    """A short run from a costly start: the measured cost of the gated layers comes down to the target."""
+    from edgetrain.optim import SGD
+
+    x, y = _data(32, seed=5)
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq(DFQConfig(target=2.0, initial_choice="6/12", beta=1e-2))
+    opt = SGD(m.parameters(), 0.05, momentum=0.9)
+    seen = []
+    for step in range(60):
+        m.step = step
+        _, g = m.loss_and_grad(x, y)
+        opt.step(g)
+        seen.append(d.last_percent)
+    assert seen[0] > 4.0  # started at 6/12: 4.7% of fp32
+    late = np.mean(seen[-20:])
+    assert abs(late - 2.0) < 0.6, seen
+
+
+# -- export, checkpoints, the CLI ---------------------------------------------------------------------
+def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from edgetrain.gate_export import export_gates
+
+    x, _ = _data(16, seed=7)
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq()
+    rng = np.random.default_rng(2)
+    m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
+    d.begin_forward()
+    env, _ = m.executor.forward(m._feeds(x), m._state(), False)
+    ours = {k: v.copy() for k, v in d.record.choices.items()}
+    path = tmp_path / "gates.onnx"
+    export_gates(m, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()],
+                    sess.run(None, {u.fork: env[u.fork] for u in d.units})))
+    for u in d.units:
+        np.testing.assert_array_equal(outs[f"{u.name}.choice"], ours[u.index])
+    assert len(set(np.concatenate(list(ours.values())).tolist())) >= 2
+
+
+def _fractrain_config(tmp_path, steps, **kw):
+    from edgetrain.config import TrainConfig
+
+    return TrainConfig(schedule="fractrain", steps=steps, batch_size=16, lr=0.05, pfq_period=2, pfq_window=2,
+                       pfq_eps=10.0, eval_every=steps, checkpoint_every=3, out=str(tmp_path), **kw)
+
+
+def _digits_split():
+    from edgetrain.data import load_data
+
+    return load_data("digits", seed=0)
+
+
+def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path):
+    """The indicator moves the DFQ target through its list; a resumed run ends with the same tensors."""
+    from edgetrain.runstate import latest_checkpoint
+    from edgetrain.trainer import Trainer
+
+    split = _digits_split()
+    model_path = "edgetrain/assets/lenet5_digits.onnx"
+    straight = edgetrain.load(model_path)
+    t = Trainer(straight, split, _fractrain_config(tmp_path / "a", 9), export_model=False)
+    t.fit()
+    assert [s["dfq_target"] for s in t.controller.switches][:2] == [2.0, 2.5]  # eps 10: flat at every check
+    assert straight.dfq.target == t.controller.precision["dfq_target"]
+    first = edgetrain.load(model_path)
+    Trainer(first, split, _fractrain_config(tmp_path / "b", 6), export_model=False).fit()
+    resumed = edgetrain.load(model_path)
+    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "b", 9), export_model=False)
+    t2.resume(latest_checkpoint(tmp_path / "b"))
+    t2.fit()
+    for name, p in straight.parameters().items():
+        np.testing.assert_array_equal(resumed.parameters()[name], p, err_msg=name)
+
+
+def test_cli_dfq_train_info_export(tmp_path):
+    """edgetrain train --schedule dfq, then info and export of the run (backbone + gates files)."""
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "edgetrain.cli"]
+    r = subprocess.run(base + ["train", "edgetrain/assets/lenet5_digits.onnx", "--data", "digits", "--schedule", "dfq",
+                               "--steps", "4", "--batch-size", "16", "--dfq-target", "2.5", "--out", str(run), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (run / "model.onnx").exists() and (run / "model.gates.onnx").exists()
+    info = json.loads(subprocess.run(base + ["info", str(run), "--json"], capture_output=True, text=True).stdout)
+    assert info["dfq"]["target"] == 2.5 and [u["name"] for u in info["dfq"]["units"]] == ["conv2", "fc1", "fc2"]
+    out = tmp_path / "int8.onnx"
+    r = subprocess.run(base + ["export", str(run), "--out", str(out), "--int8", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (tmp_path / "int8.gates.onnx").exists() and summary["gated_bits"]
+    bad = subprocess.run(base + ["train", "edgetrain/assets/lenet5_digits.onnx", "--data", "digits", "--schedule",
+                                 "dfq", "--dfq-candidates", "0,fp32", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "fp32" in bad.stderr

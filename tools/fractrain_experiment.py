@@ -1,0 +1,207 @@
+"""FracTrain's experiment on one model and data set: fp32, static 8/8 (SBM), PFQ, DFQ and FracTrain.
+
+    python tools/fractrain_experiment.py [--model resnet8] [--steps 600] [--out fractrain-experiment]
+    python tools/fractrain_experiment.py --small        # the CI form: a few steps, the same table
+
+Every row trains the same model from the same seed on the same batches for the same number of
+steps, each in its own process (so peak memory is that row's), then evaluates on the test split.
+The table gives test accuracy, BitOPs as % of fp32 and as a saving against static 8/8, measured
+training wall time (and its ratio to static 8/8), and peak resident memory. It is printed, saved as
+JSON and drawn as a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
+from edgetrain.errors import EdgetrainError  # noqa: E402
+from edgetrain.fileio import write_atomic  # noqa: E402
+
+ROWS = ("fp32", "static", "pfq", "dfq", "fractrain")
+LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain"}
+MODELS = ("resnet8", "resnet14", "resnet20", "lenet5")
+SMALL = {"steps": 12, "period": 2, "batch_size": 16}
+WARMUP_STEPS = 3
+POSITIVE_FLOAT = bounded(float, "a positive number", low=0.0, low_open=True)
+
+
+def _row_config(row: str, args: argparse.Namespace, out: str):
+    """The TrainConfig of one row: everything but the schedule is shared."""
+    from edgetrain.config import TrainConfig, validate
+
+    extra: dict = {}
+    if row == "static":
+        extra["bits"] = "8/8"
+    if row in ("pfq", "fractrain"):
+        extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
+    if row in ("dfq", "fractrain"):
+        extra.update(dfq_target=args.target)
+    config = TrainConfig(schedule=row, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                         lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
+                         checkpoint_every=args.steps, keep=1, **extra)
+    validate(config)
+    return config
+
+
+def run_row(row: str, args: argparse.Namespace) -> dict:
+    """Train one row in this process; return its results."""
+    import numpy as np
+
+    import models
+    from edgetrain.data import load_data
+    from edgetrain.model import Model
+    from edgetrain.onnx_import import Importer
+    from edgetrain.trainer import Trainer
+
+    split = load_data("digits", seed=args.seed, val_fraction=0.1)
+    shape = split.train.x.shape[1:]
+    kwargs = {"num_classes": 10, "seed": args.seed}
+    if args.model.startswith("resnet"):
+        kwargs.update(in_channels=shape[0], input_size=shape[1])
+    proto = models.build_model(args.model, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A few throwaway steps first, so compiling (or loading) the kernels is not counted as training time.
+        warm = argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS})
+        Trainer(Model(Importer(proto, args.model).run(), seed=args.seed), split,
+                _row_config(row, warm, os.path.join(tmp, "warmup")), export_model=False).fit()
+        model = Model(Importer(proto, args.model).run(), seed=args.seed)
+        trainer = Trainer(model, split, _row_config(row, args, os.path.join(tmp, "run")), export_model=False)
+        started = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - started
+    out = {"row": row, "label": LABELS[row], "test_accuracy": result.test_accuracy, "bitops": result.bitops,
+           "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
+           "train_seconds": result.seconds, "wall_seconds": wall,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    controller = trainer.controller
+    if hasattr(controller, "switches"):
+        sw = controller.switches
+        out["switches"] = [s if isinstance(s, dict) else s.as_dict() for s in sw]
+    if model.dfq is not None:
+        # What the gates chose on the test split at the end: the share of samples per candidate.
+        x = split.test.x[:256]
+        model(x)
+        out["test_choices"] = model.dfq.choice_summary()
+        out["gated_percent_of_fp32_test"] = float(np.mean(model.dfq.sample_percent()))
+    return out
+
+
+def _child(row: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
+           "--period", str(args.period), "--eps", str(args.eps), "--alpha", str(args.alpha),
+           "--target", str(args.target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise EdgetrainError(f"row {row} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Add the savings against static 8/8 and the time ratio to each row."""
+    static = next((r for r in rows if r["row"] == "static"), None)
+    for r in rows:
+        if static:
+            r["bitops_saving_vs_static"] = 100.0 * (1 - r["bitops"] / static["bitops"])
+            r["accuracy_delta_vs_static"] = 100.0 * (r["test_accuracy"] - static["test_accuracy"])
+            r["time_ratio_vs_static"] = r["train_seconds"] / static["train_seconds"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The experiment as a Markdown table."""
+    head = "| run | test acc. | Δ acc. vs 8/8 | BitOPs % of fp32 | BitOPs saving vs 8/8 | train time | time vs 8/8 | peak RSS |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['label']} | {100 * r['test_accuracy']:.2f}% | {r.get('accuracy_delta_vs_static', 0):+.2f} pt "
+                     f"| {r['percent_of_fp32']:.2f}% | {r.get('bitops_saving_vs_static', 0):.1f}% "
+                     f"| {r['train_seconds']:.1f} s | {r.get('time_ratio_vs_static', 0):.2f}x | {r['peak_rss_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against BitOPs and against training time, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "percent_of_fp32", "training BitOPs, % of fp32"),
+                           (axes[1], "train_seconds", "training wall time, s")):
+        for r in rows:
+            ax.scatter(r[key], 100 * r["test_accuracy"], s=40)
+            ax.annotate(r["label"], (r[key], 100 * r["test_accuracy"]), textcoords="offset points", xytext=(5, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy, %")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    fig.suptitle("FracTrain experiment: same model, seed and steps for every run")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run every row (each in its own process), print and save the table."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, default="resnet8")
+    p.add_argument("--steps", type=POSITIVE_INT, default=600)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.05)
+    p.add_argument("--period", type=POSITIVE_INT, default=20, help="steps per PFQ/FracTrain loss period")
+    p.add_argument("--eps", type=POSITIVE_FLOAT, default=0.05)
+    p.add_argument("--alpha", type=POSITIVE_FLOAT, default=0.3)
+    p.add_argument("--target", type=POSITIVE_FLOAT, default=3.0, help="DFQ's cost target, percent")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
+    p.add_argument("--small", action="store_true", help="the CI form: few steps")
+    p.add_argument("--out", default="fractrain-experiment", help="folder for results.json and results.png")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: train one row, print JSON
+    args = p.parse_args(argv)
+    try:
+        if args.row:
+            print(json.dumps(run_row(args.row, args)))
+            return 0
+        if args.small:
+            args.steps, args.period, args.batch_size = SMALL["steps"], SMALL["period"], SMALL["batch_size"]
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        bad = [r for r in rows if r not in ROWS]
+        if bad or not rows:
+            raise EdgetrainError(f"--rows: unknown {', '.join(bad) or '(none given)'}; valid: {', '.join(ROWS)}")
+        from tqdm import tqdm
+
+        results = []
+        for row in tqdm(rows, desc="runs", disable=args.json or not sys.stderr.isatty()):
+            results.append(_child(row, args))
+        results = summarise(results)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "seed", "lr", "period", "eps",
+                                                   "alpha", "target")}
+        write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
+        plot(results, out / "results.png")
+        print(json.dumps({"settings": settings, "rows": results}) if args.json else format_table(results))
+        return 0
+    except (EdgetrainError, OSError) as exc:
+        print(f"fractrain_experiment: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
