@@ -3,6 +3,7 @@
 training.png: loss per step (raw and smoothed) and test accuracy at each evaluation.
 precision.png: FW and BW bits over the run (mean over quantised layers) and the cumulative BitOPs as a
 percentage of fp32. layers.png: a heatmap of every MAC layer's FW bits over the steps (fp32 = 32).
+dfq.png (dfq and fractrain runs): the gated layers' cost per step against the regulariser's target.
 """
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ def _pyplot():
     return plt
 
 
+def _gated(spec: str) -> bool:
+    return spec.startswith("dfq")  # a DFQ-gated layer: its bits are chosen per sample (dfq.png shows them)
+
+
 def _bits(spec: str) -> tuple[int, int]:
+    if _gated(spec):
+        return 0, 0
     p = parse_precision(spec)
     return (FP32_BITS, FP32_BITS) if p.is_float else (p.act_bits, p.grad_bits)
 
@@ -84,7 +91,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         names = list(changes[0]["layers"])
         marks = [c["step"] for c in changes] + [int(x[-1])]
         for i, change in enumerate(changes):
-            quant = [_bits(s) for s in change["layers"].values() if not parse_precision(s).is_float]
+            quant = [_bits(s) for s in change["layers"].values()
+                     if not _gated(s) and not parse_precision(s).is_float]
             fw = np.mean([b[0] for b in quant]) if quant else FP32_BITS
             bw = np.mean([b[1] for b in quant]) if quant else FP32_BITS
             span = [marks[i], marks[i + 1]]
@@ -109,7 +117,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.5))
         cmap = plt.get_cmap("viridis").copy()
         cmap.set_bad("0.85")  # fp32 layers: grey, outside the fixed-point colour scale
-        shown = np.ma.masked_where(grid >= FP32_BITS, grid)
+        shown = np.ma.masked_where((grid >= FP32_BITS) | (grid == 0), grid)  # grey: fp32 or per-sample (dfq)
         im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap, vmin=2, vmax=16,
                        extent=(x[0] - 0.5, x[-1] + 0.5, len(names) - 0.5, -0.5))
         marks = [c["step"] for c in changes] + [int(x[-1])]
@@ -118,12 +126,28 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
             for row, name in enumerate(names):
                 label = change["layers"].get(name, "fp32")
                 ax.text(middle, row, label, ha="center", va="center", fontsize=6,
-                        color="black" if parse_precision(label).is_float else "white")
+                        color="black" if _gated(label) or parse_precision(label).is_float else "white")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=7)
         ax.set_xlabel("step")
-        fig.colorbar(im, ax=ax, label="FW bits (grey: fp32)")
+        fig.colorbar(im, ax=ax, label="FW bits (grey: fp32, or chosen per sample by DFQ)")
         ax.set_title(f"{run.name}: per-layer precision")
         written.append(_save(fig, out / "layers.png"))
+        plt.close(fig)
+
+    gated = [e for e in steps if "dfq_percent" in e]
+    if gated:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        gx = [e["step"] for e in gated]
+        ax.plot(gx, [e["dfq_percent"] for e in gated], color="0.7", lw=0.8, label="batch cost")
+        if len(gated) >= SMOOTHING_STEPS:
+            smooth = np.convolve([e["dfq_percent"] for e in gated], np.ones(SMOOTHING_STEPS) / SMOOTHING_STEPS, "valid")
+            ax.plot(gx[SMOOTHING_STEPS - 1:], smooth, color="C0", label=f"{SMOOTHING_STEPS}-step mean")
+        ax.step(gx, [e["dfq_target"] for e in gated], where="post", color="C3", label="target")
+        ax.set_xlabel("step")
+        ax.set_ylabel("gated layers' cost, % of fp32")
+        ax.legend()
+        ax.set_title(f"{run.name}: DFQ cost and its target")
+        written.append(_save(fig, out / "dfq.png"))
         plt.close(fig)
     return written

@@ -337,10 +337,15 @@ class Trainer:
         if layers != log.last_layers:  # every layer's bits, whenever they change (edgetrain plot reads it)
             log.write({"type": "layers", "step": self.step, "layers": layers})
             log.last_layers = layers
-        log.write({"type": "step", "step": self.step, "loss": loss, "lr": self.optimizer.lr,
-                   "precision": precision_summary(self.model.precision),
-                   "bitops": sum(c.total for c in cost.last_step.values()),
-                   "percent_of_fp32": cost.percent_of_fp32, "time": round(self.elapsed, 4)})
+        record = {"type": "step", "step": self.step, "loss": loss, "lr": self.optimizer.lr,
+                  "precision": precision_summary(self.model.precision),
+                  "bitops": sum(c.total for c in cost.last_step.values()),
+                  "percent_of_fp32": cost.percent_of_fp32, "time": round(self.elapsed, 4)}
+        dfq = self.model.dfq
+        if dfq is not None:  # the gates' cost against its target, and the loss without the cost term
+            record.update(task_loss=self.model.last_task_loss, dfq_percent=round(dfq.last_percent, 4),
+                          dfq_target=dfq.target)
+        log.write(record)
 
     def _log_eval(self, log: RunLog, started: float, write: bool = True) -> None:
         result = self.run_eval()

@@ -277,6 +277,8 @@ def test_cli_dfq_train_info_export(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (run / "model.onnx").exists() and (run / "model.gates.onnx").exists()
+    plots = subprocess.run(base + ["plot", str(run)], capture_output=True, text=True)
+    assert plots.returncode == 0 and (run / "dfq.png").exists() and (run / "layers.png").exists(), plots.stderr
     info = json.loads(subprocess.run(base + ["info", str(run), "--json"], capture_output=True, text=True).stdout)
     assert info["dfq"]["target"] == 2.5 and [u["name"] for u in info["dfq"]["units"]] == ["conv2", "fc1", "fc2"]
     out = tmp_path / "int8.onnx"
@@ -288,3 +290,26 @@ def test_cli_dfq_train_info_export(tmp_path):
                                  "dfq", "--dfq-candidates", "0,fp32", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "fp32" in bad.stderr
+
+
+def test_fractrain_experiment_small_form(tmp_path):
+    """tools/fractrain_experiment.py --small: every row trains, the table, JSON and plot are written."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--small", "--out", str(tmp_path), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = {row["row"]: row for row in json.loads(r.stdout)["rows"]}
+    assert set(rows) == {"fp32", "static", "pfq", "dfq", "fractrain"}
+    assert rows["fp32"]["percent_of_fp32"] == pytest.approx(100.0)
+    assert rows["static"]["bitops_saving_vs_static"] == 0.0
+    for name in ("pfq", "dfq", "fractrain"):  # cheaper than static 8/8 from the first step on
+        assert 0 < rows[name]["bitops"] < rows["static"]["bitops"], name
+    assert all(0 <= row["test_accuracy"] <= 1 and row["peak_rss_mb"] > 0 for row in rows.values())
+    assert set(rows["dfq"]["test_choices"]) == {"block0", "block1", "block2"}
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--rows", "fp32,sgd", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sgd" in bad.stderr
