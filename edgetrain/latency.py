@@ -14,6 +14,15 @@ import math
 import os
 
 from .errors import EdgetrainError
+from .precision import parse_precision
+
+
+def _canonical(where: str, layer: str, precision: str) -> str:
+    """One spelling per precision ("4/8:w4" and "4/8" are the same), as str(LayerPrecision) writes it."""
+    try:
+        return str(parse_precision(precision))
+    except EdgetrainError:
+        raise EdgetrainError(f"{where}: layer '{layer}': '{precision}' is not a precision (FW/BW[:wW] or fp32)") from None
 
 
 def read_cost_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -42,6 +51,6 @@ def read_cost_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
             total = float(times["forward_s"]) + float(back)
             if not math.isfinite(total) or total < 0:
                 raise EdgetrainError(f"{where}: '{layer}' at '{precision}': timings must be finite and >= 0")
-            row[str(precision)] = total
+            row[_canonical(where, layer, str(precision))] = total
         table[str(layer)] = row
     return table

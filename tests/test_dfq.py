@@ -313,3 +313,28 @@ def test_fractrain_experiment_small_form(tmp_path):
     bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--rows", "fp32,sgd", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sgd" in bad.stderr
+
+
+def test_a_measured_latency_table_is_the_cost(tmp_path):
+    """--dfq-cost-table: candidates cost what the profile measured; every gated layer needs its entries."""
+    import json
+
+    from edgetrain.latency import read_cost_table
+
+    m = _resnet8()
+    m.set_precision("8/8")
+    layers = [f"layer{s}.0.conv{i}" for s in (1, 2, 3) for i in (1, 2)]
+    table = {name: {"fp32": {"forward_s": 0.003, "backward_s": 0.007},
+                    "3/6:w4": {"forward_s": 0.002, "backward_s": 0.004},
+                    "8/8": {"forward_s": 0.004, "backward_s": None}} for name in layers}
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(table))
+    d = m.enable_dfq(DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
+    assert d.candidate_percent()["block1"] == {"skip": 0.0, "3/6": pytest.approx(60.0)}
+    del table["layer2.0.conv2"]["3/6:w4"]
+    path.write_text(json.dumps(table))
+    with pytest.raises(EdgetrainError, match="layer2.0.conv2.*3/6:w4"):
+        _resnet8().enable_dfq(DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
+    path.write_text('{"conv1": {"fast": {"forward_s": 1}}}')
+    with pytest.raises(EdgetrainError, match="'fast' is not a precision"):
+        read_cost_table(path)
