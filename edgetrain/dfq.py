@@ -449,6 +449,11 @@ class GatedUnit(Op):
         skip = np.array([dfq.candidates[k].skip for k in range(len(dfq.candidates))])[choice]
         order = np.argsort(choice, kind="stable")
         order = order[~skip[order]]  # executing samples, grouped by candidate
+        # Every sample running, already in order (one candidate for all, say): plain slices, no copies.
+        whole = len(order) == len(choice) and bool((order == np.arange(len(order))).all())
+        if whole:
+            order = slice(None)
+        n_exec = x.shape[0] if whole else len(order)
         groups = []
         start = 0
         for k, count in enumerate(np.bincount(choice[order], minlength=len(dfq.candidates))):
@@ -458,7 +463,7 @@ class GatedUnit(Op):
         tape: list = []
         updates: dict[int, np.ndarray] = {}
         r = None
-        if len(order):
+        if n_exec:
             env = {u.fork: x[order], **externals}
             for node in u.branch:
                 args = [env[i] if i else None for i in node.inputs]
@@ -469,7 +474,7 @@ class GatedUnit(Op):
                         (y,), ctx = op.forward([args[0][sl]] + args[1:], training)
                         dfq.kernel_calls += 1
                         if out is None:
-                            out = np.empty((len(order),) + y.shape[1:], y.dtype)
+                            out = np.empty((n_exec,) + y.shape[1:], y.dtype)
                         out[sl] = y
                         ctxs.append((k, sl, op, ctx))
                     env[node.outputs[0]] = out
@@ -486,31 +491,36 @@ class GatedUnit(Op):
                 tape.append((node, op, ctx))
             r = env[u.branch_output]
         if u.shortcut is not None:
-            y = np.array(shortcut, copy=True)
-            if r is not None:
-                y[order] += r
+            if whole:
+                y = shortcut + r
+            else:
+                y = np.array(shortcut, copy=True)
+                if r is not None:
+                    y[order] += r
+        elif whole:
+            y = r
         else:
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
-        return [y], (gctx, choice, order, tape, r, updates, x.shape, x.dtype, gate_params, shared)
+        return [y], (gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared)
 
     def buffer_updates(self, ctx):
-        return ctx[5]
+        return ctx[6]
 
     # -- backward ----------------------------------------------------------------------------------
     def backward(self, ctx, grads):
         dfq, u = self.dfq, self.unit
-        gctx, choice, order, tape, r, _, x_shape, dtype, gate_params, shared = ctx
+        gctx, choice, order, n_exec, tape, r, _, x_shape, dtype, gate_params, shared = ctx
         dout = grads[0]
         out: list[np.ndarray | None] = [None] * len(self.node.inputs)
-        dx = np.zeros(x_shape, dtype)
+        branch_dx = None
         k_count = len(dfq.candidates)
         d_onehot = np.zeros((x_shape[0], k_count), dtype)
-        if len(order):
+        if n_exec:
             dr = dout[order]
             inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
-            contribution = (dr.reshape(len(order), -1) * r.reshape(len(order), -1)).sum(axis=1)
+            contribution = np.einsum("ij,ij->i", dr.reshape(n_exec, -1), r.reshape(n_exec, -1))
             computing = np.array([not c.skip for c in dfq.candidates])
             d_onehot[order] = contribution[:, None] * computing[None, :]
             for node, op, nctx in reversed(tape):
@@ -518,7 +528,7 @@ class GatedUnit(Op):
                 if g_out[0] is None:
                     continue
                 if op is None:
-                    gins = self._mac_backward(node, nctx, g_out[0], len(order))
+                    gins = self._mac_backward(node, nctx, g_out[0], n_exec)
                 else:
                     gins = op.backward(nctx, g_out)
                 for name, g in zip(node.inputs, gins):
@@ -530,7 +540,7 @@ class GatedUnit(Op):
                         pos = self.node.inputs.index(name)
                         out[pos] = g if out[pos] is None else out[pos] + g
             if u.fork in inner:
-                dx[order] = inner[u.fork]
+                branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
         allowed = list(dfq.unit_candidates[u.index])
         probs = np.zeros_like(gctx.probs)
@@ -542,7 +552,13 @@ class GatedUnit(Op):
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
         dxg, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
         dfq.dstate = (dh_prev, dc_prev)
-        dx += dxg
+        if branch_dx is None:
+            dx = np.array(dxg, dtype)
+        elif isinstance(order, slice):
+            dx = branch_dx + dxg
+        else:
+            dx = np.array(dxg, dtype)
+            dx[order] += branch_dx
         out[0] = dx
         if u.shortcut is not None:
             out[1] = dout
