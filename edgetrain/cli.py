@@ -110,7 +110,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pfq-alpha", type=NON_NEGATIVE_FLOAT, metavar="A", help="eps shrinks by this factor per switch (0.3)")
     p.add_argument("--pfq-window", type=POSITIVE_INT, metavar="N", help="periods compared (5)")
     p.add_argument("--pfq-normaliser-periods", type=POSITIVE_INT, metavar="N", help="periods the normaliser averages (10)")
-    p.add_argument("--pfq-alpha-delay", type=NON_NEGATIVE_INT, metavar="N", help="switches before alpha applies (2)")
+    p.add_argument("--pfq-alpha-switches", type=NON_NEGATIVE_INT, metavar="N", help="eps shrinks by alpha after each of the first N switches (2)")
     d = t.add_argument_group("dfq", "dynamic fractional quantisation (--schedule dfq, fractrain); defaults are FracTrain's")
     d.add_argument("--dfq-candidates", type=_str_list, metavar="FW/BW,...",
                    help="the gates' choices, 0 = skip the block (default 0,3/6,4/6,4/8,6/8,6/12)")

@@ -97,7 +97,7 @@ class TrainConfig:
     pfq_alpha: float = 0.3
     pfq_window: int = 5
     pfq_normaliser_periods: int = 10
-    pfq_alpha_delay: int = 2
+    pfq_alpha_switches: int = 2
     # DFQ (--schedule dfq, fractrain): defaults are FracTrain's CIFAR ones, see edgetrain/dfq.py
     dfq_candidates: list[str] | None = None
     dfq_weight_bits: int = 4
@@ -127,7 +127,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _KIND: dict[str, tuple[str, ...]] = {
     "str": ("model", "data", "schedule", "bits", "optimizer", "lr_schedule", "out", "dfq_ungated", "dfq_cost_table"),
     "int": ("steps", "epochs", "batch_size", "seed", "warmup_steps", "eval_every", "checkpoint_every", "keep",
-            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_delay",
+            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_switches",
             "dfq_weight_bits"),
     "float": ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing", "val_fraction",
               "pfq_eps", "pfq_alpha", "dfq_target", "dfq_beta"),

@@ -68,7 +68,7 @@ def make_controller(config: TrainConfig) -> PrecisionController:
                                    ungated=config.dfq_ungated, period_steps=config.pfq_period,
                                    switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
                                    eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
-                                   normaliser_periods=config.pfq_normaliser_periods, alpha_delay=config.pfq_alpha_delay)
+                                   normaliser_periods=config.pfq_normaliser_periods, alpha_switches=config.pfq_alpha_switches)
     if config.schedule == "pfq":
         from .pfq import DEFAULT_STAGES, PFQController
 
@@ -77,7 +77,7 @@ def make_controller(config: TrainConfig) -> PrecisionController:
         return PFQController(stages=tuple(config.pfq_stages or DEFAULT_STAGES), period_steps=config.pfq_period,
                              switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
                              eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
-                             normaliser_periods=config.pfq_normaliser_periods, alpha_delay=config.pfq_alpha_delay)
+                             normaliser_periods=config.pfq_normaliser_periods, alpha_switches=config.pfq_alpha_switches)
     if not config.precision_overrides:
         return FixedController(config.precision_spec)
     return FixedController({"default": config.precision_spec, "overrides": dict(config.precision_overrides)})

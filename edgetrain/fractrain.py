@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import EdgetrainError
-from .pfq import DEFAULT_ALPHA, DEFAULT_ALPHA_DELAY, DEFAULT_EPS, DEFAULT_NORMALISER_PERIODS, DEFAULT_WINDOW, PFQController
+from .pfq import DEFAULT_ALPHA, DEFAULT_ALPHA_SWITCHES, DEFAULT_EPS, DEFAULT_NORMALISER_PERIODS, DEFAULT_WINDOW, PFQController
 
 DEFAULT_TARGETS = (1.5, 2.0, 2.5, 3.0)  # percent of the gated layers' fp32 training cost (FracTrain, CIFAR)
 
@@ -20,7 +20,7 @@ class FracTrainController:
     def __init__(self, targets: tuple[float, ...] = DEFAULT_TARGETS, ungated: str = "8/8", period_steps: int = 400,
                  switch_steps: tuple[int, ...] | None = None, eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA,
                  window: int = DEFAULT_WINDOW, normaliser_periods: int = DEFAULT_NORMALISER_PERIODS,
-                 alpha_delay: int = DEFAULT_ALPHA_DELAY):
+                 alpha_switches: int = DEFAULT_ALPHA_SWITCHES):
         if not targets:
             raise EdgetrainError("fractrain: at least one cost target is needed")
         self.targets = tuple(float(t) for t in targets)
@@ -28,7 +28,7 @@ class FracTrainController:
         # The indicator is PFQ's, run over placeholder stages: one per target.
         self.indicator = PFQController(stages=tuple("8/8" for _ in self.targets), period_steps=period_steps,
                                        switch_steps=switch_steps, eps=eps, alpha=alpha, window=window,
-                                       normaliser_periods=normaliser_periods, alpha_delay=alpha_delay)
+                                       normaliser_periods=normaliser_periods, alpha_switches=alpha_switches)
 
     @property
     def precision(self) -> dict:

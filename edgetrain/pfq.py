@@ -4,8 +4,8 @@ Two modes. Manual: switch to the next stage at given steps. Automatic, FracTrain
 rule: once per evaluation period take the period's mean training loss L_e; the normaliser S is the
 mean of L_1..L_e, frozen after `normaliser_periods` periods; a window keeps the last `window` values,
 and once it is full, d_i = |L_i - L_newest| / S for the older ones; if every d_i <= eps the loss has
-flattened: move to the next stage, clear the window, and multiply eps by alpha (the reference starts
-doing that only after its first two switches: `alpha_delay`). Every constant of the reference is a
+flattened: move to the next stage, clear the window, and multiply eps by alpha (the reference does
+that after its first two switches only: `alpha_switches`). Every constant of the reference is a
 parameter here, with the reference's value as default, and every switch is logged.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ DEFAULT_EPS = 0.05  # the paper's README; the reference scripts default to 0.15
 DEFAULT_ALPHA = 0.3  # the paper's README; the reference scripts default to 0.4
 DEFAULT_WINDOW = 5
 DEFAULT_NORMALISER_PERIODS = 10
-DEFAULT_ALPHA_DELAY = 2
+DEFAULT_ALPHA_SWITCHES = 2
 
 
 @dataclass
@@ -51,7 +51,7 @@ class PFQController:
     alpha: float = DEFAULT_ALPHA
     window: int = DEFAULT_WINDOW
     normaliser_periods: int = DEFAULT_NORMALISER_PERIODS
-    alpha_delay: int = DEFAULT_ALPHA_DELAY
+    alpha_switches: int = DEFAULT_ALPHA_SWITCHES
     # run state
     stage: int = 0
     current_eps: float | None = None
@@ -123,7 +123,7 @@ class PFQController:
         eps_used = self.current_eps
         self.stage += 1
         self.recent.clear()
-        if len(self.switches) + 1 > self.alpha_delay:
+        if len(self.switches) < self.alpha_switches:  # FracTrain tightens eps at its first two turning points only
             self.current_eps *= self.alpha
         self.switches.append(Switch(step, self.stage, self.precision, window, eps_used, reason))
         return self.precision
@@ -149,4 +149,4 @@ class PFQController:
         return {"stages": list(self.stages), "period_steps": self.period_steps,
                 "switch_steps": None if self.switch_steps is None else list(self.switch_steps),
                 "eps": self.eps, "alpha": self.alpha, "window": self.window,
-                "normaliser_periods": self.normaliser_periods, "alpha_delay": self.alpha_delay}
+                "normaliser_periods": self.normaliser_periods, "alpha_switches": self.alpha_switches}

@@ -41,27 +41,30 @@ def test_falling_loss_does_not_switch_and_the_rule_uses_the_normaliser():
     assert feed(ctrl2, [1.30, 1.28, 1.27, 1.26, 1.26]) == [(4, "4/6")]
 
 
-def test_eps_shrinks_by_alpha_only_after_the_delay():
-    ctrl = PFQController(period_steps=1, eps=0.1, alpha=0.5, alpha_delay=2)
+def test_eps_shrinks_by_alpha_after_the_first_two_switches_only():
+    """FracTrain tightens the threshold at its first and second turning points, not later ones."""
+    ctrl = PFQController(stages=("3/6", "4/6", "6/8", "8/8", "8/12"), period_steps=1, eps=0.1, alpha=0.5,
+                         alpha_switches=2)
     feed(ctrl, [1.0] * 5)
-    assert ctrl.current_eps == 0.1  # first switch: no alpha yet
+    assert ctrl.current_eps == pytest.approx(0.05)  # first switch: alpha applies
     feed(ctrl, [1.0] * 5, start=5)
-    assert ctrl.current_eps == 0.1  # second switch: still none
+    assert ctrl.current_eps == pytest.approx(0.025)  # second switch: again
     feed(ctrl, [1.0] * 5, start=10)
-    assert ctrl.current_eps == pytest.approx(0.05)  # third switch: alpha applies
-    assert ctrl.finished and ctrl.precision == "8/8"
-    assert [s.eps for s in ctrl.switches] == [0.1, 0.1, 0.1]
-    assert feed(ctrl, [1.0] * 10, start=15) == []  # the last stage stays
+    assert ctrl.current_eps == pytest.approx(0.025)  # third: no more
+    assert [s.eps for s in ctrl.switches] == pytest.approx([0.1, 0.05, 0.025])
+    feed(ctrl, [1.0] * 5, start=15)
+    assert ctrl.finished and ctrl.precision == "8/12"
+    assert feed(ctrl, [1.0] * 10, start=20) == []  # the last stage stays
 
 
-def test_alpha_delay_zero_applies_alpha_from_the_first_switch():
-    ctrl = PFQController(period_steps=1, eps=0.1, alpha=0.5, alpha_delay=0)
+def test_alpha_switches_zero_never_shrinks_eps():
+    ctrl = PFQController(period_steps=1, eps=0.1, alpha=0.5, alpha_switches=0)
     feed(ctrl, [1.0] * 5)
-    assert ctrl.current_eps == pytest.approx(0.05)
+    assert ctrl.current_eps == 0.1
 
 
 def test_tighter_eps_after_a_switch_needs_a_flatter_loss():
-    ctrl = PFQController(period_steps=1, eps=0.1, alpha=0.1, alpha_delay=0)
+    ctrl = PFQController(period_steps=1, eps=0.1, alpha=0.1)
     feed(ctrl, [1.0] * 5)  # switch; eps -> 0.01
     wobbly = [1.0, 0.97, 1.0, 0.97, 1.0]  # d = 0.03: under 0.1, over 0.01
     assert feed(ctrl, wobbly, start=5) == []
