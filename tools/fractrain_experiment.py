@@ -8,6 +8,13 @@ steps, each in its own process (so peak memory is that row's), then evaluates on
 The table gives test accuracy, BitOPs as % of fp32 and as a saving against static 8/8, measured
 training wall time (and its ratio to static 8/8), and peak resident memory. It is printed, saved as
 JSON and drawn as a PNG.
+
+The full form adds "dfq-time": DFQ whose cost is this host's measured time instead of BitOPs. The
+model is first profiled through a simulated board (`edgetrain profile --simulate`, the agent running
+here) at fp32, 8/8 and every candidate; the latency table goes to `--dfq-cost-table`, and the target
+is `--time-fraction` of the gated layers' static 8/8 time. On a CPU whose integer unit is 8 bits wide
+every candidate up to 8 bits costs about what 8/8 costs, so this is the row where the gates learn to
+skip.
 """
 from __future__ import annotations
 
@@ -28,8 +35,11 @@ from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: 
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
 
-ROWS = ("fp32", "static", "pfq", "dfq", "fractrain")
-LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain"}
+ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time")
+LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
+          "dfq-time": "DFQ, measured-time cost"}
+SMALL_ROWS = ROWS[:5]
+PROFILE_STEPS = 5  # timed steps per precision when measuring the host's latency table
 MODELS = ("resnet8", "resnet14", "resnet20", "lenet5")
 SMALL = {"steps": 12, "period": 2, "batch_size": 16}
 WARMUP_STEPS = 3
@@ -47,7 +57,10 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
     if row in ("dfq", "fractrain"):
         extra.update(dfq_target=args.target)
-    config = TrainConfig(schedule=row, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+    if row == "dfq-time":
+        # DFQ with the host's measured per-layer latencies as its cost, so the target is a share of time.
+        extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table)
+    config = TrainConfig(schedule="dfq" if row == "dfq-time" else row, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
     validate(config)
@@ -101,12 +114,52 @@ def _child(row: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
            "--period", str(args.period), "--eps", str(args.eps), "--alpha", str(args.alpha),
-           "--target", str(args.target)]
+           "--target", str(args.target), "--time-target", str(args.time_target)]
+    if args.cost_table:
+        cmd += ["--cost-table", args.cost_table]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise EdgetrainError(f"row {row} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _model_file(args: argparse.Namespace, folder: Path) -> Path:
+    import models
+    from edgetrain.data import load_data
+
+    shape = load_data("digits", seed=args.seed, val_fraction=0.1).train.x.shape[1:]
+    kwargs = {"num_classes": 10, "seed": args.seed}
+    if args.model.startswith("resnet"):
+        kwargs.update(in_channels=shape[0], input_size=shape[1])
+    path = folder / f"{args.model}.onnx"
+    models.save_model(models.build_model(args.model, **kwargs), path)
+    return path
+
+
+def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]:
+    """Profile the model on this host (edgetrain profile --simulate: the board agent runs here) at fp32,
+    8/8 and every DFQ candidate; returns the latency table's path and the gated layers' 8/8 time as a
+    percentage of their fp32 time."""
+    from edgetrain.dfq import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, parse_candidates
+    from edgetrain.latency import read_cost_table
+
+    model = _model_file(args, folder)
+    table = folder / "latency.json"
+    table.unlink(missing_ok=True)
+    specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS)
+                               if not c.skip]
+    for spec in specs:
+        cmd = [sys.executable, "-m", "edgetrain.cli", "profile", str(model), "--simulate", "--precision", spec,
+               "--batch-size", str(args.batch_size), "--steps", str(PROFILE_STEPS), "--warmup", "2",
+               "--latency-table", str(table), "--out", str(folder / "profile"), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise EdgetrainError(f"profiling at {spec} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    costs = read_cost_table(table)
+    gated = [name for name in costs if ".conv" in name and name.startswith("layer")]
+    share = 100.0 * sum(costs[n]["8/8"] for n in gated) / sum(costs[n]["fp32"] for n in gated)
+    return str(table), share
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -168,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=POSITIVE_FLOAT, default=0.05)
     p.add_argument("--alpha", type=POSITIVE_FLOAT, default=0.3)
     p.add_argument("--target", type=POSITIVE_FLOAT, default=3.0, help="DFQ's cost target, percent")
+    p.add_argument("--time-fraction", type=POSITIVE_FLOAT, default=0.6,
+                   help="dfq-time row: target time of the gated layers as a fraction of their static 8/8 time")
+    p.add_argument("--time-target", type=POSITIVE_FLOAT, default=50.0, help=argparse.SUPPRESS)
+    p.add_argument("--cost-table", help=argparse.SUPPRESS)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
     p.add_argument("--small", action="store_true", help="the CI form: few steps")
     p.add_argument("--out", default="fractrain-experiment", help="folder for results.json and results.png")
@@ -180,20 +237,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.small:
             args.steps, args.period, args.batch_size = SMALL["steps"], SMALL["period"], SMALL["batch_size"]
+            if args.rows == ",".join(ROWS):
+                args.rows = ",".join(SMALL_ROWS)
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         bad = [r for r in rows if r not in ROWS]
         if bad or not rows:
             raise EdgetrainError(f"--rows: unknown {', '.join(bad) or '(none given)'}; valid: {', '.join(ROWS)}")
         from tqdm import tqdm
 
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if "dfq-time" in rows:
+            args.cost_table, share = measure_latency(args, out)
+            args.time_target = args.time_fraction * share
         results = []
         for row in tqdm(rows, desc="runs", disable=args.json or not sys.stderr.isatty()):
             results.append(_child(row, args))
         results = summarise(results)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "seed", "lr", "period", "eps",
-                                                   "alpha", "target")}
+                                                   "alpha", "target", "time_target", "cost_table")}
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")
         print(json.dumps({"settings": settings, "rows": results}) if args.json else format_table(results))
