@@ -151,7 +151,6 @@ class DFQ:
         if not self.units:
             raise EdgetrainError(f"{graph.source}: DFQ found no residual block and no MAC layer to gate "
                                  "(the stem and the classifier are never gated)")
-        self.has_blocks = bool(blocks)
         # Units without a shortcut cannot skip: their gates choose among the computing candidates only.
         self.unit_candidates = {u.index: tuple(i for i, c in enumerate(self.candidates) if u.shortcut or not c.skip)
                                 for u in self.units}
@@ -182,7 +181,8 @@ class DFQ:
         from .engine import Executor
 
         shape = tuple(1 if d is None else d for d in model.input_shape)
-        env, _ = Executor(model.graph, model._float_ops).forward({model.input_name: np.zeros(shape, model.dtype)}, model._state(), False)
+        feeds = {model.input_name: np.zeros(shape, model.dtype)}
+        env, _ = Executor(model.graph, model._float_ops).forward(feeds, model._state(), False)
         self.channels, self.spatial_dims = [], []
         for u in self.units:
             self.channels.append(int(env[u.fork].shape[1]))

@@ -81,7 +81,8 @@ def _plan(model: Model, gated_bits: str | None = None) -> list[_LayerPlan]:
             prec, key, unsigned = model.precision[node.name], node.name, op.unsigned_input
         running = model.runtime.act_ranges.get(key)
         if running is None or not running.value:
-            raise ModelError(f"layer '{node.name}' has no running activation range{' at ' + key.split('@')[1] if '@' in key else ''}: "
+            where = f" at {key.split('@')[1]}" if "@" in key else ""  # a DFQ candidate's own range
+            raise ModelError(f"layer '{node.name}' has no running activation range{where}: "
                              "train at least one step in this precision before an int8 export")
         # Gemm with transB and Conv store (out, ...); Gemm without transB and MatMul store (in, out).
         stores_rows = node.op_type == "Conv" or (node.op_type == "Gemm" and node.attrs.get("transB", 0))
