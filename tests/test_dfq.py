@@ -338,3 +338,29 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
     path.write_text('{"conv1": {"fast": {"forward_s": 1}}}')
     with pytest.raises(EdgetrainError, match="'fast' is not a precision"):
         read_cost_table(path)
+
+
+def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path):
+    """edgetrain profile --simulate --latency-table at fp32 and at a candidate, then train dfq on that table."""
+    import json
+    import subprocess
+    import sys
+
+    model = tmp_path / "r8.onnx"
+    models.save_model(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=28, width=8), model)
+    table = tmp_path / "latency.json"
+    base = [sys.executable, "-m", "edgetrain.cli"]
+    for spec in ("fp32", "4/8:w4"):
+        r = subprocess.run(base + ["profile", str(model), "--simulate", "--precision", spec, "--batch-size", "4",
+                                   "--steps", "2", "--warmup", "1", "--latency-table", str(table),
+                                   "--out", str(tmp_path / "profile"), "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert set(json.loads(table.read_text())["layer1.0.conv1"]) == {"fp32", "4/8:w4"}
+    r = subprocess.run(base + ["train", str(model), "--data", "digits", "--schedule", "dfq", "--dfq-candidates", "0,4/8",
+                               "--dfq-cost-table", str(table), "--dfq-target", "50", "--steps", "3", "--batch-size",
+                               "8", "--out", str(tmp_path / "run"), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(subprocess.run(base + ["info", str(tmp_path / "run"), "--json"], capture_output=True,
+                                     text=True).stdout)
+    measured = info["dfq"]["candidate_percent"]["block0"]["4/8"]
+    assert 0 < measured and measured != pytest.approx(100 * 80 / 3072)  # the table's time share, not BitOPs
