@@ -308,7 +308,7 @@ def test_fractrain_experiment_small_form(tmp_path):
     for name in ("pfq", "dfq", "fractrain"):  # cheaper than static 8/8 from the first step on
         assert 0 < rows[name]["bitops"] < rows["static"]["bitops"], name
     assert all(0 <= row["test_accuracy"] <= 1 and row["peak_rss_mb"] > 0 for row in rows.values())
-    assert set(rows["dfq"]["test_choices"]) == {"block0", "block1", "block2"}
+    assert set(rows["dfq"]["runs"][0]["test_choices"]) == {"block0", "block1", "block2"}
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--rows", "fp32,sgd", "--out", str(tmp_path)],
                          capture_output=True, text=True)

@@ -162,23 +162,38 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     return str(table), share
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Add the savings against static 8/8 and the time ratio to each row."""
-    static = next((r for r in rows if r["row"] == "static"), None)
-    for r in rows:
-        if static:
-            r["bitops_saving_vs_static"] = 100.0 * (1 - r["bitops"] / static["bitops"])
-            r["accuracy_delta_vs_static"] = 100.0 * (r["test_accuracy"] - static["test_accuracy"])
-            r["time_ratio_vs_static"] = r["train_seconds"] / static["train_seconds"]
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per schedule: the mean over seeds of every figure (with the accuracies of each seed), and
+    the savings against static 8/8 and the time ratio, each taken within a seed and then averaged."""
+    static = {r["seed"]: r for r in runs if r["row"] == "static"}
+    for r in runs:
+        base = static.get(r["seed"])
+        if base:
+            r["bitops_saving_vs_static"] = 100.0 * (1 - r["bitops"] / base["bitops"])
+            r["accuracy_delta_vs_static"] = 100.0 * (r["test_accuracy"] - base["test_accuracy"])
+            r["time_ratio_vs_static"] = r["train_seconds"] / base["train_seconds"]
+    rows = []
+    for name in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == name]
+        row = {"row": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
+               "accuracy_per_seed": [r["test_accuracy"] for r in mine], "runs": mine}
+        for key in ("test_accuracy", "bitops", "fp32_bitops", "percent_of_fp32", "train_seconds", "peak_rss_mb",
+                    "bitops_saving_vs_static", "accuracy_delta_vs_static", "time_ratio_vs_static"):
+            if all(key in r for r in mine):
+                row[key] = sum(r[key] for r in mine) / len(mine)
+        rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The experiment as a Markdown table."""
-    head = "| run | test acc. | Δ acc. vs 8/8 | BitOPs % of fp32 | BitOPs saving vs 8/8 | train time | time vs 8/8 | peak RSS |"
+    head = ("| run | test acc. (per seed) | Δ acc. vs 8/8 | BitOPs % of fp32 | BitOPs saving vs 8/8 | train time "
+            "| time vs 8/8 | peak RSS |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['label']} | {100 * r['test_accuracy']:.2f}% | {r.get('accuracy_delta_vs_static', 0):+.2f} pt "
+        each = "/".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"]) if len(r["accuracy_per_seed"]) > 1 else ""
+        lines.append(f"| {r['label']} | {100 * r['test_accuracy']:.2f}%{f' ({each})' if each else ''} "
+                     f"| {r.get('accuracy_delta_vs_static', 0):+.2f} pt "
                      f"| {r['percent_of_fp32']:.2f}% | {r.get('bitops_saving_vs_static', 0):.1f}% "
                      f"| {r['train_seconds']:.1f} s | {r.get('time_ratio_vs_static', 0):.2f}x | {r['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
@@ -209,6 +224,16 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds >= 0, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run every row (each in its own process), print and save the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -216,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=POSITIVE_INT, default=600)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--seeds", type=_seed_list, help="comma list of seeds: every row runs once per seed, the table "
+                                                  "gives means")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.05)
     p.add_argument("--period", type=POSITIVE_INT, default=20, help="steps per PFQ/FracTrain loss period")
     p.add_argument("--eps", type=POSITIVE_FLOAT, default=0.05)
@@ -250,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         if "dfq-time" in rows:
             args.cost_table, share = measure_latency(args, out)
             args.time_target = args.time_fraction * share
-        results = []
-        for row in tqdm(rows, desc="runs", disable=args.json or not sys.stderr.isatty()):
-            results.append(_child(row, args))
-        results = summarise(results)
-        settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "seed", "lr", "period", "eps",
+        seeds = args.seeds or [args.seed]
+        runs = []
+        jobs = [(row, seed) for seed in seeds for row in rows]
+        for row, seed in tqdm(jobs, desc="runs", disable=args.json or not sys.stderr.isatty()):
+            runs.append({**_child(row, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed})
+        results = summarise(runs)
+        settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "period", "eps",
                                                    "alpha", "target", "time_target", "cost_table")}
+        settings["seeds"] = seeds
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")
         print(json.dumps({"settings": settings, "rows": results}) if args.json else format_table(results))
