@@ -15,13 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import list_checkpoints
-from .config import CONFIG_JSON, TrainConfig
+from .config import TrainConfig
 from .data import Split, load_data
 from .export import compare_with_engine, export_int8, export_onnx
-from .runlog import LOG_NAME
 from .runstate import build_model
-from .trainer import Trainer, evaluate
+from .trainer import Trainer, clear_run_dir, evaluate
 
 DEMO_MODEL = "lenet5_digits.onnx"
 BATCH_SIZE = 64
@@ -52,20 +50,12 @@ def rotated_split(split: Split) -> Split:
                                test=dataclasses.replace(split.test, x=rotated(split.test.x)))
 
 
-def _fresh_run_dir(path: Path) -> None:
-    """Remove what an earlier demo left in its own run folder, so each demo starts a new run."""
-    if not path.is_dir():
-        return
-    for _, ckpt in list_checkpoints(path):
-        ckpt.unlink()
-    for name in (LOG_NAME, CONFIG_JSON):
-        (path / name).unlink(missing_ok=True)
 
 
 def _train(label: str, schedule: str, bits: str | None, split: Split, upright, steps: int, seed: int,
            out_dir: str, progress: bool):
     run_dir = Path(out_dir) / "runs" / label.replace(" ", "-").replace("/", "-")
-    _fresh_run_dir(run_dir)
+    clear_run_dir(run_dir)
     # data stays unset: the rotated digits exist only inside the demo, no --data spec names them.
     config = TrainConfig(model=demo_model_path(), data=None, schedule=schedule, bits=bits, steps=steps,
                          batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE, momentum=MOMENTUM,

@@ -20,14 +20,15 @@ SMOOTHING_STEPS = 20  # window of the moving average drawn over the raw loss
 FIGURE_DPI = 120
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a one-line error naming the extra to install."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: no display on a board or in CI
         import matplotlib.pyplot as plt
     except ImportError:
-        raise EdgetrainError("edgetrain plot needs matplotlib: pip install 'edgetrain[plot]'") from None
+        raise EdgetrainError("plots need matplotlib: pip install 'edgetrain[plot]'") from None
     return plt
 
 
@@ -63,7 +64,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     changes = [e for e in entries if e.get("type") == "layers"]
     out = Path(out_dir) if out_dir is not None else run
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     written = []
 
     x = np.array([e["step"] for e in steps])

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
-from .config import (DEFAULT_EPOCHS, DEFAULT_MILESTONE_FRACTIONS, SGD_DEFAULT_MOMENTUM, TrainConfig,
+from .config import (CONFIG_JSON, DEFAULT_EPOCHS, DEFAULT_MILESTONE_FRACTIONS, SGD_DEFAULT_MOMENTUM, TrainConfig,
                      write_config_json)
 from .control import PrecisionController, PrecisionSpec, make_controller
 from .data import Loader, Split, check_fits, iterate_eval
@@ -83,6 +83,17 @@ def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) 
         correct += int((logits.argmax(axis=1) == y).sum())
     n = len(dataset)
     return {"loss": total_loss / n, "accuracy": correct / n, "samples": n}
+
+
+def clear_run_dir(path: str | Path) -> None:
+    """Remove an earlier run's checkpoints, log and config from a folder a tool reuses for each new run."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for _, ckpt in list_checkpoints(path):
+        ckpt.unlink()
+    for name in (LOG_NAME, CONFIG_JSON):
+        (path / name).unlink(missing_ok=True)
 
 
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:

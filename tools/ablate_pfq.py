@@ -41,14 +41,14 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
 from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.checkpoint import list_checkpoints  # noqa: E402
-from edgetrain.config import CONFIG_JSON, TrainConfig  # noqa: E402
+from edgetrain.config import TrainConfig  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
 from edgetrain.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,  # noqa: E402
                            DEFAULT_WINDOW)
 from edgetrain.precision import parse_precision  # noqa: E402
-from edgetrain.runlog import LOG_NAME  # noqa: E402
+from edgetrain.plot import pyplot  # noqa: E402
+from edgetrain.trainer import clear_run_dir  # noqa: E402
 
 PROG = "ablate_pfq"
 EXIT_USER_ERROR = 2
@@ -249,16 +249,6 @@ def warm_up(model, split, precisions: Sequence[str], batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def _clear_run_dir(path: Path) -> None:
-    """Remove what an earlier ablation left in this run's folder, so the Trainer starts a new run there."""
-    if not path.is_dir():
-        return
-    for _, ckpt in list_checkpoints(path):
-        ckpt.unlink()
-    for name in (LOG_NAME, CONFIG_JSON):
-        (path / name).unlink(missing_ok=True)
-
-
 def _num(value: float) -> str:
     return f"{value:g}"
 
@@ -276,7 +266,7 @@ def train_one(setup: Setup, split, name: str, *, progress: bool, bits: str | Non
     from edgetrain.trainer import Trainer
 
     run_dir = setup.out / name
-    _clear_run_dir(run_dir)
+    clear_run_dir(run_dir)
     pfq = eps is not None
     pfq_fields = {"pfq_eps": eps, "pfq_alpha": alpha, "pfq_alpha_switches": setup.alpha_switches} if pfq else {}
     config = TrainConfig(
@@ -337,17 +327,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "switch_counts": sorted({len(r["switch_steps"]) for r in done})}
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on a board or in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise EdgetrainError("the heatmap needs matplotlib: pip install 'edgetrain[plot]'") from None
-    return plt
-
-
 def _grid(result: dict[str, Any], key: str) -> np.ndarray:
     cells = {(r["alpha"], r["eps"]): r.get(key) for r in result["rows"]}
     return np.array([[np.nan if cells[(a, e)] is None else cells[(a, e)] for e in result["eps"]]
@@ -356,7 +335,7 @@ def _grid(result: dict[str, Any], key: str) -> np.ndarray:
 
 def plot_heatmaps(result: dict[str, Any], path: Path) -> None:
     """Two panels over (eps, alpha): accuracy minus static in points, and BitOPs saved against static (%)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
     delta, saving = _grid(result, "accuracy_delta_points"), _grid(result, "bitops_saving_percent")
@@ -390,7 +369,7 @@ def plot_heatmaps(result: dict[str, Any], path: Path) -> None:
 
 def run_ablation(setup: Setup, *, progress: bool = True) -> dict[str, Any]:
     """Train the references and every grid cell; write the JSON and the heatmap; return the result."""
-    _pyplot()  # a missing matplotlib should stop us before minutes of training, not after
+    pyplot()  # a missing matplotlib should stop us before minutes of training, not after
     try:
         setup.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
