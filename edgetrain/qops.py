@@ -21,8 +21,9 @@ import numpy as np
 
 from . import kernels
 from .graph import Node
+from .kernels.rescale import rescale_planes
 from .ops.base import Op, unbroadcast
-from .ops.norm_kernels import rescale_channels, rescale_flat
+from .ops.norm_kernels import rescale_flat
 from .ops.windows import geometry
 from .precision import LayerPrecision
 from .quant import RunningRange, quantize
@@ -107,10 +108,14 @@ class QuantConv(QuantMAC):
         args = self._conv_args(x.shape, w.shape)
         xq = self._quantize_input(x, training)
         wq = self._quantize_weight(w)
-        acc = kernels.conv2d_forward(xq.q, wq.q, **args, bounds=(_bound(xq), _bound(wq)))
         scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).astype(x.dtype)
-        y = np.empty(acc.shape, dtype=x.dtype)
-        rescale_channels(acc.reshape(acc.shape[0], acc.shape[1], -1), scale, y.reshape(acc.shape[0], acc.shape[1], -1))
+        bounds = (_bound(xq), _bound(wq))
+        if getattr(kernels, "RESCALES", False):  # the kernel rescales each chunk while it is in cache
+            y = kernels.conv2d_forward(xq.q, wq.q, **args, bounds=bounds, rescale=(scale, x.dtype))
+        else:
+            acc = kernels.conv2d_forward(xq.q, wq.q, **args, bounds=bounds)
+            y = np.empty(acc.shape, dtype=x.dtype)
+            rescale_planes(acc, scale, y)  # acc may be a strided view: read in place
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
         return [y], (xq, w, x.shape, args, b is not None, x.dtype)
@@ -123,7 +128,13 @@ class QuantConv(QuantMAC):
         dx = None
         if not self.skip_input_grad:
             vq = self._quantize_weight(w, per_channel=False)
-            dx = _rescaled(kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args, bounds=(_bound(dyq), _bound(vq))), dyq.scale, vq.scale, dtype)
+            bounds = (_bound(dyq), _bound(vq))
+            if getattr(kernels, "RESCALES", False):
+                scale = np.full(x_shape[1], _scale_product(dyq.scale, vq.scale, dtype), dtype=dtype)
+                dx = kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args, bounds=bounds, rescale=(scale, dtype))
+            else:
+                dx = _rescaled(kernels.conv2d_backward_data(dyq.q, vq.q, x_shape, **args, bounds=bounds),
+                               dyq.scale, vq.scale, dtype)
         out = [dx, dw]
         if has_bias:
             out.append(dy.sum(axis=(0, 2, 3)))
@@ -150,7 +161,7 @@ class QuantLinear(QuantMAC):
         scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).reshape(1, -1)
         alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
         beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
-        y = acc.astype(x.dtype) * scale.astype(x.dtype)
+        y = acc.astype(x.dtype, order="C") * scale.astype(x.dtype)  # acc may be a transposed view
         if alpha != 1.0:
             y *= x.dtype.type(alpha)
         if c is not None:
@@ -180,10 +191,23 @@ def _bound(t) -> int:
     return max(-t.qmin, t.qmax)
 
 
+def _scale_product(s_a, s_b, dtype):
+    """The float32 product of two per-tensor scales, as the output dtype's scalar."""
+    return dtype.type(np.float32(s_a) * np.float32(s_b))
+
+
 def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
-    """An integer accumulator times the float32 product of two per-tensor scales, in one pass."""
+    """An integer accumulator times the float32 product of two per-tensor scales, in one pass
+    (a 4-D accumulator may be a strided view: it is read in place, not copied first)."""
     out = np.empty(acc.shape, dtype=dtype)
-    rescale_flat(acc.reshape(-1), dtype.type(np.float32(s_a) * np.float32(s_b)), out.reshape(-1))
+    scale = _scale_product(s_a, s_b, dtype)
+    if acc.ndim == 4:
+        rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
+    elif acc.flags.c_contiguous:
+        rescale_flat(acc.reshape(-1), scale, out.reshape(-1))
+    else:  # e.g. a GEMM returned as a transposed view: read in place
+        rescale_planes(acc.reshape((1, 1) + acc.shape[-2:]) if acc.ndim == 2 else np.ascontiguousarray(acc),
+                       np.full(1, scale, dtype=dtype), out.reshape((1, 1) + out.shape[-2:]))
     return out
 
 

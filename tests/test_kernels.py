@@ -1,18 +1,37 @@
-"""The integer kernels against plain NumPy int64 references, bit for bit.
+"""The integer kernels against plain NumPy int64 references, bit for bit, on every backend.
 
 The references below are written independently of edgetrain.kernels (int64 matmul and per-tap
 einsum/scatter loops over a zero-padded input), so an error in the kernels' packing, phase
-decomposition or accumulator choice cannot cancel out.
+decomposition, zero-point encoding or accumulator choice cannot cancel out. Every test runs once
+per registered backend (the `backend` fixture), so each backend must give the reference's bits.
 """
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgetrain import kernels
 from edgetrain.graph import Node
+from edgetrain.kernels import ort_backend
 from edgetrain.kernels.bounds import INT32_MAX, accumulator_dtype, segment_length
 from edgetrain.ops.conv import Conv
 
 BITS = list(range(2, 17))
+BACKENDS = sorted(kernels._BACKENDS)
+
+
+@pytest.fixture(autouse=True, params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run the test on one backend, then restore the default. The vnni backend takes every weight
+    gradient itself here (in production small images go to onnxruntime), so the tests' small
+    shapes exercise its kernel."""
+    from edgetrain.kernels.vnni_backend import VnniBackend
+    monkeypatch.setattr(VnniBackend, "WGRAD_MIN_SPAN", 0)
+    previous = kernels.set_backend(request.param)
+    try:
+        yield kernels.get_backend()
+    finally:
+        kernels.set_backend(previous)
 
 
 # ------------------------------------------------------------------------------- references
@@ -358,3 +377,261 @@ def test_caller_bounds_give_the_same_exact_result_and_choose_the_accumulator():
         for j in range(3):
             ref[:, :, i, j] = np.einsum("nmhw,nchw->mc", dy.astype(np.int64), xp[:, :, i:i + 8, j:j + 8])
     np.testing.assert_array_equal(bounded, ref)
+
+
+# ------------------------------------------------------------------- backends: routes and probes
+
+
+def _operand(data, shape, bits, signed, mode):
+    """Random values at `bits`, or every value at the range's edge (qmax, -qmax, int8's -128)."""
+    top = qmax(bits, signed)
+    dt = signed_dtype(bits) if signed else (np.uint8 if bits <= 8 else np.uint16)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    if mode == "random":
+        return rng.integers(-top if signed else 0, top + 1, shape).astype(dt), top
+    edge = [top] if not signed else ([top, -top, -128] if bits == 8 else [top, -top])
+    return rng.choice(np.array(edge, np.int64), shape).astype(dt), max(top, 128 if signed and bits == 8 else 0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_conv_geometries_bit_widths_and_edge_values(backend, data):
+    """Randomised shapes, strides, pads, dilations, groups, signedness and bit-widths (8-bit most
+    often: that is where the backends differ), values random or all at the range's edge, with and
+    without caller bounds."""
+    groups = data.draw(st.sampled_from([1, 1, 1, 2]), label="groups")
+    n = data.draw(st.integers(1, 3), label="n")
+    c = groups * data.draw(st.integers(1, 5), label="c/g")
+    m = groups * data.draw(st.integers(1, 5), label="m/g")
+    kh, kw = data.draw(st.integers(1, 3), label="kh"), data.draw(st.integers(1, 3), label="kw")
+    sh, sw = data.draw(st.integers(1, 3), label="sh"), data.draw(st.integers(1, 3), label="sw")
+    dh, dw = data.draw(st.integers(1, 2), label="dh"), data.draw(st.integers(1, 2), label="dw")
+    pads = tuple(data.draw(st.integers(0, 2), label="pad") for _ in range(4))
+    h = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[2]), 9), label="h")
+    w = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[1] - pads[3]), 9), label="w")
+    bit_choice = st.sampled_from([8, 8, 8, 2, 5, 7, 9, 12, 16])
+    bits_x, bits_w, bits_g = (data.draw(bit_choice, label=f"bits_{t}") for t in "xwg")
+    x_signed = data.draw(st.booleans(), label="x signed")
+    mode = data.draw(st.sampled_from(["random", "edge"]), label="mode")
+    x, bx = _operand(data, (n, c, h, w), bits_x, x_signed, mode)
+    wt, bw = _operand(data, (m, c // groups, kh, kw), bits_w, True, mode)
+    args = ((sh, sw), pads, (dh, dw), groups)
+    kw_ = dict(stride=(sh, sw), pads=pads, dilation=(dh, dw), groups=groups)
+    want_y = ref_conv_forward(x, wt, *args)
+    dy, bg = _operand(data, want_y.shape, bits_g, True, mode)
+    with_bounds = data.draw(st.booleans(), label="bounds")
+    b = (lambda p, q: dict(bounds=(p, q))) if with_bounds else (lambda p, q: {})
+    assert_exact(kernels.conv2d_forward(x, wt, **kw_, **b(bx, bw)), want_y)
+    assert_exact(kernels.conv2d_backward_data(dy, wt, x.shape, **kw_, **b(bg, bw)),
+                 ref_conv_backward_data(dy, wt, x.shape, *args))
+    assert_exact(kernels.conv2d_backward_weight(dy, x, wt.shape, **kw_, **b(bg, bx)),
+                 ref_conv_backward_weight(dy, x, wt.shape, *args))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_gemm_shapes_signedness_and_edge_values(backend, data):
+    m, k, n = (data.draw(st.integers(1, 70), label=t) for t in "mkn")
+    mode = data.draw(st.sampled_from(["random", "edge"]), label="mode")
+    bits_a, bits_b = (data.draw(st.sampled_from([8, 8, 3, 11, 16]), label=t) for t in "ab")
+    a, ba = _operand(data, (m, k), bits_a, data.draw(st.booleans(), label="a signed"), mode)
+    b, bb = _operand(data, (k, n), bits_b, data.draw(st.booleans(), label="b signed"), mode)
+    assert_exact(kernels.gemm(a, b, bounds=(ba, bb)), ref_gemm(a, b))
+    assert_exact(kernels.gemm_nt(a, np.ascontiguousarray(b.T)), ref_gemm(a, b))
+    assert_exact(kernels.linear_backward_weight(a, a), ref_gemm(a.T, a))
+
+
+@pytest.mark.parametrize("raw_terms,chunk_bytes", [(40, 1 << 19), (10 ** 6, 1), (100, 1)])
+def test_short_int32_runs_split_reductions_and_chunks(backend, monkeypatch, raw_terms, chunk_bytes):
+    """With tiny int32 runs and chunks the onnxruntime backend splits GEMM reductions, cuts the
+    weight gradient into one-image runs, hands over-long convs to Numba and spreads one-image chunks
+    over every thread: still exact."""
+    from edgetrain.kernels import threads
+    monkeypatch.setattr(threads, "SMALL_WORK", 0)
+    monkeypatch.setattr(ort_backend, "RAW_TERMS", raw_terms)
+    monkeypatch.setattr(ort_backend, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(9)
+    a = random_operand(rng, (9, 130), 8)
+    b = random_operand(rng, (130, 7), 8, signed=False)
+    assert_exact(kernels.gemm(a, b), ref_gemm(a, b))
+    assert_exact(kernels.gemm(b.T.copy(), a.T.copy()), ref_gemm(b.T, a.T))
+    # (x shape, w shape, stride): 8-multiple widths and channels take the word-transpose path.
+    for x_shape, w_shape, stride in (((5, 3, 4, 4), (4, 3, 3, 3), 1), ((3, 8, 16, 16), (16, 8, 3, 3), 1),
+                                     ((3, 4, 9, 9), (8, 4, 3, 3), 2), ((2, 8, 16, 16), (8, 8, 1, 1), 2)):
+        for signed in (False, True):
+            x = random_operand(rng, x_shape, 8, signed=signed)
+            w = random_operand(rng, w_shape, 8)
+            pad = w_shape[2] // 2
+            kw = dict(stride=(stride, stride), pads=(pad,) * 4, dilation=(1, 1), groups=1)
+            dy = random_operand(rng, y_shape(x_shape, w_shape, kw), 8, signed=not signed)
+            check_all_conv_kernels(x, w, dy, kw)
+
+
+def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
+    """The onnxruntime backend really runs 8-bit products itself (no silent fallback), and passes
+    16-bit ones to Numba."""
+    pytest.importorskip("onnxruntime")
+    ort = kernels._BACKENDS["onnxruntime"]
+    if not ort.usable:
+        pytest.skip("onnxruntime failed the exactness probe on this CPU (a saturating u8 x s8 GEMM)")
+    monkeypatch.setattr(ort, "routes", type(ort.routes)())
+    kernels.set_backend("onnxruntime")
+    rng = np.random.default_rng(1)
+    x = random_operand(rng, (2, 4, 6, 6), 8, signed=False)
+    w = random_operand(rng, (5, 4, 3, 3), 8)
+    dy = random_operand(rng, (2, 5, 3, 3), 8)
+    kw = dict(stride=(2, 2), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    check_all_conv_kernels(x, w, dy, kw)
+    b = random_operand(rng, (6, 2), 8)
+    assert_exact(kernels.gemm(x[0, 0], b), ref_gemm(x[0, 0], b))
+    assert dict(ort.routes) == {"conv2d_forward": 1, "conv2d_backward_data": 1, "conv2d_backward_weight": 1,
+                                "gemm_nt": 1}
+    ort.routes.clear()
+    check_all_conv_kernels(x.astype(np.uint16) * 100, w, dy.astype(np.int16) * 200, kw)
+    assert dict(ort.routes) == {"conv2d_forward:numba": 1, "conv2d_backward_data:numba": 1,
+                                "conv2d_backward_weight:numba": 1}
+
+
+def test_onnxruntime_probe_rejects_a_saturating_gemm():
+    """A u8 x s8 GEMM that saturates int16 pairs (x86 without VNNI) must fail the probe, so the
+    backend falls back to Numba instead of returning wrong bits."""
+    def exact(a, b, za, zb):
+        return np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb).astype(np.int32)
+
+    def saturating(a, b, za, zb):
+        prod = a.astype(np.int64)[..., :, :, None] * b.astype(np.int64)[..., None, :, :]
+        k = prod.shape[-2] - prod.shape[-2] % 2
+        pairs = np.clip(prod[..., :k:2, :] + prod[..., 1:k:2, :], -32768, 32767).sum(axis=-2)
+        pairs = pairs + prod[..., k:, :].sum(axis=-2)
+        corr = za * b.astype(np.int64).sum(axis=-2)[..., None, :] + zb * a.astype(np.int64).sum(axis=-1)[..., None]
+        return (pairs - corr + a.shape[-1] * za * zb).astype(np.int32)
+
+    assert ort_backend._probe(exact)
+    assert not ort_backend._probe(saturating)
+    backend = ort_backend.OrtBackend()
+    backend._usable = False
+    rng = np.random.default_rng(0)
+    a, b = random_operand(rng, (4, 9), 8, signed=False), random_operand(rng, (9, 3), 8)
+    np.testing.assert_array_equal(backend.gemm_nt(a, b.T.copy(), np.dtype(np.int32), 9, (255, 127)), ref_gemm(a, b))
+
+
+def test_default_backend_is_onnxruntime_with_numba_registered():
+    assert {"numba", "onnxruntime"} <= set(kernels._BACKENDS)
+    assert kernels.get_backend().name in BACKENDS
+
+
+def _rescale_ref(acc, scale, dtype):
+    """acc * scale[c] exactly as qops always rescaled: the int as float64 times the float scale, rounded once."""
+    return (acc.astype(np.float64) * scale.astype(np.float64).reshape(1, -1, 1, 1)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride_asym_pad", "dilation_stride", "pointwise_stride2",
+                                  "groups", "pad_beyond_kernel"])
+def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, monkeypatch):
+    """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the
+    integer result afterwards, whether the backend fuses it (chunk by chunk, phases of a strided dx)
+    or not; large accumulators (beyond 2^24, where float32 rounds) included."""
+    monkeypatch.setattr(ort_backend, "CHUNK_BYTES", 1)  # one image per chunk: every chunk boundary
+    x_shape, w_shape, kw = conv_args(case)
+    rng = np.random.default_rng(11)
+    x = random_operand(rng, x_shape, 8, signed=False)
+    w = random_operand(rng, w_shape, 8)
+    x[0] = 255
+    w[0] = 127
+    args = (kw["stride"], kw["pads"], kw["dilation"], kw["groups"])
+    want_y = ref_conv_forward(x, w, *args)
+    dy = random_operand(rng, want_y.shape, 8)
+    scale_y = rng.uniform(1e-4, 3.0, w_shape[0]).astype(dtype)
+    scale_x = np.full(x_shape[1], dtype(np.float32(0.0123) * np.float32(0.731)), dtype)
+    y = kernels.conv2d_forward(x, w, **kw, bounds=(255, 127), rescale=(scale_y, np.dtype(dtype)))
+    assert y.dtype == dtype and y.flags.c_contiguous
+    np.testing.assert_array_equal(y, _rescale_ref(want_y, scale_y, dtype))
+    dx = kernels.conv2d_backward_data(dy, w, x.shape, **kw, bounds=(127, 127), rescale=(scale_x, np.dtype(dtype)))
+    assert dx.dtype == dtype and dx.flags.c_contiguous
+    np.testing.assert_array_equal(dx, _rescale_ref(ref_conv_backward_data(dy, w, x.shape, *args), scale_x, dtype))
+
+
+def test_rescale_rounds_once_beyond_float32_integers(backend):
+    """Sums above 2^24 are not float32 integers: the rescale must round acc * scale once (float64
+    product), not round acc to float32 first; 16-bit operands take the split/int64 route."""
+    x = np.full((1, 300, 3, 3), 32767, np.int16)
+    w = np.full((2, 300, 3, 3), -32767, np.int16)
+    w[1] = 32765
+    scale = np.array([0.1, 3.3e-5], np.float32)
+    y = kernels.conv2d_forward(x, w, pads=(1, 1, 1, 1), rescale=(scale, np.dtype(np.float32)))
+    want = _rescale_ref(ref_conv_forward(x, w, (1, 1), (1, 1, 1, 1), (1, 1), 1), scale, np.float32)
+    np.testing.assert_array_equal(y, want)
+    x8 = np.full((2, 64, 4, 4), 255, np.uint8)
+    w8 = np.full((3, 64, 3, 3), 127, np.int8)
+    acc = ref_conv_forward(x8, w8, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert acc.max() > 2 ** 24  # 576 * 255 * 127 = 18.7M: beyond float32's exact integers
+    scale = np.array([0.3, 1.7, 2.9e-3], np.float32)
+    y = kernels.conv2d_forward(x8, w8, pads=(1, 1, 1, 1), bounds=(255, 127), rescale=(scale, np.dtype(np.float32)))
+    np.testing.assert_array_equal(y, _rescale_ref(acc, scale, np.float32))
+
+
+def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
+    """On an AVX-512 VNNI CPU the vnni backend passes its self-check and really runs the convs
+    (no silent fallback); elsewhere it is never compiled and every call takes the next backend."""
+    from edgetrain.kernels import vnni
+    vb = kernels._BACKENDS["vnni"]
+    if not vnni.available():
+        assert not vb.vnni_usable
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert vb.vnni_usable
+    monkeypatch.setattr(vb, "routes", type(vb.routes)())
+    kernels.set_backend("vnni")
+    rng = np.random.default_rng(5)
+    for signed in (False, True):
+        x = random_operand(rng, (3, 5, 9, 9), 8, signed=signed)
+        w = random_operand(rng, (7, 5, 3, 3), 8)
+        for stride in (1, 2):
+            kw = dict(stride=(stride, stride), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+            dy = random_operand(rng, y_shape(x.shape, w.shape, kw), 8, signed=not signed)
+            check_all_conv_kernels(x, w, dy, kw)
+    assert vb.routes["conv2d_forward:vnni"] == 4 and vb.routes["conv2d_backward_data:vnni"] == 4
+    assert vb.routes["conv2d_backward_weight:vnni"] == 4
+
+
+def test_onnxruntime_c_api_reports_errors_instead_of_crashing():
+    """A failing MatMulInteger through the C API raises onnxruntime's message (and leaks nothing)."""
+    pytest.importorskip("onnxruntime")
+    ort = kernels._BACKENDS["onnxruntime"]
+    if not ort.usable:
+        pytest.skip("onnxruntime unusable here")
+    from edgetrain.kernels.ort_capi import matmul_integer
+    api = ort._api
+    a, b, y = np.zeros((2, 3), np.uint8), np.zeros((4, 5), np.int8), np.zeros((2, 5), np.int32)
+    shapes = np.zeros((3, 3), np.int64)
+    shapes[0, :2], shapes[1, :2], shapes[2, :2] = a.shape, b.shape, y.shape  # K disagrees: 3 vs 4
+    status = matmul_integer(api.create_tensor, api.run, api.release_value, api.memory_info, api.session(0, 0),
+                            api.input_names, api.output_names, a, 2, b, 2, y, 2, shapes, np.zeros(3, np.int64))
+    assert status != 0
+    with pytest.raises(RuntimeError, match="onnxruntime"):
+        api.check(int(status))
+
+
+def test_malloc_tuning_is_applied_once_and_respects_the_environment(monkeypatch):
+    from edgetrain.kernels import memory
+    assert memory._applied and isinstance(memory._applied[0], bool)
+    assert memory.tune_malloc() is memory._applied[0]  # applied once, at import
+    monkeypatch.setattr(memory, "_applied", [])
+    monkeypatch.setenv("EDGETRAIN_MALLOC_TUNING", "0")
+    assert memory.tune_malloc() is False
+    monkeypatch.setattr(memory, "_applied", [])
+    monkeypatch.delenv("EDGETRAIN_MALLOC_TUNING")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1")
+    assert memory.tune_malloc() is False  # the process chose its own policy
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (128, 784), (24, 40), (7, 13), (1, 8)])
+def test_operand_coding_transposes_and_xors_exactly(shape):
+    """The GEMM operands' codes (XOR 0x80) of transposed views: 8x8 word blocks or tiled bytes."""
+    rng = np.random.default_rng(sum(shape))
+    m = rng.integers(-128, 128, shape).astype(np.int8)
+    for xor in (0, 0x80):
+        for view in (m, m.T, m[:, ::-1]):
+            got = ort_backend._coded(view, xor, np.uint8)
+            assert got.flags.c_contiguous
+            np.testing.assert_array_equal(got, view.view(np.uint8) ^ np.uint8(xor))

@@ -145,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                         "from another process spoils at most one round")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--torch", action="store_true", help="also time PyTorch fp32 on the same conv stack")
+    p.add_argument("--backend", default=None, help=f"kernel backend (default: {kernels.get_backend().name}); "
+                   f"registered: {', '.join(sorted(kernels._BACKENDS))}")
+    p.add_argument("--threads", type=int, default=None, help="Numba (and onnxruntime) threads")
     args = p.parse_args(argv)
+    if args.backend:
+        kernels.set_backend(args.backend)
+    if args.threads:
+        import numba
+        numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     records: list[dict] = []
     for _ in range(max(1, args.rounds)):
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                       if r["count"] and not (r["layer"].startswith("stem") and r["kind"] == "backward_data"))
             for side in ("int_ms", "f32_ms")}
     torch_ms = min(torch_step_ms(args.batch, args.repeats) or 0.0 for _ in range(args.rounds)) if args.torch else None
-    summary = dict(batch=args.batch, bits=args.bits, threads=_threads(), int_conv_step_ms=step["int_ms"],
+    summary = dict(batch=args.batch, bits=args.bits, threads=_threads(), backend=kernels.get_backend().name,
+                   int_conv_step_ms=step["int_ms"],
                    f32_matmul_step_ms=step["f32_ms"], torch_conv_step_ms=torch_ms or None)
     if args.json:
         print(json.dumps(dict(summary=summary, records=records), indent=1))
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ResNet-20 batch {args.batch} conv time per training step: integer {step['int_ms']:.0f} ms, "
           f"float32 im2col matmuls {step['f32_ms']:.0f} ms"
           + (f", PyTorch fp32 convs {torch_ms:.0f} ms" if torch_ms else "")
-          + f" ({summary['threads']} threads, {args.bits}-bit)")
+          + f" ({summary['threads']} threads, {args.bits}-bit, backend {summary['backend']})")
     return 0
 
 

@@ -3,7 +3,9 @@
     python tools/bench_step.py [--steps 10] [--warmup 3] [--threads 2] [--json]
 
 Every figure comes from this one run on this machine: images/s from the median step time, and each
-edgetrain path as a ratio to PyTorch fp32 at the same model, batch and thread count.
+edgetrain path as a ratio to PyTorch fp32 at the same model, batch and thread count. Paths run one
+after the other, so on a shared machine `tools/bench.py` (interleaved rounds, peak memory) is the
+fairer comparison.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ def _median_step(step, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: int, warmup: int) -> float:
-    """Median seconds of one edgetrain training step (forward, backward, SGD update)."""
+def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str):
+    """A closure running one edgetrain training step (forward, backward, SGD update), and its model."""
     from edgetrain.optim import SGD
 
     model = edgetrain.load(build_model(name, seed=0))
@@ -57,6 +59,12 @@ def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: 
         _, g = model.loss_and_grad(x, y)
         opt.step(g)
 
+    return step, model
+
+
+def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: int, warmup: int) -> float:
+    """Median seconds of one edgetrain training step (forward, backward, SGD update)."""
+    step, _ = make_edgetrain_step(name, batch, shape, precision)
     return _median_step(step, steps, warmup)
 
 
@@ -91,12 +99,10 @@ def _torch_model(name: str):
     return nn.Sequential(*layers)
 
 
-def bench_torch(name: str, batch: int, shape: tuple, steps: int, warmup: int) -> float | None:
-    """Median seconds of one PyTorch fp32 training step, or None without torch."""
-    try:
-        import torch
-    except ImportError:
-        return None
+def make_torch_step(name: str, batch: int, shape: tuple):
+    """A closure running one PyTorch fp32 training step of the same model (ImportError without torch)."""
+    import torch
+
     torch.manual_seed(0)
     model = _torch_model(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -108,6 +114,15 @@ def bench_torch(name: str, batch: int, shape: tuple, steps: int, warmup: int) ->
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
+    return step
+
+
+def bench_torch(name: str, batch: int, shape: tuple, steps: int, warmup: int) -> float | None:
+    """Median seconds of one PyTorch fp32 training step, or None without torch."""
+    try:
+        step = make_torch_step(name, batch, shape)
+    except ImportError:
+        return None
     return _median_step(step, steps, warmup)
 
 

@@ -7,12 +7,24 @@ backend can be swapped in with `set_backend` without touching any caller.
 Operands are integer arrays (int8, uint8, int16, or uint16) holding quantised values (a
 QTensor's `.q`); results are int32 when every partial sum provably fits int32 (judged from the
 operands' actual maxima, so the dtype can differ between calls), else int64, and are always exact:
-bit for bit what an int64 reference computes. Rescaling by the operands' scales is the caller's.
-Conv arrays are NCHW, weights (M, C/groups, kH, kW), pads in ONNX order (top, left, bottom, right),
-with the floor output size of ONNX/PyTorch (edgetrain.ops.conv.Conv with explicit pads).
+bit for bit what an int64 reference computes (results may be strided views, e.g. transposed).
+Rescaling by the operands' scales is the caller's, or, with `rescale=` on the convs, fused into the
+kernel with the same arithmetic. Conv arrays are NCHW, weights (M, C/groups, kH, kW), pads in ONNX
+order (top, left, bottom, right), with the floor output size of ONNX/PyTorch (edgetrain.ops.conv.Conv
+with explicit pads).
 
+Backends (`set_backend`; every one exact, and tests/test_kernels.py runs every test on each):
+
+* "vnni" (default): 8-bit convs on fused AVX-512 VNNI kernels emitted from Numba (`vnni`); the rest
+  as "onnxruntime". Used only on CPUs with the instructions, after a self-check.
+* "onnxruntime": 8-bit products on onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM) through its C API
+  from Numba threads (`ort_backend`, `ort_capi`), after an exactness probe; the rest as "numba".
+* "numba": the portable int16 kernels (`numba_backend`), any bit-width up to 16.
+
+Each falls back per call (operands beyond 8 bits, grouped convs, overlong reductions) and for good
+when its CPU or library check fails, so the result never depends on which one ran.
 Every call with less than `threads.SMALL_WORK` multiply-accumulates runs single-threaded.
-`tools/bench_kernels.py` measures the kernels at ResNet-20 shapes.
+`tools/bench_kernels.py` measures the kernels at ResNet-20 shapes, `tools/bench.py` whole steps.
 """
 from __future__ import annotations
 
@@ -22,15 +34,22 @@ import numpy as np
 
 from .bounds import INT32_MAX, accumulator_dtype, amax_abs, dot_bound, segment_length
 from .geometry import Conv2dGeometry, conv2d_geometry
+from .memory import tune_malloc
 from .numba_backend import NumbaBackend
+from .ort_backend import OrtBackend
+from .rescale import rescaled
+from .vnni_backend import VnniBackend
 
 __all__ = [
     "gemm", "gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
     "accumulator_dtype", "dot_bound", "segment_length", "conv2d_geometry", "Conv2dGeometry",
-    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
+    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX", "RESCALES",
 ]
 
+# conv2d_forward and conv2d_backward_data take `rescale=` (callers check this: a stand-in kernels
+# module without it gets integer results and rescales them itself).
+RESCALES = True
 SUPPORTED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
 _INT16_MAX = 32767
 _UINT16_SPLIT = 15  # uint16 values >= 2^15 are split at this bit into two int16-safe halves
@@ -38,25 +57,33 @@ _UINT16_SPLIT = 15  # uint16 values >= 2^15 are split at this bit into two int16
 
 class KernelBackend(Protocol):
     """What a backend implements. Operands arrive as int8/uint8/int16 arrays whose values fit int16;
-    `seg` is the longest run of terms whose int32 sum is exact; results must be exact and of
-    `out_dtype`. Shapes are already validated; `geo` is a `Conv2dGeometry`."""
+    `seg` is the longest run of terms whose int32 sum is exact; `amax` holds upper bounds of the
+    operands' max |value| (None: unknown); results must be exact and of `out_dtype` (any strides).
+    Shapes are already validated; `geo` is a `Conv2dGeometry`."""
 
     name: str
 
-    def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int) -> np.ndarray: ...
+    def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int,
+                amax: tuple[int, int] | None = None) -> np.ndarray: ...
 
     def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
-                       seg: int) -> np.ndarray: ...
+                       seg: int, amax: tuple[int, int] | None = None) -> np.ndarray: ...
 
     def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
-                             seg: int) -> np.ndarray: ...
+                             seg: int, amax: tuple[int, int] | None = None) -> np.ndarray: ...
 
     def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo: Conv2dGeometry, out_dtype: np.dtype,
-                               seg: int) -> np.ndarray: ...
+                               seg: int, amax: tuple[int, int] | None = None) -> np.ndarray: ...
 
 
-_BACKENDS: dict[str, KernelBackend] = {"numba": NumbaBackend()}
-_active: list[str] = ["numba"]
+tune_malloc()  # keep big freed blocks for the next layer: no page faults per step (see `memory`)
+
+_NUMBA = NumbaBackend()
+_BACKENDS: dict[str, KernelBackend] = {"numba": _NUMBA, "onnxruntime": OrtBackend(_NUMBA), "vnni": VnniBackend(_NUMBA)}
+# vnni by default: 8-bit convs on fused AVX-512 VNNI kernels, GEMMs (and convs those cannot take) on
+# onnxruntime's integer GEMM, everything else on Numba; each step down happens per call, and for
+# good when a CPU lacks the instructions or onnxruntime is missing or fails its exactness probe.
+_active: list[str] = ["vnni"]
 
 
 def register_backend(backend: KernelBackend) -> None:
@@ -101,31 +128,41 @@ def _int16_parts(x: np.ndarray) -> list[tuple[np.ndarray, int]]:
 
 
 Bounds = "tuple[int, int] | None"
+Rescale = "tuple[np.ndarray, np.dtype] | None"
 
 
-def _exact(op: Callable[[np.ndarray, np.ndarray, np.dtype, int], np.ndarray], a: np.ndarray, b: np.ndarray,
-           length: int, bounds: Bounds = None) -> np.ndarray:
+def _exact(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: int,
+           bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
     """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator.
 
     `bounds` are guaranteed upper bounds of max|a| and max|b| (a quantiser's qmax: every value was
     clipped into range); they spare two full scans of the operands per call. Without them the
-    operands' actual maxima are measured.
+    operands' actual maxima are measured. The backend receives them too (`amax`): they tell it
+    which exact route an operand fits (8-bit codes, float BLAS, ...). With `rescale` the result is
+    returned as floats (see `conv2d_forward`), by the backend itself when it can fuse that.
     """
     if bounds is not None and a.dtype != np.uint16 and b.dtype != np.uint16:
-        amax_a, amax_b = bounds
+        amax_a, amax_b = int(bounds[0]), int(bounds[1])
     else:
         amax_a, amax_b = amax_abs(a), amax_abs(b)
     out_dtype = accumulator_dtype(length, amax_a, amax_b)
     parts_a, parts_b = _int16_parts(a), _int16_parts(b)
     if len(parts_a) == 1 and len(parts_b) == 1:
-        return op(parts_a[0][0], parts_b[0][0], out_dtype, segment_length(length, amax_a, amax_b))
+        extra = {} if rescale is None else {"rescale": rescale}
+        out = op(parts_a[0][0], parts_b[0][0], out_dtype, segment_length(length, amax_a, amax_b), (amax_a, amax_b),
+                 **extra)
+        if rescale is None or out.dtype.kind == "f":
+            return out
+        return rescaled(out, rescale)
     total = None
     for pa, sa in parts_a:
         for pb, sb in parts_b:
-            part = op(pa, pb, np.dtype(np.int64), segment_length(length, amax_abs(pa), amax_abs(pb)))
+            ma, mb = amax_abs(pa), amax_abs(pb)
+            part = op(pa, pb, np.dtype(np.int64), segment_length(length, ma, mb), (ma, mb))
             part = part.astype(np.int64, copy=False) << (sa + sb)
             total = part if total is None else total + part
-    return total.astype(out_dtype, copy=False)
+    total = total.astype(out_dtype, copy=False)
+    return total if rescale is None else rescaled(total, rescale)
 
 
 # ---------------------------------------------------------------------------------- GEMM, Linear
@@ -170,26 +207,33 @@ def linear_backward_weight(dy: np.ndarray, x: np.ndarray, bounds: Bounds = None)
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, stride: int | Sequence[int] = 1,
                    pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
-                   groups: int = 1, bounds: Bounds = None) -> np.ndarray:
-    """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact."""
+                   groups: int = 1, bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
+    """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact.
+
+    With rescale = (scale, dtype), scale holding one float per output channel, the result is the
+    new C-contiguous float array y * scale[m] of `dtype` instead, each value computed from the exact
+    integer as `rescale.scale_row` does (one rounding): the same bits as rescaling the integer result
+    afterwards, but the backend may do it while each chunk of y is still in cache.
+    """
     x, w = _check(x, "x", 4), _check(w, "w", 4)
     geo = conv2d_geometry(x.shape, w.shape, stride, pads, dilation, groups)
     backend = get_backend()
-    return _exact(lambda a, b, dt, seg: backend.conv2d_forward(a, b, geo, dt, seg), x, w,
-                  geo.in_per_group * geo.taps, bounds)
+    return _exact(lambda a, b, dt, seg, amax, **kw: backend.conv2d_forward(a, b, geo, dt, seg, amax, **kw), x, w,
+                  geo.in_per_group * geo.taps, bounds, rescale)
 
 
 def conv2d_backward_data(dy: np.ndarray, w: np.ndarray, x_shape: Sequence[int], stride: int | Sequence[int] = 1,
                          pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
-                         groups: int = 1, bounds: Bounds = None) -> np.ndarray:
-    """dx (N, C, H, W) = the transposed conv of dy (N, M, OH, OW) with w, exact."""
+                         groups: int = 1, bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
+    """dx (N, C, H, W) = the transposed conv of dy (N, M, OH, OW) with w, exact; `rescale` (one
+    scale per input channel) as in `conv2d_forward`."""
     dy, w = _check(dy, "dy", 4), _check(w, "w", 4)
     geo = conv2d_geometry(x_shape, w.shape, stride, pads, dilation, groups)
     if dy.shape != geo.y_shape:
         raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
     backend = get_backend()
-    return _exact(lambda a, b, dt, seg: backend.conv2d_backward_data(a, b, geo, dt, seg), dy, w,
-                  geo.out_per_group * geo.taps, bounds)
+    return _exact(lambda a, b, dt, seg, amax, **kw: backend.conv2d_backward_data(a, b, geo, dt, seg, amax, **kw),
+                  dy, w, geo.out_per_group * geo.taps, bounds, rescale)
 
 
 def conv2d_backward_weight(dy: np.ndarray, x: np.ndarray, w_shape: Sequence[int], stride: int | Sequence[int] = 1,
@@ -201,5 +245,5 @@ def conv2d_backward_weight(dy: np.ndarray, x: np.ndarray, w_shape: Sequence[int]
     if dy.shape != geo.y_shape:
         raise ValueError(f"dy has shape {dy.shape}, the conv's output is {geo.y_shape}")
     backend = get_backend()
-    return _exact(lambda a, b, dt, seg: backend.conv2d_backward_weight(a, b, geo, dt, seg), dy, x,
+    return _exact(lambda a, b, dt, seg, amax: backend.conv2d_backward_weight(a, b, geo, dt, seg, amax), dy, x,
                   geo.batch * geo.out_h * geo.out_w, bounds)

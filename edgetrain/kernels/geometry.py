@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -72,7 +73,21 @@ class Conv2dGeometry:
 def conv2d_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: int | Sequence[int] = 1,
                     pads: Sequence[int] = (0, 0, 0, 0), dilation: int | Sequence[int] = 1,
                     groups: int = 1) -> Conv2dGeometry:
-    """Validate a conv's arguments; pads are ONNX order (top, left, bottom, right)."""
+    """Validate a conv's arguments; pads are ONNX order (top, left, bottom, right). Cached: a
+    training step asks for the same few geometries many times."""
+    key = (tuple(int(v) for v in x_shape), tuple(int(v) for v in w_shape), _key(stride), _key(pads), _key(dilation),
+           int(groups))
+    return _conv2d_geometry(*key)
+
+
+def _key(v):
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    return int(v) if np.ndim(v) == 0 else tuple(int(e) for e in v)  # type: ignore[union-attr]
+
+
+@lru_cache(maxsize=1024)
+def _conv2d_geometry(x_shape, w_shape, stride, pads, dilation, groups) -> Conv2dGeometry:
     if len(x_shape) != 4 or len(w_shape) != 4:
         raise ValueError(f"conv2d wants NCHW x and (M, C/groups, kH, kW) w, got {tuple(x_shape)} and {tuple(w_shape)}")
     n, c, h, w = (int(v) for v in x_shape)

@@ -362,19 +362,21 @@ class NumbaBackend:
 
     name = "numba"
 
-    def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int) -> np.ndarray:
+    def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int, amax=None) -> np.ndarray:
         with threads_for(a.shape[0] * a.shape[1] * bt.shape[0]):
             return self._gemm_nt(a, bt, out_dtype, seg)
 
-    def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int) -> np.ndarray:
+    def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
+                       rescale=None) -> np.ndarray:
         with threads_for(geo.macs):
             return self._conv2d_forward(x, w, geo, out_dtype, seg)
 
-    def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int) -> np.ndarray:
+    def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
+                             rescale=None) -> np.ndarray:
         with threads_for(geo.macs):
             return self._conv2d_backward_data(dy, w, geo, out_dtype, seg)
 
-    def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int) -> np.ndarray:
+    def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None) -> np.ndarray:
         with threads_for(geo.macs):
             return self._conv2d_backward_weight(dy, x, geo, out_dtype, seg)
 

@@ -1,0 +1,363 @@
+"""VNNI backend: convs on the fused AVX-512 VNNI kernels of `vnni`; GEMMs and everything else as
+the onnxruntime backend does them (which in turn hands what it cannot do to Numba).
+
+A conv runs here when both operands are 8-bit codes, groups == 1, the operand broadcast by the
+micro-kernel is int8 (the weights; the output gradient in a weight gradient) and every reduction
+fits `vnni.RAW_TERMS`; otherwise the onnxruntime backend takes the call. Before first use the backend
+checks the CPU (`vnni.available`) and compares the kernels on worst-case operands with a NumPy int64
+reference (`usable`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba
+import numpy as np
+
+from . import vnni as _vn
+from .numba_backend import NumbaBackend, phase_plans
+from .ort_backend import OrtBackend, _as8, patch_plan
+from .threads import threads_for
+
+_XOR = 0x80
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+class _Scratch:
+    """Scratch buffers (one slab per name), kept between calls and grown on demand; handed out as
+    C-contiguous arrays of the asked shape (per-thread parts are the leading axis)."""
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        size = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = np.empty(max(size, 1), dtype)
+            self._bufs[name] = buf
+        return buf[:size].reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class _ConvProgram:
+    """Everything `conv_fused` needs that depends on the geometry only (cached per geometry): the
+    plane layout, the jobs table and taps, and where each packed weight byte comes from."""
+
+    plane: dict
+    table: np.ndarray  # (jobs, 9) int64: rows, k4, weight offset, tap offset, taps, out_h, out_w, first_h, first_w
+    taps: np.ndarray  # (T, 2) int64: (phase, offset)
+    w_index: np.ndarray  # flat index into w.reshape(-1) of every packed weight byte; -1: a zero pad
+    job_blocks: tuple  # per job: (weight offset, padded rows, K, rows)
+    corr_len: int
+    out_shape: tuple
+    step: tuple
+    zero: bool  # some output positions are reached by no job (they must be 0)
+    cpad: int
+    b_words: int
+    c_size: int
+    out_w_max: int
+
+
+def _rows_index(idx_mck: np.ndarray, cpad: int) -> np.ndarray:
+    """Weights (M, C, taps) as the kernel's rows (Mpad, taps*cpad) in (tap, channel) order, for an index
+    tensor of them: each packed byte's flat index into w, -1 for the zero padding."""
+    m, c, taps = idx_mck.shape
+    rows = np.full((_round_up(m, _vn.MT), taps, cpad), -1, np.int64)
+    rows[:m, :, :c] = idx_mck.transpose(0, 2, 1)
+    return rows.reshape(rows.shape[0], taps * cpad)
+
+
+def _program(plane, cpad, jobs, out_shape, step, zero) -> _ConvProgram:
+    """jobs: (weight index rows (Mpad, K), rows, taps [(phase, offset)], (out_h, out_w), (first_h, first_w))."""
+    table, index, taps, blocks = [], [], [], []
+    w_off = t_off = 0
+    for rows_idx, rows, tap_list, (oh, ow), (fh, fw) in jobs:
+        rows_pad, k = rows_idx.shape
+        table.append([rows, k // 4, w_off, t_off, len(tap_list), oh, ow, fh, fw])
+        index.append(rows_idx.reshape(-1))
+        taps.extend(tap_list)
+        blocks.append((w_off, rows_pad, k, rows))
+        w_off += rows_idx.size
+        t_off += len(tap_list)
+    table = np.array(table, np.int64)
+    cols = [_round_up(int(oh) * plane["wq"], _vn.LANES) for oh in table[:, 5]]
+    return _ConvProgram(
+        plane=plane, table=table, taps=np.array(taps, np.int64).reshape(-1, 2), w_index=np.concatenate(index),
+        job_blocks=tuple(blocks), corr_len=_round_up(int(table[:, 0].max()), _vn.MT), out_shape=tuple(out_shape),
+        step=tuple(step), zero=zero, cpad=cpad,
+        b_words=max(int(k4) * cl for k4, cl in zip(table[:, 1], cols)),
+        c_size=max(_round_up(int(r), _vn.MT) * cl for r, cl in zip(table[:, 0], cols)),
+        out_w_max=int(table[:, 6].max()))
+
+
+@lru_cache(maxsize=256)
+def _forward_program(geo) -> _ConvProgram:
+    plan = patch_plan((geo.kernel_h, geo.kernel_w), (geo.stride_h, geo.stride_w),
+                      (geo.dilation_h, geo.dilation_w), (-geo.pad_top, -geo.pad_left),
+                      (0, geo.height, 0, geo.width), (geo.out_h, geo.out_w))
+    plane = {"phases": plan.stride[0] * plan.stride[1], "hq": plan.hq, "wq": plan.wq, "used": plan.used,
+             "prm": np.array([plan.stride[0], plan.stride[1], plan.off[0], plan.off[1], *plan.lo_hi,
+                              plan.hq, plan.wq], np.int64)}
+    m, cpad = geo.out_channels, _round_up(geo.in_channels, 4)
+    idx = np.arange(m * geo.in_channels * geo.taps).reshape(m, geo.in_channels, geo.taps)
+    taps = list(zip(plan.tap_phase.tolist(), plan.tap_off.tolist()))
+    return _program(plane, cpad, [(_rows_index(idx, cpad), m, taps, (geo.out_h, geo.out_w), (0, 0))],
+                    geo.y_shape, (1, 1), False)
+
+
+@lru_cache(maxsize=256)
+def _backward_data_program(geo) -> _ConvProgram | None:
+    c, m = geo.in_channels, geo.out_channels
+    oh_, ow_ = geo.out_h, geo.out_w
+    phs = phase_plans(geo.height, oh_, geo.kernel_h, geo.stride_h, geo.dilation_h, geo.pad_top)
+    pws = phase_plans(geo.width, ow_, geo.kernel_w, geo.stride_w, geo.dilation_w, geo.pad_left)
+    live = [(ph, pw) for ph in phs for pw in pws if ph.count and pw.count
+            and ph.crop_lo < ph.crop_hi and pw.crop_lo < pw.crop_hi]
+    if not live:
+        return None
+    full = sum(ph.count for ph in phs) * sum(pw.count for pw in pws)
+    covered = sum(ph.count * pw.count for ph, pw in live)
+
+    # A phase reads dy rows i + ti*dil + crop_lo - pad_lo: one plane, shifted by `top` rows, holds them all.
+    def margins(plans, size):
+        lo = max(0, max(p.pad_lo - p.crop_lo for p in plans))
+        hi = max(0, max((p.count - 1) + (len(p.taps) - 1) * p.dilation + p.crop_lo - p.pad_lo - size + 1
+                        for p in plans))
+        return lo, hi
+
+    top, bottom = margins([ph for ph, _ in live], oh_)
+    left, right = margins([pw for _, pw in live], ow_)
+    wq = ow_ + left + right
+    hq = oh_ + top + bottom + 1
+    plane = {"phases": 1, "hq": hq, "wq": wq, "used": np.ones(1, np.bool_),
+             "prm": np.array([1, 1, -top, -left, 0, oh_, 0, ow_, hq, wq], np.int64)}
+    mpad4 = _round_up(m, 4)
+    wt = np.arange(m * c * geo.taps).reshape(m, c, geo.kernel_h, geo.kernel_w).transpose(1, 0, 2, 3)  # (C, M, kh, kw)
+    jobs = []
+    for ph, pw in live:
+        sub = wt[:, :, list(ph.taps[::-1]), :][:, :, :, list(pw.taps[::-1])]
+        th, tw = len(ph.taps), len(pw.taps)
+        taps = [(0, (i * ph.dilation + ph.crop_lo - ph.pad_lo + top) * wq
+                 + j * pw.dilation + pw.crop_lo - pw.pad_lo + left) for i in range(th) for j in range(tw)]
+        jobs.append((_rows_index(sub.reshape(c, m, th * tw), mpad4), c, taps, (ph.count, pw.count),
+                     (ph.first, pw.first)))
+    step = (geo.stride_h, geo.stride_w)
+    return _program(plane, mpad4, jobs, geo.x_shape, step, covered < full)
+
+
+class VnniBackend(OrtBackend):
+    """Convs on fused AVX-512 VNNI kernels; the rest as `OrtBackend`."""
+
+    name = "vnni"
+    # Weight gradients of small images (fewer reduction positions per image than this) go to the
+    # onnxruntime backend: this kernel reduces one image per pass, whose few steps then cannot
+    # amortise loading and storing the accumulator tiles (measured 8x8 images: 2.05 vs 1.75 ms).
+    WGRAD_MIN_SPAN = 256
+
+    def __init__(self, fallback: NumbaBackend | None = None):
+        super().__init__(fallback)
+        self._vnni_ok: bool | None = None
+        self._vlock = threading.Lock()
+        self._vscratch = _Scratch()
+
+    @property
+    def vnni_usable(self) -> bool:
+        """The CPU has AVX-512 VNNI and the kernels pass a worst-case exactness check."""
+        if self._vnni_ok is None:
+            self._vnni_ok = False
+            if _vn.available():
+                try:
+                    self._vnni_ok = self._self_check()
+                except Exception:  # noqa: BLE001 - any failure: the other backends stay
+                    self._vnni_ok = False
+        return self._vnni_ok
+
+    def _self_check(self) -> bool:
+        from .geometry import conv2d_geometry
+
+        rng = np.random.default_rng(7)
+        for x, w in ((np.full((2, 9, 5, 6), 255, np.uint8), np.full((10, 9, 3, 3), -128, np.int8)),
+                     (rng.integers(0, 256, (3, 5, 7, 7), dtype=np.uint8), rng.integers(-128, 128, (9, 5, 3, 3),
+                                                                                        dtype=np.int8)),
+                     (np.full((2, 4, 4, 4), -128, np.int8), np.full((3, 4, 3, 3), 127, np.int8))):
+            geo = conv2d_geometry(x.shape, w.shape, 1, (1, 1, 1, 1))
+            y = self._forward(x, w, geo, None)
+            xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+            want = np.zeros(geo.y_shape, np.int64)
+            for r in range(3):
+                for s in range(3):
+                    want += np.einsum("nchw,mc->nmhw", xp[:, :, r:r + geo.out_h, s:s + geo.out_w],
+                                      w[:, :, r, s].astype(np.int64))
+            if not np.array_equal(y, want):
+                return False
+            dy = rng.integers(-128, 128, geo.y_shape, dtype=np.int8)
+            dw = self._wgrad(dy, x, geo)
+            want_w = np.zeros(w.shape, np.int64)
+            for r in range(3):
+                for s in range(3):
+                    want_w[:, :, r, s] = np.einsum("nmhw,nchw->mc", dy.astype(np.int64),
+                                                   xp[:, :, r:r + geo.out_h, s:s + geo.out_w])
+            if not np.array_equal(dw, want_w):
+                return False
+        return True
+
+    # -------------------------------------------------------------------------------- routing
+
+    def _vnni_conv(self, geo, data8, w8, k_len) -> bool:
+        return (data8 is not None and w8 is not None and w8.dtype == np.int8 and geo.groups == 1 and geo.batch > 0
+                and 0 < k_len <= _vn.RAW_TERMS and self.vnni_usable)
+
+    def conv2d_forward(self, x, w, geo, out_dtype, seg, amax=None, rescale=None):
+        x8, w8 = (_as8(x, amax[0]), _as8(w, amax[1])) if amax is not None else (None, None)
+        k_len = geo.taps * _round_up(geo.in_channels, 4)
+        if not self._vnni_conv(geo, x8, w8, k_len) or geo.out_h * geo.out_w == 0:
+            return super().conv2d_forward(x, w, geo, out_dtype, seg, amax, rescale)
+        self.routes["conv2d_forward:vnni"] += 1
+        with threads_for(geo.macs):
+            y = self._forward(x8, w8, geo, rescale)
+        return y if rescale is not None else y.astype(out_dtype, copy=False)
+
+    def conv2d_backward_data(self, dy, w, geo, out_dtype, seg, amax=None, rescale=None):
+        dy8, w8 = (_as8(dy, amax[0]), _as8(w, amax[1])) if amax is not None else (None, None)
+        k_len = geo.taps * _round_up(geo.out_channels, 4)
+        if not self._vnni_conv(geo, dy8, w8, k_len) or geo.height * geo.width == 0:
+            return super().conv2d_backward_data(dy, w, geo, out_dtype, seg, amax, rescale)
+        self.routes["conv2d_backward_data:vnni"] += 1
+        with threads_for(geo.macs):
+            dx = self._backward_data(dy8, w8, geo, rescale)
+        return dx if rescale is not None else dx.astype(out_dtype, copy=False)
+
+    def conv2d_backward_weight(self, dy, x, geo, out_dtype, seg, amax=None):
+        dy8, x8 = (_as8(dy, amax[0]), _as8(x, amax[1])) if amax is not None else (None, None)
+        span = _round_up(geo.out_h * (geo.out_w + (geo.kernel_w - 1) * geo.dilation_w // geo.stride_w + 1), 4)
+        if (span < self.WGRAD_MIN_SPAN or x8 is None or dy8 is None or geo.groups != 1 or geo.batch == 0
+                or geo.out_h * geo.out_w == 0 or geo.in_channels * geo.taps == 0 or span > _vn.RAW_TERMS
+                or not self.vnni_usable):
+            return super().conv2d_backward_weight(dy, x, geo, out_dtype, seg, amax)
+        self.routes["conv2d_backward_weight:vnni"] += 1
+        with threads_for(geo.macs):
+            dw = self._wgrad(dy8, x8, geo)
+        return dw.astype(out_dtype, copy=False)
+
+    # ----------------------------------------------------------------------------- the kernels
+
+    def _run_convs(self, x8, w8, prog: _ConvProgram, rescale):
+        """Run `vnni.conv_fused` for a program (the forward, or the stride phases of a backward-data)."""
+        n = x8.shape[0]
+        xor = _XOR if x8.dtype == np.int8 else 0  # the data operand must be unsigned
+        weights = np.concatenate((w8.reshape(-1), np.zeros(1, np.int8)))[prog.w_index]  # -1 picks the 0
+        corr = np.zeros((len(prog.job_blocks), prog.corr_len), np.int32)
+        if xor:  # x + 128 was multiplied: start the accumulators at -128 * (sum of the row's weights)
+            for j, (w0, rows_pad, k, rows) in enumerate(prog.job_blocks):
+                sums = weights[w0:w0 + rows_pad * k].reshape(rows_pad, k).sum(axis=1, dtype=np.int64)
+                corr[j, :rows] = -128 * sums[:rows]
+        if rescale is None:
+            out_i = (np.zeros if prog.zero else np.empty)(prog.out_shape, np.int32)
+            out_f = np.zeros((0, 0, 0, 0), np.float32)
+            scale = np.zeros(1, np.float32)
+            row_dtype = np.dtype(np.float32)
+        else:
+            out_i = np.zeros((0, 0, 0, 0), np.int32)
+            out_f = (np.zeros if prog.zero else np.empty)(prog.out_shape, rescale[1])
+            scale = np.ascontiguousarray(rescale[0])
+            row_dtype = out_f.dtype
+        workers = max(1, min(numba.get_num_threads(), n))
+        plane = prog.plane
+        with self._vlock:
+            sc = self._vscratch
+            planes_w = sc.get("planes", (workers, prog.cpad, plane["phases"], plane["hq"] * plane["wq"]), np.uint8)
+            b_w = sc.get("b", (workers, prog.b_words), np.uint32)
+            c_w = sc.get("c", (workers, prog.c_size), np.int32)
+            rowf_w = sc.get("rowf_" + row_dtype.name, (workers, prog.out_w_max), row_dtype)
+            _vn.conv_fused(np.ascontiguousarray(x8).view(np.uint8), prog.table, weights, prog.taps, corr, scale,
+                           out_i, out_f, planes_w, b_w, c_w, rowf_w, plane["used"], plane["prm"], prog.step[0],
+                           prog.step[1], xor, workers, np.zeros(1, np.int64))
+        return out_f if rescale is not None else out_i
+
+    def _forward(self, x8, w8, geo, rescale):
+        return self._run_convs(x8, w8, _forward_program(geo), rescale)
+
+    def _backward_data(self, dy8, w8, geo, rescale):
+        """dx as the stride phases of the transposed conv (see `numba_backend.phase_plans`), all read
+        from one zero-padded stride-1 plane layout of dy, per image in one pass."""
+        prog = _backward_data_program(geo)
+        if prog is None:  # no tap reaches dy at all
+            return np.zeros(geo.x_shape, np.int32 if rescale is None else rescale[1])
+        return self._run_convs(dy8, w8, prog, rescale)
+
+    def _wgrad(self, dy8, x8, geo):
+        """dW from patch rows read straight out of x's phase planes (signed codes, broadcast) and dy in
+        VNNI layout (unsigned codes, 16 output channels per vector): see `vnni.wgrad_fused`."""
+        g = _wgrad_geometry(geo)
+        n, c, m = geo.batch, geo.in_channels, geo.out_channels
+        x_xor = _XOR if x8.dtype == np.uint8 else 0  # the broadcast operand is signed
+        dy_xor = _XOR if dy8.dtype == np.int8 else 0  # the vector operand is unsigned
+        workers = max(1, min(numba.get_num_threads(), n))
+        with self._vlock:
+            sc = self._vscratch
+            planes_w = sc.get("planes", (workers, c, g.phases, g.plane_size), np.uint8)
+            dyq_w = sc.get("dyq", (workers, g.mlanes, g.span), np.uint8)
+            dyw_w = sc.get("dyw", (workers, g.q4, g.mlanes), np.uint32)
+            c_w = sc.get("cw", (workers, g.kpad, g.mlanes), np.int32)
+            row_addr = planes_w.ctypes.data + np.arange(workers)[:, None] * planes_w.strides[0] + g.row_off[None, :]
+            total = np.zeros((workers, g.kpad, g.mlanes), np.int64)
+            sx_total = np.zeros((workers, g.kpad), np.int64)
+            sdy_total = np.zeros((workers, m), np.int64)
+            _vn.wgrad_fused(np.ascontiguousarray(x8).view(np.uint8),
+                            np.ascontiguousarray(dy8).view(np.uint8).reshape(n, m, geo.out_h * geo.out_w), total,
+                            sx_total, sdy_total, row_addr, planes_w, dyq_w, dyw_w, c_w, g.used, g.prm, g.tap_phase,
+                            g.tap_off, geo.out_h, geo.out_w, g.q4, g.chunk, x_xor, dy_xor, workers,
+                            np.zeros(1, np.int64))
+        acc = total.sum(axis=0)[:g.k_real, :m]
+        sx = sx_total.sum(axis=0)[:g.k_real]
+        zx, zdy = (128 if x_xor else 0), (128 if dy_xor else 0)
+        # sum (x - zx)(dy + zdy) over every position read = the product - zx*sum(dy) + zdy*sum(x) - zx*zdy*count
+        sdy = sdy_total.sum(axis=0)
+        true = acc - zdy * sx[:, None] + zx * sdy[None, :] + zx * zdy * g.span * n
+        return np.ascontiguousarray(true.T).reshape(geo.w_shape)
+
+
+@dataclass(frozen=True, eq=False)
+class _WgradGeometry:
+    used: np.ndarray
+    prm: np.ndarray
+    tap_phase: np.ndarray
+    tap_off: np.ndarray
+    phases: int
+    plane_size: int
+    q4: int
+    span: int
+    k_real: int
+    kpad: int
+    mlanes: int
+    chunk: int
+    row_off: np.ndarray  # byte offset of patch row k in one thread's planes (C, phases, plane_size)
+
+
+@lru_cache(maxsize=256)
+def _wgrad_geometry(geo) -> _WgradGeometry:
+    plan = patch_plan((geo.kernel_h, geo.kernel_w), (geo.stride_h, geo.stride_w),
+                      (geo.dilation_h, geo.dilation_w), (-geo.pad_top, -geo.pad_left),
+                      (0, geo.height, 0, geo.width), (geo.out_h, geo.out_w))
+    taps = geo.taps
+    k_real = geo.in_channels * taps
+    kpad = _round_up(k_real, 16)
+    q4 = -(-geo.out_h * plan.wq // 4)
+    phases = plan.stride[0] * plan.stride[1]
+    plane_size = plan.hq * plan.wq + 4  # a shifted run of span bytes may end 3 bytes past the grid
+    ks = np.arange(kpad)
+    cc, tt = ks // taps, np.minimum(ks % taps, taps - 1)
+    row_off = np.where(ks < k_real, (cc * phases + plan.tap_phase[tt]) * plane_size + plan.tap_off[tt], 0)
+    prm = np.array([plan.stride[0], plan.stride[1], plan.off[0], plan.off[1], *plan.lo_hi, plan.hq, plan.wq],
+                   np.int64)
+    return _WgradGeometry(used=plan.used, prm=prm, tap_phase=plan.tap_phase, tap_off=plan.tap_off, phases=phases,
+                          plane_size=plane_size, q4=q4, span=4 * q4, k_real=k_real, kpad=kpad,
+                          mlanes=_round_up(geo.out_channels, 16), chunk=max(1, _vn.RAW_TERMS // (4 * q4)),
+                          row_off=row_off.astype(np.int64))
