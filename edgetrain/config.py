@@ -277,7 +277,7 @@ def validate(c: TrainConfig) -> None:
 
 
 def _validate_dfq(c: TrainConfig) -> None:
-    from .dfq import parse_candidates
+    from .dfq import DEFAULT_CANDIDATES, parse_candidates
     from .precision import MAX_BITS, MIN_BITS
 
     if c.bits is not None:
@@ -285,7 +285,7 @@ def _validate_dfq(c: TrainConfig) -> None:
                              "--dfq-ungated sets the stem's and shortcuts'")
     if not MIN_BITS <= c.dfq_weight_bits <= MAX_BITS:
         raise _fail("option", "dfq_weight_bits", f"must be in {MIN_BITS}..{MAX_BITS}, got {c.dfq_weight_bits}")
-    parse_candidates(c.dfq_candidates or ("0", "3/6"), c.dfq_weight_bits)
+    parse_candidates(c.dfq_candidates or DEFAULT_CANDIDATES, c.dfq_weight_bits)
     parse_precision(c.dfq_ungated)
     targets = [c.dfq_target] + list(c.fractrain_targets or [])
     if any(not math.isfinite(t) or not 0 < t <= 100 for t in targets):

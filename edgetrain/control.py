@@ -53,31 +53,31 @@ class FixedController:
         """Nothing to restore."""
 
 
+def _turning_point_options(config: TrainConfig) -> dict[str, Any]:
+    """The pfq_* keys as PFQController arguments: PFQ's own schedule, and FracTrain's indicator."""
+    return {"period_steps": config.pfq_period,
+            "switch_steps": None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
+            "eps": config.pfq_eps, "alpha": config.pfq_alpha, "window": config.pfq_window,
+            "normaliser_periods": config.pfq_normaliser_periods, "alpha_switches": config.pfq_alpha_switches}
+
+
 def make_controller(config: TrainConfig) -> PrecisionController:
     """The controller a config's schedule names."""
+    if config.precision_overrides and config.schedule in ("pfq", "dfq", "fractrain"):
+        raise EdgetrainError(f"{config.schedule}: precision overrides are not supported (" +
+                             ("it moves every quantised layer together)" if config.schedule == "pfq"
+                              else "the gates choose the gated layers' bits)"))
     if config.schedule == "dfq":
-        if config.precision_overrides:
-            raise EdgetrainError("dfq: precision overrides are not supported (the gates choose the gated layers' bits)")
         return FixedController({"default": config.dfq_ungated, "dfq_target": config.dfq_target})
     if config.schedule == "fractrain":
         from .fractrain import DEFAULT_TARGETS, FracTrainController
 
-        if config.precision_overrides:
-            raise EdgetrainError("fractrain: precision overrides are not supported (the gates choose the bits)")
         return FracTrainController(targets=tuple(config.fractrain_targets or DEFAULT_TARGETS),
-                                   ungated=config.dfq_ungated, period_steps=config.pfq_period,
-                                   switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
-                                   eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
-                                   normaliser_periods=config.pfq_normaliser_periods, alpha_switches=config.pfq_alpha_switches)
+                                   ungated=config.dfq_ungated, **_turning_point_options(config))
     if config.schedule == "pfq":
         from .pfq import DEFAULT_STAGES, PFQController
 
-        if config.precision_overrides:
-            raise EdgetrainError("pfq moves every quantised layer together: precision overrides are not supported with it")
-        return PFQController(stages=tuple(config.pfq_stages or DEFAULT_STAGES), period_steps=config.pfq_period,
-                             switch_steps=None if config.pfq_switch_steps is None else tuple(config.pfq_switch_steps),
-                             eps=config.pfq_eps, alpha=config.pfq_alpha, window=config.pfq_window,
-                             normaliser_periods=config.pfq_normaliser_periods, alpha_switches=config.pfq_alpha_switches)
+        return PFQController(stages=tuple(config.pfq_stages or DEFAULT_STAGES), **_turning_point_options(config))
     if not config.precision_overrides:
         return FixedController(config.precision_spec)
     return FixedController({"default": config.precision_spec, "overrides": dict(config.precision_overrides)})

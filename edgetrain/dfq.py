@@ -36,8 +36,9 @@ import numpy as np
 from .blocks import Block, find_blocks, layer_units
 from .cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from .errors import EdgetrainError
-from .gates import EMBED_WIDTH, SHARED_NAMES, gate_backward, gate_forward, init_gate_params, straight_through, unit_param_names
+from .gates import EMBED_WIDTH, SHARED_NAMES, gate_backward, logit_mask, gate_forward, init_gate_params, straight_through, unit_param_names
 from .graph import Graph, Node
+from .layers import non_negative_values
 from .ops.base import Op
 from .ops.norm import BatchNormalization
 from .precision import FP32, LayerPrecision, parse_precision
@@ -156,7 +157,12 @@ class DFQ:
                                 for u in self.units}
         if any(not self.unit_candidates[u.index] for u in self.units):
             raise EdgetrainError("dfq: a gated layer without a shortcut needs a computing candidate")
-        self.gated_layers = {n.name for u in self.units for n in u.branch if n.name in _mac_names(model)}
+        macs = {n.name for n in model._mac_nodes}
+        self.gated_layers = {n.name for u in self.units for n in u.branch if n.name in macs}
+        self.skips = np.array([c.skip for c in self.candidates])
+        # Added to a unit's logits: -inf on the candidates it may not take (a layer without a shortcut cannot skip).
+        self.logit_masks = {u.index: logit_mask(self.unit_candidates[u.index], len(self.candidates))
+                            for u in self.units}
         self._measure(model)
         self.unit_cost, self.unit_fp32 = self._costs()
         self.target = float(config.target)
@@ -262,12 +268,13 @@ class DFQ:
             joins[last.name] = u
         nodes: list[Node] = []
         ops = dict(model.executor.ops)
+        facts = (non_negative_values(graph), {n.name: i for i, n in enumerate(model._mac_nodes)})
         for node in graph.nodes:
             if node.name in inside and node.name not in joins:
                 continue
             if node.name in joins:
                 u = joins[node.name]
-                unit_node, op = self._unit_node(model, u)
+                unit_node, op = self._unit_node(model, u, facts)
                 nodes.append(unit_node)
                 ops[unit_node.name] = op
                 continue
@@ -277,7 +284,7 @@ class DFQ:
                            graph.source, graph.producer, graph.original)
         model.executor = Executor(self.graph, ops)
 
-    def _unit_node(self, model: "Model", u: Unit) -> tuple[Node, "GatedUnit"]:
+    def _unit_node(self, model: "Model", u: Unit, facts: tuple) -> tuple[Node, "GatedUnit"]:
         produced = {o for n in u.branch for o in n.outputs if o}
         externals: list[str] = []
         for n in u.branch:
@@ -287,7 +294,7 @@ class DFQ:
         w1, b1, w2, b2 = unit_param_names(u.index)
         inputs = [u.fork, u.shortcut or ""] + externals + [w1, b1, w2, b2, *SHARED_NAMES]
         node = Node(f"dfq.{u.name}", "DFQUnit", inputs, [u.output], {})
-        return node, GatedUnit(node, model.graph.opset, self, u, len(externals), model)
+        return node, GatedUnit(node, model.graph.opset, self, u, len(externals), model, *facts)
 
     # -- per step ------------------------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -297,7 +304,7 @@ class DFQ:
         self.record = StepRecord()
 
     def mark_precision(self, precision: dict[str, LayerPrecision]) -> None:
-        """Gated layers report their per-sample precision, not the static one set_precision chose."""
+        """Gated layers report their per-sample precision (set_precision leaves them to their gates)."""
         for name in self.gated_layers:
             precision[name] = GatedPrecision(0, self.config.weight_bits, 0)
 
@@ -326,10 +333,9 @@ class DFQ:
         for u in self.units:
             counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
             for name, macs in u.macs.items():
-                parts = [layer_step_cost(int(counts[k]) * macs, c.precision, 0)
-                         for k, c in enumerate(self.candidates) if not c.skip and counts[k]]
-                costs[name] = LayerCost(*(sum(getattr(p, f) for p in parts) for f in
-                                          ("macs", "forward", "backward_data", "backward_weight", "saved_bits")))
+                costs[name] = sum((layer_step_cost(int(counts[k]) * macs, c.precision, 0)
+                                   for k, c in enumerate(self.candidates) if not c.skip and counts[k]),
+                                  LayerCost(0, 0, 0, 0, 0))
                 fp32[name] = layer_step_cost(n * macs, FP32, 0)
         return costs, fp32
 
@@ -384,14 +390,12 @@ def gating_plan(graph: Graph) -> dict[str, Any]:
                                          "can_skip": False, "layers": [u.node.name]} for u in layer_units(graph)]}
 
 
-def _mac_names(model: "Model") -> set[str]:
-    return {n.name for n in model._mac_nodes}
-
-
 class GatedUnit(Op):
     """The executor's op for one unit: gate, per-group execution of the branch, shortcut, backward."""
 
-    def __init__(self, node: Node, opset: int, dfq: DFQ, unit: Unit, n_externals: int, model: "Model"):
+    def __init__(self, node: Node, opset: int, dfq: DFQ, unit: Unit, n_externals: int, model: "Model",
+                 unsigned: set[str], mac_index: dict[str, int]):
+        """unsigned: values the graph proves non-negative; mac_index: each MAC layer's position (stream keys)."""
         super().__init__(node, opset)
         self.dfq = dfq
         self.unit = unit
@@ -399,8 +403,6 @@ class GatedUnit(Op):
         self.produced = {o for n in unit.branch for o in n.outputs if o}
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
-        unsigned = _non_negative(model)
-        mac_index = {n.name: i for i, n in enumerate(model._mac_nodes)}
         after_mac = set()
         for n in unit.branch:
             if n.name in dfq.gated_layers:
@@ -412,8 +414,8 @@ class GatedUnit(Op):
                 for k, c in enumerate(dfq.candidates):
                     if c.skip:
                         continue
-                    op = form(model._float_ops[n.name], c.precision, mac_index[n.name] + (k + 1) * CANDIDATE_STREAM_STRIDE,
-                              n.inputs[0] in unsigned, model.runtime)
+                    stream = mac_index[n.name] + (k + 1) * CANDIDATE_STREAM_STRIDE
+                    op = form(model._float_ops[n.name], c.precision, stream, n.inputs[0] in unsigned, model.runtime)
                     op.range_key = f"{n.name}@{c.text}"
                     self.candidate_ops.setdefault(k, {})[n.name] = op
             elif n.op_type == "BatchNormalization" and n.inputs[0] in after_mac:
@@ -428,13 +430,12 @@ class GatedUnit(Op):
         dfq = self.dfq
         n = x.shape[0]
         h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype), np.zeros((n, EMBED_WIDTH), x.dtype))
-        logits, gctx = gate_forward(x, params, shared, h, c)
+        logits, gctx = gate_forward(x, params, shared, h, c, dfq.logit_masks[self.unit.index])
         dfq.state = (gctx.h, gctx.c)
-        allowed = np.array(dfq.unit_candidates[self.unit.index])
         if dfq.force is not None and self.unit.index in dfq.force:
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
         else:
-            choice = allowed[logits[:, allowed].argmax(axis=1)]
+            choice = logits.argmax(axis=1)
         return choice, gctx
 
     def forward(self, inputs, training):
@@ -446,7 +447,7 @@ class GatedUnit(Op):
         choice, gctx = self._choose(x, gate_params, shared)
         dfq.record.choices[u.index] = choice
         dfq.record.batch = x.shape[0]
-        skip = np.array([dfq.candidates[k].skip for k in range(len(dfq.candidates))])[choice]
+        skip = dfq.skips[choice]
         order = np.argsort(choice, kind="stable")
         order = order[~skip[order]]  # executing samples, grouped by candidate
         # Every sample running, already in order (one candidate for all, say): plain slices, no copies.
@@ -521,8 +522,7 @@ class GatedUnit(Op):
             inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
             contribution = np.einsum("ij,ij->i", dr.reshape(n_exec, -1), r.reshape(n_exec, -1))
-            computing = np.array([not c.skip for c in dfq.candidates])
-            d_onehot[order] = contribution[:, None] * computing[None, :]
+            d_onehot[order] = contribution[:, None] * ~dfq.skips[None, :]
             for node, op, nctx in reversed(tape):
                 g_out = [inner.pop(o, None) if o else None for o in node.outputs]
                 if g_out[0] is None:
@@ -542,12 +542,7 @@ class GatedUnit(Op):
             if u.fork in inner:
                 branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
-        allowed = list(dfq.unit_candidates[u.index])
-        probs = np.zeros_like(gctx.probs)
-        # The gate's softmax runs over the unit's allowed candidates only (a layer cannot skip).
-        sub = gctx.probs[:, allowed]
-        probs[:, allowed] = sub / sub.sum(axis=1, keepdims=True)
-        dlogits = straight_through(probs, d_onehot)
+        dlogits = straight_through(gctx.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
         dxg, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
@@ -581,8 +576,3 @@ class GatedUnit(Op):
             rest = tail if rest is None else [b if a is None else (a if b is None else a + b) for a, b in zip(rest, tail)]
         return [dx] + rest
 
-
-def _non_negative(model: "Model") -> set[str]:
-    from .layers import non_negative_values
-
-    return non_negative_values(model.graph)

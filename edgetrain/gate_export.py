@@ -80,8 +80,9 @@ def gates_to_onnx(model: "Model") -> onnx.ModelProto:
                   helper.make_node("Mul", [tag + "o", tag + "tanh_c"], [tag + "h"]),
                   helper.make_node("Gemm", [tag + "h", "head.W", "head.b"], [tag + "logits"], transB=1)]
         h, c = tag + "h", tag + "c"
-        allowed = set(dfq.unit_candidates[u.index])
-        mask = np.array([0.0 if j in allowed else NOT_ALLOWED for j in range(k)], np.float32)
+        mask = dfq.logit_masks[u.index]
+        # ONNX's ArgMax gets a finite stand-in for -inf on the candidates this unit may not take.
+        mask = np.zeros(k, np.float32) if mask is None else np.where(np.isinf(mask), NOT_ALLOWED, mask).astype(np.float32)
         inits.append(numpy_helper.from_array(mask, tag + "mask"))
         nodes += [helper.make_node("Add", [tag + "logits", tag + "mask"], [tag + "masked"]),
                   helper.make_node("ArgMax", [tag + "masked"], [tag + "choice"], axis=1, keepdims=0)]

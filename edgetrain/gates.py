@@ -99,9 +99,19 @@ def pool(x: np.ndarray) -> np.ndarray:
     return x if x.ndim == 2 else x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2)
 
 
+def logit_mask(allowed, candidates: int) -> np.ndarray | None:
+    """What gate_forward adds to the logits: -inf on candidates not in `allowed`; None when all are."""
+    if len(allowed) == candidates:
+        return None
+    mask = np.full(candidates, -np.inf, np.float32)
+    mask[list(allowed)] = 0.0
+    return mask
+
+
 def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...],
-                 h_prev: np.ndarray, c_prev: np.ndarray) -> tuple[np.ndarray, GateContext]:
-    """Logits (N, K) of one unit's gate; the context carries the new LSTM state (ctx.h, ctx.c)."""
+                 h_prev: np.ndarray, c_prev: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
+    """Logits (N, K) of one unit's gate, plus `mask` (logit_mask) so masked candidates have probability 0;
+    the context carries the new LSTM state (ctx.h, ctx.c)."""
     w1, b1, w2, b2 = unit
     wih, whh, b, wo, bo = shared
     p = pool(x)
@@ -116,6 +126,8 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     tanh_c = np.tanh(c)
     h = o * tanh_c
     logits = h @ wo.T + bo
+    if mask is not None:
+        logits = logits + mask.astype(logits.dtype)
     ctx = GateContext(p, a1, z1, e, h_prev, c_prev, i, f, g, o, c, tanh_c, h, softmax(logits), x.shape)
     return logits, ctx
 

@@ -99,7 +99,10 @@ class Model:
         resolved = config.resolve(self.graph)
         unsigned = non_negative_values(self.graph)
         self.runtime.pow2_scales = pow2_scales
+        gated = self.dfq.gated_layers if self.dfq is not None else ()
         for index, node in enumerate(self._mac_nodes):
+            if node.name in gated:
+                continue  # its gate picks its bits per sample; mark_precision below reports that
             want = resolved[node.name]
             form = integer_form(node, self._params)
             if want.is_float or form is None:

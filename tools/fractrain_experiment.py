@@ -67,22 +67,27 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
     return config
 
 
+def _build(args: argparse.Namespace, sample_shape: tuple):
+    """The row's model as an ONNX ModelProto, sized for the digits' samples."""
+    import models
+
+    kwargs = {"num_classes": 10, "seed": args.seed}
+    if args.model.startswith("resnet"):
+        kwargs.update(in_channels=sample_shape[0], input_size=sample_shape[1])
+    return models.build_model(args.model, **kwargs)
+
+
 def run_row(row: str, args: argparse.Namespace) -> dict:
     """Train one row in this process; return its results."""
     import numpy as np
 
-    import models
     from edgetrain.data import load_data
     from edgetrain.model import Model
     from edgetrain.onnx_import import Importer
     from edgetrain.trainer import Trainer
 
     split = load_data("digits", seed=args.seed, val_fraction=0.1)
-    shape = split.train.x.shape[1:]
-    kwargs = {"num_classes": 10, "seed": args.seed}
-    if args.model.startswith("resnet"):
-        kwargs.update(in_channels=shape[0], input_size=shape[1])
-    proto = models.build_model(args.model, **kwargs)
+    proto = _build(args, split.train.x.shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
         # A few throwaway steps first, so compiling (or loading) the kernels is not counted as training time.
         warm = argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS})
@@ -124,27 +129,19 @@ def _child(row: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _model_file(args: argparse.Namespace, folder: Path) -> Path:
-    import models
-    from edgetrain.data import load_data
-
-    shape = load_data("digits", seed=args.seed, val_fraction=0.1).train.x.shape[1:]
-    kwargs = {"num_classes": 10, "seed": args.seed}
-    if args.model.startswith("resnet"):
-        kwargs.update(in_channels=shape[0], input_size=shape[1])
-    path = folder / f"{args.model}.onnx"
-    models.save_model(models.build_model(args.model, **kwargs), path)
-    return path
-
-
 def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]:
     """Profile the model on this host (edgetrain profile --simulate: the board agent runs here) at fp32,
     8/8 and every DFQ candidate; returns the latency table's path and the gated layers' 8/8 time as a
     percentage of their fp32 time."""
-    from edgetrain.dfq import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, parse_candidates
+    import models
+    from edgetrain.data import load_data
+    from edgetrain.dfq import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, gating_plan, parse_candidates
     from edgetrain.latency import read_cost_table
+    from edgetrain.onnx_import import load_graph
 
-    model = _model_file(args, folder)
+    proto = _build(args, load_data("digits", seed=args.seed, val_fraction=0.1).train.x.shape[1:])
+    model = folder / f"{args.model}.onnx"
+    models.save_model(proto, model)
     table = folder / "latency.json"
     table.unlink(missing_ok=True)
     specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS)
@@ -157,7 +154,7 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
         if proc.returncode != 0:
             raise EdgetrainError(f"profiling at {spec} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     costs = read_cost_table(table)
-    gated = [name for name in costs if ".conv" in name and name.startswith("layer")]
+    gated = [name for unit in gating_plan(load_graph(proto))["units"] for name in unit["layers"]]
     share = 100.0 * sum(costs[n]["8/8"] for n in gated) / sum(costs[n]["fp32"] for n in gated)
     return str(table), share
 
