@@ -138,6 +138,24 @@ def _swap(lo, hi, shift, mask):
     return lo ^ (t << shift), hi ^ t
 
 
+@njit(inline="always", **_JIT)
+def _transpose8(a0, a1, a2, a3, a4, a5, a6, a7):
+    """An 8x8 byte block held as eight 64-bit words (one row each), transposed: three rounds of swaps."""
+    a0, a1 = _swap(a0, a1, _S8, _M1)
+    a2, a3 = _swap(a2, a3, _S8, _M1)
+    a4, a5 = _swap(a4, a5, _S8, _M1)
+    a6, a7 = _swap(a6, a7, _S8, _M1)
+    a0, a2 = _swap(a0, a2, _S16, _M2)
+    a1, a3 = _swap(a1, a3, _S16, _M2)
+    a4, a6 = _swap(a4, a6, _S16, _M2)
+    a5, a7 = _swap(a5, a7, _S16, _M2)
+    a0, a4 = _swap(a0, a4, _S32, _M4)
+    a1, a5 = _swap(a1, a5, _S32, _M4)
+    a2, a6 = _swap(a2, a6, _S32, _M4)
+    a3, a7 = _swap(a3, a7, _S32, _M4)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
 @njit(**_JIT)
 def pixel_rows8(dy64, out64, n0, n1, out_h, out_w, wq, xor):
     """`pixel_rows` for out_w and M multiples of 8, on 64-bit words: dy64 (N, M, P/8) and out64
@@ -156,18 +174,9 @@ def pixel_rows8(dy64, out64, n0, n1, out_h, out_w, wq, xor):
                 row = rbase + 8 * g
                 for h in range(m_ // 8):
                     m = 8 * h
-                    a0, a1 = _swap(src[m, p] ^ x64, src[m + 1, p] ^ x64, _S8, _M1)
-                    a2, a3 = _swap(src[m + 2, p] ^ x64, src[m + 3, p] ^ x64, _S8, _M1)
-                    a4, a5 = _swap(src[m + 4, p] ^ x64, src[m + 5, p] ^ x64, _S8, _M1)
-                    a6, a7 = _swap(src[m + 6, p] ^ x64, src[m + 7, p] ^ x64, _S8, _M1)
-                    a0, a2 = _swap(a0, a2, _S16, _M2)
-                    a1, a3 = _swap(a1, a3, _S16, _M2)
-                    a4, a6 = _swap(a4, a6, _S16, _M2)
-                    a5, a7 = _swap(a5, a7, _S16, _M2)
-                    a0, a4 = _swap(a0, a4, _S32, _M4)
-                    a1, a5 = _swap(a1, a5, _S32, _M4)
-                    a2, a6 = _swap(a2, a6, _S32, _M4)
-                    a3, a7 = _swap(a3, a7, _S32, _M4)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _transpose8(
+                        src[m, p] ^ x64, src[m + 1, p] ^ x64, src[m + 2, p] ^ x64, src[m + 3, p] ^ x64,
+                        src[m + 4, p] ^ x64, src[m + 5, p] ^ x64, src[m + 6, p] ^ x64, src[m + 7, p] ^ x64)
                     out64[row, h] = a0
                     out64[row + 1, h] = a1
                     out64[row + 2, h] = a2
@@ -256,18 +265,9 @@ def transpose_words(src64, dst64, xor):
     x64 = np.uint64(0x8080808080808080) if xor else np.uint64(0)
     for g in range(src64.shape[1]):
         for r0 in range(0, rows, 8):
-            a0, a1 = _swap(src64[r0, g] ^ x64, src64[r0 + 1, g] ^ x64, _S8, _M1)
-            a2, a3 = _swap(src64[r0 + 2, g] ^ x64, src64[r0 + 3, g] ^ x64, _S8, _M1)
-            a4, a5 = _swap(src64[r0 + 4, g] ^ x64, src64[r0 + 5, g] ^ x64, _S8, _M1)
-            a6, a7 = _swap(src64[r0 + 6, g] ^ x64, src64[r0 + 7, g] ^ x64, _S8, _M1)
-            a0, a2 = _swap(a0, a2, _S16, _M2)
-            a1, a3 = _swap(a1, a3, _S16, _M2)
-            a4, a6 = _swap(a4, a6, _S16, _M2)
-            a5, a7 = _swap(a5, a7, _S16, _M2)
-            a0, a4 = _swap(a0, a4, _S32, _M4)
-            a1, a5 = _swap(a1, a5, _S32, _M4)
-            a2, a6 = _swap(a2, a6, _S32, _M4)
-            a3, a7 = _swap(a3, a7, _S32, _M4)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _transpose8(
+                src64[r0, g] ^ x64, src64[r0 + 1, g] ^ x64, src64[r0 + 2, g] ^ x64, src64[r0 + 3, g] ^ x64,
+                src64[r0 + 4, g] ^ x64, src64[r0 + 5, g] ^ x64, src64[r0 + 6, g] ^ x64, src64[r0 + 7, g] ^ x64)
             c = 8 * g
             q = r0 // 8
             dst64[c, q] = a0
