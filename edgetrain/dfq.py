@@ -36,7 +36,9 @@ import numpy as np
 from .blocks import Block, find_blocks, layer_units
 from .cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from .errors import EdgetrainError
-from .gates import EMBED_WIDTH, SHARED_NAMES, gate_backward, logit_mask, gate_forward, init_gate_params, straight_through, unit_param_names
+from .gate_kernels import add_channel_means_grad, sample_dots
+from .gates import (EMBED_WIDTH, SHARED_NAMES, gate_backward, gate_forward, init_gate_params, logit_mask,
+                    pooled_grad_to_input, straight_through, unit_param_names)
 from .graph import Graph, Node
 from .layers import non_negative_values
 from .ops.base import Op
@@ -474,9 +476,12 @@ class GatedUnit(Op):
                         op = self.candidate_ops[k][node.name]
                         (y,), ctx = op.forward([args[0][sl]] + args[1:], training)
                         dfq.kernel_calls += 1
-                        if out is None:
-                            out = np.empty((n_exec,) + y.shape[1:], y.dtype)
-                        out[sl] = y
+                        if len(groups) == 1:
+                            out = y  # one group is every executing sample: no copy
+                        else:
+                            if out is None:
+                                out = np.empty((n_exec,) + y.shape[1:], y.dtype)
+                            out[sl] = y
                         ctxs.append((k, sl, op, ctx))
                     env[node.outputs[0]] = out
                     tape.append((node, None, ctxs))
@@ -521,7 +526,7 @@ class GatedUnit(Op):
             dr = dout[order]
             inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
-            contribution = np.einsum("ij,ij->i", dr.reshape(n_exec, -1), r.reshape(n_exec, -1))
+            contribution = sample_dots(dr, r)
             d_onehot[order] = contribution[:, None] * ~dfq.skips[None, :]
             for node, op, nctx in reversed(tape):
                 g_out = [inner.pop(o, None) if o else None for o in node.outputs]
@@ -545,15 +550,14 @@ class GatedUnit(Op):
         dlogits = straight_through(gctx.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
-        dxg, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
+        dpooled, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
         dfq.dstate = (dh_prev, dc_prev)
-        if branch_dx is None:
-            dx = np.array(dxg, dtype)
-        elif isinstance(order, slice):
-            dx = branch_dx + dxg
+        if isinstance(order, slice) and branch_dx is not None:
+            dx = add_channel_means_grad(branch_dx, dpooled)
         else:
-            dx = np.array(dxg, dtype)
-            dx[order] += branch_dx
+            dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
+            if branch_dx is not None:
+                dx[order] += branch_dx
         out[0] = dx
         if u.shortcut is not None:
             out[1] = dout
@@ -569,9 +573,12 @@ class GatedUnit(Op):
             gins = op.backward(ctx, [g[sl]])
             self.dfq.kernel_calls += 1
             if gins[0] is not None:
-                if dx is None:
-                    dx = np.empty((n_exec,) + gins[0].shape[1:], gins[0].dtype)
-                dx[sl] = gins[0]
+                if len(ctxs) == 1:
+                    dx = gins[0]  # one group is every executing sample: no copy
+                else:
+                    if dx is None:
+                        dx = np.empty((n_exec,) + gins[0].shape[1:], gins[0].dtype)
+                    dx[sl] = gins[0]
             tail = list(gins[1:])
             rest = tail if rest is None else [b if a is None else (a if b is None else a + b) for a, b in zip(rest, tail)]
         return [dx] + rest

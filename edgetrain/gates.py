@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gate_kernels import channel_means
+
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
 EMBED_WIDTH = 16  # the second 1x1 conv's width, and the LSTM's input and hidden size
 PREFIX = "dfq."  # every gate parameter's name starts with this
@@ -94,11 +96,6 @@ class GateContext:
     x_shape: tuple
 
 
-def pool(x: np.ndarray) -> np.ndarray:
-    """Global average over every axis after the channel axis (a 2-D input is already pooled)."""
-    return x if x.ndim == 2 else x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2)
-
-
 def logit_mask(allowed, candidates: int) -> np.ndarray | None:
     """What gate_forward adds to the logits: -inf on candidates not in `allowed`; None when all are."""
     if len(allowed) == candidates:
@@ -114,7 +111,7 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     the context carries the new LSTM state (ctx.h, ctx.c)."""
     w1, b1, w2, b2 = unit
     wih, whh, b, wo, bo = shared
-    p = pool(x)
+    p = channel_means(x)
     a1 = p @ w1.T + b1
     z1 = np.maximum(a1, 0)
     e = z1 @ w2.T + b2
@@ -134,7 +131,7 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
 
 def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc_next: np.ndarray,
                   unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...]):
-    """Gradients of one unit's gate: (dx, unit param grads, shared param grads, dh_prev, dc_prev).
+    """Gradients of one unit's gate: (d pooled x, unit param grads, shared param grads, dh_prev, dc_prev).
 
     dh_next and dc_next are dL/d(this unit's h, c) that later units' gates sent back.
     """
@@ -160,12 +157,15 @@ def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc
     dw1 = da1.T @ ctx.pooled
     db1 = da1.sum(axis=0)
     dp = da1 @ w1
-    if len(ctx.x_shape) == 2:
-        dx = dp
-    else:
-        spatial = int(np.prod(ctx.x_shape[2:]))
-        dx = np.broadcast_to((dp / spatial).reshape(dp.shape + (1,) * (len(ctx.x_shape) - 2)), ctx.x_shape)
-    return dx, (dw1, db1, dw2, db2), (dwih, dwhh, db, dwo, dbo), dh_prev, dc_prev
+    return dp, (dw1, db1, dw2, db2), (dwih, dwhh, db, dwo, dbo), dh_prev, dc_prev
+
+
+def pooled_grad_to_input(dpooled: np.ndarray, x_shape: tuple) -> np.ndarray:
+    """dL/dx (a read-only broadcast view) from dL/d(pooled x), as gate_backward returns it."""
+    if len(x_shape) == 2:
+        return dpooled
+    spatial = int(np.prod(x_shape[2:]))
+    return np.broadcast_to((dpooled / spatial).reshape(dpooled.shape + (1,) * (len(x_shape) - 2)), x_shape)
 
 
 def straight_through(probs: np.ndarray, d_onehot: np.ndarray) -> np.ndarray:

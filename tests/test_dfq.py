@@ -42,8 +42,9 @@ def test_gate_backward_matches_finite_differences_across_two_units():
     _, (c0, c1) = loss(params, x0, x1)
     shared = tuple(params[n] for n in shared_names)
     z = np.zeros((4, 16))
-    dx1, du1, ds1, dh, dc = gates.gate_backward(c1, w1, z, z, tuple(params[n] for n in gates.unit_param_names(1)), shared)
-    dx0, du0, ds0, _, _ = gates.gate_backward(c0, w0, dh, dc, tuple(params[n] for n in gates.unit_param_names(0)), shared)
+    dp1, du1, ds1, dh, dc = gates.gate_backward(c1, w1, z, z, tuple(params[n] for n in gates.unit_param_names(1)), shared)
+    dp0, du0, ds0, _, _ = gates.gate_backward(c0, w0, dh, dc, tuple(params[n] for n in gates.unit_param_names(0)), shared)
+    dx0, dx1 = gates.pooled_grad_to_input(dp0, x0.shape), gates.pooled_grad_to_input(dp1, x1.shape)
     analytic = dict(zip(gates.unit_param_names(0), du0)) | dict(zip(gates.unit_param_names(1), du1))
     analytic |= {n: a + b for n, a, b in zip(shared_names, ds0, ds1)}
     eps = 1e-6

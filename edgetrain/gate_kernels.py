@@ -1,0 +1,106 @@
+"""Numba loops for the DFQ gate's full-tensor passes: channel means, per-sample dot products, and the
+branch gradient plus the gate's pooled gradient.
+
+These are the only parts of a gated unit that touch a whole activation tensor outside the integer
+kernels, so they run once per unit per step on every sample. NumPy does each in one or two passes
+with temporaries; these do one parallel sweep. Sums accumulate in float64 in a fixed order per row,
+so results do not depend on the thread count or the machine's vector width.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, inline="always")
+def _dot_row(a, ra, b, rb, length):
+    # Eight running sums in a fixed interleave: the order is written out here, not left to the
+    # compiler, so it vectorises and still gives the same bits on every machine.
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    j = 0
+    while j + 8 <= length:
+        s0 += float(a[ra, j]) * float(b[rb, j])
+        s1 += float(a[ra, j + 1]) * float(b[rb, j + 1])
+        s2 += float(a[ra, j + 2]) * float(b[rb, j + 2])
+        s3 += float(a[ra, j + 3]) * float(b[rb, j + 3])
+        s4 += float(a[ra, j + 4]) * float(b[rb, j + 4])
+        s5 += float(a[ra, j + 5]) * float(b[rb, j + 5])
+        s6 += float(a[ra, j + 6]) * float(b[rb, j + 6])
+        s7 += float(a[ra, j + 7]) * float(b[rb, j + 7])
+        j += 8
+    while j < length:
+        s0 += float(a[ra, j]) * float(b[rb, j])
+        j += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, inline="always")
+def _sum_row(x, r, length):
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0  # fixed interleave, as in _dot_row
+    j = 0
+    while j + 8 <= length:
+        s0 += x[r, j]
+        s1 += x[r, j + 1]
+        s2 += x[r, j + 2]
+        s3 += x[r, j + 3]
+        s4 += x[r, j + 4]
+        s5 += x[r, j + 5]
+        s6 += x[r, j + 6]
+        s7 += x[r, j + 7]
+        j += 8
+    while j < length:
+        s0 += x[r, j]
+        j += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, parallel=True)
+def _row_means(x, out):
+    rows, length = x.shape
+    for r in prange(rows):
+        out[r] = _sum_row(x, r, length) / length
+
+
+@njit(cache=True, parallel=True)
+def _row_dots(a, b, out):
+    rows, length = a.shape
+    for r in prange(rows):
+        out[r] = _dot_row(a, r, b, r, length)
+
+
+@njit(cache=True, parallel=True)
+def _add_row_constant(x, d, scale, out):
+    rows, length = x.shape
+    for r in prange(rows):
+        v = d[r] * scale
+        for j in range(length):
+            out[r, j] = x[r, j] + v
+
+
+def channel_means(x: np.ndarray) -> np.ndarray:
+    """(N, C, ...) -> (N, C): the mean over every axis after the channel axis; a 2-D input is returned as is."""
+    if x.ndim == 2:
+        return x
+    rows = np.ascontiguousarray(x).reshape(x.shape[0] * x.shape[1], -1)
+    out = np.empty(rows.shape[0], x.dtype)
+    _row_means(rows, out)
+    return out.reshape(x.shape[:2])
+
+
+def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, ...) x (N, ...) -> (N,): each sample's dot product of a and b."""
+    n = a.shape[0]
+    out = np.empty(n, np.result_type(a.dtype, b.dtype))
+    _row_dots(np.ascontiguousarray(a).reshape(n, -1), np.ascontiguousarray(b).reshape(n, -1), out)
+    return out
+
+
+def add_channel_means_grad(g: np.ndarray, dmeans: np.ndarray) -> np.ndarray:
+    """g + the gradient through channel_means of dmeans (N, C): a new array of g's shape."""
+    if g.ndim == 2:
+        return g + dmeans
+    n, c = g.shape[:2]
+    rows = np.ascontiguousarray(g).reshape(n * c, -1)
+    out = np.empty_like(rows)
+    _add_row_constant(rows, np.ascontiguousarray(dmeans, dtype=g.dtype).reshape(-1), g.dtype.type(1.0 / rows.shape[1]), out)
+    return out.reshape(g.shape)
