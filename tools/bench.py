@@ -1,31 +1,56 @@
-"""Training throughput and peak memory: edgetrain int 8/8 and fp32 against PyTorch fp32, interleaved.
+"""Training throughput, FracTrain's step time against its BitOPs, peak memory and cold start, in one run.
 
     python tools/bench.py [--rounds 5] [--steps 3] [--warmup 2] [--threads 2] [--json] [--out FILE]
-                          [--cases resnet20-b128,resnet20-b32,mlp-b128] [--backends numba] [--profile]
+                          [--cases resnet20-b128,resnet20-b32,resnet8-b128,mlp-b128] [--backends numba]
+                          [--mixes 3/6 0:0.5,6/8:0.5 | --no-fractrain] [--no-fp32] [--profile]
+                          [--no-cold-start | --cold-start-model resnet20 --cold-start-batch 128 --fresh-cache]
 
-Every path (edgetrain's integer path at 8/8, its fp32 path, PyTorch fp32, and optionally the integer
-path on other kernel backends) runs in its own worker process, set up once. The parent then runs
+Paths, per case: edgetrain's integer path at static 8/8, FracTrain at each `--mixes` mix (ResNet cases
+only), edgetrain's fp32 path, PyTorch fp32 as the reference, and optionally the integer path on other
+kernel backends. Every path runs in its own worker process, set up once. The parent then runs
 `--rounds` rounds; in each round every worker in turn runs `--steps` training steps or more (so
-that a turn lasts `--min-turn` seconds; a rotating
-order, `--gap` seconds apart so one worker's spinning OpenMP threads have gone idle before the next
-starts), so a burst of load from other processes on a shared machine hits all paths alike instead
-of whichever happened to run then. Reported per path: images/s from the median step time over all
-rounds, the ratio to PyTorch fp32 (of the median step times; the range of the per-round ratios
-shows how noisy the machine was), and the worker's resident memory after setup and at its peak
-(ru_maxrss: imports, model, and the largest step's activations and scratch).
+that a turn lasts `--min-turn` seconds; a rotating order, `--gap` seconds apart so one worker's
+spinning OpenMP threads have gone idle before the next starts), so a burst of load from other
+processes on a shared machine hits all paths alike instead of whichever happened to run then.
+Reported per path: images/s from the median step time over all rounds, the ratio to PyTorch fp32 (of
+the median step times; the range of the per-round ratios shows how noisy the machine was), and the
+worker's resident memory after setup and at its peak (ru_maxrss: imports, model, and the largest
+step's activations and scratch). `--profile` adds milliseconds per op type and direction of one step.
 
-GOP counts are not reported here; `tools/bench_kernels.py` times the kernels alone.
+FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.dfq, FracTrain's candidates
+0 = skip, 3/6, 4/6, 4/8, 6/8, 6/12, weights at 4 bits) and every gate forced to a fixed share of the
+batch per candidate, samples shuffled with a fixed seed, so the step is reproducible. A mix is "3/6"
+(every sample on one candidate) or "0:0.5,6/8:0.5" (shares); the defaults are 3/6, what the gates chose
+for every block at the end of our ResNet-8 FracTrain experiment, and half the samples skipping each
+block at 6/8 otherwise. Per mix: the step's BitOPs (the trainer's per-step figure) in percent of static
+8/8's, its step time in percent of static 8/8's from the same rounds, and the bar: a step whose BitOPs
+are X% of static 8/8's takes at most X% + 15 points of its time.
+
+Cold start (on unless `--no-cold-start`): a new `python` process imports edgetrain, builds
+`--cold-start-model` at 8/8 and runs one training step (forward, backward, SGD update) at
+`--cold-start-batch`; reported are the wall time from just before the parent starts it to the step's
+end (the child's clock), and the child's split: interpreter start, imports, model build, first step.
+It runs twice: the first process fills Numba's on-disk cache if it is empty (the kernels are
+`cache=True`; index files beside their sources in __pycache__ unless NUMBA_CACHE_DIR says otherwise),
+the second starts with it warm. Bar: the warm process finishes its first step within 3 seconds.
+`--fresh-cache` points both at a new, empty NUMBA_CACHE_DIR, so the first is a true first run ever.
+
+`--json` prints JSON for tools instead of the table; `--out` also writes it. GOP counts are not
+reported here; `tools/bench_kernels.py` times the kernels alone.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,32 +59,62 @@ ROOT = os.path.dirname(HERE)
 CASES = {  # key: (label, builder name, batch, input shape per sample)
     "resnet20-b128": ("ResNet-20 b128", "resnet20", 128, (3, 32, 32)),
     "resnet20-b32": ("ResNet-20 b32", "resnet20", 32, (3, 32, 32)),
+    "resnet8-b128": ("ResNet-8 b128", "resnet8", 128, (3, 32, 32)),
     "mlp-b128": ("MLP b128", "mlp", 128, (784,)),
 }
+SHAPES = {name: shape for _, name, _, shape in CASES.values()}  # cold start: input shape per model
 TORCH = "torch fp32"
 PREFIX = "@@bench "  # worker replies are the stdout lines that start with this
+FRACTRAIN = "fractrain:"  # path key prefix; the mix text follows
+DEFAULT_MIXES = ("3/6", "0:0.5,6/8:0.5")
+BAR_POINTS = 15.0  # FracTrain bar: time% <= BitOPs% + this many points of static 8/8's
+COLD_START_BAR_S = 3.0  # a warm-cache process finishes its first ResNet-20 step within this
 
 
 def _label(path: str) -> str:
-    """Path key -> display name: int8, int8@numba, fp32, torch."""
+    """Path key -> display name: int8, int8@numba, fractrain:<mix>, fp32, torch."""
     if path == "torch":
         return TORCH
     if path == "fp32":
         return "edgetrain fp32"
+    if path.startswith(FRACTRAIN):
+        return f"edgetrain FracTrain {path[len(FRACTRAIN):]}"
     backend = path.partition("@")[2]
     return "edgetrain int 8/8" + (f" [{backend}]" if backend else "")
+
+
+def _has_blocks(case: str) -> bool:
+    """Whether the case's model has residual blocks, which FracTrain gates (and may skip)."""
+    return CASES[case][1].startswith("resnet")
 
 
 # ------------------------------------------------------------------------------------- worker
 
 
 def _rss_mb() -> float:
+    """Resident memory of this process now, MB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def _peak_mb() -> float:
+    """Peak resident memory of this process, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _reply(**kw) -> None:
+    """Send one reply line to the parent."""
+    sys.stdout.write(PREFIX + json.dumps(kw) + "\n")
+    sys.stdout.flush()
+
+
+def _limit_threads(threads: int):
+    """Numba's and the BLAS/OpenMP pools' threads; returns the threadpoolctl limiter to keep alive."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threadpool_limits(threads)
 
 
 def worker(path: str, case: str, threads: int) -> int:
@@ -76,25 +131,21 @@ def worker(path: str, case: str, threads: int) -> int:
         from bench_step import make_torch_step
         step = make_torch_step(name, batch, shape)
     else:
-        import numba
-        from threadpoolctl import threadpool_limits
+        _limits = _limit_threads(threads)  # kept for the worker's lifetime
+        from bench_step import make_edgetrain_step, parse_mix
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _limits = threadpool_limits(threads)  # kept for the worker's lifetime
         from edgetrain import kernels
-        precision, _, backend = path.partition("@")
-        if backend:
-            kernels.set_backend(backend)
+        mix = None
+        if path.startswith(FRACTRAIN):
+            precision, mix = "int8", parse_mix(path[len(FRACTRAIN):])
+        else:
+            precision, _, backend = path.partition("@")
+            if backend:
+                kernels.set_backend(backend)
         kernel_backend = kernels.get_backend().name
-        from bench_step import make_edgetrain_step
-        step, model = make_edgetrain_step(name, batch, shape, "8/8" if precision == "int8" else "fp32")
+        step, model = make_edgetrain_step(name, batch, shape, "8/8" if precision == "int8" else "fp32", mix)
     setup_mb = _rss_mb()
-
-    def reply(**kw):
-        sys.stdout.write(PREFIX + json.dumps(kw) + "\n")
-        sys.stdout.flush()
-
-    reply(ready=True, backend=kernel_backend, setup_rss_mb=setup_mb)
+    _reply(ready=True, backend=kernel_backend, setup_rss_mb=setup_mb)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "run":
@@ -103,11 +154,15 @@ def worker(path: str, case: str, threads: int) -> int:
                 t = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t)
-            reply(times=times)
+            extra = {}
+            if model is not None and times:
+                from bench_step import step_bitops
+                extra["bitops"] = step_bitops(model)  # the same every step: fixed precision, forced mix
+            _reply(times=times, **extra)
         elif cmd["cmd"] == "profile":
-            reply(profile=_profile(step, model))
+            _reply(profile=_profile(step, model))
         elif cmd["cmd"] == "quit":
-            reply(peak_rss_mb=_peak_mb())
+            _reply(peak_rss_mb=_peak_mb())
             return 0
     return 0
 
@@ -126,10 +181,29 @@ def _profile(step, model) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def cold_start_child(name: str, batch: int, threads: int) -> int:
+    """One new process: import, build `name` at 8/8, one training step; reply with wall-clock marks."""
+    t_start = time.time()
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    _limits = _limit_threads(threads)  # the same threads as the workers
+    # timed as imports: bench_step imports edgetrain (numpy, numba, onnx, the kernels) and models
+    from bench_step import make_edgetrain_step
+    t_import = time.time()
+    step, _ = make_edgetrain_step(name, batch, SHAPES[name], "8/8")
+    t_build = time.time()
+    step()
+    t_step = time.time()
+    _reply(start=t_start, imported=t_import, built=t_build, step_end=t_step, peak_rss_mb=_peak_mb())
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parent
 
 
 class Worker:
+    """A worker process for one path of one case, and the pipe to it."""
+
     def __init__(self, path: str, case: str, threads: int, env: dict | None = None):
         self.path = path
         self.proc = subprocess.Popen(
@@ -138,29 +212,52 @@ class Worker:
         self.info = self.read()
 
     def read(self) -> dict:
+        """The worker's next reply."""
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
         raise RuntimeError(f"worker {self.path} exited with {self.proc.wait()}")
 
     def ask(self, **cmd) -> dict:
+        """Send one command and wait for its reply."""
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self.read()
 
 
+def _ratio_rounds(num: list[float], den: list[float]) -> list[float]:
+    """Per-round ratios of two paths' median step times (their turns were seconds apart)."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def fractrain_row(mix: str, bitops: int, static_bitops: int, med: float, static_med: float,
+                  per_round: list[float]) -> dict:
+    """One FracTrain mix against static 8/8: BitOPs %, time %, and whether the bar holds."""
+    bitops_pct = 100.0 * bitops / static_bitops
+    time_pct = 100.0 * med / static_med
+    return {"mix": mix, "bitops": bitops, "static_bitops": static_bitops,
+            "bitops_percent_of_static": bitops_pct, "time_percent_of_static": time_pct,
+            "time_percent_rounds_range": [100.0 * min(per_round), 100.0 * max(per_round)] if per_round else None,
+            "bar_limit_percent": bitops_pct + BAR_POINTS, "bar_holds": time_pct <= bitops_pct + BAR_POINTS}
+
+
 def bench_case(case: str, paths: list[str], args) -> dict:
+    """Run every path of one case in interleaved rounds; the case's JSON."""
     label, _, batch, _ = CASES[case]
-    workers = [Worker(p, case, args.threads) for p in paths]
-    times: dict[str, list[float]] = {w.path: [] for w in workers}
-    rounds: dict[str, list[float]] = {w.path: [] for w in workers}
+    workers = []
     try:
-        steps = {}
+        for p in paths:
+            workers.append(Worker(p, case, args.threads))
+        times: dict[str, list[float]] = {w.path: [] for w in workers}
+        rounds: dict[str, list[float]] = {w.path: [] for w in workers}
+        steps, bitops = {}, {}
         for w in workers:
-            warm = w.ask(cmd="run", n=args.warmup)["times"]
+            warm = w.ask(cmd="run", n=max(args.warmup, 1))
+            if "bitops" in warm:
+                bitops[w.path] = warm["bitops"]
             # short steps (the MLP's take milliseconds) run more per turn, so a turn lasts about
             # --min-turn seconds and the first step after the gap does not dominate its median
-            steps[w.path] = max(args.steps, int(args.min_turn / max(min(warm), 1e-6)))
+            steps[w.path] = max(args.steps, int(args.min_turn / max(min(warm["times"]), 1e-6)))
         for r in range(args.rounds):
             order = workers[r % len(workers):] + workers[:r % len(workers)]
             for w in order:
@@ -178,70 +275,226 @@ def bench_case(case: str, paths: list[str], args) -> dict:
                 w.proc.kill()
             w.proc.wait()
     ref = statistics.median(times["torch"]) if "torch" in times else None
-    out = {"case": label, "batch": batch, "paths": {}}
+    out = {"case": label, "key": case, "batch": batch, "paths": {}, "fractrain": []}
     for w in workers:
         med = statistics.median(times[w.path])
         row = {"step_ms": 1e3 * med, "img_s": batch / med, "steps": len(times[w.path]),
                "setup_rss_mb": w.info["setup_rss_mb"], "peak_rss_mb": peaks[w.path]}
         if w.info.get("backend"):
             row["kernel_backend"] = w.info["backend"]
+        if w.path in bitops:
+            row["bitops"] = bitops[w.path]
         if ref is not None and w.path != "torch":
             # images/s relative to torch: torch's median step time over this path's; and per
-            # round (the two turns were seconds apart), whose spread shows how noisy the machine was
-            per_round = [a / b for a, b in zip(rounds["torch"], rounds[w.path])]
+            # round, whose spread shows how noisy the machine was
+            per_round = _ratio_rounds(rounds["torch"], rounds[w.path])
             row["vs_torch"] = ref / med
             row["vs_torch_rounds_median"] = statistics.median(per_round)
             row["vs_torch_rounds_range"] = [min(per_round), max(per_round)]
         if w.path in profiles:
             row["profile_ms"] = profiles[w.path]
         out["paths"][_label(w.path)] = row
+        if w.path.startswith(FRACTRAIN) and "int8" in bitops:
+            fr = fractrain_row(w.path[len(FRACTRAIN):], bitops[w.path], bitops["int8"], med,
+                               statistics.median(times["int8"]), _ratio_rounds(rounds[w.path], rounds["int8"]))
+            row.update({k: fr[k] for k in ("bitops_percent_of_static", "time_percent_of_static", "bar_holds")})
+            out["fractrain"].append({"path": _label(w.path), **fr})
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="steps per worker and round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--gap", type=float, default=0.2, help="seconds of idle between two workers' turns")
-    p.add_argument("--min-turn", type=float, default=0.3, help="seconds a worker's turn lasts at least")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    p.add_argument("--backends", default="", help="also run int 8/8 on these kernel backends (e.g. numba)")
-    p.add_argument("--no-fp32", action="store_true", help="skip edgetrain's fp32 path")
-    p.add_argument("--profile", action="store_true", help="also report per-op-type milliseconds of one step")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--case", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        return worker(args.worker, args.case, args.threads)
+def numba_cache_state(cache_dir: str | None = None) -> dict:
+    """Where Numba keeps edgetrain's compiled kernels on disk, and how many index and compiled files are there."""
+    if cache_dir:
+        where, pattern = cache_dir, os.path.join(cache_dir, "**")
+    else:
+        # numba's default: a __pycache__ beside each source file (if writable, as in this checkout)
+        where, pattern = os.path.join(ROOT, "edgetrain", "**", "__pycache__"), os.path.join(ROOT, "edgetrain", "**",
+                                                                                             "__pycache__")
+    index = glob.glob(os.path.join(pattern, "*.nbi"), recursive=True)
+    data = glob.glob(os.path.join(pattern, "*.nbc"), recursive=True)
+    return {"location": where, "index_files": len(index), "compiled_files": len(data)}
 
-    paths = ["int8"] + [f"int8@{b}" for b in args.backends.split(",") if b] + ([] if args.no_fp32 else ["fp32"])
-    paths.append("torch")
-    result = {"threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "loadavg_start": os.getloadavg()},
-              "cases": [bench_case(c, paths, args) for c in args.cases.split(",") if c]}
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        print(text)
-        return 0
+
+def run_cold_start(name: str, batch: int, threads: int, cache_dir: str | None = None, timeout: float = 900) -> dict:
+    """Time one new process from just before Popen to the end of its first training step (the child's clock)."""
+    env = dict(os.environ)
+    if cache_dir:
+        env["NUMBA_CACHE_DIR"] = cache_dir
+    before = numba_cache_state(cache_dir or os.environ.get("NUMBA_CACHE_DIR"))
+    cmd = [sys.executable, os.path.abspath(__file__), "--cold-start-child", name,
+           "--cold-start-batch", str(batch), "--threads", str(threads)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"cold-start process exited with {proc.returncode}: {tail}")
+    m = json.loads(lines[-1][len(PREFIX):])
+    after = numba_cache_state(cache_dir or os.environ.get("NUMBA_CACHE_DIR"))
+    return {"wall_s": m["step_end"] - t0, "python_start_s": m["start"] - t0, "import_s": m["imported"] - m["start"],
+            "build_s": m["built"] - m["imported"], "first_step_s": m["step_end"] - m["built"],
+            "peak_rss_mb": m["peak_rss_mb"], "cache_before": before, "cache_after": after,
+            "compiled_kernels": after["compiled_files"] > before["compiled_files"]}  # it wrote new cache entries
+
+
+def cold_start(name: str, batch: int, threads: int, fresh_cache: bool = False) -> dict:
+    """Two new processes one after the other: the first fills Numba's cache if needed, the second finds it warm."""
+    cache_dir = tempfile.mkdtemp(prefix="edgetrain-numba-") if fresh_cache else None
+    try:
+        first = run_cold_start(name, batch, threads, cache_dir)
+        warm = run_cold_start(name, batch, threads, cache_dir)
+    finally:
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    first["kind"] = "first process ever (empty cache)" if first["cache_before"]["index_files"] == 0 \
+        else "first process of this run (cache already on disk)"
+    warm["kind"] = "warm cache"
+    env_dir = os.environ.get("NUMBA_CACHE_DIR")
+    return {"model": name, "batch": batch, "threads": threads, "precision": "8/8",
+            "numba_cache": {"on_disk": warm["cache_before"]["index_files"] > 0,
+                            "dir": "temporary (--fresh-cache)" if fresh_cache else (env_dir or "__pycache__ beside the sources"),
+                            "fresh": fresh_cache},
+            "first": first, "warm": warm,
+            "bar": {"text": f"warm-cache process finishes its first {name} step within {COLD_START_BAR_S:g} s",
+                    "limit_s": COLD_START_BAR_S, "warm_wall_s": warm["wall_s"],
+                    "holds": warm["wall_s"] <= COLD_START_BAR_S}}
+
+
+def bars(result: dict) -> list[dict]:
+    """Every bar of the issue this run measured, and whether it holds."""
+    out = []
+    for c in result["cases"]:
+        for fr in c["fractrain"]:
+            out.append({"bar": f"FracTrain time% <= BitOPs% + {BAR_POINTS:g}", "case": c["case"], "mix": fr["mix"],
+                        "value": fr["time_percent_of_static"], "limit": fr["bar_limit_percent"],
+                        "holds": fr["bar_holds"]})
+    cs = result.get("cold_start")
+    if cs:
+        out.append({"bar": f"warm-cache first step <= {COLD_START_BAR_S:g} s", "case": f"{cs['model']} b{cs['batch']}",
+                    "value": cs["warm"]["wall_s"], "limit": COLD_START_BAR_S, "holds": cs["bar"]["holds"]})
+    return out
+
+
+def print_table(result: dict, args) -> None:
+    """The human-readable form of the result."""
+    m = result["machine"]
     print(f"training step, {args.threads} threads, {args.rounds} interleaved rounds of {args.steps} steps "
-          f"(load average {result['machine']['loadavg_start'][0]:.1f} -> {result['machine']['loadavg_end'][0]:.1f})")
-    print(f"{'case':16} {'path':30} {'img/s':>8} {'step ms':>8} {'x torch':>8} {'(rounds)':>13} {'peak MB':>8}")
+          f"(load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f})")
+    print(f"{'case':16} {'path':36} {'img/s':>8} {'step ms':>8} {'x torch':>8} {'(rounds)':>13} {'peak MB':>8}")
     for c in result["cases"]:
         for name, r in c["paths"].items():
             ratio = f"{r['vs_torch']:8.2f} {r['vs_torch_rounds_range'][0]:6.2f}-{r['vs_torch_rounds_range'][1]:<6.2f}" \
                 if "vs_torch" in r else f"{'':8} {'':13}"
-            print(f"{c['case']:16} {name:30} {r['img_s']:8.0f} {r['step_ms']:8.1f} {ratio} {r['peak_rss_mb']:8.0f}")
+            print(f"{c['case']:16} {name:36} {r['img_s']:8.0f} {r['step_ms']:8.1f} {ratio} {r['peak_rss_mb']:8.0f}")
             for op, ms in list(r.get("profile_ms", {}).items())[:8]:
-                print(f"{'':18}{op:38} {ms:8.1f} ms")
+                print(f"{'':18}{op:44} {ms:8.1f} ms")
+    rows = [(c["case"], fr) for c in result["cases"] for fr in c["fractrain"]]
+    if rows:
+        print(f"\nFracTrain against static 8/8 (bar: time% <= BitOPs% + {BAR_POINTS:g})")
+        print(f"{'case':16} {'mix':18} {'BitOPs %':>9} {'time %':>8} {'(rounds)':>13} {'limit %':>8}  bar")
+        for case, fr in rows:
+            lo, hi = fr["time_percent_rounds_range"] or (float("nan"), float("nan"))
+            print(f"{case:16} {fr['mix']:18} {fr['bitops_percent_of_static']:9.1f} {fr['time_percent_of_static']:8.1f} "
+                  f"{lo:6.1f}-{hi:<6.1f} {fr['bar_limit_percent']:8.1f}  {'holds' if fr['bar_holds'] else 'MISSED'}")
+    cs = result.get("cold_start")
+    if cs:
+        print(f"\ncold start: new process, {cs['model']} b{cs['batch']} at 8/8, one training step "
+              f"(Numba cache: {cs['numba_cache']['dir']})")
+        print(f"{'process':50} {'total s':>8} {'python':>7} {'import':>7} {'build':>7} {'step':>7} {'peak MB':>8}")
+        for key in ("first", "warm"):
+            r = cs[key]
+            print(f"{r['kind']:50} {r['wall_s']:8.2f} {r['python_start_s']:7.2f} {r['import_s']:7.2f} "
+                  f"{r['build_s']:7.2f} {r['first_step_s']:7.2f} {r['peak_rss_mb']:8.0f}")
+        print(f"bar: {cs['bar']['text']}: {'holds' if cs['bar']['holds'] else 'MISSED'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (see the module doc)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
+    p.add_argument("--steps", type=int, default=3, help="steps per worker and round, at least (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker before the rounds (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads per process (default 2)")
+    p.add_argument("--gap", type=float, default=0.2, help="seconds of idle between two workers' turns")
+    p.add_argument("--min-turn", type=float, default=0.3, help="seconds a worker's turn lasts at least")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)} (default: all)")
+    p.add_argument("--backends", default="", help="also run int 8/8 on these kernel backends (e.g. numba)")
+    p.add_argument("--mixes", nargs="*", default=list(DEFAULT_MIXES), metavar="MIX",
+                   help="FracTrain mixes to run on the ResNet cases, each a candidate (3/6) or shares "
+                        "(0:0.5,6/8:0.5; 0 = skip the block); candidates 0, 3/6, 4/6, 4/8, 6/8, 6/12 "
+                        f"(default: {' '.join(DEFAULT_MIXES)})")
+    p.add_argument("--no-fractrain", action="store_true", help="skip the FracTrain paths")
+    p.add_argument("--no-fp32", action="store_true", help="skip edgetrain's fp32 path")
+    p.add_argument("--profile", action="store_true", help="also report per-op-type milliseconds of one step")
+    p.add_argument("--no-cold-start", action="store_true", help="skip the new-process first-step timing")
+    p.add_argument("--cold-start-model", default="resnet20", choices=sorted(SHAPES),
+                   help="model of the cold-start process (default resnet20, as the bar says)")
+    p.add_argument("--cold-start-batch", type=int, default=128, help="batch of the cold-start step (default 128)")
+    p.add_argument("--fresh-cache", action="store_true",
+                   help="cold start with a new, empty NUMBA_CACHE_DIR: the first process compiles every kernel")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--cold-start-child", help=argparse.SUPPRESS)
+    return p
+
+
+def check_args(args) -> tuple[list[str], list[str]]:
+    """Validate the command line; (cases, mix texts). Raises SystemExit with one line on bad input."""
+    from edgetrain.errors import EdgetrainError
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        raise SystemExit(f"bench: unknown case '{unknown[0] if unknown else args.cases}'; choose from {', '.join(CASES)}")
+    for name in ("rounds", "steps", "threads", "cold_start_batch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"bench: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise SystemExit(f"bench: --warmup must be at least 0, got {args.warmup}")
+    mixes = [] if args.no_fractrain else [m.strip() for m in args.mixes]
+    sys.path.insert(0, HERE)
+    from bench_step import parse_mix
+    try:
+        for m in mixes:
+            parse_mix(m)
+    except EdgetrainError as e:
+        raise SystemExit(f"bench: {e}") from None
+    return cases, mixes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with the hidden flags, one worker or cold-start process)."""
+    args = _parser().parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.case, args.threads)
+    if args.cold_start_child:
+        return cold_start_child(args.cold_start_child, args.cold_start_batch, args.threads)
+    cases, mixes = check_args(args)
+
+    base = ["int8"] + [f"int8@{b}" for b in args.backends.split(",") if b]
+    tail = ([] if args.no_fp32 else ["fp32"]) + ["torch"]
+    result = {"threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "loadavg_start": os.getloadavg()},
+              "cases": []}
+    for c in cases:
+        fractrain = [FRACTRAIN + m for m in mixes] if _has_blocks(c) else []
+        result["cases"].append(bench_case(c, base + fractrain + tail, args))
+    if not args.no_cold_start:
+        result["cold_start"] = cold_start(args.cold_start_model, args.cold_start_batch, args.threads, args.fresh_cache)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["bars"] = bars(result)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print_table(result, args)
     return 0
 
 

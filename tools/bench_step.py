@@ -4,14 +4,16 @@
 
 Every figure comes from this one run on this machine: images/s from the median step time, and each
 edgetrain path as a ratio to PyTorch fp32 at the same model, batch and thread count. Paths run one
-after the other, so on a shared machine `tools/bench.py` (interleaved rounds, peak memory) is the
-fairer comparison.
+after the other, so on a shared machine `tools/bench.py` (interleaved rounds, peak memory, FracTrain
+mixes, cold start) is the fairer comparison; it builds its steps with the helpers here
+(`make_edgetrain_step`, `make_torch_step`, `parse_mix`, `step_bitops`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -26,6 +28,7 @@ from models import build_model  # noqa: E402
 CASES = [  # (label, builder name, batch, input shape per sample)
     ("ResNet-20 b128", "resnet20", 128, (3, 32, 32)),
     ("ResNet-20 b32", "resnet20", 32, (3, 32, 32)),
+    ("ResNet-8 b128", "resnet8", 128, (3, 32, 32)),
     ("MLP b128", "mlp", 128, (784,)),
 ]
 PATHS = ("edgetrain int 8/8", "edgetrain fp32")
@@ -42,14 +45,99 @@ def _median_step(step, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str):
-    """A closure running one edgetrain training step (forward, backward, SGD update), and its model."""
+def parse_mix(text: str, candidates: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Read a FracTrain mix: "3/6" (every sample on one candidate) or "0:0.5,6/8:0.5" (shares per candidate).
+
+    Returns {candidate text as DFQ names it ("skip", "3/6", ...): share}, shares summing to 1, in the
+    order given; raises EdgetrainError (one line) on anything else.
+    """
+    from edgetrain.dfq import (
+        DEFAULT_CANDIDATES,
+        DEFAULT_WEIGHT_BITS,
+        SKIP_WORDS,
+        parse_candidates,
+    )
+    from edgetrain.errors import EdgetrainError
+
+    candidates = tuple(candidates or DEFAULT_CANDIDATES)
+    known = [c.text for c in parse_candidates(candidates, DEFAULT_WEIGHT_BITS)]
+    shares: dict[str, float] = {}
+    entries = [e.strip() for e in str(text).split(",")]
+    if not any(entries):
+        raise EdgetrainError(f"mix '{text}' is empty: give a candidate like 3/6, or shares like 0:0.5,6/8:0.5")
+    for entry in entries:
+        # one entry alone may omit its share; the candidates themselves never contain ':'
+        spec, _, share_text = entry.rpartition(":") if ":" in entry else (entry, "", "1")
+        spec, share_text = spec.strip(), share_text.strip()
+        try:
+            share = float(share_text)
+        except ValueError:
+            raise EdgetrainError(f"mix '{text}': share '{share_text}' of '{spec}' is not a number") from None
+        if not share >= 0 or share == float("inf"):
+            raise EdgetrainError(f"mix '{text}': share {share_text} of '{spec}' must be a finite number >= 0")
+        try:
+            # a skip word alone is no valid candidate list (nothing computes), so it is named here
+            name = "skip" if spec.lower() in SKIP_WORDS else parse_candidates([spec], DEFAULT_WEIGHT_BITS)[0].text
+        except EdgetrainError:
+            name = None
+        if name not in known:
+            raise EdgetrainError(f"mix '{text}': '{spec}' is not a DFQ candidate; choose from {', '.join(candidates)}")
+        if name in shares:
+            raise EdgetrainError(f"mix '{text}': candidate '{spec}' appears twice")
+        shares[name] = share
+    total = sum(shares.values())
+    if total <= 0:
+        raise EdgetrainError(f"mix '{text}': the shares must add up to more than 0")
+    return {name: share / total for name, share in shares.items()}
+
+
+def mix_choices(mix: dict[str, float], candidate_texts: list[str], batch: int, seed: int = 0) -> np.ndarray:
+    """Each sample's candidate index for a mix: counts by largest remainder, order shuffled with a fixed seed.
+
+    Shuffled so the groups interleave in the batch as real gate output does (grouping then has to gather).
+    """
+    exact = {name: share * batch for name, share in mix.items()}
+    counts = {name: int(v) for name, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda n: -(exact[n] - counts[n]))  # stable: ties keep the given order
+    for name in by_remainder[:batch - sum(counts.values())]:
+        counts[name] += 1
+    order = np.repeat([candidate_texts.index(n) for n in counts], list(counts.values()))
+    return np.random.default_rng(seed).permutation(order).astype(np.int64)
+
+
+def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
+    """Enable DFQ on `model` (FracTrain's default candidates) with every gate forced to `mix`; returns the DFQ."""
+    from edgetrain.dfq import DFQConfig
+    from edgetrain.errors import EdgetrainError
+
+    dfq = model.enable_dfq(DFQConfig())
+    texts = [c.text for c in dfq.candidates]
+    choices = mix_choices(mix, texts, batch, seed)
+    for u in dfq.units:
+        allowed = dfq.unit_candidates[u.index]
+        if not set(np.unique(choices).tolist()) <= set(allowed):
+            raise EdgetrainError(f"unit '{u.name}' has no shortcut, so it cannot take every candidate of the mix "
+                                 f"(it may take {', '.join(texts[k] for k in allowed)})")
+    # the same assignment in every unit: reproducible, and each unit's groups are interleaved
+    dfq.force = {u.index: choices for u in dfq.units}
+    return dfq
+
+
+def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix: dict[str, float] | None = None,
+                        **model_kwargs):
+    """A closure running one edgetrain training step (forward, backward, SGD update), and its model.
+
+    With a `mix` (parse_mix), the model is FracTrain's: int `precision` outside the gates, DFQ on its
+    blocks, every gate forced to the mix. `model_kwargs` go to the model builder (tests: tiny models).
+    """
     from edgetrain.optim import SGD
 
-    model = edgetrain.load(build_model(name, seed=0))
+    model = edgetrain.load(build_model(name, seed=0, **model_kwargs))
     if precision != "fp32":
         model.set_precision(precision)
-    opt = SGD(model.parameters(), 0.01, momentum=0.9)
+    if mix is not None:
+        enable_mix(model, mix, batch)
+    opt = SGD(model.parameters(), 0.01, momentum=0.9)  # after enable_dfq: the gates train too
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch)
@@ -62,6 +150,11 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str):
     return step, model
 
 
+def step_bitops(model) -> int:
+    """BitOPs of the model's last training step: the trainer's per-step `bitops` figure (sum of LayerCost.total)."""
+    return int(sum(c.total for c in model.last_cost.values()))
+
+
 def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: int, warmup: int) -> float:
     """Median seconds of one edgetrain training step (forward, backward, SGD update)."""
     step, _ = make_edgetrain_step(name, batch, shape, precision)
@@ -69,6 +162,7 @@ def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: 
 
 
 def _torch_model(name: str):
+    """The PyTorch fp32 twin of models.build_model(name) at its defaults: the MLP, or a CIFAR ResNet-(6n+2)."""
     import torch
     from torch import nn
 
@@ -89,7 +183,10 @@ def _torch_model(name: str):
             y = torch.relu(self.bn1(self.conv1(x)))
             return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
 
-    n = 3  # ResNet-20: 6n + 2 layers
+    depth = re.fullmatch(r"resnet(\d+)", name)
+    if depth is None:
+        raise ValueError(f"no PyTorch reference for model '{name}' (resnet<6n+2> or mlp)")
+    n = (int(depth.group(1)) - 2) // 6  # like models/resnet.py: 6n + 2 layers, n blocks per stage
     layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
     for cout, stride in ((16, 1), (32, 2), (64, 2)):
         for i in range(n):

@@ -1,0 +1,113 @@
+"""tools/bench.py and tools/bench_step.py: FracTrain mixes and their BitOPs, bad input, the cold-start child.
+
+Small and real: tiny models through the real training step; no speed is asserted (shared machines).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))  # tools/ is no package: its modules are imported by path
+
+import bench
+import bench_step
+
+from edgetrain.errors import EdgetrainError
+
+TINY = {"num_classes": 10, "in_channels": 1, "input_size": 12, "width": 8}  # a ResNet-8 that steps in ms
+
+
+def _tiny_step(mix: str | None):
+    """Run one training step of the tiny ResNet-8 at batch 4 (static 8/8, or FracTrain at `mix`); its model."""
+    step, model = bench_step.make_edgetrain_step("resnet8", 4, (1, 12, 12), "8/8",
+                                                 bench_step.parse_mix(mix) if mix else None, **TINY)
+    step()
+    return model
+
+
+def test_fractrain_mix_bitops_lie_between_all_skip_and_all_computing():
+    static = bench_step.step_bitops(_tiny_step(None))
+    skip_model = _tiny_step("0")
+    percent = {mix: 100 * bench_step.step_bitops(m) / static
+               for mix, m in (("0", skip_model), ("half", _tiny_step("0:0.5,6/8:0.5")), ("6/8", _tiny_step("6/8")))}
+    assert percent["0"] < percent["half"] < percent["6/8"] < 100
+    # every gated layer is skipped by every sample: it costs nothing; the stem and shortcuts still do
+    assert skip_model.dfq.gated_layers and all(skip_model.last_cost[n].total == 0 for n in skip_model.dfq.gated_layers)
+    assert percent["0"] > 0
+
+
+def test_forced_mix_is_reproducible_and_interleaved():
+    texts = ["skip", "3/6", "4/6", "4/8", "6/8", "6/12"]
+    choices = bench_step.mix_choices(bench_step.parse_mix("0:0.5,6/8:0.5"), texts, 16)
+    assert np.bincount(choices, minlength=6).tolist() == [8, 0, 0, 0, 8, 0]
+    np.testing.assert_array_equal(choices, bench_step.mix_choices({"skip": 0.5, "6/8": 0.5}, texts, 16))
+    assert not (np.diff(choices) >= 0).all()  # shuffled, not one block per group
+    # shares that do not divide the batch still give it whole: largest remainder
+    assert np.bincount(bench_step.mix_choices({"3/6": 1 / 3, "4/8": 2 / 3}, texts, 4), minlength=6).sum() == 4
+
+
+def test_parse_mix_reads_shares_and_skip_words():
+    assert bench_step.parse_mix("3/6") == {"3/6": 1.0}
+    assert bench_step.parse_mix("0:1, 6/8:3") == {"skip": 0.25, "6/8": 0.75}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("7/7", "'7/7' is not a DFQ candidate"),
+    ("fp32", "'fp32' is not a DFQ candidate"),
+    ("0:0", "must add up to more than 0"),
+    ("0:0,3/6:0", "must add up to more than 0"),
+    ("3/6:x", "is not a number"),
+    ("3/6:-1", ">= 0"),
+    ("3/6,3/6", "appears twice"),
+    ("", "is empty"),
+])
+def test_parse_mix_rejects_bad_input_in_one_line(text, words):
+    with pytest.raises(EdgetrainError) as e:
+        bench_step.parse_mix(text)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mixes", "7/7"], "bench: mix '7/7': '7/7' is not a DFQ candidate"),
+    (["--mixes", "3/6", "0:0"], "bench: mix '0:0': the shares must add up to more than 0"),
+    (["--cases", "resnet99-b1"], "bench: unknown case 'resnet99-b1'"),
+    (["--rounds", "0"], "bench: --rounds must be at least 1"),
+])
+def test_command_line_rejects_bad_input_with_one_line_exit(argv, words):
+    r = subprocess.run([sys.executable, str(TOOLS / "bench.py"), *argv, "--no-cold-start"], check=False,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr
+
+
+def test_fractrain_bar_is_bitops_percent_plus_15_points():
+    row = bench.fractrain_row("3/6", 30, 100, med=0.44, static_med=1.0, per_round=[0.4, 0.5])
+    assert row["bitops_percent_of_static"] == 30 and row["time_percent_of_static"] == pytest.approx(44)
+    assert row["bar_limit_percent"] == 45 and row["bar_holds"]
+    assert row["time_percent_rounds_range"] == pytest.approx([40, 50])
+    assert not bench.fractrain_row("3/6", 30, 100, med=0.46, static_med=1.0, per_round=[])["bar_holds"]
+
+
+def test_cold_start_child_runs_one_step_and_reports_its_split():
+    r = bench.run_cold_start("mlp", 4, 1)
+    for key in ("wall_s", "python_start_s", "import_s", "build_s", "first_step_s", "peak_rss_mb"):
+        assert r[key] > 0, key
+    # the parent's wall time covers the child's whole life up to the end of its step
+    assert r["wall_s"] >= r["python_start_s"] + r["import_s"] + r["build_s"] + r["first_step_s"] - 1e-3
+    assert r["cache_before"]["location"] and r["cache_after"]["index_files"] >= r["cache_before"]["index_files"]
+
+
+def test_torch_reference_resnet8_matches_edgetrain_architecture():
+    torch = pytest.importorskip("torch")
+    import edgetrain
+    from models import build_model
+
+    for name in ("resnet8", "resnet20"):
+        twin = bench_step._torch_model(name)
+        ours = edgetrain.load(build_model(name, seed=0))
+        assert sum(p.numel() for p in twin.parameters()) == sum(v.size for v in ours.parameters().values()), name
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in twin.modules()) == \
+            sum(n.op_type == "Conv" for n in ours.graph.nodes), name
