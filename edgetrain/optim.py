@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Union
 
 import numpy as np
+from numba import njit
 
 from .errors import EdgetrainError
 
@@ -254,6 +255,16 @@ class SGD(Optimizer):
         return self._state["momentum_buffer"]
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        if self.momentum and _fusable(p, g):
+            buffers = self._state["momentum_buffer"]
+            buf = buffers.get(name)
+            first = buf is None
+            if first:
+                buf = buffers[name] = np.empty_like(p)
+            t = p.dtype.type
+            _sgd_momentum(p.reshape(-1), g.reshape(-1), buf.reshape(-1), t(self.lr), t(self.momentum),
+                          t(self.weight_decay), self.nesterov, first)
+            return
         d = self._l2(p, g) if self.weight_decay else g
         if self.momentum:
             buffers = self._state["momentum_buffer"]
@@ -271,6 +282,26 @@ class SGD(Optimizer):
                 d = buf
         # p - lr*d rounds exactly as torch's p + (-lr)*d: negation is exact.
         p -= d * self.lr
+
+
+def _fusable(p: np.ndarray, g: np.ndarray) -> bool:
+    """Whether _sgd_momentum can update p in place from g (same float dtype, both contiguous)."""
+    return (p.dtype in (np.float32, np.float64) and g.dtype == p.dtype and p.flags.c_contiguous
+            and g.flags.c_contiguous and p.flags.writeable)
+
+
+@njit(cache=True)
+def _sgd_momentum(p, g, buf, lr, momentum, weight_decay, nesterov, first):
+    """SGD.update's NumPy expressions, one element at a time in one pass: the same operations in the
+    same order and precision (no fused multiply-add), so the same bits, without five temporaries."""
+    for i in range(p.size):
+        d = g[i]
+        if weight_decay != 0:
+            d = p[i] * weight_decay + d
+        b = d if first else buf[i] * momentum + d
+        buf[i] = b
+        d = b * momentum + d if nesterov else b
+        p[i] = p[i] - d * lr
 
 
 class Adam(Optimizer):

@@ -331,3 +331,26 @@ def test_schedule_base_values_are_checked():
         make_schedule("constant", 0.0, 100)
     with pytest.raises(EdgetrainError, match="total_steps must be >= 1"):
         make_schedule("constant", 0.1, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay,nesterov", [(0.0, False), (5e-4, False), (1e-2, True)])
+def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_decay, nesterov):
+    """The one-pass Numba SGD update against the NumPy one it replaces, bit for bit over several steps
+    (a fused multiply-add or a float64 scalar would change the last bits)."""
+    import edgetrain.optim as optim
+
+    rng = np.random.default_rng(3)
+    start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype)}
+    fused = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    plain = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    fusable = optim._fusable
+    for _ in range(4):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}
+        fused.step(grads)
+        monkeypatch.setattr(optim, "_fusable", lambda p, g: False)
+        plain.step(grads)
+        monkeypatch.setattr(optim, "_fusable", fusable)
+    for k in start:
+        assert np.array_equal(fused.params[k], plain.params[k]) and not np.array_equal(fused.params[k], start[k])
+        assert np.array_equal(fused.velocity[k], plain.velocity[k])
