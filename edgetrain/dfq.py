@@ -36,7 +36,7 @@ import numpy as np
 from .blocks import Block, find_blocks, layer_units
 from .cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from .errors import EdgetrainError
-from .gate_kernels import add_channel_means_grad, sample_dots
+from .gate_kernels import add_channel_means_grad, pooled_grad_scatter_add, sample_dots, scatter_add
 from .gates import (EMBED_WIDTH, SHARED_NAMES, gate_backward, gate_forward, init_gate_params, logit_mask,
                     pooled_grad_to_input, straight_through, unit_param_names)
 from .graph import Graph, Node
@@ -499,10 +499,10 @@ class GatedUnit(Op):
         if u.shortcut is not None:
             if whole:
                 y = shortcut + r
+            elif r is not None:
+                y = scatter_add(shortcut, r, order)
             else:
                 y = np.array(shortcut, copy=True)
-                if r is not None:
-                    y[order] += r
         elif whole:
             y = r
         else:
@@ -552,12 +552,14 @@ class GatedUnit(Op):
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
         dpooled, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
         dfq.dstate = (dh_prev, dc_prev)
-        if isinstance(order, slice) and branch_dx is not None:
-            dx = add_channel_means_grad(branch_dx, dpooled)
-        else:
+        if branch_dx is None:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
-            if branch_dx is not None:
-                dx[order] += branch_dx
+        elif isinstance(order, slice):
+            dx = add_channel_means_grad(branch_dx, dpooled)
+        elif len(x_shape) > 2:
+            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, order)
+        else:
+            dx = scatter_add(dpooled.astype(dtype), branch_dx, order)
         out[0] = dx
         if u.shortcut is not None:
             out[1] = dout

@@ -69,10 +69,10 @@ def _row_dots(a, b, out):
 
 
 @njit(cache=True, parallel=True)
-def _add_row_constant(x, d, scale, out):
+def _add_row_constant(x, d, size, out):
     rows, length = x.shape
     for r in prange(rows):
-        v = d[r] * scale
+        v = d[r] / size
         for j in range(length):
             out[r, j] = x[r, j] + v
 
@@ -102,5 +102,59 @@ def add_channel_means_grad(g: np.ndarray, dmeans: np.ndarray) -> np.ndarray:
     n, c = g.shape[:2]
     rows = np.ascontiguousarray(g).reshape(n * c, -1)
     out = np.empty_like(rows)
-    _add_row_constant(rows, np.ascontiguousarray(dmeans, dtype=g.dtype).reshape(-1), g.dtype.type(1.0 / rows.shape[1]), out)
+    _add_row_constant(rows, np.ascontiguousarray(dmeans, dtype=g.dtype).reshape(-1), g.dtype.type(rows.shape[1]), out)
     return out.reshape(g.shape)
+
+
+@njit(cache=True, parallel=True)
+def _rows_plus_part(base, part, pos, out):
+    rows, length = out.shape
+    for r in prange(rows):
+        k = pos[r]
+        if k >= 0:
+            for j in range(length):
+                out[r, j] = base[r, j] + part[k, j]
+        else:
+            for j in range(length):
+                out[r, j] = base[r, j]
+
+
+@njit(cache=True, parallel=True)
+def _constants_plus_part(d, size, part, pos, channels, out):
+    rows, length = out.shape  # rows = samples x channels
+    for r in prange(rows):
+        v = d[r] / size
+        k = pos[r // channels]
+        if k >= 0:
+            row = k * channels + r % channels
+            for j in range(length):
+                out[r, j] = v + part[row, j]
+        else:
+            for j in range(length):
+                out[r, j] = v
+
+
+def _positions(order: np.ndarray, n: int) -> np.ndarray:
+    pos = np.full(n, -1, np.int64)
+    pos[order] = np.arange(len(order))
+    return pos
+
+
+def scatter_add(base: np.ndarray, part: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """A new array: base, plus part[k] added to row order[k] (rows not in order are base's)."""
+    n = base.shape[0]
+    out = np.empty(base.shape, np.result_type(base.dtype, part.dtype))
+    _rows_plus_part(np.ascontiguousarray(base).reshape(n, -1), np.ascontiguousarray(part).reshape(len(order), -1),
+                    _positions(order, n), out.reshape(n, -1))
+    return out
+
+
+def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """A new (N, C, ...) array: the gradient through channel_means of dmeans (N, C), plus part[k] added
+    to sample order[k]."""
+    n, c = x_shape[:2]
+    out = np.empty(x_shape, part.dtype)
+    rows = out.reshape(n * c, -1)
+    _constants_plus_part(np.ascontiguousarray(dmeans, dtype=part.dtype).reshape(-1), part.dtype.type(rows.shape[1]),
+                         np.ascontiguousarray(part).reshape(len(order) * c, -1), _positions(order, n), c, rows)
+    return out

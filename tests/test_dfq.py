@@ -365,3 +365,27 @@ def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path):
                                      text=True).stdout)
     measured = info["dfq"]["candidate_percent"]["block0"]["4/8"]
     assert 0 < measured and measured != pytest.approx(100 * 80 / 3072)  # the table's time share, not BitOPs
+
+
+def test_gate_kernels_against_numpy():
+    """The gated unit's full-tensor passes: means and dot products close to float64 NumPy; the merges of
+    branch, shortcut and pooled gradient bit-equal to the NumPy expressions they replace."""
+    from edgetrain import gate_kernels as gk
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(gk.channel_means(x), x.astype(np.float64).mean(axis=(2, 3)), rtol=1e-6, atol=1e-7)
+    y = rng.standard_normal(x.shape).astype(np.float32)
+    ref = (x.astype(np.float64) * y).reshape(6, -1).sum(axis=1)
+    np.testing.assert_allclose(gk.sample_dots(x, y), ref, rtol=1e-6, atol=1e-6)
+    d = rng.standard_normal((6, 3)).astype(np.float32)
+    pooled = gates.pooled_grad_to_input(d, x.shape)
+    assert np.array_equal(gk.add_channel_means_grad(y, d), y + pooled)
+    order = np.array([4, 0, 3])
+    part = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+    expect = np.array(x, copy=True)
+    expect[order] += part
+    assert np.array_equal(gk.scatter_add(x, part, order), expect)
+    expect = np.array(pooled, copy=True)
+    expect[order] += part
+    assert np.array_equal(gk.pooled_grad_scatter_add(d, x.shape, part, order), expect)
