@@ -36,9 +36,23 @@ import numpy as np
 from .blocks import Block, find_blocks, layer_units
 from .cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from .errors import EdgetrainError
-from .gate_kernels import add_channel_means_grad, pooled_grad_scatter_add, sample_dots, scatter_add
-from .gates import (EMBED_WIDTH, SHARED_NAMES, gate_backward, gate_forward, init_gate_params, logit_mask,
-                    pooled_grad_to_input, straight_through, unit_param_names)
+from .gate_kernels import (
+    add_channel_means_grad,
+    pooled_grad_scatter_add,
+    sample_dots,
+    scatter_add,
+)
+from .gates import (
+    EMBED_WIDTH,
+    SHARED_NAMES,
+    gate_backward,
+    gate_forward,
+    init_gate_params,
+    logit_mask,
+    pooled_grad_to_input,
+    straight_through,
+    unit_param_names,
+)
 from .graph import Graph, Node
 from .layers import non_negative_values
 from .ops.base import Op

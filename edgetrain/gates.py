@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gate_kernels import channel_means
+from .gate_kernels import matmul as mm  # not BLAS: gate_kernels.matmul says why
 
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
 EMBED_WIDTH = 16  # the second 1x1 conv's width, and the LSTM's input and hidden size
@@ -112,17 +113,17 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     w1, b1, w2, b2 = unit
     wih, whh, b, wo, bo = shared
     p = channel_means(x)
-    a1 = p @ w1.T + b1
+    a1 = mm(p, w1.T) + b1
     z1 = np.maximum(a1, 0)
-    e = z1 @ w2.T + b2
-    pre = e @ wih.T + h_prev @ whh.T + b
+    e = mm(z1, w2.T) + b2
+    pre = mm(e, wih.T) + mm(h_prev, whh.T) + b
     n = EMBED_WIDTH
     i, f, o = _sigmoid(pre[:, :n]), _sigmoid(pre[:, n:2 * n]), _sigmoid(pre[:, 3 * n:])
     g = np.tanh(pre[:, 2 * n:3 * n])
     c = f * c_prev + i * g
     tanh_c = np.tanh(c)
     h = o * tanh_c
-    logits = h @ wo.T + bo
+    logits = mm(h, wo.T) + bo
     if mask is not None:
         logits = logits + mask.astype(logits.dtype)
     ctx = GateContext(p, a1, z1, e, h_prev, c_prev, i, f, g, o, c, tanh_c, h, softmax(logits), x.shape)
@@ -137,26 +138,26 @@ def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc
     """
     w1, _, w2, _ = unit
     wih, whh, _, wo, _ = shared
-    dwo = dlogits.T @ ctx.h
+    dwo = mm(dlogits.T, ctx.h)
     dbo = dlogits.sum(axis=0)
-    dh = dlogits @ wo + dh_next
+    dh = mm(dlogits, wo) + dh_next
     do = dh * ctx.tanh_c
     dc = dh * ctx.o * (1 - ctx.tanh_c ** 2) + dc_next
     di, df, dg = dc * ctx.g, dc * ctx.c_prev, dc * ctx.i
     dpre = np.concatenate([di * ctx.i * (1 - ctx.i), df * ctx.f * (1 - ctx.f), dg * (1 - ctx.g ** 2),
                            do * ctx.o * (1 - ctx.o)], axis=1)
-    dwih = dpre.T @ ctx.e
-    dwhh = dpre.T @ ctx.h_prev
+    dwih = mm(dpre.T, ctx.e)
+    dwhh = mm(dpre.T, ctx.h_prev)
     db = dpre.sum(axis=0)
-    de = dpre @ wih
-    dh_prev = dpre @ whh
+    de = mm(dpre, wih)
+    dh_prev = mm(dpre, whh)
     dc_prev = dc * ctx.f
-    dw2 = de.T @ ctx.z1
+    dw2 = mm(de.T, ctx.z1)
     db2 = de.sum(axis=0)
-    da1 = (de @ w2) * (ctx.a1 > 0)
-    dw1 = da1.T @ ctx.pooled
+    da1 = mm(de, w2) * (ctx.a1 > 0)
+    dw1 = mm(da1.T, ctx.pooled)
     db1 = da1.sum(axis=0)
-    dp = da1 @ w1
+    dp = mm(da1, w1)
     return dp, (dw1, db1, dw2, db2), (dwih, dwhh, db, dwo, dbo), dh_prev, dc_prev
 
 

@@ -314,6 +314,32 @@ def test_fractrain_experiment_small_form(tmp_path):
     bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--rows", "fp32,sgd", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sgd" in bad.stderr
+    bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--switch-at", "0.5,0.25"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--switch-at" in bad.stderr
+
+
+def test_fractrain_experiment_row_configs(tmp_path):
+    """Timed rows take the time target and the latency table; FracTrain's targets keep CIFAR's ratios to the
+    final one; --switch-at puts PFQ and FracTrain in manual mode at shares of the budget."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, "tools")
+    import fractrain_experiment as fx
+
+    table = tmp_path / "t.json"
+    table.write_text("{}")
+    args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
+                              beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75])
+    c = fx._row_config("fractrain-time", args, "out")
+    assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
+    assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
+    assert c.pfq_switch_steps == [100, 200, 300]
+    c = fx._row_config("fractrain", argparse.Namespace(**{**vars(args), "switch_at": None}), "out")
+    assert c.fractrain_targets == pytest.approx([1.5, 2.0, 2.5, 3.0]) and c.pfq_switch_steps is None
+    assert c.dfq_cost_table is None
+    assert fx._row_config("dfq-time", args, "out").schedule == "dfq"
 
 
 def test_a_measured_latency_table_is_the_cost(tmp_path):

@@ -14,7 +14,8 @@ model is first profiled through a simulated board (`edgetrain profile --simulate
 here) at fp32, 8/8 and every candidate; the latency table goes to `--dfq-cost-table`, and the target
 is `--time-fraction` of the gated layers' static 8/8 time. On a CPU whose integer unit is 8 bits wide
 every candidate up to 8 bits costs about what 8/8 costs, so this is the row where the gates learn to
-skip.
+skip. "fractrain-time" is FracTrain on the same measured cost: its target steps keep their ratios to
+the final target (CIFAR's 1.5, 2, 2.5, 3 of 3), so early training skips blocks and saves real time.
 """
 from __future__ import annotations
 
@@ -32,18 +33,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
+from edgetrain.dfq import DEFAULT_BETA  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
+from edgetrain.fractrain import DEFAULT_TARGETS  # noqa: E402
 
-ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time")
+ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
-          "dfq-time": "DFQ, measured-time cost"}
+          "dfq-time": "DFQ, measured-time cost", "fractrain-time": "FracTrain, measured-time cost"}
+TIMED_ROWS = ("dfq-time", "fractrain-time")  # rows whose cost is the host's measured latency table
 SMALL_ROWS = ROWS[:5]
 PROFILE_STEPS = 5  # timed steps per precision when measuring the host's latency table
-MODELS = ("resnet8", "resnet14", "resnet20", "lenet5")
+SHIPPED = "shipped"  # the demo's task: the shipped LeNet-5 (upright digits) fine-tuned on rotated digits
+MODELS = ("resnet8", "resnet14", "resnet20", "lenet5", SHIPPED)
 SMALL = {"steps": 12, "period": 2, "batch_size": 16}
 WARMUP_STEPS = 3
 POSITIVE_FLOAT = bounded(float, "a positive number", low=0.0, low_open=True)
+NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
 
 
 def _row_config(row: str, args: argparse.Namespace, out: str):
@@ -53,24 +59,45 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
     extra: dict = {}
     if row == "static":
         extra["bits"] = "8/8"
-    if row in ("pfq", "fractrain"):
+    schedule = row.removesuffix("-time")
+    if schedule in ("pfq", "fractrain"):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
-    if row in ("dfq", "fractrain"):
-        extra.update(dfq_target=args.target)
-    if row == "dfq-time":
-        # DFQ with the host's measured per-layer latencies as its cost, so the target is a share of time.
+        if args.switch_at:  # manual mode: stages (targets) change at fixed shares of the budget
+            extra["pfq_switch_steps"] = [max(1, round(f * args.steps)) for f in args.switch_at]
+    if schedule in ("dfq", "fractrain"):
+        extra.update(dfq_target=args.target, dfq_beta=args.beta)
+    if row in TIMED_ROWS:
+        # The host's measured per-layer latencies as the cost, so the target is a share of time.
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table)
-    config = TrainConfig(schedule="dfq" if row == "dfq-time" else row, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+    if schedule == "fractrain":
+        # FracTrain's target steps keep their ratios to the final target (CIFAR: 1.5..3 of 3).
+        final = extra["dfq_target"]
+        extra["fractrain_targets"] = [final * t / DEFAULT_TARGETS[-1] for t in DEFAULT_TARGETS]
+    config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
     validate(config)
     return config
 
 
+def _split(args: argparse.Namespace):
+    """The digits every row trains and tests on: rotated a quarter turn for the shipped model's task."""
+    from edgetrain.data import load_data
+    from edgetrain.demo import rotated_split
+
+    split = load_data("digits", seed=args.seed, val_fraction=0.1)
+    return rotated_split(split) if args.model == SHIPPED else split
+
+
 def _build(args: argparse.Namespace, sample_shape: tuple):
     """The row's model as an ONNX ModelProto, sized for the digits' samples."""
     import models
 
+    if args.model == SHIPPED:
+        import onnx
+
+        from edgetrain.demo import demo_model_path
+        return onnx.load(str(demo_model_path()))
     kwargs = {"num_classes": 10, "seed": args.seed}
     if args.model.startswith("resnet"):
         kwargs.update(in_channels=sample_shape[0], input_size=sample_shape[1])
@@ -81,16 +108,15 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     """Train one row in this process; return its results."""
     import numpy as np
 
-    from edgetrain.data import load_data
     from edgetrain.model import Model
     from edgetrain.onnx_import import Importer
     from edgetrain.trainer import Trainer
 
-    split = load_data("digits", seed=args.seed, val_fraction=0.1)
+    split = _split(args)
     proto = _build(args, split.train.x.shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
         # A few throwaway steps first, so compiling (or loading) the kernels is not counted as training time.
-        warm = argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS})
+        warm = argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS, "switch_at": None})
         Trainer(Model(Importer(proto, args.model).run(), seed=args.seed), split,
                 _row_config(row, warm, os.path.join(tmp, "warmup")), export_model=False).fit()
         model = Model(Importer(proto, args.model).run(), seed=args.seed)
@@ -119,7 +145,9 @@ def _child(row: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
            "--period", str(args.period), "--eps", str(args.eps), "--alpha", str(args.alpha),
-           "--target", str(args.target), "--time-target", str(args.time_target)]
+           "--target", str(args.target), "--time-target", str(args.time_target), "--beta", str(args.beta)]
+    if args.switch_at:
+        cmd += ["--switch-at", ",".join(str(f) for f in args.switch_at)]
     if args.cost_table:
         cmd += ["--cost-table", args.cost_table]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -134,12 +162,16 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     8/8 and every DFQ candidate; returns the latency table's path and the gated layers' 8/8 time as a
     percentage of their fp32 time."""
     import models
-    from edgetrain.data import load_data
-    from edgetrain.dfq import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, gating_plan, parse_candidates
+    from edgetrain.dfq import (
+        DEFAULT_CANDIDATES,
+        DEFAULT_WEIGHT_BITS,
+        gating_plan,
+        parse_candidates,
+    )
     from edgetrain.latency import read_cost_table
     from edgetrain.onnx_import import load_graph
 
-    proto = _build(args, load_data("digits", seed=args.seed, val_fraction=0.1).train.x.shape[1:])
+    proto = _build(args, _split(args).train.x.shape[1:])
     model = folder / f"{args.model}.onnx"
     models.save_model(proto, model)
     table = folder / "latency.json"
@@ -221,6 +253,16 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _fraction_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"expected rising comma-separated shares between 0 and 1, got {text!r}")
+    return values
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -245,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=POSITIVE_FLOAT, default=0.05)
     p.add_argument("--alpha", type=POSITIVE_FLOAT, default=0.3)
     p.add_argument("--target", type=POSITIVE_FLOAT, default=3.0, help="DFQ's cost target, percent")
+    p.add_argument("--switch-at", type=_fraction_list, default=None,
+                   help="PFQ and FracTrain switch at these shares of --steps (e.g. 0.25,0.5,0.75) instead of at "
+                        "the turning points")
+    p.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=DEFAULT_BETA, help="weight of DFQ's cost regulariser")
     p.add_argument("--time-fraction", type=POSITIVE_FLOAT, default=0.6,
                    help="dfq-time row: target time of the gated layers as a fraction of their static 8/8 time")
     p.add_argument("--time-target", type=POSITIVE_FLOAT, default=50.0, help=argparse.SUPPRESS)
@@ -271,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        if "dfq-time" in rows:
+        if any(r in TIMED_ROWS for r in rows):
             args.cost_table, share = measure_latency(args, out)
             args.time_target = args.time_fraction * share
         seeds = args.seeds or [args.seed]
@@ -281,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({**_child(row, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed})
         results = summarise(runs)
         settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "period", "eps",
-                                                   "alpha", "target", "time_target", "cost_table")}
+                                                   "alpha", "switch_at", "target", "beta", "time_target", "cost_table")}
         settings["seeds"] = seeds
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")
