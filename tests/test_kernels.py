@@ -492,6 +492,37 @@ def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
                                 "conv2d_backward_weight:numba": 1}
 
 
+@pytest.mark.parametrize("bits", [9, 12, 14])
+def test_wide_gradients_run_as_two_8_bit_products(monkeypatch, bits):
+    """A 9- to 14-bit gradient against 8-bit operands is split into a low part in [0, 127] and a signed
+    high part, each an 8-bit product on onnxruntime's integer GEMM, and the sum is exact, worst
+    cases (every value at +-qmax, and the most negative high parts) included."""
+    pytest.importorskip("onnxruntime")
+    ort = kernels._BACKENDS["onnxruntime"]
+    if not ort.usable:
+        pytest.skip("onnxruntime failed the exactness probe on this CPU (a saturating u8 x s8 GEMM)")
+    monkeypatch.setattr(ort, "routes", type(ort.routes)())
+    kernels.set_backend("onnxruntime")
+    rng = np.random.default_rng(bits)
+    x = random_operand(rng, (3, 4, 6, 6), 8, signed=False)
+    w = random_operand(rng, (5, 4, 3, 3), 8)
+    kw = dict(stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    args = (kw["stride"], kw["pads"], kw["dilation"], kw["groups"])
+    for dy in (random_operand(rng, (3, 5, 6, 6), bits), np.full((3, 5, 6, 6), qmax(bits), np.int16),
+               np.full((3, 5, 6, 6), -qmax(bits), np.int16)):
+        assert_exact(kernels.conv2d_backward_data(dy, w, x.shape, **kw), ref_conv_backward_data(dy, w, x.shape, *args))
+        assert_exact(kernels.conv2d_backward_weight(dy, x, w.shape, **kw), ref_conv_backward_weight(dy, x, w.shape, *args))
+        bounds = (qmax(bits), 127)
+        assert_exact(kernels.conv2d_backward_weight(dy, x, w.shape, **kw, bounds=(qmax(bits), 255)),
+                     ref_conv_backward_weight(dy, x, w.shape, *args))
+        scale = rng.uniform(0.5, 2, 4).astype(np.float32)
+        got = kernels.conv2d_backward_data(dy, w, x.shape, **kw, bounds=bounds, rescale=(scale, np.float32))
+        want = ref_conv_backward_data(dy, w, x.shape, *args).astype(np.float64) * scale.reshape(1, -1, 1, 1)
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert "conv2d_backward_data:numba" not in ort.routes and "conv2d_backward_weight:numba" not in ort.routes
+    assert ort.routes["conv2d_backward_data"] == 2 * 6 and ort.routes["conv2d_backward_weight"] == 2 * 6
+
+
 def test_onnxruntime_probe_rejects_a_saturating_gemm():
     """A u8 x s8 GEMM that saturates int16 pairs (x86 without VNNI) must fail the probe, so the
     backend falls back to Numba instead of returning wrong bits."""

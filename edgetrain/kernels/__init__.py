@@ -53,6 +53,11 @@ RESCALES = True
 SUPPORTED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
 _INT16_MAX = 32767
 _UINT16_SPLIT = 15  # uint16 values >= 2^15 are split at this bit into two int16-safe halves
+# A signed operand wider than 8 bits (a 12-bit gradient, say) is split at this bit into a low part in
+# [0, 127] and a signed high part, both int8, when the backend multiplies 8-bit codes far faster than
+# wider ones: two 8-bit passes beat one wide pass.
+_BYTE_SPLIT = 7
+_INT8_MAX = 127
 
 
 class KernelBackend(Protocol):
@@ -131,6 +136,49 @@ Bounds = "tuple[int, int] | None"
 Rescale = "tuple[np.ndarray, np.dtype] | None"
 
 
+def _byte_parts(x: np.ndarray, amax: int) -> list[tuple[np.ndarray, int, int]] | None:
+    """x (int16, |x| <= amax, amax > 127) as [(part, shift, bound)] with int8 parts summing to x, or
+    None when the high part would not fit int8 either."""
+    high_bound = (amax >> _BYTE_SPLIT) + 1
+    if x.dtype != np.int16 or high_bound > _INT8_MAX:
+        return None
+    low = (x & _INT8_MAX).astype(np.int8)  # x - 128 * floor(x / 128): always in [0, 127]
+    high = (x >> _BYTE_SPLIT).astype(np.int8)  # arithmetic shift: floor(x / 128)
+    return [(low, 0, _INT8_MAX), (high, _BYTE_SPLIT, high_bound)]
+
+
+def _fits8(x: np.ndarray, amax: int) -> bool:
+    return x.dtype in (np.int8, np.uint8) or amax <= _INT8_MAX
+
+
+def _split_wide(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: int, amax_a: int, amax_b: int,
+                rescale: Rescale) -> np.ndarray | None:
+    """The product as a sum of 8-bit products when one operand is a wide int16, the other fits 8 bits
+    and the backend has fast 8-bit products; None when that route does not apply."""
+    if not getattr(get_backend(), "FAST_INT8", False):
+        return None
+    if not _fits8(a, amax_a) and _fits8(b, amax_b):
+        wide_first, wide, amax_wide, other, amax_other = True, a, amax_a, b, amax_b
+    elif _fits8(a, amax_a) and not _fits8(b, amax_b):
+        wide_first, wide, amax_wide, other, amax_other = False, b, amax_b, a, amax_a
+    else:
+        return None
+    parts = _byte_parts(wide, amax_wide)
+    if parts is None:
+        return None
+    # Bounds every shifted part and the sum (the high part's bound is rounded up by one step).
+    total_dtype = accumulator_dtype(length, amax_wide + (1 << _BYTE_SPLIT), amax_other)
+    total = None
+    for part, shift, bound in parts:
+        pa, pb, amax = (part, other, (bound, amax_other)) if wide_first else (other, part, (amax_other, bound))
+        out = op(pa, pb, accumulator_dtype(length, *amax), segment_length(length, *amax), amax)
+        out = out.astype(total_dtype, copy=False)
+        if shift:
+            out = out << shift
+        total = out if total is None else total + out
+    return total if rescale is None else rescaled(total, rescale)
+
+
 def _exact(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: int,
            bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
     """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator.
@@ -146,6 +194,10 @@ def _exact(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: 
     else:
         amax_a, amax_b = amax_abs(a), amax_abs(b)
     out_dtype = accumulator_dtype(length, amax_a, amax_b)
+    if a.dtype != np.uint16 and b.dtype != np.uint16:
+        split = _split_wide(op, a, b, length, amax_a, amax_b, rescale)
+        if split is not None:
+            return split.astype(out_dtype, copy=False) if rescale is None else split
     parts_a, parts_b = _int16_parts(a), _int16_parts(b)
     if len(parts_a) == 1 and len(parts_b) == 1:
         extra = {} if rescale is None else {"rescale": rescale}

@@ -393,6 +393,12 @@ class OrtBackend:
     # ------------------------------------------------------------------------------ plumbing
 
     @property
+    def FAST_INT8(self) -> bool:  # noqa: N802 - read by kernels._split_wide, as a class flag would be
+        """8-bit products run on onnxruntime's integer GEMM (not the Numba fallback): wide operands
+        are worth splitting into 8-bit parts."""
+        return self.usable
+
+    @property
     def usable(self) -> bool:
         """onnxruntime's library loads and passes the exactness probe (checked once, on first use)."""
         if self._usable is None:
