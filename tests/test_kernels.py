@@ -467,15 +467,21 @@ def test_short_int32_runs_split_reductions_and_chunks(backend, monkeypatch, raw_
             check_all_conv_kernels(x, w, dy, kw)
 
 
-def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
-    """The onnxruntime backend really runs 8-bit products itself (no silent fallback), and passes
-    16-bit ones to Numba."""
+def _counting_ort(monkeypatch):
+    """The onnxruntime backend, made active, with its route counts reset (skips where it is unusable)."""
     pytest.importorskip("onnxruntime")
     ort = kernels._BACKENDS["onnxruntime"]
     if not ort.usable:
         pytest.skip("onnxruntime failed the exactness probe on this CPU (a saturating u8 x s8 GEMM)")
     monkeypatch.setattr(ort, "routes", type(ort.routes)())
     kernels.set_backend("onnxruntime")
+    return ort
+
+
+def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
+    """The onnxruntime backend really runs 8-bit products itself (no silent fallback), and passes
+    16-bit ones to Numba."""
+    ort = _counting_ort(monkeypatch)
     rng = np.random.default_rng(1)
     x = random_operand(rng, (2, 4, 6, 6), 8, signed=False)
     w = random_operand(rng, (5, 4, 3, 3), 8)
@@ -497,12 +503,7 @@ def test_wide_gradients_run_as_two_8_bit_products(monkeypatch, bits):
     """A 9- to 14-bit gradient against 8-bit operands is split into a low part in [0, 127] and a signed
     high part, each an 8-bit product on onnxruntime's integer GEMM, and the sum is exact, worst
     cases (every value at +-qmax, and the most negative high parts) included."""
-    pytest.importorskip("onnxruntime")
-    ort = kernels._BACKENDS["onnxruntime"]
-    if not ort.usable:
-        pytest.skip("onnxruntime failed the exactness probe on this CPU (a saturating u8 x s8 GEMM)")
-    monkeypatch.setattr(ort, "routes", type(ort.routes)())
-    kernels.set_backend("onnxruntime")
+    ort = _counting_ort(monkeypatch)
     rng = np.random.default_rng(bits)
     x = random_operand(rng, (3, 4, 6, 6), 8, signed=False)
     w = random_operand(rng, (5, 4, 3, 3), 8)
