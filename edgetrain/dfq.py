@@ -56,7 +56,7 @@ from .gates import (
 from .graph import Graph, Node
 from .layers import non_negative_values
 from .ops.base import Op
-from .ops.norm import BatchNormalization
+from .ops.norm import BatchNormalization, fuse_relu
 from .precision import FP32, LayerPrecision, parse_precision
 from .qops import QuantMAC, integer_form
 
@@ -420,6 +420,7 @@ class GatedUnit(Op):
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
+        readers, outputs = model.graph.consumers_of(), {o.name for o in model.graph.outputs}
         for n in unit.branch:
             if n.name in dfq.gated_layers:
                 after_mac.update(o for o in n.outputs if o)
@@ -438,7 +439,10 @@ class GatedUnit(Op):
                 bn = BatchNormalization(n, opset)
                 bn.parallel = True
                 self.float_ops[n.name] = bn
-            else:
+                fused = fuse_relu(n, bn, readers, outputs, opset)
+                if fused is not None:
+                    self.float_ops[fused[0].name] = fused[1]
+            elif n.name not in self.float_ops:  # a Relu folded into its BatchNorm above keeps its stand-in
                 self.float_ops[n.name] = model._float_ops[n.name]
 
     # -- forward -----------------------------------------------------------------------------------

@@ -49,3 +49,11 @@ class Graph:
     def producer_of(self) -> dict[str, Node]:
         """Map each computed value name to the node that writes it."""
         return {o: n for n in self.nodes for o in n.outputs if o}
+
+    def consumers_of(self) -> dict[str, list[Node]]:
+        """Map each value name to the nodes that read it, in graph order."""
+        out: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in dict.fromkeys(i for i in n.inputs if i):
+                out.setdefault(i, []).append(n)
+        return out

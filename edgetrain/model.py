@@ -14,7 +14,7 @@ from .graph import Graph
 from .layers import mac_nodes, non_negative_values
 from .losses import LOSSES, softmax_cross_entropy
 from .onnx_import import load_graph
-from .ops.norm import BatchNormalization
+from .ops.norm import BatchNormalization, fuse_relu
 from .precision import FP32, LayerPrecision, PrecisionConfig
 from .qops import QuantMAC, QuantRuntime, integer_form
 
@@ -132,8 +132,14 @@ class Model:
         return self.dfq
 
     def _place_batchnorms(self) -> None:
-        """BatchNorms right after an integer layer get this model's own parallel instance."""
+        """BatchNorms right after an integer layer get this model's own parallel instance, with the Relu
+        that alone reads them folded in (one pass over the tensor instead of two, both directions)."""
         producer = self.graph.producer_of()
+        readers = self.graph.consumers_of()
+        outputs = {o.name for o in self.graph.outputs}
+        for node in self.graph.nodes:
+            if node.op_type == "Relu":
+                self.executor.ops[node.name] = self._float_ops[node.name]  # until a BatchNorm takes it over
         for node in self.graph.nodes:
             if node.op_type != "BatchNormalization":
                 continue
@@ -142,6 +148,9 @@ class Model:
                 op = BatchNormalization(node, self.graph.opset)
                 op.parallel = True
                 self.executor.ops[node.name] = op
+                fused = fuse_relu(node, op, readers, outputs, self.graph.opset)
+                if fused is not None:
+                    self.executor.ops[fused[0].name] = fused[1]
             else:
                 self.executor.ops[node.name] = self._float_ops[node.name]
 

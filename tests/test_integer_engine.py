@@ -112,6 +112,44 @@ def _run(seed, steps=3, bits="8/8", threads=None):
     return model.state_dict()
 
 
+def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
+    """Integer layers' BatchNorms take over the Relu that alone reads them; training with and without
+    that fold ends on the same weights and BatchNorm statistics, bit for bit, plain and with DFQ."""
+    from edgetrain.dfq import DFQConfig
+    from edgetrain.ops import norm
+
+    def run(dfq: bool):
+        model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=0)
+        model.set_precision("8/8")
+        if dfq:
+            d = model.enable_dfq(DFQConfig())
+            d.force = {u.index: np.arange(16) % 6 for u in d.units}  # every candidate, skip included
+        folded = sum(isinstance(op, norm.FusedAway) for op in model.executor.ops.values())
+        x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
+        from edgetrain.optim import SGD
+
+        opt = SGD(model.parameters(), 0.05, momentum=0.9)
+        for step in range(3):
+            model.step = step
+            _, g = model.loss_and_grad(x, np.arange(16) % 10)
+            opt.step(g)
+        return model.state_dict(), model(x), folded
+
+    for dfq in (False, True):
+        fused_state, fused_out, folded = run(dfq)
+        assert folded >= 4  # the stem's and each block's first BatchNorm + Relu
+        with monkeypatch.context() as m:
+            m.setattr(norm, "fuse_relu", lambda *a, **k: None)
+            m.setattr(edgetrain.model, "fuse_relu", lambda *a, **k: None)
+            m.setattr(edgetrain.dfq, "fuse_relu", lambda *a, **k: None)
+            plain_state, plain_out, none = run(dfq)
+        assert none == 0
+        assert fused_state.keys() == plain_state.keys()
+        for k in fused_state:
+            assert np.array_equal(fused_state[k], plain_state[k]), k
+        assert np.array_equal(fused_out, plain_out)
+
+
 def test_same_seed_same_bits_other_seed_differs():
     a, b, c = _run(0), _run(0), _run(1)
     assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -18,6 +18,7 @@ class BatchNormalization(Op):
     """
 
     parallel = False  # True for a Model's own instances that follow integer layers (see norm_kernels)
+    relu = False  # True where the Relu that alone reads this output was folded in (see fuse_relu)
 
     def _use_batch_stats(self, training: bool) -> bool:
         return training or bool(self.attr("training_mode", 0))
@@ -30,16 +31,17 @@ class BatchNormalization(Op):
         if not self._use_batch_stats(training):
             inv = 1.0 / np.sqrt(var.astype(x.dtype) + eps)
             xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
-            y = xhat * scale.reshape(bshape) + bias.reshape(bshape)
-            return [y.astype(x.dtype, copy=False)], ("eval", xhat, inv, scale, bshape, axes)
+            y = (xhat * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype, copy=False)
+            if self.relu:
+                y = np.maximum(y, 0, out=y)
+            return [y], ("eval", xhat, inv, scale, bshape, axes, y)
         x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
         y3 = np.empty_like(x3)
         mu = np.empty(x.shape[1], dtype=np.float64)
         bvar = np.empty(x.shape[1], dtype=np.float64)
         inv = np.empty(x.shape[1], dtype=np.float64)
         forward = norm_kernels.bn_train_forward_parallel if self.parallel else norm_kernels.bn_train_forward
-        forward(x3, scale.astype(np.float64), bias.astype(np.float64), float(eps), y3, mu, bvar,
-                                      inv)
+        forward(x3, scale.astype(np.float64), bias.astype(np.float64), float(eps), y3, mu, bvar, inv, self.relu)
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
@@ -50,7 +52,7 @@ class BatchNormalization(Op):
         outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
-        return outs, ("train", x3, mu, inv, scale, x.shape, new_mean, new_var)
+        return outs, ("train", x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
 
     def buffer_updates(self, ctx):
         if ctx[0] != "train":
@@ -61,9 +63,11 @@ class BatchNormalization(Op):
         g = grads[0]
         if ctx[0] == "eval":
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
-            _, xhat, inv, scale, bshape, axes = ctx
+            _, xhat, inv, scale, bshape, axes, y = ctx
+            if self.relu:
+                g = g * (y > 0)
             return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
-        _, x3, mu, inv, scale, shape, _, _ = ctx
+        _, x3, mu, inv, scale, shape, _, _, y3 = ctx
         g3 = np.ascontiguousarray(g).reshape(x3.shape)
         dx = np.empty_like(g3)
         dscale = np.empty(x3.shape[1], dtype=np.float64)
@@ -71,5 +75,32 @@ class BatchNormalization(Op):
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
         backward = norm_kernels.bn_train_backward_parallel if self.parallel else norm_kernels.bn_train_backward
+        if self.relu:
+            masked = np.empty_like(g3)
+            norm_kernels.relu_backward(y3.reshape(-1), g3.reshape(-1), masked.reshape(-1))
+            g3 = masked
         backward(x3, g3, scale.astype(np.float64), mu, inv, dx, dscale, dbias)
         return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
+
+
+class FusedAway(Op):
+    """Stands in for a node whose work another op took over (a Relu folded into its BatchNorm)."""
+
+    def forward(self, inputs, training):
+        return [inputs[0]], None
+
+    def backward(self, ctx, grads):
+        return [grads[0]]
+
+
+def fuse_relu(bn_node, bn_op: BatchNormalization, consumers: dict, graph_outputs: set, opset: int) -> tuple | None:
+    """Fold the Relu that alone reads a BatchNorm's output into that BatchNorm: (relu node, FusedAway op)
+    to put in the Relu's place, with bn_op.relu set; None (nothing changed) when another node or the
+    graph's output reads the BatchNorm's output too, or the BatchNorm has more outputs in use."""
+    out = bn_node.outputs[0]
+    readers = consumers.get(out, [])
+    if (out in graph_outputs or len(readers) != 1 or readers[0].op_type != "Relu"
+            or any(o for o in bn_node.outputs[1:])):
+        return None
+    bn_op.relu = True
+    return readers[0], FusedAway(readers[0], opset)
