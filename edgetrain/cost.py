@@ -13,9 +13,9 @@ from .precision import FP32_BITS, LayerPrecision
 FP32_STEP_FACTOR = 3 * FP32_BITS * FP32_BITS
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerCost:
-    """One layer's BitOPs in one step."""
+    """One layer's BitOPs in one step (frozen: Model.step_cost hands out cached ones)."""
 
     macs: int  # for the whole batch
     forward: int

@@ -40,6 +40,7 @@ class Model:
         self.last_cost: dict[str, LayerCost] = {}
         self.runtime = QuantRuntime(seed=seed)
         self.dfq = None  # a dfq.DFQ once enable_dfq() gates the model's blocks per sample
+        self._cost_cache: dict[tuple, tuple[dict, dict]] = {}  # step_cost of the ungated layers, by shapes and bits
         self.last_task_loss: float | None = None  # the loss before DFQ's cost term, of the last step
 
     # -- introspection --------------------------------------------------------------------------
@@ -203,8 +204,22 @@ class Model:
 
     def step_cost(self, env: dict[str, np.ndarray]) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         """BitOPs of the training step whose forward values are in env: at the current precision, and in fp32."""
-        costs, fp32 = {}, {}
         gated = self.dfq.gated_layers if self.dfq is not None else ()
+        # Shapes follow from the inputs' shapes, so the ungated layers' costs repeat step after step.
+        key = (tuple(env[i.name].shape for i in self.graph.inputs if i.name in env),
+               tuple(self.precision[n.name] for n in self._mac_nodes if n.name not in gated))
+        cached = self._cost_cache.get(key)
+        if cached is None:
+            cached = self._cost_cache[key] = self._ungated_step_cost(env, gated)
+        costs, fp32 = dict(cached[0]), dict(cached[1])
+        if self.dfq is not None:
+            dyn, dyn_fp32 = self.dfq.step_costs()
+            costs.update(dyn)
+            fp32.update(dyn_fp32)
+        return costs, fp32
+
+    def _ungated_step_cost(self, env: dict[str, np.ndarray], gated) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+        costs, fp32 = {}, {}
         for node in self._mac_nodes:
             if node.name in gated:
                 continue
@@ -215,10 +230,6 @@ class Model:
             saved = int(np.prod(in_shapes[0]))
             costs[node.name] = layer_step_cost(macs, self.precision[node.name], saved, not first)
             fp32[node.name] = layer_step_cost(macs, FP32, saved, not first)
-        if self.dfq is not None:
-            dyn, dyn_fp32 = self.dfq.step_costs()
-            costs.update(dyn)
-            fp32.update(dyn_fp32)
         return costs, fp32
 
     def loss_and_grad(self, x, labels: np.ndarray, loss: str | Callable = "cross_entropy",
