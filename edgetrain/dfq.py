@@ -28,6 +28,7 @@ batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a f
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -445,12 +446,24 @@ class GatedUnit(Op):
             elif n.name not in self.float_ops:  # a Relu folded into its BatchNorm above keeps its stand-in
                 self.float_ops[n.name] = model._float_ops[n.name]
 
+    def _timed(self, inner: str, direction: str, call, *args):
+        """call(*args), its seconds added to the executor's timings under ("<unit node>/<inner>", direction)
+        while a profiler has them switched on: the breakdown of this unit's own entry."""
+        timings = self.dfq.model.executor.timings
+        if timings is None:
+            return call(*args)
+        start = time.perf_counter()
+        out = call(*args)
+        key = (f"{self.node.name}/{inner}", direction)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        return out
+
     # -- forward -----------------------------------------------------------------------------------
     def _choose(self, x: np.ndarray, params: tuple, shared: tuple):
         dfq = self.dfq
         n = x.shape[0]
         h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype), np.zeros((n, EMBED_WIDTH), x.dtype))
-        logits, gctx = gate_forward(x, params, shared, h, c, dfq.logit_masks[self.unit.index])
+        logits, gctx = self._timed("gate", "forward", gate_forward, x, params, shared, h, c, dfq.logit_masks[self.unit.index])
         dfq.state = (gctx.h, gctx.c)
         if dfq.force is not None and self.unit.index in dfq.force:
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
@@ -492,7 +505,7 @@ class GatedUnit(Op):
                     out, ctxs = None, []
                     for k, sl in groups:
                         op = self.candidate_ops[k][node.name]
-                        (y,), ctx = op.forward([args[0][sl]] + args[1:], training)
+                        (y,), ctx = self._timed(node.name, "forward", op.forward, [args[0][sl]] + args[1:], training)
                         dfq.kernel_calls += 1
                         if len(groups) == 1:
                             out = y  # one group is every executing sample: no copy
@@ -505,7 +518,7 @@ class GatedUnit(Op):
                     tape.append((node, None, ctxs))
                     continue
                 op = self.float_ops[node.name]
-                outs, ctx = op.forward(args, training)
+                outs, ctx = self._timed(node.name, "forward", op.forward, args, training)
                 for name, value in zip(node.outputs, outs):
                     if name:
                         env[name] = value
@@ -553,7 +566,7 @@ class GatedUnit(Op):
                 if op is None:
                     gins = self._mac_backward(node, nctx, g_out[0], n_exec)
                 else:
-                    gins = op.backward(nctx, g_out)
+                    gins = self._timed(node.name, "backward", op.backward, nctx, g_out)
                 for name, g in zip(node.inputs, gins):
                     if g is None or not name:
                         continue
@@ -568,7 +581,8 @@ class GatedUnit(Op):
         dlogits = straight_through(gctx.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
-        dpooled, dunit, dshared, dh_prev, dc_prev = gate_backward(gctx, dlogits, dh, dc, gate_params, shared)
+        dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, gctx, dlogits, dh, dc,
+                                                                gate_params, shared)
         dfq.dstate = (dh_prev, dc_prev)
         if branch_dx is None:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
@@ -590,7 +604,7 @@ class GatedUnit(Op):
         """Each group's backward at its own precision: dx rows filled per group, weight grads summed."""
         dx, rest = None, None
         for k, sl, op, ctx in ctxs:
-            gins = op.backward(ctx, [g[sl]])
+            gins = self._timed(node.name, "backward", op.backward, ctx, [g[sl]])
             self.dfq.kernel_calls += 1
             if gins[0] is not None:
                 if len(ctxs) == 1:

@@ -111,3 +111,17 @@ def test_torch_reference_resnet8_matches_edgetrain_architecture():
         assert sum(p.numel() for p in twin.parameters()) == sum(v.size for v in ours.parameters().values()), name
         assert sum(isinstance(m, torch.nn.Conv2d) for m in twin.modules()) == \
             sum(n.op_type == "Conv" for n in ours.graph.nodes), name
+
+
+def test_profile_breaks_gated_units_down_by_inner_op():
+    """--profile: a gated unit's gate, convolutions, BatchNorms and ReLUs appear as its own breakdown, and
+    together take no longer than the GatedUnit entries they are part of."""
+    step, model = bench_step.make_edgetrain_step("resnet8", 4, (1, 12, 12), "8/8",
+                                                 bench_step.parse_mix("3/6"), **TINY)
+    step()
+    prof = bench._profile(step, model)
+    inner = {k: v for k, v in prof.items() if k.startswith("GatedUnit > ")}
+    assert {"GatedUnit > gate.forward", "GatedUnit > gate.backward", "GatedUnit > Conv.forward",
+            "GatedUnit > Conv.backward", "GatedUnit > BatchNormalization.forward"} <= set(inner)
+    assert sum(inner.values()) <= prof["GatedUnit.forward"] + prof["GatedUnit.backward"]
+    assert model.executor.timings is None  # switched off again: no timing cost on later steps

@@ -174,8 +174,13 @@ def _profile(step, model) -> dict:
     model.executor.timings = {}
     step()
     out: dict[str, float] = {}
+    op_types = {n.name: n.op_type for n in model.graph.nodes}
     for (node, direction), seconds in model.executor.timings.items():
-        key = f"{type(model.executor.ops[node]).__name__}.{direction}"
+        if "/" in node:  # inside a gated unit (DFQ): the breakdown of that unit's GatedUnit entry
+            inner = node.rsplit("/", 1)[1]
+            key = f"GatedUnit > {op_types.get(inner, inner)}.{direction}"
+        else:
+            key = f"{type(model.executor.ops[node]).__name__}.{direction}"
         out[key] = out.get(key, 0.0) + 1e3 * seconds
     model.executor.timings = None
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
