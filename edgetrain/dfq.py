@@ -37,12 +37,7 @@ import numpy as np
 from .blocks import Block, find_blocks, layer_units
 from .cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from .errors import EdgetrainError
-from .gate_kernels import (
-    add_channel_means_grad,
-    pooled_grad_scatter_add,
-    sample_dots,
-    scatter_add,
-)
+from .gate_kernels import pooled_grad_scatter_add, sample_dots, scatter_add
 from .gates import (
     EMBED_WIDTH,
     SHARED_NAMES,
@@ -586,12 +581,8 @@ class GatedUnit(Op):
         dfq.dstate = (dh_prev, dc_prev)
         if branch_dx is None:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
-        elif isinstance(order, slice):
-            dx = add_channel_means_grad(branch_dx, dpooled)
-        elif len(x_shape) > 2:
-            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, order)
         else:
-            dx = scatter_add(dpooled.astype(dtype), branch_dx, order)
+            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, None if isinstance(order, slice) else order)
         out[0] = dx
         if u.shortcut is not None:
             out[1] = dout

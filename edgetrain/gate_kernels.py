@@ -68,15 +68,6 @@ def _row_dots(a, b, out):
         out[r] = _dot_row(a, r, b, r, length)
 
 
-@njit(cache=True, parallel=True)
-def _add_row_constant(x, d, size, out):
-    rows, length = x.shape
-    for r in prange(rows):
-        v = d[r] / size
-        for j in range(length):
-            out[r, j] = x[r, j] + v
-
-
 def channel_means(x: np.ndarray) -> np.ndarray:
     """(N, C, ...) -> (N, C): the mean over every axis after the channel axis; a 2-D input is returned as is."""
     if x.ndim == 2:
@@ -93,17 +84,6 @@ def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.empty(n, np.result_type(a.dtype, b.dtype))
     _row_dots(np.ascontiguousarray(a).reshape(n, -1), np.ascontiguousarray(b).reshape(n, -1), out)
     return out
-
-
-def add_channel_means_grad(g: np.ndarray, dmeans: np.ndarray) -> np.ndarray:
-    """g + the gradient through channel_means of dmeans (N, C): a new array of g's shape."""
-    if g.ndim == 2:
-        return g + dmeans
-    n, c = g.shape[:2]
-    rows = np.ascontiguousarray(g).reshape(n * c, -1)
-    out = np.empty_like(rows)
-    _add_row_constant(rows, np.ascontiguousarray(dmeans, dtype=g.dtype).reshape(-1), g.dtype.type(rows.shape[1]), out)
-    return out.reshape(g.shape)
 
 
 @njit(cache=True, parallel=True)
@@ -134,29 +114,36 @@ def _constants_plus_part(d, size, part, pos, channels, out):
                 out[r, j] = v
 
 
-def _positions(order: np.ndarray, n: int) -> np.ndarray:
+def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
+    """Each of n rows' index into the part (-1: not in it); order None: row k is part's row k."""
+    if order is None:
+        return np.arange(n, dtype=np.int64)
     pos = np.full(n, -1, np.int64)
     pos[order] = np.arange(len(order))
     return pos
 
 
-def scatter_add(base: np.ndarray, part: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """A new array: base, plus part[k] added to row order[k] (rows not in order are base's)."""
+def scatter_add(base: np.ndarray, part: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """A new array: base, plus part[k] added to row order[k] (rows not in order are base's; order
+    None: every row, in order)."""
     n = base.shape[0]
     out = np.empty(base.shape, np.result_type(base.dtype, part.dtype))
-    _rows_plus_part(np.ascontiguousarray(base).reshape(n, -1), np.ascontiguousarray(part).reshape(len(order), -1),
+    _rows_plus_part(np.ascontiguousarray(base).reshape(n, -1), np.ascontiguousarray(part).reshape(part.shape[0], -1),
                     _positions(order, n), out.reshape(n, -1))
     return out
 
 
-def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """A new (N, C, ...) array: the gradient through channel_means of dmeans (N, C), plus part[k] added
-    to sample order[k]."""
+def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray,
+                            order: np.ndarray | None = None) -> np.ndarray:
+    """A new array of x_shape: the gradient through channel_means of dmeans (N, C), plus part[k] added to
+    sample order[k] (order None: every sample, in order)."""
+    if len(x_shape) == 2:  # channel_means passed a 2-D input through
+        return scatter_add(dmeans.astype(part.dtype, copy=False), part, order)
     n, c = x_shape[:2]
     out = np.empty(x_shape, part.dtype)
     rows = out.reshape(n * c, -1)
     _constants_plus_part(np.ascontiguousarray(dmeans, dtype=part.dtype).reshape(-1), part.dtype.type(rows.shape[1]),
-                         np.ascontiguousarray(part).reshape(len(order) * c, -1), _positions(order, n), c, rows)
+                         np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n), c, rows)
     return out
 
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gate_kernels import channel_means
-from .gate_kernels import matmul as mm  # not BLAS: gate_kernels.matmul says why
+from .gate_kernels import channel_means, matmul as mm  # mm, not BLAS: gate_kernels.matmul says why
 
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
 EMBED_WIDTH = 16  # the second 1x1 conv's width, and the LSTM's input and hidden size

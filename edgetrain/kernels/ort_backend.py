@@ -45,7 +45,7 @@ from numba import njit, prange
 
 from . import im2col as _lay
 from .numba_backend import NumbaBackend, phase_plans
-from .ort_capi import OrtCApi, matmul_integer
+from .ort_capi import OrtCApi, matmul_views
 from .sync import fetch_add
 from .threads import threads_for
 
@@ -211,8 +211,6 @@ def _conv_driver(create, run, release, info, sess, in_names, out_names, x, a, ou
     for w in prange(workers):
         shapes = np.zeros((3, 3), np.int64)
         values = np.zeros(3, np.int64)
-        shapes[0, 0] = m
-        shapes[0, 1] = k
         while True:
             ci = fetch_add(counter.ctypes.data, 1)  # chunks go to whichever thread is free (`sync`)
             if ci >= chunks:
@@ -225,10 +223,7 @@ def _conv_driver(create, run, release, info, sess, in_names, out_names, x, a, ou
             else:
                 y = out[n0:n1]
             _lay_out(x, b, n0, n1, 1, used, tap_phase, tap_off, prm, xor)
-            shapes[1, 0], shapes[1, 1], shapes[1, 2] = n1 - n0, k, cols
-            shapes[2, 0], shapes[2, 1], shapes[2, 2] = n1 - n0, m, cols
-            st = matmul_integer(create, run, release, info, sess, in_names, out_names, a, 2, b, 3, y, 3,
-                                shapes, values)
+            st = matmul_views(create, run, release, info, sess, in_names, out_names, a, b, y, shapes, values)
             if st != 0:
                 status[ci] = st
             elif fused:
@@ -265,11 +260,7 @@ def _phase_driver(create, run, release, info, sess, in_names, out_names, x, a_al
                 y = y_scratch[w, :cnt * m * cols].reshape((cnt, m, cols))
                 tap_phase = np.zeros(taps, np.int64)
                 _lay_out(x, b, n0, n1, 1, used, tap_phase, taps_all[t0:t0 + taps], prm, xor)
-                shapes[0, 0], shapes[0, 1] = m, k
-                shapes[1, 0], shapes[1, 1], shapes[1, 2] = cnt, k, cols
-                shapes[2, 0], shapes[2, 1], shapes[2, 2] = cnt, m, cols
-                st = matmul_integer(create, run, release, info, sess, in_names, out_names, a, 2, b, 3, y, 3,
-                                    shapes, values)
+                st = matmul_views(create, run, release, info, sess, in_names, out_names, a, b, y, shapes, values)
                 if st != 0:
                     status[ci] = st
                 elif fused:
@@ -309,11 +300,7 @@ def _wgrad_driver(create, run, release, info, sess, in_names, out_names, x, dy, 
                 _lay.pixel_rows8(dy64, b.view(np.uint64), n0, n1, out_h, out_w, wq, b_xor)
             else:
                 _lay.pixel_rows(dy, b, n0, n1, out_h, out_w, wq, b_xor)
-            shapes[0, 0], shapes[0, 1] = k, span
-            shapes[1, 0], shapes[1, 1] = span, m
-            shapes[2, 0], shapes[2, 1] = k, m
-            st = matmul_integer(create, run, release, info, sess, in_names, out_names, a, 2, b, 2, y, 2,
-                                shapes, values)
+            st = matmul_views(create, run, release, info, sess, in_names, out_names, a[0], b, y, shapes, values)
             if st != 0:
                 status[ci] = st
                 continue
@@ -326,8 +313,7 @@ def _wgrad_driver(create, run, release, info, sess, in_names, out_names, x, dy, 
 @njit(**_DRIVER)
 def _gemm_driver(create, run, release, info, sess, in_names, out_names, a, b, out, workers, chunk, counter, status):
     """out (M, N) int32 = a (M, K) @ b (K, N), in chunks of rows."""
-    m, k = a.shape
-    n = b.shape[1]
+    m = a.shape[0]
     chunks = (m + chunk - 1) // chunk
     for w in prange(workers):
         shapes = np.zeros((3, 3), np.int64)
@@ -338,11 +324,8 @@ def _gemm_driver(create, run, release, info, sess, in_names, out_names, a, b, ou
                 break
             r0 = ci * chunk
             r1 = min(m, r0 + chunk)
-            shapes[0, 0], shapes[0, 1] = r1 - r0, k
-            shapes[1, 0], shapes[1, 1] = k, n
-            shapes[2, 0], shapes[2, 1] = r1 - r0, n
-            st = matmul_integer(create, run, release, info, sess, in_names, out_names, a[r0:r1], 2, b, 2,
-                                out[r0:r1], 2, shapes, values)
+            st = matmul_views(create, run, release, info, sess, in_names, out_names, a[r0:r1], b, out[r0:r1],
+                              shapes, values)
             if st != 0:
                 status[ci] = st
 
@@ -425,12 +408,10 @@ class OrtBackend:
         """sum((a - za) * (b - zb)) by one MatMulInteger: a uint8 (..., M, K), b int8 (..., K, N) -> int32."""
         a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
         out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), np.int32)
-        shapes = np.zeros((3, 3), np.int64)
-        shapes[0, :a.ndim], shapes[1, :b.ndim], shapes[2, :out.ndim] = a.shape, b.shape, out.shape
         api = self._api
-        api.check(int(matmul_integer(api.create_tensor, api.run, api.release_value, api.memory_info,
-                                     api.session(za, zb), api.input_names, api.output_names, a, a.ndim, b, b.ndim,
-                                     out, out.ndim, shapes, np.zeros(3, np.int64))))
+        api.check(int(matmul_views(api.create_tensor, api.run, api.release_value, api.memory_info,
+                                   api.session(za, zb), api.input_names, api.output_names, a, b, out,
+                                   np.zeros((3, 3), np.int64), np.zeros(3, np.int64))))
         return out
 
     # -------------------------------------------------------------------------------- GEMM

@@ -65,6 +65,58 @@ def available() -> bool:
         return False
 
 
+class _TileCode:
+    """The LLVM IR both tile kernels share: the VPDPBUSD intrinsic, C's 16-lane vectors, the k loop."""
+
+    def __init__(self, builder, c_addr, b_addr, k4, ldc):
+        self.builder = builder
+        self.i8, self.i32 = ir.IntType(8), ir.IntType(32)
+        self.v16 = ir.VectorType(self.i32, 16)
+        self.fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.v16, [self.v16] * 3),
+                                                 "llvm.x86.avx512.vpdpbusd.512")
+        self.idx = k4.type
+        self.k4, self.ldc = k4, ldc
+        self.bp = builder.inttoptr(b_addr, self.i8.as_pointer())
+        self.cp = builder.inttoptr(c_addr, self.i8.as_pointer())
+
+    def const(self, value: int):
+        return ir.Constant(self.idx, value)
+
+    def c_ptr(self, m: int, t: int):
+        """C's vector t (lanes 16t..16t+15) of row m."""
+        b = self.builder
+        off = b.add(b.mul(b.mul(self.const(m), self.ldc), self.const(4)), self.const(64 * t))
+        return b.bitcast(b.gep(self.cp, [off]), self.v16.as_pointer())
+
+    def splat(self, word):
+        """One int32 in every lane."""
+        b = self.builder
+        v = b.insert_element(ir.Constant(self.v16, ir.Undefined), word, ir.Constant(self.i32, 0))
+        return b.shuffle_vector(v, ir.Constant(self.v16, ir.Undefined), ir.Constant(self.v16, None))
+
+    def accumulate(self, accs, ldb, a_word_ptr) -> None:
+        """accs[m][t] += the k loop's dot products: a_word_ptr(m, 4i) points at row m's 4 int8 codes of
+        step i, B's row i (ldb bytes apart) holds the uint8 codes of every lane."""
+        b = self.builder
+        mt, nt = len(accs), len(accs[0])
+        with cgutils.for_range(b, self.k4) as loop:
+            i = loop.index
+            brow = b.gep(self.bp, [b.mul(i, ldb)])
+            bvecs = [b.load(b.bitcast(b.gep(brow, [self.const(64 * t)]), self.v16.as_pointer()), align=1)
+                     for t in range(nt)]
+            four_i = b.mul(i, self.const(4))
+            for m in range(mt):
+                word = b.load(b.bitcast(a_word_ptr(m, four_i), self.i32.as_pointer()), align=1)
+                splat = self.splat(word)
+                for t in range(nt):
+                    b.store(b.call(self.fn, [b.load(accs[m][t]), bvecs[t], splat]), accs[m][t])
+
+    def store(self, accs) -> None:
+        for m, row in enumerate(accs):
+            for t, acc in enumerate(row):
+                self.builder.store(self.builder.load(acc), self.c_ptr(m, t), align=4)
+
+
 def _make_tile(accumulate: bool, MT: int, NT: int):
     @intrinsic
     def tile(typingctx, c_addr, a_addr, b_addr, k4, lda, ldb, ldc, init_addr):
@@ -76,48 +128,20 @@ def _make_tile(accumulate: bool, MT: int, NT: int):
 
         def codegen(context, builder, signature, args):
             c_addr, a_addr, b_addr, k4, lda, ldb, ldc, init_addr = args
-            i8, i32 = ir.IntType(8), ir.IntType(32)
-            v16 = ir.VectorType(i32, 16)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-            idx = k4.type
-            bp = builder.inttoptr(b_addr, i8.as_pointer())
-            ap = builder.inttoptr(a_addr, i8.as_pointer())
-            cp = builder.inttoptr(c_addr, i8.as_pointer())
-
-            def c_ptr(m, t):
-                off = builder.add(builder.mul(builder.mul(ir.Constant(idx, m), ldc), ir.Constant(idx, 4)),
-                                  ir.Constant(idx, 64 * t))
-                return builder.bitcast(builder.gep(cp, [off]), v16.as_pointer())
-
-            ip = builder.inttoptr(init_addr, i32.as_pointer())
+            code = _TileCode(builder, c_addr, b_addr, k4, ldc)
+            ap = builder.inttoptr(a_addr, code.i8.as_pointer())
+            ip = builder.inttoptr(init_addr, code.i32.as_pointer())
             accs = []
             for m in range(MT):
-                row = []
-                if not accumulate:
-                    bias = builder.load(builder.gep(ip, [ir.Constant(idx, m)]), align=4)
-                    splat0 = builder.insert_element(ir.Constant(v16, ir.Undefined), bias, ir.Constant(i32, 0))
-                    splat0 = builder.shuffle_vector(splat0, ir.Constant(v16, ir.Undefined), ir.Constant(v16, None))
-                for t in range(NT):
-                    init = builder.load(c_ptr(m, t), align=4) if accumulate else splat0
-                    row.append(cgutils.alloca_once_value(builder, init))
-                accs.append(row)
-            with cgutils.for_range(builder, k4) as loop:
-                i = loop.index
-                brow = builder.gep(bp, [builder.mul(i, ldb)])
-                bvecs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, 64 * t)]), v16.as_pointer()),
-                                      align=1) for t in range(NT)]
-                four_i = builder.mul(i, ir.Constant(idx, 4))
-                for m in range(MT):
-                    off = builder.add(builder.mul(ir.Constant(idx, m), lda), four_i)
-                    word = builder.load(builder.bitcast(builder.gep(ap, [off]), i32.as_pointer()), align=1)
-                    splat = builder.insert_element(ir.Constant(v16, ir.Undefined), word, ir.Constant(i32, 0))
-                    splat = builder.shuffle_vector(splat, ir.Constant(v16, ir.Undefined), ir.Constant(v16, None))
-                    for t in range(NT):
-                        builder.store(builder.call(fn, [builder.load(accs[m][t]), bvecs[t], splat]), accs[m][t])
-            for m in range(MT):
-                for t in range(NT):
-                    builder.store(builder.load(accs[m][t]), c_ptr(m, t), align=4)
+                if accumulate:
+                    inits = [builder.load(code.c_ptr(m, t), align=4) for t in range(NT)]
+                else:
+                    bias = code.splat(builder.load(builder.gep(ip, [code.const(m)]), align=4))
+                    inits = [bias] * NT
+                accs.append([cgutils.alloca_once_value(builder, v) for v in inits])
+            code.accumulate(accs, ldb, lambda m, four_i: builder.gep(ap, [builder.add(builder.mul(code.const(m), lda),
+                                                                                       four_i)]))
+            code.store(accs)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -135,39 +159,14 @@ def _make_row_tile(MT: int, NT: int):
 
         def codegen(context, builder, signature, args):
             c_addr, rows_addr, b_addr, k4, ldb, ldc = args
-            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-            v16 = ir.VectorType(i32, 16)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-            idx = k4.type
-            bp = builder.inttoptr(b_addr, i8.as_pointer())
-            cp = builder.inttoptr(c_addr, i8.as_pointer())
-            rp = builder.inttoptr(rows_addr, i64.as_pointer())
-            rows = [builder.inttoptr(builder.load(builder.gep(rp, [ir.Constant(idx, m)]), align=8), i8.as_pointer())
+            code = _TileCode(builder, c_addr, b_addr, k4, ldc)
+            rp = builder.inttoptr(rows_addr, ir.IntType(64).as_pointer())
+            rows = [builder.inttoptr(builder.load(builder.gep(rp, [code.const(m)]), align=8), code.i8.as_pointer())
                     for m in range(MT)]
-
-            def c_ptr(m, t):
-                off = builder.add(builder.mul(builder.mul(ir.Constant(idx, m), ldc), ir.Constant(idx, 4)),
-                                  ir.Constant(idx, 64 * t))
-                return builder.bitcast(builder.gep(cp, [off]), v16.as_pointer())
-
-            accs = [[cgutils.alloca_once_value(builder, builder.load(c_ptr(m, t), align=4)) for t in range(NT)]
+            accs = [[cgutils.alloca_once_value(builder, builder.load(code.c_ptr(m, t), align=4)) for t in range(NT)]
                     for m in range(MT)]
-            with cgutils.for_range(builder, k4) as loop:
-                i = loop.index
-                brow = builder.gep(bp, [builder.mul(i, ldb)])
-                bvecs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(idx, 64 * t)]), v16.as_pointer()),
-                                      align=1) for t in range(NT)]
-                four_i = builder.mul(i, ir.Constant(idx, 4))
-                for m in range(MT):
-                    word = builder.load(builder.bitcast(builder.gep(rows[m], [four_i]), i32.as_pointer()), align=1)
-                    splat = builder.insert_element(ir.Constant(v16, ir.Undefined), word, ir.Constant(i32, 0))
-                    splat = builder.shuffle_vector(splat, ir.Constant(v16, ir.Undefined), ir.Constant(v16, None))
-                    for t in range(NT):
-                        builder.store(builder.call(fn, [builder.load(accs[m][t]), bvecs[t], splat]), accs[m][t])
-            for m in range(MT):
-                for t in range(NT):
-                    builder.store(builder.load(accs[m][t]), c_ptr(m, t), align=4)
+            code.accumulate(accs, ldb, lambda m, four_i: builder.gep(rows[m], [four_i]))
+            code.store(accs)
             return context.get_dummy_value()
 
         return sig, codegen
