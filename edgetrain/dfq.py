@@ -5,8 +5,9 @@ in a model without blocks, one MAC layer. A gate (edgetrain.gates) looks at the 
 one of K candidates per sample: an FW/BW pair at a fixed weight precision, or 0 bits (skip: the
 block's output is its shortcut). The unit then runs for real, per sample group:
 
-- samples are sorted by the candidate they chose; each MAC layer runs once per group, quantised with
-  that group's own ranges and computed only at that group's bit-widths, forward and backward;
+- samples are sorted by the candidate they chose; each MAC layer quantises every group with that
+  group's own ranges at that group's bit-widths, forward and backward; the groups' integer codes
+  then share kernel calls (edgetrain.grouped_mac: exact, one call instead of one per group);
 - the ops between MAC layers (BatchNorm, ReLU, ...) run once on all samples that execute the unit;
 - samples that skip do no work in the branch and cost nothing there.
 
@@ -50,6 +51,7 @@ from .gates import (
     unit_param_names,
 )
 from .graph import Graph, Node
+from .grouped_mac import GroupedContext, can_group, grouped_backward, grouped_forward
 from .layers import non_negative_values
 from .ops.base import Op
 from .ops.norm import BatchNormalization, fuse_relu
@@ -185,7 +187,9 @@ class DFQ:
         self.sign = 0.0  # r of the last step's regulariser (0 before any training step)
         self.last_percent = 0.0  # the last batch's mean gated cost, percent of fp32
         self.force: dict[int, np.ndarray] | None = None  # tests: fixed choices per unit instead of the gates
-        self.kernel_calls = 0  # MAC-layer kernel calls inside units (tests count skipped work with it)
+        self.kernel_calls = 0  # MAC-layer passes inside units (tests count skipped work with it)
+        # Groups of a gated layer share kernel calls (edgetrain.grouped_mac); False: one op call per group.
+        self.merge_groups = True
         self._init_params(model)
         self._build_ops(model)
 
@@ -497,6 +501,13 @@ class GatedUnit(Op):
             for node in u.branch:
                 args = [env[i] if i else None for i in node.inputs]
                 if node.name in dfq.gated_layers:
+                    ops = [self.candidate_ops[k][node.name] for k, _ in groups]
+                    if len(groups) > 1 and dfq.merge_groups and can_group(ops, args[0]):
+                        out, gctx_mac = self._timed(node.name, "forward", grouped_forward, ops,
+                                                    [sl for _, sl in groups], args, training, self._count)
+                        env[node.outputs[0]] = out
+                        tape.append((node, None, gctx_mac))
+                        continue
                     out, ctxs = None, []
                     for k, sl in groups:
                         op = self.candidate_ops[k][node.name]
@@ -591,8 +602,13 @@ class GatedUnit(Op):
             out[base + i] = g.astype(dtype, copy=False)
         return out
 
+    def _count(self, calls: int) -> None:
+        self.dfq.kernel_calls += calls
+
     def _mac_backward(self, node: Node, ctxs, g: np.ndarray, n_exec: int) -> list:
         """Each group's backward at its own precision: dx rows filled per group, weight grads summed."""
+        if isinstance(ctxs, GroupedContext):
+            return self._timed(node.name, "backward", grouped_backward, ctxs, g, self._count)
         dx, rest = None, None
         for k, sl, op, ctx in ctxs:
             gins = self._timed(node.name, "backward", op.backward, ctx, [g[sl]])

@@ -153,6 +153,42 @@ def test_grouped_batch_equals_each_sample_alone_in_eval():
         np.testing.assert_allclose(alone[0], batched[i], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["resnet8", "lenet5"])
+def test_groups_sharing_kernel_calls_give_the_bits_of_one_call_per_group(name):
+    """Stacking the groups' codes into one kernel call (8-bit runs and a 12-bit run) changes no bit of
+    the loss, the gradients or the running ranges, in training (stochastic rounding) and in eval."""
+    results = []
+    for merge in (True, False):
+        if name == "resnet8":
+            m, (x, y) = _resnet8(), _data(16, seed=5)
+        else:
+            m = edgetrain.load(models.build_model("lenet5", seed=0))
+            rng = np.random.default_rng(5)
+            x = rng.standard_normal((16,) + tuple(m.input_shape[1:])).astype(np.float32)
+            y = rng.integers(0, 10, 16)
+        m.set_precision("8/8")
+        d = m.enable_dfq()
+        d.merge_groups = merge
+        rng = np.random.default_rng(1)
+        steps = []
+        for step in range(2):
+            m.step = step
+            d.force = {u.index: rng.choice(d.unit_candidates[u.index], len(x)) for u in d.units}
+            loss, g = m.loss_and_grad(x, y)
+            steps.append((loss, {k: v.copy() for k, v in g.items()}))
+        ranges = {k: r.value for k, r in m.runtime.act_ranges.items()}
+        results.append((steps, ranges, m(x), d.kernel_calls))
+    (merged, ranges_m, eval_m, calls_m), (alone, ranges_a, eval_a, calls_a) = results
+    for (loss_m, g_m), (loss_a, g_a) in zip(merged, alone):
+        assert loss_m == loss_a
+        assert g_m.keys() == g_a.keys()
+        for k in g_m:
+            np.testing.assert_array_equal(g_m[k], g_a[k], err_msg=k)
+    assert ranges_m == ranges_a
+    np.testing.assert_array_equal(eval_m, eval_a)
+    assert calls_m < calls_a  # the groups really shared calls
+
+
 def test_skipping_does_no_work(monkeypatch):
     """A skipped block calls no kernel: only the stem and the two shortcut convs run, forward and backward."""
     calls = []
@@ -331,7 +367,8 @@ def test_fractrain_experiment_row_configs(tmp_path):
     table = tmp_path / "t.json"
     table.write_text("{}")
     args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
-                              beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75])
+                              beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
+                              candidates=None, targets=None)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
@@ -340,6 +377,13 @@ def test_fractrain_experiment_row_configs(tmp_path):
     assert c.fractrain_targets == pytest.approx([1.5, 2.0, 2.5, 3.0]) and c.pfq_switch_steps is None
     assert c.dfq_cost_table is None
     assert fx._row_config("dfq-time", args, "out").schedule == "dfq"
+    # --targets and --candidates: FracTrain's own list, its last step scaled to --target; the timed rows keep CIFAR's
+    mine = argparse.Namespace(**{**vars(args), "switch_at": None, "targets": [1.0, 2.0, 4.0],
+                                 "candidates": ["0", "4/6", "6/8"]})
+    c = fx._row_config("fractrain", mine, "out")
+    assert c.fractrain_targets == pytest.approx([0.75, 1.5, 3.0]) and c.dfq_candidates == ["0", "4/6", "6/8"]
+    assert fx._row_config("fractrain-time", mine, "out").fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
+    assert fx._row_config("pfq", mine, "out").dfq_candidates is None
 
 
 def test_a_measured_latency_table_is_the_cost(tmp_path):

@@ -553,17 +553,21 @@ def test_default_backend_is_onnxruntime_with_numba_registered():
 
 
 def _rescale_ref(acc, scale, dtype):
-    """acc * scale[c] exactly as qops always rescaled: the int as float64 times the float scale, rounded once."""
-    return (acc.astype(np.float64) * scale.astype(np.float64).reshape(1, -1, 1, 1)).astype(dtype)
+    """acc * scale[c] (or scale[n, c]) exactly as qops always rescaled: the int as float64 times the float
+    scale, rounded once."""
+    rows = scale.reshape(1, -1) if scale.ndim == 1 else scale
+    return (acc.astype(np.float64) * rows.astype(np.float64)[:, :, None, None]).astype(dtype)
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["scale[c]", "scale[n,c]"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride_asym_pad", "dilation_stride", "pointwise_stride2",
                                   "groups", "pad_beyond_kernel"])
-def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, monkeypatch):
+def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, per_image, monkeypatch):
     """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the
     integer result afterwards, whether the backend fuses it (chunk by chunk, phases of a strided dx)
-    or not; large accumulators (beyond 2^24, where float32 rounds) included."""
+    or not; large accumulators (beyond 2^24, where float32 rounds) included; a (N, C) scale gives
+    every image its own row (DFQ's sample groups)."""
     monkeypatch.setattr(ort_backend, "CHUNK_BYTES", 1)  # one image per chunk: every chunk boundary
     x_shape, w_shape, kw = conv_args(case)
     rng = np.random.default_rng(11)
@@ -576,6 +580,9 @@ def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, 
     dy = random_operand(rng, want_y.shape, 8)
     scale_y = rng.uniform(1e-4, 3.0, w_shape[0]).astype(dtype)
     scale_x = np.full(x_shape[1], dtype(np.float32(0.0123) * np.float32(0.731)), dtype)
+    if per_image:
+        scale_y = rng.uniform(1e-4, 3.0, (x_shape[0], w_shape[0])).astype(dtype)
+        scale_x = scale_x[None, :] * rng.uniform(0.5, 2.0, (x_shape[0], 1)).astype(dtype)
     y = kernels.conv2d_forward(x, w, **kw, bounds=(255, 127), rescale=(scale_y, np.dtype(dtype)))
     assert y.dtype == dtype and y.flags.c_contiguous
     np.testing.assert_array_equal(y, _rescale_ref(want_y, scale_y, dtype))

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.dfq import DEFAULT_BETA  # noqa: E402
+from edgetrain.dfq import DEFAULT_BETA, DEFAULT_CANDIDATES  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
 from edgetrain.fractrain import DEFAULT_TARGETS  # noqa: E402
@@ -66,13 +66,16 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
             extra["pfq_switch_steps"] = [max(1, round(f * args.steps)) for f in args.switch_at]
     if schedule in ("dfq", "fractrain"):
         extra.update(dfq_target=args.target, dfq_beta=args.beta)
+        if args.candidates:
+            extra["dfq_candidates"] = list(args.candidates)
     if row in TIMED_ROWS:
         # The host's measured per-layer latencies as the cost, so the target is a share of time.
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table)
     if schedule == "fractrain":
         # FracTrain's target steps keep their ratios to the final target (CIFAR: 1.5..3 of 3).
         final = extra["dfq_target"]
-        extra["fractrain_targets"] = [final * t / DEFAULT_TARGETS[-1] for t in DEFAULT_TARGETS]
+        steps = args.targets if args.targets and row not in TIMED_ROWS else DEFAULT_TARGETS
+        extra["fractrain_targets"] = [final * t / steps[-1] for t in steps]
     config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
@@ -150,6 +153,10 @@ def _child(row: str, args: argparse.Namespace) -> dict:
         cmd += ["--switch-at", ",".join(str(f) for f in args.switch_at)]
     if args.cost_table:
         cmd += ["--cost-table", args.cost_table]
+    if args.candidates:
+        cmd += ["--candidates", ",".join(args.candidates)]
+    if args.targets:
+        cmd += ["--targets", ",".join(str(t) for t in args.targets)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -176,8 +183,8 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     models.save_model(proto, model)
     table = folder / "latency.json"
     table.unlink(missing_ok=True)
-    specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS)
-                               if not c.skip]
+    specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(args.candidates or DEFAULT_CANDIDATES,
+                                                                          DEFAULT_WEIGHT_BITS) if not c.skip]
     for spec in specs:
         cmd = [sys.executable, "-m", "edgetrain.cli", "profile", str(model), "--simulate", "--precision", spec,
                "--batch-size", str(args.batch_size), "--steps", str(PROFILE_STEPS), "--warmup", "2",
@@ -263,6 +270,27 @@ def _fraction_list(text: str) -> list[float]:
     return values
 
 
+def _candidate_list(text: str) -> list[str]:
+    from edgetrain.dfq import DEFAULT_WEIGHT_BITS, parse_candidates
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        parse_candidates(values, DEFAULT_WEIGHT_BITS)
+    except EdgetrainError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
+def _target_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v <= 100 for v in values) or values != sorted(values):
+        raise argparse.ArgumentTypeError(f"expected rising comma-separated percentages, got {text!r}")
+    return values
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -290,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switch-at", type=_fraction_list, default=None,
                    help="PFQ and FracTrain switch at these shares of --steps (e.g. 0.25,0.5,0.75) instead of at "
                         "the turning points")
+    p.add_argument("--candidates", type=_candidate_list, default=None,
+                   help="DFQ and FracTrain candidates, comma list (default FracTrain's CIFAR set "
+                        f"{','.join(DEFAULT_CANDIDATES)})")
+    p.add_argument("--targets", type=_target_list, default=None,
+                   help="FracTrain's cost targets, rising, comma list; the last is scaled to --target "
+                        f"(default {','.join(str(t) for t in DEFAULT_TARGETS)})")
     p.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=DEFAULT_BETA, help="weight of DFQ's cost regulariser")
     p.add_argument("--time-fraction", type=POSITIVE_FLOAT, default=0.6,
                    help="dfq-time row: target time of the gated layers as a fraction of their static 8/8 time")
@@ -327,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({**_child(row, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed})
         results = summarise(runs)
         settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "period", "eps",
-                                                   "alpha", "switch_at", "target", "beta", "time_target", "cost_table")}
+                                                   "alpha", "switch_at", "target", "beta", "time_target", "cost_table",
+                                                   "candidates", "targets")}
         settings["seeds"] = seeds
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")

@@ -262,8 +262,8 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, stride: int | Sequence[int] = 1
                    groups: int = 1, bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
     """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact.
 
-    With rescale = (scale, dtype), scale holding one float per output channel, the result is the
-    new C-contiguous float array y * scale[m] of `dtype` instead, each value computed from the exact
+    With rescale = (scale, dtype), scale holding one float per output channel (or one row of them per
+    image, scale[n, m]), the result is the new C-contiguous float array y * scale[m] of `dtype` instead, each value computed from the exact
     integer as `rescale.scale_row` does (one rounding): the same bits as rescaling the integer result
     afterwards, but the backend may do it while each chunk of y is still in cache.
     """

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rescale import scale_row
+from .rescale import image_scale, scale_row
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 
@@ -210,27 +210,28 @@ def place_phase(y, out, n0, first_h, first_w, step_h, step_w, out_w, wq):
 
 @njit(**_JIT)
 def rescale_chunk(y, out, n0, scale, out_w, wq):
-    """out[n0 + i, c, oh, :] = y[i, c, oh*wq:oh*wq + out_w] * scale[c] (the junk columns dropped)."""
+    """out[n0 + i, c, oh, :] = y[i, c, oh*wq:oh*wq + out_w] * scale[c] (the junk columns dropped);
+    scale as `rescale.scale_rows` gives it (one row, or one per image)."""
     cnt, c_, cols = y.shape
     out_h = cols // wq
     for i in range(cnt):
         for c in range(c_):
             src = y[i, c]
-            s = scale[c]
+            s = image_scale(scale, n0 + i, c)
             for oh in range(out_h):
                 scale_row(out[n0 + i, c, oh], src[oh * wq:oh * wq + out_w], s, out_w)
 
 
 @njit(**_JIT)
 def place_phase_scaled(y, out, n0, first_h, first_w, step_h, step_w, out_w, wq, scale):
-    """`place_phase` into a float dx, each value times scale[c] (`scale_row`'s arithmetic)."""
+    """`place_phase` into a float dx, each value times scale[c] or scale[n, c] (`scale_row`'s arithmetic)."""
     cnt, c_, cols = y.shape
     out_h = cols // wq
     row = np.empty(out_w, out.dtype)
     for i in range(cnt):
         for c in range(c_):
             src = y[i, c]
-            s = scale[c]
+            s = image_scale(scale, n0 + i, c)
             dst_plane = out[n0 + i, c]
             for oh in range(out_h):
                 scale_row(row, src[oh * wq:oh * wq + out_w], s, out_w)

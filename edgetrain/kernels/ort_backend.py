@@ -46,6 +46,7 @@ from numba import njit, prange
 from . import im2col as _lay
 from .numba_backend import NumbaBackend, phase_plans
 from .ort_capi import OrtCApi, matmul_views
+from .rescale import scale_rows
 from .sync import fetch_add
 from .threads import threads_for
 
@@ -462,10 +463,10 @@ class OrtBackend:
         chunk, chunks, workers = _chunking(n, k * cols)
         if rescale is None:
             out = np.empty((n, m, cols), np.int32)
-            outf, scale = np.zeros((0, 0, 0, 0), np.float32), np.zeros(0, np.float32)
+            outf, scale = np.zeros((0, 0, 0, 0), np.float32), np.zeros((1, 1), np.float32)
         else:
             out = np.zeros((0, 0, 0), np.int32)
-            scale = np.ascontiguousarray(rescale[0])
+            scale = scale_rows(rescale[0])
             outf = np.empty((n, m, plan.out_h, plan.out_w), rescale[1])
         with self._lock:
             scratch = self._scratch.get("patches", workers, chunk * k * cols, np.uint8)
@@ -482,7 +483,7 @@ class OrtBackend:
         """Several stride-1 convs of the same x, each (wmat, plan, (first_h, first_w)) placing its
         pixel (i, j) at out[:, :, first_h + i*step_h, first_w + j*step_w]: the stride phases of a
         transposed conv, computed chunk by chunk so each chunk's phases are placed while in cache.
-        A float `out` receives the values times scale[c]."""
+        A float `out` receives the values times scale[c] (or scale[n, c])."""
         n = x8.shape[0]
         xor = _XOR if x8.dtype == np.uint8 else 0
         codes, table, taps, za = [], [], [], 0
@@ -501,14 +502,14 @@ class OrtBackend:
         out_per_image = int((table[:, 0] * cols).max())
         chunk, chunks, workers = _chunking(n, per_image)
         if scale is None:
-            outi, outf, scale = out, np.zeros((0, 0, 0, 0), np.float32), np.zeros(0, np.float32)
+            outi, outf, scale = out, np.zeros((0, 0, 0, 0), np.float32), np.zeros((1, 1), np.float32)
         else:
             outi, outf = np.zeros((0, 0, 0, 0), np.int32), out
         with self._lock:
             scratch = self._scratch.get("patches", workers, chunk * per_image, np.uint8)
             y_scratch = self._scratch.get("conv_out", workers, chunk * out_per_image, np.int32)
             self._call(_phase_driver, za, -128 if xor else 0, np.ascontiguousarray(x8).view(np.uint8),
-                       np.concatenate(codes), table, np.concatenate(taps), outi, outf, np.ascontiguousarray(scale),
+                       np.concatenate(codes), table, np.concatenate(taps), outi, outf, scale_rows(scale),
                        scratch, y_scratch, chunk, step[0], step[1], xor, status_size=chunks)
 
     def _conv_ok(self, geo, a8, b8, k_len):

@@ -20,23 +20,40 @@ def scale_row(dst, src, s, n):
         dst[w] = src[w] * s
 
 
+def scale_rows(scale: np.ndarray) -> np.ndarray:
+    """A rescale's scales as the kernels read them: C-contiguous (rows, C), one row for every image
+    (scale[c]) or one per image (scale[n, c], e.g. DFQ's sample groups, each with its own scale)."""
+    scale = np.asarray(scale)
+    return np.ascontiguousarray(scale.reshape(1, -1) if scale.ndim == 1 else scale)
+
+
+@njit(inline="always", cache=True, nogil=True)
+def image_scale(scale, n, c):
+    """Image n's scale for channel c from `scale_rows` (a single row serves every image)."""
+    return scale[n if scale.shape[0] > 1 else 0, c]
+
+
 @njit(parallel=True, cache=True)
-def rescale_planes(acc, scale, out):
-    """out[n, c, h, w] = acc[n, c, h, w] * scale[c] for a 4-D acc of any strides."""
+def _rescale_planes(acc, scale, out):
     n_, c_, h_, w_ = acc.shape
     for nc in prange(n_ * c_):
         n = nc // c_
         c = nc % c_
-        s = scale[c]
+        s = image_scale(scale, n, c)
         for h in range(h_):
             scale_row(out[n, c, h], acc[n, c, h], s, w_)
 
 
+def rescale_planes(acc: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """out[n, c, h, w] = acc[n, c, h, w] * scale[c] (or scale[n, c]) for a 4-D acc of any strides."""
+    _rescale_planes(acc, scale_rows(scale), out)
+
+
 def rescaled(acc: np.ndarray, rescale) -> np.ndarray:
-    """acc (N, C, H, W) * scale[c] as a new array of `dtype`, for rescale = (scale, dtype)."""
+    """acc (N, C, H, W) * scale[c] (or scale[n, c]) as a new array of `dtype`, for rescale = (scale, dtype)."""
     scale, dtype = rescale
     out = np.empty(acc.shape, dtype=dtype)
-    rescale_planes(acc, np.ascontiguousarray(scale), out)
+    rescale_planes(acc, scale, out)
     return out
 
 

@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .im2col import channel_planes
-from .rescale import scale_row
+from .rescale import image_scale, scale_row
 from .sync import fetch_add
 
 # Two tile shapes: 8 rows x 32 columns (2 vectors) where the columns come in 32s, else 16 x 16.
@@ -252,17 +252,17 @@ def _patch_words(planes, b, tap_phase, tap_off, n_cols):
 @njit(inline="always", **_JIT)
 def _emit(cbuf, n, rows, out_h, out_w, wq, scale, fused, out_i, out_f, first_h, first_w, step_h, step_w, row_f):
     """Rows 0..rows-1 of cbuf (the plane grid: out_h rows of wq, junk beyond out_w) into out_i (int32)
-    or, fused, times scale[row] into out_f (`scale_row`), pixel (oh, ow) at (first_h + oh*step_h,
+    or, fused, times scale[row] (or scale[n, row], see `rescale.scale_rows`) into out_f (`scale_row`), pixel (oh, ow) at (first_h + oh*step_h,
     first_w + ow*step_w). Simple loops on purpose: this runs once per output row."""
     if fused and step_w == 1:
         for m in range(rows):
-            s = scale[m]
+            s = image_scale(scale, n, m)
             crow = cbuf[m]
             for oh in range(out_h):
                 scale_row(out_f[n, m, first_h + oh * step_h, first_w:], crow[oh * wq:oh * wq + out_w], s, out_w)
     elif fused:
         for m in range(rows):
-            s = scale[m]
+            s = image_scale(scale, n, m)
             crow = cbuf[m]
             for oh in range(out_h):
                 scale_row(row_f, crow[oh * wq:oh * wq + out_w], s, out_w)

@@ -20,6 +20,7 @@ import numpy as np
 from . import vnni as _vn
 from .numba_backend import NumbaBackend, phase_plans
 from .ort_backend import OrtBackend, _as8, patch_plan
+from .rescale import scale_rows
 from .threads import threads_for
 
 _XOR = 0x80
@@ -261,12 +262,12 @@ class VnniBackend(OrtBackend):
         if rescale is None:
             out_i = (np.zeros if prog.zero else np.empty)(prog.out_shape, np.int32)
             out_f = np.zeros((0, 0, 0, 0), np.float32)
-            scale = np.zeros(1, np.float32)
+            scale = np.zeros((1, 1), np.float32)
             row_dtype = np.dtype(np.float32)
         else:
             out_i = np.zeros((0, 0, 0, 0), np.int32)
             out_f = (np.zeros if prog.zero else np.empty)(prog.out_shape, rescale[1])
-            scale = np.ascontiguousarray(rescale[0])
+            scale = scale_rows(rescale[0])
             row_dtype = out_f.dtype
         workers = max(1, min(numba.get_num_threads(), n))
         plane = prog.plane
