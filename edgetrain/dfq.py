@@ -250,6 +250,28 @@ class DFQ:
         return {u.name: {self.candidates[k].text: 100 * self.unit_cost[u.index][k] / self.unit_fp32[u.index]
                          for k in self.unit_candidates[u.index]} for u in self.units}
 
+    def _nearest(self, target: float) -> int:
+        """The computing candidate whose cost over all units is nearest `target` (percent of fp32)."""
+        total_fp32 = sum(self.unit_fp32.values())
+        percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
+                   for k in range(len(self.candidates))]
+        computing = [k for k, c in enumerate(self.candidates) if not c.skip]
+        return min(computing, key=lambda k: abs(percent[k] - target))
+
+    def aim(self, target: float) -> None:
+        """Move to a new cost target and point the gates at it: the head's bias starts again from its
+        initial lead, on the computing candidate nearest the target (its other entries at their mean).
+
+        Why: after a long stretch at one target the bang-bang regulariser has pushed the head's bias
+        until the softmax saturates; a saturated softmax passes the straight-through estimator almost
+        no gradient, so without this the gates would stay where the old target left them (FracTrain
+        on ResNet-8 kept every sample at the cheapest candidate for its last three targets)."""
+        self.target = float(target)
+        bias = self.model.parameters()[SHARED_NAMES[-1]]
+        lead = bias.dtype.type(self.config.initial_logit)
+        bias[...] = bias.mean(dtype=np.float64)
+        bias[self._nearest(target)] += lead
+
     def _initial_choice(self) -> int:
         if self.config.initial_choice is not None:
             texts = [c.text for c in self.candidates]
@@ -257,11 +279,7 @@ class DFQ:
             if want not in texts:
                 raise EdgetrainError(f"dfq initial choice '{self.config.initial_choice}' is not a candidate")
             return texts.index(want)
-        total_fp32 = sum(self.unit_fp32.values())
-        percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
-                   for k in range(len(self.candidates))]
-        computing = [k for k, c in enumerate(self.candidates) if not c.skip]
-        return min(computing, key=lambda k: abs(percent[k] - self.target))
+        return self._nearest(self.target)
 
     def _init_params(self, model: "Model") -> None:
         existing = [n for n in model.parameters() if n.startswith("dfq.")]

@@ -67,8 +67,13 @@ def dfq_config(config: TrainConfig):
         from .latency import read_cost_table
 
         table = read_cost_table(config.dfq_cost_table)
+    target = config.dfq_target
+    if config.schedule == "fractrain":  # the gates start nearest the first target FracTrain puts in force
+        from .fractrain import DEFAULT_TARGETS
+
+        target = (config.fractrain_targets or DEFAULT_TARGETS)[0]
     return DFQConfig(candidates=tuple(config.dfq_candidates or DEFAULT_CANDIDATES), weight_bits=config.dfq_weight_bits,
-                     target=config.dfq_target, beta=config.dfq_beta, cost_table=table)
+                     target=target, beta=config.dfq_beta, cost_table=table)
 
 
 def prepare_model(model: Model, config: TrainConfig) -> None:

@@ -274,7 +274,11 @@ class Trainer:
         """Show the controller the step just done; a new spec takes effect from the next step."""
         spec = self.controller.on_step(self.step - 1, loss)
         if spec is not None:
+            old = self.spec.get("dfq_target") if isinstance(self.spec, dict) else None
             self._set_precision(spec)
+            new = spec.get("dfq_target") if isinstance(spec, dict) else None
+            if new is not None and new != old:  # FracTrain's next target: the gates are pointed at it
+                self.model.dfq.aim(new)
 
     def run_eval(self) -> dict[str, Any]:
         """Evaluate on the test split and remember the result."""

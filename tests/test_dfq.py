@@ -301,6 +301,29 @@ def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(resumed.parameters()[name], p, err_msg=name)
 
 
+def test_a_new_target_points_saturated_gates_at_its_nearest_candidate():
+    """After a long push one way the head's softmax saturates and passes the straight-through estimator
+    no gradient; aim() (FracTrain's switches) restarts the bias from its initial lead on the computing
+    candidate nearest the new target, so the gates follow the target list instead of staying put."""
+    x, y = _data(16)
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = m.enable_dfq(DFQConfig(target=1.5))
+    texts = [c.text for c in d.candidates]
+    assert d.record.batch == 0 and texts[d._nearest(1.5)] == "3/6" and texts[d._nearest(2.6)] == "4/8"
+    bias = m.parameters()[gates.SHARED_NAMES[-1]]
+    bias[...] = 0.0
+    bias[texts.index("3/6")] = 60.0  # saturated on the cheapest computing candidate
+    m.loss_and_grad(x, y)
+    assert all((c == texts.index("3/6")).all() for c in d.record.choices.values())
+    d.aim(3.4)
+    assert d.target == 3.4 and texts[int(bias.argmax())] == "6/8"
+    assert bias.max() - np.sort(bias)[-2] == pytest.approx(d.config.initial_logit)
+    _, g = m.loss_and_grad(x, y)
+    share = np.mean([(c == texts.index("6/8")).mean() for c in d.record.choices.values()])
+    assert share > 0.5 and np.abs(g[gates.SHARED_NAMES[-1]]).max() > 0  # unsaturated: the gates learn again
+
+
 def test_cli_dfq_train_info_export(tmp_path):
     """edgetrain train --schedule dfq, then info and export of the run (backbone + gates files)."""
     import json
