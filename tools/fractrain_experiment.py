@@ -58,7 +58,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
 
     extra: dict = {}
     if row == "static":
-        extra["bits"] = "8/8"
+        extra["bits"] = getattr(args, "static_bits", None) or "8/8"
     schedule = row.removesuffix("-time")
     if schedule in ("pfq", "fractrain"):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
@@ -127,7 +127,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - started
-    out = {"row": row, "label": LABELS[row], "test_accuracy": result.test_accuracy, "bitops": result.bitops,
+    label = f"static {args.static_bits}" if row == "static" and getattr(args, "static_bits", None) else LABELS[row]
+    out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
@@ -155,6 +156,8 @@ def _child(row: str, args: argparse.Namespace) -> dict:
         cmd += ["--cost-table", args.cost_table]
     if args.candidates:
         cmd += ["--candidates", ",".join(args.candidates)]
+    if args.static_bits:
+        cmd += ["--static-bits", args.static_bits]
     if args.targets:
         cmd += ["--targets", ",".join(str(t) for t in args.targets)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -236,7 +239,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against BitOPs and against training time, one point per run."""
+    """Accuracy against BitOPs and against training time: per row the mean, and each seed faintly."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,13 +248,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "percent_of_fp32", "training BitOPs, % of fp32"),
                            (axes[1], "train_seconds", "training wall time, s")):
-        for r in rows:
-            ax.scatter(r[key], 100 * r["test_accuracy"], s=40)
-            ax.annotate(r["label"], (r[key], 100 * r["test_accuracy"]), textcoords="offset points", xytext=(5, 4))
+        for i, r in enumerate(rows):
+            color = f"C{i}"
+            # Each seed faint, the mean over seeds solid: how far apart the seeds are is part of the result.
+            runs = r.get("runs") or []
+            if len(runs) > 1:
+                ax.scatter([x[key] for x in runs], [100 * x["test_accuracy"] for x in runs], s=14, color=color,
+                           alpha=0.35)
+            ax.scatter(r[key], 100 * r["test_accuracy"], s=50, color=color, label=r["label"])
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy, %")
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
+    axes[0].legend(fontsize="small")
     fig.suptitle("FracTrain experiment: same model, seed and steps for every run")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -291,6 +300,16 @@ def _target_list(text: str) -> list[float]:
     return values
 
 
+def _precision(text: str) -> str:
+    from edgetrain.precision import parse_precision
+
+    try:
+        parse_precision(text)
+    except EdgetrainError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -324,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=_target_list, default=None,
                    help="FracTrain's cost targets, rising, comma list; the last is scaled to --target "
                         f"(default {','.join(str(t) for t in DEFAULT_TARGETS)})")
+    p.add_argument("--static-bits", type=_precision, default=None,
+                   help="the static row's bits instead of 8/8, e.g. 4/8:w4 (the savings and deltas are then "
+                        "against that row)")
     p.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=DEFAULT_BETA, help="weight of DFQ's cost regulariser")
     p.add_argument("--time-fraction", type=POSITIVE_FLOAT, default=0.6,
                    help="dfq-time row: target time of the gated layers as a fraction of their static 8/8 time")
@@ -362,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         results = summarise(runs)
         settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "period", "eps",
                                                    "alpha", "switch_at", "target", "beta", "time_target", "cost_table",
-                                                   "candidates", "targets")}
+                                                   "candidates", "targets", "static_bits")}
         settings["seeds"] = seeds
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")
