@@ -179,6 +179,11 @@ class DFQ:
                             for u in self.units}
         self._measure(model)
         self.unit_cost, self.unit_fp32 = self._costs()
+        total_fp32 = sum(self.unit_fp32.values())
+        # Each candidate's cost over all units, percent of their fp32 cost: what a target is compared to.
+        self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
+                              for k in range(len(self.candidates))]
+        self.computing = [k for k, c in enumerate(self.candidates) if not c.skip]
         self.target = float(config.target)
         self.param_names: list[str] = []
         self.state: tuple[np.ndarray, np.ndarray] | None = None  # the LSTM's (h, c) during a forward
@@ -250,24 +255,15 @@ class DFQ:
         return {u.name: {self.candidates[k].text: 100 * self.unit_cost[u.index][k] / self.unit_fp32[u.index]
                          for k in self.unit_candidates[u.index]} for u in self.units}
 
-    def _percent(self) -> list[float]:
-        """Each candidate's cost over all units, in percent of their fp32 training cost."""
-        total_fp32 = sum(self.unit_fp32.values())
-        return [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
-                for k in range(len(self.candidates))]
-
     def _nearest(self, target: float) -> int:
         """The computing candidate whose cost over all units is nearest `target` (percent of fp32)."""
-        percent = self._percent()
-        computing = [k for k, c in enumerate(self.candidates) if not c.skip]
-        return min(computing, key=lambda k: abs(percent[k] - target))
+        return min(self.computing, key=lambda k: abs(self.total_percent[k] - target))
 
     def _below(self, target: float) -> int:
         """The costliest computing candidate at or below `target`, else the cheapest computing one."""
-        percent = self._percent()
-        computing = [k for k, c in enumerate(self.candidates) if not c.skip]
-        under = [k for k in computing if percent[k] <= target]
-        return max(under, key=lambda k: percent[k]) if under else min(computing, key=lambda k: percent[k])
+        percent = self.total_percent
+        under = [k for k in self.computing if percent[k] <= target]
+        return max(under, key=percent.__getitem__) if under else min(self.computing, key=percent.__getitem__)
 
     def aim(self, target: float) -> None:
         """Move to a new cost target and point the gates at it: the head's bias starts again from its
@@ -542,10 +538,9 @@ class GatedUnit(Op):
                         tape.append((node, None, gctx_mac))
                         continue
                     out, ctxs = None, []
-                    for k, sl in groups:
-                        op = self.candidate_ops[k][node.name]
+                    for (k, sl), op in zip(groups, ops):
                         (y,), ctx = self._timed(node.name, "forward", op.forward, [args[0][sl]] + args[1:], training)
-                        dfq.kernel_calls += 1
+                        self._count(1)
                         if len(groups) == 1:
                             out = y  # one group is every executing sample: no copy
                         else:
@@ -636,6 +631,7 @@ class GatedUnit(Op):
         return out
 
     def _count(self, calls: int) -> None:
+        """Count MAC-layer passes inside the unit (DFQ.kernel_calls)."""
         self.dfq.kernel_calls += calls
 
     def _mac_backward(self, node: Node, ctxs, g: np.ndarray, n_exec: int) -> list:
@@ -645,7 +641,7 @@ class GatedUnit(Op):
         dx, rest = None, None
         for k, sl, op, ctx in ctxs:
             gins = self._timed(node.name, "backward", op.backward, ctx, [g[sl]])
-            self.dfq.kernel_calls += 1
+            self._count(1)
             if gins[0] is not None:
                 if len(ctxs) == 1:
                     dx = gins[0]  # one group is every executing sample: no copy

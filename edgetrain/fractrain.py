@@ -4,8 +4,8 @@ The same rule PFQ uses to raise precision (edgetrain.pfq: period means of the tr
 window, eps shrinking by alpha) here moves the DFQ cost target through a rising list, so the gates
 are pushed to cheap choices early and allowed more bits as training settles. The gates start from
 the computing candidate nearest the first target, and at every switch the trainer points them at the
-candidate nearest the new one (`DFQ.aim`): a stretch at one target saturates their softmax, and the
-straight-through estimator could not move them on by itself.
+costliest candidate at or below the new one (`DFQ.aim`): a stretch at one target saturates their
+softmax, and the straight-through estimator could not move them on by itself.
 """
 from __future__ import annotations
 

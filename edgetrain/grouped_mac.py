@@ -65,6 +65,11 @@ def _stacked(codes: list[np.ndarray], run: list[int]) -> np.ndarray:
     return codes[run[0]] if len(run) == 1 else np.concatenate([codes[i] for i in run])
 
 
+def _image_rows(scales: list[np.ndarray], codes: list[np.ndarray], run: list[int]) -> np.ndarray:
+    """A run's rescale as the conv kernels take it: each image the scale row of its group."""
+    return np.repeat(np.stack(scales), [codes[i].shape[0] for i in run], axis=0)
+
+
 def _local(slices: list[slice], run: list[int]) -> list[slice]:
     """Each of a run's groups' rows within the run's stacked codes."""
     first = slices[run[0]].start
@@ -93,7 +98,7 @@ def grouped_forward(ops: list[QuantMAC], slices: list[slice], inputs: list, trai
         scales = [(np.float32(xqs[i].scale) * w_scale).astype(x.dtype) for i in run]
         count(1)
         if conv:
-            rows = np.repeat(np.stack(scales), [codes[i].shape[0] for i in run], axis=0)
+            rows = _image_rows(scales, codes, run)
             parts.append(kernels.conv2d_forward(stacked, wq.q, **args, bounds=bounds, rescale=(rows, x.dtype)))
         else:
             acc = kernels.linear_forward(stacked, wq.q, bounds=bounds)
@@ -147,9 +152,8 @@ def grouped_backward(ctx: GroupedContext, dy: np.ndarray, count) -> list:
             stacked = _stacked(codes, run)
             bounds = (max(_bound(dyqs[i]) for i in run), _bound(vq))
             if conv:
-                scales = [_scale_product(dyqs[i].scale, vq.scale, dtype) for i in run]
-                rows = np.repeat(np.array(scales, dtype)[:, None], [codes[i].shape[0] for i in run], axis=0)
-                rows = np.ascontiguousarray(np.broadcast_to(rows, (len(rows), ctx.x_shape[1])))
+                scales = [np.full(ctx.x_shape[1], _scale_product(dyqs[i].scale, vq.scale, dtype), dtype) for i in run]
+                rows = _image_rows(scales, codes, run)
                 parts.append(kernels.conv2d_backward_data(stacked, vq.q, (stacked.shape[0],) + ctx.x_shape[1:], **args,
                                                           bounds=bounds, rescale=(rows, dtype)))
             else:

@@ -393,7 +393,7 @@ def test_fractrain_experiment_row_configs(tmp_path):
     table.write_text("{}")
     args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
                               beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
-                              candidates=None, targets=None)
+                              candidates=None, targets=None, static_bits=None)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])

@@ -58,7 +58,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
 
     extra: dict = {}
     if row == "static":
-        extra["bits"] = getattr(args, "static_bits", None) or "8/8"
+        extra["bits"] = args.static_bits or "8/8"
     schedule = row.removesuffix("-time")
     if schedule in ("pfq", "fractrain"):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
@@ -127,7 +127,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - started
-    label = f"static {args.static_bits}" if row == "static" and getattr(args, "static_bits", None) else LABELS[row]
+    label = f"static {args.static_bits}" if row == "static" and args.static_bits else LABELS[row]
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -145,21 +145,18 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     return out
 
 
+# What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
+CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
+                 "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets")
+
+
 def _child(row: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--lr", str(args.lr),
-           "--period", str(args.period), "--eps", str(args.eps), "--alpha", str(args.alpha),
-           "--target", str(args.target), "--time-target", str(args.time_target), "--beta", str(args.beta)]
-    if args.switch_at:
-        cmd += ["--switch-at", ",".join(str(f) for f in args.switch_at)]
-    if args.cost_table:
-        cmd += ["--cost-table", args.cost_table]
-    if args.candidates:
-        cmd += ["--candidates", ",".join(args.candidates)]
-    if args.static_bits:
-        cmd += ["--static-bits", args.static_bits]
-    if args.targets:
-        cmd += ["--targets", ",".join(str(t) for t in args.targets)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--row", row]
+    for name in CHILD_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"),
+                    ",".join(str(v) for v in value) if isinstance(value, list) else str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -269,55 +266,52 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fraction_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not 0 < v < 1 for v in values) or values != sorted(set(values)):
-        raise argparse.ArgumentTypeError(f"expected rising comma-separated shares between 0 and 1, got {text!r}")
-    return values
+def _number_list(cast, ok, what: str, order: str = "any"):
+    """An argparse type: a non-empty comma list of numbers, each passing ok(); order "rising" (repeats
+    allowed), "strictly rising" or "any"."""
+    def parse(text: str) -> list:
+        try:
+            values = [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        wanted = {"any": values, "rising": sorted(values), "strictly rising": sorted(set(values))}[order]
+        if not values or not all(ok(v) for v in values) or values != wanted:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+    return parse
 
 
-def _candidate_list(text: str) -> list[str]:
+_fraction_list = _number_list(float, lambda v: 0 < v < 1, "rising comma-separated shares between 0 and 1",
+                              "strictly rising")
+_target_list = _number_list(float, lambda v: 0 < v <= 100, "rising comma-separated percentages", "rising")
+_seed_list = _number_list(int, lambda v: v >= 0, "comma-separated seeds >= 0")
+
+
+def _checked_by(parse):
+    """An argparse type: what parse(text) returns, its EdgetrainError (edgetrain's own check) as argparse's."""
+    def check(text: str):
+        try:
+            return parse(text)
+        except EdgetrainError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return check
+
+
+def _candidates(text: str) -> list[str]:
+    """The comma list of DFQ candidates, as written, once edgetrain accepts it."""
     from edgetrain.dfq import DEFAULT_WEIGHT_BITS, parse_candidates
 
     values = [v.strip() for v in text.split(",") if v.strip()]
-    try:
-        parse_candidates(values, DEFAULT_WEIGHT_BITS)
-    except EdgetrainError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return values
-
-
-def _target_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not 0 < v <= 100 for v in values) or values != sorted(values):
-        raise argparse.ArgumentTypeError(f"expected rising comma-separated percentages, got {text!r}")
+    parse_candidates(values, DEFAULT_WEIGHT_BITS)
     return values
 
 
 def _precision(text: str) -> str:
+    """A precision as written, once edgetrain accepts it."""
     from edgetrain.precision import parse_precision
 
-    try:
-        parse_precision(text)
-    except EdgetrainError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    parse_precision(text)
     return text
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds >= 0, got {text!r}")
-    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,13 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switch-at", type=_fraction_list, default=None,
                    help="PFQ and FracTrain switch at these shares of --steps (e.g. 0.25,0.5,0.75) instead of at "
                         "the turning points")
-    p.add_argument("--candidates", type=_candidate_list, default=None,
+    p.add_argument("--candidates", type=_checked_by(_candidates), default=None,
                    help="DFQ and FracTrain candidates, comma list (default FracTrain's CIFAR set "
                         f"{','.join(DEFAULT_CANDIDATES)})")
     p.add_argument("--targets", type=_target_list, default=None,
                    help="FracTrain's cost targets, rising, comma list; the last is scaled to --target "
                         f"(default {','.join(str(t) for t in DEFAULT_TARGETS)})")
-    p.add_argument("--static-bits", type=_precision, default=None,
+    p.add_argument("--static-bits", type=_checked_by(_precision), default=None,
                    help="the static row's bits instead of 8/8, e.g. 4/8:w4 (the savings and deltas are then "
                         "against that row)")
     p.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=DEFAULT_BETA, help="weight of DFQ's cost regulariser")
@@ -382,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         for row, seed in tqdm(jobs, desc="runs", disable=args.json or not sys.stderr.isatty()):
             runs.append({**_child(row, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed})
         results = summarise(runs)
-        settings = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "lr", "period", "eps",
-                                                   "alpha", "switch_at", "target", "beta", "time_target", "cost_table",
-                                                   "candidates", "targets", "static_bits")}
+        settings = {k: getattr(args, k) for k in CHILD_OPTIONS if k != "seed"}
         settings["seeds"] = seeds
         write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")

@@ -182,6 +182,8 @@ def matmul_integer(create, run, release, memory_info, session, in_names, out_nam
         if values[i] != 0:
             release(values[i])
     return status
+
+
 @njit(nogil=True, cache=True)
 def matmul_views(create, run, release, memory_info, session, in_names, out_names, a, b, y, shapes, values):
     """matmul_integer with each operand's dims and shape read off the (C-contiguous) array itself."""
@@ -193,5 +195,3 @@ def matmul_views(create, run, release, memory_info, session, in_names, out_names
         shapes[2, d] = y.shape[d]
     return matmul_integer(create, run, release, memory_info, session, in_names, out_names,
                           a, a.ndim, b, b.ndim, y, y.ndim, shapes, values)
-
-
