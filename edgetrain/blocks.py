@@ -15,8 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .graph import Graph, Node
-from .layers import classifier_nodes, mac_nodes
+from edgetrain.graph import Graph, Node
+from edgetrain.layers import classifier_nodes, mac_nodes
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .graph import Graph, Node
-from .ops.shape import Dropout
+from edgetrain.graph import Graph, Node
+from edgetrain.ops.shape import Dropout
 
 
 @dataclass

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
-from .fileio import write_atomic
-from .layers import mac_nodes
-from .model import Model
-from .quant import quantize, scale_from_range
+from edgetrain.errors import ModelError
+from edgetrain.fileio import write_atomic
+from edgetrain.layers import mac_nodes
+from edgetrain.model import Model
+from edgetrain.quant import quantize, scale_from_range
 
 
 def to_onnx(model: Model) -> onnx.ModelProto:
@@ -66,7 +66,7 @@ class _LayerPlan:
 
 
 def _plan(model: Model, gated_bits: str | None = None) -> list[_LayerPlan]:
-    from .qops import QuantMAC
+    from edgetrain.quant.mac import QuantMAC
 
     plans = []
     gated = model.dfq.gated_layers if model.dfq is not None else set()

@@ -5,12 +5,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .dfq import gating_plan
-from .engine import Executor
-from .layers import classifier_nodes, mac_nodes
-from .precision import PrecisionConfig
-from .qops import integer_form
-from .model import Model
+from edgetrain.precision.dfq.units import gating_plan
+from edgetrain.engine import Executor
+from edgetrain.layers import classifier_nodes, mac_nodes
+from edgetrain.precision.spec import PrecisionConfig
+from edgetrain.quant.mac import integer_form
+from edgetrain.model import Model
 
 
 @dataclass

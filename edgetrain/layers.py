@@ -2,8 +2,8 @@
 and which values can never be negative."""
 from __future__ import annotations
 
-from .graph import Graph, Node
-from .ops import MAC_OPS
+from edgetrain.graph import Graph, Node
+from edgetrain.ops import MAC_OPS
 
 
 def mac_nodes(graph: Graph) -> list[Node]:

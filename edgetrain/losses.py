@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError
+from edgetrain.errors import DataError
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,

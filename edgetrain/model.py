@@ -7,16 +7,16 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .cost import CostMeter, LayerCost, layer_step_cost
-from .engine import Executor, Tape
-from .errors import DataError, ModelError
-from .graph import Graph
-from .layers import mac_nodes, non_negative_values
-from .losses import LOSSES, softmax_cross_entropy
-from .onnx_import import load_graph
-from .ops.norm import BatchNormalization, fuse_relu
-from .precision import FP32, LayerPrecision, PrecisionConfig
-from .qops import QuantMAC, QuantRuntime, integer_form
+from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
+from edgetrain.engine import Executor, Tape
+from edgetrain.errors import DataError, ModelError
+from edgetrain.graph import Graph
+from edgetrain.layers import mac_nodes, non_negative_values
+from edgetrain.losses import LOSSES, softmax_cross_entropy
+from edgetrain.onnx_import import load_graph
+from edgetrain.ops.norm import BatchNormalization, fuse_relu
+from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
+from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
 
 class Model:
@@ -122,9 +122,10 @@ class Model:
     def enable_dfq(self, config=None):
         """Gate this model's residual blocks (or, without blocks, its inner MAC layers) per sample: DFQ.
 
-        Adds the gates' parameters (named dfq.*) to parameters(); returns the edgetrain.dfq.DFQ.
+        Adds the gates' parameters (named dfq.*) to parameters(); returns the edgetrain.precision.dfq.controller.DFQ.
         """
-        from .dfq import DFQ, DFQConfig
+        from edgetrain.precision.dfq.controller import DFQ
+        from edgetrain.precision.dfq.config import DFQConfig
 
         if self.dfq is not None:
             raise ModelError("DFQ is already enabled on this model")

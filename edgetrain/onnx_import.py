@@ -13,9 +13,9 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from .errors import ModelError
-from .graph import Graph, Node, ValueInfo
-from .ops import OPS, SUPPORTED
+from edgetrain.errors import ModelError
+from edgetrain.graph import Graph, Node, ValueInfo
+from edgetrain.ops import OPS, SUPPORTED
 
 MIN_OPSET = 11
 

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
 
 from . import BUILDERS, build_model, save_model
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge import cobs
-from firmware_bridge.errors import CobsDecodeError, FrameTooLarge
-from firmware_bridge.frame import (
+from firmware_bridge.wire import cobs
+from firmware_bridge.wire.errors import CobsDecodeError, FrameTooLarge
+from firmware_bridge.wire.frame import (
     CRC,
     FLAG_RETRANSMIT,
     HEADER,

@@ -21,17 +21,17 @@ import numpy as np
 import pytest
 
 import models
-from firmware_bridge.cli import main as cli_main
-from firmware_bridge.frame import encode_frame, max_frame_len
-from firmware_bridge.host import ProfileRequest, profile
-from firmware_bridge.link import Link
-from firmware_bridge.messages import Message, MsgType, encode_payload
-from firmware_bridge.profile_errors import BoardUnreachable
-from firmware_bridge.report import format_markdown, write_latency_table, write_report
-from firmware_bridge.errors import LinkTimeout
-from firmware_bridge.sim import SimulatedBoard
-from firmware_bridge.transport import open_port, open_pty
-from firmware_bridge.workload import Workload, load_model, sha256_hex, train
+from firmware_bridge.profile.cli import main as cli_main
+from firmware_bridge.wire.frame import encode_frame, max_frame_len
+from firmware_bridge.profile.host import ProfileRequest, profile
+from firmware_bridge.wire.link import Link
+from firmware_bridge.wire.messages import Message, MsgType, encode_payload
+from firmware_bridge.profile.errors import BoardUnreachable
+from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
+from firmware_bridge.wire.errors import LinkTimeout
+from firmware_bridge.profile.sim import SimulatedBoard
+from firmware_bridge.wire.transport import open_port, open_pty
+from firmware_bridge.profile.workload import Workload, load_model, sha256_hex, train
 
 BAUD = 921600
 BATCH = 4

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from firmware_bridge import (
+from firmware_bridge.wire import (
     BridgeError,
     FdPort,
     FrameDecoder,
@@ -30,7 +30,7 @@ from firmware_bridge import (
     open_port,
     open_pty,
 )
-from firmware_bridge.frame import SEQ_MODULUS
+from firmware_bridge.wire.frame import SEQ_MODULUS
 
 BAUD = 921600
 # Short timers keep the suite fast; the pty answers in well under a millisecond.

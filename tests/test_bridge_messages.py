@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from firmware_bridge.errors import FrameTooLarge, ProtocolError
-from firmware_bridge.messages import (
+from firmware_bridge.wire.errors import FrameTooLarge, ProtocolError
+from firmware_bridge.wire.messages import (
     CATALOGUE,
     CHUNK_HEADER,
     MAX_BLOB_SIZE,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from firmware_bridge import ByteMangler, Relay, open_pty
-from firmware_bridge.transport import BITS_PER_BYTE
+from firmware_bridge.wire import ByteMangler, Relay, open_pty
+from firmware_bridge.wire.transport import BITS_PER_BYTE
 
 
 def _payload(size: int, seed: int = 1) -> bytes:

@@ -15,14 +15,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import edgetrain.cli
+import edgetrain.cli.main
 import models
 from edgetrain.errors import DataError, ModelError
-from firmware_bridge.cache import BlobCache, CacheError
-from firmware_bridge.cli import add_agent_entry, add_profile_command
-from firmware_bridge.profile_errors import ProfileError, WorkloadError
-from firmware_bridge.report import latency_table, write_latency_table
-from firmware_bridge.workload import (
+from firmware_bridge.board.cache import BlobCache, CacheError
+from firmware_bridge.profile.cli import add_agent_entry, add_profile_command
+from firmware_bridge.profile.errors import ProfileError, WorkloadError
+from firmware_bridge.profile.report import latency_table, write_latency_table
+from firmware_bridge.profile.workload import (
     TrainingData,
     Workload,
     apply_precision,
@@ -288,16 +288,16 @@ def test_latency_table_collects_precisions(tmp_path: Path) -> None:
 
 def test_profile_is_wired_into_edgetrains_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """`edgetrain profile` exists and its user errors come out as one line with exit 2."""
-    assert edgetrain.cli.main(["profile", str(tmp_path / "nope.onnx"), "--port", "loop://"]) == 2
+    assert edgetrain.cli.main.main(["profile", str(tmp_path / "nope.onnx"), "--port", "loop://"]) == 2
     assert capsys.readouterr().err == f"edgetrain: error: {tmp_path / 'nope.onnx'}: no such file\n"
-    assert edgetrain.cli.main(["profile", "m.onnx", "--steps", "x"]) == 2
+    assert edgetrain.cli.main.main(["profile", "m.onnx", "--steps", "x"]) == 2
     assert "positive integer" in capsys.readouterr().err
-    assert add_agent_entry() == {"edgetrain-agent": "firmware_bridge.agent:main"}
+    assert add_agent_entry() == {"edgetrain-agent": "firmware_bridge.board.agent:main"}
 
 
 def test_agent_with_a_bad_port_says_one_line_and_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "firmware_bridge.agent", "--port", "/dev/no-such-tty", "--cache", str(tmp_path / "c")],
+        [sys.executable, "-m", "firmware_bridge.board.agent", "--port", "/dev/no-such-tty", "--cache", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
@@ -308,9 +308,9 @@ def test_agent_with_a_bad_port_says_one_line_and_exits_2(tmp_path: Path) -> None
 def test_differing_digests_are_reported_and_exit_1(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lenet_blob: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from firmware_bridge import cli as bridge_cli
-    from firmware_bridge.host import BoardRun, ProfileRequest, prepare
-    from firmware_bridge.report import build_report, format_markdown
+    from firmware_bridge.profile import cli as bridge_cli
+    from firmware_bridge.profile.host import BoardRun, ProfileRequest, prepare
+    from firmware_bridge.profile.report import build_report, format_markdown
 
     model_file = tmp_path / "m.onnx"
     model_file.write_bytes(lenet_blob)

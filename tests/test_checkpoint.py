@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import edgetrain
-from edgetrain import checkpoint as ckpt_mod
-from edgetrain.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, CorruptCheckpointWarning,
+from edgetrain.train import checkpoint as ckpt_mod
+from edgetrain.train.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, CorruptCheckpointWarning,
                                   file_sha256, find_latest, load_checkpoint, pack_generator, save_checkpoint,
                                   unpack_generator)
 from edgetrain.errors import EdgetrainError
-from edgetrain.optim import Adam
+from edgetrain.train.optim import Adam
 
 FLIP_STRIDE = 11  # ~1,000 positions of the ~11 kB file: every header, member and the directory get hit
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import models
-from edgetrain.checkpoint import load_checkpoint
-from edgetrain.cli import main
+from edgetrain.train.checkpoint import load_checkpoint
+from edgetrain.cli.main import main
 from edgetrain.data import load_data
-from edgetrain.demo import demo_model_path
+from edgetrain.cli.demo import demo_model_path
 from edgetrain.export import compare_with_engine, onnxruntime_outputs
-from edgetrain.runlog import read_log
-from edgetrain.runstate import restore_run
+from edgetrain.train.runlog import read_log
+from edgetrain.train.runstate import restore_run
 
 MODEL = demo_model_path()
 REPO = Path(__file__).resolve().parent.parent
@@ -340,6 +340,6 @@ def test_train_pfq_switches_stages_and_resumes_bit_for_bit(tmp_path):
     # interrupted after the checkpoint at step 6, resumed to 16: the same weights
     cli("train", model, *COMMON, "--steps", "6", *pfq, "--out", tmp_path / "b", cwd=tmp_path)
     cli("train", model, *COMMON, "--steps", "16", *pfq, "--out", tmp_path / "b", "--resume", cwd=tmp_path)
-    from edgetrain.checkpoint import find_latest
+    from edgetrain.train.checkpoint import find_latest
 
     assert_same(tensors(find_latest(tmp_path / "a").path), tensors(find_latest(tmp_path / "b").path))

@@ -24,7 +24,7 @@ from edgetrain.data.digits import DIGITS_PATH
 from edgetrain.data.safe_pickle import load_safe
 from edgetrain.data.transforms import CIFAR_AUGMENT, augment_rng
 from edgetrain.errors import DataError
-from edgetrain.training import batches as training_batches
+from edgetrain.train.loop import batches as training_batches
 
 SIDE = 32
 ROWS = 12  # rows per fake CIFAR-10 batch (the real files have 10000)

@@ -4,8 +4,9 @@ import pytest
 
 import edgetrain
 import models
-from edgetrain import gates, kernels
-from edgetrain.dfq import DFQConfig, parse_candidates
+from edgetrain import kernels
+from edgetrain.precision.dfq import gates
+from edgetrain.precision.dfq.config import DFQConfig, parse_candidates
 from edgetrain.errors import EdgetrainError
 
 
@@ -224,7 +225,7 @@ def test_layer_units_for_models_without_blocks():
 
 def test_the_regulariser_pulls_the_cost_to_its_target():
     """A short run from a costly start: the measured cost of the gated layers comes down to the target."""
-    from edgetrain.optim import SGD
+    from edgetrain.train.optim import SGD
 
     x, y = _data(32, seed=5)
     m = _resnet8()
@@ -245,7 +246,7 @@ def test_the_regulariser_pulls_the_cost_to_its_target():
 # -- export, checkpoints, the CLI ---------------------------------------------------------------------
 def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from edgetrain.gate_export import export_gates
+    from edgetrain.precision.dfq.export import export_gates
 
     x, _ = _data(16, seed=7)
     m = _resnet8()
@@ -267,7 +268,7 @@ def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
 
 
 def _fractrain_config(tmp_path, steps, **kw):
-    from edgetrain.config import TrainConfig
+    from edgetrain.train.config import TrainConfig
 
     return TrainConfig(schedule="fractrain", steps=steps, batch_size=16, lr=0.05, pfq_period=2, pfq_window=2,
                        pfq_eps=10.0, eval_every=steps, checkpoint_every=3, out=str(tmp_path), **kw)
@@ -281,8 +282,8 @@ def _digits_split():
 
 def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path):
     """The indicator moves the DFQ target through its list; a resumed run ends with the same tensors."""
-    from edgetrain.runstate import latest_checkpoint
-    from edgetrain.trainer import Trainer
+    from edgetrain.train.runstate import latest_checkpoint
+    from edgetrain.train.trainer import Trainer
 
     split = _digits_split()
     model_path = "edgetrain/assets/lenet5_digits.onnx"
@@ -415,7 +416,7 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
     """--dfq-cost-table: candidates cost what the profile measured; every gated layer needs its entries."""
     import json
 
-    from edgetrain.latency import read_cost_table
+    from edgetrain.precision.latency import read_cost_table
 
     m = _resnet8()
     m.set_precision("8/8")
@@ -465,7 +466,7 @@ def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path):
 def test_gate_kernels_against_numpy():
     """The gated unit's full-tensor passes: means and dot products close to float64 NumPy; the merges of
     branch, shortcut and pooled gradient bit-equal to the NumPy expressions they replace."""
-    from edgetrain import gate_kernels as gk
+    from edgetrain.precision.dfq import kernels as gk
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)

@@ -11,7 +11,7 @@ import pytest
 import edgetrain
 import models
 from edgetrain.export import export_onnx, to_onnx
-from edgetrain.optim import SGD
+from edgetrain.train.optim import SGD
 
 
 def _ort(path_or_proto, x):

@@ -6,13 +6,13 @@ import onnx
 import pytest
 
 import models
-from edgetrain.config import resolve
+from edgetrain.train.config import resolve
 from edgetrain.data import Dataset, Split, load_data
-from edgetrain.demo import demo_model_path
+from edgetrain.cli.demo import demo_model_path
 from edgetrain.errors import ModelError
 from edgetrain.export import export_int8, export_onnx, onnxruntime_outputs, to_onnx_int8
-from edgetrain.runstate import build_model
-from edgetrain.trainer import Trainer
+from edgetrain.train.runstate import build_model
+from edgetrain.train.trainer import Trainer
 
 FLOAT_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99

@@ -5,7 +5,7 @@ import pytest
 
 import edgetrain
 import models
-from edgetrain import qops
+from edgetrain.quant import mac as qops
 from edgetrain.ops.conv import Conv
 from edgetrain.ops.linear import Gemm
 
@@ -96,7 +96,7 @@ def _run(seed, steps=3, bits="8/8", threads=None):
     model.set_precision(bits)
     x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
     y = np.arange(16) % 10
-    from edgetrain.optim import SGD
+    from edgetrain.train.optim import SGD
 
     opt = SGD(model.parameters(), 0.05, momentum=0.9)
     old = numba.get_num_threads()
@@ -115,7 +115,7 @@ def _run(seed, steps=3, bits="8/8", threads=None):
 def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
     """Integer layers' BatchNorms take over the Relu that alone reads them; training with and without
     that fold ends on the same weights and BatchNorm statistics, bit for bit, plain and with DFQ."""
-    from edgetrain.dfq import DFQConfig
+    from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.ops import norm
 
     def run(dfq: bool):
@@ -126,7 +126,7 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
             d.force = {u.index: np.arange(16) % 6 for u in d.units}  # every candidate, skip included
         folded = sum(isinstance(op, norm.FusedAway) for op in model.executor.ops.values())
         x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
-        from edgetrain.optim import SGD
+        from edgetrain.train.optim import SGD
 
         opt = SGD(model.parameters(), 0.05, momentum=0.9)
         for step in range(3):
@@ -141,7 +141,7 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(norm, "fuse_relu", lambda *a, **k: None)
             m.setattr(edgetrain.model, "fuse_relu", lambda *a, **k: None)
-            m.setattr(edgetrain.dfq, "fuse_relu", lambda *a, **k: None)
+            m.setattr(edgetrain.precision.dfq.gated_unit, "fuse_relu", lambda *a, **k: None)
             plain_state, plain_out, none = run(dfq)
         assert none == 0
         assert fused_state.keys() == plain_state.keys()
@@ -235,9 +235,9 @@ ACCURACY_BATCH = 64
 
 def _train_digits(name, precision, **kwargs):
     from edgetrain.datasets import load_digits
-    from edgetrain.optim import SGD
-    from edgetrain.schedules import make_schedule
-    from edgetrain.training import accuracy, fit
+    from edgetrain.train.optim import SGD
+    from edgetrain.train.schedules import make_schedule
+    from edgetrain.train.loop import accuracy, fit
 
     x, y = load_digits("train")
     xt, yt = load_digits("test")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edgetrain.errors import EdgetrainError
-from edgetrain.optim import SGD, Adam, AdamW, OptimizerError, make_optimizer
-from edgetrain.schedules import Constant, Cosine, LinearWarmup, StepDecay, make_schedule
+from edgetrain.train.optim import SGD, Adam, AdamW, OptimizerError, make_optimizer
+from edgetrain.train.schedules import Constant, Cosine, LinearWarmup, StepDecay, make_schedule
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
 TORCH_STEPS = 20
@@ -338,7 +338,7 @@ def test_schedule_base_values_are_checked():
 def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_decay, nesterov):
     """The one-pass Numba SGD update against the NumPy one it replaces, bit for bit over several steps
     (a fused multiply-add or a float64 scalar would change the last bits)."""
-    import edgetrain.optim as optim
+    import edgetrain.train.optim as optim
 
     rng = np.random.default_rng(3)
     start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype)}

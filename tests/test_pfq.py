@@ -4,7 +4,7 @@ import json
 import pytest
 
 from edgetrain.errors import EdgetrainError
-from edgetrain.pfq import PFQController
+from edgetrain.precision.pfq import PFQController
 
 
 def feed(ctrl, period_means, period_steps=1, start=0):

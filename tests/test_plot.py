@@ -16,7 +16,7 @@ def _cli(*args, cwd):
 
 
 def test_plot_writes_three_pngs_from_a_pfq_run(tmp_path):
-    from edgetrain.demo import demo_model_path
+    from edgetrain.cli.demo import demo_model_path
 
     r = _cli("train", demo_model_path(), "--data", "digits", "--schedule", "pfq", "--pfq-switch-steps", "3,6,9",
              "--steps", "12", "--eval-every", "6", "--batch-size", "16", "--out", tmp_path / "run", cwd=tmp_path)

@@ -9,15 +9,15 @@ import onnxruntime as ort
 import pytest
 
 import models
-from edgetrain.checkpoint import load_checkpoint
-from edgetrain.config import TrainConfig, read_toml, resolve
+from edgetrain.train.checkpoint import load_checkpoint
+from edgetrain.train.config import TrainConfig, read_toml, resolve
 from edgetrain.data import Dataset, Split, load_data
-from edgetrain.demo import demo_model_path
+from edgetrain.cli.demo import demo_model_path
 from edgetrain.errors import EdgetrainError
-from edgetrain.finetune import new_head
-from edgetrain.runlog import read_log
-from edgetrain.runstate import build_model, restore_run
-from edgetrain.trainer import Trainer, evaluate
+from edgetrain.train.finetune import new_head
+from edgetrain.train.runlog import read_log
+from edgetrain.train.runstate import build_model, restore_run
+from edgetrain.train.trainer import Trainer, evaluate
 
 MODEL = demo_model_path()
 STEPS = 20

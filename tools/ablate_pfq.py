@@ -40,15 +40,15 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
-from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.config import TrainConfig  # noqa: E402
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
+from edgetrain.train.config import TrainConfig  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
-from edgetrain.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,  # noqa: E402
+from edgetrain.precision.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,  # noqa: E402
                            DEFAULT_WINDOW)
-from edgetrain.precision import parse_precision  # noqa: E402
-from edgetrain.plot import pyplot  # noqa: E402
-from edgetrain.trainer import clear_run_dir  # noqa: E402
+from edgetrain.precision.spec import parse_precision  # noqa: E402
+from edgetrain.cli.plot import pyplot  # noqa: E402
+from edgetrain.train.trainer import clear_run_dir  # noqa: E402
 
 PROG = "ablate_pfq"
 EXIT_USER_ERROR = 2
@@ -173,7 +173,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         raise EdgetrainError(f"--stages {','.join(args.stages)}: PFQ needs at least two stages to switch between")
     model, model_path = args.model, None
     if model == SHIPPED:
-        from edgetrain.demo import demo_model_path
+        from edgetrain.cli.demo import demo_model_path
 
         model_path = demo_model_path()
     elif model not in models.BUILDERS or os.path.exists(model):
@@ -196,7 +196,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
 def load_split(setup: Setup):
     """The data split every run trains and tests on (rotated if asked)."""
     from edgetrain.data import load_data
-    from edgetrain.demo import rotated_split
+    from edgetrain.cli.demo import rotated_split
 
     split = load_data(setup.data, seed=setup.seed)
     if not setup.rotate:
@@ -209,7 +209,7 @@ def load_split(setup: Setup):
 def fresh_model(setup: Setup, split):
     """A new copy of the model (identical for every run: same file or same seeded initialisation)."""
     import edgetrain
-    from edgetrain.runstate import build_model
+    from edgetrain.train.runstate import build_model
 
     if setup.model_path is not None:
         model, _ = build_model(setup.model_path, setup.seed, None)  # what `edgetrain train` loads with
@@ -231,7 +231,7 @@ def fresh_model(setup: Setup, split):
 def check_model_fits(model, split) -> None:
     """Refuse data the model cannot take before any run starts (one line, not a shape error mid-grid)."""
     from edgetrain.data import check_fits
-    from edgetrain.runstate import output_classes
+    from edgetrain.train.runstate import output_classes
 
     check_fits(split.train, model.input_shape, output_classes(model))
     check_fits(split.test, model.input_shape, output_classes(model))
@@ -263,7 +263,7 @@ def run_name(schedule: str, *, bits: str | None = None, eps: float | None = None
 def train_one(setup: Setup, split, name: str, *, progress: bool, bits: str | None = None,
               eps: float | None = None, alpha: float | None = None) -> dict[str, Any]:
     """One run (static at `bits`, or PFQ with eps/alpha); returns its row of figures."""
-    from edgetrain.trainer import Trainer
+    from edgetrain.train.trainer import Trainer
 
     run_dir = setup.out / name
     clear_run_dir(run_dir)

@@ -17,7 +17,7 @@ the median step times; the range of the per-round ratios shows how noisy the mac
 worker's resident memory after setup and at its peak (ru_maxrss: imports, model, and the largest
 step's activations and scratch). `--profile` adds milliseconds per op type and direction of one step.
 
-FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.dfq, FracTrain's candidates
+FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.precision.dfq.controller, FracTrain's candidates
 0 = skip, 3/6, 4/6, 4/8, 6/8, 6/12, weights at 4 bits) and every gate forced to a fixed share of the
 batch per candidate, samples shuffled with a fixed seed, so the step is reproducible. A mix is "3/6"
 (every sample on one candidate) or "0:0.5,6/8:0.5" (shares); the defaults are 3/6, what the gates chose

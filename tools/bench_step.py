@@ -51,12 +51,7 @@ def parse_mix(text: str, candidates: tuple[str, ...] | None = None) -> dict[str,
     Returns {candidate text as DFQ names it ("skip", "3/6", ...): share}, shares summing to 1, in the
     order given; raises EdgetrainError (one line) on anything else.
     """
-    from edgetrain.dfq import (
-        DEFAULT_CANDIDATES,
-        DEFAULT_WEIGHT_BITS,
-        SKIP_WORDS,
-        parse_candidates,
-    )
+    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, SKIP_WORDS, parse_candidates
     from edgetrain.errors import EdgetrainError
 
     candidates = tuple(candidates or DEFAULT_CANDIDATES)
@@ -107,7 +102,7 @@ def mix_choices(mix: dict[str, float], candidate_texts: list[str], batch: int, s
 
 def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
     """Enable DFQ on `model` (FracTrain's default candidates) with every gate forced to `mix`; returns the DFQ."""
-    from edgetrain.dfq import DFQConfig
+    from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.errors import EdgetrainError
 
     dfq = model.enable_dfq(DFQConfig())
@@ -130,7 +125,7 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix
     With a `mix` (parse_mix), the model is FracTrain's: int `precision` outside the gates, DFQ on its
     blocks, every gate forced to the mix. `model_kwargs` go to the model builder (tests: tiny models).
     """
-    from edgetrain.optim import SGD
+    from edgetrain.train.optim import SGD
 
     model = edgetrain.load(build_model(name, seed=0, **model_kwargs))
     if precision != "fp32":

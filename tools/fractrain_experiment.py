@@ -32,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgetrain.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.dfq import DEFAULT_BETA, DEFAULT_CANDIDATES  # noqa: E402
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
+from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
-from edgetrain.fractrain import DEFAULT_TARGETS  # noqa: E402
+from edgetrain.precision.fractrain import DEFAULT_TARGETS  # noqa: E402
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
@@ -54,7 +54,7 @@ NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
 
 def _row_config(row: str, args: argparse.Namespace, out: str):
     """The TrainConfig of one row: everything but the schedule is shared."""
-    from edgetrain.config import TrainConfig, validate
+    from edgetrain.train.config import TrainConfig, validate
 
     extra: dict = {}
     if row == "static":
@@ -86,7 +86,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
 def _split(args: argparse.Namespace):
     """The digits every row trains and tests on: rotated a quarter turn for the shipped model's task."""
     from edgetrain.data import load_data
-    from edgetrain.demo import rotated_split
+    from edgetrain.cli.demo import rotated_split
 
     split = load_data("digits", seed=args.seed, val_fraction=0.1)
     return rotated_split(split) if args.model == SHIPPED else split
@@ -99,7 +99,7 @@ def _build(args: argparse.Namespace, sample_shape: tuple):
     if args.model == SHIPPED:
         import onnx
 
-        from edgetrain.demo import demo_model_path
+        from edgetrain.cli.demo import demo_model_path
         return onnx.load(str(demo_model_path()))
     kwargs = {"num_classes": 10, "seed": args.seed}
     if args.model.startswith("resnet"):
@@ -113,7 +113,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
 
     from edgetrain.model import Model
     from edgetrain.onnx_import import Importer
-    from edgetrain.trainer import Trainer
+    from edgetrain.train.trainer import Trainer
 
     split = _split(args)
     proto = _build(args, split.train.x.shape[1:])
@@ -169,13 +169,9 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     8/8 and every DFQ candidate; returns the latency table's path and the gated layers' 8/8 time as a
     percentage of their fp32 time."""
     import models
-    from edgetrain.dfq import (
-        DEFAULT_CANDIDATES,
-        DEFAULT_WEIGHT_BITS,
-        gating_plan,
-        parse_candidates,
-    )
-    from edgetrain.latency import read_cost_table
+    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, parse_candidates
+    from edgetrain.precision.dfq.units import gating_plan
+    from edgetrain.precision.latency import read_cost_table
     from edgetrain.onnx_import import load_graph
 
     proto = _build(args, _split(args).train.x.shape[1:])
@@ -299,7 +295,7 @@ def _checked_by(parse):
 
 def _candidates(text: str) -> list[str]:
     """The comma list of DFQ candidates, as written, once edgetrain accepts it."""
-    from edgetrain.dfq import DEFAULT_WEIGHT_BITS, parse_candidates
+    from edgetrain.precision.dfq.config import DEFAULT_WEIGHT_BITS, parse_candidates
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     parse_candidates(values, DEFAULT_WEIGHT_BITS)
@@ -308,7 +304,7 @@ def _candidates(text: str) -> list[str]:
 
 def _precision(text: str) -> str:
     """A precision as written, once edgetrain accepts it."""
-    from edgetrain.precision import parse_precision
+    from edgetrain.precision.spec import parse_precision
 
     parse_precision(text)
     return text

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import edgetrain  # noqa: E402
 from edgetrain.datasets import load_digits  # noqa: E402
 from edgetrain.export import export_onnx  # noqa: E402
-from edgetrain.optim import SGD  # noqa: E402
-from edgetrain.training import accuracy, fit  # noqa: E402
+from edgetrain.train.optim import SGD  # noqa: E402
+from edgetrain.train.loop import accuracy, fit  # noqa: E402
 from models import build_model  # noqa: E402
 
 DEFAULT_OUT = os.path.join("edgetrain", "assets", "lenet5_digits.onnx")

@@ -14,7 +14,7 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch (the same stream edgetrain.training.batches uses)."""
+    """The sample order of one epoch (the same stream edgetrain.train.loop.batches uses)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 

@@ -32,13 +32,13 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .bounds import INT32_MAX, accumulator_dtype, amax_abs, dot_bound, segment_length
-from .geometry import Conv2dGeometry, conv2d_geometry
-from .memory import tune_malloc
-from .numba_backend import NumbaBackend
-from .ort_backend import OrtBackend
-from .rescale import rescaled
-from .vnni_backend import VnniBackend
+from edgetrain.kernels.bounds import INT32_MAX, accumulator_dtype, amax_abs, dot_bound, segment_length
+from edgetrain.kernels.geometry import Conv2dGeometry, conv2d_geometry
+from edgetrain.kernels.memory import tune_malloc
+from edgetrain.kernels.numba_backend import NumbaBackend
+from edgetrain.kernels.ort_backend import OrtBackend
+from edgetrain.kernels.rescale import rescaled
+from edgetrain.kernels.vnni_backend import VnniBackend
 
 __all__ = [
     "gemm", "gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",

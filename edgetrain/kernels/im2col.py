@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rescale import image_scale, scale_row
+from edgetrain.kernels.rescale import image_scale, scale_row
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 

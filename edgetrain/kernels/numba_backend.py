@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .threads import threads_for
+from edgetrain.kernels.threads import threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
 _JIT = dict(cache=True, fastmath=False, nogil=True)

@@ -43,12 +43,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import im2col as _lay
-from .numba_backend import NumbaBackend, phase_plans
-from .ort_capi import OrtCApi, matmul_views
-from .rescale import scale_rows
-from .sync import fetch_add
-from .threads import threads_for
+from edgetrain.kernels import im2col as _lay
+from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
+from edgetrain.kernels.ort_capi import OrtCApi, matmul_views
+from edgetrain.kernels.rescale import scale_rows
+from edgetrain.kernels.sync import fetch_add
+from edgetrain.kernels.threads import threads_for
 
 # Longest reduction whose raw u8 x s8 sum provably stays in int32: 255 * 128 per term.
 RAW_TERMS = int(np.iinfo(np.int32).max) // (255 * 128)

@@ -39,9 +39,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .im2col import channel_planes
-from .rescale import image_scale, scale_row
-from .sync import fetch_add
+from edgetrain.kernels.im2col import channel_planes
+from edgetrain.kernels.rescale import image_scale, scale_row
+from edgetrain.kernels.sync import fetch_add
 
 # Two tile shapes: 8 rows x 32 columns (2 vectors) where the columns come in 32s, else 16 x 16.
 MT = 16  # rows are padded to a multiple of this (the larger tile height)

@@ -17,11 +17,11 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from . import vnni as _vn
-from .numba_backend import NumbaBackend, phase_plans
-from .ort_backend import OrtBackend, _as8, patch_plan
-from .rescale import scale_rows
-from .threads import threads_for
+from edgetrain.kernels import vnni as _vn
+from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
+from edgetrain.kernels.ort_backend import OrtBackend, _as8, patch_plan
+from edgetrain.kernels.rescale import scale_rows
+from edgetrain.kernels.threads import threads_for
 
 _XOR = 0x80
 
@@ -181,7 +181,7 @@ class VnniBackend(OrtBackend):
         return self._vnni_ok
 
     def _self_check(self) -> bool:
-        from .geometry import conv2d_geometry
+        from edgetrain.kernels.geometry import conv2d_geometry
 
         rng = np.random.default_rng(7)
         for x, w in ((np.full((2, 9, 5, 6), 255, np.uint8), np.full((10, 9, 3, 3), -128, np.int8)),

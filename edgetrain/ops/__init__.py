@@ -1,6 +1,6 @@
 """Every op the engine runs, registered by ONNX op type in OPS."""
-from . import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registration side effects)
-from .base import OPS, Op, register, unbroadcast
+from edgetrain.ops import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registration side effects)
+from edgetrain.ops.base import OPS, Op, register, unbroadcast
 
 # Ops the importer evaluates away and never runs: their values are fixed at load time.
 FOLDED_AT_IMPORT = frozenset({"Constant"})

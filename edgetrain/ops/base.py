@@ -5,8 +5,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ModelError
-from ..graph import Node
+from edgetrain.errors import ModelError
+from edgetrain.graph import Node
 
 OPS: dict[str, type["Op"]] = {}
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Op, register
-from .windows import crop_spatial, geometry, pad_spatial
+from edgetrain.ops.base import Op, register
+from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
 
 @register("Conv")

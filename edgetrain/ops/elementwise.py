@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Op, register, unbroadcast
-from .norm_kernels import relu_backward
+from edgetrain.ops.base import Op, register, unbroadcast
+from edgetrain.ops.norm_kernels import relu_backward
 
 
 @register("Add")

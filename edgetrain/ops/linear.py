@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Op, register, unbroadcast
+from edgetrain.ops.base import Op, register, unbroadcast
 
 
 @register("Gemm")

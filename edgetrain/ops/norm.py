@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import norm_kernels
-from .base import Op, register
+from edgetrain.ops import norm_kernels
+from edgetrain.ops.base import Op, register
 
 
 @register("BatchNormalization")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .base import Op, register
+from edgetrain.ops.base import Op, register
 
 
 def _axes(op: Op, inputs: list, index: int, ndim: int) -> list[int] | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelError
+from edgetrain.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@
 with nearest or stochastic rounding; see `quantizer` for the conventions and `rng` for the
 counter-based generator behind stochastic rounding.
 """
-from .qtensor import MAX_BITS, QTensor, qrange, storage_dtype
-from .quantizer import ROUNDINGS, QuantStats, RunningRange, channel_range, compute_scale, quantize, scale_from_range
-from .rng import RngKey, random_bits, stream_seed, uniform
+from edgetrain.quant.qtensor import MAX_BITS, QTensor, qrange, storage_dtype
+from edgetrain.quant.quantizer import ROUNDINGS, QuantStats, RunningRange, channel_range, compute_scale, quantize, scale_from_range
+from edgetrain.quant.rng import RngKey, random_bits, stream_seed, uniform
 
 __all__ = [
     "QTensor", "qrange", "storage_dtype", "MAX_BITS",

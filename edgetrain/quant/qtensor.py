@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .quantizer import QuantStats
+    from edgetrain.quant.quantizer import QuantStats
 
 MIN_BITS_SIGNED = 2  # 1-bit signed would be {0} with a symmetric range
 MIN_BITS_UNSIGNED = 1

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.threads import threads_for
-from .qtensor import QTensor, check_bits, qrange, storage_dtype
-from .rng import RngKey, _uniform, stream_seed
+from edgetrain.kernels.threads import threads_for
+from edgetrain.quant.qtensor import QTensor, check_bits, qrange, storage_dtype
+from edgetrain.quant.rng import RngKey, _uniform, stream_seed
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item

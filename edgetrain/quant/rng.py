@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..kernels.threads import threads_for
+from edgetrain.kernels.threads import threads_for
 
 MASK64 = (1 << 64) - 1
 GAMMA = 0x9E3779B97F4A7C15

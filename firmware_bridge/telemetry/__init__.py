@@ -4,11 +4,11 @@ Every sysfs reader takes a `root` (default "/") so tests can point it at a fake
 tree, and returns None rather than raising when its sensor is absent.
 """
 
-from .energy import PowerSampler, integrate_energy_j
-from .jetson import Rail, board_power_mw, read_board_power_mw, read_ina3221, read_ina3221_hwmon, read_ina3221_iio
-from .linux import read_cpufreq, read_thermal_zones
-from .probe import SENSORS, ProbeResult, power_reader, probe
-from .raspberrypi import (
+from firmware_bridge.telemetry.energy import PowerSampler, integrate_energy_j
+from firmware_bridge.telemetry.jetson import Rail, board_power_mw, read_board_power_mw, read_ina3221, read_ina3221_hwmon, read_ina3221_iio
+from firmware_bridge.telemetry.linux import read_cpufreq, read_thermal_zones
+from firmware_bridge.telemetry.probe import SENSORS, ProbeResult, power_reader, probe
+from firmware_bridge.telemetry.raspberrypi import (
     PmicRail,
     PmicReading,
     ThrottleFlags,
@@ -19,7 +19,7 @@ from .raspberrypi import (
     parse_pmic_read_adc,
     run_vcgencmd,
 )
-from .tegrastats import CpuCore, RailPower, TegraStats, parse_tegrastats, read_tegrastats_line
+from firmware_bridge.telemetry.tegrastats import CpuCore, RailPower, TegraStats, parse_tegrastats, read_tegrastats_line
 
 __all__ = [
     "CpuCore",

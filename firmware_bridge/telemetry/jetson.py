@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._sysfs import glob_sorted, read_int, read_text, under
+from firmware_bridge.telemetry._sysfs import glob_sorted, read_int, read_text, under
 
 __all__ = [
     "BOARD_INPUT_RAILS",

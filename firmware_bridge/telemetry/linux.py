@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._sysfs import glob_sorted, read_int, read_text, under
+from firmware_bridge.telemetry._sysfs import glob_sorted, read_int, read_text, under
 
 __all__ = ["read_cpufreq", "read_thermal_zones"]
 

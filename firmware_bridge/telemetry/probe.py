@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._sysfs import under
-from .jetson import read_board_power_mw, read_ina3221_hwmon, read_ina3221_iio
-from .linux import read_cpufreq, read_thermal_zones
-from .raspberrypi import Runner, Vcgencmd, run_vcgencmd
+from firmware_bridge.telemetry._sysfs import under
+from firmware_bridge.telemetry.jetson import read_board_power_mw, read_ina3221_hwmon, read_ina3221_iio
+from firmware_bridge.telemetry.linux import read_cpufreq, read_thermal_zones
+from firmware_bridge.telemetry.raspberrypi import Runner, Vcgencmd, run_vcgencmd
 
 __all__ = ["ProbeResult", "SENSORS", "power_reader", "probe"]
 

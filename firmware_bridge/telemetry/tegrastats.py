@@ -21,7 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from .jetson import board_power_mw
+from firmware_bridge.telemetry.jetson import board_power_mw
 
 __all__ = ["CpuCore", "RailPower", "TegraStats", "parse_tegrastats", "read_tegrastats_line"]
 

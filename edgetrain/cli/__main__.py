@@ -1,0 +1,4 @@
+"""`python -m edgetrain.cli`: the same as the `edgetrain` command."""
+from edgetrain.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""What `edgetrain train`, `eval` and `export` do once their flags are parsed (cli.py owns the parser)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgetrain.train.checkpoint import Checkpoint, CheckpointError
+from edgetrain.train.config import (DEFAULT_OUT, FIELDS, RESUMABLE_KEYS, TrainConfig, normalise_keys, read_toml, resolve,
+                     with_absolute_paths)
+from edgetrain.errors import EdgetrainError
+
+CHECKPOINT_SUFFIX = ".npz"
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr."""
+    print(f"edgetrain: warning: {text}", file=sys.stderr)
+
+
+def print_err(text: str) -> None:
+    """A line on stderr."""
+    print(text, file=sys.stderr)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _same(key: str, given: Any, stored: Any) -> bool:
+    if key == "model" and given and stored:
+        return os.path.abspath(given) == os.path.abspath(stored)
+    return given == stored
+
+
+def _check_resume_changes(layers: list[tuple[str, Mapping[str, Any]]], stored: Mapping[str, Any]) -> None:
+    """A resumed run keeps everything that decides what a step computes; only its length and cadence may change."""
+    for where, values in layers:
+        for key, value in values.items():
+            if key not in RESUMABLE_KEYS and not _same(key, value, stored.get(key)):
+                shown = _flag(key) if where == "flags" else f"'{key}' in {where}"
+                raise EdgetrainError(f"{shown} is {value!r} but the run being resumed used {stored.get(key)!r}; "
+                                     f"a resumed run may change only {', '.join(sorted(RESUMABLE_KEYS))}")
+
+
+def _resume_hint(config: TrainConfig) -> str:
+    return f"edgetrain train --out {shlex.quote(config.out)} --resume"
+
+
+def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, as_json: bool) -> int:
+    """`edgetrain train`: resolve the config, build model and data, train, report."""
+    from edgetrain.data import load_data
+    from edgetrain.train.runstate import build_model, latest_checkpoint
+    from edgetrain.train.trainer import Trainer, check_run_dir
+
+    file_values = read_toml(config_file) if config_file else {}
+    ckpt: Checkpoint | None = None
+    base: dict[str, Any] = {}
+    if resume:
+        out = flags.get("out") or file_values.get("out") or DEFAULT_OUT
+        if not Path(out).is_dir():
+            raise EdgetrainError(f"{out}: no run folder to resume (give the --out of the run)")
+        ckpt = latest_checkpoint(out, warn)
+        if ckpt is None:
+            raise EdgetrainError(f"{out}: no usable checkpoint to resume from")
+        base = normalise_keys(f"{ckpt.path}: stored config", ckpt.meta.get("config") or {})
+        _check_resume_changes([("flags", flags), (str(config_file), file_values)], base)
+        flags = {**flags, "out": out}  # the folder it was found in, even if the run was moved
+    config = resolve(flags, file_values, base)
+    if not config.model:
+        raise EdgetrainError("no model: give MODEL.onnx, or set 'model' in the config file")
+    if not config.data:
+        raise EdgetrainError("no data: give --data SPEC (e.g. --data digits), or set 'data' in the config file")
+    config = with_absolute_paths(config)
+    check_run_dir(config.out, resume)
+    split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction)
+    model, head = build_model(config.model, config.seed, config.num_classes)
+    trainer = Trainer(model, split, config, head=head, progress=sys.stderr.isatty() and not as_json,
+                      desc=f"train {config.precision_spec}", resume_hint=_resume_hint(config), report=print_err)
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    result = trainer.fit()
+    summary = {"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+               "final_train_loss": result.final_loss, "steps": result.steps,
+               "bitops": result.bitops, "fp32_bitops": result.fp32_bitops,
+               "percent_of_fp32": result.percent_of_fp32, "wall_seconds": result.seconds,
+               "precision": result.precision, "resumed_from": trainer.resumed_from,
+               "paths": {name: os.path.abspath(path) if path else None for name, path in (
+                   ("run_dir", result.run_dir), ("model", result.model), ("checkpoint", result.checkpoint),
+                   ("log", result.log), ("config", result.config))}}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_train(summary))
+    return 0
+
+
+def format_train(s: dict[str, Any]) -> str:
+    """The end-of-training summary for people."""
+    p = s["paths"]
+    return "\n".join([
+        f"trained {s['steps']} steps in {s['wall_seconds']:.1f} s ({s['precision']})",
+        f"test accuracy {s['test_accuracy']:.2%}, test loss {s['test_loss']:.4f}",
+        f"BitOPs {s['bitops']:.3e} ({s['percent_of_fp32']:.1f}% of fp32)",
+        f"model {p['model']}", f"checkpoint {p['checkpoint']}", f"log {p['log']}"])
+
+
+def is_checkpoint(path: str) -> bool:
+    """A run folder or a checkpoint file (an .npz zip), as opposed to an ONNX model."""
+    p = Path(path)
+    return p.is_dir() or p.suffix == CHECKPOINT_SUFFIX or (p.is_file() and zipfile.is_zipfile(p))
+
+
+def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int, as_json: bool) -> int:
+    """`edgetrain eval`: top-1 and loss of an ONNX model or a trained run on a data split's test set."""
+    from edgetrain.data import check_fits, load_data
+    from edgetrain.model import load
+    from edgetrain.train.runlog import precision_summary
+    from edgetrain.train.runstate import open_checkpoint, output_classes, restore_run
+    from edgetrain.train.trainer import evaluate
+
+    seed, val_fraction, source = 0, None, target
+    if is_checkpoint(target):
+        run = restore_run(open_checkpoint(target, warn))
+        model, config = run.model, run.config
+        data = data or config.data
+        seed, val_fraction = config.seed, config.val_fraction
+        source = str(run.checkpoint.path)
+    else:
+        model = load(target)
+    if not data:
+        raise EdgetrainError("no data: give --data SPEC (e.g. --data digits)")
+    if bits is not None:
+        model.set_precision(bits, pow2_scales=model.runtime.pow2_scales)
+    split = load_data(data, seed=seed, **({"val_fraction": val_fraction} if val_fraction else {}))
+    check_fits(split.test, model.input_shape, output_classes(model))
+    result = evaluate(model, split.test, batch_size)
+    summary = {"source": source, "data": data, "accuracy": result["accuracy"], "loss": result["loss"],
+               "samples": result["samples"], "precision": precision_summary(model.precision)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{source}: test accuracy {summary['accuracy']:.2%}, loss {summary['loss']:.4f} on "
+              f"{summary['samples']} samples of {data} ({summary['precision']})")
+    return 0
+
+
+def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None) -> int:
+    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
+    (and, for a DFQ run, its gates as OUT.gates.onnx)."""
+    from edgetrain.export import export_int8, export_onnx
+    from edgetrain.precision.dfq.export import export_gates, gates_path
+    from edgetrain.train.runstate import open_checkpoint, restore_run
+
+    if not is_checkpoint(target):
+        raise CheckpointError(f"{target}: not a checkpoint file or run folder "
+                              "(an ONNX model needs no export: train it first)")
+    run = restore_run(open_checkpoint(target, warn))
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise EdgetrainError(f"{out}: folder {folder} does not exist")
+    if gated_bits is not None and (run.model.dfq is None or not int8):
+        raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
+    if int8:
+        export_int8(run.model, out, gated_bits)
+    else:
+        export_onnx(run.model, out)
+    summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
+               "format": "int8-qdq" if int8 else "float"}
+    if run.model.dfq is not None:
+        summary["gates"] = gates_path(out)
+        export_gates(run.model, summary["gates"])
+        if int8:
+            summary["gated_bits"] = gated_bits or run.model.dfq.most_precise()
+    print(json.dumps(summary, indent=2) if as_json else
+          f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})"
+          + (f"; gates: {summary['gates']}" if "gates" in summary else ""))
+    return 0
+
+
+def train_flags(args: Any) -> dict[str, Any]:
+    """The config fields given on the command line (argparse leaves absent flags out)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS}

@@ -1,0 +1,81 @@
+"""DFQ's settings and candidates: what a gate may choose, the cost target, the regulariser's weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgetrain.errors import EdgetrainError
+from edgetrain.precision.spec import LayerPrecision, parse_precision
+
+if TYPE_CHECKING:
+    pass
+
+# FracTrain's CIFAR candidates (FW/BW), plus skipping; weights at a fixed 4 bits.
+DEFAULT_CANDIDATES = ("0", "3/6", "4/6", "4/8", "6/8", "6/12")
+DEFAULT_WEIGHT_BITS = 4
+DEFAULT_TARGET = 3.0  # percent of the gated layers' fp32 training cost (FracTrain, CIFAR)
+DEFAULT_BETA = 1e-3
+DEFAULT_UNGATED = "8/8"  # stem and shortcut convs: outside every gate, at the static baseline's bits
+INITIAL_LOGIT = 2.0  # head bias lead of the candidate training starts from
+CANDIDATE_STREAM_STRIDE = 1 << 20  # keeps each candidate's stochastic-rounding streams apart
+SKIP_WORDS = ("0", "0/0", "skip")
+
+
+@dataclass(frozen=True)
+class GatedPrecision(LayerPrecision):
+    """What a gated layer reports as its precision: chosen per sample, weights at a fixed width."""
+
+    def __str__(self) -> str:
+        return f"dfq:w{self.weight_bits}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One choice a gate can make: an FW/BW pair (weights at the DFQ width), or skip."""
+
+    text: str
+    precision: LayerPrecision | None  # None: skip the unit
+
+    @property
+    def skip(self) -> bool:
+        return self.precision is None
+
+
+def parse_candidates(specs, weight_bits: int) -> tuple[Candidate, ...]:
+    """Read candidates like ("0", "3/6", "4/8"); "0" (or "skip") means skip the block."""
+    out = []
+    for spec in specs:
+        text = str(spec).strip().lower()
+        if text in SKIP_WORDS:
+            out.append(Candidate("skip", None))
+            continue
+        p = parse_precision(text)
+        if p.is_float:
+            raise EdgetrainError(f"dfq candidate '{spec}': candidates are FW/BW bits (or 0 to skip), not fp32")
+        out.append(Candidate(f"{p.act_bits}/{p.grad_bits}", LayerPrecision(p.act_bits, weight_bits, p.grad_bits)))
+    if len({c.text for c in out}) != len(out):
+        raise EdgetrainError(f"dfq candidates {list(specs)}: each candidate may appear once")
+    if not any(not c.skip for c in out):
+        raise EdgetrainError(f"dfq candidates {list(specs)}: at least one must compute (FW/BW bits)")
+    return tuple(out)
+
+
+@dataclass
+class DFQConfig:
+    """Every knob of DFQ, with FracTrain's CIFAR values as defaults."""
+
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    weight_bits: int = DEFAULT_WEIGHT_BITS
+    target: float = DEFAULT_TARGET
+    beta: float = DEFAULT_BETA
+    initial_logit: float = INITIAL_LOGIT
+    initial_choice: str | None = None  # default: the computing candidate whose cost is nearest the target
+    cost_table: dict[str, dict[str, float]] | None = None  # layer -> precision -> seconds (edgetrain.precision.latency)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready settings, for the run's record."""
+        return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
+                "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice}
+
+

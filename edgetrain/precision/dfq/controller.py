@@ -1,0 +1,343 @@
+"""DFQ, dynamic fractional quantisation: each sample picks its own precision for each gated unit.
+
+A unit is a residual block (edgetrain.blocks: the branch between a fork and the Add that joins it) or,
+in a model without blocks, one MAC layer. A gate (edgetrain.precision.dfq.gates) looks at the unit's input and picks
+one of K candidates per sample: an FW/BW pair at a fixed weight precision, or 0 bits (skip: the
+block's output is its shortcut). The unit then runs for real, per sample group:
+
+- samples are sorted by the candidate they chose; each MAC layer quantises every group with that
+  group's own ranges at that group's bit-widths, forward and backward; the groups' integer codes
+  then share kernel calls (edgetrain.quant.grouped_mac: exact, one call instead of one per group);
+- the ops between MAC layers (BatchNorm, ReLU, ...) run once on all samples that execute the unit;
+- samples that skip do no work in the branch and cost nothing there.
+
+The reference implementation computes every candidate for every sample and only counts the chosen
+one; here only the chosen work is done, so its savings show up in measured time.
+
+Gates are trained with the straight-through estimator. dL/d(choice k) of a sample is the dot product
+of dL/d(unit output) with what candidate k added to it; the unit ran only the chosen candidate, and
+every executing candidate computes the same function of the same weights at another precision, so
+the chosen candidate's output stands in for all of them (the skip candidate adds nothing: its
+derivative is 0). The candidates among executing ones are told apart by the cost regulariser:
+
+    loss = task loss + r * beta * C,  C = sum over the batch of each sample's cost of the gated
+    layers, in percent of the same sample's fp32 training cost of those layers; r = +1 while the
+    batch's mean cost is at or above the target, -1 below it (bang-bang), as in FracTrain.
+
+C is summed over samples, not averaged, so the pull on each sample's gate does not shrink with the
+batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a fine-tuning run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgetrain.blocks import Block, find_blocks, layer_units
+from edgetrain.errors import EdgetrainError
+from edgetrain.graph import Graph, Node
+from edgetrain.layers import non_negative_values
+from edgetrain.precision.cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
+from edgetrain.precision.dfq.gates import (
+    SHARED_NAMES,
+    init_gate_params,
+    logit_mask,
+    unit_param_names,
+)
+from edgetrain.precision.spec import FP32, LayerPrecision
+
+if TYPE_CHECKING:
+    from edgetrain.model import Model
+
+from edgetrain.precision.dfq.config import (
+    Candidate,
+    DFQConfig,
+    GatedPrecision,
+    parse_candidates,
+)
+from edgetrain.precision.dfq.gated_unit import GatedUnit
+from edgetrain.precision.dfq.units import Unit
+
+
+@dataclass
+class StepRecord:
+    """What the last forward chose: per unit, the candidate index of every sample."""
+
+    choices: dict[int, np.ndarray] = field(default_factory=dict)
+    batch: int = 0
+
+
+class DFQ:
+    """DFQ attached to one Model: its units, gates, candidates, cost regulariser and per-step record."""
+
+    def __init__(self, model: "Model", config: DFQConfig):
+        self.model = model
+        self.config = config
+        self.candidates = parse_candidates(config.candidates, config.weight_bits)
+        graph = model.graph
+        blocks = find_blocks(graph)
+        self.units = [self._unit_from_block(b) for b in blocks] if blocks else [
+            Unit(u.index, u.node.name, u.node.inputs[0], None, (u.node,), u.node.outputs[0], u.node.outputs[0])
+            for u in layer_units(graph)]
+        if not self.units:
+            raise EdgetrainError(f"{graph.source}: DFQ found no residual block and no MAC layer to gate "
+                                 "(the stem and the classifier are never gated)")
+        # Units without a shortcut cannot skip: their gates choose among the computing candidates only.
+        self.unit_candidates = {u.index: tuple(i for i, c in enumerate(self.candidates) if u.shortcut or not c.skip)
+                                for u in self.units}
+        if any(not self.unit_candidates[u.index] for u in self.units):
+            raise EdgetrainError("dfq: a gated layer without a shortcut needs a computing candidate")
+        macs = {n.name for n in model._mac_nodes}
+        self.gated_layers = {n.name for u in self.units for n in u.branch if n.name in macs}
+        self.skips = np.array([c.skip for c in self.candidates])
+        # Added to a unit's logits: -inf on the candidates it may not take (a layer without a shortcut cannot skip).
+        self.logit_masks = {u.index: logit_mask(self.unit_candidates[u.index], len(self.candidates))
+                            for u in self.units}
+        self._measure(model)
+        self.unit_cost, self.unit_fp32 = self._costs()
+        total_fp32 = sum(self.unit_fp32.values())
+        # Each candidate's cost over all units, percent of their fp32 cost: what a target is compared to.
+        self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
+                              for k in range(len(self.candidates))]
+        self.computing = [k for k, c in enumerate(self.candidates) if not c.skip]
+        self.target = float(config.target)
+        self.param_names: list[str] = []
+        self.state: tuple[np.ndarray, np.ndarray] | None = None  # the LSTM's (h, c) during a forward
+        self.dstate: tuple[np.ndarray, np.ndarray] | None = None  # dL/d(h, c) during a backward
+        self.record = StepRecord()
+        self.sign = 0.0  # r of the last step's regulariser (0 before any training step)
+        self.last_percent = 0.0  # the last batch's mean gated cost, percent of fp32
+        self.force: dict[int, np.ndarray] | None = None  # tests: fixed choices per unit instead of the gates
+        self.kernel_calls = 0  # MAC-layer passes inside units (tests count skipped work with it)
+        # Groups of a gated layer share kernel calls (edgetrain.quant.grouped_mac); False: one op call per group.
+        self.merge_groups = True
+        self._init_params(model)
+        self._build_ops(model)
+
+    # -- construction ------------------------------------------------------------------------------
+    def _unit_from_block(self, b: Block) -> Unit:
+        shortcut = b.shortcut_input
+        return Unit(b.index, f"block{b.index}", b.fork, shortcut, b.branch, b.output, b.residual_input)
+
+    def _measure(self, model: "Model") -> None:
+        """Per-sample MACs of every gated layer and the input channels of every unit, from one float forward."""
+        from edgetrain.engine import Executor
+
+        shape = tuple(1 if d is None else d for d in model.input_shape)
+        feeds = {model.input_name: np.zeros(shape, model.dtype)}
+        env, _ = Executor(model.graph, model._float_ops).forward(feeds, model._state(), False)
+        self.channels, self.spatial_dims = [], []
+        for u in self.units:
+            self.channels.append(int(env[u.fork].shape[1]))
+            self.spatial_dims.append(tuple(int(d) for d in env[u.fork].shape[2:]))
+            for node in u.branch:
+                if node.name in self.gated_layers:
+                    ins = [env[i].shape if i else () for i in node.inputs]
+                    outs = [env[o].shape for o in node.outputs if o]
+                    u.macs[node.name] = int(model._float_ops[node.name].macs(ins, outs))
+
+    def _costs(self) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+        """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds)."""
+        table = self.config.cost_table
+        costs, fp32 = {}, {}
+        for u in self.units:
+            work = sum(u.macs.values())
+            fp32[u.index] = float(work * FP32_STEP_FACTOR) if table is None else self._table_cost(u, "fp32")
+            row = []
+            for c in self.candidates:
+                if c.skip:
+                    row.append(0.0)
+                elif table is not None:
+                    row.append(self._table_cost(u, str(c.precision)))
+                else:
+                    a, w, g = c.precision.bitops_bits()
+                    row.append(float(work * (a * w + g * w + a * g)))
+            costs[u.index] = np.array(row)
+        return costs, fp32
+
+    def _table_cost(self, u: Unit, precision: str) -> float:
+        """A unit's measured cost at one precision: the sum over its gated layers (edgetrain.precision.latency)."""
+        total = 0.0
+        for layer in u.macs:
+            entry = self.config.cost_table.get(layer, {})
+            if precision not in entry:
+                raise EdgetrainError(f"dfq cost table: no timing for layer '{layer}' at '{precision}' "
+                                     f"(profile the model at that precision with --latency-table)")
+            total += entry[precision]
+        return total
+
+    def candidate_percent(self) -> dict[str, dict[str, float]]:
+        """Each unit's candidates' cost in percent of the unit's fp32 training cost."""
+        return {u.name: {self.candidates[k].text: 100 * self.unit_cost[u.index][k] / self.unit_fp32[u.index]
+                         for k in self.unit_candidates[u.index]} for u in self.units}
+
+    def _nearest(self, target: float) -> int:
+        """The computing candidate whose cost over all units is nearest `target` (percent of fp32)."""
+        return min(self.computing, key=lambda k: abs(self.total_percent[k] - target))
+
+    def _below(self, target: float) -> int:
+        """The costliest computing candidate at or below `target`, else the cheapest computing one."""
+        percent = self.total_percent
+        under = [k for k in self.computing if percent[k] <= target]
+        return max(under, key=percent.__getitem__) if under else min(self.computing, key=percent.__getitem__)
+
+    def aim(self, target: float) -> None:
+        """Move to a new cost target and point the gates at it: the head's bias starts again from its
+        initial lead, on the costliest computing candidate at or below the target (its other entries
+        at their mean), so the regulariser first pulls the cost up to the target.
+
+        Why: after a long stretch at one target the bang-bang regulariser has pushed the head's bias
+        until the softmax saturates; a saturated softmax passes the straight-through estimator almost
+        no gradient, so without this the gates would stay where the old target left them (FracTrain
+        on ResNet-8 kept every sample at the cheapest candidate for its last three targets). Starting
+        below rather than above: a pull down late in training, when the task loss is near 0 and says
+        little about what a block is worth, drives samples to skip, and one such run fell from 97% to
+        40% test accuracy in its last 120 steps."""
+        self.target = float(target)
+        bias = self.model.parameters()[SHARED_NAMES[-1]]
+        lead = bias.dtype.type(self.config.initial_logit)
+        bias[...] = bias.mean(dtype=np.float64)
+        bias[self._below(target)] += lead
+
+    def _initial_choice(self) -> int:
+        if self.config.initial_choice is not None:
+            texts = [c.text for c in self.candidates]
+            want = parse_candidates([self.config.initial_choice], self.config.weight_bits)[0].text
+            if want not in texts:
+                raise EdgetrainError(f"dfq initial choice '{self.config.initial_choice}' is not a candidate")
+            return texts.index(want)
+        return self._nearest(self.target)
+
+    def _init_params(self, model: "Model") -> None:
+        existing = [n for n in model.parameters() if n.startswith("dfq.")]
+        if existing:
+            raise EdgetrainError(f"the model already has DFQ gate parameters ({existing[0]}, ...)")
+        params = init_gate_params(self.channels, len(self.candidates), model.seed, self._initial_choice(),
+                                  self.config.initial_logit, model.dtype)
+        model.parameters().update(params)
+        self.param_names = list(params)
+
+    def _build_ops(self, model: "Model") -> None:
+        """One GatedUnit op per unit in a new executor; the graph's other nodes keep their ops."""
+        from edgetrain.engine import Executor
+
+        graph = model.graph
+        inside = {n.name for u in self.units for n in u.branch}
+        joins = {}
+        for u in self.units:
+            last = next(n for n in graph.nodes if u.output in n.outputs)
+            joins[last.name] = u
+        nodes: list[Node] = []
+        ops = dict(model.executor.ops)
+        facts = (non_negative_values(graph), {n.name: i for i, n in enumerate(model._mac_nodes)})
+        for node in graph.nodes:
+            if node.name in inside and node.name not in joins:
+                continue
+            if node.name in joins:
+                u = joins[node.name]
+                unit_node, op = self._unit_node(model, u, facts)
+                nodes.append(unit_node)
+                ops[unit_node.name] = op
+                continue
+            nodes.append(node)
+        params = {**graph.params, **{n: model.parameters()[n] for n in self.param_names}}
+        self.graph = Graph(nodes, graph.inputs, graph.outputs, params, graph.buffers, graph.constants, graph.opset,
+                           graph.source, graph.producer, graph.original)
+        model.executor = Executor(self.graph, ops)
+
+    def _unit_node(self, model: "Model", u: Unit, facts: tuple) -> tuple[Node, "GatedUnit"]:
+        produced = {o for n in u.branch for o in n.outputs if o}
+        externals: list[str] = []
+        for n in u.branch:
+            for i in n.inputs:
+                if i and i not in produced and i != u.fork and i not in externals:
+                    externals.append(i)
+        w1, b1, w2, b2 = unit_param_names(u.index)
+        inputs = [u.fork, u.shortcut or ""] + externals + [w1, b1, w2, b2, *SHARED_NAMES]
+        node = Node(f"dfq.{u.name}", "DFQUnit", inputs, [u.output], {})
+        return node, GatedUnit(node, model.graph.opset, self, u, len(externals), model, *facts)
+
+    # -- per step ------------------------------------------------------------------------------------
+    def begin_forward(self) -> None:
+        """Reset the gates' LSTM state and the step record (FracTrain: state reset per forward)."""
+        self.state = None
+        self.dstate = None
+        self.record = StepRecord()
+
+    def mark_precision(self, precision: dict[str, LayerPrecision]) -> None:
+        """Gated layers report their per-sample precision (set_precision leaves them to their gates)."""
+        for name in self.gated_layers:
+            precision[name] = GatedPrecision(0, self.config.weight_bits, 0)
+
+    def sample_percent(self) -> np.ndarray:
+        """Each sample's cost of the gated layers in the last forward, in percent of its fp32 cost."""
+        total = np.zeros(self.record.batch)
+        for u in self.units:
+            total += self.unit_cost[u.index][self.record.choices[u.index]]
+        return 100.0 * total / sum(self.unit_fp32.values())
+
+    def regularise(self) -> float:
+        """After a training forward: set r and return the loss term r * beta * C (module doc)."""
+        per_sample = self.sample_percent()
+        self.last_percent = float(per_sample.mean())
+        self.sign = 1.0 if self.last_percent >= self.target else -1.0
+        return self.sign * self.config.beta * float(per_sample.sum())
+
+    def cost_gradient(self, unit: Unit) -> np.ndarray:
+        """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""
+        return self.sign * self.config.beta * 100.0 * self.unit_cost[unit.index] / sum(self.unit_fp32.values())
+
+    def step_costs(self) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+        """BitOPs of the gated layers in the last forward: as chosen, and as fp32 for every sample."""
+        costs, fp32 = {}, {}
+        n = self.record.batch
+        for u in self.units:
+            counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
+            for name, macs in u.macs.items():
+                costs[name] = sum((layer_step_cost(int(counts[k]) * macs, c.precision, 0)
+                                   for k, c in enumerate(self.candidates) if not c.skip and counts[k]),
+                                  LayerCost(0, 0, 0, 0, 0))
+                fp32[name] = layer_step_cost(n * macs, FP32, 0)
+        return costs, fp32
+
+    def static_form(self, layer: str, candidate: str) -> tuple[LayerPrecision, str, bool]:
+        """A gated layer run at one candidate for every sample: its precision, range key, unsigned input."""
+        texts = [c.text for c in self.candidates]
+        want = parse_candidates([candidate], self.config.weight_bits)[0]
+        if want.skip or want.text not in texts:
+            raise EdgetrainError(f"'{candidate}' is not a computing DFQ candidate; choose from "
+                                 f"{', '.join(t for t, c in zip(texts, self.candidates) if not c.skip)}")
+        unit = next(op for op in self.model.executor.ops.values()
+                    if isinstance(op, GatedUnit) and layer in op.unit.macs)
+        op = unit.candidate_ops[texts.index(want.text)][layer]
+        return want.precision, op.range_key, op.unsigned_input
+
+    def most_precise(self) -> str:
+        """The costliest computing candidate that every gated layer has trained at (so it has activation
+        ranges): what a static int8 export defaults to."""
+        def cost(c: Candidate) -> int:
+            a, w, g = c.precision.bitops_bits()
+            return a * w + g * w + a * g
+
+        ranges = self.model.runtime.act_ranges
+        trained = [c for c in self.candidates if not c.skip and all(
+            (r := ranges.get(f"{layer}@{c.text}")) is not None and r.value for layer in self.gated_layers)]
+        return max(trained or [c for c in self.candidates if not c.skip], key=cost).text
+
+    def choice_summary(self) -> dict[str, dict[str, float]]:
+        """Fraction of the last batch's samples that chose each candidate, per unit."""
+        out = {}
+        for u in self.units:
+            counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
+            out[u.name] = {c.text: float(counts[k]) / max(self.record.batch, 1) for k, c in enumerate(self.candidates)}
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary: settings, units and their gated layers, candidate costs."""
+        return {"settings": self.config.as_dict(), "units": [
+            {"name": u.name, "fork": u.fork, "output": u.output, "can_skip": u.shortcut is not None,
+             "layers": list(u.macs), "macs_per_sample": sum(u.macs.values())} for u in self.units],
+            "candidate_percent": self.candidate_percent(), "gate_parameters": len(self.param_names)}
+
+

@@ -1,0 +1,377 @@
+"""The Trainer: steps or epochs of a model on a data split, with an optimizer and LR schedule, a precision
+controller, periodic evaluation, a JSON-lines log, checkpoints, and a bit-identical resume.
+
+Everything a step computes is a function of the step number and the checkpointed state: the batch
+(`Loader.batch_at(step)`, augmentation keyed by step), the learning rate (a pure schedule), dropout and
+stochastic rounding (keyed by `model.step`). So a run resumed from step N's checkpoint ends with the
+same weights, bit for bit, as one that never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
+from edgetrain.train.config import (CONFIG_JSON, DEFAULT_EPOCHS, DEFAULT_MILESTONE_FRACTIONS, SGD_DEFAULT_MOMENTUM, TrainConfig,
+                     write_config_json)
+from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
+from edgetrain.data import Loader, Split, check_fits, iterate_eval
+from edgetrain.data.dataset import Dataset
+from edgetrain.data.transforms import CIFAR_AUGMENT
+from edgetrain.errors import EdgetrainError
+from edgetrain.export import export_onnx
+from edgetrain.precision.dfq.export import export_gates, gates_path
+from edgetrain.train.finetune import trainable_names
+from edgetrain.losses import softmax_cross_entropy
+from edgetrain.model import Model
+from edgetrain.train.optim import make_optimizer
+from edgetrain.train.runlog import LOG_NAME, RunLog, precision_summary
+from edgetrain.train.runstate import PRECISION, apply_precision, output_classes, pack_state, prepare_model, stored_spec, unpack_state
+from edgetrain.train.schedules import make_schedule
+
+EVAL_BATCH_SIZE = 256
+PROGRESS_EVERY = 5  # steps between progress-bar refreshes: formatting costs more than a small step
+LOSS_WINDOW = 10  # steps the progress bar's loss averages over
+EXPORT_NAME = "model.onnx"
+NONFINITE_MARKER = "NaN or infinite"  # how the quantiser reports a non-finite tensor
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reports."""
+
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    test_loss: float | None
+    test_accuracy: float | None
+    bitops: int
+    fp32_bitops: int
+    percent_of_fp32: float
+    seconds: float
+    precision: str
+    run_dir: str
+    checkpoint: str | None
+    log: str
+    config: str
+    model: str | None
+    interrupted: bool = False
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return dict(self.__dict__)
+
+
+def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
+    """Eval-mode mean cross-entropy and top-1 accuracy over a whole dataset."""
+    total_loss, correct = 0.0, 0
+    for x, y in iterate_eval(dataset, batch_size):
+        logits = model(x)
+        loss, _ = softmax_cross_entropy(logits, y)
+        total_loss += loss * len(y)
+        correct += int((logits.argmax(axis=1) == y).sum())
+    n = len(dataset)
+    return {"loss": total_loss / n, "accuracy": correct / n, "samples": n}
+
+
+def clear_run_dir(path: str | Path) -> None:
+    """Remove an earlier run's checkpoints, log and config from a folder a tool reuses for each new run."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for _, ckpt in list_checkpoints(path):
+        ckpt.unlink()
+    for name in (LOG_NAME, CONFIG_JSON):
+        (path / name).unlink(missing_ok=True)
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Refuse to start a new run over an old one (its checkpoints would mix with ours)."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise EdgetrainError(f"{path}: exists and is not a folder")
+    if resume or not path.is_dir():
+        return
+    if list_checkpoints(path) or (path / LOG_NAME).exists():
+        raise EdgetrainError(f"{path}: already holds a run; continue it with --resume, or choose another --out")
+
+
+def _milestones(config: TrainConfig, total: int) -> list[int]:
+    if config.lr_milestones:
+        return list(config.lr_milestones)
+    # Default drops at fixed fractions of the run; dedupe for runs too short to separate them.
+    return sorted({max(1, int(total * f)) for f in DEFAULT_MILESTONE_FRACTIONS})
+
+
+def _optimizer_options(config: TrainConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if config.optimizer == "sgd":
+        opts["momentum"] = SGD_DEFAULT_MOMENTUM if config.momentum is None else config.momentum
+    if config.weight_decay is not None:
+        opts["weight_decay"] = config.weight_decay
+    return opts
+
+
+def _augmentation(split: Split, config: TrainConfig):
+    """The data source's own augmentation unless the config turns it off, or on (crop/flip) where it has none."""
+    if config.augment is None:
+        return split.augment
+    return (split.augment or CIFAR_AUGMENT) if config.augment else None
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop between steps; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        # A second Ctrl-C should not wait for the checkpoint to be written.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """Trains one model on one data split as a TrainConfig says; see the module doc."""
+
+    def __init__(self, model: Model, split: Split, config: TrainConfig, *,
+                 controller: PrecisionController | None = None, head: list[str] | tuple[str, ...] = (),
+                 progress: bool = False, desc: str = "train", resume_hint: str | None = None,
+                 export_model: bool = True, report: Callable[[str], None] | None = None):
+        self.model = model
+        self.split = split
+        self.config = config
+        self.run_dir = Path(config.out)
+        self.progress = progress
+        self.desc = desc
+        self.export_model = export_model
+        self.report = report or (lambda text: print(text, file=sys.stderr))
+        self.resume_hint = resume_hint or f"edgetrain train --out {self.run_dir} --resume"
+        classes = output_classes(model)
+        check_fits(split.train, model.input_shape, classes)
+        check_fits(split.test, model.input_shape, classes)
+        self.loader = Loader(split.train, config.batch_size, seed=config.seed, augment=_augmentation(split, config))
+        self.total_steps = config.steps or (config.epochs or DEFAULT_EPOCHS) * self.loader.steps_per_epoch
+        self.eval_every = config.eval_every or self.loader.steps_per_epoch
+        sched_opts: dict[str, Any] = {"warmup_steps": config.warmup_steps}
+        if config.lr_schedule == "step":
+            sched_opts.update(milestones=_milestones(config, self.total_steps), gamma=config.lr_gamma)
+        elif config.lr_schedule == "cosine":
+            sched_opts["min_lr"] = config.min_lr
+        self.schedule = make_schedule(config.lr_schedule, config.lr, self.total_steps, **sched_opts)
+        prepare_model(model, config)  # DFQ's gates join the parameters before the optimizer sees them
+        self.trainable = trainable_names(model, freeze=config.freeze, train_last=config.train_last,
+                                         bias_only=config.bias_only, freeze_bn=config.freeze_bn,
+                                         always=list(head) + (model.dfq.param_names if model.dfq else []))
+        chosen = set(self.trainable)
+        self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
+                                        trainable=chosen.__contains__, **_optimizer_options(config))
+        self.controller = controller or make_controller(config)
+        self.model_sha256 = file_sha256(config.model) if config.model else None
+        self.step = 0
+        self.spec: PrecisionSpec | None = None
+        self._set_precision(self.controller.precision)  # now: a bad override pattern fails before any file
+        self.last_loss: float | None = None
+        self.elapsed = 0.0
+        self.resumed_from: int | None = None
+        self.evals: list[dict[str, Any]] = []
+        self._manager: CheckpointManager | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def manager(self) -> CheckpointManager:
+        """The run folder's checkpoint manager (creates the folder)."""
+        if self._manager is None:
+            self._manager = CheckpointManager(self.run_dir, keep=self.config.keep, every=self.config.checkpoint_every)
+        return self._manager
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Continue from a checkpoint of this run: tensors, optimizer, controller, eval ranges, step."""
+        if self.model_sha256:
+            ckpt.check_model(self.config.model)
+        if ckpt.step > self.total_steps:
+            raise EdgetrainError(f"{ckpt.path}: taken at step {ckpt.step}, past this run's {self.total_steps} steps")
+        self.model.load_state_dict({**ckpt.params, **ckpt.buffers})
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        controller_state, trainer = unpack_state(self.model, ckpt.controller_state)
+        self.controller.load_state_dict(controller_state)
+        self._set_precision(self.controller.precision)
+        if self.spec != stored_spec(trainer):
+            raise EdgetrainError(f"{ckpt.path}: the run was at precision {stored_spec(trainer)!r}, but its "
+                                 f"controller now says {self.spec!r}; was the checkpoint made with other settings?")
+        self.last_loss = trainer.get("last_loss")
+        self.elapsed = float(trainer.get("elapsed", 0.0))
+        self.step = self.resumed_from = ckpt.step
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step."""
+        trainer = {PRECISION: json.dumps(self.spec), "elapsed": float(self.elapsed)}
+        if self.last_loss is not None:
+            trainer["last_loss"] = float(self.last_loss)
+        return self.manager.save(
+            self.step, params=self.model.parameters(), buffers=self.model.buffers(),
+            optimizer_state=self.optimizer.state_dict(),
+            controller_state=pack_state(self.model, self.controller.state_dict(), trainer),
+            meta={"epoch": self.step // self.loader.steps_per_epoch, "seed": self.config.seed,
+                  "config": self.config.to_dict(), "model_sha256": self.model_sha256})
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _diverged(self, step: int, what: str) -> EdgetrainError:
+        return EdgetrainError(f"step {step}: {what}; training diverged (try a lower --lr, currently "
+                              f"{self.optimizer.lr:.3g}, or --warmup-steps)")
+
+    def _set_precision(self, spec: PrecisionSpec) -> None:
+        if spec != self.spec:
+            apply_precision(self.model, spec, self.config)
+            self.spec = spec
+
+    def train_step(self) -> float:
+        """One update (number self.step, 0-based) at the precision in force; returns its loss."""
+        s = self.step
+        self.model.step = s
+        self.optimizer.lr = self.schedule(s)
+        x, y = self.loader.batch_at(s)
+        try:
+            loss, grads = self.model.loss_and_grad(x, y, label_smoothing=self.config.label_smoothing,
+                                                   update_buffers=not self.config.freeze_bn)
+        except ValueError as exc:
+            if NONFINITE_MARKER in str(exc):  # the integer path refuses to quantise inf/NaN activations
+                raise self._diverged(s, "activations or gradients are not finite") from None
+            raise
+        if not math.isfinite(loss):
+            raise self._diverged(s, f"loss is {loss}")
+        bad = next((n for n in self.trainable
+                    if grads.get(n) is not None and not np.isfinite(grads[n]).all()), None)
+        if bad is not None:
+            raise self._diverged(s, f"the gradient of '{bad}' is not finite")
+        self.optimizer.step(grads)
+        self.step = s + 1
+        self.last_loss = loss
+        return loss
+
+    def control(self, loss: float) -> None:
+        """Show the controller the step just done; a new spec takes effect from the next step."""
+        spec = self.controller.on_step(self.step - 1, loss)
+        if spec is not None:
+            old = self.spec.get("dfq_target") if isinstance(self.spec, dict) else None
+            self._set_precision(spec)
+            new = spec.get("dfq_target") if isinstance(spec, dict) else None
+            if new is not None and new != old:  # FracTrain's next target: the gates are pointed at it
+                self.model.dfq.aim(new)
+
+    def run_eval(self) -> dict[str, Any]:
+        """Evaluate on the test split and remember the result."""
+        result = {"step": self.step, **evaluate(self.model, self.split.test)}
+        self.evals.append(result)
+        return result
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to total_steps (from the resumed step, if any); checkpoint, evaluate, log, export."""
+        check_run_dir(self.run_dir, self.resumed_from is not None)
+        manager = self.manager  # creates the folder and clears a killed writer's temporary files
+        config_path = write_config_json(self.config, self.run_dir)
+        log = RunLog(self.run_dir, self.resumed_from)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        losses: list[float] = []
+        checkpoint: Path | None = None
+        started = time.perf_counter() - self.elapsed
+        interrupted = False
+        try:
+            with _StopFlag() as stop:
+                while self.step < self.total_steps:
+                    if stop.requested:
+                        interrupted = True
+                        break
+                    loss = self.train_step()
+                    self.elapsed = time.perf_counter() - started
+                    losses = (losses + [loss])[-LOSS_WINDOW:]
+                    self._log_step(log, loss)
+                    if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                        self._log_eval(log, started)  # at the precision the step trained in
+                    self.control(loss)  # before the checkpoint, which must hold the controller's new state
+                    if manager.should_save(self.step) and self.step < self.total_steps:
+                        checkpoint = self.save_checkpoint()
+                    bar.update(1)
+                    if self.step % PROGRESS_EVERY == 0 or self.step == self.total_steps:
+                        bar.set_postfix_str(self._postfix(losses), refresh=False)
+            if interrupted:
+                checkpoint = self.save_checkpoint()
+                bar.close()
+                self.report(f"edgetrain: stopped at step {self.step} of {self.total_steps}; checkpoint {checkpoint}")
+                self.report(f"edgetrain: resume with: {self.resume_hint}")
+                raise KeyboardInterrupt
+            if not self.evals or self.evals[-1]["step"] != self.step:
+                # A run resumed at its last step has that evaluation logged already; its result is still needed.
+                self._log_eval(log, started, write=self.step not in log.logged_evals())
+            checkpoint = self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        exported = None
+        if self.export_model:
+            exported = str(self.run_dir / EXPORT_NAME)
+            export_onnx(self.model, exported)
+            if self.model.dfq is not None:
+                export_gates(self.model, gates_path(exported))
+        last = self.evals[-1]
+        cost = self.model.cost
+        return TrainResult(
+            steps=self.step, total_steps=self.total_steps, final_loss=self.last_loss, test_loss=last["loss"],
+            test_accuracy=last["accuracy"], bitops=cost.bitops, fp32_bitops=cost.fp32_bitops,
+            percent_of_fp32=cost.percent_of_fp32, seconds=self.elapsed,
+            precision=precision_summary(self.model.precision), run_dir=str(self.run_dir),
+            checkpoint=str(checkpoint) if checkpoint else None, log=str(log.path), config=str(config_path),
+            model=exported, interrupted=interrupted, evals=list(self.evals))
+
+    def _log_step(self, log: RunLog, loss: float) -> None:
+        cost = self.model.cost
+        layers = {name: str(p) for name, p in self.model.precision.items()}
+        if layers != log.last_layers:  # every layer's bits, whenever they change (edgetrain plot reads it)
+            log.write({"type": "layers", "step": self.step, "layers": layers})
+            log.last_layers = layers
+        record = {"type": "step", "step": self.step, "loss": loss, "lr": self.optimizer.lr,
+                  "precision": precision_summary(self.model.precision),
+                  "bitops": sum(c.total for c in cost.last_step.values()),
+                  "percent_of_fp32": cost.percent_of_fp32, "time": round(self.elapsed, 4)}
+        dfq = self.model.dfq
+        if dfq is not None:  # the gates' cost against its target, and the loss without the cost term
+            record.update(task_loss=self.model.last_task_loss, dfq_percent=round(dfq.last_percent, 4),
+                          dfq_target=dfq.target)
+        log.write(record)
+
+    def _log_eval(self, log: RunLog, started: float, write: bool = True) -> None:
+        result = self.run_eval()
+        self.elapsed = time.perf_counter() - started
+        if write:
+            log.write({"type": "eval", "step": self.step, "loss": result["loss"], "accuracy": result["accuracy"],
+                       "time": round(self.elapsed, 4)})
+
+    def _postfix(self, losses: list[float]) -> str:
+        parts = [f"loss={sum(losses) / max(len(losses), 1):.3f}"]
+        if self.evals:
+            parts.append(f"acc={self.evals[-1]['accuracy']:.1%}")
+        parts.append(f"bits={precision_summary(self.model.precision)}")
+        return ", ".join(parts)

@@ -1,0 +1,93 @@
+"""The agent's content-addressed blob cache: models and data sets named by their SHA-256.
+
+File names are built only from a validated 64-hex-digit hash and a suffix from a fixed table,
+never from anything else a peer sends, so nothing can be written outside the cache folder.
+Writes are atomic (temporary file in the folder, fsync, rename); reads are re-hashed, and a file
+whose content no longer matches its name is deleted rather than trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from edgetrain.fileio import write_atomic
+
+from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE
+
+__all__ = ["BlobCache", "CacheError", "default_cache_dir"]
+
+SUFFIXES = {fmt: f".{fmt}" for fmt in BLOB_FORMATS}
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# write_atomic's temporary files: ".<final name>.<random>.tmp".
+_STALE_TEMP = re.compile(r"\.[0-9a-f]{64}\.[a-z]+\..+\.tmp")
+
+
+class CacheError(ValueError):
+    """A hash or format that cannot name a cache entry."""
+
+
+def default_cache_dir() -> Path:
+    """Return $XDG_CACHE_HOME/edgetrain-agent (~/.cache/edgetrain-agent by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgetrain-agent"
+
+
+class BlobCache:
+    """Verified blobs in one folder, each named `<sha256 hex>.<format>`."""
+
+    def __init__(self, root: str | os.PathLike[str], *, max_blob: int = MAX_BLOB_SIZE) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_blob = max_blob
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        # A crash mid-write leaves a temporary file behind; the final name never existed half-written.
+        for entry in self.root.iterdir():
+            if _STALE_TEMP.fullmatch(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    def path(self, sha256: str, fmt: str) -> Path:
+        """Return the file that holds blob `sha256` of format `fmt`; raise CacheError for bad names."""
+        if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+            raise CacheError(f"not a SHA-256 hex digest: {sha256!r}")
+        if fmt not in SUFFIXES:
+            raise CacheError(f"unknown blob format {fmt!r}")
+        path = self.root / f"{sha256}{SUFFIXES[fmt]}"
+        # Belt and braces: the name pattern already rules out separators and "..".
+        if path.parent != self.root:
+            raise CacheError(f"{path} is outside the cache")
+        return path
+
+    def read_verified(self, sha256: str, fmt: str) -> bytes | None:
+        """Return the blob if cached and its content still hashes to its name; None otherwise."""
+        path = self.path(sha256, fmt)
+        try:
+            if not path.is_file() or path.stat().st_size > self.max_blob:
+                return None
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            with contextlib.suppress(OSError):
+                path.unlink()  # corrupted on disk: forget it so the host uploads it again
+            return None
+        return data
+
+    def has(self, sha256: str, fmt: str) -> int | None:
+        """Return the verified blob's size if cached, else None."""
+        data = self.read_verified(sha256, fmt)
+        return None if data is None else len(data)
+
+    def put(self, sha256: str, fmt: str, blob: bytes) -> Path:
+        """Store a blob the caller has verified against `sha256`, atomically."""
+        path = self.path(sha256, fmt)
+        if len(blob) > self.max_blob:
+            raise CacheError(f"blob of {len(blob)} bytes exceeds the cache limit of {self.max_blob}")
+        write_atomic(path, blob)
+        return path

@@ -1,0 +1,1 @@
+"""`edgetrain profile`: the workload both sides run, the host session, the report, a simulated board."""

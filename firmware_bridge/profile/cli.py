@@ -1,0 +1,168 @@
+"""Command-line glue: the `edgetrain profile` subcommand and the `edgetrain-agent` entry point.
+
+edgetrain's own CLI owns the top-level parser; it wires these in with::
+
+    from firmware_bridge.profile.cli import add_profile_command
+    add_profile_command(sub)            # in edgetrain.cli.main.build_parser
+
+and pyproject.toml gets the console script that `add_agent_entry()` returns. Until then,
+`python -m firmware_bridge.profile.cli profile ...` runs the same subcommand with the same error handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECONDS, PROBABILITY
+
+
+from firmware_bridge.profile.host import DEFAULT_BATCH, DEFAULT_STEPS, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP, ProfileRequest, prepare, profile
+from firmware_bridge.profile.errors import BoardUnreachable, ProfileError
+from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
+from firmware_bridge.wire.transport import DEFAULT_BAUD
+from firmware_bridge.profile.workload import PRECISION_FP32
+
+__all__ = ["add_agent_entry", "add_profile_command", "main", "run_profile_command"]
+
+AGENT_SCRIPT = "edgetrain-agent"
+AGENT_ENTRY_POINT = "firmware_bridge.board.agent:main"
+DEFAULT_OUT = "edgetrain-profile"
+EXIT_OK = 0
+EXIT_DIGESTS_DIFFER = 1
+LOG_TAIL_LINES = 3
+
+
+def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `profile` to an argparse subparsers object; its `func(args)` returns the exit status."""
+    parser = subparsers.add_parser(
+        "profile",
+        help="time every layer of a training step on an attached board over serial",
+        description="Profile training of MODEL on a board running edgetrain-agent, and check the board's "
+        "weights against this machine's.",
+    )
+    parser.add_argument("model", help="an ONNX file")
+    parser.add_argument("--port", help="the board's serial device (/dev/ttyUSB0, COM3) or any pyserial URL")
+    parser.add_argument("--baud", type=POSITIVE_INT, default=DEFAULT_BAUD, help=f"line rate (default {DEFAULT_BAUD})")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, help=f"samples per step (default {DEFAULT_BATCH})")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--warmup", type=NON_NEGATIVE_INT, default=DEFAULT_WARMUP, help=f"untimed steps first (default {DEFAULT_WARMUP})"
+    )
+    parser.add_argument("--precision", default=PRECISION_FP32, help="fp32, or an integer-engine spec such as 8/8")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights' data stream and labels")
+    parser.add_argument("--data", help="train on arrays x and y of this .npz instead of synthetic data")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON, no progress bars")
+    parser.add_argument("--latency-table", metavar="FILE", help="also write/update a per-layer latency table (JSON)")
+    parser.add_argument(
+        "--timeout",
+        type=POSITIVE_SECONDS,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds of silence before the board counts as gone (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    sim = parser.add_argument_group("simulated board (no hardware)")
+    sim.add_argument("--simulate", action="store_true", help="run the agent here, on a pseudo-terminal")
+    sim.add_argument("--sim-corrupt", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte corruption probability")
+    sim.add_argument("--sim-drop", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte drop probability")
+    sim.add_argument("--sim-baud", type=POSITIVE_INT, metavar="N", help="pace the simulated line at N baud")
+    sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
+    parser.set_defaults(func=run_profile_command)
+    return parser
+
+
+def add_agent_entry(subparsers: Any = None) -> dict[str, str]:
+    """Return the console script to declare for the agent; with `subparsers`, also add `edgetrain agent`."""
+    if subparsers is not None:
+        from firmware_bridge.board.agent import build_parser as agent_parser
+        from firmware_bridge.board.agent import main as agent_main
+
+        parser = subparsers.add_parser("agent", help="serve profiling workloads on this board (edgetrain-agent)",
+                                       add_help=False)
+        parser.add_argument("agent_args", nargs=argparse.REMAINDER, help=agent_parser().format_usage())
+        parser.set_defaults(func=lambda args: agent_main(args.agent_args))
+    return {AGENT_SCRIPT: AGENT_ENTRY_POINT}
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    sim_flags = [flag for flag, value in (("--sim-corrupt", args.sim_corrupt), ("--sim-drop", args.sim_drop),
+                                          ("--sim-baud", args.sim_baud), ("--sim-cache", args.sim_cache)) if value]
+    if args.simulate and args.port:
+        raise ProfileError("give either --port or --simulate, not both")
+    if not args.simulate and not args.port:
+        raise ProfileError("give --port PORT (a device path or pyserial URL), or --simulate")
+    if sim_flags and not args.simulate:
+        raise ProfileError(f"{', '.join(sim_flags)} only apply with --simulate")
+
+
+def _request(args: argparse.Namespace, port: str, baud: int) -> ProfileRequest:
+    return ProfileRequest(
+        model=args.model,
+        port=port,
+        baud=baud,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=args.precision,
+        seed=args.seed,
+        data=args.data,
+        timeout_s=args.timeout,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+
+
+def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
+    from firmware_bridge.profile.sim import SimulatedBoard
+
+    # Check the model, data and workload before spending a second on starting an agent.
+    prepared = prepare(_request(args, "", args.baud))
+    board = SimulatedBoard(
+        args.sim_cache, corrupt_rate=args.sim_corrupt, drop_rate=args.sim_drop, baud=args.sim_baud
+    )
+    with board:
+        try:
+            report = profile(_request(args, board.host_port, args.sim_baud or args.baud), prepared)
+        except BoardUnreachable as exc:
+            if board.agent is not None and board.agent.poll() is not None:
+                tail = " / ".join(board.agent_log().strip().splitlines()[-LOG_TAIL_LINES:])
+                raise BoardUnreachable(f"{exc}; the simulated agent exited ({board.agent.returncode}): {tail}") from None
+            raise
+    report["board"]["simulated"] = {
+        "corrupt_rate": args.sim_corrupt,
+        "drop_rate": args.sim_drop,
+        "baud": args.sim_baud,
+        "relay": {direction: vars(stats) for direction, stats in board.relay_stats.items()},
+    }
+    return report
+
+
+def run_profile_command(args: argparse.Namespace) -> int:
+    """Run `edgetrain profile`; return 0, or 1 when the board's weights differ from the host's."""
+    _check_target(args)
+    report = _profile_simulated(args) if args.simulate else profile(_request(args, args.port, args.baud))
+    written = write_report(report, args.out)
+    if args.latency_table:
+        write_latency_table(args.latency_table, report)
+        written["latency_table"] = args.latency_table
+    report["files"] = written
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_markdown(report))
+        print("files: " + ", ".join(f"{kind} {path}" for kind, path in written.items() if kind != "note"))
+        if "note" in written:
+            print(written["note"])
+    return EXIT_OK if report["digest"]["agree"] else EXIT_DIGESTS_DIFFER
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone `python -m firmware_bridge.profile.cli profile ...`: the same as `edgetrain profile ...`."""
+    from edgetrain.cli.main import main as edgetrain_main
+
+    return edgetrain_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
