@@ -175,12 +175,27 @@ def export_int8(model: Model, path: str | os.PathLike, gated_bits: str | None = 
 
 
 # -- checking an export ---------------------------------------------------------------------------
-def onnxruntime_outputs(path_or_proto: str | os.PathLike | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """First output of a model run by onnxruntime on the CPU."""
+# x86-64 CPUs without VNNI (AVX2, AVX-512F) run onnxruntime's u8 x s8 products through an instruction that
+# saturates pairs of products at 16 bits: on an AMD EPYC (AVX2) the shipped LeNet-5's int8 export agreed
+# with the engine on 95.6% of the test digits, with a max relative error of 0.32. This option makes
+# onnxruntime use its exact u8 x u8 path on those CPUs only (elsewhere it changes nothing); the model
+# file stays as it is. Anyone serving an int8 export on such a CPU needs it too (README, "Serving").
+EXACT_INT8_OPTION = ("session.x64quantprecision", "1")
+
+
+def onnxruntime_session(path_or_proto: str | os.PathLike | onnx.ModelProto):
+    """An onnxruntime CPU session for an export, with int8 products exact on every x86-64 CPU."""
     import onnxruntime as ort
 
     data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else os.fspath(path_or_proto)
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*EXACT_INT8_OPTION)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_outputs(path_or_proto: str | os.PathLike | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """First output of a model run by onnxruntime on the CPU."""
+    sess = onnxruntime_session(path_or_proto)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
