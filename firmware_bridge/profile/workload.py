@@ -29,7 +29,7 @@ import edgetrain
 from edgetrain.errors import DataError, EdgetrainError, ModelError
 from edgetrain.model import Model
 from edgetrain.train.optim import SGD
-from edgetrain.train.loop import batches
+from edgetrain.train.loop import TrainStep, batches
 
 from firmware_bridge.wire.messages import MAX_BLOB_SIZE
 from firmware_bridge.profile.errors import WorkloadError
@@ -481,7 +481,7 @@ def train(
     else:
         stream = synthetic_batches(workload.seed, workload.input_shape, classes)
     apply_precision(model, workload.precision)
-    optimizer = SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum)
+    train_step = TrainStep(model, SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum))
     step_s: list[float] = []
     losses: list[float] = []
     timings: dict[tuple[str, str], float] = {}
@@ -498,10 +498,8 @@ def train(
                     model.executor.timings = timings
                     if timed_phase is not None:
                         timed.enter_context(timed_phase())
-                model.step = step  # keys the dropout stream, as edgetrain.train.loop.fit does
                 start = time.perf_counter()
-                loss, grads = model.loss_and_grad(x, y)
-                optimizer.step(grads)
+                loss = train_step(step, x, y)
                 elapsed = time.perf_counter() - start
                 if step >= workload.warmup_steps:
                     step_s.append(elapsed)
