@@ -1,7 +1,12 @@
 """Training configuration: defaults, a TOML file, command-line flags (flags win), checked in one place.
 
+Each setting is written once, as a TrainConfig field made by `setting`: its default, help, value kind, bounds
+and command-line form. The `edgetrain train` parser, the config file's keys and checks, validation's bounds
+and what `edgetrain info` shows of a run are all generated from those fields.
+
 A config file holds the same names as the `edgetrain train` flags, with underscores or dashes
-(`batch_size = 64` or `batch-size = 64`), plus `precision_overrides`, a table of layer patterns:
+(`batch_size = 64` or `batch-size = 64`), plus the keys only a file sets (e.g. `precision_overrides`,
+a table of layer patterns):
 
     model = "model.onnx"
     data = "digits"
