@@ -1,6 +1,7 @@
 """Model summary for `edgetrain info`: layers, shapes, parameters, MACs, quantisation plan."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from edgetrain.layers import classifier_nodes, mac_nodes
 from edgetrain.precision.spec import PrecisionConfig
 from edgetrain.quant.mac import integer_form
 from edgetrain.model import Model
+from edgetrain.train.config import help_text
 
 
 @dataclass
@@ -94,7 +96,20 @@ def format_table(summary: dict) -> str:
               f"integer engine quantises {n_int} layer{'s' if n_int != 1 else ''}; "
               "classifier and BatchNorm stay fp32 (FracTrain's default)"]
     lines += _dfq_lines(summary["dfq"])
+    if "checkpoint" in summary:
+        lines += _run_lines(summary["checkpoint"])
     return "\n".join(lines)
+
+
+def _run_lines(checkpoint: dict) -> list[str]:
+    """A trained run's checkpoint and the settings it chose, each with its help (edgetrain.train.config)."""
+    settings = checkpoint["settings"]
+    lines = ["", f"checkpoint {checkpoint['path']} at step {checkpoint['step']}; "
+                 + ("settings not at their default:" if settings else "every setting at its default")]
+    width = max((len(name) for name in settings), default=0)
+    for name, value in settings.items():
+        lines.append(f"  {name.ljust(width)}  {json.dumps(value)}  ({help_text(name)})")
+    return lines
 
 
 def _dfq_lines(dfq: dict) -> list[str]:

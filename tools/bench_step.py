@@ -125,6 +125,7 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix
     With a `mix` (parse_mix), the model is FracTrain's: int `precision` outside the gates, DFQ on its
     blocks, every gate forced to the mix. `model_kwargs` go to the model builder (tests: tiny models).
     """
+    from edgetrain.train.loop import TrainStep
     from edgetrain.train.optim import SGD
 
     model = edgetrain.load(build_model(name, seed=0, **model_kwargs))
@@ -132,15 +133,13 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix
         model.set_precision(precision)
     if mix is not None:
         enable_mix(model, mix, batch)
-    opt = SGD(model.parameters(), 0.01, momentum=0.9)  # after enable_dfq: the gates train too
+    train_step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))  # after enable_dfq: gates train too
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch)
 
     def step():
-        model.step += 1
-        _, g = model.loss_and_grad(x, y)
-        opt.step(g)
+        train_step(model.step + 1, x, y)
 
     return step, model
 

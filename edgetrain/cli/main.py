@@ -5,8 +5,11 @@ import argparse
 import json
 import sys
 
+from typing import Any
+
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from edgetrain.errors import EdgetrainError
+from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
 
 EXIT_USER_ERROR = 2
 
@@ -19,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_info(args) -> int:
     from edgetrain.cli.commands import is_checkpoint, warn
     from edgetrain.info import format_table, summarize
+    from edgetrain.train.config import changed_settings
     from edgetrain.model import load
 
     if is_checkpoint(args.model):
@@ -27,7 +31,7 @@ def _cmd_info(args) -> int:
         run = restore_run(open_checkpoint(args.model, warn))
         summary = summarize(run.model)
         summary["checkpoint"] = {"path": str(run.checkpoint.path), "step": run.checkpoint.step,
-                                 "schedule": run.config.schedule}
+                                 "schedule": run.config.schedule, "settings": changed_settings(run.config)}
     else:
         summary = summarize(load(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
@@ -61,8 +65,6 @@ def _cmd_export(args) -> int:
     return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits)
 
 
-
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -81,65 +83,64 @@ def _str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+_LIST_TYPES = {"str_list": _str_list, "int_list": _int_list, "float_list": _float_list}
+_GROUPS = {"pfq": "progressive fractional quantisation (--schedule pfq); defaults are FracTrain's",
+           "dfq": "dynamic fractional quantisation (--schedule dfq, fractrain); defaults are FracTrain's"}
+
+
+def _flag_type(meta) -> Any:
+    """The argparse type of a setting: its kind, refused below its `low` (ints: 1 or 0, floats: 0)."""
+    kind, low = meta["kind"], meta["low"]
+    if kind in _LIST_TYPES:
+        return _LIST_TYPES[kind]
+    if kind == "int":
+        return int if low is None else POSITIVE_INT if low >= 1 else NON_NEGATIVE_INT
+    if kind == "float":
+        return float if low is None else NON_NEGATIVE_FLOAT
+    return None
+
+
+def _add_setting(parser, f) -> None:
+    """One TrainConfig field as an argument, as its metadata says (edgetrain.train.config.setting)."""
+    meta, text = f.metadata, help_text(f.name).replace("%", "%%")  # argparse formats help with %
+    if meta["cli"] == POSITIONAL:
+        parser.add_argument(f.name, nargs="?", metavar=meta["metavar"], help=text)
+    elif meta["kind"] == "bool":
+        parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=text)
+    elif meta["cli"] == REPEATED:
+        parser.add_argument("--" + f.name.replace("_", "-"), action="append", metavar=meta["metavar"], help=text)
+    else:
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(meta), metavar=meta["metavar"],
+                            help=text)
+
+
 def _add_train(sub) -> None:
+    file_only = [name for name, f in FIELDS.items() if f.metadata["cli"] == FILE_ONLY]
     t = sub.add_parser("train", help="fine-tune an ONNX model on a data set, in fp32 or fixed point",
                        description="Fine-tune MODEL.onnx. Flags override the --config file; a run folder "
                                    "(--out) gets log.jsonl, config.json, checkpoints and model.onnx.",
+                       epilog="A --config file may also set: " + "; ".join(
+                           f"{name}: {help_text(name)}" for name in file_only) + ".",
                        argument_default=argparse.SUPPRESS)
-    t.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the ONNX model to train (or 'model' in the config file)")
-    t.add_argument("--data", metavar="SPEC", help="data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE")
-    t.add_argument("--schedule", metavar="{fp32,static,pfq,dfq,fractrain}",
-                   help="precision schedule: fp32 (default), static (fixed FW/BW bits), pfq (bits rising in stages), "
-                        "dfq (per-sample gates choose each block's bits or skip it) or fractrain (pfq driving dfq)")
-    t.add_argument("--bits", metavar="FW/BW", help="FW/BW bits of the static schedule, e.g. 8/8 (default) or 4/8:w6")
-    length = t.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="training steps")
-    length.add_argument("--epochs", type=POSITIVE_INT, metavar="N", help="training epochs (default 1)")
-    t.add_argument("--batch-size", type=POSITIVE_INT, metavar="N", help="default 64")
-    t.add_argument("--seed", type=NON_NEGATIVE_INT, metavar="S", help="seeds data order, augmentation, rounding (default 0)")
-    t.add_argument("--optimizer", metavar="{sgd,adam,adamw}", help="sgd (default), adam or adamw")
-    t.add_argument("--lr", type=NON_NEGATIVE_FLOAT, metavar="LR", help="learning rate (default 0.01)")
-    t.add_argument("--momentum", type=NON_NEGATIVE_FLOAT, metavar="M", help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, metavar="WD", help="L2 (sgd, adam) or decoupled (adamw) weight decay")
-    t.add_argument("--lr-schedule", metavar="{constant,step,cosine}", help="constant (default), step or cosine")
-    p = t.add_argument_group("pfq", "progressive fractional quantisation (--schedule pfq); defaults are FracTrain's")
-    p.add_argument("--pfq-stages", type=_str_list, metavar="FW/BW,...", help="stages, default 3/6,4/6,6/8,8/8")
-    p.add_argument("--pfq-switch-steps", type=_int_list, metavar="S1,S2,...", help="switch at these steps (manual mode)")
-    p.add_argument("--pfq-period", type=POSITIVE_INT, metavar="N", help="steps per loss period of the turning-point rule (400)")
-    p.add_argument("--pfq-eps", type=NON_NEGATIVE_FLOAT, metavar="EPS", help="flatness threshold (0.05)")
-    p.add_argument("--pfq-alpha", type=NON_NEGATIVE_FLOAT, metavar="A", help="eps shrinks by this factor per switch (0.3)")
-    p.add_argument("--pfq-window", type=POSITIVE_INT, metavar="N", help="periods compared (5)")
-    p.add_argument("--pfq-normaliser-periods", type=POSITIVE_INT, metavar="N", help="periods the normaliser averages (10)")
-    p.add_argument("--pfq-alpha-switches", type=NON_NEGATIVE_INT, metavar="N", help="eps shrinks by alpha after each of the first N switches (2)")
-    d = t.add_argument_group("dfq", "dynamic fractional quantisation (--schedule dfq, fractrain); defaults are FracTrain's")
-    d.add_argument("--dfq-candidates", type=_str_list, metavar="FW/BW,...",
-                   help="the gates' choices, 0 = skip the block (default 0,3/6,4/6,4/8,6/8,6/12)")
-    d.add_argument("--dfq-weight-bits", type=POSITIVE_INT, metavar="W", help="weight bits of gated layers (4)")
-    d.add_argument("--dfq-target", type=NON_NEGATIVE_FLOAT, metavar="PCT",
-                   help="cost target of --schedule dfq: percent of the gated layers' fp32 training cost (3.0)")
-    d.add_argument("--dfq-beta", type=NON_NEGATIVE_FLOAT, metavar="B", help="weight of the cost regulariser (0.001)")
-    d.add_argument("--dfq-ungated", metavar="FW/BW", help="bits of the layers no gate controls: stem, shortcuts (8/8)")
-    d.add_argument("--dfq-cost-table", metavar="FILE.json",
-                   help="measured per-layer latencies (edgetrain profile --latency-table) as the cost instead of BitOPs")
-    d.add_argument("--fractrain-targets", type=_float_list, metavar="PCT,...",
-                   help="the targets the pfq indicator steps through (default 1.5,2.0,2.5,3.0)")
-    t.add_argument("--lr-milestones", type=_int_list, metavar="S1,S2", help="steps where --lr-schedule step decays, e.g. 300,450")
-    t.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, metavar="N", help="linear learning-rate warm-up steps (default 0)")
-    t.add_argument("--eval-every", type=POSITIVE_INT, metavar="N", help="evaluate on the test split every N steps "
-                                                           "(default: every epoch, and at the end)")
-    t.add_argument("--out", metavar="DIR", help="run folder (default edgetrain-run)")
-    t.add_argument("--checkpoint-every", type=POSITIVE_INT, metavar="N", help="checkpoint every N steps (always at the end)")
-    t.add_argument("--keep", type=POSITIVE_INT, metavar="N", help="checkpoints kept (default 3)")
+    groups: dict[str, Any] = {}
+    for f in FIELDS.values():
+        meta = f.metadata
+        if meta["cli"] == FILE_ONLY:
+            continue
+        if meta["exclusive"]:
+            key = ("exclusive", meta["exclusive"])
+            if key not in groups:
+                groups[key] = t.add_mutually_exclusive_group()
+            parser = groups[key]
+        elif meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = t.add_argument_group(meta["group"], _GROUPS[meta["group"]])
+            parser = groups[meta["group"]]
+        else:
+            parser = t
+        _add_setting(parser, f)
     t.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its newest good checkpoint")
-    t.add_argument("--freeze", action="append", metavar="PATTERN",
-                   help="do not train parameters matching this name or glob (repeatable)")
-    t.add_argument("--train-last", type=POSITIVE_INT, metavar="K", help="train only the last K MAC layers")
-    t.add_argument("--bias-only", action="store_true", help="train only biases")
-    t.add_argument("--freeze-bn", action="store_true",
-                   help="freeze BatchNorm: scale and shift fixed, running statistics not updated")
-    t.add_argument("--num-classes", type=POSITIVE_INT, metavar="K",
-                   help="replace the classifier (last Gemm) with a fresh one of K outputs")
     t.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file setting any of these options")
     t.add_argument("--json", action="store_true", default=False, help="print one JSON object at the end")
     t.set_defaults(func=_cmd_train)

@@ -7,13 +7,12 @@ edgetrain/assets/DIGITS_LICENSE.md for its source and licence.
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from edgetrain.data.dataset import Dataset, Split
+from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.data.transforms import uint8_to_unit
 from edgetrain.errors import DataError
 
@@ -36,29 +35,15 @@ def _fail(path: Path, what: str) -> DataError:
     return DataError(f"digits: {path}: {what}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read and check x_<split> (uint8, N x 28 x 28) and y_<split> (uint8, N) from the npz."""
     x_key, y_key = f"x_{split}", f"y_{split}"
     if not path.exists():
         raise _fail(path, "file not found (regenerate it with `python tools/make_digits.py`)")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise _fail(path, "holds a single .npy array, expected an .npz archive")
-        with loaded as data:
-            missing = [k for k in (x_key, y_key) if k not in data.files]
-            if missing:
-                raise _fail(path, f"missing array(s) {', '.join(missing)} (has {', '.join(data.files) or 'none'})")
-            x, y = data[x_key], data[y_key]
-    except DataError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise _fail(path, f"not a readable .npz file ({_first_line(exc)})") from exc
+        x, y = read_npz(path, (x_key, y_key)).values()
+    except NpzError as exc:
+        raise _fail(path, exc.describe()) from exc
 
     if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (DIGITS_SIDE, DIGITS_SIDE):
         raise _fail(path, f"{x_key} must be uint8 (N, {DIGITS_SIDE}, {DIGITS_SIDE}), got {x.dtype} {x.shape}")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from edgetrain.data.dataset import Dataset, Split
 from edgetrain.data.holdout import DEFAULT_VAL_FRACTION, stratified_holdout
+from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.data.transforms import uint8_to_unit
 from edgetrain.errors import DataError
 
@@ -25,32 +24,18 @@ def _fail(path: Path, what: str) -> DataError:
     return DataError(f"{NPZ_NAME}: {path}: {what}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise _fail(path, "file not found")
     try:
-        # allow_pickle=False: object arrays would be unpickled, i.e. could run code from the file.
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise _fail(path, "holds a single .npy array, expected an .npz archive with x and y")
-        with loaded as data:
-            missing = [k for k in TRAIN_KEYS if k not in data.files]
-            if missing:
-                raise _fail(path, f"missing array(s) {', '.join(missing)} (has {', '.join(data.files) or 'none'})")
-            present = [k for k in TEST_KEYS if k in data.files]
-            if len(present) == 1:
-                other = TEST_KEYS[1 - TEST_KEYS.index(present[0])]
-                raise _fail(path, f"has {present[0]} but not {other}; give both or neither")
-            return {k: data[k] for k in TRAIN_KEYS + tuple(present)}
-    except DataError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise _fail(path, f"not a readable .npz file ({_first_line(exc)})") from exc
+        arrays = read_npz(path, TRAIN_KEYS, TEST_KEYS)
+    except NpzError as exc:
+        raise _fail(path, exc.describe("an .npz archive with x and y")) from exc
+    present = [k for k in TEST_KEYS if k in arrays]
+    if len(present) == 1:
+        other = TEST_KEYS[1 - TEST_KEYS.index(present[0])]
+        raise _fail(path, f"has {present[0]} but not {other}; give both or neither")
+    return arrays
 
 
 def _to_float(path: Path, key: str, x: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from edgetrain.precision.spec import parse_precision
 
 # FracTrain's default schedule: FW 3,4,6,8 / BW 6,6,8,8, ending at the static 8/8 baseline.
 DEFAULT_STAGES = ("3/6", "4/6", "6/8", "8/8")
+DEFAULT_PERIOD = 400  # steps per evaluation period: an epoch; FracTrain's CIFAR runs use 400 steps
 DEFAULT_EPS = 0.05  # the paper's README; the reference scripts default to 0.15
 DEFAULT_ALPHA = 0.3  # the paper's README; the reference scripts default to 0.4
 DEFAULT_WINDOW = 5
@@ -45,7 +46,7 @@ class PFQController:
     """Chooses the precision stage of every step from the training loss (or from a step list)."""
 
     stages: tuple[str, ...] = DEFAULT_STAGES
-    period_steps: int = 400  # the evaluation period: an epoch; FracTrain's CIFAR runs use 400 steps
+    period_steps: int = DEFAULT_PERIOD
     switch_steps: tuple[int, ...] | None = None  # manual mode: switch at these steps
     eps: float = DEFAULT_EPS
     alpha: float = DEFAULT_ALPHA

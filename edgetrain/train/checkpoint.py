@@ -16,12 +16,10 @@ import contextlib
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
@@ -29,12 +27,13 @@ from typing import Any, Union
 
 import numpy as np
 
+from edgetrain.data import npzfile
+from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.errors import EdgetrainError
 
 FORMAT_NAME = "edgetrain-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "meta"
-NPY_SUFFIX = ".npy"
 NAMESPACES = {  # Checkpoint field -> key prefix in the file
     "params": "param",
     "buffers": "buffer",
@@ -52,7 +51,6 @@ TMP_NAME = re.compile(r"^\.ckpt-\d+\.npz\..*\.tmp$")  # what mkstemp leaves behi
 DEFAULT_KEEP = 3
 HASH_CHUNK = 1 << 20
 FILE_MODE = 0o644
-SUPPORTED_NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 Value = Union[np.ndarray, np.generic, int, float, bool, str]
 SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # checked in this order: bool is an int
@@ -281,34 +279,22 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _check_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    """Refuse a member before NumPy allocates it: object dtype, or a size its header does not explain."""
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version not in SUPPORTED_NPY_VERSIONS:
-            raise CheckpointError(f"{path}: entry '{info.filename}' has .npy format version {version}")
-        shape, _, dtype = SUPPORTED_NPY_VERSIONS[version](f)
-        header_len = f.tell()
-    if dtype.hasobject:
-        raise CheckpointError(f"{path}: entry '{info.filename}' is an object array, which would need pickle")
-    if info.file_size != header_len + math.prod(shape) * dtype.itemsize:
-        raise CheckpointError(f"{path}: entry '{info.filename}' is {info.file_size} bytes, its header says "
-                              f"{header_len + math.prod(shape) * dtype.itemsize} (truncated or corrupt)")
-
-
 def _read_arrays(path: str) -> dict[str, np.ndarray]:
-    with zipfile.ZipFile(path) as zf:
-        infos = zf.infolist()
-        names = [i.filename for i in infos]
-        odd = [n for n in names if not n.endswith(NPY_SUFFIX)]
-        if odd:
-            raise CheckpointError(f"{path}: not a checkpoint, or corrupt: member '{odd[0]}' is not a .npy array")
-        if len(set(names)) != len(names):
-            raise CheckpointError(f"{path}: not a checkpoint: duplicate members")
-        for info in infos:
-            _check_member(path, zf, info)
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
+    """Every array of the file (only .npy members, each once, each as long as its header says)."""
+    try:
+        return read_npz(path, strict=True)
+    except NpzError as exc:
+        if exc.kind == npzfile.NOT_NPY:
+            raise CheckpointError(f"{path}: not a checkpoint, or corrupt: {exc.detail}") from None
+        if exc.kind == npzfile.DUPLICATE:
+            raise CheckpointError(f"{path}: not a checkpoint: duplicate members") from None
+        if exc.kind == npzfile.OBJECT:
+            raise CheckpointError(f"{path}: entry '{exc.member}' is an object array, which would need pickle") from None
+        if exc.kind == npzfile.SIZE:
+            raise CheckpointError(f"{path}: entry '{exc.member}' {exc.detail} (truncated or corrupt)") from None
+        if exc.kind == npzfile.VERSION:
+            raise CheckpointError(f"{path}: entry '{exc.member}' {exc.detail}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({exc.detail})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -316,15 +302,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        arrays = _read_arrays(path)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged file can fail anywhere in zipfile/zlib/numpy parsing
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+    arrays = _read_arrays(path)
 
     raw = arrays.pop(META_KEY, None)
     if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:

@@ -1,7 +1,12 @@
 """Training configuration: defaults, a TOML file, command-line flags (flags win), checked in one place.
 
+Each setting is written once, as a TrainConfig field made by `setting`: its default, help, value kind, bounds
+and command-line form. The `edgetrain train` parser, the config file's keys and checks, validation's bounds
+and what `edgetrain info` shows of a run are all generated from those fields.
+
 A config file holds the same names as the `edgetrain train` flags, with underscores or dashes
-(`batch_size = 64` or `batch-size = 64`), plus `precision_overrides`, a table of layer patterns:
+(`batch_size = 64` or `batch-size = 64`), plus the keys only a file sets (e.g. `precision_overrides`,
+a table of layer patterns):
 
     model = "model.onnx"
     data = "digits"
@@ -25,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgetrain.data.holdout import DEFAULT_VAL_FRACTION
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
+from edgetrain.precision import fractrain, pfq
+from edgetrain.precision.dfq import config as dfq
 from edgetrain.precision.spec import parse_precision
 
 try:  # Python 3.11+
@@ -52,61 +60,119 @@ DEFAULT_MILESTONE_FRACTIONS = (0.5, 0.75)
 # Keys a resumed run may change: they decide how long and how often, not what a step computes.
 RESUMABLE_KEYS = frozenset({"steps", "epochs", "eval_every", "checkpoint_every", "keep", "out"})
 
+# How a setting is written on the command line (config files and stored configs take every setting).
+FLAG, POSITIONAL, REPEATED, FILE_ONLY = "flag", "positional", "repeated", "file"
+# Value kinds: how a file's value is checked (check_value) and how a flag's text is read (the CLI).
+KINDS = ("str", "int", "float", "bool", "str_list", "int_list", "float_list", "str_table")
+
+
+def setting(default: Any, help: str, kind: str, *, cli: str = FLAG, metavar: str | None = None,
+            low: float | None = None, choices: tuple[str, ...] | None = None, group: str | None = None,
+            exclusive: str | None = None, shown: Any = None) -> Any:
+    """A TrainConfig field that carries everything else said about it: its help, value kind and command-line form.
+
+    choices: the valid values (and the flag's metavar).
+    low: the smallest valid value (files and flags alike; a flag's type refuses below max(low, 1) or 0).
+    group: the --help section (pfq, dfq); exclusive: flags of one name exclude each other (steps, epochs).
+    shown: the default --help names when the field's own is None, meaning "the module's default" (e.g. the
+    DFQ candidates: None keeps a stored config free of a copy of today's list).
+    """
+    assert kind in KINDS and cli in (FLAG, POSITIONAL, REPEATED, FILE_ONLY)
+    if choices and metavar is None:
+        metavar = "{" + ",".join(choices) + "}"
+    meta = {"help": help, "kind": kind, "cli": cli, "metavar": metavar, "low": low, "choices": choices,
+            "group": group, "exclusive": exclusive, "shown": shown}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
-    """Everything `edgetrain train` needs; field names are the flag and config-file names."""
+    """Everything `edgetrain train` needs; field names are the flag and config-file names, each field's
+    metadata its help, kind and command-line form (see `setting`)."""
 
-    model: str | None = None
-    data: str | None = None
-    schedule: str = "fp32"
-    bits: str | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 64
-    seed: int = 0
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float | None = None
-    weight_decay: float | None = None
-    lr_schedule: str = "constant"
-    lr_milestones: list[int] | None = None
-    lr_gamma: float = 0.1
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    eval_every: int | None = None
-    out: str = DEFAULT_OUT
-    checkpoint_every: int | None = None
-    keep: int = 3
-    freeze: list[str] = field(default_factory=list)
-    train_last: int | None = None
-    bias_only: bool = False
-    freeze_bn: bool = False
-    num_classes: int | None = None
-    label_smoothing: float = 0.0
-    val_fraction: float = 0.1
-    augment: bool | None = None
-    quantize_classifier: bool = False
-    pow2_scales: bool = False
-    precision_overrides: dict[str, str] = field(default_factory=dict)
-    # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/pfq.py
-    pfq_stages: list[str] | None = None
-    pfq_period: int = 400
-    pfq_switch_steps: list[int] | None = None
-    pfq_eps: float = 0.05
-    pfq_alpha: float = 0.3
-    pfq_window: int = 5
-    pfq_normaliser_periods: int = 10
-    pfq_alpha_switches: int = 2
-    # DFQ (--schedule dfq, fractrain): defaults are FracTrain's CIFAR ones, see edgetrain/dfq.py
-    dfq_candidates: list[str] | None = None
-    dfq_weight_bits: int = 4
-    dfq_target: float = 3.0
-    dfq_beta: float = 1e-3
-    dfq_ungated: str = "8/8"
-    dfq_cost_table: str | None = None
+    model: str | None = setting(None, "the ONNX model to train (or 'model' in the config file)", "str",
+                                cli=POSITIONAL, metavar="MODEL.onnx")
+    data: str | None = setting(None, "data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, npz:FILE", "str",
+                               metavar="SPEC")
+    schedule: str = setting("fp32", "precision schedule: fp32, static (fixed FW/BW bits), pfq (bits rising in "
+                            "stages), dfq (per-sample gates choose each block's bits or skip it) or fractrain "
+                            "(pfq driving dfq)", "str", choices=SCHEDULES)
+    bits: str | None = setting(None, "FW/BW bits of the static schedule, e.g. 8/8 or 4/8:w6", "str", metavar="FW/BW",
+                               shown=DEFAULT_STATIC_BITS)
+    steps: int | None = setting(None, "training steps", "int", metavar="N", low=1, exclusive="length")
+    epochs: int | None = setting(None, "training epochs", "int", metavar="N", low=1, exclusive="length",
+                                 shown=DEFAULT_EPOCHS)
+    batch_size: int = setting(64, "samples per step", "int", metavar="N", low=1)
+    seed: int = setting(0, "seeds data order, augmentation, rounding", "int", metavar="S", low=0)
+    optimizer: str = setting("sgd", " or ".join(OPTIMIZERS), "str", choices=OPTIMIZERS)
+    lr: float = setting(0.01, "learning rate", "float", metavar="LR", low=0.0)
+    momentum: float | None = setting(None, "SGD momentum", "float", metavar="M", low=0.0, shown=SGD_DEFAULT_MOMENTUM)
+    weight_decay: float | None = setting(None, "L2 (sgd, adam) or decoupled (adamw) weight decay", "float",
+                                         metavar="WD", low=0.0)
+    lr_schedule: str = setting("constant", " or ".join(LR_SCHEDULES), "str", choices=LR_SCHEDULES)
+    lr_milestones: list[int] | None = setting(None, "steps where --lr-schedule step decays, e.g. 300,450", "int_list",
+                                              metavar="S1,S2", shown="at 50% and 75% of the run")
+    lr_gamma: float = setting(0.1, "factor of each step decay", "float", cli=FILE_ONLY, low=0.0)
+    min_lr: float = setting(0.0, "the cosine schedule's final learning rate", "float", cli=FILE_ONLY, low=0.0)
+    warmup_steps: int = setting(0, "linear learning-rate warm-up steps", "int", metavar="N", low=0)
+    eval_every: int | None = setting(None, "evaluate on the test split every N steps", "int", metavar="N", low=1,
+                                     shown="every epoch, and at the end")
+    out: str = setting(DEFAULT_OUT, "run folder", "str", metavar="DIR")
+    checkpoint_every: int | None = setting(None, "checkpoint every N steps (always at the end)", "int", metavar="N",
+                                           low=1)
+    keep: int = setting(3, "checkpoints kept", "int", metavar="N", low=1)
+    freeze: list[str] = setting([], "do not train parameters matching this name or glob (repeatable)", "str_list",
+                                cli=REPEATED, metavar="PATTERN")
+    train_last: int | None = setting(None, "train only the last K MAC layers", "int", metavar="K", low=1)
+    bias_only: bool = setting(False, "train only biases", "bool")
+    freeze_bn: bool = setting(False, "freeze BatchNorm: scale and shift fixed, running statistics not updated", "bool")
+    num_classes: int | None = setting(None, "replace the classifier (last Gemm) with a fresh one of K outputs", "int",
+                                      metavar="K", low=2)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, below 1", "float", cli=FILE_ONLY,
+                                     low=0.0)
+    val_fraction: float = setting(DEFAULT_VAL_FRACTION, "share of the training arrays held out for testing when a "
+                                  "source has no test split", "float", cli=FILE_ONLY)
+    augment: bool | None = setting(None, "augmentation on (crop/flip where the source has none) or off", "bool",
+                                   cli=FILE_ONLY, shown="the data source's own")
+    quantize_classifier: bool = setting(False, "quantise the classifier too (FracTrain keeps it fp32)", "bool",
+                                        cli=FILE_ONLY)
+    pow2_scales: bool = setting(False, "power-of-two quantisation scales", "bool", cli=FILE_ONLY)
+    precision_overrides: dict[str, str] = setting({}, "a table of layer pattern = \"bits\"", "str_table",
+                                                  cli=FILE_ONLY)
+    # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/precision/pfq.py
+    pfq_stages: list[str] | None = setting(None, "stages", "str_list", metavar="FW/BW,...", group="pfq",
+                                           shown=pfq.DEFAULT_STAGES)
+    pfq_period: int = setting(pfq.DEFAULT_PERIOD, "steps per loss period of the turning-point rule", "int",
+                              metavar="N", low=1, group="pfq")
+    pfq_switch_steps: list[int] | None = setting(None, "switch at these steps (manual mode)", "int_list",
+                                                 metavar="S1,S2,...", group="pfq")
+    pfq_eps: float = setting(pfq.DEFAULT_EPS, "flatness threshold", "float", metavar="EPS", low=0.0, group="pfq")
+    pfq_alpha: float = setting(pfq.DEFAULT_ALPHA, "eps shrinks by this factor per switch", "float", metavar="A",
+                               low=0.0, group="pfq")
+    pfq_window: int = setting(pfq.DEFAULT_WINDOW, "periods compared", "int", metavar="N", low=1, group="pfq")
+    pfq_normaliser_periods: int = setting(pfq.DEFAULT_NORMALISER_PERIODS, "periods the normaliser averages", "int",
+                                          metavar="N", low=1, group="pfq")
+    pfq_alpha_switches: int = setting(pfq.DEFAULT_ALPHA_SWITCHES, "eps shrinks by alpha after each of the first N "
+                                      "switches", "int", metavar="N", low=0, group="pfq")
+    # DFQ (--schedule dfq, fractrain): defaults are FracTrain's CIFAR ones, see edgetrain/precision/dfq/config.py
+    dfq_candidates: list[str] | None = setting(None, "the gates' choices, 0 = skip the block", "str_list",
+                                               metavar="FW/BW,...", group="dfq", shown=dfq.DEFAULT_CANDIDATES)
+    dfq_weight_bits: int = setting(dfq.DEFAULT_WEIGHT_BITS, "weight bits of gated layers", "int", metavar="W", low=1,
+                                   group="dfq")
+    dfq_target: float = setting(dfq.DEFAULT_TARGET, "cost target of --schedule dfq: percent of the gated layers' "
+                                "fp32 training cost", "float", metavar="PCT", low=0.0, group="dfq")
+    dfq_beta: float = setting(dfq.DEFAULT_BETA, "weight of the cost regulariser", "float", metavar="B", low=0.0,
+                              group="dfq")
+    dfq_ungated: str = setting(dfq.DEFAULT_UNGATED, "bits of the layers no gate controls: stem, shortcuts", "str",
+                               metavar="FW/BW", group="dfq")
+    dfq_cost_table: str | None = setting(None, "measured per-layer latencies (edgetrain profile --latency-table) as "
+                                         "the cost instead of BitOPs", "str", metavar="FILE.json", group="dfq")
     # FracTrain (--schedule fractrain): the PFQ indicator (pfq_period, pfq_eps, ...) steps these DFQ targets
-    fractrain_targets: list[float] | None = None
+    fractrain_targets: list[float] | None = setting(None, "the targets the pfq indicator steps through", "float_list",
+                                                    metavar="PCT,...", group="dfq",
+                                                    shown=fractrain.DEFAULT_TARGETS)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -116,29 +182,40 @@ class TrainConfig:
     def precision_spec(self) -> str:
         """The default precision of the run's MAC layers ("fp32" or FW/BW bits)."""
         if self.schedule == "pfq":
-            return (self.pfq_stages or ["3/6"])[0]
+            return (self.pfq_stages or pfq.DEFAULT_STAGES)[0]
         if self.schedule in DYNAMIC_SCHEDULES:
             return self.dfq_ungated
         return "fp32" if self.schedule == "fp32" else (self.bits or DEFAULT_STATIC_BITS)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# The type each key must have in a TOML file or a stored config (flags are typed by argparse already).
-_KIND: dict[str, tuple[str, ...]] = {
-    "str": ("model", "data", "schedule", "bits", "optimizer", "lr_schedule", "out", "dfq_ungated", "dfq_cost_table"),
-    "int": ("steps", "epochs", "batch_size", "seed", "warmup_steps", "eval_every", "checkpoint_every", "keep",
-            "train_last", "num_classes", "pfq_period", "pfq_window", "pfq_normaliser_periods", "pfq_alpha_switches",
-            "dfq_weight_bits"),
-    "float": ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing", "val_fraction",
-              "pfq_eps", "pfq_alpha", "dfq_target", "dfq_beta"),
-    "bool": ("bias_only", "freeze_bn", "augment", "quantize_classifier", "pow2_scales"),
-    "str_list": ("freeze", "pfq_stages", "dfq_candidates"),
-    "float_list": ("fractrain_targets",),
-    "int_list": ("lr_milestones", "pfq_switch_steps"),
-    "str_table": ("precision_overrides",),
-}
-KIND_OF = {key: kind for kind, keys in _KIND.items() for key in keys}
-assert set(KIND_OF) == set(FIELDS), "every config field needs a kind"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_text(name: str) -> str:
+    """A setting's help with the default it stands at (--help, `edgetrain info`)."""
+    f = FIELDS[name]
+    meta = f.metadata
+    default = meta["shown"] if meta["shown"] is not None else f.default
+    if default is None or default is dataclasses.MISSING or (meta["kind"] == "bool" and meta["shown"] is None):
+        return meta["help"]
+    return f"{meta['help']} (default {_shown(default)})"
+
+
+def changed_settings(c: TrainConfig) -> dict[str, Any]:
+    """The settings a run chose (those not at their default), by name, in field order."""
+    out = {}
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = getattr(c, name)
+        if value != default:
+            out[name] = value
+    return out
 
 
 def _fail(where: str, key: str, what: str) -> EdgetrainError:
@@ -152,7 +229,7 @@ def _is_int(v: Any) -> bool:
 
 def check_value(where: str, key: str, value: Any) -> Any:
     """Type-check one key's value (None allowed for optional keys); returns it normalised."""
-    kind = KIND_OF[key]
+    kind = FIELDS[key].metadata["kind"]
     if value is None:
         return None
     if kind == "str" and isinstance(value, str):
@@ -230,9 +307,22 @@ def resolve(flags: Mapping[str, Any], file_values: Mapping[str, Any] | None = No
     return config
 
 
-def _positive(key: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise _fail("option", key, f"must be at least 1, got {value}")
+def _check_bounds(c: TrainConfig) -> None:
+    """Each setting's `choices` and `low` (see `setting`), for values from files as well as flags."""
+    for name, f in FIELDS.items():
+        value, meta = getattr(c, name), f.metadata
+        if value is None:
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise _fail("option", name, f"'{value}' is unknown; valid: {', '.join(meta['choices'])}")
+        low = meta["low"]
+        if low is None:
+            continue
+        if meta["kind"] == "float" and (not math.isfinite(value) or value < low):
+            raise _fail("option", name, f"must be a finite number >= {low:g}, got {value}")
+        if meta["kind"] == "int" and value < low:
+            raise _fail("option", name, f"must be at least {low}, got {value}" if low else
+                        f"must be >= 0, got {value}")
 
 
 def validate(c: TrainConfig) -> None:
@@ -250,48 +340,45 @@ def validate(c: TrainConfig) -> None:
                              "use --schedule fp32 for float")
     for spec in c.precision_overrides.values():
         parse_precision(spec)
-    if c.optimizer not in OPTIMIZERS:
-        raise _fail("option", "optimizer", f"'{c.optimizer}' is unknown; valid: {', '.join(OPTIMIZERS)}")
-    if c.lr_schedule not in LR_SCHEDULES:
-        raise _fail("option", "lr_schedule", f"'{c.lr_schedule}' is unknown; valid: {', '.join(LR_SCHEDULES)}")
-    if c.momentum is not None and c.optimizer != "sgd":
+    if c.momentum is not None and c.optimizer != "sgd" and c.optimizer in OPTIMIZERS:
         raise _fail("option", "momentum", f"applies to sgd only, not {c.optimizer} (Adam keeps its betas)")
     if c.steps is not None and c.epochs is not None:
         raise EdgetrainError("give --steps or --epochs, not both")
-    for key in ("steps", "epochs", "batch_size", "eval_every", "checkpoint_every", "keep", "train_last"):
-        _positive(key, getattr(c, key))
-    if c.num_classes is not None and c.num_classes < 2:
-        raise _fail("option", "num_classes", f"must be at least 2, got {c.num_classes}")
-    if c.seed < 0:
-        raise _fail("option", "seed", f"must be >= 0, got {c.seed}")
-    if c.warmup_steps < 0:
-        raise _fail("option", "warmup_steps", f"must be >= 0, got {c.warmup_steps}")
-    for key in ("lr", "momentum", "weight_decay", "lr_gamma", "min_lr", "label_smoothing"):
-        v = getattr(c, key)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise _fail("option", key, f"must be a finite number >= 0, got {v}")
+    _check_bounds(c)
     if c.lr <= 0:
         raise _fail("option", "lr", f"must be positive, got {c.lr}")
     if c.label_smoothing >= 1:
         raise _fail("option", "label_smoothing", f"must be below 1, got {c.label_smoothing}")
 
 
-def _validate_dfq(c: TrainConfig) -> None:
-    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, parse_candidates
-    from edgetrain.precision.spec import MAX_BITS, MIN_BITS
+def dfq_settings(c: TrainConfig, cost_table: dict[str, dict[str, float]] | None = None) -> dfq.DFQConfig:
+    """The DFQConfig a TrainConfig's dfq_* keys describe (cost_table: the dfq_cost_table file, read)."""
+    target = c.dfq_target
+    if c.schedule == "fractrain":  # the gates start nearest the first target FracTrain puts in force
+        target = (c.fractrain_targets or fractrain.DEFAULT_TARGETS)[0]
+    return dfq.DFQConfig(candidates=tuple(c.dfq_candidates or dfq.DEFAULT_CANDIDATES),
+                         weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table)
 
+
+def dfq_config(c: TrainConfig) -> dfq.DFQConfig:
+    """The DFQConfig a run trains with: dfq_settings with the measured cost table read, if one is named."""
+    table = None
+    if c.dfq_cost_table:
+        from edgetrain.precision.latency import read_cost_table
+
+        table = read_cost_table(c.dfq_cost_table)
+    return dfq_settings(c, table)
+
+
+def _validate_dfq(c: TrainConfig) -> None:
     if c.bits is not None:
         raise EdgetrainError(f"bits '{c.bits}': {c.schedule}'s gates choose the bits per sample (--dfq-candidates); "
                              "--dfq-ungated sets the stem's and shortcuts'")
-    if not MIN_BITS <= c.dfq_weight_bits <= MAX_BITS:
-        raise _fail("option", "dfq_weight_bits", f"must be in {MIN_BITS}..{MAX_BITS}, got {c.dfq_weight_bits}")
-    parse_candidates(c.dfq_candidates or DEFAULT_CANDIDATES, c.dfq_weight_bits)
+    dfq_settings(c).check()
     parse_precision(c.dfq_ungated)
     targets = [c.dfq_target] + list(c.fractrain_targets or [])
     if any(not math.isfinite(t) or not 0 < t <= 100 for t in targets):
         raise EdgetrainError(f"dfq cost target {targets}: each must be a percentage in (0, 100]")
-    if not math.isfinite(c.dfq_beta) or c.dfq_beta < 0:
-        raise _fail("option", "dfq_beta", f"must be a finite number >= 0, got {c.dfq_beta}")
     if c.dfq_cost_table is not None and not os.path.isfile(c.dfq_cost_table):
         raise _fail("option", "dfq_cost_table", f"{c.dfq_cost_table}: no such file")
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgetrain.train.checkpoint import Checkpoint, CheckpointError, CorruptCheckpointWarning, find_latest, load_checkpoint
-from edgetrain.train.config import DYNAMIC_SCHEDULES, TrainConfig, from_checkpoint_dict
+from edgetrain.train.config import DYNAMIC_SCHEDULES, TrainConfig, dfq_config, from_checkpoint_dict
 from edgetrain.precision.control import PrecisionSpec
 from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.train.finetune import head_parameter_names, new_head
@@ -56,24 +56,6 @@ def output_classes(model: Model) -> int | None:
     """Width of the first output's last axis (the class count of a classifier), if fixed."""
     shape = model.graph.outputs[0].shape
     return shape[-1] if shape and isinstance(shape[-1], int) else None
-
-
-def dfq_config(config: TrainConfig):
-    """The DFQConfig a TrainConfig's dfq_* keys describe."""
-    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DFQConfig
-
-    table = None
-    if config.dfq_cost_table:
-        from edgetrain.precision.latency import read_cost_table
-
-        table = read_cost_table(config.dfq_cost_table)
-    target = config.dfq_target
-    if config.schedule == "fractrain":  # the gates start nearest the first target FracTrain puts in force
-        from edgetrain.precision.fractrain import DEFAULT_TARGETS
-
-        target = (config.fractrain_targets or DEFAULT_TARGETS)[0]
-    return DFQConfig(candidates=tuple(config.dfq_candidates or DEFAULT_CANDIDATES), weight_bits=config.dfq_weight_bits,
-                     target=target, beta=config.dfq_beta, cost_table=table)
 
 
 def prepare_model(model: Model, config: TrainConfig) -> None:

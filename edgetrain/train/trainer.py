@@ -32,6 +32,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.export import export_onnx
 from edgetrain.precision.dfq.export import export_gates, gates_path
 from edgetrain.train.finetune import trainable_names
+from edgetrain.train.loop import TrainStep
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
 from edgetrain.train.optim import make_optimizer
@@ -187,6 +188,8 @@ class Trainer:
         chosen = set(self.trainable)
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
                                         trainable=chosen.__contains__, **_optimizer_options(config))
+        self._update = TrainStep(model, self.optimizer, self.schedule, label_smoothing=config.label_smoothing,
+                                 update_buffers=not config.freeze_bn, check=self._check_finite)
         self.controller = controller or make_controller(config)
         self.model_sha256 = file_sha256(config.model) if config.model else None
         self.step = 0
@@ -249,26 +252,25 @@ class Trainer:
     def train_step(self) -> float:
         """One update (number self.step, 0-based) at the precision in force; returns its loss."""
         s = self.step
-        self.model.step = s
-        self.optimizer.lr = self.schedule(s)
         x, y = self.loader.batch_at(s)
         try:
-            loss, grads = self.model.loss_and_grad(x, y, label_smoothing=self.config.label_smoothing,
-                                                   update_buffers=not self.config.freeze_bn)
+            loss = self._update(s, x, y)
         except ValueError as exc:
             if NONFINITE_MARKER in str(exc):  # the integer path refuses to quantise inf/NaN activations
                 raise self._diverged(s, "activations or gradients are not finite") from None
             raise
-        if not math.isfinite(loss):
-            raise self._diverged(s, f"loss is {loss}")
-        bad = next((n for n in self.trainable
-                    if grads.get(n) is not None and not np.isfinite(grads[n]).all()), None)
-        if bad is not None:
-            raise self._diverged(s, f"the gradient of '{bad}' is not finite")
-        self.optimizer.step(grads)
         self.step = s + 1
         self.last_loss = loss
         return loss
+
+    def _check_finite(self, step: int, loss: float, grads: dict[str, np.ndarray]) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights."""
+        if not math.isfinite(loss):
+            raise self._diverged(step, f"loss is {loss}")
+        bad = next((n for n in self.trainable
+                    if grads.get(n) is not None and not np.isfinite(grads[n]).all()), None)
+        if bad is not None:
+            raise self._diverged(step, f"the gradient of '{bad}' is not finite")
 
     def control(self, loss: float) -> None:
         """Show the controller the step just done; a new spec takes effect from the next step."""

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import platform
 import re
 import struct
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
@@ -26,10 +24,12 @@ import numpy as np
 import onnx
 
 import edgetrain
+from edgetrain.data import npzfile
+from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.errors import DataError, EdgetrainError, ModelError
 from edgetrain.model import Model
 from edgetrain.train.optim import SGD
-from edgetrain.train.loop import batches
+from edgetrain.train.loop import TrainStep, batches
 
 from firmware_bridge.wire.messages import MAX_BLOB_SIZE
 from firmware_bridge.profile.errors import WorkloadError
@@ -333,6 +333,19 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _npz_problem(exc: NpzError) -> str:
+    """An upload's wording of why its .npz was refused."""
+    if exc.kind == npzfile.SINGLE_NPY:
+        return "a single .npy array, not an .npz archive with arrays x and y"
+    if exc.kind == npzfile.MISSING:
+        return f"the .npz lacks array{'s' if len(exc.missing) > 1 else ''} {', '.join(exc.missing)}"
+    if exc.key is None:
+        return f"not a usable .npz data file ({exc.detail})"
+    if exc.kind == npzfile.TOO_LARGE:
+        return f"array {exc.key} {exc.detail}"
+    return f"array {exc.key} cannot be read ({exc.detail})"
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """A supervised data set: inputs `x` (N, ...) as float32 and integer class labels `y` (N,)."""
@@ -344,24 +357,9 @@ class TrainingData:
     def from_npz(cls, blob: bytes, where: str = "data") -> TrainingData:
         """Read arrays `x` and `y` from .npz bytes with allow_pickle=False; raise DataError otherwise."""
         try:
-            loaded = np.load(io.BytesIO(bytes(blob)), allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{where}: not a usable .npz data file ({_one_line(exc)})") from None
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DataError(f"{where}: a single .npy array, not an .npz archive with arrays x and y")
-        with loaded:
-            missing = [key for key in DATA_KEYS if key not in loaded.files]
-            if missing:
-                raise DataError(f"{where}: the .npz lacks array{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            arrays = {}
-            for key in DATA_KEYS:
-                size = loaded.zip.getinfo(f"{key}.npy").file_size
-                if size > MAX_DATA_ARRAY_BYTES:
-                    raise DataError(f"{where}: array {key} unpacks to {size} bytes, above {MAX_DATA_ARRAY_BYTES}")
-                try:
-                    arrays[key] = loaded[key]
-                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                    raise DataError(f"{where}: array {key} cannot be read ({_one_line(exc)})") from None
+            arrays = read_npz(bytes(blob), DATA_KEYS, max_member_bytes=MAX_DATA_ARRAY_BYTES)
+        except NpzError as exc:
+            raise DataError(f"{where}: {_npz_problem(exc)}") from None
         x, y = arrays["x"], arrays["y"]
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"{where}: x must hold numbers, got dtype {x.dtype}")
@@ -481,7 +479,7 @@ def train(
     else:
         stream = synthetic_batches(workload.seed, workload.input_shape, classes)
     apply_precision(model, workload.precision)
-    optimizer = SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum)
+    train_step = TrainStep(model, SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum))
     step_s: list[float] = []
     losses: list[float] = []
     timings: dict[tuple[str, str], float] = {}
@@ -498,10 +496,8 @@ def train(
                     model.executor.timings = timings
                     if timed_phase is not None:
                         timed.enter_context(timed_phase())
-                model.step = step  # keys the dropout stream, as edgetrain.train.loop.fit does
                 start = time.perf_counter()
-                loss, grads = model.loss_and_grad(x, y)
-                optimizer.step(grads)
+                loss = train_step(step, x, y)
                 elapsed = time.perf_counter() - start
                 if step >= workload.warmup_steps:
                     step_s.append(elapsed)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgetrain.errors import EdgetrainError
-from edgetrain.precision.spec import LayerPrecision, parse_precision
-
-if TYPE_CHECKING:
-    pass
+from edgetrain.precision.spec import MAX_BITS, MIN_BITS, LayerPrecision, parse_precision
 
 # FracTrain's CIFAR candidates (FW/BW), plus skipping; weights at a fixed 4 bits.
 DEFAULT_CANDIDATES = ("0", "3/6", "4/6", "4/8", "6/8", "6/12")
@@ -78,4 +75,9 @@ class DFQConfig:
         return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
                 "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice}
 
-
+    def check(self) -> tuple[Candidate, ...]:
+        """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.
+        (The target and beta are bounded where a run's settings are read: edgetrain.train.config.)"""
+        if not MIN_BITS <= self.weight_bits <= MAX_BITS:
+            raise EdgetrainError(f"option 'dfq_weight_bits' must be in {MIN_BITS}..{MAX_BITS}, got {self.weight_bits}")
+        return parse_candidates(self.candidates, self.weight_bits)
