@@ -1,4 +1,4 @@
-"""Tests for edgetrain.datasets.load_digits and the shipped edgetrain/assets/digits.npz."""
+"""Tests for edgetrain.data.load_digits and the shipped edgetrain/assets/digits.npz."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetrain.datasets import DIGITS_MEAN, DIGITS_PATH, DIGITS_STD, load_digits
+from edgetrain.data import DIGITS_MEAN, DIGITS_PATH, DIGITS_STD, load_digits
 from edgetrain.errors import DataError, EdgetrainError
 
 REPO = Path(__file__).resolve().parent.parent

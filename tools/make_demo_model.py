@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import edgetrain  # noqa: E402
-from edgetrain.datasets import load_digits  # noqa: E402
+from edgetrain.data import load_digits  # noqa: E402
 from edgetrain.export import export_onnx  # noqa: E402
 from edgetrain.train.optim import SGD  # noqa: E402
 from edgetrain.train.loop import accuracy, fit  # noqa: E402
