@@ -44,10 +44,6 @@ class QuantStats:
     saturated: int
     observed_max: float
 
-    @property
-    def saturated_fraction(self) -> float:
-        return self.saturated / self.elements if self.elements else 0.0
-
 
 @dataclass
 class QTensor:

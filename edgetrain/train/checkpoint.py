@@ -400,11 +400,3 @@ class CheckpointManager:
         for path in older[:-self.keep]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-    def checkpoints(self) -> list[Path]:
-        """Paths of the checkpoint files in the run folder, oldest first (not verified)."""
-        return [p for _, p in list_checkpoints(self.run_dir)]
-
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies, or None; resolved by scanning names, not a pointer file."""
-        return find_latest(self.run_dir)
