@@ -45,7 +45,7 @@ def _read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read and check x_<split> (uint8, N x 28 x 28) and y_<split> (uint8, N) from the npz."""
     x_key, y_key = f"x_{split}", f"y_{split}"
     if not path.exists():
-        raise _fail(path, "file not found (regenerate it with `python tools/make_digits.py`)")
+        raise _fail(path, "file not found (regenerate it with `python -m tools.make_digits` in the repository)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

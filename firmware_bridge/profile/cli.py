@@ -15,7 +15,13 @@ from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECO
 
 from firmware_bridge.profile.errors import BoardUnreachable, ProfileError
 from firmware_bridge.profile.host import prepare, profile
-from firmware_bridge.profile.records import DEFAULT_BATCH, DEFAULT_STEPS, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP, ProfileRequest
+from firmware_bridge.profile.records import (
+    DEFAULT_BATCH,
+    DEFAULT_STEPS,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WARMUP,
+    ProfileRequest,
+)
 from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
 from firmware_bridge.profile.workload import PRECISION_FP32
 from firmware_bridge.wire.transport import DEFAULT_BAUD
