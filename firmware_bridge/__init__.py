@@ -7,7 +7,8 @@ Folders, bottom up:
   lossy relay that simulates a noisy UART, and the link benchmark. Imports nothing of edgetrain.
 * `telemetry/`: power, temperature and clock readers for Jetson, Raspberry Pi and Linux.
 * `profile/`: what host and board share (the workload, its training loop and weights digest) and the
-  host side of `edgetrain profile`: the session, the report, the simulated board, the CLI glue.
+  host side of `edgetrain profile`: the session and its records, the report, the simulated board, the
+  subcommand.
 * `board/`: the board agent (`edgetrain-agent`), its blob cache and its memory/power meter.
 
 The wire protocol is specified in docs/PROTOCOL.md.

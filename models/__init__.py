@@ -10,10 +10,10 @@ import onnx
 
 from edgetrain.fileio import write_atomic
 
-from .lenet import lenet5
-from .mlp import mlp_classifier
-from .mobilenetv2 import mobilenetv2_cifar
-from .resnet import cifar_resnet
+from models.lenet import lenet5
+from models.mlp import mlp_classifier
+from models.mobilenetv2 import mobilenetv2_cifar
+from models.resnet import cifar_resnet
 
 BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet8": functools.partial(cifar_resnet, 8),

@@ -13,7 +13,7 @@ from typing import NoReturn, Sequence
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
 
-from . import BUILDERS, build_model, save_model
+from models import BUILDERS, build_model, save_model
 
 PROG = "python -m models.build"
 EXIT_OK = 0

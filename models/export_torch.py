@@ -1,4 +1,4 @@
-"""Export PyTorch modules to ONNX for edgetrain, plus torchvision-style demo models.
+"""torchvision-style PyTorch demo models (ResNet-18, MobileNetV2), exported with `edgetrain.from_torch`.
 
     python -m models.export_torch --demo resnet18|mobilenetv2 --out FILE [--num-classes K]
         [--width W] [--width-mult M] [--input-size S] [--seed S]
@@ -9,21 +9,14 @@ This is the only module in models/ that imports torch.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import warnings
 from typing import Callable, NoReturn, Sequence
 
 import torch
 from torch import nn
 
-from edgetrain.fileio import write_atomic
-from .mobilenetv2 import make_divisible
-
-OPSET = 17
-BATCH_DIM = "N"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+from edgetrain import from_torch
+from models.mobilenetv2 import make_divisible
 
 RESNET18_LAYERS = (2, 2, 2, 2)
 RESNET_STEM_KERNEL = 7
@@ -50,43 +43,6 @@ MOBILENETV2_CLASSIFIER_STD = 0.01
 DEMO_IMAGE_CHANNELS = 3
 DEMO_INPUT_SIZE = 32
 DEMO_EXAMPLE_BATCH = 1
-
-
-# ---------------------------------------------------------------------- export
-def export_module(
-    module: nn.Module,
-    example_input: torch.Tensor,
-    path: str,
-    opset: int = OPSET,
-    dynamic_batch: bool = True,
-) -> None:
-    """Export module (in eval mode) to an ONNX file at path with input "input", output "logits".
-
-    Constant folding stays off: with it, torch fuses each BatchNorm into the conv before it, and the
-    exported model could no longer train BatchNorm or keep torch's parameter names.
-    """
-    was_training = module.training
-    module.eval()
-    buffer = io.BytesIO()
-    dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript exporter is deprecated but is the one that needs no onnxscript.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                module,
-                (example_input,),
-                buffer,
-                dynamo=False,
-                opset_version=opset,
-                do_constant_folding=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic_axes,
-            )
-    finally:
-        module.train(was_training)
-    write_atomic(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------ ResNet-18 (torchvision)
@@ -278,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = _demo_factories(args)[args.demo]()
     example = torch.randn(DEMO_EXAMPLE_BATCH, DEMO_IMAGE_CHANNELS, args.input_size, args.input_size)
     try:
-        export_module(module, example, args.out)
+        from_torch(module, example, args.out)
     except OSError as exc:
         print(f"{PROG}: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import onnx
 
-from .graph_builder import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, require_positive_int
+from models.graph_builder import BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, require_positive_int
 
 DEFAULT_SIZES = (784, 512, 256, 10)
 DEFAULT_HIDDEN = DEFAULT_SIZES[1:-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from .graph_builder import (
+from models.graph_builder import (
     BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, image_shape, require_positive_int,
 )
 

@@ -1,4 +1,4 @@
-"""tools/ablate_pfq.py: the CI-size eps/alpha grid writes consistent figures, a heatmap, and refuses bad input."""
+"""tools.ablate_pfq: the CI-size eps/alpha grid writes consistent figures, a heatmap, and refuses bad input."""
 import json
 import math
 import subprocess
@@ -9,20 +9,20 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "ablate_pfq.py"
+ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(*args, cwd, timeout=300):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tools.ablate_pfq", *map(str, args)], check=False,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """One --small ablation shared by the checks below (it is the slow part)."""
     tmp = tmp_path_factory.mktemp("ablate")
-    r = _run("--small", "--out", tmp / "out", cwd=tmp)
+    r = _run("--small", "--out", tmp / "out")
     assert r.returncode == 0, r.stderr
     out = tmp / "out"
     return r, out, json.loads((out / "ablate_pfq.json").read_text())
@@ -74,7 +74,7 @@ def test_heatmap_and_table(small):
     (["--model", "missing.onnx"], ["missing.onnx", "no such file"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
-    r = _run(*args, "--small", "--out", tmp_path / "out", cwd=tmp_path, timeout=120)
+    r = _run(*args, "--small", "--out", tmp_path / "out", timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ablate_pfq: error:"), r.stderr

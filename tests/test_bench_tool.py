@@ -1,4 +1,4 @@
-"""tools/bench.py and tools/bench_step.py: FracTrain mixes and their BitOPs, bad input, the cold-start child.
+"""tools.bench and tools.bench_step: FracTrain mixes and their BitOPs, bad input, the cold-start child.
 
 Small and real: tiny models through the real training step; no speed is asserted (shared machines).
 """
@@ -9,13 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-sys.path.insert(0, str(TOOLS))  # tools/ is no package: its modules are imported by path
-
-import bench
-import bench_step
-
 from edgetrain.errors import EdgetrainError
+from tools import bench, bench_step
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {"num_classes": 10, "in_channels": 1, "input_size": 12, "width": 8}  # a ResNet-8 that steps in ms
 
@@ -77,8 +74,8 @@ def test_parse_mix_rejects_bad_input_in_one_line(text, words):
     (["--rounds", "0"], "bench: --rounds must be at least 1"),
 ])
 def test_command_line_rejects_bad_input_with_one_line_exit(argv, words):
-    r = subprocess.run([sys.executable, str(TOOLS / "bench.py"), *argv, "--no-cold-start"], check=False,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "tools.bench", *argv, "--no-cold-start"], check=False,
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr
 

@@ -143,10 +143,10 @@ def test_resnet_gateable_layers_exclude_stem_and_classifier() -> None:
 # ------------------------------------------------------------------------------ torch exports
 def _export(module: object, tmp_path: object, name: str) -> Graph:
     torch = pytest.importorskip("torch")
-    from models.export_torch import export_module
+    from edgetrain import from_torch
 
     path = str(tmp_path / f"{name}.onnx")
-    export_module(module, torch.randn(1, 3, 32, 32), path)
+    from_torch(module, torch.randn(1, 3, 32, 32), path)
     return load_graph(path)
 
 

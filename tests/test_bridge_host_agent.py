@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 import models
-from firmware_bridge.profile.cli import main as cli_main
+from edgetrain.cli.main import main as cli_main
 from firmware_bridge.wire.frame import encode_frame, max_frame_len
-from firmware_bridge.profile.host import ProfileRequest, profile
+from firmware_bridge.profile.host import profile
+from firmware_bridge.profile.records import ProfileRequest
 from firmware_bridge.wire.link import Link
 from firmware_bridge.wire.messages import Message, MsgType, encode_payload
 from firmware_bridge.profile.errors import BoardUnreachable

@@ -19,7 +19,6 @@ import edgetrain.cli.main
 import models
 from edgetrain.errors import DataError, ModelError
 from firmware_bridge.board.cache import BlobCache, CacheError
-from firmware_bridge.profile.cli import add_agent_entry, add_profile_command
 from firmware_bridge.profile.errors import ProfileError, WorkloadError
 from firmware_bridge.profile.report import latency_table, write_latency_table
 from firmware_bridge.profile.workload import (
@@ -145,12 +144,9 @@ def test_training_stops_when_asked(lenet_blob: bytes) -> None:
     assert run.cancelled and run.completed_steps == 2
 
 
-def test_precision_is_passed_through_only_when_the_engine_has_it(lenet_blob: bytes) -> None:
+def test_precision_is_passed_through_to_the_engine(lenet_blob: bytes) -> None:
     model = load_model(lenet_blob)
     apply_precision(model, "fp32")
-    if not hasattr(model, "set_precision"):
-        with pytest.raises(WorkloadError, match="integer engine"):
-            apply_precision(model, "8/8")
     seen: list[str] = []
     model.set_precision = seen.append  # type: ignore[attr-defined]
     apply_precision(model, "8/8")
@@ -292,7 +288,8 @@ def test_profile_is_wired_into_edgetrains_cli(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err == f"edgetrain: error: {tmp_path / 'nope.onnx'}: no such file\n"
     assert edgetrain.cli.main.main(["profile", "m.onnx", "--steps", "x"]) == 2
     assert "positive integer" in capsys.readouterr().err
-    assert add_agent_entry() == {"edgetrain-agent": "firmware_bridge.board.agent:main"}
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'edgetrain-agent = "firmware_bridge.board.agent:main"' in pyproject
 
 
 def test_agent_with_a_bad_port_says_one_line_and_exits_2(tmp_path: Path) -> None:
@@ -309,7 +306,8 @@ def test_differing_digests_are_reported_and_exit_1(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lenet_blob: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from firmware_bridge.profile import cli as bridge_cli
-    from firmware_bridge.profile.host import BoardRun, ProfileRequest, prepare
+    from firmware_bridge.profile.host import prepare
+    from firmware_bridge.profile.records import BoardRun, ProfileRequest
     from firmware_bridge.profile.report import build_report, format_markdown
 
     model_file = tmp_path / "m.onnx"
@@ -331,5 +329,6 @@ def test_differing_digests_are_reported_and_exit_1(
     assert "**DIGESTS DIFFER**" in markdown and "energy: not measured" in markdown
 
     monkeypatch.setattr(bridge_cli, "profile", lambda request, prepared=None: report)
-    assert bridge_cli.main(["profile", str(model_file), "--port", "loop://", "--out", str(tmp_path / "out")]) == 1
+    argv = ["profile", str(model_file), "--port", "loop://", "--out", str(tmp_path / "out")]
+    assert edgetrain.cli.main.main(argv) == 1
     assert "DIGESTS DIFFER" in capsys.readouterr().out

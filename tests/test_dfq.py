@@ -356,13 +356,13 @@ def test_cli_dfq_train_info_export(tmp_path):
 
 
 def test_fractrain_experiment_small_form(tmp_path):
-    """tools/fractrain_experiment.py --small: every row trains, the table, JSON and plot are written."""
+    """tools.fractrain_experiment --small: every row trains, the table, JSON and plot are written."""
     import json
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--small", "--out", str(tmp_path), "--json"],
-                       capture_output=True, text=True)
+    tool = [sys.executable, "-m", "tools.fractrain_experiment"]
+    r = subprocess.run(tool + ["--small", "--out", str(tmp_path), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = {row["row"]: row for row in json.loads(r.stdout)["rows"]}
     assert set(rows) == {"fp32", "static", "pfq", "dfq", "fractrain"}
@@ -373,11 +373,9 @@ def test_fractrain_experiment_small_form(tmp_path):
     assert all(0 <= row["test_accuracy"] <= 1 and row["peak_rss_mb"] > 0 for row in rows.values())
     assert set(rows["dfq"]["runs"][0]["test_choices"]) == {"block0", "block1", "block2"}
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
-    bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--rows", "fp32,sgd", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(tool + ["--rows", "fp32,sgd", "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sgd" in bad.stderr
-    bad = subprocess.run([sys.executable, "tools/fractrain_experiment.py", "--switch-at", "0.5,0.25"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(tool + ["--switch-at", "0.5,0.25"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--switch-at" in bad.stderr
 
 
@@ -385,10 +383,8 @@ def test_fractrain_experiment_row_configs(tmp_path):
     """Timed rows take the time target and the latency table; FracTrain's targets keep CIFAR's ratios to the
     final one; --switch-at puts PFQ and FracTrain in manual mode at shares of the budget."""
     import argparse
-    import sys
 
-    sys.path.insert(0, "tools")
-    import fractrain_experiment as fx
+    from tools import fractrain_experiment as fx
 
     table = tmp_path / "t.json"
     table.write_text("{}")

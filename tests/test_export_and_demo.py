@@ -42,15 +42,21 @@ def test_export_after_training_matches_engine_in_onnxruntime(tmp_path):
     assert [n.name for n in onnx.load(str(path)).graph.node] == [n.name for n in src.graph.node]
 
 
+def test_import_edgetrain_does_not_import_torch():
+    """PyTorch is an optional extra: edgetrain.from_torch imports it when called, not before."""
+    code = "import sys, edgetrain; assert callable(edgetrain.from_torch); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_export_of_torch_model_with_aliased_initializers(tmp_path):
     torch = pytest.importorskip("torch")
-    from models.export_torch import export_module
-
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                  torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
     src = tmp_path / "src.onnx"
-    export_module(module, torch.randn(2, 3, 8, 8), str(src))
+    edgetrain.from_torch(module, torch.randn(2, 3, 8, 8), str(src))
     model = edgetrain.load(src)
     x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
     model.loss_and_grad(x, np.array([0, 1, 1, 0]))  # moves the running statistics apart from the BN affine

@@ -234,7 +234,7 @@ ACCURACY_BATCH = 64
 
 
 def _train_digits(name, precision, **kwargs):
-    from edgetrain.datasets import load_digits
+    from edgetrain.data import load_digits
     from edgetrain.train.optim import SGD
     from edgetrain.train.schedules import make_schedule
     from edgetrain.train.loop import accuracy, fit

@@ -83,7 +83,8 @@ def test_shipped_model_gradients_match_finite_differences(name):
 
 # --- models exported by PyTorch ---------------------------------------------------------------
 torch = pytest.importorskip("torch")
-from models.export_torch import export_module, torch_mobilenetv2, torch_resnet18  # noqa: E402
+from edgetrain import from_torch  # noqa: E402
+from models.export_torch import torch_mobilenetv2, torch_resnet18  # noqa: E402
 
 # (builder, input batch shape): MobileNetV2 at 64x64 so its last BatchNorms see 2x2 pixels, not one.
 TORCH_MODELS = {
@@ -108,7 +109,7 @@ def exported(request, tmp_path_factory):
     x = torch.randn(*shape)
     _settle_batchnorm(module, x)
     path = str(tmp_path_factory.mktemp("torch") / f"{request.param}.onnx")
-    export_module(module, x, path)
+    from_torch(module, x, path)
     return request.param, module, path, shape
 
 

@@ -263,7 +263,8 @@ def _calibrate_batchnorm(module: "torch.nn.Module", x: "torch.Tensor") -> None:
 @pytest.mark.parametrize("demo", ["resnet18", "mobilenetv2"])
 def test_torch_export_matches_onnxruntime(demo: str, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from models.export_torch import export_module, torch_mobilenetv2, torch_resnet18
+    from edgetrain import from_torch
+    from models.export_torch import torch_mobilenetv2, torch_resnet18
 
     torch.manual_seed(0)
     module = torch_resnet18(NUM_CLASSES, width=8) if demo == "resnet18" else torch_mobilenetv2(NUM_CLASSES, 0.25)
@@ -272,7 +273,7 @@ def test_torch_export_matches_onnxruntime(demo: str, tmp_path: Path) -> None:
     path = str(tmp_path / f"{demo}.onnx")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export_module(module, x[:1], path)
+        from_torch(module, x[:1], path)
     assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
     assert module.training  # export must restore the caller's mode
     module.eval()

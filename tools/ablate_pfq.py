@@ -1,6 +1,6 @@
 """PFQ eps/alpha ablation: does FracTrain's turning-point rule care which eps and alpha it is given?
 
-    python tools/ablate_pfq.py [--model shipped|NAME|FILE.onnx] [--data digits] [--steps 600] [--period 25]
+    python -m tools.ablate_pfq [--model shipped|NAME|FILE.onnx] [--data digits] [--steps 600] [--period 25]
                                [--eps 0.02,0.05,0.1,0.15,0.3] [--alpha 0.1,0.3,0.5,1.0] [--seed 0]
                                [--out pfq-ablation] [--json] [--small]
 
@@ -34,21 +34,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import models  # noqa: E402
-from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.train.config import TrainConfig  # noqa: E402
-from edgetrain.errors import EdgetrainError  # noqa: E402
-from edgetrain.fileio import write_atomic  # noqa: E402
-from edgetrain.precision.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,  # noqa: E402
+import models
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
+from edgetrain.train.config import TrainConfig
+from edgetrain.errors import EdgetrainError
+from edgetrain.fileio import write_atomic
+from edgetrain.precision.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,
                            DEFAULT_WINDOW)
-from edgetrain.precision.spec import parse_precision  # noqa: E402
-from edgetrain.cli.plot import pyplot  # noqa: E402
-from edgetrain.train.trainer import clear_run_dir  # noqa: E402
+from edgetrain.precision.spec import parse_precision
+from edgetrain.cli.plot import pyplot
+from edgetrain.train.trainer import clear_run_dir
 
 PROG = "ablate_pfq"
 EXIT_USER_ERROR = 2

@@ -1,6 +1,6 @@
 """Training throughput, FracTrain's step time against its BitOPs, peak memory and cold start, in one run.
 
-    python tools/bench.py [--rounds 5] [--steps 3] [--warmup 2] [--threads 2] [--json] [--out FILE]
+    python -m tools.bench [--rounds 5] [--steps 3] [--warmup 2] [--threads 2] [--json] [--out FILE]
                           [--cases resnet20-b128,resnet20-b32,resnet8-b128,mlp-b128] [--backends numba]
                           [--mixes 3/6 0:0.5,6/8:0.5 | --no-fractrain] [--no-fp32] [--profile]
                           [--no-cold-start | --cold-start-model resnet20 --cold-start-batch 128 --fresh-cache]
@@ -120,19 +120,17 @@ def _limit_threads(threads: int):
 def worker(path: str, case: str, threads: int) -> int:
     """Set one path up, then answer commands on stdin: run n steps, profile, quit."""
     _, name, batch, shape = CASES[case]
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, HERE)
     kernel_backend = None
     model = None
     if path == "torch":
         import torch
 
         torch.set_num_threads(threads)
-        from bench_step import make_torch_step
+        from tools.bench_step import make_torch_step
         step = make_torch_step(name, batch, shape)
     else:
         _limits = _limit_threads(threads)  # kept for the worker's lifetime
-        from bench_step import make_edgetrain_step, parse_mix
+        from tools.bench_step import make_edgetrain_step, parse_mix
 
         from edgetrain import kernels
         mix = None
@@ -156,7 +154,7 @@ def worker(path: str, case: str, threads: int) -> int:
                 times.append(time.perf_counter() - t)
             extra = {}
             if model is not None and times:
-                from bench_step import step_bitops
+                from tools.bench_step import step_bitops
                 extra["bitops"] = step_bitops(model)  # the same every step: fixed precision, forced mix
             _reply(times=times, **extra)
         elif cmd["cmd"] == "profile":
@@ -189,11 +187,9 @@ def _profile(step, model) -> dict:
 def cold_start_child(name: str, batch: int, threads: int) -> int:
     """One new process: import, build `name` at 8/8, one training step; reply with wall-clock marks."""
     t_start = time.time()
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, HERE)
     _limits = _limit_threads(threads)  # the same threads as the workers
     # timed as imports: bench_step imports edgetrain (numpy, numba, onnx, the kernels) and models
-    from bench_step import make_edgetrain_step
+    from tools.bench_step import make_edgetrain_step
     t_import = time.time()
     step, _ = make_edgetrain_step(name, batch, SHAPES[name], "8/8")
     t_build = time.time()
@@ -212,7 +208,7 @@ class Worker:
     def __init__(self, path: str, case: str, threads: int, env: dict | None = None):
         self.path = path
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", path, "--case", case, "--threads", str(threads)],
+            [sys.executable, "-m", "tools.bench", "--worker", path, "--case", case, "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
         self.info = self.read()
 
@@ -326,7 +322,7 @@ def run_cold_start(name: str, batch: int, threads: int, cache_dir: str | None = 
     if cache_dir:
         env["NUMBA_CACHE_DIR"] = cache_dir
     before = numba_cache_state(cache_dir or os.environ.get("NUMBA_CACHE_DIR"))
-    cmd = [sys.executable, os.path.abspath(__file__), "--cold-start-child", name,
+    cmd = [sys.executable, "-m", "tools.bench", "--cold-start-child", name,
            "--cold-start-batch", str(batch), "--threads", str(threads)]
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
@@ -459,8 +455,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
     if args.warmup < 0:
         raise SystemExit(f"bench: --warmup must be at least 0, got {args.warmup}")
     mixes = [] if args.no_fractrain else [m.strip() for m in args.mixes]
-    sys.path.insert(0, HERE)
-    from bench_step import parse_mix
+    from tools.bench_step import parse_mix
     try:
         for m in mixes:
             parse_mix(m)

@@ -4,7 +4,7 @@ For every conv shape it times forward, backward-data and backward-weight of the 
 and a NumPy float32 matmul of the same im2col GEMM (the float side gets its im2col for free, so
 the comparison flatters float), and estimates one ResNet-20 training step's conv time.
 
-    python tools/bench_kernels.py [--batch 128] [--bits 8] [--repeats 5] [--rounds 3] [--json] [--torch]
+    python -m tools.bench_kernels [--batch 128] [--bits 8] [--repeats 5] [--rounds 3] [--json] [--torch]
 
 GOP/s counts 2 operations per multiply-accumulate. Each figure is the best of `--repeats` calls
 in each of `--rounds` passes, because other processes on a small machine only ever make a run
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from edgetrain import kernels  # noqa: E402
+from edgetrain import kernels
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Training-step throughput: edgetrain's integer path (8/8) and fp32 path against PyTorch fp32.
 
-    python tools/bench_step.py [--steps 10] [--warmup 3] [--threads 2] [--json]
+    python -m tools.bench_step [--steps 10] [--warmup 3] [--threads 2] [--json]
 
 Every figure comes from this one run on this machine: images/s from the median step time, and each
 edgetrain path as a ratio to PyTorch fp32 at the same model, batch and thread count. Paths run one
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import edgetrain  # noqa: E402
-from models import build_model  # noqa: E402
+import edgetrain
+from models import build_model
 
 CASES = [  # (label, builder name, batch, input shape per sample)
     ("ResNet-20 b128", "resnet20", 128, (3, 32, 32)),

@@ -1,7 +1,7 @@
 """FracTrain's experiment on one model and data set: fp32, static 8/8 (SBM), PFQ, DFQ and FracTrain.
 
-    python tools/fractrain_experiment.py [--model resnet8] [--steps 600] [--out fractrain-experiment]
-    python tools/fractrain_experiment.py --small        # the CI form: a few steps, the same table
+    python -m tools.fractrain_experiment [--model resnet8] [--steps 600] [--out fractrain-experiment]
+    python -m tools.fractrain_experiment --small        # the CI form: a few steps, the same table
 
 Every row trains the same model from the same seed on the same batches for the same number of
 steps, each in its own process (so peak memory is that row's), then evaluates on the test split.
@@ -29,14 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
-from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES  # noqa: E402
-from edgetrain.errors import EdgetrainError  # noqa: E402
-from edgetrain.fileio import write_atomic  # noqa: E402
-from edgetrain.precision.fractrain import DEFAULT_TARGETS  # noqa: E402
+from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
+from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES
+from edgetrain.errors import EdgetrainError
+from edgetrain.fileio import write_atomic
+from edgetrain.precision.fractrain import DEFAULT_TARGETS
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
@@ -151,7 +148,7 @@ CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", 
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--row", row]
+    cmd = [sys.executable, "-m", "tools.fractrain_experiment", "--row", row]
     for name in CHILD_OPTIONS:
         value = getattr(args, name)
         if value is not None:

@@ -1,6 +1,6 @@
 """Regenerate the shipped demo model: LeNet-5 trained in fp32 on the shipped (upright) digits.
 
-    python tools/make_demo_model.py [--out edgetrain/assets/lenet5_digits.onnx] [--epochs 6] [--seed 0]
+    python -m tools.make_demo_model [--out edgetrain/assets/lenet5_digits.onnx] [--epochs 6] [--seed 0]
 
 The demo then fine-tunes it on a shifted domain (rotated digits), so it has to start from a model that
 already knows the upright ones.
@@ -11,14 +11,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import edgetrain  # noqa: E402
-from edgetrain.datasets import load_digits  # noqa: E402
-from edgetrain.export import export_onnx  # noqa: E402
-from edgetrain.train.optim import SGD  # noqa: E402
-from edgetrain.train.loop import accuracy, fit  # noqa: E402
-from models import build_model  # noqa: E402
+import edgetrain
+from edgetrain.data import load_digits
+from edgetrain.export import export_onnx
+from edgetrain.train.optim import SGD
+from edgetrain.train.loop import accuracy, fit
+from models import build_model
 
 DEFAULT_OUT = os.path.join("edgetrain", "assets", "lenet5_digits.onnx")
 BATCH_SIZE = 64

@@ -11,7 +11,7 @@ x_test uint8 (1000,28,28), y_test uint8 (1000,). The split is stratified (100 te
 per class when every class has more than 100, else proportional to the class counts) and
 deterministic from SEED; each split is then shuffled with the same generator.
 
-Usage: python tools/make_digits.py [--out PATH] [--seed N]
+Usage: python -m tools.make_digits [--out PATH] [--seed N]
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ from edgetrain.data.dataset import Dataset, Split
 from edgetrain.data.digits import DIGITS_MEAN, DIGITS_PATH, DIGITS_STD, load_digits
 from edgetrain.data.holdout import stratified_holdout
 from edgetrain.data.loader import Loader, iterate_eval
+from edgetrain.data.normalize import channel_stats, normalize_split
 from edgetrain.data.safe_pickle import load_safe, loads_safe
 from edgetrain.data.sources import KINDS, load_data, parse_spec
-from edgetrain.data.transforms import Augment, channel_stats, normalize_split
+from edgetrain.data.transforms import Augment
 
 __all__ = [
     "Augment", "DIGITS_MEAN", "DIGITS_PATH", "DIGITS_STD", "Dataset", "KINDS", "Loader", "Split",

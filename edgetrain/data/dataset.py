@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgetrain.data.transforms import Augment
 from edgetrain.errors import DataError
-
-if TYPE_CHECKING:
-    from edgetrain.data.transforms import Augment
 
 
 @dataclass(frozen=True, eq=False)

@@ -39,7 +39,7 @@ def _read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read and check x_<split> (uint8, N x 28 x 28) and y_<split> (uint8, N) from the npz."""
     x_key, y_key = f"x_{split}", f"y_{split}"
     if not path.exists():
-        raise _fail(path, "file not found (regenerate it with `python tools/make_digits.py`)")
+        raise _fail(path, "file not found (regenerate it with `python -m tools.make_digits` in the repository)")
     try:
         x, y = read_npz(path, (x_key, y_key)).values()
     except NpzError as exc:

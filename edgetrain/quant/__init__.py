@@ -4,8 +4,8 @@
 with nearest or stochastic rounding; see `quantizer` for the conventions and `rng` for the
 counter-based generator behind stochastic rounding.
 """
-from edgetrain.quant.qtensor import MAX_BITS, QTensor, qrange, storage_dtype
-from edgetrain.quant.quantizer import ROUNDINGS, QuantStats, RunningRange, channel_range, compute_scale, quantize, scale_from_range
+from edgetrain.quant.qtensor import MAX_BITS, QTensor, QuantStats, qrange, storage_dtype
+from edgetrain.quant.quantizer import ROUNDINGS, RunningRange, channel_range, compute_scale, quantize, scale_from_range
 from edgetrain.quant.rng import RngKey, random_bits, stream_seed, uniform
 
 __all__ = [

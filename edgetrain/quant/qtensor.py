@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from edgetrain.quant.quantizer import QuantStats
 
 MIN_BITS_SIGNED = 2  # 1-bit signed would be {0} with a symmetric range
 MIN_BITS_UNSIGNED = 1
@@ -40,6 +36,15 @@ def storage_dtype(bits: int, signed: bool = True) -> np.dtype:
     return np.dtype(np.uint8 if bits <= 8 else np.uint16)
 
 
+@dataclass(frozen=True)
+class QuantStats:
+    """What one quantisation saw: element count, how many were clipped, the largest |x|."""
+
+    elements: int
+    saturated: int
+    observed_max: float
+
+
 @dataclass
 class QTensor:
     """Fixed-point tensor: integers `q` and a float32 `scale` (a scalar, or one per index of `axis`).
@@ -53,7 +58,7 @@ class QTensor:
     bits: int
     signed: bool = True
     axis: int | None = None
-    stats: "QuantStats | None" = field(default=None, compare=False, repr=False)
+    stats: QuantStats | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         want = storage_dtype(self.bits, self.signed)

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.threads import threads_for
-from edgetrain.quant.qtensor import QTensor, check_bits, qrange, storage_dtype
+from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
 from edgetrain.quant.rng import RngKey, _uniform, stream_seed
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -32,19 +32,6 @@ _PIECE = 1 << 15  # elements per parallel work item
 # Elementwise work is cheap per element, so it goes parallel only from this many elements on.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a power of two
-
-
-@dataclass(frozen=True)
-class QuantStats:
-    """What one quantisation saw: element count, how many were clipped, the largest |x|."""
-
-    elements: int
-    saturated: int
-    observed_max: float
-
-    @property
-    def saturated_fraction(self) -> float:
-        return self.saturated / self.elements if self.elements else 0.0
 
 
 @dataclass

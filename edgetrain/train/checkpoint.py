@@ -55,7 +55,6 @@ FILE_MODE = 0o644
 Value = Union[np.ndarray, np.generic, int, float, bool, str]
 SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # checked in this order: bool is an int
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
-RNG_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")  # what unpack_generator rebuilds
 
 
 class CheckpointError(EdgetrainError):
@@ -109,37 +108,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return h.hexdigest()
-
-
-# -- random generators ---------------------------------------------------------------------------
-
-
-def pack_generator(gen: np.random.Generator) -> np.ndarray:
-    """A NumPy Generator's exact state as a uint8 array (JSON), for the rng_state part."""
-    state = gen.bit_generator.state
-    text = json.dumps(state, default=lambda a: {"__array__": a.tolist(), "dtype": a.dtype.str}, sort_keys=True)
-    return np.frombuffer(text.encode(), dtype=np.uint8).copy()
-
-
-def unpack_generator(packed: np.ndarray) -> np.random.Generator:
-    """Rebuild the Generator that pack_generator saved; it continues the same stream."""
-    def arrays(obj):
-        return np.array(obj["__array__"], dtype=obj["dtype"]) if "__array__" in obj else obj
-
-    try:
-        state = json.loads(np.asarray(packed, dtype=np.uint8).tobytes().decode(), object_hook=arrays)
-        kind = state["bit_generator"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"random generator state: not a packed generator ({exc})") from None
-    if kind not in RNG_BIT_GENERATORS:
-        raise CheckpointError(f"random generator state: bit generator '{kind}' is not one of "
-                              f"{', '.join(RNG_BIT_GENERATORS)}")
-    bit_gen = getattr(np.random, kind)()
-    try:
-        bit_gen.state = state
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"random generator state: invalid {kind} state ({exc})") from None
-    return np.random.Generator(bit_gen)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -410,11 +378,3 @@ class CheckpointManager:
         for path in older[:-self.keep]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-    def checkpoints(self) -> list[Path]:
-        """Paths of the checkpoint files in the run folder, oldest first (not verified)."""
-        return [p for _, p in list_checkpoints(self.run_dir)]
-
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies, or None; resolved by scanning names, not a pointer file."""
-        return find_latest(self.run_dir)

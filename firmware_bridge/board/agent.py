@@ -42,7 +42,6 @@ from typing import Any
 import serial
 
 from edgetrain.errors import DataError, EdgetrainError, ModelError
-from edgetrain.model import Model
 
 from firmware_bridge.board.cache import BlobCache, default_cache_dir
 from firmware_bridge.wire.errors import FrameTooLarge, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
@@ -192,7 +191,7 @@ def board_capabilities(telemetry_root: str | Path = "/") -> dict[str, Any]:
         "telemetry": sorted(probe(telemetry_root).found),
         "formats": list(BLOB_FORMATS),
         "tasks": [TASK_TRAIN],
-        "integer_engine": callable(getattr(Model, "set_precision", None)),
+        "integer_engine": True,  # every edgetrain since the integer engine; kept in HELLO for hosts that ask
         **engine_info(),
     }
 

@@ -1,12 +1,7 @@
-"""Command-line glue: the `edgetrain profile` subcommand and the `edgetrain-agent` entry point.
+"""The `edgetrain profile` subcommand: its arguments and what it runs.
 
-edgetrain's own CLI owns the top-level parser; it wires these in with::
-
-    from firmware_bridge.profile.cli import add_profile_command
-    add_profile_command(sub)            # in edgetrain.cli.main.build_parser
-
-and pyproject.toml gets the console script that `add_agent_entry()` returns. Until then,
-`python -m firmware_bridge.profile.cli profile ...` runs the same subcommand with the same error handling.
+edgetrain's own CLI owns the top-level parser and its error handling; `edgetrain.cli.main.build_parser` adds
+this subcommand with `add_profile_command(sub)`. Nothing here imports that CLI back.
 """
 
 from __future__ import annotations
@@ -18,17 +13,21 @@ from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECONDS, PROBABILITY
 
-
-from firmware_bridge.profile.host import DEFAULT_BATCH, DEFAULT_STEPS, DEFAULT_TIMEOUT_S, DEFAULT_WARMUP, ProfileRequest, prepare, profile
 from firmware_bridge.profile.errors import BoardUnreachable, ProfileError
+from firmware_bridge.profile.host import prepare, profile
+from firmware_bridge.profile.records import (
+    DEFAULT_BATCH,
+    DEFAULT_STEPS,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WARMUP,
+    ProfileRequest,
+)
 from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
-from firmware_bridge.wire.transport import DEFAULT_BAUD
 from firmware_bridge.profile.workload import PRECISION_FP32
+from firmware_bridge.wire.transport import DEFAULT_BAUD
 
-__all__ = ["add_agent_entry", "add_profile_command", "main", "run_profile_command"]
+__all__ = ["add_profile_command", "run_profile_command"]
 
-AGENT_SCRIPT = "edgetrain-agent"
-AGENT_ENTRY_POINT = "firmware_bridge.board.agent:main"
 DEFAULT_OUT = "edgetrain-profile"
 EXIT_OK = 0
 EXIT_DIGESTS_DIFFER = 1
@@ -71,19 +70,6 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
     parser.set_defaults(func=run_profile_command)
     return parser
-
-
-def add_agent_entry(subparsers: Any = None) -> dict[str, str]:
-    """Return the console script to declare for the agent; with `subparsers`, also add `edgetrain agent`."""
-    if subparsers is not None:
-        from firmware_bridge.board.agent import build_parser as agent_parser
-        from firmware_bridge.board.agent import main as agent_main
-
-        parser = subparsers.add_parser("agent", help="serve profiling workloads on this board (edgetrain-agent)",
-                                       add_help=False)
-        parser.add_argument("agent_args", nargs=argparse.REMAINDER, help=agent_parser().format_usage())
-        parser.set_defaults(func=lambda args: agent_main(args.agent_args))
-    return {AGENT_SCRIPT: AGENT_ENTRY_POINT}
 
 
 def _check_target(args: argparse.Namespace) -> None:
@@ -155,14 +141,3 @@ def run_profile_command(args: argparse.Namespace) -> int:
         if "note" in written:
             print(written["note"])
     return EXIT_OK if report["digest"]["agree"] else EXIT_DIGESTS_DIFFER
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone `python -m firmware_bridge.profile.cli profile ...`: the same as `edgetrain profile ...`."""
-    from edgetrain.cli.main import main as edgetrain_main
-
-    return edgetrain_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

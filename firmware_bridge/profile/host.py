@@ -16,7 +16,6 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import serial
@@ -29,27 +28,28 @@ from firmware_bridge.wire.errors import LinkTimeout, PeerGone, ProtocolError, Pr
 from firmware_bridge.wire.link import Link
 from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, DATA_FORMAT, Message, MsgType
 from firmware_bridge.profile.errors import BoardRefused, BoardUnreachable, ProfileError, WorkloadError
+from firmware_bridge.profile.records import (
+    DEFAULT_BATCH,
+    DEFAULT_TIMEOUT_S,
+    BoardRun,
+    Prepared,
+    ProfileRequest,
+)
 from firmware_bridge.profile.report import build_report
 from firmware_bridge.wire.transport import DEFAULT_BAUD, open_port
 from firmware_bridge.profile.workload import (
-    PRECISION_FP32,
     TrainingData,
     TrainingRun,
     Workload,
     check_model_fits,
     check_precision,
     load_model,
-    precision_supported,
     sha256_hex,
     train,
 )
 
 __all__ = [
     "BoardClient",
-    "BoardRun",
-    "DEFAULT_TIMEOUT_S",
-    "Prepared",
-    "ProfileRequest",
     "prepare",
     "profile",
     "run_locally",
@@ -58,10 +58,6 @@ __all__ = [
 
 HOST_NAME = "edgetrain-profile"
 AGENT_NAME = "edgetrain-agent"
-DEFAULT_TIMEOUT_S = 10.0
-DEFAULT_STEPS = 20
-DEFAULT_WARMUP = 3
-DEFAULT_BATCH = 8
 # Half the timeout to notice a silent board, half to find it again before giving up.
 DETECT_FRACTION = 0.5
 # A profile restarts at most this often after the board was lost and found again.
@@ -87,21 +83,6 @@ class _Lost(Exception):
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-@dataclass
-class BoardRun:
-    """What the board returned, and how getting it went."""
-
-    capabilities: dict[str, Any]
-    result: dict[str, Any]
-    uploaded: bool
-    data_uploaded: bool | None
-    upload_bytes: int
-    restarts: int
-    telemetry: list[dict[str, Any]]
-    link: dict[str, Any]
-    seconds: float
 
 
 class BoardClient:
@@ -362,38 +343,6 @@ class BoardClient:
 # ----------------------------------------------------------------------------------------- profiling
 
 
-@dataclass
-class ProfileRequest:
-    """Everything `edgetrain profile` was asked to do."""
-
-    model: str
-    port: str
-    baud: int = DEFAULT_BAUD
-    batch_size: int | None = None
-    steps: int = DEFAULT_STEPS
-    warmup: int = DEFAULT_WARMUP
-    precision: str = PRECISION_FP32
-    seed: int = 0
-    data: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    progress: bool = True
-    on_progress: Callable[[int, int], None] | None = None
-
-
-@dataclass
-class Prepared:
-    """The request checked and loaded: model bytes and hash, workload, data, layer summary."""
-
-    model_blob: bytes
-    model_sha: str
-    workload: Workload
-    summary: dict[str, Any]
-    data_blob: bytes | None = None
-    data_sha: str | None = None
-    data: TrainingData | None = None
-    workload_id: str = field(default_factory=lambda: f"profile-{secrets.token_hex(4)}")
-
-
 def _read(path: str, error: type[EdgetrainError]) -> bytes:
     if not os.path.exists(path):
         raise error(f"{path}: no such file")
@@ -419,11 +368,6 @@ def prepare(request: ProfileRequest) -> Prepared:
     blob = _read(request.model, ModelError)
     model = load_model(blob, seed=request.seed, where=request.model)
     check_precision(request.precision)
-    if not precision_supported(model, request.precision):
-        raise WorkloadError(
-            f"precision '{request.precision}' needs the integer engine (Model.set_precision), which this "
-            "edgetrain lacks; use fp32"
-        )
     data_blob = data_sha = data = None
     if request.data is not None:
         data_blob = _read(request.data, DataError)

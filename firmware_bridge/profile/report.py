@@ -16,16 +16,13 @@ import datetime
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgetrain.fileio import write_atomic
 
 from firmware_bridge.profile.errors import ProfileError
-from firmware_bridge.profile.workload import engine_info
-
-if TYPE_CHECKING:
-    from firmware_bridge.profile.host import BoardRun, Prepared, ProfileRequest
-    from firmware_bridge.profile.workload import TrainingRun
+from firmware_bridge.profile.records import BoardRun, Prepared, ProfileRequest
+from firmware_bridge.profile.workload import TrainingRun, engine_info
 
 __all__ = [
     "REPORT_SCHEMA",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
+import numba
 import numpy as np
 import onnx
 
@@ -48,7 +49,6 @@ __all__ = [
     "load_model",
     "num_classes",
     "parse_onnx",
-    "precision_supported",
     "sha256_hex",
     "synthetic_batches",
     "train",
@@ -91,10 +91,7 @@ def engine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    with contextlib.suppress(ImportError):
-        import numba
-
-        info["numba"] = numba.__version__
+    info["numba"] = numba.__version__
     return info
 
 
@@ -304,23 +301,13 @@ def check_model_fits(model: Model, workload: Workload) -> int:
     return num_classes(model)
 
 
-def precision_supported(model: Model, spec: str) -> bool:
-    """Return True if `model` can run at precision `spec` (fp32 always; others need set_precision)."""
-    return spec == PRECISION_FP32 or callable(getattr(model, "set_precision", None))
-
-
 def apply_precision(model: Model, spec: str) -> None:
     """Switch `model` to precision `spec`; fp32 is the engine's default and needs no call."""
     check_precision(spec)
     if spec == PRECISION_FP32:
         return
-    if not precision_supported(model, spec):
-        raise WorkloadError(
-            f"precision '{spec}' needs the integer engine (Model.set_precision), which this edgetrain lacks; "
-            "use fp32"
-        )
     try:
-        model.set_precision(spec)  # type: ignore[attr-defined]
+        model.set_precision(spec)
     except (EdgetrainError, ValueError, TypeError) as exc:
         raise WorkloadError(f"precision '{spec}': {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
