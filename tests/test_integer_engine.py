@@ -6,8 +6,15 @@ import pytest
 import edgetrain
 import models
 from edgetrain.quant import mac as qops
+from edgetrain.kernels.rescale import rescaled
+from edgetrain.ops.base import Run
 from edgetrain.ops.conv import Conv
 from edgetrain.ops.linear import Gemm
+
+
+def _rescaled(acc, rescale):
+    """The exact sums as the production kernels return them: as they are, or rescaled to floats."""
+    return acc if rescale is None else rescaled(acc, rescale)
 
 
 class _Float64Kernels:
@@ -15,6 +22,8 @@ class _Float64Kernels:
 
     Integer operands below 2^53 make every float64 product and partial sum exact here, so this is an
     independent exact implementation: the float Conv op's im2col and BLAS, not the Numba kernels.
+    `rescale=` is honoured as the production kernels do (the exact sums times the scales through
+    `kernels.rescale`), so the engine under test takes the path it takes in production.
     """
 
     def __init__(self, node):
@@ -28,19 +37,19 @@ class _Float64Kernels:
                  "kernel_shape": list(w_shape[2:])}
         return Conv(Node("sim", "Conv", ["x", "w"], ["y"], attrs), 17)
 
-    def conv2d_forward(self, xq, wq, bounds=None, **args):
-        y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], False)
-        return y[0]
+    def conv2d_forward(self, xq, wq, bounds=None, rescale=None, **args):
+        y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], Run(False))
+        return _rescaled(y[0], rescale)
 
     def conv2d_backward_weight(self, dyq, xq, w_shape, bounds=None, **args):
         conv = self._conv(args, w_shape)
-        _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], True)
-        return conv.backward(ctx, [dyq.astype(np.float64)])[1]
+        _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], Run(True))
+        return conv.backward(ctx, [dyq.astype(np.float64)], [False, True])[1]
 
-    def conv2d_backward_data(self, gq, wq, x_shape, bounds=None, **args):
+    def conv2d_backward_data(self, gq, wq, x_shape, bounds=None, rescale=None, **args):
         conv = self._conv(args, wq.shape)
-        _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], True)
-        return conv.backward(ctx, [gq.astype(np.float64)])[0]
+        _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], Run(True))
+        return _rescaled(conv.backward(ctx, [gq.astype(np.float64)], [True, True])[0], rescale)
 
     def linear_forward(self, xq, wq, bounds=None):
         return xq.astype(np.float64) @ wq.astype(np.float64).T

@@ -23,12 +23,12 @@ class BatchNormalization(Op):
     def _use_batch_stats(self, training: bool) -> bool:
         return training or bool(self.attr("training_mode", 0))
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x, scale, bias, mean, var = inputs
         eps = np.asarray(self.attr("epsilon", 1e-5), dtype=x.dtype)
         axes = (0,) + tuple(range(2, x.ndim))
         bshape = (1, -1) + (1,) * (x.ndim - 2)
-        if not self._use_batch_stats(training):
+        if not self._use_batch_stats(run.training):
             inv = 1.0 / np.sqrt(var.astype(x.dtype) + eps)
             xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
             y = (xhat * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype, copy=False)
@@ -45,7 +45,7 @@ class BatchNormalization(Op):
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
-        onnx_training = bool(self.attr("training_mode", 0)) and not training
+        onnx_training = bool(self.attr("training_mode", 0)) and not run.training
         unbiased = bvar if onnx_training or count < 2 else bvar * (count / (count - 1))
         new_mean = mean * m + mu.astype(mean.dtype) * (1 - m)
         new_var = var * m + unbiased.astype(var.dtype) * (1 - m)
@@ -59,7 +59,7 @@ class BatchNormalization(Op):
             return {}
         return {3: ctx[6], 4: ctx[7]}
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         g = grads[0]
         if ctx[0] == "eval":
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
@@ -86,10 +86,10 @@ class BatchNormalization(Op):
 class FusedAway(Op):
     """Stands in for a node whose work another op took over (a Relu folded into its BatchNorm)."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         return [inputs[0]], None
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0]]
 
 
