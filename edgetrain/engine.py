@@ -54,8 +54,8 @@ class Executor:
             start = time.perf_counter() if self.timings is not None else 0.0
             outs, ctx = op.forward(args, Run(training, key, index))
             if self.timings is not None:
-                key = (node.name, "forward")
-                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+                entry = (node.name, "forward")
+                self.timings[entry] = self.timings.get(entry, 0.0) + time.perf_counter() - start
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
@@ -88,8 +88,8 @@ class Executor:
             start = time.perf_counter() if self.timings is not None else 0.0
             gins = op.backward(ctx, gouts, needed)
             if self.timings is not None:
-                key = (node.name, "backward")
-                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+                entry = (node.name, "backward")
+                self.timings[entry] = self.timings.get(entry, 0.0) + time.perf_counter() - start
             for name, g in zip(node.inputs, gins):
                 if g is None or not self.needs_grad(name, wrt):
                     continue
