@@ -227,6 +227,29 @@ def test_skipped_input_gradient_is_not_computed(monkeypatch):
     assert len(calls) == 1  # conv2 back-propagates into conv1's output; conv1 has no one to tell
 
 
+def test_square_matmul_weight_gets_its_gradient_untransposed():
+    """A MatMul weight is stored (in, out): its gradient is transposed back by layout, also when square."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 6)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+                              [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, dy = rng.standard_normal((2, 8, 6)).astype(np.float32)
+
+    def grad(bits):
+        model = edgetrain.load(proto)
+        model.set_precision(bits, quantize_classifier=True)
+        _, tape = model.forward_train(x)
+        return model.backward(tape, {"y": dy})["W"]
+
+    np.testing.assert_allclose(grad("16/16"), grad("fp32"), atol=2e-3)
+
+
 def test_eval_uses_running_range_and_counts_saturation():
     model = edgetrain.load(models.build_model("mlp"))
     model.set_precision("8/8")

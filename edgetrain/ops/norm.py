@@ -1,10 +1,36 @@
 """BatchNormalization: batch statistics and running-stat update in training, running stats in eval."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from edgetrain.ops import norm_kernels
 from edgetrain.ops.base import Op, register
+
+
+class EvalContext(NamedTuple):
+    """Backward of the running-statistics forward: the affine part only (the statistics are constants)."""
+
+    xhat: np.ndarray
+    inv: np.ndarray
+    scale: np.ndarray
+    bshape: tuple
+    axes: tuple
+    y: np.ndarray  # the output (its sign masks the gradient where a Relu was folded in)
+
+
+class TrainContext(NamedTuple):
+    """Backward of the batch-statistics forward, and the running statistics it updates."""
+
+    x3: np.ndarray  # the input as (N, C, spatial)
+    mu: np.ndarray
+    inv: np.ndarray
+    scale: np.ndarray
+    shape: tuple
+    new_mean: np.ndarray
+    new_var: np.ndarray
+    y3: np.ndarray
 
 
 @register("BatchNormalization")
@@ -34,7 +60,7 @@ class BatchNormalization(Op):
             y = (xhat * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype, copy=False)
             if self.relu:
                 y = np.maximum(y, 0, out=y)
-            return [y], ("eval", xhat, inv, scale, bshape, axes, y)
+            return [y], EvalContext(xhat, inv, scale, bshape, axes, y)
         x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
         y3 = np.empty_like(x3)
         mu = np.empty(x.shape[1], dtype=np.float64)
@@ -52,22 +78,22 @@ class BatchNormalization(Op):
         outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
-        return outs, ("train", x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
+        return outs, TrainContext(x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
 
     def buffer_updates(self, ctx):
-        if ctx[0] != "train":
+        if not isinstance(ctx, TrainContext):
             return {}
-        return {3: ctx[6], 4: ctx[7]}
+        return {3: ctx.new_mean, 4: ctx.new_var}
 
     def backward(self, ctx, grads, needed):
         g = grads[0]
-        if ctx[0] == "eval":
+        if isinstance(ctx, EvalContext):
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
-            _, xhat, inv, scale, bshape, axes, y = ctx
+            xhat, inv, scale, bshape, axes, y = ctx
             if self.relu:
                 g = g * (y > 0)
             return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
-        _, x3, mu, inv, scale, shape, _, _, y3 = ctx
+        x3, mu, inv, scale, shape, y3 = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape, ctx.y3
         g3 = np.ascontiguousarray(g).reshape(x3.shape)
         dx = np.empty_like(g3)
         dscale = np.empty(x3.shape[1], dtype=np.float64)

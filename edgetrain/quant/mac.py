@@ -214,11 +214,12 @@ class QuantConv(QuantMAC):
 class QuantLinear(QuantMAC):
     """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers."""
 
-    def _weight_rows(self, w: np.ndarray) -> np.ndarray:
+    def _rows_are_weight(self) -> bool:
         # Rows must be output channels: Gemm with transB=1 stores (out, in), MatMul and transB=0 (in, out).
-        if self.node.op_type == "Gemm" and self.attr("transB", 0):
-            return w
-        return w.T
+        return self.node.op_type == "Gemm" and bool(self.attr("transB", 0))
+
+    def _weight_rows(self, w: np.ndarray) -> np.ndarray:
+        return w if self._rows_are_weight() else w.T
 
     def forward_groups(self, inputs, run, groups, merge=True):
         x, w = inputs[0], inputs[1]
@@ -259,7 +260,8 @@ class QuantLinear(QuantMAC):
         for dyq, xq in zip(dyqs, ctx.inputs):
             dw_rows = _rescaled(kernels.linear_backward_weight(dyq.q, xq.q, bounds=(_bound(dyq), _bound(xq))),
                                 dyq.scale, xq.scale, dtype)
-            part = dw_rows if dw_rows.shape == w.shape else np.ascontiguousarray(dw_rows.T)
+            # By layout, not shape: a square weight stored (in, out) needs the transpose too.
+            part = dw_rows if self._rows_are_weight() else np.ascontiguousarray(dw_rows.T)
             dw = part if dw is None else dw + part
         dx = None
         if needed[0]:
