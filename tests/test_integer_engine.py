@@ -9,7 +9,6 @@ from edgetrain.quant import mac as qops
 from edgetrain.kernels.rescale import rescaled
 from edgetrain.ops.base import Run
 from edgetrain.ops.conv import Conv
-from edgetrain.ops.linear import Gemm
 
 
 def _rescaled(acc, rescale):
@@ -229,7 +228,6 @@ def test_skipped_input_gradient_is_not_computed(monkeypatch):
 
 def test_square_matmul_weight_gets_its_gradient_untransposed():
     """A MatMul weight is stored (in, out): its gradient is transposed back by layout, also when square."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

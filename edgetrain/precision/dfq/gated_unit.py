@@ -112,7 +112,7 @@ class GatedUnit(Op):
             choice = logits.argmax(axis=1)
         return choice, gctx
 
-    def forward(self, inputs, run):
+    def forward(self, inputs, run: Run):
         dfq, u = self.dfq, self.unit
         x, shortcut = inputs[0], inputs[1]
         externals = dict(zip(self.node.inputs[2:2 + self.n_externals], inputs[2:2 + self.n_externals]))
