@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgetrain.graph import Graph, Node
-from edgetrain.ops.shape import Dropout
+from edgetrain.ops.base import Run
 
 
 @dataclass
@@ -39,22 +39,23 @@ class Executor:
         self.timings: dict[tuple[str, str], float] | None = None
 
     def forward(self, feeds: dict[str, np.ndarray], state: dict[str, np.ndarray], training: bool,
-                record: bool = False, seed: tuple[int, ...] = (0,)) -> tuple[dict[str, np.ndarray], Tape]:
-        """Run every node; return all values by name and the tape (empty unless record)."""
+                record: bool = False, key: tuple[int, int] = (0, 0)) -> tuple[dict[str, np.ndarray], Tape]:
+        """Run every node; return all values by name and the tape (empty unless record).
+
+        key (seed, step) names the run: every random draw of an op (stochastic rounding, dropout
+        masks) derives from it and the node's position, so a run is reproducible on any machine.
+        """
         env: dict[str, np.ndarray] = dict(state)
         env.update(feeds)
         tape = Tape()
         for index, node in enumerate(self.graph.nodes):
             op = self.ops[node.name]
-            if isinstance(op, Dropout):
-                # Keyed by (run seed, node position) so masks are reproducible on any machine.
-                op.rng = np.random.default_rng(list(seed) + [index])
             args = [env[i] if i else None for i in node.inputs]
             start = time.perf_counter() if self.timings is not None else 0.0
-            outs, ctx = op.forward(args, training)
+            outs, ctx = op.forward(args, Run(training, key, index))
             if self.timings is not None:
-                key = (node.name, "forward")
-                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+                entry = (node.name, "forward")
+                self.timings[entry] = self.timings.get(entry, 0.0) + time.perf_counter() - start
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
@@ -74,21 +75,21 @@ class Executor:
     def backward(self, tape: Tape, seeds: dict[str, np.ndarray], wrt: set[str] | None = None) -> dict[str, np.ndarray]:
         """Reverse-mode pass: from dL/d(seed values) to dL/d(parameters and graph inputs).
 
-        With `wrt`, leaves outside it get no gradient, and a MAC op whose input is such a leaf (the
-        first layer reading the data) skips its error back-propagation altogether.
+        With `wrt`, leaves outside it get no gradient; each op is told which of its inputs' gradients
+        are needed, so a MAC op whose input is such a leaf (the first layer reading the data) skips its
+        error back-propagation altogether.
         """
         grads: dict[str, np.ndarray] = dict(seeds)
         for node, op, ctx in reversed(tape.entries):
             gouts = [grads.pop(o, None) if o else None for o in node.outputs]
             if gouts[0] is None:
                 continue  # only non-differentiable side outputs (indices, masks, stats) were used
-            if hasattr(op, "skip_input_grad"):
-                op.skip_input_grad = not self.needs_grad(node.inputs[0], wrt)
+            needed = [self.needs_grad(name, wrt) for name in node.inputs]
             start = time.perf_counter() if self.timings is not None else 0.0
-            gins = op.backward(ctx, gouts)
+            gins = op.backward(ctx, gouts, needed)
             if self.timings is not None:
-                key = (node.name, "backward")
-                self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+                entry = (node.name, "backward")
+                self.timings[entry] = self.timings.get(entry, 0.0) + time.perf_counter() - start
             for name, g in zip(node.inputs, gins):
                 if g is None or not self.needs_grad(name, wrt):
                     continue

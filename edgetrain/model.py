@@ -38,7 +38,7 @@ class Model:
         self.precision_config = PrecisionConfig()
         self.cost = CostMeter()
         self.last_cost: dict[str, LayerCost] = {}
-        self.runtime = QuantRuntime(seed=seed)
+        self.runtime = QuantRuntime()
         self.dfq = None  # a dfq.DFQ once enable_dfq() gates the model's blocks per sample
         self._cost_cache: dict[tuple, tuple[dict, dict]] = {}  # step_cost of the ungated layers, by shapes and bits
         self.last_task_loss: float | None = None  # the loss before DFQ's cost term, of the last step
@@ -183,7 +183,7 @@ class Model:
         """Forward pass; returns every graph output by name."""
         if self.dfq is not None:
             self.dfq.begin_forward()
-        env, _ = self.executor.forward(self._feeds(x), self._state(), training, seed=(self.seed, self.step))
+        env, _ = self.executor.forward(self._feeds(x), self._state(), training, key=(self.seed, self.step))
         return {o.name: env[o.name] for o in self.graph.outputs}
 
     def __call__(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
@@ -192,11 +192,10 @@ class Model:
 
     def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
         """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
-        self.runtime.seed, self.runtime.step = self.seed, self.step  # keys of the stochastic rounding
         if self.dfq is not None:
             self.dfq.begin_forward()
         env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
-                                          seed=(self.seed, self.step))
+                                          key=(self.seed, self.step))
         return env, tape
 
     def backward(self, tape: Tape, seeds: dict[str, np.ndarray], wrt: set[str] | None = None) -> dict[str, np.ndarray]:

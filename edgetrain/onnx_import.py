@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
-from edgetrain.ops import OPS, SUPPORTED
+from edgetrain.ops import OPS, SUPPORTED, Run
 
 MIN_OPSET = 11
 
@@ -312,7 +312,7 @@ class Importer:
         inputs = [self.constants[i] if i else None for i in n.input]
         if n.op_type in OPS:
             node = Node(n.name, n.op_type, list(n.input), list(n.output), _attrs(n))
-            outs, _ = OPS[n.op_type](node, self.opset).forward(inputs, training=False)
+            outs, _ = OPS[n.op_type](node, self.opset).forward(inputs, Run(training=False))
             return outs
         try:
             feeds = {i: self.constants[i] for i in n.input if i}

@@ -41,12 +41,12 @@ def check_model_gradients(model: "edgetrain.Model", feeds: dict, *, training: bo
     model = model.astype(np.float64) if model.dtype != np.float64 else model
     feeds = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
     state = model._state()
-    env, tape = model.executor.forward(model._feeds(feeds), state, training, record=True, seed=(0, 0))
+    env, tape = model.executor.forward(model._feeds(feeds), state, training, record=True, key=(0, 0))
     weights = {o.name: rng.standard_normal(env[o.name].shape) for o in model.graph.outputs
                if np.issubdtype(env[o.name].dtype, np.floating)}
 
     def loss() -> float:
-        out, _ = model.executor.forward(model._feeds(feeds), state, training, seed=(0, 0))
+        out, _ = model.executor.forward(model._feeds(feeds), state, training, key=(0, 0))
         return float(sum((w * out[k]).sum() for k, w in weights.items()))
 
     def central(flat: np.ndarray, i: int, step: float) -> float:

@@ -6,8 +6,14 @@ import pytest
 import edgetrain
 import models
 from edgetrain.quant import mac as qops
+from edgetrain.kernels.rescale import rescaled
+from edgetrain.ops.base import Run
 from edgetrain.ops.conv import Conv
-from edgetrain.ops.linear import Gemm
+
+
+def _rescaled(acc, rescale):
+    """The exact sums as the production kernels return them: as they are, or rescaled to floats."""
+    return acc if rescale is None else rescaled(acc, rescale)
 
 
 class _Float64Kernels:
@@ -15,6 +21,8 @@ class _Float64Kernels:
 
     Integer operands below 2^53 make every float64 product and partial sum exact here, so this is an
     independent exact implementation: the float Conv op's im2col and BLAS, not the Numba kernels.
+    `rescale=` is honoured as the production kernels do (the exact sums times the scales through
+    `kernels.rescale`), so the engine under test takes the path it takes in production.
     """
 
     def __init__(self, node):
@@ -28,19 +36,19 @@ class _Float64Kernels:
                  "kernel_shape": list(w_shape[2:])}
         return Conv(Node("sim", "Conv", ["x", "w"], ["y"], attrs), 17)
 
-    def conv2d_forward(self, xq, wq, bounds=None, **args):
-        y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], False)
-        return y[0]
+    def conv2d_forward(self, xq, wq, bounds=None, rescale=None, **args):
+        y, _ = self._conv(args, wq.shape).forward([xq.astype(np.float64), wq.astype(np.float64)], Run(False))
+        return _rescaled(y[0], rescale)
 
     def conv2d_backward_weight(self, dyq, xq, w_shape, bounds=None, **args):
         conv = self._conv(args, w_shape)
-        _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], True)
-        return conv.backward(ctx, [dyq.astype(np.float64)])[1]
+        _, ctx = conv.forward([xq.astype(np.float64), np.zeros(w_shape)], Run(True))
+        return conv.backward(ctx, [dyq.astype(np.float64)], [False, True])[1]
 
-    def conv2d_backward_data(self, gq, wq, x_shape, bounds=None, **args):
+    def conv2d_backward_data(self, gq, wq, x_shape, bounds=None, rescale=None, **args):
         conv = self._conv(args, wq.shape)
-        _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], True)
-        return conv.backward(ctx, [gq.astype(np.float64)])[0]
+        _, ctx = conv.forward([np.zeros(x_shape), wq.astype(np.float64)], Run(True))
+        return _rescaled(conv.backward(ctx, [gq.astype(np.float64)], [True, True])[0], rescale)
 
     def linear_forward(self, xq, wq, bounds=None):
         return xq.astype(np.float64) @ wq.astype(np.float64).T
@@ -216,6 +224,28 @@ def test_skipped_input_gradient_is_not_computed(monkeypatch):
     model.set_precision("8/8")
     model.loss_and_grad(np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, int))
     assert len(calls) == 1  # conv2 back-propagates into conv1's output; conv1 has no one to tell
+
+
+def test_square_matmul_weight_gets_its_gradient_untransposed():
+    """A MatMul weight is stored (in, out): its gradient is transposed back by layout, also when square."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 6)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+                              [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, dy = rng.standard_normal((2, 8, 6)).astype(np.float32)
+
+    def grad(bits):
+        model = edgetrain.load(proto)
+        model.set_precision(bits, quantize_classifier=True)
+        _, tape = model.forward_train(x)
+        return model.backward(tape, {"y": dy})["W"]
+
+    np.testing.assert_allclose(grad("16/16"), grad("fp32"), atol=2e-3)
 
 
 def test_eval_uses_running_range_and_counts_saturation():

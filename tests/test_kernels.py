@@ -14,6 +14,7 @@ from edgetrain import kernels
 from edgetrain.graph import Node
 from edgetrain.kernels import ort_backend
 from edgetrain.kernels.bounds import INT32_MAX, accumulator_dtype, segment_length
+from edgetrain.ops.base import Run
 from edgetrain.ops.conv import Conv
 
 BITS = list(range(2, 17))
@@ -350,12 +351,12 @@ def test_conv_geometry_matches_float_conv_op(case):
     attrs = dict(strides=list(kw["stride"]), pads=list(kw["pads"]), dilations=list(kw["dilation"]),
                  group=kw["groups"], kernel_shape=list(w_shape[2:]))
     op = Conv(Node("conv", "Conv", ["x", "w"], ["y"], attrs), 17)
-    (y_float,), ctx = op.forward([x.astype(np.float64), w.astype(np.float64)], True)
+    (y_float,), ctx = op.forward([x.astype(np.float64), w.astype(np.float64)], Run(True))
     y = kernels.conv2d_forward(x, w, **kw)
     assert y.shape == y_float.shape
     np.testing.assert_array_equal(y.astype(np.float64), y_float)
     dy = random_operand(rng, y.shape, 8)
-    dx_float, dw_float = op.backward(ctx, [dy.astype(np.float64)])
+    dx_float, dw_float = op.backward(ctx, [dy.astype(np.float64)], [True, True])
     np.testing.assert_array_equal(kernels.conv2d_backward_data(dy, w, x.shape, **kw).astype(np.float64), dx_float)
     np.testing.assert_array_equal(kernels.conv2d_backward_weight(dy, x, w.shape, **kw).astype(np.float64), dw_float)
 

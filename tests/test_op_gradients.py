@@ -124,7 +124,7 @@ def test_gradcheck_detects_a_wrong_backward(monkeypatch):
     """The checker itself must fail on a broken op (a test that cannot fail proves nothing)."""
     from edgetrain.ops.elementwise import Sigmoid
 
-    monkeypatch.setattr(Sigmoid, "backward", lambda self, ctx, grads: [grads[0] * ctx])
+    monkeypatch.setattr(Sigmoid, "backward", lambda self, ctx, grads, needed: [grads[0] * ctx])
     model, feeds = CASES["sigmoid"]()
     assert max(check_model_gradients(model, feeds).values()) > 1e-2
 

@@ -44,12 +44,9 @@ __all__ = [
     "gemm", "gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
     "accumulator_dtype", "dot_bound", "segment_length", "conv2d_geometry", "Conv2dGeometry",
-    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX", "RESCALES",
+    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
 ]
 
-# conv2d_forward and conv2d_backward_data take `rescale=` (callers check this: a stand-in kernels
-# module without it gets integer results and rescales them itself).
-RESCALES = True
 SUPPORTED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
 _INT16_MAX = 32767
 _UINT16_SPLIT = 15  # uint16 values >= 2^15 are split at this bit into two int16-safe halves

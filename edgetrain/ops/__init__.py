@@ -1,6 +1,6 @@
 """Every op the engine runs, registered by ONNX op type in OPS."""
 from edgetrain.ops import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registration side effects)
-from edgetrain.ops.base import OPS, Op, register, unbroadcast
+from edgetrain.ops.base import OPS, Op, Run, register, unbroadcast
 
 # Ops the importer evaluates away and never runs: their values are fixed at load time.
 FOLDED_AT_IMPORT = frozenset({"Constant"})
@@ -10,4 +10,4 @@ MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 SUPPORTED = frozenset(OPS) | FOLDED_AT_IMPORT
 
-__all__ = ["OPS", "Op", "register", "unbroadcast", "SUPPORTED", "MAC_OPS", "FOLDED_AT_IMPORT"]
+__all__ = ["OPS", "Op", "Run", "register", "unbroadcast", "SUPPORTED", "MAC_OPS", "FOLDED_AT_IMPORT"]

@@ -1,7 +1,7 @@
 """The op interface: forward saves what backward needs; backward returns one gradient per input."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 
@@ -9,6 +9,18 @@ from edgetrain.errors import ModelError
 from edgetrain.graph import Node
 
 OPS: dict[str, type["Op"]] = {}
+
+
+class Run(NamedTuple):
+    """What a forward pass tells each op: whether it trains, and the key its random draws derive from.
+
+    Ops are shared (every Model built from one Graph holds the same float op objects), so nothing of a
+    run is ever stored on an op: it arrives here, and what backward needs of it goes into the context.
+    """
+
+    training: bool
+    key: tuple[int, int] = (0, 0)  # (seed, step) of the run: stochastic rounding and dropout masks
+    position: int = 0  # the node's index in its graph: its own stream of the run (a Dropout's mask)
 
 
 def register(*op_types: str):
@@ -40,12 +52,16 @@ class Op:
         """An error that names this node."""
         return ModelError(f"node '{self.node.name}' ({self.node.op_type}): {what}")
 
-    def forward(self, inputs: list[np.ndarray | None], training: bool) -> tuple[list[np.ndarray], Any]:
+    def forward(self, inputs: list[np.ndarray | None], run: Run) -> tuple[list[np.ndarray], Any]:
         """Compute the outputs; return them with the context backward will need."""
         raise NotImplementedError
 
-    def backward(self, ctx: Any, grads: list[np.ndarray | None]) -> list[np.ndarray | None]:
-        """Given dL/d(outputs), return dL/d(inputs) (None where an input takes no gradient)."""
+    def backward(self, ctx: Any, grads: list[np.ndarray | None], needed: Sequence[bool]) -> list[np.ndarray | None]:
+        """Given dL/d(outputs), return dL/d(inputs) (None where an input takes no gradient).
+
+        needed[i] tells whether anyone wants input i's gradient: an op may skip that work (a MAC layer
+        reading the data skips its error back-propagation) and return None there.
+        """
         raise ModelError(f"node '{self.node.name}': {self.node.op_type} has no gradient")
 
     def buffer_updates(self, ctx: Any) -> dict[int, np.ndarray]:

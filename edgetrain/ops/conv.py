@@ -9,12 +9,11 @@ from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
 @register("Conv")
 class Conv(Op):
-    skip_input_grad = False  # set by the executor when nobody needs dL/dx (the first layer)
     def _geometry(self, x_shape, w_shape):
         kernel = tuple(self.attr("kernel_shape", w_shape[2:]))
         return geometry(self.node.name, self.attrs, tuple(x_shape[2:]), kernel)
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
         groups = int(self.attr("group", 1))
@@ -35,14 +34,14 @@ class Conv(Op):
         y = np.ascontiguousarray(y)
         return [y], (cols, w, x.shape, geo, groups, b is not None)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         cols, w, x_shape, geo, groups, has_bias = ctx
         g = grads[0]
         n, c = x_shape[:2]
         m = w.shape[0]
         gy = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(groups, m // groups, -1)
         dw = np.matmul(gy, cols.transpose(0, 2, 1)).reshape(w.shape)
-        if self.skip_input_grad:
+        if not needed[0]:  # nobody needs dL/dx (the first layer)
             return [None, dw] + ([g.sum(axis=(0,) + tuple(range(2, g.ndim)))] if has_bias else [])
         dcols = np.matmul(w.reshape(groups, m // groups, -1).transpose(0, 2, 1), gy)
         dcols = dcols.reshape((c, geo.window_size, n) + geo.out)

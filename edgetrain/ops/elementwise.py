@@ -9,33 +9,33 @@ from edgetrain.ops.norm_kernels import relu_backward
 
 @register("Add")
 class Add(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs
         return [a + b], (a.shape, b.shape)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         (g,) = grads
         return [unbroadcast(g, ctx[0]), unbroadcast(g, ctx[1])]
 
 
 @register("Sub")
 class Sub(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs
         return [a - b], (a.shape, b.shape)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         (g,) = grads
         return [unbroadcast(g, ctx[0]), unbroadcast(-g, ctx[1])]
 
 
 @register("Mul")
 class Mul(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs
         return [a * b], (a, b)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         a, b = ctx
         (g,) = grads
         return [unbroadcast(g * b, a.shape), unbroadcast(g * a, b.shape)]
@@ -43,14 +43,14 @@ class Mul(Op):
 
 @register("Div")
 class Div(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs
         if np.issubdtype(a.dtype, np.integer):
             # ONNX integer division truncates toward zero, numpy's // floors.
             return [np.trunc(a / b).astype(a.dtype)], None
         return [a / b], (a, b)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         a, b = ctx
         (g,) = grads
         return [unbroadcast(g / b, a.shape), unbroadcast(-g * a / (b * b), b.shape)]
@@ -58,12 +58,12 @@ class Div(Op):
 
 @register("Relu")
 class Relu(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         y = np.maximum(x, 0).astype(x.dtype, copy=False)
         return [y], y  # y > 0 exactly where x > 0: no separate mask to build and keep
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         y, g = ctx, grads[0]
         if not (y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype):
             return [g * (y > 0)]
@@ -74,27 +74,27 @@ class Relu(Op):
 
 @register("LeakyRelu")
 class LeakyRelu(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         alpha = np.asarray(self.attr("alpha", 0.01), dtype=x.dtype)
         pos = x >= 0
         return [np.where(pos, x, x * alpha)], (pos, alpha)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         pos, alpha = ctx
         return [np.where(pos, grads[0], grads[0] * alpha)]
 
 
 @register("Sigmoid")
 class Sigmoid(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         # Split by sign so exp never overflows.
         e = np.exp(-np.abs(x))
         y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
         return [y], y
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         y = ctx
         return [grads[0] * y * (1 - y)]
 
@@ -103,7 +103,7 @@ class Sigmoid(Op):
 class Clip(Op):
     """Clip with min/max as optional inputs (opset 11+): ReLU6 is Clip(0, 6)."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x = inputs[0]
         lo = inputs[1] if len(inputs) > 1 else None
         hi = inputs[2] if len(inputs) > 2 else None
@@ -121,7 +121,7 @@ class Clip(Op):
             keep &= x < hi
         return [y.astype(x.dtype, copy=False)], keep
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0] * ctx, None, None]
 
 
@@ -129,7 +129,7 @@ class Clip(Op):
 class Softmax(Op):
     """Softmax over one axis (opset 13+), or over the flattened trailing axes (opset < 13)."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         default_axis = -1 if self.opset >= 13 else 1
         axis = self.attr("axis", default_axis) % max(x.ndim, 1)
@@ -142,7 +142,7 @@ class Softmax(Op):
         y = e / e.sum(axis=axis, keepdims=True)
         return [y.reshape(shape)], (y, axis, shape)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         y, axis, shape = ctx
         g = grads[0].reshape(y.shape)
         dx = y * (g - (g * y).sum(axis=axis, keepdims=True))

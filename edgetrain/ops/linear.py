@@ -10,7 +10,7 @@ from edgetrain.ops.base import Op, register, unbroadcast
 class Gemm(Op):
     """Y = alpha * A' B' + beta * C, with A' = A^T if transA and B' = B^T if transB."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs[0], inputs[1]
         c = inputs[2] if len(inputs) > 2 else None
         alpha = self.attr("alpha", 1.0)
@@ -24,7 +24,7 @@ class Gemm(Op):
             y = y + (c * np.asarray(beta, dtype=c.dtype) if beta != 1.0 else c)
         return [y.astype(a.dtype, copy=False)], (at, bt, None if c is None else c.shape, alpha, beta)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         at, bt, c_shape, alpha, beta = ctx
         g = grads[0] * np.asarray(alpha, dtype=grads[0].dtype) if alpha != 1.0 else grads[0]
         dat = g @ bt.T
@@ -47,11 +47,11 @@ class Gemm(Op):
 class MatMul(Op):
     """numpy.matmul semantics: 1-D operands are promoted, batch dimensions broadcast."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         a, b = inputs
         return [np.matmul(a, b)], (a, b)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         a, b = ctx
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b

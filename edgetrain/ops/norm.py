@@ -1,10 +1,36 @@
 """BatchNormalization: batch statistics and running-stat update in training, running stats in eval."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from edgetrain.ops import norm_kernels
 from edgetrain.ops.base import Op, register
+
+
+class EvalContext(NamedTuple):
+    """Backward of the running-statistics forward: the affine part only (the statistics are constants)."""
+
+    xhat: np.ndarray
+    inv: np.ndarray
+    scale: np.ndarray
+    bshape: tuple
+    axes: tuple
+    y: np.ndarray  # the output (its sign masks the gradient where a Relu was folded in)
+
+
+class TrainContext(NamedTuple):
+    """Backward of the batch-statistics forward, and the running statistics it updates."""
+
+    x3: np.ndarray  # the input as (N, C, spatial)
+    mu: np.ndarray
+    inv: np.ndarray
+    scale: np.ndarray
+    shape: tuple
+    new_mean: np.ndarray
+    new_var: np.ndarray
+    y3: np.ndarray
 
 
 @register("BatchNormalization")
@@ -23,18 +49,18 @@ class BatchNormalization(Op):
     def _use_batch_stats(self, training: bool) -> bool:
         return training or bool(self.attr("training_mode", 0))
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x, scale, bias, mean, var = inputs
         eps = np.asarray(self.attr("epsilon", 1e-5), dtype=x.dtype)
         axes = (0,) + tuple(range(2, x.ndim))
         bshape = (1, -1) + (1,) * (x.ndim - 2)
-        if not self._use_batch_stats(training):
+        if not self._use_batch_stats(run.training):
             inv = 1.0 / np.sqrt(var.astype(x.dtype) + eps)
             xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
             y = (xhat * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype, copy=False)
             if self.relu:
                 y = np.maximum(y, 0, out=y)
-            return [y], ("eval", xhat, inv, scale, bshape, axes, y)
+            return [y], EvalContext(xhat, inv, scale, bshape, axes, y)
         x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
         y3 = np.empty_like(x3)
         mu = np.empty(x.shape[1], dtype=np.float64)
@@ -45,29 +71,29 @@ class BatchNormalization(Op):
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
-        onnx_training = bool(self.attr("training_mode", 0)) and not training
+        onnx_training = bool(self.attr("training_mode", 0)) and not run.training
         unbiased = bvar if onnx_training or count < 2 else bvar * (count / (count - 1))
         new_mean = mean * m + mu.astype(mean.dtype) * (1 - m)
         new_var = var * m + unbiased.astype(var.dtype) * (1 - m)
         outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
-        return outs, ("train", x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
+        return outs, TrainContext(x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
 
     def buffer_updates(self, ctx):
-        if ctx[0] != "train":
+        if not isinstance(ctx, TrainContext):
             return {}
-        return {3: ctx[6], 4: ctx[7]}
+        return {3: ctx.new_mean, 4: ctx.new_var}
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         g = grads[0]
-        if ctx[0] == "eval":
+        if isinstance(ctx, EvalContext):
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
-            _, xhat, inv, scale, bshape, axes, y = ctx
+            xhat, inv, scale, bshape, axes, y = ctx
             if self.relu:
                 g = g * (y > 0)
             return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
-        _, x3, mu, inv, scale, shape, _, _, y3 = ctx
+        x3, mu, inv, scale, shape, y3 = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape, ctx.y3
         g3 = np.ascontiguousarray(g).reshape(x3.shape)
         dx = np.empty_like(g3)
         dscale = np.empty(x3.shape[1], dtype=np.float64)
@@ -86,10 +112,10 @@ class BatchNormalization(Op):
 class FusedAway(Op):
     """Stands in for a node whose work another op took over (a Relu folded into its BatchNorm)."""
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         return [inputs[0]], None
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0]]
 
 

@@ -13,7 +13,7 @@ def _lowest(dtype) -> float | int:
 
 @register("MaxPool")
 class MaxPool(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
                        bool(self.attr("ceil_mode", 0)))
@@ -46,7 +46,7 @@ class MaxPool(Op):
         base = (np.arange(n).reshape(-1, 1) * c + np.arange(c).reshape(1, -1)) * int(np.prod(spatial))
         return flat + base.reshape(base.shape + (1,) * len(spatial))
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         arg, x_shape, geo = ctx
         g = grads[0]
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
@@ -69,7 +69,7 @@ class AveragePool(Op):
             ones = pad_spatial(ones, geo, 0)
         return sum(ones[(slice(None), slice(None)) + sl] for _, sl in geo.slices())
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
                        bool(self.attr("ceil_mode", 0)))
@@ -78,7 +78,7 @@ class AveragePool(Op):
         counts = self._counts(x.shape, geo, x.dtype)
         return [(total / counts).astype(x.dtype, copy=False)], (counts, x.shape, geo)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         counts, x_shape, geo = ctx
         g = grads[0] / counts
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
@@ -90,12 +90,12 @@ class AveragePool(Op):
 
 @register("GlobalAveragePool")
 class GlobalAveragePool(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         axes = tuple(range(2, x.ndim))
         return [x.mean(axis=axes, keepdims=True)], x.shape
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         shape = ctx
         size = int(np.prod(shape[2:]))
         return [np.broadcast_to(grads[0] / size, shape).copy()]
@@ -103,14 +103,14 @@ class GlobalAveragePool(Op):
 
 @register("GlobalMaxPool")
 class GlobalMaxPool(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         flat = x.reshape(x.shape[:2] + (-1,))
         arg = flat.argmax(axis=2)
         y = np.take_along_axis(flat, arg[..., None], axis=2)
         return [y.reshape(x.shape[:2] + (1,) * (x.ndim - 2))], (arg, x.shape)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         arg, shape = ctx
         d = np.zeros(shape[:2] + (int(np.prod(shape[2:])),), dtype=grads[0].dtype)
         np.put_along_axis(d, arg[..., None], grads[0].reshape(shape[:2] + (1,)), axis=2)

@@ -24,38 +24,36 @@ def _axes(op: Op, inputs: list, index: int, ndim: int) -> list[int] | None:
 
 @register("Identity")
 class Identity(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         return [inputs[0]], None
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0]]
 
 
 @register("Dropout")
 class Dropout(Op):
-    """Identity in eval; in training drops with the node's ratio from the executor's seeded stream."""
+    """Identity in eval; in training drops with the node's ratio from the run's seeded stream."""
 
-    rng: np.random.Generator | None = None  # set by the executor for each training forward
-
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x = inputs[0]
         ratio = float(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else self.attr("ratio", 0.5)
-        mode = bool(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else training
+        mode = bool(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else run.training
         want_mask = len(self.node.outputs) > 1 and self.node.outputs[1]
         if not mode or ratio == 0.0:
             outs = [x]
             if want_mask:
                 outs.append(np.ones(x.shape, dtype=bool))
             return outs, None
-        rng = self.rng if self.rng is not None else np.random.default_rng(0)
-        keep = rng.random(x.shape) >= ratio
+        # Keyed by (run key, node position) so masks are reproducible on any machine.
+        keep = np.random.default_rng(list(run.key) + [run.position]).random(x.shape) >= ratio
         scale = np.asarray(1.0 / (1.0 - ratio), dtype=x.dtype)
         outs = [np.where(keep, x * scale, 0).astype(x.dtype, copy=False)]
         if want_mask:
             outs.append(keep)
         return outs, (keep, scale)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         if ctx is None:
             return [grads[0], None, None]
         keep, scale = ctx
@@ -64,55 +62,55 @@ class Dropout(Op):
 
 @register("Flatten")
 class Flatten(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         axis = self.attr("axis", 1)
         axis = axis % x.ndim if axis < 0 else axis
         rows = int(np.prod(x.shape[:axis], dtype=np.int64))
         return [x.reshape(rows, -1) if x.size else x.reshape(rows, int(np.prod(x.shape[axis:])))], x.shape
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0].reshape(ctx)]
 
 
 @register("Reshape")
 class Reshape(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x, shape = inputs
         shape = [int(s) for s in shape]
         if not self.attr("allowzero", 0):
             shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [x.reshape(shape)], x.shape
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0].reshape(ctx), None]
 
 
 @register("Transpose")
 class Transpose(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         (x,) = inputs
         perm = self.attr("perm", list(range(x.ndim))[::-1])
         return [np.ascontiguousarray(x.transpose(perm))], perm
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [np.ascontiguousarray(grads[0].transpose(np.argsort(ctx)))]
 
 
 @register("Concat")
 class Concat(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         axis = self.attr("axis") % inputs[0].ndim
         return [np.concatenate(inputs, axis=axis)], (axis, [t.shape[axis] for t in inputs])
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         axis, sizes = ctx
         return np.split(grads[0], np.cumsum(sizes)[:-1], axis=axis)
 
 
 @register("Unsqueeze")
 class Unsqueeze(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x = inputs[0]
         raw = inputs[1] if len(inputs) > 1 and inputs[1] is not None else self.attr("axes")
         raw = [int(a) for a in np.asarray(raw).reshape(-1)]
@@ -122,43 +120,43 @@ class Unsqueeze(Op):
             y = np.expand_dims(y, a)
         return [y], x.shape
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0].reshape(ctx), None]
 
 
 @register("Squeeze")
 class Squeeze(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x = inputs[0]
         axes = _axes(self, inputs, 1, x.ndim)
         y = np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
         return [y], x.shape
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0].reshape(ctx), None]
 
 
 @register("Shape")
 class Shape(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         shape = np.array(inputs[0].shape, dtype=np.int64)
         start = self.attr("start", 0)
         end = self.attr("end", None)
         return [shape[start:end]], None
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [None]
 
 
 @register("Gather")
 class Gather(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x, idx = inputs
         axis = self.attr("axis", 0) % x.ndim
         idx = np.where(idx < 0, idx + x.shape[axis], idx)
         return [np.take(x, idx, axis=axis)], (x.shape, idx, axis)
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         shape, idx, axis = ctx
         dx = np.zeros(shape, dtype=grads[0].dtype)
         moved = np.moveaxis(dx, axis, 0)
@@ -169,17 +167,17 @@ class Gather(Op):
 
 @register("Cast")
 class Cast(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         to = onnx.helper.tensor_dtype_to_np_dtype(self.attr("to"))
         return [inputs[0].astype(to)], inputs[0].dtype
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [grads[0].astype(ctx) if np.issubdtype(ctx, np.floating) else None]
 
 
 @register("Slice")
 class Slice(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         x = inputs[0]
         starts, ends = [np.asarray(v).reshape(-1) for v in inputs[1:3]]
         axes = _axes(self, inputs, 3, x.ndim) or list(range(len(starts)))
@@ -189,7 +187,7 @@ class Slice(Op):
             index[a] = slice(int(s), int(e), int(st))
         return [x[tuple(index)]], (x.shape, tuple(index))
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         shape, index = ctx
         dx = np.zeros(shape, dtype=grads[0].dtype)
         dx[index] = grads[0]
@@ -198,10 +196,10 @@ class Slice(Op):
 
 @register("ConstantOfShape")
 class ConstantOfShape(Op):
-    def forward(self, inputs, training):
+    def forward(self, inputs, run):
         value = self.attr("value")
         arr = onnx.numpy_helper.to_array(value) if value is not None else np.zeros(1, dtype=np.float32)
         return [np.full(tuple(int(s) for s in inputs[0]), arr.reshape(-1)[0], dtype=arr.dtype)], None
 
-    def backward(self, ctx, grads):
+    def backward(self, ctx, grads, needed):
         return [None]

@@ -7,7 +7,7 @@ block's output is its shortcut). The unit then runs for real, per sample group:
 
 - samples are sorted by the candidate they chose; each MAC layer quantises every group with that
   group's own ranges at that group's bit-widths, forward and backward; the groups' integer codes
-  then share kernel calls (edgetrain.quant.grouped_mac: exact, one call instead of one per group);
+  then share kernel calls (edgetrain.quant.mac: exact, one call instead of one per group);
 - the ops between MAC layers (BatchNorm, ReLU, ...) run once on all samples that execute the unit;
 - samples that skip do no work in the branch and cost nothing there.
 
@@ -110,7 +110,7 @@ class DFQ:
         self.last_percent = 0.0  # the last batch's mean gated cost, percent of fp32
         self.force: dict[int, np.ndarray] | None = None  # tests: fixed choices per unit instead of the gates
         self.kernel_calls = 0  # MAC-layer passes inside units (tests count skipped work with it)
-        # Groups of a gated layer share kernel calls (edgetrain.quant.grouped_mac); False: one op call per group.
+        # Groups of a gated layer share kernel calls (QuantMAC.forward_groups); False: one kernel call per group.
         self.merge_groups = True
         self._init_params(model)
         self._build_ops(model)

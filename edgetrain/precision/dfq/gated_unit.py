@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Node
-from edgetrain.ops.base import Op
+from edgetrain.ops.base import Op, Run
 from edgetrain.ops.norm import BatchNormalization, fuse_relu
 from edgetrain.precision.dfq.gates import (
     EMBED_WIDTH,
@@ -23,19 +23,29 @@ from edgetrain.precision.dfq.kernels import (
     sample_dots,
     scatter_add,
 )
-from edgetrain.quant.grouped_mac import (
-    GroupedContext,
-    can_group,
-    grouped_backward,
-    grouped_forward,
-)
-from edgetrain.quant.mac import QuantMAC, integer_form
+from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
 
 from edgetrain.precision.dfq.config import CANDIDATE_STREAM_STRIDE
 from edgetrain.precision.dfq.units import Unit
+
+
+class UnitContext(NamedTuple):
+    """What a gated unit's backward needs of its forward."""
+
+    gate: object  # the gate's own context (gates.gate_forward)
+    choice: np.ndarray  # each sample's candidate
+    order: np.ndarray | slice  # the executing samples, grouped by candidate (a slice: all, in order)
+    n_exec: int
+    tape: list  # the branch's (node, op, context), in forward order
+    branch_out: np.ndarray | None  # the branch's output for the executing samples (None: none ran)
+    updates: dict  # buffer updates, by the unit node's input position
+    x_shape: tuple
+    dtype: np.dtype
+    gate_params: tuple
+    shared: tuple
 
 
 class GatedUnit(Op):
@@ -102,7 +112,7 @@ class GatedUnit(Op):
             choice = logits.argmax(axis=1)
         return choice, gctx
 
-    def forward(self, inputs, training):
+    def forward(self, inputs, run: Run):
         dfq, u = self.dfq, self.unit
         x, shortcut = inputs[0], inputs[1]
         externals = dict(zip(self.node.inputs[2:2 + self.n_externals], inputs[2:2 + self.n_externals]))
@@ -133,33 +143,20 @@ class GatedUnit(Op):
             for node in u.branch:
                 args = [env[i] if i else None for i in node.inputs]
                 if node.name in dfq.gated_layers:
-                    ops = [self.candidate_ops[k][node.name] for k, _ in groups]
-                    if len(groups) > 1 and dfq.merge_groups and can_group(ops, args[0]):
-                        out, gctx_mac = self._timed(node.name, "forward", grouped_forward, ops,
-                                                    [sl for _, sl in groups], args, training, self._count)
-                        env[node.outputs[0]] = out
-                        tape.append((node, None, gctx_mac))
-                        continue
-                    out, ctxs = None, []
-                    for (k, sl), op in zip(groups, ops):
-                        (y,), ctx = self._timed(node.name, "forward", op.forward, [args[0][sl]] + args[1:], training)
-                        self._count(1)
-                        if len(groups) == 1:
-                            out = y  # one group is every executing sample: no copy
-                        else:
-                            if out is None:
-                                out = np.empty((n_exec,) + y.shape[1:], y.dtype)
-                            out[sl] = y
-                        ctxs.append((k, sl, op, ctx))
+                    mac = self.candidate_ops[groups[0][0]][node.name]  # every candidate runs this node
+                    layer = [Group(sl, self.candidate_ops[k][node.name]) for k, sl in groups]
+                    (out,), ctx = self._timed(node.name, "forward", mac.forward_groups, args, run, layer,
+                                              dfq.merge_groups)
+                    self._count(ctx.calls)
                     env[node.outputs[0]] = out
-                    tape.append((node, None, ctxs))
+                    tape.append((node, mac, ctx))
                     continue
                 op = self.float_ops[node.name]
-                outs, ctx = self._timed(node.name, "forward", op.forward, args, training)
+                outs, ctx = self._timed(node.name, "forward", op.forward, args, run)
                 for name, value in zip(node.outputs, outs):
                     if name:
                         env[name] = value
-                if training:
+                if run.training:
                     for pos, value in op.buffer_updates(ctx).items():
                         updates[self.node.inputs.index(node.inputs[pos])] = value
                 tape.append((node, op, ctx))
@@ -176,15 +173,15 @@ class GatedUnit(Op):
         else:
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
-        return [y], (gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared)
+        return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared)
 
-    def buffer_updates(self, ctx):
-        return ctx[6]
+    def buffer_updates(self, ctx: UnitContext):
+        return ctx.updates
 
     # -- backward ----------------------------------------------------------------------------------
-    def backward(self, ctx, grads):
+    def backward(self, ctx: UnitContext, grads, needed):
         dfq, u = self.dfq, self.unit
-        gctx, choice, order, n_exec, tape, r, _, x_shape, dtype, gate_params, shared = ctx
+        order, n_exec, x_shape, dtype = ctx.order, ctx.n_exec, ctx.x_shape, ctx.dtype
         dout = grads[0]
         out: list[np.ndarray | None] = [None] * len(self.node.inputs)
         branch_dx = None
@@ -194,16 +191,19 @@ class GatedUnit(Op):
             dr = dout[order]
             inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
-            contribution = sample_dots(dr, r)
+            contribution = sample_dots(dr, ctx.branch_out)
             d_onehot[order] = contribution[:, None] * ~dfq.skips[None, :]
-            for node, op, nctx in reversed(tape):
+            wanted = dict(zip(self.node.inputs, needed))
+            for node, op, nctx in reversed(ctx.tape):
                 g_out = [inner.pop(o, None) if o else None for o in node.outputs]
                 if g_out[0] is None:
                     continue
-                if op is None:
-                    gins = self._mac_backward(node, nctx, g_out[0], n_exec)
-                else:
-                    gins = self._timed(node.name, "backward", op.backward, nctx, g_out)
+                # Values inside the branch always carry a gradient; the unit's other inputs as the executor says.
+                inner_needed = [bool(i) and (i in self.produced or i == u.fork or wanted.get(i, True))
+                                for i in node.inputs]
+                gins = self._timed(node.name, "backward", op.backward, nctx, g_out, inner_needed)
+                if isinstance(nctx, MACContext):
+                    self._count(len(nctx.groups))  # one weight-gradient call per group
                 for name, g in zip(node.inputs, gins):
                     if g is None or not name:
                         continue
@@ -215,11 +215,11 @@ class GatedUnit(Op):
             if u.fork in inner:
                 branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
-        dlogits = straight_through(gctx.probs, d_onehot)  # 0 on masked candidates: their probability is 0
+        dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
-        dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, gctx, dlogits, dh, dc,
-                                                                gate_params, shared)
+        dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, ctx.gate, dlogits,
+                                                                dh, dc, ctx.gate_params, ctx.shared)
         dfq.dstate = (dh_prev, dc_prev)
         if branch_dx is None:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
@@ -236,23 +236,3 @@ class GatedUnit(Op):
     def _count(self, calls: int) -> None:
         """Count MAC-layer passes inside the unit (DFQ.kernel_calls)."""
         self.dfq.kernel_calls += calls
-
-    def _mac_backward(self, node: Node, ctxs, g: np.ndarray, n_exec: int) -> list:
-        """Each group's backward at its own precision: dx rows filled per group, weight grads summed."""
-        if isinstance(ctxs, GroupedContext):
-            return self._timed(node.name, "backward", grouped_backward, ctxs, g, self._count)
-        dx, rest = None, None
-        for k, sl, op, ctx in ctxs:
-            gins = self._timed(node.name, "backward", op.backward, ctx, [g[sl]])
-            self._count(1)
-            if gins[0] is not None:
-                if len(ctxs) == 1:
-                    dx = gins[0]  # one group is every executing sample: no copy
-                else:
-                    if dx is None:
-                        dx = np.empty((n_exec,) + gins[0].shape[1:], gins[0].dtype)
-                    dx[sl] = gins[0]
-            tail = list(gins[1:])
-            rest = tail if rest is None else [b if a is None else (a if b is None else a + b) for a, b in zip(rest, tail)]
-        return [dx] + rest
-
