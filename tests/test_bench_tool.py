@@ -16,6 +16,7 @@ import bench
 import bench_step
 
 from edgetrain.errors import EdgetrainError
+from edgetrain.precision.dfq.controller import DFQ
 
 TINY = {"num_classes": 10, "in_channels": 1, "input_size": 12, "width": 8}  # a ResNet-8 that steps in ms
 
@@ -35,7 +36,8 @@ def test_fractrain_mix_bitops_lie_between_all_skip_and_all_computing():
                for mix, m in (("0", skip_model), ("half", _tiny_step("0:0.5,6/8:0.5")), ("6/8", _tiny_step("6/8")))}
     assert percent["0"] < percent["half"] < percent["6/8"] < 100
     # every gated layer is skipped by every sample: it costs nothing; the stem and shortcuts still do
-    assert skip_model.dfq.gated_layers and all(skip_model.last_cost[n].total == 0 for n in skip_model.dfq.gated_layers)
+    gated = DFQ.of(skip_model).gated_layers
+    assert gated and all(skip_model.last_cost[n].total == 0 for n in gated)
     assert percent["0"] > 0
 
 

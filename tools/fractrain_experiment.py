@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded  # noqa: E402
 from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES  # noqa: E402
+from edgetrain.precision.dfq.controller import DFQ  # noqa: E402
 from edgetrain.errors import EdgetrainError  # noqa: E402
 from edgetrain.fileio import write_atomic  # noqa: E402
 from edgetrain.precision.fractrain import DEFAULT_TARGETS  # noqa: E402
@@ -136,12 +137,13 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     if hasattr(controller, "switches"):
         sw = controller.switches
         out["switches"] = [s if isinstance(s, dict) else s.as_dict() for s in sw]
-    if model.dfq is not None:
+    dfq = DFQ.of(model)
+    if dfq is not None:
         # What the gates chose on the test split at the end: the share of samples per candidate.
         x = split.test.x[:256]
         model(x)
-        out["test_choices"] = model.dfq.choice_summary()
-        out["gated_percent_of_fp32_test"] = float(np.mean(model.dfq.sample_percent()))
+        out["test_choices"] = dfq.choice_summary()
+        out["gated_percent_of_fp32_test"] = float(np.mean(dfq.sample_percent()))
     return out
 
 
