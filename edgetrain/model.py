@@ -22,7 +22,11 @@ from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
 
 class Model:
-    """An imported ONNX model that can be run, differentiated and trained."""
+    """An imported ONNX model that can be run, differentiated and trained.
+
+    Controllers that run some layers themselves (DFQ's gated units) attach as extensions (attach();
+    edgetrain.extension says which hooks a step calls); the Model knows them only through that Protocol.
+    """
 
     def __init__(self, graph: Graph, dtype: np.dtype | type = np.float32, seed: int = 0):
         self.graph = graph
