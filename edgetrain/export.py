@@ -13,6 +13,7 @@ from edgetrain.errors import ModelError
 from edgetrain.fileio import write_atomic
 from edgetrain.layers import mac_nodes
 from edgetrain.model import Model
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.quant import quantize, scale_from_range
 
 
@@ -22,7 +23,8 @@ def to_onnx(model: Model) -> onnx.ModelProto:
     proto.CopyFrom(model.graph.original)
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    gates = set(model.dfq.param_names) if model.dfq is not None else set()  # exported apart (gate_export)
+    dfq = DFQ.of(model)
+    gates = set(dfq.param_names) if dfq is not None else set()  # exported apart (edgetrain.precision.dfq.export)
     values = {k: v for k, v in {**model.parameters(), **model.buffers()}.items() if k not in gates}
     for name, arr in values.items():
         if name in inits:
@@ -69,12 +71,13 @@ def _plan(model: Model, gated_bits: str | None = None) -> list[_LayerPlan]:
     from edgetrain.quant.mac import QuantMAC
 
     plans = []
-    gated = model.dfq.gated_layers if model.dfq is not None else set()
+    dfq = DFQ.of(model)
+    gated = dfq.gated_layers if dfq is not None else set()
     for node in mac_nodes(model.graph):
         op = model.executor.ops[node.name]
         if node.name in gated:
             # A gated layer is written at one static candidate, with the range that candidate trained.
-            prec, key, unsigned = model.dfq.static_form(node.name, gated_bits or model.dfq.most_precise())
+            prec, key, unsigned = dfq.static_form(node.name, gated_bits or dfq.most_precise())
         elif not isinstance(op, QuantMAC):
             continue
         else:

@@ -1,7 +1,7 @@
 """The trainable graph: nodes in execution order, parameters, buffers and constants by name."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ class Graph:
     source: str = "<memory>"
     producer: str = ""
     original: Any = None  # the ModelProto as the user gave it, for export
+    # Each value's shape as the importer inferred it (None: the free batch dimension, or a size ONNX shape
+    # inference could not tell); initializers and folded constants included.
+    shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
 
     def producer_of(self) -> dict[str, Node]:
         """Map each computed value name to the node that writes it."""

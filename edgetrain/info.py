@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.units import gating_plan
 from edgetrain.engine import Executor
 from edgetrain.layers import classifier_nodes, mac_nodes
@@ -70,7 +71,7 @@ def summarize(model: Model) -> dict:
         "quantised_layers": sorted(quantised, key=[n.name for n in graph.nodes].index),
         "layers": [asdict(layer) for layer in layers],
         # With gates (a dfq/fractrain checkpoint): what they are; without: what DFQ would gate.
-        "dfq": {**model.dfq.describe(), "target": model.dfq.target} if model.dfq is not None else gating_plan(graph),
+        "dfq": {**dfq.describe(), "target": dfq.target} if (dfq := DFQ.of(model)) is not None else gating_plan(graph),
     }
 
 

@@ -10,17 +10,23 @@ import onnx
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.engine import Executor, Tape
 from edgetrain.errors import DataError, ModelError
-from edgetrain.graph import Graph
+from edgetrain.extension import ModelExtension
+from edgetrain.graph import Graph, Node
 from edgetrain.layers import mac_nodes, non_negative_values
 from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
+from edgetrain.ops.base import Op
 from edgetrain.ops.norm import BatchNormalization, fuse_relu
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
 
 class Model:
-    """An imported ONNX model that can be run, differentiated and trained."""
+    """An imported ONNX model that can be run, differentiated and trained.
+
+    Controllers that run some layers themselves (DFQ's gated units) attach as extensions (attach();
+    edgetrain.extension says which hooks a step calls); the Model knows them only through that Protocol.
+    """
 
     def __init__(self, graph: Graph, dtype: np.dtype | type = np.float32, seed: int = 0):
         self.graph = graph
@@ -33,15 +39,15 @@ class Model:
         self._constants = cast(graph.constants)
         self.executor = Executor(graph, {n.name: n.op for n in graph.nodes})
         self._float_ops = dict(self.executor.ops)
-        self._mac_nodes = mac_nodes(graph)
+        self._mac_nodes = tuple(mac_nodes(graph))
         self.precision: dict[str, LayerPrecision] = {n.name: FP32 for n in self._mac_nodes}
         self.precision_config = PrecisionConfig()
         self.cost = CostMeter()
         self.last_cost: dict[str, LayerCost] = {}
         self.runtime = QuantRuntime()
-        self.dfq = None  # a dfq.DFQ once enable_dfq() gates the model's blocks per sample
-        self._cost_cache: dict[tuple, tuple[dict, dict]] = {}  # step_cost of the ungated layers, by shapes and bits
-        self.last_task_loss: float | None = None  # the loss before DFQ's cost term, of the last step
+        self._extensions: list[ModelExtension] = []
+        self._cost_cache: dict[tuple, tuple[dict, dict]] = {}  # step_cost of the layers no extension owns
+        self.last_task_loss: float | None = None  # the loss before the extensions' terms, of the last step
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -56,6 +62,15 @@ class Model:
     def input_shape(self) -> tuple:
         """Shape of the first input; None stands for a free batch dimension."""
         return self.graph.inputs[0].shape
+
+    @property
+    def mac_layers(self) -> tuple[Node, ...]:
+        """The graph's MAC nodes (edgetrain.layers.mac_nodes), in execution order: what set_precision sets."""
+        return self._mac_nodes
+
+    def float_op(self, name: str) -> Op:
+        """The float op of the imported node `name`: what an integer form of that layer wraps."""
+        return self._float_ops[name]
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Trainable tensors by initializer name (live arrays: updating them in place trains the model)."""
@@ -100,10 +115,11 @@ class Model:
         resolved = config.resolve(self.graph)
         unsigned = non_negative_values(self.graph)
         self.runtime.pow2_scales = pow2_scales
-        gated = self.dfq.gated_layers if self.dfq is not None else ()
+        owned = self._owned_layers()
         for index, node in enumerate(self._mac_nodes):
-            if node.name in gated:
-                continue  # its gate picks its bits per sample; mark_precision below reports that
+            if node.name in owned:
+                self.precision[node.name] = owned[node.name]  # its extension runs it at bits of its own
+                continue
             want = resolved[node.name]
             form = integer_form(node, self._params)
             if want.is_float or form is None:
@@ -115,23 +131,38 @@ class Model:
             self.precision[node.name] = want
         self.precision_config = config
         self._place_batchnorms()
-        if self.dfq is not None:
-            self.dfq.mark_precision(self.precision)
         return dict(self.precision)
 
-    def enable_dfq(self, config=None):
-        """Gate this model's residual blocks (or, without blocks, its inner MAC layers) per sample: DFQ.
+    # -- extensions (edgetrain.extension) -------------------------------------------------------
+    @property
+    def extensions(self) -> tuple[ModelExtension, ...]:
+        """The attached extensions, in the order attach() received them."""
+        return tuple(self._extensions)
 
-        Adds the gates' parameters (named dfq.*) to parameters(); returns the edgetrain.precision.dfq.controller.DFQ.
-        """
-        from edgetrain.precision.dfq.controller import DFQ
-        from edgetrain.precision.dfq.config import DFQConfig
-
-        if self.dfq is not None:
-            raise ModelError("DFQ is already enabled on this model")
-        self.dfq = DFQ(self, config or DFQConfig())
+    def attach(self, extension: ModelExtension) -> None:
+        """Call `extension`'s hooks at every step from now on; the precision in force is applied again, so
+        the layers it owns are left to it."""
+        self._extensions.append(extension)
         self.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
-        return self.dfq
+
+    def replace_nodes(self, nodes: list[Node], ops: dict[str, Op]) -> None:
+        """Execute `nodes` instead of the graph's from now on: a rewrite of it with the same inputs, outputs and
+        state, some nodes folded into new ones, which `ops` binds (the other nodes keep their ops).
+
+        Parameters added to parameters() since import are trainable in it. self.graph stays the imported
+        graph: precision, costs and export still read that one."""
+        g = self.graph
+        added = {name: arr for name, arr in self._params.items() if name not in g.params}
+        rewritten = Graph(nodes, g.inputs, g.outputs, {**g.params, **added}, g.buffers, g.constants, g.opset,
+                          g.source, g.producer, g.original, g.shapes)
+        self.executor = Executor(rewritten, {**self.executor.ops, **ops})
+
+    def _owned_layers(self) -> dict[str, LayerPrecision]:
+        return {name: p for ext in self._extensions for name, p in ext.owned_layers().items()}
+
+    def _begin_forward(self) -> None:
+        for ext in self._extensions:
+            ext.begin_forward()
 
     def _place_batchnorms(self) -> None:
         """BatchNorms right after an integer layer get this model's own parallel instance, with the Relu
@@ -181,8 +212,7 @@ class Model:
 
     def run(self, x: np.ndarray | dict[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         """Forward pass; returns every graph output by name."""
-        if self.dfq is not None:
-            self.dfq.begin_forward()
+        self._begin_forward()
         env, _ = self.executor.forward(self._feeds(x), self._state(), training, key=(self.seed, self.step))
         return {o.name: env[o.name] for o in self.graph.outputs}
 
@@ -192,8 +222,7 @@ class Model:
 
     def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
         """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
-        if self.dfq is not None:
-            self.dfq.begin_forward()
+        self._begin_forward()
         env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
                                           key=(self.seed, self.step))
         return env, tape
@@ -204,24 +233,24 @@ class Model:
 
     def step_cost(self, env: dict[str, np.ndarray]) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         """BitOPs of the training step whose forward values are in env: at the current precision, and in fp32."""
-        gated = self.dfq.gated_layers if self.dfq is not None else ()
-        # Shapes follow from the inputs' shapes, so the ungated layers' costs repeat step after step.
+        owned = self._owned_layers()
+        # Shapes follow from the inputs' shapes, so the other layers' costs repeat step after step.
         key = (tuple(env[i.name].shape for i in self.graph.inputs if i.name in env),
-               tuple(self.precision[n.name] for n in self._mac_nodes if n.name not in gated))
+               tuple(self.precision[n.name] for n in self._mac_nodes if n.name not in owned))
         cached = self._cost_cache.get(key)
         if cached is None:
-            cached = self._cost_cache[key] = self._ungated_step_cost(env, gated)
+            cached = self._cost_cache[key] = self._static_step_cost(env, owned)
         costs, fp32 = dict(cached[0]), dict(cached[1])
-        if self.dfq is not None:
-            dyn, dyn_fp32 = self.dfq.step_costs()
+        for ext in self._extensions:
+            dyn, dyn_fp32 = ext.step_costs()
             costs.update(dyn)
             fp32.update(dyn_fp32)
         return costs, fp32
 
-    def _ungated_step_cost(self, env: dict[str, np.ndarray], gated) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+    def _static_step_cost(self, env: dict[str, np.ndarray], owned) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         costs, fp32 = {}, {}
         for node in self._mac_nodes:
-            if node.name in gated:
+            if node.name in owned:
                 continue
             in_shapes = [env[i].shape if i else () for i in node.inputs]
             out_shapes = [env[o].shape for o in node.outputs if o]
@@ -246,8 +275,8 @@ class Model:
         else:
             value, dout = loss(out, labels)
         self.last_task_loss = value
-        if self.dfq is not None:
-            value = value + self.dfq.regularise()  # sets the regulariser's sign before backward reads it
+        for ext in self._extensions:
+            value = value + ext.loss_term()  # before backward, which may read what it set
         grads = self.backward(tape, {self.output_name: dout}, wrt=set(self._params))
         self.last_cost, fp32 = self.step_cost(env)
         self.cost.add_step(self.last_cost, fp32)

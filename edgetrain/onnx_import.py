@@ -108,10 +108,12 @@ class Importer:
         self._refuse_unsupported()
         nodes = self._bind()
         outputs = [ValueInfo(o.name, o.type.tensor_type.elem_type, _shape_of(o) or ()) for o in self.model.graph.output]
+        stored = {**self.params, **self.buffers, **self.constants}
+        shapes = {**self.shapes, **{name: tuple(arr.shape) for name, arr in stored.items()}}
         return Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
                      constants=self.constants, opset=self.opset, source=self.where,
                      producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
-                     original=self.original)
+                     original=self.original, shapes=shapes)
 
     # -- validation --------------------------------------------------------------------------
     def _opset(self) -> int:

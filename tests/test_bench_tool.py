@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgetrain.errors import EdgetrainError
+from edgetrain.precision.dfq.controller import DFQ
 from tools import bench, bench_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,8 @@ def test_fractrain_mix_bitops_lie_between_all_skip_and_all_computing():
                for mix, m in (("0", skip_model), ("half", _tiny_step("0:0.5,6/8:0.5")), ("6/8", _tiny_step("6/8")))}
     assert percent["0"] < percent["half"] < percent["6/8"] < 100
     # every gated layer is skipped by every sample: it costs nothing; the stem and shortcuts still do
-    assert skip_model.dfq.gated_layers and all(skip_model.last_cost[n].total == 0 for n in skip_model.dfq.gated_layers)
+    gated = DFQ.of(skip_model).gated_layers
+    assert gated and all(skip_model.last_cost[n].total == 0 for n in gated)
     assert percent["0"] > 0
 
 

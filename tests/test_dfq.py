@@ -7,6 +7,7 @@ import models
 from edgetrain import kernels
 from edgetrain.precision.dfq import gates
 from edgetrain.precision.dfq.config import DFQConfig, parse_candidates
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.errors import EdgetrainError
 
 
@@ -92,7 +93,7 @@ def test_candidates_parse_and_refuse():
 def test_units_found_and_gated_layers_reported():
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq()
+    d = DFQ.attach(m)
     assert [u.name for u in d.units] == ["block0", "block1", "block2"]
     assert all(str(m.precision[n]) == "dfq:w4" for n in d.gated_layers) and len(d.gated_layers) == 6
     assert str(m.precision["conv1"]) == "8/8" and str(m.precision["fc"]) == "fp32"
@@ -106,7 +107,7 @@ def test_one_candidate_for_all_samples_equals_the_static_model():
     static.set_precision("8/8", {"layer*.conv*": "4/8:w4"})
     gated = _resnet8()
     gated.set_precision("8/8")
-    d = gated.enable_dfq()
+    d = DFQ.attach(gated)
     k = [c.text for c in d.candidates].index("4/8")
     d.force = {u.index: k for u in d.units}
     env_s, _ = static.forward_train(x)
@@ -122,7 +123,7 @@ def test_backbone_gradients_match_the_static_model():
     static.set_precision("8/16", {"layer*.conv*": "8/16:w4"})
     gated = _resnet8()
     gated.set_precision("8/16")
-    d = gated.enable_dfq(DFQConfig(candidates=("0", "8/16"), beta=0.0, initial_choice="8/16", initial_logit=100.0))
+    d = DFQ.attach(gated, DFQConfig(candidates=("0", "8/16"), beta=0.0, initial_choice="8/16", initial_logit=100.0))
     # A saturated softmax passes no gradient through the gates, so the backbone sees only its own.
     _, gs = static.loss_and_grad(x, y)
     _, gg = gated.loss_and_grad(x, y)
@@ -136,7 +137,7 @@ def test_grouped_batch_equals_each_sample_alone_in_eval():
     x, y = _data(16, seed=3)
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq()
+    d = DFQ.attach(m)
     rng = np.random.default_rng(0)
     for step in range(4):  # every candidate sees data, so each has a running range
         m.step = step
@@ -168,7 +169,7 @@ def test_groups_sharing_kernel_calls_give_the_bits_of_one_call_per_group(name):
             x = rng.standard_normal((16,) + tuple(m.input_shape[1:])).astype(np.float32)
             y = rng.integers(0, 10, 16)
         m.set_precision("8/8")
-        d = m.enable_dfq()
+        d = DFQ.attach(m)
         d.merge_groups = merge
         rng = np.random.default_rng(1)
         steps = []
@@ -199,7 +200,7 @@ def test_skipping_does_no_work(monkeypatch):
     x, y = _data()
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq()
+    d = DFQ.attach(m)
     d.force = {u.index: 0 for u in d.units}  # candidate 0 is skip
     m.loss_and_grad(x, y)
     assert calls.count("conv2d_forward") == 3 and d.kernel_calls == 0
@@ -214,7 +215,7 @@ def test_skipping_does_no_work(monkeypatch):
 def test_layer_units_for_models_without_blocks():
     m = edgetrain.load(models.build_model("lenet5", seed=0))
     m.set_precision("8/8")
-    d = m.enable_dfq()
+    d = DFQ.attach(m)
     assert [u.name for u in d.units] == ["conv2", "fc1", "fc2"]
     assert all(0 not in d.unit_candidates[u.index] for u in d.units)  # no skip without a shortcut
     rng = np.random.default_rng(0)
@@ -230,7 +231,7 @@ def test_the_regulariser_pulls_the_cost_to_its_target():
     x, y = _data(32, seed=5)
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq(DFQConfig(target=2.0, initial_choice="6/12", beta=1e-2))
+    d = DFQ.attach(m, DFQConfig(target=2.0, initial_choice="6/12", beta=1e-2))
     opt = SGD(m.parameters(), 0.05, momentum=0.9)
     seen = []
     for step in range(60):
@@ -251,7 +252,7 @@ def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
     x, _ = _data(16, seed=7)
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq()
+    d = DFQ.attach(m)
     rng = np.random.default_rng(2)
     m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
     d.begin_forward()
@@ -291,7 +292,7 @@ def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path):
     t = Trainer(straight, split, _fractrain_config(tmp_path / "a", 9), export_model=False)
     t.fit()
     assert [s["dfq_target"] for s in t.controller.switches][:2] == [2.0, 2.5]  # eps 10: flat at every check
-    assert straight.dfq.target == t.controller.precision["dfq_target"]
+    assert DFQ.of(straight).target == t.controller.precision["dfq_target"]
     first = edgetrain.load(model_path)
     Trainer(first, split, _fractrain_config(tmp_path / "b", 6), export_model=False).fit()
     resumed = edgetrain.load(model_path)
@@ -310,7 +311,7 @@ def test_a_new_target_points_saturated_gates_at_its_nearest_candidate():
     x, y = _data(16)
     m = _resnet8()
     m.set_precision("8/8")
-    d = m.enable_dfq(DFQConfig(target=1.5))
+    d = DFQ.attach(m, DFQConfig(target=1.5))
     texts = [c.text for c in d.candidates]
     assert texts[d._nearest(1.5)] == "3/6" and texts[d._nearest(2.6)] == "4/8"
     assert texts[d._below(1.5)] == "3/6" and texts[d._below(3.0)] == "4/8" and texts[d._below(3.4)] == "6/8"
@@ -422,12 +423,12 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
                     "8/8": {"forward_s": 0.004, "backward_s": None}} for name in layers}
     path = tmp_path / "latency.json"
     path.write_text(json.dumps(table))
-    d = m.enable_dfq(DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
+    d = DFQ.attach(m, DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
     assert d.candidate_percent()["block1"] == {"skip": 0.0, "3/6": pytest.approx(60.0)}
     del table["layer2.0.conv2"]["3/6:w4"]
     path.write_text(json.dumps(table))
     with pytest.raises(EdgetrainError, match="layer2.0.conv2.*3/6:w4"):
-        _resnet8().enable_dfq(DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
+        DFQ.attach(_resnet8(), DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
     path.write_text('{"conv1": {"fast": {"forward_s": 1}}}')
     with pytest.raises(EdgetrainError, match="'fast' is not a precision"):
         read_cost_table(path)

@@ -11,14 +11,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("edgetrain", "firmware_bridge", "models")
 
-# The dfq <-> model cycle (edgetrain.model imports the DFQ controller, which imports Model back) is being
-# broken on another branch of issue 13: remove this entry once that branch is merged. A cycle is excused only
-# if all its modules are in one entry.
-KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"edgetrain.model", "edgetrain.precision.dfq", "edgetrain.precision.dfq.controller",
-               "edgetrain.precision.dfq.gated_unit"}),
-)
-
 
 def _module_names() -> dict[str, Path]:
     """Map each project module's dotted name (a package by its __init__) to its file."""
@@ -126,7 +118,7 @@ def test_the_cycle_finder_sees_a_cycle():
 def test_no_import_cycles():
     graph = _import_graph()
     assert "edgetrain.model" in graph and "firmware_bridge.wire.link" in graph
-    cycles = [c for c in _strongly_connected(graph) if not any(known.issuperset(c) for known in KNOWN_CYCLES)]
+    cycles = _strongly_connected(graph)
     described = []
     for component in cycles:
         members = set(component)

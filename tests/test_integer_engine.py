@@ -124,13 +124,14 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
     """Integer layers' BatchNorms take over the Relu that alone reads them; training with and without
     that fold ends on the same weights and BatchNorm statistics, bit for bit, plain and with DFQ."""
     from edgetrain.precision.dfq.config import DFQConfig
+    from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.ops import norm
 
     def run(dfq: bool):
         model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=0)
         model.set_precision("8/8")
         if dfq:
-            d = model.enable_dfq(DFQConfig())
+            d = DFQ.attach(model, DFQConfig())
             d.force = {u.index: np.arange(16) % 6 for u in d.units}  # every candidate, skip included
         folded = sum(isinstance(op, norm.FusedAway) for op in model.executor.ops.values())
         x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)

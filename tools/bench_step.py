@@ -100,9 +100,10 @@ def mix_choices(mix: dict[str, float], candidate_texts: list[str], batch: int, s
 def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
     """Enable DFQ on `model` (FracTrain's default candidates) with every gate forced to `mix`; returns the DFQ."""
     from edgetrain.precision.dfq.config import DFQConfig
+    from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.errors import EdgetrainError
 
-    dfq = model.enable_dfq(DFQConfig())
+    dfq = DFQ.attach(model, DFQConfig())
     texts = [c.text for c in dfq.candidates]
     choices = mix_choices(mix, texts, batch, seed)
     for u in dfq.units:
@@ -130,7 +131,7 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix
         model.set_precision(precision)
     if mix is not None:
         enable_mix(model, mix, batch)
-    train_step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))  # after enable_dfq: gates train too
+    train_step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))  # after DFQ.attach: the gates train too
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
 from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
@@ -133,12 +134,13 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     if hasattr(controller, "switches"):
         sw = controller.switches
         out["switches"] = [s if isinstance(s, dict) else s.as_dict() for s in sw]
-    if model.dfq is not None:
+    dfq = DFQ.of(model)
+    if dfq is not None:
         # What the gates chose on the test split at the end: the share of samples per candidate.
         x = split.test.x[:256]
         model(x)
-        out["test_choices"] = model.dfq.choice_summary()
-        out["gated_percent_of_fp32_test"] = float(np.mean(model.dfq.sample_percent()))
+        out["test_choices"] = dfq.choice_summary()
+        out["gated_percent_of_fp32_test"] = float(np.mean(dfq.sample_percent()))
     return out
 
 

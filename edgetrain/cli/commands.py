@@ -153,6 +153,7 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
     """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
     (and, for a DFQ run, its gates as OUT.gates.onnx)."""
     from edgetrain.export import export_int8, export_onnx
+    from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.precision.dfq.export import export_gates, gates_path
     from edgetrain.train.runstate import open_checkpoint, restore_run
 
@@ -163,7 +164,8 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise EdgetrainError(f"{out}: folder {folder} does not exist")
-    if gated_bits is not None and (run.model.dfq is None or not int8):
+    dfq = DFQ.of(run.model)
+    if gated_bits is not None and (dfq is None or not int8):
         raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
     if int8:
         export_int8(run.model, out, gated_bits)
@@ -171,11 +173,11 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
         export_onnx(run.model, out)
     summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
                "format": "int8-qdq" if int8 else "float"}
-    if run.model.dfq is not None:
+    if dfq is not None:
         summary["gates"] = gates_path(out)
         export_gates(run.model, summary["gates"])
         if int8:
-            summary["gated_bits"] = gated_bits or run.model.dfq.most_precise()
+            summary["gated_bits"] = gated_bits or dfq.most_precise()
     print(json.dumps(summary, indent=2) if as_json else
           f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})"
           + (f"; gates: {summary['gates']}" if "gates" in summary else ""))

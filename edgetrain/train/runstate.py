@@ -26,6 +26,8 @@ import numpy as np
 from edgetrain.train.checkpoint import Checkpoint, CheckpointError, CorruptCheckpointWarning, find_latest, load_checkpoint
 from edgetrain.train.config import DYNAMIC_SCHEDULES, TrainConfig, dfq_config, from_checkpoint_dict
 from edgetrain.precision.control import PrecisionSpec
+from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DFQConfig
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.train.finetune import head_parameter_names, new_head
 from edgetrain.model import Model
@@ -60,8 +62,8 @@ def output_classes(model: Model) -> int | None:
 
 def prepare_model(model: Model, config: TrainConfig) -> None:
     """What a schedule adds to the imported model before training or loading its state: DFQ's gates."""
-    if config.schedule in DYNAMIC_SCHEDULES and model.dfq is None:
-        model.enable_dfq(dfq_config(config))
+    if config.schedule in DYNAMIC_SCHEDULES and DFQ.of(model) is None:
+        DFQ.attach(model, dfq_config(config))
 
 
 def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> None:
@@ -73,9 +75,10 @@ def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> N
     model.set_precision(default, overrides, quantize_classifier=config.quantize_classifier,
                         pow2_scales=config.pow2_scales)
     if isinstance(spec, dict) and "dfq_target" in spec:
-        if model.dfq is None:
+        dfq = DFQ.of(model)
+        if dfq is None:
             raise EdgetrainError("a DFQ cost target was given but the model has no gates (schedule dfq or fractrain)")
-        model.dfq.target = float(spec["dfq_target"])
+        dfq.target = float(spec["dfq_target"])
 
 
 def pack_state(model: Model, controller_state: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:

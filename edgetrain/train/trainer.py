@@ -30,6 +30,7 @@ from edgetrain.data.dataset import Dataset
 from edgetrain.data.transforms import CIFAR_AUGMENT
 from edgetrain.errors import EdgetrainError
 from edgetrain.export import export_onnx
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.export import export_gates, gates_path
 from edgetrain.train.finetune import trainable_names
 from edgetrain.train.loop import TrainStep
@@ -182,9 +183,10 @@ class Trainer:
             sched_opts["min_lr"] = config.min_lr
         self.schedule = make_schedule(config.lr_schedule, config.lr, self.total_steps, **sched_opts)
         prepare_model(model, config)  # DFQ's gates join the parameters before the optimizer sees them
+        dfq = DFQ.of(model)
         self.trainable = trainable_names(model, freeze=config.freeze, train_last=config.train_last,
                                          bias_only=config.bias_only, freeze_bn=config.freeze_bn,
-                                         always=list(head) + (model.dfq.param_names if model.dfq else []))
+                                         always=list(head) + (dfq.param_names if dfq is not None else []))
         chosen = set(self.trainable)
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr,
                                         trainable=chosen.__contains__, **_optimizer_options(config))
@@ -280,7 +282,7 @@ class Trainer:
             self._set_precision(spec)
             new = spec.get("dfq_target") if isinstance(spec, dict) else None
             if new is not None and new != old:  # FracTrain's next target: the gates are pointed at it
-                self.model.dfq.aim(new)
+                DFQ.of(self.model).aim(new)
 
     def run_eval(self) -> dict[str, Any]:
         """Evaluate on the test split and remember the result."""
@@ -336,7 +338,7 @@ class Trainer:
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
             export_onnx(self.model, exported)
-            if self.model.dfq is not None:
+            if DFQ.of(self.model) is not None:
                 export_gates(self.model, gates_path(exported))
         last = self.evals[-1]
         cost = self.model.cost
@@ -358,7 +360,7 @@ class Trainer:
                   "precision": precision_summary(self.model.precision),
                   "bitops": sum(c.total for c in cost.last_step.values()),
                   "percent_of_fp32": cost.percent_of_fp32, "time": round(self.elapsed, 4)}
-        dfq = self.model.dfq
+        dfq = DFQ.of(self.model)
         if dfq is not None:  # the gates' cost against its target, and the loss without the cost term
             record.update(task_loss=self.model.last_task_loss, dfq_percent=round(dfq.last_percent, 4),
                           dfq_target=dfq.target)

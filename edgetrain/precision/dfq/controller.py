@@ -34,30 +34,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgetrain.blocks import Block, find_blocks, layer_units
-from edgetrain.errors import EdgetrainError
-from edgetrain.graph import Graph, Node
+from edgetrain.errors import EdgetrainError, ModelError
+from edgetrain.graph import Node
 from edgetrain.layers import non_negative_values
-from edgetrain.precision.cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
-from edgetrain.precision.dfq.gates import (
-    SHARED_NAMES,
-    init_gate_params,
-    logit_mask,
-    unit_param_names,
-)
-from edgetrain.precision.spec import FP32, LayerPrecision
+from edgetrain.precision.cost import LayerCost
+from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
+from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
+from edgetrain.precision.dfq.gated_unit import GatedUnit
+from edgetrain.precision.dfq.gates import SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
+from edgetrain.precision.dfq.units import Unit, find_units, measure_units
+from edgetrain.precision.spec import LayerPrecision
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
-
-from edgetrain.precision.dfq.config import (
-    Candidate,
-    DFQConfig,
-    GatedPrecision,
-    parse_candidates,
-)
-from edgetrain.precision.dfq.gated_unit import GatedUnit
-from edgetrain.precision.dfq.units import Unit
 
 
 @dataclass
@@ -69,17 +58,33 @@ class StepRecord:
 
 
 class DFQ:
-    """DFQ attached to one Model: its units, gates, candidates, cost regulariser and per-step record."""
+    """DFQ attached to one Model: its units, gates, candidates, cost regulariser and per-step record.
+
+    An extension of the Model (edgetrain.extension.ModelExtension): attach() builds one and hooks it in."""
+
+    @classmethod
+    def attach(cls, model: "Model", config: DFQConfig | None = None) -> "DFQ":
+        """Gate `model`'s residual blocks (or, without blocks, its inner MAC layers) per sample from now on.
+
+        Adds the gates' parameters (named dfq.*) to model.parameters(); returns the attached DFQ."""
+        if cls.of(model) is not None:
+            raise ModelError("DFQ is already enabled on this model")
+        dfq = cls(model, config or DFQConfig())
+        model.attach(dfq)
+        return dfq
+
+    @classmethod
+    def of(cls, model: "Model") -> "DFQ | None":
+        """The DFQ attached to `model`, or None."""
+        return next((ext for ext in model.extensions if isinstance(ext, cls)), None)
 
     def __init__(self, model: "Model", config: DFQConfig):
+        """Build units, gates and their ops on `model` (attach() also hooks them into its steps)."""
         self.model = model
         self.config = config
         self.candidates = parse_candidates(config.candidates, config.weight_bits)
         graph = model.graph
-        blocks = find_blocks(graph)
-        self.units = [self._unit_from_block(b) for b in blocks] if blocks else [
-            Unit(u.index, u.node.name, u.node.inputs[0], None, (u.node,), u.node.outputs[0], u.node.outputs[0])
-            for u in layer_units(graph)]
+        self.units = find_units(graph)
         if not self.units:
             raise EdgetrainError(f"{graph.source}: DFQ found no residual block and no MAC layer to gate "
                                  "(the stem and the classifier are never gated)")
@@ -88,14 +93,14 @@ class DFQ:
                                 for u in self.units}
         if any(not self.unit_candidates[u.index] for u in self.units):
             raise EdgetrainError("dfq: a gated layer without a shortcut needs a computing candidate")
-        macs = {n.name for n in model._mac_nodes}
+        macs = {n.name for n in model.mac_layers}
         self.gated_layers = {n.name for u in self.units for n in u.branch if n.name in macs}
         self.skips = np.array([c.skip for c in self.candidates])
         # Added to a unit's logits: -inf on the candidates it may not take (a layer without a shortcut cannot skip).
         self.logit_masks = {u.index: logit_mask(self.unit_candidates[u.index], len(self.candidates))
                             for u in self.units}
-        self._measure(model)
-        self.unit_cost, self.unit_fp32 = self._costs()
+        measure_units(self.units, graph, self.gated_layers, model.float_op)
+        self.unit_cost, self.unit_fp32 = candidate_costs(self.units, self.candidates, config.cost_table)
         total_fp32 = sum(self.unit_fp32.values())
         # Each candidate's cost over all units, percent of their fp32 cost: what a target is compared to.
         self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
@@ -116,57 +121,6 @@ class DFQ:
         self._build_ops(model)
 
     # -- construction ------------------------------------------------------------------------------
-    def _unit_from_block(self, b: Block) -> Unit:
-        shortcut = b.shortcut_input
-        return Unit(b.index, f"block{b.index}", b.fork, shortcut, b.branch, b.output, b.residual_input)
-
-    def _measure(self, model: "Model") -> None:
-        """Per-sample MACs of every gated layer and the input channels of every unit, from one float forward."""
-        from edgetrain.engine import Executor
-
-        shape = tuple(1 if d is None else d for d in model.input_shape)
-        feeds = {model.input_name: np.zeros(shape, model.dtype)}
-        env, _ = Executor(model.graph, model._float_ops).forward(feeds, model._state(), False)
-        self.channels, self.spatial_dims = [], []
-        for u in self.units:
-            self.channels.append(int(env[u.fork].shape[1]))
-            self.spatial_dims.append(tuple(int(d) for d in env[u.fork].shape[2:]))
-            for node in u.branch:
-                if node.name in self.gated_layers:
-                    ins = [env[i].shape if i else () for i in node.inputs]
-                    outs = [env[o].shape for o in node.outputs if o]
-                    u.macs[node.name] = int(model._float_ops[node.name].macs(ins, outs))
-
-    def _costs(self) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-        """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds)."""
-        table = self.config.cost_table
-        costs, fp32 = {}, {}
-        for u in self.units:
-            work = sum(u.macs.values())
-            fp32[u.index] = float(work * FP32_STEP_FACTOR) if table is None else self._table_cost(u, "fp32")
-            row = []
-            for c in self.candidates:
-                if c.skip:
-                    row.append(0.0)
-                elif table is not None:
-                    row.append(self._table_cost(u, str(c.precision)))
-                else:
-                    a, w, g = c.precision.bitops_bits()
-                    row.append(float(work * (a * w + g * w + a * g)))
-            costs[u.index] = np.array(row)
-        return costs, fp32
-
-    def _table_cost(self, u: Unit, precision: str) -> float:
-        """A unit's measured cost at one precision: the sum over its gated layers (edgetrain.precision.latency)."""
-        total = 0.0
-        for layer in u.macs:
-            entry = self.config.cost_table.get(layer, {})
-            if precision not in entry:
-                raise EdgetrainError(f"dfq cost table: no timing for layer '{layer}' at '{precision}' "
-                                     f"(profile the model at that precision with --latency-table)")
-            total += entry[precision]
-        return total
-
     def candidate_percent(self) -> dict[str, dict[str, float]]:
         """Each unit's candidates' cost in percent of the unit's fp32 training cost."""
         return {u.name: {self.candidates[k].text: 100 * self.unit_cost[u.index][k] / self.unit_fp32[u.index]
@@ -213,15 +167,14 @@ class DFQ:
         existing = [n for n in model.parameters() if n.startswith("dfq.")]
         if existing:
             raise EdgetrainError(f"the model already has DFQ gate parameters ({existing[0]}, ...)")
-        params = init_gate_params(self.channels, len(self.candidates), model.seed, self._initial_choice(),
+        channels = [u.input_shape[1] for u in self.units]
+        params = init_gate_params(channels, len(self.candidates), model.seed, self._initial_choice(),
                                   self.config.initial_logit, model.dtype)
         model.parameters().update(params)
         self.param_names = list(params)
 
     def _build_ops(self, model: "Model") -> None:
-        """One GatedUnit op per unit in a new executor; the graph's other nodes keep their ops."""
-        from edgetrain.engine import Executor
-
+        """The model runs one GatedUnit op per unit from now on, in place of the unit's nodes."""
         graph = model.graph
         inside = {n.name for u in self.units for n in u.branch}
         joins = {}
@@ -229,8 +182,8 @@ class DFQ:
             last = next(n for n in graph.nodes if u.output in n.outputs)
             joins[last.name] = u
         nodes: list[Node] = []
-        ops = dict(model.executor.ops)
-        facts = (non_negative_values(graph), {n.name: i for i, n in enumerate(model._mac_nodes)})
+        ops = {}
+        facts = (non_negative_values(graph), {n.name: i for i, n in enumerate(model.mac_layers)})
         for node in graph.nodes:
             if node.name in inside and node.name not in joins:
                 continue
@@ -241,10 +194,7 @@ class DFQ:
                 ops[unit_node.name] = op
                 continue
             nodes.append(node)
-        params = {**graph.params, **{n: model.parameters()[n] for n in self.param_names}}
-        self.graph = Graph(nodes, graph.inputs, graph.outputs, params, graph.buffers, graph.constants, graph.opset,
-                           graph.source, graph.producer, graph.original)
-        model.executor = Executor(self.graph, ops)
+        model.replace_nodes(nodes, ops)
 
     def _unit_node(self, model: "Model", u: Unit, facts: tuple) -> tuple[Node, "GatedUnit"]:
         produced = {o for n in u.branch for o in n.outputs if o}
@@ -258,17 +208,16 @@ class DFQ:
         node = Node(f"dfq.{u.name}", "DFQUnit", inputs, [u.output], {})
         return node, GatedUnit(node, model.graph.opset, self, u, len(externals), model, *facts)
 
-    # -- per step ------------------------------------------------------------------------------------
+    # -- per step: the Model's extension hooks (edgetrain.extension) ----------------------------------
+    def owned_layers(self) -> dict[str, LayerPrecision]:
+        """The gated layers: their gates pick the bits per sample, so each reports only its weight width."""
+        return {name: GatedPrecision(0, self.config.weight_bits, 0) for name in self.gated_layers}
+
     def begin_forward(self) -> None:
         """Reset the gates' LSTM state and the step record (FracTrain: state reset per forward)."""
         self.state = None
         self.dstate = None
         self.record = StepRecord()
-
-    def mark_precision(self, precision: dict[str, LayerPrecision]) -> None:
-        """Gated layers report their per-sample precision (set_precision leaves them to their gates)."""
-        for name in self.gated_layers:
-            precision[name] = GatedPrecision(0, self.config.weight_bits, 0)
 
     def sample_percent(self) -> np.ndarray:
         """Each sample's cost of the gated layers in the last forward, in percent of its fp32 cost."""
@@ -277,7 +226,7 @@ class DFQ:
             total += self.unit_cost[u.index][self.record.choices[u.index]]
         return 100.0 * total / sum(self.unit_fp32.values())
 
-    def regularise(self) -> float:
+    def loss_term(self) -> float:
         """After a training forward: set r and return the loss term r * beta * C (module doc)."""
         per_sample = self.sample_percent()
         self.last_percent = float(per_sample.mean())
@@ -290,16 +239,7 @@ class DFQ:
 
     def step_costs(self) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         """BitOPs of the gated layers in the last forward: as chosen, and as fp32 for every sample."""
-        costs, fp32 = {}, {}
-        n = self.record.batch
-        for u in self.units:
-            counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
-            for name, macs in u.macs.items():
-                costs[name] = sum((layer_step_cost(int(counts[k]) * macs, c.precision, 0)
-                                   for k, c in enumerate(self.candidates) if not c.skip and counts[k]),
-                                  LayerCost(0, 0, 0, 0, 0))
-                fp32[name] = layer_step_cost(n * macs, FP32, 0)
-        return costs, fp32
+        return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch)
 
     def static_form(self, layer: str, candidate: str) -> tuple[LayerPrecision, str, bool]:
         """A gated layer run at one candidate for every sample: its precision, range key, unsigned input."""

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgetrain.fileio import write_atomic
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.gates import EMBED_WIDTH, SHARED_NAMES, unit_param_names
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ NOT_ALLOWED = -1e9  # added to the logits of candidates a unit cannot take (a la
 
 def gates_to_onnx(model: "Model") -> onnx.ModelProto:
     """The trained gates of a DFQ model as an ONNX graph (module doc)."""
-    dfq = model.dfq
+    dfq = DFQ.of(model)
     if dfq is None:
         raise ValueError("the model has no DFQ gates")
     p = {k: np.asarray(v, np.float32) for k, v in model.parameters().items() if k in set(dfq.param_names)}
@@ -46,8 +47,8 @@ def gates_to_onnx(model: "Model") -> onnx.ModelProto:
     k = len(dfq.candidates)
     for u in dfq.units:
         tag = f"{u.name}."
-        rank = 2 + len(dfq.spatial_dims[u.index])
-        shape = ["N", dfq.channels[u.index]] + list(dfq.spatial_dims[u.index])
+        rank = len(u.input_shape)
+        shape = ["N", *u.input_shape[1:]]
         inputs.append(helper.make_tensor_value_info(u.fork, TensorProto.FLOAT, shape))
         w1, b1, w2, b2 = unit_param_names(u.index)
         inits += [numpy_helper.from_array(p[w1], tag + "W1"), numpy_helper.from_array(p[b1], tag + "b1"),

@@ -74,7 +74,7 @@ class GatedUnit(Op):
                     if c.skip:
                         continue
                     stream = mac_index[n.name] + (k + 1) * CANDIDATE_STREAM_STRIDE
-                    op = form(model._float_ops[n.name], c.precision, stream, n.inputs[0] in unsigned, model.runtime)
+                    op = form(model.float_op(n.name), c.precision, stream, n.inputs[0] in unsigned, model.runtime)
                     op.range_key = f"{n.name}@{c.text}"
                     self.candidate_ops.setdefault(k, {})[n.name] = op
             elif n.op_type == "BatchNormalization" and n.inputs[0] in after_mac:
@@ -85,7 +85,7 @@ class GatedUnit(Op):
                 if fused is not None:
                     self.float_ops[fused[0].name] = fused[1]
             elif n.name not in self.float_ops:  # a Relu folded into its BatchNorm above keeps its stand-in
-                self.float_ops[n.name] = model._float_ops[n.name]
+                self.float_ops[n.name] = model.float_op(n.name)
 
     def _timed(self, inner: str, direction: str, call, *args):
         """call(*args), its seconds added to the executor's timings under ("<unit node>/<inner>", direction)

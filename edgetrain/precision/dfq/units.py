@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from edgetrain.blocks import find_blocks, layer_units
+from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Graph, Node
+from edgetrain.ops.base import Op
 
-if TYPE_CHECKING:
-    pass
 
 @dataclass
 class Unit:
@@ -23,7 +23,37 @@ class Unit:
     output: str  # the value the unit writes (the join's output, or the layer's)
     branch_output: str  # the branch's last value (the join's residual input, or the layer's output)
     macs: dict[str, int] = field(default_factory=dict)  # per-sample MACs of each gated layer
+    input_shape: tuple[int, ...] = ()  # the fork's shape (sample_shape: a free batch dimension counts 1)
 
+
+def find_units(graph: Graph) -> list[Unit]:
+    """The units DFQ gates in this graph: its residual blocks, else its gateable layers (edgetrain.blocks)."""
+    blocks = find_blocks(graph)
+    if blocks:
+        return [Unit(b.index, f"block{b.index}", b.fork, b.shortcut_input, b.branch, b.output, b.residual_input)
+                for b in blocks]
+    return [Unit(u.index, u.node.name, u.node.inputs[0], None, (u.node,), u.node.outputs[0], u.node.outputs[0])
+            for u in layer_units(graph)]
+
+
+def sample_shape(graph: Graph, name: str) -> tuple[int, ...]:
+    """The shape of value `name` as the importer inferred it (Graph.shapes), a free batch dimension set to 1."""
+    shape = graph.shapes.get(name)
+    if shape is None or any(d is None for d in shape[1:]):
+        raise EdgetrainError(f"{graph.source}: DFQ needs the shape of '{name}', which ONNX shape inference "
+                             f"left {'unknown' if shape is None else shape}")
+    return tuple(1 if d is None else d for d in shape)
+
+
+def measure_units(units: list[Unit], graph: Graph, gated_layers: set[str], float_op: Callable[[str], Op]) -> None:
+    """Fill each unit's input shape and its gated layers' per-sample MACs from the graph's shapes."""
+    for u in units:
+        u.input_shape = sample_shape(graph, u.fork)
+        for node in u.branch:
+            if node.name in gated_layers:
+                ins = [sample_shape(graph, i) if i else () for i in node.inputs]
+                outs = [sample_shape(graph, o) for o in node.outputs if o]
+                u.macs[node.name] = int(float_op(node.name).macs(ins, outs))
 
 
 def gating_plan(graph: Graph) -> dict[str, Any]:
@@ -35,5 +65,3 @@ def gating_plan(graph: Graph) -> dict[str, Any]:
              "layers": [n.name for n in b.mac_nodes], "shortcut": [n.name for n in b.shortcut]} for b in blocks]}
     return {"kind": "layers", "units": [{"name": u.node.name, "fork": u.node.inputs[0], "output": u.node.outputs[0],
                                          "can_skip": False, "layers": [u.node.name]} for u in layer_units(graph)]}
-
-

@@ -1,0 +1,60 @@
+"""DFQ's cost table: what each candidate costs in each unit, per sample, and what a step's choices cost.
+
+A unit's cost is its gated layers' training cost: BitOPs from their per-sample MACs (edgetrain.precision.cost),
+or, given a table measured on a board (edgetrain.precision.latency), the sum of their seconds.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgetrain.errors import EdgetrainError
+from edgetrain.precision.cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
+from edgetrain.precision.dfq.config import Candidate
+from edgetrain.precision.dfq.units import Unit
+from edgetrain.precision.spec import FP32
+
+
+def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
+                    table: dict[str, dict[str, float]] | None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds)."""
+    costs, fp32 = {}, {}
+    for u in units:
+        work = sum(u.macs.values())
+        fp32[u.index] = float(work * FP32_STEP_FACTOR) if table is None else _table_cost(table, u, "fp32")
+        row = []
+        for c in candidates:
+            if c.skip:
+                row.append(0.0)
+            elif table is not None:
+                row.append(_table_cost(table, u, str(c.precision)))
+            else:
+                a, w, g = c.precision.bitops_bits()
+                row.append(float(work * (a * w + g * w + a * g)))
+        costs[u.index] = np.array(row)
+    return costs, fp32
+
+
+def _table_cost(table: dict[str, dict[str, float]], u: Unit, precision: str) -> float:
+    """A unit's measured cost at one precision: the sum over its gated layers."""
+    total = 0.0
+    for layer in u.macs:
+        entry = table.get(layer, {})
+        if precision not in entry:
+            raise EdgetrainError(f"dfq cost table: no timing for layer '{layer}' at '{precision}' "
+                                 f"(profile the model at that precision with --latency-table)")
+        total += entry[precision]
+    return total
+
+
+def chosen_step_costs(units: list[Unit], candidates: tuple[Candidate, ...], choices: dict[int, np.ndarray],
+                      batch: int) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+    """BitOPs of the gated layers in a forward with these choices: as chosen, and as fp32 for every sample."""
+    costs, fp32 = {}, {}
+    for u in units:
+        counts = np.bincount(choices[u.index], minlength=len(candidates))
+        for name, macs in u.macs.items():
+            costs[name] = sum((layer_step_cost(int(counts[k]) * macs, c.precision, 0)
+                               for k, c in enumerate(candidates) if not c.skip and counts[k]),
+                              LayerCost(0, 0, 0, 0, 0))
+            fp32[name] = layer_step_cost(batch * macs, FP32, 0)
+    return costs, fp32
