@@ -6,13 +6,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgetrain.precision.dfq.controller import DFQ
-from edgetrain.precision.dfq.units import gating_plan
 from edgetrain.engine import Executor
 from edgetrain.layers import classifier_nodes, mac_nodes
+from edgetrain.model import Model
+from edgetrain.precision.dfq.controller import DFQ
+from edgetrain.precision.dfq.units import gating_plan
 from edgetrain.precision.spec import PrecisionConfig
 from edgetrain.quant.mac import integer_form
-from edgetrain.model import Model
 from edgetrain.train.config import help_text
 
 
@@ -88,7 +88,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"input:  {vi['name']} {_pretty(vi['shape'])}")
     lines.append("")
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 3 or j == 5 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append("  ".join(c.ljust(w) if j < 3 or j == 5 else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     n_int = len(summary["quantised_layers"])

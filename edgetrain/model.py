@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 
-from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.engine import Executor, Tape
 from edgetrain.errors import DataError, ModelError
 from edgetrain.extension import ModelExtension
@@ -17,6 +16,7 @@ from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
 from edgetrain.ops.base import Op
 from edgetrain.ops.norm import BatchNormalization, fuse_relu
+from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
@@ -94,7 +94,7 @@ class Model:
                     raise ModelError(f"tensor '{name}': shape {state[name].shape} != model's {arr.shape}")
                 arr[...] = state[name]
 
-    def astype(self, dtype) -> "Model":
+    def astype(self, dtype) -> Model:
         """A copy of this model computing in another float type (float64 for gradient checks)."""
         m = Model(self.graph, dtype, self.seed)
         m._params = {k: v.astype(dtype) for k, v in self._params.items()}
@@ -103,7 +103,7 @@ class Model:
         return m
 
     # -- precision ------------------------------------------------------------------------------
-    def set_precision(self, default: "str | LayerPrecision | PrecisionConfig" = "fp32", overrides: dict | None = None,
+    def set_precision(self, default: str | LayerPrecision | PrecisionConfig = "fp32", overrides: dict | None = None,
                       *, quantize_classifier: bool = False, pow2_scales: bool = False) -> dict[str, LayerPrecision]:
         """Choose each MAC layer's bit-widths (e.g. "8/8", {"layer1.*": "4/8"}); takes effect at the next step.
 

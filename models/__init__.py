@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import onnx
 
 from edgetrain.fileio import write_atomic
-
 from models.lenet import lenet5
 from models.mlp import mlp_classifier
 from models.mobilenetv2 import mobilenetv2_cifar

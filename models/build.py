@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
-
 from models import BUILDERS, build_model, save_model
 
 PROG = "python -m models.build"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -83,7 +84,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """torchvision-style ResNet built from BasicBlocks."""
 
-    def __init__(self, layers: Sequence[int], num_classes: int, width: int, in_channels: int = DEMO_IMAGE_CHANNELS) -> None:
+    def __init__(self, layers: Sequence[int], num_classes: int, width: int,
+                 in_channels: int = DEMO_IMAGE_CHANNELS) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, RESNET_STEM_KERNEL, RESNET_STEM_STRIDE,
                                RESNET_STEM_KERNEL // 2, bias=False)

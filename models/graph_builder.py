@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ RELU6_MAX = 6.0
 # Gain for ReLU-family nonlinearities in Kaiming init (torch.nn.init.calculate_gain).
 RELU_GAIN = math.sqrt(2.0)
 
-Dim = Union[int, str]
+Dim = int | str
 Shape = Sequence[Dim]
 TensorSpec = tuple[str, Shape]
 

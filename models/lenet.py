@@ -5,7 +5,12 @@ from __future__ import annotations
 import onnx
 
 from models.graph_builder import (
-    BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, image_shape, require_positive_int,
+    BATCH_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    GraphBuilder,
+    image_shape,
+    require_positive_int,
 )
 
 CONV_KERNEL = 5

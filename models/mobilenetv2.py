@@ -5,7 +5,12 @@ from __future__ import annotations
 import onnx
 
 from models.graph_builder import (
-    BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, image_shape, require_positive_int,
+    BATCH_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    GraphBuilder,
+    image_shape,
+    require_positive_int,
 )
 
 # (expansion t, output channels c, repeats n, first stride s); the CIFAR variant keeps
@@ -74,7 +79,9 @@ def mobilenetv2_cifar(
         raise ValueError(f"width_mult must be positive, got {width_mult!r}")
     gb = GraphBuilder("mobilenetv2", seed)
     x = gb.input(INPUT_NAME, image_shape(in_channels, input_size))
-    y = _conv_bn_relu6(gb, x, make_divisible(STEM_CHANNELS * width_mult), STEM_KERNEL, CIFAR_STEM_STRIDE, 1, "features.0")
+    y = _conv_bn_relu6(
+        gb, x, make_divisible(STEM_CHANNELS * width_mult), STEM_KERNEL, CIFAR_STEM_STRIDE, 1, "features.0"
+    )
     feature = 1
     for expand, channels, repeats, first_stride in CIFAR_INVERTED_RESIDUAL_SETTING:
         out_ch = make_divisible(channels * width_mult)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import onnx
 
 from models.graph_builder import (
-    BATCH_DIM, INPUT_NAME, OUTPUT_NAME, GraphBuilder, image_shape, require_positive_int,
+    BATCH_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    GraphBuilder,
+    image_shape,
+    require_positive_int,
 )
 
 NUM_STAGES = 3
@@ -26,7 +31,8 @@ def blocks_per_stage(depth: int) -> int:
         or (depth - EXTRA_LAYERS) % per_block_layers
     ):
         raise ValueError(
-            f"CIFAR ResNet depth {depth!r} is invalid: it must be 6n+2 with n >= 1 (8, 14, 20, 32, 38, 44, 56, 74, 110, ...)"
+            f"CIFAR ResNet depth {depth!r} is invalid: it must be 6n+2 with n >= 1 "
+            "(8, 14, 20, 32, 38, 44, 56, 74, 110, ...)"
         )
     return (depth - EXTRA_LAYERS) // per_block_layers
 

@@ -30,7 +30,7 @@ def relative_errors(analytic: dict[str, np.ndarray], reference: dict[str, np.nda
     return {k: relative_error(analytic[k], reference[k], floor) for k in reference}
 
 
-def check_model_gradients(model: "edgetrain.Model", feeds: dict, *, training: bool = True, samples: int = 24,
+def check_model_gradients(model: edgetrain.Model, feeds: dict, *, training: bool = True, samples: int = 24,
                           h: float = 1e-6, seed: int = 0) -> dict[str, float]:
     """Compare analytic gradients of L = sum(R * outputs) with central differences.
 

@@ -68,9 +68,11 @@ def run_case(case) -> tuple[str, str]:
             have = np.asarray(got[out_info.name])
             if have.shape != want.shape:
                 return "fail", f"output '{out_info.name}' shape {have.shape} != {want.shape}"
-            if have.dtype != want.dtype and not (np.issubdtype(have.dtype, np.floating) and np.issubdtype(want.dtype, np.floating)):
+            if have.dtype != want.dtype and not (np.issubdtype(have.dtype, np.floating)
+                                                 and np.issubdtype(want.dtype, np.floating)):
                 return "fail", f"output '{out_info.name}' dtype {have.dtype} != {want.dtype}"
-            rtol = max(case.rtol, 1e-4) if have.dtype == np.float16 or want.dtype == np.float16 else max(case.rtol, 1e-5)
+            rtol = (max(case.rtol, 1e-4) if have.dtype == np.float16 or want.dtype == np.float16
+                    else max(case.rtol, 1e-5))
             atol = max(case.atol, 1e-6)
             if not np.allclose(have.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=atol, equal_nan=True):
                 err = np.abs(have.astype(np.float64) - want.astype(np.float64)).max()

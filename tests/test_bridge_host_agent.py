@@ -22,17 +22,17 @@ import pytest
 
 import models
 from edgetrain.cli.main import main as cli_main
-from firmware_bridge.wire.frame import encode_frame, max_frame_len
+from firmware_bridge.profile.errors import BoardUnreachable
 from firmware_bridge.profile.host import profile
 from firmware_bridge.profile.records import ProfileRequest
+from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
+from firmware_bridge.profile.sim import SimulatedBoard
+from firmware_bridge.profile.workload import Workload, load_model, sha256_hex, train
+from firmware_bridge.wire.errors import LinkTimeout
+from firmware_bridge.wire.frame import encode_frame, max_frame_len
 from firmware_bridge.wire.link import Link
 from firmware_bridge.wire.messages import Message, MsgType, encode_payload
-from firmware_bridge.profile.errors import BoardUnreachable
-from firmware_bridge.profile.report import format_markdown, write_latency_table, write_report
-from firmware_bridge.wire.errors import LinkTimeout
-from firmware_bridge.profile.sim import SimulatedBoard
 from firmware_bridge.wire.transport import open_port, open_pty
-from firmware_bridge.profile.workload import Workload, load_model, sha256_hex, train
 
 BAUD = 921600
 BATCH = 4
@@ -390,7 +390,9 @@ def test_cli_simulate_writes_the_report_and_the_latency_table(
     report = json.loads(capsys.readouterr().out)
     assert report["digest"]["verdict"] == "digests agree"
     assert report["uploaded"] is True and report["data_uploaded"] is True
-    assert report["workload"]["data"] == str(data) and report["workload"]["data_sha256"] == sha256_hex(data.read_bytes())
+    assert report["workload"]["data"] == str(data) and report["workload"]["data_sha256"] == sha256_hex(
+        data.read_bytes()
+    )
     assert {"profile.json", "profile.md", "profile.png"} <= {path.name for path in out.iterdir()}
     assert set(json.loads(table.read_text())["conv1"]) == {"fp32"}
     assert format_markdown(report).count("digests agree") == 2

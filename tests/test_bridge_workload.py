@@ -34,7 +34,8 @@ from firmware_bridge.profile.workload import (
 )
 
 GOOD_PARAMS: dict[str, Any] = {"input_shape": [4, 1, 28, 28], "batch_size": 4, "steps": 3, "warmup_steps": 1,
-                               "precision": "fp32", "seed": 5, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.5}}
+                               "precision": "fp32", "seed": 5,
+                               "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +295,8 @@ def test_profile_is_wired_into_edgetrains_cli(capsys: pytest.CaptureFixture[str]
 
 def test_agent_with_a_bad_port_says_one_line_and_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "firmware_bridge.board.agent", "--port", "/dev/no-such-tty", "--cache", str(tmp_path / "c")],
+        [sys.executable, "-m", "firmware_bridge.board.agent", "--port", "/dev/no-such-tty",
+         "--cache", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2

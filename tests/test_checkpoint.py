@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 
 import edgetrain
-from edgetrain.train import checkpoint as ckpt_mod
-from edgetrain.train.checkpoint import (Checkpoint, CheckpointError, CheckpointManager, CorruptCheckpointWarning,
-                                  file_sha256, find_latest, list_checkpoints, load_checkpoint,
-                                  save_checkpoint)
 from edgetrain.errors import EdgetrainError
+from edgetrain.train import checkpoint as ckpt_mod
+from edgetrain.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    CorruptCheckpointWarning,
+    file_sha256,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from edgetrain.train.optim import Adam
 
 FLIP_STRIDE = 11  # ~1,000 positions of the ~11 kB file: every header, member and the directory get hit

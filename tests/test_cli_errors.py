@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -35,7 +34,8 @@ def bad_cases(tmp_path):
     good = models.build_model("lenet5").SerializeToString()
     w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
     return {
-        "truncated": (_save(tmp_path, "trunc.onnx", good[: len(good) // 3]), ["trunc.onnx", "not a readable ONNX model"]),
+        "truncated": (_save(tmp_path, "trunc.onnx", good[: len(good) // 3]),
+                      ["trunc.onnx", "not a readable ONNX model"]),
         "garbage": (_save(tmp_path, "garbage.onnx", bytes(range(256)) * 8), ["garbage.onnx", "not"]),
         "empty": (_save(tmp_path, "empty.onnx", b""), ["empty.onnx", "empty"]),
         "missing": (str(tmp_path / "nope.onnx"), ["nope.onnx", "no such file"]),
@@ -102,12 +102,12 @@ def test_info_on_a_good_model(tmp_path):
 
     summary = json.loads(r.stdout)
     assert summary["parameters"] == 78042
-    convs = [l for l in summary["layers"] if l["op_type"] == "Conv"]
-    assert len(convs) == 9 and all(l["precision"] == "int" for l in convs)
+    convs = [layer for layer in summary["layers"] if layer["op_type"] == "Conv"]
+    assert len(convs) == 9 and all(layer["precision"] == "int" for layer in convs)
     # stem conv: 32x32 output, 16 channels, 3x3x3 kernel
     assert convs[0]["macs"] == 32 * 32 * 16 * 27
-    assert summary["macs_per_sample"] == sum(l["macs"] for l in summary["layers"])
-    gemm = [l for l in summary["layers"] if l["op_type"] == "Gemm"][0]
+    assert summary["macs_per_sample"] == sum(layer["macs"] for layer in summary["layers"])
+    gemm = [layer for layer in summary["layers"] if layer["op_type"] == "Gemm"][0]
     assert gemm["precision"] == "fp32 (classifier)" and gemm["macs"] == 64 * 10
 
 

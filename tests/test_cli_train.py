@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import models
-from edgetrain.train.checkpoint import load_checkpoint
+from edgetrain.cli.demo import demo_model_path
 from edgetrain.cli.main import main
 from edgetrain.data import load_data
-from edgetrain.cli.demo import demo_model_path
 from edgetrain.export import compare_with_engine, onnxruntime_outputs
+from edgetrain.train.checkpoint import load_checkpoint
 from edgetrain.train.runlog import read_log
 from edgetrain.train.runstate import restore_run
 
@@ -275,7 +275,8 @@ def bad_inputs(tmp: Path, runs) -> dict:
         "config not toml": ([*train, "--config", toml("bad.toml", "steps = = 3")], ["bad.toml", "not valid TOML"]),
         "config unknown key": ([*train, "--config", toml("k.toml", "learning_rate = 0.1")],
                                ["unknown key 'learning_rate'", "valid keys: model, data", "lr"]),
-        "config wrong type": ([*train, "--config", toml("t.toml", "bias_only = 1")], ["'bias_only' must be true or false"]),
+        "config wrong type": ([*train, "--config", toml("t.toml", "bias_only = 1")],
+                              ["'bias_only' must be true or false"]),
         "run folder taken": (["train", MODEL, "--data", "digits", "--out", str(occupied)],
                              ["already holds a run", "--resume"]),
         "resume nothing": (["train", "--out", str(tmp / "never"), "--resume"], ["no run folder to resume"]),
@@ -285,7 +286,8 @@ def bad_inputs(tmp: Path, runs) -> dict:
         "eval missing": (["eval", str(tmp / "gone.npz")], ["gone.npz", "no such checkpoint"]),
         "eval empty run folder": (["eval", str(occupied)], ["no usable checkpoint"]),
         "eval onnx without data": (["eval", MODEL], ["no data"]),
-        "export an onnx file": (["export", MODEL, "--out", str(tmp / "x.onnx")], ["not a checkpoint file or run folder"]),
+        "export an onnx file": (["export", MODEL, "--out", str(tmp / "x.onnx")],
+                                ["not a checkpoint file or run folder"]),
         "export int8 of fp32": (["export", fp32_run, "--out", str(tmp / "x.onnx"), "--int8"],
                                 ["every layer of this model is fp32", "--schedule static"]),
         "export to missing folder": (["export", fp32_run, "--out", str(tmp / "no" / "x.onnx")], ["does not exist"]),

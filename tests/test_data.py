@@ -16,11 +16,22 @@ from hypothesis import strategies as st
 
 import edgetrain
 from edgetrain.data import (
-    DIGITS_MEAN, DIGITS_STD, Augment, Dataset, Loader, Split, channel_stats, check_fits, iterate_eval, load_data,
-    load_digits, loads_safe, parse_spec, stratified_holdout,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    Augment,
+    Dataset,
+    Loader,
+    Split,
+    channel_stats,
+    check_fits,
+    iterate_eval,
+    load_data,
+    load_digits,
+    loads_safe,
+    parse_spec,
+    stratified_holdout,
 )
 from edgetrain.data.cifar import CIFAR_ROW_BYTES
-from edgetrain.data.digits import DIGITS_PATH
 from edgetrain.data.safe_pickle import load_safe
 from edgetrain.data.transforms import CIFAR_AUGMENT, augment_rng
 from edgetrain.errors import DataError

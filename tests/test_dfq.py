@@ -5,10 +5,10 @@ import pytest
 import edgetrain
 import models
 from edgetrain import kernels
+from edgetrain.errors import EdgetrainError
 from edgetrain.precision.dfq import gates
 from edgetrain.precision.dfq.config import DFQConfig, parse_candidates
 from edgetrain.precision.dfq.controller import DFQ
-from edgetrain.errors import EdgetrainError
 
 
 def _resnet8(seed=0):
@@ -44,8 +44,10 @@ def test_gate_backward_matches_finite_differences_across_two_units():
     _, (c0, c1) = loss(params, x0, x1)
     shared = tuple(params[n] for n in shared_names)
     z = np.zeros((4, 16))
-    dp1, du1, ds1, dh, dc = gates.gate_backward(c1, w1, z, z, tuple(params[n] for n in gates.unit_param_names(1)), shared)
-    dp0, du0, ds0, _, _ = gates.gate_backward(c0, w0, dh, dc, tuple(params[n] for n in gates.unit_param_names(0)), shared)
+    dp1, du1, ds1, dh, dc = gates.gate_backward(c1, w1, z, z, tuple(params[n] for n in gates.unit_param_names(1)),
+                                                shared)
+    dp0, du0, ds0, _, _ = gates.gate_backward(c0, w0, dh, dc, tuple(params[n] for n in gates.unit_param_names(0)),
+                                              shared)
     dx0, dx1 = gates.pooled_grad_to_input(dp0, x0.shape), gates.pooled_grad_to_input(dp1, x1.shape)
     analytic = dict(zip(gates.unit_param_names(0), du0)) | dict(zip(gates.unit_param_names(1), du1))
     analytic |= {n: a + b for n, a, b in zip(shared_names, ds0, ds1)}
@@ -196,7 +198,8 @@ def test_skipping_does_no_work(monkeypatch):
     calls = []
     for name in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x, y = _data()
     m = _resnet8()
     m.set_precision("8/8")
@@ -337,7 +340,8 @@ def test_cli_dfq_train_info_export(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "edgetrain.cli"]
     r = subprocess.run(base + ["train", "edgetrain/assets/lenet5_digits.onnx", "--data", "digits", "--schedule", "dfq",
-                               "--steps", "4", "--batch-size", "16", "--dfq-target", "2.5", "--out", str(run), "--json"],
+                               "--steps", "4", "--batch-size", "16", "--dfq-target", "2.5", "--out", str(run),
+                               "--json"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (run / "model.onnx").exists() and (run / "model.gates.onnx").exists()
@@ -346,7 +350,8 @@ def test_cli_dfq_train_info_export(tmp_path):
     info = json.loads(subprocess.run(base + ["info", str(run), "--json"], capture_output=True, text=True).stdout)
     assert info["dfq"]["target"] == 2.5 and [u["name"] for u in info["dfq"]["units"]] == ["conv2", "fc1", "fc2"]
     out = tmp_path / "int8.onnx"
-    r = subprocess.run(base + ["export", str(run), "--out", str(out), "--int8", "--json"], capture_output=True, text=True)
+    r = subprocess.run(base + ["export", str(run), "--out", str(out), "--int8", "--json"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert (tmp_path / "int8.gates.onnx").exists() and summary["gated_bits"]
@@ -450,7 +455,8 @@ def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path):
                                    "--out", str(tmp_path / "profile"), "--json"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     assert set(json.loads(table.read_text())["layer1.0.conv1"]) == {"fp32", "4/8:w4"}
-    r = subprocess.run(base + ["train", str(model), "--data", "digits", "--schedule", "dfq", "--dfq-candidates", "0,4/8",
+    r = subprocess.run(base + ["train", str(model), "--data", "digits", "--schedule", "dfq",
+                               "--dfq-candidates", "0,4/8",
                                "--dfq-cost-table", str(table), "--dfq-target", "50", "--steps", "3", "--batch-size",
                                "8", "--out", str(tmp_path / "run"), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -65,7 +65,8 @@ def test_export_of_torch_model_with_aliased_initializers(tmp_path):
 
 
 def test_demo_cli_runs_and_verifies_its_export(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "edgetrain.cli", "demo", "--steps", "60", "--out", str(tmp_path), "--json"],
+    r = subprocess.run([sys.executable, "-m", "edgetrain.cli", "demo", "--steps", "60", "--out", str(tmp_path),
+                        "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)

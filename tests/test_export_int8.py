@@ -6,11 +6,11 @@ import onnx
 import pytest
 
 import models
-from edgetrain.train.config import resolve
-from edgetrain.data import Dataset, Split, load_data
 from edgetrain.cli.demo import demo_model_path
+from edgetrain.data import Dataset, Split, load_data
 from edgetrain.errors import ModelError
 from edgetrain.export import export_int8, export_onnx, onnxruntime_outputs, to_onnx_int8
+from edgetrain.train.config import resolve
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer
 

@@ -5,10 +5,10 @@ import pytest
 
 import edgetrain
 import models
-from edgetrain.quant import mac as qops
 from edgetrain.kernels.rescale import rescaled
 from edgetrain.ops.base import Run
 from edgetrain.ops.conv import Conv
+from edgetrain.quant import mac as qops
 
 
 def _rescaled(acc, rescale):
@@ -123,9 +123,9 @@ def _run(seed, steps=3, bits="8/8", threads=None):
 def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
     """Integer layers' BatchNorms take over the Relu that alone reads them; training with and without
     that fold ends on the same weights and BatchNorm statistics, bit for bit, plain and with DFQ."""
+    from edgetrain.ops import norm
     from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.precision.dfq.controller import DFQ
-    from edgetrain.ops import norm
 
     def run(dfq: bool):
         model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=0)
@@ -266,9 +266,9 @@ ACCURACY_BATCH = 64
 
 def _train_digits(name, precision, **kwargs):
     from edgetrain.data import load_digits
+    from edgetrain.train.loop import accuracy, fit
     from edgetrain.train.optim import SGD
     from edgetrain.train.schedules import make_schedule
-    from edgetrain.train.loop import accuracy, fit
 
     x, y = load_digits("train")
     xt, yt = load_digits("test")

@@ -513,7 +513,8 @@ def test_wide_gradients_run_as_two_8_bit_products(monkeypatch, bits):
     for dy in (random_operand(rng, (3, 5, 6, 6), bits), np.full((3, 5, 6, 6), qmax(bits), np.int16),
                np.full((3, 5, 6, 6), -qmax(bits), np.int16)):
         assert_exact(kernels.conv2d_backward_data(dy, w, x.shape, **kw), ref_conv_backward_data(dy, w, x.shape, *args))
-        assert_exact(kernels.conv2d_backward_weight(dy, x, w.shape, **kw), ref_conv_backward_weight(dy, x, w.shape, *args))
+        assert_exact(kernels.conv2d_backward_weight(dy, x, w.shape, **kw),
+                     ref_conv_backward_weight(dy, x, w.shape, *args))
         bounds = (qmax(bits), 127)
         assert_exact(kernels.conv2d_backward_weight(dy, x, w.shape, **kw, bounds=(qmax(bits), 255)),
                      ref_conv_backward_weight(dy, x, w.shape, *args))

@@ -1,16 +1,15 @@
 """Whole models: edgetrain's forward against onnxruntime, gradients against finite differences and
 PyTorch autograd."""
-import os
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from gradcheck import check_model_gradients, relative_error, relative_errors
 from onnx import numpy_helper
 
 import edgetrain
 import models
-from gradcheck import check_model_gradients, relative_error, relative_errors
 
 FORWARD_TOL = 1e-4  # relative, float32, against onnxruntime
 TORCH_GRAD_TOL = 1e-4  # relative, float32, against PyTorch autograd

@@ -111,7 +111,8 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(name: str) -> None:
 
 def test_registry_defaults_are_standard_shapes() -> None:
     shapes = {name: _input_shape(models.build_model(name), 1) for name in ("resnet8", "mobilenetv2", "lenet5", "mlp")}
-    assert shapes == {"resnet8": [1, 3, 32, 32], "mobilenetv2": [1, 3, 32, 32], "lenet5": [1, 1, 28, 28], "mlp": [1, 784]}
+    assert shapes == {"resnet8": [1, 3, 32, 32], "mobilenetv2": [1, 3, 32, 32], "lenet5": [1, 1, 28, 28],
+                      "mlp": [1, 784]}
 
 
 # ----------------------------------------------------------------------- ResNet
@@ -247,7 +248,7 @@ def test_cli_all_writes_every_model(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------- torch export
-def _calibrate_batchnorm(module: "torch.nn.Module", x: "torch.Tensor") -> None:
+def _calibrate_batchnorm(module, x) -> None:
     """Give BN realistic running stats so eval logits are O(1) and the comparison is meaningful."""
     import torch
 

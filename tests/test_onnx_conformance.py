@@ -1,9 +1,8 @@
 """ONNX's operator test cases for every supported op, through edgetrain's forward path."""
 from collections import Counter
 
-import pytest
-
 import onnx_conformance as oc
+import pytest
 
 CASES = oc.collect()
 

@@ -2,10 +2,10 @@
 import numpy as np
 import onnx
 import pytest
+from gradcheck import check_model_gradients
 from onnx import TensorProto, helper, numpy_helper
 
 import edgetrain
-from gradcheck import check_model_gradients
 
 TOL = 1e-6
 
@@ -51,8 +51,10 @@ CASES = {
                                                 group=4, strides=[2, 2], pads=[1, 1, 1, 1]),
     "conv2d_same_upper": lambda: single_op_model("Conv", [("x", rnd(1, 2, 7, 7))], [("w", rnd(2, 2, 4, 4))],
                                                  auto_pad="SAME_UPPER", strides=[2, 2]),
-    "conv1d": lambda: single_op_model("Conv", [("x", rnd(2, 3, 11))], [("w", rnd(4, 3, 3)), ("b", rnd(4))], pads=[1, 2]),
-    "conv3d": lambda: single_op_model("Conv", [("x", rnd(1, 2, 4, 5, 5))], [("w", rnd(3, 2, 2, 3, 3))], strides=[1, 2, 2]),
+    "conv1d": lambda: single_op_model("Conv", [("x", rnd(2, 3, 11))], [("w", rnd(4, 3, 3)), ("b", rnd(4))],
+                                      pads=[1, 2]),
+    "conv3d": lambda: single_op_model("Conv", [("x", rnd(1, 2, 4, 5, 5))], [("w", rnd(3, 2, 2, 3, 3))],
+                                      strides=[1, 2, 2]),
     "gemm": lambda: single_op_model("Gemm", [("a", rnd(4, 5))], [("b", rnd(3, 5)), ("c", rnd(3))], transB=1),
     "gemm_transA_alpha_beta": lambda: single_op_model("Gemm", [("a", rnd(5, 4))], [("b", rnd(5, 3)), ("c", rnd(4, 3))],
                                                       transA=1, alpha=0.7, beta=1.3),
@@ -78,7 +80,8 @@ CASES = {
         "BatchNormalization", [("x", rnd(4, 3, 5, 5))], [("s", rnd(3)), ("b", rnd(3))],
         [("m", rnd(3)), ("v", 1 + np.abs(rnd(3)))]),
     "batchnorm_train_2d": lambda: single_op_model(
-        "BatchNormalization", [("x", rnd(6, 4))], [("s", rnd(4)), ("b", rnd(4))], [("m", rnd(4)), ("v", 1 + np.abs(rnd(4)))]),
+        "BatchNormalization", [("x", rnd(6, 4))], [("s", rnd(4)), ("b", rnd(4))],
+        [("m", rnd(4)), ("v", 1 + np.abs(rnd(4)))]),
     "maxpool": lambda: single_op_model("MaxPool", [("x", rnd(2, 3, 6, 6))], kernel_shape=[2, 2], strides=[2, 2]),
     "maxpool_overlap_pad": lambda: single_op_model("MaxPool", [("x", rnd(2, 2, 7, 7))], kernel_shape=[3, 3],
                                                    strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -99,8 +102,9 @@ CASES = {
     "identity": lambda: single_op_model("Identity", [("x", rnd(3, 4))]),
     "dropout_train": lambda: single_op_model("Dropout", [("x", rnd(4, 6))], consts=[("r", np.array(0.3))]),
     "gather": lambda: single_op_model("Gather", [("x", rnd(5, 3))], consts=[("i", np.array([0, 2, 2, -1]))]),
-    "slice": lambda: single_op_model("Slice", [("x", rnd(4, 6))], consts=[("s", np.array([1, 0])), ("e", np.array([3, 6])),
-                                                                      ("a", np.array([0, 1])), ("st", np.array([1, 2]))]),
+    "slice": lambda: single_op_model("Slice", [("x", rnd(4, 6))],
+                                     consts=[("s", np.array([1, 0])), ("e", np.array([3, 6])),
+                                             ("a", np.array([0, 1])), ("st", np.array([1, 2]))]),
     "unsqueeze_squeeze": lambda: single_op_model("Unsqueeze", [("x", rnd(3, 4))], consts=[("a", np.array([0, 3]))]),
 }
 

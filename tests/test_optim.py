@@ -342,8 +342,10 @@ def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_d
 
     rng = np.random.default_rng(3)
     start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype)}
-    fused = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
-    plain = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    fused = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
+                weight_decay=weight_decay)
+    plain = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
+                weight_decay=weight_decay)
     fusable = optim._fusable
     for _ in range(4):
         grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}

@@ -11,8 +11,17 @@ from edgetrain.data.npzfile import MISSING, OBJECT, SINGLE_NPY, SIZE, TOO_LARGE,
 from edgetrain.errors import EdgetrainError
 from edgetrain.precision import fractrain, pfq
 from edgetrain.precision.dfq import config as dfq
-from edgetrain.train.config import (FIELDS, FILE_ONLY, POSITIONAL, TrainConfig, changed_settings, dfq_config,
-                                    help_text, read_toml, resolve)
+from edgetrain.train.config import (
+    FIELDS,
+    FILE_ONLY,
+    POSITIONAL,
+    TrainConfig,
+    changed_settings,
+    dfq_config,
+    help_text,
+    read_toml,
+    resolve,
+)
 from edgetrain.train.loop import TrainStep
 
 

@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 
 import models
+from edgetrain.cli.demo import demo_model_path
+from edgetrain.data import Dataset, Split, load_data
+from edgetrain.errors import EdgetrainError
 from edgetrain.train.checkpoint import load_checkpoint
 from edgetrain.train.config import TrainConfig, read_toml, resolve
-from edgetrain.data import Dataset, Split, load_data
-from edgetrain.cli.demo import demo_model_path
-from edgetrain.errors import EdgetrainError
 from edgetrain.train.finetune import new_head
 from edgetrain.train.runlog import read_log
 from edgetrain.train.runstate import build_model, restore_run

@@ -31,21 +31,21 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 from tqdm import tqdm
 
 import models
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
-from edgetrain.train.config import TrainConfig
+from edgetrain.cli.plot import pyplot
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
-from edgetrain.precision.pfq import (DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES,
-                           DEFAULT_WINDOW)
+from edgetrain.precision.pfq import DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES, DEFAULT_WINDOW
 from edgetrain.precision.spec import parse_precision
-from edgetrain.cli.plot import pyplot
+from edgetrain.train.config import TrainConfig
 from edgetrain.train.trainer import clear_run_dir
 
 PROG = "ablate_pfq"
@@ -193,8 +193,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
 
 def load_split(setup: Setup):
     """The data split every run trains and tests on (rotated if asked)."""
-    from edgetrain.data import load_data
     from edgetrain.cli.demo import rotated_split
+    from edgetrain.data import load_data
 
     split = load_data(setup.data, seed=setup.seed)
     if not setup.rotate:
@@ -452,7 +452,8 @@ def format_result(r: dict[str, Any]) -> str:
                      f"{row['seconds']:.1f} s"))
     task = "shipped LeNet-5" if r["model"] == SHIPPED else r["model"]
     title = (f"PFQ eps/alpha ablation: {task} on {r['data']}{' rotated 90 degrees' if r['rotated'] else ''}, "
-             f"{r['steps']} steps, batch {r['batch_size']}, period {r['period']}, alpha switches {r['alpha_switches']}, "
+             f"{r['steps']} steps, batch {r['batch_size']}, period {r['period']}, "
+             f"alpha switches {r['alpha_switches']}, "
              f"seed {r['seed']}, stages {','.join(r['stages'])}")
     lines = [title, "", *_table(rows), ""]
     s = r["summary"]
@@ -467,7 +468,8 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(f"{s['diverged_runs']} cells diverged (see 'error' in the JSON)")
     scaled = r["alpha_scales_switches"]
     lines.append(f"alpha scales the eps of switch {', '.join(map(str, scaled))}" if scaled else
-                 f"alpha scales the eps of no switch (alpha switches {r['alpha_switches']}): the alpha rows cannot differ")
+                 f"alpha scales the eps of no switch (alpha switches {r['alpha_switches']}): "
+                 "the alpha rows cannot differ")
     lines.append("switch steps: first step of each new stage (replayable with --pfq-switch-steps); "
                  "one seed, so differences under about a point may be noise")
     lines.append(f"wrote {r['json']} and {r['png']} ({r['total_seconds']:.0f} s)")

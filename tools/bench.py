@@ -17,7 +17,8 @@ the median step times; the range of the per-round ratios shows how noisy the mac
 worker's resident memory after setup and at its peak (ru_maxrss: imports, model, and the largest
 step's activations and scratch). `--profile` adds milliseconds per op type and direction of one step.
 
-FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.precision.dfq.controller, FracTrain's candidates
+FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.precision.dfq.controller, FracTrain's
+candidates
 0 = skip, 3/6, 4/6, 4/8, 6/8, 6/12, weights at 4 bits) and every gate forced to a fixed share of the
 batch per candidate, samples shuffled with a fixed seed, so the step is reproducible. A mix is "3/6"
 (every sample on one candidate) or "0:0.5,6/8:0.5" (shares); the defaults are 3/6, what the gates chose
@@ -130,9 +131,8 @@ def worker(path: str, case: str, threads: int) -> int:
         step = make_torch_step(name, batch, shape)
     else:
         _limits = _limit_threads(threads)  # kept for the worker's lifetime
-        from tools.bench_step import make_edgetrain_step, parse_mix
-
         from edgetrain import kernels
+        from tools.bench_step import make_edgetrain_step, parse_mix
         mix = None
         if path.startswith(FRACTRAIN):
             precision, mix = "int8", parse_mix(path[len(FRACTRAIN):])
@@ -353,7 +353,8 @@ def cold_start(name: str, batch: int, threads: int, fresh_cache: bool = False) -
     env_dir = os.environ.get("NUMBA_CACHE_DIR")
     return {"model": name, "batch": batch, "threads": threads, "precision": "8/8",
             "numba_cache": {"on_disk": warm["cache_before"]["index_files"] > 0,
-                            "dir": "temporary (--fresh-cache)" if fresh_cache else (env_dir or "__pycache__ beside the sources"),
+                            "dir": ("temporary (--fresh-cache)" if fresh_cache
+                                    else (env_dir or "__pycache__ beside the sources")),
                             "fresh": fresh_cache},
             "first": first, "warm": warm,
             "bar": {"text": f"warm-cache process finishes its first {name} step within {COLD_START_BAR_S:g} s",
@@ -448,7 +449,8 @@ def check_args(args) -> tuple[list[str], list[str]]:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:
-        raise SystemExit(f"bench: unknown case '{unknown[0] if unknown else args.cases}'; choose from {', '.join(CASES)}")
+        raise SystemExit(f"bench: unknown case '{unknown[0] if unknown else args.cases}'; "
+                         f"choose from {', '.join(CASES)}")
     for name in ("rounds", "steps", "threads", "cold_start_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -48,8 +48,8 @@ def parse_mix(text: str, candidates: tuple[str, ...] | None = None) -> dict[str,
     Returns {candidate text as DFQ names it ("skip", "3/6", ...): share}, shares summing to 1, in the
     order given; raises EdgetrainError (one line) on anything else.
     """
-    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, SKIP_WORDS, parse_candidates
     from edgetrain.errors import EdgetrainError
+    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, SKIP_WORDS, parse_candidates
 
     candidates = tuple(candidates or DEFAULT_CANDIDATES)
     known = [c.text for c in parse_candidates(candidates, DEFAULT_WEIGHT_BITS)]
@@ -99,9 +99,9 @@ def mix_choices(mix: dict[str, float], candidate_texts: list[str], batch: int, s
 
 def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
     """Enable DFQ on `model` (FracTrain's default candidates) with every gate forced to `mix`; returns the DFQ."""
+    from edgetrain.errors import EdgetrainError
     from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.precision.dfq.controller import DFQ
-    from edgetrain.errors import EdgetrainError
 
     dfq = DFQ.attach(model, DFQConfig())
     texts = [c.text for c in dfq.candidates]

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
-from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES
-from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
+from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES
+from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time")
@@ -83,8 +83,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
 
 def _split(args: argparse.Namespace):
     """The digits every row trains and tests on: rotated a quarter turn for the shipped model's task."""
-    from edgetrain.data import load_data
     from edgetrain.cli.demo import rotated_split
+    from edgetrain.data import load_data
 
     split = load_data("digits", seed=args.seed, val_fraction=0.1)
     return rotated_split(split) if args.model == SHIPPED else split
@@ -168,10 +168,10 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     8/8 and every DFQ candidate; returns the latency table's path and the gated layers' 8/8 time as a
     percentage of their fp32 time."""
     import models
+    from edgetrain.onnx_import import load_graph
     from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, parse_candidates
     from edgetrain.precision.dfq.units import gating_plan
     from edgetrain.precision.latency import read_cost_table
-    from edgetrain.onnx_import import load_graph
 
     proto = _build(args, _split(args).train.x.shape[1:])
     model = folder / f"{args.model}.onnx"
@@ -226,7 +226,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['label']} | {100 * r['test_accuracy']:.2f}%{f' ({each})' if each else ''} "
                      f"| {r.get('accuracy_delta_vs_static', 0):+.2f} pt "
                      f"| {r['percent_of_fp32']:.2f}% | {r.get('bitops_saving_vs_static', 0):.1f}% "
-                     f"| {r['train_seconds']:.1f} s | {r.get('time_ratio_vs_static', 0):.2f}x | {r['peak_rss_mb']:.0f} MB |")
+                     f"| {r['train_seconds']:.1f} s | {r.get('time_ratio_vs_static', 0):.2f}x "
+                     f"| {r['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
 
 
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         results = summarise(runs)
         settings = {k: getattr(args, k) for k in CHILD_OPTIONS if k != "seed"}
         settings["seeds"] = seeds
-        write_atomic(out / "results.json", (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
+        write_atomic(out / "results.json",
+                     (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")
         print(json.dumps({"settings": settings, "rows": results}) if args.json else format_table(results))
         return 0

@@ -14,8 +14,8 @@ import sys
 import edgetrain
 from edgetrain.data import load_digits
 from edgetrain.export import export_onnx
-from edgetrain.train.optim import SGD
 from edgetrain.train.loop import accuracy, fit
+from edgetrain.train.optim import SGD
 from models import build_model
 
 DEFAULT_OUT = os.path.join("edgetrain", "assets", "lenet5_digits.onnx")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def bounded(kind: type, what: str, *, low: float | None = None, high: float | None = None,

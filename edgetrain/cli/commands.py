@@ -6,13 +6,22 @@ import os
 import shlex
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from edgetrain.train.checkpoint import Checkpoint, CheckpointError
-from edgetrain.train.config import (DEFAULT_OUT, FIELDS, RESUMABLE_KEYS, TrainConfig, normalise_keys, read_toml, resolve,
-                     with_absolute_paths)
 from edgetrain.errors import EdgetrainError
+from edgetrain.train.checkpoint import Checkpoint, CheckpointError
+from edgetrain.train.config import (
+    DEFAULT_OUT,
+    FIELDS,
+    RESUMABLE_KEYS,
+    TrainConfig,
+    normalise_keys,
+    read_toml,
+    resolve,
+    with_absolute_paths,
+)
 
 CHECKPOINT_SUFFIX = ".npz"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetrain.train.config import TrainConfig
 from edgetrain.data import Split, load_data
 from edgetrain.export import compare_with_engine, export_int8, export_onnx
+from edgetrain.train.config import TrainConfig
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer, clear_run_dir, evaluate
 

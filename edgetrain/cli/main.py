@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
@@ -22,8 +21,8 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_info(args) -> int:
     from edgetrain.cli.commands import is_checkpoint, warn
     from edgetrain.info import format_table, summarize
-    from edgetrain.train.config import changed_settings
     from edgetrain.model import load
+    from edgetrain.train.config import changed_settings
 
     if is_checkpoint(args.model):
         from edgetrain.train.runstate import open_checkpoint, restore_run
@@ -150,7 +149,8 @@ def _add_eval_export(sub) -> None:
     e = sub.add_parser("eval", help="test accuracy of an ONNX model, a checkpoint or a run folder")
     e.add_argument("target", metavar="MODEL_OR_CKPT", help="an ONNX file, a checkpoint file, or a run folder")
     e.add_argument("--data", metavar="SPEC", help="data source (default: the run's own, for a checkpoint)")
-    e.add_argument("--bits", metavar="FW/BW", help="evaluate at these FW/BW bits (default: as trained; fp32 for an ONNX file)")
+    e.add_argument("--bits", metavar="FW/BW",
+                   help="evaluate at these FW/BW bits (default: as trained; fp32 for an ONNX file)")
     e.add_argument("--batch-size", type=POSITIVE_INT, default=256, metavar="N", help="default 256")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=_cmd_eval)
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fine-tune the shipped model on the shipped digits")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="edgetrain-demo", help="folder for the fine-tuned model (default edgetrain-demo)")
+    demo.add_argument("--out", default="edgetrain-demo",
+                      help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.set_defaults(func=_cmd_demo)
     _add_train(sub)

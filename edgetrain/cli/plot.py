@@ -111,7 +111,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     if changes:
         names = list(changes[0]["layers"])
         grid = np.zeros((len(names), len(x)))
-        for i, change in enumerate(changes):
+        for change in changes:
             start = np.searchsorted(x, change["step"])
             for row, name in enumerate(names):
                 grid[row, start:] = _bits(change["layers"].get(name, "fp32"))[0]

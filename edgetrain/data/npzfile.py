@@ -82,7 +82,7 @@ def read_npz(source: str | os.PathLike | bytes, required: Sequence[str] | None =
     opened = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         loaded = np.load(opened, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - see the docstring
+    except Exception as exc:
         raise NpzError(UNREADABLE, _first_line(exc)) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise NpzError(SINGLE_NPY, "a single .npy array, not an .npz archive")
@@ -113,7 +113,7 @@ def read_npz(source: str | os.PathLike | bytes, required: Sequence[str] | None =
             return arrays
         except NpzError:
             raise
-        except Exception as exc:  # noqa: BLE001 - see the docstring
+        except Exception as exc:
             raise NpzError(UNREADABLE, _first_line(exc)) from None
 
 
@@ -124,5 +124,5 @@ def _read_member(loaded: np.lib.npyio.NpzFile, info: zipfile.ZipInfo, key: str,
         return loaded[key]
     except NpzError:
         raise
-    except Exception as exc:  # noqa: BLE001 - see read_npz
+    except Exception as exc:
         raise NpzError(UNREADABLE, _first_line(exc), key=key) from None

@@ -294,7 +294,7 @@ class _Reader:
             except _Refused as exc:
                 raise _Refused(f"{exc} at byte {op_pos}") from None
 
-    def step(self, op: int) -> None:  # noqa: C901 - one branch per opcode reads best as a flat table
+    def step(self, op: int) -> None:
         push = self.push  # not self.stack.append: pop_mark rebinds self.stack
         if op == PROTO:
             proto = self.uint(1)

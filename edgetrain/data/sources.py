@@ -10,8 +10,8 @@ from edgetrain.data.dataset import Split
 from edgetrain.data.digits import load_digits_split
 from edgetrain.data.holdout import DEFAULT_VAL_FRACTION, check_fraction
 from edgetrain.data.mnist import load_mnist_split
-from edgetrain.data.npz import load_npz_split
 from edgetrain.data.normalize import normalize_split
+from edgetrain.data.npz import load_npz_split
 from edgetrain.data.transforms import CIFAR_AUGMENT, Augment
 from edgetrain.errors import DataError
 

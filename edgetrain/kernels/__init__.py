@@ -28,7 +28,8 @@ Every call with less than `threads.SMALL_WORK` multiply-accumulates runs single-
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -260,7 +261,8 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, stride: int | Sequence[int] = 1
     """y (N, M, OH, OW) = conv(x (N, C, H, W), w (M, C/groups, kH, kW)), exact.
 
     With rescale = (scale, dtype), scale holding one float per output channel (or one row of them per
-    image, scale[n, m]), the result is the new C-contiguous float array y * scale[m] of `dtype` instead, each value computed from the exact
+    image, scale[n, m]), the result is the new C-contiguous float array y * scale[m] of `dtype` instead, each value
+    computed from the exact
     integer as `rescale.scale_row` does (one rounding): the same bits as rescaling the integer result
     afterwards, but the backend may do it while each chunk of y is still in cache.
     """

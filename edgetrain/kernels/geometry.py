@@ -1,9 +1,9 @@
 """Conv2d shape arithmetic in the ONNX convention (floor output size, explicit pads)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 

@@ -376,7 +376,8 @@ class NumbaBackend:
         with threads_for(geo.macs):
             return self._conv2d_backward_data(dy, w, geo, out_dtype, seg)
 
-    def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None) -> np.ndarray:
+    def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int,
+                               amax=None) -> np.ndarray:
         with threads_for(geo.macs):
             return self._conv2d_backward_weight(dy, x, geo, out_dtype, seg)
 

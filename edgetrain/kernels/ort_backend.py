@@ -118,7 +118,8 @@ def _probe(run) -> bool:
     a[:, ::2] = 255
     b[::2] = -128
     cases.append((a, b))
-    cases.append((rng.integers(0, 256, (3, 17, 300), dtype=np.uint8), rng.integers(-128, 128, (3, 300, 11), dtype=np.int8)))
+    cases.append((rng.integers(0, 256, (3, 17, 300), dtype=np.uint8),
+                  rng.integers(-128, 128, (3, 300, 11), dtype=np.int8)))
     for a, b in cases:
         for za, zb in ((0, 0), (128, 0), (0, -128), (128, -128)):
             want = np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
@@ -316,7 +317,7 @@ def _gemm_driver(create, run, release, info, sess, in_names, out_names, a, b, ou
     """out (M, N) int32 = a (M, K) @ b (K, N), in chunks of rows."""
     m = a.shape[0]
     chunks = (m + chunk - 1) // chunk
-    for w in prange(workers):
+    for _w in prange(workers):
         shapes = np.zeros((3, 3), np.int64)
         values = np.zeros(3, np.int64)
         while True:
@@ -377,7 +378,7 @@ class OrtBackend:
     # ------------------------------------------------------------------------------ plumbing
 
     @property
-    def FAST_INT8(self) -> bool:  # noqa: N802 - read by kernels._split_wide, as a class flag would be
+    def FAST_INT8(self) -> bool:
         """8-bit products run on onnxruntime's integer GEMM (not the Numba fallback): wide operands
         are worth splitting into 8-bit parts."""
         return self.usable
@@ -389,7 +390,7 @@ class OrtBackend:
             try:
                 self._api = OrtCApi()
                 self._usable = _probe(self._run)
-            except Exception:  # noqa: BLE001 - no onnxruntime, or it failed: the Numba path stays
+            except Exception:
                 self._usable = False
         return self._usable
 

@@ -1,8 +1,8 @@
 """Thread-count policy shared by the Numba kernels of edgetrain.kernels and edgetrain.quant."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numba
 

@@ -61,7 +61,7 @@ def available() -> bool:
             return False  # a portable target (e.g. for shared caches) may lack the instruction
         features = llvm.get_host_cpu_features()
         return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
-    except Exception:  # noqa: BLE001 - any doubt: not available
+    except Exception:
         return False
 
 
@@ -252,7 +252,8 @@ def _patch_words(planes, b, tap_phase, tap_off, n_cols):
 @njit(inline="always", **_JIT)
 def _emit(cbuf, n, rows, out_h, out_w, wq, scale, fused, out_i, out_f, first_h, first_w, step_h, step_w, row_f):
     """Rows 0..rows-1 of cbuf (the plane grid: out_h rows of wq, junk beyond out_w) into out_i (int32)
-    or, fused, times scale[row] (or scale[n, row], see `rescale.scale_rows`) into out_f (`scale_row`), pixel (oh, ow) at (first_h + oh*step_h,
+    or, fused, times scale[row] (or scale[n, row], see `rescale.scale_rows`) into out_f (`scale_row`), pixel (oh, ow) at
+    (first_h + oh*step_h,
     first_w + ow*step_w). Simple loops on purpose: this runs once per output row."""
     if fused and step_w == 1:
         for m in range(rows):

@@ -176,7 +176,7 @@ class VnniBackend(OrtBackend):
             if _vn.available():
                 try:
                     self._vnni_ok = self._self_check()
-                except Exception:  # noqa: BLE001 - any failure: the other backends stay
+                except Exception:
                     self._vnni_ok = False
         return self._vnni_ok
 

@@ -1,14 +1,15 @@
 """The op interface: forward saves what backward needs; backward returns one gradient per input."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from edgetrain.errors import ModelError
 from edgetrain.graph import Node
 
-OPS: dict[str, type["Op"]] = {}
+OPS: dict[str, type[Op]] = {}
 
 
 class Run(NamedTuple):

@@ -20,7 +20,8 @@ class Conv(Op):
         n, c = x.shape[:2]
         m = w.shape[0]
         if c != w.shape[1] * groups or m % groups:
-            raise self.fail(f"input has {c} channels, weight {w.shape} with group={groups} expects {w.shape[1] * groups}")
+            raise self.fail(f"input has {c} channels, weight {w.shape} with group={groups} "
+                            f"expects {w.shape[1] * groups}")
         geo = self._geometry(x.shape, w.shape)
         # Channels first, so stacking the windows on axis 1 gives (C, K, N, *out) with no transpose copy.
         xp = pad_spatial(x, geo, 0).swapaxes(0, 1)

@@ -8,13 +8,13 @@ FW/BW runs.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from edgetrain.train.config import TrainConfig
 from edgetrain.errors import EdgetrainError
+from edgetrain.train.config import TrainConfig
 
 # What a controller hands the Trainer: "8/8", "fp32", or {"default": "4/8", "overrides": {"fc1": "8/8"}}.
-PrecisionSpec = Union[str, dict]
+PrecisionSpec = str | dict
 
 
 @runtime_checkable

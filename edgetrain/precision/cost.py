@@ -27,14 +27,15 @@ class LayerCost:
     def total(self) -> int:
         return self.forward + self.backward_data + self.backward_weight
 
-    def __add__(self, other: "LayerCost") -> "LayerCost":
+    def __add__(self, other: LayerCost) -> LayerCost:
         """Field-wise sum: one layer's cost over several groups of samples (DFQ)."""
         return LayerCost(self.macs + other.macs, self.forward + other.forward,
                          self.backward_data + other.backward_data, self.backward_weight + other.backward_weight,
                          self.saved_bits + other.saved_bits)
 
 
-def layer_step_cost(macs: int, precision: LayerPrecision, saved_elements: int, needs_input_grad: bool = True) -> LayerCost:
+def layer_step_cost(macs: int, precision: LayerPrecision, saved_elements: int,
+                    needs_input_grad: bool = True) -> LayerCost:
     """BitOPs of one training step of a layer with `macs` multiply-accumulates over the batch.
 
     The first layer has no error to back-propagate into the input: `needs_input_grad=False` drops it.

@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from edgetrain.errors import EdgetrainError
-from edgetrain.precision.pfq import DEFAULT_ALPHA, DEFAULT_ALPHA_SWITCHES, DEFAULT_EPS, DEFAULT_NORMALISER_PERIODS, DEFAULT_WINDOW, PFQController
+from edgetrain.precision.pfq import (
+    DEFAULT_ALPHA,
+    DEFAULT_ALPHA_SWITCHES,
+    DEFAULT_EPS,
+    DEFAULT_NORMALISER_PERIODS,
+    DEFAULT_WINDOW,
+    PFQController,
+)
 
 DEFAULT_TARGETS = (1.5, 2.0, 2.5, 3.0)  # percent of the gated layers' fp32 training cost (FracTrain, CIFAR)
 

@@ -22,7 +22,8 @@ def _canonical(where: str, layer: str, precision: str) -> str:
     try:
         return str(parse_precision(precision))
     except EdgetrainError:
-        raise EdgetrainError(f"{where}: layer '{layer}': '{precision}' is not a precision (FW/BW[:wW] or fp32)") from None
+        raise EdgetrainError(f"{where}: layer '{layer}': '{precision}' is not a precision "
+                             "(FW/BW[:wW] or fp32)") from None
 
 
 def read_cost_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:

@@ -49,7 +49,7 @@ FP32 = LayerPrecision(None, None, None)
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?::\s*w\s*(\d+))?\s*$")
 
 
-def parse_precision(spec: "str | LayerPrecision | tuple") -> LayerPrecision:
+def parse_precision(spec: str | LayerPrecision | tuple) -> LayerPrecision:
     """Read "FW/BW", "FW/BW:wW", "fp32", a (fw, bw[, w]) tuple or a LayerPrecision."""
     if isinstance(spec, LayerPrecision):
         return spec
@@ -86,7 +86,7 @@ class PrecisionConfig:
     quantize_classifier: bool = False
 
     @classmethod
-    def make(cls, default="fp32", overrides: "dict | None" = None, quantize_classifier: bool = False) -> "PrecisionConfig":
+    def make(cls, default="fp32", overrides: dict | None = None, quantize_classifier: bool = False) -> PrecisionConfig:
         """Build from user-facing values (strings like "8/8", patterns like "layer1.*")."""
         return cls(parse_precision(default),
                    tuple((pat, parse_precision(p)) for pat, p in (overrides or {}).items()),

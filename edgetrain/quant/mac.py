@@ -27,8 +27,9 @@ roundings, the groups' weight gradients summed in the same order.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Group(NamedTuple):
     stochastic-rounding stream, running range) quantise them. A layer's groups tile its batch in order."""
 
     rows: slice
-    op: "QuantMAC"
+    op: QuantMAC
 
 
 @dataclass

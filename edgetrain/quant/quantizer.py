@@ -189,7 +189,7 @@ def compute_scale(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | 
 
 def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None = None, rounding: str = "nearest",
              pow2: bool = False, range: float | np.ndarray | None = None,
-             key: "RngKey | tuple[int, int, int] | None" = None, index_offset: int = 0) -> QTensor:
+             key: RngKey | tuple[int, int, int] | None = None, index_offset: int = 0) -> QTensor:
     """Quantise x to `bits` (see the module doc for every convention); the result's `.stats` counts
     saturated elements. `range` fixes max|x| (or a per-channel array); `key` (seed, step, layer)
     is required by stochastic rounding; `index_offset` shifts the element indices it draws for."""

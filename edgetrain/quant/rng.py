@@ -44,7 +44,7 @@ class RngKey:
     layer: int
 
     @classmethod
-    def of(cls, key: "RngKey | tuple[int, int, int]") -> "RngKey":
+    def of(cls, key: RngKey | tuple[int, int, int]) -> RngKey:
         """Accept an RngKey or a (seed, step, layer) tuple."""
         if isinstance(key, RngKey):
             return key
@@ -60,7 +60,7 @@ def mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_seed(key: "RngKey | tuple[int, int, int]") -> int:
+def stream_seed(key: RngKey | tuple[int, int, int]) -> int:
     """The 64-bit SplitMix64 state that starts the stream of `key` (integers taken mod 2^64)."""
     k = RngKey.of(key)
     h = mix64(k.seed ^ TAG_SEED)
@@ -92,7 +92,7 @@ def _fill_bits(seed, offset, out):
             out[i] = _bits(seed, np.uint64(offset + i))
 
 
-def random_bits(key: "RngKey | tuple[int, int, int]", count: int, offset: int = 0) -> np.ndarray:
+def random_bits(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
     """bits_offset .. bits_(offset+count-1) of the stream as uint64."""
     out = np.empty(int(count), np.uint64)
     with threads_for(out.size, _CHUNK):
@@ -100,7 +100,7 @@ def random_bits(key: "RngKey | tuple[int, int, int]", count: int, offset: int = 
     return out
 
 
-def uniform(key: "RngKey | tuple[int, int, int]", count: int, offset: int = 0) -> np.ndarray:
+def uniform(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
     """u_offset .. u_(offset+count-1) of the stream: float64 in [0, 1)."""
     bits = random_bits(key, count, offset)
     return (bits >> np.uint64(64 - UNIFORM_BITS)).astype(np.float64) * (1.0 / (1 << UNIFORM_BITS))

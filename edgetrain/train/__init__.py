@@ -1,1 +1,2 @@
-"""Training: the loop, the Trainer and its run folder (config, run state, log, checkpoints), optimizers, LR schedules, fine-tuning controls."""
+"""Training: the loop, the Trainer and its run folder (config, run state, log, checkpoints), optimizers,
+LR schedules, fine-tuning controls."""

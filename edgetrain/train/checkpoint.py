@@ -20,10 +20,10 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +52,7 @@ DEFAULT_KEEP = 3
 HASH_CHUNK = 1 << 20
 FILE_MODE = 0o644
 
-Value = Union[np.ndarray, np.generic, int, float, bool, str]
+Value = np.ndarray | np.generic | int | float | bool | str
 SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}  # checked in this order: bool is an int
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
 

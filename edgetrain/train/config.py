@@ -26,9 +26,10 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgetrain.data.holdout import DEFAULT_VAL_FRACTION
 from edgetrain.errors import EdgetrainError

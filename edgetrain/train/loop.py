@@ -8,7 +8,7 @@ seed draws the same batches.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm

@@ -15,15 +15,14 @@ import fnmatch
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Union
 
 import numpy as np
 from numba import njit
 
 from edgetrain.errors import EdgetrainError
 
-StateValue = Union[np.ndarray, int, float]
-ParamFilter = Union[Callable[[str], bool], Iterable[str], str]
+StateValue = np.ndarray | int | float
+ParamFilter = Callable[[str], bool] | Iterable[str] | str
 
 STEP_KEY = "step"              # number of step() calls
 LR_KEY = "lr"                  # the lr of the next step (schedules overwrite it anyway)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgetrain.fileio import write_atomic
 from edgetrain.precision.spec import LayerPrecision

@@ -23,15 +23,20 @@ from typing import Any
 
 import numpy as np
 
-from edgetrain.train.checkpoint import Checkpoint, CheckpointError, CorruptCheckpointWarning, find_latest, load_checkpoint
-from edgetrain.train.config import DYNAMIC_SCHEDULES, TrainConfig, dfq_config, from_checkpoint_dict
-from edgetrain.precision.control import PrecisionSpec
-from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DFQConfig
-from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.errors import EdgetrainError, ModelError
-from edgetrain.train.finetune import head_parameter_names, new_head
 from edgetrain.model import Model
 from edgetrain.onnx_import import Importer, _read
+from edgetrain.precision.control import PrecisionSpec
+from edgetrain.precision.dfq.controller import DFQ
+from edgetrain.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CorruptCheckpointWarning,
+    find_latest,
+    load_checkpoint,
+)
+from edgetrain.train.config import DYNAMIC_SCHEDULES, TrainConfig, dfq_config, from_checkpoint_dict
+from edgetrain.train.finetune import head_parameter_names, new_head
 
 CONTROLLER, TRAINER, ACT_RANGE, SATURATED, COST = "controller/", "trainer/", "act_range/", "saturated/", "cost/"
 CONTROLLER_JSON = "controller_json/"

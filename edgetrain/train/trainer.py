@@ -14,31 +14,46 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
-from edgetrain.train.config import (CONFIG_JSON, DEFAULT_EPOCHS, DEFAULT_MILESTONE_FRACTIONS, SGD_DEFAULT_MOMENTUM, TrainConfig,
-                     write_config_json)
-from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
 from edgetrain.data import Loader, Split, check_fits, iterate_eval
 from edgetrain.data.dataset import Dataset
 from edgetrain.data.transforms import CIFAR_AUGMENT
 from edgetrain.errors import EdgetrainError
 from edgetrain.export import export_onnx
-from edgetrain.precision.dfq.controller import DFQ
-from edgetrain.precision.dfq.export import export_gates, gates_path
-from edgetrain.train.finetune import trainable_names
-from edgetrain.train.loop import TrainStep
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
+from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
+from edgetrain.precision.dfq.controller import DFQ
+from edgetrain.precision.dfq.export import export_gates, gates_path
+from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
+from edgetrain.train.config import (
+    CONFIG_JSON,
+    DEFAULT_EPOCHS,
+    DEFAULT_MILESTONE_FRACTIONS,
+    SGD_DEFAULT_MOMENTUM,
+    TrainConfig,
+    write_config_json,
+)
+from edgetrain.train.finetune import trainable_names
+from edgetrain.train.loop import TrainStep
 from edgetrain.train.optim import make_optimizer
 from edgetrain.train.runlog import LOG_NAME, RunLog, precision_summary
-from edgetrain.train.runstate import PRECISION, apply_precision, output_classes, pack_state, prepare_model, stored_spec, unpack_state
+from edgetrain.train.runstate import (
+    PRECISION,
+    apply_precision,
+    output_classes,
+    pack_state,
+    prepare_model,
+    stored_spec,
+    unpack_state,
+)
 from edgetrain.train.schedules import make_schedule
 
 EVAL_BATCH_SIZE = 256
@@ -139,7 +154,7 @@ class _StopFlag:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

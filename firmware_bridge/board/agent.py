@@ -42,17 +42,25 @@ from typing import Any
 import serial
 
 from edgetrain.errors import DataError, EdgetrainError, ModelError
-
 from firmware_bridge.board.cache import BlobCache, default_cache_dir
-from firmware_bridge.wire.errors import FrameTooLarge, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
-from firmware_bridge.wire.link import Link
 from firmware_bridge.board.measure import BoardMeter
-from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, BLOB_FORMATS, BlobAssembler, Message, MsgType
 from firmware_bridge.profile.errors import WorkloadError
+from firmware_bridge.profile.workload import (
+    TASK_TRAIN,
+    TrainingData,
+    TrainingRun,
+    Workload,
+    engine_info,
+    load_model,
+    sha256_hex,
+    train,
+)
 from firmware_bridge.telemetry import probe
 from firmware_bridge.telemetry._sysfs import read_text, under
+from firmware_bridge.wire.errors import FrameTooLarge, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
+from firmware_bridge.wire.link import Link
+from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, BLOB_FORMATS, BlobAssembler, Message, MsgType
 from firmware_bridge.wire.transport import DEFAULT_BAUD, open_port
-from firmware_bridge.profile.workload import TASK_TRAIN, TrainingData, TrainingRun, Workload, engine_info, load_model, sha256_hex, train
 
 __all__ = ["Agent", "ErrorCode", "board_capabilities", "build_parser", "main"]
 

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 from edgetrain.fileio import write_atomic
-
 from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE
 
 __all__ = ["BlobCache", "CacheError", "default_cache_dir"]

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECONDS, PROBABILITY
-
 from firmware_bridge.profile.errors import BoardUnreachable, ProfileError
 from firmware_bridge.profile.host import prepare, profile
 from firmware_bridge.profile.records import (
@@ -46,9 +45,14 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", help="the board's serial device (/dev/ttyUSB0, COM3) or any pyserial URL")
     parser.add_argument("--baud", type=POSITIVE_INT, default=DEFAULT_BAUD, help=f"line rate (default {DEFAULT_BAUD})")
     parser.add_argument("--batch-size", type=POSITIVE_INT, help=f"samples per step (default {DEFAULT_BATCH})")
-    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})")
     parser.add_argument(
-        "--warmup", type=NON_NEGATIVE_INT, default=DEFAULT_WARMUP, help=f"untimed steps first (default {DEFAULT_WARMUP})"
+        "--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help=f"timed steps (default {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=NON_NEGATIVE_INT,
+        default=DEFAULT_WARMUP,
+        help=f"untimed steps first (default {DEFAULT_WARMUP})",
     )
     parser.add_argument("--precision", default=PRECISION_FP32, help="fp32, or an integer-engine spec such as 8/8")
     parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights' data stream and labels")
@@ -64,7 +68,9 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     sim = parser.add_argument_group("simulated board (no hardware)")
     sim.add_argument("--simulate", action="store_true", help="run the agent here, on a pseudo-terminal")
-    sim.add_argument("--sim-corrupt", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte corruption probability")
+    sim.add_argument(
+        "--sim-corrupt", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte corruption probability"
+    )
     sim.add_argument("--sim-drop", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte drop probability")
     sim.add_argument("--sim-baud", type=POSITIVE_INT, metavar="N", help="pace the simulated line at N baud")
     sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
@@ -113,7 +119,9 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
         except BoardUnreachable as exc:
             if board.agent is not None and board.agent.poll() is not None:
                 tail = " / ".join(board.agent_log().strip().splitlines()[-LOG_TAIL_LINES:])
-                raise BoardUnreachable(f"{exc}; the simulated agent exited ({board.agent.returncode}): {tail}") from None
+                raise BoardUnreachable(
+                    f"{exc}; the simulated agent exited ({board.agent.returncode}): {tail}"
+                ) from None
             raise
     report["board"]["simulated"] = {
         "corrupt_rate": args.sim_corrupt,

@@ -23,10 +23,6 @@ from tqdm import tqdm
 
 from edgetrain.errors import DataError, EdgetrainError, ModelError
 from edgetrain.info import summarize
-
-from firmware_bridge.wire.errors import LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
-from firmware_bridge.wire.link import Link
-from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, DATA_FORMAT, Message, MsgType
 from firmware_bridge.profile.errors import BoardRefused, BoardUnreachable, ProfileError, WorkloadError
 from firmware_bridge.profile.records import (
     DEFAULT_BATCH,
@@ -36,7 +32,6 @@ from firmware_bridge.profile.records import (
     ProfileRequest,
 )
 from firmware_bridge.profile.report import build_report
-from firmware_bridge.wire.transport import DEFAULT_BAUD, open_port
 from firmware_bridge.profile.workload import (
     TrainingData,
     TrainingRun,
@@ -47,6 +42,10 @@ from firmware_bridge.profile.workload import (
     sha256_hex,
     train,
 )
+from firmware_bridge.wire.errors import LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
+from firmware_bridge.wire.link import Link
+from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, DATA_FORMAT, Message, MsgType
+from firmware_bridge.wire.transport import DEFAULT_BAUD, open_port
 
 __all__ = [
     "BoardClient",
@@ -358,7 +357,9 @@ def _read(path: str, error: type[EdgetrainError]) -> bytes:
 def _input_shape(model_shape: tuple[Any, ...], batch_size: int | None) -> tuple[int, ...]:
     fixed = model_shape[0] if model_shape and isinstance(model_shape[0], int) else None
     if fixed is not None and batch_size is not None and batch_size != fixed:
-        raise WorkloadError(f"the model was exported with a fixed batch of {fixed}; --batch-size {batch_size} cannot run")
+        raise WorkloadError(
+            f"the model was exported with a fixed batch of {fixed}; --batch-size {batch_size} cannot run"
+        )
     batch = fixed or batch_size or DEFAULT_BATCH
     return (batch, *model_shape[1:])
 
@@ -442,7 +443,9 @@ def run_on_board(request: ProfileRequest, prepared: Prepared, client: BoardClien
 def run_locally(request: ProfileRequest, prepared: Prepared) -> tuple[TrainingRun, float]:
     """Run the same workload on this machine with the same engine; return the run and its seconds."""
     model = load_model(prepared.model_blob, seed=prepared.workload.seed, where=request.model)
-    bar = tqdm(total=prepared.workload.total_steps, desc="host check", unit="step", disable=not request.progress, leave=False)
+    bar = tqdm(
+        total=prepared.workload.total_steps, desc="host check", unit="step", disable=not request.progress, leave=False
+    )
     started = time.monotonic()
     try:
         run = train(model, prepared.workload, prepared.data, on_step=lambda done, total, loss: bar.update(1))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.fileio import write_atomic
-
 from firmware_bridge.profile.errors import ProfileError
 from firmware_bridge.profile.records import BoardRun, Prepared, ProfileRequest
 from firmware_bridge.profile.workload import TrainingRun, engine_info
@@ -227,12 +226,15 @@ def format_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(
             f"* energy: {energy:.4f} J over the timed steps, {telemetry['energy_per_step_j'] * 1000:.3f} mJ per step, "
-            f"mean {telemetry['mean_power_mw']:.0f} mW ({telemetry['power_source']}, {telemetry['power_samples']} samples)"
+            f"mean {telemetry['mean_power_mw']:.0f} mW "
+            f"({telemetry['power_source']}, {telemetry['power_samples']} samples)"
         )
     for label, key in (("before", "thermal_c_before"), ("after", "thermal_c_after")):
         zones = telemetry.get(key)
         if zones:
-            lines.append(f"* temperatures {label}: " + ", ".join(f"{zone} {temp:.1f} C" for zone, temp in zones.items()))
+            lines.append(
+                f"* temperatures {label}: " + ", ".join(f"{zone} {temp:.1f} C" for zone, temp in zones.items())
+            )
     link = report.get("link") or {}
     host_link, board_link = link.get("host") or {}, link.get("board") or {}
     host_stats, board_decoder = host_link.get("link", {}), board_link.get("decoder", {})

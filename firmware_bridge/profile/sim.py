@@ -105,7 +105,7 @@ class SimulatedBoard:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         if self._log is None:
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the board
+            self._log = open(self.log_path, "ab")
         self.agent = subprocess.Popen(
             self.agent_command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env
         )

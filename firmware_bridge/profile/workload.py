@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import numba
 import numpy as np
@@ -29,11 +29,10 @@ from edgetrain.data import npzfile
 from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.errors import DataError, EdgetrainError, ModelError
 from edgetrain.model import Model
-from edgetrain.train.optim import SGD
 from edgetrain.train.loop import TrainStep, batches
-
-from firmware_bridge.wire.messages import MAX_BLOB_SIZE
+from edgetrain.train.optim import SGD
 from firmware_bridge.profile.errors import WorkloadError
+from firmware_bridge.wire.messages import MAX_BLOB_SIZE
 
 __all__ = [
     "DEFAULT_LR",
@@ -452,7 +451,7 @@ def train(
     *,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    timed_phase: Callable[[], ContextManager[Any]] | None = None,
+    timed_phase: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> TrainingRun:
     """Run the workload on `model`; per-layer times cover only the timed steps, after the warm-up.
 

@@ -5,7 +5,14 @@ tree, and returns None rather than raising when its sensor is absent.
 """
 
 from firmware_bridge.telemetry.energy import PowerSampler, integrate_energy_j
-from firmware_bridge.telemetry.jetson import Rail, board_power_mw, read_board_power_mw, read_ina3221, read_ina3221_hwmon, read_ina3221_iio
+from firmware_bridge.telemetry.jetson import (
+    Rail,
+    board_power_mw,
+    read_board_power_mw,
+    read_ina3221,
+    read_ina3221_hwmon,
+    read_ina3221_iio,
+)
 from firmware_bridge.telemetry.linux import read_cpufreq, read_thermal_zones
 from firmware_bridge.telemetry.probe import SENSORS, ProbeResult, power_reader, probe
 from firmware_bridge.telemetry.raspberrypi import (

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY
-
 from firmware_bridge.wire.frame import encode_frame
 from firmware_bridge.wire.link import DEFAULT_CHUNK_SIZE, Link
 from firmware_bridge.wire.messages import MsgType, chunk_blob, encode_payload

@@ -23,7 +23,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from firmware_bridge.wire.errors import FrameTooLarge, LinkError, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
+from firmware_bridge.wire.errors import (
+    FrameTooLarge,
+    LinkError,
+    LinkTimeout,
+    PeerGone,
+    ProtocolError,
+    ProtocolVersionError,
+)
 from firmware_bridge.wire.frame import (
     FLAG_RETRANSMIT,
     MAX_PAYLOAD,
@@ -231,7 +238,8 @@ class Link:
         return self._decoder.stats
 
     def handshake(self, timeout: float | None = None) -> dict[str, Any]:
-        """Start a session: send HELLO until HELLO_ACK (until `timeout`, else max_retries + 1 times), check versions, return the peer's capabilities."""
+        """Start a session: send HELLO until HELLO_ACK (until `timeout`, else max_retries + 1 times), check versions,
+        return the peer's capabilities."""
         self._check_open()
         self._start_session()
         deadline = None if timeout is None else self._clock() + timeout

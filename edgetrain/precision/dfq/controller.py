@@ -63,7 +63,7 @@ class DFQ:
     An extension of the Model (edgetrain.extension.ModelExtension): attach() builds one and hooks it in."""
 
     @classmethod
-    def attach(cls, model: "Model", config: DFQConfig | None = None) -> "DFQ":
+    def attach(cls, model: Model, config: DFQConfig | None = None) -> DFQ:
         """Gate `model`'s residual blocks (or, without blocks, its inner MAC layers) per sample from now on.
 
         Adds the gates' parameters (named dfq.*) to model.parameters(); returns the attached DFQ."""
@@ -74,11 +74,11 @@ class DFQ:
         return dfq
 
     @classmethod
-    def of(cls, model: "Model") -> "DFQ | None":
+    def of(cls, model: Model) -> DFQ | None:
         """The DFQ attached to `model`, or None."""
         return next((ext for ext in model.extensions if isinstance(ext, cls)), None)
 
-    def __init__(self, model: "Model", config: DFQConfig):
+    def __init__(self, model: Model, config: DFQConfig):
         """Build units, gates and their ops on `model` (attach() also hooks them into its steps)."""
         self.model = model
         self.config = config
@@ -163,7 +163,7 @@ class DFQ:
             return texts.index(want)
         return self._nearest(self.target)
 
-    def _init_params(self, model: "Model") -> None:
+    def _init_params(self, model: Model) -> None:
         existing = [n for n in model.parameters() if n.startswith("dfq.")]
         if existing:
             raise EdgetrainError(f"the model already has DFQ gate parameters ({existing[0]}, ...)")
@@ -173,7 +173,7 @@ class DFQ:
         model.parameters().update(params)
         self.param_names = list(params)
 
-    def _build_ops(self, model: "Model") -> None:
+    def _build_ops(self, model: Model) -> None:
         """The model runs one GatedUnit op per unit from now on, in place of the unit's nodes."""
         graph = model.graph
         inside = {n.name for u in self.units for n in u.branch}
@@ -196,7 +196,7 @@ class DFQ:
             nodes.append(node)
         model.replace_nodes(nodes, ops)
 
-    def _unit_node(self, model: "Model", u: Unit, facts: tuple) -> tuple[Node, "GatedUnit"]:
+    def _unit_node(self, model: Model, u: Unit, facts: tuple) -> tuple[Node, GatedUnit]:
         produced = {o for n in u.branch for o in n.outputs if o}
         externals: list[str] = []
         for n in u.branch:

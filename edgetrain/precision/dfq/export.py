@@ -31,7 +31,7 @@ GATES_OPSET = 18  # ReduceMean with axes as an input
 NOT_ALLOWED = -1e9  # added to the logits of candidates a unit cannot take (a layer cannot skip)
 
 
-def gates_to_onnx(model: "Model") -> onnx.ModelProto:
+def gates_to_onnx(model: Model) -> onnx.ModelProto:
     """The trained gates of a DFQ model as an ONNX graph (module doc)."""
     dfq = DFQ.of(model)
     if dfq is None:
@@ -83,7 +83,8 @@ def gates_to_onnx(model: "Model") -> onnx.ModelProto:
         h, c = tag + "h", tag + "c"
         mask = dfq.logit_masks[u.index]
         # ONNX's ArgMax gets a finite stand-in for -inf on the candidates this unit may not take.
-        mask = np.zeros(k, np.float32) if mask is None else np.where(np.isinf(mask), NOT_ALLOWED, mask).astype(np.float32)
+        mask = (np.zeros(k, np.float32) if mask is None
+                else np.where(np.isinf(mask), NOT_ALLOWED, mask).astype(np.float32))
         inits.append(numpy_helper.from_array(mask, tag + "mask"))
         nodes += [helper.make_node("Add", [tag + "logits", tag + "mask"], [tag + "masked"]),
                   helper.make_node("ArgMax", [tag + "masked"], [tag + "choice"], axis=1, keepdims=0)]
@@ -105,6 +106,6 @@ def gates_path(backbone_path: str | os.PathLike) -> str:
     return root + ".gates" + (ext or ".onnx")
 
 
-def export_gates(model: "Model", path: str | os.PathLike) -> None:
+def export_gates(model: Model, path: str | os.PathLike) -> None:
     """Write gates_to_onnx(model) atomically."""
     write_atomic(path, gates_to_onnx(model).SerializeToString())

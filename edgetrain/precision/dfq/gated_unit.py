@@ -1,4 +1,5 @@
-"""The executor's op for one gated unit: its gate, the branch run per sample group at each group's precision, the shortcut, and backward."""
+"""The executor's op for one gated unit: its gate, the branch run per sample group at each group's precision,
+the shortcut, and backward."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class UnitContext(NamedTuple):
 class GatedUnit(Op):
     """The executor's op for one unit: gate, per-group execution of the branch, shortcut, backward."""
 
-    def __init__(self, node: Node, opset: int, dfq, unit: Unit, n_externals: int, model: "Model",
+    def __init__(self, node: Node, opset: int, dfq, unit: Unit, n_externals: int, model: Model,
                  unsigned: set[str], mac_index: dict[str, int]):
         """unsigned: values the graph proves non-negative; mac_index: each MAC layer's position (stream keys)."""
         super().__init__(node, opset)
@@ -103,8 +104,10 @@ class GatedUnit(Op):
     def _choose(self, x: np.ndarray, params: tuple, shared: tuple):
         dfq = self.dfq
         n = x.shape[0]
-        h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype), np.zeros((n, EMBED_WIDTH), x.dtype))
-        logits, gctx = self._timed("gate", "forward", gate_forward, x, params, shared, h, c, dfq.logit_masks[self.unit.index])
+        h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype),
+                                                        np.zeros((n, EMBED_WIDTH), x.dtype))
+        logits, gctx = self._timed("gate", "forward", gate_forward, x, params, shared, h, c,
+                                   dfq.logit_masks[self.unit.index])
         dfq.state = (gctx.h, gctx.c)
         if dfq.force is not None and self.unit.index in dfq.force:
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
@@ -217,7 +220,8 @@ class GatedUnit(Op):
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         n = x_shape[0]
-        dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype), np.zeros((n, EMBED_WIDTH), dtype))
+        dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype),
+                                                            np.zeros((n, EMBED_WIDTH), dtype))
         dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, ctx.gate, dlogits,
                                                                 dh, dc, ctx.gate_params, ctx.shared)
         dfq.dstate = (dh_prev, dc_prev)

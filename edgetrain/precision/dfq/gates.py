@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetrain.precision.dfq.kernels import channel_means, matmul as mm  # mm, not BLAS: gate_kernels.matmul says why
+from edgetrain.precision.dfq.kernels import channel_means  # mm, not BLAS: gate_kernels.matmul says why
+from edgetrain.precision.dfq.kernels import matmul as mm
 
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
 EMBED_WIDTH = 16  # the second 1x1 conv's width, and the LSTM's input and hidden size
@@ -106,7 +107,8 @@ def logit_mask(allowed, candidates: int) -> np.ndarray | None:
 
 
 def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...],
-                 h_prev: np.ndarray, c_prev: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
+                 h_prev: np.ndarray, c_prev: np.ndarray,
+                 mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
     """Logits (N, K) of one unit's gate, plus `mask` (logit_mask) so masked candidates have probability 0;
     the context carries the new LSTM state (ctx.h, ctx.c)."""
     w1, b1, w2, b2 = unit

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from edgetrain.blocks import find_blocks, layer_units
 from edgetrain.errors import EdgetrainError
