@@ -38,11 +38,12 @@ def load_graph(source: str | os.PathLike | onnx.ModelProto) -> Graph:
         model, where = source, "<memory>"
     else:
         where = os.fspath(source)
-        model = _read(where)
+        model = read_onnx(where)
     return Importer(model, where).run()
 
 
-def _read(path: str) -> onnx.ModelProto:
+def read_onnx(path: str) -> onnx.ModelProto:
+    """Read an ONNX file, refusing a missing, empty, truncated or garbage one with one line."""
     if not os.path.exists(path):
         raise ModelError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from edgetrain.kernels.threads import threads_for
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
-from edgetrain.quant.rng import RngKey, _uniform, stream_seed
+from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item
@@ -100,7 +100,7 @@ def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat)
         ns = 0
         for j in range(src.size):
             v = np.float64(src[j]) / s
-            ns += _store(np.floor(v + _uniform(seed, first + np.uint64(j))), v, lo, hi, dst, j)
+            ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
         sat[w] = ns
 
 

@@ -78,7 +78,7 @@ def _bits(seed, index):
 
 
 @njit(inline="always", cache=True)
-def _uniform(seed, index):
+def uniform_at(seed, index):
     """u_index in [0, 1) as float64."""
     return np.float64(_bits(seed, index) >> np.uint64(64 - UNIFORM_BITS)) * (1.0 / (1 << UNIFORM_BITS))
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.model import Model
-from edgetrain.onnx_import import Importer, _read
+from edgetrain.onnx_import import Importer, read_onnx
 from edgetrain.precision.control import PrecisionSpec
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.train.checkpoint import (
@@ -48,7 +48,7 @@ COST_FIELDS = ("steps", "bitops", "fp32_bitops")
 
 def build_model(path: str, seed: int, num_classes: int | None) -> tuple[Model, list[str]]:
     """Load the ONNX file (with a fresh head for num_classes, if given); returns the model and the head's names."""
-    proto = _read(path)
+    proto = read_onnx(path)
     head: list[str] = []
     if num_classes is not None:
         try:
