@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgetrain.engine import Executor
+from edgetrain.errors import ModelError
 from edgetrain.layers import classifier_nodes, mac_nodes
 from edgetrain.model import Model
 from edgetrain.precision.dfq.controller import DFQ
@@ -33,15 +33,15 @@ def _pretty(shape) -> str:
 
 
 def summarize(model: Model) -> dict:
-    """Run one sample through the model and describe every layer."""
+    """Describe every layer of the imported graph (also inside DFQ's gated blocks), for one sample."""
     graph = model.graph
-    feeds = {}
-    for vi in graph.inputs:
-        shape = tuple(1 if d is None else d for d in vi.shape)
-        dtype = np.float32 if vi.elem_type == 1 else np.int64
-        feeds[vi.name] = np.zeros(shape, dtype=dtype)
-    # The float ops over the imported graph: every value by name, also inside DFQ's gated blocks.
-    env, _ = Executor(graph, model._float_ops).forward(model._feeds(feeds), model._state(), training=False)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        """A value's shape as the importer inferred it, for a batch of one."""
+        if name not in graph.shapes or any(d is None for d in graph.shapes[name][1:]):
+            raise ModelError(f"{graph.source}: the shape of '{name}' is unknown after shape inference")
+        return tuple(1 if d is None else d for d in graph.shapes[name])
+
     # The plan set_precision("8/8") would follow: its defaults, and only layers an integer kernel can run.
     plan = PrecisionConfig.make("8/8").resolve(graph)
     quantised = {n.name for n in mac_nodes(graph) if not plan[n.name].is_float and integer_form(n, graph.params)}
@@ -50,8 +50,8 @@ def summarize(model: Model) -> dict:
     layers = []
     batch_free = {vi.name for vi in graph.inputs if vi.shape and vi.shape[0] is None}
     for node in graph.nodes:
-        in_shapes = [env[i].shape if i else () for i in node.inputs]
-        out_shapes = [env[o].shape for o in node.outputs if o]
+        in_shapes = [shape_of(i) if i else () for i in node.inputs]
+        out_shapes = [shape_of(o) for o in node.outputs if o]
         params = sum(int(np.prod(graph.params[i].shape)) for i in node.inputs if i in graph.params)
         precision = ("int" if node.name in quantised else "fp32 (classifier)" if node.name in classifier
                      else "fp32" if node.name in macs else "-")
@@ -64,7 +64,7 @@ def summarize(model: Model) -> dict:
         "producer": graph.producer,
         "opset": graph.opset,
         "inputs": [{"name": v.name, "shape": list(v.shape)} for v in graph.inputs],
-        "outputs": [{"name": v.name, "shape": list(env[v.name].shape[1:])} for v in graph.outputs],
+        "outputs": [{"name": v.name, "shape": list(shape_of(v.name)[1:])} for v in graph.outputs],
         "parameters": int(sum(p.size for p in graph.params.values())),
         "buffers": int(sum(b.size for b in graph.buffers.values())),
         "macs_per_sample": int(sum(layer.macs for layer in layers)),
