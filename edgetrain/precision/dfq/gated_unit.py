@@ -12,6 +12,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Node
 from edgetrain.ops.base import Op, Run
 from edgetrain.ops.norm import BatchNormalization, fuse_relu
+from edgetrain.precision.dfq.config import CANDIDATE_STREAM_STRIDE
 from edgetrain.precision.dfq.gates import (
     EMBED_WIDTH,
     gate_backward,
@@ -24,13 +25,11 @@ from edgetrain.precision.dfq.kernels import (
     sample_dots,
     scatter_add,
 )
+from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
-
-from edgetrain.precision.dfq.config import CANDIDATE_STREAM_STRIDE
-from edgetrain.precision.dfq.units import Unit
 
 
 class UnitContext(NamedTuple):
