@@ -170,11 +170,9 @@ class QuantConv(QuantMAC):
         parts = []
         for members in runs:
             wq = wqs[members[0]]
-            w_scale = wq.scale.astype(np.float32)
-            # Each group's rows carry its own scale product, as its own call would have used.
-            scales = [(np.float32(xqs[i].scale) * w_scale).astype(x.dtype) for i in members]
-            bounds = (max(_bound(xqs[i]) for i in members), _bound(wq))
-            parts.append(kernels.conv2d_forward(_stacked(codes, members), wq.q, **args, bounds=bounds,
+            scales = _forward_scales(xqs, wq, members, x.dtype)
+            parts.append(kernels.conv2d_forward(_stacked(codes, members), wq.q, **args,
+                                                bounds=_run_bounds(xqs, wq, members),
                                                 rescale=(_image_scales(scales, codes, members), x.dtype)))
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if b is not None:
@@ -198,7 +196,7 @@ class QuantConv(QuantMAC):
             for members in _runs(codes, vqs, ctx.merge):
                 vq = vqs[members[0]]
                 stacked = _stacked(codes, members)
-                bounds = (max(_bound(dyqs[i]) for i in members), _bound(vq))
+                bounds = _run_bounds(dyqs, vq, members)
                 scales = [np.full(ctx.x_shape[1], _scale_product(dyqs[i].scale, vq.scale, dtype), dtype=dtype)
                           for i in members]
                 parts.append(kernels.conv2d_backward_data(stacked, vq.q, (stacked.shape[0],) + ctx.x_shape[1:], **args,
@@ -235,12 +233,10 @@ class QuantLinear(QuantMAC):
         parts = []
         for members in runs:
             wq = wqs[members[0]]
-            w_scale = wq.scale.astype(np.float32)
-            bounds = (max(_bound(xqs[i]) for i in members), _bound(wq))
-            acc = kernels.linear_forward(_stacked(codes, members), wq.q, bounds=bounds)  # may be a transposed view
-            for i, sl in zip(members, _local(codes, members)):
-                scale = (np.float32(xqs[i].scale) * w_scale).astype(x.dtype).reshape(1, -1)
-                parts.append((acc if len(members) == 1 else acc[sl]).astype(x.dtype, order="C") * scale)
+            # may be a transposed view
+            acc = kernels.linear_forward(_stacked(codes, members), wq.q, bounds=_run_bounds(xqs, wq, members))
+            for scale, sl in zip(_forward_scales(xqs, wq, members, x.dtype), _local(codes, members)):
+                parts.append((acc if len(members) == 1 else acc[sl]).astype(x.dtype, order="C") * scale.reshape(1, -1))
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
         beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
@@ -271,8 +267,8 @@ class QuantLinear(QuantMAC):
             parts = []
             for members in _runs(codes, vqs, ctx.merge):
                 vq = vqs[members[0]]
-                bounds = (max(_bound(dyqs[i]) for i in members), _bound(vq))
-                acc = kernels.linear_backward_data(_stacked(codes, members), vq.q, bounds=bounds)
+                acc = kernels.linear_backward_data(_stacked(codes, members), vq.q,
+                                                   bounds=_run_bounds(dyqs, vq, members))
                 parts += [_rescaled(acc if len(members) == 1 else acc[sl], dyqs[i].scale, vq.scale, dtype)
                           for i, sl in zip(members, _local(codes, members))]
             dx = (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(ctx.x_shape)
@@ -329,6 +325,18 @@ def _flat_rows(groups: Sequence[Group], x_shape: tuple, n_rows: int) -> list[sli
     per = n_rows // x_shape[0] if len(x_shape) > 1 and x_shape[0] else 1
     return [slice(None if g.rows.start is None else g.rows.start * per,
                   None if g.rows.stop is None else g.rows.stop * per) for g in groups]
+
+
+def _run_bounds(qs: list[QTensor], other: QTensor, members: list[int]) -> tuple[int, int]:
+    """The kernel's operand bounds for one run of stacked groups: the widest group's, and the other operand's."""
+    return max(_bound(qs[i]) for i in members), _bound(other)
+
+
+def _forward_scales(xqs: list[QTensor], wq: QTensor, members: list[int], dtype: np.dtype) -> list[np.ndarray]:
+    """Each member group's forward rescale per output channel: its input scale times the weight scales, in
+    float32 (the product each group's own call would have used)."""
+    w_scale = wq.scale.astype(np.float32)
+    return [(np.float32(xqs[i].scale) * w_scale).astype(dtype) for i in members]
 
 
 def _bound(t) -> int:
