@@ -29,7 +29,8 @@ BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 # initializer that reaches a parameter slot only through them (nn.MultiheadAttention's in_proj_weight, sliced
 # into the query, key and value projections) is a parameter too, trained through their backward.
 MOVEMENT_SLOTS = {"Identity": {0}, "Transpose": {0}, "Reshape": {0}, "Flatten": {0}, "Squeeze": {0},
-                  "Unsqueeze": {0}, "Slice": {0}, "Gather": {0}, "Split": {0}, "Concat": None, "Cast": {0}}
+                  "Unsqueeze": {0}, "Slice": {0}, "Gather": {0}, "Split": {0}, "Concat": None, "Cast": {0},
+                  "Expand": {0}, "Tile": {0}}
 
 # Ops never folded even with constant inputs: their value is not a function of their inputs.
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
