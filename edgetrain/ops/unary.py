@@ -207,14 +207,14 @@ class HardSigmoid(Unary):
 
 @register("HardSwish")
 class HardSwish(Unary):
-    """x * clip(x / 6 + 1/2, 0, 1). The gradient follows PyTorch's hardswish_backward exactly:
-    0 below -3, x / 3 + 1/2 on [-3, 3] (both ends included), 1 above."""
+    """x * clip(x / 6 + 1/2, 0, 1). The gradient is PyTorch's hardswish_backward's: 0 for x <= -3,
+    x / 3 + 1/2 strictly between -3 and 3, 1 for x >= 3."""
 
     def f(self, x):
         return x * np.clip(x * np.asarray(1 / 6, dtype=x.dtype) + np.asarray(0.5, dtype=x.dtype), 0, 1)
 
     def df(self, x, y, g):
-        return np.where(x < -3, 0, np.where(x <= 3, g * (x / 3 + np.asarray(0.5, dtype=x.dtype)), g))
+        return np.where(x <= -3, 0, np.where(x < 3, g * (x / 3 + np.asarray(0.5, dtype=x.dtype)), g))
 
 
 @register("Gelu")
