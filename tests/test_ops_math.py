@@ -396,3 +396,22 @@ def test_erf_properties(a, b):
     assert e[2] == -e[0]  # odd, exactly
     assert abs(e[0]) <= 1
     assert abs(e[0] - math.erf(lo)) <= np.spacing(abs(math.erf(lo))) or e[0] == math.erf(lo)
+
+
+def test_non_negative_through_reductions_and_hardsigmoid():
+    """The integer engine stores these unsigned: a mean of ReLU outputs (an SE block's pooling) and HardSigmoid."""
+    from edgetrain.layers import non_negative_values
+
+    x = rnd(2, 3, 4, 4)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["m"], axes=[2, 3]),
+             helper.make_node("HardSigmoid", ["x"], ["h"]),
+             helper.make_node("ReduceMean", ["x"], ["mx"], axes=[2, 3]),
+             helper.make_node("Add", ["m", "h"], ["y0"]),
+             helper.make_node("Add", ["y0", "mx"], ["y"])]
+    graph = helper.make_graph(nodes, "nn", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    known = non_negative_values(load64(onnx.shape_inference.infer_shapes(proto)).graph)
+    assert {"r", "m", "h"} <= known and not {"mx", "y"} & known
