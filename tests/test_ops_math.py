@@ -415,3 +415,44 @@ def test_non_negative_through_reductions_and_hardsigmoid():
     proto.ir_version = 8
     known = non_negative_values(load64(onnx.shape_inference.infer_shapes(proto)).graph)
     assert {"r", "m", "h"} <= known and not {"mx", "y"} & known
+
+
+def test_torchscript_export_of_se_block_gelu_and_layernorm_trains_as_pytorch(tmp_path):
+    """What PyTorch's exporter writes for MobileNetV3's HardSwish and squeeze-excite (x.mean((2, 3)), HardSigmoid),
+    nn.GELU (Erf), a hand-written LayerNorm (ReduceMean, Pow, Sqrt) and a mask (Greater, Where), through
+    edgetrain.from_torch: forward and every parameter's gradient against autograd, in float64."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish()
+            self.squeeze, self.excite, self.gate = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Hardsigmoid()
+            self.fc, self.gelu, self.out = nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            x = self.act(self.conv(x))
+            x = x * self.gate(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+            h = self.gelu(self.fc(x.mean((2, 3))))
+            h = h - h.mean(-1, keepdim=True)
+            h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            return self.out(torch.where(h > 0, h, 0.5 * h))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    path = tmp_path / "net.onnx"
+    edgetrain.from_torch(net, x, path)
+    model = edgetrain.load(path, dtype=np.float64)
+    assert {"HardSwish", "HardSigmoid", "ReduceMean", "Erf", "Pow", "Sqrt", "Where"} <= {
+        n.op_type for n in model.graph.nodes}
+    env, tape = model.forward_train({"input": x.numpy()})
+    w = np.random.default_rng(0).standard_normal(env["logits"].shape)
+    grads = model.backward(tape, {"logits": w})
+    y = net(x)
+    (y * torch.tensor(w)).sum().backward()
+    # HardSigmoid's alpha is a float32 attribute in ONNX: 1/6 to 3e-8 relative, not torch's double 1/6.
+    np.testing.assert_allclose(env["logits"], y.detach().numpy(), rtol=1e-6, atol=1e-9)
+    for name, p in net.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
