@@ -24,6 +24,8 @@ MIN_OPSET = 11
 PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2}}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
+# nn.PReLU's slope is a weight like a convolution's.
+PARAM_SLOTS["PRelu"] = {1}
 
 # Ops never folded even with constant inputs: their value is not a function of their inputs.
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",

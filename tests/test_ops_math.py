@@ -120,6 +120,22 @@ def _cases():
         "where": ("Where", {"x": rnd(3, 4), "z": rnd(4)}, {"c": R.random((3, 1)) < 0.5}, {"order": ["c", "x", "z"]},
                   None),
         "castlike": ("CastLike", {"x": rnd(3, 4)}, {"like": np.zeros(1)}, {}, lambda t, x: x),
+        "log_softmax": ("LogSoftmax", {"x": 3 * rnd(3, 4, 5)}, {}, {"axis": 1},
+                        lambda t, x: t.nn.functional.log_softmax(x, 1)),
+        "log_softmax_opset11_flattened": ("LogSoftmax", {"x": rnd(3, 4, 5)}, {}, {"opset": 11, "axis": 1},
+                                          lambda t, x: t.nn.functional.log_softmax(x.flatten(1), 1).reshape(x.shape)),
+        "prelu_channel_slope": ("PRelu", {"x": away(rnd(2, 3, 4, 4)), "s": rnd(3, 1, 1)}, {}, {},
+                                lambda t, x, s: t.nn.functional.prelu(x, s.reshape(3))),
+        "cumsum_exclusive_reverse": ("CumSum", {"x": rnd(3, 5)}, {"axis": np.array(1)}, {"exclusive": 1, "reverse": 1},
+                                     lambda t, x: x.flip(1).cumsum(1).flip(1) - x),
+        "celu": ("Celu", {"x": away(2 * rnd(4, 6))}, {}, {"alpha": 0.5},
+                 lambda t, x: t.nn.functional.celu(x, 0.5)),
+        "mish": ("Mish", {"x": 3 * rnd(4, 6)}, {}, {}, lambda t, x: t.nn.functional.mish(x)),
+        "softsign": ("Softsign", {"x": away(3 * rnd(4, 6))}, {}, {}, lambda t, x: t.nn.functional.softsign(x)),
+        "thresholded_relu": ("ThresholdedRelu", {"x": away(3 * rnd(4, 6), (0.5,))}, {}, {"alpha": 0.5},
+                             lambda t, x: t.nn.functional.threshold(x, 0.5, 0.0)),
+        "sin": ("Sin", {"x": 3 * rnd(4, 6)}, {}, {}, lambda t, x: x.sin()),
+        "cos": ("Cos", {"x": 3 * rnd(4, 6)}, {}, {}, lambda t, x: x.cos()),
     }
 
 
@@ -456,3 +472,11 @@ def test_torchscript_export_of_se_block_gelu_and_layernorm_trains_as_pytorch(tmp
     np.testing.assert_allclose(env["logits"], y.detach().numpy(), rtol=1e-6, atol=1e-9)
     for name, p in net.named_parameters():
         np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_prelu_slope_is_a_parameter():
+    x = rnd(2, 3, 4)
+    model = load64(one_node("PRelu", {"x": x}, {"slope": np.full((3, 1), 0.25)}))
+    assert set(model.parameters()) == {"slope"}
+    errors = check_model_gradients(model, {"x": away(x)})
+    assert max(errors.values()) < TOL, errors

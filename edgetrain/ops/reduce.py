@@ -1,4 +1,4 @@
-"""Reductions over axes (Reduce*), and ArgMax/ArgMin.
+"""Reductions over axes (Reduce*), ArgMax/ArgMin, and CumSum (the running sum along one axis).
 
 Axes come from the `axes` attribute (ReduceSum before opset 13, the others before 18) or from the optional
 second input (later opsets); whichever the node carries is used. No axes reduces over every axis, unless
@@ -220,3 +220,32 @@ class ArgMax(ArgExtreme):
 @register("ArgMin")
 class ArgMin(ArgExtreme):
     pick = staticmethod(np.argmin)
+
+
+def _cumsum(x: np.ndarray, axis: int, exclusive: bool, reverse: bool) -> np.ndarray:
+    if reverse:
+        x = np.flip(x, axis)
+    y = np.cumsum(x, axis=axis, dtype=x.dtype)
+    if exclusive:
+        # Each position sums what comes strictly before it: shift by one, 0 first.
+        y = np.concatenate([np.zeros_like(np.take(y, [0], axis=axis)), np.delete(y, -1, axis=axis)], axis=axis)
+    return np.flip(y, axis) if reverse else y
+
+
+@register("CumSum")
+class CumSum(Op):
+    """Running sum along the axis given as the second input (exclusive, reverse as attributes). Its gradient
+    is the running sum of the gradient the other way round."""
+
+    def forward(self, inputs, run):
+        x, axis = inputs
+        axis = int(np.asarray(axis).reshape(-1)[0])
+        if not -x.ndim <= axis < x.ndim:
+            raise self.fail(f"axis {axis} out of range for a {x.ndim}-d input")
+        axis %= x.ndim
+        exclusive, reverse = bool(self.attr("exclusive", 0)), bool(self.attr("reverse", 0))
+        return [np.ascontiguousarray(_cumsum(x, axis, exclusive, reverse))], (axis, exclusive, reverse)
+
+    def backward(self, ctx, grads, needed):
+        axis, exclusive, reverse = ctx
+        return [np.ascontiguousarray(_cumsum(grads[0], axis, exclusive, not reverse)), None]

@@ -20,6 +20,17 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _GELU_CUBIC = 0.044715
 
 
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): no overflow."""
+    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Split by sign so exp never overflows."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
 class Unary(Op):
     """y = f(x) elementwise; backward is g * f'(x) computed from x and y."""
 
@@ -159,14 +170,13 @@ class Erf(Unary):
 
 @register("Softplus")
 class Softplus(Unary):
-    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): no overflow; gradient sigmoid(x)."""
+    """log(1 + exp(x)); gradient sigmoid(x)."""
 
     def f(self, x):
-        return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+        return _softplus(x)
 
     def df(self, x, y, g):
-        e = np.exp(-np.abs(x))
-        return g * np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        return g * _sigmoid(x)
 
 
 @register("Elu")
@@ -241,3 +251,66 @@ class Gelu(Unary):
             return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
         cdf = 0.5 * (1 + erf(x * np.asarray(_SQRT_HALF, dtype=x.dtype)))
         return g * (cdf + x * (_INV_SQRT_2PI * np.exp(-0.5 * x * x)))
+
+
+@register("Celu")
+class Celu(Unary):
+    """max(0, x) + min(0, alpha * (exp(x / alpha) - 1))."""
+
+    def f(self, x):
+        alpha = self.const("alpha", 1.0, x)
+        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0) / alpha))
+
+    def df(self, x, y, g):
+        return np.where(x > 0, g, g * np.exp(np.minimum(x, 0) / self.const("alpha", 1.0, x)))
+
+
+@register("Mish")
+class Mish(Unary):
+    """x * tanh(softplus(x))."""
+
+    def f(self, x):
+        return x * np.tanh(_softplus(x))
+
+    def df(self, x, y, g):
+        t = np.tanh(_softplus(x))
+        return g * (t + x * _sigmoid(x) * (1 - t * t))
+
+
+@register("Softsign")
+class Softsign(Unary):
+    def f(self, x):
+        return x / (1 + np.abs(x))
+
+    def df(self, x, y, g):
+        d = 1 + np.abs(x)
+        return g / (d * d)
+
+
+@register("ThresholdedRelu")
+class ThresholdedRelu(Unary):
+    """x where x > alpha, else 0."""
+
+    def f(self, x):
+        return np.where(x > self.const("alpha", 1.0, x), x, 0)
+
+    def df(self, x, y, g):
+        return np.where(x > self.const("alpha", 1.0, x), g, 0)
+
+
+@register("Sin")
+class Sin(Unary):
+    def f(self, x):
+        return np.sin(x)
+
+    def df(self, x, y, g):
+        return g * np.cos(x)
+
+
+@register("Cos")
+class Cos(Unary):
+    def f(self, x):
+        return np.cos(x)
+
+    def df(self, x, y, g):
+        return -g * np.sin(x)
