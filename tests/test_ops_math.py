@@ -480,3 +480,19 @@ def test_prelu_slope_is_a_parameter():
     assert set(model.parameters()) == {"slope"}
     errors = check_model_gradients(model, {"x": away(x)})
     assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("op", ["And", "Or", "Xor", "Not", "Equal", "Greater", "LessOrEqual"])
+def test_logic_matches_onnxruntime(op):
+    """ONNX's own And/Or/Xor/Not cases are opset 1 and 7 models, older than we import: onnxruntime at opset 13
+    stands in for them (broadcasting 4-d against 2-d, as their bcast cases)."""
+    ort = pytest.importorskip("onnxruntime")
+    bools = op in ("And", "Or", "Xor", "Not")
+    a = R.random((2, 3, 4, 5)) < 0.5 if bools else R.integers(-2, 3, (2, 3, 4, 5)).astype(np.float32)
+    b = R.random((4, 5)) < 0.5 if bools else R.integers(-2, 3, (4, 5)).astype(np.float32)
+    feeds = {"a": a} if op == "Not" else {"a": a, "b": b}
+    proto = one_node(op, feeds, opset=13)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    have = edgetrain.load(proto).run(feeds)["y"]
+    assert have.dtype == np.bool_
+    np.testing.assert_array_equal(have, want)
