@@ -496,3 +496,18 @@ def test_logic_matches_onnxruntime(op):
     have = edgetrain.load(proto).run(feeds)["y"]
     assert have.dtype == np.bool_
     np.testing.assert_array_equal(have, want)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_in_float32_out(name):
+    """A float32 model computes and differentiates in float32: no silent float64 from constants or attributes."""
+    op_type, feeds, consts, attrs, _ = CASES[name]
+    attrs = dict(attrs)
+    opset, order = attrs.pop("opset", 18), attrs.pop("order", None)
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    consts = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in consts.items()}
+    model = edgetrain.load(one_node(op_type, feeds, consts, opset=opset, order=order, **attrs))
+    env, tape = model.forward_train(feeds)
+    assert env["y"].dtype == np.float32
+    grads = model.backward(tape, {"y": np.ones_like(env["y"])})
+    assert {k: g.dtype for k, g in grads.items() if k in feeds} == {k: np.dtype(np.float32) for k in feeds}
