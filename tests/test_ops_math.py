@@ -33,7 +33,7 @@ def away(x, points=(0.0,), margin=0.05):
     return x
 
 
-def one_node(op_type, feeds, consts=None, opset=18, order=None, out_dtype=None, **attrs):
+def one_node(op_type, feeds, consts=None, opset=18, order=None, **attrs):
     """A one-node model over graph inputs `feeds` and constant initializers `consts`, each a {name: array};
     `order` lists the node's inputs ("" for an omitted optional one), graph inputs then constants by default."""
     consts = consts or {}
@@ -42,7 +42,7 @@ def one_node(op_type, feeds, consts=None, opset=18, order=None, out_dtype=None, 
     g_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                 for n, a in feeds.items()]
     inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in consts.items()]
-    out = helper.make_tensor_value_info("y", out_dtype or onnx.TensorProto.UNDEFINED, None)
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)  # shape inference fills it in
     graph = helper.make_graph([node], "t", g_inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
