@@ -10,7 +10,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgetrain
-import edgetrain.ops
 from edgetrain.errors import DataError
 
 torch = pytest.importorskip("torch")
@@ -117,8 +116,6 @@ def _randomise_bn(net: nn.Module) -> nn.Module:
 def test_from_torch_keeps_batchnorm_and_state_dict_names(tmp_path, exporter):
     if exporter == "dynamo":
         pytest.importorskip("onnxscript")
-    if "ReduceMean" not in edgetrain.ops.SUPPORTED:
-        pytest.skip("needs ReduceMean")
     torch.manual_seed(0)
     net = _randomise_bn(SmallNet())
     path = tmp_path / "net.onnx"
@@ -139,8 +136,6 @@ def test_from_torch_keeps_batchnorm_and_state_dict_names(tmp_path, exporter):
 def test_from_torch_exports_attention_with_every_weight_trainable(tmp_path, exporter):
     if exporter == "dynamo":
         pytest.importorskip("onnxscript")
-    if "ReduceMean" not in edgetrain.ops.SUPPORTED:
-        pytest.skip("needs ReduceMean")
     torch.manual_seed(0)
     net = AttentionNet().eval()
     path = tmp_path / "attn.onnx"
@@ -151,14 +146,15 @@ def test_from_torch_exports_attention_with_every_weight_trainable(tmp_path, expo
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     net64 = net.double()
     want = net64(x)
-    np.testing.assert_allclose(model.run(x.numpy())["logits"], want.detach().numpy(), rtol=1e-9, atol=1e-10)
+    # rtol 1e-6, not 1e-12: the exported scale constants (1/sqrt(head_dim)) are float32 values
+    np.testing.assert_allclose(model.run(x.numpy())["logits"], want.detach().numpy(), rtol=1e-6, atol=1e-9)
     # gradients of sum(R * logits) against autograd
     r = np.random.default_rng(3).standard_normal(want.shape)
     (want * torch.from_numpy(r)).sum().backward()
     _, tape = model.forward_train(x.numpy())  # no dropout or BatchNorm: the same function as eval
     grads = model.backward(tape, {"logits": r})
     for name, p in net64.named_parameters():
-        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-7, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 def test_exporting_with_a_fixed_batch_through_torch_still_trains_at_any_batch(tmp_path):
