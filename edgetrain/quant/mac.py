@@ -238,6 +238,119 @@ def _as_2d_conv(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[:2] + (1,) + a.shape[2:]) if a.ndim == 3 else a
 
 
+class QuantConv3d(QuantMAC):
+    """Conv over 3 spatial dims on the 2-D integer kernels: for each kernel depth offset kd, the input's
+    depth slices that offset reads (every output depth's, stacked on the batch axis) convolved with the
+    weights' kd plane. The kd terms are exact integers summed in int64 before one rescale, so the result
+    is the exact 3-D sum. Sample groups run one after another (no merged calls)."""
+
+    def _geometry(self, x_shape, w_shape):
+        geo = geometry(self.node.name, self.attrs, tuple(x_shape[2:]), tuple(self.attr("kernel_shape", w_shape[2:])))
+        args = dict(stride=geo.strides[1:], pads=(geo.pads_begin[1], geo.pads_begin[2], geo.pads_end[1],
+                                                  geo.pads_end[2]),
+                    dilation=geo.dilations[1:], groups=int(self.attr("group", 1)))
+        return geo, args
+
+    def forward_groups(self, inputs, run, groups, merge=True):
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        geo, args = self._geometry(x.shape, w.shape)
+        xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
+        wqs = _weight_codes(groups, w, per_channel=True)
+        parts = []
+        for xq, wq in zip(xqs, wqs):
+            acc = _conv3d_forward(xq.q, wq.q, geo, args, (_bound(xq), _bound(wq)))
+            scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).astype(x.dtype)
+            out = np.empty(acc.shape, x.dtype)
+            rescale_planes(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), scale,
+                           out.reshape(acc.shape[:2] + (-1, acc.shape[-1])))
+            parts.append(out)
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1, 1)
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups),
+                                dict(args, geo=geo), b is not None, 5)
+
+    def backward(self, ctx: ConvContext, grads, needed):
+        dy, dtype = grads[0], ctx.dtype
+        geo, args = ctx.args["geo"], {k: v for k, v in ctx.args.items() if k != "geo"}
+        dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key) for g in ctx.groups]
+        dw = None
+        for dyq, xq in zip(dyqs, ctx.inputs):
+            acc = _conv3d_backward_weight(dyq.q, xq.q, ctx.w.shape, geo, args, (_bound(dyq), _bound(xq)))
+            part = _rescaled(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), dyq.scale, xq.scale, dtype)
+            dw = part.reshape(ctx.w.shape) if dw is None else dw + part.reshape(ctx.w.shape)
+        dx = None
+        if needed[0]:
+            vqs = _weight_codes(ctx.groups, ctx.w, per_channel=False)
+            parts = []
+            for dyq, xq, vq in zip(dyqs, ctx.inputs, vqs):
+                acc = _conv3d_backward_data(dyq.q, vq.q, xq.q.shape, geo, args, (_bound(dyq), _bound(vq)))
+                parts.append(_rescaled(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), dyq.scale, vq.scale,
+                                       dtype).reshape(acc.shape))
+            dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = [dx, dw]
+        if ctx.has_bias:
+            first, *others = ctx.groups
+            axes = (0, 2, 3, 4)
+            out.append(sum((dy[g.rows].sum(axis=axes) for g in others), dy[first.rows].sum(axis=axes)))
+        return out
+
+
+def _depth_slabs(xq: np.ndarray, geo, kd: int) -> np.ndarray:
+    """The depth slices kernel offset kd reads for every output depth, as a batch of 2-D images:
+    (N, C, D, H, W) codes, depth-padded by the caller, -> (N * OD, C, H, W)."""
+    start = kd * geo.dilations[0]
+    slab = xq[:, :, start:start + geo.strides[0] * (geo.out[0] - 1) + 1:geo.strides[0]]
+    return np.ascontiguousarray(slab.transpose(0, 2, 1, 3, 4)).reshape((-1,) + slab.shape[1:2] + slab.shape[3:])
+
+
+def _depth_padded(xq: np.ndarray, geo) -> np.ndarray:
+    return np.pad(xq, [(0, 0), (0, 0), (geo.pads_begin[0], geo.pads_end[0]), (0, 0), (0, 0)])
+
+
+def _as_depth_batch(t: np.ndarray) -> np.ndarray:
+    """(N, M, OD, OH, OW) -> (N * OD, M, OH, OW): each output depth an image of the 2-D kernels."""
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3, 4)).reshape((-1,) + t.shape[1:2] + t.shape[3:])
+
+
+def _conv3d_forward(xq: np.ndarray, wq: np.ndarray, geo, args: dict, bounds: tuple[int, int]) -> np.ndarray:
+    """The exact int64 3-D conv of codes xq (N, C, D, H, W) and wq (M, C/g, KD, KH, KW): (N, M, OD, OH, OW)."""
+    xp = _depth_padded(xq, geo)
+    total = None
+    for kd in range(wq.shape[2]):
+        acc = kernels.conv2d_forward(_depth_slabs(xp, geo, kd), np.ascontiguousarray(wq[:, :, kd]), **args,
+                                     bounds=bounds).astype(np.int64)
+        total = acc if total is None else total + acc
+    n, od = xq.shape[0], geo.out[0]
+    return np.ascontiguousarray(total.reshape((n, od) + total.shape[1:]).transpose(0, 2, 1, 3, 4))
+
+
+def _conv3d_backward_weight(dyq: np.ndarray, xq: np.ndarray, w_shape: tuple, geo, args: dict,
+                            bounds: tuple[int, int]) -> np.ndarray:
+    """dW (int64, w_shape) = the exact weight gradient of the 3-D conv, one kernel depth plane at a time."""
+    xp, dy2 = _depth_padded(xq, geo), _as_depth_batch(dyq)
+    plane = w_shape[:2] + w_shape[3:]
+    return np.stack([kernels.conv2d_backward_weight(dy2, _depth_slabs(xp, geo, kd), plane, **args,
+                                                    bounds=bounds).astype(np.int64)
+                     for kd in range(w_shape[2])], axis=2)
+
+
+def _conv3d_backward_data(dyq: np.ndarray, vq: np.ndarray, x_shape: tuple, geo, args: dict,
+                          bounds: tuple[int, int]) -> np.ndarray:
+    """dX (int64, x_shape) = the exact transposed 3-D conv of dY with v, each depth plane's 2-D result
+    added into the depth slices it came from."""
+    n, c, d = x_shape[:3]
+    dy2 = _as_depth_batch(dyq)
+    od, sd, dd = geo.out[0], geo.strides[0], geo.dilations[0]
+    dxp = np.zeros((n, d + geo.pads_begin[0] + geo.pads_end[0], c) + tuple(x_shape[3:]), np.int64)
+    for kd in range(vq.shape[2]):
+        part = kernels.conv2d_backward_data(dy2, np.ascontiguousarray(vq[:, :, kd]), (n * od, c) + tuple(x_shape[3:]),
+                                            **args, bounds=bounds)
+        dxp[:, kd * dd:kd * dd + sd * (od - 1) + 1:sd] += part.reshape((n, od, c) + part.shape[2:])
+    return np.ascontiguousarray(dxp[:, geo.pads_begin[0]:geo.pads_begin[0] + d].transpose(0, 2, 1, 3, 4))
+
+
 class QuantLinear(QuantMAC):
     """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers."""
 
@@ -493,14 +606,14 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
 
 def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | None:
     """The integer op that can run this MAC node, or None where the float path stays (`float_reason`
-    says why: a 3-D conv, a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
+    says why: a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
     w = params.get(node.inputs[1]) if len(node.inputs) > 1 else None
     if node.op_type == "MatMul" and w is None and node.inputs[0] not in params:
         return QuantMatMul  # two activations (layers.mac_nodes takes such a MatMul only then)
     if w is None:
         return None
     if node.op_type == "Conv":
-        return QuantConv if w.ndim in (3, 4) else None
+        return QuantConv if w.ndim in (3, 4) else QuantConv3d if w.ndim == 5 else None
     if node.op_type == "Gemm":
         return QuantLinear if not node.attrs.get("transA", 0) else None
     if node.op_type == "MatMul":
