@@ -313,24 +313,31 @@ def test_conv1d_attention_model_trains_one_static_8_8_step():
         assert np.abs(grads[name] - g).max() <= 0.1 * np.abs(g).max() + 1e-6, name
 
 
-def test_pfq_run_raises_the_new_layers_with_every_stage(tmp_path):
-    from edgetrain.train.config import TrainConfig
-    from edgetrain.train.trainer import Trainer
+def test_pfq_run_raises_the_new_layers_with_every_stage():
+    """PFQ's controller drives the model as the Trainer does: its spec at the start, a new one when it switches."""
+    from edgetrain.precision.pfq import PFQController
+    from edgetrain.train.optim import SGD
 
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "seq.npz", x=rng.standard_normal((48, 4, 16)).astype(np.float32), y=np.arange(48) % 3)
-    from edgetrain.data import load_data
-
-    split = load_data(f"npz:{tmp_path / 'seq.npz'}", seed=0)
     model = edgetrain.load(_attention_model(), seed=0)
-    config = TrainConfig(schedule="pfq", steps=4, batch_size=8, lr=0.05, pfq_stages=["3/6", "4/6", "8/8"],
-                         pfq_switch_steps=[1, 2], eval_every=4, checkpoint_every=4, out=str(tmp_path / "run"))
-    trainer = Trainer(model, split, config, export_model=False)
-    trainer.fit()
-    assert [s.precision for s in trainer.controller.switches] == ["4/6", "8/8"]
-    assert str(model.precision["scores"]) == "8/8" and str(model.precision["conv1d"]) == "8/8"
+    ctrl = PFQController(stages=("3/6", "4/6", "8/8"), switch_steps=(1, 2))
+    model.set_precision(ctrl.precision)
+    assert str(model.precision["scores"]) == "3/6" and str(model.precision["conv1d"]) == "3/6"
+    optim = SGD(model.parameters(), lr=0.05)
+    x, y = _batch(8)
+    seen = []
+    for step in range(4):
+        model.step = step
+        loss, grads = model.loss_and_grad(x, y)
+        assert np.isfinite(loss)
+        optim.step(grads)
+        seen.append(str(model.precision["attend"]))
+        spec = ctrl.on_step(step, loss)
+        if spec is not None:
+            model.set_precision(spec)
+    assert seen == ["3/6", "4/6", "8/8", "8/8"]
+    assert [s.precision for s in ctrl.switches] == ["4/6", "8/8"]
     assert isinstance(model.executor.ops["attend"], qops.QuantMatMul)
-    assert 0 < model.cost.per_layer["scores"] < model.cost.per_layer["fc"]  # fp32 classifier: the dearest
+    assert 0 < model.cost.per_layer["scores"] < model.cost.per_layer["fc"]  # the fp32 classifier is the dearest
     assert all(np.isfinite(p).all() for p in model.parameters().values())
 
 
