@@ -1,4 +1,4 @@
-"""Conv, Gemm and MatMul on integer kernels: the MAC work of training in fixed point.
+"""Conv (1-D, 2-D, 3-D), Gemm and MatMul on integer kernels: the MAC work of training in fixed point.
 
 Each op quantises its operands, hands the integer tensors to `edgetrain.kernels` (exact integer
 results), and rescales the integer result into the float domain where BatchNorm, ReLU and the rest
@@ -24,6 +24,9 @@ share a width take one kernel call, the convs rescaling each image by its own gr
 terms carry different scales per group, so it stays one call per group. Merged or not, every float
 is bit-identical (tests/test_dfq.py checks it): the same quantisation calls, scale products and
 roundings, the groups' weight gradients summed in the same order.
+
+A MatMul between two activations (`QuantMatMul`, attention) has no weight: both operands are quantised
+as activations, and its backward returns dA = dY B^T and dB = A^T dY from the same quantised dY.
 """
 from __future__ import annotations
 
