@@ -357,6 +357,10 @@ def test_dfq_gates_a_residual_attention_block():
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
     assert np.abs(grads["wq"]).max() > 0
     assert model.runtime.act_ranges["scores@4/8#1"].value  # each candidate quantises K^T with its own range
+    # BitOPs: K^T takes the activation bits, not DFQ's weight width (4)
+    counts = np.bincount(dfq.record.choices[0], minlength=3)
+    cost = model.last_cost["scores"]
+    assert cost.forward == 2 * 16 * 16 * 4 * (counts[1] * 4 * 4 + counts[2] * 8 * 8) and counts[2] > 0
 
 
 # -- info ------------------------------------------------------------------------------------------------

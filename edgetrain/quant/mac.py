@@ -444,9 +444,7 @@ class QuantMatMul(QuantMAC):
 
     def __init__(self, float_op: Op, precision: LayerPrecision, layer_index: int, unsigned_input: bool,
                  runtime: QuantRuntime, unsigned_other: bool = False):
-        if not precision.is_float:
-            precision = LayerPrecision(precision.act_bits, precision.act_bits, precision.grad_bits)
-        super().__init__(float_op, precision, layer_index, unsigned_input, runtime, unsigned_other)
+        super().__init__(float_op, precision.without_weight(), layer_index, unsigned_input, runtime, unsigned_other)
 
     def forward_groups(self, inputs, run, groups, merge=True):
         a, b = inputs[0], inputs[1]
