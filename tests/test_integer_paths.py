@@ -305,12 +305,16 @@ def test_conv1d_attention_model_trains_one_static_8_8_step():
     assert (cost.forward, cost.backward_data, cost.backward_weight) == (cost.macs * 64,) * 3
     assert cost.saved_bits == 2 * len(x) * 2 * 16 * 4 * 8  # both operands are kept for backward
     assert model.runtime.act_ranges["scores"].value and model.runtime.act_ranges["scores#1"].value
-    # close to the float model
+    # close to the float model, in training and in eval (both operands at their running ranges)
     ref = edgetrain.load(_attention_model(), seed=3)
     lf, gf = ref.loss_and_grad(x, y)
     assert abs(lf - loss) < 0.05
     for name, g in gf.items():
         assert np.abs(grads[name] - g).max() <= 0.1 * np.abs(g).max() + 1e-6, name
+    for name, p in model.parameters().items():
+        ref.parameters()[name][...] = p
+    out, expect = model(x), ref(x)
+    assert np.abs(out - expect).max() <= 0.05 * np.abs(expect).max()
 
 
 def test_pfq_run_raises_the_new_layers_with_every_stage():

@@ -271,7 +271,7 @@ class QuantConv3d(QuantMAC):
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if b is not None:
             y += b.reshape(1, -1, 1, 1, 1)
-        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups),
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups) * w.shape[2],
                                 dict(args, geo=geo), b is not None, 5)
 
     def backward(self, ctx: ConvContext, grads, needed):
@@ -457,16 +457,18 @@ class QuantMatMul(QuantMAC):
         # An operand without the samples on axis 0 (broadcast over them) is shared by every group.
         sliced = tuple(out_ndim >= 3 and t.ndim == out_ndim and t.shape[0] == batch for t in (a2, b2))
         aqs, bqs, parts = [], [], []
+        calls = 0
         for g in groups:
             aq = g.op._quantize_input(a2[g.rows] if sliced[0] else a2, run.training, 0)
             bq = g.op._quantize_input(b2[g.rows] if sliced[1] else b2, run.training, 1)
             acc = _batched_gemm_nt(aq.q, np.swapaxes(bq.q, -1, -2), (_bound(aq), _bound(bq)))
             parts.append(_rescaled(acc, aq.scale, bq.scale, a.dtype))  # acc: C-contiguous int64
+            calls += int(np.prod(acc.shape[:-2]))
             aqs.append(aq)
             bqs.append(bq)
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         y = _matmul_result(y, a, b)
-        return [y], MatMulContext(list(groups), aqs, None, a.shape, a.dtype, run.key, merge, len(groups),
+        return [y], MatMulContext(list(groups), aqs, None, a.shape, a.dtype, run.key, merge, calls,
                                   bqs, b.shape, sliced)
 
     def backward(self, ctx: MatMulContext, grads, needed):
