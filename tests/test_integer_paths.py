@@ -138,6 +138,28 @@ def test_conv1d_groups_of_samples_equal_each_group_alone():
     assert dx.shape == x.shape and dw.shape == w.shape
 
 
+@pytest.mark.parametrize("dtypes", [(np.int8, np.int8), (np.uint8, np.int16), (np.uint16, np.int8)])
+@pytest.mark.parametrize("a_shape,bt_shape", [((2, 3, 5, 4), (2, 3, 6, 4)), ((3, 1, 7, 9), (4, 2, 9)),
+                                               ((2, 48, 40), (2, 50, 40))])  # the last: one GEMM per matrix
+def test_batched_gemm_nt_equals_int64_matmul_at_the_largest_codes(dtypes, a_shape, bt_shape):
+    from edgetrain import kernels
+
+    rng = np.random.default_rng(0)
+
+    def codes(shape, dtype):
+        info = np.iinfo(dtype)
+        lo = info.min + 1 if info.min else 0  # symmetric signed codes, as the quantiser writes them
+        t = rng.integers(lo, info.max + 1, shape).astype(dtype)
+        t.reshape(-1)[:3] = info.max  # the largest magnitudes, so a narrow accumulator would overflow
+        return t
+
+    a, bt = codes(a_shape, dtypes[0]), codes(bt_shape, dtypes[1])
+    bound = (max(abs(np.iinfo(dtypes[0]).min + 1), np.iinfo(dtypes[0]).max), np.iinfo(dtypes[1]).max)
+    out = kernels.batched_gemm_nt(a, bt, bound)
+    np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), np.swapaxes(bt.astype(np.int64), -1, -2)))
+    assert out.dtype == np.int64
+
+
 # -- MatMul between two activations ----------------------------------------------------------------------
 MATMULS = [
     ((2, 3, 5, 4), (2, 3, 4, 6), False),  # attention scores: [B, heads, T, d] x [B, heads, d, T']

@@ -461,7 +461,7 @@ class QuantMatMul(QuantMAC):
         for g in groups:
             aq = g.op._quantize_input(a2[g.rows] if sliced[0] else a2, run.training, 0)
             bq = g.op._quantize_input(b2[g.rows] if sliced[1] else b2, run.training, 1)
-            acc = _batched_gemm_nt(aq.q, np.swapaxes(bq.q, -1, -2), (_bound(aq), _bound(bq)))
+            acc = kernels.batched_gemm_nt(aq.q, np.swapaxes(bq.q, -1, -2), (_bound(aq), _bound(bq)))
             parts.append(_rescaled(acc, aq.scale, bq.scale, a.dtype))  # acc: C-contiguous int64
             calls += int(np.prod(acc.shape[:-2]))
             aqs.append(aq)
@@ -482,11 +482,11 @@ class QuantMatMul(QuantMAC):
         for g, aq, bq in zip(ctx.groups, ctx.inputs, ctx.others):
             dyq = g.op._quantize_grad(dy[g.rows], ctx.key)
             if needed[0]:
-                acc = unbroadcast(_batched_gemm_nt(dyq.q, bq.q, (_bound(dyq), _bound(bq))), aq.q.shape)
+                acc = unbroadcast(kernels.batched_gemm_nt(dyq.q, bq.q, (_bound(dyq), _bound(bq))), aq.q.shape)
                 das.append(_rescaled(np.ascontiguousarray(acc), dyq.scale, bq.scale, dtype))
             if needed[1]:
-                acc = _batched_gemm_nt(np.swapaxes(aq.q, -1, -2), np.swapaxes(dyq.q, -1, -2), (_bound(aq), _bound(dyq)))
-                acc = unbroadcast(acc, bq.q.shape)
+                acc = unbroadcast(kernels.batched_gemm_nt(np.swapaxes(aq.q, -1, -2), np.swapaxes(dyq.q, -1, -2),
+                                                          (_bound(aq), _bound(dyq))), bq.q.shape)
                 dbs.append(_rescaled(np.ascontiguousarray(acc), aq.scale, dyq.scale, dtype))
         return [_gathered(das, ctx.sliced[0], a_shape), _gathered(dbs, ctx.sliced[1], b_shape)]
 
@@ -510,18 +510,6 @@ def _gathered(parts: list[np.ndarray], sliced: bool, shape: tuple) -> np.ndarray
     if sliced:
         return np.concatenate(parts).reshape(shape)
     return sum(parts[1:], parts[0]).reshape(shape)
-
-
-def _batched_gemm_nt(a: np.ndarray, bt: np.ndarray, bounds: tuple[int, int]) -> np.ndarray:
-    """a (..., M, K) @ bt (..., N, K)^T with the batch axes broadcast, exact (int64), one
-    `kernels.gemm_nt` per matrix of the batch."""
-    batch = np.broadcast_shapes(a.shape[:-2], bt.shape[:-2])
-    a3 = np.broadcast_to(a, batch + a.shape[-2:]).reshape((-1,) + a.shape[-2:])
-    b3 = np.broadcast_to(bt, batch + bt.shape[-2:]).reshape((-1,) + bt.shape[-2:])
-    out = np.empty((a3.shape[0], a.shape[-2], bt.shape[-2]), np.int64)
-    for i in range(a3.shape[0]):
-        out[i] = kernels.gemm_nt(a3[i], b3[i], bounds)
-    return out.reshape(batch + out.shape[1:])
 
 
 def _weight_codes(groups: Sequence[Group], w_rows: np.ndarray, per_channel: bool) -> list[QTensor]:
