@@ -389,6 +389,22 @@ def test_dfq_gates_a_residual_attention_block():
     assert cost.forward == 2 * 16 * 16 * 4 * (counts[1] * 4 * 4 + counts[2] * 8 * 8) and counts[2] > 0
 
 
+def test_int8_export_quantises_the_weights_and_leaves_attention_products_float():
+    from edgetrain.export import onnxruntime_outputs, to_onnx_int8
+
+    model = edgetrain.load(_attention_model(), seed=0)
+    model.set_precision("8/8")
+    x, y = _batch()
+    model.loss_and_grad(x, y)  # one step: every layer has its running activation range
+    proto = to_onnx_int8(model)
+    quantized = {n.name for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {f"{name}.input_quantize" for name in ("conv1d", "q_proj", "k_proj", "v_proj", "out_proj")}
+    ops = {n.name: list(n.input) for n in proto.graph.node}
+    assert ops["scores"] == ["qh", "kt"] and ops["attend"] == ["p", "vh"]  # float MatMuls, as imported
+    out = onnxruntime_outputs(proto, x)
+    np.testing.assert_allclose(out, model(x), atol=0.05 * np.abs(model(x)).max())
+
+
 # -- info ------------------------------------------------------------------------------------------------
 def test_info_names_the_float_layers_and_why():
     from edgetrain.info import format_table, summarize
