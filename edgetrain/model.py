@@ -107,8 +107,8 @@ class Model:
                       *, quantize_classifier: bool = False, pow2_scales: bool = False) -> dict[str, LayerPrecision]:
         """Choose each MAC layer's bit-widths (e.g. "8/8", {"layer1.*": "4/8"}); takes effect at the next step.
 
-        Layers the integer kernels cannot run (3-D convs, transposed Gemm inputs; quant.mac.float_reason)
-        stay fp32.
+        Layers the integer kernels cannot run (a Gemm with transA, a MatMul whose weight is its first operand
+        or not 2-D: quant.mac.float_reason) stay fp32.
         Returns the precision now in force, by layer.
         """
         config = default if isinstance(default, PrecisionConfig) else PrecisionConfig.make(
