@@ -21,7 +21,9 @@ MIN_OPSET = 11
 
 # Input positions that hold trainable tensors, per op; a float initializer read anywhere else (a
 # Clip bound, a Reshape target) is a constant. Scalars in elementwise ops are constants too.
-PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2}}
+PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2},
+               "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
+               "InstanceNormalization": {1, 2}, "Einsum": {0, 1}}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 
