@@ -26,6 +26,7 @@ PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormal
                "InstanceNormalization": {1, 2}, "Einsum": {0, 1}}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
+RESHAPING_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Expand"})
 
 # Ops never folded even with constant inputs: their value is not a function of their inputs.
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -261,6 +262,12 @@ class Importer:
             for pos, name in enumerate(n.input):
                 if name:
                     uses[name].append((n.op_type, pos))
+        # What a value reaches through ops that only reshape it (torch's GroupNorm exports its affine
+        # weight as Unsqueeze(weight) * x): an initializer reaching a weight position that way is a weight.
+        reaches: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for n in reversed(g.node):  # topological order: a node's outputs are resolved before its inputs
+            if n.op_type in RESHAPING_OPS and n.input and n.input[0]:
+                reaches[n.input[0]] += [u for o in n.output if o for u in uses.get(o, []) + reaches.get(o, [])]
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
         self.constants: dict[str, np.ndarray] = {}
@@ -270,7 +277,7 @@ class Importer:
             except Exception as exc:
                 raise self.fail(f"initializer '{t.name}' cannot be read: {_one_line(exc)}") from None
             arr = np.array(arr)  # own the memory: training writes into it
-            use = uses.get(t.name, [])
+            use = uses.get(t.name, []) + reaches.get(t.name, [])
             floating = np.issubdtype(arr.dtype, np.floating)
             if floating and any(pos in BUFFER_SLOTS.get(op, ()) for op, pos in use):
                 self.buffers[t.name] = arr
