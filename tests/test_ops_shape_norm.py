@@ -1,5 +1,7 @@
 """Normalisations, shape ops, Resize, ConvTranspose and Einsum: backward against float64 finite differences
 and PyTorch autograd, forward against onnxruntime, and the opset-dependent input layouts."""
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -371,3 +373,45 @@ def test_group_norm_opset18_scales_per_group():
             flat[i] -= 2e-6
             num.reshape(-1)[i] = (up - (w * f(*args)).sum()) / 2e-6
         assert relative_error(grads[k], num) < TOL, k
+
+
+# --- ONNX's node cases, converted down to older opsets -----------------------------------------------------------
+
+OWN_OPS = ["ConvTranspose", "DepthToSpace", "Einsum", "InstanceNormalization", "Pad", "Range", "Resize", "Size",
+           "SpaceToDepth", "Split"]  # the ones onnx's version converter can take below the cases' own opset
+
+
+@functools.cache
+def _node_cases() -> list:
+    import onnx_conformance as oc
+
+    return oc.collect()
+
+
+@pytest.mark.parametrize("op_type", OWN_OPS)
+def test_node_cases_at_the_oldest_opset_they_convert_to(op_type):
+    """Each op's first node cases, converted to the oldest opset (>= 11) onnx's converter reaches, still pass:
+    the input layouts of older opsets (Split's attribute, Resize's roi, Pad before axes) are read right."""
+    import dataclasses
+    import warnings
+
+    import onnx_conformance as oc
+    from onnx import version_converter
+
+    cases = [c for c in _node_cases() if {n.op_type for n in c.model.graph.node} == {op_type}][:3]
+    ran = 0
+    for case in cases:
+        base = case.model.opset_import[0].version
+        for target in range(11, base):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    converted = version_converter.convert_version(case.model, target)
+                onnx.checker.check_model(converted)
+            except Exception:
+                continue  # no adapter down to this opset
+            verdict, detail = oc.run_case(dataclasses.replace(case, model=converted, name=f"{case.name}@{target}"))
+            assert verdict == "pass", f"{case.name} at opset {target}: {detail}"
+            ran += 1
+            break
+    assert ran, f"no {op_type} case converts below its own opset"
