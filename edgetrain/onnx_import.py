@@ -23,7 +23,7 @@ MIN_OPSET = 11
 # Clip bound, a Reshape target) is a constant. Scalars in elementwise ops are constants too.
 PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2},
                "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
-               "InstanceNormalization": {1, 2}, "Einsum": {0, 1}}
+               "InstanceNormalization": {1, 2}, "Einsum": {0, 1}, "Gather": {0}}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 RESHAPING_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Expand"})
