@@ -150,6 +150,14 @@ def test_split_gradient_reaches_input_when_only_a_later_output_is_used():
     np.testing.assert_array_equal(grads["x"], np.concatenate([np.zeros((2, 3)), seed]))
 
 
+def test_layer_norm_gradient_through_its_mean_output_alone():
+    model, feeds = declared_output(single_op_model, (2, 3), (2, 1), (2, 1))(
+        "LayerNormalization", [("x", rnd(2, 3))], [("s", rnd(3))], out_count=3, stash_type=TensorProto.DOUBLE)
+    _, tape = model.forward_train(feeds)
+    grads = model.backward(tape, {"y1": np.ones((2, 1))})
+    np.testing.assert_allclose(grads["x"], np.full((2, 3), 1 / 3), rtol=1e-12)
+
+
 # --- against PyTorch autograd (float64) -------------------------------------------------------------------------
 
 def _edge(model, feeds, out="y0"):

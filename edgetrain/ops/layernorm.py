@@ -56,6 +56,8 @@ class LayerNormalization(Op):
     also carry gradients.
     """
 
+    multi_output = True  # Mean or InvStdDev may carry the only gradient
+
     def forward(self, inputs, run):
         x, scale = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
@@ -77,7 +79,7 @@ class LayerNormalization(Op):
 
     def backward(self, ctx, grads, needed):
         stats, scale, bias_shape, shape, dtype = ctx
-        g = grads[0].astype(stats.xhat.dtype, copy=False)
+        g = np.zeros(shape, stats.xhat.dtype) if grads[0] is None else grads[0].astype(stats.xhat.dtype, copy=False)
         xhat = stats.xhat.reshape(shape)
         dscale = unbroadcast(g * xhat, scale.shape).astype(scale.dtype, copy=False)
         out = [None, dscale]
