@@ -1,9 +1,10 @@
 """Resize (opset 11..19 and later): nearest, linear and cubic, as one interpolation matrix per resized axis.
 
-Interpolation is separable, so each resized axis is a (out, in) matrix of weights applied along that axis;
-backward applies the transposes in reverse order, the exact adjoint (a scatter-add with the forward's
-weights). The matrices are built the way ONNX's reference builds its taps (same coordinate transforms,
-neighbour choice, coefficients, antialias and exclude_outside), so every mode the spec defines is here.
+Interpolation is separable, so each resized axis is a (out, in) matrix of weights applied along that axis,
+kept as each row's few nonzero taps; backward applies the transposes in reverse order, the exact adjoint
+(the forward's weights, gathered by input position: a scatter-add without the scatter). The matrices are
+built the way ONNX's reference builds its taps (same coordinate transforms, neighbour choice, coefficients,
+antialias and exclude_outside), so every mode the spec defines is here.
 """
 from __future__ import annotations
 
@@ -19,12 +20,29 @@ COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", 
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 
+class Taps(NamedTuple):
+    """A sparse (out, in) matrix by rows: y[o] = sum_t weights[o, t] * x[index[o, t]], t in a fixed order."""
+
+    index: np.ndarray  # (out, taps): a row's nonzero columns, ascending, padded with weight-0 entries
+    weights: np.ndarray  # (out, taps)
+
+
+def taps_of(matrix: np.ndarray) -> Taps:
+    """The nonzero entries of each row of a dense matrix, as Taps."""
+    nonzero = matrix != 0
+    count = max(1, int(nonzero.sum(axis=1).max(initial=0)))
+    index = np.argsort(~nonzero, axis=1, kind="stable")[:, :count]
+    return Taps(index, np.take_along_axis(matrix, index, axis=1))
+
+
 class AxisMap(NamedTuple):
-    """One axis's interpolation: y[o] = sum_i weights[o, i] * x[i], or the constant where outside[o]."""
+    """One axis's interpolation, forward (the weight matrix's rows) and backward (its columns), and the
+    output rows tf_crop_and_resize fills with extrapolation_value (zero rows of the matrix)."""
 
     axis: int
-    weights: np.ndarray  # (out, in)
-    outside: np.ndarray | None  # rows tf_crop_and_resize fills with extrapolation_value
+    forward: Taps
+    backward: Taps
+    outside: np.ndarray | None
 
 
 def _attr_str(op: Op, name: str, default: str) -> str:
@@ -201,7 +219,8 @@ class Resize(Op):
                 continue  # identity along this axis (ONNX skips it too)
             window = lo_hi if coord == "tf_crop_and_resize" else None
             weights, outside = axis_weights(self, mode, coord, o, n, s, window)
-            maps.append(AxisMap(a, weights, outside if outside is not None and outside.any() else None))
+            maps.append(AxisMap(a, taps_of(weights), taps_of(weights.T),
+                                outside if outside is not None and outside.any() else None))
         return maps
 
     def forward(self, inputs, run):
@@ -212,7 +231,7 @@ class Resize(Op):
         fill = np.asarray(self.attr("extrapolation_value", 0.0), dtype=x.dtype)
         y = x
         for m in maps:
-            y = _apply(y, m.axis, m.weights.astype(x.dtype))
+            y = _apply(y, m.axis, m.forward)
             if m.outside is not None:
                 sel = [slice(None)] * y.ndim
                 sel[m.axis] = m.outside
@@ -223,11 +242,15 @@ class Resize(Op):
         maps, shape = ctx
         g = grads[0]
         for m in reversed(maps):  # the extrapolated rows hold a constant: weight rows of zeros drop them
-            g = _apply(g, m.axis, m.weights.T.astype(g.dtype))
+            g = _apply(g, m.axis, m.backward)
         return [np.ascontiguousarray(g)] + [None] * 3
 
 
-def _apply(x: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
-    """Contract x's `axis` with weights' columns: result axis `axis` has weights.shape[0] entries."""
-    moved = np.moveaxis(x, axis, -1)
-    return np.moveaxis(moved @ weights.T, -1, axis)
+def _apply(x: np.ndarray, axis: int, taps: Taps) -> np.ndarray:
+    """Interpolate along `axis`: a few gathers, summed in the taps' fixed order (no BLAS, no threads)."""
+    shape = (1,) * axis + (-1,) + (1,) * (x.ndim - axis - 1)
+    w = taps.weights.astype(x.dtype)
+    y = np.take(x, taps.index[:, 0], axis=axis) * w[:, 0].reshape(shape)
+    for t in range(1, w.shape[1]):
+        y += np.take(x, taps.index[:, t], axis=axis) * w[:, t].reshape(shape)
+    return y
