@@ -2,13 +2,14 @@
 and the integer generators Range and Size.
 
 Every backward here is the exact adjoint of its forward's index map: gradients of repeated or
-reflected values are summed in a fixed order (np.add.at is sequential), never by threads.
+reflected values are summed in a fixed order, never by threads.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgetrain.ops.base import Op, register, unbroadcast
+from edgetrain.ops.taps import apply_taps, taps_of
 
 
 def _ints(v) -> list[int]:
@@ -126,14 +127,10 @@ class Pad(Op):
                 continue
             idx = index[a]
             keep = idx >= 0
-            moved = np.moveaxis(g, a, 0)[keep]
-            acc = np.zeros((shape[a],) + moved.shape[1:], dtype=g.dtype)
-            src = idx[keep]
-            if np.unique(src).size == src.size:  # constant padding or cropping: each value read once
-                acc[src] = moved
-            else:
-                np.add.at(acc, src, moved)
-            g = np.moveaxis(acc, 0, a)
+            # The adjoint of "output o copies input idx[o]": each input sums the outputs that copied it.
+            copies = np.zeros((idx.size, shape[a]), dtype=np.int8)
+            copies[np.nonzero(keep)[0], idx[keep]] = 1
+            g = apply_taps(g, a, taps_of(copies.T))
         return [np.ascontiguousarray(g), None, None, None]
 
 

@@ -14,25 +14,11 @@ from typing import NamedTuple
 import numpy as np
 
 from edgetrain.ops.base import Op, register
+from edgetrain.ops.taps import Taps, apply_taps, taps_of
 
 COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
                     "tf_half_pixel_for_nn", "tf_crop_and_resize")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
-
-
-class Taps(NamedTuple):
-    """A sparse (out, in) matrix by rows: y[o] = sum_t weights[o, t] * x[index[o, t]], t in a fixed order."""
-
-    index: np.ndarray  # (out, taps): a row's nonzero columns, ascending, padded with weight-0 entries
-    weights: np.ndarray  # (out, taps)
-
-
-def taps_of(matrix: np.ndarray) -> Taps:
-    """The nonzero entries of each row of a dense matrix, as Taps."""
-    nonzero = matrix != 0
-    count = max(1, int(nonzero.sum(axis=1).max(initial=0)))
-    index = np.argsort(~nonzero, axis=1, kind="stable")[:, :count]
-    return Taps(index, np.take_along_axis(matrix, index, axis=1))
 
 
 class AxisMap(NamedTuple):
@@ -231,7 +217,7 @@ class Resize(Op):
         fill = np.asarray(self.attr("extrapolation_value", 0.0), dtype=x.dtype)
         y = x
         for m in maps:
-            y = _apply(y, m.axis, m.forward)
+            y = apply_taps(y, m.axis, m.forward)
             if m.outside is not None:
                 sel = [slice(None)] * y.ndim
                 sel[m.axis] = m.outside
@@ -242,15 +228,5 @@ class Resize(Op):
         maps, shape = ctx
         g = grads[0]
         for m in reversed(maps):  # the extrapolated rows hold a constant: weight rows of zeros drop them
-            g = _apply(g, m.axis, m.backward)
+            g = apply_taps(g, m.axis, m.backward)
         return [np.ascontiguousarray(g)] + [None] * 3
-
-
-def _apply(x: np.ndarray, axis: int, taps: Taps) -> np.ndarray:
-    """Interpolate along `axis`: a few gathers, summed in the taps' fixed order (no BLAS, no threads)."""
-    shape = (1,) * axis + (-1,) + (1,) * (x.ndim - axis - 1)
-    w = taps.weights.astype(x.dtype)
-    y = np.take(x, taps.index[:, 0], axis=axis) * w[:, 0].reshape(shape)
-    for t in range(1, w.shape[1]):
-        y += np.take(x, taps.index[:, t], axis=axis) * w[:, t].reshape(shape)
-    return y
