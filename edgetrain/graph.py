@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from edgetrain.batch_dim import BatchInfo
+
 
 @dataclass
 class Node:
@@ -48,6 +50,7 @@ class Graph:
     # Each value's shape as the importer inferred it (None: the free batch dimension, or a size ONNX shape
     # inference could not tell); initializers and folded constants included.
     shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+    batch: BatchInfo = field(default_factory=BatchInfo)  # whether the batch is free, and what pins it if not
 
     def producer_of(self) -> dict[str, Node]:
         """Map each computed value name to the node that writes it."""

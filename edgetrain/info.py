@@ -64,6 +64,8 @@ def summarize(model: Model) -> dict:
         "producer": graph.producer,
         "opset": graph.opset,
         "inputs": [{"name": v.name, "shape": list(v.shape)} for v in graph.inputs],
+        "batch": {"free": graph.batch.free, "exported": graph.batch.exported,
+                  "pinned_by": graph.batch.pinned_by or None, "summary": graph.batch.describe()},
         "outputs": [{"name": v.name, "shape": list(shape_of(v.name)[1:])} for v in graph.outputs],
         "parameters": int(sum(p.size for p in graph.params.values())),
         "buffers": int(sum(b.size for b in graph.buffers.values())),
@@ -86,6 +88,7 @@ def format_table(summary: dict) -> str:
              (f", from {summary['producer']}" if summary["producer"] else "") + ")"]
     for vi in summary["inputs"]:
         lines.append(f"input:  {vi['name']} {_pretty(vi['shape'])}")
+    lines.append(f"batch:  {summary['batch']['summary']}")
     lines.append("")
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if j < 3 or j == 5 else c.rjust(w)

@@ -38,8 +38,9 @@ def classifier_nodes(graph: Graph) -> list[Node]:
 # Add and Mul of non-negatives stay non-negative).
 _PRESERVES_SIGN = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                              "Transpose", "Identity", "Dropout", "Concat", "Add", "Mul", "Squeeze", "Unsqueeze",
-                             "Slice", "Gather"})
-_ALWAYS_NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "Softmax"})
+                             "Slice", "Gather", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Max", "Min"})
+_ALWAYS_NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Softplus", "Exp", "Abs", "Sqrt",
+                                  "ReduceL1", "ReduceL2", "ReduceSumSquare"})
 
 
 def non_negative_values(graph: Graph) -> set[str]:
@@ -49,7 +50,8 @@ def non_negative_values(graph: Graph) -> set[str]:
     always positive.
     """
     known: set[str] = {name for name, v in graph.constants.items() if getattr(v, "size", 0) and (v >= 0).all()}
-    data_inputs = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 1, "Gather": 1, "Dropout": 1}
+    data_inputs = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 1, "Gather": 1, "Dropout": 1,
+                   "ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "ReduceMin": 1}
     for node in graph.nodes:
         out = node.outputs[0]
         if node.op_type in _ALWAYS_NON_NEGATIVE:

@@ -198,10 +198,11 @@ class Model:
             expect = vi.shape
             if arr.ndim != len(expect) or any(e is not None and e != a for e, a in zip(expect, arr.shape)):
                 pretty = "(" + ", ".join("N" if e is None else str(e) for e in expect) + ")"
+                pinned = (expect and expect[0] is not None and arr.ndim == len(expect) and arr.shape[0] != expect[0]
+                          and self.graph.batch.pinned_by)
                 raise DataError(f"input '{vi.name}' must have shape {pretty}, got {arr.shape}"
-                                + ("; the model was exported with a fixed batch size, re-export it with a "
-                                   "dynamic batch dimension" if expect and expect[0] is not None
-                                   and arr.ndim == len(expect) and arr.shape[0] != expect[0] else ""))
+                                + (f"; the {self.graph.batch.describe()}; re-export the model with a dynamic batch "
+                                   "dimension (edgetrain.from_torch does)" if pinned else ""))
             if np.issubdtype(arr.dtype, np.floating) or vi.elem_type == onnx.TensorProto.FLOAT:
                 arr = arr.astype(self.dtype, copy=False)
             feeds[vi.name] = arr

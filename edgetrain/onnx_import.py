@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import OPS, SUPPORTED, Run
@@ -22,11 +23,18 @@ MIN_OPSET = 11
 # Input positions that hold trainable tensors, per op; a float initializer read anywhere else (a
 # Clip bound, a Reshape target) is a constant. Scalars in elementwise ops are constants too.
 PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2},
+               "PRelu": {1},  # nn.PReLU's slope is a weight like a convolution's
                "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
-               "InstanceNormalization": {1, 2}, "Einsum": {0, 1}, "Gather": {0}}
+               "InstanceNormalization": {1, 2}, "Einsum": {0, 1},
+               "Gather": {0}}  # a float table gathered by index is an embedding
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
-RESHAPING_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Identity", "Expand"})
+# Ops that move a tensor's values without computing new ones, by the input slots that carry them. A float
+# initializer that reaches a parameter slot only through them (nn.MultiheadAttention's in_proj_weight, sliced
+# into the query, key and value projections) is a parameter too, trained through their backward.
+MOVEMENT_SLOTS = {"Identity": {0}, "Transpose": {0}, "Reshape": {0}, "Flatten": {0}, "Squeeze": {0},
+                  "Unsqueeze": {0}, "Slice": {0}, "Gather": {0}, "Split": {0}, "Concat": None, "Cast": {0},
+                  "Expand": {0}, "Tile": {0}}
 
 # Ops never folded even with constant inputs: their value is not a function of their inputs.
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -104,6 +112,7 @@ class Importer:
         self._check_references()
         self._toposort()
         self._check()
+        self.model, self.batch = free_batch(self.model)
         self._infer_shapes()
         inputs = self._inputs()
         self._split_aliased_initializers()
@@ -117,7 +126,7 @@ class Importer:
         return Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
                      constants=self.constants, opset=self.opset, source=self.where,
                      producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
-                     original=self.original, shapes=shapes)
+                     original=self.original, shapes=shapes, batch=self.batch)
 
     # -- validation --------------------------------------------------------------------------
     def _opset(self) -> int:
@@ -262,28 +271,34 @@ class Importer:
             for pos, name in enumerate(n.input):
                 if name:
                     uses[name].append((n.op_type, pos))
-        # What a value reaches through ops that only reshape it (torch's GroupNorm exports its affine
-        # weight as Unsqueeze(weight) * x): an initializer reaching a weight position that way is a weight.
-        reaches: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for n in reversed(g.node):  # topological order: a node's outputs are resolved before its inputs
-            if n.op_type in RESHAPING_OPS and n.input and n.input[0]:
-                reaches[n.input[0]] += [u for o in n.output if o for u in uses.get(o, []) + reaches.get(o, [])]
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
         self.constants: dict[str, np.ndarray] = {}
+        # Computed values that land in a parameter slot, and the inputs of movement ops that produce them:
+        # walked from the last node back, so each node's outputs are settled before its inputs.
+        feeds_param: set[str] = set()
+        for n in reversed(g.node):
+            slots = PARAM_SLOTS.get(n.op_type, set()) | ELEMENTWISE_PARAM_SLOTS.get(n.op_type, set())
+            feeds_param.update(name for pos, name in enumerate(n.input) if name and pos in slots)
+            if n.op_type in MOVEMENT_SLOTS and any(o in feeds_param for o in n.output):
+                moved = MOVEMENT_SLOTS[n.op_type]
+                for pos, name in enumerate(n.input):
+                    if name and (moved is None or pos in moved):
+                        feeds_param.add(name)
+                        uses[name].append(("<moved into a parameter slot>", -1))
         for t in g.initializer:
             try:
                 arr = numpy_helper.to_array(t)
             except Exception as exc:
                 raise self.fail(f"initializer '{t.name}' cannot be read: {_one_line(exc)}") from None
             arr = np.array(arr)  # own the memory: training writes into it
-            use = uses.get(t.name, []) + reaches.get(t.name, [])
+            use = uses.get(t.name, [])
             floating = np.issubdtype(arr.dtype, np.floating)
             if floating and any(pos in BUFFER_SLOTS.get(op, ()) for op, pos in use):
                 self.buffers[t.name] = arr
             elif floating and (
                 any(pos in PARAM_SLOTS.get(op, ()) for op, pos in use)
-                or (arr.size > 1 and any(pos in ELEMENTWISE_PARAM_SLOTS.get(op, ()) for op, pos in use))
+                or (arr.size > 1 and any(pos < 0 or pos in ELEMENTWISE_PARAM_SLOTS.get(op, ()) for op, pos in use))
             ):
                 self.params[t.name] = arr
             else:

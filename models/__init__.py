@@ -12,7 +12,9 @@ from edgetrain.fileio import write_atomic
 from models.lenet import lenet5
 from models.mlp import mlp_classifier
 from models.mobilenetv2 import mobilenetv2_cifar
+from models.mobilenetv3 import mobilenetv3_small
 from models.resnet import cifar_resnet
+from models.vit import vit_tiny
 
 BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet8": functools.partial(cifar_resnet, 8),
@@ -20,6 +22,8 @@ BUILDERS: dict[str, Callable[..., onnx.ModelProto]] = {
     "resnet38": functools.partial(cifar_resnet, 38),
     "resnet74": functools.partial(cifar_resnet, 74),
     "mobilenetv2": mobilenetv2_cifar,
+    "mobilenetv3_small": mobilenetv3_small,
+    "vit_tiny": vit_tiny,
     "lenet5": lenet5,
     "mlp": mlp_classifier,
 }

@@ -60,6 +60,7 @@ class GraphBuilder:
         # Channel count per produced tensor, so ops need not be told their input width.
         self._channels: dict[str, int] = {}
         self._relu6_bounds: tuple[str, str] | None = None
+        self._gelu_constants: tuple[str, str, str] | None = None
 
     # ----------------------------------------------------------------- plumbing
     def input(self, name: str, shape: Shape) -> str:
@@ -222,6 +223,62 @@ class GraphBuilder:
         s = k if stride is None else stride
         return self._emit(op, [x], name, self.channels(x), kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4,
                           **attrs)
+
+    def hardswish(self, x: str, name: str | None = None) -> str:
+        """Add HardSwish (x * relu6(x + 3) / 6), torch's nn.Hardswish."""
+        return self._emit("HardSwish", [x], name, self.channels(x))
+
+    def hardsigmoid(self, x: str, name: str | None = None) -> str:
+        """Add HardSigmoid with torch's nn.Hardsigmoid constants (relu6(x + 3) / 6)."""
+        return self._emit("HardSigmoid", [x], name, self.channels(x), alpha=1.0 / 6.0, beta=0.5)
+
+    def mul(self, a: str, b: str, name: str | None = None) -> str:
+        """Add an elementwise Mul (a gate applied to a feature map)."""
+        return self._emit("Mul", [a, b], name, self.channels(a))
+
+    def constant(self, name: str, values: np.ndarray) -> str:
+        """Add a Constant node (a fixed value, not a weight): shapes, axes, scale factors."""
+        return self._emit("Constant", [], name, None, value=numpy_helper.from_array(np.asarray(values), name))
+
+    def parameter(self, name: str, values: np.ndarray) -> str:
+        """Add a float initializer that trains (an embedding, a class token)."""
+        return self._initializer(name, values)
+
+    def op(self, op_type: str, inputs: Sequence[str], channels: int | None, name: str | None = None,
+           **attrs: object) -> str:
+        """Add any parameter-free op; channels is the output's feature count (None when it has none)."""
+        return self._emit(op_type, inputs, name, channels, **attrs)
+
+    def linear(self, x: str, out_features: int, name: str) -> str:
+        """Add nn.Linear over the last axis of an [N, ..., C] tensor: MatMul by an (in, out) weight, then Add.
+
+        The weight is stored transposed against torch's (out, in), as torch's own exporter stores it for a
+        MatMul; the names are torch's.
+        """
+        in_features = self.channels(x)
+        bound = 1.0 / math.sqrt(in_features)
+        w = self._initializer(f"{name}.weight", self.rng.uniform(-bound, bound, (in_features, out_features)))
+        b = self._initializer(f"{name}.bias", self.rng.uniform(-bound, bound, (out_features,)))
+        y = self._emit("MatMul", [x, w], f"{name}.matmul", out_features)
+        return self._emit("Add", [y, b], f"{name}.add", out_features)
+
+    def layernorm(self, x: str, name: str, epsilon: float = 1e-6) -> str:
+        """Add LayerNormalization over the last axis with torch's init (weight 1, bias 0)."""
+        ch = self.channels(x)
+        inputs = [x, self._initializer(f"{name}.weight", np.ones(ch)), self._initializer(f"{name}.bias", np.zeros(ch))]
+        return self._emit("LayerNormalization", inputs, name, ch, axis=-1, epsilon=epsilon)
+
+    def gelu(self, x: str, name: str) -> str:
+        """Add GELU as torch's exporter writes it at opset 17: x * (1 + erf(x / sqrt(2))) / 2."""
+        ch = self.channels(x)
+        if self._gelu_constants is None:
+            self._gelu_constants = (self.constant("gelu.sqrt2", np.array(math.sqrt(2.0), np.float32)),
+                                    self.constant("gelu.one", np.array(1.0, np.float32)),
+                                    self.constant("gelu.half", np.array(0.5, np.float32)))
+        sqrt2, one, half = self._gelu_constants
+        e = self._emit("Erf", [self._emit("Div", [x, sqrt2], f"{name}.div", ch)], f"{name}.erf", ch)
+        y = self._emit("Mul", [x, self._emit("Add", [e, one], f"{name}.add", ch)], f"{name}.mul", ch)
+        return self._emit("Mul", [y, half], f"{name}.half", ch)
 
     # ------------------------------------------------------------------ assembly
     def finish(self, inputs: Sequence[str], outputs: Sequence[TensorSpec]) -> onnx.ModelProto:

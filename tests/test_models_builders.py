@@ -30,6 +30,8 @@ FAST_KWARGS: dict[str, dict[str, object]] = {
     "resnet38": {"input_size": 8},
     "resnet74": {"input_size": 8, "width": 4},
     "mobilenetv2": {"input_size": 16, "width_mult": 0.25},
+    "mobilenetv3_small": {"input_size": 16, "width_mult": 0.25},
+    "vit_tiny": {"input_size": 8, "patch": 4, "dim": 16, "depth": 1, "heads": 2},
     "lenet5": {"input_size": 16},
     "mlp": {"input_size": 8},
 }
@@ -67,7 +69,8 @@ def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- all builders
 def test_registry_has_expected_names() -> None:
-    assert set(models.BUILDERS) == {"resnet8", "resnet20", "resnet38", "resnet74", "mobilenetv2", "lenet5", "mlp"}
+    assert set(models.BUILDERS) == {"resnet8", "resnet20", "resnet38", "resnet74", "mobilenetv2", "mobilenetv3_small",
+                                    "vit_tiny", "lenet5", "mlp"}
 
 
 def test_build_rejects_unknown_name() -> None:
@@ -110,9 +113,10 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(name: str) -> None:
 
 
 def test_registry_defaults_are_standard_shapes() -> None:
-    shapes = {name: _input_shape(models.build_model(name), 1) for name in ("resnet8", "mobilenetv2", "lenet5", "mlp")}
-    assert shapes == {"resnet8": [1, 3, 32, 32], "mobilenetv2": [1, 3, 32, 32], "lenet5": [1, 1, 28, 28],
-                      "mlp": [1, 784]}
+    names = ("resnet8", "mobilenetv2", "mobilenetv3_small", "vit_tiny", "lenet5", "mlp")
+    shapes = {name: _input_shape(models.build_model(name), 1) for name in names}
+    assert shapes == {"resnet8": [1, 3, 32, 32], "mobilenetv2": [1, 3, 32, 32], "mobilenetv3_small": [1, 1, 28, 28],
+                      "vit_tiny": [1, 1, 28, 28], "lenet5": [1, 1, 28, 28], "mlp": [1, 784]}
 
 
 # ----------------------------------------------------------------------- ResNet

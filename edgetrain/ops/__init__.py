@@ -1,16 +1,20 @@
 """Every op the engine runs, registered by ONNX op type in OPS."""
 from edgetrain.ops import (  # noqa: F401  (registration side effects)
+    binary,
     conv,
     conv_transpose,
     einsum,
     elementwise,
     layernorm,
     linear,
+    logic,
     movement,
     norm,
     pool,
+    reduce,
     resize,
     shape,
+    unary,
 )
 from edgetrain.ops.base import OPS, Op, Run, register, unbroadcast
 

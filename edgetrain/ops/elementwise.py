@@ -125,18 +125,24 @@ class Clip(Op):
         return [grads[0] * ctx, None, None]
 
 
+def _softmax_rows(op: Op, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """x viewed so the softmax runs along one axis: the node's axis (opset 13+), or the flattened trailing
+    axes from it (opset < 13)."""
+    default_axis = -1 if op.opset >= 13 else 1
+    axis = op.attr("axis", default_axis) % max(x.ndim, 1)
+    if op.opset < 13:
+        return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1), 1
+    return x, axis
+
+
 @register("Softmax")
 class Softmax(Op):
     """Softmax over one axis (opset 13+), or over the flattened trailing axes (opset < 13)."""
 
     def forward(self, inputs, run):
         (x,) = inputs
-        default_axis = -1 if self.opset >= 13 else 1
-        axis = self.attr("axis", default_axis) % max(x.ndim, 1)
         shape = x.shape
-        if self.opset < 13:
-            x = x.reshape(int(np.prod(shape[:axis], dtype=np.int64)), -1)
-            axis = 1
+        x, axis = _softmax_rows(self, x)
         z = x - x.max(axis=axis, keepdims=True)
         e = np.exp(z)
         y = e / e.sum(axis=axis, keepdims=True)
@@ -147,3 +153,54 @@ class Softmax(Op):
         g = grads[0].reshape(y.shape)
         dx = y * (g - (g * y).sum(axis=axis, keepdims=True))
         return [dx.reshape(shape)]
+
+
+@register("LogSoftmax")
+class LogSoftmax(Op):
+    """x - max - log(sum(exp(x - max))) along Softmax's axis: no overflow, no log of 0."""
+
+    def forward(self, inputs, run):
+        (x,) = inputs
+        shape = x.shape
+        x, axis = _softmax_rows(self, x)
+        z = x - x.max(axis=axis, keepdims=True)
+        y = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+        return [y.reshape(shape)], (y, axis, shape)
+
+    def backward(self, ctx, grads, needed):
+        y, axis, shape = ctx
+        g = grads[0].reshape(y.shape)
+        return [(g - np.exp(y) * g.sum(axis=axis, keepdims=True)).reshape(shape)]
+
+
+@register("Hardmax")
+class Hardmax(Op):
+    """One-hot of the first maximum along Softmax's axis; piecewise constant, so a zero gradient."""
+
+    def forward(self, inputs, run):
+        (x,) = inputs
+        shape = x.shape
+        x, axis = _softmax_rows(self, x)
+        y = np.zeros_like(x)
+        np.put_along_axis(y, np.expand_dims(np.argmax(x, axis=axis), axis), 1, axis=axis)
+        return [y.reshape(shape)], None
+
+    def backward(self, ctx, grads, needed):
+        return [np.zeros_like(grads[0])]
+
+
+@register("PRelu")
+class PRelu(Op):
+    """x where x > 0, slope * x elsewhere; the slope (a weight, broadcast to x) gets its gradient as PyTorch's."""
+
+    def forward(self, inputs, run):
+        x, slope = inputs
+        pos = x > 0
+        return [np.where(pos, x, x * slope).astype(x.dtype, copy=False)], (x, slope, pos)
+
+    def backward(self, ctx, grads, needed):
+        x, slope, pos = ctx
+        (g,) = grads
+        dx = np.where(pos, g, g * slope).astype(x.dtype, copy=False) if needed[0] else None
+        ds = unbroadcast(np.where(pos, 0, g * x), slope.shape).astype(slope.dtype, copy=False) if needed[1] else None
+        return [dx, ds]

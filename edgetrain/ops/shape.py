@@ -175,6 +175,20 @@ class Cast(Op):
         return [grads[0].astype(ctx) if np.issubdtype(ctx, np.floating) else None]
 
 
+@register("CastLike")
+class CastLike(Op):
+    """Cast to the element type of the second input (exporters' way of matching a constant to x)."""
+
+    def forward(self, inputs, run):
+        x, like = inputs
+        return [x.astype(like.dtype)], (x.dtype, like.dtype)
+
+    def backward(self, ctx, grads, needed):
+        src, dst = ctx
+        floats = np.issubdtype(src, np.floating) and np.issubdtype(dst, np.floating)
+        return [grads[0].astype(src) if floats else None, None]
+
+
 @register("Slice")
 class Slice(Op):
     def forward(self, inputs, run):

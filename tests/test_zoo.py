@@ -1,0 +1,135 @@
+"""The models users bring (torchvision and timm architectures, LSTM and GRU classifiers), exported by
+both of torch's exporters through `edgetrain.from_torch`: forward against PyTorch and onnxruntime,
+gradients against autograd, and one static 8/8 integer step.
+
+The architectures come from models/torch_zoo.py (written module for module as torchvision and timm write
+them; torchvision's wheel cannot be installed beside the CPU build of torch), at small widths so the zoo
+runs within the suite's budget.
+"""
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from gradcheck import relative_errors
+
+import edgetrain
+from edgetrain.train.optim import SGD
+
+torch = pytest.importorskip("torch")
+from models.export_torch import torch_mobilenetv2, torch_resnet18  # noqa: E402
+from models.torch_zoo import SMALL  # noqa: E402
+
+FORWARD_TOL = 1e-4  # relative to the largest logit, float32
+GRAD_TOL_64 = 1e-6  # relative, float64, against autograd
+BATCH = 4
+NUM_CLASSES = 10
+
+ZOO = {
+    **SMALL,
+    "resnet18": (lambda: torch_resnet18(NUM_CLASSES, width=8), (3, 32, 32)),
+    "mobilenet_v2": (lambda: torch_mobilenetv2(NUM_CLASSES, width_mult=0.25), (3, 32, 32)),
+}
+# The dynamo exporter is slow (seconds per model): it runs on the models whose ops differ most between
+# the two exporters (Gelu at opset 20, LayerNormalization, Split, Expand, CastLike, RNNs).
+DYNAMO = ["mobilenet_v3_small", "shufflenet_v2", "convnext", "vit", "lstm", "gru"]
+CASES = [(name, "torchscript") for name in ZOO] + [(name, "dynamo") for name in DYNAMO]
+
+
+def _settle_batchnorm(module, x):
+    """One training-mode pass, so running statistics are not the trivial 0/1 of a fresh model."""
+    module.train()
+    with torch.no_grad():
+        module(x)
+    module.eval()
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{e}" for n, e in CASES])
+def exported(request, tmp_path_factory):
+    name, exporter = request.param
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    build, shape = ZOO[name]
+    module = build()
+    x = torch.randn(BATCH, *shape)
+    _settle_batchnorm(module, x)
+    path = str(tmp_path_factory.mktemp("zoo") / f"{name}-{exporter}.onnx")
+    edgetrain.from_torch(module, x, path, exporter=exporter)
+    return name, module, path, shape
+
+
+def test_forward_matches_torch_and_onnxruntime(exported):
+    name, module, path, shape = exported
+    model = edgetrain.load(path)
+    x = np.random.default_rng(7).standard_normal((BATCH + 1,) + shape).astype(np.float32)  # not the export batch
+    ours = model(x)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    with torch.no_grad():
+        tref = module.eval()(torch.from_numpy(x)).numpy()
+    scale = np.abs(tref).max()
+    assert scale > 1e-3, "logits too small for the comparison to mean anything"
+    assert np.abs(ours - tref).max() / scale < FORWARD_TOL
+    assert np.abs(ours - ref).max() / scale < FORWARD_TOL
+
+
+def _torch_grads(module, x, labels, dtype):
+    """Training-mode loss and parameter gradients of a copy of module in the given float type."""
+    m = copy.deepcopy(module).to(dtype)
+    m.train()
+    for sub in m.modules():  # dropout draws its own mask; the exporters leave it out of an eval export
+        if isinstance(sub, torch.nn.Dropout):
+            sub.eval()
+    loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(labels))
+    loss.backward()
+    return loss.item(), {k: p.grad.numpy().astype(np.float64) for k, p in m.named_parameters()}
+
+
+def test_gradients_match_autograd(exported):
+    """float64: every parameter within 1e-6 of autograd. float32: no further from the float64 truth than
+    PyTorch's own float32 gradients are (twice theirs, or 1e-4, whichever is larger): deep and depthwise
+    nets at random init are ill-conditioned, and float32 cannot do better than torch does there."""
+    name, module, path, shape = exported
+    x = np.random.default_rng(8).standard_normal((BATCH,) + shape)
+    labels = np.arange(BATCH) % NUM_CLASSES
+    t64_loss, t64 = _torch_grads(module, x, labels, torch.float64)
+    _, t32 = _torch_grads(module, x, labels, torch.float32)
+
+    model64 = edgetrain.load(path, dtype=np.float64)
+    loss64, g64 = model64.loss_and_grad(x, labels)
+    assert abs(loss64 - t64_loss) / abs(t64_loss) < GRAD_TOL_64
+    assert set(g64) == set(t64), "parameter names differ from torch's"
+    err64 = relative_errors(g64, t64)
+    worst = max(err64, key=err64.get)
+    assert err64[worst] < GRAD_TOL_64, f"{name} float64: {worst} relative error {err64[worst]:.2e}"
+
+    _, g32 = edgetrain.load(path).loss_and_grad(x.astype(np.float32), labels)
+    torch_own = max(relative_errors(t32, t64).values())
+    ours = relative_errors(g32, t64)
+    worst = max(ours, key=ours.get)
+    assert ours[worst] <= max(2 * torch_own, 1e-4), \
+        f"{name} float32: {worst} {ours[worst]:.2e} from the float64 truth, torch's own {torch_own:.2e}"
+
+
+def test_one_static_8_8_step(exported):
+    name, module, path, shape = exported
+    model = edgetrain.load(path)
+    model.set_precision("8/8")
+    x = np.random.default_rng(9).standard_normal((BATCH,) + shape).astype(np.float32)
+    labels = np.arange(BATCH) % NUM_CLASSES
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    loss, grads = model.loss_and_grad(x, labels)
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+    SGD(model.parameters(), lr=0.01).step(grads)
+    changed = [k for k, v in model.parameters().items() if not np.array_equal(v, before[k])]
+    assert len(changed) == len(before), f"{name}: {sorted(set(before) - set(changed))} did not train"
+    assert model.cost.percent_of_fp32 < 100.0, f"{name}: no layer ran on the integer kernels"
+
+
+def test_onnx_files_are_what_the_exporters_wrote(exported):
+    """Sanity of the fixture itself: BatchNorm survives wherever the module has one."""
+    name, module, path, _ = exported
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ("BatchNormalization" in ops) == has_bn
