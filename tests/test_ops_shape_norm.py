@@ -433,3 +433,29 @@ def test_node_cases_at_the_oldest_opset_they_convert_to(op_type):
             ran += 1
             break
     assert ran, f"no {op_type} case converts below its own opset"
+
+
+def test_movement_ops_keep_values_non_negative():
+    """What a ReLU makes non-negative stays so through Resize (not cubic), Split, Pad, Expand, Tile: the
+    integer path can keep such values unsigned."""
+    from edgetrain.layers import non_negative_values
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Resize", ["r", "", "sc"], ["up"], mode="nearest"),
+             helper.make_node("Resize", ["r", "", "sc"], ["cubic"], mode="cubic"),
+             helper.make_node("Split", ["up"], ["s0", "s1"], axis=1, num_outputs=2),
+             helper.make_node("Pad", ["s1", "p"], ["pad"], mode="reflect"),
+             helper.make_node("Tile", ["pad", "t"], ["y"])]
+    consts = [onnx.numpy_helper.from_array(f32(1, 1, 2, 2), "sc"),
+              onnx.numpy_helper.from_array(i64(0, 0, 1, 1, 0, 0, 1, 1), "p"),
+              onnx.numpy_helper.from_array(i64(1, 1, 1, 2), "t")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+                               (("y", ["N", 1, 8, 16]), ("s0", ["N", 1, 6, 6]), ("cubic", ["N", 2, 6, 6]))],
+                              consts)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 8
+    proto = onnx.shape_inference.infer_shapes(proto)
+    known = non_negative_values(edgetrain.load(proto).graph)
+    assert {"r", "up", "s0", "s1", "pad", "y"} <= known
+    assert "cubic" not in known
