@@ -17,6 +17,7 @@ from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import OPS, SUPPORTED, Run
+from edgetrain.sequences import split_sequences
 
 MIN_OPSET = 11
 
@@ -112,6 +113,7 @@ class Importer:
         self._check_references()
         self._toposort()
         self._check()
+        self.model = split_sequences(self.model, self.opset)
         self.model, self.batch = free_batch(self.model)
         self._infer_shapes()
         inputs = self._inputs()

@@ -459,3 +459,52 @@ def test_movement_ops_keep_values_non_negative():
     known = non_negative_values(edgetrain.load(proto).graph)
     assert {"r", "up", "s0", "s1", "pad", "y"} <= known
     assert "cubic" not in known
+
+
+def test_dynamo_chunk_and_split_become_a_split(tmp_path):
+    """torch's dynamo exporter writes chunk/split as SplitToSequence + SequenceAt: imported as Split, they
+    run and train as torch does."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            p, q, r = torch.split(self.conv(x), [1, 1, 2], dim=1)
+            return torch.cat([b, a, r * p + q], 1)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    path = tmp_path / "chunk.onnx"
+    edgetrain.from_torch(net, x, path, exporter="dynamo")
+    assert "SplitToSequence" in {n.op_type for n in onnx.load(path).graph.node}
+    model = edgetrain.load(path, dtype=np.float64)
+    assert "SplitToSequence" not in {n.op_type for n in model.graph.nodes}
+    env, tape = model.forward_train(x.numpy())
+    seed = np.random.default_rng(2).standard_normal(env[model.output_name].shape)
+    grads = model.backward(tape, {model.output_name: seed})
+    ty = net(x)
+    np.testing.assert_allclose(env[model.output_name], ty.detach().numpy(), rtol=1e-12)
+    ty.backward(torch.tensor(seed))
+    for name, p in net.named_parameters():
+        assert relative_error(grads[name], p.grad.numpy()) < 1e-12, name
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_split_to_sequence_without_sizes_squeezes_like_onnxruntime(opset):
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=0),
+             helper.make_node("SequenceAt", ["seq", "i"], ["y0"]),
+             helper.make_node("SequenceAt", ["seq", "j"], ["y1"])]
+    x = R.standard_normal((2, 3, 4)).astype(np.float32)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("y0", "y1")],
+                              [onnx.numpy_helper.from_array(i64(-1).reshape(()), "i"),
+                               onnx.numpy_helper.from_array(i64(0).reshape(()), "j")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 7
+    _ort_check(proto, {"x": x})
