@@ -46,7 +46,8 @@ def classifier_nodes(graph: Graph) -> list[Node]:
 # Add and Mul of non-negatives stay non-negative).
 _PRESERVES_SIGN = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
                              "Transpose", "Identity", "Dropout", "Concat", "Add", "Mul", "Squeeze", "Unsqueeze",
-                             "Slice", "Gather", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Max", "Min"})
+                             "Slice", "Gather", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Max", "Min",
+                             "Split", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
 _ALWAYS_NON_NEGATIVE = frozenset({"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Softplus", "Exp", "Abs", "Sqrt",
                                   "ReduceL1", "ReduceL2", "ReduceSumSquare"})
 
@@ -59,7 +60,8 @@ def non_negative_values(graph: Graph) -> set[str]:
     """
     known: set[str] = {name for name, v in graph.constants.items() if getattr(v, "size", 0) and (v >= 0).all()}
     data_inputs = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 1, "Gather": 1, "Dropout": 1,
-                   "ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "ReduceMin": 1}
+                   "ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "ReduceMin": 1, "Split": 1, "Expand": 1,
+                   "Tile": 1}
     for node in graph.nodes:
         out = node.outputs[0]
         if node.op_type in _ALWAYS_NON_NEGATIVE:
@@ -71,5 +73,13 @@ def non_negative_values(graph: Graph) -> set[str]:
         elif node.op_type in _PRESERVES_SIGN:
             count = data_inputs.get(node.op_type, len(node.inputs))
             if all(i in known for i in node.inputs[:count] if i):
+                known.update(o for o in node.outputs if o)  # every part of a Split
+        elif node.op_type == "Resize" and node.inputs[0] in known:
+            # Nearest and linear weights are convex; cubic's lobes overshoot below zero.
+            if node.attrs.get("mode", "nearest") != "cubic":
+                known.add(out)
+        elif node.op_type == "Pad" and node.inputs[0] in known:
+            value = node.inputs[2] if len(node.inputs) > 2 else ""
+            if not value or value in known:
                 known.add(out)
     return known

@@ -17,13 +17,17 @@ from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import OPS, SUPPORTED, Run
+from edgetrain.sequences import split_sequences
 
 MIN_OPSET = 11
 
 # Input positions that hold trainable tensors, per op; a float initializer read anywhere else (a
 # Clip bound, a Reshape target) is a constant. Scalars in elementwise ops are constants too.
 PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2},
-               "PRelu": {1}}  # nn.PReLU's slope is a weight like a convolution's
+               "PRelu": {1},  # nn.PReLU's slope is a weight like a convolution's
+               "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
+               "InstanceNormalization": {1, 2}, "Einsum": {0, 1},
+               "Gather": {0}}  # a float table gathered by index is an embedding
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 # Ops that move a tensor's values without computing new ones, by the input slots that carry them. A float
@@ -109,6 +113,7 @@ class Importer:
         self._check_references()
         self._toposort()
         self._check()
+        self.model = split_sequences(self.model, self.opset)
         self.model, self.batch = free_batch(self.model)
         self._infer_shapes()
         inputs = self._inputs()

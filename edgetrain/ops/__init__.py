@@ -2,12 +2,17 @@
 from edgetrain.ops import (  # noqa: F401  (registration side effects)
     binary,
     conv,
+    conv_transpose,
+    einsum,
     elementwise,
+    layernorm,
     linear,
     logic,
+    movement,
     norm,
     pool,
     reduce,
+    resize,
     shape,
     unary,
 )
