@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgetrain.graph import Graph, Node
-from edgetrain.layers import classifier_nodes, mac_nodes
+from edgetrain.layers import classifier_nodes, is_activation_product, mac_nodes
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ class LayerUnit:
 
 
 def gateable_layers(graph: Graph) -> list[Node]:
-    """MAC nodes a DFQ gate may control: all but the stem (first MAC node) and the classifier."""
+    """MAC nodes a DFQ gate may control: all but the stem (first MAC node), the classifier and MatMuls
+    between two activations (a gated layer reads one activation, the fork; inside a gated block they run)."""
     macs = mac_nodes(graph)
     keep_full = {n.name for n in classifier_nodes(graph)}
-    return [n for n in macs[1:] if n.name not in keep_full]
+    return [n for n in macs[1:] if n.name not in keep_full and not is_activation_product(graph, n)]
 
 
 def layer_units(graph: Graph) -> list[LayerUnit]:

@@ -75,6 +75,8 @@ def _plan(model: Model, gated_bits: str | None = None) -> list[_LayerPlan]:
     gated = dfq.gated_layers if dfq is not None else set()
     for node in mac_nodes(model.graph):
         op = model.executor.ops[node.name]
+        if node.inputs[1] not in model.parameters():
+            continue  # a MatMul between two activations has no weight to store as int8: it stays float here
         if node.name in gated:
             # A gated layer is written at one static candidate, with the range that candidate trained.
             prec, key, unsigned = dfq.static_form(node.name, gated_bits or dfq.most_precise())

@@ -12,7 +12,7 @@ from edgetrain.model import Model
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.units import gating_plan
 from edgetrain.precision.spec import PrecisionConfig
-from edgetrain.quant.mac import integer_form
+from edgetrain.quant.mac import float_reason, integer_form
 from edgetrain.train.config import help_text
 
 
@@ -26,6 +26,11 @@ class LayerInfo:
     params: int
     macs: int  # per sample
     precision: str  # "int" (quantised by default), "fp32 (classifier)", "fp32", or "-" for ops without MACs
+
+
+# Ops that only move or reshape values: nothing to compute in float or in integers.
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Identity", "Shape",
+                         "Gather", "Slice", "Cast", "CastLike", "Split", "Expand", "Tile", "ConstantOfShape", "Pad"})
 
 
 def _pretty(shape) -> str:
@@ -47,6 +52,13 @@ def summarize(model: Model) -> dict:
     quantised = {n.name for n in mac_nodes(graph) if not plan[n.name].is_float and integer_form(n, graph.params)}
     classifier = {n.name for n in classifier_nodes(graph)}
     macs = {n.name for n in mac_nodes(graph)}
+    # Why each MAC layer stays fp32 under an integer schedule; every other computing op is float anyway.
+    float_layers = [{"name": n.name, "op_type": n.op_type,
+                     "reason": "classifier: fp32 by FracTrain's default (setting quantize_classifier)"
+                     if n.name in classifier and integer_form(n, graph.params) else float_reason(n, graph.params)}
+                    for n in mac_nodes(graph) if n.name not in quantised]
+    float_ops = list(dict.fromkeys(n.op_type for n in graph.nodes if n.name not in macs
+                                   and n.op_type not in _LAYOUT_OPS))
     layers = []
     batch_free = {vi.name for vi in graph.inputs if vi.shape and vi.shape[0] is None}
     for node in graph.nodes:
@@ -71,6 +83,8 @@ def summarize(model: Model) -> dict:
         "buffers": int(sum(b.size for b in graph.buffers.values())),
         "macs_per_sample": int(sum(layer.macs for layer in layers)),
         "quantised_layers": sorted(quantised, key=[n.name for n in graph.nodes].index),
+        "float_layers": float_layers,
+        "float_ops": float_ops,
         "layers": [asdict(layer) for layer in layers],
         # With gates (a dfq/fractrain checkpoint): what they are; without: what DFQ would gate.
         "dfq": {**dfq.describe(), "target": dfq.target} if (dfq := DFQ.of(model)) is not None else gating_plan(graph),
@@ -98,8 +112,12 @@ def format_table(summary: dict) -> str:
     n_int = len(summary["quantised_layers"])
     lines += ["", f"parameters: {summary['parameters']:,}   buffers: {summary['buffers']:,}   "
                   f"MACs per sample: {summary['macs_per_sample']:,}",
-              f"integer engine quantises {n_int} layer{'s' if n_int != 1 else ''}; "
-              "classifier and BatchNorm stay fp32 (FracTrain's default)"]
+              f"integer engine quantises {n_int} layer{'s' if n_int != 1 else ''}"
+              + ("; these MAC layers stay fp32:" if summary["float_layers"] else "")]
+    lines += [f"  {f['name']} ({f['op_type']}): {f['reason']}" for f in summary["float_layers"]]
+    if summary["float_ops"]:
+        lines.append("other ops compute in float32 (BatchNorm, normalisations, softmax, activations): "
+                     + ", ".join(summary["float_ops"]))
     lines += _dfq_lines(summary["dfq"])
     if "checkpoint" in summary:
         lines += _run_lines(summary["checkpoint"])

@@ -7,8 +7,16 @@ from edgetrain.ops import MAC_OPS
 
 
 def mac_nodes(graph: Graph) -> list[Node]:
-    """Conv, Gemm and MatMul nodes that read at least one trainable parameter, in execution order."""
-    return [n for n in graph.nodes if n.op_type in MAC_OPS and any(i in graph.params for i in n.inputs)]
+    """Conv, Gemm and MatMul nodes that read at least one trainable parameter, and MatMuls between two
+    activations (attention's products: MAC work with bits and BitOPs, but no weight), in execution order."""
+    return [n for n in graph.nodes
+            if n.op_type in MAC_OPS and (any(i in graph.params for i in n.inputs) or is_activation_product(graph, n))]
+
+
+def is_activation_product(graph: Graph, node: Node) -> bool:
+    """A MatMul whose two operands are both computed values (neither an initializer nor a folded constant)."""
+    fixed = graph.params.keys() | graph.buffers.keys() | graph.constants.keys()
+    return node.op_type == "MatMul" and len(node.inputs) == 2 and not any(i in fixed for i in node.inputs)
 
 
 def classifier_nodes(graph: Graph) -> list[Node]:

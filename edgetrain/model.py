@@ -107,7 +107,8 @@ class Model:
                       *, quantize_classifier: bool = False, pow2_scales: bool = False) -> dict[str, LayerPrecision]:
         """Choose each MAC layer's bit-widths (e.g. "8/8", {"layer1.*": "4/8"}); takes effect at the next step.
 
-        Layers the integer kernels cannot run (1-D/3-D convs, transposed Gemm inputs) stay fp32.
+        Layers the integer kernels cannot run (a Gemm with transA, a MatMul whose weight is its first operand
+        or not 2-D: quant.mac.float_reason) stay fp32.
         Returns the precision now in force, by layer.
         """
         config = default if isinstance(default, PrecisionConfig) else PrecisionConfig.make(
@@ -126,9 +127,10 @@ class Model:
                 self.executor.ops[node.name] = self._float_ops[node.name]
                 self.precision[node.name] = FP32
                 continue
-            self.executor.ops[node.name] = form(self._float_ops[node.name], want, index,
-                                                node.inputs[0] in unsigned, self.runtime)
-            self.precision[node.name] = want
+            op = form(self._float_ops[node.name], want, index, node.inputs[0] in unsigned, self.runtime,
+                      unsigned_other=len(node.inputs) > 1 and node.inputs[1] in unsigned)
+            self.executor.ops[node.name] = op
+            self.precision[node.name] = op.precision  # an act-act MatMul's second operand takes the act bits
         self.precision_config = config
         self._place_batchnorms()
         return dict(self.precision)
@@ -250,6 +252,7 @@ class Model:
 
     def _static_step_cost(self, env: dict[str, np.ndarray], owned) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         costs, fp32 = {}, {}
+        fixed = self._params.keys() | self._buffers.keys() | self._constants.keys()
         for node in self._mac_nodes:
             if node.name in owned:
                 continue
@@ -257,7 +260,8 @@ class Model:
             out_shapes = [env[o].shape for o in node.outputs if o]
             macs = self._float_ops[node.name].macs(in_shapes, out_shapes) * int(np.prod(out_shapes[0][:1]))
             first = node.inputs[0] not in self.executor.produced  # reads the data: nothing to back-propagate into
-            saved = int(np.prod(in_shapes[0]))
+            # What backward keeps: the activation operands (both of a MatMul between two activations).
+            saved = sum(int(np.prod(s)) for i, s in zip(node.inputs, in_shapes) if i and i not in fixed)
             costs[node.name] = layer_step_cost(macs, self.precision[node.name], saved, not first)
             fp32[node.name] = layer_step_cost(macs, FP32, saved, not first)
         return costs, fp32

@@ -41,8 +41,8 @@ def _squeeze_excite(gb: GraphBuilder, x: str, prefix: str) -> str:
 
 
 def mobilenetv3_small(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, width_mult: float = 0.5,
-                      stem_stride: int = 1, seed: int = 0) -> onnx.ModelProto:
-    """Build MobileNetV3-small; stem_stride 1 (the default) keeps 28x28 digits at 2x2 before the pool."""
+                      stem_stride: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """Build MobileNetV3-small (torchvision: stride-2 stem, so 28x28 digits end at 1x1 before the pool)."""
     for arg, value in [("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size),
                        ("stem_stride", stem_stride)]:
         require_positive_int(arg, value)

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgetrain.kernels.batched import batched_gemm_nt_small
 from edgetrain.kernels.bounds import INT32_MAX, accumulator_dtype, amax_abs, dot_bound, segment_length
 from edgetrain.kernels.geometry import Conv2dGeometry, conv2d_geometry
 from edgetrain.kernels.memory import tune_malloc
@@ -42,7 +43,7 @@ from edgetrain.kernels.rescale import rescaled
 from edgetrain.kernels.vnni_backend import VnniBackend
 
 __all__ = [
-    "gemm", "gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
+    "gemm", "gemm_nt", "batched_gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
     "accumulator_dtype", "dot_bound", "segment_length", "conv2d_geometry", "Conv2dGeometry",
     "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
@@ -224,6 +225,38 @@ def gemm_nt(a: np.ndarray, bt: np.ndarray, bounds: Bounds = None) -> np.ndarray:
     if a.shape[1] != bt.shape[1]:
         raise ValueError(f"gemm_nt: a {a.shape} and bt {bt.shape} disagree on K")
     return _exact(get_backend().gemm_nt, a, bt, a.shape[1], bounds)
+
+
+# Below this many multiply-accumulates per matrix, batched_gemm_nt runs the whole batch in one Numba call
+# rather than one backend GEMM per matrix (whose dispatch then outweighs the arithmetic).
+_BATCHED_SMALL_MACS = 1 << 16
+
+
+def batched_gemm_nt(a: np.ndarray, bt: np.ndarray, bounds: Bounds = None) -> np.ndarray:
+    """a (..., M, K) @ bt (..., N, K)^T with the batch axes broadcast as numpy.matmul does, exact, int64.
+
+    Small matrices (attention's, per sample and head) go through one batched Numba call, larger ones
+    through `gemm_nt` one matrix at a time; both are exact, so which one ran never shows in the result.
+    """
+    a, bt = np.asarray(a), np.asarray(bt)
+    for name, t in (("a", a), ("bt", bt)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be int8, uint8, int16 or uint16 (quantised values), got {t.dtype}")
+        if t.ndim < 2:
+            raise ValueError(f"{name} must be at least 2-D, got shape {t.shape}")
+    if a.shape[-1] != bt.shape[-1]:
+        raise ValueError(f"batched_gemm_nt: a {a.shape} and bt {bt.shape} disagree on K")
+    batch = np.broadcast_shapes(a.shape[:-2], bt.shape[:-2])
+    a3 = np.broadcast_to(a, batch + a.shape[-2:]).reshape((-1,) + a.shape[-2:])
+    b3 = np.broadcast_to(bt, batch + bt.shape[-2:]).reshape((-1,) + bt.shape[-2:])
+    m, n, k = a.shape[-2], bt.shape[-2], a.shape[-1]
+    if m * n * k < _BATCHED_SMALL_MACS:
+        out = batched_gemm_nt_small(a3, b3)
+    else:
+        out = np.empty((a3.shape[0], m, n), np.int64)
+        for i in range(a3.shape[0]):
+            out[i] = gemm_nt(a3[i], b3[i], bounds)
+    return out.reshape(batch + (m, n))
 
 
 def gemm(a: np.ndarray, b: np.ndarray, bounds: Bounds = None) -> np.ndarray:

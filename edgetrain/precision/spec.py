@@ -37,6 +37,11 @@ class LayerPrecision:
             return FP32_BITS, FP32_BITS, FP32_BITS
         return self.act_bits, self.weight_bits, self.grad_bits
 
+    def without_weight(self) -> LayerPrecision:
+        """The precision of a layer with no weight (a MatMul between two activations): its second
+        operand is an activation, so it takes the activation bits where a weight would take its own."""
+        return self if self.is_float else LayerPrecision(self.act_bits, self.act_bits, self.grad_bits)
+
     def __str__(self) -> str:
         if self.is_float:
             return "fp32"

@@ -1,4 +1,4 @@
-"""Conv, Gemm and MatMul on integer kernels: the MAC work of training in fixed point.
+"""Conv (1-D, 2-D, 3-D), Gemm and MatMul on integer kernels: the MAC work of training in fixed point.
 
 Each op quantises its operands, hands the integer tensors to `edgetrain.kernels` (exact integer
 results), and rescales the integer result into the float domain where BatchNorm, ReLU and the rest
@@ -24,6 +24,9 @@ share a width take one kernel call, the convs rescaling each image by its own gr
 terms carry different scales per group, so it stays one call per group. Merged or not, every float
 is bit-identical (tests/test_dfq.py checks it): the same quantisation calls, scale products and
 roundings, the groups' weight gradients summed in the same order.
+
+A MatMul between two activations (`QuantMatMul`, attention) has no weight: both operands are quantised
+as activations, and its backward returns dA = dY B^T and dB = A^T dY from the same quantised dY.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class MACContext:
 class ConvContext(MACContext):
     args: dict = field(default_factory=dict)  # stride, pads, dilation, groups as the kernels take them
     has_bias: bool = False
+    out_ndim: int = 4  # 3: a 1-D conv, run (and saved here: inputs, w, x_shape) as its 2-D view
 
 
 @dataclass
@@ -103,13 +107,18 @@ class LinearContext(MACContext):
 class QuantMAC(Op):
     """Shared machinery of the integer Conv and Gemm/MatMul: operand quantisation and rescaling."""
 
+    HAS_WEIGHT = True  # reads a parameter weight (an act-act MatMul does not: export and DFQ ask)
+
     def __init__(self, float_op: Op, precision: LayerPrecision, layer_index: int, unsigned_input: bool,
-                 runtime: QuantRuntime):
+                 runtime: QuantRuntime, unsigned_other: bool = False):
+        """unsigned_input / unsigned_other: the graph proves the first / second activation operand
+        non-negative (the second is read only by a MatMul between two activations)."""
         super().__init__(float_op.node, float_op.opset)
         self.float_op = float_op
         self.precision = precision
         self.layer_index = layer_index
         self.unsigned_input = unsigned_input
+        self.unsigned_other = unsigned_other
         self.runtime = runtime
         # Names this layer's running activation range and clip counter; DFQ gives each candidate its own.
         self.range_key = float_op.node.name
@@ -124,17 +133,20 @@ class QuantMAC(Op):
         with merge, groups share kernel calls where their codes allow (module doc)."""
         raise NotImplementedError
 
-    def _quantize_input(self, x: np.ndarray, training: bool) -> QTensor:
-        """Activations: per-tensor range from the batch in training, the running range in eval."""
+    def _quantize_input(self, x: np.ndarray, training: bool, operand: int = 0) -> QTensor:
+        """Activations: per-tensor range from the batch in training, the running range in eval.
+        operand 1 is the second activation of a MatMul between two (its own range and counter)."""
         rt = self.runtime
-        running = rt.act_ranges.setdefault(self.range_key, RunningRange(rt.range_momentum))
+        key = self.range_key if operand == 0 else f"{self.range_key}#{operand}"
+        running = rt.act_ranges.setdefault(key, RunningRange(rt.range_momentum))
         # Eval quantises with the range seen in training, so one odd batch cannot rescale the layer;
         # before any training step there is no such range and the batch's own is used.
         fixed = running.value if not training and running.value else None
-        q = quantize(x, self.precision.act_bits, signed=not self.unsigned_input, range=fixed, pow2=rt.pow2_scales)
+        unsigned = self.unsigned_input if operand == 0 else self.unsigned_other
+        q = quantize(x, self.precision.act_bits, signed=not unsigned, range=fixed, pow2=rt.pow2_scales)
         if training:
             running.update(q.stats.observed_max)
-        rt.count(self.range_key, q.stats.saturated)
+        rt.count(key, q.stats.saturated)
         return q
 
     def _quantize_weight(self, w_rows: np.ndarray, per_channel: bool = True) -> QTensor:
@@ -152,10 +164,16 @@ class QuantMAC(Op):
 
 
 class QuantConv(QuantMAC):
-    """2-D Conv (groups, depthwise, strides, pads, dilations) on integer kernels."""
+    """Conv over 1 or 2 spatial dims (groups, depthwise, strides, pads, dilations) on the 2-D integer
+    kernels. A 1-D conv (N, C, L) runs as the 2-D conv of (N, C, 1, L) with a (1, k) kernel: the same
+    sums term by term, so the same exact integers."""
 
     def _conv_args(self, x_shape, w_shape):
+        """The kernels' arguments for the 2-D view of this conv (a 1-D conv's height axis is trivial)."""
         geo = geometry(self.node.name, self.attrs, tuple(x_shape[2:]), tuple(self.attr("kernel_shape", w_shape[2:])))
+        if len(x_shape) == 3:
+            return dict(stride=(1, geo.strides[0]), pads=(0, geo.pads_begin[0], 0, geo.pads_end[0]),
+                        dilation=(1, geo.dilations[0]), groups=int(self.attr("group", 1)))
         pads = (geo.pads_begin[0], geo.pads_begin[1], geo.pads_end[0], geo.pads_end[1])
         return dict(stride=geo.strides, pads=pads, dilation=geo.dilations, groups=int(self.attr("group", 1)))
 
@@ -163,6 +181,8 @@ class QuantConv(QuantMAC):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
         args = self._conv_args(x.shape, w.shape)
+        out_ndim = x.ndim
+        x, w = _as_2d_conv(x), _as_2d_conv(w)
         xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
         wqs = _weight_codes(groups, w, per_channel=True)
         codes = [q.q for q in xqs]
@@ -177,10 +197,13 @@ class QuantConv(QuantMAC):
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
-        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), args, b is not None)
+        if out_ndim == 3:
+            y = y.reshape(y.shape[:2] + y.shape[3:])
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), args,
+                                b is not None, out_ndim)
 
     def backward(self, ctx: ConvContext, grads, needed):
-        dy, dtype, args = grads[0], ctx.dtype, ctx.args
+        dy, dtype, args = _as_2d_conv(grads[0]), ctx.dtype, ctx.args
         dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key) for g in ctx.groups]
         dw = None
         for dyq, xq in zip(dyqs, ctx.inputs):
@@ -203,11 +226,132 @@ class QuantConv(QuantMAC):
                                                           bounds=bounds,
                                                           rescale=(_image_scales(scales, codes, members), dtype)))
             dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if ctx.out_ndim == 3:  # back from the 2-D view: drop the height-1 axis
+            dw = dw.reshape(dw.shape[:2] + dw.shape[3:])
+            dx = None if dx is None else dx.reshape(dx.shape[:2] + dx.shape[3:])
         out = [dx, dw]
         if ctx.has_bias:
             first, *others = ctx.groups
             out.append(sum((dy[g.rows].sum(axis=(0, 2, 3)) for g in others), dy[first.rows].sum(axis=(0, 2, 3))))
         return out
+
+
+def _as_2d_conv(a: np.ndarray) -> np.ndarray:
+    """A 1-D conv's (N, C, L) tensor (or (M, C/g, k) weight) as the 2-D kernels' (N, C, 1, L) view."""
+    return a.reshape(a.shape[:2] + (1,) + a.shape[2:]) if a.ndim == 3 else a
+
+
+class QuantConv3d(QuantMAC):
+    """Conv over 3 spatial dims on the 2-D integer kernels: for each kernel depth offset kd, the input's
+    depth slices that offset reads (every output depth's, stacked on the batch axis) convolved with the
+    weights' kd plane. The kd terms are exact integers summed in int64 before one rescale, so the result
+    is the exact 3-D sum. Sample groups run one after another (no merged calls)."""
+
+    def _geometry(self, x_shape, w_shape):
+        geo = geometry(self.node.name, self.attrs, tuple(x_shape[2:]), tuple(self.attr("kernel_shape", w_shape[2:])))
+        args = dict(stride=geo.strides[1:], pads=(geo.pads_begin[1], geo.pads_begin[2], geo.pads_end[1],
+                                                  geo.pads_end[2]),
+                    dilation=geo.dilations[1:], groups=int(self.attr("group", 1)))
+        return geo, args
+
+    def forward_groups(self, inputs, run, groups, merge=True):
+        x, w = inputs[0], inputs[1]
+        b = inputs[2] if len(inputs) > 2 else None
+        geo, args = self._geometry(x.shape, w.shape)
+        xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
+        wqs = _weight_codes(groups, w, per_channel=True)
+        parts = []
+        for xq, wq in zip(xqs, wqs):
+            acc = _conv3d_forward(xq.q, wq.q, geo, args, (_bound(xq), _bound(wq)))
+            scale = (np.float32(xq.scale) * wq.scale.astype(np.float32)).astype(x.dtype)
+            out = np.empty(acc.shape, x.dtype)
+            rescale_planes(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), scale,
+                           out.reshape(acc.shape[:2] + (-1, acc.shape[-1])))
+            parts.append(out)
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1, 1)
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups) * w.shape[2],
+                                dict(args, geo=geo), b is not None, 5)
+
+    def backward(self, ctx: ConvContext, grads, needed):
+        dy, dtype = grads[0], ctx.dtype
+        geo, args = ctx.args["geo"], {k: v for k, v in ctx.args.items() if k != "geo"}
+        dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key) for g in ctx.groups]
+        dw = None
+        for dyq, xq in zip(dyqs, ctx.inputs):
+            acc = _conv3d_backward_weight(dyq.q, xq.q, ctx.w.shape, geo, args, (_bound(dyq), _bound(xq)))
+            part = _rescaled(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), dyq.scale, xq.scale, dtype)
+            dw = part.reshape(ctx.w.shape) if dw is None else dw + part.reshape(ctx.w.shape)
+        dx = None
+        if needed[0]:
+            vqs = _weight_codes(ctx.groups, ctx.w, per_channel=False)
+            parts = []
+            for dyq, xq, vq in zip(dyqs, ctx.inputs, vqs):
+                acc = _conv3d_backward_data(dyq.q, vq.q, xq.q.shape, geo, args, (_bound(dyq), _bound(vq)))
+                parts.append(_rescaled(acc.reshape(acc.shape[:2] + (-1, acc.shape[-1])), dyq.scale, vq.scale,
+                                       dtype).reshape(acc.shape))
+            dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = [dx, dw]
+        if ctx.has_bias:
+            first, *others = ctx.groups
+            axes = (0, 2, 3, 4)
+            out.append(sum((dy[g.rows].sum(axis=axes) for g in others), dy[first.rows].sum(axis=axes)))
+        return out
+
+
+def _depth_slabs(xq: np.ndarray, geo, kd: int) -> np.ndarray:
+    """The depth slices kernel offset kd reads for every output depth, as a batch of 2-D images:
+    (N, C, D, H, W) codes, depth-padded by the caller, -> (N * OD, C, H, W)."""
+    start = kd * geo.dilations[0]
+    slab = xq[:, :, start:start + geo.strides[0] * (geo.out[0] - 1) + 1:geo.strides[0]]
+    return np.ascontiguousarray(slab.transpose(0, 2, 1, 3, 4)).reshape((-1,) + slab.shape[1:2] + slab.shape[3:])
+
+
+def _depth_padded(xq: np.ndarray, geo) -> np.ndarray:
+    return np.pad(xq, [(0, 0), (0, 0), (geo.pads_begin[0], geo.pads_end[0]), (0, 0), (0, 0)])
+
+
+def _as_depth_batch(t: np.ndarray) -> np.ndarray:
+    """(N, M, OD, OH, OW) -> (N * OD, M, OH, OW): each output depth an image of the 2-D kernels."""
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3, 4)).reshape((-1,) + t.shape[1:2] + t.shape[3:])
+
+
+def _conv3d_forward(xq: np.ndarray, wq: np.ndarray, geo, args: dict, bounds: tuple[int, int]) -> np.ndarray:
+    """The exact int64 3-D conv of codes xq (N, C, D, H, W) and wq (M, C/g, KD, KH, KW): (N, M, OD, OH, OW)."""
+    xp = _depth_padded(xq, geo)
+    total = None
+    for kd in range(wq.shape[2]):
+        acc = kernels.conv2d_forward(_depth_slabs(xp, geo, kd), np.ascontiguousarray(wq[:, :, kd]), **args,
+                                     bounds=bounds).astype(np.int64)
+        total = acc if total is None else total + acc
+    n, od = xq.shape[0], geo.out[0]
+    return np.ascontiguousarray(total.reshape((n, od) + total.shape[1:]).transpose(0, 2, 1, 3, 4))
+
+
+def _conv3d_backward_weight(dyq: np.ndarray, xq: np.ndarray, w_shape: tuple, geo, args: dict,
+                            bounds: tuple[int, int]) -> np.ndarray:
+    """dW (int64, w_shape) = the exact weight gradient of the 3-D conv, one kernel depth plane at a time."""
+    xp, dy2 = _depth_padded(xq, geo), _as_depth_batch(dyq)
+    plane = w_shape[:2] + w_shape[3:]
+    return np.stack([kernels.conv2d_backward_weight(dy2, _depth_slabs(xp, geo, kd), plane, **args,
+                                                    bounds=bounds).astype(np.int64)
+                     for kd in range(w_shape[2])], axis=2)
+
+
+def _conv3d_backward_data(dyq: np.ndarray, vq: np.ndarray, x_shape: tuple, geo, args: dict,
+                          bounds: tuple[int, int]) -> np.ndarray:
+    """dX (int64, x_shape) = the exact transposed 3-D conv of dY with v, each depth plane's 2-D result
+    added into the depth slices it came from."""
+    n, c, d = x_shape[:3]
+    dy2 = _as_depth_batch(dyq)
+    od, sd, dd = geo.out[0], geo.strides[0], geo.dilations[0]
+    dxp = np.zeros((n, d + geo.pads_begin[0] + geo.pads_end[0], c) + tuple(x_shape[3:]), np.int64)
+    for kd in range(vq.shape[2]):
+        part = kernels.conv2d_backward_data(dy2, np.ascontiguousarray(vq[:, :, kd]), (n * od, c) + tuple(x_shape[3:]),
+                                            **args, bounds=bounds)
+        dxp[:, kd * dd:kd * dd + sd * (od - 1) + 1:sd] += part.reshape((n, od, c) + part.shape[2:])
+    return np.ascontiguousarray(dxp[:, geo.pads_begin[0]:geo.pads_begin[0] + d].transpose(0, 2, 1, 3, 4))
 
 
 class QuantLinear(QuantMAC):
@@ -279,6 +423,93 @@ class QuantLinear(QuantMAC):
                      for g in ctx.groups]
             out.append(sum(terms[1:], terms[0]))
         return out
+
+
+@dataclass
+class MatMulContext(MACContext):
+    others: list[QTensor] = field(default_factory=list)  # each group's quantised second operand B
+    b_shape: tuple = ()
+    sliced: tuple[bool, bool] = (True, True)  # whether A, B have the samples on axis 0 (else shared by all)
+
+
+class QuantMatMul(QuantMAC):
+    """MatMul between two activations (attention's Q K^T and A V), numpy.matmul semantics (1-D operands
+    promoted, batch dimensions broadcast), both operands quantised as activations (nearest, per tensor,
+    each with its own running range): Y = (A_q B_q) s_A s_B, dA = (dY_q B_q^T) s_dY s_B,
+    dB = (A_q^T dY_q) s_A s_dY, every product one exact integer GEMM per matrix of the batch, sums over
+    broadcast axes taken on the integers. There is no weight: B takes the activation bits, so the
+    layer's precision has weight bits = activation bits (what its BitOPs count)."""
+
+    HAS_WEIGHT = False
+
+    def __init__(self, float_op: Op, precision: LayerPrecision, layer_index: int, unsigned_input: bool,
+                 runtime: QuantRuntime, unsigned_other: bool = False):
+        super().__init__(float_op, precision.without_weight(), layer_index, unsigned_input, runtime, unsigned_other)
+
+    def forward_groups(self, inputs, run, groups, merge=True):
+        a, b = inputs[0], inputs[1]
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        out_ndim = max(a2.ndim, b2.ndim)
+        if len(groups) > 1 and out_ndim < 3:
+            raise self.fail("sample groups need a batch axis, but this MatMul's output is 2-D")
+        batch = max(a2.shape[0] if a2.ndim == out_ndim else 1, b2.shape[0] if b2.ndim == out_ndim else 1)
+        # An operand without the samples on axis 0 (broadcast over them) is shared by every group.
+        sliced = tuple(out_ndim >= 3 and t.ndim == out_ndim and t.shape[0] == batch for t in (a2, b2))
+        aqs, bqs, parts = [], [], []
+        calls = 0
+        for g in groups:
+            aq = g.op._quantize_input(a2[g.rows] if sliced[0] else a2, run.training, 0)
+            bq = g.op._quantize_input(b2[g.rows] if sliced[1] else b2, run.training, 1)
+            acc = kernels.batched_gemm_nt(aq.q, np.swapaxes(bq.q, -1, -2), (_bound(aq), _bound(bq)))
+            parts.append(_rescaled(acc, aq.scale, bq.scale, a.dtype))  # acc: C-contiguous int64
+            calls += int(np.prod(acc.shape[:-2]))
+            aqs.append(aq)
+            bqs.append(bq)
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        y = _matmul_result(y, a, b)
+        return [y], MatMulContext(list(groups), aqs, None, a.shape, a.dtype, run.key, merge, calls,
+                                  bqs, b.shape, sliced)
+
+    def backward(self, ctx: MatMulContext, grads, needed):
+        dtype = ctx.dtype
+        a_shape, b_shape = ctx.x_shape, ctx.b_shape
+        a2_shape = (1,) + a_shape if len(a_shape) == 1 else a_shape
+        b2_shape = b_shape + (1,) if len(b_shape) == 1 else b_shape
+        # dY in the promoted product's shape (a 1-D operand's axis put back)
+        dy = grads[0].reshape(np.broadcast_shapes(a2_shape[:-2], b2_shape[:-2]) + (a2_shape[-2], b2_shape[-1]))
+        das, dbs = [], []
+        for g, aq, bq in zip(ctx.groups, ctx.inputs, ctx.others):
+            dyq = g.op._quantize_grad(dy[g.rows], ctx.key)
+            if needed[0]:
+                acc = unbroadcast(kernels.batched_gemm_nt(dyq.q, bq.q, (_bound(dyq), _bound(bq))), aq.q.shape)
+                das.append(_rescaled(np.ascontiguousarray(acc), dyq.scale, bq.scale, dtype))
+            if needed[1]:
+                acc = unbroadcast(kernels.batched_gemm_nt(np.swapaxes(aq.q, -1, -2), np.swapaxes(dyq.q, -1, -2),
+                                                          (_bound(aq), _bound(dyq))), bq.q.shape)
+                dbs.append(_rescaled(np.ascontiguousarray(acc), aq.scale, dyq.scale, dtype))
+        return [_gathered(das, ctx.sliced[0], a_shape), _gathered(dbs, ctx.sliced[1], b_shape)]
+
+
+def _matmul_result(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The promoted product back to numpy.matmul's shape: a 1-D operand's added axis removed."""
+    if a.ndim == 1:
+        y = y.reshape(y.shape[:-2] + y.shape[-1:])
+    if b.ndim == 1:
+        y = y.reshape(y.shape[:-1])
+    return y
+
+
+def _gathered(parts: list[np.ndarray], sliced: bool, shape: tuple) -> np.ndarray | None:
+    """One operand's gradient from its groups' parts: stacked where the groups own rows of it,
+    summed in group order where every group read all of it."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0].reshape(shape)
+    if sliced:
+        return np.concatenate(parts).reshape(shape)
+    return sum(parts[1:], parts[0]).reshape(shape)
 
 
 def _weight_codes(groups: Sequence[Group], w_rows: np.ndarray, per_channel: bool) -> list[QTensor]:
@@ -365,15 +596,33 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
 
 
 def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | None:
-    """The integer op that can run this MAC node, or None where the float path stays (1-D/3-D conv,
-    a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
+    """The integer op that can run this MAC node, or None where the float path stays (`float_reason`
+    says why: a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
     w = params.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type == "MatMul" and w is None and node.inputs[0] not in params:
+        return QuantMatMul  # two activations (layers.mac_nodes takes such a MatMul only then)
     if w is None:
         return None
     if node.op_type == "Conv":
-        return QuantConv if w.ndim == 4 else None
+        return QuantConv if w.ndim in (3, 4) else QuantConv3d if w.ndim == 5 else None
     if node.op_type == "Gemm":
         return QuantLinear if not node.attrs.get("transA", 0) else None
     if node.op_type == "MatMul":
         return QuantLinear if w.ndim == 2 else None
     return None
+
+
+def float_reason(node: Node, params: dict[str, np.ndarray]) -> str:
+    """Why integer_form gives this MAC node no integer op: one phrase, for `edgetrain info`."""
+    w = params.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type == "Conv":
+        if w is None:
+            return "Conv weight is not a parameter: not quantised"
+        return f"Conv over {w.ndim - 2} spatial dims: not quantised"
+    if node.op_type == "Gemm":
+        return "Gemm B is not a parameter: not quantised" if w is None else "Gemm with transA: not quantised"
+    if node.op_type == "MatMul":
+        if w is None:
+            return "MatMul weight is its first operand (W @ x): not quantised"
+        return f"MatMul weight is not a 2-D parameter ({w.ndim}-D): not quantised"
+    return f"{node.op_type} has no integer form"

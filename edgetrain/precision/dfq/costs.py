@@ -11,7 +11,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.precision.cost import FP32_STEP_FACTOR, LayerCost, layer_step_cost
 from edgetrain.precision.dfq.config import Candidate
 from edgetrain.precision.dfq.units import Unit
-from edgetrain.precision.spec import FP32
+from edgetrain.precision.spec import FP32, LayerPrecision
 
 
 def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
@@ -28,10 +28,21 @@ def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
             elif table is not None:
                 row.append(_table_cost(table, u, str(c.precision)))
             else:
-                a, w, g = c.precision.bitops_bits()
-                row.append(float(work * (a * w + g * w + a * g)))
+                row.append(float(sum(macs * _step_bits(c.precision, name in u.weightless)
+                                     for name, macs in u.macs.items())))
         costs[u.index] = np.array(row)
     return costs, fp32
+
+
+def _layer_precision(p: LayerPrecision, weightless: bool) -> LayerPrecision:
+    """A candidate's precision as one gated layer runs it (a layer without a weight: B at the activation bits)."""
+    return p.without_weight() if weightless else p
+
+
+def _step_bits(p: LayerPrecision, weightless: bool) -> int:
+    """BitOPs per MAC of one training step (forward, error, weight gradient) at precision p."""
+    a, w, g = _layer_precision(p, weightless).bitops_bits()
+    return a * w + g * w + a * g
 
 
 def _table_cost(table: dict[str, dict[str, float]], u: Unit, precision: str) -> float:
@@ -53,7 +64,8 @@ def chosen_step_costs(units: list[Unit], candidates: tuple[Candidate, ...], choi
     for u in units:
         counts = np.bincount(choices[u.index], minlength=len(candidates))
         for name, macs in u.macs.items():
-            costs[name] = sum((layer_step_cost(int(counts[k]) * macs, c.precision, 0)
+            weightless = name in u.weightless
+            costs[name] = sum((layer_step_cost(int(counts[k]) * macs, _layer_precision(c.precision, weightless), 0)
                                for k, c in enumerate(candidates) if not c.skip and counts[k]),
                               LayerCost(0, 0, 0, 0, 0))
             fp32[name] = layer_step_cost(batch * macs, FP32, 0)

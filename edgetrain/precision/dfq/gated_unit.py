@@ -74,7 +74,8 @@ class GatedUnit(Op):
                     if c.skip:
                         continue
                     stream = mac_index[n.name] + (k + 1) * CANDIDATE_STREAM_STRIDE
-                    op = form(model.float_op(n.name), c.precision, stream, n.inputs[0] in unsigned, model.runtime)
+                    op = form(model.float_op(n.name), c.precision, stream, n.inputs[0] in unsigned, model.runtime,
+                              unsigned_other=len(n.inputs) > 1 and n.inputs[1] in unsigned)
                     op.range_key = f"{n.name}@{c.text}"
                     self.candidate_ops.setdefault(k, {})[n.name] = op
             elif n.op_type == "BatchNormalization" and n.inputs[0] in after_mac:

@@ -9,6 +9,7 @@ from typing import Any
 from edgetrain.blocks import find_blocks, layer_units
 from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Graph, Node
+from edgetrain.layers import is_activation_product
 from edgetrain.ops.base import Op
 
 
@@ -24,6 +25,7 @@ class Unit:
     output: str  # the value the unit writes (the join's output, or the layer's)
     branch_output: str  # the branch's last value (the join's residual input, or the layer's output)
     macs: dict[str, int] = field(default_factory=dict)  # per-sample MACs of each gated layer
+    weightless: frozenset[str] = frozenset()  # gated layers without a weight (MatMuls of two activations)
     input_shape: tuple[int, ...] = ()  # the fork's shape (sample_shape: a free batch dimension counts 1)
 
 
@@ -50,6 +52,7 @@ def measure_units(units: list[Unit], graph: Graph, gated_layers: set[str], float
     """Fill each unit's input shape and its gated layers' per-sample MACs from the graph's shapes."""
     for u in units:
         u.input_shape = sample_shape(graph, u.fork)
+        u.weightless = frozenset(n.name for n in u.branch if n.name in gated_layers and is_activation_product(graph, n))
         for node in u.branch:
             if node.name in gated_layers:
                 ins = [sample_shape(graph, i) if i else () for i in node.inputs]
