@@ -82,7 +82,7 @@ class Executor:
         grads: dict[str, np.ndarray] = dict(seeds)
         for node, op, ctx in reversed(tape.entries):
             gouts = [grads.pop(o, None) if o else None for o in node.outputs]
-            if gouts[0] is None:
+            if gouts[0] is None and not (op.all_outputs_differentiable and any(g is not None for g in gouts)):
                 continue  # only non-differentiable side outputs (indices, masks, stats) were used
             needed = [self.needs_grad(name, wrt) for name in node.inputs]
             start = time.perf_counter() if self.timings is not None else 0.0

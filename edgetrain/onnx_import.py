@@ -21,7 +21,14 @@ MIN_OPSET = 11
 
 # Input positions that hold trainable tensors, per op; a float initializer read anywhere else (a
 # Clip bound, a Reshape target) is a constant. Scalars in elementwise ops are constants too.
-PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2}}
+PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormalization": {1, 2},
+               "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}}
+# torch.onnx.export builds an LSTM/GRU's W, R, B from torch's own tensors (weight_ih_l0, ...) by slicing,
+# reordering and stacking gates; those tensors are the parameters (state_dict names, written back by
+# export unchanged) and the gradient flows back through these data-movement ops (data input positions).
+ROUTED_PARAM_OPS = frozenset({"LSTM", "GRU"})
+ROUTING_OPS = {"Slice": {0}, "Unsqueeze": {0}, "Squeeze": {0}, "Reshape": {0}, "Transpose": {0}, "Identity": {0},
+               "Concat": None}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 
@@ -262,6 +269,7 @@ class Importer:
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
         self.constants: dict[str, np.ndarray] = {}
+        routed = self._routed_weights()
         for t in g.initializer:
             try:
                 arr = numpy_helper.to_array(t)
@@ -273,12 +281,23 @@ class Importer:
             if floating and any(pos in BUFFER_SLOTS.get(op, ()) for op, pos in use):
                 self.buffers[t.name] = arr
             elif floating and (
-                any(pos in PARAM_SLOTS.get(op, ()) for op, pos in use)
+                any(pos in PARAM_SLOTS.get(op, ()) for op, pos in use) or t.name in routed
                 or (arr.size > 1 and any(pos in ELEMENTWISE_PARAM_SLOTS.get(op, ()) for op, pos in use))
             ):
                 self.params[t.name] = arr
             else:
                 self.constants[t.name] = arr
+
+    def _routed_weights(self) -> set[str]:
+        """Values that reach a weight slot of a ROUTED_PARAM_OPS node through data-movement ops only."""
+        routed: set[str] = set()
+        for n in reversed(self.model.graph.node):  # consumers before producers
+            if n.op_type in ROUTED_PARAM_OPS:
+                routed |= {n.input[p] for p in PARAM_SLOTS[n.op_type] if p < len(n.input) and n.input[p]}
+            elif n.op_type in ROUTING_OPS and any(o in routed for o in n.output):
+                slots = ROUTING_OPS[n.op_type]
+                routed |= {x for p, x in enumerate(n.input) if x and (slots is None or p in slots)}
+        return routed
 
     def _fold(self) -> None:
         """Evaluate every node whose inputs are all known at import (constants, static shapes)."""

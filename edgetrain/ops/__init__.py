@@ -1,5 +1,5 @@
 """Every op the engine runs, registered by ONNX op type in OPS."""
-from edgetrain.ops import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (registration side effects)
+from edgetrain.ops import conv, elementwise, linear, norm, pool, rnn, shape  # noqa: F401  (registration side effects)
 from edgetrain.ops.base import OPS, Op, Run, register, unbroadcast
 
 # Ops the importer evaluates away and never runs: their values are fixed at load time.
