@@ -7,8 +7,14 @@ from edgetrain.ops import MAC_OPS
 
 
 def mac_nodes(graph: Graph) -> list[Node]:
-    """Conv, Gemm and MatMul nodes that read at least one trainable parameter, in execution order."""
-    return [n for n in graph.nodes if n.op_type in MAC_OPS and any(i in graph.params for i in n.inputs)]
+    """MAC nodes (ops.MAC_OPS) that read at least one trainable parameter, in execution order.
+
+    An LSTM/GRU counts when its weights W are a parameter or computed from parameters (torch's exporter
+    slices and stacks its own tensors into W), not when they are a constant or a graph input."""
+    produced = {o for n in graph.nodes for o in n.outputs if o}
+    return [n for n in graph.nodes if n.op_type in MAC_OPS and (
+        any(i in graph.params for i in n.inputs)
+        or (n.op_type in ("LSTM", "GRU") and n.inputs[1] in produced))]
 
 
 def classifier_nodes(graph: Graph) -> list[Node]:

@@ -6,7 +6,7 @@ from edgetrain.ops.base import OPS, Op, Run, register, unbroadcast
 FOLDED_AT_IMPORT = frozenset({"Constant"})
 
 # The MAC-bearing ops: the ones the integer engine quantises and cost accounting counts.
-MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+MAC_OPS = frozenset({"Conv", "Gemm", "MatMul", "LSTM", "GRU"})
 
 SUPPORTED = frozenset(OPS) | FOLDED_AT_IMPORT
 
