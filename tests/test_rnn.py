@@ -227,3 +227,83 @@ def test_from_torch_trains_and_exports_torch_weights(cell, tmp_path):
     # any batch size: from_torch exports the batch dimension free
     x7 = np.random.default_rng(0).standard_normal((7, T, IN)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"input": x7})[0], model(x7), rtol=1e-4, atol=1e-5)
+
+
+# -- the integer path ---------------------------------------------------------------------------------------
+def _int64_gemm_nt(a_q, b_q):
+    return a_q.astype(np.int64) @ b_q.astype(np.int64).T
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_integer_gate_products_match_int64_reference(op):
+    from edgetrain.ops.base import Run
+    from edgetrain.quant import quantize
+    from edgetrain.quant.rnn import QuantGRU, QuantLSTM
+
+    proto, _ = rnn_model(op, dtype=np.float32)
+    model = edgetrain.load(proto)
+    model.set_precision("8/8", quantize_classifier=True)  # the lone node is also the classifier
+    layer = model.executor.ops["rnn"]
+    assert isinstance(layer, QuantLSTM if op == "LSTM" else QuantGRU)
+    g = (4 if op == "LSTM" else 3) * H
+    rng = np.random.default_rng(3)
+    x2, w = rng.standard_normal((T * N, IN)).astype(np.float32), rng.standard_normal((g, IN)).astype(np.float32)
+    h, r = np.tanh(rng.standard_normal((N, H))).astype(np.float32), rng.standard_normal((g, H)).astype(np.float32)
+    prod = layer.products(0, Run(True, (5, 9)))
+
+    def dequantized(acc, s_a, s_b):
+        return acc.astype(np.float32) * (np.float32(s_a) * np.asarray(s_b, np.float32)).astype(np.float32)
+
+    xq, wq = quantize(x2, 8), quantize(w, 8, axis=0)
+    np.testing.assert_array_equal(prod.input(x2, w), dequantized(_int64_gemm_nt(xq.q, wq.q), xq.scale, wq.scale))
+    hq, rq = quantize(h, 8), quantize(r, 8, axis=0)
+    np.testing.assert_array_equal(prod.recurrent("r", h, r), dequantized(_int64_gemm_nt(hq.q, rq.q), hq.scale,
+                                                                            rq.scale))
+    # backward: the step's gate gradient, stochastically rounded from the layer's stream, feeds dH and dR
+    dg = rng.standard_normal((N, g)).astype(np.float32)
+    dgq = quantize(dg, 8, rounding="stochastic", key=(5, 9, layer.layer_index), index_offset=0)
+    assert np.abs(dgq.q.astype(np.float64) * dgq.scale - dg).max() > 0  # rounding happened
+    rv = quantize(r, 8)
+    dh = prod.recurrent_back("r", dg)
+    np.testing.assert_array_equal(dh, dequantized(dgq.q.astype(np.int64) @ rv.q.astype(np.int64), dgq.scale,
+                                                  rv.scale))
+    np.testing.assert_array_equal(prod.grads["r"], dequantized(_int64_gemm_nt(dgq.q.T, hq.q.T), dgq.scale,
+                                                               hq.scale))
+    # the gradient over all steps draws the stream's next elements: dW and dX
+    dg2 = rng.standard_normal((T * N, g)).astype(np.float32)
+    dg2q = quantize(dg2, 8, rounding="stochastic", key=(5, 9, layer.layer_index), index_offset=dg.size)
+    wv = quantize(w, 8)
+    dx, dw = prod.input_back(dg2, True)
+    np.testing.assert_array_equal(dw, dequantized(_int64_gemm_nt(dg2q.q.T, xq.q.T), dg2q.scale, xq.scale))
+    np.testing.assert_array_equal(dx, dequantized(dg2q.q.astype(np.int64) @ wv.q.astype(np.int64), dg2q.scale,
+                                                  wv.scale))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_static_8_8_training_step(cell, tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgetrain.quant.rnn import QuantRecurrent
+    from edgetrain.train.loop import TrainStep
+    from edgetrain.train.optim import SGD
+
+    torch.manual_seed(2)
+    module = _torch_classifier(torch, getattr(torch.nn, cell), batch_first=True, bidirectional=True)
+    x = torch.randn(N, T, IN).numpy()
+    edgetrain.from_torch(module, torch.from_numpy(x), tmp_path / "m.onnx")
+    model = edgetrain.load(tmp_path / "m.onnx")
+    precision = model.set_precision("8/8")
+    rnn = next(n for n in model.mac_layers if n.op_type == cell)
+    assert str(precision[rnn.name]) == "8/8" and isinstance(model.executor.ops[rnn.name], QuantRecurrent)
+    float_out = edgetrain.load(tmp_path / "m.onnx")(x)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    step = TrainStep(model, SGD(model.parameters(), lr=0.5))
+    loss = step(0, x, np.array([0, 1, 2]))
+    assert np.isfinite(loss)
+    for k in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0_reverse", "rnn.bias_hh_l0"):
+        assert not np.array_equal(model.parameters()[k], before[k]), k
+    # MACs for BitOPs: X W^T and H R^T at every step, sample and direction
+    gates = 4 if cell == "LSTM" else 3
+    assert model.last_cost[rnn.name].macs == T * N * 2 * gates * 6 * (IN + 6)
+    # eval runs on the ranges training saw, close to the float model before the step
+    model.load_state_dict(before)
+    np.testing.assert_allclose(model(x), float_out, atol=0.05)
