@@ -304,6 +304,11 @@ def test_static_8_8_training_step(cell, tmp_path):
     # MACs for BitOPs: X W^T and H R^T at every step, sample and direction
     gates = 4 if cell == "LSTM" else 3
     assert model.last_cost[rnn.name].macs == T * N * 2 * gates * 6 * (IN + 6)
+    # `edgetrain info`: the layer is quantised, its MACs per sample are the model's per sample
+    from edgetrain.info import summarize
+
+    layer = next(la for la in summarize(edgetrain.load(tmp_path / "m.onnx"))["layers"] if la["name"] == rnn.name)
+    assert layer["precision"] == "int" and layer["macs"] == T * 2 * gates * 6 * (IN + 6)
     # eval runs on the ranges training saw, close to the float model before the step
     model.load_state_dict(before)
     np.testing.assert_allclose(model(x), float_out, atol=0.05)
