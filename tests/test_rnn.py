@@ -249,7 +249,7 @@ def test_integer_gate_products_match_int64_reference(op):
     rng = np.random.default_rng(3)
     x2, w = rng.standard_normal((T * N, IN)).astype(np.float32), rng.standard_normal((g, IN)).astype(np.float32)
     h, r = np.tanh(rng.standard_normal((N, H))).astype(np.float32), rng.standard_normal((g, H)).astype(np.float32)
-    prod = layer.products(0, Run(True, (5, 9)))
+    prod = layer.products(0, Run(True, (5, 9)), {})
 
     def dequantized(acc, s_a, s_b):
         return acc.astype(np.float32) * (np.float32(s_a) * np.asarray(s_b, np.float32)).astype(np.float32)

@@ -124,8 +124,9 @@ class _Recurrent(Op):
         if self.clip is not None and not self.clip > 0:
             raise self.fail(f"clip {clip} must be positive")
 
-    def products(self, direction: int, run) -> Products:
-        """The GEMMs of one direction (the integer engine overrides this)."""
+    def products(self, direction: int, run, shared: dict) -> Products:
+        """The GEMMs of one direction (the integer engine overrides this); `shared` lives for one forward
+        and is seen by every direction's products (both directions read the same X)."""
         return Products()
 
     def _clip(self, a: np.ndarray):
@@ -176,7 +177,7 @@ class _Recurrent(Op):
         xs, w, r, b, lens, (h0, c0), hidden = self._unpack(inputs)
         t_len, n, _ = xs.shape
         dtype = xs.dtype
-        ys, hs, cs, dirs = [], [], [], []
+        ys, hs, cs, dirs, shared = [], [], [], [], {}
         # onnxruntime's convention: an empty sequence's final state is zero, not its initial state
         alive = None if lens is None or (lens > 0).all() else (lens > 0)[:, None]
         for d in range(self.num_dirs):
@@ -187,7 +188,7 @@ class _Recurrent(Op):
             c = None
             if self.has_cell:
                 c = np.zeros((n, hidden), dtype) if c0 is None else c0[d].astype(dtype, copy=False)
-            prod = self.products(d, run)
+            prod = self.products(d, run, shared)
             y, h, c, steps = self._direction(d, xs, w[d], r[d], b[d], inputs, h, c, order, masks, prod, hidden)
             if alive is not None:
                 h = np.where(alive, h, 0)

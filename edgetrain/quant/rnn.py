@@ -44,8 +44,9 @@ def _rescale(acc: np.ndarray, scale, dtype) -> np.ndarray:
 class QuantProducts(Products):
     """The quantised GEMMs of one direction of one forward (and its backward)."""
 
-    def __init__(self, op: QuantRecurrent, run: Run, direction: int):
+    def __init__(self, op: QuantRecurrent, run: Run, direction: int, shared: dict):
         super().__init__()
+        self.shared = shared
         self.op, self.training = op, run.training
         self.key = (*run.key, op.layer_index)  # the layer's stream: (seed, step, layer)
         self.drawn = direction * DIRECTION_STRIDE
@@ -69,7 +70,9 @@ class QuantProducts(Products):
         return _rescale(acc, np.float32(xq.scale) * wq.scale.astype(np.float32), dtype)
 
     def input(self, x2, w):
-        self.xq = self.op.quantize_act(x2, self.training, self.op.range_key, not self.op.unsigned_input)
+        if "xq" not in self.shared:  # both directions read X: one quantisation, one range update
+            self.shared["xq"] = self.op.quantize_act(x2, self.training, self.op.range_key, not self.op.unsigned_input)
+        self.xq = self.shared["xq"]
         self.dtype = x2.dtype
         return self._forward_gemm(self.xq, self._weights("input", w)[0], x2.dtype)
 
@@ -117,8 +120,8 @@ class QuantRecurrent:
         self.runtime = runtime
         self.range_key = float_op.node.name
 
-    def products(self, direction: int, run: Run) -> Products:
-        return QuantProducts(self, run, direction)
+    def products(self, direction: int, run: Run, shared: dict) -> Products:
+        return QuantProducts(self, run, direction, shared)
 
     def quantize_act(self, x: np.ndarray, training: bool, range_key: str, signed: bool):
         """Activations: per tensor; the batch's range in training, the running range in eval."""
