@@ -3,7 +3,7 @@ and which values can never be negative."""
 from __future__ import annotations
 
 from edgetrain.graph import Graph, Node
-from edgetrain.ops import MAC_OPS
+from edgetrain.ops import DATA_MOVEMENT_OPS, MAC_OPS
 
 
 def mac_nodes(graph: Graph) -> list[Node]:
@@ -15,6 +15,23 @@ def mac_nodes(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op_type in MAC_OPS and (
         any(i in graph.params for i in n.inputs)
         or (n.op_type in ("LSTM", "GRU") and n.inputs[1] in produced))]
+
+
+def param_sources(graph: Graph, name: str) -> set[str]:
+    """The parameters a value is, or is sliced, reordered and stacked from through data-movement ops only
+    (torch's LSTM/GRU export builds W, R, B from its own tensors so)."""
+    producer = graph.producer_of()
+    found: set[str] = set()
+    stack = [name]
+    while stack:
+        value = stack.pop()
+        if value in graph.params:
+            found.add(value)
+        elif value in producer and producer[value].op_type in DATA_MOVEMENT_OPS:
+            node = producer[value]
+            slots = DATA_MOVEMENT_OPS[node.op_type]
+            stack.extend(x for p, x in enumerate(node.inputs) if x and (slots is None or p in slots))
+    return found
 
 
 def classifier_nodes(graph: Graph) -> list[Node]:

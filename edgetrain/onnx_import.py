@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
-from edgetrain.ops import OPS, SUPPORTED, Run
+from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
 
 MIN_OPSET = 11
 
@@ -25,10 +25,8 @@ PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormal
                "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}}
 # torch.onnx.export builds an LSTM/GRU's W, R, B from torch's own tensors (weight_ih_l0, ...) by slicing,
 # reordering and stacking gates; those tensors are the parameters (state_dict names, written back by
-# export unchanged) and the gradient flows back through these data-movement ops (data input positions).
+# export unchanged) and the gradient flows back through the data-movement ops (ops.DATA_MOVEMENT_OPS).
 ROUTED_PARAM_OPS = frozenset({"LSTM", "GRU"})
-ROUTING_OPS = {"Slice": {0}, "Unsqueeze": {0}, "Squeeze": {0}, "Reshape": {0}, "Transpose": {0}, "Identity": {0},
-               "Concat": None}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
 
@@ -294,8 +292,8 @@ class Importer:
         for n in reversed(self.model.graph.node):  # consumers before producers
             if n.op_type in ROUTED_PARAM_OPS:
                 routed |= {n.input[p] for p in PARAM_SLOTS[n.op_type] if p < len(n.input) and n.input[p]}
-            elif n.op_type in ROUTING_OPS and any(o in routed for o in n.output):
-                slots = ROUTING_OPS[n.op_type]
+            elif n.op_type in DATA_MOVEMENT_OPS and any(o in routed for o in n.output):
+                slots = DATA_MOVEMENT_OPS[n.op_type]
                 routed |= {x for p, x in enumerate(n.input) if x and (slots is None or p in slots)}
         return routed
 

@@ -312,3 +312,15 @@ def test_static_8_8_training_step(cell, tmp_path):
     # eval runs on the ranges training saw, close to the float model before the step
     model.load_state_dict(before)
     np.testing.assert_allclose(model(x), float_out, atol=0.05)
+
+
+def test_fine_tuning_selects_the_recurrent_layers_torch_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgetrain.train.finetune import bias_names, last_layers_names
+
+    module = _torch_classifier(torch, torch.nn.GRU, batch_first=True)
+    edgetrain.from_torch(module, torch.randn(N, T, IN), tmp_path / "m.onnx")
+    model = edgetrain.load(tmp_path / "m.onnx")
+    assert last_layers_names(model, 1) == {"fc.weight", "fc.bias"}
+    assert last_layers_names(model, 2) == set(module.state_dict())
+    assert bias_names(model) == {"fc.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l0"}

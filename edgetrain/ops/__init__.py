@@ -10,4 +10,10 @@ MAC_OPS = frozenset({"Conv", "Gemm", "MatMul", "LSTM", "GRU"})
 
 SUPPORTED = frozenset(OPS) | FOLDED_AT_IMPORT
 
-__all__ = ["OPS", "Op", "Run", "register", "unbroadcast", "SUPPORTED", "MAC_OPS", "FOLDED_AT_IMPORT"]
+# Ops that only move values (data input positions; None: every input): a weight sliced, reordered and
+# stacked through them (torch's LSTM/GRU export) is still the same parameter.
+DATA_MOVEMENT_OPS = {"Slice": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Reshape": (0,), "Transpose": (0,),
+                     "Identity": (0,), "Concat": None}
+
+__all__ = ["OPS", "Op", "Run", "register", "unbroadcast", "SUPPORTED", "MAC_OPS", "FOLDED_AT_IMPORT",
+           "DATA_MOVEMENT_OPS"]
