@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgetrain.ops.base import Op, register
+from edgetrain.ops.base import Op, Run, register
 
 DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 
@@ -124,12 +124,12 @@ class _Recurrent(Op):
         if self.clip is not None and not self.clip > 0:
             raise self.fail(f"clip {clip} must be positive")
 
-    def products(self, direction: int, run, shared: dict) -> Products:
+    def products(self, direction: int, run: Run, shared: dict) -> Products:
         """The GEMMs of one direction (the integer engine overrides this); `shared` lives for one forward
         and is seen by every direction's products (both directions read the same X)."""
         return Products()
 
-    def _clip(self, a: np.ndarray):
+    def _clip(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self.clip is None:
             return a, None
         c = a.dtype.type(self.clip)
