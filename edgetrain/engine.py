@@ -82,10 +82,8 @@ class Executor:
         grads: dict[str, np.ndarray] = dict(seeds)
         for node, op, ctx in reversed(tape.entries):
             gouts = [grads.pop(o, None) if o else None for o in node.outputs]
-            # Only non-differentiable side outputs (indices, masks, stats) were used; an op whose every
-            # output is a value of its own (Split) says so with multi_output.
-            if gouts[0] is None and not (getattr(op, "multi_output", False) and any(g is not None for g in gouts)):
-                continue
+            if gouts[0] is None and not (op.all_outputs_differentiable and any(g is not None for g in gouts)):
+                continue  # only non-differentiable side outputs (indices, masks, stats) were used
             needed = [self.needs_grad(name, wrt) for name in node.inputs]
             start = time.perf_counter() if self.timings is not None else 0.0
             gins = op.backward(ctx, gouts, needed)

@@ -43,8 +43,10 @@ def summarize(model: Model) -> dict:
 
     def shape_of(name: str) -> tuple[int, ...]:
         """A value's shape as the importer inferred it, for a batch of one."""
-        if name not in graph.shapes or any(d is None for d in graph.shapes[name][1:]):
+        if name not in graph.shapes:
             raise ModelError(f"{graph.source}: the shape of '{name}' is unknown after shape inference")
+        # the batch need not be axis 0 (an LSTM's Y is (T, D, N, H)), and a value computed from the batch
+        # size (torch's zero initial state of an LSTM) has every dimension free
         return tuple(1 if d is None else d for d in graph.shapes[name])
 
     # The plan set_precision("8/8") would follow: its defaults, and only layers an integer kernel can run.
@@ -69,8 +71,11 @@ def summarize(model: Model) -> dict:
                      else "fp32" if node.name in macs else "-")
         shape = list(out_shapes[0]) if out_shapes else []
         if batch_free and shape:
-            shape[0] = None
-        layers.append(LayerInfo(node.name, node.op_type, shape, params, node.op.macs(in_shapes, out_shapes), precision))
+            first = next(o for o in node.outputs if o)
+            shape = [None if d is None else s for d, s in zip(graph.shapes[first], shape)]
+        # Op.macs counts per index of the first output's axis 0 (what the Model multiplies by)
+        per_sample = node.op.macs(in_shapes, out_shapes) * int(np.prod(out_shapes[0][:1])) if out_shapes else 0
+        layers.append(LayerInfo(node.name, node.op_type, shape, params, per_sample, precision))
     return {
         "source": graph.source,
         "producer": graph.producer,

@@ -3,20 +3,42 @@ and which values can never be negative."""
 from __future__ import annotations
 
 from edgetrain.graph import Graph, Node
-from edgetrain.ops import MAC_OPS
+from edgetrain.ops import DATA_MOVEMENT_OPS, MAC_OPS
 
 
 def mac_nodes(graph: Graph) -> list[Node]:
-    """Conv, Gemm and MatMul nodes that read at least one trainable parameter, and MatMuls between two
-    activations (attention's products: MAC work with bits and BitOPs, but no weight), in execution order."""
-    return [n for n in graph.nodes
-            if n.op_type in MAC_OPS and (any(i in graph.params for i in n.inputs) or is_activation_product(graph, n))]
+    """MAC nodes (ops.MAC_OPS) that read at least one trainable parameter, and MatMuls between two activations
+    (attention's products: MAC work with bits and BitOPs, but no weight), in execution order.
+
+    An LSTM/GRU counts when its weights W are a parameter or computed from parameters (torch's exporter
+    slices and stacks its own tensors into W), not when they are a constant or a graph input."""
+    produced = {o for n in graph.nodes for o in n.outputs if o}
+    return [n for n in graph.nodes if n.op_type in MAC_OPS and (
+        any(i in graph.params for i in n.inputs) or is_activation_product(graph, n)
+        or (n.op_type in ("LSTM", "GRU") and n.inputs[1] in produced))]
 
 
 def is_activation_product(graph: Graph, node: Node) -> bool:
     """A MatMul whose two operands are both computed values (neither an initializer nor a folded constant)."""
     fixed = graph.params.keys() | graph.buffers.keys() | graph.constants.keys()
     return node.op_type == "MatMul" and len(node.inputs) == 2 and not any(i in fixed for i in node.inputs)
+
+
+def param_sources(graph: Graph, name: str) -> set[str]:
+    """The parameters a value is, or is sliced, reordered and stacked from through data-movement ops only
+    (torch's LSTM/GRU export builds W, R, B from its own tensors so)."""
+    producer = graph.producer_of()
+    found: set[str] = set()
+    stack = [name]
+    while stack:
+        value = stack.pop()
+        if value in graph.params:
+            found.add(value)
+        elif value in producer and producer[value].op_type in DATA_MOVEMENT_OPS:
+            node = producer[value]
+            slots = DATA_MOVEMENT_OPS[node.op_type]
+            stack.extend(x for p, x in enumerate(node.inputs) if x and (slots is None or p in slots))
+    return found
 
 
 def classifier_nodes(graph: Graph) -> list[Node]:

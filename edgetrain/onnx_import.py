@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
-from edgetrain.ops import OPS, SUPPORTED, Run
+from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
 from edgetrain.sequences import split_sequences
 
 MIN_OPSET = 11
@@ -27,15 +27,14 @@ PARAM_SLOTS = {"Conv": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "BatchNormal
                "PRelu": {1},  # nn.PReLU's slope is a weight like a convolution's
                "ConvTranspose": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
                "InstanceNormalization": {1, 2}, "Einsum": {0, 1},
-               "Gather": {0}}  # a float table gathered by index is an embedding
+               "Gather": {0},  # a float table gathered by index is an embedding
+               "LSTM": {1, 2, 3, 7}, "GRU": {1, 2, 3}}
 ELEMENTWISE_PARAM_SLOTS = {"Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "Div": {0, 1}}
 BUFFER_SLOTS = {"BatchNormalization": {3, 4}}
-# Ops that move a tensor's values without computing new ones, by the input slots that carry them. A float
-# initializer that reaches a parameter slot only through them (nn.MultiheadAttention's in_proj_weight, sliced
-# into the query, key and value projections) is a parameter too, trained through their backward.
-MOVEMENT_SLOTS = {"Identity": {0}, "Transpose": {0}, "Reshape": {0}, "Flatten": {0}, "Squeeze": {0},
-                  "Unsqueeze": {0}, "Slice": {0}, "Gather": {0}, "Split": {0}, "Concat": None, "Cast": {0},
-                  "Expand": {0}, "Tile": {0}}
+# A float initializer that reaches a parameter slot only through data-movement ops (ops.DATA_MOVEMENT_OPS:
+# nn.MultiheadAttention's in_proj_weight sliced into the query, key and value projections; torch's LSTM/GRU
+# export slicing, reordering and stacking its own tensors into W, R, B) is a parameter too, under its own
+# (state_dict) name, trained through their backward and written back by export unchanged.
 
 # Ops never folded even with constant inputs: their value is not a function of their inputs.
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -282,8 +281,8 @@ class Importer:
         for n in reversed(g.node):
             slots = PARAM_SLOTS.get(n.op_type, set()) | ELEMENTWISE_PARAM_SLOTS.get(n.op_type, set())
             feeds_param.update(name for pos, name in enumerate(n.input) if name and pos in slots)
-            if n.op_type in MOVEMENT_SLOTS and any(o in feeds_param for o in n.output):
-                moved = MOVEMENT_SLOTS[n.op_type]
+            if n.op_type in DATA_MOVEMENT_OPS and any(o in feeds_param for o in n.output):
+                moved = DATA_MOVEMENT_OPS[n.op_type]
                 for pos, name in enumerate(n.input):
                     if name and (moved is None or pos in moved):
                         feeds_param.add(name)

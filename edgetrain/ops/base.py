@@ -39,6 +39,9 @@ class Op:
     """Base class of every op: attribute parsing at import, forward and backward at run time."""
 
     op_type: ClassVar[str] = ""
+    # False: outputs after the first are side outputs (indices, masks, statistics) that take no gradient,
+    # and backward runs only when the first output has one. True (LSTM's Y, Y_h, Y_c): any may have one.
+    all_outputs_differentiable: ClassVar[bool] = False
 
     def __init__(self, node: Node, opset: int):
         self.node = node

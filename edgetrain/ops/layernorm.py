@@ -56,7 +56,7 @@ class LayerNormalization(Op):
     also carry gradients.
     """
 
-    multi_output = True  # Mean or InvStdDev may carry the only gradient
+    all_outputs_differentiable = True  # Mean or InvStdDev may carry the only gradient
 
     def forward(self, inputs, run):
         x, scale = inputs[0], inputs[1]

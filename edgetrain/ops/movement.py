@@ -21,7 +21,7 @@ class Split(Op):
     """Sizes from the `split` attribute (opset < 13) or input (>= 13), else equal parts: as many as the
     node has outputs, or `num_outputs` (opset 18), the last part smaller when the axis does not divide."""
 
-    multi_output = True  # any output may carry the only gradient (the engine asks every output)
+    all_outputs_differentiable = True  # any output may carry the only gradient (the engine asks every output)
 
     def _sizes(self, inputs, length: int) -> list[int]:
         count = len(self.node.outputs)

@@ -44,6 +44,7 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize
+from edgetrain.quant.rnn import QUANT_RECURRENT
 
 STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
 
@@ -595,9 +596,11 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
     return out
 
 
-def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | None:
+def integer_form(node: Node, params: dict[str, np.ndarray]) -> type[QuantMAC] | type[Op] | None:
     """The integer op that can run this MAC node, or None where the float path stays (`float_reason`
     says why: a Gemm with transA, a MatMul whose weight is not a 2-D parameter)."""
+    if node.op_type in QUANT_RECURRENT:  # its weights may be torch's tensors routed through Slice/Concat
+        return QUANT_RECURRENT[node.op_type]
     w = params.get(node.inputs[1]) if len(node.inputs) > 1 else None
     if node.op_type == "MatMul" and w is None and node.inputs[0] not in params:
         return QuantMatMul  # two activations (layers.mac_nodes takes such a MatMul only then)

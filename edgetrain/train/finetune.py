@@ -10,13 +10,14 @@ import onnx
 from onnx import numpy_helper
 
 from edgetrain.errors import EdgetrainError, ModelError
-from edgetrain.layers import mac_nodes
+from edgetrain.layers import mac_nodes, param_sources
 from edgetrain.model import Model
 
 # Third SeedSequence word of the head's initialisation, apart from the loader's [seed, epoch] streams.
 HEAD_STREAM = 3
 BIAS_SLOT = 2  # Conv B, Gemm C and BatchNormalization B are input 2
 BIAS_OPS = ("Conv", "Gemm", "BatchNormalization")
+RECURRENT_BIAS_SLOT = 3  # LSTM/GRU B (torch's bias_ih and bias_hh, stacked)
 BIAS_ELEMENTWISE = ("Add", "Sub")  # MatMul + Add: the bias is the Add's parameter
 MAX_NAMES_SHOWN = 8
 
@@ -108,6 +109,8 @@ def bias_names(model: Model) -> set[str]:
     for node in model.graph.nodes:
         if node.op_type in BIAS_OPS and len(node.inputs) > BIAS_SLOT and node.inputs[BIAS_SLOT] in params:
             out.add(node.inputs[BIAS_SLOT])
+        elif node.op_type in ("LSTM", "GRU") and len(node.inputs) > RECURRENT_BIAS_SLOT:
+            out |= param_sources(model.graph, node.inputs[RECURRENT_BIAS_SLOT])
         elif node.op_type in BIAS_ELEMENTWISE:
             out |= {i for i in node.inputs if i in params and params[i].ndim == 1}
     return out
@@ -127,7 +130,9 @@ def last_layers_names(model: Model, k: int) -> set[str]:
                              f"({_shown([n.name for n in macs])}); choose 1..{len(macs)}")
     first = model.graph.nodes.index(macs[-k])
     params = model.parameters()
-    return {i for n in model.graph.nodes[first:] for i in n.inputs if i in params}
+    # through data-movement ops too: an LSTM's W may be torch's tensors sliced and stacked earlier in the graph
+    return {p for n in model.graph.nodes[first:] for i in n.inputs if i
+            for p in {i} | param_sources(model.graph, i) if p in params}
 
 
 def trainable_names(model: Model, *, freeze: Iterable[str] = (), train_last: int | None = None,
