@@ -111,7 +111,7 @@ class QuantRecurrent:
     """
 
     def __init__(self, float_op: Op, precision: LayerPrecision, layer_index: int, unsigned_input: bool,
-                 runtime):
+                 runtime, unsigned_other: bool = False):  # unsigned_other: the MAC layers' signature; no second operand
         super().__init__(float_op.node, float_op.opset)
         self.float_op = float_op
         self.precision = precision
