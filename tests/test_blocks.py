@@ -70,7 +70,8 @@ def _check_block_invariants(graph: Graph, blocks: list[Block]) -> None:
 
 # ------------------------------------------------------------------------------ shipped models
 def test_every_shipped_builder_is_covered() -> None:
-    assert set(models.BUILDERS) == set(RESNET_KWARGS) | {"mobilenetv2", "lenet5", "mlp"}
+    others = {"mobilenetv2", "mobilenetv3_small", "vit_tiny", "lenet5", "mlp"}
+    assert set(models.BUILDERS) == set(RESNET_KWARGS) | others
 
 
 @pytest.mark.parametrize("name", sorted(RESNET_BLOCKS))
@@ -119,6 +120,35 @@ def test_mobilenetv2_blocks(width_mult: float) -> None:
         assert b.shortcut == () and b.shortcut_input == b.fork
         # expand 1x1 (if any), depthwise 3x3, linear 1x1 projection
         assert len(b.mac_nodes) == (2 if expand == 1 else 3)
+
+
+def test_mobilenetv3_small_blocks() -> None:
+    """The identity-shortcut inverted residuals of torchvision's table, as blocks with the SE inside."""
+    from models.mobilenetv3 import SETTING
+
+    width = 0.25
+    graph = _load("mobilenetv3_small", width_mult=width, input_size=32)
+    blocks = find_blocks(graph)
+    # as torchvision decides: on the channel counts after the width multiplier
+    expected = [i for i, (cin, _, _, cout, _, _, stride) in enumerate(SETTING, start=1)
+                if stride == 1 and make_divisible(cin * width) == make_divisible(cout * width)]
+    assert [b.join.name for b in blocks] == [f"features.{i}.add" for i in expected]
+    _check_block_invariants(graph, blocks)
+    for b, i in zip(blocks, expected):
+        # the squeeze-excite gate, where the table has one, sits inside the branch
+        assert ("HardSigmoid" in {n.op_type for n in b.branch}) == SETTING[i - 1][4]
+
+
+def test_vit_blocks_are_its_residual_branches() -> None:
+    """A transformer block is two DFQ blocks: attention's and the MLP's pre-norm residual branches."""
+    depth = 2
+    graph = _load("vit_tiny", input_size=8, patch=4, dim=16, depth=depth, heads=2)
+    blocks = find_blocks(graph)
+    assert [b.join.name for b in blocks] == [f"blocks.{i}.res{k}" for i in range(depth) for k in (1, 2)]
+    _check_block_invariants(graph, blocks)
+    attn, mlp = blocks[0], blocks[1]
+    assert [n.op_type for n in attn.mac_nodes] == ["MatMul"] * 4  # qkv, Q K^T, A V, proj
+    assert [n.op_type for n in mlp.mac_nodes] == ["MatMul"] * 2  # fc1, fc2
 
 
 @pytest.mark.parametrize("name, gated", [("lenet5", ["conv2", "fc1", "fc2"]), ("mlp", ["fc2"])])

@@ -22,6 +22,8 @@ SHIPPED = {
     "resnet38": dict(input_size=8),
     "resnet74": dict(input_size=8),
     "mobilenetv2": dict(input_size=16, width_mult=0.5),
+    "mobilenetv3_small": dict(input_size=32, width_mult=0.5),
+    "vit_tiny": dict(input_size=8, patch=4, dim=16, depth=2, heads=2),
     "lenet5": dict(),
     "mlp": dict(),
 }
@@ -65,7 +67,7 @@ def test_shipped_model_forward_matches_onnxruntime(name):
     assert err < FORWARD_TOL, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet8", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet8", "mobilenetv2", "vit_tiny"])
 def test_shipped_model_gradients_match_finite_differences(name):
     kwargs = dict(SHIPPED[name])
     if name == "mobilenetv2":
