@@ -84,6 +84,8 @@ def test_shipped_model_gradients_match_finite_differences(name):
 
 # --- models exported by PyTorch ---------------------------------------------------------------
 torch = pytest.importorskip("torch")
+from torch_reference import settle_batchnorm, torch_grads  # noqa: E402
+
 from edgetrain import from_torch  # noqa: E402
 from models.export_torch import torch_mobilenetv2, torch_resnet18  # noqa: E402
 
@@ -94,21 +96,13 @@ TORCH_MODELS = {
 }
 
 
-def _settle_batchnorm(module, x):
-    """One training-mode pass, so running statistics are not the trivial 0/1 of a fresh model."""
-    module.train()
-    with torch.no_grad():
-        module(x)
-    module.eval()
-
-
 @pytest.fixture(scope="module", params=sorted(TORCH_MODELS))
 def exported(request, tmp_path_factory):
     torch.manual_seed(0)
     build, shape = TORCH_MODELS[request.param]
     module = build()
     x = torch.randn(*shape)
-    _settle_batchnorm(module, x)
+    settle_batchnorm(module, x)
     path = str(tmp_path_factory.mktemp("torch") / f"{request.param}.onnx")
     from_torch(module, x, path)
     return request.param, module, path, shape
@@ -128,20 +122,6 @@ def test_torch_export_forward_matches_onnxruntime_and_torch(exported):
     assert np.abs(ours - tref).max() / scale < FORWARD_TOL
 
 
-def _torch_grads(module, x, labels, dtype):
-    """Training-mode loss and parameter gradients of a copy of module in the given float type."""
-    import copy
-
-    m = copy.deepcopy(module).to(dtype)
-    m.train()
-    for sub in m.modules():  # dropout would draw its own mask; compare the deterministic part
-        if isinstance(sub, torch.nn.Dropout):
-            sub.eval()
-    loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(labels))
-    loss.backward()
-    return loss.item(), {k: p.grad.numpy().astype(np.float64) for k, p in m.named_parameters()}, m
-
-
 def test_torch_export_gradients_match_autograd(exported):
     """float64: every tensor within 1e-6 of autograd. float32: within 1e-4 of torch where float32 can
     resolve 1e-4 at all (torch's own float32 error below half that, as for ResNet-18); otherwise (a
@@ -150,8 +130,8 @@ def test_torch_export_gradients_match_autograd(exported):
     name, module, path, shape = exported
     x = np.random.default_rng(8).standard_normal(shape)
     labels = np.arange(shape[0]) % 10
-    t64_loss, t64, t64_module = _torch_grads(module, x, labels, torch.float64)
-    t32_loss, t32, _ = _torch_grads(module, x, labels, torch.float32)
+    t64_loss, t64, t64_module = torch_grads(module, x, labels, torch.float64)
+    t32_loss, t32, _ = torch_grads(module, x, labels, torch.float32)
 
     model64 = edgetrain.load(path, dtype=np.float64)
     loss64, g64 = model64.loss_and_grad(x, labels)

@@ -6,8 +6,6 @@ The architectures come from models/torch_zoo.py (written module for module as to
 them; torchvision's wheel cannot be installed beside the CPU build of torch), at small widths so the zoo
 runs within the suite's budget.
 """
-import copy
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,6 +16,8 @@ import edgetrain
 from edgetrain.train.optim import SGD
 
 torch = pytest.importorskip("torch")
+from torch_reference import settle_batchnorm, torch_grads  # noqa: E402
+
 from models.export_torch import torch_mobilenetv2, torch_resnet18  # noqa: E402
 from models.torch_zoo import SMALL  # noqa: E402
 
@@ -39,14 +39,6 @@ DYNAMO = ["mobilenet_v3_small", "shufflenet_v2", "convnext", "vit", "lstm", "gru
 CASES = [(name, "torchscript") for name in ZOO] + [(name, "dynamo") for name in DYNAMO]
 
 
-def _settle_batchnorm(module, x):
-    """One training-mode pass, so running statistics are not the trivial 0/1 of a fresh model."""
-    module.train()
-    with torch.no_grad():
-        module(x)
-    module.eval()
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{e}" for n, e in CASES])
 def exported(request, tmp_path_factory):
     name, exporter = request.param
@@ -56,7 +48,7 @@ def exported(request, tmp_path_factory):
     build, shape = ZOO[name]
     module = build()
     x = torch.randn(BATCH, *shape)
-    _settle_batchnorm(module, x)
+    settle_batchnorm(module, x)
     path = str(tmp_path_factory.mktemp("zoo") / f"{name}-{exporter}.onnx")
     edgetrain.from_torch(module, x, path, exporter=exporter)
     return name, module, path, shape
@@ -76,18 +68,6 @@ def test_forward_matches_torch_and_onnxruntime(exported):
     assert np.abs(ours - ref).max() / scale < FORWARD_TOL
 
 
-def _torch_grads(module, x, labels, dtype):
-    """Training-mode loss and parameter gradients of a copy of module in the given float type."""
-    m = copy.deepcopy(module).to(dtype)
-    m.train()
-    for sub in m.modules():  # dropout draws its own mask; the exporters leave it out of an eval export
-        if isinstance(sub, torch.nn.Dropout):
-            sub.eval()
-    loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(labels))
-    loss.backward()
-    return loss.item(), {k: p.grad.numpy().astype(np.float64) for k, p in m.named_parameters()}
-
-
 def test_gradients_match_autograd(exported):
     """float64: every parameter within 1e-6 of autograd. float32: no further from the float64 truth than
     PyTorch's own float32 gradients are (twice theirs, or 1e-4, whichever is larger): deep and depthwise
@@ -95,8 +75,8 @@ def test_gradients_match_autograd(exported):
     name, module, path, shape = exported
     x = np.random.default_rng(8).standard_normal((BATCH,) + shape)
     labels = np.arange(BATCH) % NUM_CLASSES
-    t64_loss, t64 = _torch_grads(module, x, labels, torch.float64)
-    _, t32 = _torch_grads(module, x, labels, torch.float32)
+    t64_loss, t64, _ = torch_grads(module, x, labels, torch.float64)
+    _, t32, _ = torch_grads(module, x, labels, torch.float32)
 
     model64 = edgetrain.load(path, dtype=np.float64)
     loss64, g64 = model64.loss_and_grad(x, labels)
