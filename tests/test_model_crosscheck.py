@@ -77,7 +77,9 @@ def test_shipped_model_gradients_match_finite_differences(name):
     proto = randomise_state(models.build_model(name, seed=3, **kwargs), seed=4)
     model = edgetrain.load(proto)
     x = input_for(model, batch=3, seed=5)
-    errors = check_model_gradients(model, {model.input_name: x}, training=True, samples=6)
+    # MobileNetV2's 52 tensors at 6 coordinates each took 2 minutes of the suite; 3 each cover them all
+    samples = 3 if name == "mobilenetv2" else 6
+    errors = check_model_gradients(model, {model.input_name: x}, training=True, samples=samples)
     worst = max(errors, key=errors.get)
     assert errors[worst] < FD_TOL, f"{name}: {worst} relative error {errors[worst]:.2e}"
 
