@@ -11,6 +11,7 @@ from edgetrain.ops import (  # noqa: F401  (registration side effects)
     movement,
     norm,
     pool,
+    qdq,
     reduce,
     resize,
     rnn,
