@@ -17,6 +17,7 @@ from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
+from edgetrain.qdq_import import dequantize_weights
 from edgetrain.sequences import split_sequences
 
 MIN_OPSET = 11
@@ -110,6 +111,7 @@ class Importer:
         self.opset = self._opset()
         self._name_nodes()
         self._check_references()
+        self._dequantize_weights()
         self._toposort()
         self._check()
         self.model = split_sequences(self.model, self.opset)
@@ -167,6 +169,11 @@ class Importer:
         for o in g.output:
             if o.name not in known:
                 raise self.fail(f"graph output '{o.name}' is not produced by any node")
+
+    def _dequantize_weights(self) -> None:
+        """Quantised weights (DequantizeLinear of initializers) become float ones, in the graph kept for export too."""
+        self.model = dequantize_weights(self.model)
+        self.original = dequantize_weights(self.original)
 
     def _toposort(self) -> None:
         """Order nodes so each runs after its producers, and drop nodes no output depends on."""

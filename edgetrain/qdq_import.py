@@ -1,0 +1,99 @@
+"""Import rewrite of quantised ONNX models: dequantised weights become float initializers (so parameters).
+
+A DequantizeLinear whose input, scale and zero point are all initializers (an int8/uint8 weight or an
+int32 bias of a QDQ model) is evaluated at import, as onnxruntime evaluates it (float32 (q - zero) * scale),
+and replaced by a float initializer its consumers read directly. The initializer is named after the
+quantised one without its `_quantized` suffix (`conv1.weight_quantized` -> `conv1.weight`, the name both
+edgetrain's and onnxruntime's quantisers derived it from) when that name is free, else after the
+DequantizeLinear's output. The importer applies the same rewrite to the graph it keeps for export, so a
+float export writes the trained float weights in place of the quantised ones; QuantizeLinear ->
+DequantizeLinear pairs on activations stay in the graph (fake quantisation, in edgetrain and in the file).
+
+QOperator models (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) keep their integer weights: they
+are constants, evaluated exactly and written back unchanged, and those layers do not train.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgetrain.errors import ModelError
+
+QUANTIZED_SUFFIX = "_quantized"
+INTEGER_TYPES = frozenset({np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)})
+
+
+def _dequantize(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """The DequantizeLinear's value, per tensor or per axis, as onnxruntime computes it."""
+    axis = 1
+    block = 0
+    for a in node.attribute:
+        if a.name == "axis":
+            axis = a.i
+        elif a.name == "block_size":
+            block = a.i
+    if block:
+        raise ModelError(f"node '{node.name}' (DequantizeLinear): blocked weight quantisation "
+                         "(block_size) is not imported as a trainable weight")
+    v = q.astype(np.int64)
+    s = scale
+    if scale.ndim == 1 and q.ndim > 0:
+        shape = [1] * q.ndim
+        shape[axis % q.ndim] = scale.shape[0]
+        s = scale.reshape(shape)
+        if zero is not None:
+            zero = zero.reshape(shape)
+    if zero is not None:
+        v = v - zero.astype(np.int64)
+    return (v.astype(scale.dtype) * s).astype(scale.dtype)
+
+
+def dequantize_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every DequantizeLinear of constant integer tensors by a float initializer (in place)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    taken = set(inits) | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    renamed: dict[str, str] = {}
+    kept = []
+    for n in g.node:
+        args = list(n.input) + [""] * (3 - len(n.input))
+        if (n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs
+                or not all(a in inits for a in args[:2]) or (args[2] and args[2] not in inits)):
+            kept.append(n)
+            continue
+        q = numpy_helper.to_array(inits[args[0]])
+        if q.dtype not in INTEGER_TYPES:
+            kept.append(n)
+            continue
+        scale = numpy_helper.to_array(inits[args[1]])
+        zero = numpy_helper.to_array(inits[args[2]]) if args[2] else None
+        value = _dequantize(n, q, scale, zero)
+        name = n.output[0]
+        if args[0].endswith(QUANTIZED_SUFFIX):
+            base = args[0][: -len(QUANTIZED_SUFFIX)]
+            if base and base not in taken:
+                name = base
+        taken.add(name)
+        renamed[n.output[0]] = name
+        g.initializer.append(numpy_helper.from_array(value, name))
+        inits[name] = g.initializer[-1]
+    if not renamed:
+        return model
+    del g.node[:]
+    g.node.extend(kept)
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in renamed:
+                n.input[i] = renamed[x]
+    # The quantised tensors, scales and zero points nothing reads any more go (a scale shared with an
+    # activation's QuantizeLinear stays).
+    used = {x for n in g.node for x in n.input} | outputs
+    dead = [t for t in g.initializer if t.name not in used]
+    for t in dead:
+        g.initializer.remove(t)
+    dead_names = {t.name for t in dead}
+    for vi in [i for i in g.input if i.name in dead_names]:
+        g.input.remove(vi)
+    return model
