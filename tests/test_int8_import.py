@@ -1,0 +1,117 @@
+"""Round trip: int8 ONNX models (edgetrain's own QDQ export, onnxruntime's quantisers) load back, evaluate as
+onnxruntime does, train and export again."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import edgetrain
+from edgetrain.cli.demo import demo_model_path
+from edgetrain.cli.main import main
+from edgetrain.data import load_data
+from edgetrain.export import export_int8, export_onnx, onnxruntime_session
+from edgetrain.train.config import resolve
+from edgetrain.train.optim import SGD
+from edgetrain.train.runstate import build_model
+from edgetrain.train.trainer import Trainer
+
+WEIGHTS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
+
+
+def ort(path, x):
+    sess = onnxruntime_session(path)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory, digits):
+    """The shipped LeNet-5 trained a few 8/8 steps, exported int8 (QDQ)."""
+    tmp = tmp_path_factory.mktemp("int8")
+    cfg = resolve(dict(model=str(demo_model_path()), data="digits", schedule="static", bits="8/8", steps=4,
+                       batch_size=32, out=str(tmp / "run"), lr=0.02))
+    model, _ = build_model(cfg.model, cfg.seed, None)
+    Trainer(model, digits, cfg, export_model=False).fit()
+    path = tmp / "int8.onnx"
+    export_int8(model, path)
+    return path
+
+
+def test_int8_export_evaluates_as_onnxruntime_does(int8_export, digits):
+    model = edgetrain.load(int8_export)
+    # Weights are float parameters under their original names; nothing quantised is trainable.
+    assert set(WEIGHTS) <= set(model.parameters())
+    assert all(np.issubdtype(v.dtype, np.floating) for v in model.parameters().values())
+    x = digits.test.x
+    ours, theirs = model(x), ort(int8_export, x)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    assert (ours.argmax(1) == digits.test.y).mean() > 0.5
+
+
+def test_int8_export_trains_and_exports_float(int8_export, digits, tmp_path):
+    model = edgetrain.load(int8_export)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    x, y = digits.train.x[:64], digits.train.y[:64]
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(5):
+        loss, grads = model.loss_and_grad(x, y)
+        losses.append(loss)
+        # The straight-through gradient reaches the weights behind every fake-quantised activation.
+        assert all(np.abs(grads[w]).max() > 0 for w in WEIGHTS)
+        opt.step(grads)
+    assert losses[-1] < losses[0]
+    assert all(not np.array_equal(before[w], model.parameters()[w]) for w in WEIGHTS)
+    # A float export writes the trained float weights; the activations' Q/DQ pairs stay, so onnxruntime
+    # computes what the engine computes up to float summation order (which can move an activation across a
+    # rounding boundary: agreement, not identity).
+    export_onnx(model, tmp_path / "retrained.onnx")
+    proto = onnx.load(str(tmp_path / "retrained.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for w in WEIGHTS:
+        np.testing.assert_array_equal(inits[w], model.parameters()[w])
+    xt = digits.test.x
+    agreement = (model(xt).argmax(1) == ort(tmp_path / "retrained.onnx", xt).argmax(1)).mean()
+    assert agreement >= 0.99, agreement
+
+
+def test_info_reads_an_int8_export(int8_export, capsys):
+    assert main(["info", str(int8_export), "--json"]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out)
+    assert info  # a summary, not a refusal
+
+
+class _Calibration:
+    def __init__(self, name, x):
+        self.batches = iter([{name: x[i:i + 16]} for i in range(0, len(x), 16)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "dynamic"])
+def test_onnxruntime_quantized_models_match_onnxruntime(fmt, digits, tmp_path):
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    src = str(demo_model_path())
+    out = str(tmp_path / f"{fmt}.onnx")
+    if fmt == "dynamic":
+        quantization.quantize_dynamic(src, out, weight_type=quantization.QuantType.QInt8)
+    else:
+        name = onnx.load(src).graph.input[0].name
+        form = quantization.QuantFormat.QDQ if fmt == "qdq" else quantization.QuantFormat.QOperator
+        quantization.quantize_static(src, out, _Calibration(name, digits.train.x[:64]), quant_format=form,
+                                     per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                     weight_type=quantization.QuantType.QInt8)
+    x = digits.test.x
+    model = edgetrain.load(out)
+    ours, theirs = model(x), ort(out, x)
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+    if fmt == "qdq":
+        assert set(WEIGHTS) <= set(model.parameters())
