@@ -43,6 +43,9 @@ NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike
 
 MAX_NAMES_LISTED = 10
 
+# Ops outside the ONNX domain edgetrain runs: onnxruntime's QOperator quantiser writes Gemm as QGemm.
+CONTRIB_OPS = {"com.microsoft": frozenset({"QGemm"})}
+
 
 def load_graph(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     """Import an ONNX model from a path or a ModelProto."""
@@ -359,7 +362,8 @@ class Importer:
         bad: dict[str, list[str]] = defaultdict(list)
         for n in self.model.graph.node:
             key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-            if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED:
+            contrib = n.op_type in CONTRIB_OPS.get(n.domain, ())
+            if not contrib and (n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED):
                 bad[key].append(n.name)
         if not bad:
             return

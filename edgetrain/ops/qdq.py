@@ -194,3 +194,25 @@ class QLinearConv(_IntegerConv):
         if m.ndim == 1 and m.size > 1:  # per output channel
             m = m.reshape((1, -1) + (1,) * (acc.ndim - 2))
         return [_requantize(acc, m, y_z, y_z.dtype if y_z is not None else np.dtype(np.uint8))], None
+
+
+@register("QGemm")
+class QGemm(Op):
+    """onnxruntime's com.microsoft.QGemm (its QOperator quantiser writes Gemm as it): integer A'B' + int32 C,
+    then requantised with alpha * a_scale * b_scale / y_scale, or scaled to float32 without y_scale."""
+
+    def forward(self, inputs, run):
+        inputs = list(inputs) + [None] * (9 - len(inputs))
+        a, a_s, a_z, b, b_s, b_z, c, y_s, y_z = inputs[:9]
+        a_c = _centered(a, a_z)
+        b_c = _centered(b, b_z, ndim_axis=0 if self.attr("transB", 0) else 1)
+        at = a_c.T if self.attr("transA", 0) else a_c
+        bt = b_c.T if self.attr("transB", 0) else b_c
+        acc = at @ bt
+        if c is not None:
+            acc = acc + c.astype(np.float64)
+        m = np.float32(self.attr("alpha", 1.0)) * np.asarray(a_s, np.float32) * np.asarray(b_s, np.float32)
+        if y_s is None:
+            return [(acc.astype(np.float32) * m).astype(np.float32)], None
+        m = m / np.asarray(y_s, np.float32)
+        return [_requantize(acc, m, y_z, y_z.dtype if y_z is not None else np.dtype(np.uint8))], None
