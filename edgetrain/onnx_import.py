@@ -17,7 +17,7 @@ from edgetrain.batch_dim import free_batch
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
-from edgetrain.qdq_import import dequantize_weights
+from edgetrain.qdq_import import dequantize_weights, infer_qgemm_shapes
 from edgetrain.sequences import split_sequences
 
 MIN_OPSET = 11
@@ -222,6 +222,7 @@ class Importer:
 
     def _infer_shapes(self) -> None:
         try:
+            self.model = infer_qgemm_shapes(self.model)
             self.model = onnx.shape_inference.infer_shapes(self.model, strict_mode=True)
         except Exception as exc:
             raise self.fail(f"shape inference failed: {_one_line(exc)}") from None

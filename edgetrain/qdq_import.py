@@ -97,3 +97,41 @@ def dequantize_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for vi in [i for i in g.input if i.name in dead_names]:
         g.input.remove(vi)
     return model
+
+
+def _dims(model: onnx.ModelProto, name: str) -> list | None:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return list(vi.type.tensor_type.shape.dim)
+    for t in model.graph.initializer:
+        if t.name == name:
+            return [onnx.TensorShapeProto.Dimension(dim_value=d) for d in t.dims]
+    return None
+
+
+def infer_qgemm_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes through onnxruntime's QGemm, which ONNX's shape inference does not know: each QGemm's output
+    is recorded as value_info once its operands' shapes are known, and inference runs again past it."""
+    pending = [n for n in model.graph.node if n.op_type == "QGemm" and n.domain == "com.microsoft"]
+    inits = {t.name: t for t in model.graph.initializer}
+    while pending:
+        model = onnx.shape_inference.infer_shapes(model)
+        ready = [n for n in pending if _dims(model, n.input[0]) and _dims(model, n.input[3])]
+        if not ready:
+            return model  # the importer's strict inference reports what stays unknown
+        for n in ready:
+            attrs = {a.name: a for a in n.attribute}
+            a, b = _dims(model, n.input[0]), _dims(model, n.input[3])
+            rows = a[1] if "transA" in attrs and attrs["transA"].i else a[0]
+            cols = b[0] if "transB" in attrs and attrs["transB"].i else b[1]
+            if len(n.input) > 7 and n.input[7]:
+                zero = inits.get(n.input[8]) if len(n.input) > 8 else None
+                elem = zero.data_type if zero is not None else onnx.TensorProto.UINT8
+            else:
+                elem = onnx.TensorProto.FLOAT
+            vi = model.graph.value_info.add()
+            vi.name = n.output[0]
+            vi.type.tensor_type.elem_type = elem
+            vi.type.tensor_type.shape.dim.extend([rows, cols])
+            pending.remove(n)
+    return model

@@ -183,6 +183,9 @@ class ConvInteger(_IntegerConv):
         wz = inputs[3] if len(inputs) > 3 else None
         return [self.accumulate(x, xz, w, wz).astype(np.int32)], None
 
+    def macs(self, in_shapes, out_shapes):
+        return self.conv.macs([in_shapes[0], in_shapes[1]], out_shapes)
+
 
 @register("QLinearConv")
 class QLinearConv(_IntegerConv):
@@ -194,6 +197,9 @@ class QLinearConv(_IntegerConv):
         if m.ndim == 1 and m.size > 1:  # per output channel
             m = m.reshape((1, -1) + (1,) * (acc.ndim - 2))
         return [_requantize(acc, m, y_z, y_z.dtype if y_z is not None else np.dtype(np.uint8))], None
+
+    def macs(self, in_shapes, out_shapes):
+        return self.conv.macs([in_shapes[0], in_shapes[3]], out_shapes)
 
 
 @register("QGemm")
@@ -216,3 +222,7 @@ class QGemm(Op):
             return [(acc.astype(np.float32) * m).astype(np.float32)], None
         m = m / np.asarray(y_s, np.float32)
         return [_requantize(acc, m, y_z, y_z.dtype if y_z is not None else np.dtype(np.uint8))], None
+
+    def macs(self, in_shapes, out_shapes):
+        a = in_shapes[0]
+        return int(np.prod(out_shapes[0][1:])) * int(a[0] if self.attr("transA", 0) else a[1])
