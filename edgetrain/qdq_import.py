@@ -7,7 +7,11 @@ quantised one without its `_quantized` suffix (`conv1.weight_quantized` -> `conv
 edgetrain's and onnxruntime's quantisers derived it from) when that name is free, else after the
 DequantizeLinear's output. The importer applies the same rewrite to the graph it keeps for export, so a
 float export writes the trained float weights in place of the quantised ones; QuantizeLinear ->
-DequantizeLinear pairs on activations stay in the graph (fake quantisation, in edgetrain and in the file).
+DequantizeLinear pairs on activations stay in the graph (fake quantisation, in edgetrain and in the file),
+they and their tensors renamed with a `.imported` suffix so that an int8 export of the fine-tuned model
+(edgetrain.export.export_int8, after training at 8/8) can add its own QDQ pairs in front of each integer
+layer under its own names: the file then quantises such a layer's input twice, with the imported scale and
+with the trained one, as the engine computes it.
 
 QOperator models (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger) keep their integer weights: they
 are constants, evaluated exactly and written back unchanged, and those layers do not train.
@@ -21,6 +25,7 @@ from onnx import numpy_helper
 from edgetrain.errors import ModelError
 
 QUANTIZED_SUFFIX = "_quantized"
+IMPORTED_SUFFIX = ".imported"
 INTEGER_TYPES = frozenset({np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)})
 
 
@@ -50,7 +55,40 @@ def _dequantize(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np
 
 
 def dequantize_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every DequantizeLinear of constant integer tensors by a float initializer (in place)."""
+    """Replace every DequantizeLinear of constant integer tensors by a float initializer (in place), and
+    mark the activations' quantisation tensors as imported."""
+    model = _dequantize_weights(model)
+    _mark_imported(model)
+    return model
+
+
+def _mark_imported(model: onnx.ModelProto) -> None:
+    """Suffix the outputs, scales and zero points of the Quantize/DequantizeLinear nodes left (activations')
+    with IMPORTED_SUFFIX: an int8 export of the fine-tuned model adds its own QDQ pairs under its own names
+    (`conv1.input_scale`, the names the imported file used), and they must not collide."""
+    g = model.graph
+    fixed = {i.name for i in g.input} | {o.name for o in g.output}
+    inits = {t.name: t for t in g.initializer}
+    renamed: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in ("", "ai.onnx"):
+            continue
+        names = list(n.output) + [x for x in list(n.input)[1:] if x in inits]
+        if n.name:
+            n.name += IMPORTED_SUFFIX
+        renamed.update({x: x + IMPORTED_SUFFIX for x in names if x and x not in fixed})
+    if not renamed:
+        return
+    for n in g.node:
+        n.input[:] = [renamed.get(x, x) for x in n.input]
+        n.output[:] = [renamed.get(x, x) for x in n.output]
+    for t in g.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for vi in g.value_info:
+        vi.name = renamed.get(vi.name, vi.name)
+
+
+def _dequantize_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}

@@ -82,6 +82,23 @@ def test_int8_export_trains_and_exports_float(int8_export, digits, tmp_path):
     assert agreement >= 0.99, agreement
 
 
+def test_int8_reexport_after_8_8_fine_tuning(int8_export, digits, tmp_path):
+    model = edgetrain.load(int8_export)
+    model.set_precision("8/8")
+    opt = SGD(model.parameters(), lr=0.02)
+    for step in range(3):
+        model.step = step
+        _, grads = model.loss_and_grad(digits.train.x[:64], digits.train.y[:64])
+        opt.step(grads)
+    # The imported activation QDQ pairs keep their (suffixed) names; the export adds its own in front of
+    # each integer layer, and onnxruntime computes what the engine computes.
+    export_int8(model, tmp_path / "again.onnx")
+    x = digits.test.x
+    assert (model(x).argmax(1) == ort(tmp_path / "again.onnx", x).argmax(1)).mean() >= 0.99
+    again = edgetrain.load(tmp_path / "again.onnx")
+    assert (again(x).argmax(1) == ort(tmp_path / "again.onnx", x).argmax(1)).all()
+
+
 def test_info_reads_an_int8_export(int8_export, capsys):
     assert main(["info", str(int8_export), "--json"]) == 0
     out = capsys.readouterr().out
