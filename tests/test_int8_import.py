@@ -164,3 +164,25 @@ def test_onnx_opset10_cases_at_opset_13(name):
     for info, want in zip(model.graph.output, outputs):
         assert got[info.name].dtype == want.dtype
         np.testing.assert_array_equal(got[info.name], want)
+
+
+def test_fake_quantisation_straight_through_gradient():
+    """Q -> DQ on an activation: eval rounds half to even and saturates as onnxruntime does; the gradient
+    passes unchanged inside the representable range and is 0 where the value saturated."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[1.0, -3.0, 0.25, 2.0]], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["h"]),
+         helper.make_node("QuantizeLinear", ["h", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "fq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+         numpy_helper.from_array(np.array(0, np.int8), "z")])
+    model = edgetrain.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.array([[0.25, 100.0, 1.0, 0.375]], np.float32)  # h/s = 0.5 (tie: 0), -600 (saturates), 0.5, 1.5 (tie: 2)
+    np.testing.assert_array_equal(model(x), [[0.0, -64.0, 0.0, 1.0]])
+    # loss = sum(y): dL/dy = 1, so dL/dw = x where h did not saturate
+    _, grads = model.loss_and_grad(x, np.zeros(1), loss=lambda out, _: (float(out.sum()), np.ones_like(out)))
+    np.testing.assert_array_equal(grads["w"], [[0.25, 0.0, 1.0, 0.375]])
