@@ -38,12 +38,17 @@ def _dequantize(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero: np
             axis = a.i
         elif a.name == "block_size":
             block = a.i
-    if block:
-        raise ModelError(f"node '{node.name}' (DequantizeLinear): blocked weight quantisation "
-                         "(block_size) is not imported as a trainable weight")
+    if block and scale.ndim != q.ndim:
+        raise ModelError(f"node '{node.name}' (DequantizeLinear): block_size {block} needs a scale of the "
+                         f"weight's rank {q.ndim}, got shape {scale.shape}")
     v = q.astype(np.int64)
     s = scale
-    if scale.ndim == 1 and q.ndim > 0:
+    if block:  # one scale (and zero point) per `block` elements along axis
+        a = axis % q.ndim
+        s = np.take(np.repeat(scale, block, axis=a), np.arange(q.shape[a]), axis=a)
+        if zero is not None:
+            zero = np.take(np.repeat(zero, block, axis=a), np.arange(q.shape[a]), axis=a)
+    elif scale.ndim == 1 and q.ndim > 0:
         shape = [1] * q.ndim
         shape[axis % q.ndim] = scale.shape[0]
         s = scale.reshape(shape)

@@ -33,9 +33,17 @@ def _axis_shape(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return param  # blocked quantisation: same rank as x
 
 
-def _expand_blocks(param: np.ndarray, ndim: int, axis: int, block: int) -> np.ndarray:
+def _along(param: np.ndarray, x: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """A scale or zero point (per tensor, per axis or blocked) shaped to broadcast against x."""
+    size = x.shape[axis % x.ndim] if x.ndim else None
+    return _axis_shape(_expand_blocks(param, x.ndim, axis, block, size), x.ndim, axis)
+
+
+def _expand_blocks(param: np.ndarray, ndim: int, axis: int, block: int, size: int | None = None) -> np.ndarray:
+    """A blocked scale or zero point (one value per `block` elements along axis) repeated to x's length."""
     if block and param.ndim == ndim and param.ndim > 0:
-        return np.repeat(param, block, axis=axis % ndim)
+        full = np.repeat(param, block, axis=axis % ndim)
+        return full if size is None else np.take(full, np.arange(size), axis=axis % ndim)
     return param
 
 
@@ -67,8 +75,8 @@ class QuantizeLinear(Op):
         if dtype not in INT_RANGES:
             raise self.fail(f"output type {dtype} is not an integer type edgetrain quantises to")
         axis, block = int(self.attr("axis", 1)), int(self.attr("block_size", 0))
-        s = _axis_shape(_expand_blocks(scale, x.ndim, axis, block), x.ndim, axis)
-        z = _axis_shape(_expand_blocks(zero, x.ndim, axis, block), x.ndim, axis) if zero is not None else 0
+        s = _along(scale, x, axis, block)
+        z = _along(zero, x, axis, block) if zero is not None else 0
         y, inside = quantize_values(x, s, z, dtype)
         return [y], (inside, s, x.dtype)
 
@@ -84,10 +92,10 @@ class DequantizeLinear(Op):
         x, scale = inputs[0], inputs[1]
         zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
         axis, block = int(self.attr("axis", 1)), int(self.attr("block_size", 0))
-        s = _axis_shape(_expand_blocks(scale, x.ndim, axis, block), x.ndim, axis)
+        s = _along(scale, x, axis, block)
         v = x.astype(np.int64)
         if zero is not None:
-            v = v - _axis_shape(_expand_blocks(zero, x.ndim, axis, block), x.ndim, axis).astype(np.int64)
+            v = v - _along(zero, x, axis, block).astype(np.int64)
         # onnxruntime computes in the scale's type: float32 (x - zero) * scale
         y = (v.astype(scale.dtype) * s).astype(scale.dtype, copy=False)
         return [y], s
