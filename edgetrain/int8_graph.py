@@ -19,6 +19,12 @@ UINT8_MAX = 255
 # Ops a quantised tensor passes through unchanged in value (so one scale serves both sides): onnxruntime drops
 # the DQ -> op -> Q around them when the scales match.
 VALUE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
+# Every activation is uint8: onnxruntime fuses DQ -> Conv -> Q only when input and output share a type, so a
+# signed tensor is written on the engine's symmetric int8 grid shifted by 128 (the same scale and values, plus
+# the code -128 the engine does not use).
+SIGNED_ZERO_POINT = 128
+# Activations onnxruntime removes in front of a QuantizeLinear whose range lies inside theirs (Relu, ReLU6).
+ACTIVATIONS = ("Relu", "Clip")
 
 
 @dataclass(frozen=True)
@@ -202,8 +208,8 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
     for node, _ in int_nodes:
         t = node.output[0]
         readers = consumers.get(t, [])
-        if len(readers) == 1 and readers[0].op_type == "Relu" and t not in graph_outputs:
-            t = readers[0].output[0]  # onnxruntime folds a Relu before a uint8, zero-point-0 Q into the conv
+        if len(readers) == 1 and readers[0].op_type in ACTIVATIONS and t not in graph_outputs:
+            t = readers[0].output[0]  # onnxruntime folds a Relu/Clip before a Q whose range it covers
         if t in graph_outputs:
             continue
         outputs[node.name] = t
@@ -219,7 +225,7 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
                 and all(i in formats or i in need_range for i in n.input):
             t = n.output[0]
             readers = consumers.get(t, [])
-            if len(readers) == 1 and readers[0].op_type == "Relu":
+            if len(readers) == 1 and readers[0].op_type in ACTIVATIONS:
                 t = readers[0].output[0]
             f = downstream_format(t)
             if f is not None:
@@ -237,7 +243,7 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
     for t, f in formats.items():
         s, z, q, dq = t + ".scale", t + ".zero_point", t + ".quantized", t + ".dequantized"
         new_inits += [numpy_helper.from_array(np.asarray(f.scale, np.float32).reshape(()), s),
-                      numpy_helper.from_array(np.zeros((), np.uint8 if f.unsigned else np.int8), z)]
+                      numpy_helper.from_array(np.asarray(0 if f.unsigned else SIGNED_ZERO_POINT, np.uint8), z)]
         pair = [onnx.helper.make_node("QuantizeLinear", [t, s, z], [q], name=t + ".quantize"),
                 onnx.helper.make_node("DequantizeLinear", [q, s, z], [dq], name=t + ".dequantize")]
         for reader in consumers.get(t, []):
