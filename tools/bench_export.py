@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             ms = {k: median_ms(s, x, args.runs) for k, s in sessions.items()}
             rows.append((name, batch, ms["float"], ms["int8"], ms["int8"] / ms["float"], acc["float"], acc["int8"],
                          ",".join(sorted(o for o in ops if o in INTEGER_OPS))))
-    print(f"{'model':<18}{'batch':>6}{'float ms':>10}{'int8 ms':>10}{'ratio':>7}{'top1 f32':>10}{'top1 i8':>9}  integer ops")
+    print(f"{'model':<18}{'batch':>6}{'float ms':>10}{'int8 ms':>10}{'ratio':>7}{'top1 f32':>10}{'top1 i8':>9}"
+          "  integer ops")
     for r in rows:
         print(f"{r[0]:<18}{r[1]:>6}{r[2]:>10.3f}{r[3]:>10.3f}{r[4]:>7.2f}{r[5]:>10.3f}{r[6]:>9.3f}  {r[7]}")
 
