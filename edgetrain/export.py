@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from edgetrain.errors import ModelError
 from edgetrain.fileio import write_atomic
+from edgetrain.int8_graph import ActFormat, IntLayer, quantise_graph
 from edgetrain.layers import mac_nodes
 from edgetrain.model import Model
 from edgetrain.precision.dfq.controller import DFQ
@@ -104,14 +105,16 @@ def _quantised_weight(w: np.ndarray, bits: int, axis: int, pow2: bool) -> tuple[
     return (values if axis == 0 else np.ascontiguousarray(values.T)), np.asarray(q.scale, np.float32).reshape(-1)
 
 
-def to_onnx_int8(model: Model, gated_bits: str | None = None) -> onnx.ModelProto:
-    """A QDQ model for integer inference: each quantised Conv/Gemm reads its activation through
-    QuantizeLinear/DequantizeLinear and its weights as int8 with per-output-channel scales.
+def to_onnx_int8(model: Model, gated_bits: str | None = None, calibration: np.ndarray | None = None,
+                 fold: bool = True) -> onnx.ModelProto:
+    """A QDQ model onnxruntime runs on its integer kernels (edgetrain.int8_graph.quantise_graph).
 
-    Activations use uint8 (zero point 0) where the graph proves them non-negative, else int8 (zero
-    point 0), with the scale the engine's eval uses: the running range over the format's max. Biases,
-    BatchNorm and the classifier (fp32 in training) stay float; nothing is folded. DFQ-gated layers
-    are written at one static candidate, `gated_bits` (default: the most precise one).
+    BatchNorm is folded into the preceding Conv/Gemm; each integer layer's input is quantised with the
+    scale the engine's eval uses (the running range over the format's max: uint8 where the graph proves
+    it non-negative, else int8, zero point 0), its weights int8 per output channel, its bias int32.
+    Layer outputs that no integer layer reads are quantised with ranges measured on `calibration`
+    inputs (without them those layers stay float convolutions). The classifier (fp32 in training) stays
+    float. DFQ-gated layers are written at one static candidate, `gated_bits` (default: the most precise).
     """
     plans = _plan(model, gated_bits)
     if not plans:
@@ -120,48 +123,13 @@ def to_onnx_int8(model: Model, gated_bits: str | None = None) -> onnx.ModelProto
     if model.graph.opset < QDQ_MIN_OPSET:
         raise ModelError(f"int8 export needs opset {QDQ_MIN_OPSET} or newer (per-channel DequantizeLinear); "
                          f"the model has opset {model.graph.opset}")
-    proto = to_onnx(model)
-    g = proto.graph
-    pow2 = model.runtime.pow2_scales
-    by_output = {n.output[0]: n for n in g.node}
-    params = model.parameters()
     graph_nodes = {n.name: n for n in model.graph.nodes}
-    before: dict[str, list[onnx.NodeProto]] = {}  # new nodes to insert before the node writing this output
-    done_weights: dict[str, str] = {}
+    layers = []
     for plan in plans:
-        out = graph_nodes[plan.name].outputs[0]
-        node = by_output[out]
-        added = before.setdefault(out, [])
-        scale = scale_from_range(plan.act_range, plan.act_bits, signed=not plan.act_unsigned, pow2=pow2)
-        s_name, z_name, q_name, dq_name = (plan.name + s for s in ACT_SUFFIXES)
-        zp_type = np.uint8 if plan.act_unsigned else np.int8
-        g.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32).reshape(()), s_name),
-                              numpy_helper.from_array(np.zeros((), zp_type), z_name)])
-        added.append(onnx.helper.make_node("QuantizeLinear", [node.input[0], s_name, z_name], [q_name],
-                                           name=plan.name + ".input_quantize"))
-        added.append(onnx.helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_name],
-                                           name=plan.name + ".input_dequantize"))
-        node.input[0] = dq_name
-        w = node.input[1]
-        if w not in done_weights:
-            q, scales = _quantised_weight(params[w], plan.weight_bits, plan.weight_axis, pow2)
-            wq, ws, wz, wdq = (w + s for s in WEIGHT_SUFFIXES)
-            g.initializer.extend([numpy_helper.from_array(q, wq), numpy_helper.from_array(scales, ws),
-                                  numpy_helper.from_array(np.zeros(scales.shape, np.int8), wz)])
-            added.append(onnx.helper.make_node("DequantizeLinear", [wq, ws, wz], [wdq], axis=plan.weight_axis,
-                                               name=w + ".dequantize"))
-            done_weights[w] = wdq
-        node.input[1] = done_weights[w]
-    nodes: list[onnx.NodeProto] = []
-    for n in g.node:
-        nodes.extend(before.get(n.output[0], []))
-        nodes.append(onnx.NodeProto())
-        nodes[-1].CopyFrom(n)  # the originals go with the del below
-    del g.node[:]
-    g.node.extend(nodes)
-    _drop_unused_initializers(g, set(done_weights))
-    onnx.checker.check_model(proto)
-    return proto
+        scale = scale_from_range(plan.act_range, plan.act_bits, signed=not plan.act_unsigned, pow2=False)
+        layers.append(IntLayer(graph_nodes[plan.name].outputs[0], ActFormat(float(scale), plan.act_unsigned),
+                               plan.weight_bits))
+    return quantise_graph(to_onnx(model), layers, calibration, fold=fold)
 
 
 def _drop_unused_initializers(g: onnx.GraphProto, names: set[str]) -> None:
@@ -174,9 +142,10 @@ def _drop_unused_initializers(g: onnx.GraphProto, names: set[str]) -> None:
                 del field[i]
 
 
-def export_int8(model: Model, path: str | os.PathLike, gated_bits: str | None = None) -> None:
+def export_int8(model: Model, path: str | os.PathLike, gated_bits: str | None = None,
+                calibration: np.ndarray | None = None) -> None:
     """Save the QDQ int8 model (to_onnx_int8) for onnxruntime."""
-    write_atomic(path, to_onnx_int8(model, gated_bits).SerializeToString())
+    write_atomic(path, to_onnx_int8(model, gated_bits, calibration).SerializeToString())
 
 
 # -- checking an export ---------------------------------------------------------------------------
@@ -196,6 +165,22 @@ def onnxruntime_session(path_or_proto: str | os.PathLike | onnx.ModelProto):
     options = ort.SessionOptions()
     options.add_session_config_entry(*EXACT_INT8_OPTION)
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(path_or_proto: str | os.PathLike | onnx.ModelProto, out: str | os.PathLike) -> dict[str, int]:
+    """Node types of the graph onnxruntime runs after its optimiser (written to `out`), for checking that
+    an int8 export runs on integer kernels."""
+    import onnxruntime as ort
+
+    data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else os.fspath(path_or_proto)
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*EXACT_INT8_OPTION)
+    options.optimized_model_filepath = os.fspath(out)
+    ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for n in onnx.load(os.fspath(out)).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
 
 
 def onnxruntime_outputs(path_or_proto: str | os.PathLike | onnx.ModelProto, x: np.ndarray) -> np.ndarray:

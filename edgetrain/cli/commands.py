@@ -158,6 +158,22 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     return 0
 
 
+CALIBRATION_SAMPLES = 256
+
+
+def _calibration_inputs(config: Any) -> Any:
+    """The first training inputs of a run's data (the int8 export measures its layers' output ranges on
+    them), or None when the data is no longer readable (those layers then stay float convolutions)."""
+    from edgetrain.data import load_data
+
+    try:
+        split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction)
+    except (OSError, EdgetrainError) as e:
+        warn(f"int8 export without calibration data ({e}): layers whose outputs feed no integer layer stay float")
+        return None
+    return split.train.x[:CALIBRATION_SAMPLES]
+
+
 def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None) -> int:
     """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
     (and, for a DFQ run, its gates as OUT.gates.onnx)."""
@@ -177,7 +193,7 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
     if gated_bits is not None and (dfq is None or not int8):
         raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
     if int8:
-        export_int8(run.model, out, gated_bits)
+        export_int8(run.model, out, gated_bits, calibration=_calibration_inputs(run.config))
     else:
         export_onnx(run.model, out)
     summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
