@@ -38,8 +38,9 @@ BAUD = 921600
 BATCH = 4
 STEPS = 5
 WARMUP = 2
-# Short enough to keep the suite fast, long enough for an agent to start on a loaded CI machine.
-TIMEOUT_S = 4.0
+# Short enough to keep the suite fast, long enough for an agent to start on a loaded machine (4 s was not,
+# with the suite sharing 2 cores with other work: the agent imports NumPy, ONNX and Numba first).
+TIMEOUT_S = 8.0
 # Scheduling slack when checking how long a failure took to surface.
 SLACK_S = 1.5
 # Agent start-up (Python, NumPy, ONNX imports) on a slow machine.
