@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgetrain.bn_audit import as_inference_batchnorms
 from edgetrain.errors import ModelError
 from edgetrain.fileio import write_atomic
 from edgetrain.layers import mac_nodes
@@ -39,6 +40,10 @@ def to_onnx(model: Model) -> onnx.ModelProto:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(source.data_type)
         g.node.remove(producers[0])
         g.initializer.append(numpy_helper.from_array(np.asarray(arr, dtype=dtype), name))
+    try:
+        as_inference_batchnorms(proto)  # a deployed model must use its running statistics, not the batch's
+    except ValueError as exc:
+        raise ModelError(f"cannot export: {exc}") from None
     onnx.checker.check_model(proto)
     return proto
 

@@ -62,6 +62,7 @@ def _resume_hint(config: TrainConfig) -> str:
 
 def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, as_json: bool) -> int:
     """`edgetrain train`: resolve the config, build model and data, train, report."""
+    from edgetrain.bn_audit import folded_batchnorm_message
     from edgetrain.data import load_data
     from edgetrain.train.runstate import build_model, latest_checkpoint
     from edgetrain.train.trainer import Trainer, check_run_dir
@@ -86,8 +87,11 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits), or set 'data' in the config file")
     config = with_absolute_paths(config)
     check_run_dir(config.out, resume)
-    split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction)
+    split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
+                      normalize=not model_normalizes(config.model))
     model, head = build_model(config.model, config.seed, config.num_classes)
+    if folded := folded_batchnorm_message(model.graph):
+        warn(folded)
     trainer = Trainer(model, split, config, head=head, progress=sys.stderr.isatty() and not as_json,
                       desc=f"train {config.precision_spec}", resume_hint=_resume_hint(config), report=print_err)
     if ckpt is not None:
@@ -128,6 +132,7 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     """`edgetrain eval`: top-1 and loss of an ONNX model or a trained run on a data split's test set."""
     from edgetrain.data import check_fits, load_data
     from edgetrain.model import load
+    from edgetrain.preprocess import normalizes_in_graph
     from edgetrain.train.runlog import precision_summary
     from edgetrain.train.runstate import open_checkpoint, output_classes, restore_run
     from edgetrain.train.trainer import evaluate
@@ -145,7 +150,9 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits)")
     if bits is not None:
         model.set_precision(bits, pow2_scales=model.runtime.pow2_scales)
-    split = load_data(data, seed=seed, **({"val_fraction": val_fraction} if val_fraction else {}))
+    # An export with its preprocessing in the graph takes raw input: normalising here would do it twice.
+    split = load_data(data, seed=seed, normalize=not normalizes_in_graph(model.graph.original),
+                      **({"val_fraction": val_fraction} if val_fraction else {}))
     check_fits(split.test, model.input_shape, output_classes(model))
     result = evaluate(model, split.test, batch_size)
     summary = {"source": source, "data": data, "accuracy": result["accuracy"], "loss": result["loss"],
@@ -158,12 +165,53 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     return 0
 
 
-def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None) -> int:
-    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
-    (and, for a DFQ run, its gates as OUT.gates.onnx)."""
+def model_normalizes(path: str) -> bool:
+    """Whether the ONNX file normalises its own input (an export with its preprocessing in the graph)."""
+    import onnx
+
+    from edgetrain.preprocess import normalizes_in_graph
+
+    try:
+        return normalizes_in_graph(onnx.load(path, load_external_data=False))
+    except Exception:
+        return False
+
+
+def run_preprocess(run: Any) -> Any:
+    """The preprocessing a run's data pipeline applied: its checkpoint's record, or, for a checkpoint
+    written before runs recorded it, the statistics of its data source recomputed."""
+    from edgetrain.data import load_data
+    from edgetrain.preprocess import Preprocess, from_record, normalizes_in_graph
+
+    meta = run.checkpoint.meta
+    if "preprocess" in meta:
+        return from_record(str(run.checkpoint.path), meta["preprocess"])
+    if normalizes_in_graph(run.model.graph.original) or not run.config.data:
+        return None
+    warn(f"{run.checkpoint.path} does not record its preprocessing (an older edgetrain); "
+         f"recomputing it from {run.config.data}")
+    split = load_data(run.config.data, seed=run.config.seed, val_fraction=run.config.val_fraction)
+    return Preprocess.of_dataset(split.train)
+
+
+def _embed_preprocess(path: str, pre: Any, mode: str) -> None:
+    """Rewrite an exported file with its preprocessing (the export functions stay as they are)."""
+    import onnx
+
+    from edgetrain.fileio import write_atomic
+    from edgetrain.preprocess import embed
+
+    write_atomic(path, embed(onnx.load(path), pre, mode).SerializeToString())
+
+
+def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None,
+               preprocess: str = "graph") -> int:
+    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file with the
+    run's input preprocessing (graph nodes or metadata), and, for a DFQ run, its gates as OUT.gates.onnx."""
     from edgetrain.export import export_int8, export_onnx
     from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.precision.dfq.export import export_gates, gates_path
+    from edgetrain.preprocess import MODES, describe
     from edgetrain.train.runstate import open_checkpoint, restore_run
 
     if not is_checkpoint(target):
@@ -176,12 +224,18 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
     dfq = DFQ.of(run.model)
     if gated_bits is not None and (dfq is None or not int8):
         raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
+    if preprocess not in MODES:
+        raise EdgetrainError(f"--preprocess {preprocess!r}: valid are {', '.join(MODES)}")
+    pre = run_preprocess(run) if preprocess != "none" else None
     if int8:
         export_int8(run.model, out, gated_bits)
     else:
         export_onnx(run.model, out)
+    if pre is not None:
+        _embed_preprocess(out, pre, preprocess)
     summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
-               "format": "int8-qdq" if int8 else "float"}
+               "format": "int8-qdq" if int8 else "float",
+               "preprocess": {"mode": preprocess if pre is not None else "none", "applies": describe(pre)}}
     if dfq is not None:
         summary["gates"] = gates_path(out)
         export_gates(run.model, summary["gates"])
@@ -189,7 +243,8 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
             summary["gated_bits"] = gated_bits or dfq.most_precise()
     print(json.dumps(summary, indent=2) if as_json else
           f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})"
-          + (f"; gates: {summary['gates']}" if "gates" in summary else ""))
+          + (f"; gates: {summary['gates']}" if "gates" in summary else "")
+          + (f"\ninput preprocessing ({preprocess}): {describe(pre)}" if pre is not None else ""))
     return 0
 
 

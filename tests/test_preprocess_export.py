@@ -1,0 +1,183 @@
+"""Preprocessing travels with the model (issue 15, item 1) and exports users can trust (item 4): a run's
+normalisation in its ONNX export (graph nodes or metadata), onnxruntime on raw input agreeing with
+`edgetrain eval`, no double normalisation, training-mode BatchNorms and folded-BatchNorm warnings."""
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgetrain.bn_audit import ModelWarning, folded_batchnorm_message
+from edgetrain.cli.demo import demo_model_path
+from edgetrain.cli.main import main
+from edgetrain.data import load_data
+from edgetrain.export import onnxruntime_outputs, to_onnx
+from edgetrain.info import format_table, summarize
+from edgetrain.model import load
+from edgetrain.preprocess import METADATA_KEY, Preprocess, normalizes_in_graph, read_metadata
+from edgetrain.train.checkpoint import load_checkpoint
+from edgetrain.train.runstate import latest_checkpoint
+
+STEPS = 12
+COMMON = ["--data", "digits", "--batch-size", "32", "--seed", "3", "--steps", str(STEPS)]
+
+
+def cli_json(capsys, *args) -> dict:
+    capsys.readouterr()
+    assert main([*map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert main(["train", demo_model_path(), *COMMON, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_test():
+    """The test split as the sensor gives it: uint8 / 255, not normalised."""
+    return load_data("digits", normalize=False).test
+
+
+def top1(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def test_run_records_its_normalisation(run_dir):
+    ckpt = latest_checkpoint(run_dir)
+    pre = Preprocess.from_dict("test", ckpt.meta["preprocess"])
+    split = load_data("digits")
+    assert pre.mean == split.train.mean and pre.std == split.train.std
+
+
+def test_graph_export_takes_raw_input(run_dir, raw_test, tmp_path, capsys):
+    out = tmp_path / "ft.onnx"
+    summary = cli_json(capsys, "export", run_dir, "--out", out)
+    assert summary["preprocess"]["mode"] == "graph"
+    proto = onnx.load(out)
+    original_input = onnx.load(demo_model_path()).graph.input[0].name
+    assert proto.graph.input[0].name == original_input  # the input keeps its name, now taking raw data
+    assert [n.op_type for n in proto.graph.node[:2]] == ["Sub", "Div"]
+    assert normalizes_in_graph(proto)
+
+    ours = cli_json(capsys, "eval", run_dir)["accuracy"]
+    theirs = top1(onnxruntime_outputs(out, raw_test.x), raw_test.y)
+    exported = cli_json(capsys, "eval", out, "--data", "digits")  # edgetrain leaves the data raw for it
+    assert theirs == ours == exported["accuracy"]
+    assert ours > 0.3  # trained, not chance: a double or missing normalisation would show here
+
+    # the exported model evaluated on normalised data would be the failure the issue describes
+    normalised = load_data("digits").test
+    assert top1(onnxruntime_outputs(out, normalised.x), normalised.y) < ours
+
+
+def test_metadata_export_leaves_the_graph(run_dir, raw_test, tmp_path, capsys):
+    out = tmp_path / "meta.onnx"
+    cli_json(capsys, "export", run_dir, "--out", out, "--preprocess", "metadata")
+    proto = onnx.load(out)
+    assert not any(n.name.startswith("edgetrain_preprocess/") for n in proto.graph.node)
+    meta = read_metadata(proto)
+    assert meta["applied"] == "metadata" and not normalizes_in_graph(proto)
+    pre = Preprocess.from_dict(METADATA_KEY, meta)
+    ours = cli_json(capsys, "eval", run_dir)["accuracy"]
+    assert top1(onnxruntime_outputs(out, pre.apply(raw_test.x)), raw_test.y) == ours
+
+    none = tmp_path / "none.onnx"
+    cli_json(capsys, "export", run_dir, "--out", none, "--preprocess", "none")
+    assert read_metadata(onnx.load(none)) is None
+
+
+def test_exported_model_trains_without_double_normalisation(run_dir, tmp_path, capsys):
+    exported = tmp_path / "ft.onnx"
+    cli_json(capsys, "export", run_dir, "--out", exported)
+    again = tmp_path / "again"
+    assert main(["train", str(exported), "--data", "digits", "--batch-size", "32", "--steps", "2",
+                 "--lr", "0.0", "--out", str(again)]) == 0
+    ckpt = load_checkpoint(latest_checkpoint(again).path)
+    assert ckpt.meta["preprocess"] is None  # the data stayed raw: the model normalises it
+    # lr 0: the retrained model is the exported one, so its eval matches the first run's
+    assert cli_json(capsys, "eval", again)["accuracy"] == cli_json(capsys, "eval", run_dir)["accuracy"]
+    # its own export adds nothing: the normalisation is in the graph once
+    twice = tmp_path / "twice.onnx"
+    cli_json(capsys, "export", again, "--out", twice)
+    assert sum(n.name == "edgetrain_preprocess/sub" for n in onnx.load(twice).graph.node) == 1
+
+
+def test_trainer_warns_when_given_normalised_data_for_a_normalising_model(run_dir, tmp_path, capsys):
+    from edgetrain.train.config import TrainConfig
+    from edgetrain.train.trainer import Trainer
+
+    exported = tmp_path / "ft.onnx"
+    cli_json(capsys, "export", run_dir, "--out", exported)
+    said: list[str] = []
+    Trainer(load(exported), load_data("digits"), TrainConfig(steps=1, out=str(tmp_path / "t")), report=said.append)
+    assert any("normalised too" in s for s in said)
+
+
+# -- BatchNorms (item 4) --------------------------------------------------------------------------------
+def _bn_model(training_mode: int, *, producer: str = "", opset: int = 15, with_bn: bool = True) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=(4 * 6 * 6, 3)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv")]
+    if with_bn:
+        inits += [numpy_helper.from_array(np.full(4, v, np.float32), n)
+                  for n, v in (("g", 1.0), ("beta", 0.0), ("rm", 0.0), ("rv", 1.0))]
+        outs = ["y", "rm_out", "rv_out"] if training_mode else ["y"]
+        nodes.append(helper.make_node("BatchNormalization", ["c", "g", "beta", "rm", "rv"], outs, name="bn",
+                                      **({"training_mode": 1} if training_mode else {})))
+    else:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
+    nodes += [helper.make_node("Flatten", ["y"], ["f"], name="flat"),
+              helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_training_mode_batchnorm_reported_and_exported_for_inference():
+    with pytest.warns(ModelWarning, match=r"1 BatchNormalization node carries training_mode=1.*: bn;"):
+        model = load(_bn_model(1))
+    summary = summarize(model)
+    assert any("training_mode=1" in w for w in summary["warnings"])
+    assert "warning: 1 BatchNormalization node" in format_table(summary)
+    proto = to_onnx(model)
+    bn = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    assert list(bn.output) == ["y"] and not any(a.name == "training_mode" for a in bn.attribute)
+    # and it loads back silently, as the inference model it now is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelWarning)
+        load(proto)
+
+
+def test_training_mode_warning_is_one_cli_line(tmp_path, capsys):
+    path = tmp_path / "tm.onnx"
+    onnx.save(_bn_model(1), path)
+    assert main(["info", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("edgetrain: warning:") == 1 and "training_mode=1" in err and len(err.splitlines()) == 1
+
+
+def test_folded_batchnorm_heuristic():
+    folded = load(_bn_model(0, producer="pytorch", opset=18, with_bn=False))
+    message = folded_batchnorm_message(folded.graph)
+    assert message is not None and "heuristic" in message and "conv" in message
+    assert any("folded" in w for w in summarize(folded)["warnings"])
+    # not flagged: a model with BatchNorms, another producer, or an older opset
+    assert folded_batchnorm_message(load(_bn_model(0, producer="pytorch", opset=18)).graph) is None
+    assert folded_batchnorm_message(load(_bn_model(0, producer="other", opset=18, with_bn=False)).graph) is None
+    assert folded_batchnorm_message(load(_bn_model(0, producer="pytorch", opset=17, with_bn=False)).graph) is None
+
+
+def test_folded_batchnorm_warned_at_train(tmp_path, capsys):
+    path = tmp_path / "folded.onnx"
+    onnx.save(_bn_model(0, producer="pytorch", opset=18, with_bn=False), path)
+    main(["train", str(path), "--data", "digits", "--steps", "1", "--out", str(tmp_path / "r")])
+    assert "BatchNorms folded" in capsys.readouterr().err
