@@ -184,3 +184,41 @@ def test_folded_batchnorm_warned_at_train(tmp_path, capsys):
     onnx.save(_bn_model(0, producer="pytorch", opset=18, with_bn=False), path)
     main(["train", str(path), "--data", "digits", "--steps", "1", "--out", str(tmp_path / "r")])
     assert "BatchNorms folded" in capsys.readouterr().err
+
+
+# -- --format float|int8|both (item 5) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre8") / "run"
+    assert main(["train", demo_model_path(), *COMMON, "--schedule", "static", "--bits", "8/8", "--out", str(out)]) == 0
+    return out
+
+
+def test_format_both_checks_each_export_in_onnxruntime(static_run, raw_test, tmp_path, capsys):
+    out = tmp_path / "ft.onnx"
+    summary = cli_json(capsys, "export", static_run, "--out", out, "--format", "both")
+    assert summary["files"] == {"float": str(out), "int8": str(tmp_path / "ft.int8.onnx")}
+    ours = cli_json(capsys, "eval", static_run)["accuracy"]  # at the trained 8/8
+    checks = summary["onnxruntime"]
+    assert set(checks) == {"float", "int8"}
+    assert checks["float"]["top1_agreement"] == 1.0 and checks["float"]["max_relative_error"] < 1e-4
+    assert checks["int8"]["top1_agreement"] >= 0.99
+    assert abs(checks["int8"]["onnxruntime_top1"] - ours) <= 0.01
+    assert all(set(c["latency_ms"]) == {"1", "64"} for c in checks.values())
+    # the int8 file takes raw input too, and on it computes what the int8 export without preprocessing
+    # computes on normalised input
+    plain = tmp_path / "plain.int8.onnx"
+    cli_json(capsys, "export", static_run, "--out", plain, "--int8", "--preprocess", "none")
+    normalised = load_data("digits").test.x
+    np.testing.assert_allclose(onnxruntime_outputs(tmp_path / "ft.int8.onnx", raw_test.x),
+                               onnxruntime_outputs(plain, normalised), rtol=1e-5, atol=1e-5)
+    # for people: one line per file
+    capsys.readouterr()
+    assert main(["export", str(static_run), "--out", str(tmp_path / "p.onnx"), "--format", "float"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime check on this machine:" in text and "float: onnxruntime top-1" in text
+
+
+def test_format_contradicting_int8_is_one_line(static_run, tmp_path, capsys):
+    assert main(["export", str(static_run), "--out", str(tmp_path / "x.onnx"), "--int8", "--format", "float"]) == 2
+    assert capsys.readouterr().err.strip() == "edgetrain: error: --int8 contradicts --format float; give one of them"

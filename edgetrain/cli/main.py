@@ -63,7 +63,7 @@ def _cmd_export(args) -> int:
     from edgetrain.cli.commands import run_export
 
     return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits,
-                      preprocess=args.preprocess)
+                      preprocess=args.preprocess, fmt=args.format)
 
 
 def _int_list(text: str) -> list[int]:
@@ -163,6 +163,9 @@ def _add_eval_export(sub) -> None:
                                                        "layers, int8 weights (onnxruntime integer inference)")
     x.add_argument("--gated-bits", metavar="FW/BW", help="dfq/fractrain runs: the candidate the int8 backbone's gated "
                                                          "layers are written at (default: the most precise)")
+    x.add_argument("--format", choices=("float", "int8", "both"),
+                   help="float, int8 (as --int8) or both (the int8 file as OUT with .int8 before its suffix); "
+                        "prints the onnxruntime check of each: agreement with the engine, latency at batch 1 and 64")
     x.add_argument("--preprocess", choices=("graph", "metadata", "none"), default="graph",
                    help="the run's input normalisation: as leading graph nodes, so the model takes raw input "
                         "(default); as metadata_props for the serving stack; or not at all")
