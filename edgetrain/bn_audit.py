@@ -35,10 +35,11 @@ def training_mode_message(graph: Graph) -> str | None:
     names = training_mode_batchnorms(graph)
     if not names:
         return None
-    return (f"{len(names)} BatchNormalization node{'s' if len(names) != 1 else ''} carr"
-            f"{'y' if len(names) != 1 else 'ies'} training_mode=1 (a torch TrainingMode.TRAINING export): "
-            f"{_names(names)}; their eval forward uses batch statistics, and `edgetrain export` writes them "
-            "as inference BatchNorms")
+    one = len(names) == 1
+    return (f"{len(names)} BatchNormalization node{'' if one else 's'} carr{'ies' if one else 'y'} training_mode=1 "
+            f"(a torch TrainingMode.TRAINING export): {_names(names)}; {'its' if one else 'their'} eval forward "
+            f"uses batch statistics, and `edgetrain export` writes {'it' if one else 'them'} as inference "
+            f"BatchNorm{'' if one else 's'}")
 
 
 def folded_batchnorm_message(graph: Graph) -> str | None:

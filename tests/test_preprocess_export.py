@@ -222,3 +222,24 @@ def test_format_both_checks_each_export_in_onnxruntime(static_run, raw_test, tmp
 def test_format_contradicting_int8_is_one_line(static_run, tmp_path, capsys):
     assert main(["export", str(static_run), "--out", str(tmp_path / "x.onnx"), "--int8", "--format", "float"]) == 2
     assert capsys.readouterr().err.strip() == "edgetrain: error: --int8 contradicts --format float; give one of them"
+
+
+def test_torch_training_mode_export_becomes_inference_batchnorm():
+    torch = pytest.importorskip("torch")
+    import io
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 3))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation chatter
+        torch.onnx.export(net, torch.randn(2, 1, 8, 8), buf, training=torch.onnx.TrainingMode.TRAINING, dynamo=False,
+                          do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    with pytest.warns(ModelWarning, match="training_mode=1"):
+        model = load(onnx.load_from_string(buf.getvalue()))
+    proto = to_onnx(model)
+    bns = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) == 1 and len(bns[0].output) == 1
+    assert not any(a.name == "training_mode" for a in bns[0].attribute)
+    x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
+    assert onnxruntime_outputs(proto, x).shape == (2, 3)
