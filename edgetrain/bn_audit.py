@@ -13,6 +13,8 @@ import onnx
 from edgetrain.graph import Graph
 
 FOLDED_MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 or newer; the TorchScript one defaults lower
+NORMALIZATION_OPS = frozenset({"BatchNormalization", "LayerNormalization", "GroupNormalization",
+                               "InstanceNormalization"})
 NAMES_SHOWN = 5  # names listed in a one-line message before "and N more"
 
 
@@ -45,10 +47,11 @@ def training_mode_message(graph: Graph) -> str | None:
 def folded_batchnorm_message(graph: Graph) -> str | None:
     """A warning when the exporter seems to have folded BatchNorms into convolutions (a heuristic), else None.
 
-    The heuristic: no BatchNormalization anywhere, Conv nodes with a bias, producer "pytorch", opset >= 18
-    (torch's dynamo exporter, whose default folds eval-mode BatchNorms).
+    The heuristic: no BatchNormalization (nor another normalisation: a LayerNorm model such as a ViT or
+    ConvNeXt never had BatchNorms), Conv nodes with a bias, producer "pytorch", opset >= 18 (torch's dynamo
+    exporter, whose default folds eval-mode BatchNorms). A BatchNorm-free CNN exported by dynamo matches too.
     """
-    if any(n.op_type == "BatchNormalization" for n in graph.nodes):
+    if any(n.op_type in NORMALIZATION_OPS for n in graph.nodes):
         return None
     if not graph.producer.lower().startswith("pytorch") or graph.opset < FOLDED_MIN_OPSET:
         return None
