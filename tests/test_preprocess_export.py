@@ -243,3 +243,10 @@ def test_torch_training_mode_export_becomes_inference_batchnorm():
     assert not any(a.name == "training_mode" for a in bns[0].attribute)
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     assert onnxruntime_outputs(proto, x).shape == (2, 3)
+
+
+def test_the_runs_own_model_onnx_says_how_to_normalise(run_dir):
+    meta = read_metadata(onnx.load(run_dir / "model.onnx"))
+    assert meta["applied"] == "metadata"  # its graph still takes normalised input, as the run fed it
+    split = load_data("digits")
+    assert Preprocess.from_dict("model.onnx", meta) == Preprocess(split.train.mean, split.train.std)

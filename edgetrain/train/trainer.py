@@ -27,7 +27,8 @@ from edgetrain.data import Loader, Split, check_fits, iterate_eval
 from edgetrain.data.dataset import Dataset
 from edgetrain.data.transforms import CIFAR_AUGMENT
 from edgetrain.errors import EdgetrainError
-from edgetrain.export import export_onnx
+from edgetrain.export import export_onnx, to_onnx
+from edgetrain.fileio import write_atomic
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
 from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
@@ -359,7 +360,13 @@ class Trainer:
         exported = None
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
-            export_onnx(self.model, exported)
+            pre = Preprocess.of_dataset(self.split.train)
+            if pre is None:
+                export_onnx(self.model, exported)
+            else:
+                # The run's own model.onnx keeps taking normalised input (what the run and its tests feed
+                # it); its metadata says how to normalise. `edgetrain export` puts it in the graph.
+                write_atomic(exported, preprocess.embed(to_onnx(self.model), pre, "metadata").SerializeToString())
             if DFQ.of(self.model) is not None:
                 export_gates(self.model, gates_path(exported))
         last = self.evals[-1]
