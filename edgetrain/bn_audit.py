@@ -61,7 +61,8 @@ def folded_batchnorm_message(graph: Graph) -> str | None:
     return (f"this looks like a torch dynamo export with BatchNorms folded into the convolutions (a heuristic: "
             f"producer pytorch, opset {graph.opset}, no BatchNormalization, {len(convs)} Conv with bias): "
             f"BatchNorm scale, shift and running statistics can no longer be trained, only the folded Conv "
-            f"weights and biases ({_names(convs)}); export with torch.onnx.export(..., dynamo=False) to keep them")
+            f"weights and biases ({_names(convs)}); re-export with edgetrain.from_torch, or torch.onnx.export(..., "
+            "optimize=False), to keep them")
 
 
 def warn_at_import(graph: Graph) -> None:
