@@ -250,3 +250,11 @@ def test_the_runs_own_model_onnx_says_how_to_normalise(run_dir):
     assert meta["applied"] == "metadata"  # its graph still takes normalised input, as the run fed it
     split = load_data("digits")
     assert Preprocess.from_dict("model.onnx", meta) == Preprocess(split.train.mean, split.train.std)
+
+
+def test_info_of_a_run_and_of_its_export_show_the_normalisation(run_dir, tmp_path, capsys):
+    assert main(["info", str(run_dir)]) == 0
+    assert "input preprocessing (by the run's data pipeline):" in capsys.readouterr().out
+    out = tmp_path / "ft.onnx"
+    cli_json(capsys, "export", run_dir, "--out", out)
+    assert cli_json(capsys, "info", out)["preprocess"]["applied"] == "graph"

@@ -32,6 +32,9 @@ def _cmd_info(args) -> int:
         summary = summarize(run.model)
         summary["checkpoint"] = {"path": str(run.checkpoint.path), "step": run.checkpoint.step,
                                  "schedule": run.config.schedule, "settings": changed_settings(run.config)}
+        if summary["preprocess"] is None and run.checkpoint.meta.get("preprocess"):
+            # what `edgetrain export` will put in front of the graph
+            summary["preprocess"] = {**run.checkpoint.meta["preprocess"], "applied": "by the run's data pipeline"}
     else:
         summary = summarize(load(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
