@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgetrain.bn_audit import as_inference_batchnorms
 from edgetrain.errors import ModelError
 from edgetrain.fileio import write_atomic
 from edgetrain.int8_graph import ActFormat, IntLayer, quantise_graph
@@ -40,6 +41,10 @@ def to_onnx(model: Model) -> onnx.ModelProto:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(source.data_type)
         g.node.remove(producers[0])
         g.initializer.append(numpy_helper.from_array(np.asarray(arr, dtype=dtype), name))
+    try:
+        as_inference_batchnorms(proto)  # a deployed model must use its running statistics, not the batch's
+    except ValueError as exc:
+        raise ModelError(f"cannot export: {exc}") from None
     onnx.checker.check_model(proto)
     return proto
 
@@ -190,11 +195,12 @@ def onnxruntime_outputs(path_or_proto: str | os.PathLike | onnx.ModelProto, x: n
 
 
 def compare_with_engine(model: Model, path: str | os.PathLike, x: np.ndarray, *, int8: bool,
-                        batch_size: int = 256) -> dict[str, float]:
+                        batch_size: int = 256, onnx_input: np.ndarray | None = None) -> dict[str, float]:
     """Run an export in onnxruntime against the engine's eval forward of the same model.
 
     A float export is compared with the engine in fp32 (the master weights), an int8 export with the
     engine at the precision the model trained in. Returns max relative error and top-1 agreement.
+    onnx_input: what onnxruntime is fed instead of x (the raw x, for an export with its preprocessing).
     """
     saved = model.precision_config
     try:
@@ -203,6 +209,6 @@ def compare_with_engine(model: Model, path: str | os.PathLike, x: np.ndarray, *,
         ours = np.concatenate([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.set_precision(saved, pow2_scales=model.runtime.pow2_scales)
-    theirs = onnxruntime_outputs(path, x)
+    theirs = onnxruntime_outputs(path, x if onnx_input is None else onnx_input)
     return {"max_relative_error": float(np.abs(ours - theirs).max() / max(np.abs(ours).max(), 1e-30)),
             "top1_agreement": float((ours.argmax(axis=1) == theirs.argmax(axis=1)).mean())}

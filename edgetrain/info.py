@@ -6,12 +6,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgetrain.bn_audit import folded_batchnorm_message, training_mode_message
 from edgetrain.errors import ModelError
 from edgetrain.layers import classifier_nodes, mac_nodes
 from edgetrain.model import Model
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.units import gating_plan
 from edgetrain.precision.spec import PrecisionConfig
+from edgetrain.preprocess import read_metadata
 from edgetrain.quant.mac import float_reason, integer_form
 from edgetrain.train.config import help_text
 
@@ -93,6 +95,9 @@ def summarize(model: Model) -> dict:
         "layers": [asdict(layer) for layer in layers],
         # With gates (a dfq/fractrain checkpoint): what they are; without: what DFQ would gate.
         "dfq": {**dfq.describe(), "target": dfq.target} if (dfq := DFQ.of(model)) is not None else gating_plan(graph),
+        # what the user should know before training or serving this model (edgetrain.bn_audit)
+        "warnings": [m for m in (training_mode_message(graph), folded_batchnorm_message(graph)) if m],
+        "preprocess": read_metadata(graph.original),
     }
 
 
@@ -124,6 +129,10 @@ def format_table(summary: dict) -> str:
         lines.append("other ops compute in float32 (BatchNorm, normalisations, softmax, activations): "
                      + ", ".join(summary["float_ops"]))
     lines += _dfq_lines(summary["dfq"])
+    if summary.get("preprocess"):
+        p = summary["preprocess"]
+        lines.append(f"input preprocessing ({p.get('applied')}): {json.dumps(p.get('normalize'))}")
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
     if "checkpoint" in summary:
         lines += _run_lines(summary["checkpoint"])
     return "\n".join(lines)

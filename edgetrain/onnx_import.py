@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from edgetrain.batch_dim import free_batch
+from edgetrain.bn_audit import warn_at_import
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
 from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
@@ -129,10 +130,12 @@ class Importer:
         outputs = [ValueInfo(o.name, o.type.tensor_type.elem_type, _shape_of(o) or ()) for o in self.model.graph.output]
         stored = {**self.params, **self.buffers, **self.constants}
         shapes = {**self.shapes, **{name: tuple(arr.shape) for name, arr in stored.items()}}
-        return Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
-                     constants=self.constants, opset=self.opset, source=self.where,
-                     producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
-                     original=self.original, shapes=shapes, batch=self.batch)
+        graph = Graph(nodes=nodes, inputs=inputs, outputs=outputs, params=self.params, buffers=self.buffers,
+                      constants=self.constants, opset=self.opset, source=self.where,
+                      producer=f"{self.model.producer_name} {self.model.producer_version}".strip(),
+                      original=self.original, shapes=shapes, batch=self.batch)
+        warn_at_import(graph)
+        return graph
 
     # -- validation --------------------------------------------------------------------------
     def _opset(self) -> int:

@@ -258,7 +258,7 @@ def test_foreign_files(tmp_path, content, match):
 
 @pytest.mark.parametrize("meta, match", [
     ({}, "'step': expected an integer >= 0"),
-    ({"step": 1, "lr": 0.1}, r"unknown field\(s\) lr; valid: step, epoch, seed, config, model_sha256"),
+    ({"step": 1, "lr": 0.1}, r"unknown field\(s\) lr; valid: step, epoch, seed, config, model_sha256, preprocess"),
     ({"step": 1, "config": {"x": object()}}, "'config': not JSON-serialisable"),
     ({"step": 1, "config": {"x": float("nan")}}, "'config': not JSON-serialisable"),
     ({"step": 1, "model_sha256": "abc"}, "'model_sha256': expected 64 lowercase hex digits"),

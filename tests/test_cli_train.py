@@ -28,6 +28,11 @@ POLL_SECONDS = 0.005
 TIMEOUT = 120
 
 
+def raw_test_x() -> np.ndarray:
+    """The digits test images as a sensor gives them (what an export with its preprocessing takes)."""
+    return load_data("digits", normalize=False).test.x
+
+
 def cli(*args, cwd, check=True):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "edgetrain.cli", *map(str, args)], capture_output=True, text=True,
@@ -126,12 +131,16 @@ def test_export_float_and_int8_run_in_onnxruntime(runs, work):
     run_dir, _ = runs["static"]
     cli("export", run_dir, "--out", "int8.onnx", "--int8", cwd=work)
     cli("export", run_dir / "ckpt-000030.npz", "--out", "float.onnx", cwd=work)
+    cli("export", run_dir, "--out", "int8-normalised.onnx", "--int8", "--preprocess", "none", cwd=work)
     model = restore_run(load_checkpoint(run_dir / "ckpt-000030.npz")).model
     x = load_data("digits").test.x
-    float_check = compare_with_engine(model, work / "float.onnx", x, int8=False)
-    int8_check = compare_with_engine(model, work / "int8.onnx", x, int8=True)
+    float_check = compare_with_engine(model, work / "float.onnx", x, int8=False, onnx_input=raw_test_x())
+    int8_check = compare_with_engine(model, work / "int8-normalised.onnx", x, int8=True)
     assert float_check["max_relative_error"] < 1e-4 and float_check["top1_agreement"] == 1.0
     assert int8_check["top1_agreement"] >= 0.99
+    # the default export carries the normalisation: on raw input it computes what the normalised one does
+    np.testing.assert_allclose(onnxruntime_outputs(work / "int8.onnx", raw_test_x()),
+                               onnxruntime_outputs(work / "int8-normalised.onnx", x), rtol=1e-5, atol=1e-5)
 
 
 def test_new_head_run_evaluates_and_exports_with_its_new_class_count(work):
@@ -140,8 +149,7 @@ def test_new_head_run_evaluates_and_exports_with_its_new_class_count(work):
     result = json.loads(cli("eval", "head12", "--json", cwd=work).stdout)
     assert result["samples"] == 1000 and result["precision"] == "8/8 x4, fp32 x1"
     cli("export", "head12", "--out", "head12.onnx", "--int8", cwd=work)
-    x = load_data("digits").test.x[:5]
-    assert onnxruntime_outputs(work / "head12.onnx", x).shape == (5, 12)
+    assert onnxruntime_outputs(work / "head12.onnx", raw_test_x()[:5]).shape == (5, 12)
 
 
 def test_resume_extends_a_finished_run_bit_for_bit(runs, work):

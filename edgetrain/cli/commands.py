@@ -62,6 +62,7 @@ def _resume_hint(config: TrainConfig) -> str:
 
 def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, as_json: bool) -> int:
     """`edgetrain train`: resolve the config, build model and data, train, report."""
+    from edgetrain.bn_audit import folded_batchnorm_message
     from edgetrain.data import load_data
     from edgetrain.train.runstate import build_model, latest_checkpoint
     from edgetrain.train.trainer import Trainer, check_run_dir
@@ -86,8 +87,11 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits), or set 'data' in the config file")
     config = with_absolute_paths(config)
     check_run_dir(config.out, resume)
-    split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction)
+    split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
+                      normalize=not model_normalizes(config.model))
     model, head = build_model(config.model, config.seed, config.num_classes)
+    if folded := folded_batchnorm_message(model.graph):
+        warn(folded)
     trainer = Trainer(model, split, config, head=head, progress=sys.stderr.isatty() and not as_json,
                       desc=f"train {config.precision_spec}", resume_hint=_resume_hint(config), report=print_err)
     if ckpt is not None:
@@ -128,6 +132,7 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     """`edgetrain eval`: top-1 and loss of an ONNX model or a trained run on a data split's test set."""
     from edgetrain.data import check_fits, load_data
     from edgetrain.model import load
+    from edgetrain.preprocess import normalizes_in_graph
     from edgetrain.train.runlog import precision_summary
     from edgetrain.train.runstate import open_checkpoint, output_classes, restore_run
     from edgetrain.train.trainer import evaluate
@@ -145,7 +150,9 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits)")
     if bits is not None:
         model.set_precision(bits, pow2_scales=model.runtime.pow2_scales)
-    split = load_data(data, seed=seed, **({"val_fraction": val_fraction} if val_fraction else {}))
+    # An export with its preprocessing in the graph takes raw input: normalising here would do it twice.
+    split = load_data(data, seed=seed, normalize=not normalizes_in_graph(model.graph.original),
+                      **({"val_fraction": val_fraction} if val_fraction else {}))
     check_fits(split.test, model.input_shape, output_classes(model))
     result = evaluate(model, split.test, batch_size)
     summary = {"source": source, "data": data, "accuracy": result["accuracy"], "loss": result["loss"],
@@ -174,14 +181,123 @@ def _calibration_inputs(config: Any) -> Any:
     return split.train.x[:CALIBRATION_SAMPLES]
 
 
-def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: str | None = None) -> int:
-    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float or int8 ONNX file
-    (and, for a DFQ run, its gates as OUT.gates.onnx)."""
+def model_normalizes(path: str) -> bool:
+    """Whether the ONNX file normalises its own input (an export with its preprocessing in the graph)."""
+    import onnx
+
+    from edgetrain.preprocess import normalizes_in_graph
+
+    try:
+        return normalizes_in_graph(onnx.load(path, load_external_data=False))
+    except Exception:
+        return False
+
+
+def run_preprocess(run: Any) -> Any:
+    """The preprocessing a run's data pipeline applied: its checkpoint's record, or, for a checkpoint
+    written before runs recorded it, the statistics of its data source recomputed."""
+    from edgetrain.data import load_data
+    from edgetrain.preprocess import Preprocess, from_record, normalizes_in_graph
+
+    meta = run.checkpoint.meta
+    if "preprocess" in meta:
+        return from_record(str(run.checkpoint.path), meta["preprocess"])
+    if normalizes_in_graph(run.model.graph.original) or not run.config.data:
+        return None
+    warn(f"{run.checkpoint.path} does not record its preprocessing (an older edgetrain); "
+         f"recomputing it from {run.config.data}")
+    split = load_data(run.config.data, seed=run.config.seed, val_fraction=run.config.val_fraction)
+    return Preprocess.of_dataset(split.train)
+
+
+def _embed_preprocess(path: str, pre: Any, mode: str) -> None:
+    """Rewrite an exported file with its preprocessing (the export functions stay as they are)."""
+    import onnx
+
+    from edgetrain.fileio import write_atomic
+    from edgetrain.preprocess import embed
+
+    write_atomic(path, embed(onnx.load(path), pre, mode).SerializeToString())
+
+
+FORMATS = ("float", "int8", "both")
+LATENCY_BATCHES = (1, 64)
+LATENCY_REPEATS = 20  # timed runs per batch size (after one warm-up): a median that is quick on a board
+CHECK_SAMPLES = 1000  # test samples the onnxruntime check reads
+
+
+def int8_path(out: str) -> str:
+    """Where `--format both` writes the int8 model: OUT with .int8 before its suffix (ft.onnx -> ft.int8.onnx)."""
+    root, ext = os.path.splitext(out)
+    return f"{root}.int8{ext or '.onnx'}"
+
+
+def _median_ms(session: Any, name: str, x: Any) -> float:
+    import statistics
+    import time
+
+    session.run(None, {name: x})
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        t = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def onnxruntime_check(run: Any, path: str, *, int8: bool, pre: Any, mode: str) -> dict[str, Any] | None:
+    """The export in onnxruntime against the engine on the run's test split: top-1 of each, agreement,
+    max relative error, and median latency at batch 1 and 64 on this machine (None: no test data here)."""
+    import numpy as np
+
+    from edgetrain.data import load_data
+    from edgetrain.export import compare_with_engine, onnxruntime_session
+    from edgetrain.preprocess import normalizes_in_graph
+
+    config = run.config
+    try:
+        raw = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction, normalize=False).test
+    except EdgetrainError as exc:
+        warn(f"onnxruntime check skipped: {exc}")
+        return None
+    x_raw, y = raw.x[:CHECK_SAMPLES], raw.y[:CHECK_SAMPLES]
+    engine_x = pre.apply(x_raw) if pre is not None else x_raw  # what the run's model was trained on
+    onnx_x = x_raw if mode == "graph" or normalizes_in_graph(run.model.graph.original) else engine_x
+    check = compare_with_engine(run.model, path, engine_x, int8=int8, onnx_input=onnx_x)
+    session = onnxruntime_session(path)
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: onnx_x})[0]
+    check["onnxruntime_top1"] = float((logits.argmax(axis=1) == y).mean())
+    check["latency_ms"] = {str(b): _median_ms(session, name, np.ascontiguousarray(np.resize(onnx_x, (b,) +
+                                                                                             onnx_x.shape[1:])))
+                           for b in LATENCY_BATCHES}
+    return check
+
+
+def _check_line(label: str, c: dict[str, Any]) -> str:
+    latency = ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in c["latency_ms"].items())
+    return (f"  {label}: onnxruntime top-1 {c['onnxruntime_top1']:.2%}, agrees with the engine on "
+            f"{c['top1_agreement']:.2%} (max relative error {c['max_relative_error']:.2e}); latency {latency}")
+
+
+def run_export(target: str, *, out: str, int8: bool = False, as_json: bool, gated_bits: str | None = None,
+               preprocess: str = "graph", fmt: str | None = None) -> int:
+    """`edgetrain export`: a checkpoint (or a run folder's newest) as a float and/or int8 ONNX file with the
+    run's input preprocessing (graph nodes or metadata), and, for a DFQ run, its gates as OUT.gates.onnx.
+    With --format, each file is also checked in onnxruntime (agreement with the engine, latency)."""
     from edgetrain.export import export_int8, export_onnx
     from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.precision.dfq.export import export_gates, gates_path
+    from edgetrain.preprocess import MODES, describe
     from edgetrain.train.runstate import open_checkpoint, restore_run
 
+    if fmt is not None and fmt not in FORMATS:
+        raise EdgetrainError(f"--format {fmt!r}: valid are {', '.join(FORMATS)}")
+    if fmt is not None and int8 and fmt != "int8":
+        raise EdgetrainError(f"--int8 contradicts --format {fmt}; give one of them")
+    if preprocess not in MODES:
+        raise EdgetrainError(f"--preprocess {preprocess!r}: valid are {', '.join(MODES)}")
+    formats = {"float": ["float"], "int8": ["int8"], "both": ["float", "int8"]}[fmt or ("int8" if int8 else "float")]
     if not is_checkpoint(target):
         raise CheckpointError(f"{target}: not a checkpoint file or run folder "
                               "(an ONNX model needs no export: train it first)")
@@ -190,22 +306,44 @@ def run_export(target: str, *, out: str, int8: bool, as_json: bool, gated_bits: 
     if not os.path.isdir(folder):
         raise EdgetrainError(f"{out}: folder {folder} does not exist")
     dfq = DFQ.of(run.model)
-    if gated_bits is not None and (dfq is None or not int8):
+    if gated_bits is not None and (dfq is None or "int8" not in formats):
         raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
-    if int8:
-        export_int8(run.model, out, gated_bits, calibration=_calibration_inputs(run.config))
-    else:
-        export_onnx(run.model, out)
-    summary = {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
-               "format": "int8-qdq" if int8 else "float"}
+    pre = run_preprocess(run) if preprocess != "none" else None
+    paths = {"float": out} if formats == ["float"] else {"int8": out} if formats == ["int8"] else \
+        {"float": out, "int8": int8_path(out)}
+    for kind, path in paths.items():
+        if kind == "int8":
+            export_int8(run.model, path, gated_bits, calibration=_calibration_inputs(run.config))
+        else:
+            export_onnx(run.model, path)
+        if pre is not None:
+            _embed_preprocess(path, pre, preprocess)
+    summary: dict[str, Any] = {
+        "checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "out": out,
+        "format": "int8-qdq" if formats == ["int8"] else fmt or "float",
+        "preprocess": {"mode": preprocess if pre is not None else "none", "applies": describe(pre)}}
+    if len(paths) > 1:
+        summary["files"] = paths
     if dfq is not None:
         summary["gates"] = gates_path(out)
         export_gates(run.model, summary["gates"])
-        if int8:
+        if "int8" in formats:
             summary["gated_bits"] = gated_bits or dfq.most_precise()
-    print(json.dumps(summary, indent=2) if as_json else
-          f"wrote {out} ({summary['format']}) from {summary['checkpoint']} (step {summary['step']})"
-          + (f"; gates: {summary['gates']}" if "gates" in summary else ""))
+    if fmt is not None:  # the onnxruntime check: what the user will see when serving these files
+        checks = {kind: onnxruntime_check(run, path, int8=kind == "int8", pre=pre, mode=preprocess)
+                  for kind, path in paths.items()}
+        summary["onnxruntime"] = {k: v for k, v in checks.items() if v is not None}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    lines = [f"wrote {', '.join(paths.values())} ({summary['format']}) from {summary['checkpoint']} "
+             f"(step {summary['step']})" + (f"; gates: {summary['gates']}" if "gates" in summary else "")]
+    if pre is not None:
+        lines.append(f"input preprocessing ({preprocess}): {describe(pre)}")
+    if summary.get("onnxruntime"):
+        lines.append("onnxruntime check on this machine:")
+        lines += [_check_line(kind, c) for kind, c in summary["onnxruntime"].items()]
+    print("\n".join(lines))
     return 0
 
 

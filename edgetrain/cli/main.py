@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
@@ -31,6 +32,9 @@ def _cmd_info(args) -> int:
         summary = summarize(run.model)
         summary["checkpoint"] = {"path": str(run.checkpoint.path), "step": run.checkpoint.step,
                                  "schedule": run.config.schedule, "settings": changed_settings(run.config)}
+        if summary["preprocess"] is None and run.checkpoint.meta.get("preprocess"):
+            # what `edgetrain export` will put in front of the graph
+            summary["preprocess"] = {**run.checkpoint.meta["preprocess"], "applied": "by the run's data pipeline"}
     else:
         summary = summarize(load(args.model))
     print(json.dumps(summary, indent=2) if args.json else format_table(summary))
@@ -61,7 +65,8 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from edgetrain.cli.commands import run_export
 
-    return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits)
+    return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits,
+                      preprocess=args.preprocess, fmt=args.format)
 
 
 def _int_list(text: str) -> list[int]:
@@ -161,6 +166,12 @@ def _add_eval_export(sub) -> None:
                                                        "layers, int8 weights (onnxruntime integer inference)")
     x.add_argument("--gated-bits", metavar="FW/BW", help="dfq/fractrain runs: the candidate the int8 backbone's gated "
                                                          "layers are written at (default: the most precise)")
+    x.add_argument("--format", choices=("float", "int8", "both"),
+                   help="float, int8 (as --int8) or both (the int8 file as OUT with .int8 before its suffix); "
+                        "prints the onnxruntime check of each: agreement with the engine, latency at batch 1 and 64")
+    x.add_argument("--preprocess", choices=("graph", "metadata", "none"), default="graph",
+                   help="the run's input normalisation: as leading graph nodes, so the model takes raw input "
+                        "(default); as metadata_props for the serving stack; or not at all")
     x.add_argument("--json", action="store_true", help="machine-readable output")
     x.set_defaults(func=_cmd_export)
 
@@ -201,8 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_model_warnings() -> None:
+    """Show edgetrain's ModelWarnings as one `edgetrain: warning:` line, like the CLI's own warnings."""
+    from edgetrain.bn_audit import ModelWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ModelWarning):
+            print(f"edgetrain: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    _one_line_model_warnings()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

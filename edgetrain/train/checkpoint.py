@@ -6,9 +6,10 @@ Layout (format version 1), every member a plain .npy array:
     param/<name>  buffer/<name>  optim/<key>  ctrl/<key>  rng/<key>   arrays; scalars as 0-d arrays
     meta                                                                uint8, UTF-8 JSON
 
-The metadata holds the format name and version, step, epoch, seed, config, the model file's SHA-256,
-the creation time, which entries were Python scalars (so they come back as such) and `sha256`: a digest
-over every array (name, dtype, shape and bytes, in key order) and the rest of the metadata.
+The metadata holds the format name and version, step, epoch, seed, config, the model file's SHA-256, the
+input preprocessing the data pipeline applied, the creation time, which entries were Python scalars (so they
+come back as such) and `sha256`: a digest over every array (name, dtype, shape and bytes, in key order) and
+the rest of the metadata.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ NAMESPACES = {  # Checkpoint field -> key prefix in the file
     "rng_state": "rng",
 }
 KEY_SEP = "/"
-META_FIELDS = ("step", "epoch", "seed", "config", "model_sha256")  # what save_checkpoint's meta may hold
+META_FIELDS = ("step", "epoch", "seed", "config", "model_sha256", "preprocess")  # what save_checkpoint's meta may hold
 SHA256_HEX_LEN = 64
 CKPT_PREFIX, CKPT_SUFFIX, CKPT_STEP_DIGITS = "ckpt-", ".npz", 6
 CKPT_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
@@ -152,7 +153,8 @@ def _checked_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint meta: unknown field(s) {', '.join(map(str, unknown))}; "
                               f"valid: {', '.join(META_FIELDS)}")
     out = {"step": meta.get("step"), "epoch": meta.get("epoch", 0), "seed": meta.get("seed"),
-           "config": meta.get("config", {}), "model_sha256": meta.get("model_sha256")}
+           "config": meta.get("config", {}), "model_sha256": meta.get("model_sha256"),
+           "preprocess": meta.get("preprocess")}  # edgetrain.preprocess.record(): what the data pipeline applied
     for name in ("step", "epoch", "seed"):
         v = out[name]
         if v is None and name == "seed":
@@ -166,7 +168,10 @@ def _checked_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(rf"[0-9a-f]{{{SHA256_HEX_LEN}}}", sha)):
         raise CheckpointError(f"checkpoint meta 'model_sha256': expected {SHA256_HEX_LEN} lowercase hex digits, "
                               f"got {sha!r}")
+    if out["preprocess"] is not None and not isinstance(out["preprocess"], Mapping):
+        raise CheckpointError(f"checkpoint meta 'preprocess': expected a dict, got {type(out['preprocess']).__name__}")
     try:
+        out["preprocess"] = json.loads(json.dumps(out["preprocess"], sort_keys=True, allow_nan=False))
         # Round trip now, so what we hash is exactly what load will parse (tuples become lists, ...).
         out["config"] = json.loads(json.dumps(out["config"], sort_keys=True, allow_nan=False))
     except (TypeError, ValueError) as exc:

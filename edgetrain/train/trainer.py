@@ -22,16 +22,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from edgetrain import preprocess
 from edgetrain.data import Loader, Split, check_fits, iterate_eval
 from edgetrain.data.dataset import Dataset
 from edgetrain.data.transforms import CIFAR_AUGMENT
 from edgetrain.errors import EdgetrainError
-from edgetrain.export import export_onnx
+from edgetrain.export import export_onnx, to_onnx
+from edgetrain.fileio import write_atomic
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
 from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.export import export_gates, gates_path
+from edgetrain.preprocess import Preprocess
 from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
 from edgetrain.train.config import (
     CONFIG_JSON,
@@ -188,6 +191,9 @@ class Trainer:
         classes = output_classes(model)
         check_fits(split.train, model.input_shape, classes)
         check_fits(split.test, model.input_shape, classes)
+        double = preprocess.check_no_double(preprocess.normalizes_in_graph(model.graph.original), (split.train,))
+        if double is not None:
+            self.report(f"edgetrain: warning: {double}")
         self.loader = Loader(split.train, config.batch_size, seed=config.seed, augment=_augmentation(split, config))
         self.total_steps = config.steps or (config.epochs or DEFAULT_EPOCHS) * self.loader.steps_per_epoch
         self.eval_every = config.eval_every or self.loader.steps_per_epoch
@@ -254,7 +260,9 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(),
             controller_state=pack_state(self.model, self.controller.state_dict(), trainer),
             meta={"epoch": self.step // self.loader.steps_per_epoch, "seed": self.config.seed,
-                  "config": self.config.to_dict(), "model_sha256": self.model_sha256})
+                  "config": self.config.to_dict(), "model_sha256": self.model_sha256,
+                  # what the data pipeline did to the inputs, so `edgetrain export` can put it in the model
+                  "preprocess": preprocess.record(Preprocess.of_dataset(self.split.train))})
 
     # -- one step ---------------------------------------------------------------------------------
     def _diverged(self, step: int, what: str) -> EdgetrainError:
@@ -352,7 +360,13 @@ class Trainer:
         exported = None
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
-            export_onnx(self.model, exported)
+            pre = Preprocess.of_dataset(self.split.train)
+            if pre is None:
+                export_onnx(self.model, exported)
+            else:
+                # The run's own model.onnx keeps taking normalised input (what the run and its tests feed
+                # it); its metadata says how to normalise. `edgetrain export` puts it in the graph.
+                write_atomic(exported, preprocess.embed(to_onnx(self.model), pre, "metadata").SerializeToString())
             if DFQ.of(self.model) is not None:
                 export_gates(self.model, gates_path(exported))
         last = self.evals[-1]
