@@ -8,6 +8,7 @@ import copy
 
 import numpy as np
 import torch
+from gradcheck import relative_errors
 
 
 def settle_batchnorm(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -30,3 +31,15 @@ def torch_grads(module: torch.nn.Module, x: np.ndarray, labels: np.ndarray, dtyp
     loss = torch.nn.functional.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(labels))
     loss.backward()
     return loss.item(), {k: p.grad.numpy().astype(np.float64) for k, p in m.named_parameters()}, m
+
+
+def float64_gradients_match(name: str, model64, x: np.ndarray, labels: np.ndarray, t64_loss: float,
+                            t64: dict[str, np.ndarray], tol: float) -> None:
+    """Assert edgetrain's float64 loss and every parameter gradient are within tol (relative) of autograd's,
+    under torch's parameter names."""
+    loss64, g64 = model64.loss_and_grad(x, labels)
+    assert abs(loss64 - t64_loss) / abs(t64_loss) < tol
+    assert set(g64) == set(t64), "parameter names differ from torch's"
+    err64 = relative_errors(g64, t64)
+    worst = max(err64, key=err64.get)
+    assert err64[worst] < tol, f"{name} float64: {worst} relative error {err64[worst]:.2e}"
