@@ -102,13 +102,8 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
         removed.add(id(bn))
         folded += 1
     keep = [n for n in nodes if id(n) not in removed]
-    copies = []
-    for n in keep:
-        c = onnx.NodeProto()
-        c.CopyFrom(n)
-        copies.append(c)
     del g.node[:]
-    g.node.extend(copies)
+    g.node.extend(keep)  # extend copies each message, as the importer's reordering relies on
     _drop_unread(g)
     return folded
 

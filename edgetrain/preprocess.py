@@ -142,14 +142,9 @@ def embed(proto: onnx.ModelProto, pre: Preprocess | None, mode: str = DEFAULT_MO
         # exported model on raw input computes bit for bit what the run saw.
         lead = [onnx.helper.make_node("Sub", [vi.name, mean_name], [centred], name=NODE_PREFIX + "sub"),
                 onnx.helper.make_node("Div", [centred, std_name], [normalised], name=NODE_PREFIX + "div")]
-        nodes = lead + [n for n in g.node]
-        copies = []
-        for n in nodes:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)
-            copies.append(copy)
+        nodes = lead + list(g.node)
         del g.node[:]
-        g.node.extend(copies)
+        g.node.extend(nodes)  # extend copies each message, as the importer's reordering relies on
     _set_metadata(out, meta)
     onnx.checker.check_model(out)
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from typing import TYPE_CHECKING
@@ -84,8 +85,6 @@ def _export_dynamo(torch, module, example, opset: int, dynamic_batch: bool) -> b
     except ImportError:
         raise ImportError("exporter='dynamo' needs onnxscript: pip install 'edgetrain[torch]'") from None
     shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},) if dynamic_batch else None
-    import logging
-
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it logs each torchvision op it cannot find, and every pass it runs
