@@ -144,9 +144,9 @@ def _rewrite_reshapes(model: onnx.ModelProto, shapes: dict[str, list], exported:
 def _first_pin(model: onnx.ModelProto, shapes: dict[str, list]) -> str:
     """The first node whose input carries the batch while none of its outputs can; "" if there is none."""
 
-    def symbolic(name: str) -> bool:
+    def may_carry(name: str) -> bool:
         s = shapes.get(name)
-        return s is None or any(not isinstance(d, int) for d in s)
+        return s is None or any(not isinstance(d, int) for d in s)  # the symbol, or a size inference lost
 
     # A value carries the batch when its shape shows the symbol, or when it is computed from a value that
     # does and inference could not tell its shape (benefit of the doubt, kept for its readers to settle).
@@ -155,7 +155,7 @@ def _first_pin(model: onnx.ModelProto, shapes: dict[str, list]) -> str:
         if n.op_type in SHAPE_READERS or not any(i in carrying for i in n.input if i):
             continue
         outs = [o for o in n.output if o]
-        carried = [o for o in outs if BATCH in shapes.get(o, ()) or symbolic(o)]
+        carried = [o for o in outs if may_carry(o)]
         if not carried:
             return (f"node '{n.name or n.output[0]}' ({n.op_type}) gives {list(shapes.get(outs[0], []))} "
                     f"whatever the batch")
