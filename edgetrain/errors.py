@@ -1,8 +1,20 @@
-"""User-facing errors: one line that names the file, node or field and what is wrong."""
+"""User-facing errors: one line that names the file, node or field and what is wrong.
+
+Each error class carries the exit status the CLI returns for it, so every command and tool exits
+with the same documented codes (README, "Exit codes").
+"""
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # the job ran, but a check it makes failed (digests differ, outputs disagree)
+EXIT_BAD_INPUT = 2  # a mistake in what the user gave us
+EXIT_LINK_LOST = 3  # the board or the link to it was lost
+EXIT_INTERRUPTED = 130  # SIGINT, SIGTERM or SIGHUP: the run saved what it had and stopped
 
 
 class EdgetrainError(Exception):
-    """A mistake in what the user gave us; the CLI prints it as one line and exits 2."""
+    """A mistake in what the user gave us; the CLI prints it as one line and exits `exit_code`."""
+
+    exit_code: int = EXIT_BAD_INPUT
 
 
 class ModelError(EdgetrainError):

@@ -22,6 +22,7 @@ import pytest
 
 import models
 from edgetrain.cli.main import main as cli_main
+from edgetrain.errors import EXIT_LINK_LOST
 from firmware_bridge.profile.errors import BoardUnreachable
 from firmware_bridge.profile.host import profile
 from firmware_bridge.profile.records import ProfileRequest
@@ -403,8 +404,6 @@ def test_cli_simulate_writes_the_report_and_the_latency_table(
     "argv, words",
     [
         (["profile", "{tmp}/missing.onnx", "--port", "loop://"], ["missing.onnx", "no such file"]),
-        (["profile", "{model}", "--port", "/dev/no-such-tty"], ["cannot open port /dev/no-such-tty"]),
-        (["profile", "{model}", "--port", "nosuchscheme://x"], ["cannot open port nosuchscheme://x"]),
         (["profile", "{model}"], ["--port", "--simulate"]),
         (["profile", "{model}", "--port", "loop://", "--simulate"], ["not both"]),
         (["profile", "{model}", "--port", "loop://", "--sim-drop", "0.1"], ["--sim-drop", "--simulate"]),
@@ -425,10 +424,19 @@ def test_cli_mistakes_are_one_line_and_exit_2(
         assert word in err, err
 
 
+@pytest.mark.parametrize("port", ["/dev/no-such-tty", "nosuchscheme://x"])
+def test_a_port_that_cannot_be_opened_is_one_line_and_exit_3(
+    port: str, model_path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["profile", model_path, "--port", port]) == EXIT_LINK_LOST
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"edgetrain: error: cannot open port {port}"), err
+
+
 def test_no_agent_on_the_port_is_one_clear_line(model_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     # loop:// echoes our own HELLO back: a line with something on it, but no agent.
     started = time.monotonic()
-    assert cli_main(["profile", model_path, "--port", "loop://", "--timeout", "1"]) == 2
+    assert cli_main(["profile", model_path, "--port", "loop://", "--timeout", "1"]) == EXIT_LINK_LOST
     err = capsys.readouterr().err
     assert "loop:// echoes back what the host sends" in err and err.count("\n") == 1
     assert time.monotonic() - started < 1 + SLACK_S + 2  # plus the model import
@@ -438,7 +446,7 @@ def test_no_agent_on_the_port_is_one_clear_line(model_path: str, capsys: pytest.
 def test_a_silent_port_is_one_clear_line(model_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     with open_pty() as nobody:  # a tty with nothing on the other end
         started = time.monotonic()
-        assert cli_main(["profile", model_path, "--port", nobody.slave_path, "--timeout", "1"]) == 2
+        assert cli_main(["profile", model_path, "--port", nobody.slave_path, "--timeout", "1"]) == EXIT_LINK_LOST
         took = time.monotonic() - started
     err = capsys.readouterr().err
     assert f"no edgetrain agent answered on {nobody.slave_path} within 1 s" in err and err.count("\n") == 1

@@ -49,7 +49,7 @@ from edgetrain.train.config import TrainConfig
 from edgetrain.train.trainer import clear_run_dir
 
 PROG = "ablate_pfq"
-EXIT_USER_ERROR = 2
+
 EXIT_INTERRUPTED = 130
 SHIPPED = "shipped"  # --model value for the demo's model and task
 DEFAULT_DATA = "digits"
@@ -484,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_ablation(setup, progress=True)
     except EdgetrainError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -8,10 +8,8 @@ import warnings
 from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError
 from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
-
-EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgetrainError as exc:
         print(f"edgetrain: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("edgetrain: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

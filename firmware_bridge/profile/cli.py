@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_SECONDS, PROBABILITY
+from edgetrain.errors import EXIT_CHECK_FAILED, EXIT_OK
 from firmware_bridge.profile.errors import BoardUnreachable, ProfileError
 from firmware_bridge.profile.host import prepare, profile
 from firmware_bridge.profile.records import (
@@ -28,8 +29,6 @@ from firmware_bridge.wire.transport import DEFAULT_BAUD
 __all__ = ["add_profile_command", "run_profile_command"]
 
 DEFAULT_OUT = "edgetrain-profile"
-EXIT_OK = 0
-EXIT_DIGESTS_DIFFER = 1
 LOG_TAIL_LINES = 3
 
 
@@ -148,4 +147,4 @@ def run_profile_command(args: argparse.Namespace) -> int:
         print("files: " + ", ".join(f"{kind} {path}" for kind, path in written.items() if kind != "note"))
         if "note" in written:
             print(written["note"])
-    return EXIT_OK if report["digest"]["agree"] else EXIT_DIGESTS_DIFFER
+    return EXIT_OK if report["digest"]["agree"] else EXIT_CHECK_FAILED

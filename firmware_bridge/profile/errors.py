@@ -6,7 +6,7 @@ other user mistake. The wire-level errors (firmware_bridge.wire.errors) stay ind
 
 from __future__ import annotations
 
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import EXIT_LINK_LOST, EdgetrainError
 
 __all__ = ["BoardRefused", "BoardUnreachable", "ProfileError", "WorkloadError"]
 
@@ -17,6 +17,8 @@ class ProfileError(EdgetrainError):
 
 class BoardUnreachable(ProfileError):
     """The port cannot be opened, or no agent answers on it (any more)."""
+
+    exit_code = EXIT_LINK_LOST
 
 
 class BoardRefused(ProfileError):
