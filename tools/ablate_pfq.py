@@ -41,7 +41,7 @@ from tqdm import tqdm
 import models
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
 from edgetrain.cli.plot import pyplot
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError
 from edgetrain.fileio import write_atomic
 from edgetrain.precision.pfq import DEFAULT_ALPHA_SWITCHES, DEFAULT_NORMALISER_PERIODS, DEFAULT_STAGES, DEFAULT_WINDOW
 from edgetrain.precision.spec import parse_precision
@@ -50,7 +50,6 @@ from edgetrain.train.trainer import clear_run_dir
 
 PROG = "ablate_pfq"
 
-EXIT_INTERRUPTED = 130
 SHIPPED = "shipped"  # --model value for the demo's model and task
 DEFAULT_DATA = "digits"
 DEFAULT_OUT = "pfq-ablation"
