@@ -13,7 +13,8 @@ kernel with the same arithmetic. Conv arrays are NCHW, weights (M, C/groups, kH,
 order (top, left, bottom, right), with the floor output size of ONNX/PyTorch (edgetrain.ops.conv.Conv
 with explicit pads).
 
-Backends (`set_backend`; every one exact, and tests/test_kernels.py runs every test on each):
+Backends (`use_backend` by a user's choice or $EDGETRAIN_BACKEND, probed safely by `routes`;
+`set_backend` by name; every one exact, and tests/test_kernels.py runs every test on each):
 
 * "vnni" (default): 8-bit convs on fused AVX-512 VNNI kernels emitted from Numba (`vnni`); the rest
   as "onnxruntime". Used only on CPUs with the instructions, after a self-check.
@@ -46,7 +47,7 @@ __all__ = [
     "gemm", "gemm_nt", "batched_gemm_nt", "linear_forward", "linear_backward_data", "linear_backward_weight",
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
     "accumulator_dtype", "dot_bound", "segment_length", "conv2d_geometry", "Conv2dGeometry",
-    "KernelBackend", "register_backend", "set_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
+    "KernelBackend", "register_backend", "set_backend", "use_backend", "get_backend", "SUPPORTED_DTYPES", "INT32_MAX",
 ]
 
 SUPPORTED_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16))
@@ -84,10 +85,10 @@ tune_malloc()  # keep big freed blocks for the next layer: no page faults per st
 
 _NUMBA = NumbaBackend()
 _BACKENDS: dict[str, KernelBackend] = {"numba": _NUMBA, "onnxruntime": OrtBackend(_NUMBA), "vnni": VnniBackend(_NUMBA)}
-# vnni by default: 8-bit convs on fused AVX-512 VNNI kernels, GEMMs (and convs those cannot take) on
-# onnxruntime's integer GEMM, everything else on Numba; each step down happens per call, and for
-# good when a CPU lacks the instructions or onnxruntime is missing or fails its exactness probe.
-_active: list[str] = ["vnni"]
+# Chosen on first use from $EDGETRAIN_BACKEND (`routes.choose`; auto: the fastest route that passes its
+# probe). Below the chosen route, each step down (vnni -> onnxruntime -> numba) also happens per call,
+# for operands a route cannot take.
+_active: list[str | None] = [None]
 
 
 def register_backend(backend: KernelBackend) -> None:
@@ -99,13 +100,24 @@ def set_backend(name: str) -> str:
     """Route every kernel call to the named backend; returns the previous backend's name."""
     if name not in _BACKENDS:
         raise KeyError(f"unknown kernel backend '{name}'; registered: {sorted(_BACKENDS)}")
-    previous = _active[0]
+    previous = get_backend().name
     _active[0] = name
     return previous
 
 
+def use_backend(choice: str | None = None) -> str:
+    """Route kernel calls by a user's choice (auto|vnni|onnxruntime|numba; None: $EDGETRAIN_BACKEND),
+    stepping down to a route this machine can take; returns the route taken."""
+    from edgetrain.kernels.routes import choose
+
+    _active[0] = choose(choice)
+    return _active[0]
+
+
 def get_backend() -> KernelBackend:
     """The backend kernel calls currently go to."""
+    if _active[0] is None:
+        use_backend()
     return _BACKENDS[_active[0]]
 
 

@@ -385,14 +385,25 @@ class OrtBackend:
 
     @property
     def usable(self) -> bool:
-        """onnxruntime's library loads and passes the exactness probe (checked once, on first use)."""
+        """onnxruntime's library loads and passes the exactness probe (checked once, on first use).
+
+        The library is first tried in a child process (`routes.route_ok`): loading it through ctypes
+        can crash a process outright, and only a library that survived there is loaded here."""
         if self._usable is None:
-            try:
-                self._api = OrtCApi()
-                self._usable = _probe(self._run)
-            except Exception:
-                self._usable = False
+            from edgetrain.kernels.routes import route_ok
+
+            self._usable = route_ok("onnxruntime") and self.library_passes()[0]
         return self._usable
+
+    def library_passes(self) -> tuple[bool, str]:
+        """Load onnxruntime's C API in this process and run the exactness probe: (passed, why not)."""
+        try:
+            self._api = OrtCApi()
+            if _probe(self._run):
+                return True, "ok"
+            return False, "MatMulInteger is not exact on this CPU (saturating 8-bit products)"
+        except Exception as exc:
+            return False, f"onnxruntime's C API did not load: {type(exc).__name__}: {exc}"
 
     def _call(self, driver, za: int, zb: int, *args, status_size: int) -> None:
         """Run a Numba driver with the C API's entry points and report any failed chunk."""

@@ -172,13 +172,17 @@ class VnniBackend(OrtBackend):
     def vnni_usable(self) -> bool:
         """The CPU has AVX-512 VNNI and the kernels pass a worst-case exactness check."""
         if self._vnni_ok is None:
-            self._vnni_ok = False
-            if _vn.available():
-                try:
-                    self._vnni_ok = self._self_check()
-                except Exception:
-                    self._vnni_ok = False
+            from edgetrain.kernels.routes import route_ok
+
+            self._vnni_ok = _vn.available() and route_ok("vnni") and self.vnni_kernels_pass()
         return self._vnni_ok
+
+    def vnni_kernels_pass(self) -> bool:
+        """Compile the VNNI kernels in this process and check them on worst-case operands."""
+        try:
+            return self._self_check()
+        except Exception:
+            return False
 
     def _self_check(self) -> bool:
         from edgetrain.kernels.geometry import conv2d_geometry

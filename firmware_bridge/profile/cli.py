@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -73,13 +74,19 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--sim-drop", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte drop probability")
     sim.add_argument("--sim-baud", type=POSITIVE_INT, metavar="N", help="pace the simulated line at N baud")
     sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
+    sim.add_argument(
+        "--sim-python", metavar="COMMAND",
+        help="run the simulated agent with this Python command, e.g. 'tools/arm64_board.sh python' for an "
+        "emulated arm64 board (default: this interpreter)",
+    )
     parser.set_defaults(func=run_profile_command)
     return parser
 
 
 def _check_target(args: argparse.Namespace) -> None:
     sim_flags = [flag for flag, value in (("--sim-corrupt", args.sim_corrupt), ("--sim-drop", args.sim_drop),
-                                          ("--sim-baud", args.sim_baud), ("--sim-cache", args.sim_cache)) if value]
+                                          ("--sim-baud", args.sim_baud), ("--sim-cache", args.sim_cache),
+                                          ("--sim-python", args.sim_python)) if value]
     if args.simulate and args.port:
         raise ProfileError("give either --port or --simulate, not both")
     if not args.simulate and not args.port:
@@ -110,7 +117,8 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
     # Check the model, data and workload before spending a second on starting an agent.
     prepared = prepare(_request(args, "", args.baud))
     board = SimulatedBoard(
-        args.sim_cache, corrupt_rate=args.sim_corrupt, drop_rate=args.sim_drop, baud=args.sim_baud
+        args.sim_cache, corrupt_rate=args.sim_corrupt, drop_rate=args.sim_drop, baud=args.sim_baud,
+        python=shlex.split(args.sim_python) if args.sim_python else sys.executable,
     )
     with board:
         try:
@@ -126,6 +134,7 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
         "corrupt_rate": args.sim_corrupt,
         "drop_rate": args.sim_drop,
         "baud": args.sim_baud,
+        "agent_python": args.sim_python or sys.executable,
         "relay": {direction: vars(stats) for direction, stats in board.relay_stats.items()},
     }
     return report

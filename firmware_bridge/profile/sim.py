@@ -45,7 +45,7 @@ class SimulatedBoard:
         baud: int | None = None,
         seed: int = 0,
         telemetry_root: str | os.PathLike[str] | None = None,
-        python: str = sys.executable,
+        python: str | list[str] = sys.executable,
     ) -> None:
         self._own_dir = tempfile.mkdtemp(prefix="edgetrain-sim-")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(self._own_dir) / "cache"
@@ -55,7 +55,9 @@ class SimulatedBoard:
         self.baud = baud
         self.seed = seed
         self.telemetry_root = telemetry_root
-        self.python = python
+        # The command that runs the agent's Python: this interpreter, or e.g. an emulated board's
+        # (`tools/arm64_board.sh python`), which must see this checkout and the ptys at the same paths.
+        self.python = [python] if isinstance(python, str) else list(python)
         self.agent: subprocess.Popen[bytes] | None = None
         self._host_pty: PtyPair | None = None
         self._agent_pty: PtyPair | None = None
@@ -93,7 +95,7 @@ class SimulatedBoard:
 
     def agent_command(self) -> list[str]:
         """Return the command line that starts the agent."""
-        command = [self.python, "-m", AGENT_MODULE, "--port", self.agent_port, "--cache", str(self.cache_dir), "-v"]
+        command = [*self.python, "-m", AGENT_MODULE, "--port", self.agent_port, "--cache", str(self.cache_dir), "-v"]
         if self.telemetry_root is not None:
             command += ["--telemetry-root", str(self.telemetry_root)]
         return command

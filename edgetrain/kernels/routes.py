@@ -1,0 +1,206 @@
+"""Which integer route the kernels take: `EDGETRAIN_BACKEND=auto|vnni|onnxruntime|numba`, probed safely.
+
+Every route gives the same bits (each is exact), so the choice only moves speed. What a route can do
+wrong is crash: onnxruntime's library is reached through ctypes (`ort_capi`), and a library that does
+not load cleanly (seen: a segfault under qemu-user on emulated arm64) would take the whole process
+with it. So each route is probed once in a child process (`python -m edgetrain.kernels.routes
+ROUTE`), whose crash, hang or wrong answer disables that route with one log line; only a route whose
+child passed is ever loaded in this process. Results are cached on disk, keyed by everything that
+could change them (CPU, Python and library versions), so the probe's few seconds are paid once per
+machine and install.
+
+Invariants: `choose` never raises for an unusable route (it falls back along `FALLBACK`, logging why);
+the numba route needs no probe and is always usable; a route's probe never runs in this process
+unless its child probe passed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["ROUTES", "ENV_VAR", "route_ok", "usable_routes", "choose", "describe"]
+
+ENV_VAR = "EDGETRAIN_BACKEND"
+ROUTES = ("vnni", "onnxruntime", "numba")
+CHOICES = ("auto",) + ROUTES
+# Where each route steps down to when it cannot run (also the order `auto` tries them in).
+FALLBACK = {"vnni": "onnxruntime", "onnxruntime": "numba", "numba": None}
+# A probe compiles a few Numba kernels and runs worst-case products: seconds natively, minutes under
+# emulation. Past this it counts as hung.
+PROBE_TIMEOUT_S = float(os.environ.get("EDGETRAIN_PROBE_TIMEOUT", "600"))
+_CACHE_ENV = "EDGETRAIN_CACHE_DIR"
+
+log = logging.getLogger("edgetrain.kernels")
+_results: dict[str, tuple[bool, str]] = {}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(_CACHE_ENV):
+        return Path(os.environ[_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgetrain"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def _machine_key() -> str:
+    """A digest of what a probe's answer depends on: CPU, Python and the libraries the routes load."""
+    cpu = ""
+    try:
+        import llvmlite.binding as llvm
+
+        cpu = llvm.get_host_cpu_name() + ":" + llvm.get_host_cpu_features().flatten()
+    except Exception:  # no llvmlite means no Numba; the key then only needs the rest
+        pass
+    parts = [platform.machine(), platform.system(), sys.version, cpu, os.environ.get("NUMBA_CPU_NAME", ""),
+             os.environ.get("NUMBA_CPU_FEATURES", "")]
+    parts += [f"{d}={_version(d)}" for d in ("edgetrain", "numpy", "numba", "onnxruntime")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _read_cache() -> dict[str, list]:
+    try:
+        data = json.loads((_cache_dir() / f"routes-{_machine_key()}.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(entries: dict[str, list]) -> None:
+    """Keep the answers for the next process; an unwritable cache only costs the next one a probe."""
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".routes-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(entries, fh)
+        os.replace(tmp, folder / f"routes-{_machine_key()}.json")
+    except OSError:
+        pass
+
+
+def _probe_in_child(route: str) -> tuple[bool, str]:
+    """Run the route's probe in a fresh interpreter; a crash, a hang or a 'no' there is a 'no' here."""
+    env = dict(os.environ)
+    env.pop(ENV_VAR, None)
+    try:
+        done = subprocess.run([sys.executable, "-m", "edgetrain.kernels.routes", route], capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return False, f"probe hung (no answer in {PROBE_TIMEOUT_S:.0f} s)"
+    except OSError as exc:
+        return False, f"probe could not start: {exc}"
+    if done.returncode < 0:
+        return False, f"probe crashed (signal {-done.returncode})"
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+        return bool(answer["ok"]), str(answer["why"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"probe failed (exit {done.returncode}): {tail}"
+
+
+def _plainly_absent(route: str) -> str:
+    """Why a route cannot be here, from checks that cannot crash (no child needed); '' if it may be."""
+    import importlib.util
+
+    if route == "vnni":
+        from edgetrain.kernels import vnni
+
+        return "" if vnni.available() else "this CPU has no AVX-512 VNNI (or Numba targets a portable CPU)"
+    if route == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed"
+    return ""
+
+
+def route_ok(route: str) -> bool:
+    """True when the route passed its probe on this machine (probed once, in a child process)."""
+    if route == "numba":
+        return True
+    if route not in _results and _plainly_absent(route):
+        _results[route] = (False, _plainly_absent(route))
+        return False
+    if route not in _results:
+        cache = _read_cache()
+        if route in cache and isinstance(cache[route], list) and len(cache[route]) == 2:
+            _results[route] = (bool(cache[route][0]), str(cache[route][1]))
+        else:
+            _results[route] = _probe_in_child(route)
+            _write_cache({**cache, route: list(_results[route])})
+        ok, why = _results[route]
+        if not ok:
+            log.info("edgetrain: integer route %s disabled: %s", route, why)
+    return _results[route][0]
+
+
+def usable_routes() -> dict[str, bool]:
+    """Every route and whether this machine can take it (what the board agent's handshake reports)."""
+    return {route: route_ok(route) for route in ROUTES}
+
+
+def describe() -> dict[str, str]:
+    """Each route's probe verdict in words (after `usable_routes`), for reports and `--json` output."""
+    return {route: ("ok" if route == "numba" else _results.get(route, (False, "not probed"))[1]) for route in ROUTES}
+
+
+def choose(choice: str | None = None) -> str:
+    """Resolve a backend choice (None: $EDGETRAIN_BACKEND, default auto) to a route this machine can take."""
+    from edgetrain.errors import EdgetrainError
+
+    raw = choice if choice is not None else os.environ.get(ENV_VAR, "auto")
+    wanted = raw.strip().lower() or "auto"
+    if wanted not in CHOICES:
+        source = f"{ENV_VAR}={raw}" if choice is None else f"--backend {raw}"
+        raise EdgetrainError(f"{source}: unknown integer route; choose one of {', '.join(CHOICES)}")
+    route = ROUTES[0] if wanted == "auto" else wanted
+    while not route_ok(route):
+        if wanted != "auto":
+            log.warning("edgetrain: warning: integer route %s is not usable here (%s); using %s",
+                        route, _results[route][1], FALLBACK[route])
+        route = FALLBACK[route]
+    return route
+
+
+def _probe_here(route: str) -> tuple[bool, str]:
+    """The route's own check, in this process: only ever called in the probe's child."""
+    if route == "vnni":
+        from edgetrain.kernels.vnni_backend import VnniBackend
+
+        return (True, "ok") if VnniBackend().vnni_kernels_pass() else (False, "the VNNI kernels failed their exactness check")
+    if route == "onnxruntime":
+        from edgetrain.kernels.ort_backend import OrtBackend
+
+        return OrtBackend().library_passes()
+    return True, "ok"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child side of a probe: print one JSON line {"ok": bool, "why": str} for the route named."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] not in ROUTES:
+        print(json.dumps({"ok": False, "why": f"unknown route {args}"}))
+        return 2
+    try:
+        ok, why = _probe_here(args[0])
+    except Exception as exc:  # any failure of the route is a 'no', reported in one line
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"ok": ok, "why": why}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

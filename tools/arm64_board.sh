@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# An emulated arm64 board: a Debian bookworm arm64 root run under qemu-user, with the aarch64 wheels of
+# the very numpy, numba, onnx and onnxruntime versions installed on this host. Timings under emulation
+# mean nothing; bits do: `check` profiles the shipped LeNet-5 on it against this host and requires the
+# weight digests to agree (fp32 in deterministic mode, and static 8/8).
+#
+#   tools/arm64_board.sh setup           build the root once (needs root, qemu-user-static, debootstrap)
+#   tools/arm64_board.sh python ARGS...  run the board's python3 on ARGS (this checkout importable)
+#   tools/arm64_board.sh check           profile LeNet-5 on the board, fp32 and 8/8; exit 1 if digests differ
+#
+# The root lives in $ARM64_ROOT (default .arm64-board/ in the checkout). Only Debian's packages and the
+# package registry are used: debootstrap's first stage fetches and unpacks the packages (no maintainer
+# script runs, so no package is configured under emulation, which took 12 min against 1 min), and the
+# wheels are unpacked straight into /opt/site (pip itself never runs emulated).
+# `python` runs in a private mount namespace: /proc, /sys, /dev, /tmp and this checkout are bound into
+# the root at the same paths (so the host's ptys and temporary folders are the board's), and the mounts
+# vanish with the process.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="${ARM64_ROOT:-$HERE/.arm64-board}"
+SUITE=bookworm
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+PY=python3.11   # bookworm's Python: the wheels must match its ABI (cp311)
+SITE=/opt/site
+WHEELS=(numpy numba llvmlite onnx onnxruntime pyserial)
+
+die() { echo "arm64_board: error: $*" >&2; exit 2; }
+
+need_root() { [ "$(id -u)" -eq 0 ] || die "needs root (chroot, mounts and binfmt_misc); run it with sudo"; }
+
+host_version() {  # the version of a distribution installed on the host, so the board runs the same code
+    "${HOST_PYTHON:-python3}" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
+}
+
+register_qemu() {
+    command -v qemu-aarch64-static >/dev/null || { apt-get install -y -q qemu-user-static binfmt-support >/dev/null \
+        || die "qemu-user-static is not installed and apt-get could not install it"; }
+    [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc \
+        || die "cannot mount binfmt_misc: this kernel or container cannot run foreign binaries"
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        update-binfmts --enable qemu-aarch64 2>/dev/null || true
+    fi
+    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || die "qemu-aarch64 is not registered with binfmt_misc"
+}
+
+setup() {
+    need_root
+    register_qemu
+    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null || die "no debootstrap"
+    if [ ! -x "$ROOT/usr/bin/$PY" ]; then
+        echo "arm64_board: fetching Debian $SUITE arm64 into $ROOT" >&2
+        rm -rf "$ROOT"
+        debootstrap --foreign --arch=arm64 --variant=minbase --include=python3-minimal,libpython3.11-stdlib \
+            "$SUITE" "$ROOT" "$MIRROR" >"$HERE/.arm64-board.log" 2>&1 || die "debootstrap failed (see .arm64-board.log)"
+        for deb in "$ROOT"/var/cache/apt/archives/*.deb; do dpkg-deb -x "$deb" "$ROOT"; done
+        rm -f "$ROOT"/var/cache/apt/archives/*.deb
+    fi
+    local stamp="$ROOT$SITE/.versions" want=""
+    for dist in "${WHEELS[@]}"; do want+="$dist==$(host_version "$dist") "; done
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "arm64_board: aarch64 wheels: $want" >&2
+        local tmp
+        tmp="$(mktemp -d)"
+        # shellcheck disable=SC2086
+        "${HOST_PYTHON:-python3}" -m pip download -q --only-binary=:all: --python-version 3.11 --implementation cp \
+            --abi cp311 --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 -d "$tmp" $want \
+            || die "pip could not download the aarch64 wheels"
+        rm -rf "$ROOT$SITE"
+        mkdir -p "$ROOT$SITE"
+        for wheel in "$tmp"/*.whl; do "${HOST_PYTHON:-python3}" -m zipfile -e "$wheel" "$ROOT$SITE/"; done
+        rm -rf "$tmp"
+        echo "$want" >"$stamp"
+    fi
+    mkdir -p "$ROOT/var/cache/numba"
+    echo "arm64_board: ready: $ROOT" >&2
+}
+
+run_python() {
+    need_root
+    [ -x "$ROOT/usr/bin/$PY" ] || die "no board root at $ROOT; run: tools/arm64_board.sh setup"
+    register_qemu
+    # Bind what the host shares with the board at the same paths, in a mount namespace of our own.
+    exec unshare --mount --propagation private /bin/bash -c '
+        set -e
+        root="$1"; shift
+        for dir in /proc /sys /dev /tmp "$HERE_DIR"; do
+            mkdir -p "$root$dir"
+            mount --rbind "$dir" "$root$dir"
+        done
+        cwd="$PWD"
+        [ -d "$root$cwd" ] || cwd="$HERE_DIR"
+        exec chroot "$root" /usr/bin/env -C "$cwd" PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/opt/site" \
+            NUMBA_CACHE_DIR=/var/cache/numba PATH=/usr/bin:/bin "$@"
+    ' arm64_board "$ROOT" "/usr/bin/$PY" "$@"
+}
+
+check() {
+    local model="$HERE/edgetrain/assets/lenet5_digits.onnx" out status=0
+    out="$(mktemp -d)"
+    for precision in fp32 8/8; do
+        echo "arm64_board: profile LeNet-5 batch 8, 2 steps, $precision, on the emulated board" >&2
+        local started=$SECONDS
+        if ! "${HOST_PYTHON:-python3}" -m edgetrain.cli profile "$model" --simulate \
+            --sim-python "$HERE/tools/arm64_board.sh python" --sim-cache "$out/cache" \
+            --precision "$precision" --batch-size 8 --steps 2 --warmup 0 --timeout 900 \
+            --out "$out/${precision//\//x}" --json >"$out/report.json"; then
+            status=1
+        fi
+        "${HOST_PYTHON:-python3}" - "$out/report.json" "$precision" "$((SECONDS - started))" <<'EOF' || status=1
+import json, sys
+report = json.load(open(sys.argv[1]))
+digest = report["digest"]
+print(f"arm64_board: {sys.argv[2]}: host {digest['host']} board {digest['board']} "
+      f"({'agree' if digest['agree'] else 'DIFFER'}; {digest.get('mode', '')}) in {sys.argv[3]} s")
+sys.exit(0 if digest["agree"] else 1)
+EOF
+    done
+    rm -rf "$out"
+    return "$status"
+}
+
+export HERE_DIR="$HERE"
+case "${1:-}" in
+    setup) setup ;;
+    python) shift; run_python "$@" ;;
+    check) check ;;
+    *) echo "usage: tools/arm64_board.sh setup|python ARGS...|check" >&2; exit 2 ;;
+esac
