@@ -116,6 +116,15 @@ def _add_setting(parser, f) -> None:
                             help=text)
 
 
+def _add_backend(parser) -> None:
+    """The integer route flag shared by every command that computes (`edgetrain.kernels.routes`)."""
+    from edgetrain.kernels.routes import CHOICES, ENV_VAR
+
+    parser.add_argument("--backend", choices=CHOICES, default=None,
+                        help=f"integer kernel route (default ${ENV_VAR}, else auto: the fastest that passes its "
+                             "probe here); every route gives the same bits")
+
+
 def _add_train(sub) -> None:
     file_only = [name for name, f in FIELDS.items() if f.metadata["cli"] == FILE_ONLY]
     t = sub.add_parser("train", help="fine-tune an ONNX model on a data set, in fp32 or fixed point",
@@ -145,6 +154,7 @@ def _add_train(sub) -> None:
                    help="continue the run in --out from its newest good checkpoint")
     t.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file setting any of these options")
     t.add_argument("--json", action="store_true", default=False, help="print one JSON object at the end")
+    _add_backend(t)
     t.set_defaults(func=_cmd_train)
 
 
@@ -156,6 +166,7 @@ def _add_eval_export(sub) -> None:
                    help="evaluate at these FW/BW bits (default: as trained; fp32 for an ONNX file)")
     e.add_argument("--batch-size", type=POSITIVE_INT, default=256, metavar="N", help="default 256")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_backend(e)
     e.set_defaults(func=_cmd_eval)
     x = sub.add_parser("export", help="write a trained checkpoint as ONNX (float, or int8 QDQ)")
     x.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file, or a run folder (its newest checkpoint)")
@@ -171,6 +182,7 @@ def _add_eval_export(sub) -> None:
                    help="the run's input normalisation: as leading graph nodes, so the model takes raw input "
                         "(default); as metadata_props for the serving stack; or not at all")
     x.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_backend(x)
     x.set_defaults(func=_cmd_export)
 
 
@@ -197,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="edgetrain-demo",
                       help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_backend(demo)
     demo.set_defaults(func=_cmd_demo)
     _add_train(sub)
     _add_eval_export(sub)
@@ -206,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_cmd_plot)
     from firmware_bridge.profile.cli import add_profile_command
 
-    add_profile_command(sub)
+    _add_backend(add_profile_command(sub))
     return p
 
 
@@ -230,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     _one_line_model_warnings()
     try:
         args = build_parser().parse_args(argv)
+        if "backend" in vars(args):
+            from edgetrain.kernels import use_backend
+
+            use_backend(args.backend)
         return args.func(args)
     except EdgetrainError as exc:
         print(f"edgetrain: error: {exc}", file=sys.stderr)

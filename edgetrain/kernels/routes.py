@@ -35,7 +35,7 @@ CHOICES = ("auto",) + ROUTES
 FALLBACK = {"vnni": "onnxruntime", "onnxruntime": "numba", "numba": None}
 # A probe compiles a few Numba kernels and runs worst-case products: seconds natively, minutes under
 # emulation. Past this it counts as hung.
-PROBE_TIMEOUT_S = float(os.environ.get("EDGETRAIN_PROBE_TIMEOUT", "600"))
+PROBE_TIMEOUT_S = 600.0
 _CACHE_ENV = "EDGETRAIN_CACHE_DIR"
 
 log = logging.getLogger("edgetrain.kernels")
@@ -92,13 +92,17 @@ def _write_cache(entries: dict[str, list]) -> None:
         pass
 
 
+def _probe_command(route: str) -> list[str]:
+    return [sys.executable, "-m", "edgetrain.kernels.routes", route]
+
+
 def _probe_in_child(route: str) -> tuple[bool, str]:
     """Run the route's probe in a fresh interpreter; a crash, a hang or a 'no' there is a 'no' here."""
     env = dict(os.environ)
     env.pop(ENV_VAR, None)
     try:
-        done = subprocess.run([sys.executable, "-m", "edgetrain.kernels.routes", route], capture_output=True,
-                              text=True, timeout=PROBE_TIMEOUT_S, env=env)
+        done = subprocess.run(_probe_command(route), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                              env=env)
     except subprocess.TimeoutExpired:
         return False, f"probe hung (no answer in {PROBE_TIMEOUT_S:.0f} s)"
     except OSError as exc:
@@ -142,8 +146,9 @@ def route_ok(route: str) -> bool:
             _results[route] = _probe_in_child(route)
             _write_cache({**cache, route: list(_results[route])})
         ok, why = _results[route]
-        if not ok:
-            log.info("edgetrain: integer route %s disabled: %s", route, why)
+        if not ok:  # a route that broke is news; one this machine simply lacks is not
+            level = logging.WARNING if why.startswith("probe") else logging.INFO
+            log.log(level, "edgetrain: warning: integer route %s disabled: %s", route, why)
     return _results[route][0]
 
 
@@ -180,7 +185,9 @@ def _probe_here(route: str) -> tuple[bool, str]:
     if route == "vnni":
         from edgetrain.kernels.vnni_backend import VnniBackend
 
-        return (True, "ok") if VnniBackend().vnni_kernels_pass() else (False, "the VNNI kernels failed their exactness check")
+        if VnniBackend().vnni_kernels_pass():
+            return True, "ok"
+        return False, "the VNNI kernels failed their exactness check"
     if route == "onnxruntime":
         from edgetrain.kernels.ort_backend import OrtBackend
 

@@ -42,6 +42,8 @@ from typing import Any
 import serial
 
 from edgetrain.errors import DataError, EdgetrainError, ModelError
+from edgetrain.kernels import use_backend
+from edgetrain.kernels.routes import CHOICES, ENV_VAR, usable_routes
 from firmware_bridge.board.cache import BlobCache, default_cache_dir
 from firmware_bridge.board.measure import BoardMeter
 from firmware_bridge.profile.errors import WorkloadError
@@ -200,6 +202,7 @@ def board_capabilities(telemetry_root: str | Path = "/") -> dict[str, Any]:
         "formats": list(BLOB_FORMATS),
         "tasks": [TASK_TRAIN],
         "integer_engine": True,  # every edgetrain since the integer engine; kept in HELLO for hosts that ask
+        "integer_routes": usable_routes(),
         **engine_info(),
     }
 
@@ -622,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry-root", default="/", help="read sensors below this folder instead of / (recorded trees, tests)"
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every session and refusal")
+    parser.add_argument("--backend", choices=CHOICES, default=None,
+                        help=f"integer kernel route (default ${ENV_VAR}, else auto); a workload may name its own")
     return parser
 
 
@@ -634,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     cache_dir = args.cache or default_cache_dir()
+    try:
+        use_backend(args.backend)  # probes the routes (safely) now, not in the middle of the first job
+    except EdgetrainError as exc:
+        print(f"{AGENT_NAME}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         agent = Agent(args.port, cache_dir=cache_dir, baud=args.baud, telemetry_root=args.telemetry_root)
     except OSError as exc:

@@ -107,6 +107,7 @@ def _request(args: argparse.Namespace, port: str, baud: int) -> ProfileRequest:
         seed=args.seed,
         data=args.data,
         timeout_s=args.timeout,
+        backend=getattr(args, "backend", None),
         progress=not args.json and sys.stderr.isatty(),
     )
 

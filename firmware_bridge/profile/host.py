@@ -381,6 +381,7 @@ def prepare(request: ProfileRequest) -> Prepared:
         precision=request.precision,
         seed=request.seed,
         data_sha256=data_sha,
+        backend=request.backend,
     )
     classes = check_model_fits(model, workload)
     if data is not None:

@@ -36,6 +36,7 @@ class ProfileRequest:
     seed: int = 0
     data: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    backend: str | None = None  # the integer route the board should take (None: its own choice)
     progress: bool = True
     on_progress: Callable[[int, int], None] | None = None
 

@@ -28,6 +28,8 @@ import edgetrain
 from edgetrain.data import npzfile
 from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.errors import DataError, EdgetrainError, ModelError
+from edgetrain.kernels import get_backend, use_backend
+from edgetrain.kernels.routes import CHOICES
 from edgetrain.model import Model
 from edgetrain.train.loop import TrainStep, batches
 from edgetrain.train.optim import SGD
@@ -91,6 +93,7 @@ def engine_info() -> dict[str, Any]:
         "machine": platform.machine(),
     }
     info["numba"] = numba.__version__
+    info["integer_route"] = get_backend().name
     return info
 
 
@@ -146,6 +149,9 @@ class Workload:
     lr: float = DEFAULT_LR
     momentum: float = DEFAULT_MOMENTUM
     data_sha256: str | None = None
+    # The integer route to run on (edgetrain.kernels.routes); None: the runner's own choice. Every
+    # route gives the same bits, so this moves only the timings.
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         shape = self.input_shape
@@ -168,6 +174,8 @@ class Workload:
             not isinstance(self.data_sha256, str) or not _SHA256_HEX.fullmatch(self.data_sha256)
         ):
             raise WorkloadError(f"workload 'data_sha256' must be 64 lowercase hex digits, got {self.data_sha256!r}")
+        if self.backend is not None and self.backend not in CHOICES:
+            raise WorkloadError(f"workload 'backend' must be one of {', '.join(CHOICES)}, got {self.backend!r}")
 
     @property
     def batch_size(self) -> int:
@@ -192,6 +200,8 @@ class Workload:
         }
         if self.data_sha256 is not None:
             params["data_sha256"] = self.data_sha256
+        if self.backend is not None:
+            params["backend"] = self.backend
         return params
 
     @classmethod
@@ -215,6 +225,7 @@ class Workload:
             lr=optimizer.get("lr", DEFAULT_LR),
             momentum=optimizer.get("momentum", DEFAULT_MOMENTUM),
             data_sha256=params.get("data_sha256"),
+            backend=params.get("backend"),
         )
 
 
@@ -465,6 +476,8 @@ def train(
     else:
         stream = synthetic_batches(workload.seed, workload.input_shape, classes)
     apply_precision(model, workload.precision)
+    if workload.backend is not None:
+        use_backend(workload.backend)
     train_step = TrainStep(model, SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum))
     step_s: list[float] = []
     losses: list[float] = []
