@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgetrain import kernels
+from edgetrain.kernels import routes
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                         "from another process spoils at most one round")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--torch", action="store_true", help="also time PyTorch fp32 on the same conv stack")
-    p.add_argument("--backend", default=None, help=f"kernel backend (default: {kernels.get_backend().name}); "
-                   f"registered: {', '.join(sorted(kernels._BACKENDS))}")
+    p.add_argument("--backend", choices=routes.CHOICES, default=None,
+                   help=f"integer route (default ${routes.ENV_VAR}, else auto: the fastest that passes its probe)")
     p.add_argument("--threads", type=int, default=None, help="Numba (and onnxruntime) threads")
     args = p.parse_args(argv)
-    if args.backend:
-        kernels.set_backend(args.backend)
+    kernels.use_backend(args.backend)
     if args.threads:
         import numba
         numba.set_num_threads(args.threads)
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for side in ("int_ms", "f32_ms")}
     torch_ms = min(torch_step_ms(args.batch, args.repeats) or 0.0 for _ in range(args.rounds)) if args.torch else None
     summary = dict(batch=args.batch, bits=args.bits, threads=_threads(), backend=kernels.get_backend().name,
+                   routes=routes.describe(), cpu_int8=routes.cpu_int8_features(),
                    int_conv_step_ms=step["int_ms"],
                    f32_matmul_step_ms=step["f32_ms"], torch_conv_step_ms=torch_ms or None)
     if args.json:
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
           f"float32 im2col matmuls {step['f32_ms']:.0f} ms"
           + (f", PyTorch fp32 convs {torch_ms:.0f} ms" if torch_ms else "")
           + f" ({summary['threads']} threads, {args.bits}-bit, backend {summary['backend']})")
+    print(f"route: {summary['backend']}; CPU 8-bit features: {', '.join(summary['cpu_int8']) or 'none'}; "
+          + "; ".join(f"{name}: {verdict}" for name, verdict in summary["routes"].items()))
     return 0
 
 

@@ -26,7 +26,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["ROUTES", "ENV_VAR", "route_ok", "usable_routes", "choose", "describe"]
+__all__ = ["ROUTES", "ENV_VAR", "route_ok", "usable_routes", "choose", "describe", "cpu_int8_features"]
 
 ENV_VAR = "EDGETRAIN_BACKEND"
 ROUTES = ("vnni", "onnxruntime", "numba")
@@ -158,8 +158,26 @@ def usable_routes() -> dict[str, bool]:
 
 
 def describe() -> dict[str, str]:
-    """Each route's probe verdict in words (after `usable_routes`), for reports and `--json` output."""
-    return {route: ("ok" if route == "numba" else _results.get(route, (False, "not probed"))[1]) for route in ROUTES}
+    """Each route's probe verdict in words (probing what has not been), for reports and `--json` output."""
+    usable_routes()
+    return {route: ("ok" if route == "numba" else _results[route][1]) for route in ROUTES}
+
+
+# The CPU's 8-bit dot-product instructions, by LLVM's feature names: what makes an integer route fast.
+# x86: VNNI (vpdpbusd) in its AVX-512 and AVX forms; Arm: SDOT/UDOT (dotprod) and the 8-bit matrix
+# multiply-accumulate (i8mm: SMMLA/UMMLA/USMMLA).
+INT8_FEATURES = ("avx512vnni", "avxvnni", "avx2", "dotprod", "i8mm", "sve", "sve2")
+
+
+def cpu_int8_features() -> list[str]:
+    """The 8-bit dot-product features LLVM sees on this CPU (what `tools/bench_kernels.py` reports)."""
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+        return [name for name in INT8_FEATURES if features.get(name, False)]
+    except Exception:
+        return []
 
 
 def choose(choice: str | None = None) -> str:
