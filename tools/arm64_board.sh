@@ -25,7 +25,6 @@ SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PY=python3.11   # bookworm's Python: the wheels must match its ABI (cp311)
 SITE=/opt/site
-WHEELS=(numpy numba llvmlite onnx onnxruntime pyserial)
 
 die() { echo "arm64_board: error: $*" >&2; exit 2; }
 
@@ -33,6 +32,12 @@ need_root() { [ "$(id -u)" -eq 0 ] || die "needs root (chroot, mounts and binfmt
 
 host_version() {  # the version of a distribution installed on the host, so the board runs the same code
     "${HOST_PYTHON:-python3}" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
+}
+
+runtime_dependencies() {
+    "${HOST_PYTHON:-python3}" -c 'import re, sys, tomllib
+for requirement in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    print(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0))' "$HERE/pyproject.toml"
 }
 
 register_qemu() {
@@ -59,7 +64,8 @@ setup() {
         rm -f "$ROOT"/var/cache/apt/archives/*.deb
     fi
     local stamp="$ROOT$SITE/.versions" want=""
-    for dist in "${WHEELS[@]}"; do want+="$dist==$(host_version "$dist") "; done
+    # pyproject's runtime dependencies (and llvmlite, numba's), each at the version this host runs
+    for dist in $(runtime_dependencies) llvmlite; do want+="$dist==$(host_version "$dist") "; done
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "arm64_board: aarch64 wheels: $want" >&2
         local tmp
@@ -97,9 +103,18 @@ run_python() {
     ' arm64_board "$ROOT" "/usr/bin/$PY" "$@"
 }
 
+run_python_sub() { (run_python "$@"); }  # run_python execs: keep this shell
+
 check() {
     local model="$HERE/edgetrain/assets/lenet5_digits.onnx" out status=0
     out="$(mktemp -d)"
+    # Fail fast on a board that cannot even start the agent (the host would wait out --timeout), and
+    # probe the board's integer routes once, outside any timed handshake.
+    local started=$SECONDS
+    run_python_sub -c "import firmware_bridge.board.agent
+from edgetrain.kernels import routes
+print('arm64_board: board imports the agent; routes:', routes.describe())" || die "the board cannot start the agent"
+    echo "arm64_board: board ready in $((SECONDS - started)) s" >&2
     for precision in fp32 8/8; do
         echo "arm64_board: profile LeNet-5 batch 8, 2 steps, $precision, on the emulated board" >&2
         local started=$SECONDS
