@@ -47,7 +47,15 @@ from edgetrain.train.config import (
 from edgetrain.train.finetune import trainable_names
 from edgetrain.train.loop import TrainStep
 from edgetrain.train.optim import make_optimizer
-from edgetrain.train.runfolder import EXPORT_NAME, RunFolder, check_inputs, check_run_dir, run_inputs, run_outputs
+from edgetrain.train.runfolder import (
+    EXPORT_NAME,
+    GATES_NAME,
+    RunFolder,
+    check_inputs,
+    check_run_dir,
+    run_inputs,
+    run_outputs,
+)
 from edgetrain.train.runlog import LOG_NAME, RunLog, precision_summary
 from edgetrain.train.runstate import (
     PRECISION,
@@ -108,14 +116,16 @@ def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) 
 
 
 def clear_run_dir(path: str | Path) -> None:
-    """Remove an earlier run's checkpoints, log and config from a folder a tool reuses for each new run."""
+    """Remove an earlier run's checkpoints, log, config and model from a folder a tool reuses for each new run
+    (under the folder's lock: never while a run is using it)."""
     path = Path(path)
     if not path.is_dir():
         return
-    for _, ckpt in list_checkpoints(path):
-        ckpt.unlink()
-    for name in (LOG_NAME, CONFIG_JSON):
-        (path / name).unlink(missing_ok=True)
+    with RunFolder(path):
+        for _, ckpt in list_checkpoints(path):
+            ckpt.unlink()
+        for name in (LOG_NAME, CONFIG_JSON, EXPORT_NAME, GATES_NAME):
+            (path / name).unlink(missing_ok=True)
 
 
 def _milestones(config: TrainConfig, total: int) -> list[int]:
@@ -306,14 +316,16 @@ class Trainer:
 
         The run folder is locked from the first check to the export: a second run on it fails at once.
         """
-        with RunFolder(self.run_dir):
+        # A stop signal ends the loop at the next step; one during the final evaluation, checkpoint and
+        # export waits for them (the run is all but done); a second signal stops at once.
+        with RunFolder(self.run_dir), StopFlag() as stop:
             check_inputs(run_outputs(self.run_dir), self.inputs)
             notice = check_run_dir(self.run_dir, self.resumed_from is not None)
             if notice is not None:
                 self.report(f"edgetrain: warning: {notice}")
-            return self._fit_locked()
+            return self._fit_locked(stop)
 
-    def _fit_locked(self) -> TrainResult:
+    def _fit_locked(self, stop: StopFlag) -> TrainResult:
         manager = self.manager  # clears a killed writer's temporary files: safe only under the lock
         config_path = write_config_json(self.config, self.run_dir)
         log = RunLog(self.run_dir, self.resumed_from)
@@ -324,23 +336,22 @@ class Trainer:
         started = time.perf_counter() - self.elapsed
         interrupted = False
         try:
-            with StopFlag() as stop:
-                while self.step < self.total_steps:
-                    if stop.requested:
-                        interrupted = True
-                        break
-                    loss = self.train_step()
-                    self.elapsed = time.perf_counter() - started
-                    losses = (losses + [loss])[-LOSS_WINDOW:]
-                    self._log_step(log, loss)
-                    if self.step % self.eval_every == 0 and self.step < self.total_steps:
-                        self._log_eval(log, started)  # at the precision the step trained in
-                    self.control(loss)  # before the checkpoint, which must hold the controller's new state
-                    if manager.should_save(self.step) and self.step < self.total_steps:
-                        checkpoint = self.save_checkpoint()
-                    bar.update(1)
-                    if self.step % PROGRESS_EVERY == 0 or self.step == self.total_steps:
-                        bar.set_postfix_str(self._postfix(losses), refresh=False)
+            while self.step < self.total_steps:
+                if stop.requested:
+                    interrupted = True
+                    break
+                loss = self.train_step()
+                self.elapsed = time.perf_counter() - started
+                losses = (losses + [loss])[-LOSS_WINDOW:]
+                self._log_step(log, loss)
+                if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    self._log_eval(log, started)  # at the precision the step trained in
+                self.control(loss)  # before the checkpoint, which must hold the controller's new state
+                if manager.should_save(self.step) and self.step < self.total_steps:
+                    checkpoint = self.save_checkpoint()
+                bar.update(1)
+                if self.step % PROGRESS_EVERY == 0 or self.step == self.total_steps:
+                    bar.set_postfix_str(self._postfix(losses), refresh=False)
             if interrupted:
                 checkpoint = self.save_checkpoint()
                 raise Interrupted(f"stopped at step {self.step} of {self.total_steps} ({stop.requested}); "
