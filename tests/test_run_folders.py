@@ -151,13 +151,26 @@ def test_3_a_stop_signal_saves_a_checkpoint_exits_130_and_resumes_bit_for_bit(si
     capsys.readouterr()
 
 
+def test_3_sigterm_stops_any_other_command_with_one_line_and_130(monkeypatch, capsys):
+    def eval_then_stopped(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # as systemd stopping a long evaluation
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr("edgetrain.cli.commands.run_eval", eval_then_stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["eval", MODEL, "--data", "digits"]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "edgetrain: interrupted (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # main put back what it found
+
+
 def test_3_an_inherited_ignored_sighup_stays_ignored():
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    term = signal.getsignal(signal.SIGTERM)
     try:
         with StopFlag():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            assert signal.getsignal(signal.SIGTERM) != term
+        assert signal.getsignal(signal.SIGTERM) == term
     finally:
         signal.signal(signal.SIGHUP, before)
 
