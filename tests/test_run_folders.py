@@ -241,6 +241,19 @@ def test_6_a_second_run_or_resume_on_a_held_folder_fails_at_once(run, tmp_path, 
     assert (folder / "log.jsonl").read_bytes() == (run / "log.jsonl").read_bytes()
 
 
+def test_6_two_runs_started_together_on_one_folder_never_mix(tmp_path):
+    procs = [start("train", MODEL, "--data", "digits", "--batch-size", "16", "--steps", 10, "--seed", seed,
+                   "--out", "both", cwd=tmp_path) for seed in (1, 2)]  # different seeds: a mix would show
+    errs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+    results = [(p.returncode, e) for p, e in zip(procs, errs)]
+    assert sorted(code for code, _ in results) == [0, EXIT_BAD_INPUT], results
+    err = next(e for code, e in results if code)
+    assert err.count("\n") == 1 and ("in use by another run" in err or "already holds a run" in err), err
+    winner = json.loads((tmp_path / "both" / "config.json").read_text())["seed"]
+    assert load_checkpoint(tmp_path / "both" / "ckpt-000010.npz").meta["seed"] == winner
+    assert {e["step"] for e in read_log(tmp_path / "both" / "log.jsonl") if e["type"] == "step"} == set(range(1, 11))
+
+
 def test_6_the_lock_is_dropped_when_its_holder_dies(tmp_path):
     folder = tmp_path / "f"
     holder = subprocess.run([sys.executable, "-c", "import os, sys; from edgetrain.train.runfolder import "
