@@ -134,7 +134,8 @@ def _add_train(sub) -> None:
             parser = t
         _add_setting(parser, f)
     t.add_argument("--resume", action="store_true", default=False,
-                   help="continue the run in --out from its newest good checkpoint")
+                   help="continue the run in --out from its newest good checkpoint (from step 0, with its "
+                        "config.json, if it stopped before its first)")
     t.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file setting any of these options")
     t.add_argument("--json", action="store_true", default=False, help="print one JSON object at the end")
     t.set_defaults(func=_cmd_train)
