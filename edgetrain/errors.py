@@ -23,3 +23,13 @@ class ModelError(EdgetrainError):
 
 class DataError(EdgetrainError):
     """A data file is missing, corrupt, or does not fit the model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal ended a run after it saved what it had; the message says where and how to resume.
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C stops on it too; never an Exception, so a broad
+    `except Exception` cannot swallow it.
+    """
+
+    exit_code: int = EXIT_INTERRUPTED

@@ -12,6 +12,7 @@ import pytest
 
 import edgetrain
 from edgetrain.errors import EdgetrainError
+from edgetrain.fileio import WriteError
 from edgetrain.train import checkpoint as ckpt_mod
 from edgetrain.train.checkpoint import (
     Checkpoint,
@@ -129,7 +130,7 @@ def test_crash_mid_write_leaves_previous_checkpoint_and_no_temp_file(tmp_path, m
     good = path.read_bytes()
 
     monkeypatch.setattr(os, "replace", _crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteError, match="simulated"):  # an OSError reaches the user as one line
         save_checkpoint(path, **_parts(seed=1, step=200))
     monkeypatch.undo()
     assert path.read_bytes() == good
@@ -141,7 +142,7 @@ def test_manager_crash_keeps_last_good_and_cleans_stale_temp(tmp_path, monkeypat
     mgr = CheckpointManager(tmp_path, keep=1)
     mgr.save(100, **{k: v for k, v in _parts().items() if k != "meta"})
     monkeypatch.setattr(os, "replace", _crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteError, match="simulated"):  # an OSError reaches the user as one line
         mgr.save(200, **{k: v for k, v in _parts().items() if k != "meta"})
     monkeypatch.undo()
     assert find_latest(tmp_path).step == 100

@@ -92,6 +92,20 @@ def test_bad_command_line_is_one_line():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_nan_weights_are_named_at_eval_not_a_quantiser_traceback(tmp_path):
+    """Issue 17, items 9 and 13: `eval --bits 8/8` of a model whose weights hold NaN."""
+    proto = models.build_model("lenet5")
+    init = proto.graph.initializer[0]
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    path = _save(tmp_path, "nanw.onnx", proto)
+    r = run_cli("eval", path, "--data", "digits", "--bits", "8/8")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.strip() == (f"edgetrain: error: {path}: initializer '{init.name}' holds NaN; "
+                                "the model cannot be trained or evaluated")
+
+
 def test_info_on_a_good_model(tmp_path):
     path = _save(tmp_path, "resnet8.onnx", models.build_model("resnet8"))
     r = run_cli("info", path)

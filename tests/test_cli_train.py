@@ -239,10 +239,14 @@ def bad_inputs(tmp: Path, runs) -> dict:
         (tmp / name).write_text(text)
         return str(tmp / name)
 
-    occupied = tmp / "occupied"
+    fp32_run = str(runs["fp32"][0])
+    occupied = tmp / "occupied"  # an earlier run with a checkpoint: a new run must not mix with it
     occupied.mkdir(exist_ok=True)
     (occupied / "log.jsonl").write_text("")
-    fp32_run = str(runs["fp32"][0])
+    (occupied / "ckpt-000010.npz").write_bytes((runs["fp32"][0] / "ckpt-000010.npz").read_bytes())
+    unfinished = tmp / "unfinished"  # stopped before its first checkpoint
+    unfinished.mkdir(exist_ok=True)
+    (unfinished / "log.jsonl").write_text("")
     train = ["train", MODEL, "--data", "digits", "--out", str(tmp / "new")]
     return {
         "missing model": (["train", str(tmp / "nope.onnx"), "--data", "digits"], ["nope.onnx", "no such file"]),
@@ -292,7 +296,7 @@ def bad_inputs(tmp: Path, runs) -> dict:
                               ["--lr is 0.5", "used 0.01", "may change only"]),
         "unknown flag": ([*train, "--learning-rate", "0.1"], ["unrecognized arguments: --learning-rate"]),
         "eval missing": (["eval", str(tmp / "gone.npz")], ["gone.npz", "no such checkpoint"]),
-        "eval empty run folder": (["eval", str(occupied)], ["no usable checkpoint"]),
+        "eval empty run folder": (["eval", str(unfinished)], ["no usable checkpoint"]),
         "eval onnx without data": (["eval", MODEL], ["no data"]),
         "export an onnx file": (["export", MODEL, "--out", str(tmp / "x.onnx")],
                                 ["not a checkpoint file or run folder"]),

@@ -13,11 +13,13 @@ from typing import Any
 from edgetrain.errors import EdgetrainError
 from edgetrain.train.checkpoint import Checkpoint, CheckpointError
 from edgetrain.train.config import (
+    CONFIG_JSON,
     DEFAULT_OUT,
     FIELDS,
     RESUMABLE_KEYS,
     TrainConfig,
     normalise_keys,
+    read_config_json,
     read_toml,
     resolve,
     with_absolute_paths,
@@ -64,8 +66,9 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
     """`edgetrain train`: resolve the config, build model and data, train, report."""
     from edgetrain.bn_audit import folded_batchnorm_message
     from edgetrain.data import load_data
+    from edgetrain.train.runfolder import RunFolder, check_inputs, check_run_dir, run_inputs, run_outputs
     from edgetrain.train.runstate import build_model, latest_checkpoint
-    from edgetrain.train.trainer import Trainer, check_run_dir
+    from edgetrain.train.trainer import Trainer
 
     file_values = read_toml(config_file) if config_file else {}
     ckpt: Checkpoint | None = None
@@ -75,9 +78,15 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
         if not Path(out).is_dir():
             raise EdgetrainError(f"{out}: no run folder to resume (give the --out of the run)")
         ckpt = latest_checkpoint(out, warn)
-        if ckpt is None:
-            raise EdgetrainError(f"{out}: no usable checkpoint to resume from")
-        base = normalise_keys(f"{ckpt.path}: stored config", ckpt.meta.get("config") or {})
+        if ckpt is not None:
+            base = normalise_keys(f"{ckpt.path}: stored config", ckpt.meta.get("config") or {})
+        else:
+            # Stopped before its first checkpoint: the run starts again from step 0 with its own settings.
+            stored = read_config_json(out)
+            if stored is None:
+                raise EdgetrainError(f"{out}: no usable checkpoint to resume from, and no {CONFIG_JSON}; "
+                                     "start the run again without --resume")
+            base = stored
         _check_resume_changes([("flags", flags), (str(config_file), file_values)], base)
         flags = {**flags, "out": out}  # the folder it was found in, even if the run was moved
     config = resolve(flags, file_values, base)
@@ -86,14 +95,18 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
     if not config.data:
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits), or set 'data' in the config file")
     config = with_absolute_paths(config)
-    check_run_dir(config.out, resume)
+    # Before the data loads: the same checks run again under the folder's lock when training starts.
+    RunFolder.check_free(config.out)
+    check_inputs(run_outputs(config.out), run_inputs(config, [config_file]))
+    check_run_dir(config.out, ckpt is not None)
     split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
                       normalize=not model_normalizes(config.model))
     model, head = build_model(config.model, config.seed, config.num_classes)
     if folded := folded_batchnorm_message(model.graph):
         warn(folded)
     trainer = Trainer(model, split, config, head=head, progress=sys.stderr.isatty() and not as_json,
-                      desc=f"train {config.precision_spec}", resume_hint=_resume_hint(config), report=print_err)
+                      desc=f"train {config.precision_spec}", resume_hint=_resume_hint(config), report=print_err,
+                      inputs=[config_file] if config_file else ())
     if ckpt is not None:
         trainer.resume(ckpt)
     result = trainer.fit()
@@ -130,12 +143,15 @@ def is_checkpoint(path: str) -> bool:
 
 def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int, as_json: bool) -> int:
     """`edgetrain eval`: top-1 and loss of an ONNX model or a trained run on a data split's test set."""
+    import numpy as np
+
     from edgetrain.data import check_fits, load_data
+    from edgetrain.finite import check_finite_weights
     from edgetrain.model import load
     from edgetrain.preprocess import normalizes_in_graph
     from edgetrain.train.runlog import precision_summary
     from edgetrain.train.runstate import open_checkpoint, output_classes, restore_run
-    from edgetrain.train.trainer import evaluate
+    from edgetrain.train.trainer import NONFINITE_MARKER, QUIET_NUMPY, evaluate
 
     seed, val_fraction, source = 0, None, target
     if is_checkpoint(target):
@@ -144,8 +160,10 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
         data = data or config.data
         seed, val_fraction = config.seed, config.val_fraction
         source = str(run.checkpoint.path)
+        check_finite_weights(model, source, "tensor")
     else:
         model = load(target)
+        check_finite_weights(model, target)
     if not data:
         raise EdgetrainError("no data: give --data SPEC (e.g. --data digits)")
     if bits is not None:
@@ -154,7 +172,14 @@ def run_eval(target: str, *, data: str | None, bits: str | None, batch_size: int
     split = load_data(data, seed=seed, normalize=not normalizes_in_graph(model.graph.original),
                       **({"val_fraction": val_fraction} if val_fraction else {}))
     check_fits(split.test, model.input_shape, output_classes(model))
-    result = evaluate(model, split.test, batch_size)
+    try:
+        with np.errstate(**QUIET_NUMPY):
+            result = evaluate(model, split.test, batch_size)
+    except ValueError as exc:
+        if NONFINITE_MARKER not in str(exc):
+            raise
+        raise EdgetrainError(f"{source}: its activations on {data} are not finite, so they cannot be quantised "
+                             f"at {precision_summary(model.precision)}") from None
     summary = {"source": source, "data": data, "accuracy": result["accuracy"], "loss": result["loss"],
                "samples": result["samples"], "precision": precision_summary(model.precision)}
     if as_json:
@@ -281,14 +306,17 @@ def _check_line(label: str, c: dict[str, Any]) -> str:
 
 
 def run_export(target: str, *, out: str, int8: bool = False, as_json: bool, gated_bits: str | None = None,
-               preprocess: str = "graph", fmt: str | None = None) -> int:
+               preprocess: str = "graph", fmt: str | None = None, force: bool = False) -> int:
     """`edgetrain export`: a checkpoint (or a run folder's newest) as a float and/or int8 ONNX file with the
     run's input preprocessing (graph nodes or metadata), and, for a DFQ run, its gates as OUT.gates.onnx.
     With --format, each file is also checked in onnxruntime (agreement with the engine, latency)."""
     from edgetrain.export import export_int8, export_onnx
+    from edgetrain.fileio import check_file_target
+    from edgetrain.finite import check_finite_weights
     from edgetrain.precision.dfq.controller import DFQ
     from edgetrain.precision.dfq.export import export_gates, gates_path
     from edgetrain.preprocess import MODES, describe
+    from edgetrain.train.runfolder import check_export_targets, run_inputs
     from edgetrain.train.runstate import open_checkpoint, restore_run
 
     if fmt is not None and fmt not in FORMATS:
@@ -302,15 +330,17 @@ def run_export(target: str, *, out: str, int8: bool = False, as_json: bool, gate
         raise CheckpointError(f"{target}: not a checkpoint file or run folder "
                               "(an ONNX model needs no export: train it first)")
     run = restore_run(open_checkpoint(target, warn))
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise EdgetrainError(f"{out}: folder {folder} does not exist")
+    check_file_target(out)
+    check_finite_weights(run.model, str(run.checkpoint.path), "tensor")
     dfq = DFQ.of(run.model)
     if gated_bits is not None and (dfq is None or "int8" not in formats):
         raise EdgetrainError("--gated-bits applies to the int8 export of a dfq or fractrain run")
-    pre = run_preprocess(run) if preprocess != "none" else None
     paths = {"float": out} if formats == ["float"] else {"int8": out} if formats == ["int8"] else \
         {"float": out, "int8": int8_path(out)}
+    targets = list(paths.values()) + ([gates_path(out)] if dfq is not None else [])
+    check_export_targets(targets, run.checkpoint.path.parent, [*run_inputs(run.config), str(run.checkpoint.path)],
+                         force)
+    pre = run_preprocess(run) if preprocess != "none" else None
     for kind, path in paths.items():
         if kind == "int8":
             export_int8(run.model, path, gated_bits, calibration=_calibration_inputs(run.config))

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgetrain.data import Split, load_data
 from edgetrain.export import compare_with_engine, export_int8, export_onnx
+from edgetrain.fileio import make_folder
 from edgetrain.train.config import TrainConfig
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer, clear_run_dir, evaluate
@@ -91,7 +92,7 @@ def run_demo(steps: int = 300, seed: int = 0, out_dir: str = "edgetrain-demo", p
     model, _ = build_model(demo_model_path(), seed, None)
     before = {"rotated": evaluate(model, split.test)["accuracy"],
               "upright": evaluate(model, upright_split.test)["accuracy"]}
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)
     compile_seconds = warm_up_kernels(split, seed)
     runs, models = [], {}
     for label, schedule, bits in RUNS:

@@ -7,8 +7,16 @@ import sys
 import warnings
 from typing import Any
 
-from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
-from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError
+from edgetrain.cli.argtypes import (
+    FINITE_FLOAT,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    comma_list,
+    path_text,
+)
+from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError, Interrupted
+from edgetrain.signals import interrupt_on_stop_signals
 from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
 
 
@@ -64,28 +72,12 @@ def _cmd_export(args) -> int:
     from edgetrain.cli.commands import run_export
 
     return run_export(args.checkpoint, out=args.out, int8=args.int8, as_json=args.json, gated_bits=args.gated_bits,
-                      preprocess=args.preprocess, fmt=args.format)
+                      preprocess=args.preprocess, fmt=args.format, force=args.force)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _str_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-_LIST_TYPES = {"str_list": _str_list, "int_list": _int_list, "float_list": _float_list}
+_LIST_TYPES = {"str_list": comma_list(str, "values"), "int_list": comma_list(int, "step numbers"),
+               "float_list": comma_list(FINITE_FLOAT, "numbers")}
+FOLDER, FILE = path_text("a folder"), path_text("a file name")
 _GROUPS = {"pfq": "progressive fractional quantisation (--schedule pfq); defaults are FracTrain's",
            "dfq": "dynamic fractional quantisation (--schedule dfq, fractrain); defaults are FracTrain's"}
 
@@ -98,7 +90,7 @@ def _flag_type(meta) -> Any:
     if kind == "int":
         return int if low is None else POSITIVE_INT if low >= 1 else NON_NEGATIVE_INT
     if kind == "float":
-        return float if low is None else NON_NEGATIVE_FLOAT
+        return FINITE_FLOAT if low is None else NON_NEGATIVE_FLOAT
     return None
 
 
@@ -151,7 +143,8 @@ def _add_train(sub) -> None:
             parser = t
         _add_setting(parser, f)
     t.add_argument("--resume", action="store_true", default=False,
-                   help="continue the run in --out from its newest good checkpoint")
+                   help="continue the run in --out from its newest good checkpoint (from step 0, with its "
+                        "config.json, if it stopped before its first)")
     t.add_argument("--config", default=None, metavar="FILE.toml", help="a TOML file setting any of these options")
     t.add_argument("--json", action="store_true", default=False, help="print one JSON object at the end")
     _add_backend(t)
@@ -170,7 +163,7 @@ def _add_eval_export(sub) -> None:
     e.set_defaults(func=_cmd_eval)
     x = sub.add_parser("export", help="write a trained checkpoint as ONNX (float, or int8 QDQ)")
     x.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file, or a run folder (its newest checkpoint)")
-    x.add_argument("--out", required=True, metavar="FILE", help="the ONNX file to write")
+    x.add_argument("--out", type=FILE, required=True, metavar="FILE", help="the ONNX file to write")
     x.add_argument("--int8", action="store_true", help="QuantizeLinear/DequantizeLinear around the integer "
                                                        "layers, int8 weights (onnxruntime integer inference)")
     x.add_argument("--gated-bits", metavar="FW/BW", help="dfq/fractrain runs: the candidate the int8 backbone's gated "
@@ -181,6 +174,8 @@ def _add_eval_export(sub) -> None:
     x.add_argument("--preprocess", choices=("graph", "metadata", "none"), default="graph",
                    help="the run's input normalisation: as leading graph nodes, so the model takes raw input "
                         "(default); as metadata_props for the serving stack; or not at all")
+    x.add_argument("--force", action="store_true",
+                   help="replace files that exist at --out (never the run's own files or the files it reads)")
     x.add_argument("--json", action="store_true", help="machine-readable output")
     _add_backend(x)
     x.set_defaults(func=_cmd_export)
@@ -204,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
     demo = sub.add_parser("demo", help="fine-tune the shipped model on the shipped digits")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="edgetrain-demo",
+    demo.add_argument("--steps", type=POSITIVE_INT, default=300, help="training steps (default 300)")
+    demo.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    demo.add_argument("--out", type=FOLDER, default="edgetrain-demo",
                       help="folder for the fine-tuned model (default edgetrain-demo)")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_backend(demo)
@@ -215,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_export(sub)
     plot = sub.add_parser("plot", help="PNG figures of a training run: loss, accuracy, bit-widths, per-layer precision")
     plot.add_argument("run", metavar="RUN_DIR", help="a folder written by edgetrain train")
-    plot.add_argument("--out", default=None, help="folder for the PNG files (default: the run folder)")
+    plot.add_argument("--out", type=FOLDER, default=None, help="folder for the PNG files (default: the run folder)")
     plot.set_defaults(func=_cmd_plot)
     from firmware_bridge.profile.cli import add_profile_command
 
@@ -242,17 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     _one_line_model_warnings()
     try:
-        args = build_parser().parse_args(argv)
-        if "backend" in vars(args):
-            from edgetrain.kernels import use_backend
+        with interrupt_on_stop_signals():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+            args = build_parser().parse_args(argv)
+            if "backend" in vars(args):
+                from edgetrain.kernels import use_backend
 
-            use_backend(args.backend)
-        return args.func(args)
+                use_backend(args.backend)
+            return args.func(args)
     except EdgetrainError as exc:
         print(f"edgetrain: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("edgetrain: interrupted", file=sys.stderr)
+    except Interrupted as exc:  # a run that saved a checkpoint says where, and how to resume
+        print(f"edgetrain: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        print(f"edgetrain: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetrain.errors import EdgetrainError
+from edgetrain.fileio import make_folder, write_with
 from edgetrain.precision.spec import FP32_BITS, parse_precision
 from edgetrain.train.runlog import LOG_NAME, read_log
 
@@ -44,9 +45,8 @@ def _bits(spec: str) -> tuple[int, int]:
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=FIGURE_DPI, bbox_inches="tight")
-    os.replace(tmp, path)
+    # fileio.write_with: temporary file and rename, a failed write as one line naming the PNG
+    write_with(path, lambda f: fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight"))
     return str(path)
 
 
@@ -63,7 +63,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     evals = [e for e in entries if e.get("type") == "eval"]
     changes = [e for e in entries if e.get("type") == "layers"]
     out = Path(out_dir) if out_dir is not None else run
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     plt = pyplot()
     written = []
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 from edgetrain.data import npzfile
 from edgetrain.data.npzfile import NpzError, read_npz
 from edgetrain.errors import EdgetrainError
+from edgetrain.fileio import make_folder, write_with
 
 FORMAT_NAME = "edgetrain-checkpoint"
 FORMAT_VERSION = 1
@@ -179,38 +179,9 @@ def _checked_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fsync_dir(folder: str) -> None:
-    # The rename is only durable once the folder's entry is on disk; not every OS lets us open a folder.
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(folder, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, allow_pickle=False, **{k: arrays[k] for k in sorted(arrays)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    # fileio.write_with: temporary file, fsync, rename, and an OSError as one line naming the path
+    write_with(path, lambda f: np.savez(f, allow_pickle=False, **{k: arrays[k] for k in sorted(arrays)}))
 
 
 def save_checkpoint(path: str | os.PathLike, *, params: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray],
@@ -350,7 +321,7 @@ class CheckpointManager:
         self.keep = keep
         self.every = every
         self.verify = verify
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.run_dir)
         for name in os.listdir(self.run_dir):
             if TMP_NAME.match(name):  # left by a writer that was killed mid-save
                 with contextlib.suppress(OSError):

@@ -316,6 +316,13 @@ def _check_bounds(c: TrainConfig) -> None:
             continue
         if meta["choices"] and value not in meta["choices"]:
             raise _fail("option", name, f"'{value}' is unknown; valid: {', '.join(meta['choices'])}")
+        if meta["kind"].endswith("_list") and f.default is None and not value:
+            # None stands for the module's default list; an empty one would quietly mean the same
+            raise _fail("option", name, "must list at least one value")
+        if meta["kind"] == "float" and not math.isfinite(value) or meta["kind"] == "float_list" and not all(
+                math.isfinite(v) for v in value):
+            # a run's config is stored as strict JSON: inf and NaN would fail its first checkpoint
+            raise _fail("option", name, f"must be finite, got {value}")
         low = meta["low"]
         if low is None:
             continue
@@ -345,6 +352,8 @@ def validate(c: TrainConfig) -> None:
         raise _fail("option", "momentum", f"applies to sgd only, not {c.optimizer} (Adam keeps its betas)")
     if c.steps is not None and c.epochs is not None:
         raise EdgetrainError("give --steps or --epochs, not both")
+    if not c.out.strip():  # '' would quietly mean the current folder
+        raise _fail("option", "out", "must name a folder, got ''")
     _check_bounds(c)
     if c.lr <= 0:
         raise _fail("option", "lr", f"must be positive, got {c.lr}")
@@ -394,6 +403,21 @@ def write_config_json(c: TrainConfig, run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / CONFIG_JSON
     write_atomic(path, (json.dumps(c.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     return path
+
+
+def read_config_json(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The checked settings of run_dir/config.json (a run that stopped before its first checkpoint), or None."""
+    path = Path(run_dir) / CONFIG_JSON
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EdgetrainError(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                             ) from None
+    if not isinstance(raw, dict):
+        raise EdgetrainError(f"{path}: expected a JSON object of settings")
+    return normalise_keys(str(path), raw)
 
 
 def from_checkpoint_dict(where: str, stored: Mapping[str, Any]) -> TrainConfig:

@@ -1,6 +1,7 @@
 """The run's JSON-lines log (run_dir/log.jsonl): one object per step and one per evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgetrain.fileio import write_atomic
+from edgetrain.fileio import write_atomic, write_error
 from edgetrain.precision.spec import LayerPrecision
 
 LOG_NAME = "log.jsonl"
@@ -33,7 +34,10 @@ class RunLog:
         # The per-layer precision last written: "layers" entries appear only when it changes.
         self.last_layers: dict[str, str] | None = next(
             (e["layers"] for e in reversed(self.kept) if e.get("type") == "layers"), None)
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
 
     def _truncate_after(self, step: int) -> None:
         # A killed run logged steps past its last checkpoint; the resumed run logs them again.
@@ -55,12 +59,16 @@ class RunLog:
 
     def write(self, entry: Mapping[str, Any]) -> None:
         """Append one entry and flush, so a killed run leaves every finished step on disk."""
-        self._file.write(json.dumps(entry, allow_nan=True) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(entry, allow_nan=True) + "\n")
+            self._file.flush()
+        except OSError as exc:  # a full disk: one line naming the log, not a traceback
+            raise write_error(self.path, exc) from None
 
     def close(self) -> None:
-        """Close the file."""
-        self._file.close()
+        """Close the file (a flush that fails here was reported by write already)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:

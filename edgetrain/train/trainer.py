@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,17 @@ from edgetrain import preprocess
 from edgetrain.data import Loader, Split, check_fits, iterate_eval
 from edgetrain.data.dataset import Dataset
 from edgetrain.data.transforms import CIFAR_AUGMENT
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import EdgetrainError, Interrupted
 from edgetrain.export import export_onnx, to_onnx
 from edgetrain.fileio import write_atomic
+from edgetrain.finite import check_finite_weights, first_nonfinite
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
 from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.export import export_gates, gates_path
 from edgetrain.preprocess import Preprocess
+from edgetrain.signals import StopFlag
 from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
 from edgetrain.train.config import (
     CONFIG_JSON,
@@ -47,6 +47,15 @@ from edgetrain.train.config import (
 from edgetrain.train.finetune import trainable_names
 from edgetrain.train.loop import TrainStep
 from edgetrain.train.optim import make_optimizer
+from edgetrain.train.runfolder import (
+    EXPORT_NAME,
+    GATES_NAME,
+    RunFolder,
+    check_inputs,
+    check_run_dir,
+    run_inputs,
+    run_outputs,
+)
 from edgetrain.train.runlog import LOG_NAME, RunLog, precision_summary
 from edgetrain.train.runstate import (
     PRECISION,
@@ -62,8 +71,9 @@ from edgetrain.train.schedules import make_schedule
 EVAL_BATCH_SIZE = 256
 PROGRESS_EVERY = 5  # steps between progress-bar refreshes: formatting costs more than a small step
 LOSS_WINDOW = 10  # steps the progress bar's loss averages over
-EXPORT_NAME = "model.onnx"
 NONFINITE_MARKER = "NaN or infinite"  # how the quantiser reports a non-finite tensor
+# Overflow in a diverging step: we detect its inf/NaN ourselves and say so in one line, without numpy's warnings.
+QUIET_NUMPY = {"over": "ignore", "invalid": "ignore", "divide": "ignore"}
 
 
 @dataclass
@@ -106,25 +116,16 @@ def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) 
 
 
 def clear_run_dir(path: str | Path) -> None:
-    """Remove an earlier run's checkpoints, log and config from a folder a tool reuses for each new run."""
+    """Remove an earlier run's checkpoints, log, config and model from a folder a tool reuses for each new run
+    (under the folder's lock: never while a run is using it)."""
     path = Path(path)
     if not path.is_dir():
         return
-    for _, ckpt in list_checkpoints(path):
-        ckpt.unlink()
-    for name in (LOG_NAME, CONFIG_JSON):
-        (path / name).unlink(missing_ok=True)
-
-
-def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """Refuse to start a new run over an old one (its checkpoints would mix with ours)."""
-    path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise EdgetrainError(f"{path}: exists and is not a folder")
-    if resume or not path.is_dir():
-        return
-    if list_checkpoints(path) or (path / LOG_NAME).exists():
-        raise EdgetrainError(f"{path}: already holds a run; continue it with --resume, or choose another --out")
+    with RunFolder(path):
+        for _, ckpt in list_checkpoints(path):
+            ckpt.unlink()
+        for name in (LOG_NAME, CONFIG_JSON, EXPORT_NAME, GATES_NAME):
+            (path / name).unlink(missing_ok=True)
 
 
 def _milestones(config: TrainConfig, total: int) -> list[int]:
@@ -150,35 +151,14 @@ def _augmentation(split: Split, config: TrainConfig):
     return (split.augment or CIFAR_AUGMENT) if config.augment else None
 
 
-class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop between steps; a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        # A second Ctrl-C should not wait for the checkpoint to be written.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 class Trainer:
     """Trains one model on one data split as a TrainConfig says; see the module doc."""
 
     def __init__(self, model: Model, split: Split, config: TrainConfig, *,
                  controller: PrecisionController | None = None, head: list[str] | tuple[str, ...] = (),
                  progress: bool = False, desc: str = "train", resume_hint: str | None = None,
-                 export_model: bool = True, report: Callable[[str], None] | None = None):
+                 export_model: bool = True, report: Callable[[str], None] | None = None,
+                 inputs: Sequence[str] = ()):
         self.model = model
         self.split = split
         self.config = config
@@ -188,6 +168,9 @@ class Trainer:
         self.export_model = export_model
         self.report = report or (lambda text: print(text, file=sys.stderr))
         self.resume_hint = resume_hint or f"edgetrain train --out {self.run_dir} --resume"
+        # Files the run reads, which none it writes may be (the model, the data, a cost table, a config file).
+        self.inputs = run_inputs(config, inputs)
+        check_finite_weights(model, config.model or "the model")
         classes = output_classes(model)
         check_fits(split.train, model.input_shape, classes)
         check_fits(split.test, model.input_shape, classes)
@@ -279,11 +262,17 @@ class Trainer:
         s = self.step
         x, y = self.loader.batch_at(s)
         try:
-            loss = self._update(s, x, y)
-        except ValueError as exc:
+            with np.errstate(**QUIET_NUMPY):
+                loss = self._update(s, x, y)
+        except (ValueError, EdgetrainError) as exc:
             if NONFINITE_MARKER in str(exc):  # the integer path refuses to quantise inf/NaN activations
                 raise self._diverged(s, "activations or gradients are not finite") from None
             raise
+        # Finite gradients can still step a weight to inf (a huge --lr): nothing non-finite is ever saved.
+        params = self.model.parameters()
+        bad = first_nonfinite({n: params[n] for n in self.trainable if n in params})
+        if bad is not None:
+            raise self._diverged(s, f"the update left '{bad[0]}' holding {bad[1]}")
         self.step = s + 1
         self.last_loss = loss
         return loss
@@ -309,15 +298,35 @@ class Trainer:
 
     def run_eval(self) -> dict[str, Any]:
         """Evaluate on the test split and remember the result."""
-        result = {"step": self.step, **evaluate(self.model, self.split.test)}
+        try:
+            with np.errstate(**QUIET_NUMPY):
+                result = {"step": self.step, **evaluate(self.model, self.split.test)}
+        except (ValueError, EdgetrainError) as exc:
+            if NONFINITE_MARKER in str(exc):
+                raise self._diverged(max(self.step - 1, 0), "the test set's activations are not finite") from None
+            raise
+        if not math.isfinite(result["loss"]):  # the last step's update overflowed what the model computes
+            raise self._diverged(max(self.step - 1, 0), f"the test loss after it is {result['loss']}")
         self.evals.append(result)
         return result
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train to total_steps (from the resumed step, if any); checkpoint, evaluate, log, export."""
-        check_run_dir(self.run_dir, self.resumed_from is not None)
-        manager = self.manager  # creates the folder and clears a killed writer's temporary files
+        """Train to total_steps (from the resumed step, if any); checkpoint, evaluate, log, export.
+
+        The run folder is locked from the first check to the export: a second run on it fails at once.
+        """
+        # A stop signal ends the loop at the next step; one during the final evaluation, checkpoint and
+        # export waits for them (the run is all but done); a second signal stops at once.
+        with RunFolder(self.run_dir), StopFlag() as stop:
+            check_inputs(run_outputs(self.run_dir), self.inputs)
+            notice = check_run_dir(self.run_dir, self.resumed_from is not None)
+            if notice is not None:
+                self.report(f"edgetrain: warning: {notice}")
+            return self._fit_locked(stop)
+
+    def _fit_locked(self, stop: StopFlag) -> TrainResult:
+        manager = self.manager  # clears a killed writer's temporary files: safe only under the lock
         config_path = write_config_json(self.config, self.run_dir)
         log = RunLog(self.run_dir, self.resumed_from)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
@@ -327,29 +336,26 @@ class Trainer:
         started = time.perf_counter() - self.elapsed
         interrupted = False
         try:
-            with _StopFlag() as stop:
-                while self.step < self.total_steps:
-                    if stop.requested:
-                        interrupted = True
-                        break
-                    loss = self.train_step()
-                    self.elapsed = time.perf_counter() - started
-                    losses = (losses + [loss])[-LOSS_WINDOW:]
-                    self._log_step(log, loss)
-                    if self.step % self.eval_every == 0 and self.step < self.total_steps:
-                        self._log_eval(log, started)  # at the precision the step trained in
-                    self.control(loss)  # before the checkpoint, which must hold the controller's new state
-                    if manager.should_save(self.step) and self.step < self.total_steps:
-                        checkpoint = self.save_checkpoint()
-                    bar.update(1)
-                    if self.step % PROGRESS_EVERY == 0 or self.step == self.total_steps:
-                        bar.set_postfix_str(self._postfix(losses), refresh=False)
+            while self.step < self.total_steps:
+                if stop.requested:
+                    interrupted = True
+                    break
+                loss = self.train_step()
+                self.elapsed = time.perf_counter() - started
+                losses = (losses + [loss])[-LOSS_WINDOW:]
+                self._log_step(log, loss)
+                if self.step % self.eval_every == 0 and self.step < self.total_steps:
+                    self._log_eval(log, started)  # at the precision the step trained in
+                self.control(loss)  # before the checkpoint, which must hold the controller's new state
+                if manager.should_save(self.step) and self.step < self.total_steps:
+                    checkpoint = self.save_checkpoint()
+                bar.update(1)
+                if self.step % PROGRESS_EVERY == 0 or self.step == self.total_steps:
+                    bar.set_postfix_str(self._postfix(losses), refresh=False)
             if interrupted:
                 checkpoint = self.save_checkpoint()
-                bar.close()
-                self.report(f"edgetrain: stopped at step {self.step} of {self.total_steps}; checkpoint {checkpoint}")
-                self.report(f"edgetrain: resume with: {self.resume_hint}")
-                raise KeyboardInterrupt
+                raise Interrupted(f"stopped at step {self.step} of {self.total_steps} ({stop.requested}); "
+                                  f"checkpoint {checkpoint}; resume with: {self.resume_hint}")
             if not self.evals or self.evals[-1]["step"] != self.step:
                 # A run resumed at its last step has that evaluation logged already; its result is still needed.
                 self._log_eval(log, started, write=self.step not in log.logged_evals())
