@@ -23,3 +23,7 @@ class ModelError(EdgetrainError):
 
 class DataError(EdgetrainError):
     """A data file is missing, corrupt, or does not fit the model."""
+
+
+class ResourceLimitError(EdgetrainError):
+    """What a file describes would take more memory than the budget (edgetrain.limits); refused before allocating."""
