@@ -329,6 +329,8 @@ def _npz_problem(exc: NpzError) -> str:
         return f"not a usable .npz data file ({exc.detail})"
     if exc.kind == npzfile.TOO_LARGE:
         return f"array {exc.key} {exc.detail}"
+    if exc.kind == npzfile.NOT_NPY:
+        return exc.detail
     return f"array {exc.key} cannot be read ({exc.detail})"
 
 
@@ -343,7 +345,7 @@ class TrainingData:
     def from_npz(cls, blob: bytes, where: str = "data") -> TrainingData:
         """Read arrays `x` and `y` from .npz bytes with allow_pickle=False; raise DataError otherwise."""
         try:
-            arrays = read_npz(bytes(blob), DATA_KEYS, max_member_bytes=MAX_DATA_ARRAY_BYTES)
+            arrays = read_npz(bytes(blob), DATA_KEYS, max_member_bytes=MAX_DATA_ARRAY_BYTES, where=where)
         except NpzError as exc:
             raise DataError(f"{where}: {_npz_problem(exc)}") from None
         x, y = arrays["x"], arrays["y"]
