@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Any
 
+from edgetrain import limits
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
 from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError
 from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
@@ -207,7 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_bridge.profile.cli import add_profile_command
 
     add_profile_command(sub)
+    for command in sub.choices.values():  # every command reads files, so every command takes the budget
+        command.add_argument(limits.FLAG, metavar="SIZE", type=_memory_size, default=None,
+                             help="memory budget for what one input file may make edgetrain allocate, e.g. 512M or "
+                                  f"2G (default: ${limits.ENV_VAR}, else half of the memory this process may use)")
     return p
+
+
+def _memory_size(text: str) -> str:
+    try:
+        limits.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _one_line_model_warnings() -> None:
@@ -230,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     _one_line_model_warnings()
     try:
         args = build_parser().parse_args(argv)
+        if args.max_memory is not None:
+            limits.set_max_memory(args.max_memory)
         return args.func(args)
     except EdgetrainError as exc:
         print(f"edgetrain: error: {exc}", file=sys.stderr)

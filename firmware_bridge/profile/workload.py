@@ -27,7 +27,7 @@ import onnx
 import edgetrain
 from edgetrain.data import npzfile
 from edgetrain.data.npzfile import NpzError, read_npz
-from edgetrain.errors import DataError, EdgetrainError, ModelError
+from edgetrain.errors import DataError, EdgetrainError, ModelError, ResourceLimitError
 from edgetrain.model import Model
 from edgetrain.train.loop import TrainStep, batches
 from edgetrain.train.optim import SGD
@@ -271,9 +271,9 @@ def load_model(blob: bytes, *, seed: int = 0, where: str = "model") -> Model:
     proto = parse_onnx(blob, where)
     try:
         return edgetrain.load(proto, seed=seed)
-    except ModelError as exc:
+    except (ModelError, ResourceLimitError) as exc:
         # The importer names an in-memory model "<memory>"; the caller knows a better name.
-        raise ModelError(str(exc).replace("<memory>", where, 1)) from None
+        raise type(exc)(str(exc).replace("<memory>", where, 1)) from None
 
 
 def num_classes(model: Model) -> int:
