@@ -27,3 +27,7 @@ class DataError(EdgetrainError):
 
 class ResourceLimitError(EdgetrainError):
     """What a file describes would take more memory than the budget (edgetrain.limits); refused before allocating."""
+
+
+class EdgetrainWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""

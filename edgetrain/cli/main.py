@@ -9,7 +9,7 @@ from typing import Any
 
 from edgetrain import limits
 from edgetrain.cli.argtypes import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT
-from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError
+from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError, EdgetrainWarning
 from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
 
 
@@ -224,13 +224,13 @@ def _memory_size(text: str) -> str:
 
 
 def _one_line_model_warnings() -> None:
-    """Show edgetrain's ModelWarnings as one `edgetrain: warning:` line, like the CLI's own warnings."""
+    """Show edgetrain's ModelWarnings and EdgetrainWarnings as one `edgetrain: warning:` line, like the CLI's own."""
     from edgetrain.bn_audit import ModelWarning
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, ModelWarning):
+        if issubclass(category, (ModelWarning, EdgetrainWarning)):
             print(f"edgetrain: warning: {message}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
