@@ -31,3 +31,12 @@ class ResourceLimitError(EdgetrainError):
 
 class EdgetrainWarning(UserWarning):
     """Something the user should know that does not stop the command; the CLI prints it as one line."""
+
+
+class NonFiniteError(DataError, ValueError):
+    """A tensor holds NaN or infinity where integer arithmetic needs finite values (a ValueError too, as the
+    quantiser raised before it had a type of its own)."""
+
+
+class OutputError(EdgetrainError):
+    """A file cannot be written where the user asked (missing folder, no permission, a folder in the way)."""
