@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pickle
 import struct
@@ -24,7 +25,7 @@ import edgetrain
 import models
 from edgetrain import limits
 from edgetrain.cli.main import main as cli_main
-from edgetrain.errors import EXIT_BAD_INPUT, DataError, EdgetrainError, ModelError, ResourceLimitError  # noqa: F401
+from edgetrain.errors import EXIT_BAD_INPUT, DataError, EdgetrainError, ModelError, ResourceLimitError
 
 BIG = 1 << 20  # a side of the bombs: BIG x BIG float32 is 4 TiB
 SMALL_BUDGET = "64M"
@@ -316,3 +317,126 @@ def test_an_agent_under_a_memory_limit_answers_a_fold_bomb_with_an_error_and_kee
     assert not list(cache.glob(f"{sha256_hex(bomb)}*"))
     assert "MemoryError" not in log and "Traceback" not in log
 
+
+
+# ------------------------------------------------------------------------ item 11: malformed input
+
+
+def test_a_model_with_no_outputs_is_one_line_in_every_command(tmp_path, cli):
+    path = write(tmp_path, "no_outputs.onnx", no_output_model())
+    with pytest.raises(ModelError, match="no outputs"):
+        edgetrain.load(path)
+    for command in (["info", path], ["eval", path, "--data", "digits"],
+                    ["train", path, "--data", "digits", "--steps", "1", "--out", str(tmp_path / "r")],
+                    ["profile", path, "--simulate"]):
+        one_line_exit_2(cli(*command), "no_outputs.onnx", "no outputs")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ""])
+def test_an_npz_member_that_is_a_pickle_is_refused_as_such_and_never_loaded(tmp_path, cli, suffix):
+    from edgetrain.data.npzfile import NOT_NPY, NpzError, read_npz
+
+    path = write(tmp_path, "pickled.npz", pickle_member_npz(suffix))
+    with pytest.raises(NpzError) as info:
+        read_npz(path, ("x", "y"))
+    assert info.value.kind == NOT_NPY and "is a Python pickle" in str(info.value)
+    lenet = write(tmp_path, "lenet.onnx", models.build_model("lenet5"))
+    line = one_line_exit_2(cli("train", lenet, "--data", f"npz:{path}", "--steps", "1", "--out", str(tmp_path / "r")),
+                           "pickled.npz", "'x", "pickle")
+    assert "allow_pickle" not in line
+
+
+def test_numpys_load_unsafely_hint_never_reaches_the_user(tmp_path, cli):
+    lenet = write(tmp_path, "lenet.onnx", models.build_model("lenet5"))
+    for name, blob in (("raw.npz", pickle.dumps({"x": np.zeros(3)})), ("garbage.npz", b"not an archive" * 4),
+                       ("objects.npz", _object_npz())):
+        path = write(tmp_path, name, blob)
+        for command in (["train", lenet, "--data", f"npz:{path}", "--steps", "1", "--out", str(tmp_path / "r")],
+                        ["info", path]):
+            line = one_line_exit_2(cli(*command), name).replace(str(tmp_path), "")
+            assert "unsafely" not in line and "allow_pickle=True" not in line and "pickle.load" not in line, line
+
+
+def _object_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1, np.int64))
+    return buffer.getvalue()
+
+
+def test_pfq_normaliser_periods_zero_is_refused_from_a_toml_file_and_the_api(tmp_path):
+    from edgetrain.precision.pfq import PFQController
+    from edgetrain.train.config import read_toml, resolve
+
+    config = tmp_path / "c.toml"
+    for value in (0, -3):
+        config.write_text(f'schedule = "pfq"\npfq_normaliser_periods = {value}\n')
+        with pytest.raises(EdgetrainError, match=f"'pfq_normaliser_periods' must be at least 1, got {value}"):
+            resolve({"model": "m.onnx"}, read_toml(config))
+        with pytest.raises(EdgetrainError, match="normaliser_periods must be >= 1"):
+            PFQController(normaliser_periods=value)
+
+
+def _step(step: int) -> dict:
+    return {"type": "step", "step": step, "loss": 2.0 / step, "lr": 0.01, "precision": "fp32 x1",
+            "percent_of_fp32": 100.0, "time": 0.1 * step}
+
+
+def _log(tmp_path: Path, lines: list[str], name: str = "run") -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(lines))
+    return run
+
+
+def test_plot_skips_a_half_written_last_line_and_refuses_corruption_in_the_middle(tmp_path, cli):
+    pytest.importorskip("matplotlib")
+    whole = [json.dumps(_step(i)) + "\n" for i in range(1, 6)]
+    half = _log(tmp_path, whole + [json.dumps(_step(6))[:25]], "half")
+    r = cli("plot", str(half))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == f"edgetrain: warning: {half / 'log.jsonl'}: line 6 is half-written (a run stopped " \
+                               "mid-write); skipped"
+    middle = _log(tmp_path, whole[:2] + [whole[2][:25] + "\n"] + whole[3:], "middle")
+    one_line_exit_2(cli("plot", str(middle)), "middle/log.jsonl", "line 3", "not JSON")
+
+
+def test_a_log_line_with_a_non_integer_step_is_one_line_naming_the_file_and_line(tmp_path):
+    from edgetrain.train.runlog import LogError, RunLog, read_log
+
+    lines = [json.dumps(_step(i)) + "\n" for i in range(1, 4)]
+    lines[1] = lines[1].replace('"step": 2', '"step": "abc"')
+    run = _log(tmp_path, lines)
+    for read in (lambda: RunLog(run, resume_step=2), lambda: read_log(run / "log.jsonl")):
+        with pytest.raises(LogError, match=r"run/log.jsonl: line 2: 'step' must be an integer >= 0, got \"abc\""):
+            read()
+
+
+# ------------------------------------------------------------------------------ item 14: typed API errors
+
+
+def test_api_mistakes_raise_the_packages_typed_errors(tmp_path):
+    from edgetrain.errors import NonFiniteError, OutputError
+    from edgetrain.export import export_onnx
+    from edgetrain.precision.dfq import DFQConfig
+
+    lenet = models.build_model("lenet5")
+    with pytest.raises(ModelError, match="float32 or float64"):
+        edgetrain.load(lenet, dtype=np.int32)  # used to load, with every weight truncated to zero
+    for bad in (None, 3):
+        with pytest.raises(ModelError, match="an ONNX file path or an onnx.ModelProto"):
+            edgetrain.load(bad)
+    for field, value in (("target", -1), ("target", 101), ("target", float("nan")), ("beta", -1.0)):
+        with pytest.raises(EdgetrainError, match=f"dfq {field} must be"):
+            DFQConfig(**{field: value})
+    model = edgetrain.load(lenet)
+    model.set_precision("8/8")
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    with pytest.raises(DataError, match="input 'input' holds 1 NaN or infinite values"):
+        model(x)
+    assert issubclass(NonFiniteError, DataError) and issubclass(NonFiniteError, ValueError)
+    for path in (tmp_path / "no" / "such" / "folder" / "m.onnx", tmp_path):
+        with pytest.raises(OutputError, match="cannot write"):
+            export_onnx(model, path)
+    with pytest.raises(ResourceLimitError):
+        edgetrain.load(fold_bomb())
