@@ -20,7 +20,7 @@ from edgetrain.batch_dim import free_batch
 from edgetrain.bn_audit import warn_at_import
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
-from edgetrain.onnx_sizes import EXPANDING_OPS, elem_bytes, fold_output_sizes, shape_bytes
+from edgetrain.onnx_sizes import EXPANDING_OPS, elem_bytes, fold_output_sizes, shape_bytes, subgraph_expands
 from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
 from edgetrain.qdq_import import dequantize_weights, infer_qgemm_shapes
 from edgetrain.sequences import split_sequences
@@ -379,6 +379,9 @@ class Importer:
 
     def _check_fold(self, n: onnx.NodeProto) -> None:
         """Charge what node `n` will fold to against the budget before evaluating it (onnx_sizes)."""
+        if subgraph_expands(n):
+            raise self.fail(f"node '{n.name}' ({n.op_type}): its subgraph computes sizes from values, so what "
+                            f"folding it would allocate cannot be told in advance; it is not folded")
         for name, known in zip([o for o in n.output if o], fold_output_sizes(n, self.constants, self.opset)):
             if known is None:
                 if n.op_type in EXPANDING_OPS:

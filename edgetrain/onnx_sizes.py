@@ -24,6 +24,16 @@ EXPANDING_OPS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize
                            "CenterCropPad", "Col2Im"})
 
 
+def subgraph_expands(node: onnx.NodeProto) -> bool:
+    """True if a subgraph of `node` (If, Loop, Scan) holds an op whose output size comes from values: what it
+    allocates inside cannot be told from the node's output shape."""
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            if any(n.op_type in EXPANDING_OPS or subgraph_expands(n) for n in graph.node):
+                return True
+    return False
+
+
 def elem_bytes(elem_type: int) -> int:
     """Bytes per element of an ONNX tensor type (strings and unknown types: 8, a pointer)."""
     try:

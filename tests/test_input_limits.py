@@ -191,6 +191,19 @@ def test_a_fold_bomb_is_refused_before_it_is_evaluated(op):
         edgetrain.load(chained_bomb(op))
 
 
+def test_a_bomb_inside_a_constant_if_is_not_folded():
+    then = helper.make_graph([helper.make_node("ConstantOfShape", ["s"], ["big"], name="inner"),
+                              helper.make_node("ReduceSum", ["big"], ["out"], name="sum", keepdims=0)], "then", [],
+                             [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])])
+    zero = numpy_helper.from_array(np.array(0, np.float32))
+    other = helper.make_graph([helper.make_node("Constant", [], ["out2"], value=zero)], "else", [],
+                              [helper.make_tensor_value_info("out2", TensorProto.FLOAT, [])])
+    model = _bomb_model([helper.make_node("If", ["cond"], ["c"], name="bomb", then_branch=then, else_branch=other)],
+                        {"cond": np.array(True), "s": np.array([BIG, BIG], np.int64)})
+    with pytest.raises(ModelError, match="node 'bomb' \\(If\\): its subgraph computes sizes from values"):
+        edgetrain.load(model)
+
+
 def test_the_issues_fold_bomb_is_refused_by_info_train_and_profile(tmp_path, cli):
     path = write(tmp_path, "bomb.onnx", fold_bomb())
     assert Path(path).stat().st_size < 200
