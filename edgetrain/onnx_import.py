@@ -101,6 +101,15 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return out
 
 
+def _utf8(attr: onnx.AttributeProto) -> bool:
+    try:
+        for value in (attr.s, *attr.strings):
+            value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _shape_of(vi: onnx.ValueInfoProto) -> tuple | None:
     t = vi.type
     if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
@@ -134,6 +143,7 @@ class Importer:
         self._dequantize_weights()
         self._toposort()
         self._check()
+        self._check_attributes()
         self.model = split_sequences(self.model, self.opset)
         self.model, self.batch = free_batch(self.model)
         self._infer_shapes()
@@ -241,6 +251,15 @@ class Importer:
             onnx.checker.check_model(self.model)
         except Exception as exc:
             raise self.fail(f"invalid ONNX model: {_one_line(exc)}") from None
+
+    def _check_attributes(self) -> None:
+        """Every node's attributes readable (string ones UTF-8), so later steps can read them freely."""
+        for n in self.model.graph.node:
+            try:
+                _attrs(n)
+            except UnicodeDecodeError:
+                bad = next(a.name for a in n.attribute if not _utf8(a))
+                raise self.fail(f"node '{n.name}' ({n.op_type}): attribute '{bad}' is not UTF-8 text") from None
 
     def _infer_shapes(self) -> None:
         try:

@@ -345,6 +345,15 @@ def test_a_model_with_no_outputs_is_one_line_in_every_command(tmp_path, cli):
         one_line_exit_2(cli(*command), "no_outputs.onnx", "no outputs")
 
 
+def test_a_string_attribute_that_is_not_utf8_is_one_line(tmp_path, cli):
+    model = huge_input_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 8
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 8
+    model.graph.node[0].attribute.append(helper.make_attribute("auto_pad", b"\xff\xfe"))
+    one_line_exit_2(cli("info", write(tmp_path, "attr.onnx", model)), "attr.onnx", "node 'conv'", "'auto_pad'",
+                    "not UTF-8")
+
+
 @pytest.mark.parametrize("suffix", [".npy", ""])
 def test_an_npz_member_that_is_a_pickle_is_refused_as_such_and_never_loaded(tmp_path, cli, suffix):
     from edgetrain.data.npzfile import NOT_NPY, NpzError, read_npz
