@@ -101,6 +101,10 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return out
 
 
+def _per_sample(shape) -> str:
+    return " for one sample" if any(not isinstance(d, int) for d in shape) else ""
+
+
 def _utf8(attr: onnx.AttributeProto) -> bool:
     try:
         for value in (attr.s, *attr.strings):
@@ -294,10 +298,11 @@ class Importer:
         return out
 
     def _check_value_sizes(self, inputs: list[ValueInfo]) -> None:
-        """Refuse a declared input or an inferred value that would not fit the budget for one sample."""
+        """Refuse a declared input or an inferred value that would not fit the budget, free dimensions (the
+        batch) counted as 1: the smallest run of the model would allocate it."""
         for vi in inputs:
             size = shape_bytes(vi.shape, elem_bytes(vi.elem_type))
-            limits.check(size, f"{self.where}: one sample of input '{vi.name}' {_pretty(vi.shape)}")
+            limits.check(size, f"{self.where}: input '{vi.name}' of shape {_pretty(vi.shape)}{_per_sample(vi.shape)}")
         g = self.model.graph
         producer = {o: n.name for n in g.node for o in n.output if o}
         for vi in list(g.value_info) + list(g.output):
@@ -306,7 +311,7 @@ class Importer:
                 continue
             size = shape_bytes(shape, elem_bytes(vi.type.tensor_type.elem_type))
             node = f" (output of node '{producer[vi.name]}')" if vi.name in producer else ""
-            limits.check(size, f"{self.where}: one sample of value '{vi.name}'{node} {_pretty(shape)}")
+            limits.check(size, f"{self.where}: value '{vi.name}'{node} of shape {_pretty(shape)}{_per_sample(shape)}")
 
     # -- initializers and folding -------------------------------------------------------------
     def _split_aliased_initializers(self) -> None:
@@ -355,7 +360,8 @@ class Importer:
                         feeds_param.add(name)
                         uses[name].append(("<moved into a parameter slot>", -1))
         for t in g.initializer:
-            self.charge(shape_bytes(t.dims, elem_bytes(t.data_type)), f"initializer '{t.name}' {_pretty(t.dims)}")
+            size = shape_bytes(t.dims, elem_bytes(t.data_type))
+            self.charge(size, f"initializer '{t.name}' of shape {_pretty(t.dims)}")
             try:
                 arr = numpy_helper.to_array(t)
             except Exception as exc:
@@ -408,7 +414,7 @@ class Importer:
                                     f"folds to, so it is not folded")
                 continue  # bounded by its inputs, which are charged already
             shape, size = known
-            self.charge(size, f"node '{n.name}' ({n.op_type}) folds to a constant '{name}' {_pretty(shape)}")
+            self.charge(size, f"node '{n.name}' ({n.op_type}) folds to a constant '{name}' of shape {_pretty(shape)}")
 
     def _static_shape(self, name: str) -> tuple | None:
         # A shape is static only if no dimension depends on the free batch size.
