@@ -120,9 +120,10 @@ def refusal(what: str, size: int, limit: Budget) -> ResourceLimitError:
                               f"{format_size(limit.max_bytes)} ({limit.source}; raise it with {FLAG} or {ENV_VAR})")
 
 
-def check(size: int, what: str) -> None:
-    """Refuse (ResourceLimitError) a single allocation of `size` bytes over the budget; `what` names it."""
-    limit = budget()
+def check(size: int, what: str, limit: Budget | None = None) -> None:
+    """Refuse (ResourceLimitError) a single allocation of `size` bytes over the budget (`limit`, default the one
+    in force now); `what` names it."""
+    limit = limit or budget()
     if size > limit.max_bytes:
         raise refusal(what, size, limit)
 

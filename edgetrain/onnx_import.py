@@ -302,7 +302,8 @@ class Importer:
         batch) counted as 1: the smallest run of the model would allocate it."""
         for vi in inputs:
             size = shape_bytes(vi.shape, elem_bytes(vi.elem_type))
-            limits.check(size, f"{self.where}: input '{vi.name}' of shape {_pretty(vi.shape)}{_per_sample(vi.shape)}")
+            limits.check(size, f"{self.where}: input '{vi.name}' of shape {_pretty(vi.shape)}{_per_sample(vi.shape)}",
+                         self.tally.limit)
         g = self.model.graph
         producer = {o: n.name for n in g.node for o in n.output if o}
         for vi in list(g.value_info) + list(g.output):
@@ -311,7 +312,8 @@ class Importer:
                 continue
             size = shape_bytes(shape, elem_bytes(vi.type.tensor_type.elem_type))
             node = f" (output of node '{producer[vi.name]}')" if vi.name in producer else ""
-            limits.check(size, f"{self.where}: value '{vi.name}'{node} of shape {_pretty(shape)}{_per_sample(shape)}")
+            limits.check(size, f"{self.where}: value '{vi.name}'{node} of shape {_pretty(shape)}{_per_sample(shape)}",
+                         self.tally.limit)
 
     # -- initializers and folding -------------------------------------------------------------
     def _split_aliased_initializers(self) -> None:
