@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from edgetrain.engine import Executor, Tape
-from edgetrain.errors import DataError, ModelError
+from edgetrain.errors import DataError, ModelError, NonFiniteError
 from edgetrain.extension import ModelExtension
 from edgetrain.graph import Graph, Node
 from edgetrain.layers import mac_nodes, non_negative_values
@@ -212,8 +212,8 @@ class Model:
                 arr = arr.astype(self.dtype, copy=False)
                 if not self._all_float() and not np.isfinite(arr).all():
                     # fp32 layers pass NaN on; integer ones cannot quantise it: say which input, not which layer
-                    raise DataError(f"input '{vi.name}' holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
-                                    f"values, which the integer layers cannot quantise")
+                    raise NonFiniteError(f"input '{vi.name}' holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
+                                         f"values, which the integer layers cannot quantise")
             feeds[vi.name] = arr
         return feeds
 
