@@ -33,3 +33,18 @@ class Interrupted(KeyboardInterrupt):
     """
 
     exit_code: int = EXIT_INTERRUPTED
+class ResourceLimitError(EdgetrainError):
+    """What a file describes would take more memory than the budget (edgetrain.limits); refused before allocating."""
+
+
+class EdgetrainWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""
+
+
+class NonFiniteError(DataError, ValueError):
+    """A tensor holds NaN or infinity where integer arithmetic needs finite values (a ValueError too, as the
+    quantiser raised before it had a type of its own)."""
+
+
+class OutputError(EdgetrainError):
+    """A file cannot be written where the user asked (missing folder, no permission, a folder in the way)."""

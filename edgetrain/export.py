@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgetrain.bn_audit import as_inference_batchnorms
-from edgetrain.errors import ModelError
+from edgetrain.errors import ModelError, OutputError
 from edgetrain.fileio import write_atomic
 from edgetrain.int8_graph import ActFormat, IntLayer, quantise_graph
 from edgetrain.layers import mac_nodes
@@ -50,8 +50,14 @@ def to_onnx(model: Model) -> onnx.ModelProto:
 
 
 def export_onnx(model: Model, path: str | os.PathLike) -> None:
-    """Save the trained model as a float ONNX file that onnxruntime can serve."""
-    write_atomic(path, to_onnx(model).SerializeToString())
+    """Save the trained model as a float ONNX file that onnxruntime can serve; OutputError if it cannot be written."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise OutputError(f"export path must be a file name, got {path!r}")
+    blob = to_onnx(model).SerializeToString()
+    try:
+        write_atomic(path, blob)
+    except OSError as exc:
+        raise OutputError(f"{os.fspath(path)}: cannot write ({exc.strerror or exc})") from None
 
 
 # -- int8 (QDQ) export ----------------------------------------------------------------------------

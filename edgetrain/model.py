@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
 from edgetrain.engine import Executor, Tape
-from edgetrain.errors import DataError, ModelError
+from edgetrain.errors import DataError, ModelError, NonFiniteError
 from edgetrain.extension import ModelExtension
 from edgetrain.graph import Graph, Node
 from edgetrain.layers import mac_nodes, non_negative_values
@@ -20,6 +21,8 @@ from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
+COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the float engine computes in
+
 
 class Model:
     """An imported ONNX model that can be run, differentiated and trained.
@@ -30,7 +33,7 @@ class Model:
 
     def __init__(self, graph: Graph, dtype: np.dtype | type = np.float32, seed: int = 0):
         self.graph = graph
-        self.dtype = np.dtype(dtype)
+        self.dtype = compute_dtype(dtype)
         self.seed = seed
         self.step = 0  # advances the dropout stream; the trainer owns it
         cast = lambda d: {k: (v.astype(self.dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in d.items()}
@@ -207,8 +210,15 @@ class Model:
                                    "dimension (edgetrain.from_torch does)" if pinned else ""))
             if np.issubdtype(arr.dtype, np.floating) or vi.elem_type == onnx.TensorProto.FLOAT:
                 arr = arr.astype(self.dtype, copy=False)
+                if not self._all_float() and not np.isfinite(arr).all():
+                    # fp32 layers pass NaN on; integer ones cannot quantise it: say which input, not which layer
+                    raise NonFiniteError(f"input '{vi.name}' holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
+                                         f"values, which the integer layers cannot quantise")
             feeds[vi.name] = arr
         return feeds
+
+    def _all_float(self) -> bool:
+        return all(p.is_float for p in self.precision.values())
 
     def _state(self) -> dict[str, np.ndarray]:
         return {**self._constants, **self._params, **self._buffers}
@@ -293,6 +303,19 @@ class Model:
         return value, {name: grads[name] if name in grads else np.zeros_like(p) for name, p in self._params.items()}
 
 
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The float type a Model computes in: float32 or float64; anything else is refused (an int32 model would
+    truncate every weight to zero)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved not in COMPUTE_DTYPES:  # dtype == None is True: None means float64
+        raise ModelError(f"dtype {dtype!r}: edgetrain computes in float32 or float64")
+    return resolved
+
+
 def load(path: str | os.PathLike | onnx.ModelProto, dtype=np.float32, seed: int = 0) -> Model:
-    """Import an ONNX model as a trainable Model."""
+    """Import an ONNX model as a trainable Model (dtype: float32 or float64)."""
+    dtype = compute_dtype(dtype)  # before the import: a bad argument costs nothing
     return Model(load_graph(path), dtype=dtype, seed=seed)

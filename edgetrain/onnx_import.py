@@ -1,7 +1,9 @@
 """ONNX file -> Graph: read, validate, order, check, infer shapes, fold constants, bind ops.
 
 Every problem a user can cause (a bad file, an unsupported op, a broken graph, a shape we cannot
-train) is raised as ModelError with one line naming the file and the node or field at fault.
+train) is raised as ModelError with one line naming the file and the node or field at fault; a model whose
+constants, inputs or values would not fit the memory budget (edgetrain.limits) raises ResourceLimitError,
+before anything that size is allocated.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from edgetrain import limits
 from edgetrain.batch_dim import free_batch
 from edgetrain.bn_audit import warn_at_import
 from edgetrain.errors import ModelError
 from edgetrain.graph import Graph, Node, ValueInfo
+from edgetrain.onnx_sizes import EXPANDING_OPS, elem_bytes, fold_output_sizes, shape_bytes, subgraph_expands
 from edgetrain.ops import DATA_MOVEMENT_OPS, OPS, SUPPORTED, Run
 from edgetrain.qdq_import import dequantize_weights, infer_qgemm_shapes
 from edgetrain.sequences import split_sequences
@@ -52,9 +56,11 @@ def load_graph(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     """Import an ONNX model from a path or a ModelProto."""
     if isinstance(source, onnx.ModelProto):
         model, where = source, "<memory>"
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         where = os.fspath(source)
         model = read_onnx(where)
+    else:
+        raise ModelError(f"expected an ONNX file path or an onnx.ModelProto, got {type(source).__name__}")
     return Importer(model, where).run()
 
 
@@ -78,6 +84,11 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+def _pretty(shape) -> str:
+    dims = ["N" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     out = {}
     for a in node.attribute:
@@ -88,6 +99,19 @@ def _attrs(node: onnx.NodeProto) -> dict:
             v = [s.decode("utf-8") for s in v]
         out[a.name] = v
     return out
+
+
+def _per_sample(shape) -> str:
+    return " for one sample" if any(not isinstance(d, int) for d in shape) else ""
+
+
+def _utf8(attr: onnx.AttributeProto) -> bool:
+    try:
+        for value in (attr.s, *attr.strings):
+            value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _shape_of(vi: onnx.ValueInfoProto) -> tuple | None:
@@ -105,9 +129,14 @@ class Importer:
         self.original.CopyFrom(model)  # export writes the user's graph back, not our folded one
         self.model = model
         self.where = where
+        self.tally = limits.Tally()  # every constant the import holds: initializers and folded values
 
     def fail(self, what: str) -> ModelError:
         return ModelError(f"{self.where}: {what}")
+
+    def charge(self, size: int, what: str) -> None:
+        """Count `size` bytes of constants against the budget, refusing (naming `what`) past it."""
+        self.tally.charge(size, f"{self.where}: {what}")
 
     def run(self) -> Graph:
         if not self.model.HasField("graph"):
@@ -118,10 +147,12 @@ class Importer:
         self._dequantize_weights()
         self._toposort()
         self._check()
+        self._check_attributes()
         self.model = split_sequences(self.model, self.opset)
         self.model, self.batch = free_batch(self.model)
         self._infer_shapes()
         inputs = self._inputs()
+        self._check_value_sizes(inputs)
         self._split_aliased_initializers()
         self._classify_initializers()
         self._fold()
@@ -165,6 +196,8 @@ class Importer:
 
     def _check_references(self) -> None:
         g = self.model.graph
+        if not len(g.output):
+            raise self.fail("the graph has no outputs; a model needs at least one to train or evaluate")
         known = {i.name for i in g.input} | {t.name for t in g.initializer}
         known |= {o for n in g.node for o in n.output if o}
         for n in g.node:
@@ -223,6 +256,15 @@ class Importer:
         except Exception as exc:
             raise self.fail(f"invalid ONNX model: {_one_line(exc)}") from None
 
+    def _check_attributes(self) -> None:
+        """Every node's attributes readable (string ones UTF-8), so later steps can read them freely."""
+        for n in self.model.graph.node:
+            try:
+                _attrs(n)
+            except UnicodeDecodeError:
+                bad = next(a.name for a in n.attribute if not _utf8(a))
+                raise self.fail(f"node '{n.name}' ({n.op_type}): attribute '{bad}' is not UTF-8 text") from None
+
     def _infer_shapes(self) -> None:
         try:
             self.model = infer_qgemm_shapes(self.model)
@@ -254,6 +296,24 @@ class Importer:
                 shape = (shape[0] if isinstance(shape[0], int) else None,) + tuple(shape[1:])
             out.append(ValueInfo(vi.name, vi.type.tensor_type.elem_type, tuple(shape)))
         return out
+
+    def _check_value_sizes(self, inputs: list[ValueInfo]) -> None:
+        """Refuse a declared input or an inferred value that would not fit the budget, free dimensions (the
+        batch) counted as 1: the smallest run of the model would allocate it."""
+        for vi in inputs:
+            size = shape_bytes(vi.shape, elem_bytes(vi.elem_type))
+            limits.check(size, f"{self.where}: input '{vi.name}' of shape {_pretty(vi.shape)}{_per_sample(vi.shape)}",
+                         self.tally.limit)
+        g = self.model.graph
+        producer = {o: n.name for n in g.node for o in n.output if o}
+        for vi in list(g.value_info) + list(g.output):
+            shape = _shape_of(vi)
+            if shape is None:
+                continue
+            size = shape_bytes(shape, elem_bytes(vi.type.tensor_type.elem_type))
+            node = f" (output of node '{producer[vi.name]}')" if vi.name in producer else ""
+            limits.check(size, f"{self.where}: value '{vi.name}'{node} of shape {_pretty(shape)}{_per_sample(shape)}",
+                         self.tally.limit)
 
     # -- initializers and folding -------------------------------------------------------------
     def _split_aliased_initializers(self) -> None:
@@ -302,6 +362,8 @@ class Importer:
                         feeds_param.add(name)
                         uses[name].append(("<moved into a parameter slot>", -1))
         for t in g.initializer:
+            size = shape_bytes(t.dims, elem_bytes(t.data_type))
+            self.charge(size, f"initializer '{t.name}' of shape {_pretty(t.dims)}")
             try:
                 arr = numpy_helper.to_array(t)
             except Exception as exc:
@@ -331,6 +393,7 @@ class Importer:
                 a = _attrs(n)
                 value = [shape[a.get("start", 0):a.get("end", None)]]
             elif n.op_type not in NONDETERMINISTIC and all(not i or i in self.constants for i in n.input):
+                self._check_fold(n)
                 value = self._evaluate(n)
             if value is None:
                 kept.append(n)
@@ -340,6 +403,20 @@ class Importer:
                     self.constants[name] = np.asarray(v)
         del g.node[:]
         g.node.extend(kept)
+
+    def _check_fold(self, n: onnx.NodeProto) -> None:
+        """Charge what node `n` will fold to against the budget before evaluating it (onnx_sizes)."""
+        if subgraph_expands(n):
+            raise self.fail(f"node '{n.name}' ({n.op_type}): its subgraph computes sizes from values, so what "
+                            f"folding it would allocate cannot be told in advance; it is not folded")
+        for name, known in zip([o for o in n.output if o], fold_output_sizes(n, self.constants, self.opset)):
+            if known is None:
+                if n.op_type in EXPANDING_OPS:
+                    raise self.fail(f"node '{n.name}' ({n.op_type}): cannot tell the size of the constant it "
+                                    f"folds to, so it is not folded")
+                continue  # bounded by its inputs, which are charged already
+            shape, size = known
+            self.charge(size, f"node '{n.name}' ({n.op_type}) folds to a constant '{name}' of shape {_pretty(shape)}")
 
     def _static_shape(self, name: str) -> tuple | None:
         # A shape is static only if no dimension depends on the free batch size.

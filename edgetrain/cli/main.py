@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Any
 
+from edgetrain import limits
 from edgetrain.cli.argtypes import (
     FINITE_FLOAT,
     NON_NEGATIVE_FLOAT,
@@ -15,7 +16,7 @@ from edgetrain.cli.argtypes import (
     comma_list,
     path_text,
 )
-from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError, Interrupted
+from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError, EdgetrainWarning, Interrupted
 from edgetrain.signals import interrupt_on_stop_signals
 from edgetrain.train.config import FIELDS, FILE_ONLY, POSITIONAL, REPEATED, help_text
 
@@ -215,17 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     from firmware_bridge.profile.cli import add_profile_command
 
     _add_backend(add_profile_command(sub))
+    for command in sub.choices.values():  # every command reads files, so every command takes the budget
+        command.add_argument(limits.FLAG, metavar="SIZE", type=_memory_size, default=None,
+                             help="memory budget for what one input file may make edgetrain allocate, e.g. 512M or "
+                                  f"2G (default: ${limits.ENV_VAR}, else half of the memory this process may use)")
     return p
 
 
+def _memory_size(text: str) -> str:
+    try:
+        limits.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _one_line_model_warnings() -> None:
-    """Show edgetrain's ModelWarnings as one `edgetrain: warning:` line, like the CLI's own warnings."""
+    """Show edgetrain's ModelWarnings and EdgetrainWarnings as one `edgetrain: warning:` line, like the CLI's own."""
     from edgetrain.bn_audit import ModelWarning
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, ModelWarning):
+        if issubclass(category, (ModelWarning, EdgetrainWarning)):
             print(f"edgetrain: warning: {message}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
@@ -239,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupt_on_stop_signals():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
             args = build_parser().parse_args(argv)
+            if args.max_memory is not None:
+                limits.set_max_memory(args.max_memory)
             if "backend" in vars(args):
                 from edgetrain.kernels import use_backend
 

@@ -41,7 +41,7 @@ def _read_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
         raise _fail(path, "file not found (regenerate it with `python -m tools.make_digits` in the repository)")
     try:
-        x, y = read_npz(path, (x_key, y_key)).values()
+        x, y = read_npz(path, (x_key, y_key), where=f"{DIGITS_NAME}: {path}").values()
     except NpzError as exc:
         raise _fail(path, exc.describe()) from exc
 

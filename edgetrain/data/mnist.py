@@ -1,4 +1,5 @@
-"""MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST): raw or .gz, magic numbers and sizes checked."""
+"""MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST): raw or .gz, magic numbers and sizes checked (a .gz is
+inflated only as far as its header says, within the memory budget: edgetrain.limits)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import gzip
 import math
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from edgetrain import limits
 from edgetrain.data.dataset import Dataset, Split
 from edgetrain.data.transforms import uint8_to_unit
 from edgetrain.errors import DataError
@@ -38,36 +41,53 @@ def _find(folder: Path, name: str) -> Path:
     raise _fail(folder / name, f"file not found (nor {name}{GZ_SUFFIX})")
 
 
-def _raw_bytes(path: Path) -> bytes:
+def _open(path: Path) -> BinaryIO:
+    """The file's bytes as a stream: decompressed as it is read for a .gz (never inflated whole up front)."""
     try:
-        data = path.read_bytes()
+        raw = open(path, "rb")
     except OSError as exc:
         raise _fail(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
-    if not path.name.endswith(GZ_SUFFIX):
-        return data
+    return gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(GZ_SUFFIX) else raw
+
+
+def _read(stream: BinaryIO, path: Path, n: int) -> bytes:
+    """Up to n bytes; a broken .gz is one line (gzip.BadGzipFile is an OSError, a cut-off one EOFError)."""
     try:
-        return gzip.decompress(data)
+        return stream.read(n)
     except (OSError, EOFError, zlib.error) as exc:
-        # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError.
         raise _fail(path, f"not a readable gzip file ({type(exc).__name__}: {exc})") from None
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read an IDX uint8 file whose magic number must be `magic`; shape from its header."""
-    data = _raw_bytes(path)
+    """Read an IDX uint8 file whose magic number must be `magic`; shape from its header.
+
+    The header's size is checked against the memory budget before the data is read, and a .gz is inflated
+    only up to that size plus one byte: a file that inflates past it is refused, however far it would go.
+    """
     ndim = magic & 0xFF
     header = HEADER_WORD * (1 + ndim)
-    if len(data) < header:
-        raise _fail(path, f"truncated: {len(data)} bytes, shorter than the {header}-byte IDX header")
-    found = int.from_bytes(data[:HEADER_WORD], "big")
-    if found != magic:
-        raise _fail(path, f"wrong magic number 0x{found:08x} (expected 0x{magic:08x}); not an IDX file of this kind")
-    shape = tuple(int.from_bytes(data[HEADER_WORD * (i + 1):HEADER_WORD * (i + 2)], "big") for i in range(ndim))
-    expected = header + math.prod(shape)
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "has trailing bytes"
-        raise _fail(path, f"{what}: {len(data)} bytes, the header's shape {'x'.join(map(str, shape))} needs {expected}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    stream = _open(path)
+    with stream:
+        head = _read(stream, path, header)
+        if len(head) < header:
+            raise _fail(path, f"truncated: {len(head)} bytes, shorter than the {header}-byte IDX header")
+        found = int.from_bytes(head[:HEADER_WORD], "big")
+        if found != magic:
+            raise _fail(path, f"wrong magic number 0x{found:08x} (expected 0x{magic:08x}); "
+                              "not an IDX file of this kind")
+        shape = tuple(int.from_bytes(head[HEADER_WORD * (i + 1):HEADER_WORD * (i + 2)], "big") for i in range(ndim))
+        size = math.prod(shape)
+        limits.check(size, f"{MNIST_NAME}: {path}: data of shape {'x'.join(map(str, shape))} (uint8)")
+        data = _read(stream, path, size)
+        if len(data) < size:
+            raise _fail(path, f"truncated: {header + len(data)} bytes, the header's shape "
+                              f"{'x'.join(map(str, shape))} needs {header + size}")
+        if _read(stream, path, 1):
+            # a .gz is not inflated further to count how many more there are
+            found = "more" if path.name.endswith(GZ_SUFFIX) else str(path.stat().st_size)
+            raise _fail(path, f"has trailing bytes: {found} bytes, the header's shape {'x'.join(map(str, shape))} "
+                              f"needs {header + size}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _load(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

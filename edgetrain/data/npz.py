@@ -28,7 +28,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise _fail(path, "file not found")
     try:
-        arrays = read_npz(path, TRAIN_KEYS, TEST_KEYS)
+        arrays = read_npz(path, TRAIN_KEYS, TEST_KEYS, where=f"{NPZ_NAME}: {path}")
     except NpzError as exc:
         raise _fail(path, exc.describe("an .npz archive with x and y")) from exc
     present = [k for k in TEST_KEYS if k in arrays]

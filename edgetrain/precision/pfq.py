@@ -70,6 +70,11 @@ class PFQController:
             raise EdgetrainError(f"pfq: period_steps must be >= 1, got {self.period_steps}")
         if self.window < 2:
             raise EdgetrainError(f"pfq: window must be >= 2, got {self.window}")
+        # the normaliser averages the first normaliser_periods losses: none would divide by zero
+        if self.normaliser_periods < 1:
+            raise EdgetrainError(f"pfq: normaliser_periods must be >= 1, got {self.normaliser_periods}")
+        if self.alpha_switches < 0:
+            raise EdgetrainError(f"pfq: alpha_switches must be >= 0, got {self.alpha_switches}")
         if not self.eps > 0 or not 0 < self.alpha <= 1:
             raise EdgetrainError(f"pfq: need eps > 0 and 0 < alpha <= 1, got eps={self.eps}, alpha={self.alpha}")
         if self.switch_steps is not None:

@@ -14,7 +14,7 @@ Conventions, identical everywhere in the engine:
   unbiased, |error| < scale, and bit-identical for any chunking or thread count.
 * x / scale is computed in float64; values beyond [qmin, qmax] * scale are clipped AND counted in
   `QuantStats.saturated` (only possible with a given range, or for negatives in the unsigned form).
-* NaN or infinity in the input raises ValueError.
+* NaN or infinity in the input raises NonFiniteError (a DataError and a ValueError).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from edgetrain.errors import NonFiniteError
 from edgetrain.kernels.threads import threads_for
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
 from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
@@ -144,7 +145,8 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
     # min/max propagate NaN and keep infinities, so finite extrema prove the whole tensor finite.
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
-        raise ValueError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite values")
+        raise NonFiniteError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite "
+                             "values")
     return lo, hi
 
 

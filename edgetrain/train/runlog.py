@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from edgetrain.errors import EdgetrainError, EdgetrainWarning
 from edgetrain.fileio import write_atomic, write_error
 from edgetrain.precision.spec import LayerPrecision
 
@@ -43,12 +45,8 @@ class RunLog:
         # A killed run logged steps past its last checkpoint; the resumed run logs them again.
         lines: list[str] = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # the half-written last line of a killed run
-                if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            for line, entry in parse_log(self.path):
+                if entry.get("step", 0) <= step:
                     lines.append(line)
                     self.kept.append(entry)
         write_atomic(self.path, "".join(k + "\n" for k in lines).encode())
@@ -71,6 +69,80 @@ class RunLog:
             self._file.close()
 
 
+class LogError(EdgetrainError):
+    """A log.jsonl line that is not what edgetrain writes (not JSON, or a field of the wrong type)."""
+
+
+class TruncatedLogWarning(EdgetrainWarning):
+    """The log's last line is half-written (a killed run); it is skipped."""
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+# The fields readers use, per entry type, and what each must be; other fields and types are left alone.
+ENTRY_FIELDS: dict[str, dict[str, tuple[str, Callable[[Any], bool]]]] = {
+    "step": {"loss": ("a number", _number), "percent_of_fp32": ("a number", _number)},
+    "eval": {"accuracy": ("a number", _number)},
+    "layers": {"layers": ("a table of layer = \"bits\"", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(b, str) for k, b in v.items()))},
+}
+OPTIONAL_NUMBERS = ("dfq_percent", "dfq_target", "loss", "lr", "time")
+
+
+def _check_entry(entry: Any) -> str | None:
+    """What is wrong with one parsed line, or None."""
+    if not isinstance(entry, dict):
+        return f"expected a JSON object, got {type(entry).__name__}"
+    step = entry.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"'step' must be an integer >= 0, got {json.dumps(step)}"
+    for name, (want, ok) in ENTRY_FIELDS.get(entry.get("type"), {}).items():
+        if name not in entry or not ok(entry[name]):
+            return f"'{name}' must be {want}, got {json.dumps(entry.get(name))}"
+    for name in OPTIONAL_NUMBERS:
+        if name in entry and not _number(entry[name]):
+            return f"'{name}' must be a number, got {json.dumps(entry[name])}"
+    return None
+
+
+def parse_log(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(line, entry) of every line of a log file, each checked (ENTRY_FIELDS).
+
+    A half-written last line (no newline after it: a run killed mid-write) is skipped with a
+    TruncatedLogWarning; anything else that is not a whole, well-typed entry raises LogError naming the
+    file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise LogError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        number = exc.object[: exc.start].count(b"\n") + 1
+        raise LogError(f"{path}: line {number}: not UTF-8 text") from None
+    lines = text.split("\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last = number == len(lines)  # the text after the final newline: what a killed writer left
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            if last:
+                warnings.warn(f"{path}: line {number} is half-written (a run stopped mid-write); skipped",
+                              TruncatedLogWarning, stacklevel=2)
+                continue
+            raise LogError(f"{path}: line {number}: not JSON ({exc.msg}, column {exc.colno})") from None
+        problem = _check_entry(entry)
+        if problem:
+            raise LogError(f"{path}: line {number}: {problem}")
+        out.append((line, entry))
+    return out
+
+
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every entry of a log file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every entry of a log file (see parse_log)."""
+    return [entry for _, entry in parse_log(path)]

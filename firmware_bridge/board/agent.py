@@ -41,7 +41,8 @@ from typing import Any
 
 import serial
 
-from edgetrain.errors import DataError, EdgetrainError, ModelError
+from edgetrain import limits
+from edgetrain.errors import DataError, EdgetrainError, ModelError, ResourceLimitError
 from edgetrain.kernels import use_backend
 from edgetrain.kernels.routes import CHOICES, ENV_VAR, usable_routes
 from firmware_bridge.board.cache import BlobCache, default_cache_dir
@@ -535,9 +536,13 @@ class Agent:
         if actual != sha:
             self._job_error(job, ErrorCode.HASH_MISMATCH, f"upload hashes to {actual}, the commit names {sha}")
             return
-        where = f"{'model' if fmt in ACCEPTED_MODEL_FORMATS else 'data'} {sha[:12]}"
+        is_model = fmt in ACCEPTED_MODEL_FORMATS
+        where = f"{'model' if is_model else 'data'} {sha[:12]}"
+        invalid = ErrorCode.MODEL_INVALID if is_model else ErrorCode.DATA_INVALID
+        # Only a blob that imports within the memory budget (edgetrain.limits) is cached: a fold bomb is
+        # refused here, before the reference evaluator allocates it, and never reaches a workload.
         try:
-            if fmt in ACCEPTED_MODEL_FORMATS:
+            if is_model:
                 load_model(blob, where=where)
             else:
                 TrainingData.from_npz(blob, where)
@@ -546,6 +551,16 @@ class Agent:
             return
         except DataError as exc:
             self._job_error(job, ErrorCode.DATA_INVALID, str(exc))
+            return
+        except ResourceLimitError as exc:
+            self._job_error(job, invalid, str(exc))
+            return
+        except MemoryError:
+            # The budget is checked before every allocation a file asks for; this is the board running out
+            # anyway (other work, a budget set too high). Refuse the blob and keep serving.
+            log.exception("%s: out of memory while importing it", where)
+            self._job_error(job, invalid, f"{where}: the board ran out of memory importing it "
+                                          f"(memory budget {limits.format_size(limits.budget().max_bytes)})")
             return
         try:
             self.cache.put(sha, fmt, blob)
@@ -562,7 +577,7 @@ class Agent:
             self._result_error(job, ErrorCode.MODEL_INVALID, str(exc))
         except DataError as exc:
             self._result_error(job, ErrorCode.DATA_INVALID, str(exc))
-        except EdgetrainError as exc:  # WorkloadError and engine refusals
+        except EdgetrainError as exc:  # WorkloadError, engine refusals, a workload over the memory budget
             self._result_error(job, ErrorCode.WORKLOAD_INVALID, str(exc))
         except Exception as exc:  # the host gets one line; the traceback goes to the agent's log
             log.exception("workload %s crashed", job.job_id)
@@ -624,15 +639,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--telemetry-root", default="/", help="read sensors below this folder instead of / (recorded trees, tests)"
     )
+    parser.add_argument(
+        limits.FLAG, metavar="SIZE", type=_size,
+        help=f"memory budget for what one uploaded file may make the agent allocate, e.g. 512M or 2G "
+             f"(default: ${limits.ENV_VAR}, else half of the memory the agent may use)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log every session and refusal")
     parser.add_argument("--backend", choices=CHOICES, default=None,
                         help=f"integer kernel route (default ${ENV_VAR}, else auto); a workload may name its own")
     return parser
 
 
+def _size(text: str) -> str:
+    try:
+        limits.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of `edgetrain-agent`."""
     args = build_parser().parse_args(argv)
+    if args.max_memory is not None:
+        limits.set_max_memory(args.max_memory)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s edgetrain-agent %(levelname)s %(message)s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,7 @@ class SimulatedBoard:
         seed: int = 0,
         telemetry_root: str | os.PathLike[str] | None = None,
         python: str | list[str] = sys.executable,
+        memory_limit: int | None = None,
     ) -> None:
         self._own_dir = tempfile.mkdtemp(prefix="edgetrain-sim-")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(self._own_dir) / "cache"
@@ -58,6 +60,7 @@ class SimulatedBoard:
         # The command that runs the agent's Python: this interpreter, or e.g. an emulated board's
         # (`tools/arm64_board.sh python`), which must see this checkout and the ptys at the same paths.
         self.python = [python] if isinstance(python, str) else list(python)
+        self.memory_limit = memory_limit  # bytes of address space (RLIMIT_AS) for the agent: a small board
         self.agent: subprocess.Popen[bytes] | None = None
         self._host_pty: PtyPair | None = None
         self._agent_pty: PtyPair | None = None
@@ -109,8 +112,13 @@ class SimulatedBoard:
         if self._log is None:
             self._log = open(self.log_path, "ab")
         self.agent = subprocess.Popen(
-            self.agent_command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env
+            self.agent_command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=env,
+            preexec_fn=self._limit_memory if self.memory_limit is not None else None,
         )
+
+    def _limit_memory(self) -> None:
+        # Runs in the child between fork and exec: only the agent is limited, not this process.
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
 
     def kill_agent(self) -> None:
         """Kill the agent abruptly (SIGKILL), as a crash or a pulled power cord would."""

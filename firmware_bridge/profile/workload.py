@@ -27,7 +27,7 @@ import onnx
 import edgetrain
 from edgetrain.data import npzfile
 from edgetrain.data.npzfile import NpzError, read_npz
-from edgetrain.errors import DataError, EdgetrainError, ModelError
+from edgetrain.errors import DataError, EdgetrainError, ModelError, ResourceLimitError
 from edgetrain.kernels import get_backend, use_backend
 from edgetrain.kernels.routes import CHOICES
 from edgetrain.model import Model
@@ -282,9 +282,9 @@ def load_model(blob: bytes, *, seed: int = 0, where: str = "model") -> Model:
     proto = parse_onnx(blob, where)
     try:
         return edgetrain.load(proto, seed=seed)
-    except ModelError as exc:
+    except (ModelError, ResourceLimitError) as exc:
         # The importer names an in-memory model "<memory>"; the caller knows a better name.
-        raise ModelError(str(exc).replace("<memory>", where, 1)) from None
+        raise type(exc)(str(exc).replace("<memory>", where, 1)) from None
 
 
 def num_classes(model: Model) -> int:
@@ -340,6 +340,8 @@ def _npz_problem(exc: NpzError) -> str:
         return f"not a usable .npz data file ({exc.detail})"
     if exc.kind == npzfile.TOO_LARGE:
         return f"array {exc.key} {exc.detail}"
+    if exc.kind == npzfile.NOT_NPY:
+        return exc.detail
     return f"array {exc.key} cannot be read ({exc.detail})"
 
 
@@ -354,7 +356,7 @@ class TrainingData:
     def from_npz(cls, blob: bytes, where: str = "data") -> TrainingData:
         """Read arrays `x` and `y` from .npz bytes with allow_pickle=False; raise DataError otherwise."""
         try:
-            arrays = read_npz(bytes(blob), DATA_KEYS, max_member_bytes=MAX_DATA_ARRAY_BYTES)
+            arrays = read_npz(bytes(blob), DATA_KEYS, max_member_bytes=MAX_DATA_ARRAY_BYTES, where=where)
         except NpzError as exc:
             raise DataError(f"{where}: {_npz_problem(exc)}") from None
         x, y = arrays["x"], arrays["y"]

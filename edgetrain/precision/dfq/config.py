@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ DEFAULT_UNGATED = "8/8"  # stem and shortcut convs: outside every gate, at the s
 INITIAL_LOGIT = 2.0  # head bias lead of the candidate training starts from
 CANDIDATE_STREAM_STRIDE = 1 << 20  # keeps each candidate's stochastic-rounding streams apart
 SKIP_WORDS = ("0", "0/0", "skip")
+MAX_TARGET = 100.0  # the target is a percentage of the gated layers' fp32 cost
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ def parse_candidates(specs, weight_bits: int) -> tuple[Candidate, ...]:
     return tuple(out)
 
 
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class DFQConfig:
     """Every knob of DFQ, with FracTrain's CIFAR values as defaults."""
@@ -70,6 +76,22 @@ class DFQConfig:
     initial_choice: str | None = None  # default: the computing candidate whose cost is nearest the target
     cost_table: dict[str, dict[str, float]] | None = None  # layer -> precision -> seconds (edgetrain.precision.latency)
 
+    def __post_init__(self) -> None:
+        """Refuse values no DFQ run can use, whoever builds the config (the CLI, a TOML file, the API)."""
+        target, beta, logit = self.target, self.beta, self.initial_logit
+        if not _real(target) or not 0 < target <= MAX_TARGET:
+            raise EdgetrainError(f"dfq target must be a percentage in (0, {MAX_TARGET:g}], got {target!r}")
+        if not _real(beta) or beta < 0:
+            raise EdgetrainError(f"dfq beta must be a finite number >= 0, got {beta!r}")
+        if not _real(logit):
+            raise EdgetrainError(f"dfq initial_logit must be a finite number, got {logit!r}")
+        if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int):
+            raise EdgetrainError(f"dfq weight_bits must be an integer, got {self.weight_bits!r}")
+        if isinstance(self.candidates, str) or not all(isinstance(c, str) for c in self.candidates):
+            raise EdgetrainError(f"dfq candidates must be a sequence of strings, got {self.candidates!r}")
+        self.candidates = tuple(self.candidates)
+        self.check()
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings, for the run's record."""
         return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
@@ -77,7 +99,7 @@ class DFQConfig:
 
     def check(self) -> tuple[Candidate, ...]:
         """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.
-        (The target and beta are bounded where a run's settings are read: edgetrain.train.config.)"""
+        (__post_init__ runs it, and bounds the target and beta.)"""
         if not MIN_BITS <= self.weight_bits <= MAX_BITS:
             raise EdgetrainError(f"option 'dfq_weight_bits' must be in {MIN_BITS}..{MAX_BITS}, got {self.weight_bits}")
         return parse_candidates(self.candidates, self.weight_bits)
