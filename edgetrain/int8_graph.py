@@ -1,6 +1,7 @@
 """The int8 export's graph rewriting: BatchNorm folded into the preceding Conv/Gemm, and QuantizeLinear/
 DequantizeLinear placed on tensors (not layer inputs) in the pattern onnxruntime's graph optimiser fuses
-into its integer kernels (QLinearConv, QGemm/QLinearMatMul, QLinearAdd).
+into its integer kernels (QLinearConv, QGemm/QLinearMatMul, QLinearAdd). A convolution on fewer than 4
+input channels stays float (MIN_INT8_CONV_CHANNELS).
 
 Works on a ModelProto only; edgetrain.export says which layers are integer and at what activation scale.
 """
