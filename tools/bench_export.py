@@ -14,7 +14,7 @@ its documented form for x86-64 without VNNI), calibrated on the same 256 trainin
 
     PYTHONPATH=. python -m tools.bench_export [--steps 30] [--seconds 2] [--threads 0]
 
-Figures: README, "int8 export latency".
+Figures and what they show: README, "int8 export latency" (one run, `--threads 1` on a loaded shared host).
 """
 from __future__ import annotations
 
