@@ -147,7 +147,7 @@ def calibrate(proto: onnx.ModelProto, tensors: list[str], x: np.ndarray,
     return {t: (lo[t], hi[t]) for t in tensors}
 
 
-def _stays_float(node: onnx.NodeProto, w: np.ndarray) -> bool:
+def stays_float(node: onnx.NodeProto, w: np.ndarray) -> bool:
     """True for a convolution onnxruntime runs faster in float than on its int8 kernels (MIN_INT8_CONV_CHANNELS)."""
     # Not a grouped (depthwise) conv: its weights also have one input channel, but onnxruntime has int8 kernels for it.
     return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and w.ndim > 2
@@ -190,7 +190,7 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
     inits = {t.name: t for t in g.initializer}
     consumers = _consumers(list(g.node))
     float_convs = {node.name for node, _ in int_nodes
-                   if node.input[1] in inits and _stays_float(node, numpy_helper.to_array(inits[node.input[1]]))}
+                   if node.input[1] in inits and stays_float(node, numpy_helper.to_array(inits[node.input[1]]))}
 
     formats: dict[str, ActFormat] = {}  # quantised tensor -> format
     for node, layer in int_nodes:

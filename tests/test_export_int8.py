@@ -10,7 +10,7 @@ from edgetrain.cli.demo import demo_model_path
 from edgetrain.data import Dataset, Split, load_data
 from edgetrain.errors import ModelError
 from edgetrain.export import export_int8, export_onnx, onnxruntime_outputs, optimized_op_counts, to_onnx_int8
-from edgetrain.int8_graph import fold_batchnorm
+from edgetrain.int8_graph import fold_batchnorm, stays_float
 from edgetrain.train.config import resolve
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer
@@ -148,3 +148,13 @@ def test_int8_export_needs_integer_layers(tmp_path, digits):
     model.set_precision("8/8")
     with pytest.raises(ModelError, match="no running activation range"):
         to_onnx_int8(model)
+
+
+def test_only_convs_on_fewer_than_4_input_channels_stay_float():
+    # onnxruntime's int8 conv kernels need a multiple of 4 input channels; a depthwise conv also has one input
+    # channel per group in its weights, but its own int8 kernel.
+    conv = lambda group=1: onnx.helper.make_node("Conv", ["x", "w"], ["y"], group=group)
+    assert stays_float(conv(), np.zeros((16, 1, 3, 3))) and stays_float(conv(), np.zeros((16, 3, 3, 3)))
+    assert not stays_float(conv(), np.zeros((16, 4, 3, 3)))
+    assert not stays_float(conv(group=48), np.zeros((48, 1, 3, 3)))
+    assert not stays_float(onnx.helper.make_node("Gemm", ["x", "w"], ["y"]), np.zeros((10, 2)))
