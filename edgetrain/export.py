@@ -125,7 +125,9 @@ def to_onnx_int8(model: Model, gated_bits: str | None = None, calibration: np.nd
     it non-negative, else int8, zero point 0), its weights int8 per output channel, its bias int32.
     Layer outputs that no integer layer reads are quantised with ranges measured on `calibration`
     inputs (without them those layers stay float convolutions). The classifier (fp32 in training) stays
-    float. DFQ-gated layers are written at one static candidate, `gated_bits` (default: the most precise).
+    float, and so does a convolution reading fewer than 4 channels (a stem on pixels; its weights on the
+    engine's int8 grid), which onnxruntime runs faster in float (edgetrain.int8_graph.MIN_INT8_CONV_CHANNELS).
+    DFQ-gated layers are written at one static candidate, `gated_bits` (default: the most precise).
     """
     plans = _plan(model, gated_bits)
     if not plans:

@@ -1,6 +1,7 @@
 """The int8 export's graph rewriting: BatchNorm folded into the preceding Conv/Gemm, and QuantizeLinear/
 DequantizeLinear placed on tensors (not layer inputs) in the pattern onnxruntime's graph optimiser fuses
-into its integer kernels (QLinearConv, QGemm/QLinearMatMul, QLinearAdd).
+into its integer kernels (QLinearConv, QGemm/QLinearMatMul, QLinearAdd). A convolution on fewer than 4
+input channels stays float (MIN_INT8_CONV_CHANNELS).
 
 Works on a ModelProto only; edgetrain.export says which layers are integer and at what activation scale.
 """
@@ -25,6 +26,11 @@ VALUE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Identity", "Squeeze", "Uns
 SIGNED_ZERO_POINT = 128
 # Activations onnxruntime removes in front of a QuantizeLinear whose range lies inside theirs (Relu, ReLU6).
 ACTIVATIONS = ("Relu", "Clip")
+# A convolution with fewer input channels per group than this (a first layer on grey or RGB pixels) stays float:
+# onnxruntime's symmetric int8 conv kernels need a multiple of 4, and its fallback (im2col, then a GEMM with
+# K = 9..75) ran 5.7x (1 channel) and 1.9x (3 channels) slower than its float conv on an AVX2 EPYC at batch 64.
+# Its weights keep the engine's int8 grid (stored dequantised); only its input is not rounded to 8 bits.
+MIN_INT8_CONV_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,13 @@ def calibrate(proto: onnx.ModelProto, tensors: list[str], x: np.ndarray,
     return {t: (lo[t], hi[t]) for t in tensors}
 
 
+def stays_float(node: onnx.NodeProto, w: np.ndarray) -> bool:
+    """True for a convolution onnxruntime runs faster in float than on its int8 kernels (MIN_INT8_CONV_CHANNELS)."""
+    # Not a grouped (depthwise) conv: its weights also have one input channel, but onnxruntime has int8 kernels for it.
+    return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and w.ndim > 2
+            and w.shape[1] < MIN_INT8_CONV_CHANNELS)
+
+
 def _format_from_range(lo: float, hi: float) -> ActFormat:
     if lo >= 0:
         return ActFormat(max(hi, 1e-12) / UINT8_MAX, True)
@@ -176,10 +189,14 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
     int_nodes = [(node_of[names[i]], layer) for i, layer in enumerate(layers)]
     inits = {t.name: t for t in g.initializer}
     consumers = _consumers(list(g.node))
+    float_convs = {node.name for node, _ in int_nodes
+                   if node.input[1] in inits and stays_float(node, numpy_helper.to_array(inits[node.input[1]]))}
 
     formats: dict[str, ActFormat] = {}  # quantised tensor -> format
     for node, layer in int_nodes:
         t = node.input[0]
+        if node.name in float_convs:
+            continue  # its input stays float; its output is quantised below like any integer layer's
         if t in formats and formats[t] != layer.act:
             continue  # two integer layers read it with different ranges: the first one's serves both
         formats[t] = layer.act
@@ -242,6 +259,8 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
         pair = [onnx.helper.make_node("QuantizeLinear", [t, s, z], [q], name=t + ".quantize"),
                 onnx.helper.make_node("DequantizeLinear", [q, s, z], [dq], name=t + ".dequantize")]
         for reader in consumers.get(t, []):
+            if reader.name in float_convs:
+                continue  # a DQ input would let onnxruntime quantise its float weights back into a QLinearConv
             for k, name in enumerate(reader.input):
                 if name == t:
                     reader.input[k] = dq
@@ -251,7 +270,6 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
             after.setdefault(t, []).extend(pair)
 
     for node, layer in int_nodes:
-        in_format = formats[node.input[0].removesuffix(".dequantized")]
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)) else 1
         rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
@@ -260,6 +278,20 @@ def quantise_graph(proto: onnx.ModelProto, layers: list[IntLayer], calibration: 
         codes = np.clip(np.rint(rows / w_scale[:, None]), -top, top).astype(np.int8)
         codes = np.moveaxis(codes.reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
         base = node.name + ".weight"
+        if node.name in float_convs:
+            # The engine's int8 weights, dequantised: onnxruntime runs this layer as a float Conv. Stored under
+            # the name the importer gives a quantised weight's parameter, unless another node reads that name.
+            grid = codes.astype(np.float64) * np.moveaxis(w_scale.reshape((-1,) + (1,) * (w.ndim - 1)), 0, axis)
+            name = base
+            if base in inits:
+                if any(base in n.input for n in g.node if n is not node):
+                    name = base + "_int8_grid"
+                else:
+                    g.initializer.remove(inits.pop(base))
+            new_inits.append(numpy_helper.from_array(grid.astype(np.float32), name))
+            node.input[1] = name
+            continue
+        in_format = formats[node.input[0].removesuffix(".dequantized")]
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(codes), base + "_quantized"),
                       numpy_helper.from_array(w_scale.astype(np.float32), base + "_scale"),
                       numpy_helper.from_array(np.zeros(w_scale.shape, np.int8), base + "_zero_point")]

@@ -10,7 +10,7 @@ from edgetrain.cli.demo import demo_model_path
 from edgetrain.data import Dataset, Split, load_data
 from edgetrain.errors import ModelError
 from edgetrain.export import export_int8, export_onnx, onnxruntime_outputs, optimized_op_counts, to_onnx_int8
-from edgetrain.int8_graph import fold_batchnorm
+from edgetrain.int8_graph import fold_batchnorm, stays_float
 from edgetrain.train.config import resolve
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer
@@ -63,10 +63,11 @@ def test_float_and_int8_exports_match_the_engine_on_held_out_digits(tmp_path, di
     assert agreement >= INT8_MIN_AGREEMENT, agreement
     int8_top1, float_top1 = (got_int.argmax(1) == digits.test.y).mean(), (got_float.argmax(1) == digits.test.y).mean()
     assert int8_top1 > 0.9 and abs(int8_top1 - float_top1) <= 0.005, (int8_top1, float_top1)
-    # onnxruntime runs it on integer kernels: no float Conv or Gemm left but the fp32 classifier.
+    # onnxruntime runs it on integer kernels: no float Conv or Gemm left but the first conv (one input channel,
+    # faster in float: edgetrain.int8_graph.MIN_INT8_CONV_CHANNELS) and the fp32 classifier.
     ops = optimized_op_counts(tmp_path / "int8.onnx", tmp_path / "int8.optimized.onnx")
-    assert ops.get("QLinearConv") == 2 and ops.get("QGemm", 0) + ops.get("QLinearMatMul", 0) == 2, ops
-    assert "Conv" not in ops and ops.get("Gemm", 0) + ops.get("FusedGemm", 0) == 1, ops
+    assert ops.get("QLinearConv") == 1 and ops.get("QGemm", 0) + ops.get("QLinearMatMul", 0) == 2, ops
+    assert ops.get("Conv") == 1 and ops.get("Gemm", 0) + ops.get("FusedGemm", 0) == 1, ops
 
 
 def test_int8_graph_layout(tmp_path, digits):
@@ -77,17 +78,20 @@ def test_int8_graph_layout(tmp_path, digits):
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     nodes = list(proto.graph.node)
     graph = {n.name: n for n in model.graph.nodes}
-    # One Q/DQ pair per quantised tensor; every integer layer's input is one of them, at the engine's scale.
-    for layer in ("conv1", "conv2", "fc1", "fc2"):
+    # One Q/DQ pair per quantised tensor; every integer layer's input is one of them, at the engine's scale:
+    # after ReLU and pooling they cannot be negative, so uint8 with zero point 0.
+    for layer in ("conv2", "fc1", "fc2"):
         t = graph[layer].inputs[0]
         running = model.runtime.act_ranges[layer].value
         zp = inits[f"{t}.zero_point"]
-        assert zp.dtype == np.uint8
-        if layer == "conv1":  # normalised pixels can be negative: the int8 grid on zero point 128
-            assert zp == 128 and inits[f"{t}.scale"] == pytest.approx(running / 127, rel=1e-6)
-        else:  # after ReLU and pooling they cannot: uint8, zero point 0
-            assert zp == 0 and inits[f"{t}.scale"] == pytest.approx(running / 255, rel=1e-6)
-    for layer, channels in (("conv1", 6), ("conv2", 16), ("fc1", 120), ("fc2", 84)):
+        assert zp.dtype == np.uint8 and zp == 0 and inits[f"{t}.scale"] == pytest.approx(running / 255, rel=1e-6)
+    # conv1 reads one channel: a float Conv (faster in onnxruntime), on float input, with the engine's int8 weights.
+    assert f"{graph['conv1'].inputs[0]}.zero_point" not in inits
+    w = inits["conv1.weight"]
+    assert w.dtype == np.float32 and "conv1.weight_quantized" not in inits
+    codes = w.reshape(6, -1) / (np.abs(w.reshape(6, -1)).max(axis=1, keepdims=True) / 127)
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-4)
+    for layer, channels in (("conv2", 16), ("fc1", 120), ("fc2", 84)):
         w = f"{layer}.weight"
         assert inits[f"{w}_quantized"].dtype == np.int8 and np.abs(inits[f"{w}_quantized"]).max() == 127
         assert inits[f"{w}_scale"].shape == (channels,)
@@ -110,7 +114,8 @@ def test_int8_export_of_a_residual_network_folds_batchnorm(tmp_path):
     proto = to_onnx_int8(model, calibration=split.train.x)
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     ops = optimized_op_counts(proto, tmp_path / "optimized.onnx")
-    assert ops.get("QLinearConv") == 9 and ops.get("QLinearAdd") == 3 and "Conv" not in ops, ops
+    # The stem reads 3 channels: it stays a float Conv (edgetrain.int8_graph.MIN_INT8_CONV_CHANNELS).
+    assert ops.get("QLinearConv") == 8 and ops.get("QLinearAdd") == 3 and ops.get("Conv") == 1, ops
     got = onnxruntime_outputs(proto, split.test.x)
     ref = engine(model, split.test.x)
     # Residual joins and conv outputs no integer layer reads are quantised too (calibrated), unlike the engine.
@@ -143,3 +148,13 @@ def test_int8_export_needs_integer_layers(tmp_path, digits):
     model.set_precision("8/8")
     with pytest.raises(ModelError, match="no running activation range"):
         to_onnx_int8(model)
+
+
+def test_only_convs_on_fewer_than_4_input_channels_stay_float():
+    # onnxruntime's int8 conv kernels need a multiple of 4 input channels; a depthwise conv also has one input
+    # channel per group in its weights, but its own int8 kernel.
+    conv = lambda group=1: onnx.helper.make_node("Conv", ["x", "w"], ["y"], group=group)
+    assert stays_float(conv(), np.zeros((16, 1, 3, 3))) and stays_float(conv(), np.zeros((16, 3, 3, 3)))
+    assert not stays_float(conv(), np.zeros((16, 4, 3, 3)))
+    assert not stays_float(conv(group=48), np.zeros((48, 1, 3, 3)))
+    assert not stays_float(onnx.helper.make_node("Gemm", ["x", "w"], ["y"]), np.zeros((10, 2)))
