@@ -357,3 +357,10 @@ def _unguarded_matmuls(path: Path) -> list[int]:
 @pytest.mark.parametrize("rel", TRAINING_PATH)
 def test_every_matmul_operator_on_the_training_path_is_behind_the_switch(rel):
     assert _unguarded_matmuls(ROOT / rel) == []
+
+
+def test_deterministic_flag_on_the_train_command_line():
+    from edgetrain.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "m.onnx", "--deterministic"])
+    assert args.deterministic is True
