@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgetrain.errors import DataError
+from edgetrain.kernels import detfloat
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
@@ -30,6 +31,12 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
         raise DataError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if label_smoothing:
         target = target * (1 - label_smoothing) + label_smoothing / k
+    if detfloat.active():  # float64 throughout, fixed-order sums, portable exp/log; rounded once at the end
+        log_softmax = detfloat.log_softmax(logits, axis=1)
+        t64 = target.astype(np.float64)
+        loss = -float(detfloat.sum64(t64 * log_softmax)) / n
+        grad = (detfloat.exp(log_softmax) - t64) / n
+        return loss, grad.astype(logits.dtype, copy=False)
     z = logits - logits.max(axis=1, keepdims=True)
     log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     loss = -(target * log_softmax).sum() / n
@@ -43,7 +50,7 @@ def mean_squared_error(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.
     if target.shape != pred.shape:
         raise DataError(f"targets of shape {target.shape} do not fit predictions of shape {pred.shape}")
     diff = pred - target
-    return float((diff * diff).mean()), (2.0 / diff.size) * diff
+    return float(detfloat.op_mean(diff * diff)), (2.0 / diff.size) * diff
 
 
 LOSSES = {"cross_entropy": softmax_cross_entropy, "mse": mean_squared_error}

@@ -12,6 +12,7 @@ from edgetrain.engine import Executor, Tape
 from edgetrain.errors import DataError, ModelError, NonFiniteError
 from edgetrain.extension import ModelExtension
 from edgetrain.graph import Graph, Node
+from edgetrain.kernels import detfloat
 from edgetrain.layers import mac_nodes, non_negative_values
 from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
@@ -51,6 +52,9 @@ class Model:
         self._extensions: list[ModelExtension] = []
         self._cost_cache: dict[tuple, tuple[dict, dict]] = {}  # step_cost of the layers no extension owns
         self.last_task_loss: float | None = None  # the loss before the extensions' terms, of the last step
+        # fp32 layers' float work on the portable fixed-order path (kernels.detfloat) instead of BLAS/libm;
+        # integer layers or extensions turn it on regardless (see deterministic_float)
+        self.deterministic = False
 
     # -- introspection --------------------------------------------------------------------------
     @property
@@ -104,6 +108,14 @@ class Model:
         m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
         m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
         return m
+
+    @property
+    def deterministic_float(self) -> bool:
+        """Whether this model's float work takes kernels.detfloat's portable path: when asked (`deterministic`),
+        and always once any MAC layer is integer or an extension (DFQ's gates) is attached, because
+        those runs promise the same bits on every board (their cost: the fp32 classifier and loss leave BLAS)."""
+        return (self.deterministic or bool(self._extensions)
+                or any(not p.is_float for p in self.precision.values()))
 
     # -- precision ------------------------------------------------------------------------------
     def set_precision(self, default: str | LayerPrecision | PrecisionConfig = "fp32", overrides: dict | None = None,
@@ -226,7 +238,8 @@ class Model:
     def run(self, x: np.ndarray | dict[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         """Forward pass; returns every graph output by name."""
         self._begin_forward()
-        env, _ = self.executor.forward(self._feeds(x), self._state(), training, key=(self.seed, self.step))
+        with detfloat.using(self.deterministic_float):
+            env, _ = self.executor.forward(self._feeds(x), self._state(), training, key=(self.seed, self.step))
         return {o.name: env[o.name] for o in self.graph.outputs}
 
     def __call__(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
@@ -236,13 +249,15 @@ class Model:
     def forward_train(self, x) -> tuple[dict[str, np.ndarray], Tape]:
         """Training-mode forward that records a tape for backward (BatchNorm uses batch statistics)."""
         self._begin_forward()
-        env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
-                                          key=(self.seed, self.step))
+        with detfloat.using(self.deterministic_float):
+            env, tape = self.executor.forward(self._feeds(x), self._state(), training=True, record=True,
+                                              key=(self.seed, self.step))
         return env, tape
 
     def backward(self, tape: Tape, seeds: dict[str, np.ndarray], wrt: set[str] | None = None) -> dict[str, np.ndarray]:
         """Gradients given dL/d(outputs): of every parameter and input, or only of the names in `wrt`."""
-        return self.executor.backward(tape, seeds, wrt)
+        with detfloat.using(self.deterministic_float):
+            return self.executor.backward(tape, seeds, wrt)
 
     def step_cost(self, env: dict[str, np.ndarray]) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
         """BitOPs of the training step whose forward values are in env: at the current precision, and in fp32."""
@@ -279,6 +294,10 @@ class Model:
     def loss_and_grad(self, x, labels: np.ndarray, loss: str | Callable = "cross_entropy",
                       label_smoothing: float = 0.0, update_buffers: bool = True) -> tuple[float, dict[str, np.ndarray]]:
         """Training forward and backward: returns (loss, {parameter name: gradient})."""
+        with detfloat.using(self.deterministic_float):  # the loss and the extensions' terms too
+            return self._loss_and_grad(x, labels, loss, label_smoothing, update_buffers)
+
+    def _loss_and_grad(self, x, labels, loss, label_smoothing: float, update_buffers: bool):
         env, tape = self.forward_train(x)
         out = env[self.output_name]
         if loss == "cross_entropy":

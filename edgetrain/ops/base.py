@@ -8,6 +8,7 @@ import numpy as np
 
 from edgetrain.errors import ModelError
 from edgetrain.graph import Node
+from edgetrain.kernels import detfloat
 
 OPS: dict[str, type[Op]] = {}
 
@@ -84,8 +85,8 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
         return grad
     extra = grad.ndim - len(shape)
     if extra > 0:
-        grad = grad.sum(axis=tuple(range(extra)))
+        grad = detfloat.op_sum(grad, tuple(range(extra)))
     axes = tuple(i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1)
     if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
+        grad = detfloat.op_sum(grad, axes, keepdims=True)
     return grad.reshape(shape)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register
 from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
@@ -29,7 +30,7 @@ class Conv(Op):
         length = n * int(np.prod(geo.out))
         cols = cols.reshape(groups, (c // groups) * geo.window_size, length)
         wg = w.reshape(groups, m // groups, -1)
-        y = np.matmul(wg, cols).reshape((m, n) + geo.out).swapaxes(0, 1)
+        y = detfloat.op_matmul(wg, cols).reshape((m, n) + geo.out).swapaxes(0, 1)
         if b is not None:
             y = y + b.reshape((1, m) + (1,) * len(geo.out))
         y = np.ascontiguousarray(y)
@@ -41,10 +42,10 @@ class Conv(Op):
         n, c = x_shape[:2]
         m = w.shape[0]
         gy = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(groups, m // groups, -1)
-        dw = np.matmul(gy, cols.transpose(0, 2, 1)).reshape(w.shape)
+        dw = detfloat.op_matmul(gy, cols.transpose(0, 2, 1)).reshape(w.shape)
         if not needed[0]:  # nobody needs dL/dx (the first layer)
-            return [None, dw] + ([g.sum(axis=(0,) + tuple(range(2, g.ndim)))] if has_bias else [])
-        dcols = np.matmul(w.reshape(groups, m // groups, -1).transpose(0, 2, 1), gy)
+            return [None, dw] + ([detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim)))] if has_bias else [])
+        dcols = detfloat.op_matmul(w.reshape(groups, m // groups, -1).transpose(0, 2, 1), gy)
         dcols = dcols.reshape((c, geo.window_size, n) + geo.out)
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
         dxp = np.zeros((c, n) + padded, dtype=g.dtype)
@@ -53,7 +54,7 @@ class Conv(Op):
         dx = np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])).swapaxes(0, 1))
         out = [dx, dw]
         if has_bias:
-            out.append(g.sum(axis=(0,) + tuple(range(2, g.ndim))))
+            out.append(detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim))))
         return out
 
     def macs(self, in_shapes, out_shapes):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register, unbroadcast
 from edgetrain.ops.norm_kernels import relu_backward
 
@@ -90,6 +91,9 @@ class Sigmoid(Op):
     def forward(self, inputs, run):
         (x,) = inputs
         # Split by sign so exp never overflows.
+        if detfloat.active():
+            y = detfloat.sigmoid(x)
+            return [y], y
         e = np.exp(-np.abs(x))
         y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
         return [y], y
@@ -143,15 +147,18 @@ class Softmax(Op):
         (x,) = inputs
         shape = x.shape
         x, axis = _softmax_rows(self, x)
-        z = x - x.max(axis=axis, keepdims=True)
-        e = np.exp(z)
-        y = e / e.sum(axis=axis, keepdims=True)
+        if detfloat.active():
+            y = detfloat.softmax(x, axis)
+        else:
+            z = x - x.max(axis=axis, keepdims=True)
+            e = np.exp(z)
+            y = e / e.sum(axis=axis, keepdims=True)
         return [y.reshape(shape)], (y, axis, shape)
 
     def backward(self, ctx, grads, needed):
         y, axis, shape = ctx
         g = grads[0].reshape(y.shape)
-        dx = y * (g - (g * y).sum(axis=axis, keepdims=True))
+        dx = y * (g - detfloat.op_sum(g * y, axis, keepdims=True))
         return [dx.reshape(shape)]
 
 
@@ -163,14 +170,17 @@ class LogSoftmax(Op):
         (x,) = inputs
         shape = x.shape
         x, axis = _softmax_rows(self, x)
-        z = x - x.max(axis=axis, keepdims=True)
-        y = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+        if detfloat.active():
+            y = detfloat.log_softmax(x, axis).astype(x.dtype, copy=False)
+        else:
+            z = x - x.max(axis=axis, keepdims=True)
+            y = z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
         return [y.reshape(shape)], (y, axis, shape)
 
     def backward(self, ctx, grads, needed):
         y, axis, shape = ctx
         g = grads[0].reshape(y.shape)
-        return [(g - np.exp(y) * g.sum(axis=axis, keepdims=True)).reshape(shape)]
+        return [(g - detfloat.op_exp(y) * detfloat.op_sum(g, axis, keepdims=True)).reshape(shape)]
 
 
 @register("Hardmax")

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops import norm_kernels
 from edgetrain.ops.base import Op, register
 
@@ -92,7 +93,8 @@ class BatchNormalization(Op):
             xhat, inv, scale, bshape, axes, y = ctx
             if self.relu:
                 g = g * (y > 0)
-            return [g * (inv * scale).reshape(bshape), (g * xhat).sum(axis=axes), g.sum(axis=axes), None, None]
+            return [g * (inv * scale).reshape(bshape), detfloat.op_sum(g * xhat, axes), detfloat.op_sum(g, axes),
+                    None, None]
         x3, mu, inv, scale, shape, y3 = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape, ctx.y3
         g3 = np.ascontiguousarray(g).reshape(x3.shape)
         dx = np.empty_like(g3)

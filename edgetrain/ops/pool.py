@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register
 from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
@@ -93,7 +94,7 @@ class GlobalAveragePool(Op):
     def forward(self, inputs, run):
         (x,) = inputs
         axes = tuple(range(2, x.ndim))
-        return [x.mean(axis=axes, keepdims=True)], x.shape
+        return [detfloat.op_mean(x, axes, keepdims=True)], x.shape
 
     def backward(self, ctx, grads, needed):
         shape = ctx

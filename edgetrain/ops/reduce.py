@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register
 
 
@@ -71,7 +72,7 @@ def _count(shape: tuple, axes: tuple[int, ...]) -> int:
 @register("ReduceSum")
 class ReduceSum(Reduce):
     def reduce(self, x, axes):
-        return x.sum(axis=axes, keepdims=True, dtype=x.dtype)
+        return detfloat.op_sum(x, axes, keepdims=True).astype(x.dtype, copy=False)
 
     def derivative(self, x, y, g, axes):
         return _spread(g, x.shape)
@@ -80,7 +81,7 @@ class ReduceSum(Reduce):
 @register("ReduceMean")
 class ReduceMean(Reduce):
     def reduce(self, x, axes):
-        return x.mean(axis=axes, keepdims=True)
+        return detfloat.op_mean(x, axes, keepdims=True)
 
     def derivative(self, x, y, g, axes):
         return _spread(g / np.asarray(_count(x.shape, axes), dtype=x.dtype), x.shape)
@@ -89,7 +90,7 @@ class ReduceMean(Reduce):
 @register("ReduceSumSquare")
 class ReduceSumSquare(Reduce):
     def reduce(self, x, axes):
-        return (x * x).sum(axis=axes, keepdims=True, dtype=x.dtype)
+        return detfloat.op_sum(x * x, axes, keepdims=True).astype(x.dtype, copy=False)
 
     def derivative(self, x, y, g, axes):
         return 2 * x * g

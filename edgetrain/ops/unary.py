@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register
 from edgetrain.ops.special import erf
 
@@ -117,7 +118,7 @@ class Sign(ZeroGrad):
 @register("Exp")
 class Exp(Unary):
     def f(self, x):
-        return np.exp(x)
+        return detfloat.op_exp(x)
 
     def df(self, x, y, g):
         return g * y
@@ -126,7 +127,7 @@ class Exp(Unary):
 @register("Log")
 class Log(Unary):
     def f(self, x):
-        return np.log(x)
+        return detfloat.op_log(x)
 
     def df(self, x, y, g):
         return g / x
@@ -153,7 +154,7 @@ class Reciprocal(Unary):
 @register("Tanh")
 class Tanh(Unary):
     def f(self, x):
-        return np.tanh(x)
+        return detfloat.op_tanh(x)
 
     def df(self, x, y, g):
         return g * (1 - y * y)

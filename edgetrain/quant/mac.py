@@ -38,6 +38,7 @@ import numpy as np
 
 from edgetrain import kernels
 from edgetrain.graph import Node
+from edgetrain.kernels import detfloat
 from edgetrain.kernels.rescale import rescale_planes
 from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.norm_kernels import rescale_flat
@@ -233,7 +234,8 @@ class QuantConv(QuantMAC):
         out = [dx, dw]
         if ctx.has_bias:
             first, *others = ctx.groups
-            out.append(sum((dy[g.rows].sum(axis=(0, 2, 3)) for g in others), dy[first.rows].sum(axis=(0, 2, 3))))
+            out.append(sum((detfloat.op_sum(dy[g.rows], (0, 2, 3)) for g in others),
+                           detfloat.op_sum(dy[first.rows], (0, 2, 3))))
         return out
 
 
@@ -297,7 +299,7 @@ class QuantConv3d(QuantMAC):
         if ctx.has_bias:
             first, *others = ctx.groups
             axes = (0, 2, 3, 4)
-            out.append(sum((dy[g.rows].sum(axis=axes) for g in others), dy[first.rows].sum(axis=axes)))
+            out.append(sum((detfloat.op_sum(dy[g.rows], axes) for g in others), detfloat.op_sum(dy[first.rows], axes)))
         return out
 
 

@@ -137,6 +137,9 @@ class TrainConfig:
                                   "source has no test split", "float", cli=FILE_ONLY)
     augment: bool | None = setting(None, "augmentation on (crop/flip where the source has none) or off", "bool",
                                    cli=FILE_ONLY, shown="the data source's own")
+    deterministic: bool = setting(False, "fp32: portable fixed-order float kernels (no BLAS, no platform exp/log), "
+                                  "the same bits on x86_64 and arm64, slower; integer schedules always have them "
+                                  "(edgetrain profile turns it on)", "bool")
     quantize_classifier: bool = setting(False, "quantise the classifier too (FracTrain keeps it fp32)", "bool",
                                         cli=FILE_ONLY)
     pow2_scales: bool = setting(False, "power-of-two quantisation scales", "bool", cli=FILE_ONLY)

@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit
 
 from edgetrain.errors import EdgetrainError
+from edgetrain.kernels.detfloat import powi
 
 StateValue = np.ndarray | int | float
 ParamFilter = Callable[[str], bool] | Iterable[str] | str
@@ -340,10 +341,12 @@ class Adam(Optimizer):
         sq *= g
         exp_avg_sq *= beta2
         exp_avg_sq += sq
-        # Bias corrections in Python floats (double), as torch computes them from a host-side step.
+        # Bias corrections in Python floats (double), as torch computes them from a host-side step, but with
+        # IEEE operations only (powi, sqrt): Python's ** is the platform's libm pow, which x86_64 and arm64
+        # may round differently. Against torch's pow this moves the update by a few ulp of double at most.
         t = self._param_steps[name]
-        step_size = self.lr / (1 - beta1 ** t)
-        bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
+        step_size = self.lr / (1 - powi(beta1, t))
+        bias_correction2_sqrt = math.sqrt(1 - powi(beta2, t))
         denom = np.sqrt(exp_avg_sq)
         denom /= bias_correction2_sqrt
         denom += self.eps

@@ -66,7 +66,9 @@ def output_classes(model: Model) -> int | None:
 
 
 def prepare_model(model: Model, config: TrainConfig) -> None:
-    """What a schedule adds to the imported model before training or loading its state: DFQ's gates."""
+    """What a schedule adds to the imported model before training or loading its state: DFQ's gates, and the
+    deterministic float mode of an fp32 run that asked for it (integer schedules have it always)."""
+    model.deterministic = bool(config.deterministic)
     if config.schedule in DYNAMIC_SCHEDULES and DFQ.of(model) is None:
         DFQ.attach(model, dfq_config(config))
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgetrain.errors import EdgetrainError
+from edgetrain.kernels.detfloat import cos_0_pi
 
 DEFAULT_GAMMA = 0.1
 DEFAULT_MIN_LR = 0.0
@@ -72,7 +73,8 @@ class Cosine(Schedule):
     def __call__(self, step: int) -> float:
         # Held at the bottom afterwards: torch's would climb back up, which no fine-tuning run wants.
         t = min(_index(step), self.total_steps)
-        return self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.total_steps)) / 2
+        # cos_0_pi, not math.cos: the platform's libm may round differently on the board (issue 16)
+        return self.min_lr + (self.base_lr - self.min_lr) * (1 + cos_0_pi(math.pi * t / self.total_steps)) / 2
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import numpy as np
 
 from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.graph import Node
+from edgetrain.kernels import detfloat
 from edgetrain.layers import non_negative_values
 from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
@@ -229,9 +230,9 @@ class DFQ:
     def loss_term(self) -> float:
         """After a training forward: set r and return the loss term r * beta * C (module doc)."""
         per_sample = self.sample_percent()
-        self.last_percent = float(per_sample.mean())
+        self.last_percent = float(detfloat.mean(per_sample))  # fixed-order sums: the sign below steers the gates
         self.sign = 1.0 if self.last_percent >= self.target else -1.0
-        return self.sign * self.config.beta * float(per_sample.sum())
+        return self.sign * self.config.beta * float(detfloat.sum64(per_sample))
 
     def cost_gradient(self, unit: Unit) -> np.ndarray:
         """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""

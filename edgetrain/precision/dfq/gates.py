@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.precision.dfq.kernels import channel_means  # mm, not BLAS: gate_kernels.matmul says why
 from edgetrain.precision.dfq.kernels import matmul as mm
 
@@ -67,11 +68,13 @@ def init_gate_params(channels: list[int], candidates: int, seed: int, initial_ch
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+    return 0.5 * (1.0 + detfloat.op_tanh(0.5 * x))  # no overflow for large |x|
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise softmax."""
+    if detfloat.active():
+        return detfloat.softmax(z, axis=1)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -120,9 +123,9 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     pre = mm(e, wih.T) + mm(h_prev, whh.T) + b
     n = EMBED_WIDTH
     i, f, o = _sigmoid(pre[:, :n]), _sigmoid(pre[:, n:2 * n]), _sigmoid(pre[:, 3 * n:])
-    g = np.tanh(pre[:, 2 * n:3 * n])
+    g = detfloat.op_tanh(pre[:, 2 * n:3 * n])
     c = f * c_prev + i * g
-    tanh_c = np.tanh(c)
+    tanh_c = detfloat.op_tanh(c)
     h = o * tanh_c
     logits = mm(h, wo.T) + bo
     if mask is not None:
@@ -140,7 +143,7 @@ def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc
     w1, _, w2, _ = unit
     wih, whh, _, wo, _ = shared
     dwo = mm(dlogits.T, ctx.h)
-    dbo = dlogits.sum(axis=0)
+    dbo = detfloat.op_sum(dlogits, 0)
     dh = mm(dlogits, wo) + dh_next
     do = dh * ctx.tanh_c
     dc = dh * ctx.o * (1 - ctx.tanh_c ** 2) + dc_next
@@ -149,15 +152,15 @@ def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc
                            do * ctx.o * (1 - ctx.o)], axis=1)
     dwih = mm(dpre.T, ctx.e)
     dwhh = mm(dpre.T, ctx.h_prev)
-    db = dpre.sum(axis=0)
+    db = detfloat.op_sum(dpre, 0)
     de = mm(dpre, wih)
     dh_prev = mm(dpre, whh)
     dc_prev = dc * ctx.f
     dw2 = mm(de.T, ctx.z1)
-    db2 = de.sum(axis=0)
+    db2 = detfloat.op_sum(de, 0)
     da1 = mm(de, w2) * (ctx.a1 > 0)
     dw1 = mm(da1.T, ctx.pooled)
-    db1 = da1.sum(axis=0)
+    db1 = detfloat.op_sum(da1, 0)
     dp = mm(da1, w1)
     return dp, (dw1, db1, dw2, db2), (dwih, dwhh, db, dwo, dbo), dh_prev, dc_prev
 
@@ -172,4 +175,4 @@ def pooled_grad_to_input(dpooled: np.ndarray, x_shape: tuple) -> np.ndarray:
 
 def straight_through(probs: np.ndarray, d_onehot: np.ndarray) -> np.ndarray:
     """dL/d(logits) from dL/d(hard one-hot choice): the forward's argmax is taken as its softmax."""
-    return probs * (d_onehot - (probs * d_onehot).sum(axis=1, keepdims=True))
+    return probs * (d_onehot - detfloat.op_sum(probs * d_onehot, 1, keepdims=True))

@@ -1,0 +1,433 @@
+"""Deterministic float: products, sums and exp/log/tanh that give the same bits on every CPU and thread count.
+
+Why: OpenBLAS picks its sgemm kernel and blocking by CPU (AVX2 on x86_64, NEON on aarch64), numpy's float32
+sum blocks its pairwise summation by SIMD width, and numpy's float32 exp/log/tanh are per-platform SIMD
+code (measured in issue 16: 3,660 of 4,096 outputs of one sgemm and up to 2 ulp of exp differ between the
+x86_64 and arm64 builds). Everything here uses only operations IEEE 754 defines to be correctly rounded,
+so any conforming CPU gives the same bits:
+
+* +, -, *, / and sqrt on float64 (numpy ufuncs and Numba loops alike), float32 <-> float64 conversion,
+  rint/floor, comparisons, and bit manipulation of the float64 encoding.
+* Products of two float32 values are formed in float64, where they are EXACT (24 + 24 significand bits
+  fit in 53). So even a fused multiply-add could not change a sum term: fma(a, b, acc) rounds
+  a*b + acc once, as the separate multiply (exact) and add do. Numba emits fmul/fadd without the LLVM
+  `contract` fast-math flag (no `fastmath=` here; LLVM LangRef, fast-math flags: only `contract` or
+  `fast` allow fusing), and LLVM's default TargetOptions (AllowFPOpFusion = Standard) fuse only the
+  `llvm.fmuladd` intrinsic, which Numba never emits; tests/test_deterministic_float.py checks the IR
+  of every kernel for those flags, and that x86 code has no vfmadd.
+* Every sum is taken in float64, sequentially in one fixed index order, by exactly one thread per
+  output (parallel loops split OUTPUTS, never a sum), and rounded once to the output type. LLVM does
+  not reorder (vectorise) a float reduction without the `reassoc` flag, which Numba sets only under
+  fastmath.
+* exp, log, expm1, tanh and sigmoid are polynomials and range reductions written in float64 numpy
+  ufuncs (one IEEE operation per ufunc call: nothing to fuse), accurate to about 1 ulp of float64, so
+  float32 results are the correctly rounded value but for rare near-ties (tests measure the ulp error).
+
+The switch: `active()` says whether the calling op must take this path. A Model turns it on for the
+duration of its forward and backward (`using(True)`) when it trains with integer layers, or when its
+fp32 run asked for `deterministic` (TrainConfig); otherwise ops keep numpy/BLAS (fast, per-platform).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from numba import njit, prange
+
+from edgetrain.kernels.threads import threads_for
+
+_state = threading.local()
+
+ROW_TILE = 4  # output rows sharing one pass over a row of b: 4 float64 accumulators rows per loaded b value
+COL_BLOCK = 512  # output columns per work item: 4 x 512 float64 accumulators stay in L1/L2
+# Below this many additions a sum runs on one thread (threads.threads_for: a parallel launch on a busy
+# machine stalls for milliseconds; measured 15 ms per call for LeNet-5's bias sums, against 0.05 ms)
+SUM_PARALLEL_MIN = 1 << 18
+
+
+def active() -> bool:
+    """True while a caller asked for deterministic float (see `using`)."""
+    return getattr(_state, "on", False)
+
+
+@contextlib.contextmanager
+def using(on: bool) -> Iterator[None]:
+    """Within the block, `active()` is `on` (this thread only; nests, restores on exit)."""
+    before = active()
+    _state.on = bool(on)
+    try:
+        yield
+    finally:
+        _state.on = before
+
+
+# ------------------------------------------------------------------------------------------- GEMM
+
+
+@njit(parallel=True, cache=True)
+def _gemm(a, b, out):
+    """out (M, N) = a (M, K) @ b (K, N): each output a float64 sum over k = 0..K-1 in order, rounded once.
+
+    Work item = (tile of ROW_TILE rows, block of COL_BLOCK columns); an output belongs to one item, so the
+    thread count changes who computes it, never how. The j loop (over outputs) is what vectorises."""
+    m, kk = a.shape
+    n = b.shape[1]
+    tiles = (m + ROW_TILE - 1) // ROW_TILE
+    blocks = (n + COL_BLOCK - 1) // COL_BLOCK
+    for item in prange(tiles * blocks):
+        i0 = (item // blocks) * ROW_TILE
+        j0 = (item % blocks) * COL_BLOCK
+        rows = min(m, i0 + ROW_TILE) - i0
+        cols = min(n, j0 + COL_BLOCK) - j0
+        acc = np.zeros((ROW_TILE, COL_BLOCK))
+        for k in range(kk):
+            brow = b[k, j0:j0 + cols]
+            for r in range(rows):
+                aik = np.float64(a[i0 + r, k])
+                ar = acc[r]
+                for j in range(cols):
+                    ar[j] += aik * np.float64(brow[j])
+        for r in range(rows):
+            for j in range(cols):
+                out[i0 + r, j0 + j] = acc[r, j]
+
+
+def _as_float(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (M, K) @ b (K, N) in a's float dtype, each output a fixed-order float64 sum (module doc).
+
+    Exact products need float32 operands: float64 operands are accepted (gradient checks run models in
+    float64) and summed in the same order, deterministic but without the exact-product argument."""
+    dtype = np.result_type(a.dtype, b.dtype, np.float32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm needs (M, K) @ (K, N), got {a.shape} @ {b.shape}")
+    out = np.empty((a.shape[0], b.shape[1]), dtype)
+    if out.size:
+        if a.shape[1] == 0:
+            out[...] = 0
+        else:
+            with threads_for(a.shape[0] * a.shape[1] * b.shape[1]):  # which thread runs an output changes no bit
+                _gemm(_as_float(a, dtype), _as_float(b, dtype), out)
+    return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """numpy.matmul semantics (1-D operands promoted, batch axes broadcast) on `gemm`, one 2-D product per matrix."""
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    if a2.ndim == 2 and b2.ndim == 2:
+        y = gemm(a2, b2)
+    elif b2.ndim == 2:  # a stack against one matrix: one product over all its rows
+        y = gemm(a2.reshape(-1, a2.shape[-1]), b2).reshape(a2.shape[:-1] + (b2.shape[-1],))
+    else:
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        ab = np.broadcast_to(a2, batch + a2.shape[-2:]).reshape((-1,) + a2.shape[-2:])
+        bb = np.broadcast_to(b2, batch + b2.shape[-2:]).reshape((-1,) + b2.shape[-2:])
+        y = np.stack([gemm(ab[p], bb[p]) for p in range(ab.shape[0])]) if ab.shape[0] else \
+            np.empty((0, a2.shape[-2], b2.shape[-1]), np.result_type(a.dtype, b.dtype, np.float32))
+        y = y.reshape(batch + y.shape[-2:])
+    if a.ndim == 1:
+        y = y.reshape(y.shape[:-2] + y.shape[-1:])
+    if b.ndim == 1:
+        y = y.reshape(y.shape[:-1])
+    return y
+
+
+# ------------------------------------------------------------------------------------- reductions
+
+
+@njit(parallel=True, cache=True)
+def _sum_mid(x3, out):
+    """out[c] = sum of x3[o, c, i] over o, then i (sequential, float64); parallel over c only."""
+    outer, mid, inner = x3.shape
+    for c in prange(mid):
+        s = 0.0
+        for o in range(outer):
+            for i in range(inner):
+                s += x3[o, c, i]
+        out[c] = s
+
+
+@njit(parallel=True, cache=True)
+def _sum_outer(x2, out):
+    """out[c] = sum of x2[o, c] over o in order (float64); parallel over blocks of c, vectorised over c."""
+    outer, mid = x2.shape
+    blocks = (mid + COL_BLOCK - 1) // COL_BLOCK
+    for blk in prange(blocks):
+        c0 = blk * COL_BLOCK
+        c1 = min(mid, c0 + COL_BLOCK)
+        acc = np.zeros(c1 - c0)
+        for o in range(outer):
+            row = x2[o, c0:c1]
+            for c in range(c1 - c0):
+                acc[c] += row[c]
+        for c in range(c1 - c0):
+            out[c0 + c] = acc[c]
+
+
+def _sum_kept_block(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """float64 sums of x over every axis outside [lo, hi), for axes lo..hi-1 kept (flattened)."""
+    outer = int(np.prod(x.shape[:lo], dtype=np.int64))
+    mid = int(np.prod(x.shape[lo:hi], dtype=np.int64))
+    inner = int(np.prod(x.shape[hi:], dtype=np.int64))
+    out = np.empty(mid, np.float64)
+    if mid == 0:
+        return out
+    if outer * inner == 0:
+        out[...] = 0.0
+        return out
+    with threads_for(outer * mid * inner, SUM_PARALLEL_MIN):
+        if inner == 1:
+            _sum_outer(np.ascontiguousarray(x).reshape(outer, mid), out)
+        else:
+            _sum_mid(np.ascontiguousarray(x).reshape(outer, mid, inner), out)
+    return out
+
+
+def sum64(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:
+    """Sum over `axis` (None: all) as float64, each output summed in a fixed order on one thread.
+
+    The order: the reduced axes in C order (row-major over the reduced index), the same on every CPU."""
+    x = np.asarray(x)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(
+        int(a) % x.ndim for a in ((axis,) if np.isscalar(axis) else axis))
+    kept = [d for d in range(x.ndim) if d not in axes]
+    if not kept:
+        total = _sum_kept_block(x.reshape(1, -1), 0, 0) if x.ndim else np.array([float(x)])
+        flat = total.reshape(())
+    elif kept == list(range(kept[0], kept[-1] + 1)):  # kept axes adjacent: read in place
+        flat = _sum_kept_block(x, kept[0], kept[-1] + 1).reshape([x.shape[d] for d in kept])
+    else:  # kept axes first, reduced axes after, in their own order: the same C order of the reduced index
+        moved = np.moveaxis(x, kept, list(range(len(kept))))
+        flat = _sum_kept_block(moved, 0, len(kept)).reshape([x.shape[d] for d in kept])
+    if keepdims:
+        flat = flat.reshape([1 if d in axes else x.shape[d] for d in range(x.ndim)])
+    return flat
+
+
+def sum_(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:
+    """`sum64` rounded once to x's float dtype (float32 in, float32 out)."""
+    return sum64(x, axis, keepdims).astype(_float_type(x), copy=False)
+
+
+def mean(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:
+    """Fixed-order float64 sum divided by the count in float64, rounded once to x's float dtype."""
+    x = np.asarray(x)
+    total = sum64(x, axis, keepdims)
+    count = x.size // max(total.size, 1) if x.size else 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / np.float64(count)).astype(_float_type(x), copy=False)
+
+
+def _float_type(x: np.ndarray) -> np.dtype:
+    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float64)
+
+
+# ----------------------------------------------------------------------------- elementwise functions
+# float64 numpy ufuncs only: each call is one correctly rounded IEEE operation per element.
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 with 32 low significand bits zero: k * _LN2_HI is exact for |k| < 2^20
+_LN2_LO = 1.90821492927058770002e-10  # ln 2 - _LN2_HI
+_INV_LN2 = 1.44269504088896338700e+00
+_EXP_TERMS = 14  # Taylor terms of exp(r) on |r| <= ln2/2: the first left out, r^14/14!, is < 2^-60
+_INV_FACT = tuple(1 / math.factorial(i) for i in range(21))  # Python's int / int is correctly rounded
+_EXP_COEFFS = _INV_FACT[:_EXP_TERMS]
+# fdlibm e_log.c (Sun Microsystems, 1993, freely distributable): log(1+f) = f - hfsq + s*(hfsq + R(z))
+_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, 2.222219843214978396e-01,
+       1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01)
+_SQRT2 = 1.41421356237309514547
+_EXP_CLIP = 1100.0  # beyond, exp is 0 or inf in float64 anyway; keeps k an exact small integer
+
+
+def _horner(coeffs: Sequence[float], z: np.ndarray) -> np.ndarray:
+    """sum coeffs[i] z^i by Horner's rule, highest first (a fixed order of IEEE operations)."""
+    acc = np.full_like(z, coeffs[-1])
+    for c in coeffs[-2::-1]:
+        acc = acc * z + c
+    return acc
+
+
+def _pow2(k: np.ndarray) -> np.ndarray:
+    """2.0**k for integer-valued float64 k in [-1022, 1023], built from its bits (exact)."""
+    return ((k.astype(np.int64) + 1023) << 52).view(np.float64)
+
+
+def _exp64(x: np.ndarray) -> np.ndarray:
+    """exp of float64 x: k = rint(x / ln2), r = x - k ln2 (Cody-Waite, two parts), exp(r) by Taylor, times 2^k."""
+    nan = np.isnan(x)
+    xc = np.clip(np.where(nan, 0.0, x), -_EXP_CLIP, _EXP_CLIP)
+    k = np.rint(xc * _INV_LN2)
+    r = (xc - k * _LN2_HI) - k * _LN2_LO
+    p = _horner(_EXP_COEFFS, r)
+    half = np.floor(k * 0.5)  # 2^k as two exact factors: each stays a normal float64 for |k| <= 1600
+    with np.errstate(over="ignore", under="ignore"):
+        y = p * _pow2(half) * _pow2(k - half)
+    return np.where(nan, x, y)
+
+
+def _expm1_64(x: np.ndarray) -> np.ndarray:
+    """exp(x) - 1 without cancellation near 0: Taylor's series on |x| < 0.5 (20 terms, error < 2^-60), else exp - 1."""
+    small = np.abs(x) < 0.5
+    xs = np.where(small, x, 0.0)
+    series = xs * _horner(_INV_FACT[1:], xs)  # x * sum x^i / (i + 1)!
+    return np.where(small, series, _exp64(np.where(small, 0.0, x)) - 1.0)
+
+
+def _log64(x: np.ndarray) -> np.ndarray:
+    """log of float64 x, fdlibm's method: x = 2^k m, m in [sqrt2/2, sqrt2), log m from s = f / (2 + f)."""
+    with np.errstate(all="ignore"):
+        tiny = (x > 0) & (x < 2.2250738585072014e-308)
+        xs = np.where(tiny, x * 18014398509481984.0, x)  # subnormals times 2^54: normal, exactly
+        bits = np.where(xs > 0, xs, 1.0).view(np.int64)
+        k = ((bits >> 52) & 0x7FF) - 1023
+        m = ((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).view(np.float64)  # in [1, 2)
+        big = m > _SQRT2
+        m = np.where(big, m * 0.5, m)
+        k = (k + big - np.where(tiny, 54, 0)).astype(np.float64)
+        f = m - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        t1 = w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
+        t2 = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6])))
+        hfsq = 0.5 * f * f
+        y = k * _LN2_HI - ((hfsq - (s * (hfsq + t1 + t2) + k * _LN2_LO)) - f)
+        y = np.where(x == 0, -np.inf, y)
+        y = np.where(x < 0, np.nan, y)
+        y = np.where(np.isposinf(x), np.inf, y)
+        return np.where(np.isnan(x), x, y)
+
+
+def _out(f64: np.ndarray, like: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", under="ignore"):
+        return f64.astype(_float_type(like), copy=False)
+
+
+def _wide(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def exp(x: np.ndarray) -> np.ndarray:
+    """exp elementwise in x's float dtype, portable (module doc)."""
+    x = np.asarray(x)
+    return _out(_exp64(_wide(x)), x)
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """log elementwise in x's float dtype, portable; log 0 = -inf, log of a negative = nan."""
+    x = np.asarray(x)
+    return _out(_log64(_wide(x)), x)
+
+
+def expm1(x: np.ndarray) -> np.ndarray:
+    """exp(x) - 1 elementwise in x's float dtype, portable."""
+    x = np.asarray(x)
+    return _out(_expm1_64(_wide(x)), x)
+
+
+def tanh(x: np.ndarray) -> np.ndarray:
+    """tanh elementwise in x's float dtype, portable: e / (e + 2) with e = expm1(2|x|), sign restored."""
+    x = np.asarray(x)
+    a = np.abs(_wide(x))
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = _expm1_64(np.minimum(2.0 * a, 80.0))  # tanh(40) is 1 in float64
+        t = e / (e + 2.0)
+    return _out(np.copysign(np.where(np.isnan(a), a, t), _wide(x)), x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) elementwise in x's float dtype, portable (exp overflow gives exactly 0)."""
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        y = 1.0 / (1.0 + _exp64(-_wide(x)))
+    return _out(y, x)
+
+
+def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """z - max - log(sum exp(z - max)) along `axis`, in float64 (fixed-order sum), as float64."""
+    z64 = _wide(z)
+    shift = z64 - z64.max(axis=axis, keepdims=True)  # max is exact: order cannot change it
+    return shift - _log64(sum64(_exp64(shift), axis, keepdims=True))
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """exp(z - max) / sum along `axis` in z's float dtype (float64 inside, fixed-order sum)."""
+    z = np.asarray(z)
+    z64 = _wide(z)
+    e = _exp64(z64 - z64.max(axis=axis, keepdims=True))
+    return _out(e / sum64(e, axis, keepdims=True), z)
+
+
+def powi(base: float, n: int) -> float:
+    """base ** n for an integer n >= 0 by binary exponentiation: a fixed sequence of IEEE products, where
+    Python's float ** calls the platform's libm pow (not correctly rounded, and built with FMA on some)."""
+    if n < 0:
+        raise ValueError(f"powi needs n >= 0, got {n}")
+    result, b = 1.0, float(base)
+    while n:
+        if n & 1:
+            result *= b
+        b *= b
+        n >>= 1
+    return result
+
+
+_HALF_PI = 1.5707963267948966
+_SIN_COEFFS = tuple(1 / math.factorial(2 * n + 1) for n in range(12))
+
+
+def cos_0_pi(x: float) -> float:
+    """cos x for 0 <= x <= pi in Python floats (IEEE double ops only): -sin(x - pi/2) by its Taylor series
+    (12 terms on |y| <= pi/2: the first left out is below 2^-60), where math.cos is the platform's libm."""
+    if not 0.0 <= x <= math.pi:
+        raise ValueError(f"cos_0_pi needs 0 <= x <= pi, got {x}")
+    y = x - _HALF_PI
+    z = y * y
+    acc = 0.0
+    for c in reversed(_SIN_COEFFS):  # sin y = y * sum (-z)^n / (2n + 1)!, Horner from the highest term
+        acc = acc * -z + c
+    return -(y * acc)
+
+
+# ------------------------------------------------------------------------------- what the ops call
+# Each is the deterministic function while `active()`, else numpy's (BLAS, SIMD libm, pairwise sums).
+
+
+def op_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`matmul` when active, else np.matmul."""
+    return matmul(a, b) if active() else np.matmul(a, b)
+
+
+def op_sum(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:
+    """`sum_` when active, else x.sum (x's dtype either way)."""
+    if active():
+        return sum_(x, axis, keepdims)
+    return np.asarray(x).sum(axis=None if axis is None else tuple(np.atleast_1d(axis)), keepdims=keepdims)
+
+
+def op_mean(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:
+    """`mean` when active, else x.mean."""
+    if active():
+        return mean(x, axis, keepdims)
+    return np.asarray(x).mean(axis=None if axis is None else tuple(np.atleast_1d(axis)), keepdims=keepdims)
+
+
+def op_exp(x: np.ndarray) -> np.ndarray:
+    """`exp` when active, else np.exp."""
+    return exp(x) if active() else np.exp(x)
+
+
+def op_log(x: np.ndarray) -> np.ndarray:
+    """`log` when active, else np.log."""
+    return log(x) if active() else np.log(x)
+
+
+def op_tanh(x: np.ndarray) -> np.ndarray:
+    """`tanh` when active, else np.tanh."""
+    return tanh(x) if active() else np.tanh(x)

@@ -1,0 +1,366 @@
+"""kernels.detfloat: fixed-order GEMM and sums against float64 references and against themselves on 1 and 2
+threads; portable exp/log/tanh against math's to a measured ulp bound; no fast-math flags in any kernel's
+LLVM IR; training steps bit-identical on 1 and 2 threads; and no BLAS, platform libm or numpy float sum
+on the deterministic training path (issue 16: x86_64 and arm64 must give the same bits)."""
+import ast
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import models
+from edgetrain.cli.demo import demo_model_path
+from edgetrain.data import load_data
+from edgetrain.kernels import detfloat
+from edgetrain.train.config import resolve
+from edgetrain.train.runstate import build_model
+from edgetrain.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+F32 = np.float32
+
+
+def _threads(n: int):
+    """numba.set_num_threads(n) for a block (capped at what the machine launched)."""
+    class _Ctx:
+        def __enter__(self):
+            self.before = numba.get_num_threads()
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+        def __exit__(self, *exc):
+            numba.set_num_threads(self.before)
+
+    return _Ctx()
+
+
+def _on_1_and_2_threads(fn):
+    with _threads(1):
+        one = fn()
+    with _threads(2):
+        two = fn()
+    return one, two
+
+
+def _bits_equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+rng = np.random.default_rng(16)
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (37, 300, 1100), (5, 0, 3), (130, 7, 9), (3, 2049, 2)])
+def test_gemm_matches_float64_and_is_thread_invariant(m, k, n):
+    a = rng.standard_normal((m, k)).astype(F32)
+    b = rng.standard_normal((k, n)).astype(F32)
+    one, two = _on_1_and_2_threads(lambda: detfloat.gemm(a, b.T.copy().T))  # a strided b is read as well
+    assert one.dtype == F32 and _bits_equal(one, two)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    # one float64 sum rounded once: within one float32 rounding of the exact product
+    np.testing.assert_allclose(one, ref, rtol=2 ** -23, atol=1e-5 * math.sqrt(max(k, 1)))
+    nearest = ref.astype(F32)
+    assert _bits_equal(one, nearest) or np.abs(one - nearest).max() <= np.spacing(F32(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((4, 6, 5), (5, 3)), ((2, 4, 6, 5), (2, 1, 5, 3)), ((5,), (5, 3)),
+                                             ((4, 5), (5,)), ((3, 4, 5), (3, 5, 2))])
+def test_matmul_follows_numpy_semantics(a_shape, b_shape):
+    a = rng.standard_normal(a_shape).astype(F32)
+    b = rng.standard_normal(b_shape).astype(F32)
+    one, two = _on_1_and_2_threads(lambda: detfloat.matmul(a, b))
+    ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    assert one.shape == ref.shape and _bits_equal(one, two)
+    np.testing.assert_allclose(one, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", [((32, 16, 9, 9), (0, 2, 3)), ((64, 10), 0), ((64, 10), 1), ((7, 3, 5), None),
+                                        ((4, 5, 6), (0, 2)), ((4, 5, 6), (1,)), ((3, 1025), (0,)), ((0, 4), 0),
+                                        ((2, 3, 4, 5), (1, 3))])
+def test_sums_match_float64_and_are_thread_invariant(shape, axis):
+    x = (rng.standard_normal(shape) * 100).astype(F32)
+    one, two = _on_1_and_2_threads(lambda: detfloat.sum_(x, axis, keepdims=True))
+    ref = x.astype(np.float64).sum(axis=axis, keepdims=True)
+    assert one.shape == ref.shape and one.dtype == F32 and _bits_equal(one, two)
+    np.testing.assert_allclose(one, ref, rtol=1e-6, atol=1e-3)
+    mean = detfloat.mean(x, axis)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=axis), rtol=1e-6, atol=1e-5)
+
+
+def test_softmax_and_log_softmax_match_float64():
+    z = (rng.standard_normal((33, 10)) * 20).astype(F32)
+    z64 = z.astype(np.float64)
+    ref = z64 - z64.max(1, keepdims=True) - np.log(np.exp(z64 - z64.max(1, keepdims=True)).sum(1, keepdims=True))
+    np.testing.assert_allclose(detfloat.log_softmax(z, 1), ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(detfloat.softmax(z, 1), np.exp(ref), rtol=1e-6, atol=1e-12)
+
+
+def test_powi_is_exact_for_small_powers_and_close_to_pow():
+    assert detfloat.powi(0.5, 10) == 2.0 ** -10 and detfloat.powi(3.0, 0) == 1.0
+    for t in (1, 7, 100, 12345):
+        assert detfloat.powi(0.999, t) == pytest.approx(0.999 ** t, rel=1e-14)
+
+
+# --------------------------------------------------------------------------- exp, log and kin
+
+
+def _ulps64(got: float, want: float) -> float:
+    if math.isinf(want) or want == 0:
+        return 0.0 if got == want else math.inf
+    return abs(got - want) / math.ulp(want)
+
+
+EDGES = [0.0, -0.0, 1e-45, -1e-45, 1.17549435e-38, 1e-30, 1e-8, 0.5, 1.0, 2.0, 88.72283, 88.7229, 89.0, -87.33654,
+         -103.972, -104.0, -200.0, 3.4028235e38, -3.4028235e38, 0.34657359, -0.34657359]
+f32s = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+def _check_exp(x32: np.ndarray):
+    got64 = detfloat._exp64(x32.astype(np.float64))
+    for x, g in zip(x32.tolist(), got64.tolist()):
+        try:
+            want = math.exp(x)
+        except OverflowError:
+            want = math.inf
+        if want == 0 or math.isinf(want) or want < 2.3e-308:
+            assert g == want or abs(g - want) <= 5e-324 * 2
+        else:
+            assert _ulps64(g, want) <= 2, (x, g, want)
+    # float32 results: the correctly rounded value (the float64 one is within 2 ulp of double)
+    with np.errstate(over="ignore"):
+        want32 = np.array([math.exp(x) if x < 709 else math.inf for x in x32.tolist()]).astype(F32)
+    got32 = detfloat.exp(x32)
+    with np.errstate(invalid="ignore"):
+        assert np.all((got32 == want32) | (np.abs(got32.astype(np.float64) - want32) <= np.spacing(want32)))
+
+
+def _check_log(x32: np.ndarray):
+    got64 = detfloat._log64(x32.astype(np.float64))
+    for x, g in zip(x32.tolist(), got64.tolist()):
+        want = math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+        if math.isnan(want):
+            assert math.isnan(g)
+        else:
+            assert _ulps64(g, want) <= 1, (x, g, want)
+
+
+def test_exp_log_edge_values():
+    _check_exp(np.array(EDGES, F32))
+    _check_log(np.abs(np.array(EDGES, F32)))
+    special = np.array([np.inf, -np.inf, np.nan], F32)
+    assert detfloat.exp(special)[0] == np.inf and detfloat.exp(special)[1] == 0 and np.isnan(detfloat.exp(special)[2])
+    lg = detfloat.log(np.array([0.0, -0.0, -1.0, np.inf, np.nan], F32))
+    assert lg[0] == -np.inf and lg[1] == -np.inf and np.isnan(lg[2]) and lg[3] == np.inf and np.isnan(lg[4])
+    t = detfloat.tanh(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, 20.0], F32))
+    assert t[0] == 0 and math.copysign(1, t[1]) == -1 and t[2] == 1 and t[3] == -1 and np.isnan(t[4])
+    assert t[5] == F32(1e-30) and t[6] == 1
+    assert detfloat.sigmoid(np.array([-np.inf, np.inf, 0.0], F32)).tolist() == [0.0, 1.0, 0.5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(f32s, min_size=1, max_size=64))
+def test_exp_within_two_ulp_of_double(xs):
+    _check_exp(np.array(xs, F32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32, min_value=0.0, allow_nan=False, allow_infinity=False), min_size=1, max_size=64))
+def test_log_within_one_ulp_of_double(xs):
+    _check_log(np.array(xs, F32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(width=32, min_value=-60, max_value=60), min_size=1, max_size=64))
+def test_tanh_expm1_sigmoid_near_float64(xs):
+    x = np.array(xs, F32)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(detfloat._expm1_64(x64), np.expm1(x64), rtol=4e-16, atol=0)
+    np.testing.assert_allclose(detfloat.tanh(x), np.tanh(x64).astype(F32), rtol=2 ** -23, atol=0)
+    np.testing.assert_allclose(detfloat.sigmoid(x), (1 / (1 + np.exp(-x64))).astype(F32), rtol=2 ** -23, atol=0)
+
+
+# ------------------------------------------------------------------- no fast-math in the kernels
+
+
+def _kernels():
+    from edgetrain.kernels import rescale
+    from edgetrain.ops import norm_kernels
+    from edgetrain.precision.dfq import kernels as dfq_kernels
+    from edgetrain.quant import quantizer
+    from edgetrain.train import optim
+
+    return [detfloat._gemm, detfloat._sum_mid, detfloat._sum_outer, norm_kernels.bn_train_forward,
+            norm_kernels.bn_train_forward_parallel, norm_kernels.bn_train_backward,
+            norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
+            quantizer._quantize_nearest, quantizer._quantize_stochastic, optim._sgd_momentum,
+            dfq_kernels._matmul, dfq_kernels._row_means]
+
+
+FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
+
+
+def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
+    """The IR is what LLVM's backend sees on every CPU: without `contract`/`reassoc` flags (and with no
+    llvm.fmuladd/llvm.fma), no backend may fuse or reorder, so x86_64 and aarch64 round alike."""
+    checked = set()
+    for kernel in _kernels():
+        opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
+        assert not opts.get("fastmath"), kernel
+        fresh = numba.njit(**opts)(kernel.py_func)  # cached code cannot be inspected: compile a twin
+        for sig in kernel.signatures:
+            fresh.compile(sig)
+            ir = fresh.inspect_llvm(sig)
+            assert not FAST_FLAG.search(ir), (kernel.__name__, FAST_FLAG.search(ir).group(0))
+            assert "llvm.fmuladd" not in ir and "@llvm.fma." not in ir, kernel.__name__
+            asm = fresh.inspect_asm(sig)
+            assert not re.search(r"\bv?f(?:n)?m(?:add|sub)\d", asm), kernel.__name__  # x86 FMA3, arm fmadd
+            checked.add(kernel.__name__)
+    # what the LeNet-5 runs compiled (the DFQ gate kernels only when a DFQ test ran first)
+    assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
+            "_quantize_stochastic", "_sgd_momentum"} <= checked
+
+
+# ----------------------------------------------------------------------- training, bit for bit
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    split = load_data("digits")
+    cut = lambda d, n: dataclasses.replace(d, x=d.x[:n], y=d.y[:n])
+    return dataclasses.replace(split, train=cut(split.train, 96), test=cut(split.test, 32))
+
+
+def _train(tmp_path, split, steps: int = 3, **kw) -> dict[str, np.ndarray]:
+    cfg = resolve(dict(model=demo_model_path(), data="digits", steps=steps, batch_size=32,
+                       out=str(tmp_path / "run"), seed=3, **kw))
+    model, head = build_model(cfg.model, cfg.seed, cfg.num_classes)
+    t = Trainer(model, split, cfg, head=head, export_model=False)
+    for _ in range(steps):
+        t.train_step()
+    return {**model.state_dict(), **{f"opt/{k}": v for k, v in t.optimizer.state_dict().items()
+                                     if isinstance(v, np.ndarray)}}
+
+
+@pytest.fixture(scope="module")
+def lenet_runs(tmp_path_factory, digits_small):
+    runs = {}
+    for name, kw in [("fp32-det", dict(schedule="fp32", deterministic=True)), ("8/8", dict(schedule="static")),
+                     ("adam-8/8", dict(schedule="static", optimizer="adam"))]:
+        runs[name] = _on_1_and_2_threads(lambda kw=kw: _train(tmp_path_factory.mktemp("r"), digits_small, **kw))
+    return runs
+
+
+@pytest.mark.parametrize("name", ["fp32-det", "8/8", "adam-8/8"])
+def test_training_steps_bit_identical_on_1_and_2_threads(lenet_runs, name):
+    one, two = lenet_runs[name]
+    assert one.keys() == two.keys()
+    assert [k for k in one if not _bits_equal(one[k], two[k])] == []
+
+
+def test_deterministic_fp32_tracks_the_blas_path(tmp_path, digits_small, lenet_runs):
+    fast = _train(tmp_path, digits_small, schedule="fp32")
+    det = lenet_runs["fp32-det"][0]
+    for k, v in fast.items():
+        np.testing.assert_allclose(det[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_is_a_train_setting():
+    from edgetrain.train.config import FIELDS, TrainConfig
+
+    assert TrainConfig().deterministic is False and FIELDS["deterministic"].metadata["kind"] == "bool"
+
+
+# ------------------------------------------------------------------- no BLAS, no platform libm
+
+
+TRAPPED_FUNCTIONS = ("matmul", "dot", "einsum", "tensordot", "inner", "vdot", "exp", "log", "tanh", "expm1", "log1p",
+                     "exp2", "log2", "log10", "power", "float_power", "sinh", "cosh", "arctanh")
+
+
+@pytest.fixture
+def trapped(monkeypatch):
+    """numpy's BLAS entry points, transcendental ufuncs and ndarray.sum/mean on floats raise while it is active."""
+    import numba.np.npyimpl  # noqa: F401  Numba reads numpy's ufunc objects once, before they are wrapped
+    import numpy._core._methods as methods
+
+    def floaty(a):
+        return isinstance(a, (np.ndarray, np.floating, float)) and np.asarray(a).dtype.kind == "f"
+
+    def trap(name, original):
+        def call(*args, **kw):
+            if any(floaty(a) for a in args):
+                raise AssertionError(f"np.{name} on floats on the deterministic path")
+            return original(*args, **kw)
+        return call
+
+    for name in TRAPPED_FUNCTIONS:
+        monkeypatch.setattr(np, name, trap(name, getattr(np, name)))
+    monkeypatch.setattr(methods, "umr_sum", trap("sum (ndarray.sum/mean)", methods.umr_sum))
+
+
+@pytest.mark.parametrize("builder,kw,shape", [("lenet5", {}, (1, 28, 28)),
+                                              ("resnet8", dict(in_channels=1, input_size=8), (1, 8, 8))])
+@pytest.mark.parametrize("precision", ["8/8", "fp32"])
+def test_no_blas_libm_or_numpy_float_sum_on_the_deterministic_path(builder, kw, shape, precision, request):
+    from edgetrain import load
+    from edgetrain.train.loop import TrainStep
+    from edgetrain.train.optim import SGD
+
+    model = load(models.build_model(builder, seed=0, **kw))
+    if precision != "fp32":
+        model.set_precision(precision)
+    model.deterministic = True
+    step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))
+    x = rng.standard_normal((4,) + shape).astype(F32)
+    y = rng.integers(0, 10, 4)
+    step(0, x, y)  # compiles every kernel, unwrapped
+    request.getfixturevalue("trapped")
+    step(1, x, y)
+    model(x)  # eval too
+
+
+# `a @ b` reaches BLAS without passing numpy's module functions, so it is checked in the source instead:
+# on the training path, every @ sits in the branch taken when detfloat is not active.
+TRAINING_PATH = ["edgetrain/ops/linear.py", "edgetrain/ops/conv.py", "edgetrain/ops/norm.py", "edgetrain/ops/pool.py",
+                 "edgetrain/ops/elementwise.py", "edgetrain/ops/reduce.py", "edgetrain/ops/base.py",
+                 "edgetrain/quant/mac.py", "edgetrain/quant/quantizer.py", "edgetrain/losses.py",
+                 "edgetrain/train/optim.py", "edgetrain/precision/dfq/gates.py", "edgetrain/kernels/rescale.py"]
+
+
+def _unguarded_matmuls(path: Path) -> list[int]:
+    """Line numbers of `@` outside the else of an `if detfloat.active()` (or after one that returns)."""
+    tree = ast.parse(path.read_text())
+    guarded: set[int] = set()
+    switch = lambda node: isinstance(node, (ast.If, ast.IfExp)) and "detfloat.active" in ast.unparse(node.test)
+    for node in ast.walk(tree):
+        if switch(node):
+            for part in node.orelse if isinstance(node.orelse, list) else [node.orelse]:
+                guarded.update(id(n) for n in ast.walk(part))
+        for block in (getattr(node, "body", None),):  # `if detfloat.active(): return ...` guards what follows
+            if not isinstance(block, list):
+                continue
+            for i, stmt in enumerate(block):
+                if switch(stmt) and not stmt.orelse and isinstance(stmt.body[-1], ast.Return):
+                    guarded.update(id(n) for later in block[i + 1:] for n in ast.walk(later))
+    return [n.lineno for n in ast.walk(tree)
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult) and id(n) not in guarded]
+
+
+@pytest.mark.parametrize("rel", TRAINING_PATH)
+def test_every_matmul_operator_on_the_training_path_is_behind_the_switch(rel):
+    assert _unguarded_matmuls(ROOT / rel) == []
+
+
+def test_deterministic_flag_on_the_train_command_line():
+    from edgetrain.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "m.onnx", "--deterministic"])
+    assert args.deterministic is True
