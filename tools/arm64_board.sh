@@ -129,7 +129,7 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 digest = report["digest"]
 print(f"arm64_board: {sys.argv[2]}: host {digest['host']} board {digest['board']} "
-      f"({'agree' if digest['agree'] else 'DIFFER'}; {digest.get('mode', '')}) in {sys.argv[3]} s")
+      f"({'agree' if digest['agree'] else 'DIFFER'}; float {digest['float_mode']}) in {sys.argv[3]} s")
 sys.exit(0 if digest["agree"] else 1)
 EOF
     done

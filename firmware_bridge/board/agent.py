@@ -235,6 +235,7 @@ def run_metrics(run: TrainingRun, workload: Workload, meter: BoardMeter) -> dict
         "loss_first": _finite(run.losses[0] if run.losses else None),
         "loss_last": _finite(run.losses[-1] if run.losses else None),
         "digest": run.digest,
+        "float_mode": run.float_mode,
         "engine": engine_info(),
         **meter.report(len(run.step_s)),
     }

@@ -55,6 +55,9 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
         help=f"untimed steps first (default {DEFAULT_WARMUP})",
     )
     parser.add_argument("--precision", default=PRECISION_FP32, help="fp32, or an integer-engine spec such as 8/8")
+    parser.add_argument("--fast-float", action="store_true",
+                        help="fp32 work on BLAS and the platform's libm (faster; the digests then agree only between "
+                             "identical CPUs and builds) instead of the portable fixed-order kernels")
     parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights' data stream and labels")
     parser.add_argument("--data", help="train on arrays x and y of this .npz instead of synthetic data")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
@@ -108,6 +111,7 @@ def _request(args: argparse.Namespace, port: str, baud: int) -> ProfileRequest:
         data=args.data,
         timeout_s=args.timeout,
         backend=getattr(args, "backend", None),
+        deterministic=not args.fast_float,
         progress=not args.json and sys.stderr.isatty(),
     )
 

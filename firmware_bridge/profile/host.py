@@ -382,6 +382,7 @@ def prepare(request: ProfileRequest) -> Prepared:
         seed=request.seed,
         data_sha256=data_sha,
         backend=request.backend,
+        deterministic=request.deterministic,
     )
     classes = check_model_fits(model, workload)
     if data is not None:

@@ -37,6 +37,7 @@ class ProfileRequest:
     data: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     backend: str | None = None  # the integer route the board should take (None: its own choice)
+    deterministic: bool = True  # portable fixed-order float on both sides (see Workload.deterministic)
     progress: bool = True
     on_progress: Callable[[int, int], None] | None = None
 

@@ -109,6 +109,8 @@ def build_report(
             "host": host_digest,
             "agree": board_digest == host_digest,
             "verdict": VERDICT_AGREE if board_digest == host_digest else VERDICT_DIFFER,
+            # what the float work ran as: deterministic digests are comparable across CPUs, fast ones are not
+            "float_mode": {"board": metrics.get("float_mode"), "host": local.float_mode},
         },
         "link": {"host": board.link, "board": metrics.get("agent_link")},
         "elapsed_s": {"board": board.seconds, "host_check": local_seconds},
@@ -116,6 +118,12 @@ def build_report(
 
 
 # ------------------------------------------------------------------------------------------ Markdown
+
+
+def _float_mode(digest: dict[str, Any]) -> str:
+    modes = digest.get("float_mode") or {}
+    board, host = modes.get("board"), modes.get("host")
+    return str(host) if board == host else f"board {board}, host {host}"
 
 
 def _ms(seconds: float | None, digits: int = 3) -> str:
@@ -175,7 +183,7 @@ def format_markdown(report: dict[str, Any]) -> str:
                 ["loss", f"{_loss(report['loss']['board_first'])} -> {_loss(report['loss']['board_last'])} "
                          "(first and last step on the board)"],
                 ["weights digest", f"board {digest['board'][:SHORT_HASH]}, host {digest['host'][:SHORT_HASH]}: "
-                                   f"**{digest['verdict']}**"],
+                                   f"**{digest['verdict']}** (float: {_float_mode(digest)})"],
             ],
             set(),
         ),

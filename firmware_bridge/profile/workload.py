@@ -80,6 +80,9 @@ DATA_KEYS = ("x", "y")
 # Uncompressed size limit of each array in a data file: refused before anything is decompressed.
 MAX_DATA_ARRAY_BYTES = MAX_BLOB_SIZE
 DIGEST_DOMAIN = b"edgetrain-weights/1\n"
+# What `TrainingRun.extra["float_mode"]` says a digest was computed under.
+FLOAT_DETERMINISTIC = "deterministic"  # portable fixed-order float: comparable across CPUs
+FLOAT_FAST = "fast"  # BLAS and the platform's libm: comparable only between identical builds and CPUs
 _LENGTH = struct.Struct("<Q")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -152,6 +155,9 @@ class Workload:
     # The integer route to run on (edgetrain.kernels.routes); None: the runner's own choice. Every
     # route gives the same bits, so this moves only the timings.
     backend: str | None = None
+    # Float work on the portable fixed-order path (edgetrain.kernels.detfloat), so board and host digests
+    # can agree across CPUs; integer precisions have it regardless. False: BLAS and the platform's libm.
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         shape = self.input_shape
@@ -174,6 +180,8 @@ class Workload:
             not isinstance(self.data_sha256, str) or not _SHA256_HEX.fullmatch(self.data_sha256)
         ):
             raise WorkloadError(f"workload 'data_sha256' must be 64 lowercase hex digits, got {self.data_sha256!r}")
+        if not isinstance(self.deterministic, bool):
+            raise WorkloadError(f"workload 'deterministic' must be true or false, got {self.deterministic!r}")
         if self.backend is not None and self.backend not in CHOICES:
             raise WorkloadError(f"workload 'backend' must be one of {', '.join(CHOICES)}, got {self.backend!r}")
 
@@ -195,6 +203,7 @@ class Workload:
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
             "precision": self.precision,
+            "deterministic": self.deterministic,
             "seed": self.seed,
             "optimizer": {"name": "sgd", "lr": self.lr, "momentum": self.momentum},
         }
@@ -226,6 +235,7 @@ class Workload:
             momentum=optimizer.get("momentum", DEFAULT_MOMENTUM),
             data_sha256=params.get("data_sha256"),
             backend=params.get("backend"),
+            deterministic=params.get("deterministic", True),
         )
 
 
@@ -437,6 +447,7 @@ class TrainingRun:
     completed_steps: int
     cancelled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    float_mode: str = FLOAT_FAST
 
 
 StepCallback = Callable[[int, int, float], None]
@@ -478,6 +489,7 @@ def train(
     else:
         stream = synthetic_batches(workload.seed, workload.input_shape, classes)
     apply_precision(model, workload.precision)
+    model.deterministic = workload.deterministic
     if workload.backend is not None:
         use_backend(workload.backend)
     train_step = TrainStep(model, SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum))
@@ -515,4 +527,5 @@ def train(
         digest=weights_digest(model.parameters()),
         completed_steps=completed,
         cancelled=cancelled,
+        float_mode=FLOAT_DETERMINISTIC if model.deterministic_float else FLOAT_FAST,
     )
