@@ -12,13 +12,13 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-from edgetrain.errors import EdgetrainError
+from edgetrain.errors import OutputError
 
 FILE_MODE = 0o644
 
 
-class WriteError(EdgetrainError):
-    """A file or folder edgetrain had to write could not be written."""
+class WriteError(OutputError):
+    """A file or folder edgetrain had to write could not be written (an OutputError, named for the path)."""
 
 
 def _reason(exc: OSError) -> str:

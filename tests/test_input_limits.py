@@ -458,7 +458,7 @@ def test_api_mistakes_raise_the_packages_typed_errors(tmp_path):
         model(x)
     assert issubclass(NonFiniteError, DataError) and issubclass(NonFiniteError, ValueError)
     for path in (tmp_path / "no" / "such" / "folder" / "m.onnx", tmp_path):
-        with pytest.raises(OutputError, match="cannot write"):
+        with pytest.raises(OutputError, match="does not exist|is a folder"):
             export_onnx(model, path)
     with pytest.raises(ResourceLimitError):
         edgetrain.load(fold_bomb())
