@@ -106,6 +106,7 @@ class Model:
         m = Model(self.graph, dtype, self.seed)
         m._params = {k: v.astype(dtype) for k, v in self._params.items()}
         m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
+        m.deterministic = self.deterministic
         m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
         return m
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register
 from edgetrain.ops.windows import WindowGeometry
 
@@ -93,7 +94,7 @@ class ConvTranspose(Op):
         k = geo.window_size
         xg = np.ascontiguousarray(x.swapaxes(0, 1)).reshape(groups, c // groups, -1)
         wg = w.reshape(groups, c // groups, -1)  # (G, C/G, M/G * k)
-        cols = np.matmul(wg.transpose(0, 2, 1), xg).reshape((m, k, n) + geo.out)
+        cols = detfloat.op_matmul(wg.transpose(0, 2, 1), xg).reshape((m, k, n) + geo.out)
         buf = np.zeros((m, n) + lay.buffer, dtype=np.result_type(x, w))
         for i, sl in geo.slices():
             buf[(slice(None), slice(None)) + _shift(sl, geo.pads_begin)] += cols[:, i]
@@ -114,15 +115,15 @@ class ConvTranspose(Op):
                          axis=1)  # (M, k, N, *S)
         gcols = gcols.reshape(groups, (m // groups) * geo.window_size, -1)
         xg = np.ascontiguousarray(x.swapaxes(0, 1)).reshape(groups, c // groups, -1)
-        dw = np.matmul(xg, gcols.transpose(0, 2, 1)).reshape(w.shape)
+        dw = detfloat.op_matmul(xg, gcols.transpose(0, 2, 1)).reshape(w.shape)
         dx = None
         if needed[0]:
             wg = w.reshape(groups, c // groups, -1)
-            dx = np.matmul(wg, gcols).reshape((c, n) + tuple(x.shape[2:])).swapaxes(0, 1)
+            dx = detfloat.op_matmul(wg, gcols).reshape((c, n) + tuple(x.shape[2:])).swapaxes(0, 1)
             dx = np.ascontiguousarray(dx)
         out = [dx, dw]
         if has_bias:
-            out.append(g.sum(axis=(0,) + tuple(range(2, g.ndim))))
+            out.append(detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim))))
         return out
 
     def macs(self, in_shapes, out_shapes):

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register, unbroadcast
 
 
@@ -27,11 +28,12 @@ def compute_dtype(x: np.ndarray) -> np.dtype:
 
 
 def normalise_rows(x2: np.ndarray, eps: float) -> RowStats:
-    """Population mean and variance of each row; numpy's pairwise sums, so no thread dependence."""
+    """Population mean and variance of each row: numpy's pairwise sums (no thread dependence), or
+    detfloat's fixed-order ones when active (no SIMD-width dependence either)."""
     cols = x2.shape[1]
-    mean = x2.sum(axis=1, keepdims=True) / cols
+    mean = detfloat.op_sum(x2, 1, keepdims=True) / cols
     diff = x2 - mean
-    var = (diff * diff).sum(axis=1, keepdims=True) / cols
+    var = detfloat.op_sum(diff * diff, 1, keepdims=True) / cols
     inv = 1 / np.sqrt(var + np.asarray(eps, dtype=x2.dtype))
     return RowStats(diff * inv, mean, inv)
 
@@ -39,8 +41,8 @@ def normalise_rows(x2: np.ndarray, eps: float) -> RowStats:
 def normalise_rows_backward(dxhat: np.ndarray, stats: RowStats) -> np.ndarray:
     """dL/dx of xhat = (x - mean) * inv: the mean and variance depend on every value of the row."""
     xhat, inv = stats.xhat, stats.inv
-    m1 = dxhat.mean(axis=1, keepdims=True)
-    m2 = (dxhat * xhat).mean(axis=1, keepdims=True)
+    m1 = detfloat.op_mean(dxhat, 1, keepdims=True)
+    m2 = detfloat.op_mean(dxhat * xhat, 1, keepdims=True)
     return inv * (dxhat - m1 - xhat * m2)
 
 
@@ -138,8 +140,8 @@ class _ChannelNorm(Op):
         c = shape[1]
         xhat = stats.xhat.reshape(shape)
         axes = (0,) + tuple(range(2, len(shape)))
-        dscale = self._fold((g * xhat).sum(axis=axes), pshape, groups).astype(pdtype, copy=False)
-        dbias = self._fold(g.sum(axis=axes), pshape, groups).astype(pdtype, copy=False)
+        dscale = self._fold(detfloat.op_sum(g * xhat, axes), pshape, groups).astype(pdtype, copy=False)
+        dbias = self._fold(detfloat.op_sum(g, axes), pshape, groups).astype(pdtype, copy=False)
         dx = None
         if needed[0]:
             dxhat = g * sc.reshape((1, c) + (1,) * (len(shape) - 2))
@@ -179,5 +181,5 @@ class GroupNormalization(_ChannelNorm):
 
     def _fold(self, v, shape, groups):
         if self.opset < 21:
-            return v.reshape(groups, -1).sum(axis=1).reshape(shape)
+            return detfloat.op_sum(v.reshape(groups, -1), 1).reshape(shape)
         return v.reshape(shape)

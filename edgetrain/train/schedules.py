@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgetrain.errors import EdgetrainError
-from edgetrain.kernels.detfloat import cos_0_pi
+from edgetrain.kernels.detfloat import cos_0_pi, powi
 
 DEFAULT_GAMMA = 0.1
 DEFAULT_MIN_LR = 0.0
@@ -59,7 +59,8 @@ class StepDecay(Schedule):
     gamma: float = DEFAULT_GAMMA
 
     def __call__(self, step: int) -> float:
-        return self.base_lr * self.gamma ** bisect_right(self.milestones, _index(step))
+        # powi, not **: Python's float ** is the platform's libm pow (issue 16)
+        return self.base_lr * powi(self.gamma, bisect_right(self.milestones, _index(step)))
 
 
 @dataclass(frozen=True)

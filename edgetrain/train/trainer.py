@@ -28,6 +28,7 @@ from edgetrain.errors import EdgetrainError, Interrupted
 from edgetrain.export import export_onnx, to_onnx
 from edgetrain.fileio import write_atomic
 from edgetrain.finite import check_finite_weights, first_nonfinite
+from edgetrain.kernels import detfloat
 from edgetrain.losses import softmax_cross_entropy
 from edgetrain.model import Model
 from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
@@ -108,7 +109,8 @@ def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) 
     total_loss, correct = 0.0, 0
     for x, y in iterate_eval(dataset, batch_size):
         logits = model(x)
-        loss, _ = softmax_cross_entropy(logits, y)
+        with detfloat.using(model.deterministic_float):  # the reported loss: the same bits on the board too
+            loss, _ = softmax_cross_entropy(logits, y)
         total_loss += loss * len(y)
         correct += int((logits.argmax(axis=1) == y).sum())
     n = len(dataset)
