@@ -58,3 +58,14 @@ def path_text(what: str) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return text
     return parse
+
+
+def memory_size(text: str) -> str:
+    """An argparse type: a byte count with an optional K/M/G/T suffix (edgetrain.limits), kept as given."""
+    from edgetrain import limits
+
+    try:
+        limits.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

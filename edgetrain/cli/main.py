@@ -14,6 +14,7 @@ from edgetrain.cli.argtypes import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     comma_list,
+    memory_size,
     path_text,
 )
 from edgetrain.errors import EXIT_INTERRUPTED, EdgetrainError, EdgetrainWarning, Interrupted
@@ -217,18 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_backend(add_profile_command(sub))
     for command in sub.choices.values():  # every command reads files, so every command takes the budget
-        command.add_argument(limits.FLAG, metavar="SIZE", type=_memory_size, default=None,
+        command.add_argument(limits.FLAG, metavar="SIZE", type=memory_size, default=None,
                              help="memory budget for what one input file may make edgetrain allocate, e.g. 512M or "
                                   f"2G (default: ${limits.ENV_VAR}, else half of the memory this process may use)")
     return p
-
-
-def _memory_size(text: str) -> str:
-    try:
-        limits.parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _one_line_model_warnings() -> None:

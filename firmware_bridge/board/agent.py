@@ -42,6 +42,7 @@ from typing import Any
 import serial
 
 from edgetrain import limits
+from edgetrain.cli.argtypes import memory_size
 from edgetrain.errors import DataError, EdgetrainError, ModelError, ResourceLimitError
 from edgetrain.kernels import use_backend
 from edgetrain.kernels.routes import CHOICES, ENV_VAR, usable_routes
@@ -641,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--telemetry-root", default="/", help="read sensors below this folder instead of / (recorded trees, tests)"
     )
     parser.add_argument(
-        limits.FLAG, metavar="SIZE", type=_size,
+        limits.FLAG, metavar="SIZE", type=memory_size,
         help=f"memory budget for what one uploaded file may make the agent allocate, e.g. 512M or 2G "
              f"(default: ${limits.ENV_VAR}, else half of the memory the agent may use)",
     )
@@ -649,14 +650,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=CHOICES, default=None,
                         help=f"integer kernel route (default ${ENV_VAR}, else auto); a workload may name its own")
     return parser
-
-
-def _size(text: str) -> str:
-    try:
-        limits.parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
