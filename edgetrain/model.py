@@ -22,7 +22,8 @@ from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
 
-COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the float engine computes in
+# What the float engine computes in (float16: forward passes of float16 graphs, e.g. ONNX's own test cases).
+COMPUTE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Model:
@@ -324,18 +325,18 @@ class Model:
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
-    """The float type a Model computes in: float32 or float64; anything else is refused (an int32 model would
-    truncate every weight to zero)."""
+    """The float type a Model computes in: float16, float32 or float64; anything else is refused (an int32 model
+    would truncate every weight to zero)."""
     try:
         resolved = np.dtype(dtype)
     except TypeError:
         resolved = None
     if resolved is None or resolved not in COMPUTE_DTYPES:  # dtype == None is True: None means float64
-        raise ModelError(f"dtype {dtype!r}: edgetrain computes in float32 or float64")
+        raise ModelError(f"dtype {dtype!r}: edgetrain computes in float16, float32 or float64")
     return resolved
 
 
 def load(path: str | os.PathLike | onnx.ModelProto, dtype=np.float32, seed: int = 0) -> Model:
-    """Import an ONNX model as a trainable Model (dtype: float32 or float64)."""
+    """Import an ONNX model as a trainable Model (dtype: float32 or float64; float16 for forward passes)."""
     dtype = compute_dtype(dtype)  # before the import: a bad argument costs nothing
     return Model(load_graph(path), dtype=dtype, seed=seed)

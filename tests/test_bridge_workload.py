@@ -319,14 +319,15 @@ def test_differing_digests_are_reported_and_exit_1(
     local = train(load_model(lenet_blob), prepared.workload)
     metrics = {
         "layers": [[layer.name, layer.forward_s, layer.backward_s] for layer in local.layers],
-        "timed_steps": 1, "warmup_steps": 0, "step_s": None, "digest": "0" * 64,
+        "timed_steps": 1, "warmup_steps": 0, "step_s": None, "digest": "0" * 64, "float_mode": "fast",
     }
     board = BoardRun(
         capabilities={"agent": "edgetrain-agent"}, result={"id": "x", "status": "ok", "metrics": metrics},
         uploaded=False, data_uploaded=None, upload_bytes=0, restarts=0, telemetry=[], link={}, seconds=1.0,
     )
     report = build_report(request, prepared, board, local, 0.1)
-    assert report["digest"] == {"board": "0" * 64, "host": local.digest, "agree": False, "verdict": "DIGESTS DIFFER"}
+    assert report["digest"] == {"board": "0" * 64, "host": local.digest, "agree": False, "verdict": "DIGESTS DIFFER",
+                                "float_mode": {"board": "fast", "host": local.float_mode}}
     markdown = format_markdown(report)  # also copes with a board that sent no memory or telemetry
     assert "**DIGESTS DIFFER**" in markdown and "energy: not measured" in markdown
 

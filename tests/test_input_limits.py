@@ -442,7 +442,7 @@ def test_api_mistakes_raise_the_packages_typed_errors(tmp_path):
     from edgetrain.precision.dfq import DFQConfig
 
     lenet = models.build_model("lenet5")
-    with pytest.raises(ModelError, match="float32 or float64"):
+    with pytest.raises(ModelError, match="float16, float32 or float64"):
         edgetrain.load(lenet, dtype=np.int32)  # used to load, with every weight truncated to zero
     for bad in (None, 3):
         with pytest.raises(ModelError, match="an ONNX file path or an onnx.ModelProto"):

@@ -89,7 +89,7 @@ def test_verdicts_are_cached_per_machine(fresh, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_real_probe_answers_in_one_json_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "edgetrain.kernels.routes", "onnxruntime"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "edgetrain.kernels.route_probe", "onnxruntime"], capture_output=True,
                           text=True, timeout=300)
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0 and set(answer) == {"ok", "why"}

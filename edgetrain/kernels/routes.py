@@ -4,7 +4,7 @@ Every route gives the same bits (each is exact), so the choice only moves speed.
 wrong is crash: onnxruntime's library is reached through ctypes (`ort_capi`), and a library that does
 not load cleanly (seen: a segfault under qemu-user on emulated arm64) would take the whole process
 with it. So each route is probed once in a child process (`python -m edgetrain.kernels.routes
-ROUTE`), whose crash, hang or wrong answer disables that route with one log line; only a route whose
+ROUTE`, `route_probe`), whose crash, hang or wrong answer disables that route with one log line; only a route whose
 child passed is ever loaded in this process. Results are cached on disk, keyed by everything that
 could change them (CPU, Python and library versions), so the probe's few seconds are paid once per
 machine and install.
@@ -29,7 +29,7 @@ from pathlib import Path
 __all__ = ["ROUTES", "ENV_VAR", "route_ok", "usable_routes", "choose", "describe", "cpu_int8_features"]
 
 ENV_VAR = "EDGETRAIN_BACKEND"
-ROUTES = ("vnni", "onnxruntime", "numba")
+ROUTES = ("vnni", "onnxruntime", "numba")  # fastest first
 CHOICES = ("auto",) + ROUTES
 # Where each route steps down to when it cannot run (also the order `auto` tries them in).
 FALLBACK = {"vnni": "onnxruntime", "onnxruntime": "numba", "numba": None}
@@ -93,7 +93,7 @@ def _write_cache(entries: dict[str, list]) -> None:
 
 
 def _probe_command(route: str) -> list[str]:
-    return [sys.executable, "-m", "edgetrain.kernels.routes", route]
+    return [sys.executable, "-m", "edgetrain.kernels.route_probe", route]
 
 
 def _probe_in_child(route: str) -> tuple[bool, str]:
@@ -196,36 +196,3 @@ def choose(choice: str | None = None) -> str:
                         route, _results[route][1], FALLBACK[route])
         route = FALLBACK[route]
     return route
-
-
-def _probe_here(route: str) -> tuple[bool, str]:
-    """The route's own check, in this process: only ever called in the probe's child."""
-    if route == "vnni":
-        from edgetrain.kernels.vnni_backend import VnniBackend
-
-        if VnniBackend().vnni_kernels_pass():
-            return True, "ok"
-        return False, "the VNNI kernels failed their exactness check"
-    if route == "onnxruntime":
-        from edgetrain.kernels.ort_backend import OrtBackend
-
-        return OrtBackend().library_passes()
-    return True, "ok"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Child side of a probe: print one JSON line {"ok": bool, "why": str} for the route named."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in ROUTES:
-        print(json.dumps({"ok": False, "why": f"unknown route {args}"}))
-        return 2
-    try:
-        ok, why = _probe_here(args[0])
-    except Exception as exc:  # any failure of the route is a 'no', reported in one line
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    print(json.dumps({"ok": ok, "why": why}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
