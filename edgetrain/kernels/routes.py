@@ -3,8 +3,8 @@
 Every route gives the same bits (each is exact), so the choice only moves speed. What a route can do
 wrong is crash: onnxruntime's library is reached through ctypes (`ort_capi`), and a library that does
 not load cleanly (seen: a segfault under qemu-user on emulated arm64) would take the whole process
-with it. So each route is probed once in a child process (`python -m edgetrain.kernels.routes
-ROUTE`, `route_probe`), whose crash, hang or wrong answer disables that route with one log line; only a route whose
+with it. So each route is probed once in a child process (`python -m edgetrain.kernels.route_probe
+ROUTE`), whose crash, hang or wrong answer disables that route with one log line; only a route whose
 child passed is ever loaded in this process. Results are cached on disk, keyed by everything that
 could change them (CPU, Python and library versions), so the probe's few seconds are paid once per
 machine and install.
@@ -15,6 +15,7 @@ unless its child probe passed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,9 +23,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from edgetrain.errors import EdgetrainError, OutputError
+from edgetrain.fileio import make_folder, write_atomic
 
 __all__ = ["ROUTES", "ENV_VAR", "route_ok", "usable_routes", "choose", "describe", "cpu_int8_features"]
 
@@ -56,6 +59,7 @@ def _version(dist: str) -> str:
         return "-"
 
 
+@functools.lru_cache(maxsize=1)  # the CPU and the installed libraries do not change within a process
 def _machine_key() -> str:
     """A digest of what a probe's answer depends on: CPU, Python and the libraries the routes load."""
     cpu = ""
@@ -71,9 +75,14 @@ def _machine_key() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _cache_file() -> Path:
+    """Where this machine's verdicts are kept."""
+    return _cache_dir() / f"routes-{_machine_key()}.json"
+
+
 def _read_cache() -> dict[str, list]:
     try:
-        data = json.loads((_cache_dir() / f"routes-{_machine_key()}.json").read_text())
+        data = json.loads(_cache_file().read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -81,14 +90,10 @@ def _read_cache() -> dict[str, list]:
 
 def _write_cache(entries: dict[str, list]) -> None:
     """Keep the answers for the next process; an unwritable cache only costs the next one a probe."""
-    folder = _cache_dir()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".routes-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(entries, fh)
-        os.replace(tmp, folder / f"routes-{_machine_key()}.json")
-    except OSError:
+        make_folder(_cache_file().parent)
+        write_atomic(_cache_file(), json.dumps(entries).encode())
+    except OutputError:
         pass
 
 
@@ -135,10 +140,11 @@ def route_ok(route: str) -> bool:
     """True when the route passed its probe on this machine (probed once, in a child process)."""
     if route == "numba":
         return True
-    if route not in _results and _plainly_absent(route):
-        _results[route] = (False, _plainly_absent(route))
-        return False
     if route not in _results:
+        absent = _plainly_absent(route)
+        if absent:
+            _results[route] = (False, absent)
+            return False
         cache = _read_cache()
         if route in cache and isinstance(cache[route], list) and len(cache[route]) == 2:
             _results[route] = (bool(cache[route][0]), str(cache[route][1]))
@@ -182,8 +188,6 @@ def cpu_int8_features() -> list[str]:
 
 def choose(choice: str | None = None) -> str:
     """Resolve a backend choice (None: $EDGETRAIN_BACKEND, default auto) to a route this machine can take."""
-    from edgetrain.errors import EdgetrainError
-
     raw = choice if choice is not None else os.environ.get(ENV_VAR, "auto")
     wanted = raw.strip().lower() or "auto"
     if wanted not in CHOICES:

@@ -174,7 +174,7 @@ class VnniBackend(OrtBackend):
         if self._vnni_ok is None:
             from edgetrain.kernels.routes import route_ok
 
-            self._vnni_ok = _vn.available() and route_ok("vnni") and self.vnni_kernels_pass()
+            self._vnni_ok = route_ok("vnni") and self.vnni_kernels_pass()  # route_ok asks vnni.available() first
         return self._vnni_ok
 
     def vnni_kernels_pass(self) -> bool:

@@ -236,7 +236,14 @@ class Trainer:
         self.step = self.resumed_from = ckpt.step
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step."""
+        """Write the checkpoint of the current step (never one holding a non-finite weight)."""
+        # Finite gradients can still step a weight to inf (a huge --lr). Mid-run the next step's loss and
+        # gradient checks catch that; here, at every save point (the final one too, before any export),
+        # one pass over the weights makes sure nothing non-finite is ever saved.
+        params = self.model.parameters()
+        bad = first_nonfinite({n: params[n] for n in self.trainable if n in params})
+        if bad is not None:
+            raise self._diverged(max(self.step - 1, 0), f"the update left '{bad[0]}' holding {bad[1]}")
         trainer = {PRECISION: json.dumps(self.spec), "elapsed": float(self.elapsed)}
         if self.last_loss is not None:
             trainer["last_loss"] = float(self.last_loss)
@@ -270,11 +277,6 @@ class Trainer:
             if NONFINITE_MARKER in str(exc):  # the integer path refuses to quantise inf/NaN activations
                 raise self._diverged(s, "activations or gradients are not finite") from None
             raise
-        # Finite gradients can still step a weight to inf (a huge --lr): nothing non-finite is ever saved.
-        params = self.model.parameters()
-        bad = first_nonfinite({n: params[n] for n in self.trainable if n in params})
-        if bad is not None:
-            raise self._diverged(s, f"the update left '{bad[0]}' holding {bad[1]}")
         self.step = s + 1
         self.last_loss = loss
         return loss
