@@ -30,14 +30,11 @@ die() { echo "arm64_board: error: $*" >&2; exit 2; }
 
 need_root() { [ "$(id -u)" -eq 0 ] || die "needs root (chroot, mounts and binfmt_misc); run it with sudo"; }
 
-host_version() {  # the version of a distribution installed on the host, so the board runs the same code
-    "${HOST_PYTHON:-python3}" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
-}
-
-runtime_dependencies() {
-    "${HOST_PYTHON:-python3}" -c 'import re, sys, tomllib
-for requirement in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
-    print(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0))' "$HERE/pyproject.toml"
+pinned_dependencies() {  # pyproject's runtime dependencies (and llvmlite, numba's) at the host's versions
+    "${HOST_PYTHON:-python3}" -c 'import importlib.metadata as m, re, sys, tomllib
+names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0)
+         for r in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]] + ["llvmlite"]
+print(" ".join(f"{name}=={m.version(name)}" for name in names))' "$HERE/pyproject.toml"
 }
 
 register_qemu() {
@@ -63,9 +60,8 @@ setup() {
         for deb in "$ROOT"/var/cache/apt/archives/*.deb; do dpkg-deb -x "$deb" "$ROOT"; done
         rm -f "$ROOT"/var/cache/apt/archives/*.deb
     fi
-    local stamp="$ROOT$SITE/.versions" want=""
-    # pyproject's runtime dependencies (and llvmlite, numba's), each at the version this host runs
-    for dist in $(runtime_dependencies) llvmlite; do want+="$dist==$(host_version "$dist") "; done
+    local stamp="$ROOT$SITE/.versions" want
+    want="$(pinned_dependencies)" || die "cannot read the host's dependency versions"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "arm64_board: aarch64 wheels: $want" >&2
         local tmp
