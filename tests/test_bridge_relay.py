@@ -21,10 +21,13 @@ def test_mangler_without_faults_is_the_identity() -> None:
     assert ByteMangler().process(data) == data
 
 
+ALL_FAULTS = {"drop_rate": 1e-3, "corrupt_rate": 1e-2, "duplicate_rate": 1e-3, "burst_rate": 1e-4}
+
+
 def test_mangler_faults_do_not_depend_on_how_the_stream_is_chunked() -> None:
     data = _payload(200_000)
-    whole = ByteMangler(drop_rate=1e-3, corrupt_rate=1e-2, seed=42).process(data)
-    chunked_mangler = ByteMangler(drop_rate=1e-3, corrupt_rate=1e-2, seed=42)
+    whole = ByteMangler(**ALL_FAULTS, seed=42).process(data)
+    chunked_mangler = ByteMangler(**ALL_FAULTS, seed=42)
     rng, pos, parts = random.Random(0), 0, []
     while pos < len(data):
         size = rng.randrange(1, 5000)
@@ -43,6 +46,21 @@ def test_mangler_hits_the_requested_rates() -> None:
     corrupt_only = ByteMangler(corrupt_rate=1e-2, seed=7)
     out = corrupt_only.process(bytes(size))
     assert size - out.count(0) == corrupt_only.corrupted  # every corrupted byte really changed
+
+
+def test_duplicates_and_bursts_add_bytes_at_their_rates_and_leave_the_other_faults_where_they_were() -> None:
+    size = 200_000
+    data = _payload(size)
+    mangler = ByteMangler(duplicate_rate=1e-3, burst_rate=1e-4, max_burst=16, seed=5)
+    out = mangler.process(data)
+    assert 150 <= mangler.duplicated <= 250  # 200 expected
+    assert 5 <= mangler.burst_bytes / 8.5 <= 40  # ~20 bursts of 8.5 bytes on average
+    assert len(out) == size + mangler.duplicated + mangler.burst_bytes
+    # Adding duplicates and bursts does not move where drops and corruptions strike.
+    plain = ByteMangler(drop_rate=1e-3, corrupt_rate=1e-2, seed=5)
+    noisy = ByteMangler(drop_rate=1e-3, corrupt_rate=1e-2, duplicate_rate=1e-3, burst_rate=1e-4, seed=5)
+    plain.process(data), noisy.process(data)
+    assert (plain.dropped, plain.corrupted) == (noisy.dropped, noisy.corrupted)
 
 
 def test_different_seeds_damage_different_bytes() -> None:

@@ -43,6 +43,8 @@ class SimulatedBoard:
         *,
         corrupt_rate: float = 0.0,
         drop_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        burst_rate: float = 0.0,
         baud: int | None = None,
         seed: int = 0,
         telemetry_root: str | os.PathLike[str] | None = None,
@@ -54,6 +56,8 @@ class SimulatedBoard:
         self.log_path = Path(self._own_dir) / AGENT_LOG
         self.corrupt_rate = corrupt_rate
         self.drop_rate = drop_rate
+        self.duplicate_rate = duplicate_rate
+        self.burst_rate = burst_rate
         self.baud = baud
         self.seed = seed
         self.telemetry_root = telemetry_root
@@ -90,6 +94,8 @@ class SimulatedBoard:
             self._agent_pty.master_fd,
             corrupt_rate=self.corrupt_rate,
             drop_rate=self.drop_rate,
+            duplicate_rate=self.duplicate_rate,
+            burst_rate=self.burst_rate,
             baud=self.baud,
             seed=self.seed,
         ).start()

@@ -28,6 +28,7 @@ __all__ = [
     "CRC",
     "DELIMITER",
     "DecoderStats",
+    "FLAG_MORE",
     "FLAG_RETRANSMIT",
     "Frame",
     "FrameDecoder",
@@ -41,7 +42,9 @@ __all__ = [
     "seq_before",
 ]
 
-PROTOCOL_VERSION = 1
+# Version 2: messages longer than one frame travel as fragments (FLAG_MORE); version 1 peers would
+# read each fragment as a message, so the handshake refuses them with a clear "update" line.
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<BBBHI")
 CRC = struct.Struct("<I")
 DELIMITER = b"\x00"
@@ -53,6 +56,8 @@ _U8_MAX = 0xFF
 
 # Set on every retransmitted copy of a frame; receivers only use it for statistics.
 FLAG_RETRANSMIT = 0x01
+# Set on every fragment of a message but its last: the message continues in the next sequence number.
+FLAG_MORE = 0x02
 
 
 def seq_add(seq: int, delta: int = 1) -> int:

@@ -13,6 +13,9 @@ Reliability in brief (docs/PROTOCOL.md has the full story):
 * A receiver buffers frames that arrive after a gap and NACKs the missing one;
   the sender retransmits on NACK, or on its own when `ack_timeout` passes.
 * Duplicates (retransmissions, replays) are acknowledged again but delivered once.
+* A message longer than one frame goes as consecutive fragments (FLAG_MORE on all but the
+  last), so one damaged byte costs one small frame, not the whole message; the frame size
+  follows the loss the sender observes (`sizing.FrameSizer`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from firmware_bridge.wire.errors import (
     ProtocolVersionError,
 )
 from firmware_bridge.wire.frame import (
+    FLAG_MORE,
     FLAG_RETRANSMIT,
     MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -50,22 +54,22 @@ from firmware_bridge.wire.messages import (
     MAX_BLOB_SIZE,
     MIN_ANNOUNCED_PAYLOAD,
     BlobAssembler,
+    Chunk,
     Message,
     MsgType,
     PayloadKind,
-    chunk_blob,
     decode_payload,
     encode_payload,
 )
+from firmware_bridge.wire.sizing import FrameSizer
 from firmware_bridge.wire.transport import BITS_PER_BYTE
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "Link", "LinkStats", "MAX_WINDOW", "SerialLike"]
+__all__ = ["Link", "LinkStats", "MAX_MESSAGE", "MAX_WINDOW", "SerialLike"]
 
 MAX_WINDOW = MAX_ANNOUNCED_WINDOW
-# Small chunks lose less to a corrupted byte; at a 1e-4 per-byte error rate the
-# goodput optimum is a few hundred bytes, and on a clean line 1 KiB still costs
-# under 2% in headers.
-DEFAULT_CHUNK_SIZE = 1024
+# A message (all its fragments together) is bounded like one frame used to be: every buffer
+# on the board stays within 64 KiB however the sender cuts it.
+MAX_MESSAGE = MAX_PAYLOAD
 DEFAULT_POLL_INTERVAL = 0.01
 DEFAULT_PEER_TIMEOUT = 5.0
 # A receiver repeats a NACK for the same gap at most this often (as a fraction
@@ -112,6 +116,8 @@ class LinkStats:
     duplicates: int = 0
     out_of_window: int = 0
     foreign_version: int = 0
+    fragments_sent: int = 0
+    fragments_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters as a plain dict."""
@@ -128,6 +134,38 @@ class _InFlight:
     due: float = 0.0
     retries: int = 0
     copies: int = 0
+    flags: int = 0
+
+
+class _Partial:
+    """The fragments of one message received so far, bounded by MAX_MESSAGE."""
+
+    def __init__(self, msg_type: int, first_seq: int) -> None:
+        self.msg_type = msg_type
+        self.first_seq = first_seq
+        self.problem = ""
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.problem)
+
+    def fail(self, problem: str) -> None:
+        self.problem = problem
+        self._parts.clear()  # the rest is only counted, never kept
+
+    def add(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self.broken:
+            return
+        if self._size > MAX_MESSAGE:
+            self.fail(f"{_type_name(self.msg_type)} message runs past {MAX_MESSAGE} bytes")
+            return
+        self._parts.append(piece)
+
+    def payload(self) -> bytes:
+        return b"".join(self._parts)
 
 
 class Link:
@@ -191,6 +229,9 @@ class Link:
         self._send_max_payload = max_payload
         self._rx_next = 0
         self._rx_buffer: dict[int, Frame] = {}
+        self._partial: _Partial | None = None
+        self._sizer = FrameSizer(max_payload)
+        self._progress_at = clock()
         self._inbox: deque[Message | ProtocolError] = deque()
         self._deferred: deque[Message] = deque()
         self._ack_pending = False
@@ -231,6 +272,21 @@ class Link:
     def can_send(self) -> bool:
         """Return True if a message can be sent now without waiting for the window to open."""
         return len(self._inflight) < self._send_window
+
+    @property
+    def frame_payload(self) -> int:
+        """Return the payload bytes this side now puts in one frame (adapted to the loss it sees)."""
+        return min(self._sizer.payload_size(), self._send_max_payload)
+
+    @property
+    def byte_error_rate(self) -> float:
+        """Return the per-byte loss rate this side estimates for its direction of the line."""
+        return self._sizer.byte_error_rate
+
+    @property
+    def progress_at(self) -> float:
+        """Return when (on the link's clock) the peer last got a new sequenced frame through, fragments included."""
+        return self._progress_at
 
     @property
     def decoder_stats(self) -> DecoderStats:
@@ -285,19 +341,25 @@ class Link:
         return self._send_sequenced(msg_type, bytes(payload), wait=wait, timeout=timeout)
 
     def _send_sequenced(self, msg_type: int, data: bytes, *, wait: bool, timeout: float | None) -> int:
-        if len(data) > self._send_max_payload:
-            raise FrameTooLarge(
-                f"{_type_name(msg_type)} payload of {len(data)} bytes exceeds the peer's limit of "
-                f"{self._send_max_payload}"
-            )
+        if len(data) > MAX_MESSAGE:
+            raise FrameTooLarge(f"{_type_name(msg_type)} payload of {len(data)} bytes exceeds {MAX_MESSAGE}")
         deadline = None if timeout is None else self._clock() + timeout
-        self._wait_until(lambda: len(self._inflight) < self._send_window, timeout, "send: window still full")
-        seq = self._tx_next
-        self._tx_next = seq_add(seq)
-        entry = _InFlight(msg_type, data, first_sent=self._clock())
-        self._inflight[seq] = entry
-        self._transmit(seq, entry, retransmit=False)
-        self._pump(block=False)
+        size = self.frame_payload
+        # Cut once, at the size of the moment: the receiver only needs the fragments in order.
+        pieces = [data[start : start + size] for start in range(0, len(data), size)] or [b""]
+        if len(pieces) > 1:
+            self.stats.fragments_sent += len(pieces)
+        for index, piece in enumerate(pieces):
+            self._wait_until(
+                lambda: len(self._inflight) < self._send_window, self._remaining(deadline), "send: window still full"
+            )
+            seq = self._tx_next
+            self._tx_next = seq_add(seq)
+            flags = FLAG_MORE if index < len(pieces) - 1 else 0
+            entry = _InFlight(msg_type, piece, first_sent=self._clock(), flags=flags)
+            self._inflight[seq] = entry
+            self._transmit(seq, entry, retransmit=False)
+            self._pump(block=False)
         if wait:
             self._wait_until(
                 lambda: seq not in self._inflight, self._remaining(deadline), f"send: frame {seq} not acknowledged"
@@ -309,22 +371,30 @@ class Link:
         blob: bytes,
         *,
         msg_type: MsgType = MsgType.MODEL_CHUNK,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         timeout: float | None = None,
         on_chunk: Callable[[int], None] | None = None,
     ) -> int:
         """Send `blob` as chunks with a full window in flight; return the chunk count once all are acked.
 
+        Without `chunk_size`, each chunk fills one frame of the size the link currently finds best
+        (`frame_payload`), so the chunks shrink on a noisy line and grow on a clean one.
         `on_chunk(n)` is called with each chunk's data length as it is queued (progress bars).
         """
         if CATALOGUE[MsgType(msg_type)].kind is not PayloadKind.CHUNK:
             raise ValueError(f"{MsgType(msg_type).name} does not carry chunks")
-        chunk_size = min(chunk_size, self._send_max_payload - CHUNK_HEADER.size)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         deadline = None if timeout is None else self._clock() + timeout
-        count = 0
-        for chunk in chunk_blob(blob, chunk_size):
+        view, total = memoryview(blob), len(blob)
+        count = offset = 0
+        while count == 0 or offset < total:
+            room = max(1, self.frame_payload - CHUNK_HEADER.size)
+            size = room if chunk_size is None else min(chunk_size, room)
+            chunk = Chunk(offset, total, bytes(view[offset : offset + size]))
             self.send(msg_type, chunk, wait=False, timeout=self._remaining(deadline))
             count += 1
+            offset += len(chunk.data)
             if on_chunk is not None:
                 on_chunk(len(chunk.data))
         self.flush(timeout=self._remaining(deadline))
@@ -404,6 +474,7 @@ class Link:
         # half-received ones belong to a conversation that is over.
         self._inflight.clear()
         self._rx_buffer.clear()
+        self._partial = None
         self._decoder.reset()
         self._pending_error = None
 
@@ -513,7 +584,9 @@ class Link:
         self.stats.nacks_sent += 1
 
     def _transmit(self, seq: int, entry: _InFlight, *, retransmit: bool) -> None:
-        flags = FLAG_RETRANSMIT if retransmit else 0
+        if retransmit:
+            self._sizer.record(entry.wire_len, lost=True)  # the copy before this one did not make it
+        flags = entry.flags | (FLAG_RETRANSMIT if retransmit else 0)
         wire = encode_frame(entry.msg_type, seq, entry.payload, flags=flags, version=self.protocol_version)
         entry.wire_len = len(wire)
         entry.left_wire_at = self._write(wire)
@@ -569,7 +642,8 @@ class Link:
             return
         acked = False
         while self._inflight and seq_before(next(iter(self._inflight)), next_expected):
-            self._inflight.popitem(last=False)
+            _, entry = self._inflight.popitem(last=False)
+            self._sizer.record(entry.wire_len, lost=False)
             acked = True
         if acked and self._byte_time:
             self._correct_budget()
@@ -599,6 +673,8 @@ class Link:
     def _on_sequenced(self, frame: Frame) -> None:
         self._ack_pending = True
         ahead = (frame.seq - self._rx_next) % SEQ_MODULUS
+        if ahead < self.window and frame.seq not in self._rx_buffer:
+            self._progress_at = self._clock()
         if ahead == 0:
             self._deliver(frame)
             self._rx_next = seq_add(self._rx_next)
@@ -620,8 +696,11 @@ class Link:
             self.stats.out_of_window += 1
 
     def _deliver(self, frame: Frame) -> None:
+        payload = self._reassemble(frame)
+        if payload is None:
+            return
         try:
-            body = decode_payload(frame.msg_type, frame.payload)
+            body = decode_payload(frame.msg_type, payload)
         except ProtocolError as exc:
             # Acknowledged (it arrived intact) but surfaced in order, so the
             # receiver learns its peer sent something it cannot read.
@@ -629,6 +708,27 @@ class Link:
             return
         self.stats.messages_delivered += 1
         self._inbox.append(Message(MsgType(frame.msg_type), body, frame.seq))
+
+    def _reassemble(self, frame: Frame) -> bytes | None:
+        """Return the whole payload once `frame` completes a message; None while fragments are still due."""
+        more = bool(frame.flags & FLAG_MORE)
+        partial = self._partial
+        if partial is None:
+            if not more:
+                return frame.payload
+            self._partial = partial = _Partial(frame.msg_type, frame.seq)
+        elif frame.msg_type != partial.msg_type and not partial.broken:
+            partial.fail(f"{_type_name(frame.msg_type)} fragment inside a {_type_name(partial.msg_type)} message")
+        self.stats.fragments_received += 1
+        partial.add(frame.payload)
+        if more:
+            return None
+        self._partial = None
+        if partial.broken:
+            # Every fragment was acknowledged; the message as a whole is refused once, in order.
+            self._inbox.append(ProtocolError(f"frames {partial.first_seq}..{frame.seq}: {partial.problem}"))
+            return None
+        return partial.payload()
 
     def _on_hello(self, frame: Frame) -> None:
         try:
@@ -668,5 +768,6 @@ class Link:
         self._peer = body
         self._rx_next = peer_start_seq
         self._rx_buffer.clear()
+        self._partial = None
         self._send_window = min(self.window, body["window"])
         self._send_max_payload = min(self.max_payload, body["max_payload"])

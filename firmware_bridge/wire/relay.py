@@ -1,4 +1,4 @@
-"""A byte relay that behaves like a noisy serial line: drops, corrupts and paces bytes.
+"""A byte relay that behaves like a noisy serial line: drops, corrupts, duplicates, injects noise and paces bytes.
 
 Faults are drawn from seeded RNGs as gaps between events counted in bytes of
 the stream, so a given seed damages the same stream positions however the
@@ -15,8 +15,9 @@ import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from firmware_bridge.wire.transport import BITS_PER_BYTE
 
@@ -32,6 +33,7 @@ MAX_PENDING = 64 * 1024
 _READ_SIZE = 64 * 1024
 # Stream position of an event that never comes (a zero rate): beyond any stream.
 _NEVER = 1 << 62
+T = TypeVar("T")
 
 
 class _HasFileno(Protocol):
@@ -42,21 +44,49 @@ Endpoint = int | _HasFileno
 
 
 class ByteMangler:
-    """Deterministically drops and corrupts bytes of one stream at given per-byte probabilities."""
+    """Deterministically drops, corrupts, duplicates bytes of one stream and injects noise bursts into it.
 
-    def __init__(self, *, drop_rate: float = 0.0, corrupt_rate: float = 0.0, seed: int | str = 0) -> None:
-        for name, rate in (("drop_rate", drop_rate), ("corrupt_rate", corrupt_rate)):
+    Each fault is a Bernoulli process per byte of the incoming stream with its own seeded RNG, so
+    adding one kind of fault leaves where the others strike unchanged. A noise burst inserts
+    1..`max_burst` random bytes before a byte (line noise while nobody is sending, a glitching
+    level shifter); a duplicate repeats a byte (a UART FIFO re-read).
+    """
+
+    def __init__(
+        self,
+        *,
+        drop_rate: float = 0.0,
+        corrupt_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        burst_rate: float = 0.0,
+        max_burst: int = 32,
+        seed: int | str = 0,
+    ) -> None:
+        rates = (("drop_rate", drop_rate), ("corrupt_rate", corrupt_rate), ("duplicate_rate", duplicate_rate),
+                 ("burst_rate", burst_rate))
+        for name, rate in rates:
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        if max_burst < 1:
+            raise ValueError(f"max_burst must be >= 1, got {max_burst}")
         self.drop_rate = drop_rate
         self.corrupt_rate = corrupt_rate
+        self.duplicate_rate = duplicate_rate
+        self.burst_rate = burst_rate
+        self.max_burst = max_burst
         self.dropped = 0
         self.corrupted = 0
+        self.duplicated = 0
+        self.burst_bytes = 0
         self._drop_rng = random.Random(f"{seed}/drop")
         self._corrupt_rng = random.Random(f"{seed}/corrupt")
+        self._duplicate_rng = random.Random(f"{seed}/duplicate")
+        self._burst_rng = random.Random(f"{seed}/burst")
         self._position = 0
         self._next_drop = self._gap(self._drop_rng, drop_rate)
         self._next_corrupt = self._gap(self._corrupt_rng, corrupt_rate)
+        self._next_duplicate = self._gap(self._duplicate_rng, duplicate_rate)
+        self._next_burst = self._gap(self._burst_rng, burst_rate)
 
     @staticmethod
     def _gap(rng: random.Random, rate: float) -> int:
@@ -65,27 +95,51 @@ class ByteMangler:
             return _NEVER
         return math.floor(math.log1p(-rng.random()) / math.log1p(-rate))
 
+    def _events(
+        self, which: str, rng: random.Random, rate: float, end: int, draw: Callable[[], T] | None = None
+    ) -> dict[int, T | None]:
+        """Return {position: draw()} for the positions below `end` where this process strikes."""
+        # Each event's own draws come right after its gap, from the same RNG, so the sequence of
+        # draws (and so the faults) is the same however the stream is cut into reads.
+        attr = f"_next_{which}"
+        events: dict[int, T | None] = {}
+        position = getattr(self, attr)
+        while position < end:
+            events[position] = None if draw is None else draw()
+            position += 1 + self._gap(rng, rate)
+        setattr(self, attr, position)
+        return events
+
     def process(self, data: bytes) -> bytes:
         """Return `data` with this stream's faults applied."""
         start, end = self._position, self._position + len(data)
         self._position = end
         out = bytearray(data)
-        while self._next_corrupt < end:
-            # XOR with a non-zero mask so a "corrupted" byte always differs.
-            out[self._next_corrupt - start] ^= self._corrupt_rng.randrange(1, 256)
-            self.corrupted += 1
-            self._next_corrupt += 1 + self._gap(self._corrupt_rng, self.corrupt_rate)
-        drops = []
-        while self._next_drop < end:
-            drops.append(self._next_drop - start)
-            self._next_drop += 1 + self._gap(self._drop_rng, self.drop_rate)
-        if not drops:
+        # XOR with a non-zero mask so a "corrupted" byte always differs.
+        masks = self._events("corrupt", self._corrupt_rng, self.corrupt_rate, end,
+                             lambda: self._corrupt_rng.randrange(1, 256))
+        for position, mask in masks.items():
+            out[position - start] ^= mask
+        self.corrupted += len(masks)
+        drops = set(self._events("drop", self._drop_rng, self.drop_rate, end))
+        duplicates = set(self._events("duplicate", self._duplicate_rng, self.duplicate_rate, end))
+        bursts = self._events("burst", self._burst_rng, self.burst_rate, end,
+                              lambda: self._burst_rng.randbytes(self._burst_rng.randint(1, self.max_burst)))
+        if not (drops or duplicates or bursts):
             return bytes(out)
         self.dropped += len(drops)
+        self.duplicated += len(duplicates - drops)
+        self.burst_bytes += sum(map(len, bursts.values()))
         kept = bytearray()
         previous = 0
-        for index in drops:
+        for position in sorted(drops | duplicates | set(bursts)):
+            index = position - start
             kept += out[previous:index]
+            kept += bursts.get(position) or b""
+            if position not in drops:
+                kept.append(out[index])
+                if position in duplicates:
+                    kept.append(out[index])
             previous = index + 1
         kept += out[previous:]
         return bytes(kept)
@@ -99,6 +153,8 @@ class RelayStats:
     bytes_out: int = 0
     dropped: int = 0
     corrupted: int = 0
+    duplicated: int = 0
+    burst_bytes: int = 0
 
 
 @dataclass
@@ -144,6 +200,8 @@ class Relay:
         *,
         drop_rate: float = 0.0,
         corrupt_rate: float = 0.0,
+        duplicate_rate: float = 0.0,
+        burst_rate: float = 0.0,
         baud: int | None = None,
         seed: int = 0,
         bits_per_byte: int = BITS_PER_BYTE,
@@ -156,7 +214,8 @@ class Relay:
         quantum = 1.0 if bytes_per_s is None else max(1.0, bytes_per_s * PACING_QUANTUM_S)
 
         def direction(src: int, dst: int, name: str) -> _Direction:
-            mangler = ByteMangler(drop_rate=drop_rate, corrupt_rate=corrupt_rate, seed=f"{seed}/{name}")
+            mangler = ByteMangler(drop_rate=drop_rate, corrupt_rate=corrupt_rate, duplicate_rate=duplicate_rate,
+                                  burst_rate=burst_rate, seed=f"{seed}/{name}")
             return _Direction(src, dst, mangler, RelayStats(), bytes_per_s, quantum)
 
         self._forward = direction(fd_a, fd_b, "a->b")
@@ -171,7 +230,9 @@ class Relay:
     def stats(self) -> dict[str, RelayStats]:
         """Return per-direction statistics, keyed "a->b" and "b->a"."""
         for d in (self._forward, self._backward):
-            d.stats.dropped, d.stats.corrupted = d.mangler.dropped, d.mangler.corrupted
+            m = d.mangler
+            d.stats.dropped, d.stats.corrupted = m.dropped, m.corrupted
+            d.stats.duplicated, d.stats.burst_bytes = m.duplicated, m.burst_bytes
         return {"a->b": self._forward.stats, "b->a": self._backward.stats}
 
     def start(self) -> Relay:
