@@ -373,3 +373,11 @@ def test_power_source_and_sampling_method_appear_in_the_report(tmp_path: Path) -
     assert "power source: pmic_adc (Pi 5 PMIC, 14 rails" in markdown
     assert "`vcgencmd pmic_read_adc` spawned before the first timed step, after the last, and every 1 s" in markdown
     assert "throttling and under-voltage (before and after the timed steps, from vcgencmd get_throttled" in markdown
+
+
+def test_pmic_lines_without_a_channel_number_are_read_too() -> None:
+    # The form one third-party page shows (tests/data/telemetry/README.md): unverified, so accepted as well.
+    from firmware_bridge.telemetry import parse_pmic_read_adc
+
+    reading = parse_pmic_read_adc("VDD_CORE_V=0.8750V\nVDD_CORE_A=1.2340A\nEXT5V_V=5.1000V\n")
+    assert reading.rails["VDD_CORE"].watts == pytest.approx(0.875 * 1.234) and reading.input_volts == 5.1

@@ -47,7 +47,9 @@ _TEMP = re.compile(r"temp=(-?\d+(?:\.\d+)?)'C")
 _CLOCK = re.compile(r"frequency\(\d+\)=(\d+)")
 _VOLTS = re.compile(r"volt=(-?\d+(?:\.\d+)?)V")
 _THROTTLED = re.compile(r"throttled=(0x[0-9a-fA-F]+|\d+)")
-_ADC = re.compile(r"^\s*(\S+)_([AV])\s+(?:current|volt)\(\d+\)=(-?\d+(?:\.\d+)?)[AV]\s*$")
+# "VDD_CORE_A current(7)=2.30318000A"; one third-party page shows "VDD_CORE_A=2.3031A" (no channel):
+# no capture settles which firmware prints what, so both are read.
+_ADC = re.compile(r"^\s*([^\s=]+)_([AV])(?:\s+(?:current|volt)\(\d+\))?=(-?\d+(?:\.\d+)?)[AV]\s*$")
 
 
 def run_vcgencmd(
