@@ -381,3 +381,17 @@ def test_pmic_lines_without_a_channel_number_are_read_too() -> None:
 
     reading = parse_pmic_read_adc("VDD_CORE_V=0.8750V\nVDD_CORE_A=1.2340A\nEXT5V_V=5.1000V\n")
     assert reading.rails["VDD_CORE"].watts == pytest.approx(0.875 * 1.234) and reading.input_volts == 5.1
+
+
+def test_jetson_over_current_and_under_voltage_event_counters(tmp_path: Path) -> None:
+    # Reproducer: an Orin whose supply sags mid-workload (soctherm_oc OC1 counts under-voltage events).
+    oc = "/sys/class/hwmon/hwmon3"
+    tree = make_tree(tmp_path, {f"{oc}/name": "soctherm_oc", f"{oc}/oc1_event_cnt": 0,
+                                f"{oc}/oc2_event_cnt": 0, f"{oc}/oc3_event_cnt": 5})
+    before = read_sysfs_throttle(tree)
+    assert before.checked == {"under_voltage", "throttled"} and before.counters == {"under_voltage": 0, "throttled": 5}
+    (tree / oc.lstrip("/") / "oc1_event_cnt").write_text("2\n")
+    summary = summarise_throttle(before, read_sysfs_throttle(tree))
+    assert summary["during"] == ["under_voltage"] and summary["before_workload"] == ["throttled"]
+    assert "under-voltage during this workload" in summary["warning"]
+    assert summarise_throttle(before, before)["warning"] is None  # old events alone: listed, no warning

@@ -17,7 +17,10 @@ Sources:
   `hwmon/<rpi_volt>/in0_lcrit_alarm` (the Pi's under-voltage alarm as the kernel exposes it);
   thermal cooling devices other than fans with `cur_state` > 0 (the kernel is throttling for heat);
   cpufreq policies whose `scaling_max_freq` is below `cpuinfo_max_freq` (a power mode or a thermal cap);
-  x86 `thermal_throttle/*_throttle_count` counters (an increase means throttling during the workload).
+  x86 `thermal_throttle/*_throttle_count` counters (an increase means throttling during the workload);
+  Jetson Orin's `hwmon/<soctherm_oc>/oc<N>_event_cnt` counters (Linux tegra234 soctherm-oc driver):
+  OC1 counts under-voltage events, OC2 average and OC3 instantaneous over-current events, each of
+  which makes the firmware throttle CPU and GPU.
 
 Conditions no source could check are reported as unknown, never as "fine".
 """
@@ -58,6 +61,9 @@ STICKY_SHIFT = 16
 
 HWMON_DIR = "/sys/class/hwmon"
 RPI_VOLT_CHIP = "rpi_volt"
+SOCTHERM_OC_CHIP = "soctherm_oc"
+# soctherm_oc event counter -> the condition it stands for.
+SOCTHERM_OC_EVENTS = {"oc1_event_cnt": UNDER_VOLTAGE, "oc2_event_cnt": THROTTLED, "oc3_event_cnt": THROTTLED}
 THERMAL_DIR = "/sys/class/thermal"
 CPUFREQ_DIR = "/sys/devices/system/cpu/cpufreq"
 CPU_DIR = "/sys/devices/system/cpu"
@@ -109,6 +115,20 @@ def _rpi_volt_alarm(root: str | Path) -> bool | None:
             alarm = read_int(hwmon / "in0_lcrit_alarm")
             if alarm is not None:
                 return alarm != 0
+    return None
+
+
+def _soctherm_oc_events(root: str | Path) -> dict[str, int] | None:
+    """Return condition -> Jetson over-current/under-voltage event count, or None without the driver."""
+    for hwmon in glob_sorted(under(root, HWMON_DIR), "hwmon*"):
+        if read_text(hwmon / "name") != SOCTHERM_OC_CHIP:
+            continue
+        counts: dict[str, int] = {}
+        for attribute, condition in SOCTHERM_OC_EVENTS.items():
+            count = read_int(hwmon / attribute)
+            if count is not None:
+                counts[condition] = counts.get(condition, 0) + count
+        return counts or None
     return None
 
 
@@ -177,6 +197,11 @@ def read_sysfs_throttle(root: str | Path = "/") -> ThrottleState | None:
         sources.append("cpu thermal_throttle counters")
         checked.add(THROTTLED)
         counters[THROTTLED] = events
+    if (oc_events := _soctherm_oc_events(root)) is not None:
+        sources.append("hwmon soctherm_oc event counters")
+        checked |= set(oc_events)
+        for condition, count in oc_events.items():
+            counters[condition] = counters.get(condition, 0) + count
     if not sources:
         return None
     return ThrottleState(tuple(sources), frozenset(checked), frozenset(now), counters=counters, details=tuple(details))
@@ -228,6 +253,8 @@ def summarise_throttle(before: ThrottleState | None, after: ThrottleState | None
         during |= {name for name, count in after.counters.items() if count > before.counters.get(name, count)}
     else:  # one reading only: a sticky bit may or may not belong to this workload
         earlier = states[0].occurred
+    # Events counted before the workload began happened earlier since boot, like a sticky bit.
+    earlier = earlier | {name for name, count in states[0].counters.items() if count > 0}
     sources = list(dict.fromkeys(source for state in states for source in state.sources))
     summary: dict[str, Any] = {
         "sources": sources,
