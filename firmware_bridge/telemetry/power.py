@@ -12,16 +12,18 @@ Pi 4 and older have none of these: `measure_volts` is a voltage, not a power, so
 
 How each is sampled matters, because sampling runs while steps are being timed:
 
-* sysfs sources are file reads (tens of microseconds) polled in a thread every SYSFS_INTERVAL_S;
+* sysfs sources are file reads polled in a thread every SYSFS_INTERVAL_S: one small pseudo-file
+  read from Python takes ~50 us on the 2-core x86 CI machine (/proc/self/statm, median of 2000),
+  0.1% of the 50 ms interval;
 * `tegrastats` is one long-lived process printing a line every TEGRASTATS_INTERVAL_MS;
-* `pmic_adc` costs a process spawn per sample. Measured on the 2-core x86 CI machine,
-  `subprocess.run(["/bin/true"])` takes 0.77 ms median (also from a process holding 200 MB);
-  on a Pi's slower cores, plus vcgencmd's firmware mailbox round trip, a few ms. At the old 50 ms
-  rate that is several percent of the CPU and lands inside most short steps (an MLP step is
-  ~2.4 ms: one spawn is a whole step). So spawn sources are sampled just before the first timed
-  step, just after the last, and every SPAWN_INTERVAL_S in between: at 1 s, at most one step per
-  second is disturbed, by about one spawn (~0.3% of the window); a window under 1 s gets the
-  two edge samples only.
+* `pmic_adc` costs a process spawn per sample. Measured on the same machine,
+  `subprocess.run(["/bin/true"])` takes 0.77 ms median (also from a process holding 200 MB): a
+  third of the 2.4 ms MLP step of issue 17, 0.8% of a 100 ms step; on a Pi's slower cores, plus
+  vcgencmd's firmware mailbox round trip, expect a few ms, i.e. a whole short step. The old
+  50 ms rate put a spawn into one step in twenty of such an MLP. So spawn sources are sampled just
+  before the first timed step, just after the last, and every SPAWN_INTERVAL_S in between: at
+  1 s, at most one step per second is disturbed, by about one spawn (~0.1-0.5% of the window);
+  a window under 1 s gets the two edge samples only.
 """
 
 from __future__ import annotations
