@@ -272,6 +272,7 @@ def summarise_throttle(before: ThrottleState | None, after: ThrottleState | None
     if parts:
         summary["warning"] = (
             "board throttled or under-voltage: " + ", ".join(parts)
-            + "; timings and energy are not those of a healthy board (check the supply and cooling)"
+            + "; timings and energy are not those of an unthrottled board "
+            "(check the supply, the cooling and the power mode)"
         )
     return summary
