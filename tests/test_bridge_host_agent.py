@@ -69,6 +69,10 @@ NANO_TELEMETRY = {
     "/sys/class/thermal/thermal_zone0/type": "CPU-therm",
     "/sys/class/thermal/thermal_zone0/temp": 41500,
     "/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq": 1479000,
+    # The kernel is throttling for heat: the board must say so and the host's report must warn.
+    "/sys/class/thermal/cooling_device0/type": "cpu-balanced",
+    "/sys/class/thermal/cooling_device0/cur_state": 2,
+    "/sys/class/thermal/cooling_device0/max_state": 10,
     "/proc/device-tree/model": "NVIDIA Jetson Nano Developer Kit",
 }
 
@@ -177,6 +181,13 @@ def test_profile_over_a_pty_is_complete_and_digests_agree(
     assert telemetry["energy_per_step_j"] > 0
     assert telemetry["thermal_c_before"] == {"CPU-therm": 41.5}
     assert report["board"]["capabilities"]["board"] == "NVIDIA Jetson Nano Developer Kit"
+    # Items 18 and 19: the sampling method, throttling read on the board, and a simulated board said so.
+    assert telemetry["power"]["method"].startswith("sysfs reads every 50 ms")
+    assert telemetry["throttle"]["now"] == ["throttled"] and telemetry["throttle"]["unknown"] == [
+        "under_voltage", "freq_capped", "soft_temp_limit"]
+    assert telemetry["throttle"]["warning"] in report["warnings"]
+    assert report["simulated"] is True and telemetry["simulated"] is True
+    assert report["timing"]["spread"]["busy"] in (True, False)  # this shared 2-core machine may well be busy
 
     memory = report["memory"]
     assert memory["peak_rss_bytes"] > 10 * (1 << 20)
@@ -188,6 +199,8 @@ def test_profile_over_a_pty_is_complete_and_digests_agree(
     assert json.loads(Path(written["json"]).read_text())["digest"]["agree"] is True
     markdown = Path(written["markdown"]).read_text()
     assert "digests agree" in markdown and all(f"| {name} |" in markdown for name in nodes)
+    assert "> **SIMULATED BOARD" in markdown
+    assert "> **Warning:** board throttled or under-voltage: throttled now" in markdown
     assert Path(written["plot"]).read_bytes().startswith(b"\x89PNG")
     assert set(table) == set(nodes)
     assert set(table["conv1"]["fp32"]) == {"forward_s", "backward_s"}
@@ -392,6 +405,7 @@ def test_cli_simulate_writes_the_report_and_the_latency_table(
     report = json.loads(capsys.readouterr().out)
     assert report["digest"]["verdict"] == "digests agree"
     assert report["uploaded"] is True and report["data_uploaded"] is True
+    assert report["simulated"] is True and report["board"]["simulated"]["corrupt_rate"] == 0.0
     assert report["workload"]["data"] == str(data) and report["workload"]["data_sha256"] == sha256_hex(
         data.read_bytes()
     )

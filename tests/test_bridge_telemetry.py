@@ -16,13 +16,13 @@ from firmware_bridge.telemetry import (
     ThrottleFlags,
     Vcgencmd,
     board_power_mw,
+    find_power_source,
     integrate_energy_j,
     parse_get_throttled,
     parse_measure_clock,
     parse_measure_temp,
     parse_pmic_read_adc,
     parse_tegrastats,
-    power_reader,
     probe,
     read_cpufreq,
     read_ina3221,
@@ -362,7 +362,7 @@ def test_probe_on_a_jetpack6_orin(tmp_path: Path) -> None:
     make_tree(tmp_path, {**ORIN_NANO_JP6, **THERMAL_AND_CPUFREQ})
     result = probe(tmp_path)
     assert set(result.found) == {"ina3221_hwmon", "tegrastats", "thermal_zones", "cpufreq"}
-    assert set(result.missing) == {"ina3221_iio", "vcgencmd", "pmic_adc"}
+    assert set(result.missing) == {"ina3221_iio", "hwmon_power", "vcgencmd", "pmic_adc"}
     assert "VDD_IN" in result.found["ina3221_hwmon"] and "ina3221_hwmon" in result
 
 
@@ -380,12 +380,14 @@ def test_probe_on_a_pi5_and_a_pi4(tmp_path: Path) -> None:
     assert "vcgencmd" in pi4 and "pmic_adc" in pi4.missing
 
 
-def test_power_reader_picks_the_board_power_source(tmp_path: Path) -> None:
-    jetson = tmp_path / "jetson"
-    reader = power_reader(make_tree(jetson, ORIN_NANO_JP6))
-    assert reader() == pytest.approx(5072 * 1208 / 1000)
-    assert power_reader(tmp_path / "pi5", runner=recorded("pi5"))() == pytest.approx(3309.8228, abs=1e-3)
-    assert power_reader(tmp_path / "pi4", runner=recorded("pi4")) is None
+def test_power_chain_picks_the_board_power_source(tmp_path: Path) -> None:
+    jetson = find_power_source(make_tree(tmp_path / "jetson", ORIN_NANO_JP6))
+    assert jetson.name == "ina3221_hwmon" and jetson.method.startswith("sysfs")
+    sampler = jetson.open_sampler()
+    assert sampler._read() == pytest.approx(5072 * 1208 / 1000)  # the reader the sampler polls
+    pi5 = find_power_source(tmp_path / "pi5", runner=recorded("pi5"))
+    assert pi5.name == "pmic_adc" and pi5.open_sampler()._read() == pytest.approx(3309.8228, abs=1e-3)
+    assert find_power_source(tmp_path / "pi4", runner=recorded("pi4")) is None
 
 
 # ------------------------------------------------------------------- energy

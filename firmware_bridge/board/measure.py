@@ -1,4 +1,8 @@
-"""What the agent measures around the timed steps: memory, power and energy, temperatures and clocks.
+"""What the agent measures around the timed steps: memory, power and energy, throttling, temperatures and clocks.
+
+Power comes from the first source of the chain in `firmware_bridge.telemetry.power`, sampled as
+that source allows (sysfs in a thread, one tegrastats process, or rare vcgencmd spawns); throttling
+and under-voltage are read just before the first timed step and just after the last, never during.
 
 Memory is measured without tracemalloc, which slows every allocation and sees only what goes
 through Python's allocators (not BLAS workspaces, not Numba's). Two methods, both reported:
@@ -18,12 +22,26 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.telemetry import PowerSampler, power_reader, probe, read_cpufreq, read_thermal_zones
+from firmware_bridge.telemetry import (
+    NO_POWER_SOURCE,
+    ThrottleState,
+    Vcgencmd,
+    default_runner,
+    find_power_source,
+    merge_states,
+    probe,
+    read_cpufreq,
+    read_sysfs_throttle,
+    read_thermal_zones,
+    summarise_throttle,
+)
+from firmware_bridge.telemetry.power import WindowSampler
 
-__all__ = ["BoardMeter", "MEMORY_METHODS", "RssSampler", "current_rss_bytes", "peak_rss_bytes"]
+__all__ = ["BoardMeter", "MEMORY_METHODS", "RssSampler", "SIMULATED_ENV", "current_rss_bytes", "peak_rss_bytes"]
 
 RSS_SAMPLE_INTERVAL_S = 0.01
-POWER_SAMPLE_INTERVAL_S = 0.05
+# Set by SimulatedBoard for the agent it starts, so the board itself says it is this host, not a board.
+SIMULATED_ENV = "EDGETRAIN_SIMULATED_BOARD"
 KIB = 1024
 STATM_PATH = "/proc/self/statm"
 MEMORY_METHODS = {
@@ -88,13 +106,15 @@ class RssSampler:
 
 
 class BoardMeter:
-    """Context manager around the timed steps: power sampling, RSS sampling, thermal and clock snapshots."""
+    """Context manager around the timed steps: power, RSS, throttling, thermal and clock snapshots."""
 
     def __init__(self, telemetry_root: str | Path = "/") -> None:
         self.root = telemetry_root
-        self.sensors = probe(telemetry_root)
-        self._power_reader = power_reader(telemetry_root)
-        self._power: PowerSampler | None = None
+        runner = default_runner(telemetry_root)
+        self.sensors = probe(telemetry_root, runner=runner)
+        self._vcgencmd = Vcgencmd(runner)
+        self.power_source = find_power_source(telemetry_root, runner=runner)
+        self._power: WindowSampler | None = None
         self._rss = RssSampler()
         self.energy_j: float | None = None
         self.mean_power_mw: float | None = None
@@ -104,14 +124,24 @@ class BoardMeter:
         self.thermal_before: dict[str, float] | None = None
         self.thermal_after: dict[str, float] | None = None
         self.cpufreq_khz: dict[int, int] | None = None
+        self.throttle_before: ThrottleState | None = None
+        self.throttle_after: ThrottleState | None = None
+        self.core_volts: dict[str, float | None] = {}
+        self.simulated = os.environ.get(SIMULATED_ENV) == "1"
+
+    def _throttle(self) -> ThrottleState | None:
+        return merge_states([self._vcgencmd.throttle_state(), read_sysfs_throttle(self.root)])
 
     def __enter__(self) -> BoardMeter:
+        # Spawning reads first: their cost must land before the first timed step, not in it.
+        self.throttle_before = self._throttle()
+        self.core_volts["before"] = self._vcgencmd.core_volts()
         self.thermal_before = read_thermal_zones(self.root)
         self.cpufreq_khz = read_cpufreq(self.root)
         self.rss_before = current_rss_bytes()
         self._rss.start()
-        if self._power_reader is not None:
-            self._power = PowerSampler(self._power_reader, interval_s=POWER_SAMPLE_INTERVAL_S).start()
+        if self.power_source is not None:
+            self._power = self.power_source.open_sampler().start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -121,10 +151,21 @@ class BoardMeter:
             self.power_samples = len(self._power.samples)
         self.sampled_peak = self._rss.stop()
         self.thermal_after = read_thermal_zones(self.root)
+        self.throttle_after = self._throttle()
+        self.core_volts["after"] = self._vcgencmd.core_volts()
+
+    def _power_report(self) -> dict[str, Any]:
+        if self.power_source is None:
+            return {"source": None, "method": None, "interval_s": None, "note": NO_POWER_SOURCE}
+        power: dict[str, Any] = {**self.power_source.describe(), "note": None}
+        if self._power is not None and self.energy_j is None:
+            power["note"] = f"{self.power_source.name} gave fewer than two readings: energy unknown, not zero"
+        return power
 
     def report(self, timed_steps: int) -> dict[str, Any]:
         """Return the measurements as JSON-ready `memory` and `telemetry` sections."""
         per_step = None if self.energy_j is None or timed_steps == 0 else self.energy_j / timed_steps
+        volts = self.core_volts if any(v is not None for v in self.core_volts.values()) else None
         return {
             "memory": {
                 "peak_rss_bytes": peak_rss_bytes(),
@@ -133,23 +174,19 @@ class BoardMeter:
                 "methods": MEMORY_METHODS,
             },
             "telemetry": {
+                "simulated": self.simulated,
                 "found": dict(self.sensors.found),
                 "missing": list(self.sensors.missing),
-                "power_source": None if self._power_reader is None else _power_source(self.sensors.found),
+                "power_source": None if self.power_source is None else self.power_source.name,
+                "power": self._power_report(),
                 "energy_j": self.energy_j,
                 "energy_per_step_j": per_step,
                 "mean_power_mw": self.mean_power_mw,
                 "power_samples": self.power_samples,
+                "throttle": summarise_throttle(self.throttle_before, self.throttle_after),
+                "core_volts": volts,
                 "thermal_c_before": self.thermal_before,
                 "thermal_c_after": self.thermal_after,
                 "cpufreq_khz": None if self.cpufreq_khz is None else {str(k): v for k, v in self.cpufreq_khz.items()},
             },
         }
-
-
-def _power_source(found: dict[str, str]) -> str:
-    # power_reader prefers the INA3221 (either driver) over the Pi 5 PMIC; name what it picked.
-    for name in ("ina3221_hwmon", "ina3221_iio", "pmic_adc"):
-        if name in found:
-            return name
-    return "unknown"

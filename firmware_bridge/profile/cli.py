@@ -135,7 +135,9 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
                     f"{exc}; the simulated agent exited ({board.agent.returncode}): {tail}"
                 ) from None
             raise
+    report["simulated"] = True
     report["board"]["simulated"] = {
+        **(report["board"].get("simulated") or {}),
         "corrupt_rate": args.sim_corrupt,
         "drop_rate": args.sim_drop,
         "baud": args.sim_baud,

@@ -21,10 +21,12 @@ from typing import Any
 from edgetrain.fileio import write_atomic
 from firmware_bridge.profile.errors import ProfileError
 from firmware_bridge.profile.records import BoardRun, Prepared, ProfileRequest
+from firmware_bridge.profile.spread import assess_timing
 from firmware_bridge.profile.workload import TrainingRun, engine_info
 
 __all__ = [
     "REPORT_SCHEMA",
+    "SIMULATED_NOTICE",
     "build_report",
     "format_markdown",
     "latency_table",
@@ -45,6 +47,22 @@ PLOT_DPI = 120
 PLOT_ROW_INCHES = 0.28
 PLOT_MIN_INCHES = 3.0
 SHORT_HASH = 12
+SIMULATED_NOTICE = (
+    "SIMULATED BOARD: the agent ran as a local process on the host (--simulate), not on a board; "
+    "timings, memory, energy and temperatures are the host's"
+)
+NO_POWER_TEXT = "no board power sensor"
+
+
+def report_warnings(telemetry: dict[str, Any], spread: dict[str, Any]) -> list[str]:
+    """Return the warnings a reader must see first: throttling or under-voltage, and a busy board."""
+    warnings = []
+    throttle = telemetry.get("throttle") or {}
+    if throttle.get("warning"):
+        warnings.append(throttle["warning"])
+    if spread.get("warning"):
+        warnings.append(spread["warning"])
+    return warnings
 
 
 def build_report(
@@ -70,9 +88,14 @@ def build_report(
     workload = prepared.workload
     telemetry = dict(metrics.get("telemetry", {}))
     telemetry["status_messages"] = len(board.telemetry)
+    spread = assess_timing(metrics.get("step_times_s"), metrics["step_s"])
+    # The agent says so itself when SimulatedBoard started it; the CLI adds how the line was simulated.
+    simulated = bool(telemetry.get("simulated"))
     return {
         "schema": REPORT_SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "simulated": simulated,
+        "warnings": report_warnings(telemetry, spread),
         "model": {
             "path": request.model,
             "sha256": prepared.model_sha,
@@ -80,7 +103,10 @@ def build_report(
             "parameters": prepared.summary["parameters"],
             "macs_per_sample": prepared.summary["macs_per_sample"],
         },
-        "board": {"port": request.port, "capabilities": board.capabilities, "engine": metrics.get("engine")},
+        "board": {
+            "port": request.port, "capabilities": board.capabilities, "engine": metrics.get("engine"),
+            "simulated": {"agent": "a local process on the host"} if simulated else None,
+        },
         "host": {"engine": engine_info()},
         "workload": {
             "id": prepared.workload_id,
@@ -96,6 +122,7 @@ def build_report(
             "warmup_steps": metrics["warmup_steps"],
             "step_s": metrics["step_s"],
             "step_times_s": metrics.get("step_times_s"),
+            "spread": spread,
             "clock": "time.perf_counter, a monotonic clock",
         },
         "layers": layers,
@@ -143,6 +170,35 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return ["| " + " | ".join(row) + " |" for row in (header, rule, *rows)]
 
 
+def _names(names: list[str]) -> str:
+    return ", ".join(name.replace("_", " ") for name in names)
+
+
+def _throttle_lines(throttle: dict[str, Any] | None) -> list[str]:
+    if throttle is None:
+        return []
+    if not throttle.get("sources"):
+        return ["* throttling and under-voltage: unknown (no get_throttled, no sysfs indicator)"]
+    state = "; ".join(
+        f"{label} {_names(throttle[key])}"
+        for key, label in (("now", "now:"), ("during", "during this workload:"),
+                           ("before_workload", "occurred earlier since boot:"))
+        if throttle.get(key)
+    ) or "none now or during this workload"
+    raw = throttle.get("raw") or {}
+    lines = [
+        f"* throttling and under-voltage (before and after the timed steps, from {', '.join(throttle['sources'])}): "
+        + ("**" + state + "**" if throttle.get("warning") else state)
+        + (f" (get_throttled {raw.get('before')} -> {raw.get('after')})" if raw.get("before") or raw.get("after")
+           else "")
+    ]
+    if throttle.get("details"):
+        lines.append("  * " + "; ".join(throttle["details"]))
+    if throttle.get("unknown"):
+        lines.append(f"  * not checkable on this board: {_names(throttle['unknown'])}")
+    return lines
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     """Render the report as Markdown: summary, per-layer table, memory, telemetry, link, digest."""
     model, workload, timing = report["model"], report["workload"], report["timing"]
@@ -155,17 +211,25 @@ def format_markdown(report: dict[str, Any]) -> str:
     )
     simulated = report["board"].get("simulated")
     if simulated:
-        board_name += (
-            f", simulated: agent on a pty, relay corrupting {simulated['corrupt_rate']:g} and dropping "
-            f"{simulated['drop_rate']:g} of bytes" + (f" at {simulated['baud']} baud" if simulated["baud"] else "")
-        )
+        board_name += ", SIMULATED: agent a local process on a pty"
+        if "corrupt_rate" in simulated:
+            board_name += (
+                f", relay corrupting {simulated['corrupt_rate']:g} and dropping {simulated['drop_rate']:g} of bytes"
+                + (f" at {simulated['baud']} baud" if simulated.get("baud") else "")
+            )
     data = "synthetic N(0,1) inputs, seeded labels" if workload["data"] == "synthetic" else workload["data"]
     upload = (
         f"uploaded ({report['upload_bytes']:,} bytes)" if report["uploaded"] else "already cached on the board"
     )
+    spread = timing.get("spread") or {}
+    ratio = spread.get("median_over_min")
+    busy = {True: "BUSY", False: "steady", None: "spread unknown"}[spread.get("busy")]
+    banners = [f"> **{SIMULATED_NOTICE}.**"] if report.get("simulated") or simulated else []
+    banners += [f"> **Warning:** {warning}" for warning in report.get("warnings") or []]
     lines = [
         f"# edgetrain profile: {Path(model['path']).name}",
         "",
+        *[line for banner in banners for line in (banner, "")],
         *_table(
             ["", ""],
             [
@@ -179,7 +243,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                 ["data", data],
                 ["upload", upload + (f", {report['reconnects']} reconnection(s)" if report["reconnects"] else "")],
                 ["step time", f"mean {_ms(step.get('mean'))} ms, median {_ms(step.get('median'))} ms, "
-                              f"min {_ms(step.get('min'))} ms, max {_ms(step.get('max'))} ms"],
+                              f"min {_ms(step.get('min'))} ms, max {_ms(step.get('max'))} ms; {busy}"
+                              + (f" (median/min {ratio:.2f})" if ratio is not None else "")],
                 ["loss", f"{_loss(report['loss']['board_first'])} -> {_loss(report['loss']['board_last'])} "
                          "(first and last step on the board)"],
                 ["weights digest", f"board {digest['board'][:SHORT_HASH]}, host {digest['host'][:SHORT_HASH]}: "
@@ -229,13 +294,23 @@ def format_markdown(report: dict[str, Any]) -> str:
         "* sensors found: " + (", ".join(f"{name} ({text})" for name, text in found.items()) or "none"),
         "* sensors missing: " + (", ".join(telemetry.get("missing") or []) or "none"),
     ]
+    power = telemetry.get("power") or {}
+    if power.get("source"):
+        lines.append(f"* power source: {power['source']} ({power.get('detail')}); sampled by {power.get('method')}")
     if energy is None:
-        lines.append("* energy: not measured (no board power sensor)")
+        lines.append(f"* energy: not measured: {power.get('note') or NO_POWER_TEXT}")
     else:
         lines.append(
             f"* energy: {energy:.4f} J over the timed steps, {telemetry['energy_per_step_j'] * 1000:.3f} mJ per step, "
             f"mean {telemetry['mean_power_mw']:.0f} mW "
             f"({telemetry['power_source']}, {telemetry['power_samples']} samples)"
+        )
+    lines += _throttle_lines(telemetry.get("throttle"))
+    volts = telemetry.get("core_volts")
+    if volts:
+        lines.append(
+            "* core voltage (vcgencmd measure_volts core; a voltage, not power): "
+            + ", ".join(f"{when} {v:.4f} V" for when, v in volts.items() if v is not None)
         )
     for label, key in (("before", "thermal_c_before"), ("after", "thermal_c_after")):
         zones = telemetry.get(key)

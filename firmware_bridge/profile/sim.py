@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from firmware_bridge.board.measure import SIMULATED_ENV
 from firmware_bridge.wire.relay import Relay, RelayStats
 from firmware_bridge.wire.transport import PtyPair, open_pty
 
@@ -115,6 +116,8 @@ class SimulatedBoard:
             raise RuntimeError("agent already running")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        # The agent reports this back in its telemetry, so every report of it says "simulated".
+        env[SIMULATED_ENV] = "1"
         if self._log is None:
             self._log = open(self.log_path, "ab")
         self.agent = subprocess.Popen(

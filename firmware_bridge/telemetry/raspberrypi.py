@@ -5,6 +5,7 @@ Outputs parsed here::
     vcgencmd measure_temp        temp=48.3'C
     vcgencmd measure_clock arm   frequency(48)=1500398464      (Hz; Pi 5 prints frequency(0)=...)
     vcgencmd get_throttled       throttled=0x50000
+    vcgencmd measure_volts core  volt=0.8500V                  (every Pi; a voltage, no current: not power)
     vcgencmd pmic_read_adc       (Pi 5 only) one line per ADC channel:
                                    VDD_CORE_A current(7)=2.30318000A
                                    VDD_CORE_V volt(15)=0.86343650V
@@ -12,12 +13,13 @@ Outputs parsed here::
 
 from __future__ import annotations
 
-import enum
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from firmware_bridge.telemetry.throttle import ThrottleFlags, ThrottleState, decode_throttled
 
 __all__ = [
     "PmicRail",
@@ -29,6 +31,7 @@ __all__ = [
     "parse_get_throttled",
     "parse_measure_clock",
     "parse_measure_temp",
+    "parse_measure_volts",
     "parse_pmic_read_adc",
     "run_vcgencmd",
 ]
@@ -42,30 +45,18 @@ Runner = Callable[[Sequence[str]], str | None]
 
 _TEMP = re.compile(r"temp=(-?\d+(?:\.\d+)?)'C")
 _CLOCK = re.compile(r"frequency\(\d+\)=(\d+)")
+_VOLTS = re.compile(r"volt=(-?\d+(?:\.\d+)?)V")
 _THROTTLED = re.compile(r"throttled=(0x[0-9a-fA-F]+|\d+)")
-_ADC = re.compile(r"^\s*(\S+)_([AV])\s+(?:current|volt)\(\d+\)=(-?\d+(?:\.\d+)?)[AV]\s*$")
+# "VDD_CORE_A current(7)=2.30318000A"; one third-party page shows "VDD_CORE_A=2.3031A" (no channel):
+# no capture settles which firmware prints what, so both are read.
+_ADC = re.compile(r"^\s*([^\s=]+)_([AV])(?:\s+(?:current|volt)\(\d+\))?=(-?\d+(?:\.\d+)?)[AV]\s*$")
 
 
-class ThrottleFlags(enum.IntFlag):
-    """Bits of `vcgencmd get_throttled`: low half is "now", bits 16+ are "since boot"."""
-
-    UNDER_VOLTAGE = 1 << 0
-    FREQ_CAPPED = 1 << 1
-    THROTTLED = 1 << 2
-    SOFT_TEMP_LIMIT = 1 << 3
-    UNDER_VOLTAGE_OCCURRED = 1 << 16
-    FREQ_CAPPED_OCCURRED = 1 << 17
-    THROTTLED_OCCURRED = 1 << 18
-    SOFT_TEMP_LIMIT_OCCURRED = 1 << 19
-
-    def names(self) -> list[str]:
-        """Return the names of the set flags, lowest bit first."""
-        return [name for name, flag in type(self).__members__.items() if flag in self]
-
-
-def run_vcgencmd(args: Sequence[str], *, timeout: float = VCGENCMD_TIMEOUT_S) -> str | None:
-    """Run the real vcgencmd; None if it is missing, fails, or takes longer than `timeout`."""
-    path = shutil.which("vcgencmd")
+def run_vcgencmd(
+    args: Sequence[str], *, timeout: float = VCGENCMD_TIMEOUT_S, executable: str = "vcgencmd"
+) -> str | None:
+    """Run vcgencmd (found on PATH, or at `executable`); None if it is missing, fails, or exceeds `timeout`."""
+    path = shutil.which(executable)
     if path is None:
         return None
     try:
@@ -85,6 +76,12 @@ def parse_measure_clock(text: str | None) -> int | None:
     """Return the clock in Hz from `measure_clock <clock>` output."""
     match = _CLOCK.search(text or "")
     return int(match.group(1)) if match else None
+
+
+def parse_measure_volts(text: str | None) -> float | None:
+    """Return the voltage in V from `measure_volts <rail>` output."""
+    match = _VOLTS.search(text or "")
+    return float(match.group(1)) if match else None
 
 
 def parse_get_throttled(text: str | None) -> ThrottleFlags | None:
@@ -161,6 +158,15 @@ class Vcgencmd:
     def throttled(self) -> ThrottleFlags | None:
         """Return the under-voltage / throttling flags."""
         return parse_get_throttled(self._run(["get_throttled"]))
+
+    def throttle_state(self) -> ThrottleState | None:
+        """Return the get_throttled flags decoded into conditions now and since boot."""
+        flags = self.throttled()
+        return None if flags is None else decode_throttled(int(flags))
+
+    def core_volts(self) -> float | None:
+        """Return the SoC core voltage in V (`measure_volts core`): a voltage only, not power."""
+        return parse_measure_volts(self._run(["measure_volts", "core"]))
 
     def pmic(self) -> PmicReading | None:
         """Return the Pi 5 PMIC rail readings."""

@@ -18,15 +18,22 @@ import re
 import select
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from firmware_bridge.telemetry.energy import MW_PER_W, Sample, integrate_energy_j
 from firmware_bridge.telemetry.jetson import board_power_mw
 
-__all__ = ["CpuCore", "RailPower", "TegraStats", "parse_tegrastats", "read_tegrastats_line"]
+__all__ = ["CpuCore", "RailPower", "TegraStats", "TegrastatsSampler", "parse_tegrastats", "read_tegrastats_line"]
 
 DEFAULT_INTERVAL_MS = 500
 DEFAULT_TIMEOUT_S = 3.0
+# The power sampler's rate: tegrastats itself reads every rail and clock each interval, so it costs
+# the board a little CPU; 4 lines a second resolve a step of a few hundred ms and stay cheap.
+SAMPLER_INTERVAL_MS = 250
+STOP_TIMEOUT_S = 2.0
 # NVIDIA reports a powered-down thermal sensor (e.g. CV0 on Orin) as -256 C.
 SENSOR_OFF_C = -256.0
 
@@ -162,3 +169,122 @@ def read_tegrastats_line(
     finally:
         proc.kill()
         proc.wait()
+
+
+class TegrastatsSampler:
+    """One long-lived `tegrastats --interval N` for the timed window; every line it prints is one power sample.
+
+    No process is spawned per sample: the one process is started (and its first line awaited, so
+    its start-up cost falls before the first timed step) in start(), and terminated in stop().
+    The window's energy holds the first reading back to start() and the last forward to stop().
+    """
+
+    def __init__(
+        self,
+        executable: str,
+        *,
+        interval_ms: int = SAMPLER_INTERVAL_MS,
+        first_line_timeout_s: float = DEFAULT_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if interval_ms <= 0:
+            raise ValueError(f"interval_ms must be positive, got {interval_ms}")
+        self.executable = executable
+        self.interval_s = interval_ms / 1000.0
+        self._interval_ms = interval_ms
+        self._first_line_timeout_s = first_line_timeout_s
+        self._clock = clock
+        self._samples: list[Sample] = []
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped_at: float | None = None
+        self.lines = 0
+
+    @property
+    def samples(self) -> list[Sample]:
+        """Return a copy of the (time, mW) samples so far, the window's closing edge included after stop()."""
+        with self._lock:
+            samples = list(self._samples)
+        if samples and self._stopped_at is not None and self._stopped_at > samples[-1][0]:
+            samples.append((self._stopped_at, samples[-1][1]))
+        return samples
+
+    @property
+    def energy_j(self) -> float | None:
+        """Return the energy of the window; None without two samples."""
+        samples = self.samples
+        return integrate_energy_j(samples) if len(samples) >= 2 else None
+
+    @property
+    def mean_power_mw(self) -> float | None:
+        """Return the time-weighted mean power; None until two samples span some time."""
+        samples = self.samples
+        if len(samples) < 2 or samples[-1][0] == samples[0][0]:
+            return None
+        return integrate_energy_j(samples) * MW_PER_W / (samples[-1][0] - samples[0][0])
+
+    def start(self) -> TegrastatsSampler:
+        """Start tegrastats, wait for its first line (the window's first sample) and read the rest in a thread."""
+        if self._proc is not None:
+            raise RuntimeError("sampler already running")
+        self._samples.clear()
+        self._stopped_at = None
+        self._proc = subprocess.Popen(
+            [self.executable, "--interval", str(self._interval_ms)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], self._first_line_timeout_s)
+        if ready:
+            self._take(self._proc.stdout.readline())
+        self._thread = threading.Thread(target=self._run, name="tegrastats-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        """Terminate tegrastats, close the window now and return its energy in joules (None if unmeasured)."""
+        if self._proc is None:
+            raise RuntimeError("sampler is not running")
+        self._stopped_at = self._clock()
+        self._proc.terminate()
+        try:
+            self._proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+            self._thread = None
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+        return self.energy_j
+
+    def __enter__(self) -> TegrastatsSampler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._proc is not None:
+            self.stop()
+
+    def _take(self, line: str) -> None:
+        now = self._clock()
+        if self._stopped_at is not None or not line:
+            return
+        self.lines += 1
+        stats = parse_tegrastats(line)
+        power = None if stats is None else stats.board_power_mw
+        if power is not None:
+            with self._lock:
+                self._samples.append((now, float(power)))
+
+    def _run(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return
+        try:
+            for line in proc.stdout:
+                self._take(line)
+        except (OSError, ValueError):  # the pipe closed under us at stop()
+            return
