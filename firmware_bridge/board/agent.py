@@ -61,6 +61,7 @@ from firmware_bridge.profile.workload import (
 )
 from firmware_bridge.telemetry import probe
 from firmware_bridge.telemetry._sysfs import read_text, under
+from firmware_bridge.wire.counters import LinkCounters
 from firmware_bridge.wire.errors import FrameTooLarge, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
 from firmware_bridge.wire.link import Link
 from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, BLOB_FORMATS, BlobAssembler, Message, MsgType
@@ -269,7 +270,7 @@ class Agent:
         self.outbox: queue.Queue[Outgoing] = queue.Queue()
         self.generation = 0
         self.counters = {"sessions": 0, "errors_sent": 0, "ignored_outside_session": 0, "links_replaced": 0}
-        self._retired: dict[str, dict[str, int]] = {"decoder": {}, "link": {}}
+        self._link_totals = LinkCounters()
         self._session_caps: dict[str, Any] | None = None
         self._in_session = False
         self._assembler: BlobAssembler | None = None
@@ -358,18 +359,11 @@ class Agent:
         return self._new_link(port)
 
     def _retire(self, link: Link) -> None:
-        for section, stats in (("decoder", link.decoder_stats.as_dict()), ("link", link.stats.as_dict())):
-            totals = self._retired[section]
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0) + value
+        self._link_totals.retire(link)
 
     def link_counters(self, link: Link) -> dict[str, dict[str, int]]:
         """Return decoder, link and agent counters since the agent started (all links together)."""
-        out: dict[str, dict[str, int]] = {"agent": dict(self.counters)}
-        for section, stats in (("decoder", link.decoder_stats.as_dict()), ("link", link.stats.as_dict())):
-            retired = self._retired[section]
-            out[section] = {key: value + retired.get(key, 0) for key, value in stats.items()}
-        return out
+        return {"agent": dict(self.counters), **self._link_totals.totals(link)}
 
     # ----------------------------------------------------------------------------- sessions
 

@@ -42,6 +42,7 @@ from firmware_bridge.profile.workload import (
     sha256_hex,
     train,
 )
+from firmware_bridge.wire.counters import LinkCounters
 from firmware_bridge.wire.errors import LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
 from firmware_bridge.wire.link import Link
 from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, DATA_FORMAT, Message, MsgType
@@ -109,6 +110,7 @@ class BoardClient:
         self._clock = clock
         self._port: serial.SerialBase | None = None
         self._link: Link | None = None
+        self._link_totals = LinkCounters()
         self._last_alive = clock()
 
     # ------------------------------------------------------------------------- connection
@@ -140,6 +142,7 @@ class BoardClient:
             peer_timeout=self.detect_s,
             capabilities=capabilities,
             baud=self.baud,
+            clock=self._clock,
         )
         return self._link
 
@@ -147,6 +150,7 @@ class BoardClient:
         if self._link is not None:
             with contextlib.suppress(serial.SerialException, OSError):
                 self._link.close(bye=False)
+            self._link_totals.retire(self._link)
             self._link = None
 
     def _handshake(self, budget_s: float) -> dict[str, Any] | None:
@@ -234,7 +238,10 @@ class BoardClient:
     # -------------------------------------------------------------------------- messaging
 
     def _silence(self) -> float:
-        return self._clock() - self._last_alive
+        # A message still arriving fragment by fragment (a long RESULT on a noisy line) is a board
+        # that is talking, not a silent one.
+        heard = self._last_alive if self._link is None else max(self._last_alive, self._link.progress_at)
+        return self._clock() - heard
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -333,10 +340,11 @@ class BoardClient:
             bar.close()
 
     def link_counters(self) -> dict[str, Any]:
-        """Return this host's link and decoder counters."""
-        if self._link is None:
+        """Return this host's link and decoder counters over every link of this client (reconnections included)."""
+        if self._link is None and not self._link_totals.links_retired:
             return {}
-        return {"link": self._link.stats.as_dict(), "decoder": self._link.decoder_stats.as_dict()}
+        links = self._link_totals.links_retired + (self._link is not None)
+        return {**self._link_totals.totals(self._link), "links": links}
 
 
 # ----------------------------------------------------------------------------------------- profiling

@@ -325,7 +325,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "## Link",
         "",
-        f"* host: {host_stats.get('frames_sent', 0):,} frames sent, {host_stats.get('retransmits', 0)} retransmitted, "
+        f"* host ({host_link.get('links', 1)} link{'s' if host_link.get('links', 1) != 1 else ''}, counted together): "
+        f"{host_stats.get('frames_sent', 0):,} frames sent, {host_stats.get('retransmits', 0)} retransmitted, "
         f"{host_link.get('decoder', {}).get('crc_errors', 0)} CRC errors received",
         f"* board (since the agent started): {board_decoder.get('crc_errors', 0)} CRC errors, "
         f"{board_decoder.get('truncated', 0)} truncated, {board_decoder.get('malformed', 0)} malformed, "

@@ -11,7 +11,11 @@ Reliability in brief (docs/PROTOCOL.md has the full story):
 * ACK, NACK and HEARTBEAT carry the receiver's next expected sequence number
   (a cumulative acknowledgement) in their sequence field.
 * A receiver buffers frames that arrive after a gap and NACKs the missing one;
-  the sender retransmits on NACK, or on its own when `ack_timeout` passes.
+  the sender retransmits on NACK, or on its own when its retransmission timer runs out:
+  `ack_timeout` until the round trip has been measured, then the measured round trip plus
+  four deviations (RFC 6298's estimator, Karn's rule), doubling per retry of one frame and
+  never above `ack_timeout`. A lost retransmission then costs tens of milliseconds on a fast
+  line instead of `ack_timeout`; giving up still takes at least `max_retries * ack_timeout`.
 * Duplicates (retransmissions, replays) are acknowledged again but delivered once.
 * A message longer than one frame goes as consecutive fragments (FLAG_MORE on all but the
   last), so one damaged byte costs one small frame, not the whole message; the frame size
@@ -61,7 +65,7 @@ from firmware_bridge.wire.messages import (
     decode_payload,
     encode_payload,
 )
-from firmware_bridge.wire.sizing import FrameSizer
+from firmware_bridge.wire.sizing import MIN_FRAME_PAYLOAD, FrameSizer
 from firmware_bridge.wire.transport import BITS_PER_BYTE
 
 __all__ = ["Link", "LinkStats", "MAX_MESSAGE", "MAX_WINDOW", "SerialLike"]
@@ -74,6 +78,10 @@ DEFAULT_POLL_INTERVAL = 0.01
 DEFAULT_PEER_TIMEOUT = 5.0
 # A receiver repeats a NACK for the same gap at most this often (as a fraction
 # of ack_timeout), so a burst of frames behind one hole costs one retransmission.
+# Floor of the measured retransmission timer: the peer's poll loop (10 ms) plus a GIL switch or two
+# on a board whose worker thread trains; below it, retransmissions would be mostly spurious.
+MIN_RETRANSMIT_S = 0.05
+_RTT_GAIN, _RTTVAR_GAIN, _RTTVAR_WEIGHT = 1 / 8, 1 / 4, 4
 _NACK_REPEAT_FRACTION = 0.25
 
 
@@ -185,9 +193,13 @@ class Link:
         capabilities: dict[str, Any] | None = None,
         protocol_version: int = PROTOCOL_VERSION,
         baud: int | None = None,
+        frame_size: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Wrap `port`; `baud` budgets transmit time (None: port.baudrate if any, 0: off)."""
+        """Wrap `port`; `baud` budgets transmit time (None: port.baudrate if any, 0: off).
+
+        `frame_size` fixes the payload bytes per frame; None (the default) adapts it to the loss observed.
+        """
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window must be in 1..{MAX_WINDOW}, got {window}")
         if not MIN_ANNOUNCED_PAYLOAD <= max_payload <= MAX_PAYLOAD:
@@ -231,6 +243,11 @@ class Link:
         self._rx_buffer: dict[int, Frame] = {}
         self._partial: _Partial | None = None
         self._sizer = FrameSizer(max_payload)
+        if frame_size is not None and not MIN_FRAME_PAYLOAD <= frame_size <= max_payload:
+            raise ValueError(f"frame_size must be in {MIN_FRAME_PAYLOAD}..{max_payload}, got {frame_size}")
+        self._fixed_frame = frame_size
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._progress_at = clock()
         self._inbox: deque[Message | ProtocolError] = deque()
         self._deferred: deque[Message] = deque()
@@ -276,7 +293,8 @@ class Link:
     @property
     def frame_payload(self) -> int:
         """Return the payload bytes this side now puts in one frame (adapted to the loss it sees)."""
-        return min(self._sizer.payload_size(), self._send_max_payload)
+        wanted = self._sizer.payload_size() if self._fixed_frame is None else self._fixed_frame
+        return min(wanted, self._send_max_payload)
 
     @property
     def byte_error_rate(self) -> float:
@@ -389,8 +407,10 @@ class Link:
         view, total = memoryview(blob), len(blob)
         count = offset = 0
         while count == 0 or offset < total:
-            room = max(1, self.frame_payload - CHUNK_HEADER.size)
-            size = room if chunk_size is None else min(chunk_size, room)
+            if chunk_size is None:
+                size = max(1, self.frame_payload - CHUNK_HEADER.size)
+            else:
+                size = min(chunk_size, self._send_max_payload - CHUNK_HEADER.size)
             chunk = Chunk(offset, total, bytes(view[offset : offset + size]))
             self.send(msg_type, chunk, wait=False, timeout=self._remaining(deadline))
             count += 1
@@ -475,6 +495,7 @@ class Link:
         self._inflight.clear()
         self._rx_buffer.clear()
         self._partial = None
+        self._srtt, self._rttvar = None, 0.0
         self._decoder.reset()
         self._pending_error = None
 
@@ -483,7 +504,7 @@ class Link:
         payload = encode_payload(MsgType.HELLO, self._hello_body())
         flags = FLAG_RETRANSMIT if retransmit else 0
         wire = encode_frame(MsgType.HELLO, self._tx_next, payload, flags=flags, version=self.protocol_version)
-        retry_at = self._write(wire) + self.ack_timeout
+        retry_at = self._write(wire) + self.ack_timeout  # no round trip measured yet in a new session
         if deadline is not None:
             retry_at = min(retry_at, deadline)
         while self._hello_reply is None and self._clock() < retry_at:
@@ -590,16 +611,32 @@ class Link:
         wire = encode_frame(entry.msg_type, seq, entry.payload, flags=flags, version=self.protocol_version)
         entry.wire_len = len(wire)
         entry.left_wire_at = self._write(wire)
-        entry.due = entry.left_wire_at + self.ack_timeout
+        entry.due = entry.left_wire_at + self._retransmit_after(entry.retries)
         entry.copies += 1
         if retransmit:
             self.stats.retransmits += 1
+
+    def _sample_round_trip(self, sample: float) -> None:
+        if sample < 0:
+            return  # acknowledged before our wire budget said it left: the port is faster than its baud
+        if self._srtt is None:
+            self._srtt, self._rttvar = sample, sample / 2
+            return
+        self._rttvar += _RTTVAR_GAIN * (abs(self._srtt - sample) - self._rttvar)
+        self._srtt += _RTT_GAIN * (sample - self._srtt)
+
+    def _retransmit_after(self, retries: int) -> float:
+        """Return how long a frame retransmitted `retries` times waits for its ACK before the next copy."""
+        if self._srtt is None:
+            return self.ack_timeout
+        measured = max(MIN_RETRANSMIT_S, self._srtt + _RTTVAR_WEIGHT * self._rttvar)
+        return min(self.ack_timeout, measured * (1 << min(retries, 16)))
 
     def _service_timers(self, now: float) -> None:
         for seq, entry in self._inflight.items():
             if now < entry.due:
                 continue
-            if entry.retries >= self.max_retries:
+            if entry.retries >= self.max_retries and now - entry.first_sent >= self.max_retries * self.ack_timeout:
                 raise PeerGone(
                     f"peer stopped answering: {_type_name(entry.msg_type)} frame {seq} unacknowledged "
                     f"after {entry.retries} retransmissions over {now - entry.first_sent:.2f} s"
@@ -641,9 +678,12 @@ class Link:
         if (next_expected - oldest) % SEQ_MODULUS > (self._tx_next - oldest) % SEQ_MODULUS:
             return
         acked = False
+        now = self._clock()
         while self._inflight and seq_before(next(iter(self._inflight)), next_expected):
             _, entry = self._inflight.popitem(last=False)
             self._sizer.record(entry.wire_len, lost=False)
+            if entry.copies == 1:  # Karn: the round trip of a retransmitted frame is ambiguous
+                self._sample_round_trip(now - entry.left_wire_at)
             acked = True
         if acked and self._byte_time:
             self._correct_budget()
@@ -658,7 +698,7 @@ class Link:
         for entry in self._inflight.values():
             if entry.left_wire_at > bound:
                 entry.left_wire_at = bound
-                entry.due = bound + self.ack_timeout
+                entry.due = bound + self._retransmit_after(entry.retries)
 
     def _on_nack(self, seq: int) -> None:
         entry = self._inflight.get(seq)
