@@ -266,6 +266,8 @@ def test_a_restarted_agent_is_reconnected_and_the_profile_completes(model_path: 
 
     assert restarted.is_set()
     assert report["reconnects"] == 1
+    # The host's link counters cover both links, not only the one that finished the profile.
+    assert report["link"]["host"]["links"] == 2
     # Uploaded before the crash; the restarted agent found it in its cache.
     assert report["uploaded"] is True
     assert report["link"]["board"]["agent"]["sessions"] == 1, log

@@ -46,7 +46,7 @@ from edgetrain.cli.argtypes import memory_size
 from edgetrain.errors import DataError, EdgetrainError, ModelError, ResourceLimitError
 from edgetrain.kernels import use_backend
 from edgetrain.kernels.routes import CHOICES, ENV_VAR, usable_routes
-from firmware_bridge.board.cache import BlobCache, default_cache_dir
+from firmware_bridge.board.cache import BlobCache, Upload, default_cache_dir
 from firmware_bridge.board.measure import BoardMeter
 from firmware_bridge.profile.errors import WorkloadError
 from firmware_bridge.profile.workload import (
@@ -56,7 +56,6 @@ from firmware_bridge.profile.workload import (
     Workload,
     engine_info,
     load_model,
-    sha256_hex,
     train,
 )
 from firmware_bridge.telemetry import probe
@@ -64,7 +63,7 @@ from firmware_bridge.telemetry._sysfs import read_text, under
 from firmware_bridge.wire.counters import LinkCounters
 from firmware_bridge.wire.errors import FrameTooLarge, LinkTimeout, PeerGone, ProtocolError, ProtocolVersionError
 from firmware_bridge.wire.link import Link
-from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, BLOB_FORMATS, BlobAssembler, Message, MsgType
+from firmware_bridge.wire.messages import ACCEPTED_MODEL_FORMATS, BLOB_FORMATS, Message, MsgType
 from firmware_bridge.wire.transport import DEFAULT_BAUD, open_port
 
 __all__ = ["Agent", "ErrorCode", "board_capabilities", "build_parser", "main"]
@@ -87,6 +86,8 @@ MAX_JOB_ID = 128
 MAX_STEP_TIMES_SENT = 256
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
 EXIT_USAGE = 2
+# Left free on the cache's file system after an upload: logs, the OS and other writers need room too.
+CACHE_DISK_RESERVE = 64 << 20
 
 
 class ErrorCode:
@@ -101,6 +102,7 @@ class ErrorCode:
     WORKLOAD_INVALID = "workload_invalid"
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
+    NO_ROOM = "no_room"
 
 
 def _clip(text: str) -> str:
@@ -273,7 +275,10 @@ class Agent:
         self._link_totals = LinkCounters()
         self._session_caps: dict[str, Any] | None = None
         self._in_session = False
-        self._assembler: BlobAssembler | None = None
+        self._upload: Upload | None = None
+        # Total of an upload refused at its first chunk: the rest of it is dropped without an ERROR each.
+        self._refused_upload: int | None = None
+        self._result_in_flight = False
         self._last_status = 0.0
         # One small handler per message type a host may send, all with the same signature.
         self.handlers: dict[MsgType, Callable[[Message], None]] = {
@@ -383,7 +388,7 @@ class Agent:
             log.info("session over: %s", reason)
         self.generation += 1
         self.worker.cancel_all()
-        self._assembler = None
+        self._drop_upload()
         self._in_session = False
 
     def _dispatch(self, message: Message) -> None:
@@ -423,6 +428,7 @@ class Agent:
                 item.body["metrics"]["agent_link"] = self.link_counters(link)
             if item.msg_type == MsgType.ERROR:
                 self.counters["errors_sent"] += 1
+            self._result_in_flight = self._result_in_flight or item.msg_type == MsgType.RESULT
             try:
                 link.send(item.msg_type, item.body, wait=False)
             except (FrameTooLarge, ProtocolError) as exc:
@@ -439,48 +445,103 @@ class Agent:
     def _send_status(self, link: Link) -> None:
         job = self.worker.current
         now = time.monotonic()
-        if job is None or not self._in_session or now - self._last_status < STATUS_INTERVAL_S or not link.can_send:
+        # Also while what a job produced is still on its way (a RESULT crossing a noisy line fragment by
+        # fragment): the host hears the board between the last PROGRESS and the RESULT.
+        if self._result_in_flight and link.in_flight == 0:
+            self._result_in_flight = False
+        sending = job is None and self._result_in_flight
+        if (job is None and not sending) or not self._in_session or now - self._last_status < STATUS_INTERVAL_S \
+                or not link.can_send:
             return
         self._last_status = now
-        values = {"state": "busy", "job": job.kind, "id": job.job_id, "step": job.step, "total_steps": job.total_steps}
+        if job is None:
+            values: dict[str, Any] = {"state": "sending", "in_flight": link.in_flight}
+        else:
+            values = {"state": "busy", "job": job.kind, "id": job.job_id, "step": job.step,
+                      "total_steps": job.total_steps}
         link.send(MsgType.TELEMETRY, {"time": now, "values": values}, wait=False)
 
     # ----------------------------------------------------------------------------- handlers
 
-    def _submit(self, kind: str, job_id: str, action: Callable[[Job], None]) -> None:
+    def _submit(
+        self, kind: str, job_id: str, action: Callable[[Job], None], on_drop: Callable[[], None] | None = None
+    ) -> None:
         def run_if_current(job: Job) -> None:
             # Queued before its session ended but dequeued after: nobody is waiting for it.
             if job.generation == self.generation and not job.cancel.is_set():
                 action(job)
+            elif on_drop is not None:
+                on_drop()
 
         self.worker.submit(Job(kind, job_id, self.generation, run_if_current))
 
     def _on_model_query(self, message: Message) -> None:
-        sha, fmt = message.body["sha256"], message.body.get("format", ACCEPTED_MODEL_FORMATS[0])
-        self._submit("verify", sha[:12], lambda job: self._verify(job, sha, fmt))
+        body = message.body
+        sha, fmt = body["sha256"], body.get("format", ACCEPTED_MODEL_FORMATS[0])
+        self._submit("verify", sha[:12], lambda job: self._verify(job, sha, fmt, body.get("size")))
+
+    def _no_room(self, size: int, what: str) -> str | None:
+        """Return why a blob of `size` bytes cannot be taken now, or None if it fits."""
+        # It is spooled to the cache's disk, then read back whole to be imported: both must hold it.
+        limit = limits.budget()
+        if size > self.cache.max_blob:
+            return f"{what} of {limits.format_size(size)} exceeds the agent's blob limit of " \
+                   f"{limits.format_size(self.cache.max_blob)}"
+        if size > limit.max_bytes:
+            return f"{what} of {limits.format_size(size)} does not fit the board's memory budget of " \
+                   f"{limits.format_size(limit.max_bytes)} ({limit.source})"
+        free = self.cache.free_bytes()
+        if free is not None and size + CACHE_DISK_RESERVE > free:
+            return f"{what} of {limits.format_size(size)} does not fit the {limits.format_size(free)} free " \
+                   f"in the agent's cache folder"
+        return None
+
+    def _drop_upload(self) -> None:
+        if self._upload is not None:
+            self._upload.discard()
+            self._upload = None
+        self._refused_upload = None
 
     def _on_model_chunk(self, message: Message) -> None:
         chunk = message.body
         if chunk.offset == 0:
             # Every upload starts at offset 0; one left half-done is abandoned.
-            self._assembler = BlobAssembler(self.cache.max_blob)
-        elif self._assembler is None:
+            self._drop_upload()
+            problem = self._no_room(chunk.total, "upload")
+            if problem is not None:
+                self._refused_upload = chunk.total
+                self._refuse(ErrorCode.NO_ROOM, problem)
+                return
+            try:
+                self._upload = self.cache.begin_upload(chunk.total)
+            except OSError as exc:
+                self._refused_upload = chunk.total
+                self._refuse(ErrorCode.INTERNAL, f"cannot spool the upload in the cache: {exc}")
+                return
+        elif self._upload is None:
+            if self._refused_upload == chunk.total:
+                return  # the rest of an upload already refused once
             raise ProtocolError(f"MODEL_CHUNK at offset {chunk.offset} with no upload in progress")
         try:
-            self._assembler.add(chunk)
+            self._upload.add(chunk)
         except ProtocolError:
-            self._assembler = None
+            self._drop_upload()
             raise
 
     def _on_model_commit(self, message: Message) -> None:
         sha, size, fmt = message.body["sha256"], message.body["size"], message.body["format"]
-        assembler, self._assembler = self._assembler, None
-        if assembler is None or not assembler.done:
+        upload, self._upload = self._upload, None
+        if upload is None and self._refused_upload is not None:
+            self._refused_upload = None
+            return  # refused at its first chunk, and said so then
+        if upload is None or not upload.done:
+            if upload is not None:
+                upload.discard()
             raise ProtocolError(f"MODEL_COMMIT for {sha[:12]} without a complete upload before it")
-        blob = assembler.data()
-        if len(blob) != size:
-            raise ProtocolError(f"MODEL_COMMIT says {size} bytes, the upload had {len(blob)}")
-        self._submit("store", sha[:12], lambda job: self._store(job, sha, fmt, blob))
+        if upload.total != size:
+            upload.discard()
+            raise ProtocolError(f"MODEL_COMMIT says {size} bytes, the upload had {upload.total}")
+        self._submit("store", sha[:12], lambda job: self._store(job, sha, fmt, upload), on_drop=upload.discard)
 
     def _on_workload(self, message: Message) -> None:
         body = message.body
@@ -520,18 +581,33 @@ class Agent:
         body = {"id": job.job_id, "status": "error", "message": _clip(text), "metrics": {"code": code}}
         self._post(job.generation, MsgType.RESULT, body)
 
-    def _verify(self, job: Job, sha: str, fmt: str) -> None:
+    def _verify(self, job: Job, sha: str, fmt: str, announced: int | None) -> None:
         size = self.cache.has(sha, fmt)
+        if size is None and announced is not None:
+            what = f"{'model' if fmt in ACCEPTED_MODEL_FORMATS else 'data'} {sha[:12]}"
+            problem = self._no_room(announced, what)
+            if problem is not None:
+                self._job_error(job, ErrorCode.NO_ROOM, problem)  # before a single byte of it is sent
+                return
         body: dict[str, Any] = {"sha256": sha, "have": size is not None}
         if size is not None:
             body["size"] = size
         self._post(job.generation, MsgType.MODEL_HAVE, body)
 
-    def _store(self, job: Job, sha: str, fmt: str, blob: bytes) -> None:
-        actual = sha256_hex(blob)
-        if actual != sha:
-            self._job_error(job, ErrorCode.HASH_MISMATCH, f"upload hashes to {actual}, the commit names {sha}")
-            return
+    def _store(self, job: Job, sha: str, fmt: str, upload: Upload) -> None:
+        try:
+            actual = upload.finish()
+            if actual != sha:
+                self._job_error(job, ErrorCode.HASH_MISMATCH, f"upload hashes to {actual}, the commit names {sha}")
+                return
+            self._validate_and_adopt(job, sha, fmt, upload)
+        except OSError as exc:
+            self._job_error(job, ErrorCode.INTERNAL, f"cannot write the cache: {exc}")
+        finally:
+            upload.discard()  # a no-op once adopted: the spool has been renamed away
+
+    def _validate_and_adopt(self, job: Job, sha: str, fmt: str, upload: Upload) -> None:
+        blob = upload.path.read_bytes()
         is_model = fmt in ACCEPTED_MODEL_FORMATS
         where = f"{'model' if is_model else 'data'} {sha[:12]}"
         invalid = ErrorCode.MODEL_INVALID if is_model else ErrorCode.DATA_INVALID
@@ -558,12 +634,9 @@ class Agent:
             self._job_error(job, invalid, f"{where}: the board ran out of memory importing it "
                                           f"(memory budget {limits.format_size(limits.budget().max_bytes)})")
             return
-        try:
-            self.cache.put(sha, fmt, blob)
-        except OSError as exc:
-            self._job_error(job, ErrorCode.INTERNAL, f"cannot write the cache: {exc}")
-            return
-        self._post(job.generation, MsgType.MODEL_HAVE, {"sha256": sha, "have": True, "size": len(blob)})
+        del blob  # imported and checked; the spool on disk becomes the cache entry without a copy
+        self.cache.adopt(sha, fmt, upload.path)
+        self._post(job.generation, MsgType.MODEL_HAVE, {"sha256": sha, "have": True, "size": upload.total})
 
     def _train(self, job: Job, model_sha: str, workload: Workload) -> None:
         job.total_steps = workload.total_steps

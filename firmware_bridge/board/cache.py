@@ -4,6 +4,10 @@ File names are built only from a validated 64-hex-digit hash and a suffix from a
 never from anything else a peer sends, so nothing can be written outside the cache folder.
 Writes are atomic (temporary file in the folder, fsync, rename); reads are re-hashed, and a file
 whose content no longer matches its name is deleted rather than trusted.
+
+An upload is spooled to a temporary file in the folder as its chunks arrive and hashed on the
+way (`Upload`), so the agent holds no more than a chunk of it in memory until the commit, and
+the verified file is renamed into place rather than copied.
 """
 
 from __future__ import annotations
@@ -12,17 +16,21 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
-from edgetrain.fileio import write_atomic
-from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE
+from edgetrain.fileio import fsync_dir, write_atomic
+from firmware_bridge.wire.errors import ProtocolError
+from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE, Chunk
 
-__all__ = ["BlobCache", "CacheError", "default_cache_dir"]
+__all__ = ["BlobCache", "CacheError", "Upload", "default_cache_dir"]
 
 SUFFIXES = {fmt: f".{fmt}" for fmt in BLOB_FORMATS}
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-# write_atomic's temporary files: ".<final name>.<random>.tmp".
-_STALE_TEMP = re.compile(r"\.[0-9a-f]{64}\.[a-z]+\..+\.tmp")
+# write_atomic's temporary files: ".<final name>.<random>.tmp"; uploads' spools: ".upload.<random>.tmp".
+_STALE_TEMP = re.compile(r"\.([0-9a-f]{64}\.[a-z]+|upload)\..+\.tmp")
+_SPOOL_PREFIX, _SPOOL_SUFFIX = ".upload.", ".tmp"
 
 
 class CacheError(ValueError):
@@ -90,3 +98,68 @@ class BlobCache:
             raise CacheError(f"blob of {len(blob)} bytes exceeds the cache limit of {self.max_blob}")
         write_atomic(path, blob)
         return path
+
+    def free_bytes(self) -> int | None:
+        """Return the bytes free to this user on the cache's file system, or None if it cannot be read."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return None
+
+    def begin_upload(self, total: int) -> Upload:
+        """Start spooling a blob of `total` bytes into a temporary file in the cache folder."""
+        if total > self.max_blob:
+            raise CacheError(f"blob of {total} bytes exceeds the cache limit of {self.max_blob}")
+        return Upload(self.root, total)
+
+    def adopt(self, sha256: str, fmt: str, spooled: Path) -> Path:
+        """Move a finished, verified upload into place under its hash."""
+        path = self.path(sha256, fmt)
+        os.replace(spooled, path)
+        fsync_dir(self.root)
+        return path
+
+
+class Upload:
+    """A blob arriving in order, chunk by chunk, written to a spool file and hashed as it comes."""
+
+    def __init__(self, folder: Path, total: int) -> None:
+        self.total = total
+        self.received = 0
+        fd, name = tempfile.mkstemp(prefix=_SPOOL_PREFIX, suffix=_SPOOL_SUFFIX, dir=folder)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._sha = hashlib.sha256()
+
+    @property
+    def done(self) -> bool:
+        """Return True once every byte has arrived."""
+        return self.received == self.total
+
+    def add(self, chunk: Chunk) -> None:
+        """Append `chunk`, refusing gaps, overlaps, overruns and a changed total."""
+        if chunk.total != self.total:
+            raise ProtocolError(f"chunk says the blob is {chunk.total} bytes, earlier chunks said {self.total}")
+        if self.done and chunk.data:
+            raise ProtocolError("chunk arrived after the blob was complete")
+        if chunk.offset != self.received:
+            raise ProtocolError(f"chunk at offset {chunk.offset}, expected {self.received}")
+        if self.received + len(chunk.data) > self.total:
+            raise ProtocolError("chunk runs past the end of the blob")
+        self._file.write(chunk.data)
+        self._sha.update(chunk.data)
+        self.received += len(chunk.data)
+
+    def finish(self) -> str:
+        """Flush the spool to disk and return the SHA-256 of what arrived."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._sha.hexdigest()
+
+    def discard(self) -> None:
+        """Close and remove the spool (an abandoned or refused upload)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()

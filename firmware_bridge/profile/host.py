@@ -292,7 +292,7 @@ class BoardClient:
 
     def ensure_blob(self, blob: bytes, sha: str, fmt: str, what: str) -> bool:
         """Upload `blob` unless the board has it cached; return True if it was uploaded."""
-        self._send(MsgType.MODEL_QUERY, {"sha256": sha, "format": fmt})
+        self._send(MsgType.MODEL_QUERY, {"sha256": sha, "format": fmt, "size": len(blob)})
         if self._await_have(sha, what):
             return False
         bar = tqdm(

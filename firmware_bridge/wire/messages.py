@@ -168,7 +168,11 @@ CATALOGUE: dict[MsgType, Spec] = {
         (Field("code", (str,)), Field("message", (str,)), Field("fatal", (bool,), required=False)),
     ),
     MsgType.BYE: Spec(PayloadKind.JSON, (Field("reason", (str,), required=False),)),
-    MsgType.MODEL_QUERY: Spec(PayloadKind.JSON, (_sha256("sha256"), _one_of("format", BLOB_FORMATS, required=False))),
+    # `size` (optional) lets the agent refuse a blob it has no room for before any of it is sent.
+    MsgType.MODEL_QUERY: Spec(
+        PayloadKind.JSON,
+        (_sha256("sha256"), _one_of("format", BLOB_FORMATS, required=False), _count("size", required=False)),
+    ),
     MsgType.MODEL_HAVE: Spec(
         PayloadKind.JSON, (_sha256("sha256"), Field("have", (bool,)), _count("size", required=False))
     ),
