@@ -118,9 +118,14 @@ RESCALE_CHUNK = 1 << 15  # elements per parallel work item
 
 
 @njit(parallel=True, cache=True)
-def rescale_flat(acc, scale, out):
-    """out = acc * scale over flat arrays, split into chunks across threads."""
+def rescale_flat(acc, scale, out, min_parallel):
+    """out = acc * scale over flat arrays, split into chunks across threads; below `min_parallel`
+    elements (`threads.SMALL_ELEMENTS`) a serial loop of the same expression, with no parallel launch."""
     size = acc.size
+    if size < min_parallel:
+        for i in range(size):
+            out[i] = acc[i] * scale
+        return
     chunks = (size + RESCALE_CHUNK - 1) // RESCALE_CHUNK
     for k in prange(chunks):
         start = k * RESCALE_CHUNK

@@ -24,14 +24,15 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.errors import NonFiniteError
-from edgetrain.kernels.threads import threads_for
+from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
 from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item
-# Elementwise work is cheap per element, so it goes parallel only from this many elements on.
-PARALLEL_MIN_ELEMENTS = 1 << 16
+# Elementwise work is cheap per element, so it goes parallel only from this many elements on (below,
+# the kernels' serial branch: no parallel launch, no switching of the thread pool).
+PARALLEL_MIN_ELEMENTS = SMALL_ELEMENTS
 _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a power of two
 
 
@@ -64,45 +65,69 @@ def _store(r, v, lo, hi, dst, j):
 # LLVM vectorises them (NaN/inf are rejected before, in NumPy).
 
 
-@njit(parallel=True, cache=True)
-def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat):
-    """out3 = clip(rint(x3 / scale[channel])); sat[w] = saturations of work item w."""
-    outer, channels, inner = x3.shape
+@njit(inline="always", cache=True)
+def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w):
+    """Work item w of `_quantize_nearest` (the one body of its serial and parallel loops)."""
+    channels, inner = x3.shape[1], x3.shape[2]
     span = (inner + pieces - 1) // pieces
-    lo = np.float64(qmin)
-    hi = np.float64(qmax)
-    for w in prange(outer * channels * pieces):
-        row = w // pieces
-        j0 = (w % pieces) * span
-        src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
-        dst = out3[row // channels, row % channels, j0:]
-        s = np.float64(scale[row % channels])
-        ns = 0
-        for j in range(src.size):
-            v = np.float64(src[j]) / s
-            ns += _store(np.rint(v), v, lo, hi, dst, j)
-        sat[w] = ns
+    row = w // pieces
+    j0 = (w % pieces) * span
+    src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
+    dst = out3[row // channels, row % channels, j0:]
+    s = np.float64(scale[row % channels])
+    ns = 0
+    for j in range(src.size):
+        v = np.float64(src[j]) / s
+        ns += _store(np.rint(v), v, lo, hi, dst, j)
+    sat[w] = ns
 
 
 @njit(parallel=True, cache=True)
-def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat):
-    """out3 = clip(floor(x3 / scale[channel] + u)), u drawn for each element's flat index."""
-    outer, channels, inner = x3.shape
-    span = (inner + pieces - 1) // pieces
+def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat, min_parallel):
+    """out3 = clip(rint(x3 / scale[channel])); sat[w] = saturations of work item w. Below
+    `min_parallel` elements a serial loop over the same items: no parallel launch."""
+    items = x3.shape[0] * x3.shape[1] * pieces
     lo = np.float64(qmin)
     hi = np.float64(qmax)
-    for w in prange(outer * channels * pieces):
-        row = w // pieces
-        j0 = (w % pieces) * span
-        src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
-        dst = out3[row // channels, row % channels, j0:]
-        s = np.float64(scale[row % channels])
-        first = np.uint64(offset + row * inner + j0)  # flat C-order index of src[0]
-        ns = 0
-        for j in range(src.size):
-            v = np.float64(src[j]) / s
-            ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
-        sat[w] = ns
+    if x3.size < min_parallel:
+        for w in range(items):
+            _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w)
+        return
+    for w in prange(items):
+        _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w)
+
+
+@njit(inline="always", cache=True)
+def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w):
+    """Work item w of `_quantize_stochastic` (the one body of its serial and parallel loops)."""
+    channels, inner = x3.shape[1], x3.shape[2]
+    span = (inner + pieces - 1) // pieces
+    row = w // pieces
+    j0 = (w % pieces) * span
+    src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
+    dst = out3[row // channels, row % channels, j0:]
+    s = np.float64(scale[row % channels])
+    first = np.uint64(offset + row * inner + j0)  # flat C-order index of src[0]
+    ns = 0
+    for j in range(src.size):
+        v = np.float64(src[j]) / s
+        ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
+    sat[w] = ns
+
+
+@njit(parallel=True, cache=True)
+def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat, min_parallel):
+    """out3 = clip(floor(x3 / scale[channel] + u)), u drawn for each element's flat index; serial
+    below `min_parallel` elements, as `_quantize_nearest`."""
+    items = x3.shape[0] * x3.shape[1] * pieces
+    lo = np.float64(qmin)
+    hi = np.float64(qmax)
+    if x3.size < min_parallel:
+        for w in range(items):
+            _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w)
+        return
+    for w in prange(items):
+        _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -218,12 +243,11 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
     q = np.empty(x3.shape, storage_dtype(bits, signed))  # the kernels store clipped values: they fit
     sat = np.zeros(items, np.int64)
     if items:
-        with threads_for(x3.size, PARALLEL_MIN_ELEMENTS):
-            if stochastic:
-                _quantize_stochastic(x3, scale, qmin, qmax, np.uint64(stream_seed(key)), np.int64(index_offset),
-                                     pieces, q, sat)
-            else:
-                _quantize_nearest(x3, scale, qmin, qmax, pieces, q, sat)
+        if stochastic:
+            _quantize_stochastic(x3, scale, qmin, qmax, np.uint64(stream_seed(key)), np.int64(index_offset),
+                                 pieces, q, sat, PARALLEL_MIN_ELEMENTS)
+        else:
+            _quantize_nearest(x3, scale, qmin, qmax, pieces, q, sat, PARALLEL_MIN_ELEMENTS)
     observed = float(max(np.abs(lo).max(), np.abs(hi).max())) if x.size else 0.0
     stats = QuantStats(int(x.size), int(sat.sum()), observed)
     return QTensor(q.reshape(x.shape), scale if axis is not None else np.float32(scale[0]), bits, signed, axis, stats)
