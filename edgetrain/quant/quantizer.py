@@ -18,6 +18,7 @@ Conventions, identical everywhere in the engine:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,12 +183,45 @@ def channel_range(x: np.ndarray, *, signed: bool = True, axis: int | None = None
     return np.maximum(top, 0.0)
 
 
+@njit(cache=True, nogil=True)
+def _scales(top, qmax, pow2, out):
+    """`scale_from_range` channel by channel, in one compiled call (the NumPy form costs ~15 array
+    operations, some 60 us a call, and a step quantises a few tensors per layer). The same IEEE
+    operations as `_scales_numpy` in the same order, so the same float32 bits; returns False on a
+    range that is negative or not finite (out is then undefined)."""
+    floor = np.float32(_SCALE_FLOOR)
+    for i in range(top.size):
+        t = top[i]
+        if not (t >= 0.0 and t < np.inf):
+            return False
+        raw = t / qmax
+        if pow2:
+            mant, exp = math.frexp(raw)
+            s = np.float32(math.ldexp(1.0, exp - 1 if mant == 0.5 else exp))
+        else:
+            s = np.float32(raw)
+        s = max(s, floor)
+        # float32 rounding (or float64 rounding of raw) can leave t / s a hair above qmax
+        for _ in range(2):
+            if not t / np.float64(s) > qmax:
+                break
+            s = s * np.float32(2) if pow2 else np.nextafter(s, np.float32(np.inf))
+        out[i] = s if t > 0 else np.float32(1)
+    return True
+
+
 def scale_from_range(top, bits: int, *, signed: bool = True, pow2: bool = False) -> np.ndarray:
     """float32 scale(s) with top / scale <= qmax exactly; 1 where top is 0; a power of two if pow2."""
     qmax = qrange(bits, signed)[1]
     top = np.asarray(top, np.float64)
-    if not np.all(np.isfinite(top)) or np.any(top < 0):
+    out = np.empty(top.shape, np.float32)
+    if not _scales(top.reshape(-1), float(qmax), bool(pow2), out.reshape(-1)):
         raise ValueError(f"a quantisation range must be finite and >= 0, got {top}")
+    return out
+
+
+def _scales_numpy(top: np.ndarray, qmax: int, pow2: bool) -> np.ndarray:
+    """The array form `_scales` computes (the reference the tests compare it with, bit for bit)."""
     raw = top / qmax
     if pow2:
         mant, exp = np.frexp(raw)
