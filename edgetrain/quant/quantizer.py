@@ -148,7 +148,7 @@ def _view3(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, int | None]:
     if x.ndim == 0:
         raise ValueError("a per-channel scale needs an array with at least one axis")
     axis = int(axis) % x.ndim
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    outer = math.prod(x.shape[:axis])  # Python ints: np.prod costs ~20 us a call
     return x.reshape(outer, x.shape[axis], -1), axis
 
 
@@ -156,21 +156,49 @@ def _pieces(inner: int) -> int:
     return max(1, -(-inner // _PIECE))
 
 
+@njit(cache=True, nogil=True)
+def _extrema(x3, lo, hi):
+    """lo[c], hi[c] = min and max of x3[:, c, :] in one pass; False if any value is NaN.
+
+    For small tensors (a layer's weights, a small batch's activations): one compiled call instead of
+    NumPy's two reductions and their checks, 2 us instead of 10 for 2,304 weights. NumPy's SIMD
+    reductions win on large tensors (measured 47 us against 107 for 131,072 values)."""
+    nan = False
+    for c in range(x3.shape[1]):
+        a = np.inf
+        b = -np.inf
+        for o in range(x3.shape[0]):
+            row = x3[o, c]
+            for j in range(row.size):
+                v = row[j]
+                a = min(a, v)
+                b = max(b, v)
+                nan |= v != v  # min/max skip NaN here, so it is looked for on its own
+        lo[c] = a
+        hi[c] = b
+    return not nan
+
+
 def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel min and max of (outer, channels, inner); ValueError on NaN or infinity."""
     if x3.size == 0:
         return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-    # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
-    # (a per-tensor range, per-channel rows) take the single-axis forms; all give the same values.
-    if x3.shape[0] == 1 and x3.shape[1] == 1:
-        flat = x3.reshape(-1)
-        lo, hi = np.array([flat.min()], np.float64), np.array([flat.max()], np.float64)
-    elif x3.shape[0] == 1:
-        lo, hi = x3[0].min(axis=1).astype(np.float64), x3[0].max(axis=1).astype(np.float64)
+    if x3.size < SMALL_ELEMENTS:
+        lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
+        no_nan = _extrema(x3, lo, hi)
     else:
-        lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
-    # min/max propagate NaN and keep infinities, so finite extrema prove the whole tensor finite.
-    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        no_nan = True  # NumPy's min/max propagate NaN into the extrema, checked below
+        # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
+        # (a per-tensor range, per-channel rows) take the single-axis forms; all give the same values.
+        if x3.shape[0] == 1 and x3.shape[1] == 1:
+            flat = x3.reshape(-1)
+            lo, hi = np.array([flat.min()], np.float64), np.array([flat.max()], np.float64)
+        elif x3.shape[0] == 1:
+            lo, hi = x3[0].min(axis=1).astype(np.float64), x3[0].max(axis=1).astype(np.float64)
+        else:
+            lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
+    # infinities would be the extrema: finite extrema and no NaN prove the whole tensor finite
+    if not (no_nan and np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise NonFiniteError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite "
                              "values")
     return lo, hi
