@@ -18,12 +18,6 @@ SMALL_WORK = 1 << 22
 # 17 us through threads_for), and a parallel launch while another process holds the cores can stall
 # for milliseconds, which at batch 8, with dozens of such calls per step, happened every step.
 SMALL_ELEMENTS = 1 << 16
-# Elementwise kernels (rescaling, quantising: a few operations per element) run their serial build,
-# compiled without parallel=True, below this many elements. Serial, not `threads_for`: switching the
-# pool to one thread and back costs more than such a call's work (measured: rescaling 4,096 values
-# took 3 us serial, 17 us through threads_for, and a parallel launch alone could stall milliseconds
-# while another process held the cores, which at batch 8 happened several times a step).
-SMALL_ELEMENTS = 1 << 16
 
 
 @contextmanager
@@ -33,6 +27,9 @@ def threads_for(work: int, threshold: int | None = None) -> Iterator[None]:
         yield
         return
     previous = numba.get_num_threads()
+    if previous == 1:  # already single-threaded (e.g. a 1-thread run): nothing to switch
+        yield
+        return
     numba.set_num_threads(1)
     try:
         yield
