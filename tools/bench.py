@@ -24,13 +24,16 @@ step's activations and scratch). `--profile` adds milliseconds per op type and d
 Thread scaling: `--threads 1,2` runs every case at each thread count (a case's paths always share
 one count) and reports, per path, the speedup from the fewest to the most threads, the parallel
 fraction p that speedup implies (Amdahl: S = 1 / ((1 - p) + p / T)), and what p predicts for a
-4-core board. Expect on such a board: at batch 128 nearly all of a step is kernel work split over
-images and output rows with fixed per-element order (p near 0.9, so about 3x on 4 cores), less where
-memory bandwidth, not arithmetic, bounds the elementwise ops; at batch 8 much less (p often 0.3 to 0.6,
-so 1.3x to 1.8x), because the per-layer Python constant does not parallelise at all and every kernel
-call under `threads.SMALL_WORK` multiply-accumulates runs on one thread on purpose (waking the pool
-costs more than it saves). More threads never change a result (fixed reduction orders), only time.
-The extrapolation assumes the board's cores are like these; a board's narrower memory bus lowers it.
+4-core board. What to expect there (reasoned, not measured on a board): at batch 128 nearly all of
+a step is kernel work split over images and output rows (p near 0.9, so about 3x on 4 cores), less
+where memory bandwidth, not arithmetic, bounds the elementwise ops; at batch 8 much less (p perhaps
+0.3 to 0.6, so 1.3x to 1.8x), because the per-layer Python constant does not parallelise at all, every
+kernel call under `threads.SMALL_WORK` multiply-accumulates runs on one thread on purpose, and the
+elementwise kernels under `threads.SMALL_ELEMENTS` values run serially. More threads never change a
+result (fixed reduction orders), only time. The extrapolation assumes the board's cores are like these
+and idle; a narrower memory bus lowers it. On a shared machine whose load exceeds its cores the figure
+means little: every parallel region waits for a descheduled worker (measured on the 2-core development
+machine at load 6: ResNet-8 b8 steps 4 to 6 times slower at 2 threads than at 1, PyTorch's too).
 
 FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.precision.dfq.controller, FracTrain's
 candidates
