@@ -124,3 +124,33 @@ def test_profile_breaks_gated_units_down_by_inner_op():
             "GatedUnit > Conv.backward", "GatedUnit > BatchNormalization.forward"} <= set(inner)
     assert sum(inner.values()) <= prof["GatedUnit.forward"] + prof["GatedUnit.backward"]
     assert model.executor.timings is None  # switched off again: no timing cost on later steps
+
+
+def test_torch_twins_of_the_batch_8_models_match_edgetrain_parameter_counts():
+    pytest.importorskip("torch")
+    import edgetrain
+    from models import build_model
+
+    for name in ("lenet5", "mobilenetv2"):
+        kwargs = bench.MODEL_KWARGS.get(name, {})
+        twin = bench_step._torch_model(name, **kwargs)
+        ours = edgetrain.load(build_model(name, seed=0, **kwargs))
+        assert sum(p.numel() for p in twin.parameters()) == sum(v.size for v in ours.parameters().values()), name
+
+
+def test_thread_scaling_reads_amdahl_from_two_thread_counts():
+    case = lambda t, rate: {"key": "k", "case": "K", "threads": t, "paths": {"int": {"img_s": rate}}}
+    (row,) = bench.thread_scaling([case(1, 100.0), case(2, 160.0)], board_threads=4)
+    assert row["speedup"] == pytest.approx(1.6) and row["threads"] == [1, 2]
+    p = row["parallel_fraction"]  # 1 / 1.6 = (1 - p) + p / 2
+    assert p == pytest.approx(0.75)
+    assert row["predicted_speedup_4_threads"] == pytest.approx(1 / ((1 - p) + p / 4))
+    assert bench.thread_scaling([case(2, 160.0)]) == []  # one count: nothing to scale
+
+
+def test_threads_and_backends_options():
+    assert bench.thread_counts("2,1") == [1, 2] and bench.thread_counts("2") == [2]
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.thread_counts("0,2")
+    assert bench.backend_paths("numba, numba") == ["int8@numba"]
+    assert "int8@numba" in bench.backend_paths("all")  # numba is always usable

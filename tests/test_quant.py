@@ -340,3 +340,26 @@ def test_generator_uniformity_chi_square():
     grid = (u[: n // 4] * 32).astype(np.int64) * 32 + (v * 32).astype(np.int64)
     _assert_chi_square_ok(np.bincount(grid, minlength=1024))
     assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / n)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_compiled_scales_equal_the_numpy_form_bit_for_bit(pow2):
+    """scale_from_range runs one compiled loop (`_scales`); the array form it replaced is the reference,
+    over every width, both forms, ranges from subnormal to near float64's largest, and float32 near-ties."""
+    from edgetrain.quant import quantizer
+    from edgetrain.quant.qtensor import qrange
+
+    rng = np.random.default_rng(1)
+    tops = np.concatenate([np.abs(rng.standard_normal(4000)) * 10.0 ** rng.integers(-45, 40, 4000),
+                           [0.0, 1e-300, 1e-45, 3e38, 3.5e38, 1e300, 1.7e308, 127.0, 255.0, 0.5, 1.0],
+                           float(np.nextafter(np.float32(1), np.float32(2))) * np.arange(1, 300)])
+    for bits in range(2, 17):
+        for signed in (True, False):
+            with np.errstate(all="ignore"):
+                ref = quantizer._scales_numpy(tops, qrange(bits, signed)[1], pow2)
+            got = quantizer.scale_from_range(tops, bits, signed=signed, pow2=pow2)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    for bad in (-1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            quantizer.scale_from_range(np.array([1.0, bad]), 8)

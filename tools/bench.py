@@ -1,13 +1,17 @@
 """Training throughput, FracTrain's step time against its BitOPs, peak memory and cold start, in one run.
 
-    python -m tools.bench [--rounds 5] [--steps 3] [--warmup 2] [--threads 2] [--json] [--out FILE]
-                          [--cases resnet20-b128,resnet20-b32,resnet8-b128,mlp-b128] [--backends numba]
+    python -m tools.bench [--rounds 5] [--steps 3] [--warmup 2] [--threads 2 | --threads 1,2] [--json] [--out FILE]
+                          [--cases resnet20-b128,...,resnet8-b8,mobilenetv2-b8,lenet5-b8] [--backends all|numba,...]
                           [--mixes 3/6 0:0.5,6/8:0.5 | --no-fractrain] [--no-fp32] [--profile]
                           [--no-cold-start | --cold-start-model resnet20 --cold-start-batch 128 --fresh-cache]
 
-Paths, per case: edgetrain's integer path at static 8/8, FracTrain at each `--mixes` mix (ResNet cases
-only), edgetrain's fp32 path, PyTorch fp32 as the reference, and optionally the integer path on other
-kernel backends. Every path runs in its own worker process, set up once. The parent then runs
+Cases: ResNet-20 (batch 128 and 32), ResNet-8 and the MLP at batch 128, and at batch 8 (where on-device
+fine-tuning runs) ResNet-8, MobileNetV2 (width 0.35, 32x32) and LeNet-5. Paths, per case: edgetrain's
+integer path at static 8/8, FracTrain at each `--mixes` mix (ResNet cases only), edgetrain's fp32
+path, PyTorch fp32 as the reference (a twin of the same architecture, `bench_step._torch_model`), and
+with `--backends` the integer path once per integer route (`all`: every route `routes.usable_routes`
+passes on this machine; a named route that is not usable steps down as `use_backend` does, and the
+row names the route actually taken). Every path runs in its own worker process, set up once. The parent then runs
 `--rounds` rounds; in each round every worker in turn runs `--steps` training steps or more (so
 that a turn lasts `--min-turn` seconds; a rotating order, `--gap` seconds apart so one worker's
 spinning OpenMP threads have gone idle before the next starts), so a burst of load from other
@@ -16,6 +20,20 @@ Reported per path: images/s from the median step time over all rounds, the ratio
 the median step times; the range of the per-round ratios shows how noisy the machine was), and the
 worker's resident memory after setup and at its peak (ru_maxrss: imports, model, and the largest
 step's activations and scratch). `--profile` adds milliseconds per op type and direction of one step.
+
+Thread scaling: `--threads 1,2` runs every case at each thread count (a case's paths always share
+one count) and reports, per path, the speedup from the fewest to the most threads, the parallel
+fraction p that speedup implies (Amdahl: S = 1 / ((1 - p) + p / T)), and what p predicts for a
+4-core board. What to expect there (reasoned, not measured on a board): at batch 128 nearly all of
+a step is kernel work split over images and output rows (p near 0.9, so about 3x on 4 cores), less
+where memory bandwidth, not arithmetic, bounds the elementwise ops; at batch 8 much less (p perhaps
+0.3 to 0.6, so 1.3x to 1.8x), because the per-layer Python constant does not parallelise at all, every
+kernel call under `threads.SMALL_WORK` multiply-accumulates runs on one thread on purpose, and the
+elementwise kernels under `threads.SMALL_ELEMENTS` values run serially. More threads never change a
+result (fixed reduction orders), only time. The extrapolation assumes the board's cores are like these
+and idle; a narrower memory bus lowers it. On a shared machine whose load exceeds its cores the figure
+means little: every parallel region waits for a descheduled worker (measured on the 2-core development
+machine at load 6: ResNet-8 b8 steps 4 to 6 times slower at 2 threads than at 1, PyTorch's too).
 
 FracTrain mix: the int 8/8 model with DFQ on its residual blocks (edgetrain.precision.dfq.controller, FracTrain's
 candidates
@@ -62,8 +80,15 @@ CASES = {  # key: (label, builder name, batch, input shape per sample)
     "resnet20-b32": ("ResNet-20 b32", "resnet20", 32, (3, 32, 32)),
     "resnet8-b128": ("ResNet-8 b128", "resnet8", 128, (3, 32, 32)),
     "mlp-b128": ("MLP b128", "mlp", 128, (784,)),
+    # batch 8: on-device fine-tuning, where per-layer constant costs weigh most
+    "resnet8-b8": ("ResNet-8 b8", "resnet8", 8, (3, 32, 32)),
+    "mobilenetv2-b8": ("MobileNetV2-0.35 b8", "mobilenetv2", 8, (3, 32, 32)),
+    "lenet5-b8": ("LeNet-5 b8", "lenet5", 8, (1, 28, 28)),
 }
+# Builder options per model, the same for edgetrain's model and its PyTorch twin.
+MODEL_KWARGS = {"mobilenetv2": {"width_mult": 0.35}}
 SHAPES = {name: shape for _, name, _, shape in CASES.values()}  # cold start: input shape per model
+BOARD_THREADS = 4  # the 4-core board the thread-scaling extrapolation is for
 TORCH = "torch fp32"
 PREFIX = "@@bench "  # worker replies are the stdout lines that start with this
 FRACTRAIN = "fractrain:"  # path key prefix; the mix text follows
@@ -121,6 +146,7 @@ def _limit_threads(threads: int):
 def worker(path: str, case: str, threads: int) -> int:
     """Set one path up, then answer commands on stdin: run n steps, profile, quit."""
     _, name, batch, shape = CASES[case]
+    model_kwargs = MODEL_KWARGS.get(name, {})
     kernel_backend = None
     model = None
     if path == "torch":
@@ -128,7 +154,7 @@ def worker(path: str, case: str, threads: int) -> int:
 
         torch.set_num_threads(threads)
         from tools.bench_step import make_torch_step
-        step = make_torch_step(name, batch, shape)
+        step = make_torch_step(name, batch, shape, **model_kwargs)
     else:
         _limits = _limit_threads(threads)  # kept for the worker's lifetime
         from edgetrain import kernels
@@ -139,9 +165,10 @@ def worker(path: str, case: str, threads: int) -> int:
         else:
             precision, _, backend = path.partition("@")
             if backend:
-                kernels.set_backend(backend)
+                kernels.use_backend(backend)  # a route this machine cannot take steps down (logged)
         kernel_backend = kernels.get_backend().name
-        step, model = make_edgetrain_step(name, batch, shape, "8/8" if precision == "int8" else "fp32", mix)
+        step, model = make_edgetrain_step(name, batch, shape, "8/8" if precision == "int8" else "fp32", mix,
+                                          **model_kwargs)
     setup_mb = _rss_mb()
     _reply(ready=True, backend=kernel_backend, setup_rss_mb=setup_mb)
     for line in sys.stdin:
@@ -242,13 +269,13 @@ def fractrain_row(mix: str, bitops: int, static_bitops: int, med: float, static_
             "bar_limit_percent": bitops_pct + BAR_POINTS, "bar_holds": time_pct <= bitops_pct + BAR_POINTS}
 
 
-def bench_case(case: str, paths: list[str], args) -> dict:
-    """Run every path of one case in interleaved rounds; the case's JSON."""
+def bench_case(case: str, paths: list[str], args, threads: int) -> dict:
+    """Run every path of one case at `threads` threads in interleaved rounds; the case's JSON."""
     label, _, batch, _ = CASES[case]
     workers = []
     try:
         for p in paths:
-            workers.append(Worker(p, case, args.threads))
+            workers.append(Worker(p, case, threads))
         times: dict[str, list[float]] = {w.path: [] for w in workers}
         rounds: dict[str, list[float]] = {w.path: [] for w in workers}
         steps, bitops = {}, {}
@@ -276,7 +303,7 @@ def bench_case(case: str, paths: list[str], args) -> dict:
                 w.proc.kill()
             w.proc.wait()
     ref = statistics.median(times["torch"]) if "torch" in times else None
-    out = {"case": label, "key": case, "batch": batch, "paths": {}, "fractrain": []}
+    out = {"case": label, "key": case, "batch": batch, "threads": threads, "paths": {}, "fractrain": []}
     for w in workers:
         med = statistics.median(times[w.path])
         row = {"step_ms": 1e3 * med, "img_s": batch / med, "steps": len(times[w.path]),
@@ -362,10 +389,44 @@ def cold_start(name: str, batch: int, threads: int, fresh_cache: bool = False) -
                     "holds": warm["wall_s"] <= COLD_START_BAR_S}}
 
 
+def thread_scaling(cases: list[dict], board_threads: int = BOARD_THREADS) -> list[dict]:
+    """Per case and path run at several thread counts: images/s at each, the speedup from the fewest to
+    the most threads, the parallel fraction p it implies (Amdahl), and p's prediction for the board."""
+    by_key: dict[tuple[str, str], dict[int, float]] = {}
+    labels = {}
+    for c in cases:
+        for path, r in c["paths"].items():
+            by_key.setdefault((c["key"], path), {})[c["threads"]] = r["img_s"]
+            labels[c["key"]] = c["case"]
+    out = []
+    for (key, path), rates in by_key.items():
+        if len(rates) < 2:
+            continue
+        lo, hi = min(rates), max(rates)
+        speedup = rates[hi] / rates[lo]
+        # Amdahl with the time at `lo` threads as 1: t(hi) = (1 - p) + p * lo / hi, solved for p
+        p = (1.0 - 1.0 / speedup) / (1.0 - lo / hi)
+        p_clamped = min(max(p, 0.0), 1.0)
+        board = 1.0 / ((1.0 - p_clamped) + p_clamped * lo / board_threads) if board_threads > lo else None
+        out.append({"case": labels[key], "key": key, "path": path,
+                    "img_s": {str(t): v for t, v in sorted(rates.items())},
+                    "speedup": speedup, "threads": [lo, hi], "parallel_fraction": p,
+                    f"predicted_speedup_{board_threads}_threads": board})
+    return out
+
+
 def bars(result: dict) -> list[dict]:
     """Every bar of the issue this run measured, and whether it holds."""
     out = []
     for c in result["cases"]:
+        int8, fp32 = c["paths"].get("edgetrain int 8/8"), c["paths"].get("edgetrain fp32")
+        if c["batch"] <= 8 and int8 and "vs_torch" in int8:
+            out.append({"bar": "batch 8: static 8/8 >= 1.0x PyTorch fp32", "case": c["case"], "threads": c["threads"],
+                        "value": int8["vs_torch"], "limit": 1.0, "holds": int8["vs_torch"] >= 1.0})
+        if int8 and fp32:
+            out.append({"bar": "static 8/8 never slower than edgetrain fp32", "case": c["case"],
+                        "threads": c["threads"], "value": int8["img_s"] / fp32["img_s"], "limit": 1.0,
+                        "holds": int8["img_s"] >= fp32["img_s"]})
         for fr in c["fractrain"]:
             out.append({"bar": f"FracTrain time% <= BitOPs% + {BAR_POINTS:g}", "case": c["case"], "mix": fr["mix"],
                         "value": fr["time_percent_of_static"], "limit": fr["bar_limit_percent"],
@@ -380,16 +441,29 @@ def bars(result: dict) -> list[dict]:
 def print_table(result: dict, args) -> None:
     """The human-readable form of the result."""
     m = result["machine"]
-    print(f"training step, {args.threads} threads, {args.rounds} interleaved rounds of {args.steps} steps "
+    print(f"training step, {','.join(map(str, args.threads))} threads, {args.rounds} interleaved rounds of "
+          f"{args.steps} steps "
           f"(load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f})")
-    print(f"{'case':16} {'path':36} {'img/s':>8} {'step ms':>8} {'x torch':>8} {'(rounds)':>13} {'peak MB':>8}")
+    print(f"{'case':20} {'thr':>3} {'path':36} {'img/s':>8} {'step ms':>8} {'x torch':>8} {'(rounds)':>13} "
+          f"{'peak MB':>8}")
     for c in result["cases"]:
         for name, r in c["paths"].items():
             ratio = f"{r['vs_torch']:8.2f} {r['vs_torch_rounds_range'][0]:6.2f}-{r['vs_torch_rounds_range'][1]:<6.2f}" \
                 if "vs_torch" in r else f"{'':8} {'':13}"
-            print(f"{c['case']:16} {name:36} {r['img_s']:8.0f} {r['step_ms']:8.1f} {ratio} {r['peak_rss_mb']:8.0f}")
+            print(f"{c['case']:20} {c['threads']:3d} {name:36} {r['img_s']:8.0f} {r['step_ms']:8.1f} {ratio} "
+                  f"{r['peak_rss_mb']:8.0f}")
             for op, ms in list(r.get("profile_ms", {}).items())[:8]:
                 print(f"{'':18}{op:44} {ms:8.1f} ms")
+    scaling = result.get("thread_scaling") or []
+    if scaling:
+        lo, hi = scaling[0]["threads"]
+        print(f"\nthread scaling, {lo} -> {hi} threads; p = parallel fraction (Amdahl); "
+              f"predicted speedup on {BOARD_THREADS} cores of this kind")
+        print(f"{'case':20} {'path':36} {'speedup':>8} {'p':>6} {f'{BOARD_THREADS}-core':>8}")
+        for s in scaling:
+            board = s[f"predicted_speedup_{BOARD_THREADS}_threads"]
+            print(f"{s['case']:20} {s['path']:36} {s['speedup']:8.2f} {s['parallel_fraction']:6.2f} "
+                  f"{board if board is not None else float('nan'):8.2f}")
     rows = [(c["case"], fr) for c in result["cases"] for fr in c["fractrain"]]
     if rows:
         print(f"\nFracTrain against static 8/8 (bar: time% <= BitOPs% + {BAR_POINTS:g})")
@@ -410,17 +484,41 @@ def print_table(result: dict, args) -> None:
         print(f"bar: {cs['bar']['text']}: {'holds' if cs['bar']['holds'] else 'MISSED'}")
 
 
+def thread_counts(text: str) -> list[int]:
+    """--threads: one count or a comma-separated list of them, ascending; SystemExit (one line) on bad input."""
+    try:
+        counts = sorted({int(t) for t in str(text).split(",") if t.strip()})
+    except ValueError:
+        raise SystemExit(f"bench: --threads '{text}' is not a thread count or a comma-separated list of them") \
+            from None
+    if not counts or counts[0] < 1:
+        raise SystemExit(f"bench: --threads must be at least 1, got {text}")
+    return counts
+
+
+def backend_paths(text: str) -> list[str]:
+    """--backends: the extra int 8/8 paths, one per named route, or per usable route for 'all'."""
+    names = [b.strip().lower() for b in text.split(",") if b.strip()]
+    if "all" in names:
+        from edgetrain.kernels.routes import usable_routes
+
+        names = [route for route, ok in usable_routes().items() if ok]
+    return [f"int8@{b}" for b in dict.fromkeys(names)]
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line (see the module doc)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case (default 5)")
     p.add_argument("--steps", type=int, default=3, help="steps per worker and round, at least (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker before the rounds (default 2)")
-    p.add_argument("--threads", type=int, default=2, help="threads per process (default 2)")
+    p.add_argument("--threads", default="2",
+                   help="threads per process, or a comma-separated list for thread scaling (default 2)")
     p.add_argument("--gap", type=float, default=0.2, help="seconds of idle between two workers' turns")
     p.add_argument("--min-turn", type=float, default=0.3, help="seconds a worker's turn lasts at least")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)} (default: all)")
-    p.add_argument("--backends", default="", help="also run int 8/8 on these kernel backends (e.g. numba)")
+    p.add_argument("--backends", default="",
+                   help="also run int 8/8 on these integer routes (comma-separated), or on every usable one: all")
     p.add_argument("--mixes", nargs="*", default=list(DEFAULT_MIXES), metavar="MIX",
                    help="FracTrain mixes to run on the ResNet cases, each a candidate (3/6) or shares "
                         "(0:0.5,6/8:0.5; 0 = skip the block); candidates 0, 3/6, 4/6, 4/8, 6/8, 6/12 "
@@ -451,7 +549,7 @@ def check_args(args) -> tuple[list[str], list[str]]:
     if unknown or not cases:
         raise SystemExit(f"bench: unknown case '{unknown[0] if unknown else args.cases}'; "
                          f"choose from {', '.join(CASES)}")
-    for name in ("rounds", "steps", "threads", "cold_start_batch"):
+    for name in ("rounds", "steps", "cold_start_batch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"bench: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -469,13 +567,14 @@ def check_args(args) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with the hidden flags, one worker or cold-start process)."""
     args = _parser().parse_args(argv)
+    args.threads = thread_counts(args.threads)
     if args.worker:
-        return worker(args.worker, args.case, args.threads)
+        return worker(args.worker, args.case, args.threads[-1])
     if args.cold_start_child:
-        return cold_start_child(args.cold_start_child, args.cold_start_batch, args.threads)
+        return cold_start_child(args.cold_start_child, args.cold_start_batch, args.threads[-1])
     cases, mixes = check_args(args)
 
-    base = ["int8"] + [f"int8@{b}" for b in args.backends.split(",") if b]
+    base = ["int8"] + backend_paths(args.backends)
     tail = ([] if args.no_fp32 else ["fp32"]) + ["torch"]
     result = {"threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -483,9 +582,12 @@ def main(argv: list[str] | None = None) -> int:
               "cases": []}
     for c in cases:
         fractrain = [FRACTRAIN + m for m in mixes] if _has_blocks(c) else []
-        result["cases"].append(bench_case(c, base + fractrain + tail, args))
+        for threads in args.threads:
+            result["cases"].append(bench_case(c, base + fractrain + tail, args, threads))
+    result["thread_scaling"] = thread_scaling(result["cases"])
     if not args.no_cold_start:
-        result["cold_start"] = cold_start(args.cold_start_model, args.cold_start_batch, args.threads, args.fresh_cache)
+        result["cold_start"] = cold_start(args.cold_start_model, args.cold_start_batch, args.threads[-1],
+                                          args.fresh_cache)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["bars"] = bars(result)
     text = json.dumps(result, indent=2)

@@ -153,13 +153,64 @@ def bench_edgetrain(name: str, batch: int, shape: tuple, precision: str, steps: 
     return _median_step(step, steps, warmup)
 
 
-def _torch_model(name: str):
-    """The PyTorch fp32 twin of models.build_model(name) at its defaults: the MLP, or a CIFAR ResNet-(6n+2)."""
+def _torch_lenet5():
+    """The twin of models.lenet.lenet5 at its defaults (1x28x28, conv1 padded to keep 28x28)."""
+    from torch import nn
+
+    from models.lenet import CONV1_PAD, CONV_KERNEL, POOL, lenet_feature_size
+
+    side = lenet_feature_size(28)
+    return nn.Sequential(nn.Conv2d(1, 6, CONV_KERNEL, padding=CONV1_PAD), nn.ReLU(), nn.MaxPool2d(POOL),
+                         nn.Conv2d(6, 16, CONV_KERNEL), nn.ReLU(), nn.MaxPool2d(POOL), nn.Flatten(),
+                         nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def _torch_mobilenetv2_cifar(width_mult: float = 1.0):
+    """The twin of models.mobilenetv2.mobilenetv2_cifar (stride-1 stem and second stage, no dropout)."""
+    from torch import nn
+
+    from models.mobilenetv2 import CIFAR_INVERTED_RESIDUAL_SETTING, LAST_CHANNELS, STEM_CHANNELS, make_divisible
+
+    def cbr(cin, cout, k, stride, groups=1):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6()]
+
+    class Inverted(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            hidden = round(cin * expand)
+            layers = cbr(cin, hidden, 1, 1) if expand != 1 else []
+            layers += cbr(hidden, hidden, 3, stride, hidden) + [nn.Conv2d(hidden, cout, 1, bias=False),
+                                                               nn.BatchNorm2d(cout)]
+            self.conv = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.conv(x) if self.residual else self.conv(x)
+
+    cin = make_divisible(STEM_CHANNELS * width_mult)
+    layers = cbr(3, cin, 3, 1)
+    for expand, channels, repeats, first_stride in CIFAR_INVERTED_RESIDUAL_SETTING:
+        cout = make_divisible(channels * width_mult)
+        for i in range(repeats):
+            layers.append(Inverted(cin, cout, first_stride if i == 0 else 1, expand))
+            cin = cout
+    last = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
+    layers += cbr(cin, last, 1, 1) + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, 10)]
+    return nn.Sequential(*layers)
+
+
+def _torch_model(name: str, **model_kwargs):
+    """The PyTorch fp32 twin of models.build_model(name, **model_kwargs) (10 classes, default inputs): the MLP,
+    LeNet-5, the CIFAR MobileNetV2 (`width_mult`), or a CIFAR ResNet-(6n+2)."""
     import torch
     from torch import nn
 
     if name == "mlp":
         return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+    if name == "lenet5":
+        return _torch_lenet5()
+    if name == "mobilenetv2":
+        return _torch_mobilenetv2_cifar(**model_kwargs)
 
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
@@ -177,7 +228,7 @@ def _torch_model(name: str):
 
     depth = re.fullmatch(r"resnet(\d+)", name)
     if depth is None:
-        raise ValueError(f"no PyTorch reference for model '{name}' (resnet<6n+2> or mlp)")
+        raise ValueError(f"no PyTorch reference for model '{name}' (resnet<6n+2>, mlp, lenet5 or mobilenetv2)")
     n = (int(depth.group(1)) - 2) // 6  # like models/resnet.py: 6n + 2 layers, n blocks per stage
     layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
     for cout, stride in ((16, 1), (32, 2), (64, 2)):
@@ -188,12 +239,12 @@ def _torch_model(name: str):
     return nn.Sequential(*layers)
 
 
-def make_torch_step(name: str, batch: int, shape: tuple):
+def make_torch_step(name: str, batch: int, shape: tuple, **model_kwargs):
     """A closure running one PyTorch fp32 training step of the same model (ImportError without torch)."""
     import torch
 
     torch.manual_seed(0)
-    model = _torch_model(name)
+    model = _torch_model(name, **model_kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn((batch,) + shape)
     y = torch.randint(0, 10, (batch,))

@@ -24,7 +24,9 @@ Backends (`use_backend` by a user's choice or $EDGETRAIN_BACKEND, probed safely 
 
 Each falls back per call (operands beyond 8 bits, grouped convs, overlong reductions) and for good
 when its CPU or library check fails, so the result never depends on which one ran.
-Every call with less than `threads.SMALL_WORK` multiply-accumulates runs single-threaded.
+Every call with less than `threads.SMALL_WORK` multiply-accumulates runs single-threaded, and the
+elementwise kernels around them (padding, rescaling, quantising) take a serial branch below
+`threads.SMALL_ELEMENTS` values.
 `tools/bench_kernels.py` measures the kernels at ResNet-20 shapes, `tools/bench.py` whole steps.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.threads import threads_for
+from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -152,29 +152,51 @@ def _copy(dst, src, n):
 # --------------------------------------------------------------------------------------- layout
 
 
-@njit(parallel=True, **_JIT)
-def to_padded_nhwc(x, out, pad_top, pad_left):
-    """out[n, pad_top + h, pad_left + w, c] = x[n, c, h, w]; out arrives zeroed (the padding)."""
+@njit(inline="always", **_JIT)
+def _nhwc_row(x, out, pad_top, pad_left, nh):
     n_, c_, h_, w_ = x.shape
-    for nh in prange(n_ * h_):
-        n = nh // h_
-        h = nh % h_
-        dst = out[n, pad_top + h]
-        for c in range(c_):
-            src = x[n, c, h]
-            for w in range(w_):
-                dst[pad_left + w, c] = src[w]
+    n = nh // h_
+    h = nh % h_
+    dst = out[n, pad_top + h]
+    for c in range(c_):
+        src = x[n, c, h]
+        for w in range(w_):
+            dst[pad_left + w, c] = src[w]
 
 
 @njit(parallel=True, **_JIT)
-def to_padded_nchw(x, out, pad_top, pad_left):
-    """out[n, c, pad_top + h, pad_left + w] = x[n, c, h, w]; out arrives zeroed (the padding)."""
-    n_, c_, h_, w_ = x.shape
-    for nc in prange(n_ * c_):
-        n = nc // c_
-        c = nc % c_
-        for h in range(h_):
-            _copy(out[n, c, pad_top + h, pad_left:], x[n, c, h], w_)
+def to_padded_nhwc(x, out, pad_top, pad_left, min_parallel):
+    """out[n, pad_top + h, pad_left + w, c] = x[n, c, h, w]; out arrives zeroed (the padding). A copy
+    of fewer than `min_parallel` values (`threads.SMALL_ELEMENTS`) runs serially: no parallel launch."""
+    rows = x.shape[0] * x.shape[2]
+    if x.size < min_parallel:
+        for nh in range(rows):
+            _nhwc_row(x, out, pad_top, pad_left, nh)
+        return
+    for nh in prange(rows):
+        _nhwc_row(x, out, pad_top, pad_left, nh)
+
+
+@njit(inline="always", **_JIT)
+def _nchw_plane(x, out, pad_top, pad_left, nc):
+    c_, h_, w_ = x.shape[1:]
+    n = nc // c_
+    c = nc % c_
+    for h in range(h_):
+        _copy(out[n, c, pad_top + h, pad_left:], x[n, c, h], w_)
+
+
+@njit(parallel=True, **_JIT)
+def to_padded_nchw(x, out, pad_top, pad_left, min_parallel):
+    """out[n, c, pad_top + h, pad_left + w] = x[n, c, h, w]; out arrives zeroed (the padding); serial
+    below `min_parallel` values, as `to_padded_nhwc`."""
+    planes = x.shape[0] * x.shape[1]
+    if x.size < min_parallel:
+        for nc in range(planes):
+            _nchw_plane(x, out, pad_top, pad_left, nc)
+        return
+    for nc in prange(planes):
+        _nchw_plane(x, out, pad_top, pad_left, nc)
 
 
 # --------------------------------------------------------------------------------- conv forward
@@ -296,7 +318,7 @@ def _padded_nhwc(x: np.ndarray, top: int, left: int, bottom: int, right: int) ->
     """x (N, C, H, W) -> zero-padded int16 (N, H + top + bottom, W + left + right, C)."""
     n, c, h, w = x.shape
     out = np.zeros((n, h + top + bottom, w + left + right, c), np.int16)
-    to_padded_nhwc(np.ascontiguousarray(x), out, top, left)
+    to_padded_nhwc(np.ascontiguousarray(x), out, top, left, SMALL_ELEMENTS)
     return out
 
 
@@ -304,7 +326,7 @@ def _padded_nchw(x: np.ndarray, top: int, left: int, bottom: int, right: int) ->
     """x (N, C, H, W) -> zero-padded int16 (N, C, H + top + bottom, W + left + right)."""
     n, c, h, w = x.shape
     out = np.zeros((n, c, h + top + bottom, w + left + right), np.int16)
-    to_padded_nchw(np.ascontiguousarray(x), out, top, left)
+    to_padded_nchw(np.ascontiguousarray(x), out, top, left, SMALL_ELEMENTS)
     return out
 
 

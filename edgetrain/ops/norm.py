@@ -6,6 +6,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edgetrain.kernels import detfloat
+from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops import norm_kernels
 from edgetrain.ops.base import Op, register
 
@@ -47,6 +48,12 @@ class BatchNormalization(Op):
     parallel = False  # True for a Model's own instances that follow integer layers (see norm_kernels)
     relu = False  # True where the Relu that alone reads this output was folded in (see fuse_relu)
 
+    def _parallel_for(self, x3: np.ndarray) -> bool:
+        """The parallel build only where it pays: a small batch's BatchNorm (below
+        `threads.SMALL_ELEMENTS` values) takes the serial one, the same per-channel loops and so the same
+        bits, with no parallel launch to stall on."""
+        return self.parallel and x3.size >= SMALL_ELEMENTS
+
     def _use_batch_stats(self, training: bool) -> bool:
         return training or bool(self.attr("training_mode", 0))
 
@@ -67,7 +74,7 @@ class BatchNormalization(Op):
         mu = np.empty(x.shape[1], dtype=np.float64)
         bvar = np.empty(x.shape[1], dtype=np.float64)
         inv = np.empty(x.shape[1], dtype=np.float64)
-        forward = norm_kernels.bn_train_forward_parallel if self.parallel else norm_kernels.bn_train_forward
+        forward = norm_kernels.bn_train_forward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_forward
         forward(x3, scale.astype(np.float64), bias.astype(np.float64), float(eps), y3, mu, bvar, inv, self.relu)
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
@@ -102,7 +109,7 @@ class BatchNormalization(Op):
         dbias = np.empty(x3.shape[1], dtype=np.float64)
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
-        backward = norm_kernels.bn_train_backward_parallel if self.parallel else norm_kernels.bn_train_backward
+        backward = norm_kernels.bn_train_backward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_backward
         if self.relu:
             masked = np.empty_like(g3)
             norm_kernels.relu_backward(y3.reshape(-1), g3.reshape(-1), masked.reshape(-1))

@@ -5,7 +5,8 @@ copy, output); these do each job in one or two sweeps per channel. Sums accumula
 every channel is reduced in a fixed order, so results do not depend on thread count. BatchNorm comes
 in two builds of the same loops: serial, for the fp32 path, where parallel loops fight OpenBLAS's
 spinning workers (measured: 9x slower on 2 cores), and parallel over channels, for BatchNorms fed by
-integer layers, where no BLAS runs.
+integer layers, where no BLAS runs, from `threads.SMALL_ELEMENTS` values on (a small batch's
+BatchNorm takes the serial build: the same loops, so the same bits, and no parallel launch).
 """
 from __future__ import annotations
 
@@ -118,9 +119,14 @@ RESCALE_CHUNK = 1 << 15  # elements per parallel work item
 
 
 @njit(parallel=True, cache=True)
-def rescale_flat(acc, scale, out):
-    """out = acc * scale over flat arrays, split into chunks across threads."""
+def rescale_flat(acc, scale, out, min_parallel):
+    """out = acc * scale over flat arrays, split into chunks across threads; below `min_parallel`
+    elements (`threads.SMALL_ELEMENTS`) a serial loop of the same expression, with no parallel launch."""
     size = acc.size
+    if size < min_parallel:
+        for i in range(size):
+            out[i] = acc[i] * scale
+        return
     chunks = (size + RESCALE_CHUNK - 1) // RESCALE_CHUNK
     for k in prange(chunks):
         start = k * RESCALE_CHUNK

@@ -40,6 +40,7 @@ from edgetrain import kernels
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.rescale import rescale_planes
+from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
@@ -591,7 +592,7 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
     if acc.ndim == 4:
         rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
     elif acc.flags.c_contiguous:
-        rescale_flat(acc.reshape(-1), scale, out.reshape(-1))
+        rescale_flat(acc.reshape(-1), scale, out.reshape(-1), SMALL_ELEMENTS)
     else:  # e.g. a GEMM returned as a transposed view: read in place
         rescale_planes(acc.reshape((1, 1) + acc.shape[-2:]) if acc.ndim == 2 else np.ascontiguousarray(acc),
                        np.full(1, scale, dtype=dtype), out.reshape((1, 1) + out.shape[-2:]))
