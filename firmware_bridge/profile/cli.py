@@ -75,6 +75,10 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
         "--sim-corrupt", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte corruption probability"
     )
     sim.add_argument("--sim-drop", type=PROBABILITY, default=0.0, metavar="RATE", help="per-byte drop probability")
+    sim.add_argument("--sim-duplicate", type=PROBABILITY, default=0.0, metavar="RATE",
+                     help="per-byte probability that a byte arrives twice")
+    sim.add_argument("--sim-burst", type=PROBABILITY, default=0.0, metavar="RATE",
+                     help="per-byte probability of a burst of 1-32 noise bytes")
     sim.add_argument("--sim-baud", type=POSITIVE_INT, metavar="N", help="pace the simulated line at N baud")
     sim.add_argument("--sim-cache", metavar="DIR", help="the simulated agent's cache (default: a temporary folder)")
     sim.add_argument(
@@ -88,6 +92,7 @@ def add_profile_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def _check_target(args: argparse.Namespace) -> None:
     sim_flags = [flag for flag, value in (("--sim-corrupt", args.sim_corrupt), ("--sim-drop", args.sim_drop),
+                                          ("--sim-duplicate", args.sim_duplicate), ("--sim-burst", args.sim_burst),
                                           ("--sim-baud", args.sim_baud), ("--sim-cache", args.sim_cache),
                                           ("--sim-python", args.sim_python)) if value]
     if args.simulate and args.port:
@@ -122,7 +127,8 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
     # Check the model, data and workload before spending a second on starting an agent.
     prepared = prepare(_request(args, "", args.baud))
     board = SimulatedBoard(
-        args.sim_cache, corrupt_rate=args.sim_corrupt, drop_rate=args.sim_drop, baud=args.sim_baud,
+        args.sim_cache, corrupt_rate=args.sim_corrupt, drop_rate=args.sim_drop,
+        duplicate_rate=args.sim_duplicate, burst_rate=args.sim_burst, baud=args.sim_baud,
         python=shlex.split(args.sim_python) if args.sim_python else sys.executable,
     )
     with board:
@@ -140,6 +146,8 @@ def _profile_simulated(args: argparse.Namespace) -> dict[str, Any]:
         **(report["board"].get("simulated") or {}),
         "corrupt_rate": args.sim_corrupt,
         "drop_rate": args.sim_drop,
+        "duplicate_rate": args.sim_duplicate,
+        "burst_rate": args.sim_burst,
         "baud": args.sim_baud,
         "agent_python": args.sim_python or sys.executable,
         "relay": {direction: vars(stats) for direction, stats in board.relay_stats.items()},
