@@ -41,10 +41,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         result = train_round(settings, client, rnd, global_state, proximal_mu=float(config.get("proximal-mu", 0.0)),
                              data=context.node_config.get("data"))
         arrays = result.arrays
-        if settings.fault:
-            who, kind, at = settings.fault_plan()
-            if who == client and at in (None, rnd):
-                arrays = corrupt(arrays, kind)
+        kind = settings.fault_for(client, rnd)
+        if kind is not None:
+            arrays = corrupt(arrays, kind)
         record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return Message(RecordDict({ARRAYS: record, METRICS: MetricRecord(result.metrics)}), reply_to=msg)
 

@@ -21,7 +21,6 @@ from edgetrain.fleet.settings import FleetSettings, client_seed
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import QUIET_NUMPY, Trainer, evaluate
 
-
 RANGE_PREFIX = "act-range/"
 
 

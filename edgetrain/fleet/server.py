@@ -11,7 +11,6 @@ rounds.jsonl. A stopped federation resumes from its newest checkpoint.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -33,8 +32,8 @@ from edgetrain.fleet.settings import FleetSettings
 from edgetrain.fleet.validate import RejectedReply, check_examples, check_layout, decode_checked, max_wire_bytes
 from edgetrain.precision.control import make_controller
 from edgetrain.preprocess import Preprocess
-from edgetrain.train.checkpoint import CheckpointManager, file_sha256
 from edgetrain.quant import RunningRange
+from edgetrain.train.checkpoint import CheckpointManager, file_sha256
 from edgetrain.train.runstate import (
     ACT_RANGE,
     apply_precision,
@@ -53,7 +52,6 @@ PRECISION_KEY = "trainer/precision"  # what restore_run re-applies (edgetrain.tr
 RESUMABLE = {"rounds", "stop_after", "out", "export", "client_eval", "round_timeout", "extra"}
 CHECK_SAMPLES = 1000  # test samples the onnxruntime check of the exports reads
 CALIBRATION_SAMPLES = 256
-log = logging.getLogger("edgetrain.fleet")
 
 
 def make_strategy(settings: FleetSettings) -> Strategy:
@@ -220,7 +218,6 @@ class Federation:
                 accepted.append(self._accept(rnd, reply, global_state))
             except RejectedReply as exc:
                 who = int(clients[-1].get("partition-id", -1)) if reply.has_content() and clients else -1
-                log.warning("round %d: reply of client %d rejected: %s", rnd, who, exc)
                 self.report(f"round {rnd}: reply of client {who} rejected: {exc}")
                 rejected.append({"client": who, "reason": str(exc)})
         accepted.sort(key=lambda item: item[0])  # a fixed order: float sums depend on it

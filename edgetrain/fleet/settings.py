@@ -44,7 +44,7 @@ class FleetSettings:
     krum_byzantine: int = 1  # krum: clients assumed hostile
     server_lr: float = 0.1  # fedadam: eta
     stop_after: int = 0  # stop (resumably) after this round; 0: run all rounds
-    fault: str = ""  # "CLIENT:KIND[:ROUND]": that client corrupts its replies (tests, robustness experiments)
+    fault: str = ""  # "CLIENT:KIND[:ROUND],...": that client corrupts its replies (tests, robustness experiments)
     export: bool = True  # float and int8 ONNX of the final global model, checked in onnxruntime
     train: str = "{}"  # JSON of TrainConfig fields (not model, data, steps, out)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -96,18 +96,25 @@ class FleetSettings:
         """Replies a round needs before it aggregates."""
         return self.min_clients or self.clients
 
-    def fault_plan(self) -> tuple[int, str, int | None]:
-        """(client, kind, round or None for every round) of the `fault` setting."""
-        parts = self.fault.split(":")
-        try:
-            client, kind = int(parts[0]), parts[1]
-            at = int(parts[2]) if len(parts) > 2 else None
-        except (ValueError, IndexError):
-            raise EdgetrainError(f"--fault {self.fault!r}: give CLIENT:KIND[:ROUND], KIND one of "
-                                 f"{', '.join(FAULTS)}") from None
-        if kind not in FAULTS or len(parts) > 3:
-            raise EdgetrainError(f"--fault {self.fault!r}: KIND is one of {', '.join(FAULTS)}")
-        return client, kind, at
+    def fault_plan(self) -> list[tuple[int, str, int | None]]:
+        """(client, kind, round or None for every round) of each comma-separated entry of the `fault` setting."""
+        plan = []
+        for entry in filter(None, (e.strip() for e in self.fault.split(","))):
+            parts = entry.split(":")
+            try:
+                client, kind = int(parts[0]), parts[1]
+                at = int(parts[2]) if len(parts) > 2 else None
+            except (ValueError, IndexError):
+                raise EdgetrainError(f"--fault {entry!r}: give CLIENT:KIND[:ROUND], KIND one of "
+                                     f"{', '.join(FAULTS)}") from None
+            if kind not in FAULTS or len(parts) > 3:
+                raise EdgetrainError(f"--fault {entry!r}: KIND is one of {', '.join(FAULTS)}")
+            plan.append((client, kind, at))
+        return plan
+
+    def fault_for(self, client: int, round: int) -> str | None:
+        """The fault a client injects in a round, if any."""
+        return next((kind for who, kind, at in self.fault_plan() if who == client and at in (None, round)), None)
 
     def train_values(self) -> dict[str, Any]:
         """The TrainConfig fields the "train" JSON sets."""
