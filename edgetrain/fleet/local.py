@@ -38,11 +38,14 @@ def load_split(spec: str, seed: int, val_fraction: float, normalize: bool) -> Sp
     return load_data(spec, seed=seed, val_fraction=val_fraction, normalize=normalize)
 
 
+@functools.lru_cache(maxsize=4)
 def model_normalizes_cached(path: str) -> bool:
     """Whether the ONNX file normalises its own input (then the data is fed raw)."""
-    from edgetrain.cli.commands import model_normalizes
+    import onnx
 
-    return model_normalizes(path)
+    from edgetrain.preprocess import normalizes_in_graph
+
+    return normalizes_in_graph(onnx.load(path, load_external_data=False))
 
 
 def peak_memory_bytes() -> int:
