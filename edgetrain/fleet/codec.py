@@ -71,7 +71,7 @@ def encode(deltas: Mapping[str, np.ndarray], bits: int | None, *, seed: int, rou
         # One stream per (run seed, round, client, tensor): replays reproduce the bytes, clients never share.
         key = RngKey(int(seed), int(round), (int(client) << 16) | i)
         qt = quantize(d.astype(np.float32), bits, axis=channel_axis(d.shape), rounding="stochastic", key=key)
-        out[name + Q_SUFFIX] = qt.q
+        out[name + Q_SUFFIX] = qt.q.reshape(d.shape)  # the quantiser returns a 0-d tensor as shape (1,)
         out[name + SCALE_SUFFIX] = np.asarray(qt.scale, np.float32)
     return out
 

@@ -43,14 +43,16 @@ def class_shares(num_classes: int, clients: int, partition: str, seed: int) -> n
     return rng.dirichlet(np.full(clients, alpha), size=num_classes)
 
 
-def _counts(n: int, shares: np.ndarray) -> np.ndarray:
-    """Integer counts summing to n in proportion to shares (largest remainder; ties to the lower client)."""
+def _counts(n: int, shares: np.ndarray, first: int = 0) -> tuple[np.ndarray, int]:
+    """Integer counts summing to n in proportion to shares (largest remainder; ties go to clients in turn from
+    `first`, so equal shares of many classes even out across clients)."""
     exact = n * shares
     counts = np.floor(exact).astype(np.int64)
     short = n - int(counts.sum())
     if short > 0:
-        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
-    return counts
+        turn = (np.arange(len(shares)) - first) % len(shares)
+        counts[np.lexsort((turn, -(exact - counts)))[:short]] += 1
+    return counts, max(short, 0)
 
 
 def partition_indices(y: np.ndarray, shares: np.ndarray, seed: int, stream: int = 0) -> list[np.ndarray]:
@@ -58,9 +60,12 @@ def partition_indices(y: np.ndarray, shares: np.ndarray, seed: int, stream: int 
     clients = shares.shape[1]
     parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
     rng = np.random.default_rng([seed, PARTITION_STREAM, 1 + stream])
+    first = 0  # the client next in turn for a tied remainder: IID parts come out within one sample of each other
     for k in range(shares.shape[0]):
         members = rng.permutation(np.flatnonzero(y == k))
-        bounds = np.concatenate([[0], np.cumsum(_counts(len(members), shares[k]))])
+        counts, extra = _counts(len(members), shares[k], first=first)
+        first = (first + extra) % clients
+        bounds = np.concatenate([[0], np.cumsum(counts)])
         for c in range(clients):
             parts[c].append(members[bounds[c]:bounds[c + 1]])
     return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
