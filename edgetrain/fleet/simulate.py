@@ -8,17 +8,17 @@ from typing import Any
 from edgetrain.fleet import require_flwr
 from edgetrain.fleet.settings import FleetSettings
 
-CPUS_PER_CLIENT = 1.0  # a client's training is single-process numpy/numba work
 
-
-def backend_config(cpus: int | None = None) -> dict[str, Any]:
-    """Ray's resources: `cpus` logical CPUs (default: this machine's), one per client actor, no GPU."""
+def backend_config(cpus: int | None = None, actors: int | None = None) -> dict[str, Any]:
+    """Ray's resources: `cpus` logical CPUs (default: this machine's) shared by `actors` client processes
+    (default one per CPU), no GPU. Each actor pays Python, Numba and edgetrain start-up once."""
     cpus = cpus or os.cpu_count() or 1
-    return {"client_resources": {"num_cpus": CPUS_PER_CLIENT, "num_gpus": 0.0},
+    actors = max(1, min(actors or cpus, cpus))
+    return {"client_resources": {"num_cpus": cpus / actors, "num_gpus": 0.0},
             "init_args": {"num_cpus": int(cpus), "num_gpus": 0, "include_dashboard": False}}
 
 
-def simulate(settings: FleetSettings, *, resume: bool = False, cpus: int | None = None,
+def simulate(settings: FleetSettings, *, resume: bool = False, cpus: int | None = None, actors: int | None = None,
              verbose: bool = False) -> dict[str, Any]:
     """Run the federation the settings describe with `settings.clients` simulated SuperNodes; returns its summary."""
     require_flwr()
@@ -38,7 +38,7 @@ def simulate(settings: FleetSettings, *, resume: bool = False, cpus: int | None 
         flwr_log.setLevel(logging.WARNING)  # our progress line per round replaces Flower's INFO lines
     try:
         run_simulation(make_server_app(overrides, resume=resume, result=result), make_client_app(overrides),
-                       num_supernodes=settings.clients, backend_config=backend_config(cpus),
+                       num_supernodes=settings.clients, backend_config=backend_config(cpus, actors),
                        verbose_logging=verbose)
     finally:
         flwr_log.setLevel(level)
