@@ -197,3 +197,16 @@ def test_bad_replies_are_left_out_and_rounds_complete(federations):
     assert "shape" in reasons[2] and "dtype" in reasons[0]
     assert all(np.isfinite(r["accuracy"]) and r["accuracy"] > 0.5 for r in rounds)
     assert rounds[2]["uplink_bytes"] == sum(c["update-bytes"] for c in rounds[2]["clients"])  # NaN: same size
+
+
+def test_plot_of_a_federation_folder(tmp_path):
+    """edgetrain plot DIR on a federation folder draws accuracy and bytes per round."""
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install 'edgetrain[plot]'")
+    from edgetrain.cli.plot import plot_run
+
+    rows = [{"round": r, "accuracy": 0.9 + r / 100, "uplink_bytes": 1000, "downlink_bytes": 4000, "update_bits": "8"}
+            for r in (1, 2)]
+    (tmp_path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = plot_run(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["federation.png"]
+    assert (tmp_path / "federation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
