@@ -311,3 +311,6 @@ def make_server_app(overrides: dict[str, Any] | None = None, *, resume: bool = F
             result.update(summary)
 
     return app
+
+
+app = make_server_app()  # `flwr run`: [tool.flwr.app.components] serverapp = "edgetrain.fleet.server:app"
