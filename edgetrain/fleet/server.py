@@ -34,6 +34,7 @@ from edgetrain.precision.control import make_controller
 from edgetrain.preprocess import Preprocess
 from edgetrain.quant import RunningRange
 from edgetrain.train.checkpoint import CheckpointManager, file_sha256
+from edgetrain.train.runfolder import RunFolder
 from edgetrain.train.runstate import (
     ACT_RANGE,
     apply_precision,
@@ -205,6 +206,7 @@ class Federation:
         clients: list[dict[str, Any]] = []
         up = up_wire = 0
         for reply in replies:
+            who = -1
             if reply.has_content():
                 record = next(iter(reply.content.array_records.values()), None)
                 if record is not None:
@@ -214,10 +216,10 @@ class Federation:
                 metrics = next(iter(reply.content.metric_records.values()), None)
                 if metrics is not None:
                     clients.append({k: v for k, v in metrics.items()})
+                    who = int(metrics.get("partition-id", -1))
             try:
                 accepted.append(self._accept(rnd, reply, global_state))
             except RejectedReply as exc:
-                who = int(clients[-1].get("partition-id", -1)) if reply.has_content() and clients else -1
                 self.report(f"round {rnd}: reply of client {who} rejected: {exc}")
                 rejected.append({"client": who, "reason": str(exc)})
         accepted.sort(key=lambda item: item[0])  # a fixed order: float sums depend on it
@@ -251,7 +253,12 @@ class Federation:
 
     # -- the whole federation -------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
-        """Rounds from the first not yet done to the last (or to stop-after); then the export."""
+        """Rounds from the first not yet done to the last (or to stop-after); then the export. The folder is
+        locked throughout: a second federation on it fails at once."""
+        with RunFolder(self.out):
+            return self._run_locked(grid)
+
+    def _run_locked(self, grid: Grid) -> dict[str, Any]:
         self._prepare_folder()
         s = self.settings
         log_path = self.out / ROUNDS_LOG
