@@ -104,6 +104,10 @@ class Federation:
         self.config = settings.train_config()
         self.model, _ = build_model(settings.model, settings.seed, self.config.num_classes)
         prepare_model(self.model, self.config)
+        # The ServerApp runs in a thread of the simulation's driver, where a multi-threaded OpenBLAS sgemm was
+        # seen to hang (Flower 1.42, Ray 2.55: fp32 central evaluation never returned). The portable float
+        # kernels need no BLAS, and make the central figures the same on every machine.
+        self.model.deterministic = True
         self.spec = make_controller(self.config).precision
         apply_precision(self.model, self.spec, self.config)  # central evaluation runs at the clients' precision
         state = self.model.state_dict()
