@@ -66,6 +66,10 @@ class FleetSettings:
                                      f"{', '.join(sorted(n.replace('_', '-') for n in names))}")
             values[name] = value
         settings = cls(**values)
+        if not settings.model:  # a Flower App's default: the shipped LeNet-5
+            from importlib import resources
+
+            settings.model = str(resources.files("edgetrain") / "assets" / "lenet5_digits.onnx")
         settings.check()
         return settings
 
