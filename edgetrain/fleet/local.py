@@ -123,6 +123,16 @@ def train_round(settings: FleetSettings, client: int, round: int, global_state: 
     return LocalResult(arrays, metrics)
 
 
+def preflight(settings: FleetSettings) -> None:
+    """Everything a client round checks (data fits the model, freeze patterns, precision), for client 0, before
+    any simulation starts: a mistake in the flags is one line, not a failed round on every client."""
+    split = data_for(settings, 0)
+    with tempfile.TemporaryDirectory(prefix="edgetrain-fleet-") as scratch:
+        config = settings.train_config(out=os.path.join(scratch, "run"))
+        model, head = build_model(settings.model, settings.seed, config.num_classes)
+        Trainer(model, split, config, head=head, export_model=False, report=lambda _: None)
+
+
 def evaluate_round(settings: FleetSettings, client: int, global_state: Mapping[str, np.ndarray], *,
                    data: str | None = None) -> dict[str, Any]:
     """The global model on this client's held-out split (loss, accuracy, samples)."""

@@ -87,6 +87,14 @@ def _load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             setattr(strategy, part, table)
 
 
+def _round_of(line: str) -> int:
+    """The round a rounds.jsonl line records; a blank or torn line (a kill mid-write) counts as none to keep."""
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
 def _comparable(settings: FleetSettings) -> dict[str, Any]:
     return {k: v for k, v in settings.to_run_config().items() if k.replace("-", "_") not in RESUMABLE}
 
@@ -151,8 +159,7 @@ class Federation:
         _load_strategy_state(self.strategy, ckpt.optimizer_state)
         self.first_round = ckpt.step + 1
         if log_path.is_file():  # rounds after the checkpoint were never completed: their lines go
-            kept = [line for line in log_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("round", 0) <= ckpt.step]
+            kept = [line for line in log_path.read_text().splitlines() if _round_of(line) <= ckpt.step]
             write_atomic(log_path, "".join(line + "\n" for line in kept).encode())
             self.records = [json.loads(line) for line in kept]
         self.report(f"resuming {self.out} after round {ckpt.step}")
@@ -226,6 +233,9 @@ class Federation:
             except RejectedReply as exc:
                 self.report(f"round {rnd}: reply of client {who} rejected: {exc}")
                 rejected.append({"client": who, "reason": str(exc)})
+        if replies and all(r.has_error() for r in replies):
+            # Every client failed (a setting no board can train with, or the whole fleet gone): stop, do not spin.
+            raise EdgetrainError(f"round {rnd}: every client failed; the first said: {replies[0].error.reason}")
         accepted.sort(key=lambda item: item[0])  # a fixed order: float sums depend on it
         if accepted:
             with np.errstate(**QUIET_NUMPY):

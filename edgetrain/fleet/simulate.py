@@ -28,8 +28,10 @@ def simulate(settings: FleetSettings, *, resume: bool = False, cpus: int | None 
     from flwr.simulation import run_simulation
 
     from edgetrain.fleet.client_app import make_client_app
+    from edgetrain.fleet.local import preflight
     from edgetrain.fleet.server import make_server_app
 
+    preflight(settings)
     overrides = settings.to_run_config()
     result: dict[str, Any] = {}
     flwr_log = logging.getLogger("flwr")
