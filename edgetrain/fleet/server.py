@@ -11,7 +11,6 @@ rounds.jsonl. A stopped federation resumes from its newest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ FLOAT_EXPORT, INT8_EXPORT = "global.onnx", "global.int8.onnx"
 SETTINGS_KEY, ROUND_KEY = "fleet/settings", "fleet/round"
 PRECISION_KEY = "trainer/precision"  # what restore_run re-applies (edgetrain.train.runstate)
 # Settings a resumed federation may change: how long it runs and what it does at the end, not what a round computes.
-RESUMABLE = {"rounds", "stop_after", "out", "export", "client_eval", "round_timeout", "extra"}
+RESUMABLE = {"rounds", "stop_after", "out", "export", "client_eval", "round_timeout", "resume", "extra"}
 CHECK_SAMPLES = 1000  # test samples the onnxruntime check of the exports reads
 CALIBRATION_SAMPLES = 256
 
@@ -327,7 +326,7 @@ def make_server_app(overrides: dict[str, Any] | None = None, *, resume: bool = F
     @app.main()
     def main(grid: Grid, context) -> None:
         settings = FleetSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        summary = Federation(settings, resume=resume or bool(os.environ.get("EDGETRAIN_FLEET_RESUME"))).run(grid)
+        summary = Federation(settings, resume=resume or settings.resume).run(grid)
         if result is not None:
             result.update(summary)
 

@@ -44,6 +44,7 @@ class FleetSettings:
     krum_byzantine: int = 1  # krum: clients assumed hostile
     server_lr: float = 0.1  # fedadam: eta
     stop_after: int = 0  # stop (resumably) after this round; 0: run all rounds
+    resume: bool = False  # continue the federation in `out` from its newest checkpoint
     fault: str = ""  # "CLIENT:KIND[:ROUND],...": that client corrupts its replies (tests, robustness experiments)
     export: bool = True  # float and int8 ONNX of the final global model, checked in onnxruntime
     train: str = "{}"  # JSON of TrainConfig fields (not model, data, steps, out)
