@@ -171,5 +171,5 @@ def corrupt(arrays: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
         for n, a in out.items():
             if n.endswith(".scale") or a.dtype.kind == "f":
-                out[n] = (a * np.float32(50) + rng.standard_normal(a.shape).astype(np.float32)).astype(a.dtype)
+                out[n] = np.asarray(a * np.float32(50) + rng.standard_normal(a.shape).astype(np.float32), a.dtype)
     return out

@@ -11,6 +11,7 @@ rounds.jsonl. A stopped federation resumes from its newest checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +87,13 @@ def _load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             setattr(strategy, part, table)
 
 
+def _short(reason: str) -> str:
+    """A client's error as one short line: Ray wraps it in a coloured traceback; Flower's own message is the point."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason))
+    found = re.search(r"Message: (.*?)(?:'>|$)", text, re.S)
+    return " ".join((found.group(1) if found else text).split())[:300]
+
+
 def _round_of(line: str) -> int:
     """The round a rounds.jsonl line records; a blank or torn line (a kill mid-write) counts as none to keep."""
     try:
@@ -128,6 +136,7 @@ class Federation:
         self.model_sha256 = file_sha256(settings.model)
         self.first_round = 1
         self.records: list[dict[str, Any]] = []
+        self.node_clients: dict[int, int] = {}  # Flower node id -> client (partition) id, from earlier replies
 
     # -- state ----------------------------------------------------------------------------------
     def global_state(self) -> dict[str, np.ndarray]:
@@ -180,7 +189,7 @@ class Federation:
                 ) -> tuple[int, Message, dict[str, float]]:
         """(client id, the reply rewritten as full float32 weights, its activation ranges) or RejectedReply."""
         if reply.has_error():
-            raise RejectedReply(f"client error: {reply.error.reason}")
+            raise RejectedReply(f"client error: {_short(reply.error.reason)}")
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise RejectedReply("expected one ArrayRecord and one MetricRecord")
@@ -216,7 +225,7 @@ class Federation:
         clients: list[dict[str, Any]] = []
         up = up_wire = 0
         for reply in replies:
-            who = -1
+            who = self.node_clients.get(reply.metadata.src_node_id, -1)
             if reply.has_content():
                 record = next(iter(reply.content.array_records.values()), None)
                 if record is not None:
@@ -227,6 +236,7 @@ class Federation:
                 if metrics is not None:
                     clients.append({k: v for k, v in metrics.items()})
                     who = int(metrics.get("partition-id", -1))
+                    self.node_clients[reply.metadata.src_node_id] = who
             try:
                 accepted.append(self._accept(rnd, reply, global_state))
             except RejectedReply as exc:
