@@ -22,6 +22,7 @@ import numpy as np
 from edgetrain.cli.demo import demo_model_path
 from edgetrain.data import load_data
 from edgetrain.data.digits import DIGITS_PATH
+from edgetrain.errors import EdgetrainError
 from edgetrain.fleet.settings import FleetSettings
 from edgetrain.train.config import TrainConfig
 from edgetrain.train.runstate import build_model
@@ -68,9 +69,14 @@ def federation(name: str, data: str, args: argparse.Namespace, *, strategy: str 
                              strategy=strategy, update_bits=bits, out=str(out), export=False, fault=fault,
                              train=json.dumps(train or TRAIN))
     started = time.perf_counter()
-    simulate(settings)
+    failed = None
+    try:
+        simulate(settings)
+    except EdgetrainError as exc:  # a federation FedAvg lets garbage wreck ends when no client can train on
+        failed = str(exc)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    return {"accuracy": rounds[-1]["accuracy"], "accuracy_per_round": [r["accuracy"] for r in rounds],
+    return {"accuracy": rounds[-1]["accuracy"], "failed": failed, "rounds_done": len(rounds),
+            "accuracy_per_round": [r["accuracy"] for r in rounds],
             "uplink_bytes_per_round": float(np.mean([r["uplink_bytes"] for r in rounds])),
             "downlink_bytes_per_round": float(np.mean([r["downlink_bytes"] for r in rounds])),
             "client_bitops": float(sum(r["bitops"] for r in rounds)), "seconds": time.perf_counter() - started}
@@ -96,7 +102,8 @@ def table(results: dict) -> str:
         up = f"{r['uplink_bytes_per_round'] / 1e3:.1f}" if "uplink_bytes_per_round" in r else ""
         down = f"{r['downlink_bytes_per_round'] / 1e3:.1f}" if "downlink_bytes_per_round" in r else ""
         ops = r.get("client_bitops", r.get("bitops", 0.0))
-        rows.append(f"| {name} | {r['accuracy']:.2%} | {up} | {down} | {ops:.3e} | {r['seconds']:.0f} s |")
+        note = f" (stopped after round {r['rounds_done']}: {r['failed']})" if r.get("failed") else ""
+        rows.append(f"| {name} | {r['accuracy']:.2%}{note} | {up} | {down} | {ops:.3e} | {r['seconds']:.0f} s |")
     return "\n".join(rows)
 
 

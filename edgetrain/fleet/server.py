@@ -244,7 +244,7 @@ class Federation:
                 rejected.append({"client": who, "reason": str(exc)})
         if replies and all(r.has_error() for r in replies):
             # Every client failed (a setting no board can train with, or the whole fleet gone): stop, do not spin.
-            raise EdgetrainError(f"round {rnd}: every client failed; the first said: {replies[0].error.reason}")
+            raise EdgetrainError(f"round {rnd}: every client failed; the first said: {_short(replies[0].error.reason)}")
         accepted.sort(key=lambda item: item[0])  # a fixed order: float sums depend on it
         if accepted:
             with np.errstate(**QUIET_NUMPY):
