@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     _add_train(sub)
     _add_eval_export(sub)
+    from edgetrain.cli.federate import add_federate_command
+
+    add_federate_command(sub, _add_setting)
     plot = sub.add_parser("plot", help="PNG figures of a training run: loss, accuracy, bit-widths, per-layer precision")
     plot.add_argument("run", metavar="RUN_DIR", help="a folder written by edgetrain train")
     plot.add_argument("--out", type=FOLDER, default=None, help="folder for the PNG files (default: the run folder)")

@@ -4,6 +4,8 @@ training.png: loss per step (raw and smoothed) and test accuracy at each evaluat
 precision.png: FW and BW bits over the run (mean over quantised layers) and the cumulative BitOPs as a
 percentage of fp32. layers.png: a heatmap of every MAC layer's FW bits over the steps (fp32 = 32).
 dfq.png (dfq and fractrain runs): the gated layers' cost per step against the regulariser's target.
+A federation folder (rounds.jsonl, written by edgetrain federate) gets federation.png: central accuracy and the
+bytes sent each way per round.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from edgetrain.fileio import make_folder, write_with
 from edgetrain.precision.spec import FP32_BITS, parse_precision
 from edgetrain.train.runlog import LOG_NAME, read_log
 
+ROUNDS_LOG = "rounds.jsonl"  # edgetrain.fleet.server writes it (not imported: plots need no Flower)
 SMOOTHING_STEPS = 20  # window of the moving average drawn over the raw loss
 FIGURE_DPI = 120
 
@@ -54,6 +57,8 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     """Draw the run's figures; returns the PNG paths written."""
     run = Path(run_dir)
     log_path = run / LOG_NAME
+    if not log_path.is_file() and (run / ROUNDS_LOG).is_file():
+        return [plot_federation(run, out_dir)]
     if not log_path.is_file():
         raise EdgetrainError(f"{run}: no {LOG_NAME} here (is it a run folder written by edgetrain train?)")
     entries = read_log(log_path)
@@ -151,4 +156,35 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.set_title(f"{run.name}: DFQ cost and its target")
         written.append(_save(fig, out / "dfq.png"))
         plt.close(fig)
+    return written
+
+
+def plot_federation(run: Path, out_dir: str | os.PathLike | None = None) -> str:
+    """federation.png of a federation folder: central accuracy per round over uplink and downlink bytes."""
+    import json
+
+    path = run / ROUNDS_LOG
+    try:
+        rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise EdgetrainError(f"{path}: not readable ({exc})") from None
+    if not rounds:
+        raise EdgetrainError(f"{path}: no rounds logged yet")
+    out = Path(out_dir) if out_dir is not None else run
+    make_folder(out)
+    plt = pyplot()
+    r = np.array([e["round"] for e in rounds])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot(r, [100 * e["accuracy"] for e in rounds], "o-", color="C1")
+    top.set_ylabel("central accuracy (%)")
+    top.set_title(f"{run.name}: federation, {rounds[-1].get('update_bits', '?')}-bit updates")
+    width = 0.38
+    bottom.bar(r - width / 2, [e["uplink_bytes"] / 1e3 for e in rounds], width, color="C0", label="uplink (clients)")
+    bottom.bar(r + width / 2, [e["downlink_bytes"] / 1e3 for e in rounds], width, color="0.6", label="downlink")
+    bottom.set_ylabel("kB per round")
+    bottom.set_xlabel("round")
+    bottom.set_xticks(r)
+    bottom.legend()
+    written = _save(fig, out / "federation.png")
+    plt.close(fig)
     return written

@@ -1,0 +1,229 @@
+"""Fleet fine-tuning (edgetrain.fleet): the update codec, partitions and reply checks on their own, then
+federations of simulated boards in Flower's simulation runtime (skipped, with the reason, without Flower).
+
+The simulations share one module fixture: a 4-round federation stopped after round 2 (rounds 1-2 are the clean
+2-round check), its resume, and the same federation unstopped. Faulty clients act in rounds 3 and 4 of both, so
+the resume check covers rejected replies too. Ray's start-up (about 20 s a federation here) dominates.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgetrain.cli.demo import demo_model_path
+from edgetrain.fleet import codec
+from edgetrain.fleet.partitions import class_shares, client_split, partition_indices
+from edgetrain.fleet.settings import FleetSettings
+from edgetrain.fleet.validate import RejectedReply, check_layout, decode_checked, max_wire_bytes
+from edgetrain.quant import qrange
+from edgetrain.train.checkpoint import load_checkpoint
+
+HAVE_FLWR = importlib.util.find_spec("flwr") is not None
+needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="Flower is not installed: pip install 'edgetrain[fleet]'")
+FAULTS = "1:nan:3,2:shape:4,0:dtype:4"  # rounds 1-2 stay clean
+TRAIN = {"schedule": "static", "bits": "8/8", "lr": 0.02, "momentum": 0.9, "batch_size": 32}
+
+
+# -- codec --------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=0, max_size=4), bits=st.integers(2, 16),
+       seed=st.integers(0, 2**31), magnitude=st.sampled_from([1e-6, 1e-2, 1.0, 300.0]))
+def test_codec_round_trip_within_one_step(shape, bits, seed, magnitude):
+    """Decoded deltas lie within one quantisation step of the originals; the bytes are the arrays' nbytes."""
+    rng = np.random.default_rng(seed)
+    deltas = {"w": (rng.standard_normal(shape) * magnitude).astype(np.float32),
+              "b": (rng.standard_normal(3) * magnitude).astype(np.float32)}
+    wire = codec.encode(deltas, bits, seed=seed, round=1, client=2)
+    layout = codec.wire_layout({k: v.shape for k, v in deltas.items()}, bits)
+    assert {k: (v.dtype, v.shape) for k, v in wire.items()} == layout
+    assert codec.payload_bytes(wire) == sum(a.nbytes for a in wire.values())
+    assert all(np.abs(wire[k + ".q"]).max(initial=0) <= qrange(bits)[1] for k in deltas)
+    back = codec.decode(wire, {k: v.shape for k, v in deltas.items()}, bits)
+    for k, d in deltas.items():
+        scale = wire[k + ".scale"]
+        step = scale.reshape((-1,) + (1,) * (d.ndim - 1)) if scale.ndim else scale
+        assert back[k].shape == d.shape and back[k].dtype == np.float32
+        assert np.all(np.abs(back[k] - d) <= step * (1 + 1e-6))
+    again = codec.encode(deltas, bits, seed=seed, round=1, client=2)
+    assert all(np.array_equal(again[k], wire[k]) for k in wire)  # seeded: the same bytes
+
+
+def test_codec_sizes_and_fp32():
+    """8 bits: a quarter of fp32's bytes plus one float32 scale per output channel; fp32 round-trips exactly."""
+    d = {"conv.w": np.random.default_rng(0).standard_normal((16, 6, 5, 5)).astype(np.float32)}
+    q8 = codec.encode(d, 8, seed=0, round=1, client=0)
+    assert q8["conv.w.q"].dtype == np.int8 and q8["conv.w.scale"].shape == (16,)
+    assert codec.payload_bytes(q8) == d["conv.w"].size + 16 * 4
+    assert codec.encode(d, 12, seed=0, round=1, client=0)["conv.w.q"].dtype == np.int16
+    f = codec.encode(d, None, seed=0, round=1, client=0)
+    assert np.array_equal(codec.decode(f, {"conv.w": (16, 6, 5, 5)}, None)["conv.w"], d["conv.w"])
+    other = codec.encode(d, 8, seed=0, round=1, client=1)  # another client draws other rounding
+    assert not np.array_equal(other["conv.w.q"], q8["conv.w.q"])
+
+
+# -- partitions -----------------------------------------------------------------------------------
+def test_partitions_cover_every_sample_once_and_are_seeded():
+    y = np.repeat(np.arange(10), 50)
+    for partition in ("iid", "dirichlet:0.3"):
+        shares = class_shares(10, 4, partition, seed=7)
+        parts = partition_indices(y, shares, seed=7)
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(y)))
+        again = partition_indices(y, class_shares(10, 4, partition, seed=7), seed=7)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    iid = partition_indices(y, class_shares(10, 4, "iid", 0), 0)
+    assert sorted(len(p) for p in iid) == [125, 125, 125, 125]
+    skew = partition_indices(y, class_shares(10, 4, "dirichlet:0.1", 0), 0)
+    # label skew: some client's most common class is far above the 10% of an even mix
+    assert max(np.bincount(y[p], minlength=10).max() / max(len(p), 1) for p in skew) > 0.3
+
+
+def test_client_split_uses_one_share_matrix_for_train_and_test():
+    from edgetrain.data import load_data
+
+    split = load_data("digits")
+    parts = [client_split(split, c, 3, "dirichlet:0.5", 1) for c in range(3)]
+    assert sum(len(p.train) for p in parts) == len(split.train)
+    assert sum(len(p.test) for p in parts) == len(split.test)
+    shares = class_shares(10, 3, "dirichlet:0.5", 1)
+    top = int(np.argmax(shares[:, 0]))  # client 0's largest class share shows in both of its arrays
+    assert np.bincount(parts[0].train.y, minlength=10)[top] > 0 and np.bincount(parts[0].test.y, minlength=10)[top] > 0
+
+
+# -- reply checks ----------------------------------------------------------------------------------
+def _wire(arrays):
+    """Stand-ins for Flower Arrays: dtype, shape and the serialised bytes' length."""
+    return {k: types.SimpleNamespace(dtype=str(v.dtype), shape=list(v.shape), data=b"\0" * (v.nbytes + 128))
+            for k, v in arrays.items()}
+
+
+def test_reply_checks_reject_shape_dtype_size_and_nan():
+    shapes = {"w": (4, 3), "b": (4,)}
+    layout = codec.wire_layout(shapes, 8)
+    good = codec.encode({"w": np.ones((4, 3), np.float32), "b": np.ones(4, np.float32)}, 8, seed=0, round=1,
+                        client=0)
+    limit = max_wire_bytes(layout, 1.5)
+    assert check_layout(_wire(good), layout, limit) == sum(a.nbytes + 128 for a in good.values())
+    for bad, reason in ((dict(good, **{"w.q": good["w.q"].reshape(3, 4)}), "shape"),
+                        (dict(good, **{"w.q": good["w.q"].astype(np.int16)}), "dtype"),
+                        ({k: v for k, v in good.items() if k != "b.q"}, "wrong arrays")):
+        with pytest.raises(RejectedReply, match=reason):
+            check_layout(_wire(bad), layout, limit)
+    with pytest.raises(RejectedReply, match="oversized"):
+        check_layout({**_wire(good), "w.q": types.SimpleNamespace(dtype="int8", shape=[4, 3], data=b"\0" * limit)},
+                     layout, limit)
+    with pytest.raises(RejectedReply, match="NaN"):
+        decode_checked(dict(good, **{"w.scale": np.full(4, np.nan, np.float32)}), shapes, 8)
+
+
+# -- simulations ------------------------------------------------------------------------------------
+def _settings(out, **kw) -> FleetSettings:
+    values = dict(model=demo_model_path(), data="digits", clients=3, rounds=4, local_steps=3, seed=3,
+                  update_bits="8", out=str(out), train=json.dumps(TRAIN), export=False, fault=FAULTS)
+    values.update(kw)
+    return FleetSettings(**values)
+
+
+def _rounds(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory):
+    """Run the module's federations once: stopped at 2 of 4 then resumed, and unstopped."""
+    if not HAVE_FLWR:
+        pytest.skip("Flower is not installed: pip install 'edgetrain[fleet]'")
+    from edgetrain.fleet.simulate import simulate
+
+    root = tmp_path_factory.mktemp("fleet")
+    runs = {}
+    runs["stopped"] = simulate(_settings(root / "a", stop_after=2), actors=1)
+    runs["after_stop"] = _rounds(root / "a")
+    runs["ckpt2"] = load_checkpoint(root / "a" / "ckpt-000002.npz")
+    runs["resumed"] = simulate(_settings(root / "a", export=True), resume=True, actors=1)
+    runs["unstopped"] = simulate(_settings(root / "b"), actors=1)
+    return root, runs
+
+
+@needs_flwr
+def test_two_rounds_change_the_model_log_accuracy_and_count_bytes(federations):
+    """3 clients, static 8/8, 8-bit updates: rounds 1-2 of the stopped federation."""
+    from edgetrain.model import load
+
+    root, runs = federations
+    assert runs["stopped"]["stopped"] and runs["stopped"]["rounds"] == [1, 2]
+    rounds = runs["after_stop"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    initial = load(demo_model_path()).parameters()
+    trained = runs["ckpt2"].params
+    assert any(not np.array_equal(initial[n], trained[n]) for n in initial)  # the global model changed
+    shapes = {n: a.shape for n, a in {**runs["ckpt2"].params, **runs["ckpt2"].buffers}.items()}
+    per_client = sum(np.dtype(dt).itemsize * int(np.prod(shape)) for dt, shape in codec.wire_layout(shapes, 8).values())
+    fp32 = sum(4 * int(np.prod(s)) for s in shapes.values())
+    for r in rounds:
+        assert 0.5 < r["accuracy"] <= 1.0 and np.isfinite(r["loss"])  # central accuracy, logged each round
+        assert r["accepted"] == 3 and r["rejected"] == []
+        assert r["uplink_bytes"] == 3 * per_client == sum(c["update-bytes"] for c in r["clients"])
+        assert r["downlink_bytes"] == 3 * fp32
+        assert r["uplink_bytes"] < 0.3 * r["downlink_bytes"]  # 8 bits: about a quarter of fp32
+        assert all(c["bitops"] > 0 and c["peak-memory-bytes"] > 0 for c in r["clients"])
+
+
+@needs_flwr
+def test_resumed_federation_is_bit_identical_to_an_unstopped_one(federations):
+    root, runs = federations
+    assert runs["resumed"]["rounds"] == [1, 2, 3, 4] and not runs["resumed"]["stopped"]
+    a, b = load_checkpoint(root / "a" / "ckpt-000004.npz"), load_checkpoint(root / "b" / "ckpt-000004.npz")
+    assert a.params.keys() == b.params.keys()
+    assert all(np.array_equal(a.params[n], b.params[n]) for n in a.params)
+    assert [r["accuracy"] for r in _rounds(root / "a")] == [r["accuracy"] for r in _rounds(root / "b")]
+    checks = runs["resumed"]["export"]["onnxruntime"]  # the final model in onnxruntime, float and int8
+    assert checks["float"]["top1_agreement"] == 1.0 and checks["int8"]["top1_agreement"] >= 0.98
+
+
+@needs_flwr
+def test_bad_replies_are_left_out_and_rounds_complete(federations):
+    root, runs = federations
+    rounds = _rounds(root / "b")
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert [r["accepted"] for r in rounds] == [3, 3, 2, 1]
+    assert [x["client"] for x in rounds[2]["rejected"]] == [1] and "NaN" in rounds[2]["rejected"][0]["reason"]
+    reasons = {x["client"]: x["reason"] for x in rounds[3]["rejected"]}
+    assert "shape" in reasons[2] and "dtype" in reasons[0]
+    assert all(np.isfinite(r["accuracy"]) and r["accuracy"] > 0.5 for r in rounds)
+    assert rounds[2]["uplink_bytes"] == sum(c["update-bytes"] for c in rounds[2]["clients"])  # NaN: same size
+
+
+def test_plot_of_a_federation_folder(tmp_path):
+    """edgetrain plot DIR on a federation folder draws accuracy and bytes per round."""
+    pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install 'edgetrain[plot]'")
+    from edgetrain.cli.plot import plot_run
+
+    rows = [{"round": r, "accuracy": 0.9 + r / 100, "uplink_bytes": 1000, "downlink_bytes": 4000, "update_bits": "8"}
+            for r in (1, 2)]
+    (tmp_path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = plot_run(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["federation.png"]
+    assert (tmp_path / "federation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["federate", "--demo", "--partition", "dirichlet:0"], "positive alpha"),
+    (["federate", "--demo", "--update-bits", "17"], "2..16"),
+    (["federate", "--demo", "--fault", "1:melt"], "KIND"),
+    (["federate", "--demo", "--schedule", "static", "--bits", "8/8", "--freeze", "nothing*"], "matches no parameter"),
+])
+def test_federate_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    """Mistakes in the flags stop before any simulation starts: one `edgetrain: error:` line, exit 2."""
+    from edgetrain.cli.main import main
+
+    if "freeze" in " ".join(argv) and not HAVE_FLWR:
+        pytest.skip("the freeze check runs after the Flower check")
+    code = main(argv + ["--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("edgetrain: error:") and message in err[0]
