@@ -121,6 +121,23 @@ def test_reply_checks_reject_shape_dtype_size_and_nan():
         decode_checked(dict(good, **{"w.scale": np.full(4, np.nan, np.float32)}), shapes, 8)
 
 
+# -- FedProx's term, on one client without Flower ----------------------------------------------------
+@needs_flwr
+def test_fedprox_term_pulls_a_client_towards_the_global_weights(tmp_path):
+    """The proximal gradient mu (w - w_global) reaches the optimizer: with a large mu the round moves less."""
+    from edgetrain.fleet.local import train_round
+    from edgetrain.fleet.server import Federation
+
+    fleet = _settings(tmp_path, fault="", update_bits="fp32", local_steps=4)
+    start = Federation(fleet, report=lambda text: None).global_state()
+    moved = {}
+    for mu in (0.0, 50.0):
+        result = train_round(fleet, client=0, round=1, global_state=start, proximal_mu=mu)
+        deltas = codec.decode(result.arrays, {k: v.shape for k, v in start.items()}, None)
+        moved[mu] = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
+    assert 0 < moved[50.0] < 0.8 * moved[0.0], moved
+
+
 # -- simulations ------------------------------------------------------------------------------------
 def _settings(out, **kw) -> FleetSettings:
     values = dict(model=demo_model_path(), data="digits", clients=3, rounds=4, local_steps=3, seed=3,

@@ -65,23 +65,15 @@ def data_for(settings: FleetSettings, client: int, data: str | None = None) -> S
 
 
 def _proximal(trainer: Trainer, anchor: Mapping[str, np.ndarray], mu: float) -> None:
-    """FedProx's term mu/2 |w - w_global|^2: its gradient mu (w - w_global) joins each step's gradients.
-
-    TrainStep's `check` sees the gradients after backward and before the optimizer, so the term is added
-    there, then the Trainer's own finiteness check runs.
-    """
-    step = trainer._update  # the Trainer's TrainStep (edgetrain.train.loop): the one place gradients pass
-    check = step.check
+    """FedProx's term mu/2 |w - w_global|^2: its gradient mu (w - w_global) joins each step's gradients."""
     params = trainer.model.parameters()
 
-    def with_term(s: int, loss: float, grads: dict[str, np.ndarray]) -> None:
+    def term(grads: dict[str, np.ndarray]) -> None:
         for name in trainer.trainable:
             if grads.get(name) is not None and name in anchor:
                 grads[name] = grads[name] + np.float32(mu) * (params[name] - anchor[name])
-        if check is not None:
-            check(s, loss, grads)
 
-    step.check = with_term
+    trainer.add_gradient_term(term)
 
 
 def train_round(settings: FleetSettings, client: int, round: int, global_state: Mapping[str, np.ndarray], *,

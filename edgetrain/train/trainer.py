@@ -235,6 +235,17 @@ class Trainer:
         self.elapsed = float(trainer.get("elapsed", 0.0))
         self.step = self.resumed_from = ckpt.step
 
+    def add_gradient_term(self, term: Callable[[dict[str, np.ndarray]], None]) -> None:
+        """Let `term(grads)` change every step's gradients after backward, before the checks and the optimizer."""
+        check = self._update.check
+
+        def with_term(step: int, loss: float, grads: dict[str, np.ndarray]) -> None:
+            term(grads)  # first, so a term that overflows is caught by the finiteness check like any gradient
+            if check is not None:
+                check(step, loss, grads)
+
+        self._update.check = with_term
+
     def save_checkpoint(self) -> Path:
         """Write the checkpoint of the current step (never one holding a non-finite weight)."""
         # Finite gradients can still step a weight to inf (a huge --lr). Mid-run the next step's loss and
