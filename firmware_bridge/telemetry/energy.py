@@ -29,6 +29,18 @@ def integrate_energy_j(samples: Iterable[Sample]) -> float:
     return energy_mj / MW_PER_W
 
 
+def window_energy_j(samples: list[Sample]) -> float | None:
+    """Return the energy of a sampling window; None without two samples."""
+    return integrate_energy_j(samples) if len(samples) >= 2 else None
+
+
+def window_mean_power_mw(samples: list[Sample]) -> float | None:
+    """Return the time-weighted mean power of a window; None until two samples span some time."""
+    if len(samples) < 2 or samples[-1][0] == samples[0][0]:
+        return None
+    return integrate_energy_j(samples) * MW_PER_W / (samples[-1][0] - samples[0][0])
+
+
 class PowerSampler:
     """Polls a power reader (mW, or None when it has no reading) in a thread between start() and stop()."""
 
@@ -59,16 +71,12 @@ class PowerSampler:
     @property
     def energy_j(self) -> float | None:
         """Return the energy of the samples so far; None until there are two."""
-        samples = self.samples
-        return integrate_energy_j(samples) if len(samples) >= 2 else None
+        return window_energy_j(self.samples)
 
     @property
     def mean_power_mw(self) -> float | None:
         """Return the time-weighted mean power; None until two samples span some time."""
-        samples = self.samples
-        if len(samples) < 2 or samples[-1][0] == samples[0][0]:
-            return None
-        return integrate_energy_j(samples) * MW_PER_W / (samples[-1][0] - samples[0][0])
+        return window_mean_power_mw(self.samples)
 
     def start(self) -> PowerSampler:
         """Take a first sample now and keep sampling every `interval_s` in a thread."""

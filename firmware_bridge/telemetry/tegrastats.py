@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from firmware_bridge.telemetry.energy import MW_PER_W, Sample, integrate_energy_j
+from firmware_bridge.telemetry.energy import Sample, window_energy_j, window_mean_power_mw
 from firmware_bridge.telemetry.jetson import board_power_mw
 
 __all__ = ["CpuCore", "RailPower", "TegraStats", "TegrastatsSampler", "parse_tegrastats", "read_tegrastats_line"]
@@ -213,16 +213,12 @@ class TegrastatsSampler:
     @property
     def energy_j(self) -> float | None:
         """Return the energy of the window; None without two samples."""
-        samples = self.samples
-        return integrate_energy_j(samples) if len(samples) >= 2 else None
+        return window_energy_j(self.samples)
 
     @property
     def mean_power_mw(self) -> float | None:
         """Return the time-weighted mean power; None until two samples span some time."""
-        samples = self.samples
-        if len(samples) < 2 or samples[-1][0] == samples[0][0]:
-            return None
-        return integrate_energy_j(samples) * MW_PER_W / (samples[-1][0] - samples[0][0])
+        return window_mean_power_mw(self.samples)
 
     def start(self) -> TegrastatsSampler:
         """Start tegrastats, wait for its first line (the window's first sample) and read the rest in a thread."""
