@@ -125,6 +125,16 @@ def wait_for_a_step(log: Path, proc) -> None:
         time.sleep(0.01)
 
 
+def test_3_a_stopped_demo_does_not_offer_a_resume_it_cannot_do(tmp_path):
+    proc = start("demo", "--steps", SIGNAL_STEPS, "--out", "demo", cwd=tmp_path)
+    wait_for_a_step(tmp_path / "demo" / "runs" / "fp32" / "log.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    lines = [line for line in err.splitlines() if line.startswith("edgetrain")]  # the rest is the progress bar
+    assert len(lines) == 1 and "the demo does not resume" in lines[0] and "--resume" not in lines[0], err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_3_a_stop_signal_saves_a_checkpoint_exits_130_and_resumes_bit_for_bit(signum, tmp_path, capsys):
     if signal.getsignal(signum) == signal.SIG_IGN:

@@ -59,7 +59,7 @@ def _check_resume_changes(layers: list[tuple[str, Mapping[str, Any]]], stored: M
 
 
 def _resume_hint(config: TrainConfig) -> str:
-    return f"edgetrain train --out {shlex.quote(config.out)} --resume"
+    return f"resume with: edgetrain train --out {shlex.quote(config.out)} --resume"
 
 
 def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, as_json: bool) -> int:

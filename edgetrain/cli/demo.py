@@ -62,7 +62,9 @@ def _train(label: str, schedule: str, bits: str | None, split: Split, upright, s
                          batch_size=BATCH_SIZE, seed=seed, lr=LEARNING_RATE, momentum=MOMENTUM,
                          weight_decay=WEIGHT_DECAY, eval_every=steps, out=str(run_dir))
     model, _ = build_model(config.model, seed, None)
-    result = Trainer(model, split, config, progress=progress, desc=label, export_model=False).fit()
+    # The rotated digits exist only inside the demo, so `train --resume` cannot pick its run up.
+    hint = "the demo does not resume: `edgetrain demo` starts it over"
+    result = Trainer(model, split, config, progress=progress, desc=label, export_model=False, resume_hint=hint).fit()
     summary = {"schedule": label, "steps": steps, "accuracy_after": {"rotated": result.test_accuracy,
                                                                      "upright": evaluate(model, upright)["accuracy"]},
                "final_loss": result.final_loss, "bitops": result.bitops, "percent_of_fp32": result.percent_of_fp32,

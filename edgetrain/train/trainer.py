@@ -169,7 +169,8 @@ class Trainer:
         self.desc = desc
         self.export_model = export_model
         self.report = report or (lambda text: print(text, file=sys.stderr))
-        self.resume_hint = resume_hint or f"edgetrain train --out {self.run_dir} --resume"
+        # The end of the "stopped" line: how to carry on (a run the demo made cannot resume; it says so).
+        self.resume_hint = resume_hint or f"resume with: edgetrain train --out {self.run_dir} --resume"
         # Files the run reads, which none it writes may be (the model, the data, a cost table, a config file).
         self.inputs = run_inputs(config, inputs)
         check_finite_weights(model, config.model or "the model")
@@ -370,7 +371,7 @@ class Trainer:
             if interrupted:
                 checkpoint = self.save_checkpoint()
                 raise Interrupted(f"stopped at step {self.step} of {self.total_steps} ({stop.requested}); "
-                                  f"checkpoint {checkpoint}; resume with: {self.resume_hint}")
+                                  f"checkpoint {checkpoint}; {self.resume_hint}")
             if not self.evals or self.evals[-1]["step"] != self.step:
                 # A run resumed at its last step has that evaluation logged already; its result is still needed.
                 self._log_eval(log, started, write=self.step not in log.logged_evals())
