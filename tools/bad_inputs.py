@@ -771,8 +771,7 @@ def _api_script(snippet: str) -> str:
             + "except BaseException as exc:\n"
             + "    typed = getattr(edgetrain, 'EdgetrainError', None)\n"
             + "    if typed is None or not isinstance(exc, typed):\n        raise\n"
-            + "    print(f'{type(exc).__name__}: {exc}'.splitlines()[0] if str(exc).count(chr(10)) == 0 "
-            + "else f'{type(exc).__name__}: {exc}', file=sys.stderr)\n    sys.exit(2)\n")
+            + "    print(f'{type(exc).__name__}: {exc}', file=sys.stderr)\n    sys.exit(2)\n")
 
 
 def _snapshot(d: Path) -> dict[str, str]:
