@@ -215,6 +215,29 @@ def test_4_a_new_run_may_take_a_folder_without_checkpoint(run, tmp_path, capsys)
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_4_a_folder_whose_log_no_run_wrote_is_refused_not_replaced(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "log.jsonl").write_text("my own log\n")
+    assert one_error(capsys, train(folder), "log.jsonl", "not a file of an edgetrain run") == EXIT_BAD_INPUT
+    assert (folder / "log.jsonl").read_text() == "my own log\n" and sorted(p.name for p in folder.iterdir()) == [
+        "log.jsonl", "notes.txt"]
+
+
+def test_4_a_resume_refused_for_its_log_leaves_the_runs_config_as_it_was(run, tmp_path, capsys):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for path in run.iterdir():
+        if path.is_file() and path.name != LOCK_NAME:
+            (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "log.jsonl").write_text('{"type": "step", "step": "abc", "loss": 1.0}\n')
+    before = (folder / "config.json").read_bytes()
+    code = main(["train", "--out", str(folder), "--resume", "--steps", "4"])
+    assert one_error(capsys, code, "log.jsonl", "'step'") == EXIT_BAD_INPUT
+    assert (folder / "config.json").read_bytes() == before
+
+
 # -- 5: non-finite settings ------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, needles", [
     (["--schedule", "pfq", "--pfq-eps", "inf"], ["--pfq-eps", "'inf'"]),

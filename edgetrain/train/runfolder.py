@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from typing import Any
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import check_file_target, make_folder, write_error
 from edgetrain.train.checkpoint import CKPT_NAME, list_checkpoints
-from edgetrain.train.config import CONFIG_JSON
-from edgetrain.train.runlog import LOG_NAME
+from edgetrain.train.config import CONFIG_JSON, read_config_json
+from edgetrain.train.runlog import LOG_NAME, parse_log
 
 try:
     import fcntl
@@ -101,6 +102,23 @@ def check_export_targets(targets: Iterable[str], run_dir: str | os.PathLike, inp
             raise EdgetrainError(f"{target}: exists; give --force to replace it, or choose another --out")
 
 
+def _check_left_by_a_run(path: Path) -> None:
+    """Refuse a folder whose config.json or log.jsonl an edgetrain run did not write: starting afresh replaces them."""
+    # A run writes its log before its config.json (trainer), so a stopped one may have either or both.
+    config, log = path / CONFIG_JSON, path / LOG_NAME
+    for target, read in ((config, lambda: read_config_json(path)), (log, lambda: parse_log(log))):
+        if not target.exists():
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a half-written last line is what a killed run leaves: ours
+                read()
+        except EdgetrainError as exc:
+            reason = str(exc).removeprefix(f"{target}: ")
+            raise EdgetrainError(f"{target}: not a file of an edgetrain run ({reason}); a new run would replace "
+                                 "it: move it, or choose another --out") from None
+
+
 def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> str | None:
     """Refuse to start a new run over an old one; returns a notice when an unfinished one is started afresh."""
     path = Path(run_dir)
@@ -117,6 +135,7 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> str | None:
             raise EdgetrainError(f"{path / name}: a run would overwrite this file with its trained model; "
                                  "move it, or choose another --out")
     if (path / LOG_NAME).exists() or (path / CONFIG_JSON).exists():
+        _check_left_by_a_run(path)
         return f"{path}: an earlier run stopped before its first checkpoint; starting afresh"
     return None
 

@@ -343,8 +343,14 @@ class Trainer:
 
     def _fit_locked(self, stop: StopFlag) -> TrainResult:
         manager = self.manager  # clears a killed writer's temporary files: safe only under the lock
-        config_path = write_config_json(self.config, self.run_dir)
+        # The log first: a resumed run's log is read and checked there, and a refusal must leave config.json
+        # as the run had it.
         log = RunLog(self.run_dir, self.resumed_from)
+        try:
+            config_path = write_config_json(self.config, self.run_dir)
+        except BaseException:
+            log.close()
+            raise
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         losses: list[float] = []
