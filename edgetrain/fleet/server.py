@@ -267,10 +267,16 @@ class Federation:
         else:
             client_eval = None
         clients.sort(key=lambda c: c.get("partition-id", -1))
+        # Each client's cost this round, side by side: a board under its own precision policy shows here.
+        costs = [{"client": int(c.get("partition-id", -1)), "bitops": float(c.get("bitops", 0.0)),
+                  "bitops_percent": float(c.get("bitops-percent", 0.0)),
+                  "wall_seconds": float(c.get("wall-seconds", 0.0)), "own_policy": bool(c.get("policy", 0))}
+                 for c in clients]
         return {"round": rnd, "accuracy": central["accuracy"], "loss": central["loss"],
                 "replies": len(replies), "accepted": len(accepted), "rejected": rejected,
                 "uplink_bytes": up, "uplink_wire_bytes": up_wire, "downlink_bytes": down,
-                "update_bits": self.settings.update_bits, "clients": clients, "client_eval": client_eval,
+                "update_bits": self.settings.update_bits, "clients": clients, "costs": costs,
+                "client_eval": client_eval,
                 "bitops": float(sum(c.get("bitops", 0.0) for c in clients)),
                 "seconds": round(time.perf_counter() - started, 3)}
 
