@@ -3,8 +3,8 @@ repository's Flower App (pyproject [tool.flwr.app]) for 2 rounds, with one Super
 
 Cost: the SuperLink notices a dead SuperNode only when its heartbeat lapses (2 x the interval the node
 announced). Flower 1.42 hard-codes that interval at 30 s (no flag, no variable), so the test starts each
-SuperNode through a launcher that lowers it to the SuperLink's accepted minimum (10 s): a dead node is reported
-about 20 s after its last heartbeat instead of 60 s. The SuperLink and its liveness rule are untouched.
+SuperNode through a launcher that lowers its node heartbeat to the SuperLink's accepted minimum (10 s): a dead node
+is reported about 20 s after its last heartbeat instead of 60 s. The SuperLink and its liveness rule are untouched.
 Every process the test starts runs in a session of its own, and each session is killed whole, also on failure;
 the test checks that none is left.
 """
@@ -28,11 +28,16 @@ MISSING = [exe for exe in ("flower-superlink", "flower-supernode", "flwr") if sh
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Flower is not installed ({', '.join(MISSING)} missing): "
                                                       "pip install 'edgetrain[fleet]'")
 STARTUP_SECONDS, RUN_SECONDS = 60, 300
-# flower-supernode with a shorter heartbeat: Flower's constant is read when its connection module is imported,
-# which happens after this assignment.
+# Board 1 is slower: its SuperNode carries its own precision policy (DFQ at a low cost target) in its node config.
+NODE_POLICY = {1: """ precision-policy='{"schedule": "dfq", "dfq_target": 3.0}'"""}
+# flower-supernode with a shorter node heartbeat: the interval it announces (fleet_http_connection) and the one it
+# keeps (HeartbeatSender), read from their modules' globals at call time. Flower's constant itself stays 30 s: the
+# SuperNode's own state also gives a ClientApp process that long to start (10 s failed them on a loaded machine).
 SUPERNODE = """import sys
-import flwr.common.constant as c
-c.HEARTBEAT_DEFAULT_INTERVAL = c.HEARTBEAT_MIN_INTERVAL
+import flwr.common.constant as constant
+import flwr.supercore.heartbeat as sender
+import flwr.supernode.fleet_http_connection as connection
+connection.HEARTBEAT_DEFAULT_INTERVAL = sender.HEARTBEAT_DEFAULT_INTERVAL = constant.HEARTBEAT_MIN_INTERVAL
 from importlib.metadata import entry_points
 (entry,) = entry_points(group="console_scripts", name="flower-supernode")
 sys.argv[0] = "flower-supernode"
@@ -110,7 +115,8 @@ def test_flwr_run_survives_a_supernode_killed_in_round_2(tmp_path):
                             "--port", str(link_port), "--database", str(tmp_path / "state.db")])
         nodes = [start(f"node{i}", [sys.executable, str(launcher), "--insecure", "--superlink",
                                     f"127.0.0.1:{link_port}", "--port", str(_free_port()), "--node-config",
-                                    f"partition-id={i} num-partitions=3"]) for i in range(3)]
+                                    f"partition-id={i} num-partitions=3" + NODE_POLICY.get(i, "")])
+                 for i in range(3)]
         _wait("3 SuperNodes to join", lambda: link_log.read_bytes().count(b"Activated node_id") >= 3,
               STARTUP_SECONDS)
         # min-clients=2: round 2 goes ahead with the two live nodes whether the SuperLink has noticed the dead
@@ -136,6 +142,8 @@ def test_flwr_run_survives_a_supernode_killed_in_round_2(tmp_path):
     rounds = [json.loads(line) for line in rounds_log.read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["accepted"] == 3
+    costs = {c["client"]: c for c in rounds[0]["costs"]}  # the server sees board 1's own, cheaper policy
+    assert costs[1]["own_policy"] and not costs[0]["own_policy"] and costs[1]["bitops"] < costs[0]["bitops"]
     assert rounds[1]["accepted"] == 2  # the killed node's update is missing; the round still completed
     assert sorted(c["partition-id"] for c in rounds[1]["clients"]) == [0, 1]
     assert (out / "ckpt-000002.npz").is_file() and 0.5 < rounds[1]["accuracy"] <= 1.0
