@@ -224,8 +224,12 @@ class Federation:
         rejected: list[dict[str, Any]] = []
         clients: list[dict[str, Any]] = []
         up = up_wire = 0
+        # An error the SuperLink writes for a node (e.g. "node unavailable") comes from the SuperLink itself: the
+        # instruction it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
-            who = self.node_clients.get(reply.metadata.src_node_id, -1)
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            who = self.node_clients.get(node, -1)
             if reply.has_content():
                 record = next(iter(reply.content.array_records.values()), None)
                 if record is not None:
@@ -236,7 +240,7 @@ class Federation:
                 if metrics is not None:
                     clients.append({k: v for k, v in metrics.items()})
                     who = int(metrics.get("partition-id", -1))
-                    self.node_clients[reply.metadata.src_node_id] = who
+                    self.node_clients[node] = who
             try:
                 accepted.append(self._accept(rnd, reply, global_state))
             except RejectedReply as exc:
