@@ -2,7 +2,8 @@
 federations of simulated boards in Flower's simulation runtime (skipped, with the reason, without Flower).
 
 The simulations share one module fixture: a 4-round federation stopped after round 2 (rounds 1-2 are the clean
-2-round check), its resume, and the same federation unstopped. Faulty clients act in rounds 3 and 4 of both, so
+2-round check), its resume, and the same federation unstopped; client 1 trains under its own precision policy
+(DFQ) in all of them. Faulty clients act in rounds 3 and 4 of both, so
 the resume check covers rejected replies too. Ray's start-up (about 20 s a federation here) dominates.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ HAVE_FLWR = importlib.util.find_spec("flwr") is not None
 needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="Flower is not installed: pip install 'edgetrain[fleet]'")
 FAULTS = "1:nan:3,2:shape:4,0:dtype:4"  # rounds 1-2 stay clean
 TRAIN = {"schedule": "static", "bits": "8/8", "lr": 0.02, "momentum": 0.9, "batch_size": 32}
+# A heterogeneous fleet: client 1 is a slower board training under DFQ at a low cost target, the others static 8/8.
+POLICIES = {"1": {"schedule": "dfq", "dfq_target": 3.0}}
 
 
 # -- codec --------------------------------------------------------------------------------------
@@ -138,10 +141,68 @@ def test_fedprox_term_pulls_a_client_towards_the_global_weights(tmp_path):
     assert 0 < moved[50.0] < 0.8 * moved[0.0], moved
 
 
+# -- per-client precision policies --------------------------------------------------------------------
+def _lenet_latency_table(path, slow: float = 1.0) -> str:
+    """A latency table, as `edgetrain profile --latency-table` writes it, for every MAC layer of the demo LeNet-5 at
+    fp32 and at each default DFQ candidate (weights 4 bits)."""
+    from edgetrain.model import load
+    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES
+
+    layers = [n.name for n in load(demo_model_path()).graph.nodes if n.op_type in ("Conv", "Gemm", "MatMul")]
+    bits = {"fp32": 32.0, **{f"{c}:w4": float(c.split("/")[0]) for c in DEFAULT_CANDIDATES if c != "0"}}
+    table = {layer: {p: {"forward_s": slow * b * 1e-5, "backward_s": slow * b * 2e-5} for p, b in bits.items()}
+             for layer in layers}
+    path.write_text(json.dumps(table))
+    return str(path)
+
+
+def test_client_policies_merge_validate_and_name_the_client(tmp_path):
+    """A policy naming a schedule replaces the run's precision settings; others overlay it; the SuperNode's own
+    policy wins; mistakes are one line naming the client."""
+    from edgetrain.errors import EdgetrainError
+
+    table = _lenet_latency_table(tmp_path / "board2.json")
+    fleet = _settings(tmp_path, client_policies=json.dumps(
+        {"0": {"schedule": "fractrain", "fractrain_targets": [2.0, 3.0]}, "1": {"bits": "4/8"},
+         "2": {"schedule": "dfq", "dfq_target": 3.0, "latency_table": table}}))
+    fleet.check()
+    configs = {c: fleet.train_config(policy=fleet.policy_for(c)) for c in range(3)}
+    assert configs[0].schedule == "fractrain" and configs[0].bits is None and configs[0].lr == TRAIN["lr"]
+    assert configs[1].schedule == "static" and configs[1].bits == "4/8"
+    assert configs[2].dfq_cost_table == table
+    assert fleet.policy_for(1, '{"bits": "6/8"}') == {"bits": "6/8"}  # a SuperNode's node config wins
+    assert fleet.policy_for(2, None)["dfq_cost_table"] == table
+    for policies, message in (({"5": {}}, "client 5 is not one of 0..2"), ({"x": {}}, "not a client id"),
+                              ({"0": {"steps": 9}}, "may not set steps"), ({"0": {"colour": 1}}, "colour"),
+                              ({"1": {"schedule": "dfq", "dfq_target": 300.0}}, "client 1")):
+        with pytest.raises(EdgetrainError, match=message):
+            _settings(tmp_path, client_policies=json.dumps(policies)).check()
+
+
+@needs_flwr
+def test_a_client_with_a_latency_table_trains_at_its_own_cost(tmp_path):
+    """One round of two clients from the same global model: the board with a measured latency table and a DFQ
+    target spends fewer BitOPs than a static 8/8 one, and its update has the global model's layout."""
+    from edgetrain.fleet.local import preflight, train_round
+    from edgetrain.fleet.server import Federation
+
+    table = _lenet_latency_table(tmp_path / "slow-board.json", slow=3.0)
+    fleet = _settings(tmp_path, fault="", local_steps=2, client_policies=json.dumps(
+        {"2": {"schedule": "dfq", "dfq_target": 3.0, "latency_table": table}}))
+    preflight(fleet)
+    start = Federation(fleet, report=lambda text: None).global_state()
+    static, slow = (train_round(fleet, client=c, round=1, global_state=start) for c in (0, 2))
+    assert slow.metrics["policy"] == 1 and static.metrics["policy"] == 0
+    assert 0 < slow.metrics["bitops"] < static.metrics["bitops"]
+    assert {k: (v.dtype, v.shape) for k, v in slow.arrays.items()} == {k: (v.dtype, v.shape)
+                                                                       for k, v in static.arrays.items()}
+
+
 # -- simulations ------------------------------------------------------------------------------------
 def _settings(out, **kw) -> FleetSettings:
     values = dict(model=demo_model_path(), data="digits", clients=3, rounds=4, local_steps=3, seed=3,
-                  update_bits="8", out=str(out), train=json.dumps(TRAIN), export=False, fault=FAULTS)
+                  update_bits="8", out=str(out), train=json.dumps(TRAIN), export=False, fault=FAULTS,
+                  client_policies=json.dumps(POLICIES))
     values.update(kw)
     return FleetSettings(**values)
 
@@ -189,6 +250,11 @@ def test_two_rounds_change_the_model_log_accuracy_and_count_bytes(federations):
         assert r["downlink_bytes"] == 3 * fp32
         assert r["uplink_bytes"] < 0.3 * r["downlink_bytes"]  # 8 bits: about a quarter of fp32
         assert all(c["bitops"] > 0 and c["peak-memory-bytes"] > 0 for c in r["clients"])
+        # client 1's own policy (DFQ at a low target): the server sees it train cheaper than the static boards
+        costs = {c["client"]: c for c in r["costs"]}
+        assert sorted(costs) == [0, 1, 2] and [costs[c]["own_policy"] for c in range(3)] == [False, True, False]
+        assert costs[1]["bitops"] < min(costs[0]["bitops"], costs[2]["bitops"])
+        assert all(c["wall_seconds"] > 0 and 0 < c["bitops_percent"] < 100 for c in costs.values())
 
 
 @needs_flwr
@@ -234,13 +300,14 @@ def test_plot_of_a_federation_folder(tmp_path):
     (["federate", "--demo", "--update-bits", "17"], "2..16"),
     (["federate", "--demo", "--fault", "1:melt"], "KIND"),
     (["federate", "--demo", "--schedule", "static", "--bits", "8/8", "--freeze", "nothing*"], "matches no parameter"),
+    (["federate", "--demo", "--client-policies", '{"7": {"bits": "4/8"}}'], "client 7 is not one of 0..2"),
 ])
 def test_federate_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     """Mistakes in the flags stop before any simulation starts: one `edgetrain: error:` line, exit 2."""
     from edgetrain.cli.main import main
 
-    if "freeze" in " ".join(argv) and not HAVE_FLWR:
-        pytest.skip("the freeze check runs after the Flower check")
+    if ("freeze" in " ".join(argv) or "client-policies" in argv) and not HAVE_FLWR:
+        pytest.skip("this check runs after the Flower check")
     code = main(argv + ["--out", str(tmp_path / "f")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("edgetrain: error:") and message in err[0]

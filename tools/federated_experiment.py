@@ -1,7 +1,7 @@
 """Fleet fine-tuning on the digits (issue 19's experiment): federated against centralised static 8/8 training,
 8-bit against fp32 updates, robust strategies under a client sending scaled garbage, FracTrain on every client.
 
-    python -m tools.federated_experiment [--clients 10] [--rounds 5] [--local-steps 10] [--alpha 0.5]
+    python -m tools.federated_experiment [--clients 10] [--rounds 5] [--local-steps 10] [--alpha 0.5] [--lr LR]
                                          [--out fleet-experiment] [--only NAME,...]
 
 The task is the demo's: the shipped LeNet-5 (trained on upright digits) fine-tuned on the digits rotated a
@@ -67,7 +67,7 @@ def federation(name: str, data: str, args: argparse.Namespace, *, strategy: str 
     settings = FleetSettings(model=demo_model_path(), data=data, clients=args.clients, rounds=args.rounds,
                              partition=f"dirichlet:{args.alpha}", local_steps=args.local_steps, seed=args.seed,
                              strategy=strategy, update_bits=bits, out=str(out), export=False, fault=fault,
-                             train=json.dumps(train or TRAIN))
+                             train=json.dumps({**(train or TRAIN), **({"lr": args.lr} if args.lr else {})}))
     started = time.perf_counter()
     failed = None
     try:
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"the clients' local learning rate (default {TRAIN['lr']}; the centralised run keeps that)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fleet-experiment")
     p.add_argument("--only", default="", help="comma-separated run names (centralised, " + ", ".join(RUNS) + ")")

@@ -55,6 +55,10 @@ def add_federate_command(sub: Any, add_setting: Any) -> None:
     f.add_argument("--fault", default="", metavar="C:KIND[:R],...",
                    help="client C corrupts its reply (nan, shape, dtype, garbage), in round R or every round: "
                         "to try the server's defences")
+    f.add_argument("--client-policies", default=None, metavar="JSON|FILE",
+                   help='each client\'s own precision policy, as JSON or a JSON file: {"2": {"schedule": "dfq", '
+                        '"dfq_target": 3.0, "latency_table": "board2.json"}} (training settings laid over the run\'s; '
+                        'one naming a schedule replaces the run\'s precision settings)')
     f.add_argument("--no-export", action="store_true", help="skip the final ONNX export")
     f.add_argument("--cpus", type=POSITIVE_INT, default=None, metavar="N",
                    help="CPUs the simulation may use (default: all)")
@@ -100,6 +104,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     values = {**{k: v for k, v in base.items() if k != "train"}, **given}
     import os
 
+    policies = args.client_policies or "{}"
+    if os.path.isfile(policies):  # a file of policies (JSON text itself never names a file)
+        with open(policies, encoding="utf-8") as f:
+            policies = f.read()
+    values["client_policies"] = policies
     return FleetSettings(model=os.path.abspath(model), strategy=args.strategy, update_bits=args.update_bits,
                          seed=args.seed, min_clients=args.min_clients, round_timeout=args.round_timeout,
                          client_eval=args.client_eval, stop_after=args.stop_after, fault=args.fault,

@@ -2,7 +2,8 @@
 
 Settings come from the run config (`FleetSettings` keys); `make_client_app(overrides)` bakes in settings for
 `run_simulation`, whose Python API passes no run config. A deployed SuperNode names its partition with
-`--node-config "partition-id=0 num-partitions=3"` or its own data with `data=SPEC`.
+`--node-config "partition-id=0 num-partitions=3"` or its own data with `data=SPEC`, and may carry its own precision
+policy as JSON: `precision-policy='{"latency_table": "/opt/board.json", "schedule": "dfq", "dfq_target": 3.0}'`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from edgetrain.fleet.local import corrupt, evaluate_round, train_round
 from edgetrain.fleet.settings import FleetSettings
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+POLICY_NODE_KEY = "precision-policy"  # a SuperNode's own precision policy (JSON), over the run config's entry
 
 
 def _settings(context: Context, overrides: Mapping[str, Any]) -> FleetSettings:
@@ -39,7 +41,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         rnd = int(config.get("server-round", 0))
         global_state = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
         result = train_round(settings, client, rnd, global_state, proximal_mu=float(config.get("proximal-mu", 0.0)),
-                             data=context.node_config.get("data"))
+                             data=context.node_config.get("data"),
+                             node_policy=context.node_config.get(POLICY_NODE_KEY))
         arrays = result.arrays
         kind = settings.fault_for(client, rnd)
         if kind is not None:

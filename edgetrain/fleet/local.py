@@ -77,17 +77,22 @@ def _proximal(trainer: Trainer, anchor: Mapping[str, np.ndarray], mu: float) -> 
 
 
 def train_round(settings: FleetSettings, client: int, round: int, global_state: Mapping[str, np.ndarray], *,
-                proximal_mu: float = 0.0, data: str | None = None) -> LocalResult:
-    """Train one client for one round from the global tensors; see the module doc."""
+                proximal_mu: float = 0.0, data: str | None = None, node_policy: str | None = None) -> LocalResult:
+    """Train one client for one round from the global tensors, under its own precision policy; see the module doc."""
     started = time.perf_counter()
     split = data_for(settings, client, data)
     seed = client_seed(settings.seed, round, client)
+    policy = settings.policy_for(client, node_policy)
     with tempfile.TemporaryDirectory(prefix="edgetrain-fleet-") as scratch:
         # The Trainer's run folder is never written here (no fit(): no log, checkpoint or export).
-        config = settings.train_config(seed=seed, out=os.path.join(scratch, "run"))
+        config = settings.train_config(seed=seed, out=os.path.join(scratch, "run"), policy=policy)
         model, head = build_model(settings.model, settings.seed, config.num_classes)
         trainer = Trainer(model, split, config, head=head, export_model=False, report=lambda _: None)
-        model.load_state_dict(dict(global_state))  # after the Trainer: DFQ's gates are parameters by now
+        # After the Trainer: DFQ's gates are parameters by now. A client whose policy differs from the run's
+        # may hold tensors the global model lacks (its own gates: they start afresh each round and stay on
+        # the board) or lack some it holds (the run's gates: it sends them back unchanged).
+        local_state = model.state_dict()
+        model.load_state_dict({**local_state, **{k: v for k, v in global_state.items() if k in local_state}})
         if proximal_mu > 0:
             _proximal(trainer, global_state, proximal_mu)
         losses = []
@@ -101,11 +106,13 @@ def train_round(settings: FleetSettings, client: int, round: int, global_state: 
         else:
             held = {"loss": float("nan"), "accuracy": 0.0}
     state = model.state_dict()
-    deltas = {n: (state[n] - global_state[n]).astype(np.float32) for n in global_state}
+    deltas = {n: (state[n] - global_state[n]).astype(np.float32) if n in state
+              else np.zeros_like(global_state[n], dtype=np.float32) for n in global_state}
     arrays = encode(deltas, settings.bits, seed=settings.seed, round=round, client=client)
     metrics = {"num-examples": len(split.train), "partition-id": client, "loss": float(np.mean(losses)),
                "accuracy": float(held["accuracy"]), "eval-samples": len(split.test),
                "bitops": float(model.cost.bitops), "fp32-bitops": float(model.cost.fp32_bitops),
+               "bitops-percent": float(model.cost.percent_of_fp32), "policy": int(bool(policy)),
                "wall-seconds": time.perf_counter() - started, "peak-memory-bytes": peak_memory_bytes(),
                "update-bytes": int(sum(a.nbytes for a in arrays.values()))}
     # The running activation ranges the quantised layers learnt: the server averages them, so its central
@@ -118,11 +125,14 @@ def train_round(settings: FleetSettings, client: int, round: int, global_state: 
 def preflight(settings: FleetSettings) -> None:
     """Everything a client round checks (data fits the model, freeze patterns, precision), for client 0, before
     any simulation starts: a mistake in the flags is one line, not a failed round on every client."""
-    split = data_for(settings, 0)
-    with tempfile.TemporaryDirectory(prefix="edgetrain-fleet-") as scratch:
-        config = settings.train_config(out=os.path.join(scratch, "run"))
-        model, head = build_model(settings.model, settings.seed, config.num_classes)
-        Trainer(model, split, config, head=head, export_model=False, report=lambda _: None)
+    policies = settings.policies()
+    for client in sorted({0} | set(policies)):  # the run's settings, and each client policy once
+        split = data_for(settings, client)
+        with tempfile.TemporaryDirectory(prefix="edgetrain-fleet-") as scratch:
+            config = settings.train_config(out=os.path.join(scratch, "run"), policy=policies.get(client),
+                                           where=f"client {client}")
+            model, head = build_model(settings.model, settings.seed, config.num_classes)
+            Trainer(model, split, config, head=head, export_model=False, report=lambda _: None)
 
 
 def evaluate_round(settings: FleetSettings, client: int, global_state: Mapping[str, np.ndarray], *,

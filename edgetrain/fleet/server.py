@@ -224,8 +224,12 @@ class Federation:
         rejected: list[dict[str, Any]] = []
         clients: list[dict[str, Any]] = []
         up = up_wire = 0
+        # An error the SuperLink writes for a node (e.g. "node unavailable") comes from the SuperLink itself: the
+        # instruction it answers names the node.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
-            who = self.node_clients.get(reply.metadata.src_node_id, -1)
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            who = self.node_clients.get(node, -1)
             if reply.has_content():
                 record = next(iter(reply.content.array_records.values()), None)
                 if record is not None:
@@ -236,7 +240,7 @@ class Federation:
                 if metrics is not None:
                     clients.append({k: v for k, v in metrics.items()})
                     who = int(metrics.get("partition-id", -1))
-                    self.node_clients[reply.metadata.src_node_id] = who
+                    self.node_clients[node] = who
             try:
                 accepted.append(self._accept(rnd, reply, global_state))
             except RejectedReply as exc:
@@ -267,10 +271,16 @@ class Federation:
         else:
             client_eval = None
         clients.sort(key=lambda c: c.get("partition-id", -1))
+        # Each client's cost this round, side by side: a board under its own precision policy shows here.
+        costs = [{"client": int(c.get("partition-id", -1)), "bitops": float(c.get("bitops", 0.0)),
+                  "bitops_percent": float(c.get("bitops-percent", 0.0)),
+                  "wall_seconds": float(c.get("wall-seconds", 0.0)), "own_policy": bool(c.get("policy", 0))}
+                 for c in clients]
         return {"round": rnd, "accuracy": central["accuracy"], "loss": central["loss"],
                 "replies": len(replies), "accepted": len(accepted), "rejected": rejected,
                 "uplink_bytes": up, "uplink_wire_bytes": up_wire, "downlink_bytes": down,
-                "update_bits": self.settings.update_bits, "clients": clients, "client_eval": client_eval,
+                "update_bits": self.settings.update_bits, "clients": clients, "costs": costs,
+                "client_eval": client_eval,
                 "bitops": float(sum(c.get("bitops", 0.0) for c in clients)),
                 "seconds": round(time.perf_counter() - started, 3)}
 

@@ -15,10 +15,15 @@ from typing import Any
 from edgetrain.errors import EdgetrainError
 from edgetrain.fleet.codec import parse_update_bits
 from edgetrain.fleet.partitions import parse_partition
-from edgetrain.train.config import TrainConfig, resolve
+from edgetrain.train.config import FIELDS, TrainConfig, resolve
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
 FAULTS = ("nan", "shape", "dtype", "garbage")
+FEDERATION_KEYS = {"model", "data", "steps", "epochs", "out"}  # the federation sets these for every client
+# A client policy that names a schedule replaces the run's whole precision part (a static "bits" cannot stand
+# beside a dfq schedule); one that does not is laid over the run's training settings key by key.
+PRECISION_KEYS = {"schedule", "bits"} | {n for n, f in FIELDS.items() if f.metadata.get("group") in ("pfq", "dfq")}
+POLICY_ALIASES = {"latency_table": "dfq_cost_table"}  # `edgetrain profile --latency-table`'s file
 
 
 @dataclass
@@ -48,6 +53,8 @@ class FleetSettings:
     fault: str = ""  # "CLIENT:KIND[:ROUND],...": that client corrupts its replies (tests, robustness experiments)
     export: bool = True  # float and int8 ONNX of the final global model, checked in onnxruntime
     train: str = "{}"  # JSON of TrainConfig fields (not model, data, steps, out)
+    # JSON {"<client id>": {TrainConfig fields, or "latency_table": PATH}}: that client's own precision policy
+    client_policies: str = "{}"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
@@ -90,6 +97,10 @@ class FleetSettings:
         if self.fault:
             self.fault_plan()
         self.train_config()
+        for client, policy in self.policies().items():
+            if not 0 <= client < self.clients:
+                raise EdgetrainError(f"client-policies: client {client} is not one of 0..{self.clients - 1}")
+            self.train_config(policy=policy, where=f"client-policies: client {client}")
 
     @property
     def bits(self) -> int | None:
@@ -123,22 +134,72 @@ class FleetSettings:
 
     def train_values(self) -> dict[str, Any]:
         """The TrainConfig fields the "train" JSON sets."""
-        try:
-            values = json.loads(self.train) if self.train else {}
-        except ValueError as exc:
-            raise EdgetrainError(f"run config 'train': not JSON ({exc})") from None
-        if not isinstance(values, dict):
-            raise EdgetrainError("run config 'train': expected a JSON object of training settings")
-        clash = sorted(set(values) & {"model", "data", "steps", "epochs", "out"})
+        values = _json_object(self.train, "run config 'train'", "training settings")
+        clash = sorted(set(values) & FEDERATION_KEYS)
         if clash:
             raise EdgetrainError(f"run config 'train' may not set {', '.join(clash)} (the federation sets them)")
         return values
 
-    def train_config(self, *, seed: int | None = None, out: str | None = None) -> TrainConfig:
-        """The TrainConfig of one client's local training (validated by edgetrain's own `resolve`)."""
-        flags = {**self.train_values(), "model": self.model, "data": self.data, "steps": self.local_steps,
+    def policies(self) -> dict[int, dict[str, Any]]:
+        """Each client's own precision policy from `client_policies`, by client id."""
+        raw = _json_object(self.client_policies, "run config 'client-policies'", "client id -> policy")
+        out = {}
+        for key, policy in raw.items():
+            try:
+                client = int(key)
+            except ValueError:
+                raise EdgetrainError(f"client-policies: '{key}' is not a client id (an integer)") from None
+            out[client] = parse_policy(policy, f"client-policies: client {client}")
+        return out
+
+    def policy_for(self, client: int, node_policy: str | None = None) -> dict[str, Any]:
+        """Client `client`'s policy: its SuperNode's own (node config `precision-policy`, JSON) wins over the run
+        config's entry; {} means the run's training settings."""
+        if node_policy:
+            return parse_policy(_json_object(str(node_policy), "node config 'precision-policy'", "policy"),
+                                "node config 'precision-policy'")
+        return self.policies().get(int(client), {})
+
+    def train_config(self, *, seed: int | None = None, out: str | None = None,
+                     policy: Mapping[str, Any] | None = None, where: str = "") -> TrainConfig:
+        """The TrainConfig of one client's local training under `policy` (validated by edgetrain's `resolve`)."""
+        values = self.train_values()
+        if policy:
+            if "schedule" in policy:
+                values = {k: v for k, v in values.items() if k not in PRECISION_KEYS}
+            values = {**values, **policy}
+        flags = {**values, "model": self.model, "data": self.data, "steps": self.local_steps,
                  "seed": self.seed if seed is None else seed, "out": out or self.out}
-        return resolve(flags)
+        if not where:
+            return resolve(flags)
+        try:
+            return resolve(flags)
+        except EdgetrainError as exc:
+            raise EdgetrainError(f"{where}: {exc}") from None
+
+
+def _json_object(text: str, what: str, shape: str) -> dict[str, Any]:
+    """A JSON object from a run-config string, or a one-line error naming the setting."""
+    try:
+        values = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise EdgetrainError(f"{what}: not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise EdgetrainError(f"{what}: expected a JSON object ({shape})")
+    return values
+
+
+def parse_policy(policy: Any, where: str) -> dict[str, Any]:
+    """One client's policy as TrainConfig fields ("latency_table" is dfq_cost_table); refuses what it may not set."""
+    if not isinstance(policy, dict):
+        raise EdgetrainError(f"{where}: a policy is a JSON object of training settings")
+    values = {POLICY_ALIASES.get(k, k): v for k, v in policy.items()}
+    clash = sorted(set(values) & (FEDERATION_KEYS | {"seed"}))
+    unknown = sorted(set(values) - set(FIELDS))
+    if clash or unknown:
+        raise EdgetrainError(f"{where}: may not set {', '.join(clash + unknown)}"
+                             + (" (not a training setting)" if unknown else " (the federation sets them)"))
+    return values
 
 
 def client_seed(seed: int, round: int, client: int) -> int:
