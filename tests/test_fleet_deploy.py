@@ -89,6 +89,7 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     _wait(f"process group {proc.pid} to end", lambda: not _group_alive(proc.pid), 10)
 
 
+@pytest.mark.stage  # ~1.5-2.5 min of Flower processes starting: a CI stage of its own (.ci/run)
 def test_flwr_run_survives_a_supernode_killed_in_round_2(tmp_path):
     started = time.monotonic()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PYTHONPATH": str(ROOT),
