@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bridge_peers
 import numpy as np
 import pytest
+from bridge_peers import reply
 
 import models
 from edgetrain.cli.main import main as cli_main
@@ -32,8 +34,8 @@ from firmware_bridge.profile.workload import Workload, load_model, sha256_hex, t
 from firmware_bridge.wire.errors import LinkTimeout
 from firmware_bridge.wire.frame import encode_frame, max_frame_len
 from firmware_bridge.wire.link import Link
-from firmware_bridge.wire.messages import Message, MsgType, encode_payload
-from firmware_bridge.wire.transport import open_port, open_pty
+from firmware_bridge.wire.messages import MsgType, encode_payload
+from firmware_bridge.wire.transport import open_pty
 
 BAUD = 921600
 BATCH = 4
@@ -111,19 +113,7 @@ def request(model: str, port: str, **overrides: Any) -> ProfileRequest:
 
 def connect(board: SimulatedBoard) -> Link:
     """A bare host link to the agent, for sending it things a well-behaved host never would."""
-    port = open_port(board.host_port, BAUD)
-    link = Link(port, ack_timeout=0.2, heartbeat_interval=0.5, peer_timeout=None, capabilities={"host": "test"})
-    link.handshake(timeout=AGENT_START_S)
-    return link
-
-
-def reply(link: Link, timeout: float = 10.0) -> Message:
-    """Return the next message that is not a status TELEMETRY."""
-    deadline = time.monotonic() + timeout
-    while True:
-        message = link.recv(timeout=max(0.01, deadline - time.monotonic()))
-        if message.type != MsgType.TELEMETRY:
-            return message
+    return bridge_peers.connect(board, AGENT_START_S)
 
 
 def expect(link: Link, msg_type: MsgType, timeout: float = 10.0) -> dict[str, Any]:

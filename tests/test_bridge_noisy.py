@@ -9,11 +9,11 @@ time in ten, and 2 of these 5 seeds gave up with "board stopped answering".
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bridge_peers import connect, reply
 
 import models
 from edgetrain.limits import ENV_VAR
@@ -22,8 +22,7 @@ from firmware_bridge.profile.records import ProfileRequest
 from firmware_bridge.profile.sim import SimulatedBoard
 from firmware_bridge.profile.workload import Workload, load_model, sha256_hex, train
 from firmware_bridge.wire.link import Link
-from firmware_bridge.wire.messages import Chunk, Message, MsgType
-from firmware_bridge.wire.transport import open_port
+from firmware_bridge.wire.messages import Chunk, MsgType
 
 TEN_X = {"corrupt_rate": 1e-3, "drop_rate": 1e-4, "duplicate_rate": 1e-4, "burst_rate": 2e-5}
 SEEDS = (0, 1, 2, 3, 4)
@@ -69,18 +68,7 @@ def test_every_profile_completes_with_equal_digests_on_a_line_ten_times_noisier(
 
 
 def _connect(board: SimulatedBoard) -> Link:
-    link = Link(open_port(board.host_port, 921600), ack_timeout=0.2, heartbeat_interval=0.5, peer_timeout=None,
-                capabilities={"host": "test"})
-    link.handshake(timeout=AGENT_START_S)
-    return link
-
-
-def _reply(link: Link, timeout: float = 10.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while True:
-        message = link.recv(timeout=max(0.01, deadline - time.monotonic()))
-        if message.type != MsgType.TELEMETRY:
-            return message
+    return connect(board, AGENT_START_S)
 
 
 def test_an_upload_the_board_has_no_room_for_is_refused_before_it_is_sent(
@@ -93,7 +81,7 @@ def test_an_upload_the_board_has_no_room_for_is_refused_before_it_is_sent(
         big = "ab" * 32
         # Announced: refused at the query, with the budget named, before a byte of it moves.
         link.send(MsgType.MODEL_QUERY, {"sha256": big, "format": "onnx", "size": 3 << 20})
-        refusal = _reply(link)
+        refusal = reply(link)
         assert refusal.type == MsgType.ERROR and refusal.body["code"] == "no_room", refusal
         assert "memory budget of 2 MiB" in refusal.body["message"]
         # Not announced: refused at its first chunk, once; the rest of it and its commit are dropped quietly.
@@ -101,17 +89,17 @@ def test_an_upload_the_board_has_no_room_for_is_refused_before_it_is_sent(
         for offset in range(0, 8 * 1024, 1024):
             link.send(MsgType.MODEL_CHUNK, Chunk(offset, total, bytes(1024)))
         link.send(MsgType.MODEL_COMMIT, {"sha256": big, "size": total, "format": "onnx"})
-        refusal = _reply(link)
+        refusal = reply(link)
         assert refusal.type == MsgType.ERROR and refusal.body["code"] == "no_room", refusal
         with pytest.raises(Exception, match="no message"):
-            _reply(link, timeout=1.0)
+            reply(link, timeout=1.0)
         # And the agent still takes what fits, spooled to disk and renamed into place: no temporary left.
         sha = sha256_hex(blob)
         link.send(MsgType.MODEL_QUERY, {"sha256": sha, "format": "onnx", "size": len(blob)})
-        assert _reply(link).body == {"sha256": sha, "have": False}
+        assert reply(link).body == {"sha256": sha, "have": False}
         link.send_bulk(blob)
         link.send(MsgType.MODEL_COMMIT, {"sha256": sha, "size": len(blob), "format": "onnx"})
-        assert _reply(link).body == {"sha256": sha, "have": True, "size": len(blob)}
+        assert reply(link).body == {"sha256": sha, "have": True, "size": len(blob)}
         link.close()
         cached = sorted(path.name for path in board.cache_dir.iterdir())
     assert cached == [f"{sha}.onnx"]

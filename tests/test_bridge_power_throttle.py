@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_sysfs import make_tree
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,14 +41,6 @@ DATA = Path(__file__).parent / "data" / "telemetry"
 ORIN_LINE = (DATA / "tegrastats_jp6_orin_nano.txt").read_text().splitlines()[0]  # VDD_IN 6120mW
 PMIC_PI5 = DATA / "vcgencmd_pi5_pmic_read_adc.txt"
 PMIC_PI5_MW = 3309.8228  # hand-summed V*A of that file (test_bridge_telemetry)
-
-
-def make_tree(root: Path, files: dict[str, str | int]) -> Path:
-    for relative, value in files.items():
-        path = root / relative.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{value}\n")
-    return root
 
 
 def fake_command(root: Path, path: str, body: str) -> Path:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from fake_sysfs import make_tree
 
 from firmware_bridge.telemetry import (
     SENSORS,
@@ -34,15 +35,6 @@ from firmware_bridge.telemetry import (
 )
 
 DATA = Path(__file__).parent / "data" / "telemetry"
-
-
-def make_tree(root: Path, files: dict[str, str | int]) -> Path:
-    """Write a fake sysfs tree: absolute-looking paths below `root`, one value per file."""
-    for relative, value in files.items():
-        path = root / relative.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{value}\n")
-    return root
 
 
 JP4_IIO = "/sys/bus/i2c/drivers/ina3221x"

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import pickle
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import models
 from edgetrain import limits
 from edgetrain.cli.main import main as cli_main
 from edgetrain.errors import EXIT_BAD_INPUT, DataError, EdgetrainError, ModelError, ResourceLimitError
+from tools.hostile_files import BIG, bomb_model, fold_bomb, forged_npz, huge_input_model, idx
 
-BIG = 1 << 20  # a side of the bombs: BIG x BIG float32 is 4 TiB
 SMALL_BUDGET = "64M"
 
 
@@ -69,83 +68,34 @@ def one_line_exit_2(r: Outcome, *needles: str) -> str:
 # ------------------------------------------------------------------------------------------ the bombs
 
 
-def _bomb_model(nodes: list, inits: dict) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes + [helper.make_node("Add", ["x", "c"], ["y"], name="add")], "bomb",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def fold_bomb() -> onnx.ModelProto:
-    """The issue's ~150-byte model: ConstantOfShape of [2^20, 2^20] folds to 4 TiB of float32."""
-    return _bomb_model([helper.make_node("ConstantOfShape", ["s"], ["c"], name="bomb")],
-                       {"s": np.array([BIG, BIG], np.int64)})
-
-
 def chained_bomb(op: str) -> onnx.ModelProto:
     """A bomb whose size is itself computed by a folded node, so only the fold check can see it."""
     n, one = np.array([BIG], np.int64), np.ones((1, 1), np.float32)
     concat = helper.make_node("Concat", ["n", "n"], ["s"], name="shape", axis=0)
     if op == "ConstantOfShape":
-        return _bomb_model([concat, helper.make_node(op, ["s"], ["c"], name="bomb")], {"n": n})
+        return bomb_model([concat, helper.make_node(op, ["s"], ["c"], name="bomb")], {"n": n})
     if op in ("Expand", "Tile"):
-        return _bomb_model([concat, helper.make_node(op, ["one", "s"], ["c"], name="bomb")], {"n": n, "one": one})
+        return bomb_model([concat, helper.make_node(op, ["one", "s"], ["c"], name="bomb")], {"n": n, "one": one})
     if op == "Pad":
         pads = helper.make_node("Concat", ["z", "z", "n", "n"], ["s"], name="shape", axis=0)
-        return _bomb_model([pads, helper.make_node(op, ["one", "s"], ["c"], name="bomb")],
+        return bomb_model([pads, helper.make_node(op, ["one", "s"], ["c"], name="bomb")],
                            {"n": n, "one": one, "z": np.array([0], np.int64)})
     if op == "Range":
-        return _bomb_model([helper.make_node("Mul", ["k", "k"], ["limit"], name="limit"),
+        return bomb_model([helper.make_node("Mul", ["k", "k"], ["limit"], name="limit"),
                             helper.make_node(op, ["zero", "limit", "step"], ["r"], name="bomb"),
                             helper.make_node("Cast", ["r"], ["c"], name="cast", to=TensorProto.FLOAT)],
                            {"k": np.array(BIG, np.int64), "zero": np.array(0, np.int64),
                             "step": np.array(1, np.int64)})
     assert op == "Resize"
     scales = helper.make_node("Concat", ["k", "k"], ["scales"], name="scales", axis=0)
-    return _bomb_model([scales, helper.make_node(op, ["img", "", "scales"], ["c"], name="bomb")],
+    return bomb_model([scales, helper.make_node(op, ["img", "", "scales"], ["c"], name="bomb")],
                        {"k": np.array([BIG], np.float32), "img": one})
-
-
-def huge_input_model() -> onnx.ModelProto:
-    """A well-formed model whose declared input is [1, 3, 1e5, 1e5] (112 GiB for one sample)."""
-    side = 100_000
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
-         helper.make_node("Flatten", ["g"], ["y"], name="flat")], "huge",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, side, side])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def no_output_model() -> onnx.ModelProto:
     model = models.build_model("lenet5")
     del model.graph.output[:]
     return model
-
-
-def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    text = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + repr(shape) + ", }"
-    text += " " * (63 - (10 + len(text)) % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
-
-
-def forged_npz(n: int = 10**12) -> bytes:
-    """~500 bytes: x.npy and y.npy whose headers, and the zip directory, claim n elements; 16 bytes follow."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, descr in (("x.npy", "<f4"), ("y.npy", "<i8")):
-            head = npy_header(descr, (n,))
-            zf.writestr(name, head + b"\0" * 16)
-            zf.filelist[-1].file_size = len(head) + n * np.dtype(descr).itemsize
-    return buffer.getvalue()
 
 
 def pickle_member_npz(suffix: str = ".npy") -> bytes:
@@ -198,7 +148,7 @@ def test_a_bomb_inside_a_constant_if_is_not_folded():
     zero = numpy_helper.from_array(np.array(0, np.float32))
     other = helper.make_graph([helper.make_node("Constant", [], ["out2"], value=zero)], "else", [],
                               [helper.make_tensor_value_info("out2", TensorProto.FLOAT, [])])
-    model = _bomb_model([helper.make_node("If", ["cond"], ["c"], name="bomb", then_branch=then, else_branch=other)],
+    model = bomb_model([helper.make_node("If", ["cond"], ["c"], name="bomb", then_branch=then, else_branch=other)],
                         {"cond": np.array(True), "s": np.array([BIG, BIG], np.int64)})
     with pytest.raises(ModelError, match="node 'bomb' \\(If\\): its subgraph computes sizes from values"):
         edgetrain.load(model)
@@ -263,18 +213,13 @@ def test_an_npz_member_inflating_past_the_budget_is_refused(tmp_path, monkeypatc
         read_npz(path)
 
 
-def _idx(shape: tuple[int, ...], payload: bytes) -> bytes:
-    magic = (0x08 << 8) | len(shape)
-    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape) + payload
-
-
 def _mnist_folder(tmp_path: Path, images_gz: bytes) -> Path:
     folder = tmp_path / "mnist"
     folder.mkdir(parents=True)
     (folder / "train-images-idx3-ubyte.gz").write_bytes(images_gz)
-    (folder / "train-labels-idx1-ubyte").write_bytes(_idx((4,), bytes(4)))
-    (folder / "t10k-images-idx3-ubyte").write_bytes(_idx((4, 28, 28), bytes(4 * 784)))
-    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx((4,), bytes(4)))
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx((4,), bytes(4)))
+    (folder / "t10k-images-idx3-ubyte").write_bytes(idx((4, 28, 28), bytes(4 * 784)))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx((4,), bytes(4)))
     return folder
 
 
@@ -282,16 +227,16 @@ def test_an_mnist_gzip_is_inflated_only_as_far_as_its_header_and_the_budget_allo
     from edgetrain.data import load_data
 
     # The header says 4 images, the stream inflates to 8 MiB: refused after 4 images and one byte.
-    long = gzip.compress(_idx((4, 28, 28), bytes(8 << 20)), compresslevel=9)
+    long = gzip.compress(idx((4, 28, 28), bytes(8 << 20)), compresslevel=9)
     assert len(long) < 16 << 10
     with pytest.raises(DataError, match="has trailing bytes: more bytes, the header's shape 4x28x28 needs"):
         load_data(f"mnist:{_mnist_folder(tmp_path / 'a', long)}")
     # The header claims 2^31 images: refused from the header, before inflating anything.
-    huge = gzip.compress(_idx((1 << 31, 28, 28), bytes(1024)))
+    huge = gzip.compress(idx((1 << 31, 28, 28), bytes(1024)))
     with pytest.raises(ResourceLimitError, match=r"train-images-idx3-ubyte.gz: data of shape 2147483648x28x28"):
         load_data(f"mnist:{_mnist_folder(tmp_path / 'b', huge)}")
     # An honest header within the budget of the CLI: over a small budget it is one line, exit 2.
-    honest = gzip.compress(_idx((4, 28, 28), bytes(4 * 784)))
+    honest = gzip.compress(idx((4, 28, 28), bytes(4 * 784)))
     r = cli("train", write(tmp_path, "lenet.onnx", models.build_model("lenet5")),
                 "--data", f"mnist:{_mnist_folder(tmp_path / 'c', honest)}", "--steps", "1",
                 "--out", str(tmp_path / "run"), "--max-memory", "1K")

@@ -41,7 +41,6 @@ import re
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tools.hostile_files import bomb_model, fold_bomb, forged_npz, huge_input_model, idx
 
 REPO = Path(__file__).resolve().parents[1]
 LENET = REPO / "edgetrain" / "assets" / "lenet5_digits.onnx"  # the shipped LeNet-5 (same file in both trees)
@@ -154,64 +155,15 @@ def huge_initializer_model() -> onnx.ModelProto:
     return model
 
 
-def _bomb_graph(nodes: list, inits: dict) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes + [helper.make_node("Add", ["x", "c"], ["y"], name="add")], "bomb",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def fold_bomb() -> onnx.ModelProto:
-    """The issue's ~150-byte model: ConstantOfShape of [2^20, 2^20] folds to 2^40 float32 (4 TiB)."""
-    return _bomb_graph([helper.make_node("ConstantOfShape", ["s"], ["c"], name="bomb")],
-                       {"s": np.array([1 << 20, 1 << 20], np.int64)})
-
-
 def expand_bomb() -> onnx.ModelProto:
     """A bomb whose shape is itself folded (Concat), then Expand: only a check on folds can see it."""
     n, one = np.array([1 << 20], np.int64), np.ones((1, 1), np.float32)
-    return _bomb_graph([helper.make_node("Concat", ["n", "n"], ["s"], name="shape", axis=0),
+    return bomb_model([helper.make_node("Concat", ["n", "n"], ["s"], name="shape", axis=0),
                         helper.make_node("Expand", ["one", "s"], ["c"], name="bomb")], {"n": n, "one": one})
-
-
-def huge_input_model() -> onnx.ModelProto:
-    """A well-formed model whose declared input is [1, 3, 1e5, 1e5] (112 GiB per sample)."""
-    side = 100_000
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
-         helper.make_node("Flatten", ["g"], ["y"], name="flat")], "huge",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, side, side])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def random_bytes(n: int, seed: int = 17) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    text = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + repr(shape) + ", }"
-    text += " " * (63 - (10 + len(text)) % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
-
-
-def forged_npz(n: int = 10**12) -> bytes:
-    """~500 bytes: x.npy and y.npy whose headers and zip directory claim n elements; 16 bytes follow."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, descr in (("x.npy", "<f4"), ("y.npy", "<i8")):
-            head = _npy_header(descr, (n,))
-            zf.writestr(name, head + b"\0" * 16)
-            zf.filelist[-1].file_size = len(head) + n * np.dtype(descr).itemsize
-    return buffer.getvalue()
 
 
 class _Payload:
@@ -238,20 +190,15 @@ def npz(**arrays: np.ndarray) -> Callable[[], bytes]:
     return make
 
 
-def _idx(shape: tuple[int, ...], payload: bytes) -> bytes:
-    magic = (0x08 << 8) | len(shape)
-    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape) + payload
-
-
 def mnist_folder(images_gz: bytes | Callable[[], bytes], name: str = "mnist") -> Callable[[Path], None]:
     """Setup: an MNIST folder whose training images are `images_gz`; the other three files are tiny and honest."""
     def make(d: Path) -> None:
         f = d / name
         f.mkdir()
         (f / "train-images-idx3-ubyte.gz").write_bytes(images_gz() if callable(images_gz) else images_gz)
-        (f / "train-labels-idx1-ubyte").write_bytes(_idx((4,), bytes(4)))
-        (f / "t10k-images-idx3-ubyte").write_bytes(_idx((4, 28, 28), bytes(4 * 784)))
-        (f / "t10k-labels-idx1-ubyte").write_bytes(_idx((4,), bytes(4)))
+        (f / "train-labels-idx1-ubyte").write_bytes(idx((4,), bytes(4)))
+        (f / "t10k-images-idx3-ubyte").write_bytes(idx((4, 28, 28), bytes(4 * 784)))
+        (f / "t10k-labels-idx1-ubyte").write_bytes(idx((4,), bytes(4)))
     return make
 
 
@@ -392,7 +339,7 @@ def _cases() -> list[Case]:
         cli("i10_npz_header_1e12", CRASH, "train", "L.onnx", "--data", "npz:f.npz", "--steps", "1", "--out", "run",
             setup=(L, raw_file("f.npz", forged_npz)), needles=("f.npz",), item=10),
         cli("i10_mnist_gzip_claims_3M_images", CRASH, "train", "L.onnx", "--data", "mnist:mnist", "--steps", "1",
-            "--out", "run", setup=(L, mnist_folder(lambda: gzip.compress(_idx((3_000_000, 28, 28), bytes(4096))))),
+            "--out", "run", setup=(L, mnist_folder(lambda: gzip.compress(idx((3_000_000, 28, 28), bytes(4096))))),
             needles=("train-images-idx3-ubyte.gz",), item=10),
         cli("i11_no_outputs_info", CRASH, "info", "noout.onnx", setup=model_file("noout.onnx", no_output_model),
             needles=("noout.onnx",), item=11),
@@ -532,7 +479,7 @@ def _cases() -> list[Case]:
         cli("data_mnist_empty_folder", CRASH, *TRAIN, "--steps", "1", "--data", "mnist:mnist",
             setup=(L, folder("mnist")), needles=("mnist",)),
         cli("data_mnist_gzip_trailing", CRASH, *TRAIN, "--steps", "1", "--data", "mnist:mnist",
-            setup=(L, mnist_folder(lambda: gzip.compress(_idx((4, 28, 28), bytes(8 << 20)), compresslevel=9))),
+            setup=(L, mnist_folder(lambda: gzip.compress(idx((4, 28, 28), bytes(8 << 20)), compresslevel=9))),
             needles=("train-images-idx3-ubyte.gz",),
             note="header says 4 images, the ~8 KiB stream inflates to 8 MiB"),
         cli("data_mnist_gzip_garbage", CRASH, *TRAIN, "--steps", "1", "--data", "mnist:mnist",

@@ -110,6 +110,10 @@ def _clip(text: str) -> str:
     return line if len(line) <= MAX_ERROR_TEXT else line[: MAX_ERROR_TEXT - 1] + "\u2026"
 
 
+def _blob_name(fmt: str, sha: str) -> str:
+    return f"{'model' if fmt in ACCEPTED_MODEL_FORMATS else 'data'} {sha[:12]}"
+
+
 @dataclass
 class Outgoing:
     """A message the worker wants sent, tagged with the session it belongs to."""
@@ -584,8 +588,7 @@ class Agent:
     def _verify(self, job: Job, sha: str, fmt: str, announced: int | None) -> None:
         size = self.cache.has(sha, fmt)
         if size is None and announced is not None:
-            what = f"{'model' if fmt in ACCEPTED_MODEL_FORMATS else 'data'} {sha[:12]}"
-            problem = self._no_room(announced, what)
+            problem = self._no_room(announced, _blob_name(fmt, sha))
             if problem is not None:
                 self._job_error(job, ErrorCode.NO_ROOM, problem)  # before a single byte of it is sent
                 return
@@ -609,7 +612,7 @@ class Agent:
     def _validate_and_adopt(self, job: Job, sha: str, fmt: str, upload: Upload) -> None:
         blob = upload.path.read_bytes()
         is_model = fmt in ACCEPTED_MODEL_FORMATS
-        where = f"{'model' if is_model else 'data'} {sha[:12]}"
+        where = _blob_name(fmt, sha)
         invalid = ErrorCode.MODEL_INVALID if is_model else ErrorCode.DATA_INVALID
         # Only a blob that imports within the memory budget (edgetrain.limits) is cached: a fold bomb is
         # refused here, before the reference evaluator allocates it, and never reaches a workload.

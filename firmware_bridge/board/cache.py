@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgetrain.fileio import fsync_dir, write_atomic
 from firmware_bridge.wire.errors import ProtocolError
-from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE, Chunk
+from firmware_bridge.wire.messages import BLOB_FORMATS, MAX_BLOB_SIZE, BlobAssembler, Chunk
 
 __all__ = ["BlobCache", "CacheError", "Upload", "default_cache_dir"]
 
@@ -125,30 +125,27 @@ class Upload:
 
     def __init__(self, folder: Path, total: int) -> None:
         self.total = total
-        self.received = 0
         fd, name = tempfile.mkstemp(prefix=_SPOOL_PREFIX, suffix=_SPOOL_SUFFIX, dir=folder)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._sha = hashlib.sha256()
+        # The wire's own assembler checks order, overlaps and totals; its data goes to the spool, not to memory.
+        self._assembler = BlobAssembler(total, sink=self._spool)
+
+    def _spool(self, data: bytes) -> None:
+        self._file.write(data)
+        self._sha.update(data)
 
     @property
     def done(self) -> bool:
         """Return True once every byte has arrived."""
-        return self.received == self.total
+        return self._assembler.done
 
     def add(self, chunk: Chunk) -> None:
         """Append `chunk`, refusing gaps, overlaps, overruns and a changed total."""
         if chunk.total != self.total:
             raise ProtocolError(f"chunk says the blob is {chunk.total} bytes, earlier chunks said {self.total}")
-        if self.done and chunk.data:
-            raise ProtocolError("chunk arrived after the blob was complete")
-        if chunk.offset != self.received:
-            raise ProtocolError(f"chunk at offset {chunk.offset}, expected {self.received}")
-        if self.received + len(chunk.data) > self.total:
-            raise ProtocolError("chunk runs past the end of the blob")
-        self._file.write(chunk.data)
-        self._sha.update(chunk.data)
-        self.received += len(chunk.data)
+        self._assembler.add(chunk)
 
     def finish(self) -> str:
         """Flush the spool to disk and return the SHA-256 of what arrived."""

@@ -78,11 +78,12 @@ DEFAULT_POLL_INTERVAL = 0.01
 DEFAULT_PEER_TIMEOUT = 5.0
 # A receiver repeats a NACK for the same gap at most this often (as a fraction
 # of ack_timeout), so a burst of frames behind one hole costs one retransmission.
+_NACK_REPEAT_FRACTION = 0.25
 # Floor of the measured retransmission timer: the peer's poll loop (10 ms) plus a GIL switch or two
 # on a board whose worker thread trains; below it, retransmissions would be mostly spurious.
 MIN_RETRANSMIT_S = 0.05
+# RFC 6298's gains for the smoothed round trip and its deviation, and the deviation's weight in the timer.
 _RTT_GAIN, _RTTVAR_GAIN, _RTTVAR_WEIGHT = 1 / 8, 1 / 4, 4
-_NACK_REPEAT_FRACTION = 0.25
 
 
 def _type_name(msg_type: int) -> str:

@@ -361,12 +361,16 @@ def chunk_blob(blob: bytes, chunk_size: int = MAX_CHUNK_DATA) -> Iterator[Chunk]
 
 
 class BlobAssembler:
-    """Rebuilds a blob from in-order chunks, refusing gaps, overlaps and inconsistent totals."""
+    """Rebuilds a blob from in-order chunks, refusing gaps, overlaps and inconsistent totals.
 
-    def __init__(self, max_size: int = MAX_BLOB_SIZE) -> None:
+    With a `sink`, each chunk's data goes to it as it arrives (a spool file) instead of being kept.
+    """
+
+    def __init__(self, max_size: int = MAX_BLOB_SIZE, sink: Callable[[bytes], None] | None = None) -> None:
         self.max_size = max_size
         self.total: int | None = None
         self._parts: list[bytes] = []
+        self._sink = sink if sink is not None else self._parts.append
         self._received = 0
 
     @property
@@ -388,7 +392,7 @@ class BlobAssembler:
             raise ProtocolError(f"chunk at offset {chunk.offset}, expected {self._received}")
         if self._received + len(chunk.data) > self.total:
             raise ProtocolError("chunk runs past the end of the blob")
-        self._parts.append(chunk.data)
+        self._sink(chunk.data)
         self._received += len(chunk.data)
         return self.done
 
@@ -396,4 +400,6 @@ class BlobAssembler:
         """Return the assembled blob; raise ProtocolError if it is still incomplete."""
         if not self.done:
             raise ProtocolError(f"blob incomplete: {self._received} of {self.total} bytes")
+        if self._sink != self._parts.append:
+            raise ValueError("this blob went to its sink; read it from there")
         return b"".join(self._parts)
