@@ -260,7 +260,9 @@ def test_eval_uses_running_range_and_counts_saturation():
 
 
 # --- training quality on the shipped digits -------------------------------------------------
-ACCURACY_STEPS = 300
+# Steps per model: LeNet-5 is at 94.5% (fp32, 8/8 and 4/8 alike) after 150 steps, half the suite's time;
+# ResNet-8 is still at 69% then (fp32 too), so it keeps 300.
+ACCURACY_STEPS = {"lenet5": 150, "resnet8": 300}
 ACCURACY_BATCH = 64
 
 
@@ -276,8 +278,9 @@ def _train_digits(name, precision, **kwargs):
     if precision != "fp32":
         model.set_precision(precision)
     opt = SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
-    fit(model, x, y, steps=ACCURACY_STEPS, batch_size=ACCURACY_BATCH, optimizer=opt, seed=0,
-        schedule=make_schedule("cosine", 0.05, ACCURACY_STEPS))
+    steps = ACCURACY_STEPS[name]
+    fit(model, x, y, steps=steps, batch_size=ACCURACY_BATCH, optimizer=opt, seed=0,
+        schedule=make_schedule("cosine", 0.05, steps))
     return accuracy(model, xt, yt), model
 
 
