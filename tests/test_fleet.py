@@ -295,8 +295,9 @@ def test_resumed_federation_is_bit_identical_to_an_unstopped_one(federations):
     assert all(np.array_equal(a.params[n], b.params[n]) for n in a.params)
     assert all(np.array_equal(a.buffers[n], b.buffers[n]) for n in a.buffers)
     for x, y in zip(_rounds(root / "a"), _rounds(root / "sim"), strict=True):
-        assert (x["accuracy"], x["loss"], x["uplink_bytes"], x["rejected"]) == (y["accuracy"], y["loss"],
-                                                                                 y["uplink_bytes"], y["rejected"])
+        assert (x["accuracy"], x["loss"], x["uplink_bytes"]) == (y["accuracy"], y["loss"], y["uplink_bytes"])
+        # rejections are logged in arrival order, which Ray does not fix
+        assert sorted(map(json.dumps, x["rejected"])) == sorted(map(json.dumps, y["rejected"]))
     checks = runs["resumed"]["export"]["onnxruntime"]  # the final model in onnxruntime, float and int8
     assert checks["float"]["top1_agreement"] == 1.0 and checks["int8"]["top1_agreement"] >= 0.98
 
