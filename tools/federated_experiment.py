@@ -117,9 +117,10 @@ def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
         for key in ("uplink_bytes_per_round", "downlink_bytes_per_round", "client_bitops", "bitops"):
             if all(key in r for r in rows.values()):
                 entry[key] = float(np.mean([r[key] for r in rows.values()]))
-        if all("accuracy_per_round" in r for r in rows.values()) and len({len(r["accuracy_per_round"])
-                                                                          for r in rows.values()}) == 1:
-            entry["accuracy_per_round"] = np.mean([r["accuracy_per_round"] for r in rows.values()], axis=0).tolist()
+        curves = [r["accuracy_per_round"] for r in rows.values() if "accuracy_per_round" in r]
+        if curves:  # each round's mean over the seeds that reached it (a wrecked federation stops early)
+            entry["accuracy_per_round"] = [float(np.mean([c[i] for c in curves if len(c) > i]))
+                                           for i in range(max(map(len, curves)))]
         out[name] = entry
     return out
 
