@@ -1,6 +1,6 @@
 """Fleet fine-tuning through Flower: edgetrain boards as Flower clients, integer training on each, compact
-updates. `partitions`, `codec`, `settings`, `validate` and `local` need only numpy; `client_app`, `server` and
-`simulate` need Flower (`pip install 'edgetrain[fleet]'`)."""
+updates. `partitions`, `codec`, `settings`, `validate` and `local` need only numpy; `client_app`, `server`,
+`simulate` and `inprocess` need Flower (`pip install 'edgetrain[fleet]'`)."""
 from __future__ import annotations
 
 from edgetrain.errors import EdgetrainError
