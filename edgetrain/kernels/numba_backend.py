@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels import depthwise
+from edgetrain.kernels import depthwise, pointwise
 from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
@@ -390,14 +390,19 @@ class NumbaBackend:
             return self._gemm_nt(a, bt, out_dtype, seg)
 
     # Depthwise convs (one channel per group) take `depthwise`'s in-place NCHW kernels: their 9-term
-    # reductions leave the GEMM form's 4x4 tiles empty (measured 10-30x slower there). Those kernels
-    # also fuse `rescale`; the GEMM-form kernels return integers and the caller rescales.
+    # reductions leave the GEMM form's 4x4 tiles empty (measured 5-19x slower there). Pointwise convs
+    # with at least POINTWISE_MIN_PIXELS per image take `pointwise`'s pixel-vectorised GEMMs (1.4-6x;
+    # at 4x4 images, 16-pixel rows, the tiles here were faster: 0.6-1.3x). Those kernels also fuse
+    # `rescale`; the GEMM-form kernels return integers and the caller rescales.
+    POINTWISE_MIN_PIXELS = 64
 
     def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                        rescale=None) -> np.ndarray:
         with threads_for(geo.macs):
             if depthwise.is_depthwise(geo):
                 return depthwise.depthwise_forward(x, w, geo, out_dtype, rescale)
+            if self._pointwise(geo):
+                return pointwise.pointwise_forward(x, w, geo, out_dtype, rescale)
             return self._conv2d_forward(x, w, geo, out_dtype, seg)
 
     def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
@@ -405,6 +410,8 @@ class NumbaBackend:
         with threads_for(geo.macs):
             if depthwise.is_depthwise(geo):
                 return depthwise.depthwise_backward_data(dy, w, geo, out_dtype, rescale)
+            if self._pointwise(geo):
+                return pointwise.pointwise_backward_data(dy, w, geo, out_dtype, rescale)
             return self._conv2d_backward_data(dy, w, geo, out_dtype, seg)
 
     def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int,
@@ -413,6 +420,9 @@ class NumbaBackend:
             if depthwise.is_depthwise(geo) and geo.stride_h == geo.stride_w == 1:
                 return depthwise.depthwise_backward_weight(dy, x, geo, out_dtype, seg)
             return self._conv2d_backward_weight(dy, x, geo, out_dtype, seg)
+
+    def _pointwise(self, geo) -> bool:
+        return pointwise.is_pointwise(geo) and geo.out_h * geo.out_w >= self.POINTWISE_MIN_PIXELS
 
     def _gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int) -> np.ndarray:
         # A GEMM is a 1x1 conv over M one-pixel images with K channels: one compiled kernel serves
