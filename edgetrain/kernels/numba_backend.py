@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels import depthwise, pointwise
+from edgetrain.kernels import depthwise, planar, pointwise
 from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
@@ -393,8 +393,11 @@ class NumbaBackend:
     # reductions leave the GEMM form's 4x4 tiles empty (measured 5-19x slower there). Pointwise convs
     # with at least POINTWISE_MIN_PIXELS per image take `pointwise`'s pixel-vectorised GEMMs (1.4-6x;
     # at 4x4 images, 16-pixel rows, the tiles here were faster: 0.6-1.3x). Those kernels also fuse
-    # `rescale`; the GEMM-form kernels return integers and the caller rescales.
+    # `rescale`; the GEMM-form kernels return integers and the caller rescales. Other stride-1 convs
+    # with at least PLANAR_MIN_PIXELS per image take `planar`'s pixel-vectorised implicit GEMM (measured
+    # at batch 8, 1 thread: 1.3-3.5x at 16x16 and up; at 8x8, 0.7-0.8x: left here).
     POINTWISE_MIN_PIXELS = 64
+    PLANAR_MIN_PIXELS = 128
 
     def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                        rescale=None) -> np.ndarray:
@@ -403,6 +406,8 @@ class NumbaBackend:
                 return depthwise.depthwise_forward(x, w, geo, out_dtype, rescale)
             if self._pointwise(geo):
                 return pointwise.pointwise_forward(x, w, geo, out_dtype, rescale)
+            if planar.takes(geo, False) and geo.out_h * geo.out_w >= self.PLANAR_MIN_PIXELS:
+                return planar.planar_forward(x, w, geo, out_dtype, rescale)
             return self._conv2d_forward(x, w, geo, out_dtype, seg)
 
     def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
@@ -412,6 +417,8 @@ class NumbaBackend:
                 return depthwise.depthwise_backward_data(dy, w, geo, out_dtype, rescale)
             if self._pointwise(geo):
                 return pointwise.pointwise_backward_data(dy, w, geo, out_dtype, rescale)
+            if planar.takes(geo, True) and geo.height * geo.width >= self.PLANAR_MIN_PIXELS:
+                return planar.planar_backward_data(dy, w, geo, out_dtype, rescale)
             return self._conv2d_backward_data(dy, w, geo, out_dtype, seg)
 
     def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int,
