@@ -105,3 +105,12 @@ def test_fused_rescale_and_thread_counts(monkeypatch):
         numba.set_num_threads(before)
     for a, b in zip(runs[0], runs[-1], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_int8_codes_with_zero_weight_sums_keep_padding_at_zero():
+    """Rows of weights summing to 0 give a zero correction; the shifted padding must still encode 0."""
+    rng = np.random.default_rng(4)
+    dy = random_operand(rng, (2, 4, 6, 6), 8)
+    w = np.zeros((4, 3, 3, 3), np.int8)
+    w[:, :, 0, 0], w[:, :, 2, 2] = 5, -5
+    _check(random_operand(rng, (2, 3, 6, 6), 8, signed=False), w, dy, (1, 1, 1, 1), (1, 1))

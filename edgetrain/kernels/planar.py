@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.bounds import INT32_MAX
+from edgetrain.kernels.pointwise import shifted_codes
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -39,9 +39,8 @@ def takes(geo, backward: bool) -> bool:
 
 
 @njit(**_JIT)
-def pad_planes(x, out, pt, pl, wp, shift):
-    """out[n, c, (pt + h) * wp + pl + w] = x[n, c, h, w] + shift; out arrives filled with the padding
-    (0 + shift)."""
+def pad_planes(x, out, pt, pl, wp):
+    """out[n, c, (pt + h) * wp + pl + w] = x[n, c, h, w]; out arrives filled with the padding code."""
     n_, c_, h_, w_ = x.shape
     for n in range(n_):
         for c in range(c_):
@@ -50,7 +49,7 @@ def pad_planes(x, out, pt, pl, wp, shift):
                 row = dst[(pt + h) * wp + pl:]
                 src = x[n, c, h]
                 for t in range(w_):
-                    row[t] = src[t] + shift
+                    row[t] = src[t]
 
 
 @njit(inline="always", **_JIT)
@@ -130,18 +129,13 @@ def _run(a: np.ndarray, data: np.ndarray, pads: tuple[int, int, int, int], kerne
     hp, wp = h + pt + pb, w + pl + pr
     tail = (kw - 1) * dw  # the last grid row's junk columns read this far past the plane
     m = a.shape[0]
-    # Planes keep the codes' own width (narrower loads vectorise wider), and int8 codes are stored as
-    # uint8 v + 128 (padding 128), with 128 * (row sum of a) taken off each output: measured 1.5x on
-    # this Zen1 (LLVM widens uint8 loads far more cheaply than int8). Only while v + 128 keeps every
-    # partial sum inside the accumulator (`bounds`: K * 255 * max|a|).
-    shift = 0
-    if data.dtype == np.int8 and (np.dtype(out_dtype) == np.int64
-                                  or a.shape[1] * 255 * int(np.abs(a.astype(np.int64)).max(initial=0)) <= INT32_MAX):
-        shift = 128
-    xp = np.full((n, c, hp * wp + tail), shift, np.uint8 if shift else data.dtype)
-    pad_planes(np.ascontiguousarray(data), xp, pt, pl, wp, shift)
+    # Planes keep the codes' own width (narrower loads vectorise wider); int8 codes as uint8 + 128 where
+    # the bound allows (`pointwise.shifted_codes`), the padding then 128 too: it must encode 0.
+    codes, corr = shifted_codes(np.ascontiguousarray(data), a, out_dtype)
+    shifted = codes.dtype != data.dtype  # int8 -> uint8 (a zero correction alone cannot tell: rows may sum to 0)
+    xp = np.full((n, c, hp * wp + tail), 128 if shifted else 0, codes.dtype)
+    pad_planes(codes, xp, pt, pl, wp)
     offs = np.array([r * dh * wp + s * dw for r in range(kh) for s in range(kw)], np.int64)
-    corr = a.astype(np.int64).sum(axis=1) * shift
     chunks = max(1, min(n * (m // ROWS + m % ROWS), 4 * numba.get_num_threads()))
     acc_like = np.zeros((), out_dtype)
     if rescale is None:

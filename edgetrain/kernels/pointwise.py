@@ -17,6 +17,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from edgetrain.kernels.bounds import INT32_MAX
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -61,6 +62,17 @@ def _rows_tile(a, xn, m0, rows, p0, plen, acc):
 
 
 @njit(inline="always", **_JIT)
+def _correct(acc, corr, m0, rows, plen):
+    """acc[i, :plen] -= corr[m0 + i]: the shift of int8 codes stored as uint8 (`shifted_codes`) taken off."""
+    for i in range(rows):
+        cm = corr[m0 + i]
+        if cm != 0:
+            row = acc[i]
+            for t in range(plen):
+                row[t] -= cm
+
+
+@njit(inline="always", **_JIT)
 def _item(m_, n_, item):
     """Work item -> (image, first output row, rows): ROWS-row blocks, then the leftover rows one by one."""
     blocks = m_ // ROWS
@@ -73,8 +85,8 @@ def _item(m_, n_, item):
 
 
 @njit(parallel=True, **_JIT)
-def gemm_planes(a, x, out, acc_like, chunks):
-    """out (N, M, P) integers = a (M, K) @ x[n] (K, P) for every image n."""
+def gemm_planes(a, x, corr, out, acc_like, chunks):
+    """out (N, M, P) integers = a (M, K) @ x[n] (K, P) - corr[m] for every image n."""
     n_, _, p_ = x.shape
     m_ = a.shape[0]
     items = n_ * (m_ // ROWS + m_ % ROWS)
@@ -85,6 +97,7 @@ def gemm_planes(a, x, out, acc_like, chunks):
             for p0 in range(0, p_, PIXEL_TILE):
                 plen = min(PIXEL_TILE, p_ - p0)
                 _rows_tile(a, x[n], m0, rows, p0, plen, acc)
+                _correct(acc, corr, m0, rows, plen)
                 for i in range(rows):
                     dst = out[n, m0 + i, p0:]
                     src = acc[i]
@@ -93,7 +106,7 @@ def gemm_planes(a, x, out, acc_like, chunks):
 
 
 @njit(parallel=True, **_JIT)
-def gemm_planes_scaled(a, x, out, scale, acc_like, chunks):
+def gemm_planes_scaled(a, x, corr, out, scale, acc_like, chunks):
     """`gemm_planes` into a float out, each exact integer times scale[m] (or scale[n, m]) by
     `rescale.scale_row` (one rounding: the bits of rescaling the integers afterwards)."""
     n_, _, p_ = x.shape
@@ -106,25 +119,40 @@ def gemm_planes_scaled(a, x, out, scale, acc_like, chunks):
             for p0 in range(0, p_, PIXEL_TILE):
                 plen = min(PIXEL_TILE, p_ - p0)
                 _rows_tile(a, x[n], m0, rows, p0, plen, acc)
+                _correct(acc, corr, m0, rows, plen)
                 for i in range(rows):
                     scale_row(out[n, m0 + i, p0:], acc[i], image_scale(scale, n, m0 + i), plen)
 
 
+def shifted_codes(x: np.ndarray, a: np.ndarray, out_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes x as uint8 x + 128 and the per-row correction 128 * sum(a[m]) to take off a @ x, when
+    K * 255 * max|a| keeps every partial sum inside the accumulator; else x as it is and no correction.
+    LLVM widens uint8 loads far more cheaply than int8 on this Zen1 (measured 1.5x on these kernels)."""
+    no_shift = np.zeros(a.shape[0], np.int64)
+    if x.dtype != np.int8:
+        return x, no_shift
+    wide = a.astype(np.int64)
+    if np.dtype(out_dtype) != np.int64 and a.shape[1] * 255 * int(np.abs(wide).max(initial=0)) > INT32_MAX:
+        return x, no_shift
+    return (x.view(np.uint8) ^ np.uint8(0x80)), wide.sum(axis=1) * 128
+
+
 def _run(a: np.ndarray, x: np.ndarray, out_shape, out_dtype: np.dtype, rescale) -> np.ndarray:
     n, k = x.shape[:2]
-    x3 = np.ascontiguousarray(x).reshape(n, k, -1)
     a = np.ascontiguousarray(a)
+    x, corr = shifted_codes(np.ascontiguousarray(x), a, out_dtype)
+    x3 = x.reshape(n, k, -1)
     m = a.shape[0]
     items = n * (m // ROWS + m % ROWS)
     chunks = max(1, min(items, 4 * numba.get_num_threads()))
     acc_like = np.zeros((), out_dtype)
     if rescale is None:
         out = np.empty(out_shape, out_dtype)
-        gemm_planes(a, x3, out.reshape(n, m, -1), acc_like, chunks)
+        gemm_planes(a, x3, corr, out.reshape(n, m, -1), acc_like, chunks)
         return out
     scale, dtype = rescale
     out = np.empty(out_shape, dtype)
-    gemm_planes_scaled(a, x3, out.reshape(n, m, -1), scale_rows(scale), acc_like, chunks)
+    gemm_planes_scaled(a, x3, corr, out.reshape(n, m, -1), scale_rows(scale), acc_like, chunks)
     return out
 
 
