@@ -3,21 +3,26 @@
 A depthwise conv has one input channel per output channel, so its reduction is only kh * kw taps
 long: the GEMM form (`numba_backend.conv2d_forward`, one group of one filter at a time) spends its
 time gathering 9-element patches and running 9-term dot products, scalar. Here every plane is
-computed in place in NCHW: for each tap, one weight times a contiguous run of an input row is added
-to a run of an output row, a loop over the output width that LLVM vectorises; padding is never
-materialised (each tap's valid column range is computed, out-of-range rows are skipped).
+computed in place in NCHW. At stride 1 (the common case) the plane is copied zero-padded into a
+scratch (Hp, Wp), on which each tap is ONE contiguous run of (OH - 1) * Wp + OW values (the Wp - OW
+"junk" columns per row are computed and dropped): one weight times that run is added to the
+accumulator, a loop LLVM vectorises. Backward-data at stride 1 is the same with the taps flipped and dy
+padded by the kernel's reach less the pads. Strided convs run tap by tap over output rows, with each
+tap's valid column range computed (no padding materialised).
 
 Exactness (the `edgetrain.kernels` contract): the forward and backward-data accumulators have the
 caller's `out_dtype`, int32 only when taps * max|a| * max|b| fits int32, so no partial sum can
-overflow. The weight gradient sums N * OH * OW terms per tap: each output column keeps its own int32
-lane, which receives one term per output row, and the lanes are flushed into int64 totals every `seg`
-rows (`seg` from `bounds.segment_length`: no lane can exceed int32 in between).
+overflow. The weight gradient (stride 1) is, per image and tap, one dot product of dy's plane laid
+on the same Wp-wide grid (zero junk columns) with a shifted run of the padded input, summed in int32
+runs of at most `seg` terms (`bounds.segment_length`) and added in int64.
 
 Determinism: every output value is computed by one thread in a fixed order (planes for the forward and
-backward-data, channels for the weight gradient, whose reduction runs over images and rows in order),
-so results are the same for any thread count; integers only, so on any CPU.
+backward-data, channels for the weight gradient, whose reduction runs over images in order), so results
+are the same for any thread count; integers only, so on any CPU.
 
-Measured (MobileNetV2-0.35 at batch 8, 1 thread, 2-core Zen1): see tools/bench_kernels.py --depthwise.
+Measured at MobileNetV2-0.35's batch-8 shapes (1 thread, 2-core Zen1 without VNNI, loaded, against the
+GEMM-form kernels in the same run): forward 5-19x, backward-data 6-16x, weight gradient (stride 1)
+2.3-3.2x. Strided weight gradients stay on the GEMM form, whose long pixel dot products suit them.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ heavy kernels, so JIT time stays low (each costs seconds to compile):
 * `conv2d_backward_weight`: per chunk of images, gradients and input rows are laid out pixel-major
   and tiled over long pixel blocks, each chunk adding into its own int64 partial dW.
 
+Three shapes of conv go to kernels of their own, vectorised over pixels in NCHW instead (see the
+routing comment in `NumbaBackend`): depthwise convs (`depthwise`), pointwise convs (`pointwise`) and
+other stride-1 convs on images of at least `PLANAR_MIN_PIXELS` (`planar`).
+
 Exactness: `seg` (from `bounds.segment_length`) is the longest run of terms whose sum cannot
 overflow int32; longer reductions are split into such runs and added in int64. Results never
 depend on the thread count or the chunking, because every output element is computed by one
