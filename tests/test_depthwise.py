@@ -41,8 +41,10 @@ def depthwise_cases(draw):
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     pads = tuple(draw(st.integers(0, 4)) for _ in range(4))
-    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - pads[0] - pads[2]), 12))
-    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - pads[1] - pads[3]), 12))
+    h_min = max(1, dh * (kh - 1) + 1 - pads[0] - pads[2])  # the dilated kernel must fit the padded input
+    h = draw(st.integers(h_min, h_min + 10))
+    w_min = max(1, dw * (kw - 1) + 1 - pads[1] - pads[3])
+    w = draw(st.integers(w_min, w_min + 10))
     n, c = draw(st.integers(1, 3)), draw(st.integers(2, 5))
     bits_x, bits_w, bits_g = draw(st.integers(2, 16)), draw(st.integers(2, 16)), draw(st.integers(2, 16))
     extreme = draw(st.booleans())
