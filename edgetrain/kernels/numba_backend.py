@@ -12,6 +12,10 @@ heavy kernels, so JIT time stays low (each costs seconds to compile):
 * `conv2d_backward_weight`: per chunk of images, gradients and input rows are laid out pixel-major
   and tiled over long pixel blocks, each chunk adding into its own int64 partial dW.
 
+Three shapes of conv go to kernels of their own, vectorised over pixels in NCHW instead (see the
+routing comment in `NumbaBackend`): depthwise convs (`depthwise`), pointwise convs (`pointwise`) and
+other stride-1 convs on images of at least `PLANAR_MIN_PIXELS` (`planar`).
+
 Exactness: `seg` (from `bounds.segment_length`) is the longest run of terms whose sum cannot
 overflow int32; longer reductions are split into such runs and added in int64. Results never
 depend on the thread count or the chunking, because every output element is computed by one
@@ -25,6 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from edgetrain.kernels import depthwise, planar, pointwise
 from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
@@ -388,20 +393,47 @@ class NumbaBackend:
         with threads_for(a.shape[0] * a.shape[1] * bt.shape[0]):
             return self._gemm_nt(a, bt, out_dtype, seg)
 
+    # Depthwise convs (one channel per group) take `depthwise`'s in-place NCHW kernels: their 9-term
+    # reductions leave the GEMM form's 4x4 tiles empty (measured 5-19x slower there). Pointwise convs
+    # with at least POINTWISE_MIN_PIXELS per image take `pointwise`'s pixel-vectorised GEMMs (1.4-6x;
+    # at 4x4 images, 16-pixel rows, the tiles here were faster: 0.6-1.3x). Those kernels also fuse
+    # `rescale`; the GEMM-form kernels return integers and the caller rescales. Other stride-1 convs
+    # with at least PLANAR_MIN_PIXELS per image take `planar`'s pixel-vectorised implicit GEMM (measured
+    # at batch 8, 1 thread: 1.3-3.5x at 16x16 and up; at 8x8, 0.7-0.8x: left here).
+    POINTWISE_MIN_PIXELS = 64
+    PLANAR_MIN_PIXELS = 128
+
     def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                        rescale=None) -> np.ndarray:
         with threads_for(geo.macs):
+            if depthwise.is_depthwise(geo):
+                return depthwise.depthwise_forward(x, w, geo, out_dtype, rescale)
+            if self._pointwise(geo):
+                return pointwise.pointwise_forward(x, w, geo, out_dtype, rescale)
+            if planar.takes(geo, False) and geo.out_h * geo.out_w >= self.PLANAR_MIN_PIXELS:
+                return planar.planar_forward(x, w, geo, out_dtype, rescale)
             return self._conv2d_forward(x, w, geo, out_dtype, seg)
 
     def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                              rescale=None) -> np.ndarray:
         with threads_for(geo.macs):
+            if depthwise.is_depthwise(geo):
+                return depthwise.depthwise_backward_data(dy, w, geo, out_dtype, rescale)
+            if self._pointwise(geo):
+                return pointwise.pointwise_backward_data(dy, w, geo, out_dtype, rescale)
+            if planar.takes(geo, True) and geo.height * geo.width >= self.PLANAR_MIN_PIXELS:
+                return planar.planar_backward_data(dy, w, geo, out_dtype, rescale)
             return self._conv2d_backward_data(dy, w, geo, out_dtype, seg)
 
     def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int,
                                amax=None) -> np.ndarray:
         with threads_for(geo.macs):
+            if depthwise.is_depthwise(geo) and geo.stride_h == geo.stride_w == 1:
+                return depthwise.depthwise_backward_weight(dy, x, geo, out_dtype, seg)
             return self._conv2d_backward_weight(dy, x, geo, out_dtype, seg)
+
+    def _pointwise(self, geo) -> bool:
+        return pointwise.is_pointwise(geo) and geo.out_h * geo.out_w >= self.POINTWISE_MIN_PIXELS
 
     def _gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int) -> np.ndarray:
         # A GEMM is a 1x1 conv over M one-pixel images with K channels: one compiled kernel serves

@@ -532,7 +532,7 @@ class OrtBackend:
         k_len = geo.in_per_group * geo.taps
         if not self._conv_ok(geo, x8, w8, k_len) or geo.out_h * geo.out_w == 0 or geo.batch == 0:
             self.routes["conv2d_forward:numba"] += 1
-            return self.fallback.conv2d_forward(x, w, geo, out_dtype, seg)
+            return self.fallback.conv2d_forward(x, w, geo, out_dtype, seg, amax, rescale)
         self.routes["conv2d_forward"] += 1
         plan = patch_plan((geo.kernel_h, geo.kernel_w), (geo.stride_h, geo.stride_w),
                           (geo.dilation_h, geo.dilation_w), (-geo.pad_top, -geo.pad_left),
@@ -546,7 +546,7 @@ class OrtBackend:
         k_len = geo.out_per_group * geo.taps
         if not self._conv_ok(geo, dy8, w8, k_len) or geo.batch == 0 or geo.height * geo.width == 0:
             self.routes["conv2d_backward_data:numba"] += 1
-            return self.fallback.conv2d_backward_data(dy, w, geo, out_dtype, seg)
+            return self.fallback.conv2d_backward_data(dy, w, geo, out_dtype, seg, amax, rescale)
         _, c, h, wd = geo.x_shape
         m = geo.out_channels
         wt = w8.transpose(1, 0, 2, 3)  # (C, M, kh, kw): dx's channels are the phase convs' outputs

@@ -5,7 +5,7 @@ import numpy as np
 
 from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register, unbroadcast
-from edgetrain.ops.norm_kernels import relu_backward
+from edgetrain.ops.norm_kernels import clip_forward, masked_grad, relu_backward
 
 
 @register("Add")
@@ -111,6 +111,12 @@ class Clip(Op):
         x = inputs[0]
         lo = inputs[1] if len(inputs) > 1 else None
         hi = inputs[2] if len(inputs) > 2 else None
+        if (x.dtype.kind == "f" and x.flags.c_contiguous and all(b is None or np.size(b) == 1 for b in (lo, hi))
+                and (lo is not None or hi is not None)):
+            y, keep = np.empty_like(x), np.empty(x.shape, dtype=bool)
+            lo_v, hi_v = (x.dtype.type(0 if b is None else np.asarray(b).reshape(())) for b in (lo, hi))
+            clip_forward(x.reshape(-1), lo_v, hi_v, lo is not None, hi is not None, y.reshape(-1), keep.reshape(-1))
+            return [y], keep
         y = x
         if lo is not None:
             y = np.maximum(y, lo.astype(x.dtype))
@@ -126,7 +132,12 @@ class Clip(Op):
         return [y.astype(x.dtype, copy=False)], keep
 
     def backward(self, ctx, grads, needed):
-        return [grads[0] * ctx, None, None]
+        g = grads[0]
+        if g.shape != ctx.shape or not g.flags.c_contiguous:
+            return [g * ctx, None, None]
+        out = np.empty_like(g)
+        masked_grad(ctx.reshape(-1), g.reshape(-1), out.reshape(-1))
+        return [out, None, None]
 
 
 def _softmax_rows(op: Op, x: np.ndarray) -> tuple[np.ndarray, int]:

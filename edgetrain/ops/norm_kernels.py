@@ -140,3 +140,30 @@ def relu_backward(y, g, out):
     """out = g where the ReLU's output is positive, else 0: one pass, no stored mask."""
     for i in range(y.size):
         out[i] = g[i] if y[i] > 0 else 0
+
+
+@njit(cache=True)
+def clip_forward(x, lo, hi, has_lo, has_hi, y, keep):
+    """y = x clipped to [lo, hi] (either bound optional) and keep = lo < x < hi, in one pass instead of
+    numpy's seven (measured: MobileNetV2's ReLU6 layers took 5% of a batch-8 step). NaN stays NaN, with
+    keep False, as np.maximum/np.minimum and the comparisons give."""
+    for i in range(x.size):
+        v = x[i]
+        k = True
+        if has_lo:
+            k = v > lo
+            if v < lo:
+                v = lo
+        if has_hi:
+            k = k and x[i] < hi
+            if v > hi:
+                v = hi
+        y[i] = v
+        keep[i] = k
+
+
+@njit(cache=True)
+def masked_grad(keep, g, out):
+    """out = g where keep, else 0 (as relu_backward: a masked non-finite gradient gives 0, not NaN)."""
+    for i in range(g.size):
+        out[i] = g[i] if keep[i] else 0
