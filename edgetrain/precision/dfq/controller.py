@@ -24,6 +24,11 @@ derivative is 0). The candidates among executing ones are told apart by the cost
     layers, in percent of the same sample's fp32 training cost of those layers; r = +1 while the
     batch's mean cost is at or above the target, -1 below it (bang-bang), as in FracTrain.
 
+With DFQConfig.estimator = "probe", a seeded share of each batch also runs a second candidate and
+the gates learn from the measured difference as well (edgetrain.precision.dfq.probe,
+docs/GATE_ESTIMATOR.md); DFQConfig.min_exec_share floors each skippable unit's executed share
+(edgetrain.precision.dfq.guard).
+
 C is summed over samples, not averaged, so the pull on each sample's gate does not shrink with the
 batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a fine-tuning run).
 """
@@ -56,6 +61,7 @@ class StepRecord:
 
     choices: dict[int, np.ndarray] = field(default_factory=dict)
     batch: int = 0
+    probe_targets: dict[int, np.ndarray] = field(default_factory=dict)  # the probe estimator's, per unit
 
 
 class DFQ:
@@ -272,6 +278,15 @@ class DFQ:
         for u in self.units:
             counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
             out[u.name] = {c.text: float(counts[k]) / max(self.record.batch, 1) for k, c in enumerate(self.candidates)}
+        return out
+
+    def off_modal_share(self) -> dict[str, float]:
+        """Per unit, the share of the last batch's samples away from the unit's most common candidate: how
+        much the gates tell samples apart (0: every sample takes the same candidate)."""
+        out = {}
+        for u in self.units:
+            counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
+            out[u.name] = 1.0 - float(counts.max()) / max(self.record.batch, 1)
         return out
 
     def describe(self) -> dict[str, Any]:
