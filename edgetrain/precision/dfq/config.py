@@ -22,7 +22,7 @@ MAX_TARGET = 100.0  # the target is a percentage of the gated layers' fp32 cost
 ESTIMATORS = ("ste", "probe")  # how gates learn: straight-through only, or probed candidates (docs/GATE_ESTIMATOR.md)
 DEFAULT_PROBE_SHARE = 0.125  # share of each batch whose gated units also run a second candidate
 DEFAULT_PROBE_WEIGHT = 1.0  # weight of the probe's distillation loss on the gates
-DEFAULT_PROBE_MARGIN = 0.0  # per-sample loss a cheaper candidate may trail the best by and still be the target
+DEFAULT_PROBE_MARGIN = 0.01  # per-sample loss a cheaper candidate may trail the best by and still be the target
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ class StepRecord:
 
     choices: dict[int, np.ndarray] = field(default_factory=dict)
     batch: int = 0
-    probe_targets: dict[int, np.ndarray] = field(default_factory=dict)  # the probe estimator's, per unit
+    probes: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # per unit: what the probe estimator
+    # saw and aimed at in the last backward (rows, scores, targets, the gate's probabilities of those rows)
 
 
 class DFQ:

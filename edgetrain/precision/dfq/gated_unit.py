@@ -242,7 +242,8 @@ class GatedUnit(Op):
         scores += dfq.cost_gradient(u)[None, :]
         margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
         targets = probe_targets(scores, dfq.unit_cost[u.index], margin)
-        dfq.record.probe_targets[u.index] = targets
+        dfq.record.probes[u.index] = {"rows": probe.rows, "scores": scores, "targets": targets,
+                                      "probs": probs[probe.rows]}
         return distill_grad(probs, probe.rows, targets, dfq.config.probe_weight).astype(probs.dtype, copy=False)
 
     def buffer_updates(self, ctx: UnitContext):
