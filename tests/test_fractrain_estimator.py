@@ -145,6 +145,23 @@ def test_probe_gradient_on_the_gates_is_the_documented_distillation():
     assert np.abs(want).max() > 1e-3
 
 
+def test_probe_runs_count_in_the_steps_bitops_as_forward_work():
+    """Probe work is not free: each probe run adds its forward BitOPs (MACs * a * w) to the gated layers."""
+    kw = dict(candidates=("0", "4/6", "6/8"), initial_choice="6/8", probe_share=0.5)
+    _, _, ste = _step(DFQConfig(**kw))
+    _, _, probe = _step(DFQConfig(**kw, estimator="probe"))
+    plain, _ = ste.step_costs()
+    with_probe, _ = probe.step_costs()
+    bits = {1: 4 * 4, 2: 6 * 4}  # act * weight bits of 4/6 and 6/8 (weights at 4)
+    for u in probe.units:
+        runs = probe.record.probe_runs[u.index]
+        assert runs.sum() >= 8  # 8 probed samples: the chosen (6/8) and a second candidate each
+        for name, macs in u.macs.items():
+            extra = with_probe[name].forward - plain[name].forward
+            assert extra == sum(int(runs[k]) * macs * b for k, b in bits.items())
+            assert with_probe[name].backward_data == plain[name].backward_data
+
+
 def _probe_step_bits():
     x, y = _batch(24)
     m, d = _tiny(DFQConfig(candidates=("0", "4/6", "6/8"), estimator="probe", probe_share=0.25,

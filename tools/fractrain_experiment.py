@@ -52,6 +52,7 @@ PROBE_ROWS = ("dfq-probe", "fractrain-probe")  # rows whose gates also learn fro
 SMALL_ROWS = ROWS[:5] + ("fractrain-probe",)
 EVAL_BATCH = 250  # test samples per forward when recording the gates' per-sample choices
 PROFILE_STEPS = 5  # timed steps per precision when measuring the host's latency table
+PROFILE_HELLO_S = 120  # the simulated board's agent imports numba first: slow on a busy host
 SHIPPED = "shipped"  # the demo's task: the shipped LeNet-5 (upright digits) fine-tuned on rotated digits
 MODELS = ("resnet8", "resnet14", "resnet20", "resnet38", "lenet5", SHIPPED)
 # The CI form: few steps, 200 test samples, no warm-up (its times mean nothing, so nothing to keep compiling out of).
@@ -250,6 +251,7 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     for spec in specs:  # the model is built at the experiment's input size, so the profile runs at it
         cmd = [sys.executable, "-m", "edgetrain.cli", "profile", str(model), "--simulate", "--precision", spec,
                "--batch-size", str(args.batch_size), "--steps", str(PROFILE_STEPS), "--warmup", "2",
+               "--timeout", str(PROFILE_HELLO_S),
                "--latency-table", str(table), "--out", str(folder / "profile"), "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -61,6 +61,7 @@ class StepRecord:
 
     choices: dict[int, np.ndarray] = field(default_factory=dict)
     batch: int = 0
+    probe_runs: dict[int, np.ndarray] = field(default_factory=dict)  # per unit: probe samples run per candidate
     probes: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # per unit: what the probe estimator
     # saw and aimed at in the last backward (rows, scores, targets, the gate's probabilities of those rows)
 
@@ -246,8 +247,10 @@ class DFQ:
         return self.sign * self.config.beta * 100.0 * self.unit_cost[unit.index] / sum(self.unit_fp32.values())
 
     def step_costs(self) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
-        """BitOPs of the gated layers in the last forward: as chosen, and as fp32 for every sample."""
-        return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch)
+        """BitOPs of the gated layers in the last forward: as chosen (plus the probe's forward-only runs), and as
+        fp32 for every sample."""
+        return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch,
+                                 self.record.probe_runs)
 
     def static_form(self, layer: str, candidate: str) -> tuple[LayerPrecision, str, bool]:
         """A gated layer run at one candidate for every sample: its precision, range key, unsigned input."""

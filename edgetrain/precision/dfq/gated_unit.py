@@ -222,7 +222,9 @@ class GatedUnit(Op):
         order = np.argsort(pair_candidate, kind="stable")
         pair_rows, pair_candidate = pair_rows[order], pair_candidate[order]
         groups, start = [], 0
-        for k, count in enumerate(np.bincount(pair_candidate, minlength=len(dfq.candidates))):
+        runs = np.bincount(pair_candidate, minlength=len(dfq.candidates))
+        dfq.record.probe_runs[u.index] = runs  # its forward work counts in the step's BitOPs
+        for k, count in enumerate(runs):
             if count:
                 groups.append((k, slice(start, start + int(count))))
                 start += int(count)
