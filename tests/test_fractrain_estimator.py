@@ -196,15 +196,21 @@ def test_floor_keeps_blocks_executing_when_gates_prefer_to_skip():
     assert d.last_percent > 0  # the moved samples are priced at their candidate
 
 
-def _toy_share(estimator: str) -> float:
-    """A tiny ResNet fit to one batch at 8/8, then gated between 2/8 (clearly worse) and 8/8 from 2/8, no cost
-    pressure: the mean share of samples at 8/8 over the last steps."""
-    x, y = _batch(32)
+def _fit_at_8_8(x: np.ndarray, y: np.ndarray) -> dict:
+    """A tiny ResNet fit to one batch at static 8/8: its state (weights, BatchNorm statistics)."""
     m, _ = _tiny()
     opt = SGD(m.parameters(), 0.05, momentum=0.9)
     for step in range(40):
         m.step = step
         opt.step(m.loss_and_grad(x, y)[1])
+    return {k: v.copy() for k, v in m.state_dict().items()}
+
+
+def _toy_share(estimator: str, fitted: dict, x: np.ndarray, y: np.ndarray) -> float:
+    """The fitted ResNet gated between 2/8 (clearly worse) and 8/8, starting at 2/8, no cost pressure: the mean
+    share of samples at 8/8 over the last steps."""
+    m, _ = _tiny()
+    m.load_state_dict(fitted)
     d = DFQ.attach(m, DFQConfig(candidates=("2/8", "8/8"), initial_choice="2/8", beta=0.0, estimator=estimator,
                                 probe_share=0.5, probe_margin=0.0))
     opt = SGD(m.parameters(), 0.05, momentum=0.9)
@@ -218,5 +224,7 @@ def _toy_share(estimator: str) -> float:
 
 def test_the_probe_moves_gates_to_the_clearly_better_candidate_where_straight_through_cannot():
     # Straight-through hands both computing candidates the same task gradient: with no cost term nothing moves.
-    assert _toy_share("ste") == 0.0
-    assert _toy_share("probe") > 0.5
+    x, y = _batch(32)
+    fitted = _fit_at_8_8(x, y)
+    assert _toy_share("ste", fitted, x, y) == 0.0
+    assert _toy_share("probe", fitted, x, y) > 0.5
