@@ -386,6 +386,11 @@ def test_fractrain_experiment_small_form(tmp_path, capsys):
     assert sum(c["samples"] for c in cells) == fx.SMALL["test_samples"]
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
     assert "n/a (in one process)" in fx.format_table(out["rows"])
+    # --merge: rows or seeds run separately come back together as one table
+    assert fx.main(["--merge", str(tmp_path / "results.json"), "--out", str(tmp_path / "merged"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["row"] for r in merged] == [r["row"] for r in out["rows"]]
+    assert [r["test_accuracy"] for r in merged] == [r["test_accuracy"] for r in out["rows"]]
     assert fx.main(["--rows", "fp32,sgd", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "sgd" in err

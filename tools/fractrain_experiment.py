@@ -365,6 +365,27 @@ def _plot_per_sample(ax, rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
 
 
+def merge(paths: list[str], out: Path, as_json: bool) -> int:
+    """Merge earlier results.json files: every run of every row, summarised again; the settings of each file."""
+    runs, settings = [], []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            runs += [run for row in data["rows"] for run in row["runs"]]
+            settings.append({"file": str(path), **data["settings"]})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgetrainError(f"--merge {path}: not a results.json of this tool ({exc})") from None
+    order = {name: i for i, name in enumerate(ROWS)}
+    runs.sort(key=lambda r: (order.get(r["row"], len(ROWS)), r["seed"]))
+    results = summarise(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", (json.dumps({"settings": {"merged": settings}, "rows": results}, indent=2)
+                                        + "\n").encode())
+    plot(results, out / "results.png")
+    print(json.dumps({"settings": {"merged": settings}, "rows": results}) if as_json else format_table(results))
+    return 0
+
+
 def _number_list(cast, ok, what: str, order: str = "any"):
     """An argparse type: a non-empty comma list of numbers, each passing ok(); order "rising" (repeats
     allowed), "strictly rising" or "any"."""
@@ -463,12 +484,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="the CI form: few steps")
     p.add_argument("--out", default="fractrain-experiment", help="folder for results.json and results.png")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS.json",
+                   help="instead of training: merge the runs of earlier results.json files (rows or seeds run "
+                        "separately) into one table, results.json and plot under --out")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: train one row, print JSON
     args = p.parse_args(argv)
     try:
         if args.row:
             print(json.dumps(run_row(args.row, args)))
             return 0
+        if args.merge:
+            return merge(args.merge, Path(args.out), args.json)
         if args.small:
             for name, value in SMALL.items():
                 setattr(args, name, value)
