@@ -67,6 +67,22 @@ def test_distill_grad_matches_finite_differences():
         num[idx] = (loss(logits + e) - loss(logits - e)) / 2e-6
     np.testing.assert_allclose(got, num, atol=1e-8)
     assert not got[[0, 2, 3, 5]].any()  # unprobed samples: nothing from the probe
+    # Among candidates 1..3 only (0 is skip): the cross-entropy of their renormalised softmax.
+    among = np.array([False, True, True, True])
+
+    def among_loss(z):
+        q = np.exp(z[:, 1:] - z[:, 1:].max(1, keepdims=True))
+        q /= q.sum(1, keepdims=True)
+        return weight * -np.mean(np.log(q[rows, targets - 1]))
+
+    got = distill_grad(p, rows, targets := np.array([3, 1]), weight, among)
+    num = np.zeros_like(logits)
+    for idx in np.ndindex(*logits.shape):
+        e = np.zeros_like(logits)
+        e[idx] = 1e-6
+        num[idx] = (among_loss(logits + e) - among_loss(logits - e)) / 2e-6
+    np.testing.assert_allclose(got, num, atol=1e-8)
+    assert not got[:, 0].any()
 
 
 def test_probe_plan_is_seeded_and_draws_another_allowed_computing_candidate():
@@ -117,16 +133,19 @@ def _step(config: DFQConfig, n: int = 16):
     return loss, g, d
 
 
-def test_probe_targets_follow_from_measured_scores_skip_included():
-    """Each probed sample: skip measured for free, the chosen and a second candidate run; the target is the
-    rule's pick from those scores; the probe runs as in eval, so the forward and the loss do not change."""
+def test_probe_targets_follow_from_measured_scores():
+    """Each probed sample that computes runs its chosen and a second computing candidate (skip stays with
+    straight-through); the target is the rule's pick from those scores; the probe runs as in eval, so the
+    forward and the loss do not change."""
     kw = dict(candidates=("0", "4/6", "6/8", "8/8"), initial_choice="6/8", beta=1e-3, target=2.0, probe_share=0.5)
     loss, _, d = _step(DFQConfig(**kw, estimator="probe", probe_margin=0.02))
     assert loss == _step(DFQConfig(**kw))[0]
     for unit, rec in d.record.probes.items():
-        assert len(rec["rows"]) == 8
+        choice = d.record.choices[unit]
+        assert 0 < len(rec["rows"]) <= 8 and (choice[rec["rows"]] != 0).all()
         measured = ~np.isnan(rec["scores"])
-        assert measured[:, 0].all() and (measured.sum(1) == 3).all()  # skip, the chosen and one other
+        assert not measured[:, 0].any() and (measured.sum(1) == 2).all()  # the chosen and one other
+        assert measured[np.arange(len(rec["rows"])), choice[rec["rows"]]].all()
         assert rec["targets"].tolist() == probe_targets(rec["scores"], d.unit_cost[unit], 0.02 / 16).tolist()
 
 

@@ -207,16 +207,16 @@ class GatedUnit(Op):
         return env[u.branch_output]
 
     def _probe(self, x: np.ndarray, externals: dict, choice: np.ndarray, run: Run) -> Probe | None:
-        """Run the seeded probe share at its chosen and at a second computing candidate, as in eval (running
-        BatchNorm statistics and activation ranges, nothing updated), so both are measured alike."""
+        """Run the seeded probe share's computing samples at their chosen and at a second computing candidate,
+        as in eval (running BatchNorm statistics and activation ranges, nothing updated): both measured alike."""
         dfq, u = self.dfq, self.unit
         rows, alt = probe_plan(choice, dfq.unit_candidates[u.index], dfq.skips, dfq.config.probe_share, run.key,
                                u.index)
         chosen = choice[rows]
         positions = np.arange(len(rows))
-        ran = ~dfq.skips[chosen]
-        pair_rows = np.concatenate([positions[ran], positions[alt >= 0]])
-        pair_candidate = np.concatenate([chosen[ran], alt[alt >= 0]])
+        ran = ~dfq.skips[chosen] & (alt >= 0)  # a sample that skips, or has no other candidate, runs nothing
+        pair_rows = np.concatenate([positions[ran], positions[ran]])
+        pair_candidate = np.concatenate([chosen[ran], alt[ran]])
         if not len(pair_rows):
             return Probe(rows, pair_rows, pair_candidate, np.zeros((0,), x.dtype))
         order = np.argsort(pair_candidate, kind="stable")
@@ -233,20 +233,20 @@ class GatedUnit(Op):
         return Probe(rows, pair_rows, pair_candidate, measured)
 
     def _probe_grad(self, probe: Probe, dout: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """The probe estimator's dL/d(logits): towards each probed sample's target (probe.py's module doc)."""
+        """The probe estimator's dL/d(logits): among the computing candidates, towards each probed sample's
+        target (probe.py's module doc); samples with fewer than two measured candidates get nothing."""
         dfq, u = self.dfq, self.unit
         k_count = len(dfq.candidates)
         scores = np.full((len(probe.rows), k_count), np.nan)
-        if u.shortcut is not None:
-            scores[:, dfq.skips] = 0.0  # skipping adds nothing: its task term is 0, measured for free
         if len(probe.pair_rows):
             scores[probe.pair_rows, probe.pair_candidate] = sample_dots(dout[probe.rows[probe.pair_rows]], probe.out)
-        scores += dfq.cost_gradient(u)[None, :]
+        keep = (~np.isnan(scores)).sum(axis=1) >= 2  # a choice between computing candidates was measured
+        scores = scores[keep] + dfq.cost_gradient(u)[None, :]
+        rows = probe.rows[keep]
         margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
-        targets = probe_targets(scores, dfq.unit_cost[u.index], margin)
-        dfq.record.probes[u.index] = {"rows": probe.rows, "scores": scores, "targets": targets,
-                                      "probs": probs[probe.rows]}
-        return distill_grad(probs, probe.rows, targets, dfq.config.probe_weight).astype(probs.dtype, copy=False)
+        targets = probe_targets(scores, dfq.unit_cost[u.index], margin) if len(rows) else np.zeros(0, np.int64)
+        dfq.record.probes[u.index] = {"rows": rows, "scores": scores, "targets": targets, "probs": probs[rows]}
+        return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
 
     def buffer_updates(self, ctx: UnitContext):
         return ctx.updates

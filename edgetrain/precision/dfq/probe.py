@@ -1,16 +1,18 @@
 """The probe estimator: a per-candidate learning signal for DFQ's gates at a bounded price.
 
-On a seeded share of each training batch, a gated unit also runs the probed samples at a second,
-randomly drawn computing candidate (and again at their chosen one, so both are measured alike); the
-skip candidate is measured for free (it adds nothing). For a probed sample s and measured candidate k,
+On a seeded share of each training batch, a gated unit also runs the probed samples that compute at a
+second, randomly drawn computing candidate (and again at their chosen one, so both are measured
+alike). The probe decides at which precision; whether to compute at all stays with straight-through,
+which has a signal for that (skip adds nothing). For a probed sample s and measured candidate k,
 
     score[s, k] = dL/dy_s . r_k(s)  +  price[k]
 
 is the first-order change of the training loss L if s took k (r_k: what the branch adds at k, dL/dy_s:
 the gradient at the unit's output, price: the cost regulariser's dL/d(choice k)). The target of s is
 the cheapest measured candidate whose score is within `margin` (per-sample loss, so divided by N)
-of the best, and the gate is trained towards it with a cross-entropy, mean over probed samples, times
-`weight`. docs/GATE_ESTIMATOR.md gives the reasoning and the cost per step.
+of the best, and the gate is trained towards it with a cross-entropy over the computing
+candidates' renormalised softmax, mean over probed samples, times `weight`. docs/GATE_ESTIMATOR.md
+gives the reasoning and the cost per step.
 """
 from __future__ import annotations
 
@@ -48,11 +50,16 @@ def probe_targets(scores: np.ndarray, unit_cost: np.ndarray, margin: float) -> n
     return rank[ordered.argmax(axis=1)]
 
 
-def distill_grad(probs: np.ndarray, rows: np.ndarray, targets: np.ndarray, weight: float) -> np.ndarray:
-    """dL/d(logits) of weight * mean over probed rows of cross-entropy(softmax(logits), one-hot target)."""
+def distill_grad(probs: np.ndarray, rows: np.ndarray, targets: np.ndarray, weight: float,
+                 among: np.ndarray | None = None) -> np.ndarray:
+    """dL/d(logits) of weight * mean over probed rows of cross-entropy(q, one-hot target), q the softmax over
+    the candidates in `among` (a boolean mask; None: all), so the other logits get nothing."""
     out = np.zeros_like(probs)
     if len(rows):
         part = probs[rows].copy()
+        if among is not None:
+            part = np.where(among[None, :], part, 0)
+            part /= part.sum(axis=1, keepdims=True)
         part[np.arange(len(rows)), targets] -= 1
         out[rows] = part * (weight / len(rows))
     return out
