@@ -55,8 +55,8 @@ PROFILE_STEPS = 5  # timed steps per precision when measuring the host's latency
 PROFILE_HELLO_S = 120  # the simulated board's agent imports numba first: slow on a busy host
 SHIPPED = "shipped"  # the demo's task: the shipped LeNet-5 (upright digits) fine-tuned on rotated digits
 MODELS = ("resnet8", "resnet14", "resnet20", "resnet38", "lenet5", SHIPPED)
-# The CI form: few steps, 200 test samples, no warm-up (its times mean nothing, so nothing to keep compiling out of).
-SMALL = {"steps": 12, "period": 2, "batch_size": 16, "test_samples": 200, "warmup": 0}
+# The CI form: few steps, 64 test samples, no warm-up (its times mean nothing, so nothing to keep compiling out of).
+SMALL = {"steps": 4, "period": 2, "batch_size": 8, "test_samples": 64, "warmup": 0}
 WARMUP_STEPS = 3
 POSITIVE_FLOAT = bounded(float, "a positive number", low=0.0, low_open=True)
 NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
