@@ -361,28 +361,42 @@ def test_cli_dfq_train_info_export(tmp_path):
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "fp32" in bad.stderr
 
 
-def test_fractrain_experiment_small_form(tmp_path):
-    """tools.fractrain_experiment --small: every row trains, the table, JSON and plot are written."""
+def test_fractrain_experiment_small_form(tmp_path, capsys):
+    """tools.fractrain_experiment --small: every row trains (all in this process), the table, JSON and plot are
+    written, with the gates' per-sample behaviour on the test samples."""
     import json
-    import subprocess
-    import sys
 
-    tool = [sys.executable, "-m", "tools.fractrain_experiment"]
-    r = subprocess.run(tool + ["--small", "--out", str(tmp_path), "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    rows = {row["row"]: row for row in json.loads(r.stdout)["rows"]}
-    assert set(rows) == {"fp32", "static", "pfq", "dfq", "fractrain"}
+    from tools import fractrain_experiment as fx
+
+    assert fx.main(["--small", "--out", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["in_process"] is True
+    rows = {row["row"]: row for row in out["rows"]}
+    assert set(rows) == {"fp32", "static", "pfq", "dfq", "fractrain", "fractrain-probe"}
     assert rows["fp32"]["percent_of_fp32"] == pytest.approx(100.0)
     assert rows["static"]["bitops_saving_vs_static"] == 0.0
-    for name in ("pfq", "dfq", "fractrain"):  # cheaper than static 8/8 from the first step on
+    for name in ("pfq", "dfq", "fractrain", "fractrain-probe"):  # cheaper than static 8/8 from the first step on
         assert 0 < rows[name]["bitops"] < rows["static"]["bitops"], name
-    assert all(0 <= row["test_accuracy"] <= 1 and row["peak_rss_mb"] > 0 for row in rows.values())
-    assert set(rows["dfq"]["runs"][0]["test_choices"]) == {"block0", "block1", "block2"}
+    # In one process no row has a peak memory of its own: none is claimed.
+    assert all(0 <= row["test_accuracy"] <= 1 and row["runs"][0]["peak_rss_mb"] is None for row in rows.values())
+    run = rows["fractrain-probe"]["runs"][0]
+    assert set(run["test_choices"]) == set(run["off_modal_share"]) == {"block0", "block1", "block2"}
+    assert all(0 <= v < 1 for v in run["off_modal_share"].values())
+    cells = run["accuracy_by_executed_share"].values()
+    assert sum(c["samples"] for c in cells) == fx.SMALL["test_samples"]
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
-    bad = subprocess.run(tool + ["--rows", "fp32,sgd", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sgd" in bad.stderr
-    bad = subprocess.run(tool + ["--switch-at", "0.5,0.25"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--switch-at" in bad.stderr
+    assert "n/a (in one process)" in fx.format_table(out["rows"])
+    # --merge: rows or seeds run separately come back together as one table
+    assert fx.main(["--merge", str(tmp_path / "results.json"), "--out", str(tmp_path / "merged"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["row"] for r in merged] == [r["row"] for r in out["rows"]]
+    assert [r["test_accuracy"] for r in merged] == [r["test_accuracy"] for r in out["rows"]]
+    assert fx.main(["--rows", "fp32,sgd", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "sgd" in err
+    with pytest.raises(SystemExit) as exit_:
+        fx.main(["--switch-at", "0.5,0.25"])
+    assert exit_.value.code == 2 and "--switch-at" in capsys.readouterr().err
 
 
 def test_fractrain_experiment_row_configs(tmp_path):
@@ -396,9 +410,15 @@ def test_fractrain_experiment_row_configs(tmp_path):
     table.write_text("{}")
     args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
                               beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
-                              candidates=None, targets=None, static_bits=None)
+                              candidates=None, targets=None, static_bits=None, floor=0.25, probe_share=0.25,
+                              probe_weight=0.5, probe_margin=0.02)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
+    assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only
+    c = fx._row_config("fractrain-probe", args, "out")
+    assert c.schedule == "fractrain" and c.dfq_estimator == "probe" and c.dfq_min_exec_share == 0.0
+    assert (c.dfq_probe_share, c.dfq_probe_weight, c.dfq_probe_margin) == (0.25, 0.5, 0.02)
+    c = fx._row_config("fractrain-time", args, "out")
     assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
     assert c.pfq_switch_steps == [100, 200, 300]
     c = fx._row_config("fractrain", argparse.Namespace(**{**vars(args), "switch_at": None}), "out")
@@ -439,29 +459,27 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
         read_cost_table(path)
 
 
-def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path):
-    """edgetrain profile --simulate --latency-table at fp32 and at a candidate, then train dfq on that table."""
+def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path, capsys):
+    """edgetrain profile --simulate --latency-table at fp32 and at a candidate, then train dfq on that table.
+    The CLI runs in this process (only the simulated board's agent is a process of its own)."""
     import json
-    import subprocess
-    import sys
+
+    from edgetrain.cli.main import main as cli_main
 
     model = tmp_path / "r8.onnx"
     models.save_model(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=28, width=8), model)
     table = tmp_path / "latency.json"
-    base = [sys.executable, "-m", "edgetrain.cli"]
     for spec in ("fp32", "4/8:w4"):
-        r = subprocess.run(base + ["profile", str(model), "--simulate", "--precision", spec, "--batch-size", "4",
-                                   "--steps", "2", "--warmup", "1", "--latency-table", str(table),
-                                   "--out", str(tmp_path / "profile"), "--json"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        assert cli_main(["profile", str(model), "--simulate", "--precision", spec, "--batch-size", "4",
+                         "--steps", "2", "--warmup", "1", "--timeout", "120", "--latency-table", str(table),
+                         "--out", str(tmp_path / "profile"), "--json"]) == 0, capsys.readouterr().err
     assert set(json.loads(table.read_text())["layer1.0.conv1"]) == {"fp32", "4/8:w4"}
-    r = subprocess.run(base + ["train", str(model), "--data", "digits", "--schedule", "dfq",
-                               "--dfq-candidates", "0,4/8",
-                               "--dfq-cost-table", str(table), "--dfq-target", "50", "--steps", "3", "--batch-size",
-                               "8", "--out", str(tmp_path / "run"), "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    info = json.loads(subprocess.run(base + ["info", str(tmp_path / "run"), "--json"], capture_output=True,
-                                     text=True).stdout)
+    assert cli_main(["train", str(model), "--data", "digits", "--schedule", "dfq", "--dfq-candidates", "0,4/8",
+                     "--dfq-cost-table", str(table), "--dfq-target", "50", "--steps", "3", "--batch-size", "8",
+                     "--out", str(tmp_path / "run"), "--json"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "run"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     measured = info["dfq"]["candidate_percent"]["block0"]["4/8"]
     assert 0 < measured and measured != pytest.approx(100 * 80 / 3072)  # the table's time share, not BitOPs
 

@@ -20,6 +20,7 @@ the final target (CIFAR's 1.5, 2, 2.5, 3 of 3), so early training skips blocks a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -32,19 +33,30 @@ from pathlib import Path
 from edgetrain.cli.argtypes import NON_NEGATIVE_INT, POSITIVE_INT, bounded
 from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
-from edgetrain.precision.dfq.config import DEFAULT_BETA, DEFAULT_CANDIDATES
+from edgetrain.precision.dfq.config import (
+    DEFAULT_BETA,
+    DEFAULT_CANDIDATES,
+    DEFAULT_PROBE_MARGIN,
+    DEFAULT_PROBE_SHARE,
+    DEFAULT_PROBE_WEIGHT,
+)
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
 
-ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time")
+ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time", "dfq-probe", "fractrain-probe")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
-          "dfq-time": "DFQ, measured-time cost", "fractrain-time": "FracTrain, measured-time cost"}
+          "dfq-time": "DFQ, measured-time cost", "fractrain-time": "FracTrain, measured-time cost",
+          "dfq-probe": "DFQ, probe estimator", "fractrain-probe": "FracTrain, probe estimator"}
 TIMED_ROWS = ("dfq-time", "fractrain-time")  # rows whose cost is the host's measured latency table
-SMALL_ROWS = ROWS[:5]
+PROBE_ROWS = ("dfq-probe", "fractrain-probe")  # rows whose gates also learn from probed candidates
+SMALL_ROWS = ROWS[:5] + ("fractrain-probe",)
+EVAL_BATCH = 250  # test samples per forward when recording the gates' per-sample choices
 PROFILE_STEPS = 5  # timed steps per precision when measuring the host's latency table
+PROFILE_HELLO_S = 120  # the simulated board's agent imports numba first: slow on a busy host
 SHIPPED = "shipped"  # the demo's task: the shipped LeNet-5 (upright digits) fine-tuned on rotated digits
-MODELS = ("resnet8", "resnet14", "resnet20", "lenet5", SHIPPED)
-SMALL = {"steps": 12, "period": 2, "batch_size": 16}
+MODELS = ("resnet8", "resnet14", "resnet20", "resnet38", "lenet5", SHIPPED)
+# The CI form: few steps, 64 test samples, no warm-up (its times mean nothing, so nothing to keep compiling out of).
+SMALL = {"steps": 4, "period": 2, "batch_size": 8, "test_samples": 64, "warmup": 0}
 WARMUP_STEPS = 3
 POSITIVE_FLOAT = bounded(float, "a positive number", low=0.0, low_open=True)
 NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
@@ -57,7 +69,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
     extra: dict = {}
     if row == "static":
         extra["bits"] = args.static_bits or "8/8"
-    schedule = row.removesuffix("-time")
+    schedule = row.removesuffix("-time").removesuffix("-probe")
     if schedule in ("pfq", "fractrain"):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
         if args.switch_at:  # manual mode: stages (targets) change at fixed shares of the budget
@@ -68,7 +80,10 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
             extra["dfq_candidates"] = list(args.candidates)
     if row in TIMED_ROWS:
         # The host's measured per-layer latencies as the cost, so the target is a share of time.
-        extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table)
+        extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table, dfq_min_exec_share=args.floor)
+    if row in PROBE_ROWS:
+        extra.update(dfq_estimator="probe", dfq_probe_share=args.probe_share, dfq_probe_weight=args.probe_weight,
+                     dfq_probe_margin=args.probe_margin)
     if schedule == "fractrain":
         # FracTrain's target steps keep their ratios to the final target (CIFAR: 1.5..3 of 3).
         final = extra["dfq_target"]
@@ -87,7 +102,29 @@ def _split(args: argparse.Namespace):
     from edgetrain.data import load_data
 
     split = load_data("digits", seed=args.seed, val_fraction=0.1)
-    return rotated_split(split) if args.model == SHIPPED else split
+    split = rotated_split(split) if args.model == SHIPPED else split
+    if args.test_samples:
+        split = dataclasses.replace(split, test=dataclasses.replace(split.test, x=split.test.x[:args.test_samples],
+                                                                    y=split.test.y[:args.test_samples]))
+    return padded_split(split, args.input_size) if args.input_size else split
+
+
+def padded_split(split, size: int):
+    """Every image centred on a size x size canvas of the background value (the digits' minimum): the
+    CIFAR-shaped 32x32 input of the deeper ResNets."""
+    import numpy as np
+
+    h, w = split.train.x.shape[2:]
+    if size < max(h, w):
+        raise EdgetrainError(f"--input-size {size}: the images are {h}x{w}; it can only pad them")
+    top, left = (size - h) // 2, (size - w) // 2
+    pads = ((0, 0), (0, 0), (top, size - h - top), (left, size - w - left))
+    background = float(split.train.x.min())
+
+    def pad(d):
+        return dataclasses.replace(d, x=np.pad(d.x, pads, constant_values=background))
+
+    return dataclasses.replace(split, train=pad(split.train), test=pad(split.test))
 
 
 def _build(args: argparse.Namespace, sample_shape: tuple):
@@ -107,7 +144,6 @@ def _build(args: argparse.Namespace, sample_shape: tuple):
 
 def run_row(row: str, args: argparse.Namespace) -> dict:
     """Train one row in this process; return its results."""
-    import numpy as np
 
     from edgetrain.model import Model
     from edgetrain.onnx_import import Importer
@@ -117,9 +153,10 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     proto = _build(args, split.train.x.shape[1:])
     with tempfile.TemporaryDirectory() as tmp:
         # A few throwaway steps first, so compiling (or loading) the kernels is not counted as training time.
-        warm = argparse.Namespace(**{**vars(args), "steps": WARMUP_STEPS, "switch_at": None})
-        Trainer(Model(Importer(proto, args.model).run(), seed=args.seed), split,
-                _row_config(row, warm, os.path.join(tmp, "warmup")), export_model=False).fit()
+        if args.warmup:
+            warm = argparse.Namespace(**{**vars(args), "steps": args.warmup, "switch_at": None})
+            Trainer(Model(Importer(proto, args.model).run(), seed=args.seed), split,
+                    _row_config(row, warm, os.path.join(tmp, "warmup")), export_model=False).fit()
         model = Model(Importer(proto, args.model).run(), seed=args.seed)
         trainer = Trainer(model, split, _row_config(row, args, os.path.join(tmp, "run")), export_model=False)
         started = time.perf_counter()
@@ -129,24 +166,55 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+           # In one process for every row, the process's peak is the largest row's so far: not this row's.
+           "peak_rss_mb": None if args.in_process else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     controller = trainer.controller
     if hasattr(controller, "switches"):
         sw = controller.switches
         out["switches"] = [s if isinstance(s, dict) else s.as_dict() for s in sw]
     dfq = DFQ.of(model)
     if dfq is not None:
-        # What the gates chose on the test split at the end: the share of samples per candidate.
-        x = split.test.x[:256]
-        model(x)
-        out["test_choices"] = dfq.choice_summary()
-        out["gated_percent_of_fp32_test"] = float(np.mean(dfq.sample_percent()))
+        out.update(gate_behaviour(model, dfq, split.test.x, split.test.y))
     return out
+
+
+def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
+    """What the gates chose on the test split at the end, per sample: the share per candidate and away from
+    the modal candidate in each block, each block's executed share, and accuracy by the share of blocks a
+    sample executed (the per-sample plot)."""
+    import numpy as np
+
+    choices: dict[str, list] = {u.name: [] for u in dfq.units}
+    percent, correct = [], []
+    for start in range(0, len(x), EVAL_BATCH):
+        logits = model(x[start:start + EVAL_BATCH])
+        correct.append(np.asarray(logits).argmax(axis=1) == y[start:start + EVAL_BATCH])
+        percent.append(dfq.sample_percent())
+        for u in dfq.units:
+            choices[u.name].append(dfq.record.choices[u.index])
+    texts = [c.text for c in dfq.candidates]
+    picked = {name: np.concatenate(parts) for name, parts in choices.items()}
+    correct_all = np.concatenate(correct)
+    summary, off, executed = {}, {}, {}
+    for name, c in picked.items():
+        counts = np.bincount(c, minlength=len(texts))
+        summary[name] = {t: float(counts[k]) / len(c) for k, t in enumerate(texts)}
+        off[name] = 1.0 - float(counts.max()) / len(c)
+        executed[name] = float(np.mean(~dfq.skips[c]))
+    per_sample = np.mean([~dfq.skips[c] for c in picked.values()], axis=0)  # share of blocks each sample ran
+    by_share = {}
+    for share in np.unique(per_sample):
+        mask = per_sample == share
+        by_share[f"{share:.4f}"] = {"samples": int(mask.sum()), "accuracy": float(correct_all[mask].mean())}
+    return {"test_choices": summary, "off_modal_share": off, "mean_off_modal_share": float(np.mean(list(off.values()))),
+            "executed_share": executed, "accuracy_by_executed_share": by_share,
+            "gated_percent_of_fp32_test": float(np.mean(np.concatenate(percent)))}
 
 
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
-                 "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets")
+                 "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
+                 "probe_share", "probe_weight", "probe_margin", "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -180,9 +248,10 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     table.unlink(missing_ok=True)
     specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(args.candidates or DEFAULT_CANDIDATES,
                                                                           DEFAULT_WEIGHT_BITS) if not c.skip]
-    for spec in specs:
+    for spec in specs:  # the model is built at the experiment's input size, so the profile runs at it
         cmd = [sys.executable, "-m", "edgetrain.cli", "profile", str(model), "--simulate", "--precision", spec,
                "--batch-size", str(args.batch_size), "--steps", str(PROFILE_STEPS), "--warmup", "2",
+               "--timeout", str(PROFILE_HELLO_S),
                "--latency-table", str(table), "--out", str(folder / "profile"), "--json"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -209,8 +278,9 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"row": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
                "accuracy_per_seed": [r["test_accuracy"] for r in mine], "runs": mine}
         for key in ("test_accuracy", "bitops", "fp32_bitops", "percent_of_fp32", "train_seconds", "peak_rss_mb",
-                    "bitops_saving_vs_static", "accuracy_delta_vs_static", "time_ratio_vs_static"):
-            if all(key in r for r in mine):
+                    "bitops_saving_vs_static", "accuracy_delta_vs_static", "time_ratio_vs_static",
+                    "mean_off_modal_share"):
+            if all(r.get(key) is not None for r in mine):
                 row[key] = sum(r[key] for r in mine) / len(mine)
         rows.append(row)
     return rows
@@ -219,16 +289,26 @@ def summarise(runs: list[dict]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """The experiment as a Markdown table."""
     head = ("| run | test acc. (per seed) | Δ acc. vs 8/8 | BitOPs % of fp32 | BitOPs saving vs 8/8 | train time "
-            "| time vs 8/8 | peak RSS |")
-    lines = [head, "|" + "---|" * 8]
+            "| time vs 8/8 | off modal | peak RSS |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         each = "/".join(f"{100 * a:.1f}" for a in r["accuracy_per_seed"]) if len(r["accuracy_per_seed"]) > 1 else ""
         lines.append(f"| {r['label']} | {100 * r['test_accuracy']:.2f}%{f' ({each})' if each else ''} "
                      f"| {r.get('accuracy_delta_vs_static', 0):+.2f} pt "
                      f"| {r['percent_of_fp32']:.2f}% | {r.get('bitops_saving_vs_static', 0):.1f}% "
                      f"| {r['train_seconds']:.1f} s | {r.get('time_ratio_vs_static', 0):.2f}x "
-                     f"| {r['peak_rss_mb']:.0f} MB |")
+                     f"| {_share(r.get('mean_off_modal_share'))} "
+                     f"| {_rss(r.get('peak_rss_mb'))} |")
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _rss(mb: float | None) -> str:
+    # --in-process: one process's peak covers every row so far, so no row has a peak of its own.
+    return "n/a (in one process)" if mb is None else f"{mb:.0f} MB"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -238,7 +318,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, label in ((axes[0], "percent_of_fp32", "training BitOPs, % of fp32"),
                            (axes[1], "train_seconds", "training wall time, s")):
         for i, r in enumerate(rows):
@@ -254,12 +334,56 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
     axes[0].legend(fontsize="small")
+    _plot_per_sample(axes[2], rows)
     fig.suptitle("FracTrain experiment: same model, seed and steps for every run")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _plot_per_sample(ax, rows: list[dict]) -> None:
+    """Per gated row, test accuracy of the samples grouped by the share of blocks each executed (all seeds
+    pooled; marker area ~ samples): whether the gates give the hard samples more of the network."""
+    for i, r in enumerate(rows):
+        pooled: dict[float, list[int]] = {}
+        for run in r.get("runs") or []:
+            for share, cell in (run.get("accuracy_by_executed_share") or {}).items():
+                got = pooled.setdefault(float(share), [0, 0])
+                got[0] += cell["samples"]
+                got[1] += round(cell["accuracy"] * cell["samples"])
+        if not pooled:
+            continue
+        shares = sorted(pooled)
+        total = sum(n for n, _ in pooled.values())
+        ax.plot(shares, [100 * pooled[s][1] / pooled[s][0] for s in shares], color=f"C{i}", alpha=0.6)
+        ax.scatter(shares, [100 * pooled[s][1] / pooled[s][0] for s in shares], color=f"C{i}", label=r["label"],
+                   s=[max(4.0, 400.0 * pooled[s][0] / total) for s in shares])
+    ax.set_xlabel("share of blocks a test sample executed")
+    ax.set_ylabel("test accuracy of those samples, %")
+    ax.grid(alpha=0.3)
+
+
+def merge(paths: list[str], out: Path, as_json: bool) -> int:
+    """Merge earlier results.json files: every run of every row, summarised again; the settings of each file."""
+    runs, settings = [], []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            runs += [run for row in data["rows"] for run in row["runs"]]
+            settings.append({"file": str(path), **data["settings"]})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EdgetrainError(f"--merge {path}: not a results.json of this tool ({exc})") from None
+    order = {name: i for i, name in enumerate(ROWS)}
+    runs.sort(key=lambda r: (order.get(r["row"], len(ROWS)), r["seed"]))
+    results = summarise(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.json", (json.dumps({"settings": {"merged": settings}, "rows": results}, indent=2)
+                                        + "\n").encode())
+    plot(results, out / "results.png")
+    print(json.dumps({"settings": {"merged": settings}, "rows": results}) if as_json else format_table(results))
+    return 0
 
 
 def _number_list(cast, ok, what: str, order: str = "any"):
@@ -311,7 +435,7 @@ def _precision(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, run every row (each in its own process), print and save the table."""
+    """Parse, run every row (each in its own process, or all in this one), print and save the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODELS, default="resnet8")
     p.add_argument("--steps", type=POSITIVE_INT, default=600)
@@ -341,18 +465,40 @@ def main(argv: list[str] | None = None) -> int:
                    help="dfq-time row: target time of the gated layers as a fraction of their static 8/8 time")
     p.add_argument("--time-target", type=POSITIVE_FLOAT, default=50.0, help=argparse.SUPPRESS)
     p.add_argument("--cost-table", help=argparse.SUPPRESS)
+    p.add_argument("--input-size", type=POSITIVE_INT, default=None,
+                   help="pad the digits to this square size (32: the CIFAR shape of the deeper ResNets)")
+    p.add_argument("--floor", type=bounded(float, "a share in [0, 1]", low=0.0, high=1.0), default=0.0,
+                   help="timed rows: floor on each block's executed share of a batch (guards against collapse)")
+    p.add_argument("--probe-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
+                   default=DEFAULT_PROBE_SHARE, help="probe rows: share of each batch probed at a second candidate")
+    p.add_argument("--probe-weight", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_WEIGHT,
+                   help="probe rows: weight of the probe's loss on the gates")
+    p.add_argument("--probe-margin", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_MARGIN,
+                   help="probe rows: per-sample loss a cheaper candidate may trail the best by")
+    p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
+                   help="untimed steps per row first, so compiling kernels is not counted as training time")
+    p.add_argument("--in-process", action="store_true",
+                   help="train every row in this process (no per-row peak memory; what --small does)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {','.join(ROWS)}")
     p.add_argument("--small", action="store_true", help="the CI form: few steps")
     p.add_argument("--out", default="fractrain-experiment", help="folder for results.json and results.png")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS.json",
+                   help="instead of training: merge the runs of earlier results.json files (rows or seeds run "
+                        "separately) into one table, results.json and plot under --out")
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: train one row, print JSON
     args = p.parse_args(argv)
     try:
         if args.row:
             print(json.dumps(run_row(args.row, args)))
             return 0
+        if args.merge:
+            return merge(args.merge, Path(args.out), args.json)
         if args.small:
-            args.steps, args.period, args.batch_size = SMALL["steps"], SMALL["period"], SMALL["batch_size"]
+            for name, value in SMALL.items():
+                setattr(args, name, value)
+            args.in_process = True  # one import of numba and onnx instead of one per row
             if args.rows == ",".join(ROWS):
                 args.rows = ",".join(SMALL_ROWS)
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -370,10 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         jobs = [(row, seed) for seed in seeds for row in rows]
         for row, seed in tqdm(jobs, desc="runs", disable=args.json or not sys.stderr.isatty()):
-            runs.append({**_child(row, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed})
+            row_args = argparse.Namespace(**{**vars(args), "seed": seed})
+            result = run_row(row, row_args) if args.in_process else _child(row, row_args)
+            runs.append({**result, "seed": seed})
         results = summarise(runs)
         settings = {k: getattr(args, k) for k in CHILD_OPTIONS if k != "seed"}
         settings["seeds"] = seeds
+        settings["in_process"] = args.in_process
         write_atomic(out / "results.json",
                      (json.dumps({"settings": settings, "rows": results}, indent=2) + "\n").encode())
         plot(results, out / "results.png")

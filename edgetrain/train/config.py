@@ -173,6 +173,19 @@ class TrainConfig:
                                metavar="FW/BW", group="dfq")
     dfq_cost_table: str | None = setting(None, "measured per-layer latencies (edgetrain profile --latency-table) as "
                                          "the cost instead of BitOPs", "str", metavar="FILE.json", group="dfq")
+    dfq_estimator: str = setting("ste", "how the gates learn: ste (straight-through) or probe (a seeded share of "
+                                 "each batch also runs a second candidate; docs/GATE_ESTIMATOR.md)", "str",
+                                 metavar="NAME", group="dfq", choices=dfq.ESTIMATORS)
+    dfq_probe_share: float = setting(dfq.DEFAULT_PROBE_SHARE, "probe estimator: share of each batch probed", "float",
+                                     metavar="S", low=0.0, group="dfq")
+    dfq_probe_weight: float = setting(dfq.DEFAULT_PROBE_WEIGHT, "probe estimator: weight of its loss on the gates",
+                                      "float", metavar="W", low=0.0, group="dfq")
+    dfq_probe_margin: float = setting(dfq.DEFAULT_PROBE_MARGIN, "probe estimator: per-sample loss a cheaper "
+                                      "candidate may trail the best by and still be the target", "float",
+                                      metavar="M", low=0.0, group="dfq")
+    dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
+                                        "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
+                                        group="dfq")
     # FracTrain (--schedule fractrain): the PFQ indicator (pfq_period, pfq_eps, ...) steps these DFQ targets
     fractrain_targets: list[float] | None = setting(None, "the targets the pfq indicator steps through", "float_list",
                                                     metavar="PCT,...", group="dfq",
@@ -370,7 +383,9 @@ def dfq_settings(c: TrainConfig, cost_table: dict[str, dict[str, float]] | None 
     if c.schedule == "fractrain":  # the gates start nearest the first target FracTrain puts in force
         target = (c.fractrain_targets or fractrain.DEFAULT_TARGETS)[0]
     return dfq.DFQConfig(candidates=tuple(c.dfq_candidates or dfq.DEFAULT_CANDIDATES),
-                         weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table)
+                         weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table,
+                         estimator=c.dfq_estimator, probe_share=c.dfq_probe_share, probe_weight=c.dfq_probe_weight,
+                         probe_margin=c.dfq_probe_margin, min_exec_share=c.dfq_min_exec_share)
 
 
 def dfq_config(c: TrainConfig) -> dfq.DFQConfig:

@@ -19,6 +19,10 @@ INITIAL_LOGIT = 2.0  # head bias lead of the candidate training starts from
 CANDIDATE_STREAM_STRIDE = 1 << 20  # keeps each candidate's stochastic-rounding streams apart
 SKIP_WORDS = ("0", "0/0", "skip")
 MAX_TARGET = 100.0  # the target is a percentage of the gated layers' fp32 cost
+ESTIMATORS = ("ste", "probe")  # how gates learn: straight-through only, or probed candidates (docs/GATE_ESTIMATOR.md)
+DEFAULT_PROBE_SHARE = 0.125  # share of each batch whose gated units also run a second candidate
+DEFAULT_PROBE_WEIGHT = 1.0  # weight of the probe's distillation loss on the gates
+DEFAULT_PROBE_MARGIN = 0.01  # per-sample loss a cheaper candidate may trail the best by and still be the target
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class DFQConfig:
     initial_logit: float = INITIAL_LOGIT
     initial_choice: str | None = None  # default: the computing candidate whose cost is nearest the target
     cost_table: dict[str, dict[str, float]] | None = None  # layer -> precision -> seconds (edgetrain.precision.latency)
+    estimator: str = "ste"  # "ste": straight-through only; "probe": plus measured second candidates
+    probe_share: float = DEFAULT_PROBE_SHARE
+    probe_weight: float = DEFAULT_PROBE_WEIGHT
+    probe_margin: float = DEFAULT_PROBE_MARGIN
+    min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
 
     def __post_init__(self) -> None:
         """Refuse values no DFQ run can use, whoever builds the config (the CLI, a TOML file, the API)."""
@@ -85,6 +94,15 @@ class DFQConfig:
             raise EdgetrainError(f"dfq beta must be a finite number >= 0, got {beta!r}")
         if not _real(logit):
             raise EdgetrainError(f"dfq initial_logit must be a finite number, got {logit!r}")
+        if self.estimator not in ESTIMATORS:
+            raise EdgetrainError(f"dfq estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not _real(self.probe_share) or not 0 < self.probe_share <= 1:
+            raise EdgetrainError(f"dfq probe_share must be a share in (0, 1], got {self.probe_share!r}")
+        for name in ("probe_weight", "probe_margin"):
+            if not _real(getattr(self, name)) or getattr(self, name) < 0:
+                raise EdgetrainError(f"dfq {name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not _real(self.min_exec_share) or not 0 <= self.min_exec_share <= 1:
+            raise EdgetrainError(f"dfq min_exec_share must be a share in [0, 1], got {self.min_exec_share!r}")
         if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int):
             raise EdgetrainError(f"dfq weight_bits must be an integer, got {self.weight_bits!r}")
         if isinstance(self.candidates, str) or not all(isinstance(c, str) for c in self.candidates):
@@ -95,7 +113,9 @@ class DFQConfig:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings, for the run's record."""
         return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
-                "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice}
+                "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice,
+                "estimator": self.estimator, "probe_share": self.probe_share, "probe_weight": self.probe_weight,
+                "probe_margin": self.probe_margin, "min_exec_share": self.min_exec_share}
 
     def check(self) -> tuple[Candidate, ...]:
         """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.

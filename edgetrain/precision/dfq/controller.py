@@ -24,6 +24,11 @@ derivative is 0). The candidates among executing ones are told apart by the cost
     layers, in percent of the same sample's fp32 training cost of those layers; r = +1 while the
     batch's mean cost is at or above the target, -1 below it (bang-bang), as in FracTrain.
 
+With DFQConfig.estimator = "probe", a seeded share of each batch also runs a second candidate and
+the gates learn from the measured difference as well (edgetrain.precision.dfq.probe,
+docs/GATE_ESTIMATOR.md); DFQConfig.min_exec_share floors each skippable unit's executed share
+(edgetrain.precision.dfq.guard).
+
 C is summed over samples, not averaged, so the pull on each sample's gate does not shrink with the
 batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a fine-tuning run).
 """
@@ -56,6 +61,9 @@ class StepRecord:
 
     choices: dict[int, np.ndarray] = field(default_factory=dict)
     batch: int = 0
+    probe_runs: dict[int, np.ndarray] = field(default_factory=dict)  # per unit: probe samples run per candidate
+    probes: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # per unit: what the probe estimator
+    # saw and aimed at in the last backward (rows, scores, targets, the gate's probabilities of those rows)
 
 
 class DFQ:
@@ -239,8 +247,10 @@ class DFQ:
         return self.sign * self.config.beta * 100.0 * self.unit_cost[unit.index] / sum(self.unit_fp32.values())
 
     def step_costs(self) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
-        """BitOPs of the gated layers in the last forward: as chosen, and as fp32 for every sample."""
-        return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch)
+        """BitOPs of the gated layers in the last forward: as chosen (plus the probe's forward-only runs), and as
+        fp32 for every sample."""
+        return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch,
+                                 self.record.probe_runs)
 
     def static_form(self, layer: str, candidate: str) -> tuple[LayerPrecision, str, bool]:
         """A gated layer run at one candidate for every sample: its precision, range key, unsigned input."""
@@ -272,6 +282,15 @@ class DFQ:
         for u in self.units:
             counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
             out[u.name] = {c.text: float(counts[k]) / max(self.record.batch, 1) for k, c in enumerate(self.candidates)}
+        return out
+
+    def off_modal_share(self) -> dict[str, float]:
+        """Per unit, the share of the last batch's samples away from the unit's most common candidate: how
+        much the gates tell samples apart (0: every sample takes the same candidate)."""
+        out = {}
+        for u in self.units:
+            counts = np.bincount(self.record.choices[u.index], minlength=len(self.candidates))
+            out[u.name] = 1.0 - float(counts.max()) / max(self.record.batch, 1)
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -58,15 +58,22 @@ def _table_cost(table: dict[str, dict[str, float]], u: Unit, precision: str) -> 
 
 
 def chosen_step_costs(units: list[Unit], candidates: tuple[Candidate, ...], choices: dict[int, np.ndarray],
-                      batch: int) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
-    """BitOPs of the gated layers in a forward with these choices: as chosen, and as fp32 for every sample."""
+                      batch: int, forward_only: dict[int, np.ndarray] | None = None
+                      ) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
+    """BitOPs of the gated layers in a forward with these choices: as chosen, and as fp32 for every sample.
+    forward_only: per unit, samples per candidate that also ran forward only (the probe estimator's runs)."""
     costs, fp32 = {}, {}
     for u in units:
         counts = np.bincount(choices[u.index], minlength=len(candidates))
+        extra = (forward_only or {}).get(u.index)
         for name, macs in u.macs.items():
             weightless = name in u.weightless
-            costs[name] = sum((layer_step_cost(int(counts[k]) * macs, _layer_precision(c.precision, weightless), 0)
-                               for k, c in enumerate(candidates) if not c.skip and counts[k]),
-                              LayerCost(0, 0, 0, 0, 0))
+            cost = sum((layer_step_cost(int(counts[k]) * macs, _layer_precision(c.precision, weightless), 0)
+                        for k, c in enumerate(candidates) if not c.skip and counts[k]), LayerCost(0, 0, 0, 0, 0))
+            for k, c in enumerate(candidates):
+                if extra is not None and extra[k] and not c.skip:
+                    step = layer_step_cost(int(extra[k]) * macs, _layer_precision(c.precision, weightless), 0)
+                    cost = cost + LayerCost(step.macs, step.forward, 0, 0, 0)
+            costs[name] = cost
             fp32[name] = layer_step_cost(batch * macs, FP32, 0)
     return costs, fp32

@@ -20,11 +20,13 @@ from edgetrain.precision.dfq.gates import (
     pooled_grad_to_input,
     straight_through,
 )
+from edgetrain.precision.dfq.guard import apply_floor
 from edgetrain.precision.dfq.kernels import (
     pooled_grad_scatter_add,
     sample_dots,
     scatter_add,
 )
+from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form
 
@@ -46,6 +48,16 @@ class UnitContext(NamedTuple):
     dtype: np.dtype
     gate_params: tuple
     shared: tuple
+    probe: Probe | None = None  # the probe estimator's measurements (None: straight-through only)
+
+
+class Probe(NamedTuple):
+    """What the probe estimator measured in a forward (edgetrain.precision.dfq.probe)."""
+
+    rows: np.ndarray  # the probed samples
+    pair_rows: np.ndarray  # per probe run: its position in rows
+    pair_candidate: np.ndarray  # per probe run: the candidate it ran at
+    out: np.ndarray  # per probe run: what the branch added
 
 
 class GatedUnit(Op):
@@ -113,6 +125,9 @@ class GatedUnit(Op):
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
         else:
             choice = logits.argmax(axis=1)
+            floor = dfq.config.min_exec_share
+            if floor > 0 and self.unit.shortcut is not None:
+                choice = apply_floor(logits, choice, dfq.skips, floor)
         return choice, gctx
 
     def forward(self, inputs, run: Run):
@@ -142,28 +157,10 @@ class GatedUnit(Op):
         updates: dict[int, np.ndarray] = {}
         r = None
         if n_exec:
-            env = {u.fork: x[order], **externals}
-            for node in u.branch:
-                args = [env[i] if i else None for i in node.inputs]
-                if node.name in dfq.gated_layers:
-                    mac = self.candidate_ops[groups[0][0]][node.name]  # every candidate runs this node
-                    layer = [Group(sl, self.candidate_ops[k][node.name]) for k, sl in groups]
-                    (out,), ctx = self._timed(node.name, "forward", mac.forward_groups, args, run, layer,
-                                              dfq.merge_groups)
-                    self._count(ctx.calls)
-                    env[node.outputs[0]] = out
-                    tape.append((node, mac, ctx))
-                    continue
-                op = self.float_ops[node.name]
-                outs, ctx = self._timed(node.name, "forward", op.forward, args, run)
-                for name, value in zip(node.outputs, outs):
-                    if name:
-                        env[name] = value
-                if run.training:
-                    for pos, value in op.buffer_updates(ctx).items():
-                        updates[self.node.inputs.index(node.inputs[pos])] = value
-                tape.append((node, op, ctx))
-            r = env[u.branch_output]
+            r = self._branch(x[order], externals, groups, run, tape, updates)
+        probe = None
+        if run.training and dfq.config.estimator == "probe":
+            probe = self._probe(x, externals, choice, run)
         if u.shortcut is not None:
             if whole:
                 y = shortcut + r
@@ -176,7 +173,80 @@ class GatedUnit(Op):
         else:
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
-        return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared)
+        return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared,
+                                probe)
+
+    def _branch(self, x_rows: np.ndarray, externals: dict, groups: list, run: Run, tape: list | None,
+                updates: dict | None) -> np.ndarray:
+        """The branch's output for rows grouped by candidate (groups: (candidate, slice)); with a tape, what
+        backward needs goes onto it and, in training, the buffer updates into `updates`."""
+        dfq, u = self.dfq, self.unit
+        env = {u.fork: x_rows, **externals}
+        for node in u.branch:
+            args = [env[i] if i else None for i in node.inputs]
+            if node.name in dfq.gated_layers:
+                mac = self.candidate_ops[groups[0][0]][node.name]  # every candidate runs this node
+                layer = [Group(sl, self.candidate_ops[k][node.name]) for k, sl in groups]
+                (out,), ctx = self._timed(node.name, "forward", mac.forward_groups, args, run, layer,
+                                          dfq.merge_groups)
+                self._count(ctx.calls)
+                env[node.outputs[0]] = out
+                if tape is not None:
+                    tape.append((node, mac, ctx))
+                continue
+            op = self.float_ops[node.name]
+            outs, ctx = self._timed(node.name, "forward", op.forward, args, run)
+            for name, value in zip(node.outputs, outs):
+                if name:
+                    env[name] = value
+            if tape is not None:
+                if run.training:
+                    for pos, value in op.buffer_updates(ctx).items():
+                        updates[self.node.inputs.index(node.inputs[pos])] = value
+                tape.append((node, op, ctx))
+        return env[u.branch_output]
+
+    def _probe(self, x: np.ndarray, externals: dict, choice: np.ndarray, run: Run) -> Probe | None:
+        """Run the seeded probe share's computing samples at their chosen and at a second computing candidate,
+        as in eval (running BatchNorm statistics and activation ranges, nothing updated): both measured alike."""
+        dfq, u = self.dfq, self.unit
+        rows, alt = probe_plan(choice, dfq.unit_candidates[u.index], dfq.skips, dfq.config.probe_share, run.key,
+                               u.index)
+        chosen = choice[rows]
+        positions = np.arange(len(rows))
+        ran = ~dfq.skips[chosen] & (alt >= 0)  # a sample that skips, or has no other candidate, runs nothing
+        pair_rows = np.concatenate([positions[ran], positions[ran]])
+        pair_candidate = np.concatenate([chosen[ran], alt[ran]])
+        if not len(pair_rows):
+            return Probe(rows, pair_rows, pair_candidate, np.zeros((0,), x.dtype))
+        order = np.argsort(pair_candidate, kind="stable")
+        pair_rows, pair_candidate = pair_rows[order], pair_candidate[order]
+        groups, start = [], 0
+        runs = np.bincount(pair_candidate, minlength=len(dfq.candidates))
+        dfq.record.probe_runs[u.index] = runs  # its forward work counts in the step's BitOPs
+        for k, count in enumerate(runs):
+            if count:
+                groups.append((k, slice(start, start + int(count))))
+                start += int(count)
+        measured = self._timed("probe", "forward", self._branch, x[rows[pair_rows]], externals, groups,
+                               Run(False, run.key, run.position), None, None)
+        return Probe(rows, pair_rows, pair_candidate, measured)
+
+    def _probe_grad(self, probe: Probe, dout: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """The probe estimator's dL/d(logits): among the computing candidates, towards each probed sample's
+        target (probe.py's module doc); samples with fewer than two measured candidates get nothing."""
+        dfq, u = self.dfq, self.unit
+        k_count = len(dfq.candidates)
+        scores = np.full((len(probe.rows), k_count), np.nan)
+        if len(probe.pair_rows):
+            scores[probe.pair_rows, probe.pair_candidate] = sample_dots(dout[probe.rows[probe.pair_rows]], probe.out)
+        keep = (~np.isnan(scores)).sum(axis=1) >= 2  # a choice between computing candidates was measured
+        scores = scores[keep] + dfq.cost_gradient(u)[None, :]
+        rows = probe.rows[keep]
+        margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
+        targets = probe_targets(scores, dfq.unit_cost[u.index], margin) if len(rows) else np.zeros(0, np.int64)
+        dfq.record.probes[u.index] = {"rows": rows, "scores": scores, "targets": targets, "probs": probs[rows]}
+        return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
 
     def buffer_updates(self, ctx: UnitContext):
         return ctx.updates
@@ -219,6 +289,8 @@ class GatedUnit(Op):
                 branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
+        if ctx.probe is not None:
+            dlogits = dlogits + self._probe_grad(ctx.probe, dout, ctx.gate.probs)
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype),
                                                             np.zeros((n, EMBED_WIDTH), dtype))

@@ -1,0 +1,249 @@
+"""DFQ's probe estimator and executed-share floor: their rules against plain NumPy references, the gates'
+gradient wired as documented, bit-identical on any thread count, and a toy where one candidate is clearly
+better (docs/GATE_ESTIMATOR.md)."""
+import numba
+import numpy as np
+import pytest
+
+import edgetrain
+import models
+from edgetrain.errors import EdgetrainError
+from edgetrain.precision.dfq.config import DFQConfig
+from edgetrain.precision.dfq.controller import DFQ
+from edgetrain.precision.dfq.gates import SHARED_NAMES
+from edgetrain.precision.dfq.guard import apply_floor
+from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
+from edgetrain.train.optim import SGD
+
+HEAD_BIAS = SHARED_NAMES[-1]
+
+
+def _tiny(config: DFQConfig | None = None, seed: int = 0):
+    m = edgetrain.load(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=12, width=8,
+                                          seed=seed), seed=seed)
+    m.set_precision("8/8")
+    return m, (DFQ.attach(m, config) if config is not None else None)
+
+
+def _batch(n=16, seed=5):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, n)
+
+
+# -- the rules, against plain references ------------------------------------------------------------------
+def test_probe_targets_match_a_loop_reference():
+    rng = np.random.default_rng(0)
+    cost = np.array([0.0, 2.0, 3.0, 3.0, 5.0])
+    for _ in range(200):
+        scores = rng.normal(0, 1e-2, (7, 5))
+        scores[rng.random((7, 5)) < 0.4] = np.nan
+        scores[:, 0] = rng.normal(0, 1e-2, 7)  # skip is always measured
+        margin = float(rng.choice([0.0, 5e-3, 2e-2]))
+        want = []
+        for row in scores:
+            best = min(v for v in row if not np.isnan(v))
+            ok = [k for k, v in enumerate(row) if not np.isnan(v) and v <= best + margin]
+            want.append(min(ok, key=lambda k: (cost[k], k)))
+        assert probe_targets(scores, cost, margin).tolist() == want
+
+
+def test_distill_grad_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4))
+    rows, targets, weight = np.array([1, 4]), np.array([3, 0]), 0.7
+
+    def loss(z):
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return weight * -np.mean(np.log(p[rows, targets]))
+
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    got = distill_grad(p, rows, targets, weight)
+    num = np.zeros_like(logits)
+    for idx in np.ndindex(*logits.shape):
+        e = np.zeros_like(logits)
+        e[idx] = 1e-6
+        num[idx] = (loss(logits + e) - loss(logits - e)) / 2e-6
+    np.testing.assert_allclose(got, num, atol=1e-8)
+    assert not got[[0, 2, 3, 5]].any()  # unprobed samples: nothing from the probe
+    # Among candidates 1..3 only (0 is skip): the cross-entropy of their renormalised softmax.
+    among = np.array([False, True, True, True])
+
+    def among_loss(z):
+        q = np.exp(z[:, 1:] - z[:, 1:].max(1, keepdims=True))
+        q /= q.sum(1, keepdims=True)
+        return weight * -np.mean(np.log(q[rows, targets - 1]))
+
+    got = distill_grad(p, rows, targets := np.array([3, 1]), weight, among)
+    num = np.zeros_like(logits)
+    for idx in np.ndindex(*logits.shape):
+        e = np.zeros_like(logits)
+        e[idx] = 1e-6
+        num[idx] = (among_loss(logits + e) - among_loss(logits - e)) / 2e-6
+    np.testing.assert_allclose(got, num, atol=1e-8)
+    assert not got[:, 0].any()
+
+
+def test_probe_plan_is_seeded_and_draws_another_allowed_computing_candidate():
+    skips = np.array([True, False, False, False])
+    choice = np.array([0, 1, 2, 3, 1, 1, 2, 0] * 4)
+    rows, alt = probe_plan(choice, (0, 1, 2, 3), skips, 0.25, (7, 11), 2)
+    assert len(rows) == 8 and (np.diff(rows) > 0).all()
+    assert all(a in (1, 2, 3) and a != choice[r] for r, a in zip(rows, alt))
+    again = probe_plan(choice, (0, 1, 2, 3), skips, 0.25, (7, 11), 2)
+    assert all((a == b).all() for a, b in zip((rows, alt), again))
+    assert not (probe_plan(choice, (0, 1, 2, 3), skips, 0.25, (7, 12), 2)[0] == rows).all()  # another step
+    # One computing candidate only: nothing else to run (skip is measured for free).
+    _, alt = probe_plan(np.array([1, 0, 1, 1]), (0, 1), np.array([True, False]), 1.0, (0, 0), 0)
+    assert (alt[np.array([1, 0, 1, 1]) == 1] == -1).all()
+
+
+def test_floor_matches_a_reference_and_leaves_enough_samples_executing():
+    rng = np.random.default_rng(2)
+    skips = np.array([True, False, False])
+    for _ in range(100):
+        logits = rng.normal(size=(10, 3))
+        logits[:, 0] += 1.5  # most samples prefer skipping
+        floor = float(rng.choice([0.0, 0.3, 0.5, 1.0]))
+        choice = logits.argmax(1)
+        got = apply_floor(logits, choice, skips, floor)
+        want = choice.copy()
+        need = int(np.ceil(round(floor * 10, 9))) - int((choice != 0).sum())
+        skippers = sorted((logits[s, 0] - logits[s, 1:].max(), s) for s in range(10) if choice[s] == 0)
+        for _, s in skippers[:max(need, 0)]:
+            want[s] = 1 + int(logits[s, 1:].argmax())
+        assert got.tolist() == want.tolist()
+        assert (got != 0).mean() >= floor - 1e-12
+
+
+def test_config_refuses_bad_estimator_settings():
+    for bad in ({"estimator": "reinforce"}, {"probe_share": 0.0}, {"probe_share": 1.5}, {"probe_weight": -1.0},
+                {"min_exec_share": 2.0}, {"probe_margin": float("nan")}):
+        with pytest.raises(EdgetrainError, match="dfq "):
+            DFQConfig(**bad)
+
+
+# -- in a model ---------------------------------------------------------------------------------------------
+def _step(config: DFQConfig, n: int = 16):
+    x, y = _batch(n)
+    m, d = _tiny(config)
+    m.step = 4
+    loss, g = m.loss_and_grad(x, y)
+    return loss, g, d
+
+
+def test_probe_targets_follow_from_measured_scores():
+    """Each probed sample that computes runs its chosen and a second computing candidate (skip stays with
+    straight-through); the target is the rule's pick from those scores; the probe runs as in eval, so the
+    forward and the loss do not change."""
+    kw = dict(candidates=("0", "4/6", "6/8", "8/8"), initial_choice="6/8", beta=1e-3, target=2.0, probe_share=0.5)
+    loss, _, d = _step(DFQConfig(**kw, estimator="probe", probe_margin=0.02))
+    assert loss == _step(DFQConfig(**kw))[0]
+    for unit, rec in d.record.probes.items():
+        choice = d.record.choices[unit]
+        assert 0 < len(rec["rows"]) <= 8 and (choice[rec["rows"]] != 0).all()
+        measured = ~np.isnan(rec["scores"])
+        assert not measured[:, 0].any() and (measured.sum(1) == 2).all()  # the chosen and one other
+        assert measured[np.arange(len(rec["rows"])), choice[rec["rows"]]].all()
+        assert rec["targets"].tolist() == probe_targets(rec["scores"], d.unit_cost[unit], 0.02 / 16).tolist()
+
+
+def test_probe_gradient_on_the_gates_is_the_documented_distillation():
+    """Without a skip candidate and with beta 0, straight-through gives the gates nothing (every candidate the
+    same task gradient), so the head bias's gradient is the probe's alone: the sum over units of
+    weight * mean over probed rows of (p - one-hot target)."""
+    kw = dict(candidates=("4/6", "6/8", "8/8"), initial_choice="6/8", beta=0.0, probe_share=0.5)
+    _, g_s, _ = _step(DFQConfig(**kw))
+    _, g_p, d = _step(DFQConfig(**kw, estimator="probe", probe_weight=0.3, probe_margin=0.0))
+    assert np.abs(g_s[HEAD_BIAS]).max() < 1e-7
+    want = np.zeros(3)
+    for rec in d.record.probes.values():
+        want += 0.3 * (rec["probs"] - np.eye(3)[rec["targets"]]).sum(0) / len(rec["rows"])
+    np.testing.assert_allclose(g_p[HEAD_BIAS], want, rtol=1e-5, atol=1e-7)
+    assert np.abs(want).max() > 1e-3
+
+
+def test_probe_runs_count_in_the_steps_bitops_as_forward_work():
+    """Probe work is not free: each probe run adds its forward BitOPs (MACs * a * w) to the gated layers."""
+    kw = dict(candidates=("0", "4/6", "6/8"), initial_choice="6/8", probe_share=0.5)
+    _, _, ste = _step(DFQConfig(**kw))
+    _, _, probe = _step(DFQConfig(**kw, estimator="probe"))
+    plain, _ = ste.step_costs()
+    with_probe, _ = probe.step_costs()
+    bits = {1: 4 * 4, 2: 6 * 4}  # act * weight bits of 4/6 and 6/8 (weights at 4)
+    for u in probe.units:
+        runs = probe.record.probe_runs[u.index]
+        assert runs.sum() >= 8  # 8 probed samples: the chosen (6/8) and a second candidate each
+        for name, macs in u.macs.items():
+            extra = with_probe[name].forward - plain[name].forward
+            assert extra == sum(int(runs[k]) * macs * b for k, b in bits.items())
+            assert with_probe[name].backward_data == plain[name].backward_data
+
+
+def _probe_step_bits():
+    x, y = _batch(24)
+    m, d = _tiny(DFQConfig(candidates=("0", "4/6", "6/8"), estimator="probe", probe_share=0.25,
+                           min_exec_share=0.5))
+    m.step = 3
+    loss, g = m.loss_and_grad(x, y)
+    return [np.float64(loss).tobytes()] + [g[k].tobytes() for k in sorted(g)] + [
+        d.record.probes[u]["targets"].tobytes() for u in sorted(d.record.probes)]
+
+
+def test_probe_and_floor_bit_identical_on_one_and_two_threads():
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = _probe_step_bits()
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = _probe_step_bits()
+    finally:
+        numba.set_num_threads(before)
+    assert one == two
+
+
+def test_floor_keeps_blocks_executing_when_gates_prefer_to_skip():
+    x, y = _batch(20)
+    m, d = _tiny(DFQConfig(candidates=("0", "4/6", "6/8"), initial_choice="4/6", min_exec_share=0.6))
+    bias = m.parameters()[HEAD_BIAS]
+    bias[0] += 10.0  # every gate now prefers skipping
+    m.step = 0
+    m.loss_and_grad(x, y)
+    for unit, choice in d.record.choices.items():
+        assert (choice != 0).sum() == 12, unit  # ceil(0.6 * 20): the floor, no more
+    assert d.last_percent > 0  # the moved samples are priced at their candidate
+
+
+def _fit_at_8_8(x: np.ndarray, y: np.ndarray) -> dict:
+    """A tiny ResNet fit to one batch at static 8/8: its state (weights, BatchNorm statistics)."""
+    m, _ = _tiny()
+    opt = SGD(m.parameters(), 0.05, momentum=0.9)
+    for step in range(40):
+        m.step = step
+        opt.step(m.loss_and_grad(x, y)[1])
+    return {k: v.copy() for k, v in m.state_dict().items()}
+
+
+def _toy_share(estimator: str, fitted: dict, x: np.ndarray, y: np.ndarray) -> float:
+    """The fitted ResNet gated between 2/8 (clearly worse) and 8/8, starting at 2/8, no cost pressure: the mean
+    share of samples at 8/8 over the last steps."""
+    m, _ = _tiny()
+    m.load_state_dict(fitted)
+    d = DFQ.attach(m, DFQConfig(candidates=("2/8", "8/8"), initial_choice="2/8", beta=0.0, estimator=estimator,
+                                probe_share=0.5, probe_margin=0.0))
+    opt = SGD(m.parameters(), 0.05, momentum=0.9)
+    shares = []
+    for step in range(40, 70):
+        m.step = step
+        opt.step(m.loss_and_grad(x, y)[1])
+        shares.append(np.mean([np.mean(c == 1) for c in d.record.choices.values()]))
+    return float(np.mean(shares[-15:]))
+
+
+def test_the_probe_moves_gates_to_the_clearly_better_candidate_where_straight_through_cannot():
+    # Straight-through hands both computing candidates the same task gradient: with no cost term nothing moves.
+    x, y = _batch(32)
+    fitted = _fit_at_8_8(x, y)
+    assert _toy_share("ste", fitted, x, y) == 0.0
+    assert _toy_share("probe", fitted, x, y) > 0.5
