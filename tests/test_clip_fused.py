@@ -1,4 +1,4 @@
-"""Clip's one-pass kernel (norm_kernels.clip_forward / masked_grad) against numpy's formula: values, the
+"""Clip's one-pass kernel (norm_kernels.clip_forward, relu_backward on its mask) against numpy's formula: values, the
 gradient mask (no gradient on a bound itself), NaN, one-sided bounds, float64, non-contiguous input."""
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import numpy as np
 
 from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register, unbroadcast
-from edgetrain.ops.norm_kernels import clip_forward, masked_grad, relu_backward
+from edgetrain.ops.norm_kernels import clip_forward, relu_backward
 
 
 @register("Add")
@@ -136,7 +136,7 @@ class Clip(Op):
         if g.shape != ctx.shape or not g.flags.c_contiguous:
             return [g * ctx, None, None]
         out = np.empty_like(g)
-        masked_grad(ctx.reshape(-1), g.reshape(-1), out.reshape(-1))
+        relu_backward(ctx.reshape(-1), g.reshape(-1), out.reshape(-1))  # keep > 0: True where Clip passes
         return [out, None, None]
 
 

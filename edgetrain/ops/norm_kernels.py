@@ -137,7 +137,7 @@ def rescale_flat(acc, scale, out, min_parallel):
 
 @njit(cache=True)
 def relu_backward(y, g, out):
-    """out = g where the ReLU's output is positive, else 0: one pass, no stored mask."""
+    """out = g where y > 0, else 0 (a ReLU's output, or Clip's boolean mask): one pass; a masked NaN gives 0."""
     for i in range(y.size):
         out[i] = g[i] if y[i] > 0 else 0
 
@@ -160,10 +160,3 @@ def clip_forward(x, lo, hi, has_lo, has_hi, y, keep):
                 v = hi
         y[i] = v
         keep[i] = k
-
-
-@njit(cache=True)
-def masked_grad(keep, g, out):
-    """out = g where keep, else 0 (as relu_backward: a masked non-finite gradient gives 0, not NaN)."""
-    for i in range(g.size):
-        out[i] = g[i] if keep[i] else 0

@@ -60,6 +60,16 @@ class Probe(NamedTuple):
     out: np.ndarray  # per probe run: what the branch added
 
 
+def candidate_slices(counts: np.ndarray) -> list[tuple[int, slice]]:
+    """(candidate, slice) for rows sorted by candidate, from the rows per candidate (empty ones left out)."""
+    groups, start = [], 0
+    for k, count in enumerate(counts):
+        if count:
+            groups.append((k, slice(start, start + int(count))))
+            start += int(count)
+    return groups
+
+
 class GatedUnit(Op):
     """The executor's op for one unit: gate, per-group execution of the branch, shortcut, backward."""
 
@@ -147,12 +157,7 @@ class GatedUnit(Op):
         if whole:
             order = slice(None)
         n_exec = x.shape[0] if whole else len(order)
-        groups = []
-        start = 0
-        for k, count in enumerate(np.bincount(choice[order], minlength=len(dfq.candidates))):
-            if count:
-                groups.append((k, slice(start, start + int(count))))
-                start += int(count)
+        groups = candidate_slices(np.bincount(choice[order], minlength=len(dfq.candidates)))
         tape: list = []
         updates: dict[int, np.ndarray] = {}
         r = None
@@ -221,13 +226,9 @@ class GatedUnit(Op):
             return Probe(rows, pair_rows, pair_candidate, np.zeros((0,), x.dtype))
         order = np.argsort(pair_candidate, kind="stable")
         pair_rows, pair_candidate = pair_rows[order], pair_candidate[order]
-        groups, start = [], 0
         runs = np.bincount(pair_candidate, minlength=len(dfq.candidates))
         dfq.record.probe_runs[u.index] = runs  # its forward work counts in the step's BitOPs
-        for k, count in enumerate(runs):
-            if count:
-                groups.append((k, slice(start, start + int(count))))
-                start += int(count)
+        groups = candidate_slices(runs)
         measured = self._timed("probe", "forward", self._branch, x[rows[pair_rows]], externals, groups,
                                Run(False, run.key, run.position), None, None)
         return Probe(rows, pair_rows, pair_candidate, measured)
