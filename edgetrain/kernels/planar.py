@@ -22,7 +22,7 @@ from numba import njit, prange
 from edgetrain.kernels.pointwise import shifted_codes
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
 
-_JIT = dict(cache=True, fastmath=False, nogil=True)
+_JIT = dict(cache=True, fastmath=False, nogil=True)  # helpers plain @njit: see numba_backend._JIT
 PIXEL_TILE = 1024  # grid positions per accumulator tile: four int32 rows (16 KiB) stay in L1
 ROWS = 4
 
@@ -52,7 +52,7 @@ def pad_planes(x, out, pt, pl, wp):
                     row[t] = src[t]
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _rows_tile(a, xn, offs, m0, rows, p0, plen, acc):
     """acc[i, :plen] = sum over (c, tap) of a[m0 + i, c*T + tap] * xn[c, offs[tap] + p0:][:plen]."""
     taps = offs.size

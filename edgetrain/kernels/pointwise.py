@@ -20,7 +20,7 @@ from numba import njit, prange
 from edgetrain.kernels.bounds import INT32_MAX
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
 
-_JIT = dict(cache=True, fastmath=False, nogil=True)
+_JIT = dict(cache=True, fastmath=False, nogil=True)  # helpers plain @njit: see numba_backend._JIT
 # Pixels per accumulator tile: four int32 rows of it (16 KiB) stay in a 32 KiB L1 with the x row.
 PIXEL_TILE = 1024
 ROWS = 4  # output rows per work item: each x load feeds this many multiply-adds
@@ -32,7 +32,7 @@ def is_pointwise(geo) -> bool:
             and geo.pad_top == geo.pad_left == geo.pad_bottom == geo.pad_right == 0)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _rows_tile(a, xn, m0, rows, p0, plen, acc):
     """acc[i, :plen] = sum over k of a[m0 + i, k] * xn[k, p0:p0 + plen], for i < rows (1 or ROWS)."""
     acc[:, :plen] = 0
