@@ -276,7 +276,9 @@ def _operand(a: np.ndarray) -> np.ndarray:
 
 
 def _run(data: np.ndarray, w: np.ndarray, geo, shape, backward: bool, out_dtype: np.dtype, rescale) -> np.ndarray:
-    data, w = _operand(data), _operand(w)
+    # Weights always int16: a broadcast scalar in the inner loops, so the same times (measured), and
+    # half the specialisations Numba compiles on a fresh cache.
+    data, w = _operand(data), np.ascontiguousarray(w, dtype=np.int16)
     chunks = _chunks(geo.batch * geo.in_channels)
     acc_like = np.zeros((), out_dtype)
     if rescale is None:

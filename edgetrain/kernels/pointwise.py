@@ -139,7 +139,9 @@ def shifted_codes(x: np.ndarray, a: np.ndarray, out_dtype: np.dtype) -> tuple[np
 
 def _run(a: np.ndarray, x: np.ndarray, out_shape, out_dtype: np.dtype, rescale) -> np.ndarray:
     n, k = x.shape[:2]
-    a = np.ascontiguousarray(a)
+    # Weights always int16: a broadcast scalar in the inner loops, so the same times (measured), and
+    # half the specialisations Numba compiles on a fresh cache.
+    a = np.ascontiguousarray(a, dtype=np.int16)
     x, corr = shifted_codes(np.ascontiguousarray(x), a, out_dtype)
     x3 = x.reshape(n, k, -1)
     m = a.shape[0]
