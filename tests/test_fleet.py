@@ -333,6 +333,7 @@ def test_plot_of_a_federation_folder(tmp_path):
     (["federate", "--demo", "--partition", "dirichlet:0"], "positive alpha"),
     (["federate", "--demo", "--update-bits", "17"], "2..16"),
     (["federate", "--demo", "--fault", "1:melt"], "KIND"),
+    (["federate", "--demo", "--strategy", "fedavgm", "--server-momentum", "1.0"], "must be in [0, 1)"),
     (["federate", "--demo", "--schedule", "static", "--bits", "8/8", "--freeze", "nothing*"], "matches no parameter"),
     (["federate", "--demo", "--client-policies", '{"7": {"bits": "4/8"}}'], "client 7 is not one of 0..2"),
 ])
@@ -340,7 +341,7 @@ def test_federate_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_pa
     """Mistakes in the flags stop before any simulation starts: one `edgetrain: error:` line, exit 2."""
     from edgetrain.cli.main import main
 
-    if ("freeze" in " ".join(argv) or "client-policies" in argv) and not HAVE_FLWR:
+    if ("freeze" in " ".join(argv) or "client-policies" in argv or "fedavgm" in argv) and not HAVE_FLWR:
         pytest.skip("this check runs after the Flower check")
     code = main(argv + ["--out", str(tmp_path / "f")])
     err = capsys.readouterr().err.strip().splitlines()
