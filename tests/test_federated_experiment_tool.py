@@ -49,6 +49,7 @@ def test_bars_compare_on_shared_seeds():
     assert robust["within"] == ["garbage-fedtrimmedavg"] and robust["holds"]
     assert robust["drop_points_vs_clean_fedavgm"] == pytest.approx(  # clean with momentum: (95.5 + 97) / 2
         {"seeds": ["0", "1"], "garbage-fedavg": 86.25, "garbage-fedtrimmedavg": 2.25, "garbage-krum": 16.25})
+    assert robust["within_vs_fedavgm"] == []
     assert b["fractrain"]["bitops_saved_percent"] == pytest.approx(50.0)
     assert b["fractrain"]["accuracy_cost_points"] == pytest.approx(0.0, abs=1e-9)
 

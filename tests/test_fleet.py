@@ -373,3 +373,28 @@ def test_fedavgm_momentum_is_checkpointed_and_a_resumed_federation_is_bit_identi
     for n in names:
         np.testing.assert_allclose(after[n], before[n] - buf[n], rtol=0, atol=1e-5)
     assert any(not np.allclose(whole3.params[n], plain3.params[n], atol=1e-4) for n in whole3.params)
+
+
+@needs_flwr
+@pytest.mark.parametrize("strategy, first, second", [("fedavgm", 22.0, 33.0), ("fedtrimmedavgm", 3.0, 4.5)])
+def test_server_momentum_steps_on_the_mean_or_the_trimmed_mean(strategy, first, second):
+    """Five clients send weights 1, 2, 3, 4 and 100 twice from 0, server momentum 0.5: FedAvgM steps to the mean
+    (22), then on by half its last step (33); FedTrimmedAvgM to the mean of 2..4 without the outliers (3), then 4.5."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgetrain.fleet.server import make_strategy
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as InProcessGrid
+    s = make_strategy(FleetSettings(model=demo_model_path(), clients=5, strategy=strategy, server_momentum=0.5))
+    s.current_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})  # what configure_train would keep
+    steps = []
+    for rnd in (1, 2):
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, v, np.float32))}),
+                                       "metrics": MetricRecord({"num-examples": 1})}),
+                           reply_to=Message(RecordDict(), dst_node_id=v, message_type="train"))
+                   for v in (1, 2, 3, 4, 100)]
+        arrays, _ = s.aggregate_train(rnd, replies)
+        steps.append(arrays["w"].numpy())
+    np.testing.assert_allclose(steps, [np.full(3, first), np.full(3, second)], rtol=1e-6)

@@ -2,12 +2,14 @@
 8-bit against fp32 updates, robust strategies under a client sending scaled garbage, FracTrain on every client.
 
     python -m tools.federated_experiment [--seeds 0,1,2] [--clients 10] [--rounds 25] [--local-steps 2]
-                                         [--alpha 0.5] [--lr 0.15] [--out fleet-experiment] [--only NAME,...]
+                                         [--alpha 0.5] [--lr 0.15] [--server-momentum 0.3] [--in-process]
+                                         [--out fleet-experiment] [--only NAME,...]
 
 The task is the demo's: the shipped LeNet-5 (trained on upright digits) fine-tuned on the digits rotated a
 quarter turn, written once as OUT/rotated_digits.npz (a digits:PATH source, so every client reads it). Each
 federation splits it Dirichlet(--alpha) over --clients; the centralised run trains the same model for the same
-total number of local steps (clients x rounds x local steps) and batch size, at its own lr (0.02). Every run is
+total number of local steps (clients x rounds x local steps) and batch size, at its own lr (0.02). FedAvgM
+(fedavgm-8bit) is FedAvg with the server's step carrying --server-momentum of the previous one. Every run is
 repeated for each of --seeds (partition, data order, rounding). OUT/results.json holds every figure (per seed,
 and the mean and spread over seeds, and the issue's bars), OUT/results.md the table, OUT/results.png the plot.
 A run already in OUT/results.json under the same settings is kept, so a stopped experiment continues.
@@ -35,9 +37,10 @@ from edgetrain.train.trainer import Trainer, clear_run_dir
 TRAIN = {"schedule": "static", "bits": "8/8", "lr": 0.02, "momentum": 0.9, "batch_size": 64}
 FRACTRAIN = {**{k: v for k, v in TRAIN.items() if k != "bits"}, "schedule": "fractrain"}
 GARBAGE = "0:garbage"  # client 0 sends well-formed, finite updates 50 times too large, every round
-# The budget at which 8-bit FedAvg met the issue's 2-point bar (README, "closing the gap"): many short rounds at a
-# larger local learning rate than the centralised run's; 10 x 25 x 2 = 500 steps, as the centralised run's.
-DEFAULTS = {"clients": 10, "rounds": 25, "local_steps": 2, "alpha": 0.5, "lr": 0.15, "server_momentum": 0.9,
+# The budget (README, "closing the gap"): many short rounds at a larger local learning rate than the centralised
+# run's; 10 x 25 x 2 = 500 steps, as the centralised run's. The server momentum was chosen on seeds 10 and 11 (not
+# reported) among 0.3, 0.5, 0.7 and 0.9: the larger ones overshoot early and end far lower.
+DEFAULTS = {"clients": 10, "rounds": 25, "local_steps": 2, "alpha": 0.5, "lr": 0.15, "server_momentum": 0.3,
             "seeds": "0,1,2"}
 POINTS = 0.02  # the issue's "within 2 points"
 UPLINK_SHARE = 0.30  # the issue's "at most 30% of fp32 FedAvg's uplink"
@@ -102,6 +105,7 @@ RUNS = {
     "garbage-fedavg": {"fault": GARBAGE},
     "garbage-fedtrimmedavg": {"fault": GARBAGE, "strategy": "fedtrimmedavg"},
     "garbage-krum": {"fault": GARBAGE, "strategy": "krum"},
+    "garbage-fedtrimmedavgm": {"fault": GARBAGE, "strategy": "fedtrimmedavgm"},
     "fractrain-8bit": {"train": FRACTRAIN},
 }
 LABELS = {"centralised": "centralised static 8/8", "fedavg-8bit": "FedAvg, 8-bit updates",
@@ -109,7 +113,9 @@ LABELS = {"centralised": "centralised static 8/8", "fedavg-8bit": "FedAvg, 8-bit
           "fedavgm-8bit": "FedAvgM (server momentum), 8-bit updates",
           "garbage-fedavg": "client 0 sends garbage, FedAvg",
           "garbage-fedtrimmedavg": "client 0 sends garbage, FedTrimmedAvg",
-          "garbage-krum": "client 0 sends garbage, Krum", "fractrain-8bit": "FracTrain on every client, 8-bit updates"}
+          "garbage-krum": "client 0 sends garbage, Krum",
+          "garbage-fedtrimmedavgm": "client 0 sends garbage, FedTrimmedAvg + server momentum",
+          "fractrain-8bit": "FracTrain on every client, 8-bit updates"}
 KEPT = ("clients", "rounds", "local_steps", "alpha", "lr", "server_momentum")  # settings a kept run must share
 
 
@@ -160,7 +166,8 @@ def bars(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
                  / _mean(per_seed, seeds, pair[1], "uplink_bytes_per_round"))
         out["uplink_at_most_30_percent_of_fp32"] = {"seeds": seeds, "share": share,
                                                     "holds": bool(share <= UPLINK_SHARE)}
-    garbage = tuple(n for n in RUNS if n.startswith("garbage-"))
+    # the garbage runs measured at all (FedTrimmedAvg with server momentum came later than the others)
+    garbage = tuple(n for n in RUNS if n.startswith("garbage-") and any(n in runs for runs in per_seed.values()))
     if seeds := _common(per_seed, ("fedavg-8bit", *garbage)):
         clean = _mean(per_seed, seeds, "fedavg-8bit")
         drops = {n: 100 * (clean - _mean(per_seed, seeds, n)) for n in garbage}
@@ -170,8 +177,10 @@ def bars(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
             "holds": bool(robust) and drops["garbage-fedavg"] > 100 * POINTS}
         if momentum := _common(per_seed, ("fedavgm-8bit", *garbage)):  # against the clean run with server momentum
             clean = _mean(per_seed, momentum, "fedavgm-8bit")
-            out["robust_within_2_points_where_fedavg_is_not"]["drop_points_vs_clean_fedavgm"] = {
-                "seeds": momentum, **{n: 100 * (clean - _mean(per_seed, momentum, n)) for n in garbage}}
+            drops = {n: 100 * (clean - _mean(per_seed, momentum, n)) for n in garbage}
+            out["robust_within_2_points_where_fedavg_is_not"].update(
+                drop_points_vs_clean_fedavgm={"seeds": momentum, **drops},
+                within_vs_fedavgm=[n for n in garbage if n != "garbage-fedavg" and drops[n] <= 100 * POINTS])
     pair = ("fedavg-8bit", "fractrain-8bit")
     if seeds := _common(per_seed, pair):
         out["fractrain"] = {

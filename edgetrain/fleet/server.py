@@ -56,6 +56,17 @@ CALIBRATION_SAMPLES = 256
 MOMENTUM = "momentum"  # FedAvgM's buffer in the checkpoint's optimizer state
 
 
+class FedTrimmedAvgM(FedAvgM, FedTrimmedAvg):
+    """FedTrimmedAvg's coordinate-wise trimmed mean, then FedAvgM's momentum step on it (Flower has no such class:
+    FedAvgM's aggregate_train steps on whatever its next class in the MRO aggregates)."""
+
+    def __init__(self, *, beta: float, server_momentum: float, **common: Any):
+        super().__init__(server_learning_rate=1.0, server_momentum=server_momentum, **common)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError("`beta` must be in the range [0, 0.5).")
+        self.beta = beta  # FedAvgM's __init__ passes FedTrimmedAvg's only its own arguments: beta is set here
+
+
 def make_strategy(settings: FleetSettings) -> Strategy:
     """The Flower strategy the settings name; every client takes part in every round (min-clients aside)."""
     n = settings.required_clients
@@ -67,6 +78,8 @@ def make_strategy(settings: FleetSettings) -> Strategy:
         return FedAvgM(server_learning_rate=1.0, server_momentum=settings.server_momentum, **common)
     if settings.strategy == "fedadam":
         return FedAdam(eta=settings.server_lr, **common)
+    if settings.strategy == "fedtrimmedavgm":
+        return FedTrimmedAvgM(beta=settings.trim_beta, server_momentum=settings.server_momentum, **common)
     if settings.strategy == "fedtrimmedavg":
         return FedTrimmedAvg(beta=settings.trim_beta, **common)
     if settings.strategy == "krum":
