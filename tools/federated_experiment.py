@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = ",".join(per_seed)
     plot(results["summary"], out / "results.png",
          f"{args.clients} clients, Dirichlet {args.alpha}, {args.rounds} rounds x {args.local_steps} local steps "
-         f"(clients' lr {args.lr}), seeds {seeds}")
+         f"(clients' lr {args.lr}; FedAvgM's server momentum {args.server_momentum}), seeds {seeds}")
     print(text)
     print(json.dumps(results["bars"], indent=2))
     return 0
