@@ -178,7 +178,8 @@ class Federation:
         if not self.resume:
             raise EdgetrainError(f"{self.out} holds a federation (round {ckpt.step}); give --resume to continue it, "
                                  "or another --out")
-        stored = json.loads(str(ckpt.controller_state.get(SETTINGS_KEY, "{}")))
+        # A setting added since the checkpoint was written (server-momentum) counts as its default there.
+        stored = {**_comparable(FleetSettings()), **json.loads(str(ckpt.controller_state.get(SETTINGS_KEY, "{}")))}
         now = _comparable(self.settings)
         changed = sorted(k for k in set(now) | set(stored) if k in now and stored.get(k) != now.get(k))
         if changed:
