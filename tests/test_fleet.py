@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgetrain.cli.demo import demo_model_path
+from edgetrain.errors import EdgetrainError
 from edgetrain.fleet import codec
 from edgetrain.fleet.partitions import class_shares, client_split, partition_indices
 from edgetrain.fleet.settings import FleetSettings
@@ -398,3 +399,23 @@ def test_server_momentum_steps_on_the_mean_or_the_trimmed_mean(strategy, first, 
         arrays, _ = s.aggregate_train(rnd, replies)
         steps.append(arrays["w"].numpy())
     np.testing.assert_allclose(steps, [np.full(3, first), np.full(3, second)], rtol=1e-6)
+
+
+@needs_flwr
+def test_resume_takes_an_older_checkpoint_without_a_newer_setting(tmp_path, monkeypatch):
+    """A checkpoint written before server-momentum existed resumes (the missing setting counts as its default);
+    one written under another seed does not, and the error names the setting."""
+    from edgetrain.fleet import server
+
+    fleet = _settings(tmp_path, fault="", client_policies="{}")
+    comparable = server._comparable
+    monkeypatch.setattr(server, "_comparable",
+                        lambda s: {k: v for k, v in comparable(s).items() if k != "server-momentum"})
+    server.Federation(fleet, report=lambda text: None)._checkpoint(1)  # as an older edgetrain wrote it
+    monkeypatch.undo()
+    resumed = server.Federation(fleet, resume=True, report=lambda text: None)
+    resumed._prepare_folder()
+    assert resumed.first_round == 2
+    with pytest.raises(EdgetrainError, match=r"other settings \(seed\)"):
+        server.Federation(_settings(tmp_path, fault="", client_policies="{}", seed=4), resume=True,
+                          report=lambda text: None)._prepare_folder()
