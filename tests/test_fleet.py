@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgetrain.cli.demo import demo_model_path
+from edgetrain.errors import EdgetrainError
 from edgetrain.fleet import codec
 from edgetrain.fleet.partitions import class_shares, client_split, partition_indices
 from edgetrain.fleet.settings import FleetSettings
@@ -333,6 +334,7 @@ def test_plot_of_a_federation_folder(tmp_path):
     (["federate", "--demo", "--partition", "dirichlet:0"], "positive alpha"),
     (["federate", "--demo", "--update-bits", "17"], "2..16"),
     (["federate", "--demo", "--fault", "1:melt"], "KIND"),
+    (["federate", "--demo", "--strategy", "fedavgm", "--server-momentum", "1.0"], "must be in [0, 1)"),
     (["federate", "--demo", "--schedule", "static", "--bits", "8/8", "--freeze", "nothing*"], "matches no parameter"),
     (["federate", "--demo", "--client-policies", '{"7": {"bits": "4/8"}}'], "client 7 is not one of 0..2"),
 ])
@@ -340,8 +342,80 @@ def test_federate_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_pa
     """Mistakes in the flags stop before any simulation starts: one `edgetrain: error:` line, exit 2."""
     from edgetrain.cli.main import main
 
-    if ("freeze" in " ".join(argv) or "client-policies" in argv) and not HAVE_FLWR:
+    if ("freeze" in " ".join(argv) or "client-policies" in argv or "fedavgm" in argv) and not HAVE_FLWR:
         pytest.skip("this check runs after the Flower check")
     code = main(argv + ["--out", str(tmp_path / "f")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("edgetrain: error:") and message in err[0]
+
+
+@needs_flwr
+def test_fedavgm_momentum_is_checkpointed_and_a_resumed_federation_is_bit_identical(tmp_path):
+    """FedAvgM (in this process, 2 clients, 3 rounds): its server momentum buffer is in each round's checkpoint, the
+    step follows it (w_r = w_{r-1} - buffer_r at the server lr of 1), and a federation stopped after round 1 and
+    resumed ends with the unstopped one's weights and buffer, bit for bit; plain FedAvg ends elsewhere."""
+    from edgetrain.fleet.inprocess import run_inprocess
+    from edgetrain.fleet.server import MOMENTUM
+
+    kw = dict(clients=2, rounds=3, local_steps=1, fault="", client_policies="{}", strategy="fedavgm")
+    run_inprocess(_settings(tmp_path / "whole", **kw))
+    run_inprocess(_settings(tmp_path / "part", stop_after=1, **kw))
+    assert load_checkpoint(tmp_path / "part" / "ckpt-000001.npz").optimizer_state  # round 1's buffer, saved
+    run_inprocess(_settings(tmp_path / "part", **kw), resume=True)
+    run_inprocess(_settings(tmp_path / "plain", **{**kw, "strategy": "fedavg"}))
+    whole2, whole3, part3, plain3 = (load_checkpoint(tmp_path / d / f"ckpt-00000{r}.npz") for d, r in
+                                     (("whole", 2), ("whole", 3), ("part", 3), ("plain", 3)))
+    names = sorted(n for n, a in {**whole3.params, **whole3.buffers}.items() if a.dtype.kind == "f")
+    buf = {n: whole3.optimizer_state[f"{MOMENTUM}/{n}"] for n in names}
+    assert all(np.array_equal(buf[n], part3.optimizer_state[f"{MOMENTUM}/{n}"]) for n in names)
+    assert all(np.array_equal(whole3.params[n], part3.params[n]) for n in whole3.params)
+    before, after = ({**c.params, **c.buffers} for c in (whole2, whole3))
+    assert any(np.abs(buf[n]).max() > 1e-4 for n in names)
+    for n in names:
+        np.testing.assert_allclose(after[n], before[n] - buf[n], rtol=0, atol=1e-5)
+    assert any(not np.allclose(whole3.params[n], plain3.params[n], atol=1e-4) for n in whole3.params)
+
+
+@needs_flwr
+@pytest.mark.parametrize("strategy, first, second", [("fedavgm", 22.0, 33.0), ("fedtrimmedavgm", 3.0, 4.5)])
+def test_server_momentum_steps_on_the_mean_or_the_trimmed_mean(strategy, first, second):
+    """Five clients send weights 1, 2, 3, 4 and 100 twice from 0, server momentum 0.5: FedAvgM steps to the mean
+    (22), then on by half its last step (33); FedTrimmedAvgM to the mean of 2..4 without the outliers (3), then 4.5."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgetrain.fleet.server import make_strategy
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as InProcessGrid
+    s = make_strategy(FleetSettings(model=demo_model_path(), clients=5, strategy=strategy, server_momentum=0.5))
+    s.current_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})  # what configure_train would keep
+    steps = []
+    for rnd in (1, 2):
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, v, np.float32))}),
+                                       "metrics": MetricRecord({"num-examples": 1})}),
+                           reply_to=Message(RecordDict(), dst_node_id=v, message_type="train"))
+                   for v in (1, 2, 3, 4, 100)]
+        arrays, _ = s.aggregate_train(rnd, replies)
+        steps.append(arrays["w"].numpy())
+    np.testing.assert_allclose(steps, [np.full(3, first), np.full(3, second)], rtol=1e-6)
+
+
+@needs_flwr
+def test_resume_takes_an_older_checkpoint_without_a_newer_setting(tmp_path, monkeypatch):
+    """A checkpoint written before server-momentum existed resumes (the missing setting counts as its default);
+    one written under another seed does not, and the error names the setting."""
+    from edgetrain.fleet import server
+
+    fleet = _settings(tmp_path, fault="", client_policies="{}")
+    comparable = server._comparable
+    monkeypatch.setattr(server, "_comparable",
+                        lambda s: {k: v for k, v in comparable(s).items() if k != "server-momentum"})
+    server.Federation(fleet, report=lambda text: None)._checkpoint(1)  # as an older edgetrain wrote it
+    monkeypatch.undo()
+    resumed = server.Federation(fleet, resume=True, report=lambda text: None)
+    resumed._prepare_folder()
+    assert resumed.first_round == 2
+    with pytest.raises(EdgetrainError, match=r"other settings \(seed\)"):
+        server.Federation(_settings(tmp_path, fault="", client_policies="{}", seed=4), resume=True,
+                          report=lambda text: None)._prepare_folder()

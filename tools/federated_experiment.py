@@ -2,12 +2,14 @@
 8-bit against fp32 updates, robust strategies under a client sending scaled garbage, FracTrain on every client.
 
     python -m tools.federated_experiment [--seeds 0,1,2] [--clients 10] [--rounds 25] [--local-steps 2]
-                                         [--alpha 0.5] [--lr 0.15] [--out fleet-experiment] [--only NAME,...]
+                                         [--alpha 0.5] [--lr 0.15] [--server-momentum 0.3] [--in-process]
+                                         [--out fleet-experiment] [--only NAME,...]
 
 The task is the demo's: the shipped LeNet-5 (trained on upright digits) fine-tuned on the digits rotated a
 quarter turn, written once as OUT/rotated_digits.npz (a digits:PATH source, so every client reads it). Each
 federation splits it Dirichlet(--alpha) over --clients; the centralised run trains the same model for the same
-total number of local steps (clients x rounds x local steps) and batch size, at its own lr (0.02). Every run is
+total number of local steps (clients x rounds x local steps) and batch size, at its own lr (0.02). FedAvgM
+(fedavgm-8bit) is FedAvg with the server's step carrying --server-momentum of the previous one. Every run is
 repeated for each of --seeds (partition, data order, rounding). OUT/results.json holds every figure (per seed,
 and the mean and spread over seeds, and the issue's bars), OUT/results.md the table, OUT/results.png the plot.
 A run already in OUT/results.json under the same settings is kept, so a stopped experiment continues.
@@ -35,9 +37,11 @@ from edgetrain.train.trainer import Trainer, clear_run_dir
 TRAIN = {"schedule": "static", "bits": "8/8", "lr": 0.02, "momentum": 0.9, "batch_size": 64}
 FRACTRAIN = {**{k: v for k, v in TRAIN.items() if k != "bits"}, "schedule": "fractrain"}
 GARBAGE = "0:garbage"  # client 0 sends well-formed, finite updates 50 times too large, every round
-# The budget at which 8-bit FedAvg met the issue's 2-point bar (README, "closing the gap"): many short rounds at a
-# larger local learning rate than the centralised run's; 10 x 25 x 2 = 500 steps, as the centralised run's.
-DEFAULTS = {"clients": 10, "rounds": 25, "local_steps": 2, "alpha": 0.5, "lr": 0.15, "seeds": "0,1,2"}
+# The budget (README, "closing the gap"): many short rounds at a larger local learning rate than the centralised
+# run's; 10 x 25 x 2 = 500 steps, as the centralised run's. The server momentum was chosen on seeds 10 and 11 (not
+# reported) among 0.3, 0.5, 0.7 and 0.9: the larger ones overshoot early and end far lower.
+DEFAULTS = {"clients": 10, "rounds": 25, "local_steps": 2, "alpha": 0.5, "lr": 0.15, "server_momentum": 0.3,
+            "seeds": "0,1,2"}
 POINTS = 0.02  # the issue's "within 2 points"
 UPLINK_SHARE = 0.30  # the issue's "at most 30% of fp32 FedAvg's uplink"
 
@@ -65,19 +69,25 @@ def centralised(data: str, steps: int, out: Path, seed: int) -> dict:
 
 def federation(out: Path, data: str, args: argparse.Namespace, seed: int, *, strategy: str = "fedavg",
                bits: str = "8", train: dict | None = None, fault: str = "") -> dict:
-    """One federation in the simulation runtime; its rounds.jsonl summarised."""
+    """One federation in the simulation runtime (or in this process: the same weights, bit for bit); its
+    rounds.jsonl summarised."""
+    from edgetrain.fleet.inprocess import run_inprocess
     from edgetrain.fleet.simulate import simulate
 
     if out.exists():
         shutil.rmtree(out)
     settings = FleetSettings(model=demo_model_path(), data=data, clients=args.clients, rounds=args.rounds,
                              partition=f"dirichlet:{args.alpha}", local_steps=args.local_steps, seed=seed,
-                             strategy=strategy, update_bits=bits, out=str(out), export=False, fault=fault,
+                             strategy=strategy, server_momentum=args.server_momentum, update_bits=bits,
+                             out=str(out), export=False, fault=fault,
                              train=json.dumps({**(train or TRAIN), "lr": args.lr}))
     started = time.perf_counter()
     failed = None
     try:
-        simulate(settings)
+        if args.in_process:
+            run_inprocess(settings)
+        else:
+            simulate(settings)
     except EdgetrainError as exc:  # a federation FedAvg lets garbage wreck ends when no client can train on
         failed = str(exc)
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -90,17 +100,23 @@ def federation(out: Path, data: str, args: argparse.Namespace, seed: int, *, str
 
 RUNS = {
     "fedavg-8bit": {},
+    "fedavgm-8bit": {"strategy": "fedavgm"},
     "fedavg-fp32": {"bits": "fp32"},
     "garbage-fedavg": {"fault": GARBAGE},
     "garbage-fedtrimmedavg": {"fault": GARBAGE, "strategy": "fedtrimmedavg"},
     "garbage-krum": {"fault": GARBAGE, "strategy": "krum"},
+    "garbage-fedtrimmedavgm": {"fault": GARBAGE, "strategy": "fedtrimmedavgm"},
     "fractrain-8bit": {"train": FRACTRAIN},
 }
 LABELS = {"centralised": "centralised static 8/8", "fedavg-8bit": "FedAvg, 8-bit updates",
-          "fedavg-fp32": "FedAvg, fp32 updates", "garbage-fedavg": "client 0 sends garbage, FedAvg",
+          "fedavg-fp32": "FedAvg, fp32 updates",
+          "fedavgm-8bit": "FedAvgM (server momentum), 8-bit updates",
+          "garbage-fedavg": "client 0 sends garbage, FedAvg",
           "garbage-fedtrimmedavg": "client 0 sends garbage, FedTrimmedAvg",
-          "garbage-krum": "client 0 sends garbage, Krum", "fractrain-8bit": "FracTrain on every client, 8-bit updates"}
-KEPT = ("clients", "rounds", "local_steps", "alpha", "lr")  # settings a kept run must share
+          "garbage-krum": "client 0 sends garbage, Krum",
+          "garbage-fedtrimmedavgm": "client 0 sends garbage, FedTrimmedAvg + server momentum",
+          "fractrain-8bit": "FracTrain on every client, 8-bit updates"}
+KEPT = ("clients", "rounds", "local_steps", "alpha", "lr", "server_momentum")  # settings a kept run must share
 
 
 def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
@@ -137,19 +153,21 @@ def _mean(per_seed: dict[str, dict[str, dict]], seeds: list[str], name: str, key
 def bars(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
     """The issue's four checks, each on the means over the seeds its runs share (checks lacking a run are left out)."""
     out: dict[str, dict] = {}
-    pair = ("centralised", "fedavg-8bit")
-    if seeds := _common(per_seed, pair):
-        gaps = [per_seed[x]["centralised"]["accuracy"] - per_seed[x]["fedavg-8bit"]["accuracy"] for x in seeds]
-        out["8bit_within_2_points_of_centralised"] = {
-            "seeds": seeds, "gap_points": 100 * float(np.mean(gaps)), "gap_points_per_seed": [100 * g for g in gaps],
-            "holds": bool(np.mean(gaps) <= POINTS), "holds_at_every_seed": bool(max(gaps) <= POINTS)}
+    for name, key in (("fedavg-8bit", "8bit_within_2_points_of_centralised"),
+                      ("fedavgm-8bit", "8bit_fedavgm_within_2_points_of_centralised")):
+        if seeds := _common(per_seed, ("centralised", name)):
+            gaps = [per_seed[x]["centralised"]["accuracy"] - per_seed[x][name]["accuracy"] for x in seeds]
+            out[key] = {"seeds": seeds, "gap_points": 100 * float(np.mean(gaps)),
+                        "gap_points_per_seed": [100 * g for g in gaps], "holds": bool(np.mean(gaps) <= POINTS),
+                        "holds_at_every_seed": bool(max(gaps) <= POINTS)}
     pair = ("fedavg-8bit", "fedavg-fp32")
     if seeds := _common(per_seed, pair):
         share = (_mean(per_seed, seeds, pair[0], "uplink_bytes_per_round")
                  / _mean(per_seed, seeds, pair[1], "uplink_bytes_per_round"))
         out["uplink_at_most_30_percent_of_fp32"] = {"seeds": seeds, "share": share,
                                                     "holds": bool(share <= UPLINK_SHARE)}
-    garbage = tuple(n for n in RUNS if n.startswith("garbage-"))
+    # the garbage runs measured at all (FedTrimmedAvg with server momentum came later than the others)
+    garbage = tuple(n for n in RUNS if n.startswith("garbage-") and any(n in runs for runs in per_seed.values()))
     if seeds := _common(per_seed, ("fedavg-8bit", *garbage)):
         clean = _mean(per_seed, seeds, "fedavg-8bit")
         drops = {n: 100 * (clean - _mean(per_seed, seeds, n)) for n in garbage}
@@ -157,6 +175,12 @@ def bars(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
         out["robust_within_2_points_where_fedavg_is_not"] = {
             "seeds": seeds, "drop_points_vs_clean": drops, "within": robust,
             "holds": bool(robust) and drops["garbage-fedavg"] > 100 * POINTS}
+        if momentum := _common(per_seed, ("fedavgm-8bit", *garbage)):  # against the clean run with server momentum
+            clean = _mean(per_seed, momentum, "fedavgm-8bit")
+            drops = {n: 100 * (clean - _mean(per_seed, momentum, n)) for n in garbage}
+            out["robust_within_2_points_where_fedavg_is_not"].update(
+                drop_points_vs_clean_fedavgm={"seeds": momentum, **drops},
+                within_vs_fedavgm=[n for n in garbage if n != "garbage-fedavg" and drops[n] <= 100 * POINTS])
     pair = ("fedavg-8bit", "fractrain-8bit")
     if seeds := _common(per_seed, pair):
         out["fractrain"] = {
@@ -239,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                    help=f"the clients' local learning rate (default {DEFAULTS['lr']}; the centralised run keeps "
                         f"{TRAIN['lr']})")
+    p.add_argument("--server-momentum", type=float, default=DEFAULTS["server_momentum"],
+                   help=f"FedAvgM's server momentum (default {DEFAULTS['server_momentum']})")
+    p.add_argument("--in-process", action="store_true",
+                   help="run each federation in this process instead of Flower's simulation runtime (no Ray; "
+                        "the same weights, bit for bit, on one core)")
     p.add_argument("--seeds", type=_seeds, default=_seeds(DEFAULTS["seeds"]), help="comma-separated (default 0,1,2)")
     p.add_argument("--out", default="fleet-experiment")
     p.add_argument("--only", default="", help="comma-separated run names (centralised, " + ", ".join(RUNS) + ")")
@@ -255,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     per_seed: dict[str, dict[str, dict]] = {}
     if results_path.is_file():  # runs of the same settings already measured are kept (a stopped run continues)
         old = json.loads(results_path.read_text())
-        if {k: old.get("settings", {}).get(k) for k in KEPT} == settings:
+        stored = old.get("settings", {})
+        # A setting the file does not name is one added since: its runs did not depend on it.
+        if {k: stored.get(k, settings[k]) for k in KEPT} == settings:
             per_seed = old.get("per_seed", {})
 
     def save() -> dict:
@@ -282,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = ",".join(per_seed)
     plot(results["summary"], out / "results.png",
          f"{args.clients} clients, Dirichlet {args.alpha}, {args.rounds} rounds x {args.local_steps} local steps "
-         f"(clients' lr {args.lr}), seeds {seeds}")
+         f"(clients' lr {args.lr}; FedAvgM's server momentum {args.server_momentum}), seeds {seeds}")
     print(text)
     print(json.dumps(results["bars"], indent=2))
     return 0

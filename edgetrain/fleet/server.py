@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from edgetrain import preprocess
 from edgetrain.errors import EdgetrainError
@@ -53,6 +53,18 @@ PRECISION_KEY = "trainer/precision"  # what restore_run re-applies (edgetrain.tr
 RESUMABLE = {"rounds", "stop_after", "out", "export", "client_eval", "round_timeout", "resume", "extra"}
 CHECK_SAMPLES = 1000  # test samples the onnxruntime check of the exports reads
 CALIBRATION_SAMPLES = 256
+MOMENTUM = "momentum"  # FedAvgM's buffer in the checkpoint's optimizer state
+
+
+class FedTrimmedAvgM(FedAvgM, FedTrimmedAvg):
+    """FedTrimmedAvg's coordinate-wise trimmed mean, then FedAvgM's momentum step on it (Flower has no such class:
+    FedAvgM's aggregate_train steps on whatever its next class in the MRO aggregates)."""
+
+    def __init__(self, *, beta: float, server_momentum: float, **common: Any):
+        super().__init__(server_learning_rate=1.0, server_momentum=server_momentum, **common)
+        if not 0.0 <= beta < 0.5:
+            raise ValueError("`beta` must be in the range [0, 0.5).")
+        self.beta = beta  # FedAvgM's __init__ passes FedTrimmedAvg's only its own arguments: beta is set here
 
 
 def make_strategy(settings: FleetSettings) -> Strategy:
@@ -62,8 +74,12 @@ def make_strategy(settings: FleetSettings) -> Strategy:
                   min_evaluate_nodes=n if settings.client_eval else 0, min_available_nodes=n)
     if settings.strategy == "fedprox":
         return FedProx(proximal_mu=settings.proximal_mu, **common)
+    if settings.strategy == "fedavgm":
+        return FedAvgM(server_learning_rate=1.0, server_momentum=settings.server_momentum, **common)
     if settings.strategy == "fedadam":
         return FedAdam(eta=settings.server_lr, **common)
+    if settings.strategy == "fedtrimmedavgm":
+        return FedTrimmedAvgM(beta=settings.trim_beta, server_momentum=settings.server_momentum, **common)
     if settings.strategy == "fedtrimmedavg":
         return FedTrimmedAvg(beta=settings.trim_beta, **common)
     if settings.strategy == "krum":
@@ -71,20 +87,26 @@ def make_strategy(settings: FleetSettings) -> Strategy:
     return FedAvg(**common)
 
 
-def _strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
-    """A stateful strategy's state for the checkpoint (FedAdam's moments); nothing for the others."""
+def _strategy_state(strategy: Strategy, names: list[str]) -> dict[str, np.ndarray]:
+    """A stateful strategy's state for the checkpoint (FedAdam's moments, FedAvgM's momentum); nothing for others."""
     out: dict[str, np.ndarray] = {}
     for part in ("m_t", "v_t"):
         for name, value in (getattr(strategy, part, None) or {}).items():
             out[f"{part}/{name}"] = np.asarray(value)
+    # FedAvgM keeps its buffer as a list in the order of the arrays it was sent, which is `names`' order.
+    for name, value in zip(names, getattr(strategy, "momentum_vector", None) or [], strict=False):
+        out[f"{MOMENTUM}/{name}"] = np.asarray(value)
     return out
 
 
-def _load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+def _load_strategy_state(strategy: Strategy, state: dict[str, Any], names: list[str]) -> None:
     for part in ("m_t", "v_t"):
         table = {k[len(part) + 1:]: np.asarray(v) for k, v in state.items() if k.startswith(part + "/")}
         if table:
             setattr(strategy, part, table)
+    if isinstance(strategy, FedAvgM) and f"{MOMENTUM}/{names[0]}" in state:
+        # Its other state, the weights of the last round, it takes again from the first configure_train.
+        strategy.momentum_vector = [np.asarray(state[f"{MOMENTUM}/{n}"]) for n in names]
 
 
 def _short(reason: str) -> str:
@@ -156,7 +178,8 @@ class Federation:
         if not self.resume:
             raise EdgetrainError(f"{self.out} holds a federation (round {ckpt.step}); give --resume to continue it, "
                                  "or another --out")
-        stored = json.loads(str(ckpt.controller_state.get(SETTINGS_KEY, "{}")))
+        # A setting added since the checkpoint was written (server-momentum) counts as its default there.
+        stored = {**_comparable(FleetSettings()), **json.loads(str(ckpt.controller_state.get(SETTINGS_KEY, "{}")))}
         now = _comparable(self.settings)
         changed = sorted(k for k in set(now) | set(stored) if k in now and stored.get(k) != now.get(k))
         if changed:
@@ -164,7 +187,7 @@ class Federation:
                                  "a resumed federation may change only its rounds, stop-after and export")
         self.model.load_state_dict({**ckpt.params, **ckpt.buffers})
         unpack_state(self.model, ckpt.controller_state)  # the activation ranges
-        _load_strategy_state(self.strategy, ckpt.optimizer_state)
+        _load_strategy_state(self.strategy, ckpt.optimizer_state, self.names)
         self.first_round = ckpt.step + 1
         if log_path.is_file():  # rounds after the checkpoint were never completed: their lines go
             kept = [line for line in log_path.read_text().splitlines() if _round_of(line) <= ckpt.step]
@@ -182,7 +205,8 @@ class Federation:
         controller.update({ACT_RANGE + k: float(r.value) for k, r in self.model.runtime.act_ranges.items()
                            if r.value is not None})  # restore_run gives them back to eval and export
         return manager.save(rnd, params=self.model.parameters(), buffers=self.model.buffers(),
-                            optimizer_state=_strategy_state(self.strategy), controller_state=controller, meta=meta)
+                            optimizer_state=_strategy_state(self.strategy, self.names), controller_state=controller,
+                            meta=meta)
 
     # -- one round ------------------------------------------------------------------------------
     def _accept(self, rnd: int, reply: Message, global_state: dict[str, np.ndarray]

@@ -17,7 +17,7 @@ from edgetrain.fleet.codec import parse_update_bits
 from edgetrain.fleet.partitions import parse_partition
 from edgetrain.train.config import FIELDS, TrainConfig, resolve
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedtrimmedavg", "fedtrimmedavgm", "krum")
 FAULTS = ("nan", "shape", "dtype", "garbage")
 FEDERATION_KEYS = {"model", "data", "steps", "epochs", "out"}  # the federation sets these for every client
 # A client policy that names a schedule replaces the run's whole precision part (a static "bits" cannot stand
@@ -45,9 +45,12 @@ class FleetSettings:
     max_reply_factor: float = 1.5  # a reply may be this many times the expected wire size
     client_eval: bool = False  # federated evaluation on each client's held-out split every round
     proximal_mu: float = 0.01  # fedprox
-    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    trim_beta: float = 0.2  # fedtrimmedavg(m): fraction cut at each end
     krum_byzantine: int = 1  # krum: clients assumed hostile
     server_lr: float = 0.1  # fedadam: eta
+    # fedavgm, fedtrimmedavgm: momentum of the server's step (its lr is 1, FedAvg's): makes up for the restart of
+    # the clients' momentum every round
+    server_momentum: float = 0.9
     stop_after: int = 0  # stop (resumably) after this round; 0: run all rounds
     resume: bool = False  # continue the federation in `out` from its newest checkpoint
     fault: str = ""  # "CLIENT:KIND[:ROUND],...": that client corrupts its replies (tests, robustness experiments)
@@ -88,6 +91,8 @@ class FleetSettings:
                 raise EdgetrainError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.strategy not in STRATEGIES:
             raise EdgetrainError(f"--strategy {self.strategy!r}: valid are {', '.join(STRATEGIES)}")
+        if not 0 <= self.server_momentum < 1:
+            raise EdgetrainError(f"--server-momentum {self.server_momentum!r}: must be in [0, 1)")
         if not 0 <= self.min_clients <= self.clients:
             raise EdgetrainError(f"--min-clients {self.min_clients}: must be 0..{self.clients}")
         if not self.model:
