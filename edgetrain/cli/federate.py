@@ -40,8 +40,8 @@ def add_federate_command(sub: Any, add_setting: Any) -> None:
     f.add_argument("--local-steps", type=POSITIVE_INT, default=None, metavar="K",
                    help="training steps per client per round (default 10)")
     f.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="Flower strategy (default fedavg)")
-    f.add_argument("--server-momentum", type=NON_NEGATIVE_FLOAT, default=0.9, metavar="M",
-                   help="fedavgm: momentum of the server's step over rounds, in [0, 1) (default 0.9)")
+    f.add_argument("--server-momentum", type=NON_NEGATIVE_FLOAT, default=0.3, metavar="M",
+                   help="fedavgm: momentum of the server's step over rounds, in [0, 1) (default 0.3)")
     f.add_argument("--update-bits", default="8", metavar="B|fp32",
                    help="width of the quantised weight deltas clients send, 2..16, or fp32 (default 8)")
     f.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, metavar="S",
