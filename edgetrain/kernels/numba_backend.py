@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels import depthwise, planar, pointwise
-from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
+from edgetrain.kernels.threads import SMALL_ELEMENTS, SMALL_WORK, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -258,6 +258,36 @@ def conv2d_forward(xp, wp, out, oh_, ow_, off_h, off_w, step_h, step_w, k_len, s
                             dst[ow * step_w] = res[i * ow_ + ow, f]
 
 
+# ------------------------------------------------------------------------------- small GEMM
+
+
+@njit(**_JIT)
+def gemm_rows(a, b, out, seg):
+    """out[m, :] = sum_k a[m, k] * b[k, :] exactly: row m is a sum of K rows of b scaled by a[m, k].
+
+    b (K, N) C-contiguous int16, out (M, N) int32 or int64. The inner loop is over N (contiguous, no
+    horizontal sums), int32 runs of at most `seg` terms (bounds.segment_length) added into `out`.
+    Serial: the caller only sends products below `threads.SMALL_WORK`, which run on one thread anyway.
+    """
+    m_, k_ = a.shape
+    n_ = b.shape[1]
+    acc = np.empty(n_, np.int32)
+    for m in range(m_):
+        row = out[m]
+        for j in range(n_):
+            row[j] = 0
+        for s in range(0, k_, seg):
+            for j in range(n_):
+                acc[j] = 0
+            for k in range(s, min(s + seg, k_)):
+                av = np.int32(a[m, k])
+                bk = b[k]
+                for j in range(n_):
+                    acc[j] = np.int32(acc[j] + av * bk[j])  # never wraps (seg bounds it): int32 SIMD lanes
+            for j in range(n_):
+                row[j] += acc[j]
+
+
 # ------------------------------------------------------------------------- conv backward weight
 
 
@@ -342,6 +372,12 @@ def _i16(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.int16)
 
 
+def _i16_any(x: np.ndarray) -> np.ndarray:
+    """x as int16 without a copy when it already is (C or F order: gemm_rows reads it element-wise)."""
+    x = x if x.dtype == np.int16 else x.astype(np.int16)
+    return x if x.flags.c_contiguous or x.flags.f_contiguous else np.ascontiguousarray(x)
+
+
 def pack_forward_weights(w: np.ndarray, groups: int, k_align: int = K_ALIGN) -> np.ndarray:
     """(M, C/G, kh, kw) -> int16 (G, M/G, Kpad) with the reduction in (kh, kw, c) order, zero-padded."""
     m, c_g, kh, kw = w.shape
@@ -392,8 +428,22 @@ class NumbaBackend:
 
     name = "numba"
 
+    # Small GEMMs with a short reduction (a small batch's Linear layers: dW = dy^T x reduces over the
+    # batch) take `gemm_rows`: the 4x4 tiles' K loop is then too short to vectorise, and packing, padding
+    # and dispatch cost ~30 us a call. Measured, 1 thread, int16 codes: (M, N, K) = (120, 400, 8) 403 ->
+    # 85 us, (84, 120, 8) 116 -> 20 us, (8, 84, 120) 48 -> 21 us, (128, 128, 128) 520 -> 379 us; with
+    # long reductions and few columns the tiles win ((8, 16, 2048) 78 against 139 us), hence the limits.
+    ROWS_MAX_K = 256
+    ROWS_MIN_N = 8
+
     def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int, amax=None) -> np.ndarray:
-        with threads_for(a.shape[0] * a.shape[1] * bt.shape[0]):
+        m, k = a.shape
+        n = bt.shape[0]
+        if k <= self.ROWS_MAX_K and n >= self.ROWS_MIN_N and m * n * k < SMALL_WORK:
+            out = np.empty((m, n), out_dtype)
+            gemm_rows(_i16_any(a), _i16(bt.T), out, seg)
+            return out
+        with threads_for(m * k * n):
             return self._gemm_nt(a, bt, out_dtype, seg)
 
     # Depthwise convs (one channel per group) take `depthwise`'s in-place NCHW kernels: their 9-term
