@@ -176,6 +176,26 @@ def test_gemm_large_shapes_cross_blocks():
     assert_exact(kernels.gemm(a, b), ref_gemm(a, b))
 
 
+def test_small_gemm_rows_route_matches_the_tiles_worst_case():
+    """The short-reduction route (NumbaBackend.gemm_rows) against the 4x4 tiles: C and F operands,
+    int32 and segmented int64 accumulation at full int16 magnitudes."""
+    from edgetrain.kernels.numba_backend import NumbaBackend
+
+    backend, rng = NumbaBackend(), np.random.default_rng(3)
+    for m, n, k in ((120, 40, 8), (9, 8, 1), (5, 33, 256)):
+        a = np.asfortranarray(rng.integers(-32768, 32768, (m, k)).astype(np.int16))
+        a[0] = -32768
+        bt = rng.integers(-32768, 32768, (n, k)).astype(np.int16)
+        bt[0] = -32768
+        dtype = accumulator_dtype(k, 32768, 32768)
+        seg = segment_length(k, 32768, 32768)
+        ref = ref_gemm(a, bt.T)
+        for x in (a, np.ascontiguousarray(a)):
+            assert backend.gemm_nt(x, bt, dtype, seg).dtype == dtype
+            assert_exact(backend.gemm_nt(x, bt, dtype, seg), ref)
+            assert_exact(backend._gemm_nt(x, bt, dtype, seg), ref)
+
+
 def test_linear_conveniences():
     rng = np.random.default_rng(2)
     x, w, dy = random_operand(rng, (9, 13), 8), random_operand(rng, (5, 13), 6), random_operand(rng, (9, 5), 16)
