@@ -12,6 +12,9 @@ heavy kernels, so JIT time stays low (each costs seconds to compile):
 * `conv2d_backward_weight`: per chunk of images, gradients and input rows are laid out pixel-major
   and tiled over long pixel blocks, each chunk adding into its own int64 partial dW.
 
+Small GEMMs with a short reduction (a small batch's Linear layers) take `gemm_rows` instead, a
+serial kernel vectorised along the output row (see `NumbaBackend.gemm_nt`).
+
 Three shapes of conv go to kernels of their own, vectorised over pixels in NCHW instead (see the
 routing comment in `NumbaBackend`): depthwise convs (`depthwise`), pointwise convs (`pointwise`) and
 other stride-1 convs on images of at least `PLANAR_MIN_PIXELS` (`planar`).
