@@ -32,8 +32,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels import depthwise, planar, pointwise
-from edgetrain.kernels.threads import SMALL_ELEMENTS, SMALL_WORK, threads_for
+from edgetrain.kernels import depthwise, planar, pointwise, threads
+from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -442,7 +442,8 @@ class NumbaBackend:
     def gemm_nt(self, a: np.ndarray, bt: np.ndarray, out_dtype: np.dtype, seg: int, amax=None) -> np.ndarray:
         m, k = a.shape
         n = bt.shape[0]
-        if k <= self.ROWS_MAX_K and n >= self.ROWS_MIN_N and m * n * k < SMALL_WORK:
+        # threads.SMALL_WORK is read at the call: a test lowers it to force the parallel tiles
+        if k <= self.ROWS_MAX_K and n >= self.ROWS_MIN_N and m * n * k < threads.SMALL_WORK:
             out = np.empty((m, n), out_dtype)
             gemm_rows(_i16_any(a), _i16(bt.T), out, seg)
             return out
