@@ -168,19 +168,22 @@ def bars(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
                                                     "holds": bool(share <= UPLINK_SHARE)}
     # the garbage runs measured at all (FedTrimmedAvg with server momentum came later than the others)
     garbage = tuple(n for n in RUNS if n.startswith("garbage-") and any(n in runs for runs in per_seed.values()))
+
+    def drops_below(clean: str, seeds: list[str]) -> tuple[dict[str, float], list[str]]:
+        """Each garbage run's points below the clean run `clean`, and the robust ones within the bar."""
+        mean = _mean(per_seed, seeds, clean)
+        drops = {n: 100 * (mean - _mean(per_seed, seeds, n)) for n in garbage}
+        return drops, [n for n in garbage if n != "garbage-fedavg" and drops[n] <= 100 * POINTS]
+
     if seeds := _common(per_seed, ("fedavg-8bit", *garbage)):
-        clean = _mean(per_seed, seeds, "fedavg-8bit")
-        drops = {n: 100 * (clean - _mean(per_seed, seeds, n)) for n in garbage}
-        robust = [n for n in garbage if n != "garbage-fedavg" and drops[n] <= 100 * POINTS]
+        drops, robust = drops_below("fedavg-8bit", seeds)
         out["robust_within_2_points_where_fedavg_is_not"] = {
             "seeds": seeds, "drop_points_vs_clean": drops, "within": robust,
             "holds": bool(robust) and drops["garbage-fedavg"] > 100 * POINTS}
         if momentum := _common(per_seed, ("fedavgm-8bit", *garbage)):  # against the clean run with server momentum
-            clean = _mean(per_seed, momentum, "fedavgm-8bit")
-            drops = {n: 100 * (clean - _mean(per_seed, momentum, n)) for n in garbage}
+            drops, robust = drops_below("fedavgm-8bit", momentum)
             out["robust_within_2_points_where_fedavg_is_not"].update(
-                drop_points_vs_clean_fedavgm={"seeds": momentum, **drops},
-                within_vs_fedavgm=[n for n in garbage if n != "garbage-fedavg" and drops[n] <= 100 * POINTS])
+                drop_points_vs_clean_fedavgm={"seeds": momentum, **drops}, within_vs_fedavgm=robust)
     pair = ("fedavg-8bit", "fractrain-8bit")
     if seeds := _common(per_seed, pair):
         out["fractrain"] = {

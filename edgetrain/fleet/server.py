@@ -94,8 +94,8 @@ def _strategy_state(strategy: Strategy, names: list[str]) -> dict[str, np.ndarra
         for name, value in (getattr(strategy, part, None) or {}).items():
             out[f"{part}/{name}"] = np.asarray(value)
     # FedAvgM keeps its buffer as a list in the order of the arrays it was sent, which is `names`' order.
-    for name, value in zip(names, getattr(strategy, "momentum_vector", None) or [], strict=False):
-        out[f"{MOMENTUM}/{name}"] = np.asarray(value)
+    if vector := getattr(strategy, "momentum_vector", None):
+        out.update({f"{MOMENTUM}/{n}": np.asarray(v) for n, v in zip(names, vector, strict=True)})
     return out
 
 

@@ -39,7 +39,7 @@ from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 # Large helpers of the parallel kernels are plain @njit, not inline="always": Numba then compiles each once per
 # type signature instead of once inside every parallel caller (measured: 20-30% less compile CPU on a fresh
-# cache, the same step times); only helpers that must see the caller's 0-d arrays stay inlined.
+# cache, the same step times). The short inner-loop helpers (_run32, _dot, _run4x4, _copy) stay inlined.
 # Work items per thread for prange: enough to balance uneven rows, few enough to amortise the
 # per-chunk scratch allocation.
 CHUNKS_PER_THREAD = 4
@@ -268,7 +268,7 @@ def conv2d_forward(xp, wp, out, oh_, ow_, off_h, off_w, step_h, step_w, k_len, s
 def gemm_rows(a, b, out, seg):
     """out[m, :] = sum_k a[m, k] * b[k, :] exactly: row m is a sum of K rows of b scaled by a[m, k].
 
-    b (K, N) C-contiguous int16, out (M, N) int32 or int64. The inner loop is over N (contiguous, no
+    a (M, K) and b (K, N) C-contiguous int16, out (M, N) int32 or int64. The inner loop is over N (contiguous, no
     horizontal sums), int32 runs of at most `seg` terms (bounds.segment_length) added into `out`.
     Serial: the caller only sends products below `threads.SMALL_WORK`, which run on one thread anyway.
     """
@@ -375,12 +375,6 @@ def _i16(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.int16)
 
 
-def _i16_any(x: np.ndarray) -> np.ndarray:
-    """x as int16 without a copy when it already is (C or F order: gemm_rows reads it element-wise)."""
-    x = x if x.dtype == np.int16 else x.astype(np.int16)
-    return x if x.flags.c_contiguous or x.flags.f_contiguous else np.ascontiguousarray(x)
-
-
 def pack_forward_weights(w: np.ndarray, groups: int, k_align: int = K_ALIGN) -> np.ndarray:
     """(M, C/G, kh, kw) -> int16 (G, M/G, Kpad) with the reduction in (kh, kw, c) order, zero-padded."""
     m, c_g, kh, kw = w.shape
@@ -445,7 +439,7 @@ class NumbaBackend:
         # threads.SMALL_WORK is read at the call: a test lowers it to force the parallel tiles
         if k <= self.ROWS_MAX_K and n >= self.ROWS_MIN_N and m * n * k < threads.SMALL_WORK:
             out = np.empty((m, n), out_dtype)
-            gemm_rows(_i16_any(a), _i16(bt.T), out, seg)
+            gemm_rows(_i16(a), _i16(bt.T), out, seg)  # both C: one Numba specialisation per out dtype
             return out
         with threads_for(m * k * n):
             return self._gemm_nt(a, bt, out_dtype, seg)
