@@ -363,3 +363,26 @@ def test_compiled_scales_equal_the_numpy_form_bit_for_bit(pow2):
     for bad in (-1.0, np.nan, np.inf):
         with pytest.raises(ValueError, match="finite and >= 0"):
             quantizer.scale_from_range(np.array([1.0, bad]), 8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [100, 5000, 40000, 70000])  # each of _finite_extrema's three paths
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_extrema_paths_agree_with_numpy(dtype, size, per_channel):
+    """Every path of the range scan gives NumPy's min and max (signed zeros, subnormals and the largest
+    finite values included) and rejects NaN and both infinities wherever they sit."""
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal((10, size // 10)) * rng.choice([1e-40, 1e-3, 1.0, 1e30], size=(10, 1))).astype(dtype)
+    x.flat[rng.integers(0, x.size, 5)] = -0.0
+    x.flat[rng.integers(0, x.size, 2)] = np.finfo(dtype).max * rng.choice([-1, 1], 2)
+    x3 = quantizer_module._view3(x, 0 if per_channel else None)[0]
+    lo, hi = quantizer_module._finite_extrema(x3)
+    axes = 1 if per_channel else None
+    np.testing.assert_array_equal(lo, np.atleast_1d(x.min(axis=axes)).astype(np.float64))
+    np.testing.assert_array_equal(hi, np.atleast_1d(x.max(axis=axes)).astype(np.float64))
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, x.size // 2 + 1, x.size - 1):
+            y = x.copy()
+            y.flat[pos] = bad
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                quantizer_module._finite_extrema(quantizer_module._view3(y, 0 if per_channel else None)[0])
