@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgetrain.kernels import detfloat
+from edgetrain.ops import pool_kernels
 from edgetrain.ops.base import Op, register
 from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
@@ -19,9 +20,12 @@ class MaxPool(Op):
         geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
                        bool(self.attr("ceil_mode", 0)))
         xp = pad_spatial(x, geo, _lowest(x.dtype))
-        wins = np.stack([xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices()])
-        arg = wins.argmax(axis=0)
-        y = np.take_along_axis(wins, arg[None], axis=0)[0]
+        if pool_kernels.compiled_case(x):
+            y, arg = _pool2d(xp, geo)
+        else:
+            wins = np.stack([xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices()])
+            arg = wins.argmax(axis=0)
+            y = np.take_along_axis(wins, arg[None], axis=0)[0]
         outs = [y]
         if len(self.node.outputs) > 1 and self.node.outputs[1]:
             outs.append(self._indices(arg, x.shape, geo))
@@ -52,9 +56,31 @@ class MaxPool(Op):
         g = grads[0]
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
         dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
-        for i, sl in geo.slices():
-            dxp[(slice(None), slice(None)) + sl] += np.where(arg == i, g, 0)
+        if pool_kernels.compiled_case(g):
+            _unpool2d(np.ascontiguousarray(g), arg, geo, dxp)
+        else:
+            for i, sl in geo.slices():
+                dxp[(slice(None), slice(None)) + sl] += np.where(arg == i, g, 0)
         return [np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])))]
+
+
+def _pool2d(xp: np.ndarray, geo) -> tuple[np.ndarray, np.ndarray]:
+    """MaxPool's output and argmax (offset index per output) of a padded NCHW float input, compiled."""
+    n, c = xp.shape[:2]
+    planes = np.ascontiguousarray(xp).reshape((n * c,) + xp.shape[2:])
+    y = np.empty((n * c,) + tuple(geo.out), xp.dtype)
+    arg = np.empty(y.shape, np.int64)
+    pool_kernels.maxpool2d_forward(planes, *geo.kernel, *geo.strides, *geo.dilations, y, arg,
+                                   pool_kernels.PARALLEL_MIN_OUTPUTS)
+    return y.reshape((n, c) + y.shape[1:]), arg.reshape((n, c) + y.shape[1:])
+
+
+def _unpool2d(g: np.ndarray, arg: np.ndarray, geo, dxp: np.ndarray) -> None:
+    """dxp (zeros, padded NCHW) += g at each window's argmax, compiled."""
+    n, c = g.shape[:2]
+    pool_kernels.maxpool2d_backward(g.reshape((n * c,) + g.shape[2:]), arg.reshape((n * c,) + arg.shape[2:]),
+                                    *geo.kernel, *geo.strides, *geo.dilations,
+                                    dxp.reshape((n * c,) + dxp.shape[2:]), pool_kernels.PARALLEL_MIN_OUTPUTS)
 
 
 @register("AveragePool")
