@@ -386,3 +386,12 @@ def test_extrema_paths_agree_with_numpy(dtype, size, per_channel):
             y.flat[pos] = bad
             with pytest.raises(ValueError, match="NaN or infinite"):
                 quantizer_module._finite_extrema(quantizer_module._view3(y, 0 if per_channel else None)[0])
+
+
+@SETTINGS
+@given(x=arrays_st, per_channel=st.booleans(), signed=st.booleans())
+def test_observed_max_is_the_largest_magnitude(x, per_channel, signed):
+    """The range the running average records is max |x| of the whole tensor, whatever the scale's axis."""
+    q = quantize(x, 8, signed=signed, axis=0 if per_channel else None)
+    assert q.stats.observed_max == float(np.abs(x.astype(np.float64)).max())
+    assert np.copysign(1.0, q.stats.observed_max) == 1.0  # never -0.0

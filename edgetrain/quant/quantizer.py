@@ -158,12 +158,12 @@ def _pieces(inner: int) -> int:
 
 @njit(cache=True, nogil=True)
 def _extrema(x3, lo, hi):
-    """lo[c], hi[c] = min and max of x3[:, c, :] in one pass; False if any value is NaN.
+    """lo[c], hi[c] = min and max of x3[:, c, :] in one pass; False if any value is NaN or infinite.
 
     For small tensors (a layer's weights, a small batch's activations): one compiled call instead of
     NumPy's two reductions and their checks, 2 us instead of 10 for 2,304 weights. NumPy's SIMD
     reductions win on large tensors (measured 47 us against 107 for 131,072 values)."""
-    nan = False
+    bad = False
     for c in range(x3.shape[1]):
         a = np.inf
         b = -np.inf
@@ -173,10 +173,10 @@ def _extrema(x3, lo, hi):
                 v = row[j]
                 a = min(a, v)
                 b = max(b, v)
-                nan |= v != v  # min/max skip NaN here, so it is looked for on its own
+                bad |= (v - v) != 0  # NaN or infinity: v - v is 0 exactly for every finite v
         lo[c] = a
         hi[c] = b
-    return not nan
+    return not bad
 
 
 # Below this many values `_extrema`'s plain loop wins; from here to SMALL_ELEMENTS `_key_extrema`.
@@ -227,7 +227,9 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo = hi = np.zeros(1)
     elif x3.size < SMALL_ELEMENTS:
         lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
-        no_nan = _extrema(x3, lo, hi)
+        if _extrema(x3, lo, hi):  # checked finiteness itself: the NumPy checks below cost ~2 us
+            return lo, hi
+        no_nan = False
     else:
         no_nan = True  # NumPy's min/max propagate NaN into the extrema, checked below
         # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
@@ -352,6 +354,7 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
                                  pieces, q, sat, PARALLEL_MIN_ELEMENTS)
         else:
             _quantize_nearest(x3, scale, qmin, qmax, pieces, q, sat, PARALLEL_MIN_ELEMENTS)
-    observed = float(max(np.abs(lo).max(), np.abs(hi).max())) if x.size else 0.0
+    # max |x| = max(|max hi|, |min lo|), as lo <= hi per channel: two small reductions instead of four
+    observed = max(abs(float(hi.max())), abs(float(lo.min()))) if x.size else 0.0
     stats = QuantStats(int(x.size), int(sat.sum()), observed)
     return QTensor(q.reshape(x.shape), scale if axis is not None else np.float32(scale[0]), bits, signed, axis, stats)
