@@ -22,6 +22,9 @@ from numba import njit, prange
 
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 
+# Elementwise-cheap work per output, so the same threshold as the other elementwise kernels.
+PARALLEL_MIN_OUTPUTS = SMALL_ELEMENTS
+
 
 @njit(inline="always", cache=True)
 def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw):
@@ -94,6 +97,3 @@ def maxpool2d_backward(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel):
 def compiled_case(x: np.ndarray) -> bool:
     """Whether the compiled kernels take this input: 2-D spatial, float32 or float64."""
     return x.ndim == 4 and x.dtype in (np.float32, np.float64)
-
-
-PARALLEL_MIN_OUTPUTS = SMALL_ELEMENTS

@@ -218,34 +218,35 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel min and max of (outer, channels, inner); ValueError on NaN or infinity."""
     if x3.size == 0:
         return np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
-    if _KEY_EXTREMA_MIN <= x3.size < SMALL_ELEMENTS:
-        ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x3.dtype]
-        lo_bits, hi_bits = np.empty(x3.shape[1], ints), np.empty(x3.shape[1], ints)
-        if _key_extrema(x3.view(ints), exp_mask, mag_mask, shift, lo_bits, hi_bits):
-            return lo_bits.view(x3.dtype).astype(np.float64), hi_bits.view(x3.dtype).astype(np.float64)
-        no_nan = False
-        lo = hi = np.zeros(1)
-    elif x3.size < SMALL_ELEMENTS:
-        lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
-        if _extrema(x3, lo, hi):  # checked finiteness itself: the NumPy checks below cost ~2 us
-            return lo, hi
-        no_nan = False
-    else:
-        no_nan = True  # NumPy's min/max propagate NaN into the extrema, checked below
-        # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
-        # (a per-tensor range, per-channel rows) take the single-axis forms; all give the same values.
-        if x3.shape[0] == 1 and x3.shape[1] == 1:
-            flat = x3.reshape(-1)
-            lo, hi = np.array([flat.min()], np.float64), np.array([flat.max()], np.float64)
-        elif x3.shape[0] == 1:
-            lo, hi = x3[0].min(axis=1).astype(np.float64), x3[0].max(axis=1).astype(np.float64)
+    if x3.size < SMALL_ELEMENTS:  # compiled scans, which check finiteness as they go
+        if x3.size >= _KEY_EXTREMA_MIN:
+            ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x3.dtype]
+            lo_bits, hi_bits = np.empty(x3.shape[1], ints), np.empty(x3.shape[1], ints)
+            if _key_extrema(x3.view(ints), exp_mask, mag_mask, shift, lo_bits, hi_bits):
+                return lo_bits.view(x3.dtype).astype(np.float64), hi_bits.view(x3.dtype).astype(np.float64)
         else:
-            lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
-    # infinities would be the extrema: finite extrema and no NaN prove the whole tensor finite
-    if not (no_nan and np.isfinite(lo).all() and np.isfinite(hi).all()):
-        raise NonFiniteError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite "
-                             "values")
+            lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
+            if _extrema(x3, lo, hi):
+                return lo, hi
+        raise _non_finite(x3)
+    # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
+    # (a per-tensor range, per-channel rows) take the single-axis forms; all give the same values.
+    if x3.shape[0] == 1 and x3.shape[1] == 1:
+        flat = x3.reshape(-1)
+        lo, hi = np.array([flat.min()], np.float64), np.array([flat.max()], np.float64)
+    elif x3.shape[0] == 1:
+        lo, hi = x3[0].min(axis=1).astype(np.float64), x3[0].max(axis=1).astype(np.float64)
+    else:
+        lo, hi = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
+    # NumPy's min/max propagate NaN and infinities are extrema: finite extrema prove the tensor finite
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise _non_finite(x3)
     return lo, hi
+
+
+def _non_finite(x3: np.ndarray) -> NonFiniteError:
+    """The error for a tensor that holds NaN or infinity, with the count."""
+    return NonFiniteError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite values")
 
 
 def channel_range(x: np.ndarray, *, signed: bool = True, axis: int | None = None) -> np.ndarray:
