@@ -187,12 +187,30 @@ def test_tanh_expm1_sigmoid_near_float64(xs):
     np.testing.assert_allclose(detfloat.sigmoid(x), (1 / (1 + np.exp(-x64))).astype(F32), rtol=2 ** -23, atol=0)
 
 
+def _same_bits64(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(((a.view(np.int64) == b.view(np.int64)) | (np.isnan(a) & np.isnan(b))).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=64))
+def test_compiled_scalar_twins_give_the_array_forms_bits(xs):
+    """exp64_scalar, expm1_64_scalar and tanh64_scalar are the same IEEE operations as the ufunc forms."""
+    x = np.array(xs + EDGES + [0.5, -0.5, 0.49999999999999994, 709.8, -745.2, 1100.0, -2000.0], np.float64)
+    with np.errstate(all="ignore"):
+        assert _same_bits64(detfloat._exp64(x), np.array([detfloat.exp64_scalar(v) for v in x]))
+        assert _same_bits64(detfloat._expm1_64(x), np.array([detfloat.expm1_64_scalar(v) for v in x]))
+        x32 = x.astype(F32)
+        twin = np.array([detfloat.tanh64_scalar(float(v)) for v in x32]).astype(F32)
+        assert _same_bits64(detfloat.tanh(x32).astype(np.float64), twin.astype(np.float64))
+
+
 # ------------------------------------------------------------------- no fast-math in the kernels
 
 
 def _kernels():
     from edgetrain.kernels import rescale
     from edgetrain.ops import norm_kernels
+    from edgetrain.precision.dfq import gate_kernels
     from edgetrain.precision.dfq import kernels as dfq_kernels
     from edgetrain.quant import quantizer
     from edgetrain.train import optim
@@ -201,7 +219,8 @@ def _kernels():
             norm_kernels.bn_train_forward_parallel, norm_kernels.bn_train_backward,
             norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
             quantizer._quantize_nearest, quantizer._quantize_stochastic, optim._sgd_momentum,
-            dfq_kernels._matmul, dfq_kernels._row_means]
+            dfq_kernels._matmul, dfq_kernels._row_means, gate_kernels.gate_forward_rows,
+            gate_kernels.gate_backward_rows, gate_kernels.sample_sums]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -210,6 +229,13 @@ FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|n
 def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     """The IR is what LLVM's backend sees on every CPU: without `contract`/`reassoc` flags (and with no
     llvm.fmuladd/llvm.fma), no backend may fuse or reorder, so x86_64 and aarch64 round alike."""
+    from edgetrain.precision.dfq import gates
+
+    params = gates.init_gate_params([3], 2, 0, 1, 1.0)  # compiles the gate kernels (a float32 signature)
+    zeros = np.zeros((2, gates.EMBED_WIDTH), F32)
+    unit, shared = tuple(params[k] for k in gates.unit_param_names(0)), tuple(params[k] for k in gates.SHARED_NAMES)
+    logits, ctx = gates.gate_forward(np.ones((2, 3), F32), unit, shared, zeros, zeros)
+    gates.gate_backward(ctx, np.ones_like(logits), zeros, zeros, unit, shared)
     checked = set()
     for kernel in _kernels():
         opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
@@ -223,9 +249,9 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
             asm = fresh.inspect_asm(sig)
             assert not re.search(r"\bv?f(?:n)?m(?:add|sub)\d", asm), kernel.__name__  # x86 FMA3, arm fmadd
             checked.add(kernel.__name__)
-    # what the LeNet-5 runs compiled (the DFQ gate kernels only when a DFQ test ran first)
+    # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
-            "_quantize_stochastic", "_sgd_momentum"} <= checked
+            "_quantize_stochastic", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows", "sample_sums"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit

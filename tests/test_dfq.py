@@ -74,6 +74,42 @@ def test_gate_backward_matches_finite_differences_across_two_units():
             assert abs((up - down) / (2 * eps) - np.asarray(dx).reshape(-1)[i]) < 1e-6, which
 
 
+def _bits_equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return (a.shape == b.shape and a.dtype == b.dtype and bool((np.signbit(a) == np.signbit(b)).all())
+            and bool(((a == b) | (np.isnan(a) & np.isnan(b))).all()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,k_count,masked", [((33, 16, 6, 6), 2, False), ((7, 5), 6, True),
+                                                   ((9, 64, 3, 3), 6, False), ((3, 3, 2, 2), 4, True)])
+def test_compiled_gate_gives_the_array_forms_bits(dtype, shape, k_count, masked):
+    """gate_forward / gate_backward (compiled) against gate_*_arrays (NumPy, deterministic float on):
+    every context field and every gradient, bit for bit, with a mask and without, float32 and float64."""
+    from edgetrain.kernels import detfloat
+
+    rng = np.random.default_rng(shape[0])
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    params = gates.init_gate_params([shape[1]], k_count, 0, 1, 2.0, dtype=dtype)
+    params = {k: (v + rng.normal(0, 0.5, v.shape)).astype(dtype) for k, v in params.items()}
+    unit = tuple(params[k] for k in gates.unit_param_names(0))
+    shared = tuple(params[k] for k in gates.SHARED_NAMES)
+    n = shape[0]
+    h, c, dh, dc = (rng.standard_normal((n, gates.EMBED_WIDTH)).astype(dtype) for _ in range(4))
+    mask = gates.logit_mask([0, 2], k_count) if masked else None
+    with detfloat.using(True):
+        want_logits, want = gates.gate_forward_arrays(x, unit, shared, h, c, mask)
+        got_logits, got = gates.gate_forward(x, unit, shared, h, c, mask)
+        assert _bits_equal(got_logits, want_logits)
+        for field in ("pooled", "a1", "z1", "e", "i", "f", "g", "o", "c", "tanh_c", "h", "probs"):
+            assert _bits_equal(getattr(got, field), getattr(want, field)), field
+        dlogits = rng.standard_normal(want_logits.shape).astype(dtype)
+        flat = lambda r: [r[0], *r[1], *r[2], r[3], r[4]]
+        pairs = zip(flat(gates.gate_backward(got, dlogits, dh, dc, unit, shared)),
+                    flat(gates.gate_backward_arrays(want, dlogits, dh, dc, unit, shared)))
+        assert all(_bits_equal(a, b) for a, b in pairs)
+
+
 def test_straight_through_is_the_softmax_jacobian():
     rng = np.random.default_rng(0)
     z = rng.standard_normal((3, 5))

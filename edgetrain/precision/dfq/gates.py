@@ -10,8 +10,10 @@ Per unit j (a residual block, or a single layer in a model without blocks), from
     logits = h Wo^T + bo                               (N, K)    shared head over the K candidates
     choice = argmax(logits); the STE passes dL/d(one-hot) through softmax(logits)
 
-Everything here is float (the gates are a rounding error of the MAC work) and has a hand-written
-backward, checked against finite differences in the tests.
+Everything here is float and has a hand-written backward, checked against finite differences in the
+tests. `gate_forward_arrays` and `gate_backward_arrays` state the computation in NumPy; `gate_forward`
+and `gate_backward` run it as compiled loops (gate_kernels.py) with the same bits, while deterministic
+float is on, which it is whenever integer layers train.
 """
 from __future__ import annotations
 
@@ -20,11 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgetrain.kernels import detfloat
-from edgetrain.precision.dfq.kernels import channel_means  # mm, not BLAS: gate_kernels.matmul says why
+from edgetrain.kernels.threads import threads_for
+from edgetrain.precision.dfq.gate_kernels import gate_backward_rows, gate_forward_rows, sample_sums
+from edgetrain.precision.dfq.kernels import channel_means  # mm, not BLAS: kernels.matmul says why
 from edgetrain.precision.dfq.kernels import matmul as mm
 
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
 EMBED_WIDTH = 16  # the second 1x1 conv's width, and the LSTM's input and hidden size
+# Below this many multiply-adds a gate's compiled loops run on one thread (a gate at batch 128 is about
+# 600,000; a parallel launch costs tens of microseconds, a gate at batch 8 a few microseconds in all).
+GATE_PARALLEL_MIN = 1 << 16
 PREFIX = "dfq."  # every gate parameter's name starts with this
 
 
@@ -109,11 +116,43 @@ def logit_mask(allowed, candidates: int) -> np.ndarray | None:
     return mask
 
 
+def _compiled_dtype(arrays) -> np.dtype | None:
+    """The one float dtype every array has (the compiled loops' case), else None."""
+    dtype = arrays[0].dtype
+    if dtype not in (np.float32, np.float64) or any(a.dtype != dtype for a in arrays):
+        return None
+    return dtype
+
+
 def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...],
                  h_prev: np.ndarray, c_prev: np.ndarray,
                  mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
     """Logits (N, K) of one unit's gate, plus `mask` (logit_mask) so masked candidates have probability 0;
-    the context carries the new LSTM state (ctx.h, ctx.c)."""
+    the context carries the new LSTM state (ctx.h, ctx.c). Compiled; the bits of `gate_forward_arrays`
+    with deterministic float on."""
+    p = np.ascontiguousarray(channel_means(x))
+    unit = tuple(np.ascontiguousarray(a) for a in unit)
+    shared = tuple(np.ascontiguousarray(a) for a in shared)
+    h_prev, c_prev = np.ascontiguousarray(h_prev), np.ascontiguousarray(c_prev)
+    dtype = _compiled_dtype((p,) + unit + shared + (h_prev, c_prev))
+    if dtype is None:  # mixed dtypes: the array form's promotions
+        return gate_forward_arrays(x, unit, shared, h_prev, c_prev, mask)
+    w1, wo = unit[0], shared[3]
+    n, width, k_count = p.shape[0], h_prev.shape[1], wo.shape[0]
+    a1, z1 = np.empty((n, w1.shape[0]), dtype), np.empty((n, w1.shape[0]), dtype)
+    e, i, f, g, o, c, tanh_c, h = (np.empty((n, width), dtype) for _ in range(8))
+    logits, probs = np.empty((n, k_count), dtype), np.empty((n, k_count), dtype)
+    m = np.zeros(0, dtype) if mask is None else np.ascontiguousarray(mask, dtype)
+    with threads_for(n * (w1.size + 9 * width * width + k_count * width), GATE_PARALLEL_MIN):
+        gate_forward_rows(p, *unit, *shared, m, h_prev, c_prev, dtype.type(1), dtype.type(0.5),
+                          a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs)
+    return logits, GateContext(p, a1, z1, e, h_prev, c_prev, i, f, g, o, c, tanh_c, h, probs, x.shape)
+
+
+def gate_forward_arrays(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...],
+                        h_prev: np.ndarray, c_prev: np.ndarray,
+                        mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
+    """`gate_forward` in NumPy: the statement of the computation, and the compiled loops' reference."""
     w1, b1, w2, b2 = unit
     wih, whh, b, wo, bo = shared
     p = channel_means(x)
@@ -138,8 +177,35 @@ def gate_backward(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc
                   unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...]):
     """Gradients of one unit's gate: (d pooled x, unit param grads, shared param grads, dh_prev, dc_prev).
 
-    dh_next and dc_next are dL/d(this unit's h, c) that later units' gates sent back.
+    dh_next and dc_next are dL/d(this unit's h, c) that later units' gates sent back. Compiled; the bits
+    of `gate_backward_arrays` with deterministic float on.
     """
+    w1, _, w2, _ = (np.ascontiguousarray(a) for a in unit)
+    wih, whh, _, wo, _ = (np.ascontiguousarray(a) for a in shared)
+    dlogits, dh_next, dc_next = (np.ascontiguousarray(a) for a in (dlogits, dh_next, dc_next))
+    acts = (ctx.pooled, ctx.a1, ctx.z1, ctx.e, ctx.h_prev, ctx.c_prev, ctx.i, ctx.f, ctx.g, ctx.o, ctx.tanh_c, ctx.h)
+    dtype = _compiled_dtype((dlogits, dh_next, dc_next, w1, w2, wih, whh, wo) + acts)
+    if dtype is None:
+        return gate_backward_arrays(ctx, dlogits, dh_next, dc_next, unit, shared)
+    n, width = dh_next.shape
+    dpre = np.empty((n, 4 * width), dtype)
+    de, dh_prev, dc_prev = (np.empty((n, width), dtype) for _ in range(3))
+    da1, dp = np.empty((n, w1.shape[0]), dtype), np.empty((n, w1.shape[1]), dtype)
+    work = n * (w1.size + 9 * width * width + wo.shape[0] * width)
+    with threads_for(work, GATE_PARALLEL_MIN):
+        gate_backward_rows(dlogits, dh_next, dc_next, w1, w2, wih, whh, wo, ctx.a1, ctx.i, ctx.f, ctx.g, ctx.o,
+                           ctx.c_prev, ctx.tanh_c, dtype.type(1), dpre, de, da1, dp, dh_prev, dc_prev)
+        weights = tuple(np.empty(w.shape, dtype) for w in (wo, wih, whh, w2, w1))  # dwo, dwih, dwhh, dw2, dw1
+        biases = tuple(np.empty(w.shape[0], dtype) for w in weights)  # dbo, db, (db again), db2, db1
+        sample_sums((dlogits, dpre, dpre, de, da1), (ctx.h, ctx.e, ctx.h_prev, ctx.z1, ctx.pooled), weights, biases)
+    dwo, dwih, dwhh, dw2, dw1 = weights
+    dbo, db, _, db2, db1 = biases
+    return dp, (dw1, db1, dw2, db2), (dwih, dwhh, db, dwo, dbo), dh_prev, dc_prev
+
+
+def gate_backward_arrays(ctx: GateContext, dlogits: np.ndarray, dh_next: np.ndarray, dc_next: np.ndarray,
+                         unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...]):
+    """`gate_backward` in NumPy: the statement of the computation, and the compiled loops' reference."""
     w1, _, w2, _ = unit
     wih, whh, _, wo, _ = shared
     dwo = mm(dlogits.T, ctx.h)
