@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from edgetrain.ops.base import Op
 from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.spec import LayerPrecision
 
@@ -20,6 +21,11 @@ class ModelExtension(Protocol):
 
     def owned_layers(self) -> dict[str, LayerPrecision]:
         """MAC layers whose ops the extension runs, with the precision each reports; set_precision leaves them."""
+        ...
+
+    def owned_ops(self) -> dict[str, Op]:
+        """Other nodes whose work the extension's ops took over (a ReLU run inside a gated unit), with the
+        op that stands in for each; set_precision keeps these too."""
         ...
 
     def begin_forward(self) -> None:

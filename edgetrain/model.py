@@ -205,6 +205,8 @@ class Model:
                     self.executor.ops[fused[0].name] = fused[1]
             else:
                 self.executor.ops[node.name] = self._float_ops[node.name]
+        for ext in self._extensions:
+            self.executor.ops.update(ext.owned_ops())
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:

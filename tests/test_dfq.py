@@ -542,3 +542,61 @@ def test_gate_kernels_against_numpy():
     expect = np.array(pooled, copy=True)
     expect[order] += part
     assert np.array_equal(gk.pooled_grad_scatter_add(d, x.shape, part, order), expect)
+
+
+def test_fused_relu_and_gradient_kernels_against_numpy():
+    """The unit's closing ReLU and its joined shortcut gradient: bit-equal to the NumPy expressions."""
+    from edgetrain.precision.dfq import kernels as gk
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 3, 5, 7)).astype(np.float32)
+    order = np.array([4, 0, 3])
+    part = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+    expect = np.array(x, copy=True)
+    expect[order] += part
+    assert np.array_equal(gk.scatter_add(x, part, order, relu=True), np.maximum(expect, 0))
+    assert np.array_equal(gk.scatter_add(x, None, relu=True), np.maximum(x, 0))
+    assert np.array_equal(gk.scatter_add(x, x, None, relu=True), np.maximum(x + x, 0))
+    y = np.maximum(expect, 0)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    g, rows, dots = gk.relu_grad_rows(dout, y, order, part)
+    assert np.array_equal(g, dout * (y > 0)) and np.array_equal(rows, g[order])
+    np.testing.assert_allclose(dots, (g[order].astype(np.float64) * part).reshape(3, -1).sum(axis=1), rtol=1e-6)
+    g_all, rows_all, _ = gk.relu_grad_rows(dout, y, None, x)
+    assert np.array_equal(g_all, g) and rows_all is g_all
+    assert gk.relu_grad_rows(dout, y, order, None)[1] is None
+    d = rng.standard_normal((6, 3)).astype(np.float32)
+    pooled = gates.pooled_grad_to_input(d, x.shape)
+    scattered = np.array(pooled, copy=True)
+    scattered[order] += part
+    assert np.array_equal(gk.pooled_grad_scatter_add(d, x.shape, part, order, dout), scattered + dout)
+    assert np.array_equal(gk.pooled_grad_scatter_add(d, x.shape, None, None, dout), pooled + dout)
+
+
+def test_the_closing_relu_inside_the_unit_changes_no_bit():
+    """Each block's ReLU runs inside its unit (and an identity shortcut's gradient joins there): the loss and
+    every gradient equal those of the same model with the ReLUs as their own ops, bit for bit."""
+    from edgetrain.ops.norm import FusedAway
+    from edgetrain.precision.dfq.gated_unit import GatedUnit
+
+    x, y = _data(16, seed=4)
+    results = []
+    for fused in (True, False):
+        m = _resnet8()
+        m.set_precision("8/8")
+        d = DFQ.attach(m)
+        closing = [n.name for n in m.executor.graph.nodes if n.name in d.fused_ops]
+        assert len(closing) == 3 and all(isinstance(m.executor.ops[n], FusedAway) for n in closing)
+        if not fused:
+            for op in m.executor.ops.values():
+                if isinstance(op, GatedUnit):
+                    op.relu = False
+            d.fused_ops.clear()
+            m.set_precision("8/8")  # puts the plain Relu ops back
+            assert not any(isinstance(m.executor.ops[n], FusedAway) for n in closing)
+        d.force = {u.index: np.random.default_rng(u.index).integers(0, len(d.candidates), len(x)) for u in d.units}
+        results.append(m.loss_and_grad(x, y))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == loss_b and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert np.array_equal(grads_a[name], grads_b[name]), name

@@ -43,6 +43,7 @@ from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.layers import non_negative_values
+from edgetrain.ops.norm import FusedAway
 from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
@@ -52,6 +53,7 @@ from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
 if TYPE_CHECKING:
+    from edgetrain.ops.base import Op
     from edgetrain.model import Model
 
 
@@ -126,6 +128,7 @@ class DFQ:
         self.kernel_calls = 0  # MAC-layer passes inside units (tests count skipped work with it)
         # Groups of a gated layer share kernel calls (QuantMAC.forward_groups); False: one kernel call per group.
         self.merge_groups = True
+        self.fused_ops: dict[str, Op] = {}  # nodes the units took over (their closing ReLUs), by name
         self._init_params(model)
         self._build_ops(model)
 
@@ -193,6 +196,7 @@ class DFQ:
         nodes: list[Node] = []
         ops = {}
         facts = (non_negative_values(graph), {n.name: i for i, n in enumerate(model.mac_layers)})
+        readers, outputs = graph.consumers_of(), {o.name for o in graph.outputs}
         for node in graph.nodes:
             if node.name in inside and node.name not in joins:
                 continue
@@ -201,9 +205,13 @@ class DFQ:
                 unit_node, op = self._unit_node(model, u, facts)
                 nodes.append(unit_node)
                 ops[unit_node.name] = op
+                after = readers.get(u.output, [])
+                if u.shortcut is not None and u.output not in outputs and len(after) == 1 and after[0].op_type == "Relu":
+                    op.relu = True  # the block's closing ReLU runs inside the unit (GatedUnit.relu)
+                    self.fused_ops[after[0].name] = FusedAway(after[0], graph.opset)
                 continue
             nodes.append(node)
-        model.replace_nodes(nodes, ops)
+        model.replace_nodes(nodes, {**ops, **self.fused_ops})
 
     def _unit_node(self, model: Model, u: Unit, facts: tuple) -> tuple[Node, GatedUnit]:
         produced = {o for n in u.branch for o in n.outputs if o}
@@ -221,6 +229,10 @@ class DFQ:
     def owned_layers(self) -> dict[str, LayerPrecision]:
         """The gated layers: their gates pick the bits per sample, so each reports only its weight width."""
         return {name: GatedPrecision(0, self.config.weight_bits, 0) for name in self.gated_layers}
+
+    def owned_ops(self) -> dict[str, Op]:
+        """The ReLUs that close gated blocks: each unit runs its own (GatedUnit.relu), FusedAway stands in."""
+        return dict(self.fused_ops)
 
     def begin_forward(self) -> None:
         """Reset the gates' LSTM state and the step record (FracTrain: state reset per forward)."""

@@ -23,6 +23,7 @@ from edgetrain.precision.dfq.gates import (
 from edgetrain.precision.dfq.guard import apply_floor
 from edgetrain.precision.dfq.kernels import (
     pooled_grad_scatter_add,
+    relu_grad_rows,
     sample_dots,
     scatter_add,
 )
@@ -49,6 +50,7 @@ class UnitContext(NamedTuple):
     gate_params: tuple
     shared: tuple
     probe: Probe | None = None  # the probe estimator's measurements (None: straight-through only)
+    relu_out: np.ndarray | None = None  # the output, where the unit applies the ReLU that reads it (GatedUnit.relu)
 
 
 class Probe(NamedTuple):
@@ -81,6 +83,9 @@ class GatedUnit(Op):
         self.unit = unit
         self.n_externals = n_externals
         self.produced = {o for n in unit.branch for o in n.outputs if o}
+        # True where the Relu that alone reads the unit's output runs here (DFQ._build_ops): the join, the
+        # ReLU and, for skipped samples, the copy of the shortcut are one pass, both directions.
+        self.relu = False
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
@@ -166,7 +171,9 @@ class GatedUnit(Op):
         probe = None
         if run.training and dfq.config.estimator == "probe":
             probe = self._probe(x, externals, choice, run)
-        if u.shortcut is not None:
+        if self.relu:
+            y = scatter_add(shortcut, r, None if whole else order, relu=True)
+        elif u.shortcut is not None:
             if whole:
                 y = shortcut + r
             elif r is not None:
@@ -179,7 +186,7 @@ class GatedUnit(Op):
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
         return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared,
-                                probe)
+                                probe, y if self.relu else None)
 
     def _branch(self, x_rows: np.ndarray, externals: dict, groups: list, run: Run, tape: list | None,
                 updates: dict | None) -> np.ndarray:
@@ -261,11 +268,15 @@ class GatedUnit(Op):
         branch_dx = None
         k_count = len(dfq.candidates)
         d_onehot = np.zeros((x_shape[0], k_count), dtype)
-        if n_exec:
+        rows = None if isinstance(order, slice) else order
+        if ctx.relu_out is not None:  # through the ReLU, the executing rows gathered, their dots: one pass
+            dout, dr, contribution = relu_grad_rows(dout, ctx.relu_out, rows, ctx.branch_out if n_exec else None)
+        elif n_exec:
             dr = dout[order]
+            contribution = sample_dots(dr, ctx.branch_out)
+        if n_exec:
             inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
-            contribution = sample_dots(dr, ctx.branch_out)
             d_onehot[order] = contribution[:, None] * ~dfq.skips[None, :]
             wanted = dict(zip(self.node.inputs, needed))
             for node, op, nctx in reversed(ctx.tape):
@@ -298,12 +309,15 @@ class GatedUnit(Op):
         dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, ctx.gate, dlogits,
                                                                 dh, dc, ctx.gate_params, ctx.shared)
         dfq.dstate = (dh_prev, dc_prev)
-        if branch_dx is None:
+        # An identity shortcut reads the fork itself: its gradient joins dx in the same pass, instead of
+        # the executor adding the two afterwards.
+        joined = dout if u.shortcut is not None and self.node.inputs[1] == self.node.inputs[0] else None
+        if branch_dx is None and joined is None:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:
-            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, None if isinstance(order, slice) else order)
+            dx = pooled_grad_scatter_add(dpooled.astype(dtype, copy=False), x_shape, branch_dx, rows, joined)
         out[0] = dx
-        if u.shortcut is not None:
+        if u.shortcut is not None and joined is None:
             out[1] = dout
         base = 2 + self.n_externals
         for i, g in enumerate(tuple(dunit) + tuple(dshared)):

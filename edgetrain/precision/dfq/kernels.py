@@ -87,31 +87,42 @@ def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def _rows_plus_part(base, part, pos, out):
+def _rows_plus_part(base, part, pos, relu, out):
     rows, length = out.shape
+    zero = base.dtype.type(0)
     for r in prange(rows):
         k = pos[r]
-        if k >= 0:
-            for j in range(length):
-                out[r, j] = base[r, j] + part[k, j]
-        else:
-            for j in range(length):
-                out[r, j] = base[r, j]
+        for j in range(length):
+            v = base[r, j] + part[k, j] if k >= 0 else base[r, j]
+            # np.maximum(v, 0), the Relu op's: NaN stays NaN
+            out[r, j] = v if (not relu or v > zero or v != v) else zero
 
 
 @njit(cache=True, parallel=True)
-def _constants_plus_part(d, size, part, pos, channels, out):
+def _relu_grad_rows(dout, y, pos, other, g, part, dots):
+    rows, length = dout.shape
+    zero = dout.dtype.type(0)
+    for r in prange(rows):
+        k = pos[r]
+        for j in range(length):
+            v = dout[r, j] if y[r, j] > zero else zero  # the Relu op's backward (norm_kernels.relu_backward)
+            g[r, j] = v
+            if k >= 0:
+                part[k, j] = v
+        if k >= 0:
+            dots[k] = _dot_row(part, k, other, k, length)
+
+
+@njit(cache=True, parallel=True)
+def _constants_plus_part(d, size, part, pos, channels, extra, has_extra, out):
     rows, length = out.shape  # rows = samples x channels
     for r in prange(rows):
         v = d[r] / size
         k = pos[r // channels]
-        if k >= 0:
-            row = k * channels + r % channels
-            for j in range(length):
-                out[r, j] = v + part[row, j]
-        else:
-            for j in range(length):
-                out[r, j] = v
+        row = k * channels + r % channels
+        for j in range(length):
+            t = v + part[row, j] if k >= 0 else v
+            out[r, j] = t + extra[r, j] if has_extra else t
 
 
 def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
@@ -123,27 +134,56 @@ def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     return pos
 
 
-def scatter_add(base: np.ndarray, part: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None = None,
+                relu: bool = False) -> np.ndarray:
     """A new array: base, plus part[k] added to row order[k] (rows not in order are base's; order
-    None: every row, in order)."""
+    None: every row, in order; part None: no row); with relu, then max(., 0) (NaN stays NaN)."""
     n = base.shape[0]
-    out = np.empty(base.shape, np.result_type(base.dtype, part.dtype))
+    dtype = base.dtype if part is None else np.result_type(base.dtype, part.dtype)
+    if part is None:
+        part, order = np.zeros((1,) + base.shape[1:], dtype), np.zeros(0, np.int64)
+    out = np.empty(base.shape, dtype)
     _rows_plus_part(np.ascontiguousarray(base).reshape(n, -1), np.ascontiguousarray(part).reshape(part.shape[0], -1),
-                    _positions(order, n), out.reshape(n, -1))
+                    _positions(order, n), bool(relu), out.reshape(n, -1))
     return out
 
 
-def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray,
-                            order: np.ndarray | None = None) -> np.ndarray:
+def relu_grad_rows(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None,
+                   other: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Through a ReLU whose output is y, in one pass: g = dout where y > 0 (else 0), its rows g[order]
+    (order None: every row, and g itself), and each of those rows' dot product with the same row of
+    `other` (sample_dots; other None: no rows wanted, both None)."""
+    n = dout.shape[0]
+    g = np.empty(dout.shape, dout.dtype)
+    if other is None:
+        part, dots, pos = np.zeros((1, 1), dout.dtype), np.zeros(1, dout.dtype), np.full(n, -1, np.int64)
+    else:
+        part = g if order is None else np.empty((len(order),) + dout.shape[1:], dout.dtype)
+        dots, pos = np.empty(part.shape[0], np.result_type(dout.dtype, other.dtype)), _positions(order, n)
+    _relu_grad_rows(np.ascontiguousarray(dout).reshape(n, -1), np.ascontiguousarray(y).reshape(n, -1), pos,
+                    np.ascontiguousarray(other).reshape(part.shape[0], -1) if other is not None else part,
+                    g.reshape(n, -1), part.reshape(part.shape[0], -1), dots)
+    return (g, None, None) if other is None else (g, part, dots)
+
+
+def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray | None,
+                            order: np.ndarray | None = None, extra: np.ndarray | None = None) -> np.ndarray:
     """A new array of x_shape: the gradient through channel_means of dmeans (N, C), plus part[k] added to
-    sample order[k] (order None: every sample, in order)."""
+    sample order[k] (order None: every sample, in order; part None: none), plus `extra` (another
+    gradient of the same input, of x_shape) when given."""
+    dtype = dmeans.dtype if part is None else part.dtype
+    if part is None:
+        part, order = np.zeros((1,) + tuple(x_shape[1:]), dtype), np.zeros(0, np.int64)
     if len(x_shape) == 2:  # channel_means passed a 2-D input through
-        return scatter_add(dmeans.astype(part.dtype, copy=False), part, order)
+        out = scatter_add(dmeans.astype(dtype, copy=False), part, order)
+        return out if extra is None else out + extra
     n, c = x_shape[:2]
-    out = np.empty(x_shape, part.dtype)
+    out = np.empty(x_shape, dtype)
     rows = out.reshape(n * c, -1)
-    _constants_plus_part(np.ascontiguousarray(dmeans, dtype=part.dtype).reshape(-1), part.dtype.type(rows.shape[1]),
-                         np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n), c, rows)
+    more = np.zeros((1, 1), dtype) if extra is None else np.ascontiguousarray(extra, dtype).reshape(n * c, -1)
+    _constants_plus_part(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(rows.shape[1]),
+                         np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n), c,
+                         more, extra is not None, rows)
     return out
 
 
