@@ -72,6 +72,7 @@ def test_parse_mix_rejects_bad_input_in_one_line(text, words):
 @pytest.mark.parametrize("argv, words", [
     (["--mixes", "7/7"], "bench: mix '7/7': '7/7' is not a DFQ candidate"),
     (["--mixes", "3/6", "0:0"], "bench: mix '0:0': the shares must add up to more than 0"),
+    (["--dfq-mixes", "0:0.5,6/8:0.5"], "bench: mix '0:0.5,6/8:0.5': '6/8' is not a DFQ candidate"),
     (["--cases", "resnet99-b1"], "bench: unknown case 'resnet99-b1'"),
     (["--rounds", "0"], "bench: --rounds must be at least 1"),
 ])
@@ -80,6 +81,25 @@ def test_command_line_rejects_bad_input_with_one_line_exit(argv, words):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr
+
+
+def test_dfq_mix_on_the_hardware_candidates_skips_half_and_computes_the_rest_at_8_bits():
+    """The --dfq-mixes path: candidates skip and 8/8 with 8-bit weights; half skipping sits between static's
+    BitOPs and none, and every computing sample's gated layers run at 8/8:w8."""
+    from edgetrain.precision.dfq.config import DFQConfig
+
+    static = bench_step.step_bitops(_tiny_step(None))
+    config = DFQConfig(candidates=bench.DFQ_CANDIDATES, weight_bits=bench.DFQ_WEIGHT_BITS)
+    step, model = bench_step.make_edgetrain_step("resnet8", 4, (1, 12, 12), "8/8",
+                                                 bench_step.parse_mix("0:0.5,8/8:0.5", bench.DFQ_CANDIDATES),
+                                                 config, **TINY)
+    step()
+    dfq = DFQ.of(model)
+    assert [c.text for c in dfq.candidates] == ["skip", "8/8"] and dfq.config.weight_bits == 8
+    assert all(np.bincount(c, minlength=2).tolist() == [2, 2] for c in dfq.record.choices.values())
+    assert 40 < 100 * bench_step.step_bitops(model) / static < 100
+    row = bench.fractrain_row("0:0.5,8/8:0.5", 51, 100, med=0.6, static_med=1.0, per_round=[], bar_points=bench.DFQ_BAR_POINTS)
+    assert row["bar_limit_percent"] == 60 and row["bar_holds"]
 
 
 def test_fractrain_bar_is_bitops_percent_plus_15_points():

@@ -97,13 +97,14 @@ def mix_choices(mix: dict[str, float], candidate_texts: list[str], batch: int, s
     return np.random.default_rng(seed).permutation(order).astype(np.int64)
 
 
-def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
-    """Enable DFQ on `model` (FracTrain's default candidates) with every gate forced to `mix`; returns the DFQ."""
+def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0, config=None):
+    """Enable DFQ on `model` (`config`'s candidates, FracTrain's by default) with every gate forced to `mix`;
+    returns the DFQ."""
     from edgetrain.errors import EdgetrainError
     from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.precision.dfq.controller import DFQ
 
-    dfq = DFQ.attach(model, DFQConfig())
+    dfq = DFQ.attach(model, config or DFQConfig())
     texts = [c.text for c in dfq.candidates]
     choices = mix_choices(mix, texts, batch, seed)
     for u in dfq.units:
@@ -117,11 +118,12 @@ def enable_mix(model, mix: dict[str, float], batch: int, seed: int = 0):
 
 
 def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix: dict[str, float] | None = None,
-                        **model_kwargs):
+                        dfq_config=None, **model_kwargs):
     """A closure running one edgetrain training step (forward, backward, SGD update), and its model.
 
     With a `mix` (parse_mix), the model is FracTrain's: int `precision` outside the gates, DFQ on its
-    blocks, every gate forced to the mix. `model_kwargs` go to the model builder (tests: tiny models).
+    blocks (`dfq_config`, FracTrain's candidates by default), every gate forced to the mix.
+    `model_kwargs` go to the model builder (tests: tiny models).
     """
     from edgetrain.train.loop import TrainStep
     from edgetrain.train.optim import SGD
@@ -130,7 +132,7 @@ def make_edgetrain_step(name: str, batch: int, shape: tuple, precision: str, mix
     if precision != "fp32":
         model.set_precision(precision)
     if mix is not None:
-        enable_mix(model, mix, batch)
+        enable_mix(model, mix, batch, config=dfq_config)
     train_step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))  # after DFQ.attach: the gates train too
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
