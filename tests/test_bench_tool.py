@@ -98,7 +98,8 @@ def test_dfq_mix_on_the_hardware_candidates_skips_half_and_computes_the_rest_at_
     assert [c.text for c in dfq.candidates] == ["skip", "8/8"] and dfq.config.weight_bits == 8
     assert all(np.bincount(c, minlength=2).tolist() == [2, 2] for c in dfq.record.choices.values())
     assert 40 < 100 * bench_step.step_bitops(model) / static < 100
-    row = bench.fractrain_row("0:0.5,8/8:0.5", 51, 100, med=0.6, static_med=1.0, per_round=[], bar_points=bench.DFQ_BAR_POINTS)
+    row = bench.fractrain_row("0:0.5,8/8:0.5", 51, 100, med=0.6, static_med=1.0, per_round=[],
+                              bar_points=bench.DFQ_BAR_POINTS)
     assert row["bar_limit_percent"] == 60 and row["bar_holds"]
 
 

@@ -251,7 +251,8 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
             checked.add(kernel.__name__)
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
-            "_quantize_stochastic", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows", "sample_sums"} <= checked
+            "_quantize_stochastic", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows",
+            "sample_sums"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit

@@ -490,8 +490,8 @@ def print_table(result: dict, args) -> None:
             print(f"{s['case']:20} {s['path']:36} {s['speedup']:8.2f} {s['parallel_fraction']:6.2f} "
                   f"{board if board is not None else float('nan'):8.2f}")
     for kind, title, points in (("fractrain", "FracTrain", BAR_POINTS),
-                                ("dfq", f"DFQ on candidates {','.join(DFQ_CANDIDATES)} (weights at {DFQ_WEIGHT_BITS} bits)",
-                                 DFQ_BAR_POINTS)):
+                                ("dfq", f"DFQ on candidates {','.join(DFQ_CANDIDATES)} "
+                                        f"(weights at {DFQ_WEIGHT_BITS} bits)", DFQ_BAR_POINTS)):
         rows = [(c["case"], fr) for c in result["cases"] for fr in c.get(kind, [])]
         if not rows:
             continue

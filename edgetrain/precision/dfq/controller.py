@@ -53,8 +53,8 @@ from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
 if TYPE_CHECKING:
-    from edgetrain.ops.base import Op
     from edgetrain.model import Model
+    from edgetrain.ops.base import Op
 
 
 @dataclass
@@ -206,7 +206,8 @@ class DFQ:
                 nodes.append(unit_node)
                 ops[unit_node.name] = op
                 after = readers.get(u.output, [])
-                if u.shortcut is not None and u.output not in outputs and len(after) == 1 and after[0].op_type == "Relu":
+                closing_relu = len(after) == 1 and after[0].op_type == "Relu" and u.output not in outputs
+                if u.shortcut is not None and closing_relu:
                     op.relu = True  # the block's closing ReLU runs inside the unit (GatedUnit.relu)
                     self.fused_ops[after[0].name] = FusedAway(after[0], graph.opset)
                 continue

@@ -71,7 +71,8 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
         for j in range(width):
             e[n, j] = e.dtype.type(_dot_row(z1, n, w2, j, hidden)) + b2[j]
         for j in range(4 * width):
-            pre = (h.dtype.type(_dot_row(e, n, wih, j, width)) + h.dtype.type(_dot_row(h_prev, n, whh, j, width))) + b[j]
+            pre = h.dtype.type(_dot_row(e, n, wih, j, width)) + h.dtype.type(_dot_row(h_prev, n, whh, j, width))
+            pre = pre + b[j]
             gate, col = j // width, j % width
             if gate == 2:
                 g[n, col] = h.dtype.type(tanh64_scalar(float(pre)))
