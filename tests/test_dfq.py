@@ -600,3 +600,35 @@ def test_the_closing_relu_inside_the_unit_changes_no_bit():
     assert loss_a == loss_b and grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert np.array_equal(grads_a[name], grads_b[name]), name
+
+
+def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):
+    """scatter_add's fused channel means equal channel_means of its output, bit for bit; the next unit's
+    gate takes them (DFQ.pooled), and the step equals one where every gate pools its own input."""
+    from edgetrain.precision.dfq import gated_unit
+    from edgetrain.precision.dfq import kernels as gk
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 4, 3, 9)).astype(np.float32)
+    part = rng.standard_normal((2, 4, 3, 9)).astype(np.float32)
+    y, means = gk.scatter_add(x, part, np.array([3, 1]), relu=True, means=True)
+    assert np.array_equal(means, gk.channel_means(y))
+    x_, y_ = _data(8, seed=2)
+    handed = []
+
+    def run():
+        m = _resnet8()
+        m.set_precision("8/8")
+        d = DFQ.attach(m)
+        d.force = {u.index: np.random.default_rng(u.index).integers(0, len(d.candidates), len(x_)) for u in d.units}
+        return m.loss_and_grad(x_, y_)
+
+    def own_means(x, unit, shared, h, c, mask=None, pooled=None):
+        handed.append(pooled is not None)
+        return gates.gate_forward(x, unit, shared, h, c, mask)
+
+    la, ga = run()
+    monkeypatch.setattr(gated_unit, "gate_forward", own_means)
+    lb, gb = run()
+    assert handed == [False, True, True]  # the stem's output is pooled by the first gate itself
+    assert la == lb and all(np.array_equal(ga[k], gb[k]) for k in ga)

@@ -120,6 +120,8 @@ class DFQ:
         self.target = float(config.target)
         self.param_names: list[str] = []
         self.state: tuple[np.ndarray, np.ndarray] | None = None  # the LSTM's (h, c) during a forward
+        # channel means of unit outputs, by value name, during a forward (GatedUnit: the next gate's input)
+        self.pooled: dict[str, np.ndarray] = {}
         self.dstate: tuple[np.ndarray, np.ndarray] | None = None  # dL/d(h, c) during a backward
         self.record = StepRecord()
         self.sign = 0.0  # r of the last step's regulariser (0 before any training step)
@@ -208,7 +210,7 @@ class DFQ:
                 after = readers.get(u.output, [])
                 closing_relu = len(after) == 1 and after[0].op_type == "Relu" and u.output not in outputs
                 if u.shortcut is not None and closing_relu:
-                    op.relu = True  # the block's closing ReLU runs inside the unit (GatedUnit.relu)
+                    op.relu, op.relu_output = True, after[0].outputs[0]  # it runs inside the unit (GatedUnit.relu)
                     self.fused_ops[after[0].name] = FusedAway(after[0], graph.opset)
                 continue
             nodes.append(node)
@@ -239,6 +241,7 @@ class DFQ:
         """Reset the gates' LSTM state and the step record (FracTrain: state reset per forward)."""
         self.state = None
         self.dstate = None
+        self.pooled = {}
         self.record = StepRecord()
 
     def sample_percent(self) -> np.ndarray:

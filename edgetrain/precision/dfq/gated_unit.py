@@ -86,6 +86,7 @@ class GatedUnit(Op):
         # True where the Relu that alone reads the unit's output runs here (DFQ._build_ops): the join, the
         # ReLU and, for skipped samples, the copy of the shortcut are one pass, both directions.
         self.relu = False
+        self.relu_output = ""  # the folded Relu's output: the value the next unit reads
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
@@ -134,7 +135,7 @@ class GatedUnit(Op):
         h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype),
                                                         np.zeros((n, EMBED_WIDTH), x.dtype))
         logits, gctx = self._timed("gate", "forward", gate_forward, x, params, shared, h, c,
-                                   dfq.logit_masks[self.unit.index])
+                                   dfq.logit_masks[self.unit.index], dfq.pooled.pop(self.node.inputs[0], None))
         dfq.state = (gctx.h, gctx.c)
         if dfq.force is not None and self.unit.index in dfq.force:
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
@@ -171,7 +172,12 @@ class GatedUnit(Op):
         probe = None
         if run.training and dfq.config.estimator == "probe":
             probe = self._probe(x, externals, choice, run)
-        if self.relu:
+        if self.relu and shortcut.ndim >= 3:
+            # The output's channel means come from the same pass: the next unit's gate reads them
+            # (DFQ.pooled) instead of the whole tensor again.
+            y, dfq.pooled[self.relu_output] = scatter_add(shortcut, r, None if whole else order, relu=True,
+                                                              means=True)
+        elif self.relu:
             y = scatter_add(shortcut, r, None if whole else order, relu=True)
         elif u.shortcut is not None:
             if whole:

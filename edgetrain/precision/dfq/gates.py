@@ -125,12 +125,12 @@ def _compiled_dtype(arrays) -> np.dtype | None:
 
 
 def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.ndarray, ...],
-                 h_prev: np.ndarray, c_prev: np.ndarray,
-                 mask: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
+                 h_prev: np.ndarray, c_prev: np.ndarray, mask: np.ndarray | None = None,
+                 pooled: np.ndarray | None = None) -> tuple[np.ndarray, GateContext]:
     """Logits (N, K) of one unit's gate, plus `mask` (logit_mask) so masked candidates have probability 0;
-    the context carries the new LSTM state (ctx.h, ctx.c). Compiled; the bits of `gate_forward_arrays`
-    with deterministic float on."""
-    p = np.ascontiguousarray(channel_means(x))
+    the context carries the new LSTM state (ctx.h, ctx.c). `pooled`: channel_means(x), when the caller
+    already has it. Compiled; the bits of `gate_forward_arrays` with deterministic float on."""
+    p = np.ascontiguousarray(channel_means(x) if pooled is None else pooled)
     unit = tuple(np.ascontiguousarray(a) for a in unit)
     shared = tuple(np.ascontiguousarray(a) for a in shared)
     h_prev, c_prev = np.ascontiguousarray(h_prev), np.ascontiguousarray(c_prev)

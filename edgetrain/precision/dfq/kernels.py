@@ -87,15 +87,18 @@ def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def _rows_plus_part(base, part, pos, relu, out):
-    rows, length = out.shape
+def _rows_plus_part(base, part, pos, relu, channels, out, means):
+    rows, length = out.shape  # rows = samples x channels
     zero = base.dtype.type(0)
     for r in prange(rows):
-        k = pos[r]
+        k = pos[r // channels]
+        row = k * channels + r % channels
         for j in range(length):
-            v = base[r, j] + part[k, j] if k >= 0 else base[r, j]
+            v = base[r, j] + part[row, j] if k >= 0 else base[r, j]
             # np.maximum(v, 0), the Relu op's: NaN stays NaN
             out[r, j] = v if (not relu or v > zero or v != v) else zero
+        if means.size:  # channel_means of out, while the row is in cache
+            means[r] = _sum_row(out, r, length) / length
 
 
 @njit(cache=True, parallel=True)
@@ -134,18 +137,22 @@ def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     return pos
 
 
-def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None = None,
-                relu: bool = False) -> np.ndarray:
+def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None = None, relu: bool = False,
+                means: bool = False):
     """A new array: base, plus part[k] added to row order[k] (rows not in order are base's; order
-    None: every row, in order; part None: no row); with relu, then max(., 0) (NaN stays NaN)."""
+    None: every row, in order; part None: no row); with relu, then max(., 0) (NaN stays NaN).
+    With means (an input of 3 or more axes), (the array, its channel_means) from the same pass."""
     n = base.shape[0]
     dtype = base.dtype if part is None else np.result_type(base.dtype, part.dtype)
     if part is None:
         part, order = np.zeros((1,) + base.shape[1:], dtype), np.zeros(0, np.int64)
+    channels = base.shape[1] if base.ndim >= 3 else 1
     out = np.empty(base.shape, dtype)
-    _rows_plus_part(np.ascontiguousarray(base).reshape(n, -1), np.ascontiguousarray(part).reshape(part.shape[0], -1),
-                    _positions(order, n), bool(relu), out.reshape(n, -1))
-    return out
+    sums = np.empty(n * channels if means else 0, dtype)
+    _rows_plus_part(np.ascontiguousarray(base).reshape(n * channels, -1),
+                    np.ascontiguousarray(part).reshape(part.shape[0] * channels, -1), _positions(order, n),
+                    bool(relu), channels, out.reshape(n * channels, -1), sums)
+    return (out, sums.reshape(n, channels)) if means else out
 
 
 def relu_grad_rows(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None,
