@@ -14,8 +14,8 @@ from numba import njit, prange
 
 @njit(cache=True, inline="always")
 def _dot_row(a, ra, b, rb, length):
-    # Eight running sums in a fixed interleave: the order is written out here, not left to the
-    # compiler, so it vectorises and still gives the same bits on every machine.
+    # Eight running sums in a fixed interleave, written out so every machine adds in the same order: the
+    # gate's short rows (16 to 64 values); whole-tensor rows take _dot_lanes.
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     j = 0
     while j + 8 <= length:
@@ -34,38 +34,62 @@ def _dot_row(a, ra, b, rb, length):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
+# Full-tensor sums (channel means, per-sample dot products) keep LANES running float64 sums: element j
+# goes to sum j % LANES, and the sums are then added pairwise (lane q + lane q + width, width halving).
+# A fixed order, so the same bits on every machine and thread count; and with that many independent
+# sums LLVM vectorises the loop (Numba leaves SLP vectorisation off, which eight scalar sums need):
+# measured 2.5x (means) and 1.5x (dots) faster than eight interleaved sums on 16,384-value rows.
+LANES = 64
+
+
 @njit(cache=True, inline="always")
-def _sum_row(x, r, length):
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0  # fixed interleave, as in _dot_row
-    j = 0
-    while j + 8 <= length:
-        s0 += x[r, j]
-        s1 += x[r, j + 1]
-        s2 += x[r, j + 2]
-        s3 += x[r, j + 3]
-        s4 += x[r, j + 4]
-        s5 += x[r, j + 5]
-        s6 += x[r, j + 6]
-        s7 += x[r, j + 7]
-        j += 8
-    while j < length:
-        s0 += x[r, j]
-        j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+def _sum_lanes(row, length):
+    acc = np.zeros(LANES)
+    blocks = length // LANES
+    for blk in range(blocks):
+        base = blk * LANES
+        for q in range(LANES):
+            acc[q] += row[base + q]
+    for j in range(blocks * LANES, length):
+        acc[j - blocks * LANES] += row[j]
+    width = LANES
+    while width > 1:
+        width //= 2
+        for q in range(width):
+            acc[q] = acc[q] + acc[q + width]
+    return acc[0]
+
+
+@njit(cache=True, inline="always")
+def _dot_lanes(a, b, length):
+    acc = np.zeros(LANES)
+    blocks = length // LANES
+    for blk in range(blocks):
+        base = blk * LANES
+        for q in range(LANES):
+            acc[q] += float(a[base + q]) * float(b[base + q])
+    for j in range(blocks * LANES, length):
+        acc[j - blocks * LANES] += float(a[j]) * float(b[j])
+    width = LANES
+    while width > 1:
+        width //= 2
+        for q in range(width):
+            acc[q] = acc[q] + acc[q + width]
+    return acc[0]
 
 
 @njit(cache=True, parallel=True)
 def _row_means(x, out):
     rows, length = x.shape
     for r in prange(rows):
-        out[r] = _sum_row(x, r, length) / length
+        out[r] = _sum_lanes(x[r], length) / length
 
 
 @njit(cache=True, parallel=True)
 def _row_dots(a, b, out):
     rows, length = a.shape
     for r in prange(rows):
-        out[r] = _dot_row(a, r, b, r, length)
+        out[r] = _dot_lanes(a[r], b[r], length)
 
 
 def channel_means(x: np.ndarray) -> np.ndarray:
@@ -98,7 +122,7 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means):
             # np.maximum(v, 0), the Relu op's: NaN stays NaN
             out[r, j] = v if (not relu or v > zero or v != v) else zero
         if means.size:  # channel_means of out, while the row is in cache
-            means[r] = _sum_row(out, r, length) / length
+            means[r] = _sum_lanes(out[r], length) / length
 
 
 @njit(cache=True, parallel=True)
@@ -113,7 +137,7 @@ def _relu_grad_rows(dout, y, pos, other, g, part, dots):
             if k >= 0:
                 part[k, j] = v
         if k >= 0:
-            dots[k] = _dot_row(part, k, other, k, length)
+            dots[k] = _dot_lanes(part[k], other[k], length)
 
 
 @njit(cache=True, parallel=True)
