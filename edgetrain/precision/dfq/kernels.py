@@ -126,18 +126,22 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means):
 
 
 @njit(cache=True, parallel=True)
-def _relu_grad_rows(dout, y, pos, other, g, part, dots):
+def _relu_grad_rows(dout, y, pos, other, g, part, dots, every_row):
     rows, length = dout.shape
     zero = dout.dtype.type(0)
     for r in prange(rows):
-        k = pos[r]
+        grow, drow, yrow = g[r], dout[r], y[r]
         for j in range(length):
-            v = dout[r, j] if y[r, j] > zero else zero  # the Relu op's backward (norm_kernels.relu_backward)
-            g[r, j] = v
-            if k >= 0:
-                part[k, j] = v
+            grow[j] = drow[j] if yrow[j] > zero else zero  # the Relu op's backward (norm_kernels.relu_backward)
+        if every_row:  # the rows wanted are g's own (part is unused): no copy
+            dots[r] = _dot_lanes(grow, other[r], length)
+            continue
+        k = pos[r]
         if k >= 0:
-            dots[k] = _dot_lanes(part[k], other[k], length)
+            prow = part[k]
+            for j in range(length):
+                prow[j] = grow[j]
+            dots[k] = _dot_lanes(prow, other[k], length)
 
 
 @njit(cache=True, parallel=True)
@@ -186,15 +190,19 @@ def relu_grad_rows(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None,
     `other` (sample_dots; other None: no rows wanted, both None)."""
     n = dout.shape[0]
     g = np.empty(dout.shape, dout.dtype)
-    if other is None:
-        part, dots, pos = np.zeros((1, 1), dout.dtype), np.zeros(1, dout.dtype), np.full(n, -1, np.int64)
+    every_row = other is not None and order is None
+    if other is None or every_row:
+        part, pos = np.zeros((1, 1), dout.dtype), np.full(n, -1, np.int64)
     else:
-        part = g if order is None else np.empty((len(order),) + dout.shape[1:], dout.dtype)
-        dots, pos = np.empty(part.shape[0], np.result_type(dout.dtype, other.dtype)), _positions(order, n)
+        part, pos = np.empty((len(order),) + dout.shape[1:], dout.dtype), _positions(order, n)
+    rows = 0 if other is None else other.shape[0]
+    dots = np.empty(rows, dout.dtype if other is None else np.result_type(dout.dtype, other.dtype))
     _relu_grad_rows(np.ascontiguousarray(dout).reshape(n, -1), np.ascontiguousarray(y).reshape(n, -1), pos,
-                    np.ascontiguousarray(other).reshape(part.shape[0], -1) if other is not None else part,
-                    g.reshape(n, -1), part.reshape(part.shape[0], -1), dots)
-    return (g, None, None) if other is None else (g, part, dots)
+                    np.ascontiguousarray(other).reshape(rows, -1) if other is not None else part,
+                    g.reshape(n, -1), part.reshape(part.shape[0], -1), dots, every_row)
+    if other is None:
+        return g, None, None
+    return g, (g if every_row else part), dots
 
 
 def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray | None,
