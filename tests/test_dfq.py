@@ -119,6 +119,21 @@ def test_straight_through_is_the_softmax_jacobian():
     np.testing.assert_allclose(gates.straight_through(p, d), np.einsum("nij,nj->ni", jac, d), atol=1e-12)
 
 
+def test_straight_through_under_deterministic_float_is_detfloats_sum():
+    """The written-out candidate sum gives detfloat.sum_'s bits (signed zeros included)."""
+    from edgetrain.kernels import detfloat
+
+    rng = np.random.default_rng(1)
+    for dtype, k in ((np.float32, 2), (np.float32, 6), (np.float64, 4)):
+        p = gates.softmax(rng.standard_normal((33, k)).astype(dtype))
+        d = rng.standard_normal((33, k)).astype(dtype)
+        d[:, 0] = -0.0
+        with detfloat.using(True):
+            got = gates.straight_through(p, d)
+            want = p * (d - detfloat.op_sum(p * d, 1, keepdims=True))
+        assert _bits_equal(got, want)
+
+
 def test_candidates_parse_and_refuse():
     c = parse_candidates(["0", "3/6", "6/12"], 4)
     assert [x.text for x in c] == ["skip", "3/6", "6/12"] and c[0].skip and c[2].precision.weight_bits == 4
