@@ -194,7 +194,8 @@ def _same_bits64(a: np.ndarray, b: np.ndarray) -> bool:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=64))
 def test_compiled_scalar_twins_give_the_array_forms_bits(xs):
-    """exp64_scalar, expm1_64_scalar and tanh64_scalar are the same IEEE operations as the ufunc forms."""
+    """exp64_scalar, expm1_64_scalar, tanh64_scalar and tanh64_block are the same IEEE operations as the
+    ufunc forms."""
     x = np.array(xs + EDGES + [0.5, -0.5, 0.49999999999999994, 709.8, -745.2, 1100.0, -2000.0], np.float64)
     with np.errstate(all="ignore"):
         assert _same_bits64(detfloat._exp64(x), np.array([detfloat.exp64_scalar(v) for v in x]))
@@ -202,6 +203,9 @@ def test_compiled_scalar_twins_give_the_array_forms_bits(xs):
         x32 = x.astype(F32)
         twin = np.array([detfloat.tanh64_scalar(float(v)) for v in x32]).astype(F32)
         assert _same_bits64(detfloat.tanh(x32).astype(np.float64), twin.astype(np.float64))
+        block = np.empty(x32.size)
+        detfloat.tanh64_block(x32.astype(np.float64), block, np.empty((detfloat.TANH_SCRATCH_ROWS, x32.size)))
+        assert _same_bits64(block.astype(F32).astype(np.float64), twin.astype(np.float64))
 
 
 # ------------------------------------------------------------------- no fast-math in the kernels
@@ -220,7 +224,7 @@ def _kernels():
             norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
             quantizer._quantize_nearest, quantizer._quantize_stochastic, optim._sgd_momentum,
             dfq_kernels._matmul, dfq_kernels._row_means, gate_kernels.gate_forward_rows,
-            gate_kernels.gate_backward_rows, gate_kernels.sample_sums]
+            gate_kernels.gate_backward_rows, gate_kernels.sample_sums, detfloat.tanh64_block]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -252,7 +256,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
             "_quantize_stochastic", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows",
-            "sample_sums"} <= checked
+            "sample_sums", "tanh64_block"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit

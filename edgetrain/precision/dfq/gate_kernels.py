@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.detfloat import exp64_scalar, tanh64_scalar
+from edgetrain.kernels.detfloat import exp64_scalar, tanh64_block
 from edgetrain.precision.dfq.kernels import _dot_row
 
 
@@ -57,8 +57,9 @@ def _col_sum(a, c, rows):
 
 @njit(cache=True, parallel=True)
 def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_prev, one, half,
-                      a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs):
-    """Fill the gate's activations, logits and probabilities (gates.gate_forward's), one sample per row."""
+                      a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs, t_in, t_out, scratch):
+    """Fill the gate's activations, logits and probabilities (gates.gate_forward's), one sample per row.
+    t_in, t_out: (N, 4 * width) float64; scratch: (N, TANH_SCRATCH_ROWS, 4 * width) float64."""
     n_rows, width = h.shape
     hidden, channels = w1.shape
     k_count = wo.shape[0]
@@ -70,24 +71,26 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
             z1[n, j] = v if (v > zero or v != v) else zero
         for j in range(width):
             e[n, j] = e.dtype.type(_dot_row(z1, n, w2, j, hidden)) + b2[j]
+        # The LSTM's four gates: sigmoid(v) = 0.5 (1 + tanh(v / 2)) for i, f, o, tanh(v) for g; every
+        # tanh of the sample in one row pass (tanh64_block)
+        row_in, row_out = t_in[n], t_out[n]
         for j in range(4 * width):
             pre = h.dtype.type(_dot_row(e, n, wih, j, width)) + h.dtype.type(_dot_row(h_prev, n, whh, j, width))
             pre = pre + b[j]
-            gate, col = j // width, j % width
-            if gate == 2:
-                g[n, col] = h.dtype.type(tanh64_scalar(float(pre)))
-            else:
-                s = half * (one + h.dtype.type(tanh64_scalar(float(half * pre))))
-                if gate == 0:
-                    i[n, col] = s
-                elif gate == 1:
-                    f[n, col] = s
-                else:
-                    o[n, col] = s
+            row_in[j] = float(pre) if j // width == 2 else float(half * pre)
+        tanh64_block(row_in, row_out, scratch[n])
+        for j in range(width):
+            i[n, j] = half * (one + h.dtype.type(row_out[j]))
+            f[n, j] = half * (one + h.dtype.type(row_out[width + j]))
+            g[n, j] = h.dtype.type(row_out[2 * width + j])
+            o[n, j] = half * (one + h.dtype.type(row_out[3 * width + j]))
         for j in range(width):
             cv = f[n, j] * c_prev[n, j] + i[n, j] * g[n, j]
             c[n, j] = cv
-            tc = h.dtype.type(tanh64_scalar(float(cv)))
+            row_in[j] = float(cv)
+        tanh64_block(row_in[:width], row_out[:width], scratch[n])
+        for j in range(width):
+            tc = h.dtype.type(row_out[j])
             tanh_c[n, j] = tc
             h[n, j] = o[n, j] * tc
         top = -np.inf

@@ -143,9 +143,11 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     e, i, f, g, o, c, tanh_c, h = (np.empty((n, width), dtype) for _ in range(8))
     logits, probs = np.empty((n, k_count), dtype), np.empty((n, k_count), dtype)
     m = np.zeros(0, dtype) if mask is None else np.ascontiguousarray(mask, dtype)
+    t_in, t_out = np.empty((n, 4 * width)), np.empty((n, 4 * width))
+    scratch = np.empty((n, detfloat.TANH_SCRATCH_ROWS, 4 * width))
     with threads_for(n * (w1.size + 9 * width * width + k_count * width), GATE_PARALLEL_MIN):
         gate_forward_rows(p, *unit, *shared, m, h_prev, c_prev, dtype.type(1), dtype.type(0.5),
-                          a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs)
+                          a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs, t_in, t_out, scratch)
     return logits, GateContext(p, a1, z1, e, h_prev, c_prev, i, f, g, o, c, tanh_c, h, probs, x.shape)
 
 
