@@ -110,11 +110,7 @@ class BatchNormalization(Op):
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
         backward = norm_kernels.bn_train_backward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_backward
-        if self.relu:
-            masked = np.empty_like(g3)
-            norm_kernels.relu_backward(y3.reshape(-1), g3.reshape(-1), masked.reshape(-1))
-            g3 = masked
-        backward(x3, g3, scale.astype(np.float64), mu, inv, dx, dscale, dbias)
+        backward(x3, g3, y3, self.relu, scale.astype(np.float64), mu, inv, dx, dscale, dbias)
         return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
 
 

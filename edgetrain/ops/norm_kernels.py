@@ -13,29 +13,37 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from edgetrain.kernels.lanes import LANES, combine
+
 
 @njit(cache=True)
 def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
     """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored."""
     n, _, length = x.shape
     count = n * length
-    s = 0.0
-    ss = 0.0
+    acc, acc2 = np.zeros(LANES), np.zeros(LANES)  # sum and sum of squares, in lanes.py's order
+    blocks = length // LANES
     for i in range(n):
-        for j in range(length):
-            v = x[i, ch, j]
-            s += v
-            ss += v * v
-    m = s / count
-    variance = max(ss / count - m * m, 0.0)
+        row = x[i, ch]
+        for blk in range(blocks):
+            base = blk * LANES
+            for q in range(LANES):
+                v = float(row[base + q])
+                acc[q] += v
+                acc2[q] += v * v
+        for j in range(blocks * LANES, length):
+            v = float(row[j])
+            acc[j - blocks * LANES] += v
+            acc2[j - blocks * LANES] += v * v
+    m = combine(acc) / count
+    variance = max(combine(acc2) / count - m * m, 0.0)
     r = 1.0 / np.sqrt(variance + eps)
     mean[ch] = m
     var[ch] = variance
     inv[ch] = r
     a = scale[ch] * r
     b = bias[ch] - m * a
-    if relu:  # a Relu folded in: one pass instead of two (its backward stays a pass of its own, which
-        # measured faster than a masked BatchNorm backward, whose sums must keep their order)
+    if relu:  # a Relu folded in: one pass instead of two (its backward is masked the same way)
         for i in range(n):
             for j in range(length):
                 v = x[i, ch, j] * a + b
@@ -46,28 +54,53 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
                 y[i, ch, j] = x[i, ch, j] * a + b
 
 
+@njit(cache=True, inline="always")
+def _masked(g, y, j, relu, zero):
+    return g[j] if (not relu or y[j] > 0) else zero  # a folded Relu's backward: 0 where its output was not > 0
+
+
 @njit(cache=True)
-def _bn_backward_channel(x, g, ch, scale, mean, inv, dx, dscale, dbias):
-    """One channel of the training backward: both mean terms included (every sample moves them)."""
+def _bn_backward_channel(x, g, y, relu, ch, scale, mean, inv, dx, dscale, dbias):
+    """One channel of the training backward: both mean terms included (every sample moves them). With
+    relu, g is first masked where the folded Relu's output y is not positive (no masked copy made)."""
     n, _, length = x.shape
     count = n * length
-    sg = 0.0
-    sgx = 0.0
     m = mean[ch]
+    zero = g.dtype.type(0)
+    acc_g, acc_gx = np.zeros(LANES), np.zeros(LANES)  # sum of g and of g * (x - mean), in lanes.py's order
+    blocks = length // LANES
     for i in range(n):
-        for j in range(length):
-            gv = g[i, ch, j]
-            sg += gv
-            sgx += gv * (x[i, ch, j] - m)
+        grow, xrow, yrow = g[i, ch], x[i, ch], y[i, ch]
+        for blk in range(blocks):
+            base = blk * LANES
+            if relu:  # the two forms written apart: a test inside the lane loop keeps it from vectorising
+                for q in range(LANES):
+                    gv = float(_masked(grow, yrow, base + q, True, zero))
+                    acc_g[q] += gv
+                    acc_gx[q] += gv * (xrow[base + q] - m)
+            else:
+                for q in range(LANES):
+                    gv = float(grow[base + q])
+                    acc_g[q] += gv
+                    acc_gx[q] += gv * (xrow[base + q] - m)
+        for j in range(blocks * LANES, length):  # the row's remainder, in lanes 0, 1, ...
+            gv = float(_masked(grow, yrow, j, relu, zero))
+            acc_g[j - blocks * LANES] += gv
+            acc_gx[j - blocks * LANES] += gv * (xrow[j] - m)
+    sg = combine(acc_g)
     r = inv[ch]
-    ds = sgx * r  # sum of g * xhat
+    ds = combine(acc_gx) * r  # sum of g * xhat
     dscale[ch] = ds
     dbias[ch] = sg
     k = scale[ch] * r / count
     for i in range(n):
-        for j in range(length):
-            xhat = (x[i, ch, j] - m) * r
-            dx[i, ch, j] = k * (count * g[i, ch, j] - sg - xhat * ds)
+        grow, xrow, yrow, drow = g[i, ch], x[i, ch], y[i, ch], dx[i, ch]
+        if relu:
+            for j in range(length):
+                drow[j] = k * (count * _masked(grow, yrow, j, True, zero) - sg - (xrow[j] - m) * r * ds)
+        else:
+            for j in range(length):
+                drow[j] = k * (count * grow[j] - sg - (xrow[j] - m) * r * ds)
 
 
 # Two builds, two functions: Numba's cache keys on the function, so one function compiled both ways
@@ -91,17 +124,17 @@ def bn_train_forward_parallel(x, scale, bias, eps, y, mean, var, inv, relu=False
 
 
 @njit(cache=True)
-def bn_train_backward(x, g, scale, mean, inv, dx, dscale, dbias):
-    """Gradients of a batch-statistics BatchNorm, channel by channel."""
+def bn_train_backward(x, g, y, relu, scale, mean, inv, dx, dscale, dbias):
+    """Gradients of a batch-statistics BatchNorm, channel by channel (relu: g masked by its output y > 0)."""
     for ch in range(x.shape[1]):
-        _bn_backward_channel(x, g, ch, scale, mean, inv, dx, dscale, dbias)
+        _bn_backward_channel(x, g, y, relu, ch, scale, mean, inv, dx, dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
-def bn_train_backward_parallel(x, g, scale, mean, inv, dx, dscale, dbias):
+def bn_train_backward_parallel(x, g, y, relu, scale, mean, inv, dx, dscale, dbias):
     """bn_train_backward with channels spread over threads."""
     for ch in prange(x.shape[1]):
-        _bn_backward_channel(x, g, ch, scale, mean, inv, dx, dscale, dbias)
+        _bn_backward_channel(x, g, y, relu, ch, scale, mean, inv, dx, dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
