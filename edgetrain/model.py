@@ -17,7 +17,8 @@ from edgetrain.layers import mac_nodes, non_negative_values
 from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
 from edgetrain.ops.base import Op
-from edgetrain.ops.norm import BatchNormalization, fuse_relu
+from edgetrain.ops.elementwise import AddRelu
+from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
@@ -205,8 +206,25 @@ class Model:
                     self.executor.ops[fused[0].name] = fused[1]
             else:
                 self.executor.ops[node.name] = self._float_ops[node.name]
+        self._fuse_add_relus(readers, outputs)
         for ext in self._extensions:
             self.executor.ops.update(ext.owned_ops())
+
+    def _fuse_add_relus(self, readers: dict, outputs: set[str]) -> None:
+        """With integer layers, an Add whose output only a Relu reads (a residual join) runs as one AddRelu
+        op, the Relu as FusedAway: one parallel pass each way instead of two (the fp32 path keeps both ops:
+        parallel loops there fight OpenBLAS's threads, see norm_kernels)."""
+        integer = any(isinstance(op, QuantMAC) for op in self.executor.ops.values())
+        running = {n.name for n in self.executor.graph.nodes}  # an extension may have folded some nodes away
+        for node in self.graph.nodes:
+            if node.op_type != "Add":
+                continue
+            self.executor.ops[node.name] = self._float_ops[node.name]
+            after = readers.get(node.outputs[0], [])
+            if (integer and node.name in running and node.outputs[0] not in outputs and len(after) == 1
+                    and after[0].op_type == "Relu" and after[0].name in running):
+                self.executor.ops[node.name] = AddRelu(node, self.graph.opset)
+                self.executor.ops[after[0].name] = FusedAway(after[0], self.graph.opset)
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -121,8 +121,9 @@ def _run(seed, steps=3, bits="8/8", threads=None):
 
 
 def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
-    """Integer layers' BatchNorms take over the Relu that alone reads them; training with and without
-    that fold ends on the same weights and BatchNorm statistics, bit for bit, plain and with DFQ."""
+    """Integer layers' BatchNorms take over the Relu that alone reads them, and so do residual joins' Adds
+    (AddRelu); training with and without those folds ends on the same weights and BatchNorm statistics,
+    bit for bit, plain and with DFQ."""
     from edgetrain.ops import norm
     from edgetrain.precision.dfq.config import DFQConfig
     from edgetrain.precision.dfq.controller import DFQ
@@ -148,11 +149,12 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
 
     for dfq in (False, True):
         fused_state, fused_out, folded = run(dfq)
-        assert folded >= 4  # the stem's and each block's first BatchNorm + Relu
+        assert folded >= 4  # the stem's and each block's first BatchNorm + Relu (and the joins' Add + Relu)
         with monkeypatch.context() as m:
             m.setattr(norm, "fuse_relu", lambda *a, **k: None)
             m.setattr(edgetrain.model, "fuse_relu", lambda *a, **k: None)
             m.setattr(edgetrain.precision.dfq.gated_unit, "fuse_relu", lambda *a, **k: None)
+            m.setattr(edgetrain.model.Model, "_fuse_add_relus", lambda *a, **k: None)  # the joins' Add + Relu
             plain_state, plain_out, none = run(dfq)
         assert none == 0
         assert fused_state.keys() == plain_state.keys()
@@ -297,3 +299,27 @@ def test_static_low_precision_trains_as_well_as_fp32(name, kwargs):
     assert eight >= fp32 - 0.010, f"8/8 {eight:.3f} vs fp32 {fp32:.3f}"
     assert four >= fp32 - 0.030, f"4/8 {four:.3f} vs fp32 {fp32:.3f}"
     assert m8.cost.percent_of_fp32 < 7.0  # 8/8 is 6.25% of fp32's BitOPs, plus the fp32 classifier
+
+
+def test_add_relu_is_add_then_relu_bit_for_bit():
+    """AddRelu (the fused join) against NumPy's Add then Relu: values, NaN, broadcasting, the small-tensor
+    form, and the backward's mask for both inputs."""
+    from edgetrain.graph import Node
+    from edgetrain.ops.base import Run
+    from edgetrain.ops.elementwise import AddRelu
+
+    op = AddRelu(Node("j", "Add", ["a", "b"], ["y"], {}), 17)
+    rng = np.random.default_rng(3)
+    for a_shape, b_shape in (((4, 8, 40, 50), (4, 8, 40, 50)), ((3, 5), (3, 5)), ((4, 8, 40, 50), (1, 8, 1, 1))):
+        a = rng.standard_normal(a_shape).astype(np.float32)
+        b = rng.standard_normal(b_shape).astype(np.float32)
+        a.flat[7] = np.nan
+        (y,), ctx = op.forward([a, b], Run(True, (0, 0), 0))
+        want = np.maximum(a + b, 0)
+        assert np.array_equal(y, want, equal_nan=True)
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        ga, gb = op.backward(ctx, [g], [True, True])
+        masked = g * (want > 0)
+        assert np.array_equal(ga, masked) and gb.shape == b_shape
+        assert np.allclose(gb, masked.sum(axis=tuple(i for i, d in enumerate(b_shape) if d == 1 and a_shape[i] > 1),
+                                          keepdims=True).reshape(b_shape))

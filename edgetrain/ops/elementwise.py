@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgetrain.kernels import detfloat
+from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, register, unbroadcast
-from edgetrain.ops.norm_kernels import clip_forward, relu_backward
+from edgetrain.ops.norm_kernels import add_relu_parallel, clip_forward, relu_backward, relu_backward_parallel
 
 
 @register("Add")
@@ -17,6 +18,32 @@ class Add(Op):
     def backward(self, ctx, grads, needed):
         (g,) = grads
         return [unbroadcast(g, ctx[0]), unbroadcast(g, ctx[1])]
+
+
+class AddRelu(Op):
+    """An Add and the Relu that alone reads its output, as one op (Model fuses them in integer models,
+    where the join of a residual block is a full pass of its own): y = max(a + b, 0), the same values
+    as the two ops, in one parallel pass each way."""
+
+    def forward(self, inputs, run):
+        a, b = inputs
+        if a.shape == b.shape and a.dtype == b.dtype and a.dtype.kind == "f" and a.size >= SMALL_ELEMENTS:
+            y = np.empty(a.shape, a.dtype)
+            add_relu_parallel(np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1))
+        else:
+            s = a + b
+            y = np.maximum(s, 0).astype(s.dtype, copy=False)
+        return [y], (y, a.shape, b.shape)
+
+    def backward(self, ctx, grads, needed):
+        y, a_shape, b_shape = ctx
+        g = grads[0]
+        if y.size >= SMALL_ELEMENTS and y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype:
+            masked = np.empty_like(g)
+            relu_backward_parallel(y.reshape(-1), g.reshape(-1), masked.reshape(-1))
+        else:
+            masked = g * (y > 0)
+        return [unbroadcast(masked, a_shape), unbroadcast(masked, b_shape)]
 
 
 @register("Sub")

@@ -164,8 +164,38 @@ def rescale_flat(acc, scale, out, min_parallel):
     for k in prange(chunks):
         start = k * RESCALE_CHUNK
         stop = min(size, start + RESCALE_CHUNK)
-        for i in range(start, stop):
-            out[i] = acc[i] * scale
+        src, dst = acc[start:stop], out[start:stop]  # views from 0: no index wraparound to check, so it vectorises
+        for i in range(dst.size):
+            dst[i] = src[i] * scale
+
+
+FLAT_CHUNK = 1 << 15  # elements per parallel work item of the flat loops below
+
+
+@njit(parallel=True, cache=True)
+def add_relu_parallel(a, b, out):
+    """out = max(a + b, 0) over flat arrays (NaN stays NaN, as np.maximum), chunks across threads: an
+    Add and the Relu that alone reads it in one pass (Model: integer models' residual joins)."""
+    size = out.size
+    zero = out.dtype.type(0)
+    for k in prange((size + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo, hi = k * FLAT_CHUNK, min(size, (k + 1) * FLAT_CHUNK)
+        ca, cb, co = a[lo:hi], b[lo:hi], out[lo:hi]  # views from 0: no index wraparound to check, so it vectorises
+        for i in range(co.size):
+            v = ca[i] + cb[i]
+            co[i] = v if (v > zero or v != v) else zero
+
+
+@njit(parallel=True, cache=True)
+def relu_backward_parallel(y, g, out):
+    """relu_backward with chunks across threads (the same values)."""
+    size = out.size
+    zero = out.dtype.type(0)
+    for k in prange((size + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo, hi = k * FLAT_CHUNK, min(size, (k + 1) * FLAT_CHUNK)
+        cy, cg, co = y[lo:hi], g[lo:hi], out[lo:hi]
+        for i in range(co.size):
+            co[i] = cg[i] if cy[i] > 0 else zero
 
 
 @njit(cache=True)
