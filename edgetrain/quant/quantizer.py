@@ -187,6 +187,18 @@ _KEY_VIEWS = {np.dtype(np.float32): (np.int32, np.int32(0x7F800000), np.int32(0x
                                      np.int64(63))}
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _key_scan(row, exp_mask, mag_mask, shift, a, b, bad):
+    """Fold one row of bit patterns into the running min key a, max key b and the NaN-or-infinity flag."""
+    for j in range(row.size):
+        i = row[j]
+        bad |= (i & exp_mask) == exp_mask
+        k = i ^ ((i >> shift) & mag_mask)
+        a = min(a, k)
+        b = max(b, k)
+    return a, b, bad
+
+
 @njit(cache=True, nogil=True)
 def _key_extrema(bits3, exp_mask, mag_mask, shift, lo, hi):
     """`_extrema` on the floats' bit patterns, as integers: lo[c], hi[c] = the bit patterns of the min
@@ -202,13 +214,7 @@ def _key_extrema(bits3, exp_mask, mag_mask, shift, lo, hi):
         a = mag_mask
         b = -mag_mask - 1
         for o in range(bits3.shape[0]):
-            row = bits3[o, c]
-            for j in range(row.size):
-                i = row[j]
-                bad |= (i & exp_mask) == exp_mask
-                k = i ^ ((i >> shift) & mag_mask)
-                a = min(a, k)
-                b = max(b, k)
+            a, b, bad = _key_scan(bits3[o, c], exp_mask, mag_mask, shift, a, b, bad)
         lo[c] = a ^ ((a >> shift) & mag_mask)
         hi[c] = b ^ ((b >> shift) & mag_mask)
     return not bad
@@ -221,19 +227,8 @@ def _key_extrema_pieces(bits, exp_mask, mag_mask, shift, lo, hi, bad):
     pieces in any order gives the same values on any thread count."""
     n = bits.size
     for p in prange(lo.size):
-        a = mag_mask
-        b = -mag_mask - 1
-        flag = False
         piece = bits[p * _PIECE:min(n, (p + 1) * _PIECE)]  # a view from 0: no index wraparound to check
-        for j in range(piece.size):
-            i = piece[j]
-            flag |= (i & exp_mask) == exp_mask
-            k = i ^ ((i >> shift) & mag_mask)
-            a = min(a, k)
-            b = max(b, k)
-        lo[p] = a
-        hi[p] = b
-        bad[p] = flag
+        lo[p], hi[p], bad[p] = _key_scan(piece, exp_mask, mag_mask, shift, mag_mask, -mag_mask - 1, False)
 
 
 def _flat_extrema(flat: np.ndarray) -> tuple[float, float] | None:

@@ -9,8 +9,8 @@ them in call overhead, where issue 18 allows the gates and the grouping 5 points
 Layout of the work: every per-sample quantity (the embedding, the LSTM cell, the head, the softmax;
 in backward every gradient with respect to an activation) is one parallel loop over samples, each
 sample's row computed by one thread. The parameter gradients are sums over samples: each output is one
-thread's fixed-order sum (`_dot_col`, the same interleave as `kernels._dot_row` on the transposed
-operands, which is what `kernels.matmul` computes), so no bit depends on the thread count.
+thread's fixed-order sum (`kernels.dot8` down a column: the same interleave as `kernels.matmul` on the
+transposed operands), so no bit depends on the thread count.
 
 Arithmetic happens in the arrays' own dtype (float32 in training, float64 in gradient checks): the
 constants `one` and `half` come in typed, because Numba, like NumPy's array rules, would otherwise
@@ -22,28 +22,12 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.detfloat import exp64_scalar, tanh64_block
-from edgetrain.precision.dfq.kernels import _dot_row
+from edgetrain.precision.dfq.kernels import _dot_row, dot8
 
 
 @njit(cache=True, inline="always")
 def _dot_col(a, ca, b, cb, length):
-    # kernels._dot_row of column ca of a and column cb of b (the same eight sums, the same combination)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= length:
-        s0 += float(a[j, ca]) * float(b[j, cb])
-        s1 += float(a[j + 1, ca]) * float(b[j + 1, cb])
-        s2 += float(a[j + 2, ca]) * float(b[j + 2, cb])
-        s3 += float(a[j + 3, ca]) * float(b[j + 3, cb])
-        s4 += float(a[j + 4, ca]) * float(b[j + 4, cb])
-        s5 += float(a[j + 5, ca]) * float(b[j + 5, cb])
-        s6 += float(a[j + 6, ca]) * float(b[j + 6, cb])
-        s7 += float(a[j + 7, ca]) * float(b[j + 7, cb])
-        j += 8
-    while j < length:
-        s0 += float(a[j, ca]) * float(b[j, cb])
-        j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    return dot8(a, 0, ca, 1, 0, b, 0, cb, 1, 0, length)  # column ca of a with column cb of b
 
 
 @njit(cache=True, inline="always")
@@ -138,23 +122,7 @@ def gate_backward_rows(dlogits, dh_next, dc_next, w1, w2, wih, whh, wo, a1, i, f
 
 @njit(cache=True, inline="always")
 def _dot_col_row(a, ra, b, cb, length):
-    # kernels._dot_row of row ra of a and column cb of b: a @ b as kernels.matmul computes it
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= length:
-        s0 += float(a[ra, j]) * float(b[j, cb])
-        s1 += float(a[ra, j + 1]) * float(b[j + 1, cb])
-        s2 += float(a[ra, j + 2]) * float(b[j + 2, cb])
-        s3 += float(a[ra, j + 3]) * float(b[j + 3, cb])
-        s4 += float(a[ra, j + 4]) * float(b[j + 4, cb])
-        s5 += float(a[ra, j + 5]) * float(b[j + 5, cb])
-        s6 += float(a[ra, j + 6]) * float(b[j + 6, cb])
-        s7 += float(a[ra, j + 7]) * float(b[j + 7, cb])
-        j += 8
-    while j < length:
-        s0 += float(a[ra, j]) * float(b[j, cb])
-        j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    return dot8(a, ra, 0, 0, 1, b, 0, cb, 1, 0, length)  # row ra of a with column cb of b: a @ b, as kernels.matmul
 
 
 @njit(cache=True, parallel=True)
