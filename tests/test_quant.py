@@ -366,7 +366,7 @@ def test_compiled_scales_equal_the_numpy_form_bit_for_bit(pow2):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("size", [100, 5000, 40000, 70000, 300000])  # each path; 300,000: ten parallel pieces
+@pytest.mark.parametrize("size", [100, 5000, 40000, 70000, 300000])  # each path; 300,000: the parallel scan, ten pieces
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_extrema_paths_agree_with_numpy(dtype, size, per_channel):
     """Every path of the range scan gives NumPy's min and max (signed zeros, subnormals and the largest
