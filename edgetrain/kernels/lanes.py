@@ -34,9 +34,9 @@ def add_row(acc, row, length) -> None:
     for blk in range(blocks):
         base = blk * LANES
         for q in range(LANES):
-            acc[q] += float(row[base + q])
+            acc[q] += np.float64(row[base + q])
     for j in range(blocks * LANES, length):
-        acc[j - blocks * LANES] += float(row[j])
+        acc[j - blocks * LANES] += np.float64(row[j])
 
 
 @njit(cache=True, inline="always")
@@ -55,7 +55,7 @@ def dot_row(a, b, length) -> float:
     for blk in range(blocks):
         base = blk * LANES
         for q in range(LANES):
-            acc[q] += float(a[base + q]) * float(b[base + q])
+            acc[q] += np.float64(a[base + q]) * np.float64(b[base + q])
     for j in range(blocks * LANES, length):
-        acc[j - blocks * LANES] += float(a[j]) * float(b[j])
+        acc[j - blocks * LANES] += np.float64(a[j]) * np.float64(b[j])
     return combine(acc)

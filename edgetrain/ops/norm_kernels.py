@@ -28,11 +28,11 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
         for blk in range(blocks):
             base = blk * LANES
             for q in range(LANES):
-                v = float(row[base + q])
+                v = np.float64(row[base + q])
                 acc[q] += v
                 acc2[q] += v * v
         for j in range(blocks * LANES, length):
-            v = float(row[j])
+            v = np.float64(row[j])
             acc[j - blocks * LANES] += v
             acc2[j - blocks * LANES] += v * v
     m = combine(acc) / count
@@ -75,16 +75,16 @@ def _bn_backward_channel(x, g, y, relu, ch, scale, mean, inv, dx, dscale, dbias)
             base = blk * LANES
             if relu:  # the two forms written apart: a test inside the lane loop keeps it from vectorising
                 for q in range(LANES):
-                    gv = float(_masked(grow, yrow, base + q, True, zero))
+                    gv = np.float64(_masked(grow, yrow, base + q, True, zero))
                     acc_g[q] += gv
                     acc_gx[q] += gv * (xrow[base + q] - m)
             else:
                 for q in range(LANES):
-                    gv = float(grow[base + q])
+                    gv = np.float64(grow[base + q])
                     acc_g[q] += gv
                     acc_gx[q] += gv * (xrow[base + q] - m)
         for j in range(blocks * LANES, length):  # the row's remainder, in lanes 0, 1, ...
-            gv = float(_masked(grow, yrow, j, relu, zero))
+            gv = np.float64(_masked(grow, yrow, j, relu, zero))
             acc_g[j - blocks * LANES] += gv
             acc_gx[j - blocks * LANES] += gv * (xrow[j] - m)
     sg = combine(acc_g)

@@ -61,7 +61,7 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
         for j in range(4 * width):
             pre = h.dtype.type(_dot_row(e, n, wih, j, width)) + h.dtype.type(_dot_row(h_prev, n, whh, j, width))
             pre = pre + b[j]
-            row_in[j] = float(pre) if j // width == 2 else float(half * pre)
+            row_in[j] = np.float64(pre) if j // width == 2 else np.float64(half * pre)
         tanh64_block(row_in, row_out, scratch[n])
         for j in range(width):
             i[n, j] = half * (one + h.dtype.type(row_out[j]))
@@ -71,7 +71,7 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
         for j in range(width):
             cv = f[n, j] * c_prev[n, j] + i[n, j] * g[n, j]
             c[n, j] = cv
-            row_in[j] = float(cv)
+            row_in[j] = np.float64(cv)
         tanh64_block(row_in[:width], row_out[:width], scratch[n])
         for j in range(width):
             tc = h.dtype.type(row_out[j])
@@ -83,12 +83,12 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
             if mask.size:
                 lv = lv + mask[k]
             logits[n, k] = lv
-            top = max(top, float(lv))
+            top = max(top, np.float64(lv))
         total = 0.0
         for k in range(k_count):
-            total += exp64_scalar(float(logits[n, k]) - top)
+            total += exp64_scalar(np.float64(logits[n, k]) - top)
         for k in range(k_count):
-            probs[n, k] = exp64_scalar(float(logits[n, k]) - top) / total
+            probs[n, k] = exp64_scalar(np.float64(logits[n, k]) - top) / total
 
 
 @njit(cache=True, parallel=True)

@@ -15,6 +15,12 @@ from edgetrain.kernels.lanes import dot_row, sum_row
 
 
 @njit(cache=True, inline="always")
+def _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j):
+    # float32 x float32 formed in float64: exact
+    return np.float64(a[ra + j * dra, ca + j * dca]) * np.float64(b[rb + j * drb, cb + j * dcb])
+
+
+@njit(cache=True, inline="always")
 def dot8(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, length):
     """The float64 sum over j < length of a[ra + j dra, ca + j dca] * b[rb + j drb, cb + j dcb] (2-D a, b:
     a row or a column of each), in eight running sums of a fixed interleave, written out so every
@@ -23,17 +29,17 @@ def dot8(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, length):
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     j = 0
     while j + 8 <= length:
-        s0 += float(a[ra + j * dra, ca + j * dca]) * float(b[rb + j * drb, cb + j * dcb])
-        s1 += float(a[ra + (j + 1) * dra, ca + (j + 1) * dca]) * float(b[rb + (j + 1) * drb, cb + (j + 1) * dcb])
-        s2 += float(a[ra + (j + 2) * dra, ca + (j + 2) * dca]) * float(b[rb + (j + 2) * drb, cb + (j + 2) * dcb])
-        s3 += float(a[ra + (j + 3) * dra, ca + (j + 3) * dca]) * float(b[rb + (j + 3) * drb, cb + (j + 3) * dcb])
-        s4 += float(a[ra + (j + 4) * dra, ca + (j + 4) * dca]) * float(b[rb + (j + 4) * drb, cb + (j + 4) * dcb])
-        s5 += float(a[ra + (j + 5) * dra, ca + (j + 5) * dca]) * float(b[rb + (j + 5) * drb, cb + (j + 5) * dcb])
-        s6 += float(a[ra + (j + 6) * dra, ca + (j + 6) * dca]) * float(b[rb + (j + 6) * drb, cb + (j + 6) * dcb])
-        s7 += float(a[ra + (j + 7) * dra, ca + (j + 7) * dca]) * float(b[rb + (j + 7) * drb, cb + (j + 7) * dcb])
+        s0 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j)
+        s1 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 1)
+        s2 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 2)
+        s3 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 3)
+        s4 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 4)
+        s5 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 5)
+        s6 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 6)
+        s7 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 7)
         j += 8
     while j < length:
-        s0 += float(a[ra + j * dra, ca + j * dca]) * float(b[rb + j * drb, cb + j * dcb])
+        s0 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j)
         j += 1
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
