@@ -2,11 +2,12 @@
 # An emulated arm64 board: a Debian bookworm arm64 root run under qemu-user, with the aarch64 wheels of
 # the very numpy, numba, onnx and onnxruntime versions installed on this host. Timings under emulation
 # mean nothing; bits do: `check` profiles the shipped LeNet-5 on it against this host and requires the
-# weight digests to agree (fp32 in deterministic mode, and static 8/8).
+# weight digests to agree (fp32 in deterministic mode, and static 8/8), then a CIFAR ResNet-8 at 8/8
+# (BatchNorm and residual joins on tensors large enough for their parallel kernels).
 #
 #   tools/arm64_board.sh setup           build the root once (needs root, qemu-user-static, debootstrap)
 #   tools/arm64_board.sh python ARGS...  run the board's python3 on ARGS (this checkout importable)
-#   tools/arm64_board.sh check           profile LeNet-5 on the board, fp32 and 8/8; exit 1 if digests differ
+#   tools/arm64_board.sh check           profile LeNet-5 (fp32, 8/8) and ResNet-8 (8/8) on the board; exit 1 if digests differ
 #
 # The root lives in $ARM64_ROOT (default .arm64-board/ in the checkout). Only Debian's packages and the
 # package registry are used: debootstrap's first stage fetches and unpacks the packages (no maintainer
@@ -104,6 +105,11 @@ run_python_sub() { (run_python "$@"); }  # run_python execs: keep this shell
 check() {
     local model="$HERE/edgetrain/assets/lenet5_digits.onnx" out status=0
     out="$(mktemp -d)"
+    # A CIFAR ResNet-8 too (32x32, batch 8): BatchNorm's lane sums and the fused residual joins run on tensors
+    # large enough for their parallel builds, which LeNet-5 (no BatchNorm, no join) never reaches.
+    "${HOST_PYTHON:-python3}" -c "import sys, models; open(sys.argv[1], 'wb').write(
+    models.build_model('resnet8', num_classes=10, seed=0).SerializeToString())" "$out/resnet8.onnx" \
+        || die "cannot build the ResNet-8 model"
     # Fail fast on a board that cannot even start the agent (the host would wait out --timeout), and
     # probe the board's integer routes once, outside any timed handshake.
     local started=$SECONDS
@@ -111,16 +117,18 @@ check() {
 from edgetrain.kernels import routes
 print('arm64_board: board imports the agent; routes:', routes.describe())" || die "the board cannot start the agent"
     echo "arm64_board: board ready in $((SECONDS - started)) s" >&2
-    for precision in fp32 8/8; do
-        echo "arm64_board: profile LeNet-5 batch 8, 2 steps, $precision, on the emulated board" >&2
+    for run in "LeNet-5|fp32|$model" "LeNet-5|8/8|$model" "ResNet-8|8/8|$out/resnet8.onnx"; do
+        local name precision path
+        IFS='|' read -r name precision path <<<"$run"
+        echo "arm64_board: profile $name batch 8, 2 steps, $precision, on the emulated board" >&2
         local started=$SECONDS
-        if ! "${HOST_PYTHON:-python3}" -m edgetrain.cli profile "$model" --simulate \
+        if ! "${HOST_PYTHON:-python3}" -m edgetrain.cli profile "$path" --simulate \
             --sim-python "$HERE/tools/arm64_board.sh python" --sim-cache "$out/cache" \
             --precision "$precision" --batch-size 8 --steps 2 --warmup 0 --timeout 900 \
-            --out "$out/${precision//\//x}" --json >"$out/report.json"; then
+            --out "$out/$name-${precision//\//x}" --json >"$out/report.json"; then
             status=1
         fi
-        "${HOST_PYTHON:-python3}" - "$out/report.json" "$precision" "$((SECONDS - started))" <<'EOF' || status=1
+        "${HOST_PYTHON:-python3}" - "$out/report.json" "$name $precision" "$((SECONDS - started))" <<'EOF' || status=1
 import json, sys
 report = json.load(open(sys.argv[1]))
 digest = report["digest"]
