@@ -18,7 +18,7 @@ from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
 from edgetrain.ops.base import Op
 from edgetrain.ops.elementwise import AddRelu
-from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu
+from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu, sole_relu_reader
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
@@ -220,11 +220,10 @@ class Model:
             if node.op_type != "Add":
                 continue
             self.executor.ops[node.name] = self._float_ops[node.name]
-            after = readers.get(node.outputs[0], [])
-            if (integer and node.name in running and node.outputs[0] not in outputs and len(after) == 1
-                    and after[0].op_type == "Relu" and after[0].name in running):
+            relu = sole_relu_reader(node.outputs[0], readers, outputs) if integer and node.name in running else None
+            if relu is not None and relu.name in running:
                 self.executor.ops[node.name] = AddRelu(node, self.graph.opset)
-                self.executor.ops[after[0].name] = FusedAway(after[0], self.graph.opset)
+                self.executor.ops[relu.name] = FusedAway(relu, self.graph.opset)
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -605,7 +605,7 @@ def test_the_closing_relu_inside_the_unit_changes_no_bit():
         if not fused:
             for op in m.executor.ops.values():
                 if isinstance(op, GatedUnit):
-                    op.relu = False
+                    op.relu_output = None
             d.fused_ops.clear()
             m.set_precision("8/8")  # puts the plain Relu ops back
             assert not any(isinstance(m.executor.ops[n], FusedAway) for n in closing)

@@ -124,14 +124,21 @@ class FusedAway(Op):
         return [grads[0]]
 
 
+def sole_relu_reader(value: str, consumers: dict, graph_outputs: set):
+    """The Relu node that alone reads `value` (nothing else does, and it is no graph output), or None:
+    the condition for folding that Relu into the op that writes `value`."""
+    readers = consumers.get(value, [])
+    if value in graph_outputs or len(readers) != 1 or readers[0].op_type != "Relu":
+        return None
+    return readers[0]
+
+
 def fuse_relu(bn_node, bn_op: BatchNormalization, consumers: dict, graph_outputs: set, opset: int) -> tuple | None:
     """Fold the Relu that alone reads a BatchNorm's output into that BatchNorm: (relu node, FusedAway op)
     to put in the Relu's place, with bn_op.relu set; None (nothing changed) when another node or the
     graph's output reads the BatchNorm's output too, or the BatchNorm has more outputs in use."""
-    out = bn_node.outputs[0]
-    readers = consumers.get(out, [])
-    if (out in graph_outputs or len(readers) != 1 or readers[0].op_type != "Relu"
-            or any(o for o in bn_node.outputs[1:])):
+    relu = sole_relu_reader(bn_node.outputs[0], consumers, graph_outputs)
+    if relu is None or any(o for o in bn_node.outputs[1:]):
         return None
     bn_op.relu = True
-    return readers[0], FusedAway(readers[0], opset)
+    return relu, FusedAway(relu, opset)

@@ -245,15 +245,16 @@ def _key_extrema_pieces(bits, exp_mask, mag_mask, shift, lo, hi, bad, out):
 _PARALLEL_EXTREMA_MIN = 1 << 18
 
 
-def _flat_extrema(flat: np.ndarray) -> tuple[float, float] | None:
-    """(min, max) of a large flat float tensor from the parallel scan; None if it holds a NaN or infinity."""
+def _flat_extrema(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """([min], [max]) in float64 of a large flat float tensor from the parallel scan; None if it holds a
+    NaN or infinity."""
     ints, exp_mask, mag_mask, shift = _KEY_VIEWS[flat.dtype]
     pieces = _pieces(flat.size)
     lo, hi, bad, out = np.empty(pieces, ints), np.empty(pieces, ints), np.empty(pieces, np.bool_), np.empty(2, ints)
     if not _key_extrema_pieces(flat.view(ints), exp_mask, mag_mask, shift, lo, hi, bad, out):
         return None
-    values = out.view(flat.dtype)
-    return float(values[0]), float(values[1])
+    values = out.view(flat.dtype).astype(np.float64)
+    return values[:1], values[1:]
 
 
 def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,11 +276,11 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # NumPy reduces one contiguous axis about twice as fast as two axes, so the common layouts
     # (a per-tensor range, per-channel rows) take the single-axis forms; all give the same values.
     if x3.shape[0] == 1 and x3.shape[1] == 1:
-        if x3.dtype in _KEY_VIEWS and x3.flags.c_contiguous and x3.size >= _PARALLEL_EXTREMA_MIN:
+        if x3.size >= _PARALLEL_EXTREMA_MIN:  # x3 comes from _as_float: float32/64 and contiguous
             found = _flat_extrema(x3.reshape(-1))
             if found is None:
                 raise _non_finite(x3)
-            return np.array([found[0]]), np.array([found[1]])
+            return found
         flat = x3.reshape(-1)
         lo, hi = np.array([flat.min()], np.float64), np.array([flat.max()], np.float64)
     elif x3.shape[0] == 1:

@@ -43,7 +43,7 @@ from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.layers import non_negative_values
-from edgetrain.ops.norm import FusedAway
+from edgetrain.ops.norm import FusedAway, sole_relu_reader
 from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
@@ -207,14 +207,13 @@ class DFQ:
                 unit_node, op = self._unit_node(model, u, facts)
                 nodes.append(unit_node)
                 ops[unit_node.name] = op
-                after = readers.get(u.output, [])
-                closing_relu = len(after) == 1 and after[0].op_type == "Relu" and u.output not in outputs
-                if u.shortcut is not None and closing_relu:
-                    op.relu, op.relu_output = True, after[0].outputs[0]  # it runs inside the unit (GatedUnit.relu)
-                    self.fused_ops[after[0].name] = FusedAway(after[0], graph.opset)
+                relu = sole_relu_reader(u.output, readers, outputs) if u.shortcut is not None else None
+                if relu is not None:  # the block's closing ReLU runs inside the unit (GatedUnit.relu)
+                    op.relu_output = relu.outputs[0]
+                    self.fused_ops[relu.name] = FusedAway(relu, graph.opset)  # placed by owned_ops
                 continue
             nodes.append(node)
-        model.replace_nodes(nodes, {**ops, **self.fused_ops})
+        model.replace_nodes(nodes, ops)
 
     def _unit_node(self, model: Model, u: Unit, facts: tuple) -> tuple[Node, GatedUnit]:
         produced = {o for n in u.branch for o in n.outputs if o}

@@ -83,10 +83,10 @@ class GatedUnit(Op):
         self.unit = unit
         self.n_externals = n_externals
         self.produced = {o for n in unit.branch for o in n.outputs if o}
-        # True where the Relu that alone reads the unit's output runs here (DFQ._build_ops): the join, the
-        # ReLU and, for skipped samples, the copy of the shortcut are one pass, both directions.
-        self.relu = False
-        self.relu_output = ""  # the folded Relu's output: the value the next unit reads
+        # Set where the Relu that alone reads the unit's output runs here (DFQ._build_ops): its output, the
+        # value the next unit reads. The join, the ReLU and, for skipped samples, the copy of the shortcut
+        # are then one pass, both directions.
+        self.relu_output: str | None = None
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
@@ -115,6 +115,11 @@ class GatedUnit(Op):
                     self.float_ops[fused[0].name] = fused[1]
             elif n.name not in self.float_ops:  # a Relu folded into its BatchNorm above keeps its stand-in
                 self.float_ops[n.name] = model.float_op(n.name)
+
+    @property
+    def relu(self) -> bool:
+        """Whether the unit runs the ReLU that closes its block (see relu_output)."""
+        return self.relu_output is not None
 
     def _timed(self, inner: str, direction: str, call, *args):
         """call(*args), its seconds added to the executor's timings under ("<unit node>/<inner>", direction)
