@@ -9,6 +9,8 @@ from edgetrain.ops.pool import MaxPool
 
 CASES = [
     dict(kernel_shape=[2, 2], strides=[2, 2]),
+    dict(kernel_shape=[2, 2], strides=[1, 1]),  # the 2x2 forward, overlapping: the general backward
+    dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 0, 0, 1]),
     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(kernel_shape=[3, 3], strides=[1, 1], pads=[0, 1, 2, 0]),
     dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1]),
@@ -46,7 +48,9 @@ def test_compiled_maxpool_is_the_numpy_form_bit_for_bit(attrs, dtype, monkeypatc
     x[1, 2, 4, 4] = np.nan
     x[2, 3, :3, :3] = -np.inf
     op = _op(attrs, indices=True)
-    (outs_c, dx_c), (outs_n, dx_n) = _both(op, x, rng.standard_normal(op.forward([x], None)[0][0].shape), monkeypatch)
+    g = rng.standard_normal(op.forward([x], None)[0][0].shape)
+    g.flat[::7] = -0.0  # a -0.0 gradient lands as +0.0 (0 + -0.0), in every form
+    (outs_c, dx_c), (outs_n, dx_n) = _both(op, x, g, monkeypatch)
     for a, b in zip(outs_c, outs_n):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))  # bits: -0.0 and NaN too

@@ -22,19 +22,19 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
     n, _, length = x.shape
     count = n * length
     acc, acc2 = np.zeros(LANES), np.zeros(LANES)  # sum and sum of squares, in lanes.py's order
-    blocks = length // LANES
+    tail = (length // LANES) * LANES
     for i in range(n):
         row = x[i, ch]
-        for blk in range(blocks):
-            base = blk * LANES
+        for base in range(0, tail, LANES):
             for q in range(LANES):
                 v = np.float64(row[base + q])
                 acc[q] += v
                 acc2[q] += v * v
-        for j in range(blocks * LANES, length):
-            v = np.float64(row[j])
-            acc[j - blocks * LANES] += v
-            acc2[j - blocks * LANES] += v * v
+        rest = row[tail:]  # a view from 0 (see _bn_backward_channel)
+        for q in range(rest.size):
+            v = np.float64(rest[q])
+            acc[q] += v
+            acc2[q] += v * v
     m = combine(acc) / count
     variance = max(combine(acc2) / count - m * m, 0.0)
     r = 1.0 / np.sqrt(variance + eps)
@@ -62,31 +62,42 @@ def _masked(g, y, j, relu, zero):
 @njit(cache=True)
 def _bn_backward_channel(x, g, y, relu, ch, scale, mean, inv, dx, dscale, dbias):
     """One channel of the training backward: both mean terms included (every sample moves them). With
-    relu, g is first masked where the folded Relu's output y is not positive (no masked copy made)."""
+    relu, g is first masked where the folded Relu's output y is not positive (no masked copy made).
+
+    The relu test sits outside every loop (a test per element kept the remainder from vectorising),
+    and a row's remainder is walked through views from 0: an index like j - tail might be negative
+    as far as Numba knows, and its wraparound check made this 15x slower where rows are shorter than
+    LANES (MobileNetV2's 4x4 maps: 1.05 -> 0.07 ms for 336 channels of 8 x 16)."""
     n, _, length = x.shape
     count = n * length
     m = mean[ch]
     zero = g.dtype.type(0)
     acc_g, acc_gx = np.zeros(LANES), np.zeros(LANES)  # sum of g and of g * (x - mean), in lanes.py's order
-    blocks = length // LANES
+    tail = (length // LANES) * LANES
     for i in range(n):
         grow, xrow, yrow = g[i, ch], x[i, ch], y[i, ch]
-        for blk in range(blocks):
-            base = blk * LANES
-            if relu:  # the two forms written apart: a test inside the lane loop keeps it from vectorising
+        if relu:
+            for base in range(0, tail, LANES):
                 for q in range(LANES):
                     gv = np.float64(_masked(grow, yrow, base + q, True, zero))
                     acc_g[q] += gv
                     acc_gx[q] += gv * (xrow[base + q] - m)
-            else:
+            gt, xt, yt = grow[tail:], xrow[tail:], yrow[tail:]  # the row's remainder, in lanes 0, 1, ...
+            for q in range(gt.size):
+                gv = np.float64(_masked(gt, yt, q, True, zero))
+                acc_g[q] += gv
+                acc_gx[q] += gv * (xt[q] - m)
+        else:
+            for base in range(0, tail, LANES):
                 for q in range(LANES):
                     gv = np.float64(grow[base + q])
                     acc_g[q] += gv
                     acc_gx[q] += gv * (xrow[base + q] - m)
-        for j in range(blocks * LANES, length):  # the row's remainder, in lanes 0, 1, ...
-            gv = np.float64(_masked(grow, yrow, j, relu, zero))
-            acc_g[j - blocks * LANES] += gv
-            acc_gx[j - blocks * LANES] += gv * (xrow[j] - m)
+            gt, xt = grow[tail:], xrow[tail:]
+            for q in range(gt.size):
+                gv = np.float64(gt[q])
+                acc_g[q] += gv
+                acc_gx[q] += gv * (xt[q] - m)
     sg = combine(acc_g)
     r = inv[ch]
     ds = combine(acc_gx) * r  # sum of g * xhat
