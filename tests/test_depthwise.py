@@ -139,6 +139,12 @@ def test_depthwise_convs_take_the_depthwise_kernels(monkeypatch):
     kernels.conv2d_backward_weight(dy, x, w.shape, **kw)
     assert calls == ["planes", "planes", "backward_weight"]
     calls.clear()
+    strided = dict(kw, stride=2)  # strided too: the stride phases, weight gradient included
+    kernels.conv2d_forward(x, w, **strided)
+    kernels.conv2d_backward_data(dy[:, :, :3, :3], w, x.shape, **strided)
+    kernels.conv2d_backward_weight(dy[:, :, :3, :3], x, w.shape, **strided)
+    assert calls == ["planes", "planes", "backward_weight"]
+    calls.clear()
     kernels.conv2d_forward(x, np.concatenate([w, w]), **kw)  # a depth multiplier of 2: the general kernels
     assert calls == []
 

@@ -453,10 +453,17 @@ class NumbaBackend:
     # at batch 8, 1 thread: 1.3-3.5x at 16x16 and up; at 8x8, 0.7-0.8x: left here).
     POINTWISE_MIN_PIXELS = 64
     PLANAR_MIN_PIXELS = 128
+    # A depthwise multiply-accumulate costs about this many GEMM ones (short 9-tap sums over small
+    # planes), so depthwise convs count that much work toward `threads.SMALL_WORK`: at MobileNetV2's
+    # batch-8 shapes, 2 threads took 111 us where 1 took 231 (8 x 96 x 16 x 16, 1.8 M MACs).
+    DEPTHWISE_WORK_PER_MAC = 16
+
+    def _work(self, geo) -> int:
+        return geo.macs * (self.DEPTHWISE_WORK_PER_MAC if depthwise.is_depthwise(geo) else 1)
 
     def conv2d_forward(self, x: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                        rescale=None) -> np.ndarray:
-        with threads_for(geo.macs):
+        with threads_for(self._work(geo)):
             if depthwise.is_depthwise(geo):
                 return depthwise.depthwise_forward(x, w, geo, out_dtype, rescale)
             if self._pointwise(geo):
@@ -467,7 +474,7 @@ class NumbaBackend:
 
     def conv2d_backward_data(self, dy: np.ndarray, w: np.ndarray, geo, out_dtype: np.dtype, seg: int, amax=None,
                              rescale=None) -> np.ndarray:
-        with threads_for(geo.macs):
+        with threads_for(self._work(geo)):
             if depthwise.is_depthwise(geo):
                 return depthwise.depthwise_backward_data(dy, w, geo, out_dtype, rescale)
             if self._pointwise(geo):
@@ -478,8 +485,8 @@ class NumbaBackend:
 
     def conv2d_backward_weight(self, dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.dtype, seg: int,
                                amax=None) -> np.ndarray:
-        with threads_for(geo.macs):
-            if depthwise.is_depthwise(geo) and geo.stride_h == geo.stride_w == 1:
+        with threads_for(self._work(geo)):
+            if depthwise.is_depthwise(geo):
                 return depthwise.depthwise_backward_weight(dy, x, geo, out_dtype, seg)
             return self._conv2d_backward_weight(dy, x, geo, out_dtype, seg)
 
