@@ -37,3 +37,45 @@ def test_sum_and_dot_follow_the_lane_order_bit_for_bit(length):
     assert _sum(a) == _lane_order_sum([float(v) for v in a])
     assert _dot(a, b) == _lane_order_sum([float(x) * float(y) for x, y in zip(a, b)])  # float32 products exact
     assert abs(_sum(a) - float(np.sum(a.astype(np.float64)))) <= 1e-9 * float(np.abs(a).sum())
+
+
+def _rows_lane_sum(rows: list[list[float]]) -> float:
+    """BatchNorm's order: each row's term j into lane j % LANES, rows in turn into the same lanes."""
+    acc = [0.0] * lanes.LANES
+    for row in rows:
+        for j, t in enumerate(row):
+            acc[j % lanes.LANES] += t
+    width = lanes.LANES
+    while width > 1:
+        width //= 2
+        for q in range(width):
+            acc[q] = acc[q] + acc[q + width]
+    return acc[0]
+
+
+@pytest.mark.parametrize("length", [16, 64, 100])  # rows shorter than, equal to and longer than LANES
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_batchnorm_sums_follow_the_lane_order_bit_for_bit(length, relu, parallel):
+    from edgetrain.ops import norm_kernels
+
+    rng = np.random.default_rng(length)
+    n, c = 3, 4
+    x = rng.standard_normal((n, c, length)).astype(np.float32)
+    g = rng.standard_normal((n, c, length)).astype(np.float32)
+    scale, bias = rng.standard_normal(c), rng.standard_normal(c)
+    y = np.empty_like(x)
+    mean, var, inv = np.empty(c), np.empty(c), np.empty(c)
+    forward = norm_kernels.bn_train_forward_parallel if parallel else norm_kernels.bn_train_forward
+    forward(x, scale, bias, 1e-5, y, mean, var, inv, relu)
+    dx, dscale, dbias = np.empty_like(x), np.empty(c), np.empty(c)
+    backward = norm_kernels.bn_train_backward_parallel if parallel else norm_kernels.bn_train_backward
+    backward(x, g, y, relu, scale, mean, inv, dx, dscale, dbias)
+    for ch in range(c):
+        rows = [[float(v) for v in x[i, ch]] for i in range(n)]
+        assert mean[ch] == _rows_lane_sum(rows) / (n * length)
+        gm = [[float(gv) if (not relu or yv > 0) else 0.0 for gv, yv in zip(g[i, ch], y[i, ch])] for i in range(n)]
+        assert dbias[ch] == _rows_lane_sum(gm)
+        m = float(mean[ch])
+        assert dscale[ch] == _rows_lane_sum([[gv * (float(xv) - m) for gv, xv in zip(gr, x[i, ch])]
+                                             for i, gr in enumerate(gm)]) * float(inv[ch])
