@@ -589,10 +589,11 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
     (a 4-D accumulator may be a strided view: it is read in place, not copied first)."""
     out = np.empty(acc.shape, dtype=dtype)
     scale = _scale_product(s_a, s_b, dtype)
-    if acc.ndim == 4:
-        rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
-    elif acc.flags.c_contiguous:
+    if acc.flags.c_contiguous:  # one flat loop: a weight gradient's planes are 1x1 or 3x3, and a
+        # loop per plane cost 140 us for MobileNetV2's (336, 56, 1, 1) (the same floats either way)
         rescale_flat(acc.reshape(-1), scale, out.reshape(-1), SMALL_ELEMENTS)
+    elif acc.ndim == 4:
+        rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
     else:  # e.g. a GEMM returned as a transposed view: read in place
         rescale_planes(acc.reshape((1, 1) + acc.shape[-2:]) if acc.ndim == 2 else np.ascontiguousarray(acc),
                        np.full(1, scale, dtype=dtype), out.reshape((1, 1) + out.shape[-2:]))
