@@ -503,6 +503,7 @@ def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
     """The onnxruntime backend really runs 8-bit products itself (no silent fallback), and passes
     16-bit ones to Numba."""
     ort = _counting_ort(monkeypatch)
+    monkeypatch.setattr(ort, "SMALL_GEMM_WORK", 0)  # this test's GEMM is tiny: no Numba shortcut
     rng = np.random.default_rng(1)
     x = random_operand(rng, (2, 4, 6, 6), 8, signed=False)
     w = random_operand(rng, (5, 4, 3, 3), 8)
@@ -517,6 +518,20 @@ def test_onnxruntime_route_is_taken_for_8_bit_operands(monkeypatch):
     check_all_conv_kernels(x.astype(np.uint16) * 100, w, dy.astype(np.int16) * 200, kw)
     assert dict(ort.routes) == {"conv2d_forward:numba": 1, "conv2d_backward_data:numba": 1,
                                 "conv2d_backward_weight:numba": 1}
+
+
+def test_tiny_gemms_take_numba_with_the_same_integers(monkeypatch):
+    """Below SMALL_GEMM_WORK multiply-accumulates a GEMM skips the session run (a fixed ~20 us) for the
+    Numba kernels; from it on, onnxruntime's. Both exact: the same integers either way."""
+    ort = _counting_ort(monkeypatch)
+    rng = np.random.default_rng(3)
+    small_a, small_b = random_operand(rng, (8, 120), 8, signed=False), random_operand(rng, (120, 84), 8)
+    big_a, big_b = random_operand(rng, (64, 128), 8, signed=False), random_operand(rng, (128, 64), 8)
+    assert 8 * 120 * 84 < ort.SMALL_GEMM_WORK <= 64 * 128 * 64
+    assert_exact(kernels.gemm(small_a, small_b), ref_gemm(small_a, small_b))
+    assert dict(ort.routes) == {"gemm_nt:numba": 1}
+    assert_exact(kernels.gemm(big_a, big_b), ref_gemm(big_a, big_b))
+    assert ort.routes["gemm_nt"] == 1
 
 
 @pytest.mark.parametrize("bits", [9, 12, 14])
