@@ -71,6 +71,17 @@ def test_gemm_matches_float64_and_is_thread_invariant(m, k, n):
     assert _bits_equal(one, nearest) or np.abs(one - nearest).max() <= np.spacing(F32(np.abs(ref).max()))
 
 
+def test_a_narrow_gemm_runs_transposed_with_the_same_bits(monkeypatch):
+    """A classifier-shaped product (few columns, many rows) is computed as b^T a^T: the same products
+    summed in the same order, so the bits of the direct form."""
+    a = rng.standard_normal((130, 300)).astype(F32)
+    b = rng.standard_normal((300, 10)).astype(F32)
+    assert b.shape[1] < detfloat.NARROW_N and a.shape[0] >= detfloat.NARROW_MIN_M
+    transposed = detfloat.gemm(a, b)
+    monkeypatch.setattr(detfloat, "NARROW_N", 0)
+    assert _bits_equal(transposed, detfloat.gemm(a, b))
+
+
 @pytest.mark.parametrize("a_shape,b_shape", [((4, 6, 5), (5, 3)), ((2, 4, 6, 5), (2, 1, 5, 3)), ((5,), (5, 3)),
                                              ((4, 5), (5,)), ((3, 4, 5), (3, 5, 2))])
 def test_matmul_follows_numpy_semantics(a_shape, b_shape):
@@ -240,6 +251,8 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     unit, shared = tuple(params[k] for k in gates.unit_param_names(0)), tuple(params[k] for k in gates.SHARED_NAMES)
     logits, ctx = gates.gate_forward(np.ones((2, 3), F32), unit, shared, zeros, zeros)
     gates.gate_backward(ctx, np.ones_like(logits), zeros, zeros, unit, shared)
+    from edgetrain.kernels import rescale  # strided accumulators only (LeNet-5's are contiguous): compile it here
+    rescale.rescale_planes(np.ones((1, 2, 3, 3), np.int32), np.ones(2, F32), np.empty((1, 2, 3, 3), F32))
     checked = set()
     for kernel in _kernels():
         opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
