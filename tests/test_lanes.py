@@ -6,17 +6,24 @@ from numba import njit
 from edgetrain.kernels import lanes
 
 
-def _lane_order_sum(terms: list[float]) -> float:
-    """The documented order in Python floats: term j into lane j % LANES, lanes added pairwise."""
+def _rows_lane_sum(rows: list[list[float]]) -> float:
+    """The documented order in Python floats: each row's term j into lane j % LANES, rows in turn into
+    the same lanes (BatchNorm's samples of one channel), then the lanes added pairwise."""
     acc = [0.0] * lanes.LANES
-    for j, t in enumerate(terms):
-        acc[j % lanes.LANES] += t
+    for row in rows:
+        for j, t in enumerate(row):
+            acc[j % lanes.LANES] += t
     width = lanes.LANES
     while width > 1:
         width //= 2
         for q in range(width):
             acc[q] = acc[q] + acc[q + width]
     return acc[0]
+
+
+def _lane_order_sum(terms: list[float]) -> float:
+    """One row's sum in the lane order."""
+    return _rows_lane_sum([terms])
 
 
 @njit
@@ -37,20 +44,6 @@ def test_sum_and_dot_follow_the_lane_order_bit_for_bit(length):
     assert _sum(a) == _lane_order_sum([float(v) for v in a])
     assert _dot(a, b) == _lane_order_sum([float(x) * float(y) for x, y in zip(a, b)])  # float32 products exact
     assert abs(_sum(a) - float(np.sum(a.astype(np.float64)))) <= 1e-9 * float(np.abs(a).sum())
-
-
-def _rows_lane_sum(rows: list[list[float]]) -> float:
-    """BatchNorm's order: each row's term j into lane j % LANES, rows in turn into the same lanes."""
-    acc = [0.0] * lanes.LANES
-    for row in rows:
-        for j, t in enumerate(row):
-            acc[j % lanes.LANES] += t
-    width = lanes.LANES
-    while width > 1:
-        width //= 2
-        for q in range(width):
-            acc[q] = acc[q] + acc[q + width]
-    return acc[0]
 
 
 @pytest.mark.parametrize("length", [16, 64, 100])  # rows shorter than, equal to and longer than LANES
