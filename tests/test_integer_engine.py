@@ -163,6 +163,35 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
         assert np.array_equal(fused_out, plain_out)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-44, 1e-46])  # 1e-46: outputs that round to 0 in float32
+@pytest.mark.parametrize("parallel", [False, True])
+def test_folded_relu_mask_is_the_stored_outputs_sign(dtype, magnitude, parallel):
+    """The folded Relu's backward recomputes the BatchNorm output from x; its mask must be exactly
+    y > 0 of the stored output, even where x * a + b is positive in float64 but rounds to 0 in float32."""
+    from edgetrain.ops import norm_kernels
+
+    rng = np.random.default_rng(int(-np.log10(magnitude)) + 3 * parallel)
+    x = rng.standard_normal((4, 3, 37)).astype(dtype)
+    g = rng.standard_normal((4, 3, 37)).astype(dtype)
+    scale = rng.choice([-1.0, 1.0], 3) * magnitude
+    bias = rng.standard_normal(3) * magnitude * 0.3
+    y = np.empty_like(x)
+    mean, var, inv = np.empty(3), np.empty(3), np.empty(3)
+    forward = norm_kernels.bn_train_forward_parallel if parallel else norm_kernels.bn_train_forward
+    backward = norm_kernels.bn_train_backward_parallel if parallel else norm_kernels.bn_train_backward
+    forward(x, scale, bias, 1e-5, y, mean, var, inv, True)
+    folded = [np.empty_like(x), np.empty(3), np.empty(3)]
+    backward(x, g, True, scale, bias, mean, inv, *folded)
+    masked = [np.empty_like(x), np.empty(3), np.empty(3)]
+    backward(x, np.where(y > 0, g, dtype(0)), False, scale, bias, mean, inv, *masked)
+    for a, b in zip(folded, masked):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    if dtype is np.float32 and magnitude == 1e-46:  # the case a float64 sign test would get wrong
+        affine = x.astype(np.float64) * (scale * inv)[None, :, None] + (bias - mean * scale * inv)[None, :, None]
+        assert ((affine > 0) & ~(y > 0)).any()
+
+
 def test_same_seed_same_bits_other_seed_differs():
     a, b, c = _run(0), _run(0), _run(1)
     assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -63,7 +63,7 @@ def test_batchnorm_sums_follow_the_lane_order_bit_for_bit(length, relu, parallel
     forward(x, scale, bias, 1e-5, y, mean, var, inv, relu)
     dx, dscale, dbias = np.empty_like(x), np.empty(c), np.empty(c)
     backward = norm_kernels.bn_train_backward_parallel if parallel else norm_kernels.bn_train_backward
-    backward(x, g, y, relu, scale, mean, inv, dx, dscale, dbias)
+    backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias)
     for ch in range(c):
         rows = [[float(v) for v in x[i, ch]] for i in range(n)]
         assert mean[ch] == _rows_lane_sum(rows) / (n * length)

@@ -32,7 +32,7 @@ class TrainContext(NamedTuple):
     shape: tuple
     new_mean: np.ndarray
     new_var: np.ndarray
-    y3: np.ndarray
+    bias: np.ndarray  # float64, as the forward used it: a folded Relu's mask is recomputed from x with it
 
 
 @register("BatchNormalization")
@@ -75,7 +75,8 @@ class BatchNormalization(Op):
         bvar = np.empty(x.shape[1], dtype=np.float64)
         inv = np.empty(x.shape[1], dtype=np.float64)
         forward = norm_kernels.bn_train_forward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_forward
-        forward(x3, scale.astype(np.float64), bias.astype(np.float64), float(eps), y3, mu, bvar, inv, self.relu)
+        bias64 = bias.astype(np.float64)
+        forward(x3, scale.astype(np.float64), bias64, float(eps), y3, mu, bvar, inv, self.relu)
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
@@ -86,7 +87,7 @@ class BatchNormalization(Op):
         outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
-        return outs, TrainContext(x3, mu, inv, scale, x.shape, new_mean, new_var, y3)
+        return outs, TrainContext(x3, mu, inv, scale, x.shape, new_mean, new_var, bias64)
 
     def buffer_updates(self, ctx):
         if not isinstance(ctx, TrainContext):
@@ -102,7 +103,7 @@ class BatchNormalization(Op):
                 g = g * (y > 0)
             return [g * (inv * scale).reshape(bshape), detfloat.op_sum(g * xhat, axes), detfloat.op_sum(g, axes),
                     None, None]
-        x3, mu, inv, scale, shape, y3 = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape, ctx.y3
+        x3, mu, inv, scale, shape = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape
         g3 = np.ascontiguousarray(g).reshape(x3.shape)
         dx = np.empty_like(g3)
         dscale = np.empty(x3.shape[1], dtype=np.float64)
@@ -110,7 +111,7 @@ class BatchNormalization(Op):
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
         backward = norm_kernels.bn_train_backward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_backward
-        backward(x3, g3, y3, self.relu, scale.astype(np.float64), mu, inv, dx, dscale, dbias)
+        backward(x3, g3, self.relu, scale.astype(np.float64), ctx.bias, mu, inv, dx, dscale, dbias)
         return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
 
 
