@@ -141,10 +141,7 @@ def _flat_plane(src, wpl, flip, pt, pl, sh, sw, dh, dw, scratch, acc):
     out_h = acc.shape[0]
     out_w = wq - ((kw - 1) * dw) // sw if strided else wq - (kw - 1) * dw
     sflat = scratch.reshape(scratch.shape[0] * wq)
-    if strided:
-        _phase_pad_into(src, pt, pl, sh, sw, scratch)
-    else:
-        _pad_into(src, pt, pl, scratch)
+    _phase_pad_into(src, pt, pl, sh, sw, scratch)
     length = (out_h - 1) * wq + out_w
     aflat = acc.reshape(out_h * wq)
     if kh == 3 and kw == 3 and length >= RUNS_3X3_MIN:

@@ -35,8 +35,9 @@ def add_row(acc, row, length) -> None:
         base = blk * LANES
         for q in range(LANES):
             acc[q] += np.float64(row[base + q])
-    for j in range(blocks * LANES, length):
-        acc[j - blocks * LANES] += np.float64(row[j])
+    rest = row[blocks * LANES:length]  # a view from 0: `j - tail` would get a wraparound check and stay scalar
+    for q in range(rest.size):
+        acc[q] += np.float64(rest[q])
 
 
 @njit(cache=True, inline="always")
@@ -56,6 +57,7 @@ def dot_row(a, b, length) -> float:
         base = blk * LANES
         for q in range(LANES):
             acc[q] += np.float64(a[base + q]) * np.float64(b[base + q])
-    for j in range(blocks * LANES, length):
-        acc[j - blocks * LANES] += np.float64(a[j]) * np.float64(b[j])
+    ra, rb = a[blocks * LANES:length], b[blocks * LANES:length]  # views from 0, as add_row
+    for q in range(ra.size):
+        acc[q] += np.float64(ra[q]) * np.float64(rb[q])
     return combine(acc)

@@ -162,7 +162,7 @@ def _extrema(x3, lo, hi):
 
     For small tensors (a layer's weights, a small batch's activations): one compiled call instead of
     NumPy's two reductions and their checks, 2 us instead of 10 for 2,304 weights; larger ones take
-    `_key_extrema`, which vectorises (measured 47 us here against 107 for 131,072 values)."""
+    `_key_extrema`, which vectorises (this loop took 107 us for 131,072 values where NumPy took 47)."""
     bad = False
     for c in range(x3.shape[1]):
         a = np.inf
@@ -239,9 +239,9 @@ def _key_extrema_pieces(bits, exp_mask, mag_mask, shift, lo, hi, bad, out):
     return True
 
 
-# From this many values a per-tensor range takes the parallel scan; below, NumPy's two reductions cost
-# less than a parallel launch (measured 2 threads: 2.1 million float32 values 0.08 ms against NumPy's
-# 0.16 ms; 131,072 values about even).
+# From this many values a per-tensor range takes the parallel scan; below, `_key_extrema` on one thread
+# costs less than a parallel launch (measured 2 threads: 2.1 million float32 values 0.08 ms against
+# NumPy's 0.16 ms; 131,072 values about even).
 _PARALLEL_EXTREMA_MIN = 1 << 18
 
 
