@@ -18,6 +18,7 @@ import models
 from edgetrain.cli.demo import demo_model_path
 from edgetrain.data import load_data
 from edgetrain.kernels import detfloat
+from edgetrain.losses import softmax_cross_entropy
 from edgetrain.train.config import resolve
 from edgetrain.train.runstate import build_model
 from edgetrain.train.trainer import Trainer
@@ -211,12 +212,44 @@ def test_compiled_scalar_twins_give_the_array_forms_bits(xs):
     with np.errstate(all="ignore"):
         assert _same_bits64(detfloat._exp64(x), np.array([detfloat.exp64_scalar(v) for v in x]))
         assert _same_bits64(detfloat._expm1_64(x), np.array([detfloat.expm1_64_scalar(v) for v in x]))
+        tiny = np.array([5e-324, 1e-310, 2.2250738585072014e-308, 1.4142135623730951, 1.4142135623730954])
+        xl = np.concatenate([x, tiny, np.abs(x)])
+        assert _same_bits64(detfloat._log64(xl), np.array([detfloat.log64_scalar(v) for v in xl]))
         x32 = x.astype(F32)
         twin = np.array([detfloat.tanh64_scalar(float(v)) for v in x32]).astype(F32)
         assert _same_bits64(detfloat.tanh(x32).astype(np.float64), twin.astype(np.float64))
         block = np.empty(x32.size)
         detfloat.tanh64_block(x32.astype(np.float64), block, np.empty((detfloat.TANH_SCRATCH_ROWS, x32.size)))
         assert _same_bits64(block.astype(F32).astype(np.float64), twin.astype(np.float64))
+
+
+def _xent_array_form(logits: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+    """The cross-entropy as whole-array detfloat calls: what `softmax_xent64` must equal bit for bit."""
+    n = logits.shape[0]
+    log_softmax = detfloat.log_softmax(logits, axis=1)
+    t64 = target.astype(np.float64)
+    return -float(detfloat.sum64(t64 * log_softmax)) / n, ((detfloat.exp(log_softmax) - t64) / n).astype(logits.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.sampled_from([F32, np.float64]), st.floats(0.0, 0.5),
+       st.floats(1e-3, 1e3), st.integers(0, 2 ** 31))
+def test_compiled_cross_entropy_gives_the_array_forms_bits(n, k, dtype, smoothing, spread, seed):
+    """The training loss's compiled pass is the array form's operations in the same order, with label
+    smoothing, extreme logits, NaN and infinities."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, k)) * spread).astype(dtype)
+    if seed % 5 == 0:
+        logits.flat[rng.integers(0, logits.size)] = rng.choice([np.nan, np.inf, -np.inf])
+    labels = rng.integers(0, k, n)
+    target = np.zeros((n, k), dtype)
+    target[np.arange(n), labels] = 1
+    with np.errstate(all="ignore"), detfloat.using(True):
+        loss, grad = softmax_cross_entropy(logits, labels, smoothing)
+        want_loss, want_grad = _xent_array_form(logits, target * (1 - smoothing) + smoothing / k if smoothing
+                                                else target)
+    assert _same_bits64(np.array([loss]), np.array([want_loss]))
+    assert _same_bits64(grad.astype(np.float64), want_grad.astype(np.float64))
 
 
 # ------------------------------------------------------------------- no fast-math in the kernels
@@ -235,7 +268,8 @@ def _kernels():
             norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
             quantizer._quantize_nearest, quantizer._quantize_stochastic, optim._sgd_momentum,
             dfq_kernels._matmul, dfq_kernels._row_means, gate_kernels.gate_forward_rows,
-            gate_kernels.gate_backward_rows, gate_kernels.sample_sums, detfloat.tanh64_block]
+            gate_kernels.gate_backward_rows, gate_kernels.sample_sums, detfloat.tanh64_block,
+            detfloat.softmax_xent64]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -269,7 +303,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
             "_quantize_stochastic", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows",
-            "sample_sums", "tanh64_block"} <= checked
+            "sample_sums", "tanh64_block", "softmax_xent64"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit
