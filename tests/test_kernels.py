@@ -335,6 +335,28 @@ def test_forward_and_backward_data_long_reductions_use_int64():
     np.testing.assert_array_equal(dx, ref_conv_backward_data(dy, w2, (1, 2, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1))
 
 
+def test_threads_for_runs_small_work_on_one_thread_and_restores_the_pool():
+    """Small work: one thread inside, the caller's count after (also when the block raises); large work and
+    a single-threaded caller: untouched."""
+    import numba
+
+    from edgetrain.kernels.threads import threads_for
+    before = numba.get_num_threads()
+    try:
+        for outer in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(outer)
+            with threads_for(10):
+                assert numba.get_num_threads() == 1
+            assert numba.get_num_threads() == outer
+            with threads_for(10, threshold=5):
+                assert numba.get_num_threads() == outer
+            with pytest.raises(KeyError), threads_for(10):
+                raise KeyError
+            assert numba.get_num_threads() == outer
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_results_do_not_depend_on_thread_count(monkeypatch):
     import numba
 

@@ -1,8 +1,7 @@
 """Thread-count policy shared by the Numba kernels of edgetrain.kernels and edgetrain.quant."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numba
 
@@ -20,18 +19,46 @@ SMALL_WORK = 1 << 22
 SMALL_ELEMENTS = 1 << 16
 
 
-@contextmanager
-def threads_for(work: int, threshold: int | None = None) -> Iterator[None]:
-    """Run the enclosed Numba kernels single-threaded when `work` is below the threshold."""
-    if work >= (SMALL_WORK if threshold is None else threshold):
-        yield
-        return
-    previous = numba.get_num_threads()
-    if previous == 1:  # already single-threaded (e.g. a 1-thread run): nothing to switch
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+def _pool_switches() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """The calling thread's pool-size getter and setter, as cheap as this Numba allows.
+
+    numba.get_num_threads/set_num_threads check that the pool is up and the count valid on every call
+    (0.5 and 0.8 us); once the pool is up Numba binds the C functions behind them, which take 0.1 and
+    0.2 us. A step switches the pool a few dozen times at batch 8, so it is worth the private names;
+    where a Numba release renames them, the public pair is used."""
+    numba.get_num_threads()  # launches the pool: the C functions are bound from then on
+    from numba.np.ufunc import parallel
+
+    get, put = getattr(parallel, "_get_num_threads", None), getattr(parallel, "_set_num_threads", None)
+    if callable(get) and callable(put) and get() == numba.get_num_threads():
+        return get, put
+    return numba.get_num_threads, numba.set_num_threads
+
+
+class threads_for:  # lower case: it reads as a function, `with threads_for(work):`
+    """Run the enclosed Numba kernels single-threaded when `work` is below the threshold.
+
+    A class rather than a generator context manager: entering and leaving one cost 1 us more, and a
+    batch-8 step enters it about fifty times."""
+
+    __slots__ = ("_previous",)
+    _switch: tuple[Callable[[], int], Callable[[int], None]] | None = None
+
+    def __init__(self, work: int, threshold: int | None = None):
+        self._previous = 0  # 0: nothing switched, nothing to restore
+        if work >= (SMALL_WORK if threshold is None else threshold):
+            return
+        if threads_for._switch is None:
+            threads_for._switch = _pool_switches()
+        get, put = threads_for._switch
+        previous = get()
+        if previous != 1:  # already single-threaded (e.g. a 1-thread run): nothing to switch
+            put(1)
+            self._previous = previous
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        if self._previous:
+            threads_for._switch[1](self._previous)
