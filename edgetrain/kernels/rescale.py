@@ -71,3 +71,84 @@ def rescaled(acc: np.ndarray, rescale) -> np.ndarray:
     return out
 
 
+
+
+MATRIX_TILE = 64  # a 64 x 64 tile of a transposed accumulator and its output stay in L1 together
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _matrix_value(a, s, dst, r, c, cast_first):
+    """One output value: `cast_first`, the output type's conversion of a times s in that type (NumPy's
+    `acc.astype(dtype) * scale`, QuantLinear's forward); else `scale_row`'s a * s (every other rescale)."""
+    if cast_first:
+        dst[r, c] = a
+        dst[r, c] = dst[r, c] * s
+    else:
+        dst[r, c] = a * s
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _matrix_rows(acc, scale, out, cast_first, row):
+    per_col = scale.size > 1
+    for c in range(out.shape[1]):
+        _matrix_value(acc[row, c], scale[c if per_col else 0], out, row, c, cast_first)
+
+
+@njit(inline="always", cache=True, nogil=True)
+def _matrix_tile(acc_t, scale, out, cast_first, tile):
+    """Tile `tile` of out: acc_t's rows (out's columns) rescaled into the rows of a padded buffer, then
+    transposed out of it row by row. Written straight into out, a column walk strides by out's row
+    length, and at a power of two (512 float32) every value of it lands in one cache set: (128, 512)
+    took 250 us, 14x the per-value time of (512, 784). The buffer's rows are MATRIX_TILE + 1 long, so a
+    walk down its columns spreads over the sets."""
+    rows, cols = out.shape
+    col_tiles = (cols + MATRIX_TILE - 1) // MATRIX_TILE
+    r0 = (tile // col_tiles) * MATRIX_TILE
+    c0 = (tile % col_tiles) * MATRIX_TILE
+    r1 = min(rows, r0 + MATRIX_TILE)
+    c1 = min(cols, c0 + MATRIX_TILE)
+    per_col = scale.size > 1
+    buf = np.empty((MATRIX_TILE, MATRIX_TILE + 1), out.dtype)
+    for c in range(c1 - c0):  # rescaled along acc_t's rows: contiguous both sides, so it vectorises
+        s = scale[c0 + c if per_col else 0]
+        src = acc_t[c0 + c, r0:r1]
+        for r in range(r1 - r0):
+            _matrix_value(src[r], s, buf, c, r, cast_first)
+    for r in range(r1 - r0):  # then transposed out of the buffer
+        dst = out[r0 + r, c0:c1]
+        for c in range(c1 - c0):
+            dst[c] = buf[c, r]
+
+
+@njit(parallel=True, cache=True)
+def _rescale_matrix(acc, scale, out, cast_first, transposed, min_parallel):
+    """out (R, C) = acc * scale[c] (a length-1 scale: every column's), acc read with any strides; a
+    `transposed` acc (its columns contiguous) is walked in tiles, along its columns, so neither side is
+    read or written a cache line per value (a transposed (512, 784) accumulator took 570 us row by row)."""
+    rows, cols = out.shape
+    tiles = ((rows + MATRIX_TILE - 1) // MATRIX_TILE) * ((cols + MATRIX_TILE - 1) // MATRIX_TILE)
+    acc_t = acc.T
+    if out.size < min_parallel:
+        if transposed:
+            for tile in range(tiles):
+                _matrix_tile(acc_t, scale, out, cast_first, tile)
+        else:
+            for row in range(rows):
+                _matrix_rows(acc, scale, out, cast_first, row)
+        return
+    if transposed:
+        for tile in prange(tiles):
+            _matrix_tile(acc_t, scale, out, cast_first, tile)
+    else:
+        for row in prange(rows):
+            _matrix_rows(acc, scale, out, cast_first, row)
+
+
+def rescale_matrix(acc: np.ndarray, scale, dtype, cast_first: bool = False) -> np.ndarray:
+    """A 2-D integer accumulator (any strides; a GEMM may return a transposed view) times a per-column
+    scale (or one scale) as a new C-contiguous array of `dtype`; cast_first: see `_matrix_value`."""
+    out = np.empty(acc.shape, dtype)
+    scale = np.ascontiguousarray(np.asarray(scale, dtype=dtype).reshape(-1))
+    transposed = acc.ndim == 2 and acc.shape[0] > 1 and acc.strides[0] < acc.strides[1]
+    _rescale_matrix(acc, scale, out, cast_first, transposed, SMALL_ELEMENTS)
+    return out

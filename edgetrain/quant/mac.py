@@ -39,7 +39,7 @@ import numpy as np
 from edgetrain import kernels
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
-from edgetrain.kernels.rescale import rescale_planes
+from edgetrain.kernels.rescale import rescale_matrix, rescale_planes
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.norm_kernels import rescale_flat
@@ -384,7 +384,7 @@ class QuantLinear(QuantMAC):
             # may be a transposed view
             acc = kernels.linear_forward(_stacked(codes, members), wq.q, bounds=_run_bounds(xqs, wq, members))
             for scale, sl in zip(_forward_scales(xqs, wq, members, x.dtype), _local(codes, members)):
-                parts.append((acc if len(members) == 1 else acc[sl]).astype(x.dtype, order="C") * scale.reshape(1, -1))
+                parts.append(rescale_matrix(acc if len(members) == 1 else acc[sl], scale, x.dtype, cast_first=True))
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
         beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
@@ -594,9 +594,10 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
         rescale_flat(acc.reshape(-1), scale, out.reshape(-1), SMALL_ELEMENTS)
     elif acc.ndim == 4:
         rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
-    else:  # e.g. a GEMM returned as a transposed view: read in place
-        rescale_planes(acc.reshape((1, 1) + acc.shape[-2:]) if acc.ndim == 2 else np.ascontiguousarray(acc),
-                       np.full(1, scale, dtype=dtype), out.reshape((1, 1) + out.shape[-2:]))
+    elif acc.ndim == 2:  # e.g. a GEMM returned as a transposed view: read in place, in tiles
+        return rescale_matrix(acc, scale, dtype)
+    else:
+        rescale_flat(np.ascontiguousarray(acc).reshape(-1), scale, out.reshape(-1), SMALL_ELEMENTS)
     return out
 
 
