@@ -143,3 +143,26 @@ def test_batchnorm_running_stats_update():
     m = float(np.float32(0.9))  # ONNX float attributes are float32
     np.testing.assert_allclose(model.buffers()["m"], (1 - m) * mean, rtol=1e-12)
     np.testing.assert_allclose(model.buffers()["v"], m + (1 - m) * var, rtol=1e-12)
+
+
+def test_fan_out_gradients_sum_right_when_backwards_share_arrays():
+    """The engine sums a fan-out's gradients in place where it can. Add hands one array to both its
+    inputs: here r's gradient arrives as the array c's gradient also is, while c's is still pending, and
+    d's Reshape returns a view; an in-place sum into either would change another tensor's gradient."""
+    nodes = [helper.make_node("Mul", ["x", "w"], ["c"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Mul", ["r", "w2"], ["m"]),
+             helper.make_node("Reshape", ["m", "flat"], ["f"]),
+             helper.make_node("Reshape", ["f", "back"], ["d"]),
+             helper.make_node("Add", ["r", "c"], ["s"]),
+             helper.make_node("Add", ["s", "d"], ["t"]),
+             helper.make_node("Add", ["t", "r"], ["y"])]
+    x, w, w2 = away_from_zero(3, 4, 5), rnd(3, 4, 5), rnd(3, 4, 5)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array([3, 20]), "flat"), numpy_helper.from_array(np.array([3, 4, 5]), "back")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, x.shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    errors = check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
+    assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
