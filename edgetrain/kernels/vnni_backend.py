@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+from numba import njit
 
 from edgetrain.kernels import vnni as _vn
 from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
@@ -55,7 +56,7 @@ class _ConvProgram:
     table: np.ndarray  # (jobs, 9) int64: rows, k4, weight offset, tap offset, taps, out_h, out_w, first_h, first_w
     taps: np.ndarray  # (T, 2) int64: (phase, offset)
     w_index: np.ndarray  # flat index into w.reshape(-1) of every packed weight byte; -1: a zero pad
-    job_blocks: tuple  # per job: (weight offset, padded rows, K, rows)
+    job_blocks: np.ndarray  # (jobs, 4) int64, per job: weight offset, padded rows, K, rows
     corr_len: int
     out_shape: tuple
     step: tuple
@@ -91,7 +92,8 @@ def _program(plane, cpad, jobs, out_shape, step, zero) -> _ConvProgram:
     cols = [_round_up(int(oh) * plane["wq"], _vn.LANES) for oh in table[:, 5]]
     return _ConvProgram(
         plane=plane, table=table, taps=np.array(taps, np.int64).reshape(-1, 2), w_index=np.concatenate(index),
-        job_blocks=tuple(blocks), corr_len=_round_up(int(table[:, 0].max()), _vn.MT), out_shape=tuple(out_shape),
+        job_blocks=np.array(blocks, np.int64).reshape(-1, 4), corr_len=_round_up(int(table[:, 0].max()), _vn.MT),
+        out_shape=tuple(out_shape),
         step=tuple(step), zero=zero, cpad=cpad,
         b_words=max(int(k4) * cl for k4, cl in zip(table[:, 1], cols)),
         c_size=max(_round_up(int(r), _vn.MT) * cl for r, cl in zip(table[:, 0], cols)),
@@ -151,6 +153,28 @@ def _backward_data_program(geo) -> _ConvProgram | None:
                      (ph.first, pw.first)))
     step = (geo.stride_h, geo.stride_w)
     return _program(plane, mpad4, jobs, geo.x_shape, step, covered < full)
+
+
+@njit(cache=True, nogil=True)
+def _pack_weights(w_flat, w_index, blocks, corr, xor):
+    """The kernel's weight rows: packed[i] = w_flat[w_index[i]], 0 where the index is -1 (padding). With
+    xor (the data operand was int8, shifted by 128 to unsigned), corr[j, r] = -128 * (sum of job j's row
+    r): the accumulators start there. One compiled call for what took a gather and a NumPy sum per job
+    (about 15 us a conv at batch 8)."""
+    packed = np.empty(w_index.size, np.int8)
+    for i in range(w_index.size):
+        k = w_index[i]
+        packed[i] = w_flat[k] if k >= 0 else 0
+    if xor:
+        for j in range(blocks.shape[0]):
+            w0, k, rows = blocks[j, 0], blocks[j, 2], blocks[j, 3]
+            for r in range(rows):
+                row = packed[w0 + r * k:w0 + (r + 1) * k]
+                total = 0
+                for t in range(k):
+                    total += np.int64(row[t])
+                corr[j, r] = -128 * total
+    return packed
 
 
 class VnniBackend(OrtBackend):
@@ -257,12 +281,8 @@ class VnniBackend(OrtBackend):
         """Run `vnni.conv_fused` for a program (the forward, or the stride phases of a backward-data)."""
         n = x8.shape[0]
         xor = _XOR if x8.dtype == np.int8 else 0  # the data operand must be unsigned
-        weights = np.concatenate((w8.reshape(-1), np.zeros(1, np.int8)))[prog.w_index]  # -1 picks the 0
-        corr = np.zeros((len(prog.job_blocks), prog.corr_len), np.int32)
-        if xor:  # x + 128 was multiplied: start the accumulators at -128 * (sum of the row's weights)
-            for j, (w0, rows_pad, k, rows) in enumerate(prog.job_blocks):
-                sums = weights[w0:w0 + rows_pad * k].reshape(rows_pad, k).sum(axis=1, dtype=np.int64)
-                corr[j, :rows] = -128 * sums[:rows]
+        corr = np.zeros((prog.job_blocks.shape[0], prog.corr_len), np.int32)
+        weights = _pack_weights(np.ascontiguousarray(w8).reshape(-1), prog.w_index, prog.job_blocks, corr, xor != 0)
         if rescale is None:
             out_i = (np.zeros if prog.zero else np.empty)(prog.out_shape, np.int32)
             out_f = np.zeros((0, 0, 0, 0), np.float32)
