@@ -395,3 +395,26 @@ def test_observed_max_is_the_largest_magnitude(x, per_channel, signed):
     q = quantize(x, 8, signed=signed, axis=0 if per_channel else None)
     assert q.stats.observed_max == float(np.abs(x.astype(np.float64)).max())
     assert np.copysign(1.0, q.stats.observed_max) == 1.0  # never -0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70000), st.sampled_from([np.float32, np.float64]), st.integers(2, 16), st.booleans(),
+       st.booleans(), st.booleans(), st.sampled_from([None, 0.4, 5.0]), st.integers(0, 2 ** 31))
+def test_small_tensor_path_equals_the_general_one(size, dtype, bits, signed, stochastic, pow2, fixed, seed):
+    """Below PARALLEL_MIN_ELEMENTS a per-tensor quantisation takes one compiled call (`_quantize_small`):
+    the same codes, scale and stats as the general path, for either rounding, a fixed range and pow2."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(size) * rng.uniform(1e-3, 1e3)).astype(dtype)
+    x = x if signed else np.abs(x)
+    kw = dict(signed=signed, pow2=pow2, range=fixed, rounding="stochastic" if stochastic else "nearest",
+              key=(seed, 3, 1), index_offset=seed % 1000)
+    small = quantize(x, bits, **kw)
+    general_min = quantizer_module.PARALLEL_MIN_ELEMENTS
+    quantizer_module.PARALLEL_MIN_ELEMENTS = 0  # the general path (its kernels then run in parallel)
+    try:
+        general = quantize(x, bits, **kw)
+    finally:
+        quantizer_module.PARALLEL_MIN_ELEMENTS = general_min
+    assert small.q.dtype == general.q.dtype and np.array_equal(small.q, general.q)
+    assert small.scale == general.scale and type(small.scale) is type(general.scale)
+    assert small.stats == general.stats
