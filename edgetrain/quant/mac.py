@@ -125,6 +125,7 @@ class QuantMAC(Op):
         self.runtime = runtime
         # Names this layer's running activation range and clip counter; DFQ gives each candidate its own.
         self.range_key = float_op.node.name
+        self._args_by_shape: dict[tuple, dict] = {}  # a conv's kernel arguments per (x, w) shape pair
 
     def forward(self, inputs, run):
         """The layer as one sample group: every row quantised by this op."""
@@ -172,7 +173,14 @@ class QuantConv(QuantMAC):
     sums term by term, so the same exact integers."""
 
     def _conv_args(self, x_shape, w_shape):
-        """The kernels' arguments for the 2-D view of this conv (a 1-D conv's height axis is trivial)."""
+        """The kernels' arguments for the 2-D view of this conv (a 1-D conv's height axis is trivial);
+        kept per shape pair, as a node's attributes never change (resolving them took 5 us a call)."""
+        key = (tuple(x_shape), tuple(w_shape))
+        if key not in self._args_by_shape:
+            self._args_by_shape[key] = self._resolve_conv_args(x_shape, w_shape)
+        return self._args_by_shape[key]
+
+    def _resolve_conv_args(self, x_shape, w_shape):
         geo = geometry(self.node.name, self.attrs, tuple(x_shape[2:]), tuple(self.attr("kernel_shape", w_shape[2:])))
         if len(x_shape) == 3:
             return dict(stride=(1, geo.strides[0]), pads=(0, geo.pads_begin[0], 0, geo.pads_end[0]),
