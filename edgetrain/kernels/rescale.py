@@ -71,8 +71,6 @@ def rescaled(acc: np.ndarray, rescale) -> np.ndarray:
     return out
 
 
-
-
 MATRIX_TILE = 64  # a 64 x 64 tile of a transposed accumulator and its output stay in L1 together
 
 

@@ -41,12 +41,15 @@ class threads_for:  # lower case: it reads as a function, `with threads_for(work
     A class rather than a generator context manager: entering and leaving one cost 1 us more, and a
     batch-8 step enters it about fifty times."""
 
-    __slots__ = ("_previous",)
+    __slots__ = ("_work", "_threshold", "_previous")
     _switch: tuple[Callable[[], int], Callable[[int], None]] | None = None
 
     def __init__(self, work: int, threshold: int | None = None):
+        self._work, self._threshold = work, threshold
         self._previous = 0  # 0: nothing switched, nothing to restore
-        if work >= (SMALL_WORK if threshold is None else threshold):
+
+    def __enter__(self) -> None:
+        if self._work >= (SMALL_WORK if self._threshold is None else self._threshold):
             return
         if threads_for._switch is None:
             threads_for._switch = _pool_switches()
@@ -56,9 +59,7 @@ class threads_for:  # lower case: it reads as a function, `with threads_for(work
             put(1)
             self._previous = previous
 
-    def __enter__(self) -> None:
-        return None
-
     def __exit__(self, *exc) -> None:
         if self._previous:
             threads_for._switch[1](self._previous)
+            self._previous = 0
