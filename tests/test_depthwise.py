@@ -79,15 +79,15 @@ def _check(x, w, dy, kw):
 @settings(max_examples=50, deadline=None)
 @given(depthwise_cases())
 def test_random_depthwise_convs_are_exact(case):
-    """Each case on both plane paths: the stride-phase kernels and the direct loops for tiny planes."""
+    """Each case on both plane paths: the stride-phase kernels and the channels-last loops for small planes."""
     x_shape, w_shape, kw, bits, extreme, seed = case
-    before = depthwise.TINY_PLANE_MAX, depthwise.TINY_STRIDED_MAX
+    before = depthwise.SMALL_PLANE_MAX
     try:
-        for tiny_max in (0, 10 ** 9):
-            depthwise.TINY_PLANE_MAX = depthwise.TINY_STRIDED_MAX = tiny_max
+        for small_max in (0, 10 ** 9):
+            depthwise.SMALL_PLANE_MAX = small_max
             _check(*_operands(x_shape, w_shape, kw, bits, extreme, seed), kw)
     finally:
-        depthwise.TINY_PLANE_MAX, depthwise.TINY_STRIDED_MAX = before
+        depthwise.SMALL_PLANE_MAX = before
 
 
 @pytest.mark.parametrize("shape,stride,pads,dilation", [
@@ -112,7 +112,7 @@ def test_model_shapes_and_worst_cases(shape, stride, pads, dilation):
 @pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [9, 3], ids=["phases", "tiny"])
+@pytest.mark.parametrize("size", [17, 3], ids=["phases", "small"])
 def test_fused_rescale_gives_the_rescaled_exact_integers(per_image, dtype, stride, size):
     """One rounding of the exact integer times the scale: the bits `rescale.rescaled` gives afterwards."""
     from edgetrain.kernels.rescale import rescaled
@@ -134,13 +134,13 @@ def test_fused_rescale_gives_the_rescaled_exact_integers(per_image, dtype, strid
 
 def test_depthwise_convs_take_the_depthwise_kernels(monkeypatch):
     calls = []
-    for name in ("planes", "planes_scaled", "backward_weight", "tiny_planes", "tiny_backward_weight"):
+    for name in ("planes", "planes_scaled", "backward_weight", "small_planes", "small_backward_weight"):
         original = getattr(depthwise, name)
         monkeypatch.setattr(depthwise, name, lambda *a, _o=original, _n=name: (calls.append(_n), _o(*a))[1])
     rng = np.random.default_rng(2)
-    x = random_operand(rng, (2, 4, 6, 6), 8, signed=False)
+    x = random_operand(rng, (2, 4, 12, 12), 8, signed=False)  # 144 outputs a plane: above SMALL_PLANE_MAX
     w = random_operand(rng, (4, 1, 3, 3), 8)
-    dy = random_operand(rng, (2, 4, 6, 6), 8)
+    dy = random_operand(rng, (2, 4, 12, 12), 8)
     kw = dict(pads=(1, 1, 1, 1), groups=4)
     kernels.conv2d_forward(x, w, **kw)
     kernels.conv2d_backward_data(dy, w, x.shape, **kw)
@@ -148,18 +148,20 @@ def test_depthwise_convs_take_the_depthwise_kernels(monkeypatch):
     assert calls == ["planes", "planes", "backward_weight"]
     calls.clear()
     strided = dict(kw, stride=2)  # strided too: the stride phases, weight gradient included
-    x12 = random_operand(rng, (2, 4, 12, 12), 8, signed=False)
-    kernels.conv2d_forward(x12, w, **strided)
-    kernels.conv2d_backward_data(dy, w, x12.shape, **strided)
-    kernels.conv2d_backward_weight(dy, x12, w.shape, **strided)
+    x20 = random_operand(rng, (2, 4, 20, 20), 8, signed=False)
+    dy10 = random_operand(rng, (2, 4, 10, 10), 8)
+    kernels.conv2d_forward(x20, w, **strided)
+    kernels.conv2d_backward_data(dy10, w, x20.shape, **strided)
+    kernels.conv2d_backward_weight(dy10, x20, w.shape, **strided)
     assert calls == ["planes", "planes", "backward_weight"]
     calls.clear()
-    # strided planes of at most TINY_STRIDED_MAX outputs (here 3x3): the direct loops
-    kernels.conv2d_forward(x, w, **strided)
-    kernels.conv2d_backward_data(dy[:, :, :3, :3], w, x.shape, **strided)
-    kernels.conv2d_backward_weight(dy[:, :, :3, :3], x, w.shape, **strided)
-    assert calls == ["tiny_planes", "tiny_planes", "tiny_backward_weight"]
-    calls.clear()
+    # planes of at most SMALL_PLANE_MAX outputs (here 6x6 and 3x3): channels-last
+    for args, g in ((kw, dy[:, :, :6, :6]), (strided, dy[:, :, :3, :3])):
+        kernels.conv2d_forward(x[:, :, :6, :6], w, **args)
+        kernels.conv2d_backward_data(g, w, (2, 4, 6, 6), **args)
+        kernels.conv2d_backward_weight(g, x[:, :, :6, :6], w.shape, **args)
+        assert calls == ["small_planes", "small_planes", "small_backward_weight"]
+        calls.clear()
     kernels.conv2d_forward(x, np.concatenate([w, w]), **kw)  # a depth multiplier of 2: the general kernels
     assert calls == []
 

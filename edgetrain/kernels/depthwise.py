@@ -336,85 +336,142 @@ def backward_weight(dy, x, out, sh, sw, dh, dw, pt, pl, seg, chunks):
                         out[c, r, s] += total
 
 
-# Planes of at most TINY_PLANE_MAX output positions (forward geometry) take the direct loops below, and
-# strided ones of at most TINY_STRIDED_MAX: the padded-phase machinery costs a plane more than its
-# arithmetic there. Measured (1 thread, batch 8, 3x3, forward / backward-data / weight gradient, us):
-# 336 channels 2x2 stride 1: phases 441 / 434 / 426, direct 102 / 109 / 96; 192 channels 8x8 -> 4x4
-# stride 2: 404 / 502 / 373 against 263 / 269 / 247. Where the direct loops lost (4x4 at stride 1,
-# 247 against 383 forward; 16x16 -> 8x8 at stride 2, 173 against 267) the phases stay.
-TINY_PLANE_MAX = 4
-TINY_STRIDED_MAX = 16
+# Planes of at most SMALL_PLANE_MAX output positions (forward geometry) run channels-last (below): per
+# plane the padded-phase kernels cost more than the arithmetic there (MobileNetV2-0.35 at 32x32 ends on
+# 4x4 maps of 336 channels: 92 ns a plane for 144 multiply-accumulates). Measured, batch 8, 2 threads,
+# 3x3, forward / backward-data / weight gradient in us, phases against channels-last: 336 channels 4x4
+# 247/243/244 against 47/46/76; 192 channels 8x8 -> 4x4 413/510/373 against 65/71/96; 96 channels 8x8
+# 85/86/85 against 44/43/56; 96 channels 16x16 -> 8x8 175/261/168 against 64/65/83. At 16x16 outputs the
+# phases win (48 channels: 64/56/56 against 79/77/152), so they keep the larger planes.
+SMALL_PLANE_MAX = 64
+
+
+@njit(inline="always", **_JIT)
+def _channels_last(src, dst):
+    """dst (H, W, C) = src (C, H, W): one image's planes, channel innermost."""
+    c_, h_, w_ = src.shape
+    for c in range(c_):
+        for i in range(h_):
+            row = src[c, i]
+            for j in range(w_):
+                dst[i, j, c] = row[j]
 
 
 @njit(**_JIT)
-def tiny_planes(data, w, out, scale, acc_like, backward, sh, sw, dh, dw, pt, pl):
-    """`planes` / `planes_scaled` (scale empty: integers) for tiny planes, written out: for every output
-    position of the forward geometry and every tap that lands inside the input, the forward adds
-    w * x to y, the backward-data w * dy to dx. Integer sums (exact in any order), then each value
-    rescaled by `scale_row`'s expression: the same integers and floats as the phase kernels."""
-    n_, c_ = data.shape[:2]
-    kh, kw = w.shape[2:]
+def _small_image(data, wt, out, scale, acc, src, n, backward, sh, sw, dh, dw, pt, pl):
+    """Image n of `small_planes` (acc and src: its scratch, channels-last)."""
+    c_ = data.shape[1]
+    kh, kw = wt.shape[:2]
     if backward:
-        out_h, out_w = data.shape[2:]  # the forward's output grid: dy's
+        fh, fw = data.shape[2:]  # the forward's output grid: dy's
         in_h, in_w = out.shape[2:]
     else:
-        out_h, out_w = out.shape[2:]
+        fh, fw = out.shape[2:]
         in_h, in_w = data.shape[2:]
-    acc = np.zeros(out.shape[2:], acc_like.dtype)
-    scaled = scale.size > 0
-    for n in range(n_):
+    _channels_last(data[n], src)
+    acc[:, :, :] = 0
+    for oh in range(fh):
+        for r in range(kh):
+            i = oh * sh - pt + r * dh
+            if i < 0 or i >= in_h:
+                continue
+            for ow in range(fw):
+                for q in range(kw):
+                    j = ow * sw - pl + q * dw
+                    if j < 0 or j >= in_w:
+                        continue
+                    wv = wt[r, q]
+                    if backward:
+                        a, d = acc[i, j], src[oh, ow]
+                    else:
+                        a, d = acc[oh, ow], src[i, j]
+                    for c in range(c_):
+                        a[c] += wv[c] * d[c]
+    oh_, ow_ = out.shape[2:]
+    if scale.size > 0:
         for c in range(c_):
-            acc[:, :] = 0
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    for r in range(kh):
-                        i = oh * sh - pt + r * dh
-                        if i < 0 or i >= in_h:
-                            continue
-                        for q in range(kw):
-                            j = ow * sw - pl + q * dw
-                            if j < 0 or j >= in_w:
-                                continue
-                            if backward:
-                                acc[i, j] += w[c, 0, r, q] * data[n, c, oh, ow]
-                            else:
-                                acc[oh, ow] += w[c, 0, r, q] * data[n, c, i, j]
-            if scaled:
-                s = image_scale(scale, n, c)
-                for h in range(acc.shape[0]):
-                    scale_row(out[n, c, h], acc[h], s, acc.shape[1])
-            else:
-                for h in range(acc.shape[0]):
-                    for t in range(acc.shape[1]):
-                        out[n, c, h, t] = acc[h, t]
+            sc = image_scale(scale, n, c)
+            for h in range(oh_):
+                dst = out[n, c, h]
+                for t in range(ow_):
+                    dst[t] = acc[h, t, c] * sc
+    else:
+        for c in range(c_):
+            for h in range(oh_):
+                dst = out[n, c, h]
+                for t in range(ow_):
+                    dst[t] = acc[h, t, c]
+
+
+@njit(parallel=True, **_JIT)
+def small_planes(data, w, out, scale, acc_like, backward, sh, sw, dh, dw, pt, pl):
+    """`planes` / `planes_scaled` (an empty scale: integers) for small planes, channels-last: for every
+    output position of the forward geometry and every tap that lands inside the input, the forward adds
+    w[c] * x[c] to y, the backward-data w[c] * dy[c] to dx, a loop over channels that vectorises however
+    small the plane. Integer sums (exact in any order), each value then rescaled by `scale_row`'s
+    expression: the same integers and floats as the phase kernels. Parallel over images."""
+    n_, c_ = data.shape[:2]
+    kh, kw = w.shape[2:]
+    wt = np.empty((kh, kw, c_), np.int32)
+    for ch in range(c_):
+        for r in range(kh):
+            for q in range(kw):
+                wt[r, q, ch] = w[ch, 0, r, q]
+    for n in prange(n_):
+        src = np.empty((data.shape[2], data.shape[3], c_), np.int32)
+        acc = np.empty((out.shape[2], out.shape[3], c_), acc_like.dtype)
+        # np.int64: passed on bare, the parfor index reached image_scale typed float64 (a Numba typing error)
+        _small_image(data, wt, out, scale, acc, src, np.int64(n), backward, sh, sw, dh, dw, pt, pl)
+
+
+SMALL_WEIGHT_BLOCK = 16  # channels per work item of small_backward_weight (16: 2 threads balance; 64 lost to phases)
 
 
 @njit(**_JIT)
-def tiny_backward_weight(dy, x, out, sh, sw, dh, dw, pt, pl):
-    """`backward_weight` for tiny planes, written out: out[c, r, s] += dy * the input tap (r, s) read, in
-    int64 (exact, so the same integers)."""
-    n_, c_ = x.shape[:2]
+def _small_weight_block(dy, x, out, c0, cb, sh, sw, dh, dw, pt, pl):
+    """Channels c0 .. c0 + cb of `small_backward_weight`."""
+    n_ = x.shape[0]
     in_h, in_w = x.shape[2:]
-    out_h, out_w = dy.shape[2:]
+    fh, fw = dy.shape[2:]
     kh, kw = out.shape[1:]
-    for c in range(c_):
-        for n in range(n_):
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    g = np.int64(dy[n, c, oh, ow])
-                    for r in range(kh):
-                        i = oh * sh - pt + r * dh
-                        if i < 0 or i >= in_h:
+    xs = np.empty((in_h, in_w, cb), np.int64)
+    ds = np.empty((fh, fw, cb), np.int64)
+    acc = np.zeros((kh, kw, cb), np.int64)
+    for n in range(n_):
+        _channels_last(x[n, c0:c0 + cb], xs)
+        _channels_last(dy[n, c0:c0 + cb], ds)
+        for oh in range(fh):
+            for r in range(kh):
+                i = oh * sh - pt + r * dh
+                if i < 0 or i >= in_h:
+                    continue
+                for ow in range(fw):
+                    g = ds[oh, ow]
+                    for q in range(kw):
+                        j = ow * sw - pl + q * dw
+                        if j < 0 or j >= in_w:
                             continue
-                        for q in range(kw):
-                            j = ow * sw - pl + q * dw
-                            if 0 <= j < in_w:
-                                out[c, r, q] += g * np.int64(x[n, c, i, j])
+                        a, v = acc[r, q], xs[i, j]
+                        for c in range(cb):
+                            a[c] += g[c] * v[c]
+    for c in range(cb):
+        for r in range(kh):
+            for q in range(kw):
+                out[c0 + c, r, q] += acc[r, q, c]
 
 
-def _tiny(geo) -> bool:
-    outputs = geo.out_h * geo.out_w
-    return outputs <= TINY_PLANE_MAX or (geo.stride_h * geo.stride_w > 1 and outputs <= TINY_STRIDED_MAX)
+@njit(parallel=True, **_JIT)
+def small_backward_weight(dy, x, out, sh, sw, dh, dw, pt, pl):
+    """`backward_weight` for small planes, channels-last: out[c, r, s] += dy[c] * the input tap (r, s)
+    read, in int64 (exact, so the same integers), a loop over channels. Parallel over channel blocks."""
+    c_ = x.shape[1]
+    for blk in prange((c_ + SMALL_WEIGHT_BLOCK - 1) // SMALL_WEIGHT_BLOCK):
+        c0 = blk * SMALL_WEIGHT_BLOCK
+        _small_weight_block(dy, x, out, c0, min(c_, c0 + SMALL_WEIGHT_BLOCK) - c0, sh, sw, dh, dw, pt, pl)
+
+
+def _small(geo) -> bool:
+    return geo.out_h * geo.out_w <= SMALL_PLANE_MAX
 
 
 def _chunks(items: int) -> int:
@@ -437,10 +494,10 @@ def _run(data: np.ndarray, w: np.ndarray, geo, shape, backward: bool, out_dtype:
     data, w = _operand(data), np.ascontiguousarray(w, dtype=np.int16)
     chunks = _chunks(geo.batch * geo.in_channels)
     acc_like = np.zeros((), out_dtype)
-    if _tiny(geo):
+    if _small(geo):
         out = np.empty(shape, out_dtype if rescale is None else rescale[1])
         scale = np.zeros((0, 0), out.dtype) if rescale is None else scale_rows(rescale[0])
-        tiny_planes(data, w, out, scale, acc_like, backward, *_geo_args(geo))
+        small_planes(data, w, out, scale, acc_like, backward, *_geo_args(geo))
         return out
     if rescale is None:
         out = np.empty(shape, out_dtype)
@@ -466,8 +523,8 @@ def depthwise_backward_weight(dy: np.ndarray, x: np.ndarray, geo, out_dtype: np.
     """dW (C, 1, kh, kw) of `out_dtype` for a depthwise conv; `seg` bounds the int32 runs."""
     dy, x = _operand(dy), _operand(x)
     out = np.zeros((geo.in_channels, geo.kernel_h, geo.kernel_w), np.int64)
-    if _tiny(geo):
-        tiny_backward_weight(dy, x, out, *_geo_args(geo))
+    if _small(geo):
+        small_backward_weight(dy, x, out, *_geo_args(geo))
     else:
         backward_weight(dy, x, out, *_geo_args(geo), max(1, int(seg)), _chunks(geo.in_channels))
     return out.astype(out_dtype, copy=False).reshape(geo.w_shape)
