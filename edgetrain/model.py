@@ -191,7 +191,7 @@ class Model:
         readers = self.graph.consumers_of()
         outputs = {o.name for o in self.graph.outputs}
         for node in self.graph.nodes:
-            if node.op_type == "Relu":
+            if node.op_type in ("Relu", "Clip"):
                 self.executor.ops[node.name] = self._float_ops[node.name]  # until a BatchNorm takes it over
         for node in self.graph.nodes:
             if node.op_type != "BatchNormalization":
@@ -201,7 +201,7 @@ class Model:
                 op = BatchNormalization(node, self.graph.opset)
                 op.parallel = True
                 self.executor.ops[node.name] = op
-                fused = fuse_relu(node, op, readers, outputs, self.graph.opset)
+                fused = fuse_relu(node, op, readers, outputs, self.graph.opset, self._constants)
                 if fused is not None:
                     self.executor.ops[fused[0].name] = fused[1]
             else:

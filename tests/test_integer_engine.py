@@ -163,6 +163,69 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
         assert np.array_equal(fused_out, plain_out)
 
 
+def test_relu6_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
+    """MobileNetV2's ReLU6 (Clip(0, 6)) folds into its BatchNorm as a capped Relu: training with and
+    without the fold ends on the same weights, statistics and eval outputs, bit for bit; and a model set
+    back to fp32 runs its Clips again."""
+    from edgetrain.ops import norm
+
+    def run():
+        model = edgetrain.load(models.build_model("mobilenetv2", in_channels=1, input_size=12, seed=1,
+                                                  width_mult=0.35), seed=0)
+        model.set_precision("8/8")
+        capped = sum(isinstance(op, norm.BatchNormalization) and op.cap == 6.0 for op in model.executor.ops.values())
+        x = (np.random.default_rng(5).standard_normal((8, 1, 12, 12)) * 4).astype(np.float32)
+        from edgetrain.train.optim import SGD
+
+        opt = SGD(model.parameters(), 0.05, momentum=0.9)
+        for step in range(2):
+            model.step = step
+            _, g = model.loss_and_grad(x, np.arange(8) % 10)
+            opt.step(g)
+        return model, model.state_dict(), model(x), capped
+
+    model, fused_state, fused_out, capped = run()
+    assert capped >= 10
+    model.set_precision("fp32")  # no integer layers: no fold, every Clip runs as itself
+    assert not any(isinstance(op, norm.FusedAway) for op in model.executor.ops.values())
+    with monkeypatch.context() as m:
+        m.setattr(edgetrain.model, "fuse_relu", lambda *a, **k: None)
+        _, plain_state, plain_out, none = run()
+    assert none == 0
+    for k in fused_state:
+        assert np.array_equal(fused_state[k], plain_state[k]), k
+    assert np.array_equal(fused_out, plain_out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_folded_relu6_is_clip_of_the_stored_output(dtype, parallel):
+    """Capped at 6, the BatchNorm stores min(max(y, 0), 6) and passes the gradient where 0 < y < 6 of
+    the stored output, as the unfolded Clip does, values at and beyond both bounds included."""
+    from edgetrain.ops import norm_kernels
+
+    rng = np.random.default_rng(7 + parallel)
+    x = rng.standard_normal((4, 3, 37)).astype(dtype)
+    x[0, :2, :4] = [[-9.0, 0.0, 2.0, 9.0]]
+    x[:, 2] = 1.5  # a constant channel: its output is exactly its bias, 6, on the bound (no gradient there)
+    g = rng.standard_normal((4, 3, 37)).astype(dtype)
+    scale, bias = np.array([3.0, -4.0, 8.0]), np.array([1.0, 2.0, 6.0])
+    forward = norm_kernels.bn_train_forward_parallel if parallel else norm_kernels.bn_train_forward
+    backward = norm_kernels.bn_train_backward_parallel if parallel else norm_kernels.bn_train_backward
+    plain, capped = np.empty_like(x), np.empty_like(x)
+    mean, var, inv = np.empty(3), np.empty(3), np.empty(3)
+    forward(x, scale, bias, 1e-5, plain, mean, var, inv, False)
+    forward(x, scale, bias, 1e-5, capped, mean, var, inv, True, 6.0)
+    want = np.minimum(np.maximum(plain, dtype(0)), dtype(6))
+    assert np.array_equal(capped, want) and (capped == 6).any() and (capped == 0).any() and (plain == 6).any()
+    folded = [np.empty_like(x), np.empty(3), np.empty(3)]
+    backward(x, g, True, scale, bias, mean, inv, *folded, 6.0)
+    masked = [np.empty_like(x), np.empty(3), np.empty(3)]
+    backward(x, np.where((plain > 0) & (plain < 6), g, dtype(0)), False, scale, bias, mean, inv, *masked)
+    for a, b in zip(folded, masked):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("magnitude", [1.0, 1e-44, 1e-46])  # 1e-46: outputs that round to 0 in float32
 @pytest.mark.parametrize("parallel", [False, True])

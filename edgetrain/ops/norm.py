@@ -47,6 +47,7 @@ class BatchNormalization(Op):
 
     parallel = False  # True for a Model's own instances that follow integer layers (see norm_kernels)
     relu = False  # True where the Relu that alone reads this output was folded in (see fuse_relu)
+    cap = np.inf  # the folded activation's upper bound: 6 for a ReLU6 (Clip(0, 6)), none for a Relu
 
     def _parallel_for(self, x3: np.ndarray) -> bool:
         """The parallel build only where it pays: a small batch's BatchNorm (below
@@ -68,6 +69,8 @@ class BatchNormalization(Op):
             y = (xhat * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype, copy=False)
             if self.relu:
                 y = np.maximum(y, 0, out=y)
+                if self.cap < np.inf:
+                    y = np.minimum(y, y.dtype.type(self.cap), out=y)
             return [y], EvalContext(xhat, inv, scale, bshape, axes, y)
         x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
         y3 = np.empty_like(x3)
@@ -76,7 +79,7 @@ class BatchNormalization(Op):
         inv = np.empty(x.shape[1], dtype=np.float64)
         forward = norm_kernels.bn_train_forward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_forward
         bias64 = bias.astype(np.float64)
-        forward(x3, scale.astype(np.float64), bias64, float(eps), y3, mu, bvar, inv, self.relu)
+        forward(x3, scale.astype(np.float64), bias64, float(eps), y3, mu, bvar, inv, self.relu, float(self.cap))
         y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
         m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
@@ -100,7 +103,7 @@ class BatchNormalization(Op):
             # Frozen statistics are constants, so the affine part is all there is to differentiate.
             xhat, inv, scale, bshape, axes, y = ctx
             if self.relu:
-                g = g * (y > 0)
+                g = g * ((y > 0) & (y < self.cap)) if self.cap < np.inf else g * (y > 0)
             return [g * (inv * scale).reshape(bshape), detfloat.op_sum(g * xhat, axes), detfloat.op_sum(g, axes),
                     None, None]
         x3, mu, inv, scale, shape = ctx.x3, ctx.mu, ctx.inv, ctx.scale, ctx.shape
@@ -111,7 +114,7 @@ class BatchNormalization(Op):
         # d/dx of a normalised batch: the two mean terms remove the gradient along the batch mean and
         # along xhat, since both statistics depend on every sample.
         backward = norm_kernels.bn_train_backward_parallel if self._parallel_for(x3) else norm_kernels.bn_train_backward
-        backward(x3, g3, self.relu, scale.astype(np.float64), ctx.bias, mu, inv, dx, dscale, dbias)
+        backward(x3, g3, self.relu, scale.astype(np.float64), ctx.bias, mu, inv, dx, dscale, dbias, float(self.cap))
         return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
 
 
@@ -134,12 +137,38 @@ def sole_relu_reader(value: str, consumers: dict, graph_outputs: set):
     return readers[0]
 
 
-def fuse_relu(bn_node, bn_op: BatchNormalization, consumers: dict, graph_outputs: set, opset: int) -> tuple | None:
+def relu6_cap(node, constants: dict) -> float | None:
+    """The upper bound of a Clip that is a ReLU6-like cap (lower bound 0, a finite upper bound > 0, both
+    constants), or None."""
+    if node.op_type != "Clip":
+        return None
+    if len(node.inputs) > 1 or "min" not in node.attrs:  # opset 11+: bounds are inputs
+        names = list(node.inputs[1:3]) + [""] * (3 - len(node.inputs))
+        if not all(n and n in constants and np.size(constants[n]) == 1 for n in names[:2]):
+            return None
+        lo, hi = (float(np.asarray(constants[n]).reshape(())) for n in names[:2])
+    else:
+        lo, hi = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    return hi if lo == 0.0 and 0.0 < hi < np.inf else None
+
+
+def fuse_relu(bn_node, bn_op: BatchNormalization, consumers: dict, graph_outputs: set, opset: int,
+              constants: dict | None = None) -> tuple | None:
     """Fold the Relu that alone reads a BatchNorm's output into that BatchNorm: (relu node, FusedAway op)
     to put in the Relu's place, with bn_op.relu set; None (nothing changed) when another node or the
-    graph's output reads the BatchNorm's output too, or the BatchNorm has more outputs in use."""
-    relu = sole_relu_reader(bn_node.outputs[0], consumers, graph_outputs)
-    if relu is None or any(o for o in bn_node.outputs[1:]):
+    graph's output reads the BatchNorm's output too, or the BatchNorm has more outputs in use. Given the
+    graph's `constants`, a ReLU6 (Clip(0, 6)) folds the same way, with bn_op.cap = 6."""
+    if any(o for o in bn_node.outputs[1:]):
         return None
-    bn_op.relu = True
-    return relu, FusedAway(relu, opset)
+    relu = sole_relu_reader(bn_node.outputs[0], consumers, graph_outputs)
+    if relu is not None:
+        bn_op.relu = True
+        return relu, FusedAway(relu, opset)
+    readers = consumers.get(bn_node.outputs[0], [])
+    if constants is None or bn_node.outputs[0] in graph_outputs or len(readers) != 1:
+        return None
+    cap = relu6_cap(readers[0], constants)
+    if cap is None:
+        return None
+    bn_op.relu, bn_op.cap = True, cap
+    return readers[0], FusedAway(readers[0], opset)

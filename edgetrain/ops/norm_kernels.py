@@ -17,8 +17,9 @@ from edgetrain.kernels.lanes import LANES, combine
 
 
 @njit(cache=True)
-def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
-    """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored."""
+def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
+    """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored,
+    and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
     n, _, length = x.shape
     count = n * length
     acc, acc2 = np.zeros(LANES), np.zeros(LANES)  # sum and sum of squares, in lanes.py's order
@@ -47,7 +48,10 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
         for i in range(n):
             for j in range(length):
                 v = x[i, ch, j] * a + b
-                y[i, ch, j] = v * (v > 0)  # no branch on data; where v < 0 this is -0.0, a zero all the same
+                w = v * (v > 0)  # no branch on data; where v < 0 this is -0.0, a zero all the same
+                # Clipping commutes with the rounding to y's type at a bound it represents (6): the
+                # unfolded Clip's bits. Never true at cap = inf, NaN included: a Relu's bits.
+                y[i, ch, j] = cap if w > cap else w
     else:
         for i in range(n):
             for j in range(length):
@@ -55,16 +59,17 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu):
 
 
 @njit(cache=True, inline="always")
-def _kept(g, x, j, a, b, zero):
-    """A folded Relu's backward: g[j] where the BatchNorm's output at j was positive, else 0. That output
-    is recomputed from x exactly as the forward stored it (x * a + b by the same float64 operations,
-    rounded to x's dtype), so y need not be read back: the backward over a 128 x 16 x 1024 batch,
-    memory-bound, went from 1.12 to 0.83 ms."""
-    return g[j] if x.dtype.type(np.float64(x[j]) * a + b) > 0 else zero
+def _kept(g, x, j, a, b, zero, cap, unbounded):
+    """A folded Relu's backward: g[j] where the BatchNorm's output at j was positive (and, under a cap,
+    below it: a folded ReLU6's Clip passes 0 < y < 6), else 0. That output is recomputed from x exactly
+    as the forward stored it (x * a + b by the same float64 operations, rounded to x's dtype), so y need
+    not be read back: the backward over a 128 x 16 x 1024 batch, memory-bound, went from 1.12 to 0.83 ms."""
+    v = x.dtype.type(np.float64(x[j]) * a + b)
+    return g[j] if (v > 0) & (unbounded | (v < cap)) else zero
 
 
 @njit(cache=True)
-def _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbias):
+def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias):
     """One channel of the training backward: both mean terms included (every sample moves them). With
     relu, g is first masked where the folded Relu's output was not positive (no masked copy made).
 
@@ -79,6 +84,7 @@ def _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbi
     a = scale[ch] * r  # the forward's affine coefficients, computed as it computed them
     b = bias[ch] - m * a
     zero = g.dtype.type(0)
+    unbounded = cap == np.inf  # a plain Relu: positive outputs pass, +inf included
     acc_g, acc_gx = np.zeros(LANES), np.zeros(LANES)  # sum of g and of g * (x - mean), in lanes.py's order
     tail = (length // LANES) * LANES
     for i in range(n):
@@ -86,12 +92,12 @@ def _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbi
         if relu:
             for base in range(0, tail, LANES):
                 for q in range(LANES):
-                    gv = np.float64(_kept(grow, xrow, base + q, a, b, zero))
+                    gv = np.float64(_kept(grow, xrow, base + q, a, b, zero, cap, unbounded))
                     acc_g[q] += gv
                     acc_gx[q] += gv * (xrow[base + q] - m)
             gt, xt = grow[tail:], xrow[tail:]  # the row's remainder, in lanes 0, 1, ...
             for q in range(gt.size):
-                gv = np.float64(_kept(gt, xt, q, a, b, zero))
+                gv = np.float64(_kept(gt, xt, q, a, b, zero, cap, unbounded))
                 acc_g[q] += gv
                 acc_gx[q] += gv * (xt[q] - m)
         else:
@@ -114,7 +120,7 @@ def _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbi
         grow, xrow, drow = g[i, ch], x[i, ch], dx[i, ch]
         if relu:
             for j in range(length):
-                drow[j] = k * (count * _kept(grow, xrow, j, a, b, zero) - sg - (xrow[j] - m) * r * ds)
+                drow[j] = k * (count * _kept(grow, xrow, j, a, b, zero, cap, unbounded) - sg - (xrow[j] - m) * r * ds)
         else:
             for j in range(length):
                 drow[j] = k * (count * grow[j] - sg - (xrow[j] - m) * r * ds)
@@ -123,36 +129,36 @@ def _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbi
 # Two builds, two functions: Numba's cache keys on the function, so one function compiled both ways
 # would hand the serial caller the parallel build.
 @njit(cache=True)
-def bn_train_forward(x, scale, bias, eps, y, mean, var, inv, relu=False):
+def bn_train_forward(x, scale, bias, eps, y, mean, var, inv, relu=False, cap=np.inf):
     """x (N, C, L) -> y; per channel the batch mean, (population) variance and 1/sqrt(var + eps).
 
     One pass gathers sum and sum of squares: in float64 the cancellation in E[x^2] - E[x]^2 costs
     float32 data nothing unless |mean| exceeds the spread by about 10^4.
     """
     for ch in range(x.shape[1]):
-        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu)
+        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap)
 
 
 @njit(parallel=True, cache=True)
-def bn_train_forward_parallel(x, scale, bias, eps, y, mean, var, inv, relu=False):
+def bn_train_forward_parallel(x, scale, bias, eps, y, mean, var, inv, relu=False, cap=np.inf):
     """bn_train_forward with channels spread over threads."""
     for ch in prange(x.shape[1]):
-        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu)
+        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap)
 
 
 @njit(cache=True)
-def bn_train_backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias):
+def bn_train_backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, cap=np.inf):
     """Gradients of a batch-statistics BatchNorm, channel by channel (relu: g masked where the output,
     recomputed from x, scale and bias, was not positive)."""
     for ch in range(x.shape[1]):
-        _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbias)
+        _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
-def bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias):
+def bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, cap=np.inf):
     """bn_train_backward with channels spread over threads."""
     for ch in prange(x.shape[1]):
-        _bn_backward_channel(x, g, relu, ch, scale, bias, mean, inv, dx, dscale, dbias)
+        _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
