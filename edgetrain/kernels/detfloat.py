@@ -291,6 +291,19 @@ def _expm1_64(x: np.ndarray) -> np.ndarray:
     return np.where(small, series, _exp64(np.where(small, 0.0, x)) - 1.0)
 
 
+def _log_reduced(m, k):
+    """log(2^k m) for m in [sqrt2/2, sqrt2) and integral k (fdlibm's polynomial in s = f / (2 + f),
+    f = m - 1): arrays (NumPy ufuncs, `_log64`) and floats (compiled, `log64_scalar`) alike."""
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
+    t2 = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6])))
+    hfsq = 0.5 * f * f
+    return k * _LN2_HI - ((hfsq - (s * (hfsq + t1 + t2) + k * _LN2_LO)) - f)
+
+
 def _log64(x: np.ndarray) -> np.ndarray:
     """log of float64 x, fdlibm's method: x = 2^k m, m in [sqrt2/2, sqrt2), log m from s = f / (2 + f)."""
     with np.errstate(all="ignore"):
@@ -302,14 +315,7 @@ def _log64(x: np.ndarray) -> np.ndarray:
         big = m > _SQRT2
         m = np.where(big, m * 0.5, m)
         k = (k + big - np.where(tiny, 54, 0)).astype(np.float64)
-        f = m - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        t1 = w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
-        t2 = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6])))
-        hfsq = 0.5 * f * f
-        y = k * _LN2_HI - ((hfsq - (s * (hfsq + t1 + t2) + k * _LN2_LO)) - f)
+        y = _log_reduced(m, k)
         y = np.where(x == 0, -np.inf, y)
         y = np.where(x < 0, np.nan, y)
         y = np.where(np.isposinf(x), np.inf, y)
@@ -384,6 +390,9 @@ def exp64_scalar(x: float) -> float:
     return p * math.ldexp(1.0, half) * math.ldexp(1.0, int(k) - half)
 
 
+_log_reduced_scalar = njit(cache=True, inline="always")(_log_reduced)  # the same source, compiled
+
+
 @njit(cache=True)
 def log64_scalar(x: float) -> float:
     """`_log64` of one float64 (bit for bit): frexp's exact split stands in for the bit masks."""
@@ -404,15 +413,7 @@ def log64_scalar(x: float) -> float:
         ki += 1
     if tiny:
         ki -= 54
-    k = float(ki)
-    f = m - 1.0
-    s = f / (2.0 + f)
-    z = s * s
-    w = z * z
-    t1 = w * (_LG[1] + w * (_LG[3] + w * _LG[5]))
-    t2 = z * (_LG[0] + w * (_LG[2] + w * (_LG[4] + w * _LG[6])))
-    hfsq = 0.5 * f * f
-    return k * _LN2_HI - ((hfsq - (s * (hfsq + t1 + t2) + k * _LN2_LO)) - f)
+    return _log_reduced_scalar(m, float(ki))
 
 
 @njit(cache=True)

@@ -75,18 +75,18 @@ def conv2d_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: int 
                     groups: int = 1) -> Conv2dGeometry:
     """Validate a conv's arguments; pads are ONNX order (top, left, bottom, right). Cached: a
     training step asks for the same few geometries many times."""
+    args = (x_shape, w_shape, stride, pads, dilation, groups)
     try:  # the arguments as given (shapes and tuples of ints): one dict lookup, where normalising them
-        return _BY_ARGS[(x_shape, w_shape, stride, pads, dilation, groups)]  # took 3 us, 26 times a step
-    except (KeyError, TypeError):  # new, or unhashable (a list): normalise
-        pass
+        return _BY_ARGS[args]  # took 3 us, 26 times a step
+    except KeyError:
+        remember = len(_BY_ARGS) < _BY_ARGS_MAX
+    except TypeError:  # unhashable (a list): normalised every time
+        remember = False
     key = (tuple(int(v) for v in x_shape), tuple(int(v) for v in w_shape), _key(stride), _key(pads), _key(dilation),
            int(groups))
     geo = _conv2d_geometry(*key)
-    try:
-        if len(_BY_ARGS) < _BY_ARGS_MAX:
-            _BY_ARGS[(x_shape, w_shape, stride, pads, dilation, groups)] = geo
-    except TypeError:
-        pass
+    if remember:
+        _BY_ARGS[args] = geo
     return geo
 
 

@@ -118,34 +118,37 @@ def _matrix_tile(acc_t, scale, out, cast_first, tile):
             dst[c] = buf[c, r]
 
 
+@njit(inline="always", cache=True, nogil=True)
+def _matrix_item(acc, scale, out, cast_first, transposed, item):
+    """Work item `item` of `_rescale_matrix`: a tile of a transposed acc, else a row."""
+    if transposed:
+        _matrix_tile(acc.T, scale, out, cast_first, item)
+    else:
+        _matrix_rows(acc, scale, out, cast_first, item)
+
+
 @njit(parallel=True, cache=True)
 def _rescale_matrix(acc, scale, out, cast_first, transposed, min_parallel):
     """out (R, C) = acc * scale[c] (a length-1 scale: every column's), acc read with any strides; a
     `transposed` acc (its columns contiguous) is walked in tiles, along its columns, so neither side is
     read or written a cache line per value (a transposed (512, 784) accumulator took 570 us row by row)."""
     rows, cols = out.shape
-    tiles = ((rows + MATRIX_TILE - 1) // MATRIX_TILE) * ((cols + MATRIX_TILE - 1) // MATRIX_TILE)
-    acc_t = acc.T
+    items = ((rows + MATRIX_TILE - 1) // MATRIX_TILE) * ((cols + MATRIX_TILE - 1) // MATRIX_TILE) if transposed \
+        else rows
     if out.size < min_parallel:
-        if transposed:
-            for tile in range(tiles):
-                _matrix_tile(acc_t, scale, out, cast_first, tile)
-        else:
-            for row in range(rows):
-                _matrix_rows(acc, scale, out, cast_first, row)
+        for item in range(items):
+            _matrix_item(acc, scale, out, cast_first, transposed, item)
         return
-    if transposed:
-        for tile in prange(tiles):
-            _matrix_tile(acc_t, scale, out, cast_first, tile)
-    else:
-        for row in prange(rows):
-            _matrix_rows(acc, scale, out, cast_first, row)
+    for item in prange(items):
+        _matrix_item(acc, scale, out, cast_first, transposed, item)
 
 
-def rescale_matrix(acc: np.ndarray, scale, dtype, cast_first: bool = False) -> np.ndarray:
+def rescale_matrix(acc: np.ndarray, scale, dtype, cast_first: bool = False,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """A 2-D integer accumulator (any strides; a GEMM may return a transposed view) times a per-column
-    scale (or one scale) as a new C-contiguous array of `dtype`; cast_first: see `_matrix_value`."""
-    out = np.empty(acc.shape, dtype)
+    scale (or one scale) as a C-contiguous array of `dtype` (into `out` if given); cast_first: see
+    `_matrix_value`."""
+    out = np.empty(acc.shape, dtype) if out is None else out
     scale = np.ascontiguousarray(np.asarray(scale, dtype=dtype).reshape(-1))
     transposed = acc.ndim == 2 and acc.shape[0] > 1 and acc.strides[0] < acc.strides[1]
     _rescale_matrix(acc, scale, out, cast_first, transposed, SMALL_ELEMENTS)

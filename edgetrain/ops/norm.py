@@ -143,10 +143,10 @@ def relu6_cap(node, constants: dict) -> float | None:
     if node.op_type != "Clip":
         return None
     if len(node.inputs) > 1 or "min" not in node.attrs:  # opset 11+: bounds are inputs
-        names = list(node.inputs[1:3]) + [""] * (3 - len(node.inputs))
-        if not all(n and n in constants and np.size(constants[n]) == 1 for n in names[:2]):
+        names = (list(node.inputs[1:3]) + ["", ""])[:2]
+        if not all(n in constants and np.size(constants[n]) == 1 for n in names):
             return None
-        lo, hi = (float(np.asarray(constants[n]).reshape(())) for n in names[:2])
+        lo, hi = (float(np.asarray(constants[n]).reshape(())) for n in names)
     else:
         lo, hi = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
     return hi if lo == 0.0 and 0.0 < hi < np.inf else None

@@ -603,7 +603,7 @@ def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
     elif acc.ndim == 4:
         rescale_planes(acc, np.full(acc.shape[1], scale, dtype=dtype), out)
     elif acc.ndim == 2:  # e.g. a GEMM returned as a transposed view: read in place, in tiles
-        return rescale_matrix(acc, scale, dtype)
+        rescale_matrix(acc, scale, dtype, out=out)
     else:
         rescale_flat(np.ascontiguousarray(acc).reshape(-1), scale, out.reshape(-1), SMALL_ELEMENTS)
     return out
