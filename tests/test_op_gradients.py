@@ -166,3 +166,21 @@ def test_fan_out_gradients_sum_right_when_backwards_share_arrays():
     model.ir_version = 8
     errors = check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
     assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
+
+
+def test_fan_out_sum_leaves_an_array_another_pending_gradient_holds():
+    """Add hands its output's gradient, one array, to r and to c; r's other gradient (through m) then
+    arrives as a fresh array while c's is still pending: summing into r's array in place would change c's."""
+    nodes = [helper.make_node("Mul", ["x", "w"], ["c"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Mul", ["r", "w2"], ["m"]),
+             helper.make_node("Add", ["r", "c"], ["s"]),
+             helper.make_node("Add", ["s", "m"], ["y"])]
+    x, w, w2 = away_from_zero(3, 4, 5), rnd(3, 4, 5), rnd(3, 4, 5)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, x.shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    errors = check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
+    assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
