@@ -110,6 +110,26 @@ def test_compiled_gate_gives_the_array_forms_bits(dtype, shape, k_count, masked)
         assert all(_bits_equal(a, b) for a, b in pairs)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gate_matmul_sums_each_output_over_k_in_order(dtype):
+    """The gates' matrix product (dfq.kernels.matmul, whose order the compiled gate shares): each output the
+    float64 sum over k in order, from 0, of exact products, rounded once; a plain Python loop as reference."""
+    from edgetrain.precision.dfq.kernels import matmul
+
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((5, 37)) * np.exp(rng.uniform(-20, 20, (5, 37)))).astype(dtype)
+    b = (rng.standard_normal((37, 11)) * np.exp(rng.uniform(-20, 20, (37, 11)))).astype(dtype)
+    want = np.empty((5, 11), dtype)
+    for i in range(5):
+        for j in range(11):
+            total = 0.0
+            for k in range(37):
+                total += float(a[i, k]) * float(b[k, j])
+            want[i, j] = total
+    assert _bits_equal(matmul(a, b), want)
+    assert _bits_equal(matmul(a.T.copy().T, b[:, ::-1].copy()[:, ::-1]), want)  # strided operands alike
+
+
 def test_straight_through_is_the_softmax_jacobian():
     rng = np.random.default_rng(0)
     z = rng.standard_normal((3, 5))

@@ -8,9 +8,11 @@ them in call overhead, where issue 18 allows the gates and the grouping 5 points
 
 Layout of the work: every per-sample quantity (the embedding, the LSTM cell, the head, the softmax;
 in backward every gradient with respect to an activation) is one parallel loop over samples, each
-sample's row computed by one thread. The parameter gradients are sums over samples: each output is one
-thread's fixed-order sum (`kernels.dot8` down a column: the same interleave as `kernels.matmul` on the
-transposed operands), so no bit depends on the thread count.
+sample's row computed by one thread. Every matrix product is `kernels.row_times`, the order of
+`kernels.matmul`: the forward reads its weights transposed (copied once per call, so their rows are
+contiguous). The parameter gradients are sums over samples: each weight row is one thread's
+`row_times` of the transposed activations (as `kernels.matmul(a.T, b)`), so no bit depends on the
+thread count.
 
 Arithmetic happens in the arrays' own dtype (float32 in training, float64 in gradient checks): the
 constants `one` and `half` come in typed, because Numba, like NumPy's array rules, would otherwise
@@ -22,21 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.detfloat import exp64_scalar, tanh64_block
-from edgetrain.precision.dfq.kernels import _dot_row, dot8
-
-
-@njit(cache=True, inline="always")
-def _dot_col(a, ca, b, cb, length):
-    return dot8(a, 0, ca, 1, 0, b, 0, cb, 1, 0, length)  # column ca of a with column cb of b
-
-
-@njit(cache=True, inline="always")
-def _col_sum(a, c, rows):
-    # detfloat.sum64 over axis 0 of a 2-D array: float64, rows in order
-    s = 0.0
-    for r in range(rows):
-        s += a[r, c]
-    return s
+from edgetrain.precision.dfq.kernels import row_times
 
 
 @njit(cache=True, parallel=True)
@@ -45,21 +33,28 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
     """Fill the gate's activations, logits and probabilities (gates.gate_forward's), one sample per row.
     t_in, t_out: (N, 4 * width) float64; scratch: (N, TANH_SCRATCH_ROWS, 4 * width) float64."""
     n_rows, width = h.shape
-    hidden, channels = w1.shape
+    hidden = w1.shape[0]
     k_count = wo.shape[0]
     zero = one - one
+    w1t, w2t, wiht, whht, wot = (np.ascontiguousarray(w1.T), np.ascontiguousarray(w2.T),
+                                 np.ascontiguousarray(wih.T), np.ascontiguousarray(whh.T), np.ascontiguousarray(wo.T))
     for n in prange(n_rows):
+        acc, acc2 = np.empty(max(4 * width, hidden, k_count)), np.empty(4 * width)
+        row_times(p, n, w1t, acc)
         for j in range(hidden):
-            v = a1.dtype.type(_dot_row(p, n, w1, j, channels)) + b1[j]
+            v = a1.dtype.type(acc[j]) + b1[j]
             a1[n, j] = v
             z1[n, j] = v if (v > zero or v != v) else zero
+        row_times(z1, n, w2t, acc)
         for j in range(width):
-            e[n, j] = e.dtype.type(_dot_row(z1, n, w2, j, hidden)) + b2[j]
+            e[n, j] = e.dtype.type(acc[j]) + b2[j]
         # The LSTM's four gates: sigmoid(v) = 0.5 (1 + tanh(v / 2)) for i, f, o, tanh(v) for g; every
         # tanh of the sample in one row pass (tanh64_block)
         row_in, row_out = t_in[n], t_out[n]
+        row_times(e, n, wiht, acc)
+        row_times(h_prev, n, whht, acc2)
         for j in range(4 * width):
-            pre = h.dtype.type(_dot_row(e, n, wih, j, width)) + h.dtype.type(_dot_row(h_prev, n, whh, j, width))
+            pre = h.dtype.type(acc[j]) + h.dtype.type(acc2[j])
             pre = pre + b[j]
             row_in[j] = np.float64(pre) if j // width == 2 else np.float64(half * pre)
         tanh64_block(row_in, row_out, scratch[n])
@@ -78,8 +73,9 @@ def gate_forward_rows(p, w1, b1, w2, b2, wih, whh, b, wo, bo, mask, h_prev, c_pr
             tanh_c[n, j] = tc
             h[n, j] = o[n, j] * tc
         top = -np.inf
+        row_times(h, n, wot, acc)
         for k in range(k_count):
-            lv = logits.dtype.type(_dot_row(h, n, wo, k, width)) + bo[k]
+            lv = logits.dtype.type(acc[k]) + bo[k]
             if mask.size:
                 lv = lv + mask[k]
             logits[n, k] = lv
@@ -98,11 +94,12 @@ def gate_backward_rows(dlogits, dh_next, dc_next, w1, w2, wih, whh, wo, a1, i, f
     pooled input and the incoming LSTM state), one sample per row."""
     n_rows, width = dh_next.shape
     hidden, channels = w1.shape
-    k_count = wo.shape[0]
     zero = one - one
     for n in prange(n_rows):
+        acc = np.empty(max(4 * width, hidden, channels))
+        row_times(dlogits, n, wo, acc)
         for j in range(width):
-            dh = dh_prev.dtype.type(_dot_col_row(dlogits, n, wo, j, k_count)) + dh_next[n, j]
+            dh = dh_prev.dtype.type(acc[j]) + dh_next[n, j]
             do = dh * tanh_c[n, j]
             dc = dh * o[n, j] * (one - tanh_c[n, j] * tanh_c[n, j]) + dc_next[n, j]
             di, df, dg = dc * g[n, j], dc * c_prev[n, j], dc * i[n, j]
@@ -111,30 +108,36 @@ def gate_backward_rows(dlogits, dh_next, dc_next, w1, w2, wih, whh, wo, a1, i, f
             dpre[n, 2 * width + j] = dg * (one - g[n, j] * g[n, j])
             dpre[n, 3 * width + j] = do * o[n, j] * (one - o[n, j])
             dc_prev[n, j] = dc * f[n, j]
+        row_times(dpre, n, wih, acc)
         for j in range(width):
-            de[n, j] = de.dtype.type(_dot_col_row(dpre, n, wih, j, 4 * width))
-            dh_prev[n, j] = dh_prev.dtype.type(_dot_col_row(dpre, n, whh, j, 4 * width))
+            de[n, j] = de.dtype.type(acc[j])
+        row_times(dpre, n, whh, acc)
+        for j in range(width):
+            dh_prev[n, j] = dh_prev.dtype.type(acc[j])
+        row_times(de, n, w2, acc)
         for j in range(hidden):
-            da1[n, j] = da1.dtype.type(_dot_col_row(de, n, w2, j, width)) * (one if a1[n, j] > zero else zero)
+            da1[n, j] = da1.dtype.type(acc[j]) * (one if a1[n, j] > zero else zero)
+        row_times(da1, n, w1, acc)
         for j in range(channels):
-            dp[n, j] = dp.dtype.type(_dot_col_row(da1, n, w1, j, hidden))
-
-
-@njit(cache=True, inline="always")
-def _dot_col_row(a, ra, b, cb, length):
-    return dot8(a, ra, 0, 0, 1, b, 0, cb, 1, 0, length)  # row ra of a with column cb of b: a @ b, as kernels.matmul
+            dp[n, j] = dp.dtype.type(acc[j])
 
 
 @njit(cache=True, parallel=True)
 def sample_sums(pairs_a, pairs_b, weights, biases):
-    """The parameter gradients: weights[m][r, q] = sum over samples of pairs_a[m][:, r] * pairs_b[m][:, q]
-    (`_dot_col`), biases[m][r] = the float64 sum over samples of pairs_a[m][:, r], for every m."""
+    """The parameter gradients: weights[m] = pairs_a[m].T @ pairs_b[m] (`row_times` of the transposed
+    pairs_a[m], the order of kernels.matmul(a.T, b)), biases[m][r] = the float64 sum over samples of
+    pairs_a[m][:, r], for every m."""
     for m in range(len(weights)):
-        a, bb, w, bias = pairs_a[m], pairs_b[m], weights[m], biases[m]
-        rows = a.shape[0]
-        outs, cols = w.shape
-        for item in prange(outs * cols):
-            r, q = item // cols, item % cols
-            w[r, q] = _dot_col(a, r, bb, q, rows)
-        for r in range(outs):
-            bias[r] = _col_sum(a, r, rows)
+        at, bb = np.ascontiguousarray(pairs_a[m].T), pairs_b[m]
+        outs, cols = weights[m].shape
+        # weights[m] and biases[m] are written by index: an output array bound to a name by a tuple
+        # unpack here was, for biases, not written through inside the prange (Numba 0.68)
+        for r in prange(outs):
+            acc = np.empty(cols)
+            row_times(at, r, bb, acc)
+            total = 0.0  # detfloat.sum64 over the samples: float64, in order
+            for k in range(at.shape[1]):
+                total += at[r, k]
+            for q in range(cols):
+                weights[m][r, q] = acc[q]
+            biases[m][r] = total

@@ -15,38 +15,21 @@ from edgetrain.kernels.lanes import dot_row, sum_row
 
 
 @njit(cache=True, inline="always")
-def _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j):
-    # float32 x float32 formed in float64: exact
-    return np.float64(a[ra + j * dra, ca + j * dca]) * np.float64(b[rb + j * drb, cb + j * dcb])
+def row_times(a, i, b, acc) -> None:
+    """acc[j] = row i of a @ b: the float64 sum over k in order of a[i, k] * b[k, j], from 0.
 
-
-@njit(cache=True, inline="always")
-def dot8(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, length):
-    """The float64 sum over j < length of a[ra + j dra, ca + j dca] * b[rb + j drb, cb + j dcb] (2-D a, b:
-    a row or a column of each), in eight running sums of a fixed interleave, written out so every
-    machine adds in the same order. For the gate's short rows (16 to 64 values); whole-tensor rows
-    take lanes.dot_row."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= length:
-        s0 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j)
-        s1 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 1)
-        s2 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 2)
-        s3 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 3)
-        s4 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 4)
-        s5 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 5)
-        s6 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 6)
-        s7 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j + 7)
-        j += 8
-    while j < length:
-        s0 += _term(a, ra, ca, dra, dca, b, rb, cb, drb, dcb, j)
-        j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-
-
-@njit(cache=True, inline="always")
-def _dot_row(a, ra, b, rb, length):
-    return dot8(a, ra, 0, 0, 1, b, rb, 0, 0, 1, length)  # row ra of a with row rb of b
+    The gate's matrix products are this: every output's sum runs over k in order, so the order is the
+    code's on every machine, and the loop over j is independent sums LLVM vectorises without
+    reassociating (b's rows are contiguous). Measured against eight interleaved running sums per
+    output (a dot product each, then a horizontal add), 32 samples, 1 thread: the gate's forward
+    74 -> 45 us, its backward with the parameter sums 103 -> 53 us."""
+    m = b.shape[1]
+    for j in range(m):
+        acc[j] = 0.0
+    for k in range(a.shape[1]):
+        aik = np.float64(a[i, k])  # float32 x float32 formed in float64: exact
+        for j in range(m):
+            acc[j] += aik * np.float64(b[k, j])
 
 
 @njit(cache=True, parallel=True)
@@ -198,15 +181,16 @@ def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray
 
 
 @njit(cache=True)
-def _matmul(a, bt, out):
-    n, k = a.shape
-    for i in range(n):
-        for j in range(bt.shape[0]):
-            out[i, j] = _dot_row(a, i, bt, j, k)
+def _matmul(a, b, out):
+    acc = np.empty(b.shape[1])
+    for i in range(a.shape[0]):
+        row_times(a, i, b, acc)
+        for j in range(b.shape[1]):
+            out[i, j] = acc[j]
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for the gate's small 2-D operands: float64 sums in a fixed order, one thread, no BLAS.
+    """a @ b for the gate's small 2-D operands: float64 sums over k in order (`row_times`), one thread, no BLAS.
 
     Two reasons not to use BLAS here. Its result depends on the CPU it picks kernels for, and a gate's
     argmax decides which work runs, so a run would not repeat bit for bit on another machine. And
@@ -215,5 +199,5 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     BLAS on 2 threads, 1.2x with BLAS on one.
     """
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
-    _matmul(np.ascontiguousarray(a), np.ascontiguousarray(b.T), out)  # both read along rows
+    _matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
     return out
