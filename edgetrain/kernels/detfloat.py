@@ -48,8 +48,9 @@ COL_BLOCK = 512  # output columns per work item: 4 x 512 float64 accumulators st
 # (128, 256) @ (256, 10) 83 -> 52 us; (8, 84) @ (84, 10) stays direct, 8 against 16 us).
 NARROW_N = 16
 NARROW_MIN_M = 64
-# Below this many additions a sum runs on one thread (threads.threads_for: a parallel launch on a busy
-# machine stalls for milliseconds; measured 15 ms per call for LeNet-5's bias sums, against 0.05 ms)
+# Below this many additions a sum runs a plain loop, no parallel region (a parallel launch on a busy
+# machine stalls for milliseconds; measured 15 ms per call for LeNet-5's bias sums, against 0.05 ms;
+# and switching the pool to one thread, threads_for, cost more than such a sum: (8, 120) took 13 us)
 SUM_PARALLEL_MIN = 1 << 18
 
 
@@ -154,51 +155,68 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------- reductions
 
 
-@njit(parallel=True, cache=True)
-def _sum_mid(x3, out):
-    """out[c] = sum of x3[o, c, i] over o, then i (sequential, float64); parallel over c only."""
-    outer, mid, inner = x3.shape
-    for c in prange(mid):
-        s = 0.0
-        for o in range(outer):
-            for i in range(inner):
-                s += x3[o, c, i]
-        out[c] = s
+@njit(cache=True, inline="always")
+def _mid_sum(x3, c):
+    s = 0.0
+    for o in range(x3.shape[0]):
+        for i in range(x3.shape[2]):
+            s += x3[o, c, i]
+    return s
 
 
 @njit(parallel=True, cache=True)
-def _sum_outer(x2, out):
-    """out[c] = sum of x2[o, c] over o in order (float64); parallel over blocks of c, vectorised over c."""
+def _sum_mid(x3, out, parallel):
+    """out[c] = sum of x3[o, c, i] over o, then i (sequential, float64); parallel over c only, and only
+    with `parallel` (below SUM_PARALLEL_MIN a plain loop: no parallel region launched)."""
+    if not parallel:
+        for c in range(x3.shape[1]):
+            out[c] = _mid_sum(x3, c)
+        return
+    for c in prange(x3.shape[1]):
+        out[c] = _mid_sum(x3, c)
+
+
+@njit(cache=True, inline="always")
+def _outer_block(x2, out, blk):
     outer, mid = x2.shape
-    blocks = (mid + COL_BLOCK - 1) // COL_BLOCK
-    for blk in prange(blocks):
-        c0 = blk * COL_BLOCK
-        c1 = min(mid, c0 + COL_BLOCK)
-        acc = np.zeros(c1 - c0)
-        for o in range(outer):
-            row = x2[o, c0:c1]
-            for c in range(c1 - c0):
-                acc[c] += row[c]
+    c0 = blk * COL_BLOCK
+    c1 = min(mid, c0 + COL_BLOCK)
+    acc = np.zeros(c1 - c0)
+    for o in range(outer):
+        row = x2[o, c0:c1]
         for c in range(c1 - c0):
-            out[c0 + c] = acc[c]
+            acc[c] += row[c]
+    for c in range(c1 - c0):
+        out[c0 + c] = acc[c]
+
+
+@njit(parallel=True, cache=True)
+def _sum_outer(x2, out, parallel):
+    """out[c] = sum of x2[o, c] over o in order (float64); parallel over blocks of c (with `parallel`),
+    vectorised over c."""
+    blocks = (x2.shape[1] + COL_BLOCK - 1) // COL_BLOCK
+    if not parallel:
+        for blk in range(blocks):
+            _outer_block(x2, out, blk)
+        return
+    for blk in prange(blocks):
+        _outer_block(x2, out, blk)
 
 
 def _sum_kept_block(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """float64 sums of x over every axis outside [lo, hi), for axes lo..hi-1 kept (flattened)."""
-    outer = int(np.prod(x.shape[:lo], dtype=np.int64))
-    mid = int(np.prod(x.shape[lo:hi], dtype=np.int64))
-    inner = int(np.prod(x.shape[hi:], dtype=np.int64))
+    outer, mid, inner = math.prod(x.shape[:lo]), math.prod(x.shape[lo:hi]), math.prod(x.shape[hi:])
     out = np.empty(mid, np.float64)
     if mid == 0:
         return out
     if outer * inner == 0:
         out[...] = 0.0
         return out
-    with threads_for(outer * mid * inner, SUM_PARALLEL_MIN):
-        if inner == 1:
-            _sum_outer(np.ascontiguousarray(x).reshape(outer, mid), out)
-        else:
-            _sum_mid(np.ascontiguousarray(x).reshape(outer, mid, inner), out)
+    parallel = outer * mid * inner >= SUM_PARALLEL_MIN
+    if inner == 1:
+        _sum_outer(np.ascontiguousarray(x).reshape(outer, mid), out, parallel)
+    else:
+        _sum_mid(np.ascontiguousarray(x).reshape(outer, mid, inner), out, parallel)
     return out
 
 
