@@ -206,9 +206,18 @@ def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
     for share in np.unique(per_sample):
         mask = per_sample == share
         by_share[f"{share:.4f}"] = {"samples": int(mask.sum()), "accuracy": float(correct_all[mask].mean())}
+    # The network the run's static export serves: every block computing, at the candidate the export takes.
+    exported = dfq.most_precise()
+    dfq.force = {u.index: texts.index(exported) for u in dfq.units}
+    try:
+        full = np.concatenate([np.asarray(model(x[i:i + EVAL_BATCH])).argmax(axis=1) == y[i:i + EVAL_BATCH]
+                               for i in range(0, len(x), EVAL_BATCH)])
+    finally:
+        dfq.force = None
     return {"test_choices": summary, "off_modal_share": off, "mean_off_modal_share": float(np.mean(list(off.values()))),
             "executed_share": executed, "accuracy_by_executed_share": by_share,
-            "gated_percent_of_fp32_test": float(np.mean(np.concatenate(percent)))}
+            "gated_percent_of_fp32_test": float(np.mean(np.concatenate(percent))),
+            "full_depth_candidate": exported, "full_depth_accuracy": float(full.mean())}
 
 
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
