@@ -107,6 +107,34 @@ def test_sums_match_float64_and_are_thread_invariant(shape, axis):
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=axis), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,axis", [((8, 40, 32, 32), (0, 2, 3)), ((600, 512), 0), ((5, 7, 9), (0, 2)),
+                                        ((9, 33), 0)])
+def test_sum_kernels_serial_and_parallel_branches_agree(shape, axis):
+    """Below SUM_PARALLEL_MIN the sum kernels take their own serial loop; both branches sum each output in
+    the same order (the bits of the serial reference loop either way), large and small inputs alike."""
+    x = (rng.standard_normal(shape) * 100).astype(F32)
+    axes = (axis,) if np.isscalar(axis) else axis
+    kept = [d for d in range(x.ndim) if d not in axes]
+    lo, hi = kept[0], kept[-1] + 1
+    outer, mid, inner = (int(np.prod(x.shape[:lo])), int(np.prod(x.shape[lo:hi])), int(np.prod(x.shape[hi:])))
+    want = np.empty(mid)
+    view = x.reshape(outer, mid, inner)
+    for c in range(mid):  # the documented order: o, then i, in float64 from 0
+        total = 0.0
+        for o in range(outer):
+            for v in view[o, c]:
+                total += float(v)
+        want[c] = total
+    for parallel in (False, True):
+        got = np.empty(mid)
+        if inner == 1:
+            detfloat._sum_outer(view.reshape(outer, mid), got, parallel)
+        else:
+            detfloat._sum_mid(view, got, parallel)
+        assert _bits_equal(got, want), parallel
+    assert _bits_equal(detfloat.sum64(x, axis), want.reshape([x.shape[d] for d in kept]))
+
+
 def test_softmax_and_log_softmax_match_float64():
     z = (rng.standard_normal((33, 10)) * 20).astype(F32)
     z64 = z.astype(np.float64)
