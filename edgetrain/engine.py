@@ -96,11 +96,13 @@ class Executor:
         return grads.values
 
 
-def _owner(a: np.ndarray) -> np.ndarray:
-    """The array whose memory a view uses (the array itself when it owns its data)."""
+def _owner_id(a: object) -> int | None:
+    """id of the array whose memory a view uses (the array itself when it owns its data); None: not an array."""
+    if not isinstance(a, np.ndarray):
+        return None
     while isinstance(a.base, np.ndarray):
         a = a.base
-    return a
+    return id(a)
 
 
 class _Pending:
@@ -121,9 +123,8 @@ class _Pending:
         for name, g in seeds.items():
             self.add(name, g)
 
-    def _count(self, g: object, step: int) -> None:
-        if isinstance(g, np.ndarray):
-            key = id(_owner(g))
+    def _count(self, key: int | None, step: int) -> None:
+        if key is not None:
             users = self._users.get(key, 0) + step
             if users:
                 self._users[key] = users
@@ -133,7 +134,8 @@ class _Pending:
     def pop(self, name: str) -> np.ndarray | None:
         """Take the gradient of `name` out (None if it has none)."""
         g = self.values.pop(name, None)
-        self._count(g, -1)
+        if g is not None:
+            self._count(_owner_id(g), -1)
         return g
 
     def add(self, name: str, g: np.ndarray) -> None:
@@ -141,13 +143,13 @@ class _Pending:
         acc = self.values.get(name)
         if acc is None:
             self.values[name] = g
-            self._count(g, 1)
-        elif (isinstance(acc, np.ndarray) and isinstance(g, np.ndarray) and acc.flags.owndata
+            self._count(_owner_id(g), 1)
+        elif (type(acc) is np.ndarray and isinstance(g, np.ndarray) and acc.flags.owndata
               and acc.flags.writeable and acc.shape == g.shape and np.result_type(acc, g) == acc.dtype
               and self._users.get(id(acc)) == 1
               and not np.may_share_memory(acc, g)):
             np.add(acc, g, out=acc)
         else:
-            self._count(acc, -1)
-            self.values[name] = acc + g
-            self._count(self.values[name], 1)
+            self._count(_owner_id(acc), -1)
+            self.values[name] = total = acc + g
+            self._count(_owner_id(total), 1)
