@@ -145,6 +145,17 @@ def test_batchnorm_running_stats_update():
     np.testing.assert_allclose(model.buffers()["v"], m + (1 - m) * var, rtol=1e-12)
 
 
+def _fan_out_errors(nodes: list, extra_inits: list) -> dict[str, float]:
+    """check_model_gradients' errors for a float64 graph of x (3, 4, 5) -> y with parameters w and w2."""
+    x, w, w2 = away_from_zero(3, 4, 5), rnd(3, 4, 5), rnd(3, 4, 5)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"), *extra_inits]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, x.shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
+
+
 def test_fan_out_gradients_sum_right_when_backwards_share_arrays():
     """The engine sums a fan-out's gradients in place where it can. Add hands one array to both its
     inputs: here r's gradient arrives as the array c's gradient also is, while c's is still pending, and
@@ -157,14 +168,8 @@ def test_fan_out_gradients_sum_right_when_backwards_share_arrays():
              helper.make_node("Add", ["r", "c"], ["s"]),
              helper.make_node("Add", ["s", "d"], ["t"]),
              helper.make_node("Add", ["t", "r"], ["y"])]
-    x, w, w2 = away_from_zero(3, 4, 5), rnd(3, 4, 5), rnd(3, 4, 5)
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
-             numpy_helper.from_array(np.array([3, 20]), "flat"), numpy_helper.from_array(np.array([3, 4, 5]), "back")]
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, x.shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    errors = check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
+    errors = _fan_out_errors(nodes, [numpy_helper.from_array(np.array([3, 20]), "flat"),
+                                     numpy_helper.from_array(np.array([3, 4, 5]), "back")])
     assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
 
 
@@ -176,11 +181,5 @@ def test_fan_out_sum_leaves_an_array_another_pending_gradient_holds():
              helper.make_node("Mul", ["r", "w2"], ["m"]),
              helper.make_node("Add", ["r", "c"], ["s"]),
              helper.make_node("Add", ["s", "m"], ["y"])]
-    x, w, w2 = away_from_zero(3, 4, 5), rnd(3, 4, 5), rnd(3, 4, 5)
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")]
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, x.shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    errors = check_model_gradients(edgetrain.load(model, dtype=np.float64), {"x": x}, training=True)
+    errors = _fan_out_errors(nodes, [])
     assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
