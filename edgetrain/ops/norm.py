@@ -128,13 +128,17 @@ class FusedAway(Op):
         return [grads[0]]
 
 
-def sole_relu_reader(value: str, consumers: dict, graph_outputs: set):
-    """The Relu node that alone reads `value` (nothing else does, and it is no graph output), or None:
-    the condition for folding that Relu into the op that writes `value`."""
+def sole_reader(value: str, consumers: dict, graph_outputs: set):
+    """The node that alone reads `value` (nothing else does, and it is no graph output), or None."""
     readers = consumers.get(value, [])
-    if value in graph_outputs or len(readers) != 1 or readers[0].op_type != "Relu":
-        return None
-    return readers[0]
+    return readers[0] if len(readers) == 1 and value not in graph_outputs else None
+
+
+def sole_relu_reader(value: str, consumers: dict, graph_outputs: set):
+    """The Relu node that alone reads `value`, or None: the condition for folding that Relu into the op
+    that writes `value`."""
+    reader = sole_reader(value, consumers, graph_outputs)
+    return reader if reader is not None and reader.op_type == "Relu" else None
 
 
 def relu6_cap(node, constants: dict) -> float | None:
@@ -160,15 +164,14 @@ def fuse_relu(bn_node, bn_op: BatchNormalization, consumers: dict, graph_outputs
     graph's `constants`, a ReLU6 (Clip(0, 6)) folds the same way, with bn_op.cap = 6."""
     if any(o for o in bn_node.outputs[1:]):
         return None
-    relu = sole_relu_reader(bn_node.outputs[0], consumers, graph_outputs)
-    if relu is not None:
-        bn_op.relu = True
-        return relu, FusedAway(relu, opset)
-    readers = consumers.get(bn_node.outputs[0], [])
-    if constants is None or bn_node.outputs[0] in graph_outputs or len(readers) != 1:
+    reader = sole_reader(bn_node.outputs[0], consumers, graph_outputs)
+    if reader is None:
         return None
-    cap = relu6_cap(readers[0], constants)
-    if cap is None:
-        return None
+    if reader.op_type == "Relu":
+        cap = np.inf
+    else:
+        cap = None if constants is None else relu6_cap(reader, constants)
+        if cap is None:
+            return None
     bn_op.relu, bn_op.cap = True, cap
-    return readers[0], FusedAway(readers[0], opset)
+    return reader, FusedAway(reader, opset)
