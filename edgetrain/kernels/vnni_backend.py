@@ -62,7 +62,7 @@ class _ConvProgram:
     step: tuple
     zero: bool  # some output positions are reached by no job (they must be 0)
     cpad: int
-    b_words: int
+    words_per_plane: int  # a plane's words plus the slack the last tile's junk columns read past it
     c_size: int
     out_w_max: int
 
@@ -95,7 +95,7 @@ def _program(plane, cpad, jobs, out_shape, step, zero) -> _ConvProgram:
         job_blocks=np.array(blocks, np.int64).reshape(-1, 4), corr_len=_round_up(int(table[:, 0].max()), _vn.MT),
         out_shape=tuple(out_shape),
         step=tuple(step), zero=zero, cpad=cpad,
-        b_words=max(int(k4) * cl for k4, cl in zip(table[:, 1], cols)),
+        words_per_plane=plane["hq"] * plane["wq"] + _vn.PLANE_SLACK,
         c_size=max(_round_up(int(r), _vn.MT) * cl for r, cl in zip(table[:, 0], cols)),
         out_w_max=int(table[:, 6].max()))
 
@@ -298,12 +298,13 @@ class VnniBackend(OrtBackend):
         with self._vlock:
             sc = self._vscratch
             planes_w = sc.get("planes", (workers, prog.cpad, plane["phases"], plane["hq"] * plane["wq"]), np.uint8)
-            b_w = sc.get("b", (workers, prog.b_words), np.uint32)
+            words_w = sc.get("words", (workers, prog.cpad // 4, plane["phases"], prog.words_per_plane), np.uint32)
+            brows_w = sc.get("brows", (workers, len(prog.taps) * (prog.cpad // 4)), np.int64)
             c_w = sc.get("c", (workers, prog.c_size), np.int32)
             rowf_w = sc.get("rowf_" + row_dtype.name, (workers, prog.out_w_max), row_dtype)
             _vn.conv_fused(np.ascontiguousarray(x8).view(np.uint8), prog.table, weights, prog.taps, corr, scale,
-                           out_i, out_f, planes_w, b_w, c_w, rowf_w, plane["used"], plane["prm"], prog.step[0],
-                           prog.step[1], xor, workers, np.zeros(1, np.int64))
+                           out_i, out_f, planes_w, words_w, brows_w, c_w, rowf_w, plane["used"], plane["prm"],
+                           prog.step[0], prog.step[1], xor, workers, np.zeros(1, np.int64))
         return out_f if rescale is not None else out_i
 
     def _forward(self, x8, w8, geo, rescale):
