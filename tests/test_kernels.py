@@ -245,6 +245,8 @@ CONV_CASES = {
     "plain": ((2, 3, 7, 7), (4, 3, 3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 1),
     "pad1": ((2, 4, 6, 5), (5, 4, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
     "stride2_pad1": ((2, 4, 8, 8), (6, 4, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    # odd width: a stride-2 dx's two column phases differ by one column (vnni's paired emit)
+    "stride2_odd": ((2, 4, 7, 9), (6, 4, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),
     "stride_asym_pad": ((2, 3, 9, 8), (4, 3, 3, 2), (2, 3), (0, 1, 2, 1), (1, 1), 1),
     "dilation": ((1, 2, 9, 9), (3, 2, 3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1),
     "dilation_stride": ((2, 2, 11, 10), (3, 2, 3, 2), (2, 2), (1, 0, 2, 1), (2, 3), 1),
@@ -620,7 +622,7 @@ def _rescale_ref(acc, scale, dtype):
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["scale[c]", "scale[n,c]"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride_asym_pad", "dilation_stride", "pointwise_stride2",
+@pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride2_odd", "stride_asym_pad", "dilation_stride", "pointwise_stride2",
                                   "groups", "pad_beyond_kernel"])
 def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, per_image, monkeypatch):
     """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the

@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgetrain.kernels.im2col import channel_planes
-from edgetrain.kernels.rescale import image_scale, scale_row
+from edgetrain.kernels.rescale import image_scale, scale_pair, scale_row
 from edgetrain.kernels.sync import fetch_add
 
 # Two tile shapes: 8 rows x 32 columns (2 vectors) where the columns come in 32s, else 16 x 16.
@@ -278,17 +278,58 @@ def _emit(cbuf, n, rows, out_h, out_w, wq, scale, fused, out_i, out_f, first_h, 
                     d[ow * step_w] = src[ow]
 
 
+@njit(inline="always", **_JIT)
+def _emit_pair(acc0, acc1, n, rows, out_h, w0, w1, wq, scale, fused, out_i, out_f, first_h, first_w, step_h):
+    """`_emit` of two jobs whose columns interleave in the output (stride 2 across, first columns
+    first_w and first_w + 1, w0 and w1 = w0 or w0 - 1 of them): each output row written once, in
+    one pass, instead of twice with stride 2."""
+    for m in range(rows):
+        c0 = acc0[m]
+        c1 = acc1[m]
+        s = image_scale(scale, n, m) if fused else np.float32(0)
+        for oh in range(out_h):
+            a = c0[oh * wq:oh * wq + w0]
+            b = c1[oh * wq:oh * wq + w1]
+            if fused:
+                d = out_f[n, m, first_h + oh * step_h, first_w:]
+                scale_pair(d, a, b, s, w1)
+                if w0 > w1:
+                    scale_row(d[2 * w1:], a[w1:], s, 1)
+            else:
+                d = out_i[n, m, first_h + oh * step_h, first_w:]
+                for ow in range(w1):
+                    d[2 * ow] = a[ow]
+                    d[2 * ow + 1] = b[ow]
+                if w0 > w1:
+                    d[2 * w1] = a[w1]
+
+
+@njit(inline="always", **_JIT)
+def _job(j, jobs, weights, brows, groups, cbuf, wq, corr_all):
+    """Job j's GEMM for the image in the planes, into cbuf: its accumulators (Mpad, cols)."""
+    rows, k4, w0, t0, out_h = jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3], jobs[j, 5]
+    cols = -((-(out_h * wq)) // LANES) * LANES
+    mpad = -((-rows) // MT) * MT
+    a = weights[w0:w0 + mpad * 4 * k4].reshape((mpad, 4 * k4))
+    acc = cbuf[:mpad * cols].reshape((mpad, cols))
+    # Accumulators start at -corr[row]: the zero-point correction costs nothing.
+    _gemm(a, brows[t0 * groups:t0 * groups + k4], acc, k4, mpad, cols, corr_all[j])
+    return acc
+
+
 @njit(parallel=True, **_JIT)
 def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, words_w, brows_w, c_w, rowf_w, used,
                plane_prm, step_h, step_w, xor, workers, counter):
     """Convs of x (N, C, H, W) bytes sharing one phase-plane layout (`plane_prm`): the forward (one
     job) or the stride phases of a backward-data. jobs[j] = (rows M, k4, weight offset, tap offset,
-    taps, out_h, out_w, first_h, first_w); weights hold each job's (Mpad, 4*k4) int8 rows (order
+    taps, out_h, out_w, first_h, first_w, pair: job j + 1's columns interleave with j's, `_emit_pair`);
+    weights hold each job's (Mpad, 4*k4) int8 rows (order
     (tap, channel)), taps its (phase, offset) pairs, corr_all its per-row corrections (the negated
     zero-point terms, int32 (jobs, Mpad)). Results go to out_f (times scale[row]) when it is not
     empty, else to out_i. words_w[w]: (C'/4, phases, plane + slack) uint32, the slack covering the
     junk columns a tile reads past the last plane; brows_w[w]: int64 (taps * C'/4,), each k step's row
-    address. counter: int64 (1,) zero, the next image to take."""
+    address; c_w[w]: room for two jobs' accumulators (a pair). counter: int64 (1,) zero, the next image
+    to take."""
     n_ = x.shape[0]
     fused = out_f.size > 0
     x8 = np.uint8(xor)
@@ -297,6 +338,7 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
         words = words_w[w]
         brows = brows_w[w]
         cbuf = c_w[w]
+        half = cbuf.size // 2  # a pair's second job accumulates in the second half
         row_f = rowf_w[w]
         for ph in range(planes.shape[1]):
             for c in range(planes.shape[0]):
@@ -315,18 +357,45 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
             _image_planes(x, n, planes, used, plane_prm, x8)
             _interleave(planes, words, used)
             wq = plane_prm[9]
-            for j in range(jobs.shape[0]):
-                rows, k4, w0, t0 = jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3]
-                out_h, out_w, first_h, first_w = jobs[j, 5], jobs[j, 6], jobs[j, 7], jobs[j, 8]
-                n_cols = out_h * wq
-                cols = -((-n_cols) // LANES) * LANES
-                mpad = -((-rows) // MT) * MT
-                a = weights[w0:w0 + mpad * 4 * k4].reshape((mpad, 4 * k4))
-                acc = cbuf[:mpad * cols].reshape((mpad, cols))
-                # Accumulators start at -corr[row]: the zero-point correction costs nothing.
-                _gemm(a, brows[t0 * groups:t0 * groups + k4], acc, k4, mpad, cols, corr_all[j])
-                _emit(acc, n, rows, out_h, out_w, wq, scale, fused, out_i, out_f, first_h, first_w, step_h, step_w,
-                      row_f)
+            j = 0
+            while j < jobs.shape[0]:
+                rows, out_h, out_w, first_h, first_w = jobs[j, 0], jobs[j, 5], jobs[j, 6], jobs[j, 7], jobs[j, 8]
+                acc = _job(j, jobs, weights, brows, groups, cbuf[:half], wq, corr_all)
+                if jobs[j, 9]:  # job j + 1 fills the columns between job j's
+                    acc1 = _job(j + 1, jobs, weights, brows, groups, cbuf[half:], wq, corr_all)
+                    _emit_pair(acc, acc1, n, rows, out_h, out_w, jobs[j + 1, 6], wq, scale, fused, out_i, out_f,
+                               first_h, first_w, step_h)
+                    j += 2
+                else:
+                    _emit(acc, n, rows, out_h, out_w, wq, scale, fused, out_i, out_f, first_h, first_w, step_h, step_w,
+                          row_f)
+                    j += 1
+
+
+@njit(inline="always", **_JIT)
+def _byte_sum(seg):
+    """The bytes of seg as int8 values, summed in int32."""
+    vals = seg.view(np.int8)
+    total = np.int32(0)
+    for q in range(vals.size):
+        total += np.int32(vals[q])
+    return total
+
+
+@njit(**_JIT)
+def _windows(tap_phase, tap_off, span, phases):
+    """Per phase plane, the window [lo, hi) covering every tap's run [off, off + span) on it (empty for
+    a plane no tap reads)."""
+    win = np.zeros((phases, 2), np.int64)
+    win[:, 0] = np.iinfo(np.int64).max
+    for t in range(tap_phase.size):
+        p = tap_phase[t]
+        win[p, 0] = min(win[p, 0], tap_off[t])
+        win[p, 1] = max(win[p, 1], tap_off[t] + span)
+    for p in range(phases):
+        if win[p, 1] == 0:
+            win[p, 0] = 0
+    return win
 
 
 @njit(parallel=True, **_JIT)
@@ -349,7 +418,10 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
     mlanes = total.shape[2]
     k_real = tap_phase.size * x.shape[1]
     zx = 128 if x_xor else 0
+    span = 4 * q4
+    win = _windows(tap_phase, tap_off, span, planes_w.shape[2])
     for w in prange(workers):
+        tot = np.zeros(win.shape[0], np.int32)
         planes = planes_w[w]
         dyq = dyq_w[w]
         dyw = dyw_w[w]
@@ -398,14 +470,17 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
                     for l0 in range(0, mlanes, 16):
                         _row_tile_16x16(acc.ctypes.data + (k0 * mlanes + l0) * 4, row_addr[w, k0:].ctypes.data,
                                         dyw.ctypes.data + l0 * 4, q4, mlanes * 4, mlanes)
-            # The real values each patch row read, summed (int32 is exact: span * 128 < 2^31).
-            span = 4 * q4
+            # The real values each patch row read, summed: a tap's run of `span` bytes is its phase's
+            # window [lo, hi) less a short head and tail, so each plane is summed once, not once per
+            # tap (int32 is exact: hi * 128 < 2^31).
             for c in range(x.shape[1]):
+                for p in range(win.shape[0]):
+                    if win[p, 1] > win[p, 0]:
+                        tot[p] = _byte_sum(planes[c, p, win[p, 0]:win[p, 1]])
                 for t in range(tap_phase.size):
-                    seg = planes[c, tap_phase[t], tap_off[t]:tap_off[t] + span].view(np.int8)
-                    ssum = np.int32(0)
-                    for q in range(span):
-                        ssum += np.int32(seg[q])
+                    p, o = tap_phase[t], tap_off[t]
+                    ssum = (tot[p] - _byte_sum(planes[c, p, win[p, 0]:o])
+                            - _byte_sum(planes[c, p, o + span:win[p, 1]]))
                     sx_total[w, c * tap_phase.size + t] += np.int64(ssum) + zx * span
             done += 1
             if done == chunk:

@@ -53,7 +53,8 @@ class _ConvProgram:
     plane layout, the jobs table and taps, and where each packed weight byte comes from."""
 
     plane: dict
-    table: np.ndarray  # (jobs, 9) int64: rows, k4, weight offset, tap offset, taps, out_h, out_w, first_h, first_w
+    # (jobs, 10) int64: rows, k4, weight offset, tap offset, taps, out_h, out_w, first_h, first_w, pair
+    table: np.ndarray
     taps: np.ndarray  # (T, 2) int64: (phase, offset)
     w_index: np.ndarray  # flat index into w.reshape(-1) of every packed weight byte; -1: a zero pad
     job_blocks: np.ndarray  # (jobs, 4) int64, per job: weight offset, padded rows, K, rows
@@ -76,6 +77,23 @@ def _rows_index(idx_mck: np.ndarray, cpad: int) -> np.ndarray:
     return rows.reshape(rows.shape[0], taps * cpad)
 
 
+def _pairs(table: np.ndarray, step: tuple) -> np.ndarray:
+    """pair[j] = 1 where job j + 1 writes the columns between job j's (stride 2 across, the same rows:
+    `vnni._emit_pair` writes both at once), each job in at most one pair."""
+    pair = np.zeros(len(table), np.int64)
+    if step[1] != 2:
+        return pair
+    j = 0
+    while j + 1 < len(table):
+        a, b = table[j], table[j + 1]
+        if (a[0] == b[0] and a[5] == b[5] and a[7] == b[7] and b[8] == a[8] + 1 and a[6] - 1 <= b[6] <= a[6]):
+            pair[j] = 1
+            j += 2
+        else:
+            j += 1
+    return pair
+
+
 def _program(plane, cpad, jobs, out_shape, step, zero) -> _ConvProgram:
     """jobs: (weight index rows (Mpad, K), rows, taps [(phase, offset)], (out_h, out_w), (first_h, first_w))."""
     table, index, taps, blocks = [], [], [], []
@@ -89,6 +107,7 @@ def _program(plane, cpad, jobs, out_shape, step, zero) -> _ConvProgram:
         w_off += rows_idx.size
         t_off += len(tap_list)
     table = np.array(table, np.int64)
+    table = np.concatenate([table, _pairs(table, step)[:, None]], axis=1)
     cols = [_round_up(int(oh) * plane["wq"], _vn.LANES) for oh in table[:, 5]]
     return _ConvProgram(
         plane=plane, table=table, taps=np.array(taps, np.int64).reshape(-1, 2), w_index=np.concatenate(index),
@@ -300,7 +319,7 @@ class VnniBackend(OrtBackend):
             planes_w = sc.get("planes", (workers, prog.cpad, plane["phases"], plane["hq"] * plane["wq"]), np.uint8)
             words_w = sc.get("words", (workers, prog.cpad // 4, plane["phases"], prog.words_per_plane), np.uint32)
             brows_w = sc.get("brows", (workers, len(prog.taps) * (prog.cpad // 4)), np.int64)
-            c_w = sc.get("c", (workers, prog.c_size), np.int32)
+            c_w = sc.get("c", (workers, 2 * prog.c_size), np.int32)
             rowf_w = sc.get("rowf_" + row_dtype.name, (workers, prog.out_w_max), row_dtype)
             _vn.conv_fused(np.ascontiguousarray(x8).view(np.uint8), prog.table, weights, prog.taps, corr, scale,
                            out_i, out_f, planes_w, words_w, brows_w, c_w, rowf_w, plane["used"], plane["prm"],
