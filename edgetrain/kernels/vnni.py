@@ -228,6 +228,42 @@ def _image_planes(x, n, planes, used, prm, x8):
 
 
 @njit(inline="always", **_JIT)
+def _image_words(x, n, words, prm, x8):
+    """What `_image_planes` and `_interleave` write, for a stride-1 layout (one plane), in one pass
+    straight from image n: words[c4, 0, i*wq + j] = the codes of channels 4*c4..4*c4+3 at row i + off_h,
+    column j + off_w, inside [lo, hi); padding and channels beyond C keep the code the words arrived with
+    (measured 1.4 + 0.35 us -> 0.6 us for 16 channels of 32x32)."""
+    off_h, off_w, lo_h, hi_h, lo_w, hi_w, hq, wq = prm[2], prm[3], prm[4], prm[5], prm[6], prm[7], prm[8], prm[9]
+    i0 = min(hq, max(0, lo_h - off_h))
+    i1 = max(i0, min(hq, hi_h - off_h))
+    j0 = min(wq, max(0, lo_w - off_w))
+    j1 = max(j0, min(wq, hi_w - off_w))
+    c_ = x.shape[1]
+    pad = np.uint32(x8)
+    for c4 in range(words.shape[0]):
+        d = words[c4, 0]
+        full = 4 * c4 + 3 < c_
+        for i in range(i0, i1):
+            dst = d[i * wq + j0:i * wq + j1]
+            r = i + off_h
+            if full:
+                r0 = x[n, 4 * c4, r, j0 + off_w:j1 + off_w]
+                r1 = x[n, 4 * c4 + 1, r, j0 + off_w:j1 + off_w]
+                r2 = x[n, 4 * c4 + 2, r, j0 + off_w:j1 + off_w]
+                r3 = x[n, 4 * c4 + 3, r, j0 + off_w:j1 + off_w]
+                for t in range(j1 - j0):
+                    dst[t] = (np.uint32(r0[t] ^ x8) | (np.uint32(r1[t] ^ x8) << np.uint32(8))
+                              | (np.uint32(r2[t] ^ x8) << np.uint32(16)) | (np.uint32(r3[t] ^ x8) << np.uint32(24)))
+            else:  # the last group of a channel count that is not a multiple of 4 (an RGB stem)
+                for t in range(j1 - j0):
+                    word = np.uint32(0)
+                    for k in range(4):
+                        b = x[n, 4 * c4 + k, r, j0 + off_w + t] ^ x8 if 4 * c4 + k < c_ else pad
+                        word |= np.uint32(b) << np.uint32(8 * k)
+                    dst[t] = word
+
+
+@njit(inline="always", **_JIT)
 def _interleave(planes, words, used):
     """words[c4, ph, q] (uint32) = the bytes of channels 4*c4..4*c4+3 at position q of phase plane ph:
     the planes in VNNI layout. A tap's patch row of channel group c4 is then the contiguous run
@@ -333,6 +369,7 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
     n_ = x.shape[0]
     fused = out_f.size > 0
     x8 = np.uint8(xor)
+    direct = plane_prm[0] == 1 and plane_prm[1] == 1  # stride 1: one plane, written as words straight away
     for w in prange(workers):
         planes = planes_w[w]
         words = words_w[w]
@@ -343,7 +380,8 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
         for ph in range(planes.shape[1]):
             for c in range(planes.shape[0]):
                 _fill(planes[c, ph], planes.shape[2], x8)
-        _fill(words.reshape(-1), words.size, np.uint32(0))  # the slack: junk columns, dropped
+        # The padding code in every byte (the slack: junk columns, dropped); valid pixels are written.
+        _fill(words.reshape(-1), words.size, np.uint32(x8) * np.uint32(0x01010101))
         groups = words.shape[0]
         # Step i = (tap t, channel group c4) of the taps table reads words[c4, phase(t), offset(t):].
         base = words.ctypes.data
@@ -354,8 +392,11 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
             n = fetch_add(counter.ctypes.data, 1)  # images go to whichever thread is free (`sync`)
             if n >= n_:
                 break
-            _image_planes(x, n, planes, used, plane_prm, x8)
-            _interleave(planes, words, used)
+            if direct:
+                _image_words(x, n, words, plane_prm, x8)
+            else:
+                _image_planes(x, n, planes, used, plane_prm, x8)
+                _interleave(planes, words, used)
             wq = plane_prm[9]
             j = 0
             while j < jobs.shape[0]:
