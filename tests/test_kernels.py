@@ -622,8 +622,8 @@ def _rescale_ref(acc, scale, dtype):
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["scale[c]", "scale[n,c]"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride2_odd", "stride_asym_pad", "dilation_stride", "pointwise_stride2",
-                                  "groups", "pad_beyond_kernel"])
+@pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride2_odd", "stride_asym_pad", "dilation_stride",
+                                  "pointwise_stride2", "groups", "pad_beyond_kernel"])
 def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, per_image, monkeypatch):
     """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the
     integer result afterwards, whether the backend fuses it (chunk by chunk, phases of a strided dx)
