@@ -481,11 +481,17 @@ def test_fractrain_experiment_row_configs(tmp_path):
     table.write_text("{}")
     args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
                               beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
-                              candidates=None, targets=None, static_bits=None, floor=0.25, probe_share=0.25,
-                              probe_weight=0.5, probe_margin=0.02)
+                              candidates=None, targets=None, static_bits=None, floor=0.25, floors=None,
+                              probe_share=0.25, probe_weight=0.5, probe_margin=0.02)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only
+    assert c.fractrain_floors is None
+    staged = fx._row_config("fractrain-time", argparse.Namespace(**{**vars(args), "floors": [1.0, 0.5, 0.5, 0.5]}),
+                            "out")
+    assert staged.fractrain_floors == [1.0, 0.5, 0.5, 0.5]  # --floors: FracTrain's floor per target
+    assert fx._row_config("dfq-time", argparse.Namespace(**{**vars(args), "floors": [1.0]}), "out").fractrain_floors \
+        is None  # DFQ has no stages to step through
     c = fx._row_config("fractrain-probe", args, "out")
     assert c.schedule == "fractrain" and c.dfq_estimator == "probe" and c.dfq_min_exec_share == 0.0
     assert (c.dfq_probe_share, c.dfq_probe_weight, c.dfq_probe_margin) == (0.25, 0.5, 0.02)

@@ -247,3 +247,31 @@ def test_the_probe_moves_gates_to_the_clearly_better_candidate_where_straight_th
     fitted = _fit_at_8_8(x, y)
     assert _toy_share("ste", fitted, x, y) == 0.0
     assert _toy_share("probe", fitted, x, y) > 0.5
+
+
+def test_fractrain_floors_step_with_its_targets_and_hold_in_the_gates():
+    """With floors, FracTrain's spec carries the stage's floor beside its target; apply_precision puts it
+    in force (DFQ.floor), and gates that all prefer skipping then keep exactly that share executing."""
+    from edgetrain.precision.fractrain import FracTrainController
+    from edgetrain.train.config import TrainConfig
+    from edgetrain.train.runstate import apply_precision
+
+    with pytest.raises(EdgetrainError, match="one per target"):
+        FracTrainController(targets=(1.0, 2.0), floors=(0.5,))
+    ctl = FracTrainController(targets=(1.0, 2.0), floors=(1.0, 0.25), switch_steps=(3,), period_steps=1)
+    assert ctl.precision == {"default": "8/8", "dfq_target": 1.0, "dfq_floor": 1.0}
+    moved = [ctl.on_step(step, 1.0) for step in range(4)]
+    assert moved[:2] == [None, None] and moved[2] == {"default": "8/8", "dfq_target": 2.0, "dfq_floor": 0.25}
+    assert ctl.switches[0]["dfq_floor"] == 0.25 and ctl.settings()["floors"] == [1.0, 0.25]
+
+    x, y = _batch(20)
+    m, d = _tiny(DFQConfig(candidates=("0", "8/8"), initial_choice="8/8"))
+    assert d.floor == 0.0
+    m.parameters()[HEAD_BIAS][0] += 10.0  # every gate now prefers skipping
+    for spec in (ctl.precision, moved[2]):
+        apply_precision(m, spec, TrainConfig(schedule="fractrain"))
+        assert d.floor == spec["dfq_floor"]
+        m.step = 0
+        m.loss_and_grad(x, y)
+        for unit, choice in d.record.choices.items():
+            assert (choice != 0).sum() == int(np.ceil(20 * spec["dfq_floor"])), unit

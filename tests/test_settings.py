@@ -180,3 +180,20 @@ def test_read_npz_refuses_a_member_shorter_than_its_header(tmp_path):
         zf.writestr("x.npy", whole.getvalue()[:-8])
     error = _kind(path, ("x",))
     assert error.kind == SIZE and error.member == "x.npy"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("schedule = 'dfq'\nfractrain_floors = [0.5, 0.5, 0.5, 0.5]",
+     "option 'fractrain_floors' only --schedule fractrain steps through floors, not dfq"),
+    ("schedule = 'fractrain'\nfractrain_floors = [0.5, 1.0]", "option 'fractrain_floors' 2 floors for 4 targets"),
+    ("schedule = 'fractrain'\nfractrain_targets = [1.0, 2.0]\nfractrain_floors = [0.5, 1.5]",
+     "option 'fractrain_floors' [0.5, 1.5]: each must be a share in [0, 1]"),
+])
+def test_fractrain_floors_are_one_share_per_target(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(EdgetrainError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve({}, read_toml(path))
+    ok = tmp_path / "ok.toml"
+    ok.write_text("schedule = 'fractrain'\nfractrain_targets = [1.0, 2.0]\nfractrain_floors = [0.75, 0.5]\n")
+    assert resolve({}, read_toml(ok)).fractrain_floors == [0.75, 0.5]

@@ -81,6 +81,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
     if row in TIMED_ROWS:
         # The host's measured per-layer latencies as the cost, so the target is a share of time.
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table, dfq_min_exec_share=args.floor)
+        if schedule == "fractrain" and args.floors:
+            extra["fractrain_floors"] = list(args.floors)
     if row in PROBE_ROWS:
         extra.update(dfq_estimator="probe", dfq_probe_share=args.probe_share, dfq_probe_weight=args.probe_weight,
                      dfq_probe_margin=args.probe_margin)
@@ -223,7 +225,7 @@ def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
-                 "probe_share", "probe_weight", "probe_margin", "test_samples", "warmup")
+                 "floors", "probe_share", "probe_weight", "probe_margin", "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -413,6 +415,7 @@ def _number_list(cast, ok, what: str, order: str = "any"):
 _fraction_list = _number_list(float, lambda v: 0 < v < 1, "rising comma-separated shares between 0 and 1",
                               "strictly rising")
 _target_list = _number_list(float, lambda v: 0 < v <= 100, "rising comma-separated percentages", "rising")
+_floor_list = _number_list(float, lambda v: 0 <= v <= 1, "comma-separated shares in [0, 1]")
 _seed_list = _number_list(int, lambda v: v >= 0, "comma-separated seeds >= 0")
 
 
@@ -478,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="pad the digits to this square size (32: the CIFAR shape of the deeper ResNets)")
     p.add_argument("--floor", type=bounded(float, "a share in [0, 1]", low=0.0, high=1.0), default=0.0,
                    help="timed rows: floor on each block's executed share of a batch (guards against collapse)")
+    p.add_argument("--floors", type=_floor_list, default=None,
+                   help="fractrain-time row: one floor per FracTrain target, rising (e.g. 0.25,0.5,0.75,1): the "
+                        "executed share rises over training as precision does in the paper")
     p.add_argument("--probe-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
                    default=DEFAULT_PROBE_SHARE, help="probe rows: share of each batch probed at a second candidate")
     p.add_argument("--probe-weight", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_WEIGHT,

@@ -73,7 +73,9 @@ def make_controller(config: TrainConfig) -> PrecisionController:
         from edgetrain.precision.fractrain import DEFAULT_TARGETS, FracTrainController
 
         return FracTrainController(targets=tuple(config.fractrain_targets or DEFAULT_TARGETS),
-                                   ungated=config.dfq_ungated, **_turning_point_options(config))
+                                   ungated=config.dfq_ungated,
+                                   floors=None if config.fractrain_floors is None else tuple(config.fractrain_floors),
+                                   **_turning_point_options(config))
     if config.schedule == "pfq":
         from edgetrain.precision.pfq import DEFAULT_STAGES, PFQController
 

@@ -6,6 +6,10 @@ are pushed to cheap choices early and allowed more bits as training settles. The
 the computing candidate nearest the first target, and at every switch the trainer points them at the
 costliest candidate at or below the new one (`DFQ.aim`): a stretch at one target saturates their
 softmax, and the straight-through estimator could not move them on by itself.
+
+With `floors`, each target comes with its own floor on every block's executed share (`DFQ.floor`,
+edgetrain.precision.dfq.guard): where only skipping saves time (a measured-time cost on an 8-bit
+unit), the executed share is the precision that rises, as bits rise in the paper.
 """
 from __future__ import annotations
 
@@ -27,13 +31,17 @@ DEFAULT_TARGETS = (1.5, 2.0, 2.5, 3.0)  # percent of the gated layers' fp32 trai
 class FracTrainController:
     """Precision controller of --schedule fractrain: spec {"default": ungated bits, "dfq_target": t}."""
 
-    def __init__(self, targets: tuple[float, ...] = DEFAULT_TARGETS, ungated: str = "8/8", period_steps: int = 400,
+    def __init__(self, targets: tuple[float, ...] = DEFAULT_TARGETS, ungated: str = "8/8",
+                 floors: tuple[float, ...] | None = None, period_steps: int = 400,
                  switch_steps: tuple[int, ...] | None = None, eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA,
                  window: int = DEFAULT_WINDOW, normaliser_periods: int = DEFAULT_NORMALISER_PERIODS,
                  alpha_switches: int = DEFAULT_ALPHA_SWITCHES):
         if not targets:
             raise EdgetrainError("fractrain: at least one cost target is needed")
         self.targets = tuple(float(t) for t in targets)
+        if floors is not None and len(floors) != len(self.targets):
+            raise EdgetrainError(f"fractrain: {len(floors)} floors for {len(self.targets)} targets: one per target")
+        self.floors = None if floors is None else tuple(float(f) for f in floors)
         self.ungated = ungated
         # The indicator is PFQ's, run over placeholder stages: one per target.
         self.indicator = PFQController(stages=tuple("8/8" for _ in self.targets), period_steps=period_steps,
@@ -42,8 +50,11 @@ class FracTrainController:
 
     @property
     def precision(self) -> dict:
-        """The spec in force: the ungated layers' bits and the current DFQ target."""
-        return {"default": self.ungated, "dfq_target": self.targets[self.indicator.stage]}
+        """The spec in force: the ungated layers' bits, the current DFQ target (and floor, if staged)."""
+        spec = {"default": self.ungated, "dfq_target": self.targets[self.indicator.stage]}
+        if self.floors is not None:
+            spec["dfq_floor"] = self.floors[self.indicator.stage]
+        return spec
 
     @property
     def switches(self) -> list[dict]:
@@ -53,6 +64,8 @@ class FracTrainController:
             d = s.as_dict()
             d.pop("precision")
             d["dfq_target"] = self.targets[s.stage]
+            if self.floors is not None:
+                d["dfq_floor"] = self.floors[s.stage]
             out.append(d)
         return out
 
@@ -72,4 +85,5 @@ class FracTrainController:
         """The parameters of this controller, for the run's record."""
         out = self.indicator.settings()
         out.pop("stages")
-        return {"targets": list(self.targets), "ungated": self.ungated, **out}
+        floors = {} if self.floors is None else {"floors": list(self.floors)}
+        return {"targets": list(self.targets), "ungated": self.ungated, **floors, **out}

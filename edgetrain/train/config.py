@@ -190,6 +190,9 @@ class TrainConfig:
     fractrain_targets: list[float] | None = setting(None, "the targets the pfq indicator steps through", "float_list",
                                                     metavar="PCT,...", group="dfq",
                                                     shown=fractrain.DEFAULT_TARGETS)
+    fractrain_floors: list[float] | None = setting(None, "a floor on each block's executed share per target (in "
+                                                   "place of --dfq-min-exec-share): executed share rising as "
+                                                   "precision rises", "float_list", metavar="S,...", group="dfq")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -355,6 +358,8 @@ def validate(c: TrainConfig) -> None:
         raise EdgetrainError(f"unknown schedule '{c.schedule}'; valid: {', '.join(SCHEDULES)}")
     if c.schedule == "pfq" and c.bits is not None:
         raise EdgetrainError(f"bits '{c.bits}': pfq's stages set the bits (--pfq-stages, e.g. 3/6,4/6,6/8,8/8)")
+    if c.fractrain_floors is not None and c.schedule != "fractrain":
+        raise _fail("option", "fractrain_floors", f"only --schedule fractrain steps through floors, not {c.schedule}")
     if c.schedule in DYNAMIC_SCHEDULES:
         _validate_dfq(c)
     if c.bits is not None and c.schedule == "fp32":
@@ -407,6 +412,13 @@ def _validate_dfq(c: TrainConfig) -> None:
     targets = [c.dfq_target] + list(c.fractrain_targets or [])
     if any(not math.isfinite(t) or not 0 < t <= 100 for t in targets):
         raise EdgetrainError(f"dfq cost target {targets}: each must be a percentage in (0, 100]")
+    if c.fractrain_floors is not None:
+        n_targets = len(c.fractrain_targets or fractrain.DEFAULT_TARGETS)
+        if len(c.fractrain_floors) != n_targets:
+            raise _fail("option", "fractrain_floors", f"{len(c.fractrain_floors)} floors for {n_targets} targets; "
+                        "give one per target")
+        if any(not math.isfinite(f) or not 0 <= f <= 1 for f in c.fractrain_floors):
+            raise _fail("option", "fractrain_floors", f"{c.fractrain_floors}: each must be a share in [0, 1]")
     if c.dfq_cost_table is not None and not os.path.isfile(c.dfq_cost_table):
         raise _fail("option", "dfq_cost_table", f"{c.dfq_cost_table}: no such file")
 

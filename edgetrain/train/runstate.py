@@ -86,6 +86,8 @@ def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> N
         if dfq is None:
             raise EdgetrainError("a DFQ cost target was given but the model has no gates (schedule dfq or fractrain)")
         dfq.target = float(spec["dfq_target"])
+        if "dfq_floor" in spec:
+            dfq.floor = float(spec["dfq_floor"])
 
 
 def pack_state(model: Model, controller_state: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:

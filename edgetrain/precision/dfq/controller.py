@@ -118,6 +118,7 @@ class DFQ:
                               for k in range(len(self.candidates))]
         self.computing = [k for k, c in enumerate(self.candidates) if not c.skip]
         self.target = float(config.target)
+        self.floor = float(config.min_exec_share)  # FracTrain may raise it stage by stage (dfq_floor in its spec)
         self.param_names: list[str] = []
         self.state: tuple[np.ndarray, np.ndarray] | None = None  # the LSTM's (h, c) during a forward
         # channel means of unit outputs, by value name, during a forward (GatedUnit: the next gate's input)

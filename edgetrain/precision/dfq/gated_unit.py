@@ -146,7 +146,7 @@ class GatedUnit(Op):
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
         else:
             choice = logits.argmax(axis=1)
-            floor = dfq.config.min_exec_share
+            floor = dfq.floor
             if floor > 0 and self.unit.shortcut is not None:
                 choice = apply_floor(logits, choice, dfq.skips, floor)
         return choice, gctx
