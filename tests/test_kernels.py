@@ -694,6 +694,42 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
     assert vb.routes["conv2d_backward_weight:vnni"] == 4
 
 
+def test_vnni_gemms_are_exact_on_one_and_many_threads(monkeypatch):
+    """8-bit GEMMs on the VNNI tiles (the linear layers): either operand signed, both signed (the XOR
+    coding and its correction), reductions not a multiple of 4, lanes not a multiple of 16, transposed
+    views (a weight gradient's dy^T), worst-case operands, and the threaded path on 1 and 2 threads."""
+    import numba
+
+    from edgetrain.kernels import vnni
+    vb = kernels._BACKENDS["vnni"]
+    if not vnni.available() or not vb.vnni_usable:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(vb, "routes", type(vb.routes)())
+    kernels.set_backend("vnni")
+    rng = np.random.default_rng(6)
+    calls = 0
+    for m, k, n in ((8, 400, 120), (1, 1, 1), (33, 70, 17), (130, 9, 64)):
+        for sa, sb in ((False, True), (True, False), (True, True)):
+            a, b = random_operand(rng, (m, k), 8, signed=sa), random_operand(rng, (k, n), 8, signed=sb)
+            assert_exact(kernels.gemm(a, b, bounds=(255, 255)), ref_gemm(a, b))
+            assert_exact(kernels.linear_backward_weight(a, a, bounds=(255, 255)), ref_gemm(a.T, a))
+            calls += 1 + sa  # a uint8 weight gradient (uint8 x uint8) is not a VNNI product
+        for case in ("positive", "negative", "alternating"):
+            a, b = worst_operands((m, k), (k, n), 8, 8, case)
+            assert_exact(kernels.gemm(a, b, bounds=(128, 128)), ref_gemm(a, b))
+            calls += 1
+    assert vb.routes["gemm_nt:vnni"] == calls
+    a, b = random_operand(rng, (96, 777), 8, signed=False), random_operand(rng, (777, 200), 8)
+    assert 96 * 777 * 200 >= vb.GEMM_PARALLEL_WORK
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            assert_exact(kernels.gemm(a, b, bounds=(255, 128)), ref_gemm(a, b))
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_onnxruntime_c_api_reports_errors_instead_of_crashing():
     """A failing MatMulInteger through the C API raises onnxruntime's message (and leaks nothing)."""
     pytest.importorskip("onnxruntime")

@@ -254,7 +254,51 @@ class VnniBackend(OrtBackend):
                                                    xp[:, :, r:r + geo.out_h, s:s + geo.out_w])
             if not np.array_equal(dw, want_w):
                 return False
+        for a, b in ((np.full((3, 37), 255, np.uint8), np.full((5, 37), -128, np.int8)),
+                     (np.full((17, 9), -128, np.int8), np.full((4, 9), -128, np.int8)),
+                     (rng.integers(-128, 128, (6, 70), dtype=np.int8), rng.integers(0, 256, (33, 70), dtype=np.uint8))):
+            if not np.array_equal(self._gemm(a, b), a.astype(np.int64) @ b.astype(np.int64).T):
+                return False
         return True
+
+    # -------------------------------------------------------------------------------- GEMM
+
+    # From this many multiply-accumulates a VNNI GEMM deals its tiles to the threads; below, one thread
+    # (a parallel launch costs more than such a GEMM: (8, 400) x (400, 120) runs in about 2 us).
+    GEMM_PARALLEL_WORK = 1 << 21
+
+    def gemm_nt(self, a, bt, out_dtype, seg, amax=None):
+        a8, b8 = (_as8(a, amax[0]), _as8(bt, amax[1])) if amax is not None else (None, None)
+        if (a8 is None or b8 is None or (a8.dtype == np.uint8 and b8.dtype == np.uint8) or a.shape[0] == 0
+                or bt.shape[0] == 0 or not 0 < a.shape[1] <= _vn.RAW_TERMS or not self.vnni_usable):
+            return super().gemm_nt(a, bt, out_dtype, seg, amax)
+        self.routes["gemm_nt:vnni"] += 1
+        return self._gemm(a8, b8).astype(out_dtype, copy=False)
+
+    def _gemm(self, a8, b8):
+        """a8 @ b8^T (int32) on the VNNI tiles: an int8 operand gives the broadcast rows, the other the
+        lanes (in `vnni.pack_words`' layout, coded unsigned with XOR 0x80 if it is int8, the zero-point
+        term then folded into the accumulators' start). Replaces a session run (about 20 us whatever
+        the size) or Numba's loops for the linear layers: (8, 400) x (400, 120) 20 -> about 3 us."""
+        flip = a8.dtype != np.int8  # then bt is the int8 one: rows from bt, lanes from a, the result transposed
+        s, u = (b8, a8) if flip else (a8, b8)
+        xor = _XOR if u.dtype == np.int8 else 0
+        rows, lanes = s.shape[0], u.shape[0]
+        work = rows * lanes * s.shape[1]
+        # Rows of whole words go in as words: their transpose is the packing (`vnni.transpose_words`).
+        u = u.view(np.uint32) if u.flags.c_contiguous and u.shape[1] % 4 == 0 else u.view(np.uint8)
+        if work < self.GEMM_PARALLEL_WORK:
+            c = _vn.gemm_small(s, u, xor)
+        else:
+            k4, rpad, lpad = -(-s.shape[1] // 4), _round_up(rows, _vn.MT), _round_up(lanes, _vn.LANES)
+            with threads_for(work), self._vlock:
+                sc = self._vscratch
+                c = np.empty((rpad, lpad), np.int32)
+                _vn.gemm_large(s, u, xor, numba.get_num_threads(),
+                               sc.get("gemm_s", (rpad, 4 * k4), np.int8), sc.get("gemm_u", (k4, lpad), np.uint32),
+                               sc.get("gemm_init", (rpad,), np.int32), c)
+        out = c[:rows, :lanes]
+        return out.T if flip else out
 
     # -------------------------------------------------------------------------------- routing
 
