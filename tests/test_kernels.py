@@ -254,6 +254,8 @@ CONV_CASES = {
     "depthwise_stride": ((2, 4, 7, 7), (4, 1, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4),
     "depthwise_multiplier": ((1, 3, 6, 6), (6, 1, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 3),
     "pointwise_stride2": ((2, 5, 7, 7), (3, 5, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),
+    # few positions per image: vnni runs it as one GEMM over the batch (both directions and dW)
+    "pointwise_small": ((3, 6, 3, 2), (9, 6, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
     "stride3_kernel2": ((1, 2, 10, 10), (2, 2, 2, 2), (3, 3), (1, 0, 0, 1), (1, 1), 1),
     "pad_beyond_kernel": ((1, 2, 4, 4), (3, 2, 2, 2), (1, 1), (3, 2, 2, 3), (1, 1), 1),
     "wide_channels": ((2, 37, 5, 5), (9, 37, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
@@ -623,7 +625,7 @@ def _rescale_ref(acc, scale, dtype):
 @pytest.mark.parametrize("per_image", [False, True], ids=["scale[c]", "scale[n,c]"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride2_odd", "stride_asym_pad", "dilation_stride",
-                                  "pointwise_stride2", "groups", "pad_beyond_kernel"])
+                                  "pointwise_stride2", "pointwise_small", "groups", "pad_beyond_kernel"])
 def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, per_image, monkeypatch):
     """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the
     integer result afterwards, whether the backend fuses it (chunk by chunk, phases of a strided dx)
@@ -692,6 +694,15 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
             check_all_conv_kernels(x, w, dy, kw)
     assert vb.routes["conv2d_forward:vnni"] == 4 and vb.routes["conv2d_backward_data:vnni"] == 4
     assert vb.routes["conv2d_backward_weight:vnni"] == 4
+    # 1x1 convs on small maps: one GEMM over the batch, signed or unsigned data, up to the limits
+    kw = dict(stride=(1, 1), pads=(0, 0, 0, 0), dilation=(1, 1), groups=1)
+    for shape in ((4, 12, 1, 1), (3, 8, 4, 4), (2, 5, 8, 8), (2, 4, 16, 16)):
+        for signed in (False, True):
+            x = random_operand(rng, shape, 8, signed=signed)
+            w = random_operand(rng, (6, shape[1], 1, 1), 8)
+            check_all_conv_kernels(x, w, random_operand(rng, (shape[0], 6) + shape[2:], 8, signed=not signed), kw)
+    assert vb.routes["conv2d_forward:vnni_gemm"] == vb.routes["conv2d_backward_data:vnni_gemm"] == 6  # to 8x8
+    assert vb.routes["conv2d_backward_weight:vnni_gemm"] == 8  # to 16x16
 
 
 def test_vnni_gemms_are_exact_on_one_and_many_threads(monkeypatch):
