@@ -32,6 +32,8 @@ has at most `RAW_TERMS` terms (255 * 128 per term), which the backend checks; re
 on the thread count or which thread took an image (each output element is summed by one thread in
 a fixed order, partial sums are exact integers).
 
+The GEMMs (linear layers, 1x1 convs on small maps) on the same tiles are in `vnni_gemm`.
+
 Only compiled and used when the CPU has AVX-512 VNNI (`available()`): emitting the intrinsic for
 a CPU without it would abort LLVM, so nothing here is compiled before that check.
 """
@@ -187,8 +189,8 @@ def _make_row_tile(MT: int, NT: int):
 
 _row_tile_8x32 = _make_row_tile(8, 2)
 _row_tile_16x16 = _make_row_tile(16, 1)
-_tile_8x32 = _make_tile(8, 2)
-_tile_16x16 = _make_tile(16, 1)
+tile_8x32 = _make_tile(8, 2)
+tile_16x16 = _make_tile(16, 1)
 
 
 @njit(inline="always", **_JIT)
@@ -203,12 +205,12 @@ def _gemm(a, brows, c, k4, rows, cols, init):
     if cols % 32 == 0:
         for p0 in range(0, cols, 32):
             for m0 in range(0, rows, 8):
-                _tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
+                tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
                            init.ctypes.data + m0 * 4)
     else:
         for p0 in range(0, cols, 16):
             for m0 in range(0, rows, 16):
-                _tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
+                tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
                             init.ctypes.data + m0 * 4)
 
 
@@ -534,190 +536,3 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
             for j in range(m_):
                 total[w, i, j] += acc[i, j]
 
-
-# ------------------------------------------------------------------------------------------- GEMM
-
-
-@njit(**_JIT)
-def pack_words(u, out, xor):
-    """The unsigned operand of a GEMM in VNNI layout: out[i, l] (uint32) = the bytes u[l, 4i..4i+3] ^ xor
-    for u (L, K) bytes of any strides (K need not be a multiple of 4: bytes beyond it are 0, and the
-    signed rows are 0 there too); lanes l >= L of out are left as they are. The loops follow u's
-    layout: along k where its rows are contiguous, else along l (a transposed view: 4 rows of the
-    storage per word, read contiguously)."""
-    lanes, k = u.shape
-    whole = k // 4
-    x8 = np.uint8(xor)
-    if u.strides[1] == 1:
-        for ln in range(lanes):
-            row = u[ln]
-            for i in range(whole):
-                out[i, ln] = (np.uint32(row[4 * i] ^ x8) | (np.uint32(row[4 * i + 1] ^ x8) << np.uint32(8))
-                              | (np.uint32(row[4 * i + 2] ^ x8) << np.uint32(16))
-                              | (np.uint32(row[4 * i + 3] ^ x8) << np.uint32(24)))
-    else:
-        for i in range(whole):
-            r0, r1, r2, r3 = u[:, 4 * i], u[:, 4 * i + 1], u[:, 4 * i + 2], u[:, 4 * i + 3]
-            d = out[i]
-            for ln in range(lanes):
-                d[ln] = (np.uint32(r0[ln] ^ x8) | (np.uint32(r1[ln] ^ x8) << np.uint32(8))
-                         | (np.uint32(r2[ln] ^ x8) << np.uint32(16)) | (np.uint32(r3[ln] ^ x8) << np.uint32(24)))
-    if k > 4 * whole:
-        for ln in range(lanes):
-            word = np.uint32(0)
-            for j in range(k - 4 * whole):
-                word |= np.uint32(u[ln, 4 * whole + j] ^ x8) << np.uint32(8 * j)
-            out[whole, ln] = word
-
-
-@njit(inline="always", **_JIT)
-def _gemm_tile(a, brows, c, k4, init, t, col_tiles, wide):
-    """Output tile t (column tile t % col_tiles, row tile t // col_tiles) of `gemm_words`."""
-    lda = a.shape[1]
-    ldc = c.shape[1]
-    if wide:
-        p0, m0 = (t % col_tiles) * 32, (t // col_tiles) * 8
-        _tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                   lda, ldc, init.ctypes.data + m0 * 4)
-    else:
-        p0, m0 = (t % col_tiles) * 16, (t // col_tiles) * 16
-        _tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                    lda, ldc, init.ctypes.data + m0 * 4)
-
-
-@njit(**_JIT)
-def transpose_words(u32, out, xor):
-    """`pack_words` for rows of whole words (u32 (L, k4), a uint32 view of C-contiguous bytes): out is
-    u32's transpose, each word XORed with xor in every byte. Along out's rows, gathering u32's columns:
-    LLVM vectorises that order (4 us for 128 x 196 words, against 24 to 59 us for the others)."""
-    x32 = np.uint32(xor) * np.uint32(0x01010101)
-    for i in range(u32.shape[1]):
-        d = out[i]
-        for ln in range(u32.shape[0]):
-            d[ln] = u32[ln, i] ^ x32
-
-
-@njit(inline="always", **_JIT)
-def _gemm_shape(s, u):
-    """k4, Rpad, Lpad of s (R, K) @ u (L, K)^T on the tiles."""
-    return (s.shape[1] + 3) // 4, -((-s.shape[0]) // MT) * MT, -((-u.shape[0]) // LANES) * LANES
-
-
-@njit(inline="always", **_JIT)
-def _pack(u, words, xor):
-    """u in VNNI layout: u is bytes (L, K), or (L, k4) words of whole-word rows (`transpose_words`)."""
-    if u.itemsize == 4:
-        transpose_words(u, words, xor)
-    else:
-        pack_words(u, words, xor)
-
-
-@njit(inline="always", **_JIT)
-def _gemm_operands(s, u, xor, sp, words, init):
-    """The tiles' operands for s (R, K) int8 @ u (L, K)^T bytes (or words, `_pack`), written into the buffers of
-    `_gemm_shape`: s as zero-padded rows sp (Rpad, 4*k4), u in `pack_words`' layout (words) and the
-    accumulators' start init (-128 * s's row sums where u is coded with the XOR: sum s (u + 128) =
-    sum s u + 128 sum s)."""
-    rows, k = s.shape
-    if sp.shape[0] == 0:  # s is used in place (`_rows_in_place`): only the start values
-        for r in range(rows):
-            total = np.int32(0)
-            if xor:
-                src = s[r]
-                for t in range(k):
-                    total += np.int32(src[t])
-            init[r] = -128 * total
-        _pack(u, words, xor)
-        return
-    for r in range(sp.shape[0]):
-        dst = sp[r]
-        if r >= rows:
-            dst[:] = 0
-            init[r] = 0
-            continue
-        src = s[r]
-        for t in range(k):  # a gather where s is a transposed view (a weight gradient's dy^T): vectorised
-            dst[t] = src[t]
-        dst[k:] = 0
-        total = np.int32(0)
-        if xor:
-            for t in range(k):
-                total += np.int32(dst[t])
-        init[r] = -128 * total
-    _pack(u, words, xor)  # lanes beyond L are left as they are: computed and dropped
-
-
-@njit(inline="always", **_JIT)
-def _rows_in_place(s):
-    """s can be the tiles' row operand as it is: C-contiguous rows of whole words, MT of them a tile."""
-    return s.shape[0] % MT == 0 and s.shape[1] % 4 == 0 and s.strides[1] == 1 and s.strides[0] == s.shape[1]
-
-
-@njit(**_JIT)
-def gemm_small(s, u, xor):
-    """s (R, K) int8 @ u (L, K)^T (bytes, XOR-coded to unsigned with `xor`) as int32 (Rpad, Lpad), exact
-    for K <= RAW_TERMS, on this thread: one compiled call from the operands to the result."""
-    k4, rpad, lpad = _gemm_shape(s, u)
-    # One name per array, no tuple unpacking: Numba 0.68 lost writes to arrays bound that way (see
-    # dfq.kernels.sample_sums).
-    init = np.empty(rpad, np.int32)
-    words = np.empty((k4, lpad), np.uint32)
-    c = np.empty((rpad, lpad), np.int32)
-    if _rows_in_place(s):
-        _gemm_operands(s, u, xor, s[:0], words, init)
-        gemm_words(s, words, c, init)
-    else:
-        sp = np.empty((rpad, 4 * k4), np.int8)
-        _gemm_operands(s, u, xor, sp, words, init)
-        gemm_words(sp, words, c, init)
-    return c
-
-
-@njit(**_JIT)
-def gemm_large(s, u, xor, workers, sp, words, init, c):
-    """`gemm_small` into the caller's buffers (shapes from `_gemm_shape`: kept between calls, fresh
-    ones of this size cost page faults), its tiles dealt to `workers` threads (`gemm_words_parallel`)."""
-    if _rows_in_place(s):
-        _gemm_operands(s, u, xor, s[:0], words, init)
-        gemm_words_parallel(s, words, c, init, workers)
-    else:
-        _gemm_operands(s, u, xor, sp, words, init)
-        gemm_words_parallel(sp, words, c, init, workers)
-
-
-@njit(inline="always", **_JIT)
-def _row_table(words):
-    """The address of each of words' rows (a GEMM step's unsigned operand), for the tiles."""
-    brows = np.empty(words.shape[0], np.int64)
-    for i in range(words.shape[0]):
-        brows[i] = words.ctypes.data + i * words.strides[0]
-    return brows
-
-
-@njit(**_JIT)
-def gemm_words(a, words, c, init):
-    """c (Rpad, Lpad) int32 = init[row] + a (Rpad, 4*k4) int8 rows @ words (k4, Lpad), the unsigned
-    operand in `pack_words`' layout, on this thread; Rpad a multiple of MT, Lpad of LANES. Returns
-    words' size: the tiles read words through raw addresses, and Numba frees an array after the last
-    use of its name, so words is used after them (a GEMM once read freed memory here)."""
-    brows = _row_table(words)
-    wide = c.shape[1] % 32 == 0
-    col_tiles = c.shape[1] // (32 if wide else 16)
-    tiles = col_tiles * (c.shape[0] // (8 if wide else 16))
-    for t in range(tiles):
-        _gemm_tile(a, brows, c, words.shape[0], init, t, col_tiles, wide)
-    return words.size
-
-
-@njit(parallel=True, **_JIT)
-def gemm_words_parallel(a, words, c, init, workers):
-    """`gemm_words` with its output tiles dealt round-robin to `workers` threads (each tile is summed by
-    one thread in the same order, so the thread count cannot change a bit)."""
-    brows = _row_table(words)
-    wide = c.shape[1] % 32 == 0
-    col_tiles = c.shape[1] // (32 if wide else 16)
-    tiles = col_tiles * (c.shape[0] // (8 if wide else 16))
-    for w in prange(workers):
-        for t in range(w, tiles, workers):
-            _gemm_tile(a, brows, c, words.shape[0], init, t, col_tiles, wide)
-    return words.size

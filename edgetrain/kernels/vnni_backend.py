@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from edgetrain.kernels import vnni as _vn
+from edgetrain.kernels import vnni_gemm as _vg
 from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
 from edgetrain.kernels.ort_backend import OrtBackend, _as8, patch_plan
 from edgetrain.kernels.rescale import rescaled, scale_rows
@@ -277,7 +278,7 @@ class VnniBackend(OrtBackend):
 
     def _gemm(self, a8, b8):
         """a8 @ b8^T (int32) on the VNNI tiles: an int8 operand gives the broadcast rows, the other the
-        lanes (in `vnni.pack_words`' layout, coded unsigned with XOR 0x80 if it is int8, the zero-point
+        lanes (in `vnni_gemm.pack_words`' layout, coded unsigned with XOR 0x80 if it is int8, the zero-point
         term then folded into the accumulators' start). Replaces a session run (about 20 us whatever
         the size) or Numba's loops for the linear layers: (8, 400) x (400, 120) 20 -> about 3 us."""
         flip = a8.dtype != np.int8  # then bt is the int8 one: rows from bt, lanes from a, the result transposed
@@ -285,16 +286,16 @@ class VnniBackend(OrtBackend):
         xor = _XOR if u.dtype == np.int8 else 0
         rows, lanes = s.shape[0], u.shape[0]
         work = rows * lanes * s.shape[1]
-        # Rows of whole words go in as words: their transpose is the packing (`vnni.transpose_words`).
+        # Rows of whole words go in as words: their transpose is the packing (`vnni_gemm.transpose_words`).
         u = u.view(np.uint32) if u.flags.c_contiguous and u.shape[1] % 4 == 0 else u.view(np.uint8)
         if work < self.GEMM_PARALLEL_WORK:
-            c = _vn.gemm_small(s, u, xor)
+            c = _vg.gemm_small(s, u, xor)
         else:
             k4, rpad, lpad = -(-s.shape[1] // 4), _round_up(rows, _vn.MT), _round_up(lanes, _vn.LANES)
             with threads_for(work), self._vlock:
                 sc = self._vscratch
                 c = np.empty((rpad, lpad), np.int32)
-                _vn.gemm_large(s, u, xor, numba.get_num_threads(),
+                _vg.gemm_large(s, u, xor, numba.get_num_threads(),
                                sc.get("gemm_s", (rpad, 4 * k4), np.int8), sc.get("gemm_u", (k4, lpad), np.uint32),
                                sc.get("gemm_init", (rpad,), np.int32), c)
         out = c[:rows, :lanes]
