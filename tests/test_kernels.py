@@ -730,6 +730,10 @@ def test_vnni_gemms_are_exact_on_one_and_many_threads(monkeypatch):
             assert_exact(kernels.gemm(a, b, bounds=(128, 128)), ref_gemm(a, b))
             calls += 1
     assert vb.routes["gemm_nt:vnni"] == calls
+    for m, k, n in ((32, 40, 24), (160, 800, 300)):  # read-only operands (broadcast views), used in place
+        a, b = random_operand(rng, (m, k), 8), random_operand(rng, (k, n), 8, signed=False)
+        a.flags.writeable = b.flags.writeable = False
+        assert_exact(kernels.gemm(a, b, bounds=(128, 255)), ref_gemm(a, b))
     a, b = random_operand(rng, (96, 777), 8, signed=False), random_operand(rng, (777, 200), 8)
     assert 96 * 777 * 200 >= vb.GEMM_PARALLEL_WORK
     before = numba.get_num_threads()

@@ -20,6 +20,7 @@ from numba import njit
 
 from edgetrain.kernels import vnni as _vn
 from edgetrain.kernels import vnni_gemm as _vg
+from edgetrain.kernels.im2col import channel_major, position_major
 from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
 from edgetrain.kernels.ort_backend import OrtBackend, _as8, patch_plan
 from edgetrain.kernels.rescale import rescaled, scale_rows
@@ -326,15 +327,24 @@ class VnniBackend(OrtBackend):
 
     @staticmethod
     def _positions(t8: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) -> (N*H*W, C): one row per position, its channels contiguous."""
+        """(N, C, H, W) -> (N*H*W, C): one row per position, its channels contiguous (`im2col.position_major`)."""
         n, c = t8.shape[:2]
-        return np.ascontiguousarray(t8.reshape(n, c, -1).transpose(0, 2, 1)).reshape(-1, c)
+        if t8.shape[2] * t8.shape[3] == 1:
+            return t8.reshape(n, c)
+        out = np.empty((n * t8.shape[2] * t8.shape[3], c), t8.dtype)
+        position_major(np.ascontiguousarray(t8).reshape(n, c, -1).view(np.uint8), out.view(np.uint8))
+        return out
 
     @staticmethod
     def _channels(t8: np.ndarray) -> np.ndarray:
-        """(N, C, H, W) -> (C, N*H*W): one row per channel, every position of the batch in it."""
+        """(N, C, H, W) -> (C, N*H*W): one row per channel, every position of the batch in it (on 1x1
+        maps a transposed view, which the GEMM's packing reads as it is; else `im2col.channel_major`)."""
         n, c = t8.shape[:2]
-        return np.ascontiguousarray(t8.reshape(n, c, -1).transpose(1, 0, 2)).reshape(c, -1)
+        if t8.shape[2] * t8.shape[3] == 1:
+            return t8.reshape(n, c).T
+        out = np.empty((c, n * t8.shape[2] * t8.shape[3]), t8.dtype)
+        channel_major(np.ascontiguousarray(t8).reshape(n, c, -1).view(np.uint8), out.view(np.uint8))
+        return out
 
     def _pointwise_out(self, acc: np.ndarray, shape: tuple, out_dtype, rescale):
         """acc (C, N*H*W) back to (N, C, H, W): rescaled as every conv route does (`rescaled`), or int."""

@@ -144,7 +144,7 @@ def gemm_small(s, u, xor):
     words = np.empty((k4, lpad), np.uint32)
     c = np.empty((rpad, lpad), np.int32)
     if _rows_in_place(s):
-        _gemm_operands(s, u, xor, s[:0], words, init)
+        _gemm_operands(s, u, xor, np.empty((0, 4 * k4), np.int8), words, init)  # s may be read-only
         gemm_words(s, words, c, init)
     else:
         sp = np.empty((rpad, 4 * k4), np.int8)
@@ -158,7 +158,7 @@ def gemm_large(s, u, xor, workers, sp, words, init, c):
     """`gemm_small` into the caller's buffers (shapes from `_gemm_shape`: kept between calls, fresh
     ones of this size cost page faults), its tiles dealt to `workers` threads (`gemm_words_parallel`)."""
     if _rows_in_place(s):
-        _gemm_operands(s, u, xor, s[:0], words, init)
+        _gemm_operands(s, u, xor, sp[:0], words, init)
         gemm_words_parallel(s, words, c, init, workers)
     else:
         _gemm_operands(s, u, xor, sp, words, init)
