@@ -285,8 +285,8 @@ def transpose_words(src64, dst64, xor):
 def channel_major(t, out):
     """out[c, n*P + p] = t[n, c, p]: (N, C, P) bytes -> (C, N*P), each channel's positions over the whole
     batch in one row (a 1x1 conv's weight gradient reduces along it). One contiguous run per (c, n):
-    NumPy's transposed copy took 140-700 us for MobileNetV2's maps at batch 8, its inner loop a few
-    bytes long."""
+    NumPy's transposed copy, its inner loop a few bytes long, took 1.4-2.5x as long on MobileNetV2's
+    maps at batch 8 ((8, 336, 2, 2): 9.2 against 5.2 us)."""
     n_, c_, p_ = t.shape
     for c in range(c_):
         row = out[c]
