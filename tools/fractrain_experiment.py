@@ -482,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor", type=bounded(float, "a share in [0, 1]", low=0.0, high=1.0), default=0.0,
                    help="timed rows: floor on each block's executed share of a batch (guards against collapse)")
     p.add_argument("--floors", type=_floor_list, default=None,
-                   help="fractrain-time row: one floor per FracTrain target, rising (e.g. 0.25,0.5,0.75,1): the "
-                        "executed share rises over training as precision does in the paper")
+                   help="fractrain-time row: one floor per FracTrain target, in place of --floor (e.g. "
+                        "1,0.75,0.5,0.5: every block at first, half the batch later)")
     p.add_argument("--probe-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
                    default=DEFAULT_PROBE_SHARE, help="probe rows: share of each batch probed at a second candidate")
     p.add_argument("--probe-weight", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_WEIGHT,

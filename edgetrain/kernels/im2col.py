@@ -300,7 +300,9 @@ def channel_major(t, out):
 @njit(**_JIT)
 def position_major(t, out):
     """out[n*P + p, c] = t[n, c, p]: (N, C, P) bytes -> (N*P, C), one row per position of the batch with
-    its channels contiguous (a 1x1 conv's forward and backward-data as one GEMM)."""
+    its channels contiguous (a 1x1 conv's forward and backward-data as one GEMM). `pixel_rows` writes
+    the same rows, but walks each row's positions inside the channel loop, 1.7x slower on 2x2 maps
+    ((8, 336, 2, 2) forward 15 -> 25 us); this loop runs along the channels."""
     n_, c_, p_ = t.shape
     for n in range(n_):
         src = t[n]

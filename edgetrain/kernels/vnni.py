@@ -194,24 +194,38 @@ tile_16x16 = _make_tile(16, 1)
 
 
 @njit(inline="always", **_JIT)
-def _gemm(a, brows, c, k4, rows, cols, init):
-    """c[:rows, :cols] = init[row] + a (rows x 4*k4, int8 bytes) @ B, tile by tile, where B's row i (cols
-    x 4 bytes, uint8) starts at the address brows[i]; rows a multiple of MT, cols of LANES, a and c
-    C-contiguous, init int32 (rows,). 8 x 32 tiles when cols allows, else 16 x 16 (no padding to 32
-    columns); B's tile columns stay in L1 across the rows."""
+def gemm_tile_count(c):
+    """How many output tiles `gemm_tile` splits c into: 8 x 32 where c's width allows, else 16 x 16 (no
+    padding to 32 columns)."""
+    wide = c.shape[1] % 32 == 0
+    return (c.shape[1] // (32 if wide else 16)) * (c.shape[0] // (8 if wide else 16))
+
+
+@njit(inline="always", **_JIT)
+def gemm_tile(a, brows, c, k4, init, t):
+    """Output tile t of c = init[row] + a (rows x 4*k4, int8 bytes) @ B, where B's row i (4 bytes per
+    column, uint8) starts at the address brows[i]: c's rows a multiple of MT, its columns of LANES, a
+    and c C-contiguous, init int32 (rows,). Tiles go down a column first, so B's tile columns stay in
+    L1 across the rows. The conv kernels and the GEMMs (`vnni_gemm`) share this one tile walk."""
     lda = a.shape[1]
     ldc = c.shape[1]
-    ra = brows.ctypes.data
-    if cols % 32 == 0:
-        for p0 in range(0, cols, 32):
-            for m0 in range(0, rows, 8):
-                tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
-                           init.ctypes.data + m0 * 4)
+    if ldc % 32 == 0:
+        row_tiles = c.shape[0] // 8
+        p0, m0 = (t // row_tiles) * 32, (t % row_tiles) * 8
+        tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
+                  lda, ldc, init.ctypes.data + m0 * 4)
     else:
-        for p0 in range(0, cols, 16):
-            for m0 in range(0, rows, 16):
-                tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, ra, p0 * 4, k4, lda, ldc,
-                            init.ctypes.data + m0 * 4)
+        row_tiles = c.shape[0] // 16
+        p0, m0 = (t // row_tiles) * 16, (t % row_tiles) * 16
+        tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
+                   lda, ldc, init.ctypes.data + m0 * 4)
+
+
+@njit(inline="always", **_JIT)
+def gemm_tiles(a, brows, c, k4, init):
+    """Every tile of c (`gemm_tile`), on this thread."""
+    for t in range(gemm_tile_count(c)):
+        gemm_tile(a, brows, c, k4, init, t)
 
 
 @njit(inline="always", **_JIT)
@@ -351,7 +365,7 @@ def _job(j, jobs, weights, brows, groups, cbuf, wq, corr_all):
     a = weights[w0:w0 + mpad * 4 * k4].reshape((mpad, 4 * k4))
     acc = cbuf[:mpad * cols].reshape((mpad, cols))
     # Accumulators start at -corr[row]: the zero-point correction costs nothing.
-    _gemm(a, brows[t0 * groups:t0 * groups + k4], acc, k4, mpad, cols, corr_all[j])
+    gemm_tiles(a, brows[t0 * groups:t0 * groups + k4], acc, k4, corr_all[j])
     return acc
 
 
@@ -379,9 +393,10 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
         cbuf = c_w[w]
         half = cbuf.size // 2  # a pair's second job accumulates in the second half
         row_f = rowf_w[w]
-        for ph in range(planes.shape[1]):
-            for c in range(planes.shape[0]):
-                _fill(planes[c, ph], planes.shape[2], x8)
+        if not direct:  # the byte planes are used at strides above 1 only
+            for ph in range(planes.shape[1]):
+                for c in range(planes.shape[0]):
+                    _fill(planes[c, ph], planes.shape[2], x8)
         # The padding code in every byte (the slack: junk columns, dropped); valid pixels are written.
         _fill(words.reshape(-1), words.size, np.uint32(x8) * np.uint32(0x01010101))
         groups = words.shape[0]

@@ -287,7 +287,7 @@ class VnniBackend(OrtBackend):
         xor = _XOR if u.dtype == np.int8 else 0
         rows, lanes = s.shape[0], u.shape[0]
         work = rows * lanes * s.shape[1]
-        # Rows of whole words go in as words: their transpose is the packing (`vnni_gemm.transpose_words`).
+        # Rows of whole words go in as words: their transpose is the packing (`vnni_gemm.transpose_u32`).
         u = u.view(np.uint32) if u.flags.c_contiguous and u.shape[1] % 4 == 0 else u.view(np.uint8)
         if work < self.GEMM_PARALLEL_WORK:
             c = _vg.gemm_small(s, u, xor)
@@ -328,10 +328,10 @@ class VnniBackend(OrtBackend):
     @staticmethod
     def _positions(t8: np.ndarray) -> np.ndarray:
         """(N, C, H, W) -> (N*H*W, C): one row per position, its channels contiguous (`im2col.position_major`)."""
-        n, c = t8.shape[:2]
-        if t8.shape[2] * t8.shape[3] == 1:
+        n, c, h, w = t8.shape
+        if h * w == 1:
             return t8.reshape(n, c)
-        out = np.empty((n * t8.shape[2] * t8.shape[3], c), t8.dtype)
+        out = np.empty((n * h * w, c), t8.dtype)
         position_major(np.ascontiguousarray(t8).reshape(n, c, -1).view(np.uint8), out.view(np.uint8))
         return out
 

@@ -2,7 +2,7 @@
 
 C (R, L) = S (R, K) @ U (L, K)^T: the int8 operand S gives the tiles' broadcast rows (used in place
 when its rows are C-contiguous whole words, MT of them a tile; else copied, zero-padded), the other
-the lanes, in VNNI layout: words[i, l] = the bytes U[l, 4i..4i+3] (`pack_words`; `transpose_words` for
+the lanes, in VNNI layout: words[i, l] = the bytes U[l, 4i..4i+3] (`pack_words`; `transpose_u32` for
 rows of whole words, a word transpose). An int8 U is coded unsigned with XOR 0x80 and its zero-point
 term, 128 times S's row sums, starts the accumulators. Every output tile is summed by one thread in
 one fixed order, so neither the thread count nor the path changes a bit; exact while K <= RAW_TERMS.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.vnni import LANES, MT, tile_8x32, tile_16x16
+from edgetrain.kernels.vnni import LANES, MT, gemm_tile, gemm_tile_count, gemm_tiles
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 
@@ -50,23 +50,8 @@ def pack_words(u, out, xor):
             out[whole, ln] = word
 
 
-@njit(inline="always", **_JIT)
-def _gemm_tile(a, brows, c, k4, init, t, col_tiles, wide):
-    """Output tile t (column tile t % col_tiles, row tile t // col_tiles) of `gemm_words`."""
-    lda = a.shape[1]
-    ldc = c.shape[1]
-    if wide:
-        p0, m0 = (t % col_tiles) * 32, (t // col_tiles) * 8
-        tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                   lda, ldc, init.ctypes.data + m0 * 4)
-    else:
-        p0, m0 = (t % col_tiles) * 16, (t // col_tiles) * 16
-        tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                    lda, ldc, init.ctypes.data + m0 * 4)
-
-
 @njit(**_JIT)
-def transpose_words(u32, out, xor):
+def transpose_u32(u32, out, xor):
     """`pack_words` for rows of whole words (u32 (L, k4), a uint32 view of C-contiguous bytes): out is
     u32's transpose, each word XORed with xor in every byte. Along out's rows, gathering u32's columns:
     LLVM vectorises that order (4 us for 128 x 196 words, against 24 to 59 us for the others)."""
@@ -85,9 +70,9 @@ def _gemm_shape(s, u):
 
 @njit(inline="always", **_JIT)
 def _pack(u, words, xor):
-    """u in VNNI layout: u is bytes (L, K), or (L, k4) words of whole-word rows (`transpose_words`)."""
+    """u in VNNI layout: u is bytes (L, K), or (L, k4) words of whole-word rows (`transpose_u32`)."""
     if u.itemsize == 4:
-        transpose_words(u, words, xor)
+        transpose_u32(u, words, xor)
     else:
         pack_words(u, words, xor)
 
@@ -177,15 +162,10 @@ def _row_table(words):
 @njit(**_JIT)
 def gemm_words(a, words, c, init):
     """c (Rpad, Lpad) int32 = init[row] + a (Rpad, 4*k4) int8 rows @ words (k4, Lpad), the unsigned
-    operand in `pack_words`' layout, on this thread; Rpad a multiple of MT, Lpad of LANES. Returns
-    words' size: the tiles read words through raw addresses, and Numba frees an array after the last
-    use of its name, so words is used after them (a GEMM once read freed memory here)."""
-    brows = _row_table(words)
-    wide = c.shape[1] % 32 == 0
-    col_tiles = c.shape[1] // (32 if wide else 16)
-    tiles = col_tiles * (c.shape[0] // (8 if wide else 16))
-    for t in range(tiles):
-        _gemm_tile(a, brows, c, words.shape[0], init, t, col_tiles, wide)
+    operand in `pack_words`' layout, on this thread (`vnni.gemm_tiles`); Rpad a multiple of MT, Lpad of
+    LANES. Returns words' size: the tiles read words through raw addresses, and Numba frees an array
+    after the last use of its name, so words is used after them (a GEMM once read freed memory here)."""
+    gemm_tiles(a, _row_table(words), c, words.shape[0], init)
     return words.size
 
 
@@ -194,10 +174,8 @@ def gemm_words_parallel(a, words, c, init, workers):
     """`gemm_words` with its output tiles dealt round-robin to `workers` threads (each tile is summed by
     one thread in the same order, so the thread count cannot change a bit)."""
     brows = _row_table(words)
-    wide = c.shape[1] % 32 == 0
-    col_tiles = c.shape[1] // (32 if wide else 16)
-    tiles = col_tiles * (c.shape[0] // (8 if wide else 16))
+    tiles = gemm_tile_count(c)
     for w in prange(workers):
         for t in range(w, tiles, workers):
-            _gemm_tile(a, brows, c, words.shape[0], init, t, col_tiles, wide)
+            gemm_tile(a, brows, c, words.shape[0], init, t)
     return words.size

@@ -191,8 +191,8 @@ class TrainConfig:
                                                     metavar="PCT,...", group="dfq",
                                                     shown=fractrain.DEFAULT_TARGETS)
     fractrain_floors: list[float] | None = setting(None, "a floor on each block's executed share per target (in "
-                                                   "place of --dfq-min-exec-share): executed share rising as "
-                                                   "precision rises", "float_list", metavar="S,...", group="dfq")
+                                                   "place of --dfq-min-exec-share), e.g. 1,0.75,0.5,0.5",
+                                                   "float_list", metavar="S,...", group="dfq")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
