@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from edgetrain.errors import NonFiniteError
 from edgetrain.quant import (
     QTensor,
     QuantStats,
@@ -22,6 +23,7 @@ from edgetrain.quant import (
     uniform,
 )
 from edgetrain.quant import quantizer as quantizer_module
+from edgetrain.quant.quantizer import quantize_weights
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -418,3 +420,26 @@ def test_small_tensor_path_equals_the_general_one(size, dtype, bits, signed, sto
     assert small.q.dtype == general.q.dtype and np.array_equal(small.q, general.q)
     assert small.scale == general.scale and type(small.scale) is type(general.scale)
     assert small.stats == general.stats
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(st.sampled_from([np.float32, np.float64]),
+                  hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=12), elements=floats_st),
+       bits_st, st.booleans())
+def test_weights_quantised_both_ways_in_one_call_equal_two_quantize_calls(w, bits, pow2):
+    """quantize_weights: the per-row and per-tensor codes of one scan are exactly quantize's (codes,
+    scales, their types and stats), including all-zero rows and 16-bit codes."""
+    rows, flat = quantize_weights(w, bits, pow2=pow2)
+    for got, want in ((rows, quantize(w, bits, axis=0, pow2=pow2)), (flat, quantize(w, bits, pow2=pow2))):
+        assert got.q.dtype == want.q.dtype and np.array_equal(got.q, want.q)
+        assert np.array_equal(got.scale, want.scale) and type(got.scale) is type(want.scale)
+        assert got.axis == want.axis and got.stats == want.stats
+
+
+def test_weights_quantised_both_ways_reject_nan_and_go_parallel_when_large():
+    w = np.random.default_rng(0).standard_normal((300, 400)).astype(np.float32)  # above PARALLEL_MIN_ELEMENTS
+    rows, flat = quantize_weights(w, 8)
+    assert np.array_equal(rows.q, quantize(w, 8, axis=0).q) and np.array_equal(flat.q, quantize(w, 8).q)
+    w[7, 3] = np.nan
+    with pytest.raises(NonFiniteError):
+        quantize_weights(w, 8)

@@ -5,7 +5,7 @@ copy, output); these do each job in one or two sweeps per channel. Sums accumula
 every channel is reduced in a fixed order, so results do not depend on thread count. BatchNorm comes
 in two builds of the same loops: serial, for the fp32 path, where parallel loops fight OpenBLAS's
 spinning workers (measured: 9x slower on 2 cores), and parallel over channels, for BatchNorms fed by
-integer layers, where no BLAS runs, from `threads.SMALL_ELEMENTS` values on (a small batch's
+integer layers, where no BLAS runs, from `norm.PARALLEL_MIN_VALUES` values on (a tiny batch's
 BatchNorm takes the serial build: the same loops, so the same bits, and no parallel launch).
 """
 from __future__ import annotations

@@ -46,6 +46,7 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize
+from edgetrain.quant.quantizer import quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
 STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
@@ -90,6 +91,7 @@ class MACContext:
     key: tuple[int, int]  # the run key: the output gradient's stochastic rounding draws from it
     merge: bool  # groups may share kernel calls
     calls: int  # kernel calls the forward made (the backward makes one weight-gradient call per group)
+    tensor_codes: list[QTensor] | None  # each group's weights quantised per tensor, for the error backprop
 
 
 @dataclass
@@ -153,11 +155,14 @@ class QuantMAC(Op):
         rt.count(key, q.stats.saturated)
         return q
 
-    def _quantize_weight(self, w_rows: np.ndarray, per_channel: bool = True) -> QTensor:
+    def _quantize_weight(self, w_rows: np.ndarray, training: bool) -> tuple[QTensor, QTensor | None]:
         """Weights: nearest, from the float master copy each step; per output channel (rows) for the
-        forward, per tensor for the error back-propagation."""
-        return quantize(w_rows, self.precision.weight_bits, signed=True, axis=0 if per_channel else None,
-                        pow2=self.runtime.pow2_scales)
+        forward and, in training, per tensor for the error back-propagation, both from one scan (the
+        weights cannot change between a forward and its backward)."""
+        bits, pow2 = self.precision.weight_bits, self.runtime.pow2_scales
+        if training:
+            return quantize_weights(w_rows, bits, pow2=pow2)
+        return quantize(w_rows, bits, signed=True, axis=0, pow2=pow2), None
 
     def _quantize_grad(self, g: np.ndarray, key: tuple[int, int]) -> QTensor:
         return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic",
@@ -195,7 +200,7 @@ class QuantConv(QuantMAC):
         out_ndim = x.ndim
         x, w = _as_2d_conv(x), _as_2d_conv(w)
         xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
-        wqs = _weight_codes(groups, w, per_channel=True)
+        wqs, vqs = _weight_codes(groups, w, run.training)
         codes = [q.q for q in xqs]
         runs = _runs(codes, wqs, merge)
         parts = []
@@ -210,7 +215,7 @@ class QuantConv(QuantMAC):
             y += b.reshape(1, -1, 1, 1)
         if out_ndim == 3:
             y = y.reshape(y.shape[:2] + y.shape[3:])
-        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), args,
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), vqs, args,
                                 b is not None, out_ndim)
 
     def backward(self, ctx: ConvContext, grads, needed):
@@ -224,7 +229,7 @@ class QuantConv(QuantMAC):
             dw = part if dw is None else dw + part
         dx = None
         if needed[0]:
-            vqs = _weight_codes(ctx.groups, ctx.w, per_channel=False)
+            vqs = _tensor_codes(ctx, ctx.w)
             codes = [q.q for q in dyqs]
             parts = []
             for members in _runs(codes, vqs, ctx.merge):
@@ -271,7 +276,7 @@ class QuantConv3d(QuantMAC):
         b = inputs[2] if len(inputs) > 2 else None
         geo, args = self._geometry(x.shape, w.shape)
         xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
-        wqs = _weight_codes(groups, w, per_channel=True)
+        wqs, vqs = _weight_codes(groups, w, run.training)
         parts = []
         for xq, wq in zip(xqs, wqs):
             acc = _conv3d_forward(xq.q, wq.q, geo, args, (_bound(xq), _bound(wq)))
@@ -283,7 +288,7 @@ class QuantConv3d(QuantMAC):
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if b is not None:
             y += b.reshape(1, -1, 1, 1, 1)
-        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups) * w.shape[2],
+        return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(groups) * w.shape[2], vqs,
                                 dict(args, geo=geo), b is not None, 5)
 
     def backward(self, ctx: ConvContext, grads, needed):
@@ -297,7 +302,7 @@ class QuantConv3d(QuantMAC):
             dw = part.reshape(ctx.w.shape) if dw is None else dw + part.reshape(ctx.w.shape)
         dx = None
         if needed[0]:
-            vqs = _weight_codes(ctx.groups, ctx.w, per_channel=False)
+            vqs = _tensor_codes(ctx, ctx.w)
             parts = []
             for dyq, xq, vq in zip(dyqs, ctx.inputs, vqs):
                 acc = _conv3d_backward_data(dyq.q, vq.q, xq.q.shape, geo, args, (_bound(dyq), _bound(vq)))
@@ -383,7 +388,7 @@ class QuantLinear(QuantMAC):
         x2 = x.reshape(-1, x.shape[-1])
         rows = _flat_rows(groups, x.shape, x2.shape[0])
         xqs = [g.op._quantize_input(x2[r], run.training) for g, r in zip(groups, rows)]
-        wqs = _weight_codes(groups, self._weight_rows(w), per_channel=True)
+        wqs, vqs = _weight_codes(groups, self._weight_rows(w), run.training)
         codes = [q.q for q in xqs]
         runs = _runs(codes, wqs, merge)
         parts = []
@@ -401,7 +406,7 @@ class QuantLinear(QuantMAC):
         if c is not None:
             y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
         y = y.reshape(lead + (y.shape[-1],))
-        return [y], LinearContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), rows,
+        return [y], LinearContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), vqs, rows,
                                   None if c is None else c.shape, alpha, beta)
 
     def backward(self, ctx: LinearContext, grads, needed):
@@ -418,7 +423,7 @@ class QuantLinear(QuantMAC):
             dw = part if dw is None else dw + part
         dx = None
         if needed[0]:
-            vqs = _weight_codes(ctx.groups, self._weight_rows(w), per_channel=False)
+            vqs = _tensor_codes(ctx, self._weight_rows(w))
             codes = [q.q for q in dyqs]
             parts = []
             for members in _runs(codes, vqs, ctx.merge):
@@ -480,7 +485,7 @@ class QuantMatMul(QuantMAC):
             bqs.append(bq)
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         y = _matmul_result(y, a, b)
-        return [y], MatMulContext(list(groups), aqs, None, a.shape, a.dtype, run.key, merge, calls,
+        return [y], MatMulContext(list(groups), aqs, None, a.shape, a.dtype, run.key, merge, calls, None,
                                   bqs, b.shape, sliced)
 
     def backward(self, ctx: MatMulContext, grads, needed):
@@ -524,13 +529,28 @@ def _gathered(parts: list[np.ndarray], sliced: bool, shape: tuple) -> np.ndarray
     return sum(parts[1:], parts[0]).reshape(shape)
 
 
-def _weight_codes(groups: Sequence[Group], w_rows: np.ndarray, per_channel: bool) -> list[QTensor]:
-    """Each group's weight codes; groups of one weight width share one quantisation (the same codes)."""
-    by_width: dict[int, QTensor] = {}
+def _weight_codes(groups: Sequence[Group], w_rows: np.ndarray,
+                  training: bool) -> tuple[list[QTensor], list[QTensor] | None]:
+    """Each group's weight codes per output channel and (in training, for the backward) per tensor;
+    groups of one weight width share one quantisation (the same codes)."""
+    by_width: dict[int, tuple[QTensor, QTensor | None]] = {}
     for g in groups:
         if g.op.precision.weight_bits not in by_width:
-            by_width[g.op.precision.weight_bits] = g.op._quantize_weight(w_rows, per_channel)
-    return [by_width[g.op.precision.weight_bits] for g in groups]
+            by_width[g.op.precision.weight_bits] = g.op._quantize_weight(w_rows, training)
+    pairs = [by_width[g.op.precision.weight_bits] for g in groups]
+    return [p[0] for p in pairs], [p[1] for p in pairs] if training else None
+
+
+def _tensor_codes(ctx: MACContext, w_rows: np.ndarray) -> list[QTensor]:
+    """Each group's weights quantised per tensor: the forward's (in training), else quantised now."""
+    if ctx.tensor_codes is not None:
+        return ctx.tensor_codes
+    by_width: dict[int, QTensor] = {}
+    for g in ctx.groups:
+        bits = g.op.precision.weight_bits
+        if bits not in by_width:
+            by_width[bits] = quantize(w_rows, bits, signed=True, pow2=g.op.runtime.pow2_scales)
+    return [by_width[g.op.precision.weight_bits] for g in ctx.groups]
 
 
 def _runs(codes: list[np.ndarray], weights: list[QTensor], merge: bool) -> list[list[int]]:

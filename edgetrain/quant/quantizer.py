@@ -465,3 +465,59 @@ def _quantize_tensor_small(x: np.ndarray, bits: int, signed: bool, qmin: int, qm
         raise ValueError(f"a quantisation range must be finite and >= 0, got {given}")
     stats = QuantStats(int(x.size), int(sat), max(abs(float(out[2])), abs(float(out[1]))))
     return QTensor.trusted(q, np.float32(out[0]), bits, signed, None, stats)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_both(x3, bits3, exp_mask, mag_mask, shift, qmin, qmax, pow2, min_parallel, q_rows, q_flat, scales,
+                   extrema):
+    """A signed tensor (1, rows, inner) quantised per row (q_rows, scales[:rows]) and per tensor (q_flat,
+    scales[rows]) from one range scan, in one compiled call: the same `_key_extrema`, `_scales` and
+    nearest kernels as two `quantize` calls, so the same codes and scales (the tensor's range is the
+    largest row range). extrema = [min, max]; returns the saturated count, -1 for NaN or infinity."""
+    rows = x3.shape[1]
+    lo_bits = np.empty(rows, bits3.dtype)
+    hi_bits = np.empty(rows, bits3.dtype)
+    if not _key_extrema(bits3, exp_mask, mag_mask, shift, lo_bits, hi_bits):
+        return -1
+    lo, hi = lo_bits.view(x3.dtype), hi_bits.view(x3.dtype)
+    top = np.empty(rows + 1)
+    least, most = np.inf, -np.inf
+    for c in range(rows):
+        a, b = np.float64(lo[c]), np.float64(hi[c])
+        top[c] = max(max(abs(a), abs(b)), 0.0)
+        least, most = min(least, a), max(most, b)
+    top[rows] = max(max(abs(least), abs(most)), 0.0)
+    _scales(top, np.float64(qmax), pow2, scales)  # finite ranges >= 0: it cannot refuse them
+    pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
+    sat = np.zeros(rows * pieces, np.int64)
+    _quantize_nearest(x3, scales[:rows], qmin, qmax, pieces, q_rows, sat, min_parallel)
+    flat = x3.reshape(1, 1, x3.size)
+    flat_pieces = (x3.size + _PIECE - 1) // _PIECE
+    flat_sat = np.zeros(flat_pieces, np.int64)
+    _quantize_nearest(flat, scales[rows:], qmin, qmax, flat_pieces, q_flat, flat_sat, min_parallel)
+    extrema[0], extrema[1] = least, most
+    return sat.sum() + flat_sat.sum()
+
+
+def quantize_weights(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> tuple[QTensor, QTensor]:
+    """Signed nearest codes of w_rows per row (axis 0) and per tensor, from one range scan and one call:
+    exactly `quantize(w_rows, bits, axis=0)` and `quantize(w_rows, bits)`. A MAC layer's forward takes
+    the first and its error back-propagation the second; quantising them apart cost LeNet-5's layers
+    two scans of the weights and five compiled calls more a step (16 us for 150 weights)."""
+    bits = check_bits(bits, True)
+    x = _as_float(w_rows)
+    if x.ndim == 0 or x.shape[0] == 0 or x.size == 0:
+        return quantize(x, bits, axis=0, pow2=pow2), quantize(x, bits, pow2=pow2)
+    qmin, qmax = qrange(bits, True)
+    x3 = x.reshape(1, x.shape[0], -1)
+    ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x.dtype]
+    dtype = storage_dtype(bits, True)
+    q_rows, q_flat = np.empty(x.shape, dtype), np.empty(x.shape, dtype)
+    scales, extrema = np.empty(x.shape[0] + 1, np.float32), np.empty(2)
+    sat = _quantize_both(x3, x3.view(ints), exp_mask, mag_mask, shift, qmin, qmax, bool(pow2), PARALLEL_MIN_ELEMENTS,
+                         q_rows.reshape(x3.shape), q_flat.reshape(1, 1, x.size), scales, extrema)
+    if sat == -1:
+        raise _non_finite(x3)
+    stats = QuantStats(int(x.size), int(sat), max(abs(float(extrema[0])), abs(float(extrema[1]))))
+    return (QTensor.trusted(q_rows, scales[:-1], bits, True, 0, stats),
+            QTensor.trusted(q_flat, np.float32(scales[-1]), bits, True, None, stats))

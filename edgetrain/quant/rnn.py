@@ -27,7 +27,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.ops.base import Op, Run
 from edgetrain.ops.rnn import GRU, LSTM, Products
 from edgetrain.precision.spec import LayerPrecision
-from edgetrain.quant.quantizer import RunningRange, quantize
+from edgetrain.quant.quantizer import RunningRange, quantize, quantize_weights
 
 DIRECTION_STRIDE = 1 << 40  # element indices of the layer's stream each direction's gradients draw from
 
@@ -55,8 +55,7 @@ class QuantProducts(Products):
     def _weights(self, slot: str, w: np.ndarray):
         if slot not in self.weights:
             bits, pow2 = self.op.precision.weight_bits, self.op.runtime.pow2_scales
-            self.weights[slot] = (quantize(w, bits, signed=True, axis=0, pow2=pow2),
-                                  quantize(w, bits, signed=True, pow2=pow2))
+            self.weights[slot] = quantize_weights(w, bits, pow2=pow2)
         return self.weights[slot]
 
     def _grad(self, g: np.ndarray):
