@@ -1,4 +1,6 @@
 """DFQ: gates, per-sample grouped execution done for real, skipped work, the cost regulariser, FracTrain."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -416,6 +418,7 @@ def test_cli_dfq_train_info_export(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (run / "model.onnx").exists() and (run / "model.gates.onnx").exists()
+    assert 0 <= json.loads(r.stdout)["full_depth_accuracy"] <= 1  # the exported network, statistics re-estimated
     plots = subprocess.run(base + ["plot", str(run)], capture_output=True, text=True)
     assert plots.returncode == 0 and (run / "dfq.png").exists() and (run / "layers.png").exists(), plots.stderr
     info = json.loads(subprocess.run(base + ["info", str(run), "--json"], capture_output=True, text=True).stdout)
@@ -451,6 +454,9 @@ def test_fractrain_experiment_small_form(tmp_path, capsys):
     # In one process no row has a peak memory of its own: none is claimed.
     assert all(0 <= row["test_accuracy"] <= 1 and row["runs"][0]["peak_rss_mb"] is None for row in rows.values())
     run = rows["fractrain-probe"]["runs"][0]
+    for name in ("dfq", "fractrain", "fractrain-probe"):  # each gated row's export, re-estimated at full depth
+        gated = rows[name]["runs"][0]
+        assert 0 <= gated["full_depth_recalibrated_accuracy"] <= 1 and gated["recalibration_seconds"] > 0, name
     assert set(run["test_choices"]) == set(run["off_modal_share"]) == {"block0", "block1", "block2"}
     assert all(0 <= v < 1 for v in run["off_modal_share"].values())
     cells = run["accuracy_by_executed_share"].values()
@@ -673,3 +679,49 @@ def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):
     lb, gb = run()
     assert handed == [False, True, True]  # the stem's output is pooled by the first gate itself
     assert la == lb and all(np.array_equal(ga[k], gb[k]) for k in ga)
+
+
+def test_recalibration_gives_the_static_models_statistics_at_full_depth():
+    """recalibrate: the gated model's BatchNorm statistics and the exported candidate's activation ranges
+    become exactly those a static 8/8 model with the same weights and starting statistics gets from the
+    same seeded batches; the weights and the gates do not move, and the gates are back in charge after."""
+    from edgetrain.precision.dfq.recalibrate import recalibrate
+
+    x, y = _data(24, seed=5)
+    gated = _resnet8()
+    gated.set_precision("8/8")
+    d = DFQ.attach(gated, DFQConfig(candidates=("0", "8/8"), weight_bits=8))
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # training in which half the samples skip each block: gated statistics
+        d.force = {u.index: rng.permutation(np.arange(len(x)) % 2) for u in d.units}
+        _, grads = gated.loss_and_grad(x, y)
+    d.force = None
+    static = _resnet8()
+    static.set_precision("8/8")
+    static.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("dfq.")})
+    for key, running in gated.runtime.act_ranges.items():  # the ranges training left, the candidate's as the layer's
+        if "@" not in key or key.endswith("@8/8"):
+            static.runtime.act_ranges[key.split("@")[0]] = dataclasses.replace(running)
+    before = gated.state_dict()
+    recalibrate(gated, x, batches=4, batch_size=8, seed=7)
+    draw = np.random.default_rng(7)  # the batches recalibrate documents: default_rng(seed).choice, no replacement
+    for _ in range(4):
+        _, tape = static.forward_train(x[draw.choice(len(x), 8, replace=False)])
+        for name, value in tape.buffer_updates.items():
+            static.buffers()[name][...] = value
+    assert static.buffers().keys() == gated.buffers().keys()
+    moved = [name for name, value in static.buffers().items() if not np.array_equal(value, before[name])]
+    assert moved  # the statistics did change, and to the static model's values exactly
+    for name, value in static.buffers().items():
+        np.testing.assert_array_equal(gated.buffers()[name], value, err_msg=name)
+    for key, running in gated.runtime.act_ranges.items():
+        if "@" not in key or key.endswith("@8/8"):
+            assert running.value == static.runtime.act_ranges[key.split("@")[0]].value, key
+    assert all(np.array_equal(gated.parameters()[k], before[k]) for k in gated.parameters())
+    assert d.force is None
+    np.testing.assert_array_equal(gated(x), gated(x))  # gated eval works as before
+    with d.forced("8/8"):
+        np.testing.assert_array_equal(gated(x), static(x))  # and the full-depth network is the static one
+    with pytest.raises(ValueError, match="not a candidate"):
+        with d.forced("4/8"):
+            pass

@@ -110,7 +110,8 @@ def run_train(flags: dict[str, Any], *, config_file: str | None, resume: bool, a
     if ckpt is not None:
         trainer.resume(ckpt)
     result = trainer.fit()
-    summary = {"test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+    summary = {"test_accuracy": result.test_accuracy, "full_depth_accuracy": result.full_depth_accuracy,
+               "test_loss": result.test_loss,
                "final_train_loss": result.final_loss, "steps": result.steps,
                "bitops": result.bitops, "fp32_bitops": result.fp32_bitops,
                "percent_of_fp32": result.percent_of_fp32, "wall_seconds": result.seconds,
@@ -131,6 +132,8 @@ def format_train(s: dict[str, Any]) -> str:
     return "\n".join([
         f"trained {s['steps']} steps in {s['wall_seconds']:.1f} s ({s['precision']})",
         f"test accuracy {s['test_accuracy']:.2%}, test loss {s['test_loss']:.4f}",
+        *([f"exported network (every block computing, statistics re-estimated): test accuracy "
+           f"{s['full_depth_accuracy']:.2%}"] if s.get("full_depth_accuracy") is not None else []),
         f"BitOPs {s['bitops']:.3e} ({s['percent_of_fp32']:.1f}% of fp32)",
         f"model {p['model']}", f"checkpoint {p['checkpoint']}", f"log {p['log']}"])
 

@@ -186,6 +186,9 @@ class TrainConfig:
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
                                         group="dfq")
+    dfq_recalibration_batches: int = setting(dfq.DEFAULT_RECALIBRATION_BATCHES, "training batches that re-estimate "
+                                             "BatchNorm statistics and activation ranges at full depth before the "
+                                             "export (0: off)", "int", metavar="N", low=0, group="dfq")
     # FracTrain (--schedule fractrain): the PFQ indicator (pfq_period, pfq_eps, ...) steps these DFQ targets
     fractrain_targets: list[float] | None = setting(None, "the targets the pfq indicator steps through", "float_list",
                                                     metavar="PCT,...", group="dfq",

@@ -34,6 +34,7 @@ from edgetrain.model import Model
 from edgetrain.precision.control import PrecisionController, PrecisionSpec, make_controller
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.export import export_gates, gates_path
+from edgetrain.precision.dfq.recalibrate import recalibrate
 from edgetrain.preprocess import Preprocess
 from edgetrain.signals import StopFlag
 from edgetrain.train.checkpoint import Checkpoint, CheckpointManager, file_sha256, list_checkpoints
@@ -98,6 +99,7 @@ class TrainResult:
     model: str | None
     interrupted: bool = False
     evals: list[dict[str, Any]] = field(default_factory=list)
+    full_depth_accuracy: float | None = None  # a gated run's exported network, every block computing
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -385,6 +387,7 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+        full_depth = self._recalibrate() if not interrupted else None
         exported = None
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
@@ -405,7 +408,19 @@ class Trainer:
             percent_of_fp32=cost.percent_of_fp32, seconds=self.elapsed,
             precision=precision_summary(self.model.precision), run_dir=str(self.run_dir),
             checkpoint=str(checkpoint) if checkpoint else None, log=str(log.path), config=str(config_path),
-            model=exported, interrupted=interrupted, evals=list(self.evals))
+            model=exported, interrupted=interrupted, evals=list(self.evals),
+            full_depth_accuracy=None if full_depth is None else full_depth["accuracy"])
+
+    def _recalibrate(self) -> dict[str, float] | None:
+        """A gated run's exported network (every block at the exported candidate): its statistics
+        re-estimated at full depth (edgetrain.precision.dfq.recalibrate), then its test metrics."""
+        dfq = DFQ.of(self.model)
+        if dfq is None or self.config.dfq_recalibration_batches <= 0:
+            return None
+        recalibrate(self.model, self.split.train.x, batches=self.config.dfq_recalibration_batches,
+                    batch_size=self.config.batch_size, seed=self.config.seed)
+        with dfq.forced(dfq.most_precise()), np.errstate(**QUIET_NUMPY):
+            return evaluate(self.model, self.split.test)
 
     def _log_step(self, log: RunLog, loss: float) -> None:
         cost = self.model.cost

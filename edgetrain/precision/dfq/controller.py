@@ -34,6 +34,8 @@ batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a f
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -291,6 +293,18 @@ class DFQ:
         trained = [c for c in self.candidates if not c.skip and all(
             (r := ranges.get(f"{layer}@{c.text}")) is not None and r.value for layer in self.gated_layers)]
         return max(trained or [c for c in self.candidates if not c.skip], key=cost).text
+
+    @contextmanager
+    def forced(self, candidate: str) -> Iterator[None]:
+        """Every unit at one candidate, whatever its gate says, inside the block (the exported network)."""
+        texts = [c.text for c in self.candidates]
+        if candidate not in texts:
+            raise ValueError(f"'{candidate}' is not a candidate ({', '.join(texts)})")
+        previous, self.force = self.force, {u.index: texts.index(candidate) for u in self.units}
+        try:
+            yield
+        finally:
+            self.force = previous
 
     def choice_summary(self) -> dict[str, dict[str, float]]:
         """Fraction of the last batch's samples that chose each candidate, per unit."""
