@@ -363,6 +363,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.scatter([x[key] for x in runs], [100 * x["test_accuracy"] for x in runs], s=14, color=color,
                            alpha=0.35)
             ax.scatter(r[key], 100 * r["test_accuracy"], s=50, color=color, label=r["label"])
+            if r.get("full_depth_recalibrated_accuracy") is not None:  # what the gated run exports
+                ax.scatter(r[key], 100 * r["full_depth_recalibrated_accuracy"], s=50, color=color, marker="x",
+                           label=f"{r['label']}: exported, full depth")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy, %")
         ax.grid(alpha=0.3)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import NamedTuple
 
 import numpy as np
@@ -570,9 +571,9 @@ def _stacked(codes: list[np.ndarray], members: list[int]) -> np.ndarray:
 
 
 def _local(codes: list[np.ndarray], members: list[int]) -> list[slice]:
-    """Each member group's rows within its run's stacked codes."""
-    ends = np.cumsum([codes[i].shape[0] for i in members])
-    return [slice(int(e - codes[i].shape[0]), int(e)) for i, e in zip(members, ends)]
+    """Each member group's rows within its run's stacked codes (Python ints: np.cumsum cost 2 us a call)."""
+    ends = list(accumulate(codes[i].shape[0] for i in members))
+    return [slice(e - codes[i].shape[0], e) for i, e in zip(members, ends)]
 
 
 def _image_scales(scales: list[np.ndarray], codes: list[np.ndarray], members: list[int]) -> np.ndarray:

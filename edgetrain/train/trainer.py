@@ -387,7 +387,7 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-        full_depth = self._recalibrate() if not interrupted else None
+        full_depth = self._recalibrate()  # an interrupted run raised above: this one finished
         exported = None
         if self.export_model:
             exported = str(self.run_dir / EXPORT_NAME)
