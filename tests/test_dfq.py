@@ -725,3 +725,32 @@ def test_recalibration_gives_the_static_models_statistics_at_full_depth():
     with pytest.raises(ValueError, match="not a candidate"):
         with d.forced("4/8"):
             pass
+
+
+def test_export_of_a_gated_run_is_the_network_the_run_exported(tmp_path, capsys):
+    """`edgetrain export RUN` re-estimates a gated run's statistics at full depth as the run did before writing
+    model.onnx (same data, batches, seed): the same BatchNorm statistics, not the checkpoint's gated ones."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edgetrain.cli.main import main
+    from edgetrain.train.runstate import latest_checkpoint
+
+    model = tmp_path / "resnet8.onnx"
+    onnx.save(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=28, width=4, seed=0), model)
+    run, out = tmp_path / "run", tmp_path / "exported.onnx"
+    assert main(["train", str(model), "--data", "digits", "--schedule", "dfq", "--dfq-candidates", "0,8/8",
+                 "--dfq-weight-bits", "8", "--steps", "3", "--batch-size", "16", "--dfq-recalibration-batches", "3",
+                 "--out", str(run), "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["full_depth_accuracy"] <= 1
+    assert main(["export", str(run), "--out", str(out), "--preprocess", "metadata"]) == 0
+
+    def tensors(path):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+    own, again, gated = tensors(run / "model.onnx"), tensors(out), latest_checkpoint(run).buffers
+    stats = [name for name in gated if name.endswith(("running_mean", "running_var"))]
+    assert stats and all(np.array_equal(own[name], again[name]) for name in stats)
+    assert any(not np.array_equal(own[name], gated[name]) for name in stats)  # re-estimated, not the checkpoint's

@@ -209,6 +209,28 @@ def _calibration_inputs(config: Any) -> Any:
     return split.train.x[:CALIBRATION_SAMPLES]
 
 
+def _recalibrate_for_export(run: Any) -> None:
+    """A gated run's exported network, its statistics re-estimated at full depth from the run's training
+    data as the run did before writing its own model.onnx (the same batches and seed, so the same
+    network); the checkpoint keeps the gated statistics. Without the data, a warning: the export then
+    serves the gated statistics, which can cost a skipping run most of its accuracy."""
+    from edgetrain.data import load_data
+    from edgetrain.precision.dfq.recalibrate import recalibrate
+
+    config = run.config
+    if config.dfq_recalibration_batches <= 0:
+        return
+    try:
+        split = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
+                          normalize=not model_normalizes(config.model))
+    except (OSError, EdgetrainError) as e:
+        warn(f"export without re-estimating the statistics at full depth ({e}): the network keeps those of "
+             "gated training (docs/GATE_ESTIMATOR.md)")
+        return
+    recalibrate(run.model, split.train.x, batches=config.dfq_recalibration_batches, batch_size=config.batch_size,
+                seed=config.seed)
+
+
 def model_normalizes(path: str) -> bool:
     """Whether the ONNX file normalises its own input (an export with its preprocessing in the graph)."""
     import onnx
@@ -344,6 +366,8 @@ def run_export(target: str, *, out: str, int8: bool = False, as_json: bool, gate
     check_export_targets(targets, run.checkpoint.path.parent, [*run_inputs(run.config), str(run.checkpoint.path)],
                          force)
     pre = run_preprocess(run) if preprocess != "none" else None
+    if dfq is not None:
+        _recalibrate_for_export(run)
     for kind, path in paths.items():
         if kind == "int8":
             export_int8(run.model, path, gated_bits, calibration=_calibration_inputs(run.config))
