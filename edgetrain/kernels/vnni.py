@@ -431,13 +431,11 @@ def conv_fused(x, jobs, weights, taps, corr_all, scale, out_i, out_f, planes_w, 
 
 
 @njit(inline="always", **_JIT)
-def _byte_sum(seg):
-    """The bytes of seg as int8 values, summed in int32."""
+def _add_codes(seg, dst):
+    """dst (int32) += the bytes of seg as int8 values."""
     vals = seg.view(np.int8)
-    total = np.int32(0)
     for q in range(vals.size):
-        total += np.int32(vals[q])
-    return total
+        dst[q] += np.int32(vals[q])
 
 
 @njit(**_JIT)
@@ -466,7 +464,10 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
     dycode = dy ^ dy_xor (uint8; the code of 0 at junk and padding positions); sx_total[w, k] += the
     plane's real values summed over the same positions and sdy_total[w, m] += dy's (for the zero-point
     correction). Images go to
-    whichever thread is free; each thread moves its int32 partial sums to int64 every `chunk` images."""
+    whichever thread is free; each thread moves its int32 partial sums to int64 every `chunk` images.
+    A patch row's sum is linear in the images, so each thread adds its images' plane codes into int32
+    planes (|sum| <= 128 per image) and takes every tap's run of them once at the end: summed per image,
+    the runs' heads and tails cost as much as the tiles on 8x8 maps (604 -> 425 us, 32 x 64 x 8 x 8)."""
     n_ = x.shape[0]
     m_ = dy.shape[1]
     x8 = np.uint8(x_xor)
@@ -479,8 +480,9 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
     span = 4 * q4
     win = _windows(tap_phase, tap_off, span, planes_w.shape[2])
     for w in prange(workers):
-        tot = np.zeros(win.shape[0], np.int32)
         planes = planes_w[w]
+        codes = np.zeros(planes.shape, np.int32)  # this thread's images' plane codes (as int8), summed
+        images = 0
         dyq = dyq_w[w]
         dyw = dyw_w[w]
         acc = c_w[w]
@@ -528,18 +530,12 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
                     for l0 in range(0, mlanes, 16):
                         _row_tile_16x16(acc.ctypes.data + (k0 * mlanes + l0) * 4, row_addr[w, k0:].ctypes.data,
                                         dyw.ctypes.data + l0 * 4, q4, mlanes * 4, mlanes)
-            # The real values each patch row read, summed: a tap's run of `span` bytes is its phase's
-            # window [lo, hi) less a short head and tail, so each plane is summed once, not once per
-            # tap (int32 is exact: hi * 128 < 2^31).
+            # The codes every tap's run reads, over the window the runs cover on each phase plane.
             for c in range(x.shape[1]):
                 for p in range(win.shape[0]):
-                    if win[p, 1] > win[p, 0]:
-                        tot[p] = _byte_sum(planes[c, p, win[p, 0]:win[p, 1]])
-                for t in range(tap_phase.size):
-                    p, o = tap_phase[t], tap_off[t]
-                    ssum = (tot[p] - _byte_sum(planes[c, p, win[p, 0]:o])
-                            - _byte_sum(planes[c, p, o + span:win[p, 1]]))
-                    sx_total[w, c * tap_phase.size + t] += np.int64(ssum) + zx * span
+                    lo, hi = win[p, 0], win[p, 1]
+                    _add_codes(planes[c, p, lo:hi], codes[c, p, lo:hi])
+            images += 1
             done += 1
             if done == chunk:
                 for i in range(k_real):
@@ -550,4 +546,13 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
         for i in range(k_real):
             for j in range(m_):
                 total[w, i, j] += acc[i, j]
+        # The real values each patch row read, over this thread's images: its run of the summed codes,
+        # plus the zero point's 128 for every position of every image.
+        for c in range(x.shape[1]):
+            for t in range(tap_phase.size):
+                run = codes[c, tap_phase[t], tap_off[t]:tap_off[t] + span]
+                ssum = np.int64(0)
+                for q in range(run.size):
+                    ssum += run[q]
+                sx_total[w, c * tap_phase.size + t] += ssum + zx * span * images
 
