@@ -200,6 +200,32 @@ def test_a_client_with_a_latency_table_trains_at_its_own_cost(tmp_path):
                                                                        for k, v in static.arrays.items()}
 
 
+def test_a_gated_client_sends_statistics_re_estimated_at_full_depth(tmp_path):
+    """A client training under a DFQ policy with skipping re-estimates its BatchNorm statistics at full depth
+    before it sends them (the global model runs every block); with --dfq-recalibration-batches 0 it sends the
+    gated ones. Weights are the same either way: only the statistics differ."""
+    import onnx
+
+    import models
+    from edgetrain.fleet.local import train_round
+    from edgetrain.fleet.server import Federation
+
+    model = tmp_path / "resnet8.onnx"
+    onnx.save(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=28, width=4, seed=0), model)
+    policy = {"schedule": "dfq", "dfq_candidates": ["0", "8/8"], "dfq_weight_bits": 8}
+    updates = {}
+    for batches in (3, 0):
+        policies = json.dumps({"1": {**policy, "dfq_recalibration_batches": batches}})
+        fleet = _settings(tmp_path / str(batches), model=str(model), fault="", local_steps=2, client_policies=policies)
+        start = Federation(fleet, report=lambda text: None).global_state()
+        updates[batches] = train_round(fleet, client=1, round=1, global_state=start).arrays
+    stats = [k for k in updates[0] if "running_" in k]
+    weights = [k for k in updates[0] if k.endswith("weight.q")]
+    assert stats and weights
+    assert any(not np.array_equal(updates[3][k], updates[0][k]) for k in stats)
+    assert all(np.array_equal(updates[3][k], updates[0][k]) for k in weights)
+
+
 @needs_flwr
 def test_a_client_round_carries_no_state_from_earlier_rounds(tmp_path):
     """A round builds the client's model, optimizer (momentum from zero), precision controller and DFQ gates afresh
