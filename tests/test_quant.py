@@ -400,26 +400,29 @@ def test_observed_max_is_the_largest_magnitude(x, per_channel, signed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 70000), st.sampled_from([np.float32, np.float64]), st.integers(2, 16), st.booleans(),
+@given(st.integers(1, 70000) | st.sampled_from([(1 << 18) - 1, 1 << 18, 300001]),
+       st.sampled_from([np.float32, np.float64]), st.integers(2, 16), st.booleans(),
        st.booleans(), st.booleans(), st.sampled_from([None, 0.4, 5.0]), st.integers(0, 2 ** 31))
-def test_small_tensor_path_equals_the_general_one(size, dtype, bits, signed, stochastic, pow2, fixed, seed):
-    """Below PARALLEL_MIN_ELEMENTS a per-tensor quantisation takes one compiled call (`_quantize_small`):
-    the same codes, scale and stats as the general path, for either rounding, a fixed range and pow2."""
+def test_per_tensor_path_equals_the_per_channel_one(size, dtype, bits, signed, stochastic, pow2, fixed, seed):
+    """A per-tensor quantisation takes one compiled call (`_quantize_flat`; from 2^18 values its scan runs
+    in pieces on parallel threads): the same codes, scale and stats as the per-channel path gives the tensor
+    as one channel, for either rounding, a fixed range, pow2, and the parallel kernels as the serial ones."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(size) * rng.uniform(1e-3, 1e3)).astype(dtype)
     x = x if signed else np.abs(x)
-    kw = dict(signed=signed, pow2=pow2, range=fixed, rounding="stochastic" if stochastic else "nearest",
-              key=(seed, 3, 1), index_offset=seed % 1000)
-    small = quantize(x, bits, **kw)
-    general_min = quantizer_module.PARALLEL_MIN_ELEMENTS
-    quantizer_module.PARALLEL_MIN_ELEMENTS = 0  # the general path (its kernels then run in parallel)
-    try:
-        general = quantize(x, bits, **kw)
-    finally:
-        quantizer_module.PARALLEL_MIN_ELEMENTS = general_min
-    assert small.q.dtype == general.q.dtype and np.array_equal(small.q, general.q)
-    assert small.scale == general.scale and type(small.scale) is type(general.scale)
-    assert small.stats == general.stats
+    kw = dict(signed=signed, pow2=pow2, rounding="stochastic" if stochastic else "nearest", key=(seed, 3, 1),
+              index_offset=seed % 1000)
+    one_channel = quantize(x.reshape(1, -1), bits, axis=0, range=None if fixed is None else np.array([fixed]), **kw)
+    for parallel_from in (quantizer_module.PARALLEL_MIN_ELEMENTS, 0):
+        default = quantizer_module.PARALLEL_MIN_ELEMENTS
+        quantizer_module.PARALLEL_MIN_ELEMENTS = parallel_from
+        try:
+            flat = quantize(x, bits, range=fixed, **kw)
+        finally:
+            quantizer_module.PARALLEL_MIN_ELEMENTS = default
+        assert flat.q.dtype == one_channel.q.dtype and np.array_equal(flat.q, one_channel.q.reshape(-1))
+        assert flat.scale == one_channel.scale[0] and type(flat.scale) is np.float32
+        assert flat.stats == one_channel.stats
 
 
 @settings(max_examples=60, deadline=None)

@@ -360,19 +360,27 @@ def compute_scale(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | 
 
 
 @njit(cache=True, nogil=True)
-def _quantize_small(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, qmax, pow2, stochastic, seed,
-                    offset, q3, out):
-    """A small tensor's per-tensor quantisation in one compiled call: range scan, scale, codes (the same
-    `_key_scan`, `_scales` and work items as the general path, so the same codes and scale). given > 0
-    fixes the range. out = [scale, min, max]; returns the saturated count, -1 for NaN or infinity, -2
-    for a range `_scales` refuses. At batch 8 a step quantises a few dozen such tensors, and the
-    general path's five compiled calls and their arguments cost more than the work (6 us for 4 values)."""
-    a, b, bad = _key_scan(bits3[0, 0], exp_mask, mag_mask, shift, mag_mask, -mag_mask - 1, False)
-    if bad:
-        return -1
+def _quantize_flat(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, qmax, pow2, stochastic, seed,
+                   offset, min_parallel, q3, out):
+    """A per-tensor quantisation in one compiled call: range scan, scale, codes (the same `_key_scan` or
+    `_key_extrema_pieces`, `_scales` and work items as the per-channel path, so the same codes and scale;
+    the scan and the codes go parallel from `_PARALLEL_EXTREMA_MIN` and `min_parallel` values). given > 0
+    fixes the range. out = [scale, min, max]; returns the saturated count, -1 for NaN or infinity, -2 for a
+    range `_scales` refuses. Five compiled calls and their arguments cost more than the work at batch 8
+    (6 us for 4 values) and about 10 us a call at any size (a 131,072-value tensor: 31 -> 21 us)."""
     lo_hi = np.empty(2, bits3.dtype)
-    lo_hi[0] = a ^ ((a >> shift) & mag_mask)
-    lo_hi[1] = b ^ ((b >> shift) & mag_mask)
+    if x3.size >= _PARALLEL_EXTREMA_MIN:
+        flat = bits3.reshape(x3.size)
+        pieces_e = (x3.size + _PIECE - 1) // _PIECE
+        if not _key_extrema_pieces(flat, exp_mask, mag_mask, shift, np.empty(pieces_e, bits3.dtype),
+                                   np.empty(pieces_e, bits3.dtype), np.empty(pieces_e, np.bool_), lo_hi):
+            return -1
+    else:
+        a, b, bad = _key_scan(bits3[0, 0], exp_mask, mag_mask, shift, mag_mask, -mag_mask - 1, False)
+        if bad:
+            return -1
+        lo_hi[0] = a ^ ((a >> shift) & mag_mask)
+        lo_hi[1] = b ^ ((b >> shift) & mag_mask)
     values = lo_hi.view(x3.dtype)
     lo, hi = np.float64(values[0]), np.float64(values[1])
     top = np.empty(1)
@@ -385,12 +393,12 @@ def _quantize_small(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, q
         return -2
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(pieces, np.int64)
-    # The kernels themselves, on their serial branch (x3 is below their parallel size): compiled in a
-    # parallel pipeline, the loop vectorises; inlined into this function it did not (10.6 us against 2.2).
+    # The kernels themselves (serial below min_parallel): compiled in a parallel pipeline, the loop
+    # vectorises; inlined into this function it did not (10.6 us against 2.2).
     if stochastic:
-        _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, q3, sat, x3.size + 1)
+        _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, q3, sat, min_parallel)
     else:
-        _quantize_nearest(x3, scale, qmin, qmax, pieces, q3, sat, x3.size + 1)
+        _quantize_nearest(x3, scale, qmin, qmax, pieces, q3, sat, min_parallel)
     out[0], out[1], out[2] = scale[0], lo, hi
     return sat.sum()
 
@@ -409,8 +417,8 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
         raise ValueError("stochastic rounding needs key=(seed, step, layer): it never uses a global RNG")
     x = _as_float(x)
     qmin, qmax = qrange(bits, signed)
-    if axis is None and 0 < x.size < PARALLEL_MIN_ELEMENTS:
-        return _quantize_tensor_small(x, bits, signed, qmin, qmax, stochastic, pow2, range, key, index_offset)
+    if axis is None and x.size:
+        return _quantize_tensor(x, bits, signed, qmin, qmax, stochastic, pow2, range, key, index_offset)
     x3, axis = _view3(x, axis)
     outer, channels, inner = x3.shape
     lo, hi = _finite_extrema(x3)
@@ -444,9 +452,9 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
                            axis, stats)
 
 
-def _quantize_tensor_small(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: int, stochastic: bool,
-                           pow2: bool, range, key, index_offset: int) -> QTensor:
-    """`quantize` with a per-tensor scale for a tensor below PARALLEL_MIN_ELEMENTS (`_quantize_small`)."""
+def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: int, stochastic: bool,
+                     pow2: bool, range, key, index_offset: int) -> QTensor:
+    """`quantize` with a per-tensor scale (`_quantize_flat`)."""
     given = 0.0
     if range is not None:
         given = float(np.asarray(range, np.float64).reshape(-1)[0]) if np.size(range) == 1 else -1.0
@@ -456,9 +464,9 @@ def _quantize_tensor_small(x: np.ndarray, bits: int, signed: bool, qmin: int, qm
     ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x.dtype]
     q = np.empty(x.shape, storage_dtype(bits, signed))
     out = np.empty(3)
-    sat = _quantize_small(x3, x3.view(ints), exp_mask, mag_mask, shift, given, signed, qmin, qmax, bool(pow2),
-                          stochastic, np.uint64(stream_seed(key)) if stochastic else np.uint64(0),
-                          np.int64(index_offset), q.reshape(x3.shape), out)
+    sat = _quantize_flat(x3, x3.view(ints), exp_mask, mag_mask, shift, given, signed, qmin, qmax, bool(pow2),
+                         stochastic, np.uint64(stream_seed(key)) if stochastic else np.uint64(0),
+                         np.int64(index_offset), PARALLEL_MIN_ELEMENTS, q.reshape(x3.shape), out)
     if sat == -1:
         raise _non_finite(x3)
     if sat == -2:
