@@ -30,11 +30,11 @@ GEMM-form kernels in the same run): forward 5-19x, backward-data 6-16x, weight g
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
+from edgetrain.kernels.threads import pool_threads
 
 # From this many outputs per plane (a 16x16 plane's 286) the nine taps are summed in registers
 # (_runs_3x3); below it the tap-at-a-time loop measured faster (8x8 planes: 270 against 310-430 us).
@@ -481,7 +481,7 @@ def _small(geo) -> bool:
 
 def _chunks(items: int) -> int:
     """prange work items: a few per thread, at most one per item."""
-    return max(1, min(items, 4 * numba.get_num_threads()))
+    return max(1, min(items, 4 * pool_threads()))
 
 
 def _geo_args(geo) -> tuple[int, ...]:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels import depthwise, planar, pointwise, threads
-from edgetrain.kernels.threads import SMALL_ELEMENTS, threads_for
+from edgetrain.kernels.threads import SMALL_ELEMENTS, pool_threads, threads_for
 
 # fastmath is off on purpose: integer code doesn't need it and it must never leak into float paths.
 _JIT = dict(cache=True, fastmath=False, nogil=True)
@@ -55,7 +54,7 @@ FORWARD_MIN_PIXELS = 32
 
 def n_chunks(items: int) -> int:
     """How many prange work items to cut `items` rows into."""
-    return max(1, min(items, CHUNKS_PER_THREAD * numba.get_num_threads()))
+    return max(1, min(items, CHUNKS_PER_THREAD * pool_threads()))
 
 
 @njit(inline="always", **_JIT)
@@ -544,7 +543,7 @@ class NumbaBackend:
         plane = geo.out_h * geo.out_w
         per_chunk = max(1, WGRAD_TARGET_PIXELS // max(1, plane))
         # Keep at least two work items per thread when the batch allows, for load balance.
-        per_chunk = min(per_chunk, max(1, -(-geo.batch // (2 * numba.get_num_threads()))))
+        per_chunk = min(per_chunk, max(1, -(-geo.batch // (2 * pool_threads()))))
         chunks = -(-geo.batch // per_chunk)
         k_g = geo.in_per_group * geo.taps
         partial = np.zeros((chunks, geo.out_channels, k_g), np.int64)

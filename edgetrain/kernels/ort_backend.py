@@ -39,7 +39,6 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -48,7 +47,7 @@ from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
 from edgetrain.kernels.ort_capi import OrtCApi, matmul_views
 from edgetrain.kernels.rescale import scale_rows
 from edgetrain.kernels.sync import fetch_add
-from edgetrain.kernels.threads import threads_for
+from edgetrain.kernels.threads import pool_threads, threads_for
 
 # Longest reduction whose raw u8 x s8 sum provably stays in int32: 255 * 128 per term.
 RAW_TERMS = int(np.iinfo(np.int32).max) // (255 * 128)
@@ -335,7 +334,7 @@ def _gemm_driver(create, run, release, info, sess, in_names, out_names, a, b, ou
 def _chunking(items: int, item_bytes: int, limit: int | None = None) -> tuple[int, int, int]:
     """(chunk, chunks, workers): items per chunk of about CHUNK_BYTES (at most `limit`), with the
     chunk count a multiple of the threads Numba may use, so each thread gets the same share."""
-    threads = max(1, numba.get_num_threads())
+    threads = max(1, pool_threads())
     chunks = max(1, -(-items * max(1, item_bytes) // CHUNK_BYTES))
     if limit is not None:
         chunks = max(chunks, -(-items // max(1, limit)))

@@ -15,12 +15,12 @@ Exactness: accumulators of the caller's `out_dtype`, int32 only when K * max|a| 
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.pointwise import shifted_codes
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
+from edgetrain.kernels.threads import pool_threads
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)  # helpers plain @njit: see numba_backend._JIT
 PIXEL_TILE = 1024  # grid positions per accumulator tile: four int32 rows (16 KiB) stay in L1
@@ -139,7 +139,7 @@ def _run(a: np.ndarray, data: np.ndarray, pads: tuple[int, int, int, int], kerne
     xp = np.full((n, c, hp * wp + tail), 128 if shifted else 0, codes.dtype)
     pad_planes(codes, xp, pt, pl, wp)
     offs = np.array([r * dh * wp + s * dw for r in range(kh) for s in range(kw)], np.int64)
-    chunks = max(1, min(n * (m // ROWS + m % ROWS), 4 * numba.get_num_threads()))
+    chunks = max(1, min(n * (m // ROWS + m % ROWS), 4 * pool_threads()))
     acc_like = np.zeros((), out_dtype)
     if rescale is None:
         out = np.empty(out_shape, out_dtype)

@@ -13,12 +13,12 @@ thread over k in order; integers only.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from edgetrain.kernels.bounds import INT32_MAX
 from edgetrain.kernels.rescale import image_scale, scale_row, scale_rows
+from edgetrain.kernels.threads import pool_threads
 
 _JIT = dict(cache=True, fastmath=False, nogil=True)  # helpers plain @njit: see numba_backend._JIT
 # Pixels per accumulator tile: four int32 rows of it (16 KiB) stay in a 32 KiB L1 with the x row.
@@ -146,7 +146,7 @@ def _run(a: np.ndarray, x: np.ndarray, out_shape, out_dtype: np.dtype, rescale) 
     x3 = x.reshape(n, k, -1)
     m = a.shape[0]
     items = n * (m // ROWS + m % ROWS)
-    chunks = max(1, min(items, 4 * numba.get_num_threads()))
+    chunks = max(1, min(items, 4 * pool_threads()))
     acc_like = np.zeros((), out_dtype)
     if rescale is None:
         out = np.empty(out_shape, out_dtype)

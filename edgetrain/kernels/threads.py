@@ -35,6 +35,13 @@ def _pool_switches() -> tuple[Callable[[], int], Callable[[int], None]]:
     return numba.get_num_threads, numba.set_num_threads
 
 
+def pool_threads() -> int:
+    """numba.get_num_threads() through the cheaper bound getter (`_pool_switches`): a conv asks it per call."""
+    if threads_for._switch is None:
+        threads_for._switch = _pool_switches()
+    return threads_for._switch[0]()
+
+
 class threads_for:  # lower case: it reads as a function, `with threads_for(work):`
     """Run the enclosed Numba kernels single-threaded when `work` is below the threshold.
 

@@ -14,7 +14,6 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -24,7 +23,7 @@ from edgetrain.kernels.im2col import channel_major, position_major
 from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
 from edgetrain.kernels.ort_backend import OrtBackend, _as8, patch_plan
 from edgetrain.kernels.rescale import rescaled, scale_rows
-from edgetrain.kernels.threads import threads_for
+from edgetrain.kernels.threads import pool_threads, threads_for
 
 _XOR = 0x80
 
@@ -296,7 +295,7 @@ class VnniBackend(OrtBackend):
             with threads_for(work), self._vlock:
                 sc = self._vscratch
                 c = np.empty((rpad, lpad), np.int32)
-                _vg.gemm_large(s, u, xor, numba.get_num_threads(),
+                _vg.gemm_large(s, u, xor, pool_threads(),
                                sc.get("gemm_s", (rpad, 4 * k4), np.int8), sc.get("gemm_u", (k4, lpad), np.uint32),
                                sc.get("gemm_init", (rpad,), np.int32), c)
         out = c[:rows, :lanes]
@@ -418,7 +417,7 @@ class VnniBackend(OrtBackend):
             out_f = (np.zeros if prog.zero else np.empty)(prog.out_shape, rescale[1])
             scale = scale_rows(rescale[0])
             row_dtype = out_f.dtype
-        workers = max(1, min(numba.get_num_threads(), n))
+        workers = max(1, min(pool_threads(), n))
         plane = prog.plane
         with self._vlock:
             sc = self._vscratch
@@ -426,7 +425,7 @@ class VnniBackend(OrtBackend):
             words_w = sc.get("words", (workers, prog.cpad // 4, plane["phases"], prog.words_per_plane), np.uint32)
             brows_w = sc.get("brows", (workers, len(prog.taps) * (prog.cpad // 4)), np.int64)
             c_w = sc.get("c", (workers, 2 * prog.c_size), np.int32)
-            rowf_w = sc.get("rowf_" + row_dtype.name, (workers, prog.out_w_max), row_dtype)
+            rowf_w = sc.get("rowf_" + row_dtype.char, (workers, prog.out_w_max), row_dtype)  # .name: 1 us
             _vn.conv_fused(np.ascontiguousarray(x8).view(np.uint8), prog.table, weights, prog.taps, corr, scale,
                            out_i, out_f, planes_w, words_w, brows_w, c_w, rowf_w, plane["used"], plane["prm"],
                            prog.step[0], prog.step[1], xor, workers, np.zeros(1, np.int64))
@@ -450,7 +449,7 @@ class VnniBackend(OrtBackend):
         n, c, m = geo.batch, geo.in_channels, geo.out_channels
         x_xor = _XOR if x8.dtype == np.uint8 else 0  # the broadcast operand is signed
         dy_xor = _XOR if dy8.dtype == np.int8 else 0  # the vector operand is unsigned
-        workers = max(1, min(numba.get_num_threads(), n))
+        workers = max(1, min(pool_threads(), n))
         with self._vlock:
             sc = self._vscratch
             planes_w = sc.get("planes", (workers, c, g.phases, g.plane_size), np.uint8)
