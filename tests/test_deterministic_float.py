@@ -294,10 +294,10 @@ def _kernels():
     return [detfloat._gemm, detfloat._sum_mid, detfloat._sum_outer, norm_kernels.bn_train_forward,
             norm_kernels.bn_train_forward_parallel, norm_kernels.bn_train_backward,
             norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
-            quantizer._quantize_nearest, quantizer._quantize_stochastic, quantizer._quantize_both, optim._sgd_momentum,
-            dfq_kernels._matmul, dfq_kernels._row_means, gate_kernels.gate_forward_rows,
-            gate_kernels.gate_backward_rows, gate_kernels.sample_sums, detfloat.tanh64_block,
-            detfloat.softmax_xent64]
+            quantizer._quantize_nearest, quantizer._quantize_stochastic, quantizer._quantize_both,
+            quantizer._quantize_flat, optim._sgd_momentum, dfq_kernels._matmul, dfq_kernels._row_means,
+            gate_kernels.gate_forward_rows, gate_kernels.gate_backward_rows, gate_kernels.sample_sums,
+            detfloat.tanh64_block, detfloat.softmax_xent64]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -315,8 +315,9 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     gates.gate_backward(ctx, np.ones_like(logits), zeros, zeros, unit, shared)
     from edgetrain.kernels import rescale  # strided accumulators only (LeNet-5's are contiguous): compile it here
     rescale.rescale_planes(np.ones((1, 2, 3, 3), np.int32), np.ones(2, F32), np.empty((1, 2, 3, 3), F32))
-    from edgetrain.quant import quantize  # the per-channel path (the engine's weights take quantize_weights)
+    from edgetrain.quant import quantize  # the per-channel kernels (per-tensor codes take _quantize_flat)
     quantize(np.ones((2, 3), F32), 8, axis=0)
+    quantize(np.ones((2, 3), F32), 8, axis=0, rounding="stochastic", key=(0, 0, 0))
     checked = set()
     for kernel in _kernels():
         opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
@@ -332,8 +333,8 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
             checked.add(kernel.__name__)
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
-            "_quantize_stochastic", "_quantize_both", "_sgd_momentum", "gate_forward_rows", "gate_backward_rows",
-            "sample_sums", "tanh64_block", "softmax_xent64"} <= checked
+            "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "gate_forward_rows",
+            "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit
