@@ -9,8 +9,9 @@ run (docs/NUMERICS.md). Per layer and step:
     error backprop   dx = (dy_q * v_q) * s_dy * s_v       v: the weights again, nearest, per tensor
 
 The error back-propagation sums over output channels, along which per-channel weight scales vary, so
-it takes the weights quantised per tensor (a small tensor: re-quantising it costs next to nothing),
-and the one quantised gradient feeds both products, as in FracTrain. The float master weights receive
+it takes the weights quantised per tensor (in training the forward makes both codes from one scan,
+`quantize_weights`, and hands the backward these), and the one quantised gradient feeds both products,
+as in FracTrain. The float master weights receive
 dW directly (straight-through estimator over the weight quantiser).
 
 A layer runs as sample groups (`Group`): DFQ sorts a batch by the candidate each sample chose, and each
