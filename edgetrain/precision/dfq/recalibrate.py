@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 def recalibrate(model: Model, x: np.ndarray, *, batches: int = DEFAULT_RECALIBRATION_BATCHES, batch_size: int = 32,
                 seed: int = 0) -> None:
-    """Re-estimate `model`'s running statistics at full depth from `batches` seeded batches of x (module doc)."""
+    """Re-estimate `model`'s running statistics at full depth from `batches` batches of x (module doc), each
+    drawn by numpy's default_rng(seed).choice without replacement: a run and its later export draw the same."""
     dfq = DFQ.of(model)
     if dfq is None:
         raise ValueError("recalibrate: the model has no DFQ gates")
