@@ -215,7 +215,7 @@ def _recalibrate_for_export(run: Any) -> None:
     network); the checkpoint keeps the gated statistics. Without the data, a warning: the export then
     serves the gated statistics, which can cost a skipping run most of its accuracy."""
     from edgetrain.data import load_data
-    from edgetrain.precision.dfq.recalibrate import recalibrate
+    from edgetrain.train.trainer import recalibrate_for_export
 
     config = run.config
     if config.dfq_recalibration_batches <= 0:
@@ -227,8 +227,7 @@ def _recalibrate_for_export(run: Any) -> None:
         warn(f"export without re-estimating the statistics at full depth ({e}): the network keeps those of "
              "gated training (docs/GATE_ESTIMATOR.md)")
         return
-    recalibrate(run.model, split.train.x, batches=config.dfq_recalibration_batches, batch_size=config.batch_size,
-                seed=config.seed)
+    recalibrate_for_export(run.model, split.train.x, config)
 
 
 def model_normalizes(path: str) -> bool:

@@ -18,10 +18,8 @@ from edgetrain.data import Split, load_data
 from edgetrain.fleet.codec import encode
 from edgetrain.fleet.partitions import client_split
 from edgetrain.fleet.settings import FleetSettings, client_seed
-from edgetrain.precision.dfq.controller import DFQ
-from edgetrain.precision.dfq.recalibrate import recalibrate
 from edgetrain.train.runstate import build_model
-from edgetrain.train.trainer import QUIET_NUMPY, Trainer, evaluate
+from edgetrain.train.trainer import QUIET_NUMPY, Trainer, evaluate, recalibrate_for_export
 
 RANGE_PREFIX = "act-range/"
 
@@ -109,9 +107,7 @@ def train_round(settings: FleetSettings, client: int, round: int, global_state: 
             held = {"loss": float("nan"), "accuracy": 0.0}
         # A gated client's statistics describe its gated mix; the global model runs every block (and has
         # no gates of this client's): it gets statistics re-estimated at full depth, as a gated run's export.
-        if DFQ.of(model) is not None and config.dfq_recalibration_batches > 0 and len(split.train):
-            recalibrate(model, split.train.x, batches=config.dfq_recalibration_batches,
-                        batch_size=config.batch_size, seed=seed)
+        recalibrate_for_export(model, split.train.x, config)  # config.seed is this round's client seed
     state = model.state_dict()
     deltas = {n: (state[n] - global_state[n]).astype(np.float32) if n in state
               else np.zeros_like(global_state[n], dtype=np.float32) for n in global_state}

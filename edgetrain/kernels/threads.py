@@ -35,11 +35,16 @@ def _pool_switches() -> tuple[Callable[[], int], Callable[[int], None]]:
     return numba.get_num_threads, numba.set_num_threads
 
 
-def pool_threads() -> int:
-    """numba.get_num_threads() through the cheaper bound getter (`_pool_switches`): a conv asks it per call."""
+def _switches() -> tuple[Callable[[], int], Callable[[int], None]]:
+    """`_pool_switches`, bound once (the pool must be up first, so not at import)."""
     if threads_for._switch is None:
         threads_for._switch = _pool_switches()
-    return threads_for._switch[0]()
+    return threads_for._switch
+
+
+def pool_threads() -> int:
+    """numba.get_num_threads() through the cheaper bound getter (`_pool_switches`): a conv asks it per call."""
+    return _switches()[0]()
 
 
 class threads_for:  # lower case: it reads as a function, `with threads_for(work):`
@@ -58,9 +63,7 @@ class threads_for:  # lower case: it reads as a function, `with threads_for(work
     def __enter__(self) -> None:
         if self._work >= (SMALL_WORK if self._threshold is None else self._threshold):
             return
-        if threads_for._switch is None:
-            threads_for._switch = _pool_switches()
-        get, put = threads_for._switch
+        get, put = _switches()
         previous = get()
         if previous != 1:  # already single-threaded (e.g. a 1-thread run): nothing to switch
             put(1)

@@ -547,12 +547,7 @@ def _tensor_codes(ctx: MACContext, w_rows: np.ndarray) -> list[QTensor]:
     """Each group's weights quantised per tensor: the forward's (in training), else quantised now."""
     if ctx.tensor_codes is not None:
         return ctx.tensor_codes
-    by_width: dict[int, QTensor] = {}
-    for g in ctx.groups:
-        bits = g.op.precision.weight_bits
-        if bits not in by_width:
-            by_width[bits] = quantize(w_rows, bits, signed=True, pow2=g.op.runtime.pow2_scales)
-    return [by_width[g.op.precision.weight_bits] for g in ctx.groups]
+    return _weight_codes(ctx.groups, w_rows, training=True)[1]
 
 
 def _runs(codes: list[np.ndarray], weights: list[QTensor], merge: bool) -> list[list[int]]:

@@ -119,6 +119,15 @@ def evaluate(model: Model, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE) 
     return {"loss": total_loss / n, "accuracy": correct / n, "samples": n}
 
 
+def recalibrate_for_export(model: Model, x: np.ndarray, config: TrainConfig) -> bool:
+    """A gated model's statistics re-estimated at full depth with the run's settings (batches, batch size,
+    seed: a run, its later export and a fleet client draw alike); False where there is nothing to do."""
+    if DFQ.of(model) is None or config.dfq_recalibration_batches <= 0 or not len(x):
+        return False
+    recalibrate(model, x, batches=config.dfq_recalibration_batches, batch_size=config.batch_size, seed=config.seed)
+    return True
+
+
 def clear_run_dir(path: str | Path) -> None:
     """Remove an earlier run's checkpoints, log, config and model from a folder a tool reuses for each new run
     (under the folder's lock: never while a run is using it)."""
@@ -413,12 +422,10 @@ class Trainer:
 
     def _recalibrate(self) -> dict[str, float] | None:
         """A gated run's exported network (every block at the exported candidate): its statistics
-        re-estimated at full depth (edgetrain.precision.dfq.recalibrate), then its test metrics."""
-        dfq = DFQ.of(self.model)
-        if dfq is None or self.config.dfq_recalibration_batches <= 0:
+        re-estimated at full depth (`recalibrate_for_export`), then its test metrics."""
+        if not recalibrate_for_export(self.model, self.split.train.x, self.config):
             return None
-        recalibrate(self.model, self.split.train.x, batches=self.config.dfq_recalibration_batches,
-                    batch_size=self.config.batch_size, seed=self.config.seed)
+        dfq = DFQ.of(self.model)
         with dfq.forced(dfq.most_precise()), np.errstate(**QUIET_NUMPY):
             return evaluate(self.model, self.split.test)
 
