@@ -446,3 +446,34 @@ def test_weights_quantised_both_ways_reject_nan_and_go_parallel_when_large():
     w[7, 3] = np.nan
     with pytest.raises(NonFiniteError):
         quantize_weights(w, 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5000), st.sampled_from([np.float32, np.float64]), st.integers(2, 16), st.booleans(),
+       st.booleans(), st.floats(0.3, 1.5), st.integers(0, 2 ** 31))
+def test_kernels_without_the_saturation_test_give_the_same_codes(size, dtype, bits, signed, stochastic, spread, seed):
+    """Where the range shows that nothing can saturate, the kernels skip the saturation test
+    (count=False): the codes must be those of the counting loop. Given data inside and beyond
+    [qmin, qmax] * scale (spread > 1), the counting loop is the one the quantiser must choose."""
+    rng = np.random.default_rng(seed)
+    qmin, qmax = qrange(bits, signed)
+    scale = np.array([rng.uniform(1e-3, 10)], np.float32)
+    x = (rng.uniform(qmin if signed else 0, qmax, size) * spread * float(scale[0])).astype(dtype).reshape(1, 1, -1)
+    # values exactly on the half-integers too, where the rounding's ties are decided
+    x[0, 0, ::7] = ((np.floor(x[0, 0, ::7] / scale[0]) + 0.5) * scale[0]).astype(dtype)
+    codes = []
+    for count in (True, False):
+        q = np.empty(x.shape, storage_dtype(bits, signed))
+        sat = np.zeros(1, np.int64)
+        if stochastic:
+            quantizer_module._quantize_stochastic(x, scale, qmin, qmax, np.uint64(seed), np.int64(0), 1, q, sat,
+                                                  1 << 30, count)
+        else:
+            quantizer_module._quantize_nearest(x, scale, qmin, qmax, 1, q, sat, 1 << 30, count)
+        codes.append(q)
+    assert np.array_equal(codes[0], codes[1])
+    fixed = float(scale[0]) * qmax  # quantize() itself: a range that gives this scale, and its saturation count
+    got = quantize(x.reshape(-1), bits, signed=signed, range=fixed, rounding="stochastic" if stochastic else "nearest",
+                   key=(seed, 0, 0))
+    v = x.reshape(-1).astype(np.float64) / float(got.scale)
+    assert got.stats.saturated == int(((v < qmin) | (v > qmax)).sum())

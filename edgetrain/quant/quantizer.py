@@ -67,7 +67,7 @@ def _store(r, v, lo, hi, dst, j):
 
 
 @njit(inline="always", cache=True)
-def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w):
+def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count):
     """Work item w of `_quantize_nearest` (the one body of its serial and parallel loops)."""
     channels, inner = x3.shape[1], x3.shape[2]
     span = (inner + pieces - 1) // pieces
@@ -76,30 +76,38 @@ def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w):
     src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
     dst = out3[row // channels, row % channels, j0:]
     s = np.float64(scale[row % channels])
-    ns = 0
+    if count:
+        ns = 0
+        for j in range(src.size):
+            v = np.float64(src[j]) / s
+            ns += _store(np.rint(v), v, lo, hi, dst, j)
+        sat[w] = ns
+        return
     for j in range(src.size):
-        v = np.float64(src[j]) / s
-        ns += _store(np.rint(v), v, lo, hi, dst, j)
-    sat[w] = ns
+        dst[j] = np.int32(min(max(np.rint(np.float64(src[j]) / s), lo), hi))
+    sat[w] = 0
 
 
 @njit(parallel=True, cache=True)
-def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat, min_parallel):
+def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat, min_parallel, count):
     """out3 = clip(rint(x3 / scale[channel])); sat[w] = saturations of work item w. Below
-    `min_parallel` elements a serial loop over the same items: no parallel launch."""
+    `min_parallel` elements a serial loop over the same items: no parallel launch. count=False (the
+    caller knows from the range that no value lies beyond [qmin, qmax] * scale) drops the saturation
+    test and its sum, which cost the loop a third of its time (2.1 million float32 values on one thread
+    of a 2.6 GHz Xeon: 1.69 -> 1.16 ms; the codes are the same)."""
     items = x3.shape[0] * x3.shape[1] * pieces
     lo = np.float64(qmin)
     hi = np.float64(qmax)
     if x3.size < min_parallel:
         for w in range(items):
-            _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w)
+            _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count)
         return
     for w in prange(items):
-        _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w)
+        _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count)
 
 
 @njit(inline="always", cache=True)
-def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w):
+def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count):
     """Work item w of `_quantize_stochastic` (the one body of its serial and parallel loops)."""
     channels, inner = x3.shape[1], x3.shape[2]
     span = (inner + pieces - 1) // pieces
@@ -109,26 +117,33 @@ def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w):
     dst = out3[row // channels, row % channels, j0:]
     s = np.float64(scale[row % channels])
     first = np.uint64(offset + row * inner + j0)  # flat C-order index of src[0]
-    ns = 0
+    if count:
+        ns = 0
+        for j in range(src.size):
+            v = np.float64(src[j]) / s
+            ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
+        sat[w] = ns
+        return
     for j in range(src.size):
-        v = np.float64(src[j]) / s
-        ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
-    sat[w] = ns
+        r = np.floor(np.float64(src[j]) / s + uniform_at(seed, first + np.uint64(j)))
+        dst[j] = np.int32(min(max(r, lo), hi))
+    sat[w] = 0
 
 
 @njit(parallel=True, cache=True)
-def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat, min_parallel):
+def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat, min_parallel, count):
     """out3 = clip(floor(x3 / scale[channel] + u)), u drawn for each element's flat index; serial
-    below `min_parallel` elements, as `_quantize_nearest`."""
+    below `min_parallel` elements, as `_quantize_nearest`, and without the saturation test at
+    count=False."""
     items = x3.shape[0] * x3.shape[1] * pieces
     lo = np.float64(qmin)
     hi = np.float64(qmax)
     if x3.size < min_parallel:
         for w in range(items):
-            _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w)
+            _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count)
         return
     for w in prange(items):
-        _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w)
+        _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -393,12 +408,14 @@ def _quantize_flat(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, qm
         return -2
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(pieces, np.int64)
+    s = np.float64(scale[0])
+    count = lo < qmin * s or hi > qmax * s  # products exact: whether any value can saturate
     # The kernels themselves (serial below min_parallel): compiled in a parallel pipeline, the loop
     # vectorises; inlined into this function it did not (10.6 us against 2.2).
     if stochastic:
-        _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, q3, sat, min_parallel)
+        _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, q3, sat, min_parallel, count)
     else:
-        _quantize_nearest(x3, scale, qmin, qmax, pieces, q3, sat, min_parallel)
+        _quantize_nearest(x3, scale, qmin, qmax, pieces, q3, sat, min_parallel, count)
     out[0], out[1], out[2] = scale[0], lo, hi
     return sat.sum()
 
@@ -434,11 +451,13 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
     q = np.empty(x3.shape, storage_dtype(bits, signed))  # the kernels store clipped values: they fit
     sat = np.zeros(items, np.int64)
     if items:
+        s64 = scale.astype(np.float64)  # qmin * s and qmax * s are exact: whether any value can saturate
+        count = bool(np.any(lo < qmin * s64) or np.any(hi > qmax * s64))
         if stochastic:
             _quantize_stochastic(x3, scale, qmin, qmax, np.uint64(stream_seed(key)), np.int64(index_offset),
-                                 pieces, q, sat, PARALLEL_MIN_ELEMENTS)
+                                 pieces, q, sat, PARALLEL_MIN_ELEMENTS, count)
         else:
-            _quantize_nearest(x3, scale, qmin, qmax, pieces, q, sat, PARALLEL_MIN_ELEMENTS)
+            _quantize_nearest(x3, scale, qmin, qmax, pieces, q, sat, PARALLEL_MIN_ELEMENTS, count)
     # max |x| = max(|max hi|, |min lo|), as lo <= hi per channel: two small reductions instead of four
     # (none for a per-tensor range: NumPy's reductions cost ~2 us a call, a few per quantisation)
     if not x.size:
@@ -496,13 +515,17 @@ def _quantize_both(x3, bits3, exp_mask, mag_mask, shift, qmin, qmax, pow2, min_p
         least, most = min(least, a), max(most, b)
     top[rows] = max(max(abs(least), abs(most)), 0.0)
     _scales(top, np.float64(qmax), pow2, scales)  # finite ranges >= 0: it cannot refuse them
+    count = False  # whether any value can saturate (data-derived ranges: it cannot; checked all the same)
+    for c in range(rows):
+        count = count or lo[c] < qmin * np.float64(scales[c]) or hi[c] > qmax * np.float64(scales[c])
+    flat_count = least < qmin * np.float64(scales[rows]) or most > qmax * np.float64(scales[rows])
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(rows * pieces, np.int64)
-    _quantize_nearest(x3, scales[:rows], qmin, qmax, pieces, q_rows, sat, min_parallel)
+    _quantize_nearest(x3, scales[:rows], qmin, qmax, pieces, q_rows, sat, min_parallel, count)
     flat = x3.reshape(1, 1, x3.size)
     flat_pieces = (x3.size + _PIECE - 1) // _PIECE
     flat_sat = np.zeros(flat_pieces, np.int64)
-    _quantize_nearest(flat, scales[rows:], qmin, qmax, flat_pieces, q_flat, flat_sat, min_parallel)
+    _quantize_nearest(flat, scales[rows:], qmin, qmax, flat_pieces, q_flat, flat_sat, min_parallel, flat_count)
     extrema[0], extrema[1] = least, most
     return sat.sum() + flat_sat.sum()
 
