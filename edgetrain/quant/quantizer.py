@@ -35,6 +35,11 @@ _PIECE = 1 << 15  # elements per parallel work item
 # the kernels' serial branch: no parallel launch, no switching of the thread pool).
 PARALLEL_MIN_ELEMENTS = SMALL_ELEMENTS
 _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a power of two
+# Nearest rounding multiplies by 1 / scale where it can prove the code equals rint(x / scale): where no
+# value saturates, |x / scale| <= 2^16, so x * (1 / scale) is within 2^-36 of x / scale and the division's
+# own float64 rounding within 2^-37; a product at most this far from its rounded integer q leaves both
+# quotients nearer to q than 1/2. Farther (a value within 2^-30 of a half-integer), the piece divides.
+_NEAR_HALF = 0.5 - 2.0 ** -30
 
 
 @dataclass
@@ -83,8 +88,19 @@ def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count):
             ns += _store(np.rint(v), v, lo, hi, dst, j)
         sat[w] = ns
         return
+    # Multiply by 1 / s, and divide only the pieces where a value lies near a half-integer (module doc:
+    # the codes are rint(x / s) all the same). A float64 division costs 2 cycles a value on some x86
+    # cores, twice the rest of this loop: 2.1 million float32 values 1.19 -> 0.60 ms on one thread.
+    r = 1.0 / s
+    near = False
     for j in range(src.size):
-        dst[j] = np.int32(min(max(np.rint(np.float64(src[j]) / s), lo), hi))
+        v = np.float64(src[j]) * r
+        q = np.rint(v)
+        near |= abs(v - q) > _NEAR_HALF
+        dst[j] = np.int32(min(max(q, lo), hi))
+    if near:
+        for j in range(src.size):
+            dst[j] = np.int32(min(max(np.rint(np.float64(src[j]) / s), lo), hi))
     sat[w] = 0
 
 
