@@ -390,6 +390,26 @@ def test_extrema_paths_agree_with_numpy(dtype, size, per_channel):
                 quantizer_module._finite_extrema(quantizer_module._view3(y, 0 if per_channel else None)[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [5000, 300000])  # the serial and the parallel integer scans
+@pytest.mark.parametrize("signs", ["negative", "non-negative", "zeros", "mixed"])
+def test_integer_scan_decodes_every_sign_pattern(dtype, size, signs):
+    """The scan's three integer reductions (kernels.extrema) decode to the min and max in each case the
+    decoding tells apart: every value negative, none negative, only signed zeros, both signs; and a NaN or
+    infinity of either sign is found wherever it is, even where a larger magnitude sits beside it."""
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * 10.0 ** rng.uniform(-30, 30, size)).astype(dtype)
+    x = {"negative": -np.abs(x) - np.finfo(dtype).tiny, "non-negative": np.abs(x),
+         "zeros": np.where(x > 0, dtype(0.0), dtype(-0.0)), "mixed": x}[signs]
+    lo, hi = quantizer_module._finite_extrema(x.reshape(1, 1, -1))
+    assert (lo[0], hi[0]) == (x.min(), x.max())
+    for bad in (np.nan, -np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[size // 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            quantizer_module._finite_extrema(y.reshape(1, 1, -1))
+
+
 @SETTINGS
 @given(x=arrays_st, per_channel=st.booleans(), signed=st.booleans())
 def test_observed_max_is_the_largest_magnitude(x, per_channel, signed):

@@ -25,6 +25,10 @@ import numpy as np
 from numba import njit, prange
 
 from edgetrain.errors import NonFiniteError
+from edgetrain.kernels.extrema import KEY_VIEWS as _KEY_VIEWS
+from edgetrain.kernels.extrema import decode as _decode
+from edgetrain.kernels.extrema import fold as _fold
+from edgetrain.kernels.extrema import start as _start
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
 from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
@@ -212,62 +216,38 @@ def _extrema(x3, lo, hi):
 
 # Below this many values `_extrema`'s plain loop wins; from here on `_key_extrema` (or the parallel scan).
 _KEY_EXTREMA_MIN = 4096
-# Per float width: the integer view, its exponent mask (all ones: NaN or infinity), magnitude mask, sign shift.
-_KEY_VIEWS = {np.dtype(np.float32): (np.int32, np.int32(0x7F800000), np.int32(0x7FFFFFFF), np.int32(31)),
-              np.dtype(np.float64): (np.int64, np.int64(0x7FF0000000000000), np.int64(0x7FFFFFFFFFFFFFFF),
-                                     np.int64(63))}
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _key_scan(row, exp_mask, mag_mask, shift, a, b, bad):
-    """Fold one row of bit patterns into the running min key a, max key b and the NaN-or-infinity flag."""
-    for j in range(row.size):
-        i = row[j]
-        bad |= (i & exp_mask) == exp_mask
-        k = i ^ ((i >> shift) & mag_mask)
-        a = min(a, k)
-        b = max(b, k)
-    return a, b, bad
 
 
 @njit(cache=True, nogil=True)
-def _key_extrema(bits3, exp_mask, mag_mask, shift, lo, hi):
-    """`_extrema` on the floats' bit patterns, as integers: lo[c], hi[c] = the bit patterns of the min
-    and max of channel c; False if any value is NaN or infinite.
-
-    A float min/max reduction cannot be vectorised without assuming no NaN (LLVM may not reorder
-    it), but an integer one can: `i ^ ((i >> shift) & mag_mask)` orders IEEE bit patterns as their
-    values (negatives reversed, -0.0 just below +0.0), and the same map takes a key back to its
-    pattern. Measured (one thread): 48,000 float32 values 7 us here, 28 us in `_extrema`, 5 to 21
-    us in NumPy (per tensor / per channel)."""
+def _key_extrema(bits3, exp_mask, mag_mask, sign, lo, hi):
+    """`_extrema` on the floats' bit patterns, as integer reductions (`kernels.extrema`): lo[c], hi[c] = the
+    bit patterns of the min and max of channel c; False if any value is NaN or infinite. Measured (one
+    thread, Zen 5, with the earlier per-value keys): 48,000 float32 values 7 us here, 28 us in `_extrema`,
+    5 to 21 us in NumPy (per tensor / per channel)."""
     bad = False
     for c in range(bits3.shape[1]):
-        a = mag_mask
-        b = -mag_mask - 1
+        smax, smin, fmax = _start(sign)
         for o in range(bits3.shape[0]):
-            a, b, bad = _key_scan(bits3[o, c], exp_mask, mag_mask, shift, a, b, bad)
-        lo[c] = a ^ ((a >> shift) & mag_mask)
-        hi[c] = b ^ ((b >> shift) & mag_mask)
+            smax, smin, fmax = _fold(bits3[o, c], smax, smin, fmax, sign)
+        lo[c], hi[c], flag = _decode(smax, smin, fmax, sign, exp_mask, mag_mask)
+        bad |= flag
     return not bad
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _key_extrema_pieces(bits, exp_mask, mag_mask, shift, lo, hi, bad, out):
-    """`_key_extrema` of one flat tensor, in pieces of _PIECE values on parallel threads, then the pieces
-    combined: out = the bit patterns of the min and the max; False if a NaN or infinity was met. Min and
-    max are exact, so neither the pieces' order nor the thread count can change them."""
+def _key_extrema_pieces(bits, exp_mask, mag_mask, sign, piece_smax, piece_smin, piece_fmax, out):
+    """`_key_extrema` of one flat tensor, in pieces of _PIECE values on parallel threads (one slot per piece
+    in each of the three reductions' arrays), then the pieces combined: out = the bit patterns of the min
+    and the max; False if a NaN or infinity was met. Min and max are exact, so neither the pieces' order
+    nor the thread count can change them. (No name here may equal one inside the inlined `_fold`: Numba's
+    inlining into a parallel loop let a clash turn an earlier scan's results into garbage.)"""
     n = bits.size
-    for p in prange(lo.size):
+    for p in prange(piece_smax.size):
         piece = bits[p * _PIECE:min(n, (p + 1) * _PIECE)]  # a view from 0: no index wraparound to check
-        lo[p], hi[p], bad[p] = _key_scan(piece, exp_mask, mag_mask, shift, mag_mask, -mag_mask - 1, False)
-    a, b = lo[0], hi[0]
-    for p in range(lo.size):
-        if bad[p]:
-            return False
-        a, b = min(a, lo[p]), max(b, hi[p])
-    out[0] = a ^ ((a >> shift) & mag_mask)  # keys back to bit patterns
-    out[1] = b ^ ((b >> shift) & mag_mask)
-    return True
+        s0, s1, s2 = _start(sign)
+        piece_smax[p], piece_smin[p], piece_fmax[p] = _fold(piece, s0, s1, s2, sign)
+    out[0], out[1], bad = _decode(piece_smax.max(), piece_smin.min(), piece_fmax.max(), sign, exp_mask, mag_mask)
+    return not bad
 
 
 # From this many values a per-tensor range takes the parallel scan; below, `_key_extrema` on one thread
@@ -279,10 +259,11 @@ _PARALLEL_EXTREMA_MIN = 1 << 18
 def _flat_extrema(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """([min], [max]) in float64 of a large flat float tensor from the parallel scan; None if it holds a
     NaN or infinity."""
-    ints, exp_mask, mag_mask, shift = _KEY_VIEWS[flat.dtype]
+    ints, exp_mask, mag_mask, sign = _KEY_VIEWS[flat.dtype]
     pieces = _pieces(flat.size)
-    lo, hi, bad, out = np.empty(pieces, ints), np.empty(pieces, ints), np.empty(pieces, np.bool_), np.empty(2, ints)
-    if not _key_extrema_pieces(flat.view(ints), exp_mask, mag_mask, shift, lo, hi, bad, out):
+    out = np.empty(2, ints)
+    slots = [np.empty(pieces, ints) for _ in range(3)]  # per piece: smax, smin, fmax
+    if not _key_extrema_pieces(flat.view(ints), exp_mask, mag_mask, sign, *slots, out):
         return None
     values = out.view(flat.dtype).astype(np.float64)
     return values[:1], values[1:]
@@ -302,9 +283,9 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             raise _non_finite(x3)
         return found
     if x3.size >= _KEY_EXTREMA_MIN:
-        ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x3.dtype]
+        ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x3.dtype]
         lo_bits, hi_bits = np.empty(x3.shape[1], ints), np.empty(x3.shape[1], ints)
-        if _key_extrema(x3.view(ints), exp_mask, mag_mask, shift, lo_bits, hi_bits):
+        if _key_extrema(x3.view(ints), exp_mask, mag_mask, sign, lo_bits, hi_bits):
             return lo_bits.view(x3.dtype).astype(np.float64), hi_bits.view(x3.dtype).astype(np.float64)
     else:
         lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
@@ -391,9 +372,9 @@ def compute_scale(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | 
 
 
 @njit(cache=True, nogil=True)
-def _quantize_flat(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, qmax, pow2, stochastic, seed,
+def _quantize_flat(x3, bits3, exp_mask, mag_mask, sign, given, signed, qmin, qmax, pow2, stochastic, seed,
                    offset, min_parallel, q3, out):
-    """A per-tensor quantisation in one compiled call: range scan, scale, codes (the same `_key_scan` or
+    """A per-tensor quantisation in one compiled call: range scan, scale, codes (the same `_fold` or
     `_key_extrema_pieces`, `_scales` and work items as the per-channel path, so the same codes and scale;
     the scan and the codes go parallel from `_PARALLEL_EXTREMA_MIN` and `min_parallel` values). given > 0
     fixes the range. out = [scale, min, max]; returns the saturated count, -1 for NaN or infinity, -2 for a
@@ -403,15 +384,15 @@ def _quantize_flat(x3, bits3, exp_mask, mag_mask, shift, given, signed, qmin, qm
     if x3.size >= _PARALLEL_EXTREMA_MIN:
         flat = bits3.reshape(x3.size)
         pieces_e = (x3.size + _PIECE - 1) // _PIECE
-        if not _key_extrema_pieces(flat, exp_mask, mag_mask, shift, np.empty(pieces_e, bits3.dtype),
-                                   np.empty(pieces_e, bits3.dtype), np.empty(pieces_e, np.bool_), lo_hi):
+        if not _key_extrema_pieces(flat, exp_mask, mag_mask, sign, np.empty(pieces_e, bits3.dtype),
+                                   np.empty(pieces_e, bits3.dtype), np.empty(pieces_e, bits3.dtype), lo_hi):
             return -1
     else:
-        a, b, bad = _key_scan(bits3[0, 0], exp_mask, mag_mask, shift, mag_mask, -mag_mask - 1, False)
+        a, b, c = _start(sign)
+        a, b, c = _fold(bits3[0, 0], a, b, c, sign)
+        lo_hi[0], lo_hi[1], bad = _decode(a, b, c, sign, exp_mask, mag_mask)
         if bad:
             return -1
-        lo_hi[0] = a ^ ((a >> shift) & mag_mask)
-        lo_hi[1] = b ^ ((b >> shift) & mag_mask)
     values = lo_hi.view(x3.dtype)
     lo, hi = np.float64(values[0]), np.float64(values[1])
     top = np.empty(1)
@@ -496,10 +477,10 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
         if not given > 0:
             raise ValueError(f"a given quantisation range must be > 0, got {range}")
     x3 = x.reshape(1, 1, x.size)
-    ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x.dtype]
+    ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x.dtype]
     q = np.empty(x.shape, storage_dtype(bits, signed))
     out = np.empty(3)
-    sat = _quantize_flat(x3, x3.view(ints), exp_mask, mag_mask, shift, given, signed, qmin, qmax, bool(pow2),
+    sat = _quantize_flat(x3, x3.view(ints), exp_mask, mag_mask, sign, given, signed, qmin, qmax, bool(pow2),
                          stochastic, np.uint64(stream_seed(key)) if stochastic else np.uint64(0),
                          np.int64(index_offset), PARALLEL_MIN_ELEMENTS, q.reshape(x3.shape), out)
     if sat == -1:
@@ -511,7 +492,7 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
 
 
 @njit(cache=True, nogil=True)
-def _quantize_both(x3, bits3, exp_mask, mag_mask, shift, qmin, qmax, pow2, min_parallel, q_rows, q_flat, scales,
+def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_parallel, q_rows, q_flat, scales,
                    extrema):
     """A signed tensor (1, rows, inner) quantised per row (q_rows, scales[:rows]) and per tensor (q_flat,
     scales[rows]) from one range scan, in one compiled call: the same `_key_extrema`, `_scales` and
@@ -520,7 +501,7 @@ def _quantize_both(x3, bits3, exp_mask, mag_mask, shift, qmin, qmax, pow2, min_p
     rows = x3.shape[1]
     lo_bits = np.empty(rows, bits3.dtype)
     hi_bits = np.empty(rows, bits3.dtype)
-    if not _key_extrema(bits3, exp_mask, mag_mask, shift, lo_bits, hi_bits):
+    if not _key_extrema(bits3, exp_mask, mag_mask, sign, lo_bits, hi_bits):
         return -1
     lo, hi = lo_bits.view(x3.dtype), hi_bits.view(x3.dtype)
     top = np.empty(rows + 1)
@@ -557,11 +538,11 @@ def quantize_weights(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> tu
         return quantize(x, bits, axis=0, pow2=pow2), quantize(x, bits, pow2=pow2)
     qmin, qmax = qrange(bits, True)
     x3 = x.reshape(1, x.shape[0], -1)
-    ints, exp_mask, mag_mask, shift = _KEY_VIEWS[x.dtype]
+    ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x.dtype]
     dtype = storage_dtype(bits, True)
     q_rows, q_flat = np.empty(x.shape, dtype), np.empty(x.shape, dtype)
     scales, extrema = np.empty(x.shape[0] + 1, np.float32), np.empty(2)
-    sat = _quantize_both(x3, x3.view(ints), exp_mask, mag_mask, shift, qmin, qmax, bool(pow2), PARALLEL_MIN_ELEMENTS,
+    sat = _quantize_both(x3, x3.view(ints), exp_mask, mag_mask, sign, qmin, qmax, bool(pow2), PARALLEL_MIN_ELEMENTS,
                          q_rows.reshape(x3.shape), q_flat.reshape(1, 1, x.size), scales, extrema)
     if sat == -1:
         raise _non_finite(x3)
