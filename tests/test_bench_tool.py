@@ -175,3 +175,12 @@ def test_threads_and_backends_options():
         bench.thread_counts("0,2")
     assert bench.backend_paths("numba, numba") == ["int8@numba"]
     assert "int8@numba" in bench.backend_paths("all")  # numba is always usable
+
+
+def test_results_name_the_cpu_they_come_from():
+    """A ratio to PyTorch depends on the CPU (1.9x on one 2-core VM, 1.3x on another): the result names it."""
+    from edgetrain.kernels.routes import INT8_FEATURES
+
+    described = bench.cpu_description()
+    assert isinstance(described["cpu"], str) and described["llvm_cpu"]
+    assert set(described["cpu_int8"]) <= set(INT8_FEATURES)
