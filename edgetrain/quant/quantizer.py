@@ -166,6 +166,17 @@ def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat,
         _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count)
 
 
+@njit(cache=True, nogil=True)
+def _may_saturate(lo, hi, scale, qmin, qmax):
+    """Whether any channel's range [lo[c], hi[c]] reaches beyond [qmin, qmax] * scale[c]: the kernels' `count`
+    (the products are exact in float64). A range taken from the data never does; a given one may."""
+    for c in range(scale.size):
+        s = np.float64(scale[c])
+        if lo[c] < qmin * s or hi[c] > qmax * s:
+            return True
+    return False
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 
@@ -405,8 +416,7 @@ def _quantize_flat(x3, bits3, exp_mask, mag_mask, sign, given, signed, qmin, qma
         return -2
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(pieces, np.int64)
-    s = np.float64(scale[0])
-    count = lo < qmin * s or hi > qmax * s  # products exact: whether any value can saturate
+    count = _may_saturate(values[:1], values[1:], scale, qmin, qmax)
     # The kernels themselves (serial below min_parallel): compiled in a parallel pipeline, the loop
     # vectorises; inlined into this function it did not (10.6 us against 2.2).
     if stochastic:
@@ -448,8 +458,7 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
     q = np.empty(x3.shape, storage_dtype(bits, signed))  # the kernels store clipped values: they fit
     sat = np.zeros(items, np.int64)
     if items:
-        s64 = scale.astype(np.float64)  # qmin * s and qmax * s are exact: whether any value can saturate
-        count = bool(np.any(lo < qmin * s64) or np.any(hi > qmax * s64))
+        count = _may_saturate(lo, hi, scale, qmin, qmax)
         if stochastic:
             _quantize_stochastic(x3, scale, qmin, qmax, np.uint64(stream_seed(key)), np.int64(index_offset),
                                  pieces, q, sat, PARALLEL_MIN_ELEMENTS, count)
@@ -511,11 +520,10 @@ def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_pa
         top[c] = max(max(abs(a), abs(b)), 0.0)
         least, most = min(least, a), max(most, b)
     top[rows] = max(max(abs(least), abs(most)), 0.0)
+    extrema[0], extrema[1] = least, most
     _scales(top, np.float64(qmax), pow2, scales)  # finite ranges >= 0: it cannot refuse them
-    count = False  # whether any value can saturate (data-derived ranges: it cannot; checked all the same)
-    for c in range(rows):
-        count = count or lo[c] < qmin * np.float64(scales[c]) or hi[c] > qmax * np.float64(scales[c])
-    flat_count = least < qmin * np.float64(scales[rows]) or most > qmax * np.float64(scales[rows])
+    count = _may_saturate(lo, hi, scales[:rows], qmin, qmax)  # data-derived ranges: never, checked all the same
+    flat_count = _may_saturate(extrema[:1], extrema[1:], scales[rows:], qmin, qmax)
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(rows * pieces, np.int64)
     _quantize_nearest(x3, scales[:rows], qmin, qmax, pieces, q_rows, sat, min_parallel, count)
@@ -523,7 +531,6 @@ def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_pa
     flat_pieces = (x3.size + _PIECE - 1) // _PIECE
     flat_sat = np.zeros(flat_pieces, np.int64)
     _quantize_nearest(flat, scales[rows:], qmin, qmax, flat_pieces, q_flat, flat_sat, min_parallel, flat_count)
-    extrema[0], extrema[1] = least, most
     return sat.sum() + flat_sat.sum()
 
 
