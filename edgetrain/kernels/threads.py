@@ -42,6 +42,19 @@ def _switches() -> tuple[Callable[[], int], Callable[[int], None]]:
     return threads_for._switch
 
 
+def ensure_pool() -> None:
+    """Start Numba's thread pool if it is not up yet (cheap once it is).
+
+    Call it before the first call of a cached serial kernel that calls a parallel one. Numba loads
+    such a kernel from its cache without starting the pool the parallel callee needs, and the process
+    dies on the call (numba issues 4807, 8578; reproduced in tests/test_numba_pool.py): this happens
+    when the callee was compiled and cached by itself before the caller was compiled. Not at import:
+    starting the pool takes 15 ms, and a process that forks afterwards (GNU OpenMP is not fork-safe)
+    would hang in its children."""
+    if threads_for._switch is None:
+        _switches()
+
+
 def pool_threads() -> int:
     """numba.get_num_threads() through the cheaper bound getter (`_pool_switches`): a conv asks it per call."""
     return _switches()[0]()

@@ -29,7 +29,7 @@ from edgetrain.kernels.extrema import KEY_VIEWS as _KEY_VIEWS
 from edgetrain.kernels.extrema import decode as _decode
 from edgetrain.kernels.extrema import fold as _fold
 from edgetrain.kernels.extrema import start as _start
-from edgetrain.kernels.threads import SMALL_ELEMENTS
+from edgetrain.kernels.threads import SMALL_ELEMENTS, ensure_pool
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
 from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
 
@@ -488,6 +488,7 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
     x3 = x.reshape(1, 1, x.size)
     ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x.dtype]
     q = np.empty(x.shape, storage_dtype(bits, signed))
+    ensure_pool()  # _quantize_flat is serial and calls parallel kernels
     out = np.empty(3)
     sat = _quantize_flat(x3, x3.view(ints), exp_mask, mag_mask, sign, given, signed, qmin, qmax, bool(pow2),
                          stochastic, np.uint64(stream_seed(key)) if stochastic else np.uint64(0),
@@ -549,6 +550,7 @@ def quantize_weights(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> tu
     dtype = storage_dtype(bits, True)
     q_rows, q_flat = np.empty(x.shape, dtype), np.empty(x.shape, dtype)
     scales, extrema = np.empty(x.shape[0] + 1, np.float32), np.empty(2)
+    ensure_pool()  # _quantize_both is serial and calls a parallel kernel
     sat = _quantize_both(x3, x3.view(ints), exp_mask, mag_mask, sign, qmin, qmax, bool(pow2), PARALLEL_MIN_ELEMENTS,
                          q_rows.reshape(x3.shape), q_flat.reshape(1, 1, x.size), scales, extrema)
     if sat == -1:
