@@ -9,11 +9,14 @@ Conventions, identical everywhere in the engine:
   range gives scale 1 (every q is 0), never a division by zero; scales below the smallest normal
   float32 (ranges under qmax * 2^-126) are raised to it.
 * nearest rounding is round half to even (IEEE-754 default, numpy.rint): 0.5 -> 0, 1.5 -> 2.
-* stochastic rounding is q = floor(x / scale + u), u in [0, 1) from the counter-based generator of
-  `rng`, drawn for the element's flat C-order index (+ `index_offset`) in the stream of `key`:
-  unbiased, |error| < scale, and bit-identical for any chunking or thread count.
-* x / scale is computed in float64; values beyond [qmin, qmax] * scale are clipped AND counted in
-  `QuantStats.saturated` (only possible with a given range, or for negatives in the unsigned form).
+* stochastic rounding is q = floor(x * r + u) in x's float type, r = 1 / scale rounded to that type
+  and u in [0, 1) on a 24-bit grid from the counter-based generator of `rng`, drawn for the element's
+  flat C-order index (+ `index_offset`, the two under 2^32) in the stream of `key`: unbiased to within
+  the float32 roundings of the product and the sum (under 2^-16 of a step for 8-bit codes),
+  |error| < scale, and bit-identical for any chunking, thread count or machine.
+* nearest codes equal rint(x / scale) with the quotient in float64; values whose float64 x / scale lies
+  beyond [qmin, qmax] are clipped AND counted in `QuantStats.saturated` (only possible with a given
+  range, or for negatives in the unsigned form).
 * NaN or infinity in the input raises NonFiniteError (a DataError and a ValueError).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from edgetrain.kernels.extrema import fold as _fold
 from edgetrain.kernels.extrema import start as _start
 from edgetrain.kernels.threads import SMALL_ELEMENTS, ensure_pool
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
-from edgetrain.quant.rng import RngKey, stream_seed, uniform_at
+from edgetrain.quant.rng import MAX_DRAWS, RngKey, stream_seed, uniform_at
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item
@@ -127,7 +130,7 @@ def _quantize_nearest(x3, scale, qmin, qmax, pieces, out3, sat, min_parallel, co
 
 
 @njit(inline="always", cache=True)
-def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count):
+def _stochastic_item(x3, recip, bounds, scale, k0, m, offset, pieces, out3, sat, w, count):
     """Work item w of `_quantize_stochastic` (the one body of its serial and parallel loops)."""
     channels, inner = x3.shape[1], x3.shape[2]
     span = (inner + pieces - 1) // pieces
@@ -135,35 +138,42 @@ def _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, coun
     j0 = (w % pieces) * span
     src = x3[row // channels, row % channels, j0:min(inner, j0 + span)]
     dst = out3[row // channels, row % channels, j0:]
-    s = np.float64(scale[row % channels])
-    first = np.uint64(offset + row * inner + j0)  # flat C-order index of src[0]
-    if count:
+    r = recip[row % channels]
+    lo, hi = bounds[0], bounds[1]
+    first = offset + row * inner + j0  # flat C-order index of src[0]
+    if count:  # saturation is judged on the exact quotient, as nearest rounding's
+        s = np.float64(scale[row % channels])
         ns = 0
         for j in range(src.size):
             v = np.float64(src[j]) / s
-            ns += _store(np.floor(v + uniform_at(seed, first + np.uint64(j))), v, lo, hi, dst, j)
+            ns += (v < lo) | (v > hi)
+            dst[j] = np.int32(min(max(np.floor(src[j] * r + uniform_at(j, first, k0, m)), lo), hi))
         sat[w] = ns
         return
     for j in range(src.size):
-        r = np.floor(np.float64(src[j]) / s + uniform_at(seed, first + np.uint64(j)))
-        dst[j] = np.int32(min(max(r, lo), hi))
+        dst[j] = np.int32(min(max(np.floor(src[j] * r + uniform_at(j, first, k0, m)), lo), hi))
     sat[w] = 0
 
 
 @njit(parallel=True, cache=True)
 def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat, min_parallel, count):
-    """out3 = clip(floor(x3 / scale[channel] + u)), u drawn for each element's flat index; serial
-    below `min_parallel` elements, as `_quantize_nearest`, and without the saturation test at
-    count=False."""
+    """out3 = clip(floor(x3 * (1 / scale[channel]) + u)) in x3's float type, u drawn for each element's
+    flat index (`rng`); serial below `min_parallel` elements, as `_quantize_nearest`, and without the
+    saturation test at count=False."""
     items = x3.shape[0] * x3.shape[1] * pieces
-    lo = np.float64(qmin)
-    hi = np.float64(qmax)
+    recip = np.empty(x3.shape[1], x3.dtype)  # rounded once to x3's type: the loop never widens
+    for c in range(x3.shape[1]):
+        recip[c] = 1.0 / np.float64(scale[c])
+    bounds = np.empty(2, x3.dtype)
+    bounds[0], bounds[1] = qmin, qmax
+    k0 = np.uint32(seed & np.uint64(0xFFFFFFFF))
+    m = np.uint32((seed >> np.uint64(32)) | np.uint64(1))
     if x3.size < min_parallel:
         for w in range(items):
-            _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count)
+            _stochastic_item(x3, recip, bounds, scale, k0, m, offset, pieces, out3, sat, w, count)
         return
     for w in prange(items):
-        _stochastic_item(x3, scale, lo, hi, seed, offset, pieces, out3, sat, w, count)
+        _stochastic_item(x3, recip, bounds, scale, k0, m, offset, pieces, out3, sat, w, count)
 
 
 @njit(cache=True, nogil=True)
@@ -439,6 +449,9 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
     stochastic = rounding == "stochastic"
     if stochastic and key is None:
         raise ValueError("stochastic rounding needs key=(seed, step, layer): it never uses a global RNG")
+    if stochastic and not 0 <= index_offset <= MAX_DRAWS - np.size(x):
+        raise ValueError(f"stochastic rounding draws indices 0 .. 2^32 - 1 of a stream; index_offset "
+                         f"{index_offset} and {np.size(x)} values do not fit")
     x = _as_float(x)
     qmin, qmax = qrange(bits, signed)
     if axis is None and x.size:

@@ -2,37 +2,46 @@
 
 Element i of the stream named by key (seed, step, layer) is a pure function of those four integers:
 
-    stream = mix(mix(mix(seed ^ TAG_SEED) ^ mix(step ^ TAG_STEP)) ^ mix(layer ^ TAG_LAYER))
-    bits_i = mix(stream + (i + 1) * GAMMA)          (all arithmetic mod 2^64)
-    u_i    = (bits_i >> 11) * 2^-53                  (uniform on [0, 1), 53-bit grid)
+    stream = mix(mix(mix(seed ^ TAG_SEED) ^ mix(step ^ TAG_STEP)) ^ mix(layer ^ TAG_LAYER))   (64 bits)
+    k0, m  = low 32 bits of stream, high 32 bits of stream | 1
+    bits_i = lowbias32(i * m + k0)                               (all arithmetic mod 2^32)
+    u_i    = (bits_i >> 8) * 2^-24                               (float32 on [0, 1), 24-bit grid)
 
-`mix` is the SplitMix64 finaliser (Steele, Lea & Flood 2014; constants from Stafford's "Mix13")
-and GAMMA the golden-ratio increment, so bits_0, bits_1, ... are exactly the outputs of a SplitMix64
-generator seeded with `stream` (a generator that passes BigCrush). Because mix is a bijection of
-64-bit words, streams whose keys differ in one component have different seeds; two streams only
-overlap if their seeds differ by a multiple of GAMMA within the drawn length (probability about
-n / 2^64). Nothing depends on a global state, the order of evaluation, chunking or threads: the
-same key gives the same bits after a resume, on any machine.
+`mix` is the SplitMix64 finaliser (Steele, Lea & Flood 2014; constants from Stafford's "Mix13"), so
+streams whose keys differ in one component get unrelated words. `lowbias32` is Wellons' 32-bit integer
+hash (xorshift-multiply, two rounds; a bijection of 32-bit words with low avalanche bias), applied to a
+Weyl sequence whose odd step m and offset k0 come from the stream word: two streams are never shifted
+copies of each other (their steps differ), and within a stream no value of i * m + k0 repeats for
+2^32 indices, the most a stream may draw. Nothing depends on a global state, the order of evaluation,
+chunking or threads: the same key gives the same bits after a resume, on any machine.
+
+Why 32 bits: the stochastic-rounding loop runs over every gradient of a step. SplitMix64's three 64-bit
+multiplies (three micro-ops each on AVX-512, emulated on NEON) and the float64 arithmetic around them
+made it 2.4 cycles a value on a 2.6 GHz Xeon; lowbias32 takes three 32-bit multiplies, and the 24-bit
+uniform is exact in float32, so the loop stays in 32-bit lanes throughout: 1.3 cycles a value. The
+24-bit grid adds a bias below 2^-24 of a step (docs/NUMERICS.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
-
-from edgetrain.kernels.threads import threads_for
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 MASK64 = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
+MASK32 = (1 << 32) - 1
 MIX_MUL1 = 0xBF58476D1CE4E5B9
 MIX_MUL2 = 0x94D049BB133111EB
+LOWBIAS_MUL1 = 0x7FEB352D
+LOWBIAS_MUL2 = 0x846CA68B
 # Domain-separation tags so that, e.g., (seed=1, step=0) and (seed=0, step=1) name different streams.
 TAG_SEED = 0x243F6A8885A308D3
 TAG_STEP = 0x13198A2E03707344
 TAG_LAYER = 0xA4093822299F31D0
-UNIFORM_BITS = 53  # a float64 mantissa: every u is exactly representable
-_CHUNK = 1 << 16  # elements per parallel work item
+UNIFORM_BITS = 24  # a float32 mantissa: every u is exactly representable
+MAX_DRAWS = 1 << 32  # indices a stream may draw: its Weyl sequence repeats after that
 
 
 @dataclass(frozen=True)
@@ -61,46 +70,68 @@ def mix64(z: int) -> int:
 
 
 def stream_seed(key: RngKey | tuple[int, int, int]) -> int:
-    """The 64-bit SplitMix64 state that starts the stream of `key` (integers taken mod 2^64)."""
+    """The 64-bit word that names the stream of `key` (integers taken mod 2^64; `stream_words` splits it)."""
     k = RngKey.of(key)
     h = mix64(k.seed ^ TAG_SEED)
     h = mix64(h ^ mix64(k.step ^ TAG_STEP))
     return mix64(h ^ mix64(k.layer ^ TAG_LAYER))
 
 
-@njit(inline="always", cache=True)
-def _bits(seed, index):
-    """bits_index of the stream starting at `seed` (both uint64)."""
-    z = seed + (index + np.uint64(1)) * np.uint64(GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX_MUL1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX_MUL2)
-    return z ^ (z >> np.uint64(31))
+def stream_words(seed: int) -> tuple[np.uint32, np.uint32]:
+    """(k0, m) of a stream word (`stream_seed`): the Weyl sequence's offset and its odd step."""
+    seed &= MASK64
+    return np.uint32(seed & MASK32), np.uint32((seed >> 32) | 1)
 
 
-@njit(inline="always", cache=True)
-def uniform_at(seed, index):
-    """u_index in [0, 1) as float64."""
-    return np.float64(_bits(seed, index) >> np.uint64(64 - UNIFORM_BITS)) * (1.0 / (1 << UNIFORM_BITS))
+def _as_i32(builder, value):
+    """value (any LLVM integer) mod 2^32."""
+    width = value.type.width
+    i32 = ir.IntType(32)
+    return value if width == 32 else builder.trunc(value, i32) if width > 32 else builder.zext(value, i32)
 
 
-@njit(parallel=True, cache=True)
-def _fill_bits(seed, offset, out):
-    n = out.size
-    chunks = (n + _CHUNK - 1) // _CHUNK
-    for ch in prange(chunks):
-        for i in range(ch * _CHUNK, min(n, (ch + 1) * _CHUNK)):
-            out[i] = _bits(seed, np.uint64(offset + i))
+@intrinsic
+def uniform_at(typingctx, j, base, k0, m):
+    """u_(base + j) (float32) of the stream whose words are k0, m (uint32); the index is taken mod 2^32.
+
+    An intrinsic because Numba widens 32-bit integer arithmetic to 64 bits, which doubles the hash's cost
+    and narrows the loop around it to four lanes; here every operation is 32-bit, as written. j apart
+    from base: a loop's counter, which LLVM then steps in 32-bit lanes too."""
+    if not isinstance(j, types.Integer) or not isinstance(base, types.Integer) or k0 != types.uint32 \
+            or m != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        i = builder.add(_as_i32(builder, args[0]), _as_i32(builder, args[1]))
+        z = builder.add(builder.mul(i, args[3]), args[2])
+        z = builder.xor(z, builder.lshr(z, ir.Constant(i32, 16)))
+        z = builder.mul(z, ir.Constant(i32, LOWBIAS_MUL1))
+        z = builder.xor(z, builder.lshr(z, ir.Constant(i32, 15)))
+        z = builder.mul(z, ir.Constant(i32, LOWBIAS_MUL2))
+        z = builder.xor(z, builder.lshr(z, ir.Constant(i32, 16)))
+        top = builder.lshr(z, ir.Constant(i32, 32 - UNIFORM_BITS))  # < 2^24: exact as a signed conversion
+        return builder.fmul(builder.sitofp(top, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0 ** -UNIFORM_BITS))
+
+    return types.float32(j, base, k0, m), codegen
 
 
 def random_bits(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
-    """bits_offset .. bits_(offset+count-1) of the stream as uint64."""
-    out = np.empty(int(count), np.uint64)
-    with threads_for(out.size, _CHUNK):
-        _fill_bits(np.uint64(stream_seed(key)), np.int64(offset), out)
-    return out
+    """bits_offset .. bits_(offset+count-1) of the stream as uint32 (NumPy: the reference the compiled
+    `uniform_at` is tested against)."""
+    k0, m = stream_words(stream_seed(key))
+    if offset < 0 or offset + count > MAX_DRAWS:
+        raise ValueError(f"a stream draws indices 0 .. 2^32 - 1, asked for {offset} .. {offset + count - 1}")
+    z = np.arange(offset, offset + count, dtype=np.uint64).astype(np.uint32) * m + k0  # wraps mod 2^32
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(LOWBIAS_MUL1)
+    z ^= z >> np.uint32(15)
+    z *= np.uint32(LOWBIAS_MUL2)
+    z ^= z >> np.uint32(16)
+    return z
 
 
 def uniform(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
-    """u_offset .. u_(offset+count-1) of the stream: float64 in [0, 1)."""
+    """u_offset .. u_(offset+count-1) of the stream: float32 in [0, 1)."""
     bits = random_bits(key, count, offset)
-    return (bits >> np.uint64(64 - UNIFORM_BITS)).astype(np.float64) * (1.0 / (1 << UNIFORM_BITS))
+    return (bits >> np.uint32(32 - UNIFORM_BITS)).astype(np.float32) * np.float32(2.0 ** -UNIFORM_BITS)

@@ -29,7 +29,9 @@ from edgetrain.ops.rnn import GRU, LSTM, Products
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant.quantizer import RunningRange, quantize, quantize_weights
 
-DIRECTION_STRIDE = 1 << 40  # element indices of the layer's stream each direction's gradients draw from
+# Element indices of the layer's stream each direction's gradients draw from: half of the 2^32 a stream
+# has (`rng.MAX_DRAWS`) each, far more than the gradients of one step through any sequence.
+DIRECTION_STRIDE = 1 << 31
 
 
 def _bound(q) -> int:
