@@ -247,7 +247,7 @@ class VnniBackend(OrtBackend):
             if not np.array_equal(y, want):
                 return False
             dy = rng.integers(-128, 128, geo.y_shape, dtype=np.int8)
-            dw = self._wgrad(dy, x, geo)
+            dw = self._wgrad(dy, x, geo, np.dtype(np.int64))
             want_w = np.zeros(w.shape, np.int64)
             for r in range(3):
                 for s in range(3):
@@ -396,8 +396,7 @@ class VnniBackend(OrtBackend):
             return super().conv2d_backward_weight(dy, x, geo, out_dtype, seg, amax)
         self.routes["conv2d_backward_weight:vnni"] += 1
         with threads_for(geo.macs):
-            dw = self._wgrad(dy8, x8, geo)
-        return dw.astype(out_dtype, copy=False)
+            return self._wgrad(dy8, x8, geo, out_dtype)
 
     # ----------------------------------------------------------------------------- the kernels
 
@@ -442,7 +441,7 @@ class VnniBackend(OrtBackend):
             return np.zeros(geo.x_shape, np.int32 if rescale is None else rescale[1])
         return self._run_convs(dy8, w8, prog, rescale)
 
-    def _wgrad(self, dy8, x8, geo):
+    def _wgrad(self, dy8, x8, geo, out_dtype):
         """dW from patch rows read straight out of x's phase planes (signed codes, broadcast) and dy in
         VNNI layout (unsigned codes, 16 output channels per vector): see `vnni.wgrad_fused`."""
         g = _wgrad_geometry(geo)
@@ -465,13 +464,9 @@ class VnniBackend(OrtBackend):
                             sx_total, sdy_total, row_addr, planes_w, dyq_w, dyw_w, c_w, g.used, g.prm, g.tap_phase,
                             g.tap_off, geo.out_h, geo.out_w, g.q4, g.chunk, x_xor, dy_xor, workers,
                             np.zeros(1, np.int64))
-        acc = total.sum(axis=0)[:g.k_real, :m]
-        sx = sx_total.sum(axis=0)[:g.k_real]
-        zx, zdy = (128 if x_xor else 0), (128 if dy_xor else 0)
-        # sum (x - zx)(dy + zdy) over every position read = the product - zx*sum(dy) + zdy*sum(x) - zx*zdy*count
-        sdy = sdy_total.sum(axis=0)
-        true = acc - zdy * sx[:, None] + zx * sdy[None, :] + zx * zdy * g.span * n
-        return np.ascontiguousarray(true.T).reshape(geo.w_shape)
+        dw = np.empty((m, g.k_real), out_dtype)
+        _vn.wgrad_finish(total, sx_total, sdy_total, 128 if x_xor else 0, 128 if dy_xor else 0, g.span * n, dw)
+        return dw.reshape(geo.w_shape)
 
 
 @dataclass(frozen=True, eq=False)
