@@ -271,6 +271,18 @@ def _phase_driver(create, run, release, info, sess, in_names, out_names, x, a_al
                     _lay.place_phase(y, out, n0, jobs[j, 5], jobs[j, 6], step_h, step_w, prm[_P_OUTW], prm[_P_WQ])
 
 
+@njit(nogil=True, cache=True)
+def _threads_sum_transposed(acc, out):
+    """out (M, K) = sum over threads w of acc[w] (K, M), in out's integer type (which holds dW: the caller's
+    accumulator bound). As NumPy's sum, transposed copy and cast it cost 72 us a call at batch 8."""
+    for k in range(acc.shape[1]):
+        for m in range(acc.shape[2]):
+            total = np.int64(0)
+            for w in range(acc.shape[0]):
+                total += acc[w, k, m]
+            out[m, k] = total
+
+
 @njit(**_DRIVER)
 def _wgrad_driver(create, run, release, info, sess, in_names, out_names, x, dy, dy64, a_scratch, b_scratch,
                   y_scratch, acc, chunk, used, tap_phase, tap_off, prm, a_xor, b_xor, counter, status):
@@ -613,5 +625,6 @@ class OrtBackend:
                        np.ascontiguousarray(x8).view(np.uint8), dyb, dy64, a_scratch, b_scratch,
                        y_scratch[:, :k_len * m].reshape(workers, k_len, m), acc, chunk, plan.used, plan.tap_phase,
                        plan.tap_off, plan.params(), a_xor, b_xor, status_size=chunks)
-        total = acc.sum(axis=0)
-        return np.ascontiguousarray(total.T).astype(out_dtype, copy=False).reshape(geo.w_shape)
+        dw = np.empty((m, k_len), out_dtype)
+        _threads_sum_transposed(acc, dw)
+        return dw.reshape(geo.w_shape)

@@ -455,7 +455,7 @@ class VnniBackend(OrtBackend):
             dyq_w = sc.get("dyq", (workers, g.mlanes, g.span), np.uint8)
             dyw_w = sc.get("dyw", (workers, g.q4, g.mlanes), np.uint32)
             c_w = sc.get("cw", (workers, g.kpad, g.mlanes), np.int32)
-            row_addr = planes_w.ctypes.data + np.arange(workers)[:, None] * planes_w.strides[0] + g.row_off[None, :]
+            row_addr = _vn.row_addresses(planes_w, g.row_off)
             total = np.zeros((workers, g.kpad, g.mlanes), np.int64)
             sx_total = np.zeros((workers, g.kpad), np.int64)
             sdy_total = np.zeros((workers, m), np.int64)
