@@ -24,8 +24,8 @@ BACKENDS = sorted(kernels._BACKENDS)
 @pytest.fixture(autouse=True, params=BACKENDS)
 def backend(request, monkeypatch):
     """Run the test on one backend, then restore the default. The vnni backend takes every weight
-    gradient itself here (in production small images go to onnxruntime), so the tests' small
-    shapes exercise its kernel."""
+    gradient itself here (in production small images with large tiles go to onnxruntime), so the
+    tests' small shapes exercise its kernel."""
     from edgetrain.kernels.vnni_backend import VnniBackend
     monkeypatch.setattr(VnniBackend, "WGRAD_MIN_SPAN", 0)
     previous = kernels.set_backend(request.param)

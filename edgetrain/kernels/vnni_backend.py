@@ -203,8 +203,13 @@ class VnniBackend(OrtBackend):
     name = "vnni"
     # Weight gradients of small images (fewer reduction positions per image than this) go to the
     # onnxruntime backend: this kernel reduces one image per pass, whose few steps then cannot
-    # amortise loading and storing the accumulator tiles (measured 8x8 images: 2.05 vs 1.75 ms).
+    # amortise loading and storing the accumulator tiles (measured 8x8 images: 2.05 vs 1.75 ms)...
     WGRAD_MIN_SPAN = 256
+    # ...unless those tiles are small (patch rows times output channels up to this): then onnxruntime's
+    # per-call cost is the larger. Measured at batch 8, VNNI against onnxruntime: LeNet-5's conv2 (150 x 16,
+    # 10x10) 47 against 66 us, 16 -> 16 channels 3x3 on 8x8 38 against 48 us; at 16 -> 32 channels on 8x8
+    # (4,608) they are level (58 against 55), at 32 -> 32 (9,216) onnxruntime wins (82 against 94).
+    WGRAD_SMALL_TILES = 3072
 
     def __init__(self, fallback: NumbaBackend | None = None):
         super().__init__(fallback)
@@ -390,7 +395,8 @@ class VnniBackend(OrtBackend):
             self.routes["conv2d_backward_weight:vnni_gemm"] += 1
             acc = self._gemm(self._channels(dy8), self._channels(x8))  # (M, C): every position of the batch
             return np.ascontiguousarray(acc).reshape(geo.w_shape).astype(out_dtype, copy=False)
-        if (span < self.WGRAD_MIN_SPAN or x8 is None or dy8 is None or geo.groups != 1 or geo.batch == 0
+        if ((span < self.WGRAD_MIN_SPAN and geo.in_channels * geo.taps * geo.out_channels > self.WGRAD_SMALL_TILES)
+                or x8 is None or dy8 is None or geo.groups != 1 or geo.batch == 0
                 or geo.out_h * geo.out_w == 0 or geo.in_channels * geo.taps == 0 or span > _vn.RAW_TERMS
                 or not self.vnni_usable):
             return super().conv2d_backward_weight(dy, x, geo, out_dtype, seg, amax)
