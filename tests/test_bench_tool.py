@@ -184,3 +184,24 @@ def test_results_name_the_cpu_they_come_from():
     described = bench.cpu_description()
     assert isinstance(described["cpu"], str) and described["llvm_cpu"]
     assert set(described["cpu_int8"]) <= set(INT8_FEATURES)
+
+
+def test_cache_state_tells_when_kernels_were_compiled(tmp_path):
+    """The run flags a worker that compiled (its peak memory then holds the compiler's): the newest cache
+    file's time moves past the run's start exactly when something was written."""
+    import os
+    import time
+
+    empty = bench.numba_cache_state(str(tmp_path))
+    assert empty["index_files"] == empty["compiled_files"] == 0 and empty["newest_mtime"] == 0.0
+    started = time.time()
+    sub = tmp_path / "mod"
+    sub.mkdir()
+    for name in ("kernel.f-3.py311.nbi", "kernel.f-3.py311.1.nbc"):
+        (sub / name).write_bytes(b"cache")
+        os.utime(sub / name, (started + 5, started + 5))
+    state = bench.numba_cache_state(str(tmp_path))
+    assert state["index_files"] == state["compiled_files"] == 1 and state["newest_mtime"] > started
+    for path in sub.iterdir():
+        os.utime(path, (started - 60, started - 60))
+    assert bench.numba_cache_state(str(tmp_path))["newest_mtime"] < started

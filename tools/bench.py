@@ -20,7 +20,8 @@ processes on a shared machine hits all paths alike instead of whichever happened
 Reported per path: images/s from the median step time over all rounds, the ratio to PyTorch fp32 (of
 the median step times; the range of the per-round ratios shows how noisy the machine was), and the
 worker's resident memory after setup and at its peak (ru_maxrss: imports, model, and the largest
-step's activations and scratch). `--profile` adds milliseconds per op type and direction of one step.
+step's activations and scratch; and Numba's compiler where a worker compiled kernels, which the run
+then says: run again for memory figures). `--profile` adds milliseconds per op type and direction of one step.
 
 Thread scaling: `--threads 1,2` runs every case at each thread count (a case's paths always share
 one count) and reports, per path, the speedup from the fewest to the most threads, the parallel
@@ -363,7 +364,13 @@ def numba_cache_state(cache_dir: str | None = None) -> dict:
                                                                                              "__pycache__")
     index = glob.glob(os.path.join(pattern, "*.nbi"), recursive=True)
     data = glob.glob(os.path.join(pattern, "*.nbc"), recursive=True)
-    return {"location": where, "index_files": len(index), "compiled_files": len(data)}
+    newest = 0.0
+    for path in index + data:
+        try:
+            newest = max(newest, os.path.getmtime(path))
+        except OSError:  # removed meanwhile (edgetrain.numba_caches drops stale caches)
+            pass
+    return {"location": where, "index_files": len(index), "compiled_files": len(data), "newest_mtime": newest}
 
 
 def run_cold_start(name: str, batch: int, threads: int, cache_dir: str | None = None, timeout: float = 900) -> dict:
@@ -487,6 +494,9 @@ def print_table(result: dict, args) -> None:
           f"{args.steps} steps on {m.get('cpu', '?')} ({m.get('llvm_cpu', '?')}; 8-bit: "
           f"{', '.join(m.get('cpu_int8', [])) or 'none'}) "
           f"(load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f})")
+    if result.get("numba_compiled_during_cases"):
+        print("note: Numba compiled kernels during this run (a cold or stale cache), so peak memory includes the "
+              "compiler's; run again for the step's own")
     print(f"{'case':20} {'thr':>3} {'path':36} {'img/s':>8} {'step ms':>8} {'x torch':>8} {'(rounds)':>13} "
           f"{'peak MB':>8}")
     for c in result["cases"]:
@@ -635,10 +645,15 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpus": os.cpu_count(), **cpu_description(), "platform": platform.platform(),
                           "python": platform.python_version(), "loadavg_start": os.getloadavg()},
               "cases": []}
+    started = time.time()
     for c in cases:
         fractrain = [FRACTRAIN + m for m in mixes] + [DFQ + m for m in dfq_mixes] if _has_blocks(c) else []
         for threads in args.threads:
             result["cases"].append(bench_case(c, base + fractrain + tail, args, threads))
+    # A worker that compiles kernels holds the compiler's memory at its peak: its peak_rss_mb is not the
+    # step's (measured: ResNet-20 b128 636 MB right after an edit of a kernel module, 541 MB run again).
+    cache = numba_cache_state(os.environ.get("NUMBA_CACHE_DIR"))
+    result["numba_compiled_during_cases"] = cache["newest_mtime"] > started
     result["thread_scaling"] = thread_scaling(result["cases"])
     if not args.no_cold_start:
         result["cold_start"] = cold_start(args.cold_start_model, args.cold_start_batch, args.threads[-1],
