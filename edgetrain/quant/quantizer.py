@@ -34,7 +34,7 @@ from edgetrain.kernels.extrema import fold as _fold
 from edgetrain.kernels.extrema import start as _start
 from edgetrain.kernels.threads import SMALL_ELEMENTS, ensure_pool
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
-from edgetrain.quant.rng import MAX_DRAWS, RngKey, stream_seed, uniform_at
+from edgetrain.quant.rng import MAX_DRAWS, RngKey, stream_seed, stream_words, uniform_at
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item
@@ -166,8 +166,7 @@ def _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, out3, sat,
         recip[c] = 1.0 / np.float64(scale[c])
     bounds = np.empty(2, x3.dtype)
     bounds[0], bounds[1] = qmin, qmax
-    k0 = np.uint32(seed & np.uint64(0xFFFFFFFF))
-    m = np.uint32((seed >> np.uint64(32)) | np.uint64(1))
+    k0, m = stream_words(seed)
     if x3.size < min_parallel:
         for w in range(items):
             _stochastic_item(x3, recip, bounds, scale, k0, m, offset, pieces, out3, sat, w, count)

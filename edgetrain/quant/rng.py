@@ -10,16 +10,18 @@ Element i of the stream named by key (seed, step, layer) is a pure function of t
 `mix` is the SplitMix64 finaliser (Steele, Lea & Flood 2014; constants from Stafford's "Mix13"), so
 streams whose keys differ in one component get unrelated words. `lowbias32` is Wellons' 32-bit integer
 hash (xorshift-multiply, two rounds; a bijection of 32-bit words with low avalanche bias), applied to a
-Weyl sequence whose odd step m and offset k0 come from the stream word: two streams are never shifted
-copies of each other (their steps differ), and within a stream no value of i * m + k0 repeats for
-2^32 indices, the most a stream may draw. Nothing depends on a global state, the order of evaluation,
-chunking or threads: the same key gives the same bits after a resume, on any machine.
+Weyl sequence whose odd step m and offset k0 come from the stream word: two streams are shifted copies
+of each other only if their steps are equal (a 2^-31 chance for two keys), and within a stream no value
+of i * m + k0 repeats for 2^32 indices, the most a stream may draw. Nothing depends on a global state,
+the order of evaluation, chunking or threads: the same key gives the same bits after a resume, on any
+machine.
 
 Why 32 bits: the stochastic-rounding loop runs over every gradient of a step. SplitMix64's three 64-bit
 multiplies (three micro-ops each on AVX-512, emulated on NEON) and the float64 arithmetic around them
-made it 2.4 cycles a value on a 2.6 GHz Xeon; lowbias32 takes three 32-bit multiplies, and the 24-bit
-uniform is exact in float32, so the loop stays in 32-bit lanes throughout: 1.3 cycles a value. The
-24-bit grid adds a bias below 2^-24 of a step (docs/NUMERICS.md).
+made it 2.4 cycles a value on a 2.6 GHz Xeon; here three 32-bit multiplies (the Weyl step's and
+lowbias32's two) make the bits, and the 24-bit uniform is exact in float32, so the loop stays in 32-bit
+lanes throughout: 1.3 cycles a value. The 24-bit grid adds a bias below 2^-24 of a step
+(docs/NUMERICS.md).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 MASK64 = (1 << 64) - 1
@@ -77,10 +79,11 @@ def stream_seed(key: RngKey | tuple[int, int, int]) -> int:
     return mix64(h ^ mix64(k.layer ^ TAG_LAYER))
 
 
-def stream_words(seed: int) -> tuple[np.uint32, np.uint32]:
-    """(k0, m) of a stream word (`stream_seed`): the Weyl sequence's offset and its odd step."""
-    seed &= MASK64
-    return np.uint32(seed & MASK32), np.uint32((seed >> 32) | 1)
+@njit(cache=True, inline="always")
+def stream_words(seed: np.uint64) -> tuple[np.uint32, np.uint32]:
+    """(k0, m) of a stream word (`stream_seed`, as uint64): the Weyl sequence's offset and its odd step
+    (compiled: the quantiser's kernels split the word they are handed with this same function)."""
+    return np.uint32(seed & np.uint64(MASK32)), np.uint32((seed >> np.uint64(32)) | np.uint64(1))
 
 
 def _as_i32(builder, value):
@@ -119,7 +122,7 @@ def uniform_at(typingctx, j, base, k0, m):
 def random_bits(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
     """bits_offset .. bits_(offset+count-1) of the stream as uint32 (NumPy: the reference the compiled
     `uniform_at` is tested against)."""
-    k0, m = stream_words(stream_seed(key))
+    k0, m = stream_words(np.uint64(stream_seed(key)))
     if offset < 0 or offset + count > MAX_DRAWS:
         raise ValueError(f"a stream draws indices 0 .. 2^32 - 1, asked for {offset} .. {offset + count - 1}")
     z = np.arange(offset, offset + count, dtype=np.uint64).astype(np.uint32) * m + k0  # wraps mod 2^32
