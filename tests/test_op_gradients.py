@@ -183,3 +183,23 @@ def test_fan_out_sum_leaves_an_array_another_pending_gradient_holds():
              helper.make_node("Add", ["s", "m"], ["y"])]
     errors = _fan_out_errors(nodes, [])
     assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [7, (1 << 16) + 5, 3 * (1 << 15) + 11])
+def test_gradient_sums_on_the_thread_pool_are_numpys_bits(dtype, size):
+    """kernels.accumulate.add_into: the serial and parallel branches (uneven last piece) give np.add's bits;
+    strided or mixed-type operands take np.add itself."""
+    from edgetrain.kernels.accumulate import add_into
+
+    rng = np.random.default_rng(size)
+    acc = (rng.standard_normal(size) * 10.0 ** rng.uniform(-20, 20, size)).astype(dtype)
+    g = (rng.standard_normal(size) * 10.0 ** rng.uniform(-20, 20, size)).astype(dtype)
+    want = acc + g
+    add_into(acc, g)
+    np.testing.assert_array_equal(acc, want)
+    wide = rng.standard_normal((4, size)).astype(dtype)
+    strided, other = wide[:, ::2], rng.standard_normal((4, (size + 1) // 2)).astype(np.float32)
+    want = strided + other.astype(dtype)
+    add_into(strided, other)
+    np.testing.assert_array_equal(strided, want)

@@ -1,0 +1,37 @@
+"""Gradient sums in place, on the Numba thread pool: where a value feeds several ops, its gradients add up.
+
+NumPy's in-place add runs on one thread; at a residual fork of ResNet-20 at batch 128 (8 MB of float32) it
+took 0.57 ms, and memory bandwidth there is not one core's: on two threads the same sum took 0.29 ms (2 MB:
+0.14 -> 0.035 ms, both halves in cache). Elementwise float adds, so the same bits as NumPy's for any split.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgetrain.kernels.threads import SMALL_ELEMENTS
+
+CHUNK = 1 << 15  # elements per parallel work item
+
+
+@njit(parallel=True, cache=True)
+def _add_into(acc, g, min_parallel):
+    n = acc.size
+    if n < min_parallel:  # no parallel launch for small sums (threads.SMALL_ELEMENTS)
+        for i in range(n):
+            acc[i] += g[i]
+        return
+    for k in prange((n + CHUNK - 1) // CHUNK):
+        a = acc[k * CHUNK:min(n, (k + 1) * CHUNK)]
+        b = g[k * CHUNK:min(n, (k + 1) * CHUNK)]
+        for i in range(a.size):
+            a[i] += b[i]
+
+
+def add_into(acc: np.ndarray, g: np.ndarray) -> None:
+    """acc += g, in place (acc and g of one shape; C-contiguous float arrays of one dtype take the kernel)."""
+    if (acc.dtype == g.dtype and acc.dtype.kind == "f" and acc.flags.c_contiguous and g.flags.c_contiguous
+            and acc.size >= SMALL_ELEMENTS):
+        _add_into(acc.reshape(-1), g.reshape(-1), SMALL_ELEMENTS)
+    else:
+        np.add(acc, g, out=acc)
