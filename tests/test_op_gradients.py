@@ -188,7 +188,7 @@ def test_fan_out_sum_leaves_an_array_another_pending_gradient_holds():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [7, (1 << 16) + 5, 3 * (1 << 15) + 11])
 def test_gradient_sums_on_the_thread_pool_are_numpys_bits(dtype, size):
-    """kernels.accumulate.add_into: the serial and parallel branches (uneven last piece) give np.add's bits;
+    """kernels.accumulate.add_into: small sums (NumPy) and the parallel kernel (uneven last piece) give np.add's bits;
     strided or mixed-type operands take np.add itself."""
     from edgetrain.kernels.accumulate import add_into
 

@@ -15,12 +15,8 @@ CHUNK = 1 << 15  # elements per parallel work item
 
 
 @njit(parallel=True, cache=True)
-def _add_into(acc, g, min_parallel):
+def _add_into(acc, g):
     n = acc.size
-    if n < min_parallel:  # no parallel launch for small sums (threads.SMALL_ELEMENTS)
-        for i in range(n):
-            acc[i] += g[i]
-        return
     for k in prange((n + CHUNK - 1) // CHUNK):
         a = acc[k * CHUNK:min(n, (k + 1) * CHUNK)]
         b = g[k * CHUNK:min(n, (k + 1) * CHUNK)]
@@ -29,9 +25,10 @@ def _add_into(acc, g, min_parallel):
 
 
 def add_into(acc: np.ndarray, g: np.ndarray) -> None:
-    """acc += g, in place (acc and g of one shape; C-contiguous float arrays of one dtype take the kernel)."""
+    """acc += g, in place (acc and g of one shape). C-contiguous float arrays of one dtype from
+    `threads.SMALL_ELEMENTS` values take the kernel; the rest NumPy (no parallel launch for small sums)."""
     if (acc.dtype == g.dtype and acc.dtype.kind == "f" and acc.flags.c_contiguous and g.flags.c_contiguous
             and acc.size >= SMALL_ELEMENTS):
-        _add_into(acc.reshape(-1), g.reshape(-1), SMALL_ELEMENTS)
+        _add_into(acc.reshape(-1), g.reshape(-1))
     else:
         np.add(acc, g, out=acc)

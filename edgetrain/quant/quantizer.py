@@ -34,7 +34,7 @@ from edgetrain.kernels.extrema import fold as _fold
 from edgetrain.kernels.extrema import start as _start
 from edgetrain.kernels.threads import SMALL_ELEMENTS, ensure_pool
 from edgetrain.quant.qtensor import QTensor, QuantStats, check_bits, qrange, storage_dtype
-from edgetrain.quant.rng import MAX_DRAWS, RngKey, stream_seed, stream_words, uniform_at
+from edgetrain.quant.rng import RngKey, check_draws, stream_seed, stream_words, uniform_at
 
 ROUNDINGS = ("nearest", "stochastic")
 _PIECE = 1 << 15  # elements per parallel work item
@@ -146,8 +146,7 @@ def _stochastic_item(x3, recip, bounds, scale, k0, m, offset, pieces, out3, sat,
         ns = 0
         for j in range(src.size):
             v = np.float64(src[j]) / s
-            ns += (v < lo) | (v > hi)
-            dst[j] = np.int32(min(max(np.floor(src[j] * r + uniform_at(j, first, k0, m)), lo), hi))
+            ns += _store(np.floor(src[j] * r + uniform_at(j, first, k0, m)), v, lo, hi, dst, j)
         sat[w] = ns
         return
     for j in range(src.size):
@@ -448,9 +447,8 @@ def quantize(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | None 
     stochastic = rounding == "stochastic"
     if stochastic and key is None:
         raise ValueError("stochastic rounding needs key=(seed, step, layer): it never uses a global RNG")
-    if stochastic and not 0 <= index_offset <= MAX_DRAWS - np.size(x):
-        raise ValueError(f"stochastic rounding draws indices 0 .. 2^32 - 1 of a stream; index_offset "
-                         f"{index_offset} and {np.size(x)} values do not fit")
+    if stochastic:
+        check_draws(index_offset, np.size(x))
     x = _as_float(x)
     qmin, qmax = qrange(bits, signed)
     if axis is None and x.size:

@@ -79,6 +79,12 @@ def stream_seed(key: RngKey | tuple[int, int, int]) -> int:
     return mix64(h ^ mix64(k.layer ^ TAG_LAYER))
 
 
+def check_draws(offset: int, count: int) -> None:
+    """ValueError unless indices offset .. offset + count - 1 lie in a stream's 0 .. 2^32 - 1 (`MAX_DRAWS`)."""
+    if offset < 0 or offset + count > MAX_DRAWS:
+        raise ValueError(f"a random stream draws indices 0 .. 2^32 - 1; asked for {count} from index {offset}")
+
+
 @njit(cache=True, inline="always")
 def stream_words(seed: np.uint64) -> tuple[np.uint32, np.uint32]:
     """(k0, m) of a stream word (`stream_seed`, as uint64): the Weyl sequence's offset and its odd step
@@ -97,9 +103,10 @@ def _as_i32(builder, value):
 def uniform_at(typingctx, j, base, k0, m):
     """u_(base + j) (float32) of the stream whose words are k0, m (uint32); the index is taken mod 2^32.
 
-    An intrinsic because Numba widens 32-bit integer arithmetic to 64 bits, which doubles the hash's cost
-    and narrows the loop around it to four lanes; here every operation is 32-bit, as written. j apart
-    from base: a loop's counter, which LLVM then steps in 32-bit lanes too."""
+    An intrinsic because Numba widens 32-bit integer arithmetic to 64 bits (64-bit multiplies take three
+    micro-ops on AVX-512); here every operation is 32-bit, as written. j apart from base: a loop's
+    counter, added to base in 32 bits here (their 64-bit sum made the quantiser's loop 0.64 ns a value
+    instead of 0.49)."""
     if not isinstance(j, types.Integer) or not isinstance(base, types.Integer) or k0 != types.uint32 \
             or m != types.uint32:
         return None
@@ -122,9 +129,8 @@ def uniform_at(typingctx, j, base, k0, m):
 def random_bits(key: RngKey | tuple[int, int, int], count: int, offset: int = 0) -> np.ndarray:
     """bits_offset .. bits_(offset+count-1) of the stream as uint32 (NumPy: the reference the compiled
     `uniform_at` is tested against)."""
+    check_draws(offset, count)
     k0, m = stream_words(np.uint64(stream_seed(key)))
-    if offset < 0 or offset + count > MAX_DRAWS:
-        raise ValueError(f"a stream draws indices 0 .. 2^32 - 1, asked for {offset} .. {offset + count - 1}")
     z = np.arange(offset, offset + count, dtype=np.uint64).astype(np.uint32) * m + k0  # wraps mod 2^32
     z ^= z >> np.uint32(16)
     z *= np.uint32(LOWBIAS_MUL1)
