@@ -337,11 +337,14 @@ def test_schedule_base_values_are_checked():
 @pytest.mark.parametrize("weight_decay,nesterov", [(0.0, False), (5e-4, False), (1e-2, True)])
 def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_decay, nesterov):
     """The one-pass Numba SGD update against the NumPy one it replaces, bit for bit over several steps
-    (a fused multiply-add or a float64 scalar would change the last bits)."""
+    (a fused multiply-add or a float64 scalar would change the last bits). "big" takes the parallel
+    branch: more than one work item, the last one short."""
     import edgetrain.train.optim as optim
+    from edgetrain.kernels.threads import SMALL_ELEMENTS
 
     rng = np.random.default_rng(3)
-    start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype)}
+    start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype),
+             "big": rng.standard_normal(SMALL_ELEMENTS + 3 * optim._CHUNK + 5).astype(dtype)}
     fused = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
                 weight_decay=weight_decay)
     plain = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
@@ -356,3 +359,38 @@ def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_d
     for k in start:
         assert np.array_equal(fused.params[k], plain.params[k]) and not np.array_equal(fused.params[k], start[k])
         assert np.array_equal(fused.velocity[k], plain.velocity[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,opts", [
+    (Adam, {}),
+    (Adam, {"betas": (0.8, 0.99), "eps": 0.0, "weight_decay": 1e-1}),
+    (Adam, {"betas": (0.3, 0.9)}),  # lerp's other branch (weight >= 0.5)
+    (AdamW, {"betas": (0.85, 0.995), "weight_decay": 0.3}),
+])
+def test_fused_adam_gives_the_numpy_expressions_bits(monkeypatch, dtype, cls, opts):
+    """The one-pass Numba Adam and AdamW update against the NumPy expressions it replaces, bit for bit
+    over several steps, on a parameter small enough for the serial loop and one for the parallel one."""
+    import edgetrain.train.optim as optim
+    from edgetrain.kernels.threads import SMALL_ELEMENTS
+
+    rng = np.random.default_rng(5)
+    start = {"w": rng.standard_normal((40, 33)).astype(dtype),
+             "big": rng.standard_normal(SMALL_ELEMENTS + 2 * optim._CHUNK + 7).astype(dtype)}
+    fused = cls({k: v.copy() for k, v in start.items()}, 1e-2, **opts)
+    plain = cls({k: v.copy() for k, v in start.items()}, 1e-2, **opts)
+    fusable = optim._fusable
+    for step in range(4):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()}
+        if step == 1:
+            grads["w"][:3] = 0.0  # zero gradients: with eps 0 a zero second moment divides 0 by 0
+        fused.step(grads)
+        monkeypatch.setattr(optim, "_fusable", lambda *a: False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plain.step(grads)
+        monkeypatch.setattr(optim, "_fusable", fusable)
+    for k in start:
+        assert np.array_equal(fused.params[k], plain.params[k], equal_nan=True)
+        assert not np.array_equal(fused.params[k], start[k])
+        for kind in ("exp_avg", "exp_avg_sq"):
+            assert np.array_equal(fused._state[kind][k], plain._state[kind][k])

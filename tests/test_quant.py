@@ -478,11 +478,17 @@ def test_per_tensor_path_equals_the_per_channel_one(size, dtype, bits, signed, s
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(st.sampled_from([np.float32, np.float64]),
                   hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=12), elements=floats_st),
-       bits_st, st.booleans())
-def test_weights_quantised_both_ways_in_one_call_equal_two_quantize_calls(w, bits, pow2):
+       bits_st, st.booleans(), st.booleans())
+def test_weights_quantised_both_ways_in_one_call_equal_two_quantize_calls(w, bits, pow2, parallel):
     """quantize_weights: the per-row and per-tensor codes of one scan are exactly quantize's (codes,
-    scales, their types and stats), including all-zero rows and 16-bit codes."""
-    rows, flat = quantize_weights(w, bits, pow2=pow2)
+    scales, their types and stats), including all-zero rows and 16-bit codes; `parallel` takes the
+    parallel row scan and kernels however small the tensor."""
+    default = quantizer_module.PARALLEL_MIN_ELEMENTS
+    quantizer_module.PARALLEL_MIN_ELEMENTS = 1 if parallel else default
+    try:
+        rows, flat = quantize_weights(w, bits, pow2=pow2)
+    finally:
+        quantizer_module.PARALLEL_MIN_ELEMENTS = default
     for got, want in ((rows, quantize(w, bits, axis=0, pow2=pow2)), (flat, quantize(w, bits, pow2=pow2))):
         assert got.q.dtype == want.q.dtype and np.array_equal(got.q, want.q)
         assert np.array_equal(got.scale, want.scale) and type(got.scale) is type(want.scale)
@@ -493,9 +499,10 @@ def test_weights_quantised_both_ways_reject_nan_and_go_parallel_when_large():
     w = np.random.default_rng(0).standard_normal((300, 400)).astype(np.float32)  # above PARALLEL_MIN_ELEMENTS
     rows, flat = quantize_weights(w, 8)
     assert np.array_equal(rows.q, quantize(w, 8, axis=0).q) and np.array_equal(flat.q, quantize(w, 8).q)
-    w[7, 3] = np.nan
-    with pytest.raises(NonFiniteError):
-        quantize_weights(w, 8)
+    for bad in (np.nan, -np.inf):
+        w[7, 3] = bad
+        with pytest.raises(NonFiniteError):
+            quantize_weights(w, 8)
 
 
 @settings(max_examples=60, deadline=None)

@@ -269,6 +269,20 @@ def _key_extrema_pieces(bits, exp_mask, mag_mask, sign, piece_smax, piece_smin, 
     return not bad
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _key_extrema_rows(bits3, exp_mask, mag_mask, sign, lo, hi):
+    """`_key_extrema` of a (1, rows, inner) tensor with its rows on parallel threads: each row's min and max
+    are exact, so the same values for any thread count. A layer's weights quantised per output channel
+    ((512, 784): 61 -> 32 us on 2 threads). (No name here may equal one inside the inlined `_fold`.)"""
+    rows = bits3.shape[1]
+    row_bad = np.zeros(rows, np.bool_)
+    for rr in prange(rows):
+        q0, q1, q2 = _start(sign)
+        q0, q1, q2 = _fold(bits3[0, rr], q0, q1, q2, sign)
+        lo[rr], hi[rr], row_bad[rr] = _decode(q0, q1, q2, sign, exp_mask, mag_mask)
+    return not row_bad.any()
+
+
 # From this many values a per-tensor range takes the parallel scan; below, `_key_extrema` on one thread
 # costs less than a parallel launch (measured 2 threads: 2.1 million float32 values 0.08 ms against
 # NumPy's 0.16 ms; 131,072 values about even).
@@ -515,13 +529,17 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
 def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_parallel, q_rows, q_flat, scales,
                    extrema):
     """A signed tensor (1, rows, inner) quantised per row (q_rows, scales[:rows]) and per tensor (q_flat,
-    scales[rows]) from one range scan, in one compiled call: the same `_key_extrema`, `_scales` and
+    scales[rows]) from one range scan, in one compiled call: the same `_key_extrema` (its rows on the pool
+    from `min_parallel` values: `_key_extrema_rows`), `_scales` and
     nearest kernels as two `quantize` calls, so the same codes and scales (the tensor's range is the
     largest row range). extrema = [min, max]; returns the saturated count, -1 for NaN or infinity."""
     rows = x3.shape[1]
     lo_bits = np.empty(rows, bits3.dtype)
     hi_bits = np.empty(rows, bits3.dtype)
-    if not _key_extrema(bits3, exp_mask, mag_mask, sign, lo_bits, hi_bits):
+    if x3.size >= min_parallel and rows > 1:
+        if not _key_extrema_rows(bits3, exp_mask, mag_mask, sign, lo_bits, hi_bits):
+            return -1
+    elif not _key_extrema(bits3, exp_mask, mag_mask, sign, lo_bits, hi_bits):
         return -1
     lo, hi = lo_bits.view(x3.dtype), hi_bits.view(x3.dtype)
     top = np.empty(rows + 1)

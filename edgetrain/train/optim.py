@@ -17,10 +17,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from edgetrain.errors import EdgetrainError
 from edgetrain.kernels.detfloat import powi
+from edgetrain.kernels.threads import SMALL_ELEMENTS
 
 StateValue = np.ndarray | int | float
 ParamFilter = Callable[[str], bool] | Iterable[str] | str
@@ -284,6 +285,9 @@ class SGD(Optimizer):
         p -= d * self.lr
 
 
+_CHUNK = 1 << 15  # elements per parallel work item of _sgd_momentum
+
+
 def _fusable(p: np.ndarray, g: np.ndarray) -> bool:
     """Whether _sgd_momentum can update p in place from g (same float dtype, both contiguous)."""
     return (p.dtype in (np.float32, np.float64) and g.dtype == p.dtype and p.flags.c_contiguous
@@ -291,9 +295,7 @@ def _fusable(p: np.ndarray, g: np.ndarray) -> bool:
 
 
 @njit(cache=True)
-def _sgd_momentum(p, g, buf, lr, momentum, weight_decay, nesterov, first):
-    """SGD.update's NumPy expressions, one element at a time in one pass: the same operations in the
-    same order and precision (no fused multiply-add), so the same bits, without five temporaries."""
+def _sgd_span(p, g, buf, lr, momentum, weight_decay, nesterov, first):
     for i in range(p.size):
         d = g[i]
         if weight_decay != 0:
@@ -302,6 +304,21 @@ def _sgd_momentum(p, g, buf, lr, momentum, weight_decay, nesterov, first):
         buf[i] = b
         d = b * momentum + d if nesterov else b
         p[i] = p[i] - d * lr
+
+
+@njit(parallel=True, cache=True)
+def _sgd_momentum(p, g, buf, lr, momentum, weight_decay, nesterov, first):
+    """SGD.update's NumPy expressions, one element at a time in one pass: the same operations in the
+    same order and precision (no fused multiply-add), so the same bits, without five temporaries.
+    Elementwise, so split over the thread pool from `SMALL_ELEMENTS` values with the same bits: the
+    MLP's 535,000 parameters took 0.27 ms a step on one thread, memory-bound."""
+    n = p.size
+    if n < SMALL_ELEMENTS:
+        _sgd_span(p, g, buf, lr, momentum, weight_decay, nesterov, first)
+        return
+    for k in prange((n + _CHUNK - 1) // _CHUNK):
+        lo, hi = k * _CHUNK, min(n, (k + 1) * _CHUNK)
+        _sgd_span(p[lo:hi], g[lo:hi], buf[lo:hi], lr, momentum, weight_decay, nesterov, first)
 
 
 class Adam(Optimizer):
@@ -326,27 +343,36 @@ class Adam(Optimizer):
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
         beta1, beta2 = self.betas
-        if self.weight_decay:
-            if self.DECOUPLED:
-                p *= 1 - self.lr * self.weight_decay
-            else:
-                g = self._l2(p, g)
         if name not in self._state["exp_avg"]:
             self._state["exp_avg"][name] = np.zeros_like(p)
             self._state["exp_avg_sq"][name] = np.zeros_like(p)
         exp_avg, exp_avg_sq = self._state["exp_avg"][name], self._state["exp_avg_sq"][name]
-        _lerp_(exp_avg, g, 1 - beta1)
-        # torch's addcmul computes (value * g) * g; the order matters for rounding.
-        sq = g * (1 - beta2)
-        sq *= g
-        exp_avg_sq *= beta2
-        exp_avg_sq += sq
         # Bias corrections in Python floats (double), as torch computes them from a host-side step, but with
         # IEEE operations only (powi, sqrt): Python's ** is the platform's libm pow, which x86_64 and arm64
         # may round differently. Against torch's pow this moves the update by a few ulp of double at most.
         t = self._param_steps[name]
         step_size = self.lr / (1 - powi(beta1, t))
         bias_correction2_sqrt = math.sqrt(1 - powi(beta2, t))
+        if _fusable(p, g) and _fusable(exp_avg, g) and _fusable(exp_avg_sq, g):
+            c = p.dtype.type  # each Python scalar rounded to p's type once, as NumPy does below
+            w = c(1 - beta1)
+            _adam(p.reshape(-1), g.reshape(-1), exp_avg.reshape(-1), exp_avg_sq.reshape(-1),
+                  bool(self.weight_decay) and self.DECOUPLED, c(1 - self.lr * self.weight_decay),
+                  bool(self.weight_decay) and not self.DECOUPLED, c(self.weight_decay),
+                  bool(abs(w) < LERP_SMALL_WEIGHT), w, c(1) - w, c(1 - beta2), c(beta2),
+                  c(bias_correction2_sqrt), c(self.eps), c(-step_size))
+            return
+        if self.weight_decay:
+            if self.DECOUPLED:
+                p *= 1 - self.lr * self.weight_decay
+            else:
+                g = self._l2(p, g)
+        _lerp_(exp_avg, g, 1 - beta1)
+        # torch's addcmul computes (value * g) * g; the order matters for rounding.
+        sq = g * (1 - beta2)
+        sq *= g
+        exp_avg_sq *= beta2
+        exp_avg_sq += sq
         denom = np.sqrt(exp_avg_sq)
         denom /= bias_correction2_sqrt
         denom += self.eps
@@ -354,6 +380,42 @@ class Adam(Optimizer):
         upd = exp_avg * -step_size
         upd /= denom
         p += upd
+
+
+# error_model="numpy": a float division by zero gives inf or NaN as NumPy's does; Numba's default checks
+# every divisor and raises, a branch that kept the loop from vectorising (4.5x slower).
+@njit(cache=True, error_model="numpy")
+def _adam_span(p, g, m, v, decoupled, decay, l2, wd, lerp_small, w, one_minus_w, b2c, beta2, bc2, eps, neg_step):
+    for i in range(p.size):
+        pi, gi = p[i], g[i]
+        if decoupled:
+            pi = pi * decay
+        elif l2:
+            gi = pi * wd + gi
+        diff = gi - m[i]
+        mi = m[i] + diff * w if lerp_small else gi - diff * one_minus_w
+        m[i] = mi
+        sq = gi * b2c
+        vi = v[i] * beta2 + sq * gi
+        v[i] = vi
+        p[i] = pi + (mi * neg_step) / (np.sqrt(vi) / bc2 + eps)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _adam(p, g, m, v, decoupled, decay, l2, wd, lerp_small, w, one_minus_w, b2c, beta2, bc2, eps, neg_step):
+    """Adam.update's NumPy expressions (weight decay, `_lerp_`, the squared average, the bias-corrected
+    step), one element at a time in one pass: the same operations in the same order and precision (no
+    fused multiply-add), so the same bits, without the temporaries. NumPy's ten passes took 1.87 ms a step
+    for the MLP's 535,000 float32 parameters on 2 threads (SGD's one pass: 0.14 ms). Elementwise, so split
+    over the thread pool from `SMALL_ELEMENTS` values with the same bits."""
+    n = p.size
+    if n < SMALL_ELEMENTS:
+        _adam_span(p, g, m, v, decoupled, decay, l2, wd, lerp_small, w, one_minus_w, b2c, beta2, bc2, eps, neg_step)
+        return
+    for k in prange((n + _CHUNK - 1) // _CHUNK):
+        lo, hi = k * _CHUNK, min(n, (k + 1) * _CHUNK)
+        _adam_span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], decoupled, decay, l2, wd, lerp_small, w, one_minus_w,
+                   b2c, beta2, bc2, eps, neg_step)
 
 
 class AdamW(Adam):
