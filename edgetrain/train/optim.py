@@ -289,7 +289,8 @@ _CHUNK = 1 << 15  # elements per parallel work item of _sgd_momentum
 
 
 def _fusable(p: np.ndarray, g: np.ndarray) -> bool:
-    """Whether _sgd_momentum can update p in place from g (same float dtype, both contiguous)."""
+    """Whether a one-pass kernel (`_sgd_momentum`, `_adam`) can update p in place from g (same float dtype,
+    both contiguous); Adam asks it of its moment buffers too."""
     return (p.dtype in (np.float32, np.float64) and g.dtype == p.dtype and p.flags.c_contiguous
             and g.flags.c_contiguous and p.flags.writeable)
 
