@@ -18,13 +18,16 @@ from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
 from edgetrain.ops.base import Op
 from edgetrain.ops.elementwise import AddRelu
-from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu, sole_relu_reader
+from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu, sole_reader, sole_relu_reader
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
-from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form
+from edgetrain.quant.mac import QuantConv, QuantMAC, QuantRuntime, integer_form
 
 # What the float engine computes in (float16: forward passes of float16 graphs, e.g. ONNX's own test cases).
 COMPUTE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# BatchNorms hand their integer reader its codes instead of floats (`Model._hand_codes_on`); False keeps
+# every activation a float tensor (the tests compare the two, bit for bit).
+FUSE_BN_CODES = True
 
 
 class Model:
@@ -190,6 +193,7 @@ class Model:
         producer = self.graph.producer_of()
         readers = self.graph.consumers_of()
         outputs = {o.name for o in self.graph.outputs}
+        relu_outputs: dict[str, BatchNormalization] = {}  # a folded ReLU's output -> the BatchNorm writing it
         for node in self.graph.nodes:
             if node.op_type in ("Relu", "Clip"):
                 self.executor.ops[node.name] = self._float_ops[node.name]  # until a BatchNorm takes it over
@@ -204,11 +208,27 @@ class Model:
                 fused = fuse_relu(node, op, readers, outputs, self.graph.opset, self._constants)
                 if fused is not None:
                     self.executor.ops[fused[0].name] = fused[1]
+                    relu_outputs[fused[0].outputs[0]] = op
             else:
                 self.executor.ops[node.name] = self._float_ops[node.name]
         self._fuse_add_relus(readers, outputs)
         for ext in self._extensions:
             self.executor.ops.update(ext.owned_ops())
+        self._hand_codes_on(relu_outputs, outputs)
+
+    def _hand_codes_on(self, relu_outputs: dict[str, BatchNormalization], outputs: set[str]) -> None:
+        """A BatchNorm with a folded ReLU whose output only an integer conv reads, as its data input, writes
+        that conv's input codes in training instead of its floats (`BatchNormalization.codes_for`): the same
+        codes, without the float tensor's write and the quantiser's two reads of it."""
+        if not FUSE_BN_CODES:
+            return
+        running = self.executor.graph.consumers_of()  # an extension may have folded nodes into others
+        for value, bn in relu_outputs.items():
+            reader = sole_reader(value, running, outputs)
+            op = self.executor.ops.get(reader.name) if reader is not None else None
+            if (type(op) is QuantConv and reader.inputs[0] == value and value not in reader.inputs[1:]
+                    and op.unsigned_input):
+                bn.codes_for = op
 
     def _fuse_add_relus(self, readers: dict, outputs: set[str]) -> None:
         """With integer layers, an Add whose output only a Relu reads (a residual join) runs as one AddRelu

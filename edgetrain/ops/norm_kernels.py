@@ -16,26 +16,57 @@ from numba import njit, prange
 from edgetrain.kernels.lanes import LANES, combine
 
 
+@njit(cache=True, inline="always")
+def relu_value(bn_x, bn_a, bn_b, bn_cap):
+    """BatchNorm's output for input bn_x with a folded ReLU (capped at bn_cap: 6 for a ReLU6, np.inf for a
+    Relu), in float64, before the store rounds it to the output's type: the one expression both the
+    forward's store and its range for the fused codes (`norm.BatchNormalization._forward_codes`) follow.
+    (Names prefixed: it is inlined into parallel loops, where a name shared with the caller gave wrong
+    results.)"""
+    bn_v = bn_x * bn_a + bn_b
+    bn_w = bn_v * (bn_v > 0)  # no branch on data; where v < 0 this is -0.0, a zero all the same
+    # Clipping commutes with the rounding to y's type at a bound it represents (6): the unfolded Clip's
+    # bits. Never true at cap = inf, NaN included: a Relu's bits.
+    return bn_cap if bn_w > bn_cap else bn_w
+
+
 @njit(cache=True)
-def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
-    """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored,
-    and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
+def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_lo, lanes_hi):
+    """Channel ch's batch mean, (population) variance and 1/sqrt(var + eps) into mean, var, inv; returns the
+    affine coefficients (a, b) of its output, y = x * a + b. With `extremes`, the same pass also keeps each
+    lane's min and max of x (lanes_lo, lanes_hi: LANES slots, for `bn_stats_extrema`); the sums are the
+    same statements either way."""
     n, _, length = x.shape
     count = n * length
     acc, acc2 = np.zeros(LANES), np.zeros(LANES)  # sum and sum of squares, in lanes.py's order
     tail = (length // LANES) * LANES
     for i in range(n):
         row = x[i, ch]
-        for base in range(0, tail, LANES):
-            for q in range(LANES):
-                v = np.float64(row[base + q])
+        rest = row[tail:]  # a view from 0 (see _bn_backward_channel)
+        if extremes:
+            for base in range(0, tail, LANES):
+                for q in range(LANES):
+                    v = np.float64(row[base + q])
+                    acc[q] += v
+                    acc2[q] += v * v
+                    lanes_lo[q] = min(lanes_lo[q], v)
+                    lanes_hi[q] = max(lanes_hi[q], v)
+            for q in range(rest.size):
+                v = np.float64(rest[q])
                 acc[q] += v
                 acc2[q] += v * v
-        rest = row[tail:]  # a view from 0 (see _bn_backward_channel)
-        for q in range(rest.size):
-            v = np.float64(rest[q])
-            acc[q] += v
-            acc2[q] += v * v
+                lanes_lo[q] = min(lanes_lo[q], v)
+                lanes_hi[q] = max(lanes_hi[q], v)
+        else:
+            for base in range(0, tail, LANES):
+                for q in range(LANES):
+                    v = np.float64(row[base + q])
+                    acc[q] += v
+                    acc2[q] += v * v
+            for q in range(rest.size):
+                v = np.float64(rest[q])
+                acc[q] += v
+                acc2[q] += v * v
     m = combine(acc) / count
     variance = max(combine(acc2) / count - m * m, 0.0)
     r = 1.0 / np.sqrt(variance + eps)
@@ -43,19 +74,91 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
     var[ch] = variance
     inv[ch] = r
     a = scale[ch] * r
-    b = bias[ch] - m * a
+    return a, bias[ch] - m * a
+
+
+@njit(cache=True)
+def _bn_apply_channel(x, ch, a, b, y, relu, cap):
+    """y[:, ch] = x[:, ch] * a + b, with a folded ReLU (relu_value) when relu."""
+    n, _, length = x.shape
     if relu:  # a Relu folded in: one pass instead of two (its backward is masked the same way)
         for i in range(n):
             for j in range(length):
-                v = x[i, ch, j] * a + b
-                w = v * (v > 0)  # no branch on data; where v < 0 this is -0.0, a zero all the same
-                # Clipping commutes with the rounding to y's type at a bound it represents (6): the
-                # unfolded Clip's bits. Never true at cap = inf, NaN included: a Relu's bits.
-                y[i, ch, j] = cap if w > cap else w
+                y[i, ch, j] = relu_value(x[i, ch, j], a, b, cap)
     else:
         for i in range(n):
             for j in range(length):
                 y[i, ch, j] = x[i, ch, j] * a + b
+
+
+@njit(cache=True)
+def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
+    """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored,
+    and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
+    a, b = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, False, mean, mean)
+    _bn_apply_channel(x, ch, a, b, y, relu, cap)
+
+
+# ---- BatchNorm writing the next MAC layer's codes instead of its floats (norm.BatchNormalization.codes_for)
+
+
+@njit(parallel=True, cache=True)
+def bn_stats_extrema(x, scale, bias, eps, mean, var, inv, a_out, b_out, lo_out, hi_out, chunks):
+    """The training forward's statistics (the same loops as bn_train_forward, so the same mean, var and inv)
+    and its affine coefficients a_out, b_out, without writing y; and, in the same pass, each channel's min
+    and max of x as float64 (a NaN or infinity in x shows in the statistics: the caller checks). Parallel
+    over `chunks` runs of channels (one pair of lane buffers each: per channel they cost small maps 30%)."""
+    c_ = x.shape[1]
+    for k in prange(chunks):
+        lanes_lo = np.empty(LANES)
+        lanes_hi = np.empty(LANES)
+        for ch in range(k * c_ // chunks, (k + 1) * c_ // chunks):
+            lanes_lo[:] = np.inf
+            lanes_hi[:] = -np.inf
+            ca, cb = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi)
+            a_out[ch] = ca
+            b_out[ch] = cb
+            lo_out[ch] = lanes_lo.min()
+            hi_out[ch] = lanes_hi.max()
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def bn_codes(x, a, b, cap, scale, qmax, codes, near_half):
+    """codes = the unsigned nearest codes of the y the training forward stores (relu_value, rounded to x's
+    type), for a per-tensor scale, y never stored: rint(y / scale) by the quantiser's rule
+    (`quantizer._nearest_item`): multiplied by 1 / scale, and a row that holds a value within `near_half` of
+    a half-integer divided instead. The ReLU and cap are applied after the rounding to x's type: both
+    bounds are representable, so that rounding commutes with them and the codes are the same (where y would
+    be -0.0 this gives +0.0: code 0 either way). The caller has the range from y's extremes, so nothing
+    saturates. Parallel over rows."""
+    n, c_, length = x.shape
+    s = np.float64(scale)
+    r = 1.0 / s
+    top = np.float64(qmax)
+    zero = x.dtype.type(0)
+    bound = x.dtype.type(cap)
+    for row in prange(n * c_):
+        img, ch = row // c_, row % c_
+        src, dst = x[img, ch], codes[img, ch]
+        ca, cb = a[ch], b[ch]
+        near = False
+        for j in range(length):
+            yv = min(max(x.dtype.type(src[j] * ca + cb), zero), bound)
+            t = np.float64(yv) * r
+            q = np.rint(t)
+            near |= abs(t - q) > near_half
+            dst[j] = min(q, top)
+        if near:
+            for j in range(length):
+                yv = min(max(x.dtype.type(src[j] * ca + cb), zero), bound)
+                dst[j] = min(np.rint(np.float64(yv) / s), top)
+
+
+@njit(parallel=True, cache=True)
+def bn_apply(x, a, b, relu, cap, y):
+    """y = what the training forward would have stored, from its coefficients a, b (parallel over channels)."""
+    for ch in prange(x.shape[1]):
+        _bn_apply_channel(x, ch, a[ch], b[ch], y, relu, cap)
 
 
 @njit(cache=True, inline="always")

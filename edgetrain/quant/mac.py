@@ -48,6 +48,7 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize
+from edgetrain.quant.qtensor import Prequantised
 from edgetrain.quant.quantizer import quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
@@ -157,6 +158,21 @@ class QuantMAC(Op):
         rt.count(key, q.stats.saturated)
         return q
 
+    def _prequantised_input(self, x, groups: Sequence[Group], training: bool) -> QTensor | None:
+        """x's codes where its producer already wrote them for this layer (a BatchNorm's `codes_for`:
+        exactly what `_quantize_input` would make of the floats, in training, with a range from the batch),
+        with the running range and counter updated as `_quantize_input` does; else None."""
+        if not isinstance(x, Prequantised):
+            return None
+        q = x.codes
+        if not (training and len(groups) == 1 and groups[0].op is self and groups[0].rows == slice(None)
+                and self.unsigned_input and not q.signed and q.bits == self.precision.act_bits):
+            return None
+        rt = self.runtime
+        rt.act_ranges.setdefault(self.range_key, RunningRange(rt.range_momentum)).update(q.stats.observed_max)
+        rt.count(self.range_key, q.stats.saturated)
+        return q
+
     def _quantize_weight(self, w_rows: np.ndarray, training: bool) -> tuple[QTensor, QTensor | None]:
         """Weights: nearest, from the float master copy each step; per output channel (rows) for the
         forward and, in training, per tensor for the error back-propagation, both from one scan (the
@@ -198,10 +214,17 @@ class QuantConv(QuantMAC):
     def forward_groups(self, inputs, run, groups, merge=True):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
+        pre = self._prequantised_input(x, groups, run.training)
+        if pre is None and isinstance(x, Prequantised):
+            x = x.floats()  # codes made for another setting: quantise the floats as usual
         args = self._conv_args(x.shape, w.shape)
         out_ndim = x.ndim
-        x, w = _as_2d_conv(x), _as_2d_conv(w)
-        xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
+        w = _as_2d_conv(w)
+        if pre is not None:
+            xqs = [pre]
+        else:
+            x = _as_2d_conv(x)
+            xqs = [g.op._quantize_input(x[g.rows], run.training) for g in groups]
         wqs, vqs = _weight_codes(groups, w, run.training)
         codes = [q.q for q in xqs]
         runs = _runs(codes, wqs, merge)

@@ -114,3 +114,41 @@ class QTensor:
     def dequantize(self) -> np.ndarray:
         """float32 q * scale."""
         return self.q.astype(np.float32) * self.scale_broadcast()
+
+
+class Prequantised:
+    """An activation its producer wrote as its reader's codes instead of floats: a BatchNorm with a folded
+    ReLU whose output only an integer layer reads (`ops.norm.BatchNormalization.codes_for`). `codes` is
+    exactly what `quantize` would make of the floats, so the reader takes it as its quantised input.
+
+    The floats are never written, but anything else that asks (np.asarray, a debugging hook) gets them:
+    `materialise` recomputes them, with the bits the producer would have stored. Shape and dtype are the
+    floats'."""
+
+    __slots__ = ("codes", "shape", "dtype", "_materialise", "_floats")
+
+    def __init__(self, codes: QTensor, dtype: np.dtype, materialise):
+        """codes: the reader's quantised input; materialise: () -> the floats, computed on demand."""
+        self.codes = codes
+        self.shape = codes.q.shape
+        self.dtype = np.dtype(dtype)
+        self._materialise = materialise
+        self._floats: np.ndarray | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return self.codes.q.size
+
+    def floats(self) -> np.ndarray:
+        """The float tensor the producer stood in for (computed once, on the first request)."""
+        if self._floats is None:
+            self._floats = self._materialise()
+        return self._floats
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.floats()
+        return out if dtype is None else out.astype(dtype, copy=False)

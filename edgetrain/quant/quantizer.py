@@ -47,6 +47,7 @@ _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a po
 # own float64 rounding within 2^-37; a product at most this far from its rounded integer q leaves both
 # quotients nearer to q than 1/2. Farther (a value within 2^-30 of a half-integer), the piece divides.
 _NEAR_HALF = 0.5 - 2.0 ** -30
+NEAR_HALF = _NEAR_HALF  # the same rule where a BatchNorm writes codes itself (ops.norm_kernels.bn_codes)
 
 
 @dataclass
@@ -270,16 +271,17 @@ def _key_extrema_pieces(bits, exp_mask, mag_mask, sign, piece_smax, piece_smin, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _key_extrema_rows(bits3, exp_mask, mag_mask, sign, lo, hi):
+def _key_extrema_rows(bits3, exp_mask, mag_mask, sign, lo_out, hi_out):
     """`_key_extrema` of a (1, rows, inner) tensor with its rows on parallel threads: each row's min and max
     are exact, so the same values for any thread count. A layer's weights quantised per output channel
-    ((512, 784): 61 -> 32 us on 2 threads). (No name here may equal one inside the inlined `_fold`.)"""
+    ((512, 784): 61 -> 32 us on 2 threads). (No name here may equal one inside the inlined `_fold` or
+    `_decode`: Numba's inlining into a parallel loop let such a clash give wrong results.)"""
     rows = bits3.shape[1]
     row_bad = np.zeros(rows, np.bool_)
     for rr in prange(rows):
         q0, q1, q2 = _start(sign)
         q0, q1, q2 = _fold(bits3[0, rr], q0, q1, q2, sign)
-        lo[rr], hi[rr], row_bad[rr] = _decode(q0, q1, q2, sign, exp_mask, mag_mask)
+        lo_out[rr], hi_out[rr], row_bad[rr] = _decode(q0, q1, q2, sign, exp_mask, mag_mask)
     return not row_bad.any()
 
 

@@ -1,0 +1,118 @@
+"""A BatchNorm with a folded ReLU that writes its integer reader's input codes instead of floats
+(`ops.norm.BatchNormalization.codes_for`, `Model._hand_codes_on`): the codes, scale and stats against
+`quantize` of the floats the plain forward stores, and whole training runs with and without it, bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import edgetrain
+import edgetrain.model
+import models
+from edgetrain.errors import NonFiniteError
+from edgetrain.graph import Node
+from edgetrain.ops import norm
+from edgetrain.ops.base import Run
+from edgetrain.ops.norm import BatchNormalization
+from edgetrain.quant import quantize
+from edgetrain.quant.qtensor import Prequantised
+from edgetrain.train.optim import SGD
+
+
+class _Reader:
+    """What the BatchNorm asks of the layer it quantises for: the activation bits and the scale form."""
+
+    def __init__(self, bits: int, pow2: bool):
+        self.precision = type("P", (), {"act_bits": bits})()
+        self.runtime = type("R", (), {"pow2_scales": pow2})()
+
+
+def _bn(cap: float, reader=None) -> BatchNormalization:
+    node = Node("bn", "BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], {"epsilon": 1e-5, "momentum": 0.9})
+    op = BatchNormalization(node, 17)
+    op.parallel, op.relu, op.cap, op.codes_for = True, True, cap, reader
+    return op
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([np.float32, np.float64]), st.integers(1, 16), st.booleans(), st.sampled_from([np.inf, 6.0]),
+       st.integers(1, 4), st.sampled_from([(2, 3), (4, 4), (1, 40), (16, 17)]), st.integers(0, 2 ** 31 - 1))
+def test_codes_equal_the_quantised_floats(dtype, bits, pow2, cap, channels, plane, seed):
+    """Codes, scale, stats and running statistics equal those of the plain forward's floats quantised by
+    `quantize` (negative scales included, so y falls as x rises in some channels); the stand-in's floats
+    are the plain forward's, bit for bit."""
+    rng = np.random.default_rng(seed)
+    n = -(-norm.PARALLEL_MIN_VALUES // (channels * plane[0] * plane[1]))  # the hand-over's smallest size on
+    default, norm.CODES_MIN_PLANE = norm.CODES_MIN_PLANE, 1  # small planes too: short rows and tails
+    try:
+        _check_codes(dtype, bits, pow2, cap, channels, plane, rng, n)
+    finally:
+        norm.CODES_MIN_PLANE = default
+
+
+def _check_codes(dtype, bits, pow2, cap, channels, plane, rng, n):
+    x = (rng.standard_normal((n, channels) + plane) * rng.uniform(0.1, 30)).astype(dtype)
+    inputs = [x, rng.uniform(-2, 2, channels).astype(dtype), rng.uniform(-1, 1, channels).astype(dtype),
+              np.zeros(channels, dtype), np.ones(channels, dtype)]
+    fused_out, fused_ctx = _bn(cap, _Reader(bits, pow2)).forward(inputs, Run(True))
+    plain_out, plain_ctx = _bn(cap).forward(inputs, Run(True))
+    pre, y = fused_out[0], plain_out[0]
+    assert isinstance(pre, Prequantised) and pre.shape == y.shape and pre.dtype == y.dtype
+    want = quantize(y, bits, signed=False, pow2=pow2)
+    assert pre.codes.q.dtype == want.q.dtype and np.array_equal(pre.codes.q, want.q)
+    assert pre.codes.scale == want.scale and type(pre.codes.scale) is np.float32
+    assert pre.codes.stats == want.stats and not pre.codes.signed and pre.codes.bits == bits
+    assert np.array_equal(np.asarray(pre), y) and np.array_equal(np.signbit(np.asarray(pre)), np.signbit(y))
+    for a, b in zip(fused_out[1:] + list(fused_ctx[1:3]), plain_out[1:] + list(plain_ctx[1:3])):
+        assert np.array_equal(a, b)
+
+
+def test_a_nan_takes_the_plain_forward():
+    """With a NaN in x the BatchNorm writes floats as before, so the reader's quantiser reports it."""
+    x = np.random.default_rng(0).standard_normal((8, 4, 16, 16)).astype(np.float32)
+    x[3, 1, 2, 2] = np.nan
+    inputs = [x, np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32)]
+    (y, *_), _ = _bn(np.inf, _Reader(8, False)).forward(inputs, Run(True))
+    assert isinstance(y, np.ndarray)
+    with pytest.raises(NonFiniteError):
+        quantize(y, 8, signed=False)
+
+
+def _train(name: str, fuse: bool, monkeypatch, pow2: bool = False, **kwargs):
+    """Three seeded SGD steps of a small model at 8/8; its state, eval output and how many convs took codes."""
+    from edgetrain.quant import mac
+
+    monkeypatch.setattr(edgetrain.model, "FUSE_BN_CODES", fuse)
+    monkeypatch.setattr(norm, "CODES_MIN_PLANE", 1)  # these small models' maps are below it
+    taken = []
+    original = mac.QuantMAC._prequantised_input
+    monkeypatch.setattr(mac.QuantMAC, "_prequantised_input",
+                        lambda self, *a: taken.append(original(self, *a)) or taken[-1])
+    model = edgetrain.load(models.build_model(name, in_channels=1, input_size=12, seed=1, **kwargs), seed=0)
+    model.set_precision("8/8", pow2_scales=pow2)
+    x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
+    opt = SGD(model.parameters(), 0.05, momentum=0.9)
+    for step in range(3):
+        model.step = step
+        _, g = model.loss_and_grad(x, np.arange(16) % 10)
+        opt.step(g)
+    return model.state_dict(), model(x), sum(q is not None for q in taken)
+
+
+@pytest.mark.parametrize("name,kwargs,pow2", [
+    ("resnet8", {}, False),
+    ("resnet8", {}, True),
+    ("mobilenetv2", {"width_mult": 0.35}, False),  # ReLU6: capped codes
+])
+def test_training_with_codes_handed_on_gives_the_same_bits(monkeypatch, name, kwargs, pow2):
+    """Whole training runs with and without the hand-over end on the same weights, BatchNorm statistics and
+    eval outputs, bit for bit; and the hand-over did happen (convs took a BatchNorm's codes every step)."""
+    fused_state, fused_out, taken = _train(name, True, monkeypatch, pow2, **kwargs)
+    plain_state, plain_out, none = _train(name, False, monkeypatch, pow2, **kwargs)
+    assert taken >= 3 and none == 0
+    assert fused_state.keys() == plain_state.keys()
+    for k in fused_state:
+        assert np.array_equal(fused_state[k], plain_state[k]), k
+    assert np.array_equal(fused_out, plain_out)
