@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from seeded_steps import fixed_batch, sgd_steps
 
 import edgetrain
 import edgetrain.model
@@ -18,7 +19,6 @@ from edgetrain.ops.base import Run
 from edgetrain.ops.norm import BatchNormalization
 from edgetrain.quant import quantize
 from edgetrain.quant.qtensor import Prequantised
-from edgetrain.train.optim import SGD
 
 
 class _Reader:
@@ -92,12 +92,8 @@ def _train(name: str, fuse: bool, monkeypatch, pow2: bool = False, **kwargs):
                         lambda self, *a: taken.append(original(self, *a)) or taken[-1])
     model = edgetrain.load(models.build_model(name, in_channels=1, input_size=12, seed=1, **kwargs), seed=0)
     model.set_precision("8/8", pow2_scales=pow2)
-    x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
-    opt = SGD(model.parameters(), 0.05, momentum=0.9)
-    for step in range(3):
-        model.step = step
-        _, g = model.loss_and_grad(x, np.arange(16) % 10)
-        opt.step(g)
+    x, y = fixed_batch()
+    sgd_steps(model, x, y)
     return model.state_dict(), model(x), sum(q is not None for q in taken)
 
 

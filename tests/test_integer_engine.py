@@ -2,6 +2,7 @@
 deterministic, and trains as well as fp32 on the shipped digits."""
 import numpy as np
 import pytest
+from seeded_steps import fixed_batch, sgd_steps
 
 import edgetrain
 import models
@@ -102,19 +103,11 @@ def _run(seed, steps=3, bits="8/8", threads=None):
 
     model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=seed)
     model.set_precision(bits)
-    x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
-    y = np.arange(16) % 10
-    from edgetrain.train.optim import SGD
-
-    opt = SGD(model.parameters(), 0.05, momentum=0.9)
     old = numba.get_num_threads()
     try:
         if threads:
             numba.set_num_threads(threads)
-        for step in range(steps):
-            model.step = step
-            _, g = model.loss_and_grad(x, y)
-            opt.step(g)
+        sgd_steps(model, *fixed_batch(), steps)
     finally:
         numba.set_num_threads(old)
     return model.state_dict()
@@ -137,14 +130,8 @@ def test_relu_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
         folded = sum(isinstance(op, norm.FusedAway) for op in model.executor.ops.values())
         if dfq:  # the blocks' closing ReLUs, which the gated units run (test_dfq checks those)
             folded -= len(d.fused_ops)
-        x = np.random.default_rng(5).standard_normal((16, 1, 12, 12)).astype(np.float32)
-        from edgetrain.train.optim import SGD
-
-        opt = SGD(model.parameters(), 0.05, momentum=0.9)
-        for step in range(3):
-            model.step = step
-            _, g = model.loss_and_grad(x, np.arange(16) % 10)
-            opt.step(g)
+        x, y = fixed_batch()
+        sgd_steps(model, x, y)
         return model.state_dict(), model(x), folded
 
     for dfq in (False, True):
@@ -175,13 +162,7 @@ def test_relu6_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
         model.set_precision("8/8")
         capped = sum(isinstance(op, norm.BatchNormalization) and op.cap == 6.0 for op in model.executor.ops.values())
         x = (np.random.default_rng(5).standard_normal((8, 1, 12, 12)) * 4).astype(np.float32)
-        from edgetrain.train.optim import SGD
-
-        opt = SGD(model.parameters(), 0.05, momentum=0.9)
-        for step in range(2):
-            model.step = step
-            _, g = model.loss_and_grad(x, np.arange(8) % 10)
-            opt.step(g)
+        sgd_steps(model, x, np.arange(8) % 10, steps=2)
         return model, model.state_dict(), model(x), capped
 
     model, fused_state, fused_out, capped = run()
