@@ -179,6 +179,9 @@ class Model:
         rewritten = Graph(nodes, g.inputs, g.outputs, {**g.params, **added}, g.buffers, g.constants, g.opset,
                           g.source, g.producer, g.original, g.shapes)
         self.executor = Executor(rewritten, {**self.executor.ops, **ops})
+        for op in self.executor.ops.values():  # its reader may be folded away now: decided again at placement
+            if isinstance(op, BatchNormalization):
+                op.codes_for = None
 
     def _owned_layers(self) -> dict[str, LayerPrecision]:
         return {name: p for ext in self._extensions for name, p in ext.owned_layers().items()}

@@ -112,3 +112,22 @@ def test_training_with_codes_handed_on_gives_the_same_bits(monkeypatch, name, kw
     for k in fused_state:
         assert np.array_equal(fused_state[k], plain_state[k]), k
     assert np.array_equal(fused_out, plain_out)
+
+
+def test_gated_blocks_keep_their_floats(monkeypatch):
+    """With DFQ attached the blocks' convs run inside gated units (Model.replace_nodes): a BatchNorm hands
+    codes on only to a conv the executor still runs itself, and a gated MobileNetV2 trains."""
+    from edgetrain.precision.dfq.config import DFQConfig
+    from edgetrain.precision.dfq.controller import DFQ
+
+    monkeypatch.setattr(norm, "CODES_MIN_PLANE", 1)
+    model = edgetrain.load(models.build_model("mobilenetv2", in_channels=1, input_size=12, seed=1, width_mult=0.35),
+                           seed=0)
+    model.set_precision("8/8")
+    handing = [op for op in model.executor.ops.values() if isinstance(op, BatchNormalization) and op.codes_for]
+    DFQ.attach(model, DFQConfig())
+    running = {model.executor.ops[n.name] for n in model.executor.graph.nodes}
+    after = [op for op in model.executor.ops.values() if isinstance(op, BatchNormalization) and op.codes_for]
+    assert handing and len(after) < len(handing) and all(op.codes_for in running for op in after)
+    x, y = fixed_batch()
+    sgd_steps(model, x, y, steps=1)

@@ -137,10 +137,12 @@ class Prequantised:
 
     @property
     def ndim(self) -> int:
+        """Number of axes, as the floats'."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """Number of values, as the floats'."""
         return self.codes.q.size
 
     def floats(self) -> np.ndarray:
@@ -150,5 +152,6 @@ class Prequantised:
         return self._floats
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """np.asarray(this): the floats."""
         out = self.floats()
         return out if dtype is None else out.astype(dtype, copy=False)
