@@ -340,11 +340,11 @@ def test_fused_sgd_gives_the_numpy_expressions_bits(monkeypatch, dtype, weight_d
     (a fused multiply-add or a float64 scalar would change the last bits). "big" takes the parallel
     branch: more than one work item, the last one short."""
     import edgetrain.train.optim as optim
-    from edgetrain.kernels.threads import SMALL_ELEMENTS
+    from edgetrain.kernels.threads import ELEMENT_CHUNK, SMALL_ELEMENTS
 
     rng = np.random.default_rng(3)
     start = {"w": rng.standard_normal((40, 33)).astype(dtype), "b": rng.standard_normal(7).astype(dtype),
-             "big": rng.standard_normal(SMALL_ELEMENTS + 3 * optim._CHUNK + 5).astype(dtype)}
+             "big": rng.standard_normal(SMALL_ELEMENTS + 3 * ELEMENT_CHUNK + 5).astype(dtype)}
     fused = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
                 weight_decay=weight_decay)
     plain = SGD({k: v.copy() for k, v in start.items()}, 0.05, momentum=0.9, nesterov=nesterov,
@@ -372,11 +372,11 @@ def test_fused_adam_gives_the_numpy_expressions_bits(monkeypatch, dtype, cls, op
     """The one-pass Numba Adam and AdamW update against the NumPy expressions it replaces, bit for bit
     over several steps, on a parameter small enough for the serial loop and one for the parallel one."""
     import edgetrain.train.optim as optim
-    from edgetrain.kernels.threads import SMALL_ELEMENTS
+    from edgetrain.kernels.threads import ELEMENT_CHUNK, SMALL_ELEMENTS
 
     rng = np.random.default_rng(5)
     start = {"w": rng.standard_normal((40, 33)).astype(dtype),
-             "big": rng.standard_normal(SMALL_ELEMENTS + 2 * optim._CHUNK + 7).astype(dtype)}
+             "big": rng.standard_normal(SMALL_ELEMENTS + 2 * ELEMENT_CHUNK + 7).astype(dtype)}
     fused = cls({k: v.copy() for k, v in start.items()}, 1e-2, **opts)
     plain = cls({k: v.copy() for k, v in start.items()}, 1e-2, **opts)
     fusable = optim._fusable

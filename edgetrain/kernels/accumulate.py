@@ -9,17 +9,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.threads import SMALL_ELEMENTS
-
-CHUNK = 1 << 15  # elements per parallel work item
+from edgetrain.kernels.threads import ELEMENT_CHUNK, SMALL_ELEMENTS
 
 
 @njit(parallel=True, cache=True)
 def _add_into(acc, g):
     n = acc.size
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        a = acc[k * CHUNK:min(n, (k + 1) * CHUNK)]
-        b = g[k * CHUNK:min(n, (k + 1) * CHUNK)]
+    for k in prange((n + ELEMENT_CHUNK - 1) // ELEMENT_CHUNK):
+        a = acc[k * ELEMENT_CHUNK:min(n, (k + 1) * ELEMENT_CHUNK)]
+        b = g[k * ELEMENT_CHUNK:min(n, (k + 1) * ELEMENT_CHUNK)]
         for i in range(a.size):
             a[i] += b[i]
 

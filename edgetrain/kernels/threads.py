@@ -17,6 +17,9 @@ SMALL_WORK = 1 << 22
 # 17 us through threads_for), and a parallel launch while another process holds the cores can stall
 # for milliseconds, which at batch 8, with dozens of such calls per step, happened every step.
 SMALL_ELEMENTS = 1 << 16
+# Elements per parallel work item of the elementwise kernels above that size (a few per thread at
+# the sizes that go parallel; each item a run of consecutive values, so its loop vectorises).
+ELEMENT_CHUNK = 1 << 15
 
 
 def _pool_switches() -> tuple[Callable[[], int], Callable[[int], None]]:

@@ -124,26 +124,19 @@ class BatchNormalization(Op):
         channel is in cache. None (the caller runs the plain forward) when x or y holds a NaN or infinity:
         the reader's quantiser then reports it as it always has."""
         reader = self.codes_for
-        c = x3.shape[1]
-        a, b, lo, hi = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
-        norm_kernels.bn_stats_extrema(x3, scale64, bias64, eps, mu, bvar, inv, a, b, lo, hi,
+        c, cap = x3.shape[1], float(self.cap)
+        a, b = np.empty(c), np.empty(c)
+        ys = np.empty(2 * c, x3.dtype)  # y at each channel's min of x, then at its max
+        norm_kernels.bn_stats_extrema(x3, scale64, bias64, eps, cap, mu, bvar, inv, a, b, ys[:c], ys[c:],
                                       min(c, 4 * pool_threads()))
-        cap = float(self.cap)
-        ends = np.concatenate([lo, hi])  # float64 of x's values: exact
-        coef_a, coef_b = np.concatenate([a, a]), np.concatenate([b, b])
-        with np.errstate(over="ignore", invalid="ignore"):  # a NaN or infinity in x reaches ys: checked below
-            v = ends * coef_a + coef_b  # relu_value, as NumPy float64 operations: the same IEEE steps
-            w = v * (v > 0)
-            ys = np.where(w > cap, cap, w).astype(x3.dtype)
         if not np.isfinite(ys).all():
             return None
-        top = max(float(ys.max()), 0.0)
+        top = float(ys.max())  # >= -0.0: the ReLU's; quantize's unsigned range is max(top, 0)
         bits, pow2 = reader.precision.act_bits, reader.runtime.pow2_scales
-        s = scale_from_range(np.array([top]), bits, signed=False, pow2=pow2)[0]
+        s = scale_from_range(np.array([max(top, 0.0)]), bits, signed=False, pow2=pow2)[0]
         codes = np.empty(x3.shape, storage_dtype(bits, False))
         norm_kernels.bn_codes(x3, a, b, cap, s, qrange(bits, False)[1], codes, NEAR_HALF)
-        q = QTensor.trusted(codes.reshape(shape), s, bits, False, None,
-                            QuantStats(int(codes.size), 0, abs(float(ys.max()))))
+        q = QTensor.trusted(codes.reshape(shape), s, bits, False, None, QuantStats(int(codes.size), 0, abs(top)))
 
         def floats() -> np.ndarray:
             y3 = np.empty_like(x3)

@@ -20,7 +20,7 @@ from edgetrain.kernels.lanes import LANES, combine
 def relu_value(bn_x, bn_a, bn_b, bn_cap):
     """BatchNorm's output for input bn_x with a folded ReLU (capped at bn_cap: 6 for a ReLU6, np.inf for a
     Relu), in float64, before the store rounds it to the output's type: the one expression both the
-    forward's store and its range for the fused codes (`norm.BatchNormalization._forward_codes`) follow.
+    forward's store and the fused codes' range (`bn_stats_extrema`) take.
     (Names prefixed: it is inlined into parallel loops, where a name shared with the caller gave wrong
     results.)"""
     bn_v = bn_x * bn_a + bn_b
@@ -43,6 +43,8 @@ def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_l
     for i in range(n):
         row = x[i, ch]
         rest = row[tail:]  # a view from 0 (see _bn_backward_channel)
+        # Two copies of the loops rather than a test per value: such a test kept BatchNorm's loops from
+        # vectorising before (_bn_backward_channel), and the plain forward must not pay for the extremes.
         if extremes:
             for base in range(0, tail, LANES):
                 for q in range(LANES):
@@ -103,11 +105,13 @@ def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
 
 
 @njit(parallel=True, cache=True)
-def bn_stats_extrema(x, scale, bias, eps, mean, var, inv, a_out, b_out, lo_out, hi_out, chunks):
+def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo_out, yhi_out, chunks):
     """The training forward's statistics (the same loops as bn_train_forward, so the same mean, var and inv)
-    and its affine coefficients a_out, b_out, without writing y; and, in the same pass, each channel's min
-    and max of x as float64 (a NaN or infinity in x shows in the statistics: the caller checks). Parallel
-    over `chunks` runs of channels (one pair of lane buffers each: per channel they cost small maps 30%)."""
+    and its affine coefficients a_out, b_out, without writing y; and y (with the folded ReLU capped at cap)
+    at each channel's min and max of x, taken in the same pass, as the forward would store it: y is monotone
+    in x within a channel, so these are y's extremes there. A NaN or infinity in x makes them NaN or
+    infinite (the caller checks). Parallel over `chunks` runs of channels (one pair of lane buffers each:
+    per channel they cost small maps 30%)."""
     c_ = x.shape[1]
     for k in prange(chunks):
         lanes_lo = np.empty(LANES)
@@ -118,8 +122,8 @@ def bn_stats_extrema(x, scale, bias, eps, mean, var, inv, a_out, b_out, lo_out, 
             ca, cb = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi)
             a_out[ch] = ca
             b_out[ch] = cb
-            lo_out[ch] = lanes_lo.min()
-            hi_out[ch] = lanes_hi.max()
+            ylo_out[ch] = relu_value(lanes_lo.min(), ca, cb, cap)
+            yhi_out[ch] = relu_value(lanes_hi.max(), ca, cb, cap)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

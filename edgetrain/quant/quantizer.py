@@ -46,8 +46,7 @@ _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a po
 # value saturates, |x / scale| <= 2^16, so x * (1 / scale) is within 2^-36 of x / scale and the division's
 # own float64 rounding within 2^-37; a product at most this far from its rounded integer q leaves both
 # quotients nearer to q than 1/2. Farther (a value within 2^-30 of a half-integer), the piece divides.
-_NEAR_HALF = 0.5 - 2.0 ** -30
-NEAR_HALF = _NEAR_HALF  # the same rule where a BatchNorm writes codes itself (ops.norm_kernels.bn_codes)
+NEAR_HALF = 0.5 - 2.0 ** -30  # also where a BatchNorm writes codes itself (ops.norm_kernels.bn_codes)
 
 
 @dataclass
@@ -104,7 +103,7 @@ def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count):
     for j in range(src.size):
         v = np.float64(src[j]) * r
         q = np.rint(v)
-        near |= abs(v - q) > _NEAR_HALF
+        near |= abs(v - q) > NEAR_HALF
         dst[j] = np.int32(min(max(q, lo), hi))
     if near:
         for j in range(src.size):

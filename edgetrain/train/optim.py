@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from edgetrain.errors import EdgetrainError
 from edgetrain.kernels.detfloat import powi
-from edgetrain.kernels.threads import SMALL_ELEMENTS
+from edgetrain.kernels.threads import ELEMENT_CHUNK, SMALL_ELEMENTS
 
 StateValue = np.ndarray | int | float
 ParamFilter = Callable[[str], bool] | Iterable[str] | str
@@ -285,9 +285,6 @@ class SGD(Optimizer):
         p -= d * self.lr
 
 
-_CHUNK = 1 << 15  # elements per parallel work item of _sgd_momentum
-
-
 def _fusable(p: np.ndarray, g: np.ndarray) -> bool:
     """Whether a one-pass kernel (`_sgd_momentum`, `_adam`) can update p in place from g (same float dtype,
     both contiguous); Adam asks it of its moment buffers too."""
@@ -317,8 +314,8 @@ def _sgd_momentum(p, g, buf, lr, momentum, weight_decay, nesterov, first):
     if n < SMALL_ELEMENTS:
         _sgd_span(p, g, buf, lr, momentum, weight_decay, nesterov, first)
         return
-    for k in prange((n + _CHUNK - 1) // _CHUNK):
-        lo, hi = k * _CHUNK, min(n, (k + 1) * _CHUNK)
+    for k in prange((n + ELEMENT_CHUNK - 1) // ELEMENT_CHUNK):
+        lo, hi = k * ELEMENT_CHUNK, min(n, (k + 1) * ELEMENT_CHUNK)
         _sgd_span(p[lo:hi], g[lo:hi], buf[lo:hi], lr, momentum, weight_decay, nesterov, first)
 
 
@@ -413,8 +410,8 @@ def _adam(p, g, m, v, decoupled, decay, l2, wd, lerp_small, w, one_minus_w, b2c,
     if n < SMALL_ELEMENTS:
         _adam_span(p, g, m, v, decoupled, decay, l2, wd, lerp_small, w, one_minus_w, b2c, beta2, bc2, eps, neg_step)
         return
-    for k in prange((n + _CHUNK - 1) // _CHUNK):
-        lo, hi = k * _CHUNK, min(n, (k + 1) * _CHUNK)
+    for k in prange((n + ELEMENT_CHUNK - 1) // ELEMENT_CHUNK):
+        lo, hi = k * ELEMENT_CHUNK, min(n, (k + 1) * ELEMENT_CHUNK)
         _adam_span(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], decoupled, decay, l2, wd, lerp_small, w, one_minus_w,
                    b2c, beta2, bc2, eps, neg_step)
 
