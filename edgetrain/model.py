@@ -219,11 +219,16 @@ class Model:
             self.executor.ops.update(ext.owned_ops())
         self._hand_codes_on(relu_outputs, outputs)
 
+    @property
+    def hands_codes(self) -> bool:
+        """Whether BatchNorms hand their integer reader codes instead of floats (FUSE_BN_CODES)."""
+        return FUSE_BN_CODES
+
     def _hand_codes_on(self, relu_outputs: dict[str, BatchNormalization], outputs: set[str]) -> None:
         """A BatchNorm with a folded ReLU whose output only an integer conv reads, as its data input, writes
         that conv's input codes in training instead of its floats (`BatchNormalization.codes_for`): the same
         codes, without the float tensor's write and the quantiser's two reads of it."""
-        if not FUSE_BN_CODES:
+        if not self.hands_codes:
             return
         running = self.executor.graph.consumers_of()  # an extension may have folded nodes into others
         for value, bn in relu_outputs.items():

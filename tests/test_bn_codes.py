@@ -131,3 +131,40 @@ def test_gated_blocks_keep_their_floats(monkeypatch):
     assert handing and len(after) < len(handing) and all(op.codes_for in running for op in after)
     x, y = fixed_batch()
     sgd_steps(model, x, y, steps=1)
+
+
+def _train_gated(fuse: bool, candidates: tuple[str, ...], monkeypatch):
+    """`_train` of a ResNet-8 whose blocks run as DFQ's gated units, every gate forced to the batch's choices
+    0, 1, 2, ... in turn (so with three candidates two groups compute in every unit)."""
+    from edgetrain.precision.dfq.config import DFQConfig
+    from edgetrain.precision.dfq.controller import DFQ
+    from edgetrain.quant import mac
+
+    monkeypatch.setattr(edgetrain.model, "FUSE_BN_CODES", fuse)
+    monkeypatch.setattr(norm, "CODES_MIN_PLANE", 1)
+    taken = []
+    original = mac.QuantMAC._prequantised_input
+    monkeypatch.setattr(mac.QuantMAC, "_prequantised_input",
+                        lambda self, *a: taken.append(original(self, *a)) or taken[-1])
+    model = edgetrain.load(models.build_model("resnet8", in_channels=1, input_size=12, seed=1), seed=0)
+    model.set_precision("8/8")
+    dfq = DFQ.attach(model, DFQConfig(candidates=candidates, weight_bits=8))
+    x, y = fixed_batch()
+    dfq.force = {u.index: np.arange(len(x)) % len(candidates) for u in dfq.units}
+    sgd_steps(model, x, y)
+    return model.state_dict(), model(x), sum(q is not None for q in taken)
+
+
+@pytest.mark.parametrize("candidates", [("0", "8/8"), ("0", "4/8", "8/8")])
+def test_gated_units_hand_codes_on_with_the_same_bits(monkeypatch, candidates):
+    """Inside DFQ's gated units a BatchNorm hands its conv the codes of the one candidate its executing samples
+    chose, and nothing where they chose several (GatedUnit._branch): the same bits either way."""
+    fused_state, fused_out, taken = _train_gated(True, candidates, monkeypatch)
+    plain_state, plain_out, none = _train_gated(False, candidates, monkeypatch)
+    assert none == 0
+    # One computing candidate: every unit took codes each step; two: none could.
+    assert taken == (3 * 3 if len(candidates) == 2 else 0)
+    assert fused_state.keys() == plain_state.keys()
+    for k in fused_state:
+        assert np.array_equal(fused_state[k], plain_state[k]), k
+    assert np.array_equal(fused_out, plain_out)

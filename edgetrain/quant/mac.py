@@ -165,7 +165,9 @@ class QuantMAC(Op):
         if not isinstance(x, Prequantised):
             return None
         q = x.codes
-        if not (training and len(groups) == 1 and groups[0].op is self and groups[0].rows == slice(None)
+        n = q.q.shape[0]
+        # One group of every row: a static layer's slice(None), or a gated unit's slice(0, n) of its samples.
+        if not (training and len(groups) == 1 and groups[0].op is self and groups[0].rows.indices(n) == (0, n, 1)
                 and self.unsigned_input and not q.signed and q.bits == self.precision.act_bits):
             return None
         rt = self.runtime

@@ -11,7 +11,7 @@ import numpy as np
 from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Node
 from edgetrain.ops.base import Op, Run
-from edgetrain.ops.norm import BatchNormalization, fuse_relu
+from edgetrain.ops.norm import BatchNormalization, fuse_relu, sole_reader
 from edgetrain.precision.dfq.config import CANDIDATE_STREAM_STRIDE
 from edgetrain.precision.dfq.gates import (
     EMBED_WIDTH,
@@ -29,7 +29,7 @@ from edgetrain.precision.dfq.kernels import (
 )
 from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
-from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form
+from edgetrain.quant.mac import Group, MACContext, QuantConv, QuantMAC, integer_form
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
@@ -90,6 +90,7 @@ class GatedUnit(Op):
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
+        relu_outputs: dict[str, str] = {}  # a folded ReLU's output -> the BatchNorm node writing it
         readers, outputs = model.graph.consumers_of(), {o.name for o in model.graph.outputs}
         for n in unit.branch:
             if n.name in dfq.gated_layers:
@@ -113,8 +114,20 @@ class GatedUnit(Op):
                 fused = fuse_relu(n, bn, readers, outputs, opset)
                 if fused is not None:
                     self.float_ops[fused[0].name] = fused[1]
+                    relu_outputs[fused[0].outputs[0]] = n.name
             elif n.name not in self.float_ops:  # a Relu folded into its BatchNorm above keeps its stand-in
                 self.float_ops[n.name] = model.float_op(n.name)
+        # A BatchNorm (ReLU folded) whose output only a gated conv reads, as its data input, hands that
+        # conv its codes, as Model._hand_codes_on does outside units; which candidate's codes is decided
+        # per forward (_branch): where the executing samples form one group, its op's.
+        self.codes_readers: dict[str, str] = {}  # BatchNorm node -> the gated conv node reading its codes
+        if model.hands_codes:
+            for value, bn_name in relu_outputs.items():
+                reader = sole_reader(value, readers, outputs)
+                ops = [c.get(reader.name) for c in self.candidate_ops.values()] if reader is not None else []
+                if (ops and all(type(op) is QuantConv and op.unsigned_input for op in ops)
+                        and reader.inputs[0] == value and value not in reader.inputs[1:]):
+                    self.codes_readers[bn_name] = reader.name
 
     @property
     def relu(self) -> bool:
@@ -218,6 +231,9 @@ class GatedUnit(Op):
                     tape.append((node, mac, ctx))
                 continue
             op = self.float_ops[node.name]
+            if node.name in self.codes_readers:
+                reader = self.codes_readers[node.name]
+                op.codes_for = self.candidate_ops[groups[0][0]][reader] if len(groups) == 1 else None
             outs, ctx = self._timed(node.name, "forward", op.forward, args, run)
             for name, value in zip(node.outputs, outs):
                 if name:
