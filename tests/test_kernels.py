@@ -734,6 +734,12 @@ def test_vnni_gemms_are_exact_on_one_and_many_threads(monkeypatch):
         a, b = random_operand(rng, (m, k), 8), random_operand(rng, (k, n), 8, signed=False)
         a.flags.writeable = b.flags.writeable = False
         assert_exact(kernels.gemm(a, b, bounds=(128, 255)), ref_gemm(a, b))
+    # both int8, the weight's rows (a multiple of 16, whole words) more than the input's: the weight gives
+    # the tiles' rows in place and the input is packed, the result transposed (small and threaded sizes)
+    for m, k, n in ((8, 400, 128), (128, 784, 512)):
+        x, w = worst_operands((m, k), (k, n), 8, 8, "alternating")[0], random_operand(rng, (n, k), 8)
+        w[0] = -128
+        assert_exact(kernels.linear_forward(x, w, bounds=(128, 128)), ref_gemm(x, w.T))
     a, b = random_operand(rng, (96, 777), 8, signed=False), random_operand(rng, (777, 200), 8)
     assert 96 * 777 * 200 >= vb.GEMM_PARALLEL_WORK
     before = numba.get_num_threads()

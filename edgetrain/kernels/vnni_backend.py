@@ -286,7 +286,12 @@ class VnniBackend(OrtBackend):
         lanes (in `vnni_gemm.pack_words`' layout, coded unsigned with XOR 0x80 if it is int8, the zero-point
         term then folded into the accumulators' start). Replaces a session run (about 20 us whatever
         the size) or Numba's loops for the linear layers: (8, 400) x (400, 120) 20 -> 9 us a call."""
-        flip = a8.dtype != np.int8  # then bt is the int8 one: rows from bt, lanes from a, the result transposed
+        # flip: rows from bt, lanes from a, the result transposed. The rows must be the int8 operand; where
+        # both are, the one with more rows when it can serve in place, since only the lanes are packed
+        # (a transpose): the MLP's (128, 784) x (512, 784) int8 forward 168 -> 129 us.
+        flip = a8.dtype != np.int8 or (b8.dtype == np.int8 and b8.shape[0] > a8.shape[0]
+                                       and b8.shape[0] % _vn.MT == 0 and b8.shape[1] % 4 == 0
+                                       and b8.flags.c_contiguous and a8.flags.c_contiguous)
         s, u = (b8, a8) if flip else (a8, b8)
         xor = _XOR if u.dtype == np.int8 else 0
         rows, lanes = s.shape[0], u.shape[0]
