@@ -46,27 +46,32 @@ def test_sum_and_dot_follow_the_lane_order_bit_for_bit(length):
     assert abs(_sum(a) - float(np.sum(a.astype(np.float64)))) <= 1e-9 * float(np.abs(a).sum())
 
 
-@pytest.mark.parametrize("length", [16, 64, 100])  # rows shorter than, equal to and longer than LANES
+# Rows of 1, 5, 16 and 20 values reach fewer lanes than LANES (combine_span skips the empty ones' levels).
+@pytest.mark.parametrize("length", [1, 5, 16, 20, 64, 100])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("parallel", [False, True])
-def test_batchnorm_sums_follow_the_lane_order_bit_for_bit(length, relu, parallel):
+@pytest.mark.parametrize("runs", [0, 1, 3])  # the parallel kernels' runs of channels (0: serial kernels)
+def test_batchnorm_sums_follow_the_lane_order_bit_for_bit(length, relu, runs):
     from edgetrain.ops import norm_kernels
 
     rng = np.random.default_rng(length)
     n, c = 3, 4
     x = rng.standard_normal((n, c, length)).astype(np.float32)
+    x[:, 1] = -0.0  # a channel of negative zeros: its sums are +0.0 in every lane order
     g = rng.standard_normal((n, c, length)).astype(np.float32)
     scale, bias = rng.standard_normal(c), rng.standard_normal(c)
     y = np.empty_like(x)
     mean, var, inv = np.empty(c), np.empty(c), np.empty(c)
-    forward = norm_kernels.bn_train_forward_parallel if parallel else norm_kernels.bn_train_forward
-    forward(x, scale, bias, 1e-5, y, mean, var, inv, relu)
     dx, dscale, dbias = np.empty_like(x), np.empty(c), np.empty(c)
-    backward = norm_kernels.bn_train_backward_parallel if parallel else norm_kernels.bn_train_backward
-    backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias)
+    if runs:
+        norm_kernels.bn_train_forward_parallel(x, scale, bias, 1e-5, y, mean, var, inv, relu, np.inf, runs)
+        norm_kernels.bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, np.inf, runs)
+    else:
+        norm_kernels.bn_train_forward(x, scale, bias, 1e-5, y, mean, var, inv, relu)
+        norm_kernels.bn_train_backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias)
     for ch in range(c):
         rows = [[float(v) for v in x[i, ch]] for i in range(n)]
         assert mean[ch] == _rows_lane_sum(rows) / (n * length)
+        assert np.signbit(mean[ch]) == np.signbit(_rows_lane_sum(rows))
         gm = [[float(gv) if (not relu or yv > 0) else 0.0 for gv, yv in zip(g[i, ch], y[i, ch])] for i in range(n)]
         assert dbias[ch] == _rows_lane_sum(gm)
         m = float(mean[ch])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.lanes import LANES, combine
+from edgetrain.kernels.lanes import LANES, combine_span, lane_span
 
 
 @njit(cache=True, inline="always")
@@ -31,14 +31,18 @@ def relu_value(bn_x, bn_a, bn_b, bn_cap):
 
 
 @njit(cache=True)
-def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_lo, lanes_hi):
+def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_lo, lanes_hi, acc, acc2):
     """Channel ch's batch mean, (population) variance and 1/sqrt(var + eps) into mean, var, inv; returns the
     affine coefficients (a, b) of its output, y = x * a + b. With `extremes`, the same pass also keeps each
     lane's min and max of x (lanes_lo, lanes_hi: LANES slots, for `bn_stats_extrema`); the sums are the
-    same statements either way."""
+    same statements either way. acc, acc2: the caller's LANES-long buffers for the two sums (one pair per
+    run of channels: allocated per channel, they cost 4x4 maps 40% on one thread)."""
     n, _, length = x.shape
     count = n * length
-    acc, acc2 = np.zeros(LANES), np.zeros(LANES)  # sum and sum of squares, in lanes.py's order
+    span = lane_span(length)
+    for q in range(span):  # sum and sum of squares, in lanes.py's order
+        acc[q] = 0.0
+        acc2[q] = 0.0
     tail = (length // LANES) * LANES
     for i in range(n):
         row = x[i, ch]
@@ -69,8 +73,8 @@ def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_l
                 v = np.float64(rest[q])
                 acc[q] += v
                 acc2[q] += v * v
-    m = combine(acc) / count
-    variance = max(combine(acc2) / count - m * m, 0.0)
+    m = combine_span(acc, span) / count
+    variance = max(combine_span(acc2, span) / count - m * m, 0.0)
     r = 1.0 / np.sqrt(variance + eps)
     mean[ch] = m
     var[ch] = variance
@@ -94,11 +98,13 @@ def _bn_apply_channel(x, ch, a, b, y, relu, cap):
 
 
 @njit(cache=True)
-def _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap):
-    """One channel of the training forward (see bn_train_forward); with relu, max(y, 0) as it is stored,
-    and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
-    a, b = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, False, mean, mean)
-    _bn_apply_channel(x, ch, a, b, y, relu, cap)
+def _bn_forward_channels(x, first, stop, scale, bias, eps, y, mean, var, inv, relu, cap):
+    """Channels first..stop-1 of the training forward (see bn_train_forward); with relu, max(y, 0) as it is
+    stored, and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
+    acc, acc2 = np.empty(LANES), np.empty(LANES)
+    for ch in range(first, stop):
+        a, b = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, False, mean, mean, acc, acc2)
+        _bn_apply_channel(x, ch, a, b, y, relu, cap)
 
 
 # ---- BatchNorm writing the next MAC layer's codes instead of its floats (norm.BatchNormalization.codes_for)
@@ -116,10 +122,13 @@ def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo
     for k in prange(chunks):
         lanes_lo = np.empty(LANES)
         lanes_hi = np.empty(LANES)
+        sums = np.empty(LANES)
+        squares = np.empty(LANES)
         for ch in range(k * c_ // chunks, (k + 1) * c_ // chunks):
             lanes_lo[:] = np.inf
             lanes_hi[:] = -np.inf
-            ca, cb = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi)
+            ca, cb = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi, sums,
+                                       squares)
             a_out[ch] = ca
             b_out[ch] = cb
             ylo_out[ch] = relu_value(lanes_lo.min(), ca, cb, cap)
@@ -176,14 +185,15 @@ def _kept(g, x, j, a, b, zero, cap, unbounded):
 
 
 @njit(cache=True)
-def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias):
+def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias, acc_g, acc_gx):
     """One channel of the training backward: both mean terms included (every sample moves them). With
     relu, g is first masked where the folded Relu's output was not positive (no masked copy made).
 
     The relu test sits outside every loop (a test per element kept the remainder from vectorising),
     and a row's remainder is walked through views from 0: an index like j - tail might be negative
     as far as Numba knows, and its wraparound check made this 15x slower where rows are shorter than
-    LANES (MobileNetV2's 4x4 maps: 1.05 -> 0.15 ms for 336 channels of 8 x 16)."""
+    LANES (MobileNetV2's 4x4 maps: 1.05 -> 0.15 ms for 336 channels of 8 x 16). acc_g, acc_gx: the
+    caller's LANES-long buffers for the sum of g and of g * (x - mean), in lanes.py's order."""
     n, _, length = x.shape
     count = n * length
     m = mean[ch]
@@ -192,7 +202,10 @@ def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale
     b = bias[ch] - m * a
     zero = g.dtype.type(0)
     unbounded = cap == np.inf  # a plain Relu: positive outputs pass, +inf included
-    acc_g, acc_gx = np.zeros(LANES), np.zeros(LANES)  # sum of g and of g * (x - mean), in lanes.py's order
+    span = lane_span(length)
+    for q in range(span):
+        acc_g[q] = 0.0
+        acc_gx[q] = 0.0
     tail = (length // LANES) * LANES
     for i in range(n):
         grow, xrow = g[i, ch], x[i, ch]
@@ -218,8 +231,8 @@ def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale
                 gv = np.float64(gt[q])
                 acc_g[q] += gv
                 acc_gx[q] += gv * (xt[q] - m)
-    sg = combine(acc_g)
-    ds = combine(acc_gx) * r  # sum of g * xhat
+    sg = combine_span(acc_g, span)
+    ds = combine_span(acc_gx, span) * r  # sum of g * xhat
     dscale[ch] = ds
     dbias[ch] = sg
     k = scale[ch] * r / count
@@ -242,30 +255,43 @@ def bn_train_forward(x, scale, bias, eps, y, mean, var, inv, relu=False, cap=np.
     One pass gathers sum and sum of squares: in float64 the cancellation in E[x^2] - E[x]^2 costs
     float32 data nothing unless |mean| exceeds the spread by about 10^4.
     """
-    for ch in range(x.shape[1]):
-        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap)
+    _bn_forward_channels(x, 0, x.shape[1], scale, bias, eps, y, mean, var, inv, relu, cap)
 
 
 @njit(parallel=True, cache=True)
-def bn_train_forward_parallel(x, scale, bias, eps, y, mean, var, inv, relu=False, cap=np.inf):
-    """bn_train_forward with channels spread over threads."""
-    for ch in prange(x.shape[1]):
-        _bn_forward_channel(x, ch, scale, bias, eps, y, mean, var, inv, relu, cap)
+def bn_train_forward_parallel(x, scale, bias, eps, y, mean, var, inv, relu=False, cap=np.inf, chunks=0):
+    """bn_train_forward with `chunks` runs of channels spread over threads (0: one channel each); a few runs
+    per thread share a buffer pair (see _bn_stats_channel)."""
+    c_ = x.shape[1]
+    chunks = c_ if chunks <= 0 else max(1, min(chunks, c_))
+    for k in prange(chunks):
+        _bn_forward_channels(x, k * c_ // chunks, (k + 1) * c_ // chunks, scale, bias, eps, y, mean, var, inv, relu,
+                             cap)
+
+
+@njit(cache=True)
+def _bn_backward_channels(x, g, relu, cap, first, stop, scale, bias, mean, inv, dx, dscale, dbias):
+    """Channels first..stop-1 of the training backward, sharing one buffer pair."""
+    acc_g, acc_gx = np.empty(LANES), np.empty(LANES)
+    for ch in range(first, stop):
+        _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias, acc_g, acc_gx)
 
 
 @njit(cache=True)
 def bn_train_backward(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, cap=np.inf):
     """Gradients of a batch-statistics BatchNorm, channel by channel (relu: g masked where the output,
     recomputed from x, scale and bias, was not positive)."""
-    for ch in range(x.shape[1]):
-        _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias)
+    _bn_backward_channels(x, g, relu, cap, 0, x.shape[1], scale, bias, mean, inv, dx, dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
-def bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, cap=np.inf):
-    """bn_train_backward with channels spread over threads."""
-    for ch in prange(x.shape[1]):
-        _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias)
+def bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, dbias, cap=np.inf, chunks=0):
+    """bn_train_backward with `chunks` runs of channels spread over threads, as bn_train_forward_parallel."""
+    c_ = x.shape[1]
+    chunks = c_ if chunks <= 0 else max(1, min(chunks, c_))
+    for k in prange(chunks):
+        _bn_backward_channels(x, g, relu, cap, k * c_ // chunks, (k + 1) * c_ // chunks, scale, bias, mean, inv, dx,
+                              dscale, dbias)
 
 
 @njit(parallel=True, cache=True)
