@@ -31,6 +31,8 @@ elementwise kernels around them (padding, rescaling, quantising) take a serial b
 """
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -192,6 +194,15 @@ def _split_wide(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, len
     return total if rescale is None else rescaled(total, rescale)
 
 
+_BYTE_CODES = "bB"  # dtype.char of int8 and uint8
+
+
+@functools.lru_cache(maxsize=1024)
+def _accumulation(length: int, amax_a: int, amax_b: int) -> tuple[np.dtype, int]:
+    """accumulator_dtype and segment_length of a reduction (a layer asks the same every step)."""
+    return accumulator_dtype(length, amax_a, amax_b), segment_length(length, amax_a, amax_b)
+
+
 def _exact(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: int,
            bounds: Bounds = None, rescale: Rescale = None) -> np.ndarray:
     """Run a bilinear kernel on a and b whose reductions have `length` terms, with a safe accumulator.
@@ -202,6 +213,15 @@ def _exact(op: Callable[..., np.ndarray], a: np.ndarray, b: np.ndarray, length: 
     which exact route an operand fits (8-bit codes, float BLAS, ...). With `rescale` the result is
     returned as floats (see `conv2d_forward`), by the backend itself when it can fuse that.
     """
+    if bounds is not None and a.dtype.char in _BYTE_CODES and b.dtype.char in _BYTE_CODES:
+        # Two 8-bit operands (every 8-bit layer): one product, none of the int16 splits below; its
+        # accumulator and segment come from a cache. A batch-8 step makes a hundred such calls.
+        amax_a, amax_b = int(bounds[0]), int(bounds[1])
+        out_dtype, seg = _accumulation(length, amax_a, amax_b)
+        if rescale is None:
+            return op(a, b, out_dtype, seg, (amax_a, amax_b))
+        out = op(a, b, out_dtype, seg, (amax_a, amax_b), rescale=rescale)
+        return out if out.dtype.kind == "f" else rescaled(out, rescale)
     if bounds is not None and a.dtype != np.uint16 and b.dtype != np.uint16:
         amax_a, amax_b = int(bounds[0]), int(bounds[1])
     else:
