@@ -534,3 +534,31 @@ def test_kernels_without_the_saturation_test_give_the_same_codes(size, dtype, bi
                    key=(seed, 0, 0))
     v = x.reshape(-1).astype(np.float64) / float(got.scale)
     assert got.stats.saturated == int(((v < qmin) | (v > qmax)).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.integers(0, 2 ** 31))
+def test_float32_products_give_the_divisions_codes_at_near_ties(bits, signed, seed):
+    """float32 data with codes of at most 8 bits is rounded from a float32 product (`_nearest_narrow`), a block
+    dividing where a product lies near a half-integer. Fed only values whose product is near one but not on it
+    (a block holding an exact tie would divide whatever the margin), from the half-integers and a few ulps either
+    side under 64 scales, plus random values, the codes equal rint(x / scale) of the float64 division: a margin
+    too small to cover the product's error fails here."""
+    rng = np.random.default_rng(seed)
+    qmin, qmax = qrange(bits, signed)
+    k = np.arange(qmin, qmax).astype(np.float64)
+    for s in (rng.uniform(1, 10, 64) * 10.0 ** rng.integers(-4, 3, 64)).astype(np.float32).reshape(-1, 1):
+        ties = ((k + 0.5) * float(s[0])).astype(np.float32)
+        lower, upper, x = ties, ties, [ties]
+        for _ in range(3):
+            lower, upper = np.nextafter(lower, np.float32(-np.inf)), np.nextafter(upper, np.float32(np.inf))
+            x += [lower, upper]
+        x = np.concatenate(x)
+        v = x * np.float32(1.0 / np.float64(s[0]))  # the kernel's product
+        gap = np.float32(0.5) - np.abs(v - np.rint(v))
+        x = x[(gap > 0) & (gap <= 2.0 ** -13) & (np.abs(x.astype(np.float64) / float(s[0])) <= max(-qmin, qmax))]
+        x = np.concatenate([x, (rng.uniform(qmin, qmax, 100) * float(s[0])).astype(np.float32)]).reshape(1, 1, -1)
+        q = np.empty(x.shape, storage_dtype(bits, signed))
+        quantizer_module._quantize_nearest(x, s, qmin, qmax, 1, q, np.zeros(1, np.int64), 1 << 30, False)
+        want = np.clip(np.rint(x.astype(np.float64) / np.float64(s[0])), qmin, qmax)
+        assert np.array_equal(q.astype(np.int64), want.astype(np.int64))

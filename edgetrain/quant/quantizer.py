@@ -47,6 +47,14 @@ _SCALE_FLOOR = float(np.finfo(np.float32).tiny)  # smallest normal float32, a po
 # own float64 rounding within 2^-37; a product at most this far from its rounded integer q leaves both
 # quotients nearer to q than 1/2. Farther (a value within 2^-30 of a half-integer), the piece divides.
 NEAR_HALF = 0.5 - 2.0 ** -30  # also where a BatchNorm writes codes itself (ops.norm_kernels.bn_codes)
+# float32 data with codes of at most 8 bits multiplies in float32 instead (8 lanes a vector, not 4): 1/scale
+# rounded to float32 and the float32 product are each within 2^-24 relative, so where nothing saturates
+# (|x / scale| <= 255.5 < 2^8) the product is within 2^-15 of x / scale; a product at most NARROW_NEAR_HALF
+# from its rounded integer q (4x that margin) leaves x / scale, and its float64 quotient, nearer to q than 1/2.
+# Farther (1 value in 4,096), its block of NARROW_BLOCK values divides.
+NARROW_MAX = 255.0  # the widest code magnitude the float32 product covers
+NARROW_NEAR_HALF = np.float32(0.5 - 2.0 ** -13)
+NARROW_BLOCK = 64
 
 
 @dataclass
@@ -79,6 +87,28 @@ def _store(r, v, lo, hi, dst, j):
 
 
 @njit(inline="always", cache=True)
+def _nearest_narrow(src, s, r32, lo, hi, dst):
+    """dst = clip(rint(src / s)) for float32 src and codes of at most 8 bits, multiplying in float32
+    (NARROW_NEAR_HALF says why the codes are the same); a block of NARROW_BLOCK values that holds one near a
+    half-integer divides instead. (8,) x 48,000 weights 13.9 -> 10.4 us, 2.1 million values 614 -> 506 us,
+    one thread.)"""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    n = src.size
+    for b0 in range(0, n, NARROW_BLOCK):
+        sv = src[b0:min(n, b0 + NARROW_BLOCK)]
+        dv = dst[b0:]
+        near = False
+        for j in range(sv.size):
+            v = sv[j] * r32
+            q = np.rint(v)
+            near |= abs(v - q) > NARROW_NEAR_HALF
+            dv[j] = np.int32(min(max(q, lo32), hi32))
+        if near:
+            for j in range(sv.size):
+                dv[j] = np.int32(min(max(np.rint(np.float64(sv[j]) / s), lo), hi))
+
+
+@njit(inline="always", cache=True)
 def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count):
     """Work item w of `_quantize_nearest` (the one body of its serial and parallel loops)."""
     channels, inner = x3.shape[1], x3.shape[2]
@@ -99,6 +129,10 @@ def _nearest_item(x3, scale, lo, hi, pieces, out3, sat, w, count):
     # the codes are rint(x / s) all the same). A float64 division costs 2 cycles a value on some x86
     # cores, twice the rest of this loop: 2.1 million float32 values 1.19 -> 0.60 ms on one thread.
     r = 1.0 / s
+    if src.itemsize == 4 and hi <= NARROW_MAX and -lo <= NARROW_MAX:
+        _nearest_narrow(src, s, np.float32(r), lo, hi, dst)
+        sat[w] = 0
+        return
     near = False
     for j in range(src.size):
         v = np.float64(src[j]) * r
