@@ -256,6 +256,8 @@ CONV_CASES = {
     "pointwise_stride2": ((2, 5, 7, 7), (3, 5, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1), 1),
     # few positions per image: vnni runs it as one GEMM over the batch (both directions and dW)
     "pointwise_small": ((3, 6, 3, 2), (9, 6, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    # 32 positions in all: vnni's GEMM over the batch returns a contiguous (C, N*H*W) accumulator
+    "pointwise_whole_tiles": ((8, 6, 2, 2), (9, 6, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1),
     "stride3_kernel2": ((1, 2, 10, 10), (2, 2, 2, 2), (3, 3), (1, 0, 0, 1), (1, 1), 1),
     "pad_beyond_kernel": ((1, 2, 4, 4), (3, 2, 2, 2), (1, 1), (3, 2, 2, 3), (1, 1), 1),
     "wide_channels": ((2, 37, 5, 5), (9, 37, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
@@ -625,7 +627,8 @@ def _rescale_ref(acc, scale, dtype):
 @pytest.mark.parametrize("per_image", [False, True], ids=["scale[c]", "scale[n,c]"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", ["pad1", "stride2_pad1", "stride2_odd", "stride_asym_pad", "dilation_stride",
-                                  "pointwise_stride2", "pointwise_small", "groups", "pad_beyond_kernel"])
+                                  "pointwise_stride2", "pointwise_small", "pointwise_whole_tiles", "groups",
+                                  "pad_beyond_kernel"])
 def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, per_image, monkeypatch):
     """rescale=(scale, dtype) returns acc * scale[c] in one rounding, the same bits as rescaling the
     integer result afterwards, whether the backend fuses it (chunk by chunk, phases of a strided dx)
@@ -652,6 +655,20 @@ def test_rescaled_outputs_are_the_rescaled_exact_integers(backend, case, dtype, 
     dx = kernels.conv2d_backward_data(dy, w, x.shape, **kw, bounds=(127, 127), rescale=(scale_x, np.dtype(dtype)))
     assert dx.dtype == dtype and dx.flags.c_contiguous
     np.testing.assert_array_equal(dx, _rescale_ref(ref_conv_backward_data(dy, w, x.shape, *args), scale_x, dtype))
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_channel_major_rescale_equals_the_planes_one(backend, per_image):
+    """A (C, N*H*W) accumulator rescaled straight into NCHW (`rescaled_channel_major`) gives `rescaled`'s
+    bits on its NCHW view, beyond float32's exact integers too, per channel or per image, on both branches."""
+    from edgetrain.kernels.rescale import rescaled, rescaled_channel_major
+    rng = np.random.default_rng(4)
+    for n, c, h, w in ((8, 5, 4, 4), (3, 7, 1, 1), (64, 40, 8, 8)):  # the last above the parallel threshold
+        acc = rng.integers(-2 ** 31, 2 ** 31 - 1, (c, n * h * w)).astype(np.int32)
+        scale = rng.uniform(1e-6, 3.0, (n, c) if per_image else c).astype(np.float32)
+        got = rescaled_channel_major(acc, (n, c, h, w), (scale, np.dtype(np.float32)))
+        want = rescaled(acc.reshape(c, n, h, w).transpose(1, 0, 2, 3), (scale, np.dtype(np.float32)))
+        assert got.flags.c_contiguous and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_rescale_rounds_once_beyond_float32_integers(backend):

@@ -22,7 +22,7 @@ from edgetrain.kernels import vnni_gemm as _vg
 from edgetrain.kernels.im2col import channel_major, position_major
 from edgetrain.kernels.numba_backend import NumbaBackend, phase_plans
 from edgetrain.kernels.ort_backend import OrtBackend, _as8, patch_plan
-from edgetrain.kernels.rescale import rescaled, scale_rows
+from edgetrain.kernels.rescale import rescaled_channel_major, rescaled, scale_rows
 from edgetrain.kernels.threads import pool_threads, threads_for
 
 _XOR = 0x80
@@ -358,6 +358,8 @@ class VnniBackend(OrtBackend):
     def _pointwise_out(self, acc: np.ndarray, shape: tuple, out_dtype, rescale):
         """acc (C, N*H*W) back to (N, C, H, W): rescaled as every conv route does (`rescaled`), or int."""
         n, c, h, w = shape
+        if rescale is not None and acc.flags.c_contiguous:
+            return rescaled_channel_major(acc, shape, rescale)
         nchw = acc.reshape(c, n, h, w).transpose(1, 0, 2, 3)
         if rescale is not None:
             return rescaled(nchw, rescale)
