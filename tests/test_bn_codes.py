@@ -14,11 +14,11 @@ import edgetrain.model
 import models
 from edgetrain.errors import NonFiniteError
 from edgetrain.graph import Node
-from edgetrain.ops import norm
+from edgetrain.ops import norm, norm_kernels
 from edgetrain.ops.base import Run
 from edgetrain.ops.norm import BatchNormalization
 from edgetrain.quant import quantize
-from edgetrain.quant.qtensor import Prequantised
+from edgetrain.quant.qtensor import Prequantised, qrange
 
 
 class _Reader:
@@ -168,3 +168,28 @@ def test_gated_units_hand_codes_on_with_the_same_bits(monkeypatch, candidates):
     for k in fused_state:
         assert np.array_equal(fused_state[k], plain_state[k]), k
     assert np.array_equal(fused_out, plain_out)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 2 ** 31))
+def test_codes_at_near_ties_are_the_divisions(bits, seed):
+    """`bn_codes`'s float32 products (`quantizer._nearest_narrow`'s rule) give rint(y / scale) of the float64
+    division where it matters: fed only values whose product lies near a half-integer but not on it (with
+    a = 1, b = 0 the stored y is x itself), under 32 scales."""
+    from edgetrain.quant.quantizer import NARROW_BLOCK, NARROW_NEAR_HALF, NEAR_HALF
+
+    rng = np.random.default_rng(seed)
+    qmax = qrange(bits, False)[1]
+    k = np.arange(0, qmax).astype(np.float64)
+    for s in (rng.uniform(1, 10, 32) * 10.0 ** rng.integers(-4, 3, 32)).astype(np.float32):
+        ties = ((k + 0.5) * float(s)).astype(np.float32)
+        x = np.concatenate([ties, *(np.nextafter(ties, np.float32(d)) for d in (-np.inf, np.inf))])
+        v = x * np.float32(1.0 / np.float64(s))
+        gap = np.float32(0.5) - np.abs(v - np.rint(v))
+        x = x[(gap > 0) & (gap <= 2.0 ** -13) & (x.astype(np.float64) / float(s) <= qmax)]
+        x = np.concatenate([x, (rng.uniform(0, qmax, 64) * float(s)).astype(np.float32)]).reshape(1, 1, -1)
+        codes = np.empty(x.shape, np.uint8)
+        norm_kernels.bn_codes(x, np.ones(1), np.zeros(1), np.inf, s, qmax, codes, NEAR_HALF,
+                              np.float32(NARROW_NEAR_HALF), NARROW_BLOCK)
+        want = np.clip(np.rint(x.astype(np.float64) / np.float64(s)), 0, qmax)
+        assert np.array_equal(codes.astype(np.int64), want.astype(np.int64))

@@ -136,11 +136,13 @@ def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def bn_codes(x, a, b, cap, scale, qmax, codes, near_half):
+def bn_codes(x, a, b, cap, scale, qmax, codes, near_half, narrow_half, block):
     """codes = the unsigned nearest codes of the y the training forward stores (relu_value, rounded to x's
     type), for a per-tensor scale, y never stored: rint(y / scale) by the quantiser's rule
     (`quantizer._nearest_item`): multiplied by 1 / scale, and a row that holds a value within `near_half` of
-    a half-integer divided instead. The ReLU and cap are applied after the rounding to x's type: both
+    a half-integer divided instead; with narrow_half > 0 (float32 y, codes of at most 8 bits:
+    `quantizer._nearest_narrow`) multiplied in float32, and a block of `block` values divided where one lies
+    within narrow_half of a half-integer. The ReLU and cap are applied after the rounding to x's type: both
     bounds are representable, so that rounding commutes with them and the codes are the same (where y would
     be -0.0 this gives +0.0: code 0 either way). The caller has the range from y's extremes, so nothing
     saturates. Parallel over rows."""
@@ -150,10 +152,28 @@ def bn_codes(x, a, b, cap, scale, qmax, codes, near_half):
     top = np.float64(qmax)
     zero = x.dtype.type(0)
     bound = x.dtype.type(cap)
+    r_narrow = x.dtype.type(r)
+    top_narrow = x.dtype.type(qmax)
     for row in prange(n * c_):
         img, ch = row // c_, row % c_
         src, dst = x[img, ch], codes[img, ch]
         ca, cb = a[ch], b[ch]
+        if narrow_half > 0:
+            for b0 in range(0, length, block):
+                sv = src[b0:min(length, b0 + block)]  # views from 0 (the kernel rules)
+                dv = dst[b0:]
+                close = False
+                for j in range(sv.size):
+                    yn = min(max(x.dtype.type(sv[j] * ca + cb), zero), bound)
+                    tn = yn * r_narrow
+                    qn = np.rint(tn)
+                    close |= abs(tn - qn) > narrow_half
+                    dv[j] = min(qn, top_narrow)
+                if close:
+                    for j in range(sv.size):
+                        yn = min(max(x.dtype.type(sv[j] * ca + cb), zero), bound)
+                        dv[j] = min(np.rint(np.float64(yn) / s), top)
+            continue
         near = False
         for j in range(length):
             yv = min(max(x.dtype.type(src[j] * ca + cb), zero), bound)
