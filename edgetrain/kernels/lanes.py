@@ -17,17 +17,6 @@ LANES = 64
 
 
 @njit(cache=True, inline="always")
-def combine(acc) -> float:
-    """The lanes' total: pairwise, lane q + lane q + width for width = LANES / 2, ..., 1 (acc is consumed)."""
-    width = LANES
-    while width > 1:
-        width //= 2
-        for q in range(width):
-            acc[q] = acc[q] + acc[q + width]
-    return acc[0]
-
-
-@njit(cache=True, inline="always")
 def lane_span(length) -> int:
     """The lanes rows of `length` values reach, rounded up to a power of two (LANES at most, 1 at least)."""
     span = LANES
@@ -38,7 +27,8 @@ def lane_span(length) -> int:
 
 @njit(cache=True, inline="always")
 def combine_span(acc, span) -> float:
-    """`combine` of lanes that are +0.0 from `span` (`lane_span`) on, without their levels: the same bits.
+    """The pairwise total of lanes 0 .. span - 1 (a power of two); `combine` of lanes that are +0.0 from `span`
+    (`lane_span`) on, without their levels: the same bits.
 
     A lane starts at +0.0 and, in round-to-nearest, a sum is -0.0 only when both terms are, so no lane is
     ever -0.0, and adding a +0.0 lane changes no lane: the levels of width >= span add only those. Short
@@ -49,6 +39,12 @@ def combine_span(acc, span) -> float:
         for q in range(width):
             acc[q] = acc[q] + acc[q + width]
     return acc[0]
+
+
+@njit(cache=True, inline="always")
+def combine(acc) -> float:
+    """The lanes' total: pairwise, lane q + lane q + width for width = LANES / 2, ..., 1 (acc is consumed)."""
+    return combine_span(acc, LANES)
 
 
 @njit(cache=True, inline="always")
