@@ -32,7 +32,6 @@ elementwise kernels around them (padding, rescaling, quantising) take a serial b
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
