@@ -21,7 +21,7 @@ from edgetrain.ops.elementwise import AddRelu
 from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu, sole_reader, sole_relu_reader
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
-from edgetrain.quant.mac import QuantConv, QuantMAC, QuantRuntime, integer_form
+from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form, takes_codes
 
 # What the float engine computes in (float16: forward passes of float16 graphs, e.g. ONNX's own test cases).
 COMPUTE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -234,8 +234,7 @@ class Model:
         for value, bn in relu_outputs.items():
             reader = sole_reader(value, running, outputs)
             op = self.executor.ops.get(reader.name) if reader is not None else None
-            if (type(op) is QuantConv and reader.inputs[0] == value and value not in reader.inputs[1:]
-                    and op.unsigned_input):
+            if reader is not None and takes_codes(op, reader, value):
                 bn.codes_for = op
 
     def _fuse_add_relus(self, readers: dict, outputs: set[str]) -> None:

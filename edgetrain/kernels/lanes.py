@@ -61,11 +61,20 @@ def add_row(acc, row, length) -> None:
 
 
 @njit(cache=True, inline="always")
+def sum_row_into(acc, row, length) -> float:
+    """`sum_row` in the caller's buffer (acc: LANES float64s, overwritten; one per run of rows, not one per
+    row), zeroing and combining only the lanes the row reaches (`combine_span`: the same bits)."""
+    span = lane_span(length)
+    for q in range(span):
+        acc[q] = 0.0
+    add_row(acc, row, length)
+    return combine_span(acc, span)
+
+
+@njit(cache=True, inline="always")
 def sum_row(row, length) -> float:
     """The float64 sum of row[:length] in the lane order."""
-    acc = np.zeros(LANES)
-    add_row(acc, row, length)
-    return combine(acc)
+    return sum_row_into(np.empty(LANES), row, length)
 
 
 @njit(cache=True, inline="always")

@@ -73,19 +73,24 @@ def rescale_planes(acc: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
     _rescale_planes(acc, scale_rows(scale), out, SMALL_ELEMENTS)
 
 
+@njit(inline="always", cache=True, nogil=True)
+def _rescale_channel_run(acc, scale, out, rc_ch):
+    """Channel rc_ch of every image: its run of acc's row, rescaled into out[image, rc_ch] (the one loop body of
+    both branches below; names prefixed, as it is inlined into a parallel loop)."""
+    rc_len = out.shape[2]
+    for rc_img in range(out.shape[0]):
+        scale_row(out[rc_img, rc_ch], acc[rc_ch, rc_img * rc_len:(rc_img + 1) * rc_len],
+                  image_scale(scale, rc_img, rc_ch), rc_len)
+
+
 @njit(parallel=True, cache=True)
 def _rescale_channel_major(acc, scale, out, min_parallel):
-    c_, n_ = acc.shape[0], out.shape[0]
-    length = out.shape[2]
-    # (Names unlike image_scale's: inlined into a parallel loop, a shared name once gave wrong results.)
     if acc.size < min_parallel:
-        for ch in range(c_):
-            for img in range(n_):
-                scale_row(out[img, ch], acc[ch, img * length:(img + 1) * length], image_scale(scale, img, ch), length)
+        for ch in range(acc.shape[0]):
+            _rescale_channel_run(acc, scale, out, ch)
         return
-    for ch in prange(c_):
-        for img in range(n_):
-            scale_row(out[img, ch], acc[ch, img * length:(img + 1) * length], image_scale(scale, img, ch), length)
+    for ch in prange(acc.shape[0]):
+        _rescale_channel_run(acc, scale, out, ch)
 
 
 def rescaled_channel_major(acc: np.ndarray, shape: tuple, rescale) -> np.ndarray:

@@ -10,7 +10,7 @@ from edgetrain.kernels.threads import pool_threads
 from edgetrain.ops import norm_kernels
 from edgetrain.ops.base import Op, register
 from edgetrain.quant.qtensor import Prequantised, QTensor, QuantStats, qrange, storage_dtype
-from edgetrain.quant.quantizer import NARROW_BLOCK, NARROW_MAX, NARROW_NEAR_HALF, NEAR_HALF, scale_from_range
+from edgetrain.quant.quantizer import NARROW_BLOCK, NEAR_HALF, narrow_margin, scale_from_range
 
 # An integer-fed BatchNorm takes the parallel build from this many values on. Its per-value work (float64
 # sums, a recomputed ReLU mask) is several times a rescale's, so it pays far below the elementwise
@@ -138,9 +138,8 @@ class BatchNormalization(Op):
         s = scale_from_range(np.array([max(top, 0.0)]), bits, signed=False, pow2=pow2)[0]
         codes = np.empty(x3.shape, storage_dtype(bits, False))
         qmax = qrange(bits, False)[1]
-        narrow = x3.dtype == np.float32 and qmax <= NARROW_MAX  # the quantiser's float32 rule (its module doc)
-        narrow_half = x3.dtype.type(NARROW_NEAR_HALF if narrow else 0)
-        norm_kernels.bn_codes(x3, a, b, cap, s, qmax, codes, NEAR_HALF, narrow_half, NARROW_BLOCK)
+        norm_kernels.bn_codes(x3, a, b, cap, s, qmax, codes, NEAR_HALF, x3.dtype.type(narrow_margin(x3.dtype, qmax)),
+                              NARROW_BLOCK)
         q = QTensor.trusted(codes.reshape(shape), s, bits, False, None, QuantStats(int(codes.size), 0, abs(top)))
 
         def floats() -> np.ndarray:

@@ -135,6 +135,13 @@ def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo
             yhi_out[ch] = relu_value(lanes_hi.max(), ca, cb, cap)
 
 
+@njit(cache=True, inline="always")
+def _stored_y(st_x, st_v, st_a, st_b, st_zero, st_bound):
+    """The y the forward stores for the value st_v of array st_x, with a folded ReLU capped at st_bound, in x's
+    type: bn_codes' one statement of it (names prefixed, as it is inlined into a parallel loop)."""
+    return min(max(st_x.dtype.type(st_v * st_a + st_b), st_zero), st_bound)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def bn_codes(x, a, b, cap, scale, qmax, codes, near_half, narrow_half, block):
     """codes = the unsigned nearest codes of the y the training forward stores (relu_value, rounded to x's
@@ -164,26 +171,26 @@ def bn_codes(x, a, b, cap, scale, qmax, codes, near_half, narrow_half, block):
                 dv = dst[b0:]
                 close = False
                 for j in range(sv.size):
-                    yn = min(max(x.dtype.type(sv[j] * ca + cb), zero), bound)
+                    yn = _stored_y(x, sv[j], ca, cb, zero, bound)
                     tn = yn * r_narrow
                     qn = np.rint(tn)
                     close |= abs(tn - qn) > narrow_half
                     dv[j] = min(qn, top_narrow)
                 if close:
                     for j in range(sv.size):
-                        yn = min(max(x.dtype.type(sv[j] * ca + cb), zero), bound)
+                        yn = _stored_y(x, sv[j], ca, cb, zero, bound)
                         dv[j] = min(np.rint(np.float64(yn) / s), top)
             continue
         near = False
         for j in range(length):
-            yv = min(max(x.dtype.type(src[j] * ca + cb), zero), bound)
+            yv = _stored_y(x, src[j], ca, cb, zero, bound)
             t = np.float64(yv) * r
             q = np.rint(t)
             near |= abs(t - q) > near_half
             dst[j] = min(q, top)
         if near:
             for j in range(length):
-                yv = min(max(x.dtype.type(src[j] * ca + cb), zero), bound)
+                yv = _stored_y(x, src[j], ca, cb, zero, bound)
                 dst[j] = min(np.rint(np.float64(yv) / s), top)
 
 

@@ -192,6 +192,13 @@ class QuantMAC(Op):
         return self.float_op.macs(in_shapes, out_shapes)
 
 
+def takes_codes(op: Op | None, node: Node, value: str) -> bool:
+    """Whether `op`, running `node`, can take `value` as codes its producer wrote (`Prequantised`): an integer
+    conv reading it as its data input only, with unsigned codes (a folded ReLU's output)."""
+    return (type(op) is QuantConv and op.unsigned_input and node.inputs[0] == value
+            and value not in node.inputs[1:])
+
+
 class QuantConv(QuantMAC):
     """Conv over 1 or 2 spatial dims (groups, depthwise, strides, pads, dilations) on the 2-D integer
     kernels. A 1-D conv (N, C, L) runs as the 2-D conv of (N, C, 1, L) with a (1, k) kernel: the same

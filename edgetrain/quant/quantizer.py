@@ -57,6 +57,12 @@ NARROW_NEAR_HALF = np.float32(0.5 - 2.0 ** -13)
 NARROW_BLOCK = 64
 
 
+def narrow_margin(dtype: np.dtype, qmax: int) -> float:
+    """NARROW_NEAR_HALF where data of `dtype` rounded to codes up to `qmax` may take the float32 product (the
+    rule `_nearest_item` applies inside its kernel), else 0: for a kernel of another module, e.g. bn_codes."""
+    return NARROW_NEAR_HALF if np.dtype(dtype) == np.float32 and qmax <= NARROW_MAX else 0.0
+
+
 @dataclass
 class RunningRange:
     """Exponential moving average of a tensor's observed max |x| (the range eval quantises with)."""

@@ -29,7 +29,7 @@ from edgetrain.precision.dfq.kernels import (
 )
 from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
-from edgetrain.quant.mac import Group, MACContext, QuantConv, QuantMAC, integer_form
+from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
@@ -124,9 +124,8 @@ class GatedUnit(Op):
         if model.hands_codes:
             for value, bn_name in relu_outputs.items():
                 reader = sole_reader(value, readers, outputs)
-                ops = [c.get(reader.name) for c in self.candidate_ops.values()] if reader is not None else []
-                if (ops and all(type(op) is QuantConv and op.unsigned_input for op in ops)
-                        and reader.inputs[0] == value and value not in reader.inputs[1:]):
+                if reader is not None and self.candidate_ops and all(
+                        takes_codes(ops.get(reader.name), reader, value) for ops in self.candidate_ops.values()):
                     self.codes_readers[bn_name] = reader.name
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgetrain.kernels.lanes import LANES, add_row, combine_span, dot_row, lane_span, sum_row
+from edgetrain.kernels.lanes import LANES, dot_row, sum_row, sum_row_into
 
 
 @njit(cache=True, inline="always")
@@ -64,28 +64,17 @@ def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, inline="always")
-def _sum_into(acc, row, length) -> float:
-    """`sum_row` with the caller's lane buffer (acc, LANES float64s, overwritten): no allocation per row, and
-    only the lanes a short row reaches zeroed and combined (`lanes.combine_span`: the same bits)."""
-    span = lane_span(length)
-    for q in range(span):
-        acc[q] = 0.0
-    add_row(acc, row, length)
-    return combine_span(acc, span)
-
-
 @njit(cache=True, parallel=True)
 def _rows_plus_part(base, part, pos, relu, channels, out, means):
     """One sample per work item, its channels in turn; each row's case (added to or not, ReLU or not) picked
     once, outside its loop, so every loop is branch-free and vectorises (5-15% faster than one loop testing
-    both per value, one thread). (Names unlike `_sum_into`'s: inlined into a parallel loop, a shared name
+    both per value, one thread). (Names unlike `sum_row_into`'s: inlined into a parallel loop, a shared name
     once gave wrong results.)"""
     samples, row_len = out.shape[0] // channels, out.shape[1]
     zero = base.dtype.type(0)
     want = means.size > 0
     for s in prange(samples):
-        lanes_buf = np.zeros(LANES)
+        lanes_buf = np.empty(LANES)
         k = pos[s]
         for c in range(channels):
             r = s * channels + c
@@ -108,7 +97,7 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means):
                 for j in range(row_len):
                     orow[j] = brow[j]
             if want:  # channel_means of out, while the row is in cache
-                means[r] = _sum_into(lanes_buf, orow, row_len) / row_len
+                means[r] = sum_row_into(lanes_buf, orow, row_len) / row_len
 
 
 @njit(cache=True, parallel=True)
