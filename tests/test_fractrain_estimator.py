@@ -4,6 +4,8 @@ better (docs/GATE_ESTIMATOR.md)."""
 import numba
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import edgetrain
 import models
@@ -12,7 +14,7 @@ from edgetrain.precision.dfq.config import DFQConfig
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.gates import SHARED_NAMES
 from edgetrain.precision.dfq.guard import apply_floor
-from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
+from edgetrain.precision.dfq.probe import budget_targets, distill_grad, probe_plan, probe_targets
 from edgetrain.train.optim import SGD
 
 HEAD_BIAS = SHARED_NAMES[-1]
@@ -45,6 +47,44 @@ def test_probe_targets_match_a_loop_reference():
             ok = [k for k, v in enumerate(row) if not np.isnan(v) and v <= best + margin]
             want.append(min(ok, key=lambda k: (cost[k], k)))
         assert probe_targets(scores, cost, margin).tolist() == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e3), st.sampled_from([(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]),
+                          st.floats(0, 1)), min_size=1, max_size=9))
+def test_budget_targets_spend_the_budget_as_the_fractional_knapsack(items):
+    """The budget rule is the optimum of its linear programme: maximise the sensitivity bought, spending at most
+    what the gates spend. Checked by its conditions: each row a distribution over its pair, the spend exactly
+    spent, at most one sample split, and no exchange that buys more (a sample left below its dearer candidate
+    never gives more sensitivity per unit of cost than one moved up)."""
+    cost = np.array([1.0, 2.5, 4.0, 4.0])  # candidates 2 and 3 cost alike: a free move up
+    sens = np.array([i[0] for i in items])
+    cheap = np.array([i[1][0] for i in items])
+    dear = np.array([i[1][1] for i in items])
+    spend = cost[cheap] + np.array([i[2] for i in items]) * (cost[dear] - cost[cheap])
+    t = budget_targets(sens, cheap, dear, cost, spend)
+    n = len(items)
+    assert np.allclose(t.sum(1), 1) and (t >= 0).all()
+    assert np.allclose(t[np.arange(n), cheap] + t[np.arange(n), dear], 1)
+    up = t[np.arange(n), dear]
+    extra = cost[dear] - cost[cheap]
+    assert np.isclose((t * cost).sum(), spend.sum()) or ((extra == 0) | (up == 1)).all()
+    assert ((up > 1e-12) & (up < 1 - 1e-12)).sum() <= 1
+    assert (up[extra == 0] == 1).all()
+    paid = extra > 0
+    ratio = np.where(paid, sens / np.where(paid, extra, 1), np.inf)
+    for i in np.flatnonzero(paid & (up < 1 - 1e-12)):
+        assert not ((up > 1e-12) & paid & (ratio < ratio[i])).any()
+
+
+def test_budget_targets_move_the_spend_to_the_most_sensitive_samples():
+    # Four samples between costs 1 and 3, their gates spending 2 each (half-way): two move up, two down,
+    # the two most sensitive per unit of cost up; ties go to the earlier sample.
+    cost = np.array([0.0, 1.0, 3.0])
+    t = budget_targets(np.array([0.5, 4.0, 0.5, 9.0]), np.full(4, 1), np.full(4, 2), cost, np.full(4, 2.0))
+    assert t[:, 2].tolist() == [0.0, 1.0, 0.0, 1.0]
+    t = budget_targets(np.array([1.0, 1.0, 1.0]), np.full(3, 1), np.full(3, 2), cost, np.full(3, 2.0))
+    assert t[:, 2].tolist() == [1.0, 0.5, 0.0]
 
 
 def test_distill_grad_matches_finite_differences():
@@ -119,7 +159,7 @@ def test_floor_matches_a_reference_and_leaves_enough_samples_executing():
 
 def test_config_refuses_bad_estimator_settings():
     for bad in ({"estimator": "reinforce"}, {"probe_share": 0.0}, {"probe_share": 1.5}, {"probe_weight": -1.0},
-                {"min_exec_share": 2.0}, {"probe_margin": float("nan")}):
+                {"min_exec_share": 2.0}, {"probe_margin": float("nan")}, {"probe_rule": "cheapest"}):
         with pytest.raises(EdgetrainError, match="dfq "):
             DFQConfig(**bad)
 
@@ -164,6 +204,34 @@ def test_probe_gradient_on_the_gates_is_the_documented_distillation():
     assert np.abs(want).max() > 1e-3
 
 
+def test_budget_rule_targets_follow_from_sensitivity_and_the_gates_spend():
+    """With the budget rule each probed sample's pair is priced by (dL/dy . (r_cheap - r_dear))^2, the difference
+    of its two measured task scores squared, and spends what its gate's softmax over the pair spends; the head
+    bias's gradient is the distillation towards those soft targets (no skip candidate, beta 0)."""
+    kw = dict(candidates=("3/6", "4/6", "6/8"), initial_choice="4/6", beta=0.0, probe_share=0.5)
+    _, g_p, d = _step(DFQConfig(**kw, estimator="probe", probe_rule="budget", probe_weight=0.3))
+    want_bias = np.zeros(3)
+    moved = 0
+    for unit, rec in d.record.probes.items():
+        cost, scores, probs = d.unit_cost[unit], rec["scores"], rec["probs"].astype(np.float64)
+        cheap, dear = [], []
+        for row in scores:
+            pair = sorted(np.flatnonzero(~np.isnan(row)), key=lambda k: (cost[k], k))
+            cheap.append(pair[0])
+            dear.append(pair[1])
+        at = np.arange(len(scores))
+        cheap, dear = np.array(cheap), np.array(dear)
+        sens = (scores[at, cheap].astype(np.float64) - scores[at, dear]) ** 2
+        q = probs[at, dear] / (probs[at, cheap] + probs[at, dear])
+        spend = (1 - q) * cost[cheap] + q * cost[dear]
+        np.testing.assert_allclose(rec["targets"], budget_targets(sens, cheap, dear, cost, spend), atol=1e-9)
+        assert np.isclose((rec["targets"] * cost).sum(), spend.sum())  # the rule moves no cost
+        moved += int((rec["targets"][at, cheap] > 0.5).sum())
+        want_bias += 0.3 * (rec["probs"] - rec["targets"]).sum(0) / len(rec["rows"])
+    assert moved  # samples whose gates sit at 4/6 were sent to 3/6, to pay for others at 6/8
+    np.testing.assert_allclose(g_p[HEAD_BIAS], want_bias, rtol=1e-5, atol=1e-7)
+
+
 def test_probe_runs_count_in_the_steps_bitops_as_forward_work():
     """Probe work is not free: each probe run adds its forward BitOPs (MACs * a * w) to the gated layers."""
     kw = dict(candidates=("0", "4/6", "6/8"), initial_choice="6/8", probe_share=0.5)
@@ -181,23 +249,24 @@ def test_probe_runs_count_in_the_steps_bitops_as_forward_work():
             assert with_probe[name].backward_data == plain[name].backward_data
 
 
-def _probe_step_bits():
+def _probe_step_bits(rule: str):
     x, y = _batch(24)
     m, d = _tiny(DFQConfig(candidates=("0", "4/6", "6/8"), estimator="probe", probe_share=0.25,
-                           min_exec_share=0.5))
+                           min_exec_share=0.5, probe_rule=rule))
     m.step = 3
     loss, g = m.loss_and_grad(x, y)
     return [np.float64(loss).tobytes()] + [g[k].tobytes() for k in sorted(g)] + [
         d.record.probes[u]["targets"].tobytes() for u in sorted(d.record.probes)]
 
 
-def test_probe_and_floor_bit_identical_on_one_and_two_threads():
+@pytest.mark.parametrize("rule", ["margin", "budget"])
+def test_probe_and_floor_bit_identical_on_one_and_two_threads(rule):
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = _probe_step_bits()
+        one = _probe_step_bits(rule)
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = _probe_step_bits()
+        two = _probe_step_bits(rule)
     finally:
         numba.set_num_threads(before)
     assert one == two

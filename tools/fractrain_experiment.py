@@ -39,6 +39,7 @@ from edgetrain.precision.dfq.config import (
     DEFAULT_PROBE_MARGIN,
     DEFAULT_PROBE_SHARE,
     DEFAULT_PROBE_WEIGHT,
+    PROBE_RULES,
 )
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.recalibrate import recalibrate
@@ -87,7 +88,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
             extra["fractrain_floors"] = list(args.floors)
     if row in PROBE_ROWS:
         extra.update(dfq_estimator="probe", dfq_probe_share=args.probe_share, dfq_probe_weight=args.probe_weight,
-                     dfq_probe_margin=args.probe_margin)
+                     dfq_probe_margin=args.probe_margin, dfq_probe_rule=args.probe_rule)
     if schedule == "fractrain":
         # FracTrain's target steps keep their ratios to the final target (CIFAR: 1.5..3 of 3).
         final = extra["dfq_target"]
@@ -235,7 +236,8 @@ def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
-                 "floors", "probe_share", "probe_weight", "probe_margin", "test_samples", "warmup")
+                 "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "test_samples",
+                 "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -516,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="probe rows: weight of the probe's loss on the gates")
     p.add_argument("--probe-margin", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_MARGIN,
                    help="probe rows: per-sample loss a cheaper candidate may trail the best by")
+    p.add_argument("--probe-rule", choices=PROBE_RULES, default="margin",
+                   help="probe rows: margin (cheapest within the margin of the best) or budget (the gates' spend, "
+                        "shared by loss sensitivity; docs/GATE_ESTIMATOR.md)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

@@ -183,6 +183,9 @@ class TrainConfig:
     dfq_probe_margin: float = setting(dfq.DEFAULT_PROBE_MARGIN, "probe estimator: per-sample loss a cheaper "
                                       "candidate may trail the best by and still be the target", "float",
                                       metavar="M", low=0.0, group="dfq")
+    dfq_probe_rule: str = setting("margin", "probe estimator: how measured candidates become the gates' targets: margin "
+                                  "(cheapest within the margin of the best) or budget (the gates' spend, shared by "
+                                  "loss sensitivity)", "str", metavar="RULE", group="dfq", choices=dfq.PROBE_RULES)
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
                                         group="dfq")
@@ -393,7 +396,8 @@ def dfq_settings(c: TrainConfig, cost_table: dict[str, dict[str, float]] | None 
     return dfq.DFQConfig(candidates=tuple(c.dfq_candidates or dfq.DEFAULT_CANDIDATES),
                          weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table,
                          estimator=c.dfq_estimator, probe_share=c.dfq_probe_share, probe_weight=c.dfq_probe_weight,
-                         probe_margin=c.dfq_probe_margin, min_exec_share=c.dfq_min_exec_share)
+                         probe_margin=c.dfq_probe_margin, probe_rule=c.dfq_probe_rule,
+                         min_exec_share=c.dfq_min_exec_share)
 
 
 def dfq_config(c: TrainConfig) -> dfq.DFQConfig:

@@ -23,6 +23,7 @@ ESTIMATORS = ("ste", "probe")  # how gates learn: straight-through only, or prob
 DEFAULT_PROBE_SHARE = 0.125  # share of each batch whose gated units also run a second candidate
 DEFAULT_PROBE_WEIGHT = 1.0  # weight of the probe's distillation loss on the gates
 DEFAULT_PROBE_MARGIN = 0.01  # per-sample loss a cheaper candidate may trail the best by and still be the target
+PROBE_RULES = ("margin", "budget")  # how the probe's scores become targets (edgetrain.precision.dfq.probe)
 # Batches that re-estimate the exported network's statistics (edgetrain.precision.dfq.recalibrate). With the
 # running statistics' momentum of 0.9 (PyTorch's 0.1) the gated statistics keep a weight of 0.9^25, about
 # 7%; measured on ResNet-38, 25 and 100 batches scored alike.
@@ -87,6 +88,7 @@ class DFQConfig:
     probe_share: float = DEFAULT_PROBE_SHARE
     probe_weight: float = DEFAULT_PROBE_WEIGHT
     probe_margin: float = DEFAULT_PROBE_MARGIN
+    probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": the spend, by sensitivity
     min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class DFQConfig:
             raise EdgetrainError(f"dfq initial_logit must be a finite number, got {logit!r}")
         if self.estimator not in ESTIMATORS:
             raise EdgetrainError(f"dfq estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.probe_rule not in PROBE_RULES:
+            raise EdgetrainError(f"dfq probe_rule must be one of {', '.join(PROBE_RULES)}, got {self.probe_rule!r}")
         if not _real(self.probe_share) or not 0 < self.probe_share <= 1:
             raise EdgetrainError(f"dfq probe_share must be a share in (0, 1], got {self.probe_share!r}")
         for name in ("probe_weight", "probe_margin"):
@@ -119,7 +123,7 @@ class DFQConfig:
         return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
                 "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice,
                 "estimator": self.estimator, "probe_share": self.probe_share, "probe_weight": self.probe_weight,
-                "probe_margin": self.probe_margin, "min_exec_share": self.min_exec_share}
+                "probe_margin": self.probe_margin, "probe_rule": self.probe_rule, "min_exec_share": self.min_exec_share}
 
     def check(self) -> tuple[Candidate, ...]:
         """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.

@@ -27,7 +27,7 @@ from edgetrain.precision.dfq.kernels import (
     sample_dots,
     scatter_add,
 )
-from edgetrain.precision.dfq.probe import distill_grad, probe_plan, probe_targets
+from edgetrain.precision.dfq.probe import budget_targets, distill_grad, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
@@ -275,12 +275,35 @@ class GatedUnit(Op):
         if len(probe.pair_rows):
             scores[probe.pair_rows, probe.pair_candidate] = sample_dots(dout[probe.rows[probe.pair_rows]], probe.out)
         keep = (~np.isnan(scores)).sum(axis=1) >= 2  # a choice between computing candidates was measured
-        scores = scores[keep] + dfq.cost_gradient(u)[None, :]
         rows = probe.rows[keep]
-        margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
-        targets = probe_targets(scores, dfq.unit_cost[u.index], margin) if len(rows) else np.zeros(0, np.int64)
+        cost = dfq.unit_cost[u.index]
+        if dfq.config.probe_rule == "budget":
+            scores = scores[keep]
+            targets = self._budget(scores, probs[rows], cost)
+        else:
+            scores = scores[keep] + dfq.cost_gradient(u)[None, :]
+            margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
+            targets = probe_targets(scores, cost, margin) if len(rows) else np.zeros(0, np.int64)
         dfq.record.probes[u.index] = {"rows": rows, "scores": scores, "targets": targets, "probs": probs[rows]}
         return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
+
+    @staticmethod
+    def _budget(scores: np.ndarray, probs: np.ndarray, cost: np.ndarray) -> np.ndarray:
+        """The budget rule's soft targets (probe.budget_targets) from each probed sample's two measured task
+        scores: sensitivity (dL/dy . (r_cheap - r_dear))^2, spend its gate's softmax over the pair times their costs."""
+        if not len(scores):
+            return np.zeros((0, len(cost)))
+        measured = np.argwhere(~np.isnan(scores))[:, 1].reshape(len(scores), 2)  # per row, ascending index
+        rank = np.lexsort((np.arange(len(cost)), cost)).argsort()  # cheaper first, ties by index
+        dear_first = rank[measured[:, 0]] > rank[measured[:, 1]]
+        cheap = np.where(dear_first, measured[:, 1], measured[:, 0])
+        dear = np.where(dear_first, measured[:, 0], measured[:, 1])
+        at = np.arange(len(scores))
+        gap = scores[at, cheap].astype(np.float64) - scores[at, dear]
+        pair = np.stack([probs[at, cheap], probs[at, dear]], axis=1).astype(np.float64)
+        pair /= pair.sum(axis=1, keepdims=True)
+        spend = pair[:, 0] * cost[cheap] + pair[:, 1] * cost[dear]
+        return budget_targets(gap * gap, cheap, dear, cost, spend)
 
     def buffer_updates(self, ctx: UnitContext):
         return ctx.updates

@@ -11,8 +11,17 @@ is the first-order change of the training loss L if s took k (r_k: what the bran
 the gradient at the unit's output, price: the cost regulariser's dL/d(choice k)). The target of s is
 the cheapest measured candidate whose score is within `margin` (per-sample loss, so divided by N)
 of the best, and the gate is trained towards it with a cross-entropy over the computing
-candidates' renormalised softmax, mean over probed samples, times `weight`. docs/GATE_ESTIMATOR.md
-gives the reasoning and the cost per step.
+candidates' renormalised softmax, mean over probed samples, times `weight`. That is the "margin" rule.
+
+The "budget" rule prices the gap instead of thresholding it. A probed sample's measured pair (cheap, dear)
+differs by delta = r_cheap - r_dear at the unit's output, and the loss's sensitivity to that difference is
+taken as the empirical-Fisher term (dL/dy_s . delta)^2 (as Fisher pruning prices removing a channel): always
+>= 0, large for the samples whose loss the lower precision moves most. The probed samples' budget is what
+their gates now spend in expectation (each pair's renormalised softmax times its costs), and it is spent as a
+fractional knapsack: every sample starts at its cheaper candidate and samples move to their dearer one in
+order of sensitivity per unit of cost until the budget is spent (the last one in part: soft targets). The
+rule moves no cost, only who gets it; the cost regulariser sets the level. docs/GATE_ESTIMATOR.md gives the
+reasoning and the cost per step.
 """
 from __future__ import annotations
 
@@ -50,16 +59,45 @@ def probe_targets(scores: np.ndarray, unit_cost: np.ndarray, margin: float) -> n
     return rank[ordered.argmax(axis=1)]
 
 
+def budget_targets(sensitivity: np.ndarray, cheap: np.ndarray, dear: np.ndarray, unit_cost: np.ndarray,
+                   spend: np.ndarray) -> np.ndarray:
+    """Soft targets (n, K) of the budget rule: each sample's pair (cheap, dear) shares out the total `spend` (what
+    each sample's gate spends now, between its pair's costs) as a fractional knapsack by sensitivity per unit of
+    cost (ties: the earlier sample first); each row sums to 1 and the targets' expected cost is the spend."""
+    n, k_count = len(sensitivity), len(unit_cost)
+    extra = unit_cost[dear] - unit_cost[cheap]
+    free = extra <= 0
+    ratio = np.where(free, np.inf, sensitivity / np.where(free, 1.0, extra))
+    spare = 0.0
+    for s in range(n):  # fixed order, plain floats: the same bits on every machine
+        spare += float(spend[s]) - float(unit_cost[cheap[s]])
+    up = np.zeros(n)
+    for s in np.lexsort((np.arange(n), -ratio)):
+        if free[s]:
+            up[s] = 1.0
+        elif spare > 0:
+            up[s] = min(1.0, spare / float(extra[s]))
+            spare -= up[s] * float(extra[s])
+    targets = np.zeros((n, k_count))
+    targets[np.arange(n), cheap] += 1.0 - up
+    targets[np.arange(n), dear] += up
+    return targets
+
+
 def distill_grad(probs: np.ndarray, rows: np.ndarray, targets: np.ndarray, weight: float,
                  among: np.ndarray | None = None) -> np.ndarray:
-    """dL/d(logits) of weight * mean over probed rows of cross-entropy(q, one-hot target), q the softmax over
-    the candidates in `among` (a boolean mask; None: all), so the other logits get nothing."""
+    """dL/d(logits) of weight * mean over probed rows of cross-entropy(q, target), q the softmax over the
+    candidates in `among` (a boolean mask; None: all), so the other logits get nothing; targets are candidate
+    indices (one-hot) or (rows, K) distributions."""
     out = np.zeros_like(probs)
     if len(rows):
         part = probs[rows].copy()
         if among is not None:
             part = np.where(among[None, :], part, 0)
             part /= part.sum(axis=1, keepdims=True)
-        part[np.arange(len(rows)), targets] -= 1
+        if targets.ndim == 2:
+            part -= targets
+        else:
+            part[np.arange(len(rows)), targets] -= 1
         out[rows] = part * (weight / len(rows))
     return out
