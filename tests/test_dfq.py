@@ -468,6 +468,16 @@ def test_fractrain_experiment_small_form(tmp_path, capsys):
     merged = json.loads(capsys.readouterr().out)["rows"]
     assert [r["row"] for r in merged] == [r["row"] for r in out["rows"]]
     assert [r["test_accuracy"] for r in merged] == [r["test_accuracy"] for r in out["rows"]]
+    # The budget rule's row keeps a label of its own, so a merge does not average it with the margin rule's.
+    assert fx.main(["--small", "--rows", "fractrain-probe", "--probe-rule", "budget", "--out", str(tmp_path / "b"),
+                    "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)["rows"][0]
+    assert budget["label"] == "FracTrain, probe estimator (budget rule)" and budget["bitops"] > 0
+    assert fx.main(["--merge", str(tmp_path / "results.json"), str(tmp_path / "b" / "results.json"), "--out",
+                    str(tmp_path / "merged2"), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["label"] for r in merged if r["row"] == "fractrain-probe"] == [rows["fractrain-probe"]["label"],
+                                                                             budget["label"]]
     assert fx.main(["--rows", "fp32,sgd", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "sgd" in err

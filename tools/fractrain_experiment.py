@@ -168,6 +168,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         result = trainer.fit()
         wall = time.perf_counter() - started
     label = f"static {args.static_bits}" if row == "static" and args.static_bits else LABELS[row]
+    if row in PROBE_ROWS and args.probe_rule != "margin":
+        label += f" ({args.probe_rule} rule)"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -300,8 +302,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             if r.get("full_depth_recalibrated_accuracy") is not None:
                 r["exported_delta_vs_static"] = 100.0 * (r["full_depth_recalibrated_accuracy"] - base["test_accuracy"])
     rows = []
-    for name in dict.fromkeys(r["row"] for r in runs):
-        mine = [r for r in runs if r["row"] == name]
+    for name, label in dict.fromkeys((r["row"], r["label"]) for r in runs):  # the label tells probe rules apart
+        mine = [r for r in runs if r["row"] == name and r["label"] == label]
         row = {"row": name, "label": mine[0]["label"], "seeds": [r["seed"] for r in mine],
                "accuracy_per_seed": [r["test_accuracy"] for r in mine], "runs": mine}
         for key in ("test_accuracy", "bitops", "fp32_bitops", "percent_of_fp32", "train_seconds", "peak_rss_mb",
