@@ -51,11 +51,11 @@ def test_probe_targets_match_a_loop_reference():
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1e3), st.sampled_from([(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]),
-                          st.floats(0, 1)), min_size=1, max_size=9))
+                          st.floats(-0.5, 1.5)), min_size=1, max_size=9))
 def test_budget_targets_spend_the_budget_as_the_fractional_knapsack(items):
-    """The budget rule is the optimum of its linear programme: maximise the sensitivity bought, spending at most
-    what the gates spend. Checked by its conditions: each row a distribution over its pair, the spend exactly
-    spent, at most one sample split, and no exchange that buys more (a sample left below its dearer candidate
+    """The budget rule is the optimum of its linear programme: buy the most sensitivity with the spend. Checked
+    by its conditions: each row a distribution over its pair, the spend exactly spent (within what the pairs can
+    cost), at most one sample split, and no exchange that buys more (a sample left below its dearer candidate
     never gives more sensitivity per unit of cost than one moved up)."""
     cost = np.array([1.0, 2.5, 4.0, 4.0])  # candidates 2 and 3 cost alike: a free move up
     sens = np.array([i[0] for i in items])
@@ -68,7 +68,7 @@ def test_budget_targets_spend_the_budget_as_the_fractional_knapsack(items):
     assert np.allclose(t[np.arange(n), cheap] + t[np.arange(n), dear], 1)
     up = t[np.arange(n), dear]
     extra = cost[dear] - cost[cheap]
-    assert np.isclose((t * cost).sum(), spend.sum()) or ((extra == 0) | (up == 1)).all()
+    assert np.isclose((t * cost).sum(), np.clip(spend.sum(), cost[cheap].sum(), cost[dear].sum()))
     assert ((up > 1e-12) & (up < 1 - 1e-12)).sum() <= 1
     assert (up[extra == 0] == 1).all()
     paid = extra > 0
@@ -204,31 +204,31 @@ def test_probe_gradient_on_the_gates_is_the_documented_distillation():
     assert np.abs(want).max() > 1e-3
 
 
-def test_budget_rule_targets_follow_from_sensitivity_and_the_gates_spend():
+def test_budget_rule_targets_follow_from_sensitivity_and_the_cost_target():
     """With the budget rule each probed sample's pair is priced by (dL/dy . (r_cheap - r_dear))^2, the difference
-    of its two measured task scores squared, and spends what its gate's softmax over the pair spends; the head
-    bias's gradient is the distillation towards those soft targets (no skip candidate, beta 0)."""
-    kw = dict(candidates=("3/6", "4/6", "6/8"), initial_choice="4/6", beta=0.0, probe_share=0.5)
+    of its two measured task scores squared, and may spend the cost target's share of the unit's fp32 cost; the
+    head bias's gradient is the distillation towards those soft targets (no skip candidate, beta 0)."""
+    kw = dict(candidates=("3/6", "4/6", "6/8"), initial_choice="4/6", beta=0.0, probe_share=0.5, target=2.0)
     _, g_p, d = _step(DFQConfig(**kw, estimator="probe", probe_rule="budget", probe_weight=0.3))
     want_bias = np.zeros(3)
-    moved = 0
+    split = 0
     for unit, rec in d.record.probes.items():
-        cost, scores, probs = d.unit_cost[unit], rec["scores"], rec["probs"].astype(np.float64)
+        cost, scores = d.unit_cost[unit], rec["scores"]
+        allowance = 0.02 * d.unit_fp32[unit]
+        assert cost[0] < allowance < cost[1]  # between 3/6 and 4/6: some samples above it, some below
         cheap, dear = [], []
         for row in scores:
             pair = sorted(np.flatnonzero(~np.isnan(row)), key=lambda k: (cost[k], k))
             cheap.append(pair[0])
             dear.append(pair[1])
-        at = np.arange(len(scores))
         cheap, dear = np.array(cheap), np.array(dear)
+        at = np.arange(len(scores))
         sens = (scores[at, cheap].astype(np.float64) - scores[at, dear]) ** 2
-        q = probs[at, dear] / (probs[at, cheap] + probs[at, dear])
-        spend = (1 - q) * cost[cheap] + q * cost[dear]
-        np.testing.assert_allclose(rec["targets"], budget_targets(sens, cheap, dear, cost, spend), atol=1e-9)
-        assert np.isclose((rec["targets"] * cost).sum(), spend.sum())  # the rule moves no cost
-        moved += int((rec["targets"][at, cheap] > 0.5).sum())
+        spend = np.full(len(scores), allowance)
+        np.testing.assert_array_equal(rec["targets"], budget_targets(sens, cheap, dear, cost, spend))
+        split += len(set(rec["targets"].argmax(1)))
         want_bias += 0.3 * (rec["probs"] - rec["targets"]).sum(0) / len(rec["rows"])
-    assert moved  # samples whose gates sit at 4/6 were sent to 3/6, to pay for others at 6/8
+    assert split > len(d.record.probes)  # in some unit, samples were sent to different candidates
     np.testing.assert_allclose(g_p[HEAD_BIAS], want_bias, rtol=1e-5, atol=1e-7)
 
 

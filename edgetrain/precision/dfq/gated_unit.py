@@ -279,7 +279,7 @@ class GatedUnit(Op):
         cost = dfq.unit_cost[u.index]
         if dfq.config.probe_rule == "budget":
             scores = scores[keep]
-            targets = self._budget(scores, probs[rows], cost)
+            targets = self._budget(scores, cost, dfq.target / 100.0 * dfq.unit_fp32[u.index])
         else:
             scores = scores[keep] + dfq.cost_gradient(u)[None, :]
             margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
@@ -288,9 +288,10 @@ class GatedUnit(Op):
         return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
 
     @staticmethod
-    def _budget(scores: np.ndarray, probs: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    def _budget(scores: np.ndarray, cost: np.ndarray, allowance: float) -> np.ndarray:
         """The budget rule's soft targets (probe.budget_targets) from each probed sample's two measured task
-        scores: sensitivity (dL/dy . (r_cheap - r_dear))^2, spend its gate's softmax over the pair times their costs."""
+        scores: sensitivity (dL/dy . (r_cheap - r_dear))^2; each sample may spend `allowance` (the cost target's
+        share of the unit's fp32 cost)."""
         if not len(scores):
             return np.zeros((0, len(cost)))
         measured = np.argwhere(~np.isnan(scores))[:, 1].reshape(len(scores), 2)  # per row, ascending index
@@ -300,10 +301,7 @@ class GatedUnit(Op):
         dear = np.where(dear_first, measured[:, 0], measured[:, 1])
         at = np.arange(len(scores))
         gap = scores[at, cheap].astype(np.float64) - scores[at, dear]
-        pair = np.stack([probs[at, cheap], probs[at, dear]], axis=1).astype(np.float64)
-        pair /= pair.sum(axis=1, keepdims=True)
-        spend = pair[:, 0] * cost[cheap] + pair[:, 1] * cost[dear]
-        return budget_targets(gap * gap, cheap, dear, cost, spend)
+        return budget_targets(gap * gap, cheap, dear, cost, np.full(len(scores), allowance))
 
     def buffer_updates(self, ctx: UnitContext):
         return ctx.updates

@@ -16,12 +16,12 @@ candidates' renormalised softmax, mean over probed samples, times `weight`. That
 The "budget" rule prices the gap instead of thresholding it. A probed sample's measured pair (cheap, dear)
 differs by delta = r_cheap - r_dear at the unit's output, and the loss's sensitivity to that difference is
 taken as the empirical-Fisher term (dL/dy_s . delta)^2 (as Fisher pruning prices removing a channel): always
->= 0, large for the samples whose loss the lower precision moves most. The probed samples' budget is what
-their gates now spend in expectation (each pair's renormalised softmax times its costs), and it is spent as a
-fractional knapsack: every sample starts at its cheaper candidate and samples move to their dearer one in
-order of sensitivity per unit of cost until the budget is spent (the last one in part: soft targets). The
-rule moves no cost, only who gets it; the cost regulariser sets the level. docs/GATE_ESTIMATOR.md gives the
-reasoning and the cost per step.
+>= 0, large for the samples whose loss the lower precision moves most. Each probed sample may spend what the
+cost target allows it (the target's share of the unit's fp32 cost), and the probed samples' total is spent as
+a fractional knapsack: every sample starts at its cheaper candidate and samples move to their dearer one in
+order of sensitivity per unit of cost until the budget is spent (the last one in part: soft targets). So the
+targets say which samples should sit above the target's level and which below; docs/GATE_ESTIMATOR.md gives
+the reasoning and the cost per step.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def probe_targets(scores: np.ndarray, unit_cost: np.ndarray, margin: float) -> n
 
 def budget_targets(sensitivity: np.ndarray, cheap: np.ndarray, dear: np.ndarray, unit_cost: np.ndarray,
                    spend: np.ndarray) -> np.ndarray:
-    """Soft targets (n, K) of the budget rule: each sample's pair (cheap, dear) shares out the total `spend` (what
-    each sample's gate spends now, between its pair's costs) as a fractional knapsack by sensitivity per unit of
-    cost (ties: the earlier sample first); each row sums to 1 and the targets' expected cost is the spend."""
+    """Soft targets (n, K) of the budget rule: the samples' pairs (cheap, dear) share out the total `spend` as a
+    fractional knapsack by sensitivity per unit of extra cost (ties: the earlier sample first); each row sums to
+    1, and the targets' expected cost is the spend, within what the pairs can cost (all cheap, all dear)."""
     n, k_count = len(sensitivity), len(unit_cost)
     extra = unit_cost[dear] - unit_cost[cheap]
     free = extra <= 0
