@@ -26,7 +26,8 @@ def to_onnx(model: Model) -> onnx.ModelProto:
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     dfq = DFQ.of(model)
-    gates = set(dfq.param_names) if dfq is not None else set()  # exported apart (edgetrain.precision.dfq.export)
+    # exported apart (edgetrain.precision.dfq.export), or training state only (the probe's price)
+    gates = set(dfq.param_names) | set(dfq.buffer_names) if dfq is not None else set()
     values = {k: v for k, v in {**model.parameters(), **model.buffers()}.items() if k not in gates}
     for name, arr in values.items():
         if name in inits:

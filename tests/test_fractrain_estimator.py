@@ -14,7 +14,7 @@ from edgetrain.precision.dfq.config import DFQConfig
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.gates import SHARED_NAMES
 from edgetrain.precision.dfq.guard import apply_floor
-from edgetrain.precision.dfq.probe import budget_targets, distill_grad, probe_plan, probe_targets
+from edgetrain.precision.dfq.probe import PRICE_RATE, distill_grad, priced_targets, probe_plan, probe_targets
 from edgetrain.train.optim import SGD
 
 HEAD_BIAS = SHARED_NAMES[-1]
@@ -50,41 +50,49 @@ def test_probe_targets_match_a_loop_reference():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.floats(0, 1e3), st.sampled_from([(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]),
-                          st.floats(-0.5, 1.5)), min_size=1, max_size=9))
-def test_budget_targets_spend_the_budget_as_the_fractional_knapsack(items):
-    """The budget rule is the optimum of its linear programme: buy the most sensitivity with the spend. Checked
-    by its conditions: each row a distribution over its pair, the spend exactly spent (within what the pairs can
-    cost), at most one sample split, and no exchange that buys more (a sample left below its dearer candidate
-    never gives more sensitivity per unit of cost than one moved up)."""
-    cost = np.array([1.0, 2.5, 4.0, 4.0])  # candidates 2 and 3 cost alike: a free move up
+@given(st.lists(st.tuples(st.floats(0, 1e3), st.sampled_from([(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)])),
+                min_size=1, max_size=9), st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.5]),
+       st.sampled_from([0.0, 1e-3, 1.0, 50.0]))
+def test_priced_targets_follow_the_allowance_and_the_price(items, allowance, price):
+    """The budget rule against a loop reference: a pair within the allowance goes dear, one above it cheap, one
+    across it dear when sensitivity per unit of extra cost beats the price (a price of 0 starts at the median
+    ratio); the price then moves by at most PRICE_RATE, up when the pairs across spent more than the allowance."""
+    cost = np.array([1.0, 2.5, 4.0, 4.0])
     sens = np.array([i[0] for i in items])
     cheap = np.array([i[1][0] for i in items])
     dear = np.array([i[1][1] for i in items])
-    spend = cost[cheap] + np.array([i[2] for i in items]) * (cost[dear] - cost[cheap])
-    t = budget_targets(sens, cheap, dear, cost, spend)
-    n = len(items)
-    assert np.allclose(t.sum(1), 1) and (t >= 0).all()
-    assert np.allclose(t[np.arange(n), cheap] + t[np.arange(n), dear], 1)
-    up = t[np.arange(n), dear]
-    extra = cost[dear] - cost[cheap]
-    assert np.isclose((t * cost).sum(), np.clip(spend.sum(), cost[cheap].sum(), cost[dear].sum()))
-    assert ((up > 1e-12) & (up < 1 - 1e-12)).sum() <= 1
-    assert (up[extra == 0] == 1).all()
-    paid = extra > 0
-    ratio = np.where(paid, sens / np.where(paid, extra, 1), np.inf)
-    for i in np.flatnonzero(paid & (up < 1 - 1e-12)):
-        assert not ((up > 1e-12) & paid & (ratio < ratio[i])).any()
+    targets, after = priced_targets(sens, cheap, dear, cost, allowance, price)
+    across = [s for s in range(len(items)) if cost[cheap[s]] < allowance < cost[dear[s]]]
+    ratios = sorted(sens[s] / (cost[dear[s]] - cost[cheap[s]]) for s in across)
+    start = ratios[(len(ratios) - 1) // 2] if price == 0.0 and ratios else price
+    spent = wanted = whole = 0.0
+    for s in range(len(items)):
+        lo, hi = cost[cheap[s]], cost[dear[s]]
+        if s in across:
+            up = sens[s] / (hi - lo) > start
+            spent, wanted, whole = spent + (hi - lo) * up, wanted + allowance - lo, whole + hi - lo
+        else:
+            up = hi <= allowance
+        assert targets[s] == (dear[s] if up else cheap[s])
+    want = start * (1 + PRICE_RATE * (spent - wanted) / whole) if across and start > 0 else start
+    assert after == pytest.approx(want, rel=1e-12)
+    assert after >= 0 and (not across or start == 0 or abs(after / start - 1) <= PRICE_RATE + 1e-12)
 
 
-def test_budget_targets_move_the_spend_to_the_most_sensitive_samples():
-    # Four samples between costs 1 and 3, their gates spending 2 each (half-way): two move up, two down,
-    # the two most sensitive per unit of cost up; ties go to the earlier sample.
-    cost = np.array([0.0, 1.0, 3.0])
-    t = budget_targets(np.array([0.5, 4.0, 0.5, 9.0]), np.full(4, 1), np.full(4, 2), cost, np.full(4, 2.0))
-    assert t[:, 2].tolist() == [0.0, 1.0, 0.0, 1.0]
-    t = budget_targets(np.array([1.0, 1.0, 1.0]), np.full(3, 1), np.full(3, 2), cost, np.full(3, 2.0))
-    assert t[:, 2].tolist() == [1.0, 0.5, 0.0]
+def test_the_price_settles_where_the_allowed_share_of_samples_goes_up():
+    """Dual ascent on a stationary stream: four probed samples a step, each across an allowance 30% of the way
+    from its cheaper to its dearer candidate, sensitivities log-normal. The price settles near the 70th
+    percentile of the ratios (NumPy's quantile of the same distribution), and about 30% of samples go up."""
+    rng = np.random.default_rng(3)
+    cost = np.array([1.0, 2.0])
+    price, ups = 0.0, []
+    for _ in range(4000):
+        sens = rng.lognormal(0.0, 2.0, 4)
+        targets, price = priced_targets(sens, np.zeros(4, np.int64), np.ones(4, np.int64), cost, 1.3, price)
+        ups.append(targets.mean())
+    reference = np.quantile(rng.lognormal(0.0, 2.0, 1_000_000), 0.7)
+    assert abs(np.mean(ups[1000:]) - 0.3) < 0.03
+    assert abs(np.log(price / reference)) < 0.5
 
 
 def test_distill_grad_matches_finite_differences():
@@ -204,18 +212,28 @@ def test_probe_gradient_on_the_gates_is_the_documented_distillation():
     assert np.abs(want).max() > 1e-3
 
 
-def test_budget_rule_targets_follow_from_sensitivity_and_the_cost_target():
+def test_budget_rule_targets_follow_from_sensitivity_the_cost_target_and_the_price():
     """With the budget rule each probed sample's pair is priced by (dL/dy . (r_cheap - r_dear))^2, the difference
-    of its two measured task scores squared, and may spend the cost target's share of the unit's fp32 cost; the
-    head bias's gradient is the distillation towards those soft targets (no skip candidate, beta 0)."""
+    of its two measured task scores squared, against the cost target's share of the unit's fp32 cost and the
+    unit's running price (a model buffer: checkpointed, not exported); the head bias's gradient is the
+    distillation towards those targets (no skip candidate, beta 0)."""
+    from edgetrain.export import to_onnx
+    from edgetrain.precision.dfq.controller import PRICE_BUFFER
+
     kw = dict(candidates=("3/6", "4/6", "6/8"), initial_choice="4/6", beta=0.0, probe_share=0.5, target=2.0)
-    _, g_p, d = _step(DFQConfig(**kw, estimator="probe", probe_rule="budget", probe_weight=0.3))
+    x, y = _batch(16)
+    m, d = _tiny(DFQConfig(**kw, estimator="probe", probe_rule="budget", probe_weight=0.3))
+    assert m.buffers()[PRICE_BUFFER] is d.probe_price and not d.probe_price.any()
+    for step in (4, 5):  # the first probe sets each price, the second is set at it
+        m.step = step
+        before = d.probe_price.copy()
+        _, g_p = m.loss_and_grad(x, y)
     want_bias = np.zeros(3)
     split = 0
     for unit, rec in d.record.probes.items():
         cost, scores = d.unit_cost[unit], rec["scores"]
         allowance = 0.02 * d.unit_fp32[unit]
-        assert cost[0] < allowance < cost[1]  # between 3/6 and 4/6: some samples above it, some below
+        assert cost[0] < allowance < cost[1]  # between 3/6 and 4/6
         cheap, dear = [], []
         for row in scores:
             pair = sorted(np.flatnonzero(~np.isnan(row)), key=lambda k: (cost[k], k))
@@ -224,12 +242,16 @@ def test_budget_rule_targets_follow_from_sensitivity_and_the_cost_target():
         cheap, dear = np.array(cheap), np.array(dear)
         at = np.arange(len(scores))
         sens = (scores[at, cheap].astype(np.float64) - scores[at, dear]) ** 2
-        spend = np.full(len(scores), allowance)
-        np.testing.assert_array_equal(rec["targets"], budget_targets(sens, cheap, dear, cost, spend))
-        split += len(set(rec["targets"].argmax(1)))
-        want_bias += 0.3 * (rec["probs"] - rec["targets"]).sum(0) / len(rec["rows"])
+        assert rec["price"] == before[unit] > 0
+        targets, after = priced_targets(sens, cheap, dear, cost, allowance, before[unit])
+        np.testing.assert_array_equal(rec["targets"], targets)
+        assert d.probe_price[unit] == after != before[unit]
+        split += len(set(targets.tolist()))
+        want_bias += 0.3 * (rec["probs"] - np.eye(3)[rec["targets"]]).sum(0) / len(rec["rows"])
     assert split > len(d.record.probes)  # in some unit, samples were sent to different candidates
     np.testing.assert_allclose(g_p[HEAD_BIAS], want_bias, rtol=1e-5, atol=1e-7)
+    assert PRICE_BUFFER in m.state_dict()
+    assert PRICE_BUFFER not in {t.name for t in to_onnx(m).graph.initializer}
 
 
 def test_probe_runs_count_in_the_steps_bitops_as_forward_work():

@@ -50,13 +50,16 @@ from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
 from edgetrain.precision.dfq.gated_unit import GatedUnit
-from edgetrain.precision.dfq.gates import SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
+from edgetrain.precision.dfq.gates import PREFIX, SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
 from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
     from edgetrain.ops.base import Op
+
+
+PRICE_BUFFER = PREFIX + "probe.price"  # the budget rule's running price per unit
 
 
 @dataclass
@@ -189,6 +192,13 @@ class DFQ:
                                   self.config.initial_logit, model.dtype)
         model.parameters().update(params)
         self.param_names = list(params)
+        # The budget rule's running price per unit (edgetrain.precision.dfq.probe): state a checkpoint keeps, so a
+        # model buffer (0: none yet); its updates land in place.
+        self.probe_price = np.zeros(len(self.units))
+        self.buffer_names: list[str] = []
+        if self.config.estimator == "probe" and self.config.probe_rule == "budget":
+            model.buffers()[PRICE_BUFFER] = self.probe_price
+            self.buffer_names.append(PRICE_BUFFER)
 
     def _build_ops(self, model: Model) -> None:
         """The model runs one GatedUnit op per unit from now on, in place of the unit's nodes."""

@@ -27,7 +27,7 @@ from edgetrain.precision.dfq.kernels import (
     sample_dots,
     scatter_add,
 )
-from edgetrain.precision.dfq.probe import budget_targets, distill_grad, probe_plan, probe_targets
+from edgetrain.precision.dfq.probe import distill_grad, priced_targets, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
@@ -279,21 +279,23 @@ class GatedUnit(Op):
         cost = dfq.unit_cost[u.index]
         if dfq.config.probe_rule == "budget":
             scores = scores[keep]
+            price = float(dfq.probe_price[u.index])  # the price this probe's targets were set at
             targets = self._budget(scores, cost, dfq.target / 100.0 * dfq.unit_fp32[u.index])
         else:
             scores = scores[keep] + dfq.cost_gradient(u)[None, :]
             margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
             targets = probe_targets(scores, cost, margin) if len(rows) else np.zeros(0, np.int64)
         dfq.record.probes[u.index] = {"rows": rows, "scores": scores, "targets": targets, "probs": probs[rows]}
+        if dfq.config.probe_rule == "budget":
+            dfq.record.probes[u.index]["price"] = price
         return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
 
-    @staticmethod
-    def _budget(scores: np.ndarray, cost: np.ndarray, allowance: float) -> np.ndarray:
-        """The budget rule's soft targets (probe.budget_targets) from each probed sample's two measured task
-        scores: sensitivity (dL/dy . (r_cheap - r_dear))^2; each sample may spend `allowance` (the cost target's
-        share of the unit's fp32 cost)."""
+    def _budget(self, scores: np.ndarray, cost: np.ndarray, allowance: float) -> np.ndarray:
+        """The budget rule's targets (probe.priced_targets) from each probed sample's two measured task scores:
+        sensitivity (dL/dy . (r_cheap - r_dear))^2, against the allowance (the cost target's share of the
+        unit's fp32 cost) and the unit's running price, which this probe moves."""
         if not len(scores):
-            return np.zeros((0, len(cost)))
+            return np.zeros(0, np.int64)
         measured = np.argwhere(~np.isnan(scores))[:, 1].reshape(len(scores), 2)  # per row, ascending index
         rank = np.lexsort((np.arange(len(cost)), cost)).argsort()  # cheaper first, ties by index
         dear_first = rank[measured[:, 0]] > rank[measured[:, 1]]
@@ -301,7 +303,10 @@ class GatedUnit(Op):
         dear = np.where(dear_first, measured[:, 0], measured[:, 1])
         at = np.arange(len(scores))
         gap = scores[at, cheap].astype(np.float64) - scores[at, dear]
-        return budget_targets(gap * gap, cheap, dear, cost, np.full(len(scores), allowance))
+        prices = self.dfq.probe_price
+        targets, prices[self.unit.index] = priced_targets(gap * gap, cheap, dear, cost, allowance,
+                                                          float(prices[self.unit.index]))
+        return targets
 
     def buffer_updates(self, ctx: UnitContext):
         return ctx.updates

@@ -16,12 +16,14 @@ candidates' renormalised softmax, mean over probed samples, times `weight`. That
 The "budget" rule prices the gap instead of thresholding it. A probed sample's measured pair (cheap, dear)
 differs by delta = r_cheap - r_dear at the unit's output, and the loss's sensitivity to that difference is
 taken as the empirical-Fisher term (dL/dy_s . delta)^2 (as Fisher pruning prices removing a channel): always
->= 0, large for the samples whose loss the lower precision moves most. Each probed sample may spend what the
-cost target allows it (the target's share of the unit's fp32 cost), and the probed samples' total is spent as
-a fractional knapsack: every sample starts at its cheaper candidate and samples move to their dearer one in
-order of sensitivity per unit of cost until the budget is spent (the last one in part: soft targets). So the
-targets say which samples should sit above the target's level and which below; docs/GATE_ESTIMATOR.md gives
-the reasoning and the cost per step.
+>= 0, large for the samples whose loss the lower precision moves most. Each sample may spend what the cost
+target allows it (the target's share of the unit's fp32 cost). A pair that costs no more than that allowance
+goes dear, one that costs more than it at its cheaper candidate goes cheap, and a pair across it goes dear
+when its sensitivity per unit of extra cost exceeds the unit's running price. The price is the Lagrange
+multiplier of "spend the allowance": after each probe it moves by a bounded ratio towards spending what the
+allowed share would have (dual ascent), so over the run the samples sent up are the most sensitive share of
+the distribution, not of the few samples one batch probes, and every target is decisive.
+docs/GATE_ESTIMATOR.md gives the reasoning and the cost per step.
 """
 from __future__ import annotations
 
@@ -59,29 +61,29 @@ def probe_targets(scores: np.ndarray, unit_cost: np.ndarray, margin: float) -> n
     return rank[ordered.argmax(axis=1)]
 
 
-def budget_targets(sensitivity: np.ndarray, cheap: np.ndarray, dear: np.ndarray, unit_cost: np.ndarray,
-                   spend: np.ndarray) -> np.ndarray:
-    """Soft targets (n, K) of the budget rule: the samples' pairs (cheap, dear) share out the total `spend` as a
-    fractional knapsack by sensitivity per unit of extra cost (ties: the earlier sample first); each row sums to
-    1, and the targets' expected cost is the spend, within what the pairs can cost (all cheap, all dear)."""
-    n, k_count = len(sensitivity), len(unit_cost)
-    extra = unit_cost[dear] - unit_cost[cheap]
-    free = extra <= 0
-    ratio = np.where(free, np.inf, sensitivity / np.where(free, 1.0, extra))
-    spare = 0.0
-    for s in range(n):  # fixed order, plain floats: the same bits on every machine
-        spare += float(spend[s]) - float(unit_cost[cheap[s]])
-    up = np.zeros(n)
-    for s in np.lexsort((np.arange(n), -ratio)):
-        if free[s]:
-            up[s] = 1.0
-        elif spare > 0:
-            up[s] = min(1.0, spare / float(extra[s]))
-            spare -= up[s] * float(extra[s])
-    targets = np.zeros((n, k_count))
-    targets[np.arange(n), cheap] += 1.0 - up
-    targets[np.arange(n), dear] += up
-    return targets
+PRICE_RATE = 0.1  # largest relative move of the price per probe (at the most over- or under-spent batch)
+
+
+def priced_targets(sensitivity: np.ndarray, cheap: np.ndarray, dear: np.ndarray, unit_cost: np.ndarray,
+                   allowance: float, price: float) -> tuple[np.ndarray, float]:
+    """The budget rule's targets (candidate indices) and the price after this probe (module doc). A price of 0
+    (none yet) starts at the median ratio of the pairs across the allowance."""
+    low, high = unit_cost[cheap], unit_cost[dear]
+    extra = high - low
+    across = (low < allowance) & (allowance < high)
+    ratio = sensitivity / np.where(across, extra, 1.0)
+    if price == 0.0 and across.any():
+        price = float(np.sort(ratio[across])[(int(across.sum()) - 1) // 2])
+    up = (high <= allowance) | (across & (ratio > price))
+    targets = np.where(up, dear, cheap)
+    if across.any() and price > 0:
+        spent = wanted = whole = 0.0
+        for s in np.flatnonzero(across):  # fixed order, plain floats: the same bits on every machine
+            spent += float(extra[s]) if up[s] else 0.0
+            wanted += allowance - float(low[s])
+            whole += float(extra[s])
+        price *= 1.0 + PRICE_RATE * (spent - wanted) / whole
+    return targets, price
 
 
 def distill_grad(probs: np.ndarray, rows: np.ndarray, targets: np.ndarray, weight: float,
