@@ -357,26 +357,31 @@ def _digits_split():
     return load_data("digits", seed=0)
 
 
-def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path):
-    """The indicator moves the DFQ target through its list; a resumed run ends with the same tensors."""
+@pytest.mark.parametrize("estimator", [{}, {"dfq_estimator": "probe", "dfq_probe_rule": "budget",
+                                              "dfq_probe_share": 0.5}], ids=["ste", "probe-budget"])
+def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path, estimator):
+    """The indicator moves the DFQ target through its list; a resumed run ends with the same tensors (the
+    budget rule's running prices too: a model buffer the checkpoint keeps)."""
     from edgetrain.train.runstate import latest_checkpoint
     from edgetrain.train.trainer import Trainer
 
     split = _digits_split()
     model_path = "edgetrain/assets/lenet5_digits.onnx"
     straight = edgetrain.load(model_path)
-    t = Trainer(straight, split, _fractrain_config(tmp_path / "a", 9), export_model=False)
+    t = Trainer(straight, split, _fractrain_config(tmp_path / "a", 9, **estimator), export_model=False)
     t.fit()
     assert [s["dfq_target"] for s in t.controller.switches][:2] == [2.0, 2.5]  # eps 10: flat at every check
     assert DFQ.of(straight).target == t.controller.precision["dfq_target"]
     first = edgetrain.load(model_path)
-    Trainer(first, split, _fractrain_config(tmp_path / "b", 6), export_model=False).fit()
+    Trainer(first, split, _fractrain_config(tmp_path / "b", 6, **estimator), export_model=False).fit()
     resumed = edgetrain.load(model_path)
-    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "b", 9), export_model=False)
+    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "b", 9, **estimator), export_model=False)
     t2.resume(latest_checkpoint(tmp_path / "b"))
     t2.fit()
-    for name, p in straight.parameters().items():
-        np.testing.assert_array_equal(resumed.parameters()[name], p, err_msg=name)
+    for name, p in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], p, err_msg=name)
+    if estimator:
+        assert DFQ.of(straight).probe_price.any()
 
 
 def test_a_new_target_points_saturated_gates_at_its_nearest_candidate():
