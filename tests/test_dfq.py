@@ -384,6 +384,35 @@ def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path, estima
         assert DFQ.of(straight).probe_price.any()
 
 
+def test_a_switch_on_the_last_step_leaves_the_gates_the_run_trained(tmp_path):
+    """FracTrain points the gates at a new target before the next step, not when it switches: a switch on the
+    last step leaves the head's bias as trained for the final evaluation and export, and a run extended past
+    it points them then, bit-identical to one that ran straight through."""
+    from edgetrain.train.runstate import latest_checkpoint
+    from edgetrain.train.trainer import Trainer
+
+    split = _digits_split()
+    model_path = "edgetrain/assets/lenet5_digits.onnx"
+    short = edgetrain.load(model_path)
+    t = Trainer(short, split, _fractrain_config(tmp_path / "a", 6, pfq_switch_steps=[6, 8, 20]), export_model=False)
+    t.fit()
+    assert [s["step"] for s in t.controller.switches] == [5] and t.pending_aim == DFQ.of(short).target
+    trained = short.parameters()[gates.SHARED_NAMES[-1]].copy()
+    probe = edgetrain.load(model_path)
+    Trainer(probe, split, _fractrain_config(tmp_path / "p", 6, pfq_switch_steps=[6, 8, 20]), export_model=False).fit()
+    DFQ.of(probe).aim(DFQ.of(probe).target)
+    assert not np.array_equal(probe.parameters()[gates.SHARED_NAMES[-1]], trained)  # aiming would have moved it
+    straight = edgetrain.load(model_path)
+    Trainer(straight, split, _fractrain_config(tmp_path / "b", 9, pfq_switch_steps=[6, 8, 20]), export_model=False).fit()
+    resumed = edgetrain.load(model_path)
+    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "a", 9, pfq_switch_steps=[6, 8, 20]), export_model=False)
+    t2.resume(latest_checkpoint(tmp_path / "a"))
+    assert t2.pending_aim == t.pending_aim
+    t2.fit()
+    for name, p in straight.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], p, err_msg=name)
+
+
 def test_a_new_target_points_saturated_gates_at_its_nearest_candidate():
     """After a long push one way the head's softmax saturates and passes the straight-through estimator
     no gradient; aim() (FracTrain's switches) restarts the bias from its initial lead on the costliest

@@ -43,6 +43,7 @@ CONTROLLER_JSON = "controller_json/"
 PLAIN_TYPES = (np.ndarray, np.generic, bool, int, float, str)  # what a checkpoint stores as it is
 COST_PER_LAYER = COST + "per_layer/"
 PRECISION = "precision"  # trainer/precision: JSON of the spec in force
+PENDING_AIM = "pending_aim"  # trainer/pending_aim: FracTrain's target the next step points the gates at
 COST_FIELDS = ("steps", "bitops", "fp32_bitops")
 
 

@@ -60,6 +60,7 @@ from edgetrain.train.runfolder import (
 )
 from edgetrain.train.runlog import LOG_NAME, RunLog, precision_summary
 from edgetrain.train.runstate import (
+    PENDING_AIM,
     PRECISION,
     apply_precision,
     output_classes,
@@ -217,6 +218,9 @@ class Trainer:
         self._set_precision(self.controller.precision)  # now: a bad override pattern fails before any file
         self.last_loss: float | None = None
         self.elapsed = 0.0
+        # FracTrain's next target, to point the gates at before the next step trains (None: nothing waiting).
+        # Not at once: a switch on the last step would reset the head's bias the run then evaluates and exports.
+        self.pending_aim: float | None = None
         self.resumed_from: int | None = None
         self.evals: list[dict[str, Any]] = []
         self._manager: CheckpointManager | None = None
@@ -245,6 +249,8 @@ class Trainer:
                                  f"controller now says {self.spec!r}; was the checkpoint made with other settings?")
         self.last_loss = trainer.get("last_loss")
         self.elapsed = float(trainer.get("elapsed", 0.0))
+        pending = trainer.get(PENDING_AIM)
+        self.pending_aim = None if pending is None else float(pending)
         self.step = self.resumed_from = ckpt.step
 
     def add_gradient_term(self, term: Callable[[dict[str, np.ndarray]], None]) -> None:
@@ -270,6 +276,8 @@ class Trainer:
         trainer = {PRECISION: json.dumps(self.spec), "elapsed": float(self.elapsed)}
         if self.last_loss is not None:
             trainer["last_loss"] = float(self.last_loss)
+        if self.pending_aim is not None:
+            trainer[PENDING_AIM] = float(self.pending_aim)
         return self.manager.save(
             self.step, params=self.model.parameters(), buffers=self.model.buffers(),
             optimizer_state=self.optimizer.state_dict(),
@@ -292,6 +300,9 @@ class Trainer:
     def train_step(self) -> float:
         """One update (number self.step, 0-based) at the precision in force; returns its loss."""
         s = self.step
+        if self.pending_aim is not None:
+            DFQ.of(self.model).aim(self.pending_aim)
+            self.pending_aim = None
         x, y = self.loader.batch_at(s)
         try:
             with np.errstate(**QUIET_NUMPY):
@@ -320,8 +331,8 @@ class Trainer:
             old = self.spec.get("dfq_target") if isinstance(self.spec, dict) else None
             self._set_precision(spec)
             new = spec.get("dfq_target") if isinstance(spec, dict) else None
-            if new is not None and new != old:  # FracTrain's next target: the gates are pointed at it
-                DFQ.of(self.model).aim(new)
+            if new is not None and new != old:  # FracTrain's next target: the next step points the gates at it
+                self.pending_aim = new
 
     def run_eval(self) -> dict[str, Any]:
         """Evaluate on the test split and remember the result."""
