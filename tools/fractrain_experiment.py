@@ -521,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-margin", type=NON_NEGATIVE_FLOAT, default=DEFAULT_PROBE_MARGIN,
                    help="probe rows: per-sample loss a cheaper candidate may trail the best by")
     p.add_argument("--probe-rule", choices=PROBE_RULES, default="margin",
-                   help="probe rows: margin (cheapest within the margin of the best) or budget (the gates' spend, "
-                        "shared by loss sensitivity; docs/GATE_ESTIMATOR.md)")
+                   help="probe rows: margin (cheapest within the margin of the best) or budget (what the cost "
+                        "target allows, to the samples most sensitive to precision; docs/GATE_ESTIMATOR.md)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

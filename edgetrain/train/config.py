@@ -183,9 +183,10 @@ class TrainConfig:
     dfq_probe_margin: float = setting(dfq.DEFAULT_PROBE_MARGIN, "probe estimator: per-sample loss a cheaper "
                                       "candidate may trail the best by and still be the target", "float",
                                       metavar="M", low=0.0, group="dfq")
-    dfq_probe_rule: str = setting("margin", "probe estimator: how measured candidates become the gates' targets: margin "
-                                  "(cheapest within the margin of the best) or budget (the gates' spend, shared by "
-                                  "loss sensitivity)", "str", metavar="RULE", group="dfq", choices=dfq.PROBE_RULES)
+    dfq_probe_rule: str = setting("margin", "probe estimator: how measured candidates become the gates' targets: "
+                                  "margin (cheapest within the margin of the best) or budget (what the cost target "
+                                  "allows, to the samples most sensitive to precision)", "str", metavar="RULE",
+                                  group="dfq", choices=dfq.PROBE_RULES)
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
                                         group="dfq")

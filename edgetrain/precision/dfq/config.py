@@ -88,7 +88,7 @@ class DFQConfig:
     probe_share: float = DEFAULT_PROBE_SHARE
     probe_weight: float = DEFAULT_PROBE_WEIGHT
     probe_margin: float = DEFAULT_PROBE_MARGIN
-    probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": the spend, by sensitivity
+    probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": priced sensitivity
     min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
 
     def __post_init__(self) -> None:

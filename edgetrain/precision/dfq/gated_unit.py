@@ -277,17 +277,17 @@ class GatedUnit(Op):
         keep = (~np.isnan(scores)).sum(axis=1) >= 2  # a choice between computing candidates was measured
         rows = probe.rows[keep]
         cost = dfq.unit_cost[u.index]
-        if dfq.config.probe_rule == "budget":
-            scores = scores[keep]
-            price = float(dfq.probe_price[u.index])  # the price this probe's targets were set at
+        record = {"rows": rows, "probs": probs[rows]}
+        if dfq.config.probe_rule == "budget":  # scores: the task's alone (the allowance and price stand for cost)
+            record["scores"] = scores = scores[keep]
+            record["price"] = float(dfq.probe_price[u.index])  # what this probe's targets were set at
             targets = self._budget(scores, cost, dfq.target / 100.0 * dfq.unit_fp32[u.index])
-        else:
-            scores = scores[keep] + dfq.cost_gradient(u)[None, :]
+        else:  # scores: the task's plus the regulariser's price of each candidate
+            record["scores"] = scores = scores[keep] + dfq.cost_gradient(u)[None, :]
             margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
             targets = probe_targets(scores, cost, margin) if len(rows) else np.zeros(0, np.int64)
-        dfq.record.probes[u.index] = {"rows": rows, "scores": scores, "targets": targets, "probs": probs[rows]}
-        if dfq.config.probe_rule == "budget":
-            dfq.record.probes[u.index]["price"] = price
+        record["targets"] = targets
+        dfq.record.probes[u.index] = record
         return distill_grad(probs, rows, targets, dfq.config.probe_weight, ~dfq.skips).astype(probs.dtype, copy=False)
 
     def _budget(self, scores: np.ndarray, cost: np.ndarray, allowance: float) -> np.ndarray:

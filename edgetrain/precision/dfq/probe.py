@@ -88,18 +88,14 @@ def priced_targets(sensitivity: np.ndarray, cheap: np.ndarray, dear: np.ndarray,
 
 def distill_grad(probs: np.ndarray, rows: np.ndarray, targets: np.ndarray, weight: float,
                  among: np.ndarray | None = None) -> np.ndarray:
-    """dL/d(logits) of weight * mean over probed rows of cross-entropy(q, target), q the softmax over the
-    candidates in `among` (a boolean mask; None: all), so the other logits get nothing; targets are candidate
-    indices (one-hot) or (rows, K) distributions."""
+    """dL/d(logits) of weight * mean over probed rows of cross-entropy(q, one-hot target), q the softmax over
+    the candidates in `among` (a boolean mask; None: all), so the other logits get nothing."""
     out = np.zeros_like(probs)
     if len(rows):
         part = probs[rows].copy()
         if among is not None:
             part = np.where(among[None, :], part, 0)
             part /= part.sum(axis=1, keepdims=True)
-        if targets.ndim == 2:
-            part -= targets
-        else:
-            part[np.arange(len(rows)), targets] -= 1
+        part[np.arange(len(rows)), targets] -= 1
         out[rows] = part * (weight / len(rows))
     return out
