@@ -393,19 +393,20 @@ def test_a_switch_on_the_last_step_leaves_the_gates_the_run_trained(tmp_path):
 
     split = _digits_split()
     model_path = "edgetrain/assets/lenet5_digits.onnx"
+    manual = {"pfq_switch_steps": [6, 8, 20]}  # switches after steps 5 and 7
     short = edgetrain.load(model_path)
-    t = Trainer(short, split, _fractrain_config(tmp_path / "a", 6, pfq_switch_steps=[6, 8, 20]), export_model=False)
+    t = Trainer(short, split, _fractrain_config(tmp_path / "a", 6, **manual), export_model=False)
     t.fit()
     assert [s["step"] for s in t.controller.switches] == [5] and t.pending_aim == DFQ.of(short).target
     trained = short.parameters()[gates.SHARED_NAMES[-1]].copy()
     probe = edgetrain.load(model_path)
-    Trainer(probe, split, _fractrain_config(tmp_path / "p", 6, pfq_switch_steps=[6, 8, 20]), export_model=False).fit()
+    Trainer(probe, split, _fractrain_config(tmp_path / "p", 6, **manual), export_model=False).fit()
     DFQ.of(probe).aim(DFQ.of(probe).target)
     assert not np.array_equal(probe.parameters()[gates.SHARED_NAMES[-1]], trained)  # aiming would have moved it
     straight = edgetrain.load(model_path)
-    Trainer(straight, split, _fractrain_config(tmp_path / "b", 9, pfq_switch_steps=[6, 8, 20]), export_model=False).fit()
+    Trainer(straight, split, _fractrain_config(tmp_path / "b", 9, **manual), export_model=False).fit()
     resumed = edgetrain.load(model_path)
-    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "a", 9, pfq_switch_steps=[6, 8, 20]), export_model=False)
+    t2 = Trainer(resumed, split, _fractrain_config(tmp_path / "a", 9, **manual), export_model=False)
     t2.resume(latest_checkpoint(tmp_path / "a"))
     assert t2.pending_aim == t.pending_aim
     t2.fit()
