@@ -27,7 +27,7 @@ from edgetrain.precision.dfq.kernels import (
     sample_dots,
     scatter_add,
 )
-from edgetrain.precision.dfq.probe import distill_grad, priced_targets, probe_plan, probe_targets
+from edgetrain.precision.dfq.probe import distill_grad, measured_pairs, priced_targets, probe_plan, probe_targets
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
@@ -296,11 +296,7 @@ class GatedUnit(Op):
         unit's fp32 cost) and the unit's running price, which this probe moves."""
         if not len(scores):
             return np.zeros(0, np.int64)
-        measured = np.argwhere(~np.isnan(scores))[:, 1].reshape(len(scores), 2)  # per row, ascending index
-        rank = np.lexsort((np.arange(len(cost)), cost)).argsort()  # cheaper first, ties by index
-        dear_first = rank[measured[:, 0]] > rank[measured[:, 1]]
-        cheap = np.where(dear_first, measured[:, 1], measured[:, 0])
-        dear = np.where(dear_first, measured[:, 0], measured[:, 1])
+        cheap, dear = measured_pairs(scores, cost)
         at = np.arange(len(scores))
         gap = scores[at, cheap].astype(np.float64) - scores[at, dear]
         prices = self.dfq.probe_price

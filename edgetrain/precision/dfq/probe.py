@@ -56,9 +56,22 @@ def probe_targets(scores: np.ndarray, unit_cost: np.ndarray, margin: float) -> n
     best = np.nanmin(scores, axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
         eligible = scores <= best + margin
-    rank = np.lexsort((np.arange(len(unit_cost)), unit_cost))  # cheapest first, ties by index
+    rank = cheapest_first(unit_cost)
     ordered = eligible[:, rank]
     return rank[ordered.argmax(axis=1)]
+
+
+def cheapest_first(unit_cost: np.ndarray) -> np.ndarray:
+    """Candidate indices from the cheapest to the dearest, ties by index (how both rules order candidates)."""
+    return np.lexsort((np.arange(len(unit_cost)), unit_cost))
+
+
+def measured_pairs(scores: np.ndarray, unit_cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's two measured candidates (its non-NaN scores), as (cheap, dear) in `cheapest_first` order."""
+    measured = np.argwhere(~np.isnan(scores))[:, 1].reshape(len(scores), 2)
+    position = cheapest_first(unit_cost).argsort()
+    cheap, dear = np.take_along_axis(measured, position[measured].argsort(axis=1), axis=1).T
+    return cheap, dear
 
 
 PRICE_RATE = 0.1  # largest relative move of the price per probe (at the most over- or under-spent batch)
