@@ -394,3 +394,38 @@ def test_fused_adam_gives_the_numpy_expressions_bits(monkeypatch, dtype, cls, op
         assert not np.array_equal(fused.params[k], start[k])
         for kind in ("exp_avg", "exp_avg_sq"):
             assert np.array_equal(fused._state[kind][k], plain._state[kind][k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,opts", [(SGD, {"momentum": 0.9}), (SGD, {"momentum": 0.9, "nesterov": True}),
+                                      (Adam, {}), (AdamW, {"weight_decay": 0.1})])
+def test_state_never_keeps_a_subnormal_and_the_paths_agree(monkeypatch, dtype, cls, opts):
+    """A dead unit (its gradient zero after one step) has its momentum decay toward zero: without the flush,
+    0.9 times the smallest subnormal rounds back to itself and the buffer holds subnormals forever (slow
+    multiplies on x86). With it every state value is zero or at least the smallest normal, in the fused
+    kernels and the NumPy expressions alike, bit for bit; gradients with subnormal and near-subnormal values
+    go through both."""
+    import edgetrain.train.optim as optim
+
+    tiny = np.finfo(dtype).tiny
+    rng = np.random.default_rng(11)
+    start = {"w": rng.standard_normal(64).astype(dtype)}
+    fused, plain = (cls({k: v.copy() for k, v in start.items()}, 0.01, **opts) for _ in range(2))
+    fusable = optim._fusable
+    first = (rng.standard_normal(64) * tiny * 1e3).astype(dtype)
+    first[:8] = tiny * np.array([0.5, -0.25, 1.0, -1.5, 3.0, 2.0 ** -10, 0.0, -0.75])  # subnormal and barely normal
+    steps = 1200 if dtype == np.float32 else 7200  # 0.9^n takes 1e3 x tiny below the subnormals' floor
+    for step in range(steps):
+        grads = {"w": first if step == 0 else np.zeros(64, dtype)}
+        fused.step(grads)
+        monkeypatch.setattr(optim, "_fusable", lambda *a: False)
+        plain.step(grads)
+        monkeypatch.setattr(optim, "_fusable", fusable)
+    for opt in (fused, plain):
+        for table in opt._state.values():
+            state = table["w"]
+            assert not np.any((state != 0) & (np.abs(state) < tiny)), "a subnormal was kept"
+            assert np.all(state == 0), "the dead unit's state did not reach zero"
+    for kind in fused._state:
+        assert np.array_equal(fused._state[kind]["w"], plain._state[kind]["w"])
+    assert np.array_equal(fused.params["w"], plain.params["w"])
