@@ -47,8 +47,8 @@ from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
-from edgetrain.quant import QTensor, RunningRange, quantize
-from edgetrain.quant.qtensor import Prequantised
+from edgetrain.quant import QTensor, RunningRange, quantize, small_linear
+from edgetrain.quant.qtensor import Prequantised, QuantStats
 from edgetrain.quant.quantizer import quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
@@ -110,6 +110,7 @@ class LinearContext(MACContext):
     c_shape: tuple | None = None
     alpha: float = 1.0
     beta: float = 1.0
+    small: small_linear.Codes | None = None  # the forward took `small_linear`'s path: the backward's codes
 
 
 class QuantMAC(Op):
@@ -158,6 +159,13 @@ class QuantMAC(Op):
         rt.count(key, q.stats.saturated)
         return q
 
+    def _record_input(self, stats: QuantStats) -> None:
+        """What `_quantize_input` records of a training batch's codes made elsewhere: the running range and
+        the clip counter."""
+        rt = self.runtime
+        rt.act_ranges.setdefault(self.range_key, RunningRange(rt.range_momentum)).update(stats.observed_max)
+        rt.count(self.range_key, stats.saturated)
+
     def _prequantised_input(self, x, groups: Sequence[Group], training: bool) -> QTensor | None:
         """x's codes where its producer already wrote them for this layer (a BatchNorm's `codes_for`:
         exactly what `_quantize_input` would make of the floats, in training, with a range from the batch),
@@ -170,9 +178,7 @@ class QuantMAC(Op):
         if not (training and len(groups) == 1 and groups[0].op is self and groups[0].rows.indices(n) == (0, n, 1)
                 and self.unsigned_input and not q.signed and q.bits == self.precision.act_bits):
             return None
-        rt = self.runtime
-        rt.act_ranges.setdefault(self.range_key, RunningRange(rt.range_momentum)).update(q.stats.observed_max)
-        rt.count(self.range_key, q.stats.saturated)
+        self._record_input(q.stats)
         return q
 
     def _quantize_weight(self, w_rows: np.ndarray, training: bool) -> tuple[QTensor, QTensor | None]:
@@ -406,7 +412,8 @@ def _conv3d_backward_data(dyq: np.ndarray, vq: np.ndarray, x_shape: tuple, geo, 
 
 
 class QuantLinear(QuantMAC):
-    """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers."""
+    """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers. A small static
+    layer in training takes `small_linear` (the same floats, in three calls a step instead of about ten)."""
 
     def _rows_are_weight(self) -> bool:
         # Rows must be output channels: Gemm with transB=1 stores (out, in), MatMul and transB=0 (in, out).
@@ -418,6 +425,8 @@ class QuantLinear(QuantMAC):
     def forward_groups(self, inputs, run, groups, merge=True):
         x, w = inputs[0], inputs[1]
         c = inputs[2] if len(inputs) > 2 else None
+        if self._small(x, w, c, run, groups):
+            return self._small_forward(x, w, c, run, groups)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         rows = _flat_rows(groups, x.shape, x2.shape[0])
@@ -443,7 +452,47 @@ class QuantLinear(QuantMAC):
         return [y], LinearContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), vqs, rows,
                                   None if c is None else c.shape, alpha, beta)
 
+    def _small(self, x, w, c, run: Run, groups: Sequence[Group]) -> bool:
+        """Whether this step takes `small_linear`: training, one group of every row, weights stored as rows,
+        a plain bias, and a product small enough (`small_linear.fits`)."""
+        if not (run.training and len(groups) == 1 and groups[0].op is self and x.ndim >= 2 and x.size
+                and groups[0].rows.indices(x.shape[0]) == (0, x.shape[0], 1) and self._rows_are_weight()
+                and x.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x.dtype):
+            return False
+        gemm = self.node.op_type == "Gemm"
+        if gemm and (float(self.attr("alpha", 1.0)) != 1.0 or float(self.attr("beta", 1.0)) != 1.0):
+            return False
+        if c is not None and (c.shape != w.shape[:1] or c.dtype != x.dtype or not c.flags.c_contiguous):
+            return False
+        p = self.precision
+        return small_linear.fits(x.size // x.shape[-1], x.shape[-1], w.shape[0], p.act_bits, p.weight_bits,
+                                 p.grad_bits, x.dtype)
+
+    def _small_forward(self, x, w, c, run: Run, groups: Sequence[Group]):
+        y, stats, codes = small_linear.forward(x.reshape(-1, x.shape[-1]), w, c, self.precision.act_bits,
+                                               not self.unsigned_input, self.precision.weight_bits,
+                                               self.runtime.pow2_scales)
+        self._record_input(stats)
+        # The codes live in `small` (as float32): inputs and tensor_codes stay empty.
+        return [y.reshape(x.shape[:-1] + (w.shape[0],))], LinearContext(
+            list(groups), [], w, x.shape, x.dtype, run.key, True, 1, None, [slice(None)],
+            None if c is None else c.shape, small=codes)
+
+    def _small_backward(self, ctx: LinearContext, grads, needed):
+        g = np.ascontiguousarray(grads[0]).reshape(-1, grads[0].shape[-1])
+        # The kernel's bias gradient is detfloat's fixed-order sum; with detfloat off, NumPy's (as the general path).
+        fused_bias = ctx.c_shape is not None and detfloat.active()
+        dw, dx, db = small_linear.backward(g, self.precision.grad_bits, self.runtime.pow2_scales,
+                                           (*ctx.key, self.layer_index * STREAMS_PER_LAYER), ctx.small,
+                                           bool(needed[0]), fused_bias)
+        out = [None if dx is None else dx.reshape(ctx.x_shape), dw]
+        if ctx.c_shape is not None:
+            out.append(db if fused_bias else unbroadcast(grads[0], ctx.c_shape))
+        return out
+
     def backward(self, ctx: LinearContext, grads, needed):
+        if ctx.small is not None:
+            return self._small_backward(ctx, grads, needed)
         dtype, w = ctx.dtype, ctx.w
         dy = grads[0].reshape(-1, grads[0].shape[-1])
         dy_a = dy * dtype.type(ctx.alpha) if ctx.alpha != 1.0 else dy

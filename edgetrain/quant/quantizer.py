@@ -355,7 +355,7 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if x3.shape[0] == 1 and x3.shape[1] == 1 and x3.size >= _PARALLEL_EXTREMA_MIN:
         found = _flat_extrema(x3.reshape(-1))  # x3 comes from _as_float: float32/64 and contiguous
         if found is None:
-            raise _non_finite(x3)
+            raise non_finite(x3)
         return found
     if x3.size >= _KEY_EXTREMA_MIN:
         ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x3.dtype]
@@ -366,10 +366,10 @@ def _finite_extrema(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = np.empty(x3.shape[1], np.float64), np.empty(x3.shape[1], np.float64)
         if _extrema(x3, lo, hi):
             return lo, hi
-    raise _non_finite(x3)
+    raise non_finite(x3)
 
 
-def _non_finite(x3: np.ndarray) -> NonFiniteError:
+def non_finite(x3: np.ndarray) -> NonFiniteError:
     """The error for a tensor that holds NaN or infinity, with the count."""
     return NonFiniteError(f"cannot quantise: the tensor holds {int((~np.isfinite(x3)).sum())} NaN or infinite values")
 
@@ -560,7 +560,7 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
                          stochastic, np.uint64(stream_seed(key)) if stochastic else np.uint64(0),
                          np.int64(index_offset), PARALLEL_MIN_ELEMENTS, q.reshape(x3.shape), out)
     if sat == -1:
-        raise _non_finite(x3)
+        raise non_finite(x3)
     if sat == -2:
         raise ValueError(f"a quantisation range must be finite and >= 0, got {given}")
     stats = QuantStats(int(x.size), int(sat), max(abs(float(out[2])), abs(float(out[1]))))
@@ -605,6 +605,12 @@ def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_pa
     return sat.sum() + flat_sat.sum()
 
 
+# The compiled quantisers themselves, for compiled kernels that quantise inside one call
+# (`small_linear`): the same codes and scales as `quantize` per tensor and `quantize_weights`.
+quantize_flat_kernel = _quantize_flat
+quantize_both_kernel = _quantize_both
+
+
 def quantize_weights(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> tuple[QTensor, QTensor]:
     """Signed nearest codes of w_rows per row (axis 0) and per tensor, from one range scan and one call:
     exactly `quantize(w_rows, bits, axis=0)` and `quantize(w_rows, bits)`. A MAC layer's forward takes
@@ -624,7 +630,7 @@ def quantize_weights(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> tu
     sat = _quantize_both(x3, x3.view(ints), exp_mask, mag_mask, sign, qmin, qmax, bool(pow2), PARALLEL_MIN_ELEMENTS,
                          q_rows.reshape(x3.shape), q_flat.reshape(1, 1, x.size), scales, extrema)
     if sat == -1:
-        raise _non_finite(x3)
+        raise non_finite(x3)
     stats = QuantStats(int(x.size), int(sat), max(abs(float(extrema[0])), abs(float(extrema[1]))))
     return (QTensor.trusted(q_rows, scales[:-1], bits, True, 0, stats),
             QTensor.trusted(q_flat, np.float32(scales[-1]), bits, True, None, stats))
