@@ -297,7 +297,8 @@ def _kernels():
             quantizer._quantize_nearest, quantizer._quantize_stochastic, quantizer._quantize_both,
             quantizer._quantize_flat, optim._sgd_momentum, dfq_kernels._matmul, dfq_kernels._row_means,
             gate_kernels.gate_forward_rows, gate_kernels.gate_backward_rows, gate_kernels.sample_sums,
-            detfloat.tanh64_block, detfloat.softmax_xent64, small_linear.forward_codes, small_linear.backward_codes]
+            detfloat.tanh64_block, detfloat.softmax_xent64, small_linear.forward_codes, small_linear.backward_codes,
+            detfloat._linear_forward_small, detfloat._linear_backward_small]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -335,7 +336,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     assert {"_gemm", "_sum_mid", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
             "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "gate_forward_rows",
             "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64", "forward_codes",
-            "backward_codes"} <= checked
+            "backward_codes", "_linear_forward_small", "_linear_backward_small"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit
@@ -488,3 +489,36 @@ def test_deterministic_flag_on_the_train_command_line():
 
     args = build_parser().parse_args(["train", "m.onnx", "--deterministic"])
     assert args.deterministic is True
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n,trans_a,trans_b", [(8, 84, 10, False, True), (3, 5, 7, True, False),
+                                                    (1, 1, 1, False, False), (16, 40, 30, True, True)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_gemm_gives_the_general_deterministic_bits(monkeypatch, dtype, m, k, n, trans_a, trans_b, bias):
+    """A small Gemm's one-call forward and backward (`detfloat.linear_forward`/`linear_backward`) against the
+    general deterministic path (`gemm` products, `sum_` for the bias), bit for bit, transposed operands too."""
+    from edgetrain.graph import Node
+    from edgetrain.ops.base import OPS, Run
+
+    rng = np.random.default_rng(m * 100 + k + n)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    c = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal((m, n)).astype(dtype)
+    inputs = ["a", "b"] + (["c"] if bias else [])
+    op = OPS["Gemm"](Node("fc", "Gemm", inputs, ["y"], {"transA": int(trans_a), "transB": int(trans_b)}), 17)
+    args = [a, b] + ([c] if bias else [])
+
+    def run():
+        with detfloat.using(True):
+            (y,), ctx = op.forward(args, Run(True, (0, 0)))
+            return y, op.backward(ctx, [g], [True] * len(args))
+
+    y, grads = run()
+    monkeypatch.setattr(detfloat, "SMALL_LINEAR", -1)  # every product through gemm and sum_
+    y_ref, grads_ref = run()
+    assert y.dtype == y_ref.dtype and np.array_equal(y, y_ref)
+    assert len(grads) == len(grads_ref) == len(args)
+    for got, want in zip(grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)

@@ -18,6 +18,9 @@ class Gemm(Op):
         beta = self.attr("beta", 1.0)
         at = a.T if self.attr("transA", 0) else a
         bt = b.T if self.attr("transB", 0) else b
+        if detfloat.active() and alpha == 1.0 and beta == 1.0:
+            y = detfloat.linear_forward(at, bt, c)
+            return [y.astype(a.dtype, copy=False)], (at, bt, None if c is None else c.shape, alpha, beta)
         y = detfloat.gemm(at, bt) if detfloat.active() else at @ bt
         if alpha != 1.0:
             y = y * np.asarray(alpha, dtype=y.dtype)
@@ -28,6 +31,10 @@ class Gemm(Op):
     def backward(self, ctx, grads, needed):
         at, bt, c_shape, alpha, beta = ctx
         g = grads[0] * np.asarray(alpha, dtype=grads[0].dtype) if alpha != 1.0 else grads[0]
+        if detfloat.active() and alpha == 1.0 and beta == 1.0 and c_shape in (None, bt.shape[1:]):
+            dat, dbt, dc = detfloat.linear_backward(g, at, bt, c_shape is not None)
+            out = [dat.T if self.attr("transA", 0) else dat, dbt.T if self.attr("transB", 0) else dbt]
+            return out if dc is None else out + [dc]
         if detfloat.active():
             dat, dbt = detfloat.gemm(g, bt.T), detfloat.gemm(at.T, g)
         else:
