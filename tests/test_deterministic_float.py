@@ -108,7 +108,7 @@ def test_sums_match_float64_and_are_thread_invariant(shape, axis):
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 40, 32, 32), (0, 2, 3)), ((600, 512), 0), ((5, 7, 9), (0, 2)),
-                                        ((9, 33), 0)])
+                                        ((9, 33), 0), ((3, 4, 13), (0, 2)), ((2, 3, 5), (0, 2))])
 def test_sum_kernels_serial_and_parallel_branches_agree(shape, axis):
     """Below SUM_PARALLEL_MIN the sum kernels take their own serial loop; both branches sum each output in
     the same order (the bits of the serial reference loop either way), large and small inputs alike."""
@@ -119,12 +119,15 @@ def test_sum_kernels_serial_and_parallel_branches_agree(shape, axis):
     outer, mid, inner = (int(np.prod(x.shape[:lo])), int(np.prod(x.shape[lo:hi])), int(np.prod(x.shape[hi:])))
     want = np.empty(mid)
     view = x.reshape(outer, mid, inner)
-    for c in range(mid):  # the documented order: o, then i, in float64 from 0
-        total = 0.0
-        for o in range(outer):
-            for v in view[o, c]:
-                total += float(v)
-        want[c] = total
+    def in_order(values):  # a strictly sequential float64 sum from 0 (np.add.accumulate is not pairwise)
+        return float(np.add.accumulate(np.concatenate([[0.0], values.astype(np.float64)]))[-1])
+
+    for c in range(mid):  # the documented order
+        if inner == 1:  # over o
+            want[c] = in_order(view[:, c, 0])
+        else:  # value i of each run (runs in order of o) to partial sum i % SUM_LANES; then those in order
+            lanes = [in_order(view[:, c, lane::detfloat.SUM_LANES].reshape(-1)) for lane in range(detfloat.SUM_LANES)]
+            want[c] = in_order(np.array(lanes))
     for parallel in (False, True):
         got = np.empty(mid)
         if inner == 1:

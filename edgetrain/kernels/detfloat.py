@@ -15,8 +15,9 @@ so any conforming CPU gives the same bits:
   `fast` allow fusing), and LLVM's default TargetOptions (AllowFPOpFusion = Standard) fuse only the
   `llvm.fmuladd` intrinsic, which Numba never emits; tests/test_deterministic_float.py checks the IR
   of every kernel for those flags, and that x86 code has no vfmadd.
-* Every sum is taken in float64, sequentially in one fixed index order, by exactly one thread per
-  output (parallel loops split OUTPUTS, never a sum), and rounded once to the output type. LLVM does
+* Every sum is taken in float64 in one fixed order (sequentially over the index; a long run's values dealt
+  over SUM_LANES partial sums by position, then those added in order: `_mid_sum`), by exactly one thread
+  per output (parallel loops split OUTPUTS, never a sum), and rounded once to the output type. LLVM does
   not reorder (vectorise) a float reduction without the `reassoc` flag, which Numba sets only under
   fastmath.
 * exp, log, expm1, tanh and sigmoid are polynomials and range reductions written in float64 numpy
@@ -231,19 +232,52 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------- reductions
 
 
+# Partial sums a run is dealt over (`_mid_sum`, written out for eight): independent float64 chains the CPU
+# overlaps, where one chain waits out each add's latency (LeNet-5's conv bias gradient, (8, 6, 28x28)).
+SUM_LANES = 8
+
+
 @njit(cache=True, inline="always")
 def _mid_sum(x3, c):
-    s = 0.0
+    """The float64 sum of x3[:, c, :] in its fixed order: value i of each run x3[o, c] (the runs in order of o)
+    is added to partial sum i % SUM_LANES, and the partial sums are then added in order, 0 first. Eight
+    scalars, not an array: an array's partial sums went through memory, one chain again (27 us)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    inner = x3.shape[2]
+    whole = inner - inner % SUM_LANES
     for o in range(x3.shape[0]):
-        for i in range(x3.shape[2]):
-            s += x3[o, c, i]
-    return s
+        row = x3[o, c]
+        for i in range(0, whole, SUM_LANES):
+            s0 += row[i]
+            s1 += row[i + 1]
+            s2 += row[i + 2]
+            s3 += row[i + 3]
+            s4 += row[i + 4]
+            s5 += row[i + 5]
+            s6 += row[i + 6]
+            s7 += row[i + 7]
+        rest = inner - whole  # the run's tail: values whole.. go to partial sums 0.. in turn
+        if rest > 0:
+            s0 += row[whole]
+        if rest > 1:
+            s1 += row[whole + 1]
+        if rest > 2:
+            s2 += row[whole + 2]
+        if rest > 3:
+            s3 += row[whole + 3]
+        if rest > 4:
+            s4 += row[whole + 4]
+        if rest > 5:
+            s5 += row[whole + 5]
+        if rest > 6:
+            s6 += row[whole + 6]
+    return s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7
 
 
 @njit(parallel=True, cache=True)
 def _sum_mid(x3, out, parallel):
-    """out[c] = sum of x3[o, c, i] over o, then i (sequential, float64); parallel over c only, and only
-    with `parallel` (below SUM_PARALLEL_MIN a plain loop: no parallel region launched)."""
+    """out[c] = the float64 sum of x3[o, c, i] over o and i in `_mid_sum`'s order; parallel over c only, and
+    only with `parallel` (below SUM_PARALLEL_MIN a plain loop: no parallel region launched)."""
     if not parallel:
         for c in range(x3.shape[1]):
             out[c] = _mid_sum(x3, c)
@@ -589,23 +623,30 @@ def softmax_xent64(z, target, grad) -> float:
     the same bits); the array form spent about 120 us a step in ufunc calls on a 10-class head."""
     n, k = z.shape
     ls = np.empty(k)
-    total = 0.0
+    row = np.zeros(SUM_LANES)  # `sum64`'s order: value j of a row to partial sum j % SUM_LANES (`_mid_sum`) ...
+    flat = np.zeros(SUM_LANES)  # ... and of the whole batch, flat index i * k + j
     for i in range(n):
         top = np.float64(z[i, 0])  # float() keeps a float32 a float32 in Numba
         for j in range(1, k):
             v = np.float64(z[i, j])
             if v > top or v != v:  # NaN wins, as numpy's max
                 top = v
-        s = 0.0
+        row[:] = 0.0
         for j in range(k):
             ls[j] = np.float64(z[i, j]) - top
-            s += exp64_scalar(ls[j])
+            row[j % SUM_LANES] += exp64_scalar(ls[j])
+        s = 0.0
+        for lane in range(SUM_LANES):
+            s += row[lane]
         lg = log64_scalar(s)
         for j in range(k):
             v = ls[j] - lg
             t = target[i, j]
-            total += t * v
+            flat[(i * k + j) % SUM_LANES] += t * v
             grad[i, j] = (exp64_scalar(v) - t) / n
+    total = 0.0
+    for lane in range(SUM_LANES):
+        total += flat[lane]
     return total
 
 
@@ -662,6 +703,17 @@ def op_sum(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: boo
     if active():
         return sum_(x, axis, keepdims)
     return np.asarray(x).sum(axis=None if axis is None else tuple(np.atleast_1d(axis)), keepdims=keepdims)
+
+
+def op_channel_sum(x: np.ndarray) -> np.ndarray:
+    """`op_sum` over every axis but 1 (a conv's bias gradient), the same bits, without `sum64`'s general
+    axis handling: four Python calls deep, it cost as much as the sum inside a batch-8 step."""
+    if not active() or x.ndim < 2 or not x.size or not np.issubdtype(x.dtype, np.floating):
+        return op_sum(x, (0,) + tuple(range(2, x.ndim)))
+    n, c = x.shape[:2]
+    out = np.empty(c, np.float64)
+    _sum_mid(np.ascontiguousarray(x).reshape(n, c, x.size // (n * c)), out, x.size >= SUM_PARALLEL_MIN)
+    return out.astype(x.dtype, copy=False)
 
 
 def op_mean(x: np.ndarray, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> np.ndarray:

@@ -44,7 +44,7 @@ class Conv(Op):
         gy = np.ascontiguousarray(g.swapaxes(0, 1)).reshape(groups, m // groups, -1)
         dw = detfloat.op_matmul(gy, cols.transpose(0, 2, 1)).reshape(w.shape)
         if not needed[0]:  # nobody needs dL/dx (the first layer)
-            return [None, dw] + ([detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim)))] if has_bias else [])
+            return [None, dw] + ([detfloat.op_channel_sum(g)] if has_bias else [])
         dcols = detfloat.op_matmul(w.reshape(groups, m // groups, -1).transpose(0, 2, 1), gy)
         dcols = dcols.reshape((c, geo.window_size, n) + geo.out)
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
@@ -54,7 +54,7 @@ class Conv(Op):
         dx = np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])).swapaxes(0, 1))
         out = [dx, dw]
         if has_bias:
-            out.append(detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim))))
+            out.append(detfloat.op_channel_sum(g))
         return out
 
     def macs(self, in_shapes, out_shapes):

@@ -123,7 +123,7 @@ class ConvTranspose(Op):
             dx = np.ascontiguousarray(dx)
         out = [dx, dw]
         if has_bias:
-            out.append(detfloat.op_sum(g, (0,) + tuple(range(2, g.ndim))))
+            out.append(detfloat.op_channel_sum(g))
         return out
 
     def macs(self, in_shapes, out_shapes):

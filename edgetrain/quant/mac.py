@@ -288,8 +288,8 @@ class QuantConv(QuantMAC):
         out = [dx, dw]
         if ctx.has_bias:
             first, *others = ctx.groups
-            out.append(sum((detfloat.op_sum(dy[g.rows], (0, 2, 3)) for g in others),
-                           detfloat.op_sum(dy[first.rows], (0, 2, 3))))
+            out.append(sum((detfloat.op_channel_sum(dy[g.rows]) for g in others),
+                           detfloat.op_channel_sum(dy[first.rows])))
         return out
 
 
@@ -352,8 +352,8 @@ class QuantConv3d(QuantMAC):
         out = [dx, dw]
         if ctx.has_bias:
             first, *others = ctx.groups
-            axes = (0, 2, 3, 4)
-            out.append(sum((detfloat.op_sum(dy[g.rows], axes) for g in others), detfloat.op_sum(dy[first.rows], axes)))
+            out.append(sum((detfloat.op_channel_sum(dy[g.rows]) for g in others),
+                           detfloat.op_channel_sum(dy[first.rows])))
         return out
 
 
