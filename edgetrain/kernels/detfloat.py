@@ -138,41 +138,36 @@ def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 SMALL_LINEAR = 1 << 15
 
 
-@njit(cache=True)
-def _linear_forward_small(a, b, c, out):
-    """out = a @ b, each output `gemm`'s float64 sum over k in order rounded once, then + c[j] in out's type
-    (a Gemm's `y + c`) when c is not empty."""
+@njit(cache=True, inline="always")
+def _ordered_product(p, q, out):
+    """out = p @ q (any strides), each output `gemm`'s float64 sum over the inner index in order, rounded once."""
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             acc = 0.0
-            for k in range(a.shape[1]):
-                acc += np.float64(a[i, k]) * np.float64(b[k, j])
+            for k in range(p.shape[1]):
+                acc += np.float64(p[i, k]) * np.float64(q[k, j])
             out[i, j] = acc
-            if c.size:
+
+
+@njit(cache=True)
+def _linear_forward_small(a, b, c, out):
+    """out = a @ b (`_ordered_product`), then + c[j] in out's type (a Gemm's `y + c`) when c is not empty."""
+    _ordered_product(a, b, out)
+    if c.size:
+        for i in range(out.shape[0]):
+            for j in range(out.shape[1]):
                 out[i, j] = out[i, j] + c[j]
 
 
 @njit(cache=True)
 def _linear_backward_small(g, a, b, da, db, dc):
-    """For y = a @ b: da = g @ b^T, db = a^T @ g (`gemm`'s sums: over y's columns, resp. rows, in order) and,
-    when dc is not empty, dc = the rows' sum of g (`sum_` over axis 0), each a float64 sum rounded once."""
-    m, n = g.shape
-    kk = a.shape[1]
-    for i in range(m):
-        for k in range(kk):
-            acc = 0.0
-            for j in range(n):
-                acc += np.float64(g[i, j]) * np.float64(b[k, j])
-            da[i, k] = acc
-    for k in range(kk):
-        for j in range(n):
-            acc = 0.0
-            for i in range(m):
-                acc += np.float64(a[i, k]) * np.float64(g[i, j])
-            db[k, j] = acc
+    """For y = a @ b: da = g @ b^T, db = a^T @ g (`_ordered_product`) and, when dc is not empty, dc = the rows'
+    sum of g (`sum_` over axis 0), each a float64 sum rounded once."""
+    _ordered_product(g, b.T, da)
+    _ordered_product(a.T, g, db)
     for j in range(dc.size):
         acc = 0.0
-        for i in range(m):
+        for i in range(g.shape[0]):
             acc += np.float64(g[i, j])
         dc[j] = acc
 
