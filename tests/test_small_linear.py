@@ -109,20 +109,20 @@ def test_training_is_bit_identical_with_and_without_the_path(monkeypatch):
     """LeNet-5 at batch 8 (its two hidden Linears take the path) for a few SGD steps: the same weights."""
     from tools.bench_step import make_edgetrain_step
 
-    def train(enabled):
-        if not enabled:
-            monkeypatch.setattr(small_linear, "fits", lambda *a: False)
+    def train():
         step, model = make_edgetrain_step("lenet5", 8, (1, 28, 28), "8/8")
         for _ in range(4):
             step()
-        monkeypatch.undo()
         return model.state_dict()
 
     taken = []
     real = small_linear.forward
-    monkeypatch.setattr(small_linear, "forward", lambda *a: taken.append(1) or real(*a))
-    fast = train(True)
+    with monkeypatch.context() as m:
+        m.setattr(small_linear, "forward", lambda *a: taken.append(1) or real(*a))
+        fast = train()
     assert len(taken) == 8  # two layers, four steps
-    slow = train(False)
+    with monkeypatch.context() as m:
+        m.setattr(small_linear, "fits", lambda *a: False)
+        slow = train()
     assert fast.keys() == slow.keys()
     assert [k for k in fast if not np.array_equal(fast[k], slow[k])] == []

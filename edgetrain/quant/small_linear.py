@@ -25,6 +25,8 @@ rounds once to float32, and the exact product of a 24-bit integer and a 24-bit s
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -87,14 +89,14 @@ def fits(rows: int, inner: int, outs: int, x_bits: int, w_bits: int, g_bits: int
     return max(inner * x * w, rows * g * x, outs * g * w) < EXACT_FLOAT32
 
 
-class Codes:
+class Codes(NamedTuple):
     """What the backward needs of a forward: the input's and the per-tensor weights' codes, held as float32
-    (exact: integers of at most 8 bits), and their scales."""
+    (exact: small integers, see `fits`), and their scales."""
 
-    __slots__ = ("x", "v", "x_scale", "v_scale")
-
-    def __init__(self, x: np.ndarray, v: np.ndarray, x_scale: np.float32, v_scale: np.float32):
-        self.x, self.v, self.x_scale, self.v_scale = x, v, x_scale, v_scale
+    x: np.ndarray
+    v: np.ndarray
+    x_scale: np.float32
+    v_scale: np.float32
 
 
 def forward(x2: np.ndarray, w_rows: np.ndarray, bias: np.ndarray | None, x_bits: int, x_signed: bool, w_bits: int,
