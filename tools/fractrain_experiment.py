@@ -40,6 +40,7 @@ from edgetrain.precision.dfq.config import (
     DEFAULT_PROBE_SHARE,
     DEFAULT_PROBE_WEIGHT,
     PROBE_RULES,
+    SELECTIONS,
 )
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.recalibrate import recalibrate
@@ -86,6 +87,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table, dfq_min_exec_share=args.floor)
         if schedule == "fractrain" and args.floors:
             extra["fractrain_floors"] = list(args.floors)
+    if schedule in ("dfq", "fractrain") and args.selection != "argmax":
+        extra["dfq_selection"] = args.selection
     if row in PROBE_ROWS:
         extra.update(dfq_estimator="probe", dfq_probe_share=args.probe_share, dfq_probe_weight=args.probe_weight,
                      dfq_probe_margin=args.probe_margin, dfq_probe_rule=args.probe_rule)
@@ -170,6 +173,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     label = f"static {args.static_bits}" if row == "static" and args.static_bits else LABELS[row]
     if row in PROBE_ROWS and args.probe_rule != "margin":
         label += f" ({args.probe_rule} rule)"
+    if row.startswith(("dfq", "fractrain")) and args.selection != "argmax":
+        label += f", {args.selection} selection"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -182,6 +187,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     dfq = DFQ.of(model)
     if dfq is not None:
         out.update(gate_behaviour(model, dfq, split.test.x, split.test.y))
+        if dfq.config.selection == "quota":
+            out["quota_price"] = {u.name: float(dfq.quota_price[u.index]) for u in dfq.units}
         # What `edgetrain train` exports: the same network with its statistics re-estimated at full depth.
         started = time.perf_counter()
         recalibrate(model, split.train.x, batch_size=args.batch_size, seed=args.seed)
@@ -238,8 +245,8 @@ def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
-                 "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "test_samples",
-                 "warmup")
+                 "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection",
+                 "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -523,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-rule", choices=PROBE_RULES, default="margin",
                    help="probe rows: margin (cheapest within the margin of the best) or budget (what the cost "
                         "target allows, to the samples most sensitive to precision; docs/GATE_ESTIMATOR.md)")
+    p.add_argument("--selection", choices=SELECTIONS, default="argmax",
+                   help="dfq and fractrain rows: argmax (each sample its gate's top candidate) or quota (a per-block "
+                        "price makes the computing samples spend what the target allows; the gates' ranking decides "
+                        "who goes up)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

@@ -187,6 +187,10 @@ class TrainConfig:
                                   "margin (cheapest within the margin of the best) or budget (what the cost target "
                                   "allows, to the samples most sensitive to precision)", "str", metavar="RULE",
                                   group="dfq", choices=dfq.PROBE_RULES)
+    dfq_selection: str = setting("argmax", "how a gate's logits pick a sample's candidate: argmax, or quota (a "
+                                 "per-block price on the dearer computing candidates makes the computing samples "
+                                 "spend what the cost target allows, so the gates' ranking decides who goes up)",
+                                 "str", metavar="RULE", group="dfq", choices=dfq.SELECTIONS)
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
                                         group="dfq")
@@ -398,7 +402,7 @@ def dfq_settings(c: TrainConfig, cost_table: dict[str, dict[str, float]] | None 
                          weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table,
                          estimator=c.dfq_estimator, probe_share=c.dfq_probe_share, probe_weight=c.dfq_probe_weight,
                          probe_margin=c.dfq_probe_margin, probe_rule=c.dfq_probe_rule,
-                         min_exec_share=c.dfq_min_exec_share)
+                         min_exec_share=c.dfq_min_exec_share, selection=c.dfq_selection)
 
 
 def dfq_config(c: TrainConfig) -> dfq.DFQConfig:

@@ -24,6 +24,9 @@ DEFAULT_PROBE_SHARE = 0.125  # share of each batch whose gated units also run a 
 DEFAULT_PROBE_WEIGHT = 1.0  # weight of the probe's distillation loss on the gates
 DEFAULT_PROBE_MARGIN = 0.01  # per-sample loss a cheaper candidate may trail the best by and still be the target
 PROBE_RULES = ("margin", "budget")  # how the probe's scores become targets (edgetrain.precision.dfq.probe)
+# How a gate's logits become a sample's candidate: its argmax, or the argmax after a per-unit price that makes the
+# computing samples spend the cost target's allowance (edgetrain.precision.dfq.quota)
+SELECTIONS = ("argmax", "quota")
 # Batches that re-estimate the exported network's statistics (edgetrain.precision.dfq.recalibrate). With the
 # running statistics' momentum of 0.9 (PyTorch's 0.1) the gated statistics keep a weight of 0.9^25, about
 # 7%; measured on ResNet-38, 25 and 100 batches scored alike.
@@ -90,6 +93,7 @@ class DFQConfig:
     probe_margin: float = DEFAULT_PROBE_MARGIN
     probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": priced sensitivity
     min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
+    selection: str = "argmax"  # "argmax": each sample its gate's top candidate; "quota": priced (dfq.quota)
 
     def __post_init__(self) -> None:
         """Refuse values no DFQ run can use, whoever builds the config (the CLI, a TOML file, the API)."""
@@ -104,6 +108,8 @@ class DFQConfig:
             raise EdgetrainError(f"dfq estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.probe_rule not in PROBE_RULES:
             raise EdgetrainError(f"dfq probe_rule must be one of {', '.join(PROBE_RULES)}, got {self.probe_rule!r}")
+        if self.selection not in SELECTIONS:
+            raise EdgetrainError(f"dfq selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if not _real(self.probe_share) or not 0 < self.probe_share <= 1:
             raise EdgetrainError(f"dfq probe_share must be a share in (0, 1], got {self.probe_share!r}")
         for name in ("probe_weight", "probe_margin"):
@@ -123,7 +129,8 @@ class DFQConfig:
         return {"candidates": list(self.candidates), "weight_bits": self.weight_bits, "target": self.target,
                 "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice,
                 "estimator": self.estimator, "probe_share": self.probe_share, "probe_weight": self.probe_weight,
-                "probe_margin": self.probe_margin, "probe_rule": self.probe_rule, "min_exec_share": self.min_exec_share}
+                "probe_margin": self.probe_margin, "probe_rule": self.probe_rule, "min_exec_share": self.min_exec_share,
+                "selection": self.selection}
 
     def check(self) -> tuple[Candidate, ...]:
         """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.

@@ -51,6 +51,7 @@ from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision,
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
 from edgetrain.precision.dfq.gated_unit import GatedUnit
 from edgetrain.precision.dfq.gates import PREFIX, SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
+from edgetrain.precision.dfq.quota import quota_offsets
 from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 
 
 PRICE_BUFFER = PREFIX + "probe.price"  # the budget rule's running price per unit
+QUOTA_BUFFER = PREFIX + "quota.price"  # the quota selection's price per unit (edgetrain.precision.dfq.quota)
 
 
 @dataclass
@@ -199,6 +201,10 @@ class DFQ:
         if self.config.estimator == "probe" and self.config.probe_rule == "budget":
             model.buffers()[PRICE_BUFFER] = self.probe_price
             self.buffer_names.append(PRICE_BUFFER)
+        self.quota_price = np.zeros(len(self.units))
+        if self.config.selection == "quota":
+            model.buffers()[QUOTA_BUFFER] = self.quota_price
+            self.buffer_names.append(QUOTA_BUFFER)
 
     def _build_ops(self, model: Model) -> None:
         """The model runs one GatedUnit op per unit from now on, in place of the unit's nodes."""
@@ -269,6 +275,23 @@ class DFQ:
         self.last_percent = float(detfloat.mean(per_sample))  # fixed-order sums: the sign below steers the gates
         self.sign = 1.0 if self.last_percent >= self.target else -1.0
         return self.sign * self.config.beta * float(detfloat.sum64(per_sample))
+
+    def computing_mask(self, unit: Unit) -> np.ndarray:
+        """Which candidates `unit` may take and that compute."""
+        allowed = np.zeros(len(self.candidates), bool)
+        allowed[list(self.unit_candidates[unit.index])] = True
+        return allowed & ~self.skips
+
+    def allowance(self, unit: Unit) -> float:
+        """What the cost target allows one sample in `unit`: the target's share of the unit's fp32 cost."""
+        return self.target / 100.0 * self.unit_fp32[unit.index]
+
+    def selection_offsets(self, unit: Unit) -> np.ndarray | None:
+        """What the selection adds to `unit`'s logits before their argmax (None: nothing, plain argmax)."""
+        if self.config.selection != "quota":
+            return None
+        return quota_offsets(float(self.quota_price[unit.index]), self.unit_cost[unit.index],
+                             self.computing_mask(unit))
 
     def cost_gradient(self, unit: Unit) -> np.ndarray:
         """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""

@@ -28,6 +28,7 @@ from edgetrain.precision.dfq.kernels import (
     scatter_add,
 )
 from edgetrain.precision.dfq.probe import distill_grad, measured_pairs, priced_targets, probe_plan, probe_targets
+from edgetrain.precision.dfq.quota import next_price
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
@@ -157,7 +158,8 @@ class GatedUnit(Op):
         if dfq.force is not None and self.unit.index in dfq.force:
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
         else:
-            choice = logits.argmax(axis=1)
+            offsets = dfq.selection_offsets(self.unit)
+            choice = (logits if offsets is None else logits + offsets.astype(logits.dtype)).argmax(axis=1)
             floor = dfq.floor
             if floor > 0 and self.unit.shortcut is not None:
                 choice = apply_floor(logits, choice, dfq.skips, floor)
@@ -348,6 +350,9 @@ class GatedUnit(Op):
             if u.fork in inner:
                 branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
+        if dfq.config.selection == "quota" and dfq.force is None:
+            dfq.quota_price[u.index] = next_price(float(dfq.quota_price[u.index]), dfq.unit_cost[u.index],
+                                                  dfq.computing_mask(u), ctx.choice, dfq.allowance(u))
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         if ctx.probe is not None:
             dlogits = dlogits + self._probe_grad(ctx.probe, dout, ctx.gate.probs)
