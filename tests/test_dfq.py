@@ -344,6 +344,35 @@ def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
     assert len(set(np.concatenate(list(ours.values())).tolist())) >= 2
 
 
+def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
+    """With the quota selection the exported gates add each unit's fixed price to its logits, so onnxruntime picks
+    what the trained model picks, and the prices move the picks off the plain argmax."""
+    ort = pytest.importorskip("onnxruntime")
+    from edgetrain.precision.dfq.export import export_gates
+
+    x, _ = _data(16, seed=7)
+    m = _resnet8()
+    m.set_precision("8/8")
+    d = DFQ.attach(m, DFQConfig(candidates=("0", "3/6", "4/6", "6/8"), selection="quota"))
+    rng = np.random.default_rng(2)
+    m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
+    picks = {}
+    for price in (0.0, 3.0):
+        d.quota_price[:] = [price, -price, price][:len(d.units)]
+        d.begin_forward()
+        env, _ = m.executor.forward(m._feeds(x), m._state(), False)
+        picks[price] = {k: v.copy() for k, v in d.record.choices.items()}
+    ours = picks[3.0]
+    path = tmp_path / "gates.onnx"
+    export_gates(m, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()],
+                    sess.run(None, {u.fork: env[u.fork] for u in d.units})))
+    for u in d.units:
+        np.testing.assert_array_equal(outs[f"{u.name}.choice"], ours[u.index])
+    assert any((picks[0.0][k] != ours[k]).any() for k in ours)
+
+
 def _fractrain_config(tmp_path, steps, **kw):
     from edgetrain.train.config import TrainConfig
 
@@ -358,7 +387,9 @@ def _digits_split():
 
 
 @pytest.mark.parametrize("estimator", [{}, {"dfq_estimator": "probe", "dfq_probe_rule": "budget",
-                                              "dfq_probe_share": 0.5}], ids=["ste", "probe-budget"])
+                                              "dfq_probe_share": 0.5},
+                                         {"dfq_estimator": "probe", "dfq_probe_rule": "budget", "dfq_probe_share": 0.5,
+                                          "dfq_selection": "quota"}], ids=["ste", "probe-budget", "probe-quota"])
 def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path, estimator):
     """The indicator moves the DFQ target through its list; a resumed run ends with the same tensors (the
     budget rule's running prices too: a model buffer the checkpoint keeps)."""
@@ -382,6 +413,8 @@ def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path, estima
         np.testing.assert_array_equal(resumed.state_dict()[name], p, err_msg=name)
     if estimator:
         assert DFQ.of(straight).probe_price.any()
+    if estimator.get("dfq_selection") == "quota":  # the quota's prices moved, and the checkpoint kept them
+        assert DFQ.of(straight).quota_price.any()
 
 
 def test_a_switch_on_the_last_step_leaves_the_gates_the_run_trained(tmp_path):

@@ -166,7 +166,8 @@ class DFQ:
         Why: after a long stretch at one target the bang-bang regulariser has pushed the head's bias
         until the softmax saturates; a saturated softmax passes the straight-through estimator almost
         no gradient, so without this the gates would stay where the old target left them (FracTrain
-        on ResNet-8 kept every sample at the cheapest candidate for its last three targets). Starting
+        on ResNet-8 kept every sample at the cheapest candidate for its last three targets); the quota
+        selection's prices start again from 0 for the same reason. Starting
         below rather than above: a pull down late in training, when the task loss is near 0 and says
         little about what a block is worth, drives samples to skip, and one such run fell from 97% to
         40% test accuracy in its last 120 steps."""
@@ -175,6 +176,7 @@ class DFQ:
         lead = bias.dtype.type(self.config.initial_logit)
         bias[...] = bias.mean(dtype=np.float64)
         bias[self._below(target)] += lead
+        self.quota_price[:] = 0.0  # the quota selection's prices were set for the old target
 
     def _initial_choice(self) -> int:
         if self.config.initial_choice is not None:
