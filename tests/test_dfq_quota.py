@@ -16,27 +16,42 @@ from edgetrain.precision.dfq.quota import QUOTA_RATE, next_price, quota_offsets
 COST = np.array([0.0, 54.0, 64.0, 104.0])  # skip, 3/6, 4/6, 6/8 with 4-bit weights (BitOPs per MAC)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 1e3), min_size=2, max_size=6), st.floats(-50.0, 50.0), st.data())
-def test_offsets_price_each_computing_candidate_by_its_relative_extra_cost(costs, price, data):
-    cost = np.array(costs)
+def _bracket_reference(cost, computing, allowance):
+    """(cheapest computing cost, the step between the computing costs around the allowance, the allowance held)."""
+    costs = sorted(set(cost[computing].tolist()))
+    if len(costs) < 2:
+        return None
+    held = min(max(allowance, costs[0]), costs[-1])
+    for lo, hi in zip(costs, costs[1:]):
+        if lo <= held < hi:
+            return costs[0], hi - lo, held
+    return costs[0], costs[-1] - costs[-2], held
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 200), min_size=2, max_size=6), st.floats(-50.0, 50.0), st.floats(0.0, 250.0),
+       st.data())
+def test_offsets_price_each_computing_candidate_by_its_extra_cost_in_bracket_steps(costs, price, allowance, data):
+    cost = np.array(costs, float)
     computing = np.array(data.draw(st.lists(st.booleans(), min_size=len(cost), max_size=len(cost))))
-    got = quota_offsets(price, cost, computing)
+    got = quota_offsets(price, cost, computing, allowance)
     want = np.zeros(len(cost))
-    if computing.any():
-        low, high = min(cost[computing]), max(cost[computing])
+    ref = _bracket_reference(cost, computing, allowance)
+    if ref is not None:
+        low, step, _ = ref
         for k in range(len(cost)):
-            if computing[k] and high > low:
-                want[k] = -price * (cost[k] - low) / (high - low)
+            if computing[k]:
+                want[k] = -price * (cost[k] - low) / step
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from([0, 1, 2, 3]), min_size=1, max_size=40), st.floats(-5.0, 5.0),
        st.floats(0.0, 150.0))
 def test_price_moves_by_the_computing_samples_overspend(choice, price, allowance):
     """Up when the computing samples spend more than the allowance (held within the computing range), down when
-    less, by at most QUOTA_RATE; skippers count for nothing, and with none computing the price stays."""
+    less, by QUOTA_RATE per bracket step of overspend and at most QUOTA_RATE; skippers count for nothing, and
+    with none computing the price stays."""
     choice = np.array(choice)
     computing = np.array([False, True, True, True])
     after = next_price(price, COST, computing, choice, allowance)
@@ -44,15 +59,21 @@ def test_price_moves_by_the_computing_samples_overspend(choice, price, allowance
     if not len(ran):
         assert after == price
         return
-    held = min(max(allowance, 54.0), 104.0)
-    want = price + QUOTA_RATE * (COST[ran].mean() - held) / 50.0
+    _, step, held = _bracket_reference(COST, computing, allowance)
+    want = price + QUOTA_RATE * min(max((COST[ran].mean() - held) / step, -1), 1)
     assert after == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert abs(after - price) <= QUOTA_RATE + 1e-12
 
 
+def test_a_price_of_one_moves_the_brackets_dearer_candidate_one_logit():
+    computing = np.array([False, True, True, True])
+    np.testing.assert_allclose(quota_offsets(1.0, COST, computing, 60.0), [0, 0, -1, -5])  # 3/6 .. 4/6
+    np.testing.assert_allclose(quota_offsets(1.0, COST, computing, 80.0), [0, 0, -0.25, -1.25])  # 4/6 .. 6/8
+
+
 def test_one_computing_candidate_has_nothing_to_price():
     computing = np.array([False, False, True, False])  # the unit computes at 4/6 only
-    assert not quota_offsets(7.0, COST, computing).any()
+    assert not quota_offsets(7.0, COST, computing, 60.0).any()
     assert next_price(1.5, COST, computing, np.array([2, 2]), 10.0) == 1.5
 
 
@@ -71,7 +92,7 @@ def test_dual_ascent_spends_the_allowance_on_the_samples_ranked_highest():
         logits[:, 1] = 2.0
         logits[:, 2] = 2.0 - rng.gamma(2.0, 0.5, 32)  # 4/6 always trails 3/6 by a sample's own margin
         logits[:, 3] = -10.0
-        choice = (logits + quota_offsets(price, COST, computing)).argmax(axis=1)
+        choice = (logits + quota_offsets(price, COST, computing, allowance)).argmax(axis=1)
         assert not (logits.argmax(axis=1) == 2).any()
         if step >= 2000:
             spent.append(COST[choice].mean())

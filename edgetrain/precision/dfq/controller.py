@@ -293,7 +293,7 @@ class DFQ:
         if self.config.selection != "quota":
             return None
         return quota_offsets(float(self.quota_price[unit.index]), self.unit_cost[unit.index],
-                             self.computing_mask(unit))
+                             self.computing_mask(unit), self.allowance(unit))
 
     def cost_gradient(self, unit: Unit) -> np.ndarray:
         """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""
