@@ -345,8 +345,8 @@ def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
 
 
 def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
-    """With the quota selection the exported gates add each unit's fixed price to its logits, so onnxruntime picks
-    what the trained model picks, and the prices move the picks off the plain argmax."""
+    """With the quota selection the exported gates add each unit's fixed threshold and bracket mask to its logits,
+    so onnxruntime picks what the trained model picks, and the thresholds move the picks."""
     ort = pytest.importorskip("onnxruntime")
     from edgetrain.precision.dfq.export import export_gates
 
@@ -357,12 +357,12 @@ def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
     rng = np.random.default_rng(2)
     m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
     picks = {}
-    for price in (0.0, 3.0):
-        d.quota_price[:] = [price, -price, price][:len(d.units)]
+    for threshold in (0.0, 1.5):
+        d.quota_state[:] = [[threshold, 1], [-threshold, 1], [threshold, 1]][:len(d.units)]
         d.begin_forward()
         env, _ = m.executor.forward(m._feeds(x), m._state(), False)
-        picks[price] = {k: v.copy() for k, v in d.record.choices.items()}
-    ours = picks[3.0]
+        picks[threshold] = {k: v.copy() for k, v in d.record.choices.items()}
+    ours = picks[1.5]
     path = tmp_path / "gates.onnx"
     export_gates(m, path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -413,8 +413,8 @@ def test_fractrain_steps_the_target_and_resumes_bit_identically(tmp_path, estima
         np.testing.assert_array_equal(resumed.state_dict()[name], p, err_msg=name)
     if estimator:
         assert DFQ.of(straight).probe_price.any()
-    if estimator.get("dfq_selection") == "quota":  # the quota's prices moved, and the checkpoint kept them
-        assert DFQ.of(straight).quota_price.any()
+    if estimator.get("dfq_selection") == "quota":  # the quota's thresholds were learned, and the checkpoint kept them
+        assert DFQ.of(straight).quota_state.any()
 
 
 def test_a_switch_on_the_last_step_leaves_the_gates_the_run_trained(tmp_path):

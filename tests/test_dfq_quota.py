@@ -1,6 +1,7 @@
-"""DFQ's quota selection (edgetrain.precision.dfq.quota): its offsets and price against plain references, the
-price's dual ascent reaching the allowance with the samples the gates rank highest sent up, and the wiring in a
-model (choices, the price's update per training step, none while choices are forced)."""
+"""DFQ's quota selection (edgetrain.precision.dfq.quota): the bracket, the logit mask and the threshold against
+plain references, the tracked threshold sending the share the allowance buys of the highest-ranked samples up,
+and the wiring in a model (choices, the threshold learned per training forward, none while choices are forced or
+in evaluation, the exported gates)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,97 +12,88 @@ import models
 from edgetrain.errors import EdgetrainError
 from edgetrain.precision.dfq.config import DFQConfig
 from edgetrain.precision.dfq.controller import DFQ, QUOTA_BUFFER
-from edgetrain.precision.dfq.quota import QUOTA_RATE, next_price, quota_offsets
+from edgetrain.precision.dfq.quota import QUOTA_RATE, bracket, next_threshold, quota_mask
 
 COST = np.array([0.0, 54.0, 64.0, 104.0])  # skip, 3/6, 4/6, 6/8 with 4-bit weights (BitOPs per MAC)
-
-
-def _bracket_reference(cost, computing, allowance):
-    """(cheapest computing cost, the step between the computing costs around the allowance, the allowance held)."""
-    costs = sorted(set(cost[computing].tolist()))
-    if len(costs) < 2:
-        return None
-    held = min(max(allowance, costs[0]), costs[-1])
-    for lo, hi in zip(costs, costs[1:]):
-        if lo <= held < hi:
-            return costs[0], hi - lo, held
-    return costs[0], costs[-1] - costs[-2], held
+COMPUTING = np.array([False, True, True, True])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 200), min_size=2, max_size=6), st.floats(-50.0, 50.0), st.floats(0.0, 250.0),
-       st.data())
-def test_offsets_price_each_computing_candidate_by_its_extra_cost_in_bracket_steps(costs, price, allowance, data):
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=6), st.floats(0.0, 250.0), st.data())
+def test_bracket_is_the_pair_of_computing_costs_around_the_allowance(costs, allowance, data):
     cost = np.array(costs, float)
     computing = np.array(data.draw(st.lists(st.booleans(), min_size=len(cost), max_size=len(cost))))
-    got = quota_offsets(price, cost, computing, allowance)
-    want = np.zeros(len(cost))
-    ref = _bracket_reference(cost, computing, allowance)
-    if ref is not None:
-        low, step, _ = ref
-        for k in range(len(cost)):
-            if computing[k]:
-                want[k] = -price * (cost[k] - low) / step
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if not computing.any():
+        computing[0] = True
+    cheap, dear, share = bracket(cost, computing, allowance)
+    ranked = sorted((cost[k], k) for k in range(len(cost)) if computing[k])
+    below = [k for c, k in ranked if c <= allowance]
+    above = [k for c, k in ranked if c > allowance]
+    if below and above:
+        assert (cheap, dear) == (below[-1], above[0])
+        assert share == pytest.approx((allowance - cost[cheap]) / (cost[dear] - cost[cheap]))
+        assert 0 <= share < 1
+    else:
+        assert cheap == dear == (above[0] if above else below[-1]) and share == 0
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from([0, 1, 2, 3]), min_size=1, max_size=40), st.floats(-5.0, 5.0),
-       st.floats(0.0, 150.0))
-def test_price_moves_by_the_computing_samples_overspend(choice, price, allowance):
-    """Up when the computing samples spend more than the allowance (held within the computing range), down when
-    less, by QUOTA_RATE per bracket step of overspend and at most QUOTA_RATE; skippers count for nothing, and
-    with none computing the price stays."""
-    choice = np.array(choice)
-    computing = np.array([False, True, True, True])
-    after = next_price(price, COST, computing, choice, allowance)
-    ran = choice[choice > 0]
-    if not len(ran):
-        assert after == price
+def test_bracket_on_fractrains_candidates():
+    assert bracket(COST, COMPUTING, 60.0) == (1, 2, pytest.approx(0.6))  # 3/6 .. 4/6
+    assert bracket(COST, COMPUTING, 64.0) == (2, 3, 0.0)  # at 4/6 exactly: 4/6 for all
+    assert bracket(COST, COMPUTING, 50.0) == (1, 1, 0.0)  # below the cheapest: 3/6 for all
+    assert bracket(COST, COMPUTING, 200.0) == (3, 3, 0.0)  # above the dearest: 6/8 for all
+
+
+def test_mask_keeps_skip_and_the_bracket_and_lowers_the_dearer_by_the_threshold():
+    allowed = np.array([True, True, True, True])
+    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 1, 2, 0.75), [0, 0, -0.75, -np.inf])
+    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 1, 2, None), [0, 0, 0, -np.inf])
+    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 3, 3, 0.75), [0, -np.inf, -np.inf, 0])
+    no_skip = np.array([False, True, True, True])  # a unit without a shortcut cannot skip
+    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, no_skip, 1, 2, 0.75), [-np.inf, 0, -0.75, -np.inf])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-20.0, 20.0), min_size=0, max_size=40), st.one_of(st.none(), st.floats(-5.0, 5.0)),
+       st.floats(0.0, 0.99))
+def test_threshold_moves_towards_the_batch_quantile(scores, threshold, share):
+    """QUOTA_RATE of the way to the (1 - share) quantile of the scores (a sorted-list interpolation here), set
+    outright when there is none yet; a batch without computing samples leaves it."""
+    got = next_threshold(threshold, np.array(scores), share)
+    if not scores:
+        assert got == threshold
         return
-    _, step, held = _bracket_reference(COST, computing, allowance)
-    want = price + QUOTA_RATE * min(max((COST[ran].mean() - held) / step, -1), 1)
-    assert after == pytest.approx(want, rel=1e-12, abs=1e-12)
-    assert abs(after - price) <= QUOTA_RATE + 1e-12
+    ordered = sorted(scores)
+    position = (1 - share) * (len(ordered) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(ordered) - 1)
+    quantile = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    want = quantile if threshold is None else threshold + QUOTA_RATE * (quantile - threshold)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
-def test_a_price_of_one_moves_the_brackets_dearer_candidate_one_logit():
-    computing = np.array([False, True, True, True])
-    np.testing.assert_allclose(quota_offsets(1.0, COST, computing, 60.0), [0, 0, -1, -5])  # 3/6 .. 4/6
-    np.testing.assert_allclose(quota_offsets(1.0, COST, computing, 80.0), [0, 0, -0.25, -1.25])  # 4/6 .. 6/8
-
-
-def test_one_computing_candidate_has_nothing_to_price():
-    computing = np.array([False, False, True, False])  # the unit computes at 4/6 only
-    assert not quota_offsets(7.0, COST, computing, 60.0).any()
-    assert next_price(1.5, COST, computing, np.array([2, 2]), 10.0) == 1.5
-
-
-def test_dual_ascent_spends_the_allowance_on_the_samples_ranked_highest():
-    """Fixed gates whose logits prefer 3/6 for every sample, with a spread in how much: the price goes negative
-    until the computing samples spend what the allowance buys (a third of the way from 3/6 to 4/6 here), and the
-    samples sent to 4/6 are those whose logit gap to it is smallest, as argmax would never send any."""
+def test_the_tracked_threshold_sends_the_highest_ranked_share_up():
+    """Fixed gates that prefer 3/6 for every sample, by a sample's own margin: argmax sends none to 4/6; the quota
+    sends the share the allowance buys (60% here), and always those whose margin is smallest."""
     rng = np.random.default_rng(0)
-    computing = np.array([False, True, True, False])  # skip and 6/8 are not in play: 3/6 against 4/6
-    allowance = 54.0 + 10.0 / 3.0
-    price = 0.0
-    spent = []
-    for step in range(3000):
+    allowed = np.ones(4, bool)
+    cheap, dear, share = bracket(COST, COMPUTING, 60.0)
+    threshold, ups = None, []
+    for step in range(400):
         logits = np.zeros((32, 4))
         logits[:, 0] = -10.0
         logits[:, 1] = 2.0
-        logits[:, 2] = 2.0 - rng.gamma(2.0, 0.5, 32)  # 4/6 always trails 3/6 by a sample's own margin
-        logits[:, 3] = -10.0
-        choice = (logits + quota_offsets(price, COST, computing, allowance)).argmax(axis=1)
-        assert not (logits.argmax(axis=1) == 2).any()
-        if step >= 2000:
-            spent.append(COST[choice].mean())
-            up = choice == 2
+        logits[:, 2] = 2.0 - rng.gamma(2.0, 0.5, 32)  # 4/6 always trails 3/6
+        logits[:, 3] = 1.9  # 6/8 is the argmax's runner-up: the quota never takes it
+        choice = (logits + quota_mask(4, ~COMPUTING, allowed, cheap, dear, threshold)).argmax(axis=1)
+        assert not (logits.argmax(axis=1) == dear).any() and set(choice.tolist()) <= {cheap, dear}
+        if step >= 100:
+            up = choice == dear
+            ups.append(up.mean())
             gap = logits[:, 1] - logits[:, 2]
             assert not up.any() or not (~up).any() or gap[up].max() < gap[~up].min()
-        price = next_price(price, COST, computing, choice, allowance)
-    assert price < 0
-    assert np.mean(spent) == pytest.approx(allowance, abs=0.3)
+        threshold = next_threshold(threshold, logits[:, dear] - logits[:, cheap], share)
+    assert np.mean(ups) == pytest.approx(share, abs=0.03)
 
 
 def _tiny(selection="quota", seed=0):
@@ -111,28 +103,31 @@ def _tiny(selection="quota", seed=0):
     return m, DFQ.attach(m, DFQConfig(candidates=("0", "3/6", "4/6", "6/8"), target=2.0, selection=selection))
 
 
-def test_a_model_chooses_through_the_price_and_moves_it_each_training_step():
+def test_a_model_chooses_within_the_bracket_and_learns_the_threshold_in_training_only():
     rng = np.random.default_rng(5)
     x, y = rng.standard_normal((16, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, 16)
     m, d = _tiny()
-    assert m.buffers()[QUOTA_BUFFER] is d.quota_price and QUOTA_BUFFER in m.state_dict()
-    for price, want in ((-1e6, 3), (1e6, 1)):  # far below 0: every sample at the dearest; far above: the cheapest
-        d.quota_price[:] = price
+    assert m.buffers()[QUOTA_BUFFER] is d.quota_state and QUOTA_BUFFER in m.state_dict()
+    brackets = {u.index: d.quota_bracket(u) for u in d.units}
+    assert all(b[:2] == (1, 2) for b in brackets.values())  # target 2%: between 3/6 and 4/6 in every unit
+    m(x)  # evaluation: no threshold learned
+    assert not d.quota_state.any()
+    for choice in d.record.choices.values():
+        assert set(choice.tolist()) <= {0, 1, 2}
+    m.step = 4
+    m.loss_and_grad(x, y)  # the first training forward sets each threshold to its batch's quantile
+    assert d.quota_state[:, 1].all()
+    for threshold, want in ((-1e6, 2), (1e6, 1)):  # far below: every computing sample at 4/6; far above: 3/6
+        d.quota_state[:, 0] = threshold
         m(x)
         for choice in d.record.choices.values():
             assert set(choice.tolist()) <= {0, want}
-    d.quota_price[:] = 0.0
-    m.step = 4
-    m.loss_and_grad(x, y)
-    for u in d.units:
-        want = next_price(0.0, d.unit_cost[u.index], d.computing_mask(u), d.record.choices[u.index], d.allowance(u))
-        assert d.quota_price[u.index] == want != 0.0
-    before = d.quota_price.copy()
-    with d.forced("4/6"):  # choices not the gates': nothing to learn the price from
+    before = d.quota_state.copy()
+    with d.forced("4/6"):  # choices not the gates': nothing to learn from
         m.loss_and_grad(x, y)
-    np.testing.assert_array_equal(d.quota_price, before)
-    m(x)  # and evaluation leaves it alone
-    np.testing.assert_array_equal(d.quota_price, before)
+    np.testing.assert_array_equal(d.quota_state, before)
+    d.aim(2.5)  # a new target: the thresholds start again
+    assert not d.quota_state.any()
 
 
 def test_argmax_selection_keeps_no_price():

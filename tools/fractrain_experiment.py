@@ -188,7 +188,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     if dfq is not None:
         out.update(gate_behaviour(model, dfq, split.test.x, split.test.y))
         if dfq.config.selection == "quota":
-            out["quota_price"] = {u.name: float(dfq.quota_price[u.index]) for u in dfq.units}
+            out["quota_threshold"] = {u.name: dfq.quota_threshold(u) for u in dfq.units}
         # What `edgetrain train` exports: the same network with its statistics re-estimated at full depth.
         started = time.perf_counter()
         recalibrate(model, split.train.x, batch_size=args.batch_size, seed=args.seed)

@@ -51,7 +51,7 @@ from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision,
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
 from edgetrain.precision.dfq.gated_unit import GatedUnit
 from edgetrain.precision.dfq.gates import PREFIX, SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
-from edgetrain.precision.dfq.quota import quota_offsets
+from edgetrain.precision.dfq.quota import bracket, next_threshold, quota_mask
 from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 
 
 PRICE_BUFFER = PREFIX + "probe.price"  # the budget rule's running price per unit
-QUOTA_BUFFER = PREFIX + "quota.price"  # the quota selection's price per unit (edgetrain.precision.dfq.quota)
+# The quota selection's state per unit (edgetrain.precision.dfq.quota): its threshold, and 1 once it is set.
+QUOTA_BUFFER = PREFIX + "quota.threshold"
 
 
 @dataclass
@@ -167,7 +168,7 @@ class DFQ:
         until the softmax saturates; a saturated softmax passes the straight-through estimator almost
         no gradient, so without this the gates would stay where the old target left them (FracTrain
         on ResNet-8 kept every sample at the cheapest candidate for its last three targets); the quota
-        selection's prices start again from 0 for the same reason. Starting
+        selection's thresholds start again for the same reason. Starting
         below rather than above: a pull down late in training, when the task loss is near 0 and says
         little about what a block is worth, drives samples to skip, and one such run fell from 97% to
         40% test accuracy in its last 120 steps."""
@@ -176,7 +177,7 @@ class DFQ:
         lead = bias.dtype.type(self.config.initial_logit)
         bias[...] = bias.mean(dtype=np.float64)
         bias[self._below(target)] += lead
-        self.quota_price[:] = 0.0  # the quota selection's prices were set for the old target
+        self.quota_state[:] = 0.0  # the quota selection's thresholds were set for the old target
 
     def _initial_choice(self) -> int:
         if self.config.initial_choice is not None:
@@ -203,9 +204,9 @@ class DFQ:
         if self.config.estimator == "probe" and self.config.probe_rule == "budget":
             model.buffers()[PRICE_BUFFER] = self.probe_price
             self.buffer_names.append(PRICE_BUFFER)
-        self.quota_price = np.zeros(len(self.units))
+        self.quota_state = np.zeros((len(self.units), 2))
         if self.config.selection == "quota":
-            model.buffers()[QUOTA_BUFFER] = self.quota_price
+            model.buffers()[QUOTA_BUFFER] = self.quota_state
             self.buffer_names.append(QUOTA_BUFFER)
 
     def _build_ops(self, model: Model) -> None:
@@ -278,22 +279,40 @@ class DFQ:
         self.sign = 1.0 if self.last_percent >= self.target else -1.0
         return self.sign * self.config.beta * float(detfloat.sum64(per_sample))
 
-    def computing_mask(self, unit: Unit) -> np.ndarray:
-        """Which candidates `unit` may take and that compute."""
-        allowed = np.zeros(len(self.candidates), bool)
-        allowed[list(self.unit_candidates[unit.index])] = True
-        return allowed & ~self.skips
-
     def allowance(self, unit: Unit) -> float:
         """What the cost target allows one sample in `unit`: the target's share of the unit's fp32 cost."""
         return self.target / 100.0 * self.unit_fp32[unit.index]
+
+    def quota_bracket(self, unit: Unit) -> tuple[int, int, float]:
+        """The quota selection's (cheap, dear, share) for `unit` at the current target (quota.bracket)."""
+        allowed = np.zeros(len(self.candidates), bool)
+        allowed[list(self.unit_candidates[unit.index])] = True
+        return bracket(self.unit_cost[unit.index], allowed & ~self.skips, self.allowance(unit))
+
+    def quota_threshold(self, unit: Unit) -> float | None:
+        """`unit`'s quota threshold (None: none yet)."""
+        threshold, ready = self.quota_state[unit.index]
+        return float(threshold) if ready else None
 
     def selection_offsets(self, unit: Unit) -> np.ndarray | None:
         """What the selection adds to `unit`'s logits before their argmax (None: nothing, plain argmax)."""
         if self.config.selection != "quota":
             return None
-        return quota_offsets(float(self.quota_price[unit.index]), self.unit_cost[unit.index],
-                             self.computing_mask(unit), self.allowance(unit))
+        cheap, dear, _ = self.quota_bracket(unit)
+        allowed = np.zeros(len(self.candidates), bool)
+        allowed[list(self.unit_candidates[unit.index])] = True
+        return quota_mask(len(self.candidates), self.skips, allowed, cheap, dear, self.quota_threshold(unit))
+
+    def learn_quota(self, unit: Unit, logits: np.ndarray, choice: np.ndarray) -> None:
+        """After a training forward: move `unit`'s threshold towards this batch's quantile (quota.next_threshold)."""
+        cheap, dear, share = self.quota_bracket(unit)
+        if cheap == dear:
+            return
+        ran = (choice == cheap) | (choice == dear)
+        scores = logits[ran, dear].astype(np.float64) - logits[ran, cheap]
+        threshold = next_threshold(self.quota_threshold(unit), scores, share)
+        if threshold is not None:
+            self.quota_state[unit.index] = (threshold, 1.0)
 
     def cost_gradient(self, unit: Unit) -> np.ndarray:
         """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""

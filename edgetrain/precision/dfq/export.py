@@ -6,7 +6,7 @@ what the trained gates would pick for each sample and unit, so a server can rout
     inputs:  one per unit, named as the backbone value the unit reads (its fork), shape (N, C, ...)
     outputs: <unit>.logits (N, K) and <unit>.choice (N,) int64, an index into the candidate list,
              which is written in the model's metadata (key "dfq_candidates", JSON); the choice is the
-             argmax of the logits plus a fixed per-unit offset (the mask, and the quota selection's price)
+             argmax of the logits plus a fixed per-unit offset (the mask, and the quota selection's threshold)
 
 The graph is the gate network of edgetrain.precision.dfq.gates in standard ops (ReduceMean, Gemm, Relu, Sigmoid,
 Tanh, ArgMax), with the LSTM state carried from unit to unit.
@@ -86,9 +86,9 @@ def gates_to_onnx(model: Model) -> onnx.ModelProto:
         # ONNX's ArgMax gets a finite stand-in for -inf on the candidates this unit may not take.
         mask = (np.zeros(k, np.float32) if mask is None
                 else np.where(np.isinf(mask), NOT_ALLOWED, mask).astype(np.float32))
-        offsets = dfq.selection_offsets(u)  # the quota selection's price, fixed once trained
+        offsets = dfq.selection_offsets(u)  # the quota selection's threshold and bracket, fixed once trained
         if offsets is not None:
-            mask = (mask + offsets).astype(np.float32)
+            mask = np.where(np.isinf(offsets), NOT_ALLOWED, mask + offsets).astype(np.float32)
         inits.append(numpy_helper.from_array(mask, tag + "mask"))
         nodes += [helper.make_node("Add", [tag + "logits", tag + "mask"], [tag + "masked"]),
                   helper.make_node("ArgMax", [tag + "masked"], [tag + "choice"], axis=1, keepdims=0)]

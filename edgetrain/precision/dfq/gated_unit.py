@@ -28,7 +28,6 @@ from edgetrain.precision.dfq.kernels import (
     scatter_add,
 )
 from edgetrain.precision.dfq.probe import distill_grad, measured_pairs, priced_targets, probe_plan, probe_targets
-from edgetrain.precision.dfq.quota import next_price
 from edgetrain.precision.dfq.units import Unit
 from edgetrain.quant.mac import Group, MACContext, QuantMAC, integer_form, takes_codes
 
@@ -147,7 +146,7 @@ class GatedUnit(Op):
         return out
 
     # -- forward -----------------------------------------------------------------------------------
-    def _choose(self, x: np.ndarray, params: tuple, shared: tuple):
+    def _choose(self, x: np.ndarray, params: tuple, shared: tuple, training: bool):
         dfq = self.dfq
         n = x.shape[0]
         h, c = dfq.state if dfq.state is not None else (np.zeros((n, EMBED_WIDTH), x.dtype),
@@ -159,10 +158,13 @@ class GatedUnit(Op):
             choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
         else:
             offsets = dfq.selection_offsets(self.unit)
-            choice = (logits if offsets is None else logits + offsets.astype(logits.dtype)).argmax(axis=1)
+            scored = logits if offsets is None else logits + offsets.astype(logits.dtype)
+            choice = scored.argmax(axis=1)
             floor = dfq.floor
             if floor > 0 and self.unit.shortcut is not None:
-                choice = apply_floor(logits, choice, dfq.skips, floor)
+                choice = apply_floor(scored, choice, dfq.skips, floor)
+            if training and offsets is not None:
+                dfq.learn_quota(self.unit, logits, choice)
         return choice, gctx
 
     def forward(self, inputs, run: Run):
@@ -171,7 +173,7 @@ class GatedUnit(Op):
         externals = dict(zip(self.node.inputs[2:2 + self.n_externals], inputs[2:2 + self.n_externals]))
         gate_params = tuple(inputs[2 + self.n_externals:6 + self.n_externals])
         shared = tuple(inputs[6 + self.n_externals:])
-        choice, gctx = self._choose(x, gate_params, shared)
+        choice, gctx = self._choose(x, gate_params, shared, run.training)
         dfq.record.choices[u.index] = choice
         dfq.record.batch = x.shape[0]
         skip = dfq.skips[choice]
@@ -350,9 +352,6 @@ class GatedUnit(Op):
             if u.fork in inner:
                 branch_dx = inner[u.fork]
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
-        if dfq.config.selection == "quota" and dfq.force is None:
-            dfq.quota_price[u.index] = next_price(float(dfq.quota_price[u.index]), dfq.unit_cost[u.index],
-                                                  dfq.computing_mask(u), ctx.choice, dfq.allowance(u))
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         if ctx.probe is not None:
             dlogits = dlogits + self._probe_grad(ctx.probe, dout, ctx.gate.probs)
