@@ -358,7 +358,7 @@ def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
     m.parameters()["dfq.head.weight"][...] = rng.normal(0, 3, m.parameters()["dfq.head.weight"].shape)
     picks = {}
     for threshold in (0.0, 1.5):
-        d.quota_state[:] = [[threshold, 1], [-threshold, 1], [threshold, 1]][:len(d.units)]
+        d.quota_state[:] = [[threshold, 1, 0], [-threshold, 1, 0], [threshold, 1, 0]][:len(d.units)]
         d.begin_forward()
         env, _ = m.executor.forward(m._feeds(x), m._state(), False)
         picks[threshold] = {k: v.copy() for k, v in d.record.choices.items()}

@@ -12,7 +12,7 @@ import models
 from edgetrain.errors import EdgetrainError
 from edgetrain.precision.dfq.config import DFQConfig
 from edgetrain.precision.dfq.controller import DFQ, QUOTA_BUFFER
-from edgetrain.precision.dfq.quota import QUOTA_RATE, bracket, next_threshold, quota_mask
+from edgetrain.precision.dfq.quota import QUOTA_RATE, bracket, next_threshold, quota_mask, split
 
 COST = np.array([0.0, 54.0, 64.0, 104.0])  # skip, 3/6, 4/6, 6/8 with 4-bit weights (BitOPs per MAC)
 COMPUTING = np.array([False, True, True, True])
@@ -72,6 +72,24 @@ def test_threshold_moves_towards_the_batch_quantile(scores, threshold, share):
     assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=0, max_size=40), st.floats(0.0, 0.99), st.floats(0.0, 0.999))
+def test_split_sends_the_highest_scores_up_and_carries_the_rest(scores, share, carry):
+    up, after = split(np.array(scores, float), share, carry)
+    count = min(int(np.floor(share * len(scores) + carry)), len(scores))
+    assert up.sum() == count and after == pytest.approx(share * len(scores) + carry - count)
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # ties: the lower index first
+    assert sorted(np.flatnonzero(up).tolist()) == sorted(ranked[:count])
+
+
+def test_the_carry_keeps_the_long_run_share_exact():
+    carry, sent = 0.0, 0
+    for _ in range(1000):
+        up, carry = split(np.arange(7.0), 0.05, carry)  # 0.35 of a sample a batch
+        sent += int(up.sum())
+    assert sent == 350 and 0 <= carry < 1
+
+
 def test_the_tracked_threshold_sends_the_highest_ranked_share_up():
     """Fixed gates that prefer 3/6 for every sample, by a sample's own margin: argmax sends none to 4/6; the quota
     sends the share the allowance buys (60% here), and always those whose margin is smallest."""
@@ -115,8 +133,15 @@ def test_a_model_chooses_within_the_bracket_and_learns_the_threshold_in_training
     for choice in d.record.choices.values():
         assert set(choice.tolist()) <= {0, 1, 2}
     m.step = 4
-    m.loss_and_grad(x, y)  # the first training forward sets each threshold to its batch's quantile
+    m.loss_and_grad(x, y)  # the first training forward splits exactly and sets each threshold to its quantile
     assert d.quota_state[:, 1].all()
+    for u in d.units:
+        choice = d.record.choices[u.index]
+        ran = int((choice > 0).sum())
+        share = brackets[u.index][2]
+        assert share == pytest.approx((2.0 - 100 * 54 / 3072) / (100 * 10 / 3072))  # 2%: 3/4 of 3/6 .. 4/6
+        assert (choice == 2).sum() == int(np.floor(share * ran))
+        assert d.quota_state[u.index, 2] == pytest.approx(share * ran - int(np.floor(share * ran)))
     for threshold, want in ((-1e6, 2), (1e6, 1)):  # far below: every computing sample at 4/6; far above: 3/6
         d.quota_state[:, 0] = threshold
         m(x)

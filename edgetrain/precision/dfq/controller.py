@@ -51,7 +51,7 @@ from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision,
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
 from edgetrain.precision.dfq.gated_unit import GatedUnit
 from edgetrain.precision.dfq.gates import PREFIX, SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
-from edgetrain.precision.dfq.quota import bracket, next_threshold, quota_mask
+from edgetrain.precision.dfq.quota import bracket, next_threshold, quota_mask, split
 from edgetrain.precision.dfq.units import Unit, find_units, measure_units
 from edgetrain.precision.spec import LayerPrecision
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 
 PRICE_BUFFER = PREFIX + "probe.price"  # the budget rule's running price per unit
-# The quota selection's state per unit (edgetrain.precision.dfq.quota): its threshold, and 1 once it is set.
+# The quota selection's state per unit (edgetrain.precision.dfq.quota): its threshold, 1 once it is set, the carry.
 QUOTA_BUFFER = PREFIX + "quota.threshold"
 
 
@@ -204,7 +204,7 @@ class DFQ:
         if self.config.estimator == "probe" and self.config.probe_rule == "budget":
             model.buffers()[PRICE_BUFFER] = self.probe_price
             self.buffer_names.append(PRICE_BUFFER)
-        self.quota_state = np.zeros((len(self.units), 2))
+        self.quota_state = np.zeros((len(self.units), 3))
         if self.config.selection == "quota":
             model.buffers()[QUOTA_BUFFER] = self.quota_state
             self.buffer_names.append(QUOTA_BUFFER)
@@ -291,7 +291,7 @@ class DFQ:
 
     def quota_threshold(self, unit: Unit) -> float | None:
         """`unit`'s quota threshold (None: none yet)."""
-        threshold, ready = self.quota_state[unit.index]
+        threshold, ready, _ = self.quota_state[unit.index]
         return float(threshold) if ready else None
 
     def selection_offsets(self, unit: Unit) -> np.ndarray | None:
@@ -303,16 +303,22 @@ class DFQ:
         allowed[list(self.unit_candidates[unit.index])] = True
         return quota_mask(len(self.candidates), self.skips, allowed, cheap, dear, self.quota_threshold(unit))
 
-    def learn_quota(self, unit: Unit, logits: np.ndarray, choice: np.ndarray) -> None:
-        """After a training forward: move `unit`'s threshold towards this batch's quantile (quota.next_threshold)."""
+    def quota_split(self, unit: Unit, logits: np.ndarray, choice: np.ndarray) -> np.ndarray:
+        """A training forward's choices with its computing samples split exactly between the bracket's candidates
+        (quota.split), the threshold moved towards the batch's quantile (quota.next_threshold)."""
         cheap, dear, share = self.quota_bracket(unit)
         if cheap == dear:
-            return
+            return choice
         ran = (choice == cheap) | (choice == dear)
         scores = logits[ran, dear].astype(np.float64) - logits[ran, cheap]
+        state = self.quota_state[unit.index]
+        up, carry = split(scores, share, float(state[2]))
         threshold = next_threshold(self.quota_threshold(unit), scores, share)
         if threshold is not None:
-            self.quota_state[unit.index] = (threshold, 1.0)
+            state[:] = (threshold, 1.0, carry)
+        out = choice.copy()
+        out[ran] = np.where(up, dear, cheap)
+        return out
 
     def cost_gradient(self, unit: Unit) -> np.ndarray:
         """dL/d(one-hot choice) of one unit's gate from the regulariser: the same for every sample."""

@@ -164,7 +164,7 @@ class GatedUnit(Op):
             if floor > 0 and self.unit.shortcut is not None:
                 choice = apply_floor(scored, choice, dfq.skips, floor)
             if training and offsets is not None:
-                dfq.learn_quota(self.unit, logits, choice)
+                choice = dfq.quota_split(self.unit, logits, choice)
         return choice, gctx
 
     def forward(self, inputs, run: Run):

@@ -13,13 +13,18 @@ candidates, the bracket (cheap, dear), and buys the dearer one for a share q = (
     argmax over {skip, cheap, dear} of (logits[skip], logits[cheap], logits[dear] - threshold_u)
 
 so whether to compute stays with the gates (skip against the bracket), and a computing sample goes up when its
-score logits[dear] - logits[cheap] beats the unit's threshold. After each training forward the threshold moves
-a share QUOTA_RATE of the way to the (1 - q) quantile of that batch's computing samples' scores (the first
-batch, or the first after a new target, sets it outright), so over a few batches the share q of the samples
-with the highest scores goes up, whatever the scale or spread of the gates' logits. With the allowance at or
-below the cheapest computing candidate every computing sample takes that one (at or above the dearest, that
-one). At eval and in the exported gates the threshold is fixed: a model buffer, checkpointed, and an offset on
-the dear candidate's logit in the ONNX gates, the other computing candidates masked out.
+score logits[dear] - logits[cheap] beats the unit's threshold. That is the rule at eval and in the exported
+gates, where the threshold is fixed: a model buffer, checkpointed, and an offset on the dear candidate's logit in
+the ONNX gates, the other computing candidates masked out.
+
+In training the batch's computing samples are split exactly: the floor(q * n + carry) with the highest scores
+go up (`split`; the carry keeps the long-run share exact at small batches), and the threshold moves a share
+QUOTA_RATE of the way to the batch's (1 - q) score quantile (the first batch, or the first after a new target,
+sets it outright), an average like BatchNorm's running statistics. Why exact in training: on ResNet-20 the
+scores of one batch lie close together while the gates' common offset moves from step to step (the cost
+regulariser's sign flips), so a threshold that lags by a few batches sent whole batches up or down at once and
+the gates never trained on a split. With the allowance at or below the cheapest computing candidate every
+computing sample takes that one (at or above the dearest, that one).
 
 Why a tracked quantile and not a price moved by dual ascent (tried first): the gates' scores are close together
 (a weak ranking), so a price moving at a rate large enough to cross the gates' gap in one target stage sent
@@ -32,6 +37,16 @@ import numpy as np
 
 # Share of the way the threshold moves to each training batch's quantile (an average over about 1/rate batches).
 QUOTA_RATE = 0.1
+
+
+def split(scores: np.ndarray, share: float, carry: float) -> tuple[np.ndarray, float]:
+    """Which of a training batch's computing samples go up (the floor(share * n + carry) highest scores, ties to
+    the lower index), and the carry after: the share's fraction that one batch could not send."""
+    want = share * len(scores) + carry
+    count = min(int(np.floor(want)), len(scores))
+    up = np.zeros(len(scores), bool)
+    up[np.argsort(-np.asarray(scores, np.float64), kind="stable")[:count]] = True
+    return up, want - count
 
 
 def bracket(unit_cost: np.ndarray, computing: np.ndarray, allowance: float) -> tuple[int, int, float]:
