@@ -566,7 +566,8 @@ def test_fractrain_experiment_row_configs(tmp_path):
     args = argparse.Namespace(steps=400, batch_size=8, seed=0, lr=0.05, period=10, eps=0.1, alpha=0.3, target=3.0,
                               beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
                               candidates=None, targets=None, static_bits=None, floor=0.25, floors=None,
-                              probe_share=0.25, probe_weight=0.5, probe_margin=0.02, probe_rule="budget")
+                              probe_share=0.25, probe_weight=0.5, probe_margin=0.02, probe_rule="budget",
+                              selection="argmax")
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only
@@ -579,6 +580,10 @@ def test_fractrain_experiment_row_configs(tmp_path):
     c = fx._row_config("fractrain-probe", args, "out")
     assert c.schedule == "fractrain" and c.dfq_estimator == "probe" and c.dfq_min_exec_share == 0.0
     assert (c.dfq_probe_share, c.dfq_probe_weight, c.dfq_probe_margin, c.dfq_probe_rule) == (0.25, 0.5, 0.02, "budget")
+    assert c.dfq_selection == "argmax"
+    quota = argparse.Namespace(**{**vars(args), "selection": "quota"})
+    assert fx._row_config("fractrain", quota, "out").dfq_selection == "quota"  # every gated row, probe or not
+    assert fx._row_config("static", quota, "out").dfq_selection == "argmax"
     c = fx._row_config("fractrain-time", args, "out")
     assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
     assert c.pfq_switch_steps == [100, 200, 300]
