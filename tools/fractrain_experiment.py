@@ -531,9 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="probe rows: margin (cheapest within the margin of the best) or budget (what the cost "
                         "target allows, to the samples most sensitive to precision; docs/GATE_ESTIMATOR.md)")
     p.add_argument("--selection", choices=SELECTIONS, default="argmax",
-                   help="dfq and fractrain rows: argmax (each sample its gate's top candidate) or quota (a per-block "
-                        "price makes the computing samples spend what the target allows; the gates' ranking decides "
-                        "who goes up)")
+                   help="dfq and fractrain rows: argmax (each sample its gate's top candidate) or quota (each "
+                        "block's computing samples spend what the target allows, the gates' ranking deciding who "
+                        "goes up; docs/GATE_ESTIMATOR.md)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

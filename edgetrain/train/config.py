@@ -187,9 +187,9 @@ class TrainConfig:
                                   "margin (cheapest within the margin of the best) or budget (what the cost target "
                                   "allows, to the samples most sensitive to precision)", "str", metavar="RULE",
                                   group="dfq", choices=dfq.PROBE_RULES)
-    dfq_selection: str = setting("argmax", "how a gate's logits pick a sample's candidate: argmax, or quota (a "
-                                 "per-block price on the dearer computing candidates makes the computing samples "
-                                 "spend what the cost target allows, so the gates' ranking decides who goes up)",
+    dfq_selection: str = setting("argmax", "how a gate's logits pick a sample's candidate: argmax, or quota (each "
+                                 "block's computing samples spend what the cost target allows: the share it buys "
+                                 "of the two candidates around it goes to the samples the gate ranks highest)",
                                  "str", metavar="RULE", group="dfq", choices=dfq.SELECTIONS)
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,

@@ -24,8 +24,8 @@ DEFAULT_PROBE_SHARE = 0.125  # share of each batch whose gated units also run a 
 DEFAULT_PROBE_WEIGHT = 1.0  # weight of the probe's distillation loss on the gates
 DEFAULT_PROBE_MARGIN = 0.01  # per-sample loss a cheaper candidate may trail the best by and still be the target
 PROBE_RULES = ("margin", "budget")  # how the probe's scores become targets (edgetrain.precision.dfq.probe)
-# How a gate's logits become a sample's candidate: its argmax, or the argmax after a per-unit price that makes the
-# computing samples spend the cost target's allowance (edgetrain.precision.dfq.quota)
+# How a gate's logits become a sample's candidate: their argmax, or the share of computing samples the cost target's
+# allowance buys sent to the dearer candidate by the gate's ranking (edgetrain.precision.dfq.quota)
 SELECTIONS = ("argmax", "quota")
 # Batches that re-estimate the exported network's statistics (edgetrain.precision.dfq.recalibrate). With the
 # running statistics' momentum of 0.9 (PyTorch's 0.1) the gated statistics keep a weight of 0.9^25, about
@@ -93,7 +93,7 @@ class DFQConfig:
     probe_margin: float = DEFAULT_PROBE_MARGIN
     probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": priced sensitivity
     min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
-    selection: str = "argmax"  # "argmax": each sample its gate's top candidate; "quota": priced (dfq.quota)
+    selection: str = "argmax"  # "argmax": each sample its gate's top candidate; "quota": by ranking (dfq.quota)
 
     def __post_init__(self) -> None:
         """Refuse values no DFQ run can use, whoever builds the config (the CLI, a TOML file, the API)."""

@@ -205,6 +205,9 @@ class DFQ:
             model.buffers()[PRICE_BUFFER] = self.probe_price
             self.buffer_names.append(PRICE_BUFFER)
         self.quota_state = np.zeros((len(self.units), 3))
+        self._allowed = {u.index: np.isin(np.arange(len(self.candidates)), self.unit_candidates[u.index])
+                         for u in self.units}
+        self._brackets: dict[tuple[int, float], tuple[int, int, float]] = {}  # by (unit, target)
         if self.config.selection == "quota":
             model.buffers()[QUOTA_BUFFER] = self.quota_state
             self.buffer_names.append(QUOTA_BUFFER)
@@ -285,9 +288,11 @@ class DFQ:
 
     def quota_bracket(self, unit: Unit) -> tuple[int, int, float]:
         """The quota selection's (cheap, dear, share) for `unit` at the current target (quota.bracket)."""
-        allowed = np.zeros(len(self.candidates), bool)
-        allowed[list(self.unit_candidates[unit.index])] = True
-        return bracket(self.unit_cost[unit.index], allowed & ~self.skips, self.allowance(unit))
+        key = (unit.index, self.target)
+        if key not in self._brackets:
+            self._brackets[key] = bracket(self.unit_cost[unit.index], self._allowed[unit.index] & ~self.skips,
+                                          self.allowance(unit))
+        return self._brackets[key]
 
     def quota_threshold(self, unit: Unit) -> float | None:
         """`unit`'s quota threshold (None: none yet)."""
@@ -299,9 +304,8 @@ class DFQ:
         if self.config.selection != "quota":
             return None
         cheap, dear, _ = self.quota_bracket(unit)
-        allowed = np.zeros(len(self.candidates), bool)
-        allowed[list(self.unit_candidates[unit.index])] = True
-        return quota_mask(len(self.candidates), self.skips, allowed, cheap, dear, self.quota_threshold(unit))
+        return quota_mask(len(self.candidates), self.skips, self._allowed[unit.index], cheap, dear,
+                          self.quota_threshold(unit))
 
     def quota_split(self, unit: Unit, logits: np.ndarray, choice: np.ndarray) -> np.ndarray:
         """A training forward's choices with its computing samples split exactly between the bracket's candidates
