@@ -527,8 +527,10 @@ def test_fractrain_experiment_small_form(tmp_path, capsys):
         assert 0 <= gated["full_depth_recalibrated_accuracy"] <= 1 and gated["recalibration_seconds"] > 0, name
     assert set(run["test_choices"]) == set(run["off_modal_share"]) == {"block0", "block1", "block2"}
     assert all(0 <= v < 1 for v in run["off_modal_share"].values())
-    cells = run["accuracy_by_executed_share"].values()
-    assert sum(c["samples"] for c in cells) == fx.SMALL["test_samples"]
+    for key in ("accuracy_by_executed_share", "accuracy_by_raised_share"):
+        cells = run[key].values()
+        assert sum(c["samples"] for c in cells) == fx.SMALL["test_samples"], key
+        assert all(0 <= float(share) <= 1 for share in run[key]), key
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.png").stat().st_size > 0
     assert "n/a (in one process)" in fx.format_table(out["rows"])
     # --merge: rows or seeds run separately come back together as one table

@@ -231,15 +231,29 @@ def gate_behaviour(model, dfq: DFQ, x, y) -> dict:
         off[name] = 1.0 - float(counts.max()) / len(c)
         executed[name] = float(np.mean(~dfq.skips[c]))
     per_sample = np.mean([~dfq.skips[c] for c in picked.values()], axis=0)  # share of blocks each sample ran
-    by_share = {}
-    for share in np.unique(per_sample):
-        mask = per_sample == share
-        by_share[f"{share:.4f}"] = {"samples": int(mask.sum()), "accuracy": float(correct_all[mask].mean())}
+    # Share of blocks in which a sample ran a costlier candidate than its block's modal one: which samples the
+    # gates give more bits, and whether those are the ones the network gets wrong.
+    raised = []
+    for u in dfq.units:
+        c, cost = picked[u.name], dfq.unit_cost[u.index]
+        raised.append(cost[c] > cost[np.bincount(c, minlength=len(texts)).argmax()])
     return {"test_choices": summary, "off_modal_share": off, "mean_off_modal_share": float(np.mean(list(off.values()))),
-            "executed_share": executed, "accuracy_by_executed_share": by_share,
+            "executed_share": executed, "accuracy_by_executed_share": _accuracy_by(per_sample, correct_all),
+            "accuracy_by_raised_share": _accuracy_by(np.mean(raised, axis=0), correct_all),
             "gated_percent_of_fp32_test": float(np.mean(np.concatenate(percent))),
             # The network a static export serves, with the statistics the gated training left it.
             "full_depth_candidate": dfq.most_precise(), "full_depth_accuracy": full_depth_accuracy(model, dfq, x, y)}
+
+
+def _accuracy_by(per_sample, correct) -> dict:
+    """Samples and test accuracy per distinct value of a per-sample share (keys to 4 decimals)."""
+    import numpy as np
+
+    out = {}
+    for share in np.unique(per_sample):
+        mask = per_sample == share
+        out[f"{share:.4f}"] = {"samples": int(mask.sum()), "accuracy": float(correct[mask].mean())}
+    return out
 
 
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
@@ -363,7 +377,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for ax, key, label in ((axes[0], "percent_of_fp32", "training BitOPs, % of fp32"),
                            (axes[1], "train_seconds", "training wall time, s")):
         for i, r in enumerate(rows):
@@ -382,7 +396,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
     axes[0].legend(fontsize="small")
-    _plot_per_sample(axes[2], rows)
+    _plot_per_sample(axes[2], rows, "accuracy_by_executed_share", "share of blocks a test sample executed")
+    _plot_per_sample(axes[3], rows, "accuracy_by_raised_share",
+                     "share of blocks a test sample ran above the modal candidate")
     fig.suptitle("FracTrain experiment: same model, seed and steps for every run")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -391,13 +407,14 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _plot_per_sample(ax, rows: list[dict]) -> None:
-    """Per gated row, test accuracy of the samples grouped by the share of blocks each executed (all seeds
-    pooled; marker area ~ samples): whether the gates give the hard samples more of the network."""
+def _plot_per_sample(ax, rows: list[dict], key: str, xlabel: str) -> None:
+    """Per gated row, test accuracy of the samples grouped by a per-sample share (`key`: of blocks executed, or
+    run above the modal candidate; all seeds pooled; marker area ~ samples): whether the gates give the hard
+    samples more of the network."""
     for i, r in enumerate(rows):
         pooled: dict[float, list[int]] = {}
         for run in r.get("runs") or []:
-            for share, cell in (run.get("accuracy_by_executed_share") or {}).items():
+            for share, cell in (run.get(key) or {}).items():
                 got = pooled.setdefault(float(share), [0, 0])
                 got[0] += cell["samples"]
                 got[1] += round(cell["accuracy"] * cell["samples"])
@@ -408,7 +425,7 @@ def _plot_per_sample(ax, rows: list[dict]) -> None:
         ax.plot(shares, [100 * pooled[s][1] / pooled[s][0] for s in shares], color=f"C{i}", alpha=0.6)
         ax.scatter(shares, [100 * pooled[s][1] / pooled[s][0] for s in shares], color=f"C{i}", label=r["label"],
                    s=[max(4.0, 400.0 * pooled[s][0] / total) for s in shares])
-    ax.set_xlabel("share of blocks a test sample executed")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy of those samples, %")
     ax.grid(alpha=0.3)
 
