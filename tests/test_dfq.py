@@ -322,9 +322,6 @@ def test_the_regulariser_pulls_the_cost_to_its_target():
 
 # -- export, checkpoints, the CLI ---------------------------------------------------------------------
 def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    from edgetrain.precision.dfq.export import export_gates
-
     x, _ = _data(16, seed=7)
     m = _resnet8()
     m.set_precision("8/8")
@@ -334,22 +331,26 @@ def test_gates_export_runs_in_onnxruntime_with_the_same_choices(tmp_path):
     d.begin_forward()
     env, _ = m.executor.forward(m._feeds(x), m._state(), False)
     ours = {k: v.copy() for k, v in d.record.choices.items()}
-    path = tmp_path / "gates.onnx"
+    exported = _exported_choices(m, d, env, tmp_path / "gates.onnx")
+    for u in d.units:
+        np.testing.assert_array_equal(exported[u.index], ours[u.index])
+    assert len(set(np.concatenate(list(ours.values())).tolist())) >= 2
+
+
+def _exported_choices(m, d, env, path) -> dict:
+    """Each unit's choices from the gates exported to `path`, run in onnxruntime on the unit inputs in `env`."""
+    ort = pytest.importorskip("onnxruntime")
+    from edgetrain.precision.dfq.export import export_gates
+
     export_gates(m, path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in sess.get_outputs()],
-                    sess.run(None, {u.fork: env[u.fork] for u in d.units})))
-    for u in d.units:
-        np.testing.assert_array_equal(outs[f"{u.name}.choice"], ours[u.index])
-    assert len(set(np.concatenate(list(ours.values())).tolist())) >= 2
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {u.fork: env[u.fork] for u in d.units})))
+    return {u.index: outs[f"{u.name}.choice"] for u in d.units}
 
 
 def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
     """With the quota selection the exported gates add each unit's fixed threshold and bracket mask to its logits,
     so onnxruntime picks what the trained model picks, and the thresholds move the picks."""
-    ort = pytest.importorskip("onnxruntime")
-    from edgetrain.precision.dfq.export import export_gates
-
     x, _ = _data(16, seed=7)
     m = _resnet8()
     m.set_precision("8/8")
@@ -363,13 +364,9 @@ def test_exported_gates_choose_as_the_quota_selection_does(tmp_path):
         env, _ = m.executor.forward(m._feeds(x), m._state(), False)
         picks[threshold] = {k: v.copy() for k, v in d.record.choices.items()}
     ours = picks[1.5]
-    path = tmp_path / "gates.onnx"
-    export_gates(m, path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in sess.get_outputs()],
-                    sess.run(None, {u.fork: env[u.fork] for u in d.units})))
+    exported = _exported_choices(m, d, env, tmp_path / "gates.onnx")
     for u in d.units:
-        np.testing.assert_array_equal(outs[f"{u.name}.choice"], ours[u.index])
+        np.testing.assert_array_equal(exported[u.index], ours[u.index])
     assert any((picks[0.0][k] != ours[k]).any() for k in ours)
 
 

@@ -27,7 +27,8 @@ derivative is 0). The candidates among executing ones are told apart by the cost
 With DFQConfig.estimator = "probe", a seeded share of each batch also runs a second candidate and
 the gates learn from the measured difference as well (edgetrain.precision.dfq.probe,
 docs/GATE_ESTIMATOR.md); DFQConfig.min_exec_share floors each skippable unit's executed share
-(edgetrain.precision.dfq.guard).
+(edgetrain.precision.dfq.guard); DFQConfig.selection = "quota" sends the share of computing samples the cost
+target buys to the dearer candidate by the gates' ranking instead of their argmax (edgetrain.precision.dfq.quota).
 
 C is summed over samples, not averaged, so the pull on each sample's gate does not shrink with the
 batch size (with a batch mean and beta = 1e-3 the gates would hardly move in a fine-tuning run).

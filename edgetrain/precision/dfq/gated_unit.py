@@ -285,7 +285,7 @@ class GatedUnit(Op):
         if dfq.config.probe_rule == "budget":  # scores: the task's alone (the allowance and price stand for cost)
             record["scores"] = scores = scores[keep]
             record["price"] = float(dfq.probe_price[u.index])  # what this probe's targets were set at
-            targets = self._budget(scores, cost, dfq.target / 100.0 * dfq.unit_fp32[u.index])
+            targets = self._budget(scores, cost, dfq.allowance(u))
         else:  # scores: the task's plus the regulariser's price of each candidate
             record["scores"] = scores = scores[keep] + dfq.cost_gradient(u)[None, :]
             margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
