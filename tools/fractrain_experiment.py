@@ -377,7 +377,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5.5))
     for ax, key, label in ((axes[0], "percent_of_fp32", "training BitOPs, % of fp32"),
                            (axes[1], "train_seconds", "training wall time, s")):
         for i, r in enumerate(rows):
@@ -395,12 +395,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy, %")
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
-    axes[0].legend(fontsize="small")
+    # Below the panels, not over the first one's points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=3)
     _plot_per_sample(axes[2], rows, "accuracy_by_executed_share", "share of blocks a test sample executed")
     _plot_per_sample(axes[3], rows, "accuracy_by_raised_share",
-                     "share of blocks a test sample ran above the modal candidate")
+                     "share of blocks run above the modal candidate")
     fig.suptitle("FracTrain experiment: same model, seed and steps for every run")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) + 2) // 3), 1, 1))
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
