@@ -545,6 +545,12 @@ def test_fractrain_experiment_small_form(tmp_path, capsys):
     merged = json.loads(capsys.readouterr().out)["rows"]
     assert [r["label"] for r in merged if r["row"] == "fractrain-probe"] == [rows["fractrain-probe"]["label"],
                                                                              budget["label"]]
+    # The quota selection in the small form: its label, and its thresholds recorded per block.
+    assert fx.main(["--small", "--rows", "fractrain", "--selection", "quota", "--out", str(tmp_path / "q"),
+                    "--json"]) == 0
+    quota = json.loads(capsys.readouterr().out)["rows"][0]
+    assert quota["label"] == "FracTrain, quota selection" and quota["bitops"] > 0
+    assert set(quota["runs"][0]["quota_threshold"]) == {"block0", "block1", "block2"}
     assert fx.main(["--rows", "fp32,sgd", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "sgd" in err
