@@ -12,6 +12,7 @@ import models
 from edgetrain.errors import EdgetrainError
 from edgetrain.precision.dfq.config import DFQConfig
 from edgetrain.precision.dfq.controller import DFQ, QUOTA_BUFFER
+from edgetrain.precision.dfq.gates import logit_mask
 from edgetrain.precision.dfq.quota import QUOTA_RATE, bracket, next_threshold, quota_mask, split
 
 COST = np.array([0.0, 54.0, 64.0, 104.0])  # skip, 3/6, 4/6, 6/8 with 4-bit weights (BitOPs per MAC)
@@ -45,12 +46,11 @@ def test_bracket_on_fractrains_candidates():
 
 
 def test_mask_keeps_skip_and_the_bracket_and_lowers_the_dearer_by_the_threshold():
-    allowed = np.array([True, True, True, True])
-    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 1, 2, 0.75), [0, 0, -0.75, -np.inf])
-    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 1, 2, None), [0, 0, 0, -np.inf])
-    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, allowed, 3, 3, 0.75), [0, -np.inf, -np.inf, 0])
-    no_skip = np.array([False, True, True, True])  # a unit without a shortcut cannot skip
-    np.testing.assert_array_equal(quota_mask(4, ~COMPUTING, no_skip, 1, 2, 0.75), [-np.inf, 0, -0.75, -np.inf])
+    np.testing.assert_array_equal(quota_mask(~COMPUTING, 1, 2, 0.75), [0, 0, -0.75, -np.inf])
+    np.testing.assert_array_equal(quota_mask(~COMPUTING, 1, 2, None), [0, 0, 0, -np.inf])
+    np.testing.assert_array_equal(quota_mask(~COMPUTING, 3, 3, 0.75), [0, -np.inf, -np.inf, 0])
+    no_skip = logit_mask((1, 2, 3), 4)  # a unit without a shortcut cannot skip: the gates' own mask says so
+    np.testing.assert_array_equal(no_skip + quota_mask(~COMPUTING, 1, 2, 0.75), [-np.inf, 0, -0.75, -np.inf])
 
 
 @settings(max_examples=200, deadline=None)
@@ -94,7 +94,6 @@ def test_the_tracked_threshold_sends_the_highest_ranked_share_up():
     """Fixed gates that prefer 3/6 for every sample, by a sample's own margin: argmax sends none to 4/6; the quota
     sends the share the allowance buys (60% here), and always those whose margin is smallest."""
     rng = np.random.default_rng(0)
-    allowed = np.ones(4, bool)
     cheap, dear, share = bracket(COST, COMPUTING, 60.0)
     threshold, ups = None, []
     for step in range(400):
@@ -103,7 +102,7 @@ def test_the_tracked_threshold_sends_the_highest_ranked_share_up():
         logits[:, 1] = 2.0
         logits[:, 2] = 2.0 - rng.gamma(2.0, 0.5, 32)  # 4/6 always trails 3/6
         logits[:, 3] = 1.9  # 6/8 is the argmax's runner-up: the quota never takes it
-        choice = (logits + quota_mask(4, ~COMPUTING, allowed, cheap, dear, threshold)).argmax(axis=1)
+        choice = (logits + quota_mask(~COMPUTING, cheap, dear, threshold)).argmax(axis=1)
         assert not (logits.argmax(axis=1) == dear).any() and set(choice.tolist()) <= {cheap, dear}
         if step >= 100:
             up = choice == dear

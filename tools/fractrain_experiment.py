@@ -65,6 +65,11 @@ POSITIVE_FLOAT = bounded(float, "a positive number", low=0.0, low_open=True)
 NON_NEGATIVE_FLOAT = bounded(float, "a number >= 0", low=0.0)
 
 
+def _schedule(row: str) -> str:
+    """The training schedule a row runs (its name without the -time and -probe variants)."""
+    return row.removesuffix("-time").removesuffix("-probe")
+
+
 def _row_config(row: str, args: argparse.Namespace, out: str):
     """The TrainConfig of one row: everything but the schedule is shared."""
     from edgetrain.train.config import TrainConfig, validate
@@ -72,7 +77,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
     extra: dict = {}
     if row == "static":
         extra["bits"] = args.static_bits or "8/8"
-    schedule = row.removesuffix("-time").removesuffix("-probe")
+    schedule = _schedule(row)
     if schedule in ("pfq", "fractrain"):
         extra.update(pfq_period=args.period, pfq_eps=args.eps, pfq_alpha=args.alpha)
         if args.switch_at:  # manual mode: stages (targets) change at fixed shares of the budget
@@ -173,7 +178,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     label = f"static {args.static_bits}" if row == "static" and args.static_bits else LABELS[row]
     if row in PROBE_ROWS and args.probe_rule != "margin":
         label += f" ({args.probe_rule} rule)"
-    if row.startswith(("dfq", "fractrain")) and args.selection != "argmax":
+    if _schedule(row) in ("dfq", "fractrain") and args.selection != "argmax":
         label += f", {args.selection} selection"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,

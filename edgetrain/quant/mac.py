@@ -205,6 +205,12 @@ def takes_codes(op: Op | None, node: Node, value: str) -> bool:
             and value not in node.inputs[1:])
 
 
+def _groups_channel_sum(dy: np.ndarray, groups: list) -> np.ndarray:
+    """A conv's bias gradient over its sample groups: each group's channel sum, added in group order."""
+    first, *others = groups
+    return sum((detfloat.op_channel_sum(dy[g.rows]) for g in others), detfloat.op_channel_sum(dy[first.rows]))
+
+
 class QuantConv(QuantMAC):
     """Conv over 1 or 2 spatial dims (groups, depthwise, strides, pads, dilations) on the 2-D integer
     kernels. A 1-D conv (N, C, L) runs as the 2-D conv of (N, C, 1, L) with a (1, k) kernel: the same
@@ -287,9 +293,7 @@ class QuantConv(QuantMAC):
             dx = None if dx is None else dx.reshape(dx.shape[:2] + dx.shape[3:])
         out = [dx, dw]
         if ctx.has_bias:
-            first, *others = ctx.groups
-            out.append(sum((detfloat.op_channel_sum(dy[g.rows]) for g in others),
-                           detfloat.op_channel_sum(dy[first.rows])))
+            out.append(_groups_channel_sum(dy, ctx.groups))
         return out
 
 
@@ -351,9 +355,7 @@ class QuantConv3d(QuantMAC):
             dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
         out = [dx, dw]
         if ctx.has_bias:
-            first, *others = ctx.groups
-            out.append(sum((detfloat.op_channel_sum(dy[g.rows]) for g in others),
-                           detfloat.op_channel_sum(dy[first.rows])))
+            out.append(_groups_channel_sum(dy, ctx.groups))
         return out
 
 

@@ -206,8 +206,6 @@ class DFQ:
             model.buffers()[PRICE_BUFFER] = self.probe_price
             self.buffer_names.append(PRICE_BUFFER)
         self.quota_state = np.zeros((len(self.units), 3))
-        self._allowed = {u.index: np.isin(np.arange(len(self.candidates)), self.unit_candidates[u.index])
-                         for u in self.units}
         self._brackets: dict[tuple[int, float], tuple[int, int, float]] = {}  # by (unit, target)
         if self.config.selection == "quota":
             model.buffers()[QUOTA_BUFFER] = self.quota_state
@@ -291,8 +289,8 @@ class DFQ:
         """The quota selection's (cheap, dear, share) for `unit` at the current target (quota.bracket)."""
         key = (unit.index, self.target)
         if key not in self._brackets:
-            self._brackets[key] = bracket(self.unit_cost[unit.index], self._allowed[unit.index] & ~self.skips,
-                                          self.allowance(unit))
+            # Every unit may take every computing candidate (only skipping needs a shortcut).
+            self._brackets[key] = bracket(self.unit_cost[unit.index], ~self.skips, self.allowance(unit))
         return self._brackets[key]
 
     def quota_threshold(self, unit: Unit) -> float | None:
@@ -305,8 +303,7 @@ class DFQ:
         if self.config.selection != "quota":
             return None
         cheap, dear, _ = self.quota_bracket(unit)
-        return quota_mask(len(self.candidates), self.skips, self._allowed[unit.index], cheap, dear,
-                          self.quota_threshold(unit))
+        return quota_mask(self.skips, cheap, dear, self.quota_threshold(unit))
 
     def quota_split(self, unit: Unit, logits: np.ndarray, choice: np.ndarray) -> np.ndarray:
         """A training forward's choices with its computing samples split exactly between the bracket's candidates

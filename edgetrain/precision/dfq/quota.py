@@ -62,12 +62,12 @@ def bracket(unit_cost: np.ndarray, computing: np.ndarray, allowance: float) -> t
     return cheap, dear, (allowance - float(unit_cost[cheap])) / float(unit_cost[dear] - unit_cost[cheap])
 
 
-def quota_mask(candidates: int, skips: np.ndarray, allowed: np.ndarray, cheap: int, dear: int,
-               threshold: float | None) -> np.ndarray:
-    """What the quota selection adds to one unit's logits before their argmax (module doc): 0 on skip (where
-    allowed) and on cheap, -threshold on dear (0 before any threshold: None), -inf on every other candidate."""
-    out = np.full(candidates, -np.inf)
-    out[skips & allowed] = 0.0
+def quota_mask(skips: np.ndarray, cheap: int, dear: int, threshold: float | None) -> np.ndarray:
+    """What the quota selection adds to one unit's logits before their argmax (module doc): 0 on skip and on
+    cheap, -threshold on dear (0 before any threshold: None), -inf on every other candidate. A unit that may not
+    skip has its skip logit at -inf already (the gates' own mask, `gates.logit_mask`)."""
+    out = np.full(len(skips), -np.inf)
+    out[skips] = 0.0
     out[cheap] = 0.0
     if dear != cheap:
         out[dear] = 0.0 if threshold is None else -threshold
