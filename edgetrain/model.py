@@ -16,9 +16,10 @@ from edgetrain.kernels import detfloat
 from edgetrain.layers import mac_nodes, non_negative_values
 from edgetrain.losses import LOSSES, softmax_cross_entropy
 from edgetrain.onnx_import import load_graph
-from edgetrain.ops.base import Op
-from edgetrain.ops.elementwise import AddRelu
-from edgetrain.ops.norm import BatchNormalization, FusedAway, fuse_relu, sole_reader, sole_relu_reader
+from edgetrain.ops.base import FusedAway, Op
+from edgetrain.ops.elementwise import AddRelu, Relu
+from edgetrain.ops.norm import BatchNormalization, fuse_relu, sole_reader, sole_relu_reader
+from edgetrain.ops.pool import fuse_relu_pool
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
 from edgetrain.quant.mac import QuantMAC, QuantRuntime, integer_form, takes_codes
@@ -198,8 +199,8 @@ class Model:
         outputs = {o.name for o in self.graph.outputs}
         relu_outputs: dict[str, BatchNormalization] = {}  # a folded ReLU's output -> the BatchNorm writing it
         for node in self.graph.nodes:
-            if node.op_type in ("Relu", "Clip"):
-                self.executor.ops[node.name] = self._float_ops[node.name]  # until a BatchNorm takes it over
+            if node.op_type in ("Relu", "Clip", "MaxPool"):
+                self.executor.ops[node.name] = self._float_ops[node.name]  # until a BatchNorm or MaxPool takes it over
         for node in self.graph.nodes:
             if node.op_type != "BatchNormalization":
                 continue
@@ -215,6 +216,7 @@ class Model:
             else:
                 self.executor.ops[node.name] = self._float_ops[node.name]
         self._fuse_add_relus(readers, outputs)
+        self._fuse_relu_pools(outputs)
         for ext in self._extensions:
             self.executor.ops.update(ext.owned_ops())
         self._hand_codes_on(relu_outputs, outputs)
@@ -251,6 +253,23 @@ class Model:
             if relu is not None and relu.name in running:
                 self.executor.ops[node.name] = AddRelu(node, self.graph.opset)
                 self.executor.ops[relu.name] = FusedAway(relu, self.graph.opset)
+
+    def _fuse_relu_pools(self, outputs: set[str]) -> None:
+        """With integer layers, a Relu whose output only a MaxPool reads (a conv net without BatchNorm,
+        LeNet-5's two) runs inside that MaxPool (`pool.fuse_relu_pool`): one pass each way instead of two,
+        over the pool's input, the same bits. A Relu some other op took over already stays with it."""
+        if not any(isinstance(op, QuantMAC) for op in self.executor.ops.values()):
+            return
+        running = self.executor.graph.consumers_of()  # an extension may have folded nodes into others
+        producer = self.executor.graph.producer_of()
+        for node in self.executor.graph.nodes:
+            src = producer.get(node.inputs[0]) if node.op_type == "MaxPool" else None
+            if (src is None or src.op_type != "Relu" or type(self.executor.ops.get(src.name)) is not Relu
+                    or sole_reader(src.outputs[0], running, outputs) is not node):
+                continue
+            fused = fuse_relu_pool(src, node, self.graph.opset)
+            if fused is not None:
+                self.executor.ops[node.name], self.executor.ops[src.name] = fused
 
     # -- running ----------------------------------------------------------------------------------
     def _feeds(self, x: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -178,6 +178,35 @@ def test_relu6_folded_into_batchnorm_gives_the_unfolded_bits(monkeypatch):
     assert np.array_equal(fused_out, plain_out)
 
 
+def test_relu_folded_into_maxpool_gives_the_unfolded_bits(monkeypatch):
+    """LeNet-5's Relus, each read only by a MaxPool, run inside those pools in an integer model (and as
+    themselves at fp32); training with and without the fold ends on the same weights and eval outputs,
+    bit for bit."""
+    from edgetrain.ops.base import FusedAway
+    from edgetrain.ops.pool import MaxPool
+
+    def run():
+        model = edgetrain.load(models.build_model("lenet5", seed=1), seed=0)
+        model.set_precision("8/8")
+        pools = [op for op in model.executor.ops.values() if isinstance(op, MaxPool) and op.relu]
+        x = np.random.default_rng(5).standard_normal((8, 1, 28, 28)).astype(np.float32)
+        sgd_steps(model, x, np.arange(8) % 10, steps=3)
+        return model, model.state_dict(), model(x), len(pools)
+
+    model, fused_state, fused_out, folded = run()
+    assert folded == 2
+    assert sum(isinstance(op, FusedAway) for op in model.executor.ops.values()) == 2
+    model.set_precision("fp32")
+    assert not any(isinstance(op, FusedAway) or getattr(op, "relu", False) for op in model.executor.ops.values())
+    with monkeypatch.context() as m:
+        m.setattr(edgetrain.model.Model, "_fuse_relu_pools", lambda *a, **k: None)
+        _, plain_state, plain_out, none = run()
+    assert none == 0
+    for k in fused_state:
+        assert np.array_equal(fused_state[k], plain_state[k]), k
+    assert np.array_equal(fused_out, plain_out)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_folded_relu6_is_clip_of_the_stored_output(dtype, parallel):

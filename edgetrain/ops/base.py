@@ -78,6 +78,17 @@ class Op:
         return 0
 
 
+class FusedAway(Op):
+    """Stands in for a node whose work another op took over (a Relu folded into the BatchNorm before it
+    or the MaxPool after it): passes its first input through, both ways."""
+
+    def forward(self, inputs, run):
+        return [inputs[0]], None
+
+    def backward(self, ctx, grads, needed):
+        return [grads[0]]
+
+
 def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
     """Sum a gradient over the axes numpy broadcasting added or stretched, back to `shape`."""
     shape = tuple(shape)

@@ -8,7 +8,7 @@ import numpy as np
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.threads import pool_threads
 from edgetrain.ops import norm_kernels
-from edgetrain.ops.base import Op, register
+from edgetrain.ops.base import FusedAway, Op, register
 from edgetrain.quant.qtensor import Prequantised, QTensor, QuantStats, qrange, storage_dtype
 from edgetrain.quant.quantizer import NARROW_BLOCK, NEAR_HALF, narrow_margin, scale_from_range
 
@@ -182,16 +182,6 @@ def _channel_runs(x3: np.ndarray) -> int:
     """Runs of channels a parallel BatchNorm kernel deals to the threads: a few per thread, each sharing one
     set of lane buffers (allocated per channel they cost MobileNetV2's 4x4 maps 20-40%)."""
     return min(x3.shape[1], 4 * pool_threads())
-
-
-class FusedAway(Op):
-    """Stands in for a node whose work another op took over (a Relu folded into its BatchNorm)."""
-
-    def forward(self, inputs, run):
-        return [inputs[0]], None
-
-    def backward(self, ctx, grads, needed):
-        return [grads[0]]
 
 
 def sole_reader(value: str, consumers: dict, graph_outputs: set):

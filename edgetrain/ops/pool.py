@@ -5,7 +5,7 @@ import numpy as np
 
 from edgetrain.kernels import detfloat
 from edgetrain.ops import pool_kernels
-from edgetrain.ops.base import Op, register
+from edgetrain.ops.base import FusedAway, Op, register
 from edgetrain.ops.windows import crop_spatial, geometry, pad_spatial
 
 
@@ -15,17 +15,27 @@ def _lowest(dtype) -> float | int:
 
 @register("MaxPool")
 class MaxPool(Op):
+    """MaxPool; with `relu` set (Model places it: `fuse_relu_pool`), also the Relu before it, whose node
+    then passes its input through (FusedAway): max(relu(x)) in one pass each way, the same bits."""
+
+    relu = False
+
     def forward(self, inputs, run):
         (x,) = inputs
-        geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
-                       bool(self.attr("ceil_mode", 0)))
+        kernel = tuple(self.attr("kernel_shape"))
+        geo = geometry(self.node.name, self.attrs, x.shape[2:], kernel, bool(self.attr("ceil_mode", 0)))
         xp = pad_spatial(x, geo, _lowest(x.dtype))
-        if pool_kernels.compiled_case(x):
-            y, arg = _pool2d(xp, geo)
+        if pool_kernels.compiled_case(x, int(np.prod(kernel))):
+            y, arg = _pool2d(xp, geo, self.relu)
         else:
+            if self.relu:
+                xp = np.maximum(xp, 0).astype(xp.dtype, copy=False)  # the padding's lowest value becomes 0: below
+                # every window's maximum all the same, as some real value of it is >= 0 now
             wins = np.stack([xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices()])
             arg = wins.argmax(axis=0)
             y = np.take_along_axis(wins, arg[None], axis=0)[0]
+            if self.relu:
+                arg[~(y > 0)] = pool_kernels.NO_GRADIENT  # the Relu's backward passes nothing there
         outs = [y]
         if len(self.node.outputs) > 1 and self.node.outputs[1]:
             outs.append(self._indices(arg, x.shape, geo))
@@ -55,32 +65,46 @@ class MaxPool(Op):
         arg, x_shape, geo = ctx
         g = grads[0]
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
-        dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
-        if pool_kernels.compiled_case(g):
+        if pool_kernels.compiled_case(g, len(geo.offsets())):
+            tiled = pool_kernels.tiles_2x2(geo.kernel, geo.strides, geo.dilations, padded, g.shape)
+            dxp = (np.empty if tiled else np.zeros)(tuple(x_shape[:2]) + padded, dtype=g.dtype)
             _unpool2d(np.ascontiguousarray(g), arg, geo, dxp)
         else:
+            dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
             for i, sl in geo.slices():
                 dxp[(slice(None), slice(None)) + sl] += np.where(arg == i, g, 0)
         return [np.ascontiguousarray(crop_spatial(dxp, geo, tuple(x_shape[2:])))]
 
 
-def _pool2d(xp: np.ndarray, geo) -> tuple[np.ndarray, np.ndarray]:
-    """MaxPool's output and argmax (offset index per output) of a padded NCHW float input, compiled."""
+def fuse_relu_pool(relu_node, pool_node, opset: int) -> tuple[MaxPool, FusedAway] | None:
+    """A MaxPool that also runs the Relu that alone feeds it, and the Relu's stand-in; None when the pool's
+    Indices output is in use (those would have to name the Relu's maxima, which they do already, but the
+    pair is left as it is: nothing here needs it)."""
+    if pool_node.op_type != "MaxPool" or any(o for o in pool_node.outputs[1:]):
+        return None
+    pool = MaxPool(pool_node, opset)
+    pool.relu = True
+    return pool, FusedAway(relu_node, opset)
+
+
+def _pool2d(xp: np.ndarray, geo, relu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """MaxPool's output and argmax (offset index per output, int8) of a padded NCHW float input, compiled."""
     n, c = xp.shape[:2]
     planes = np.ascontiguousarray(xp).reshape((n * c,) + xp.shape[2:])
     y = np.empty((n * c,) + tuple(geo.out), xp.dtype)
-    arg = np.empty(y.shape, np.int64)
+    arg = np.empty(y.shape, np.int8)
     pool_kernels.maxpool2d_forward(planes, *geo.kernel, *geo.strides, *geo.dilations, y, arg,
-                                   pool_kernels.PARALLEL_MIN_OUTPUTS)
+                                   pool_kernels.PARALLEL_MIN_OUTPUTS, relu)
     return y.reshape((n, c) + y.shape[1:]), arg.reshape((n, c) + y.shape[1:])
 
 
 def _unpool2d(g: np.ndarray, arg: np.ndarray, geo, dxp: np.ndarray) -> None:
-    """dxp (zeros, padded NCHW) += g at each window's argmax, compiled."""
+    """dxp (padded NCHW) += g at each window's argmax, compiled."""
     n, c = g.shape[:2]
-    pool_kernels.maxpool2d_backward(g.reshape((n * c,) + g.shape[2:]), arg.reshape((n * c,) + arg.shape[2:]),
-                                    *geo.kernel, *geo.strides, *geo.dilations,
-                                    dxp.reshape((n * c,) + dxp.shape[2:]), pool_kernels.PARALLEL_MIN_OUTPUTS)
+    planes = (n * c,) + g.shape[2:]
+    pool_kernels.maxpool2d_backward(g.reshape(planes), arg.reshape(planes), *geo.kernel, *geo.strides,
+                                    *geo.dilations, dxp.reshape((n * c,) + dxp.shape[2:]),
+                                    pool_kernels.PARALLEL_MIN_OUTPUTS)
 
 
 @register("AveragePool")

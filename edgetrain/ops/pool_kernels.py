@@ -13,7 +13,18 @@ plane once and give the very same values and argmax:
   offset in index order (as the NumPy form's `+=` per offset), so the float sums where windows
   overlap come out bit-identical to it.
 
-Planes are independent, so a large input runs its planes in parallel with no effect on any value.
+With `relu`, the kernels are a Relu followed by the pool, in one pass each way (`MaxPool.relu`): every
+input value goes through NumPy's `maximum(v, 0)` (NaN stays, -0.0 and negatives become +0.0) before
+the compare, and the backward passes a gradient only where the window's maximum is above 0, which is
+where the Relu's backward (`g if y > 0 else 0`) would pass it: the forward marks the other windows'
+argmax `NO_GRADIENT`, so the backward is the plain one. The same bits as the two ops.
+
+The argmax is int8 (an offset index below 128: `MAX_OFFSETS`): with int64 indices beside float32
+values the compare-and-select loops did not vectorise (LeNet-5's (8, 6, 28, 28) pool took 40 us on two
+threads, 14 us on one with int8 and the flat row-pair walk of `_rows_2x2`).
+
+Planes (row pairs, in the 2x2 case) are independent, so a large input runs them in parallel with no
+effect on any value.
 """
 from __future__ import annotations
 
@@ -24,36 +35,14 @@ from edgetrain.kernels.threads import SMALL_ELEMENTS
 
 # Elementwise-cheap work per output, so the same threshold as the other elementwise kernels.
 PARALLEL_MIN_OUTPUTS = SMALL_ELEMENTS
-
-
-@njit(inline="always", cache=True)
-def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw):
-    """Max and argmax of every window of plane p of xp (planes, H, W) into y[p], arg[p].
-
-    Offset by offset over a whole output row, with selects rather than branches: the outputs of a row
-    are independent, so the loop pipelines (and vectorises), where a window-at-a-time loop waits on
-    each compare and mispredicts on data (measured 3.5x slower)."""
-    for i in range(y.shape[1]):
-        yr = y[p, i]
-        ar = arg[p, i]
-        src = xp[p, i * sh]
-        for j in range(yr.size):
-            yr[j] = src[j * sw]
-            ar[j] = 0
-        for a in range(kh):
-            src = xp[p, i * sh + a * dh]
-            for b in range(kw):
-                k = a * kw + b
-                if k == 0:
-                    continue
-                off = b * dw
-                for j in range(yr.size):
-                    v = src[j * sw + off]
-                    best = yr[j]
-                    # NumPy's argmax: NaN beats everything and the first NaN stays
-                    take = _later_wins(best, v)
-                    yr[j] = v if take else best
-                    ar[j] = k if take else ar[j]
+# The argmax is kept as int8: windows of more offsets take the NumPy form.
+MAX_OFFSETS = 127
+# The argmax of a window whose maximum a folded Relu took to 0: no offset matches it, so the backward
+# passes nothing there, which is the Relu's backward (`g if y > 0 else 0`) without reading y again.
+NO_GRADIENT = np.int8(-1)
+# Parallel chunks per call on the flat 2x2 walk: more than any thread count here, so a slow thread
+# does not hold the others up (the split never changes a value).
+CHUNKS = 16
 
 
 @njit(inline="always", cache=True)
@@ -64,54 +53,119 @@ def _later_wins(best, v):
 
 
 @njit(inline="always", cache=True)
-def _pool_plane_2x2(xp, y, arg, p, sh, sw, dh, dw):
-    """_pool_plane for a 2x2 window: the four offsets of an output compared in registers, each row
-    pair first and then the rows (the row-0 winner's offset is always the earlier one, so NumPy's
-    tie rule holds), and every output written once.
-
-    Why not the general loop: it updates y and arg in place, offset by offset, and those masked
-    read-after-write vector stores run up to 4x slower whenever the kernel has not run for a while
-    (measured inside a LeNet-5 step, 1 thread: 110 us on a call after the step's other work, warming
-    to 26 us over five back-to-back calls); this form takes 33-37 us every time."""
-    for i in range(y.shape[1]):
-        yr = y[p, i]
-        ar = arg[p, i]
-        top = xp[p, i * sh]
-        bottom = xp[p, i * sh + dh]
-        for j in range(yr.size):
-            v0 = top[j * sw]
-            v1 = top[j * sw + dw]
-            t1 = _later_wins(v0, v1)
-            va = v1 if t1 else v0
-            ka = 1 if t1 else 0
-            v2 = bottom[j * sw]
-            v3 = bottom[j * sw + dw]
-            t3 = _later_wins(v2, v3)
-            vb = v3 if t3 else v2
-            kb = 3 if t3 else 2
-            take = _later_wins(va, vb)
-            yr[j] = vb if take else va
-            ar[j] = kb if take else ka
+def _in(v, relu, zero):
+    """An input value as the pool compares it: with `relu` NumPy's maximum(v, 0) (NaN stays NaN, -0.0
+    and every negative become +0.0, the `zero` given), else v."""
+    if relu and not ((v > zero) | (v != v)):
+        return zero
+    return v
 
 
 @njit(inline="always", cache=True)
-def _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw):
-    if kh == 2 and kw == 2:
-        _pool_plane_2x2(xp, y, arg, p, sh, sw, dh, dw)
-    else:
-        _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw)
+def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu):
+    """Max and argmax of every window of plane p of xp (planes, H, W) into y[p], arg[p].
+
+    Offset by offset over a whole output row, with selects rather than branches: the outputs of a row
+    are independent, so the loop pipelines (and vectorises), where a window-at-a-time loop waits on
+    each compare and mispredicts on data (measured 3.5x slower)."""
+    zero = y.dtype.type(0)
+    for i in range(y.shape[1]):
+        yr = y[p, i]
+        ar = arg[p, i]
+        src = xp[p, i * sh]
+        for j in range(yr.size):
+            yr[j] = _in(src[j * sw], relu, zero)
+            ar[j] = 0
+        for a in range(kh):
+            src = xp[p, i * sh + a * dh]
+            for b in range(kw):
+                k = a * kw + b
+                if k == 0:
+                    continue
+                off = b * dw
+                for j in range(yr.size):
+                    v = _in(src[j * sw + off], relu, zero)
+                    best = yr[j]
+                    take = _later_wins(best, v)
+                    yr[j] = v if take else best
+                    ar[j] = np.int8(k) if take else ar[j]
+        if relu:
+            for j in range(yr.size):
+                ar[j] = ar[j] if yr[j] > zero else NO_GRADIENT
+
+
+@njit(inline="always", cache=True)
+def _rows_2x2(x, y, arg, ow, r0, r1, relu):
+    """Output rows r0..r1 of a 2x2 pool at stride 2 whose windows tile the input exactly: x is the flat
+    input, each output row reading one pair of input rows of 2*ow values, y and arg the flat outputs.
+    The four offsets of an output compared in registers, each row of the pair first and then the two
+    (the top winner's offset is always the earlier one, so NumPy's tie rule holds), every output
+    written once: masked read-after-write vector stores ran up to 4x slower whenever the kernel had not
+    run for a while (inside a LeNet-5 step)."""
+    zero = y.dtype.type(0)
+    w = 2 * ow
+    for r in range(r0, r1):
+        top = x[2 * r * w:2 * r * w + w]
+        bottom = x[2 * r * w + w:2 * r * w + 2 * w]
+        yr = y[r * ow:r * ow + ow]
+        ar = arg[r * ow:r * ow + ow]
+        for j in range(ow):
+            v0 = _in(top[2 * j], relu, zero)
+            v1 = _in(top[2 * j + 1], relu, zero)
+            t1 = _later_wins(v0, v1)
+            va = v1 if t1 else v0
+            ka = np.int8(1) if t1 else np.int8(0)
+            v2 = _in(bottom[2 * j], relu, zero)
+            v3 = _in(bottom[2 * j + 1], relu, zero)
+            t3 = _later_wins(v2, v3)
+            vb = v3 if t3 else v2
+            kb = np.int8(3) if t3 else np.int8(2)
+            take = _later_wins(va, vb)
+            best = vb if take else va
+            yr[j] = best
+            ar[j] = (kb if take else ka) if not relu or best > zero else NO_GRADIENT
+
+
+def tiles_2x2(kernel, strides, dilations, padded: tuple, out: tuple) -> bool:
+    """Whether the windows are 2x2 at stride 2, undilated, and tile the padded input's last two axes
+    exactly (every input position in one window): the flat row-pair walk (`_rows_2x2`), whose backward
+    writes every input position."""
+    return (tuple(kernel) == (2, 2) and tuple(strides) == (2, 2) and tuple(dilations) == (1, 1)
+            and padded[-2] == 2 * out[-2] and padded[-1] == 2 * out[-1])
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_forward(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel):
-    """y, arg (planes, OH, OW) = the max and its offset index over each window of xp (planes, H, W),
-    already padded with the dtype's lowest value; parallel over planes from `min_parallel` outputs."""
+def _forward_2x2(xp, y, arg, min_parallel, relu):
+    x = xp.reshape(-1)
+    yf = y.reshape(-1)
+    af = arg.reshape(-1)
+    ow = y.shape[2]
+    rows = y.shape[0] * y.shape[1]
+    if y.size < min_parallel:
+        _rows_2x2(x, yf, af, ow, 0, rows, relu)
+        return
+    for c in prange(CHUNKS):
+        _rows_2x2(x, yf, af, ow, c * rows // CHUNKS, (c + 1) * rows // CHUNKS, relu)
+
+
+def maxpool2d_forward(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel: int, relu: bool) -> None:
+    """y, arg (planes, OH, OW; arg int8) = the max and its offset index over each window of xp (planes,
+    H, W; C-contiguous), already padded with the dtype's lowest value, after a Relu with `relu`;
+    parallel from `min_parallel` outputs."""
+    if tiles_2x2((kh, kw), (sh, sw), (dh, dw), xp.shape, y.shape):
+        _forward_2x2(xp, y, arg, min_parallel, relu)
+    else:
+        _forward_planes(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel, relu)
+
+
+@njit(parallel=True, cache=True)
+def _forward_planes(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel, relu):
     if y.size < min_parallel:
         for p in range(xp.shape[0]):
-            _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw)
+            _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
         return
     for p in prange(xp.shape[0]):
-        _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw)
+        _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
 
 
 @njit(inline="always", cache=True)
@@ -131,9 +185,9 @@ def _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw):
 
 @njit(inline="always", cache=True)
 def _unpool_plane_2x2(g, arg, dxp, p):
-    """_unpool_plane for 2x2 windows at stride 2 (no dilation): the windows tile the input, so every
-    position takes exactly one term, written once (no read-modify-write; see _pool_plane_2x2). The
-    sum 0 + term is kept, so a -0.0 gradient lands as +0.0, as the general form's += on zeros gives."""
+    """The backward of `_rows_2x2` on plane p: every input position takes exactly one term, written once
+    (no read-modify-write). The sum 0 + term is kept, so a -0.0 gradient lands as +0.0, as the general
+    form's += on zeros gives. Plane by plane, not the forward's flat walk: that ran 1.5x slower here."""
     zero = g.dtype.type(0)
     for i in range(g.shape[1]):
         gr = g[p, i]
@@ -149,25 +203,37 @@ def _unpool_plane_2x2(g, arg, dxp, p):
             bottom[2 * j + 1] = zero + (v if k == 3 else zero)
 
 
-@njit(inline="always", cache=True)
-def _unpool_any(g, arg, dxp, p, kh, kw, sh, sw, dh, dw):
-    if kh == 2 and kw == 2 and sh == 2 and sw == 2 and dh == 1 and dw == 1:
+@njit(parallel=True, cache=True)
+def _backward_2x2(g, arg, dxp, min_parallel):
+    if g.size < min_parallel:
+        for p in range(g.shape[0]):
+            _unpool_plane_2x2(g, arg, dxp, p)
+        return
+    for p in prange(g.shape[0]):
         _unpool_plane_2x2(g, arg, dxp, p)
+
+
+def maxpool2d_backward(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel: int) -> None:
+    """dxp (planes, H, W; padded, C-contiguous) += each output gradient at its window's argmax (none
+    where the argmax is `NO_GRADIENT`). dxp holds zeros on entry, except where the windows tile it
+    (`tiles_2x2`): then every position is written, whatever it held."""
+    if tiles_2x2((kh, kw), (sh, sw), (dh, dw), dxp.shape, g.shape):
+        _backward_2x2(g, arg, dxp, min_parallel)
     else:
-        _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
+        _backward_planes(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel)
 
 
 @njit(parallel=True, cache=True)
-def maxpool2d_backward(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel):
-    """dxp (planes, H, W; zeros on entry, padded) += each output gradient at its window's argmax."""
+def _backward_planes(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel):
     if g.size < min_parallel:
         for p in range(g.shape[0]):
-            _unpool_any(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
+            _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
         return
     for p in prange(g.shape[0]):
-        _unpool_any(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
+        _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
 
 
-def compiled_case(x: np.ndarray) -> bool:
-    """Whether the compiled kernels take this input: 2-D spatial, float32 or float64."""
-    return x.ndim == 4 and x.dtype in (np.float32, np.float64)
+def compiled_case(x: np.ndarray, offsets: int) -> bool:
+    """Whether the compiled kernels take this input: 2-D spatial, float32 or float64, windows of at most
+    `MAX_OFFSETS` offsets."""
+    return x.ndim == 4 and x.dtype in (np.float32, np.float64) and offsets <= MAX_OFFSETS
