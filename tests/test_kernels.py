@@ -724,9 +724,10 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_vnni_few_channel_convs_unfold_their_rows_exactly(signed, monkeypatch):
-    """A conv of one channel runs with its kernel's rows as channels (`vnni_backend.unfold_rows`): the int64
-    reference's results over strides, dilations, paddings beyond the kernel and odd sizes; two channels
-    of a 5x5 kernel would save too little (25 steps of 4 codes against 15) and stay as they are."""
+    """A conv of one channel and a kernel of 4 rows or more runs with the kernel's rows as channels
+    (`vnni_backend.unfold_rows`): the int64 reference's results over strides, dilations, paddings beyond
+    the kernel and odd sizes; a 3x3 kernel (9 steps of 4 codes against 3) and two channels of a 5x5 (25
+    against 15) would save too little and stay as they are."""
     from edgetrain.kernels import vnni
     vb = kernels._BACKENDS["vnni"]
     if not vnni.available() or not vb.vnni_usable:
@@ -735,14 +736,15 @@ def test_vnni_few_channel_convs_unfold_their_rows_exactly(signed, monkeypatch):
     kernels.set_backend("vnni")
     rng = np.random.default_rng(11 + signed)
     calls = 0
-    for c, k, stride, dil, pads, size in ((1, 5, 1, 1, (2, 2, 2, 2), (28, 28)), (1, 3, 2, 1, (1, 1, 1, 1), (9, 12)),
-                                          (1, 5, 2, 2, (3, 0, 4, 1), (13, 10)), (1, 3, 1, 1, (0, 0, 0, 0), (3, 7)),
-                                          (1, 4, 3, 1, (5, 1, 4, 2), (8, 9)), (2, 5, 1, 1, (2, 2, 2, 2), (9, 9))):
+    for c, k, stride, dil, pads, size in ((1, 5, 1, 1, (2, 2, 2, 2), (28, 28)), (1, 7, 2, 1, (3, 3, 3, 3), (19, 12)),
+                                          (1, 5, 2, 2, (3, 0, 4, 1), (13, 10)), (1, 5, 1, 1, (0, 0, 0, 0), (5, 7)),
+                                          (1, 4, 3, 1, (5, 1, 4, 2), (8, 9)), (2, 5, 1, 1, (2, 2, 2, 2), (9, 9)),
+                                          (1, 3, 1, 1, (1, 1, 1, 1), (9, 9))):
         x = random_operand(rng, (3, c) + size, 8, signed=signed)
         w = random_operand(rng, (16, c, k, k), 8)
         kw = dict(stride=(stride, 1), pads=pads, dilation=(dil, 1), groups=1)
         assert_exact(kernels.conv2d_forward(x, w, **kw), ref_conv_forward(x, w, kw["stride"], pads, kw["dilation"], 1))
-        calls += c == 1
+        calls += c == 1 and k > 3
     assert vb.routes["conv2d_forward:vnni_rows"] == calls == 5
 
 

@@ -198,18 +198,21 @@ def _pack_weights(w_flat, w_index, blocks, corr, xor):
     return packed
 
 
-# A conv whose kernel rows, as channels, cut its reduction steps by at least this factor runs unfolded
-# (`unfold_rows`): LeNet-5's first conv (1 channel, 5x5) takes 10 steps of 4 codes instead of 25.
-UNFOLD_MIN_GAIN = 2.0
+# A one-channel conv runs unfolded (`unfold_rows`) when that saves at least this many reduction steps of
+# 4 codes. Measured forward, 2 threads, min of 5 interleaved runs: LeNet-5's 5x5 first conv (25 -> 10
+# steps) 167 -> 155 us at batch 8 and 911 -> 870 us at 128, a 5x5 to 16 channels 170 -> 152 us, a 7x7
+# stride-2 stem on 64x64 (49 -> 14) 196 -> 187 us; a 3x3 stem (9 -> 3) went 198 -> 206 us at batch 8 and
+# 1117 -> 1165 us at 128: the unfolding pass costs more than 6 steps save.
+UNFOLD_MIN_STEPS_SAVED = 12
 
 
 def unfolds_rows(geo) -> bool:
-    """Whether `unfold_rows` pays for this forward: the kernel's rows as channels need `UNFOLD_MIN_GAIN`
-    times fewer 4-code reduction steps (a conv of one channel, a grayscale stem: the VNNI words hold 4
-    channels, so 3 bytes of each are padding), and the unfolded input is no larger than the output."""
+    """Whether `unfold_rows` pays for this forward: the kernel's rows as channels save at least
+    `UNFOLD_MIN_STEPS_SAVED` reduction steps (a conv of one channel, a grayscale stem: the VNNI words
+    hold 4 channels, so 3 bytes of each are padding), and the unfolded input is no larger than the output."""
     steps = geo.kernel_h * geo.kernel_w * -(-geo.in_channels // 4)
     unfolded = geo.kernel_w * -(-(geo.in_channels * geo.kernel_h) // 4)
-    return (geo.kernel_h > 1 and geo.groups == 1 and steps >= UNFOLD_MIN_GAIN * unfolded
+    return (geo.kernel_h > 1 and geo.groups == 1 and steps - unfolded >= UNFOLD_MIN_STEPS_SAVED
             and geo.in_channels * geo.kernel_h <= geo.out_channels)
 
 
