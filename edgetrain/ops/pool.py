@@ -29,8 +29,8 @@ class MaxPool(Op):
             y, arg = _pool2d(xp, geo, self.relu)
         else:
             if self.relu:
-                xp = np.maximum(xp, 0).astype(xp.dtype, copy=False)  # the padding's lowest value becomes 0: below
-                # every window's maximum all the same, as some real value of it is >= 0 now
+                # the padding becomes 0 too: it can tie only with a window's maximum of 0, marked below
+                xp = np.maximum(xp, 0).astype(xp.dtype, copy=False)
             wins = np.stack([xp[(slice(None), slice(None)) + sl] for _, sl in geo.slices()])
             arg = wins.argmax(axis=0)
             y = np.take_along_axis(wins, arg[None], axis=0)[0]
@@ -78,8 +78,8 @@ class MaxPool(Op):
 
 def fuse_relu_pool(relu_node, pool_node, opset: int) -> tuple[MaxPool, FusedAway] | None:
     """A MaxPool that also runs the Relu that alone feeds it, and the Relu's stand-in; None when the pool's
-    Indices output is in use (those would have to name the Relu's maxima, which they do already, but the
-    pair is left as it is: nothing here needs it)."""
+    Indices output is in use (the fused argmax marks windows whose maximum is 0 `NO_GRADIENT`, which is no
+    index)."""
     if pool_node.op_type != "MaxPool" or any(o for o in pool_node.outputs[1:]):
         return None
     pool = MaxPool(pool_node, opset)
