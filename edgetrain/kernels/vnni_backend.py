@@ -212,7 +212,7 @@ def unfolds_rows(geo) -> bool:
     hold 4 channels, so 3 bytes of each are padding), and the unfolded input is no larger than the output."""
     steps = geo.kernel_h * geo.kernel_w * -(-geo.in_channels // 4)
     unfolded = geo.kernel_w * -(-(geo.in_channels * geo.kernel_h) // 4)
-    return (geo.kernel_h > 1 and geo.groups == 1 and steps - unfolded >= UNFOLD_MIN_STEPS_SAVED
+    return (geo.groups == 1 and steps - unfolded >= UNFOLD_MIN_STEPS_SAVED
             and geo.in_channels * geo.kernel_h <= geo.out_channels)
 
 

@@ -22,10 +22,10 @@ class MaxPool(Op):
 
     def forward(self, inputs, run):
         (x,) = inputs
-        kernel = tuple(self.attr("kernel_shape"))
-        geo = geometry(self.node.name, self.attrs, x.shape[2:], kernel, bool(self.attr("ceil_mode", 0)))
+        geo = geometry(self.node.name, self.attrs, x.shape[2:], tuple(self.attr("kernel_shape")),
+                       bool(self.attr("ceil_mode", 0)))
         xp = pad_spatial(x, geo, _lowest(x.dtype))
-        if pool_kernels.compiled_case(x, int(np.prod(kernel))):
+        if pool_kernels.compiled_case(x, geo.kernel):
             y, arg = _pool2d(xp, geo, self.relu)
         else:
             if self.relu:
@@ -65,10 +65,8 @@ class MaxPool(Op):
         arg, x_shape, geo = ctx
         g = grads[0]
         padded = tuple(s + b + e + x for s, b, e, x in zip(x_shape[2:], geo.pads_begin, geo.pads_end, geo.ceil_extra))
-        if pool_kernels.compiled_case(g, len(geo.offsets())):
-            tiled = pool_kernels.tiles_2x2(geo.kernel, geo.strides, geo.dilations, padded, g.shape)
-            dxp = (np.empty if tiled else np.zeros)(tuple(x_shape[:2]) + padded, dtype=g.dtype)
-            _unpool2d(np.ascontiguousarray(g), arg, geo, dxp)
+        if pool_kernels.compiled_case(g, geo.kernel):
+            dxp = _unpool2d(np.ascontiguousarray(g), arg, geo, padded)
         else:
             dxp = np.zeros(tuple(x_shape[:2]) + padded, dtype=g.dtype)
             for i, sl in geo.slices():
@@ -98,13 +96,13 @@ def _pool2d(xp: np.ndarray, geo, relu: bool) -> tuple[np.ndarray, np.ndarray]:
     return y.reshape((n, c) + y.shape[1:]), arg.reshape((n, c) + y.shape[1:])
 
 
-def _unpool2d(g: np.ndarray, arg: np.ndarray, geo, dxp: np.ndarray) -> None:
-    """dxp (padded NCHW) += g at each window's argmax, compiled."""
+def _unpool2d(g: np.ndarray, arg: np.ndarray, geo, padded: tuple) -> np.ndarray:
+    """dx over the padded NCHW input: g at each window's argmax, compiled."""
     n, c = g.shape[:2]
     planes = (n * c,) + g.shape[2:]
-    pool_kernels.maxpool2d_backward(g.reshape(planes), arg.reshape(planes), *geo.kernel, *geo.strides,
-                                    *geo.dilations, dxp.reshape((n * c,) + dxp.shape[2:]),
-                                    pool_kernels.PARALLEL_MIN_OUTPUTS)
+    dxp = pool_kernels.maxpool2d_backward(g.reshape(planes), arg.reshape(planes), *geo.kernel, *geo.strides,
+                                          *geo.dilations, padded, pool_kernels.PARALLEL_MIN_OUTPUTS)
+    return dxp.reshape((n, c) + tuple(padded))
 
 
 @register("AveragePool")

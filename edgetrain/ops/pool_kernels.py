@@ -95,35 +95,54 @@ def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu):
 
 
 @njit(inline="always", cache=True)
+def _row_2x2(top, bottom, yr, ar, sw, dw, relu):
+    """One output row of a 2x2 pool from its two input rows (window columns j*sw and j*sw + dw): the four
+    offsets of an output compared in registers, each input row first and then the two (the top winner's
+    offset is always the earlier one, so NumPy's tie rule holds), every output written once. The general
+    loop updates y and arg in place, offset by offset, and those masked read-after-write vector stores ran
+    up to 4x slower whenever the kernel had not run for a while (inside a LeNet-5 step, 1 thread: 110 us
+    on a call after the step's other work against 33-37 us for this form)."""
+    zero = yr.dtype.type(0)
+    for j in range(yr.size):
+        v0 = _in(top[j * sw], relu, zero)
+        v1 = _in(top[j * sw + dw], relu, zero)
+        t1 = _later_wins(v0, v1)
+        va = v1 if t1 else v0
+        ka = np.int8(1) if t1 else np.int8(0)
+        v2 = _in(bottom[j * sw], relu, zero)
+        v3 = _in(bottom[j * sw + dw], relu, zero)
+        t3 = _later_wins(v2, v3)
+        vb = v3 if t3 else v2
+        kb = np.int8(3) if t3 else np.int8(2)
+        take = _later_wins(va, vb)
+        best = vb if take else va
+        yr[j] = best
+        ar[j] = (kb if take else ka) if not relu or best > zero else NO_GRADIENT
+
+
+@njit(inline="always", cache=True)
+def _pool_plane_2x2(xp, y, arg, p, sh, sw, dh, dw, relu):
+    """_pool_plane for a 2x2 window at any stride and dilation, row by row (`_row_2x2`)."""
+    for i in range(y.shape[1]):
+        _row_2x2(xp[p, i * sh], xp[p, i * sh + dh], y[p, i], arg[p, i], sw, dw, relu)
+
+
+@njit(inline="always", cache=True)
 def _rows_2x2(x, y, arg, ow, r0, r1, relu):
-    """Output rows r0..r1 of a 2x2 pool at stride 2 whose windows tile the input exactly: x is the flat
-    input, each output row reading one pair of input rows of 2*ow values, y and arg the flat outputs.
-    The four offsets of an output compared in registers, each row of the pair first and then the two
-    (the top winner's offset is always the earlier one, so NumPy's tie rule holds), every output
-    written once: masked read-after-write vector stores ran up to 4x slower whenever the kernel had not
-    run for a while (inside a LeNet-5 step)."""
-    zero = y.dtype.type(0)
+    """Output rows r0..r1 of a 2x2 pool at stride 2 whose windows tile the input exactly, over the flat
+    arrays: output row r reads the pair of input rows 2r, 2r + 1 of 2*ow values (`_row_2x2`)."""
     w = 2 * ow
     for r in range(r0, r1):
-        top = x[2 * r * w:2 * r * w + w]
-        bottom = x[2 * r * w + w:2 * r * w + 2 * w]
-        yr = y[r * ow:r * ow + ow]
-        ar = arg[r * ow:r * ow + ow]
-        for j in range(ow):
-            v0 = _in(top[2 * j], relu, zero)
-            v1 = _in(top[2 * j + 1], relu, zero)
-            t1 = _later_wins(v0, v1)
-            va = v1 if t1 else v0
-            ka = np.int8(1) if t1 else np.int8(0)
-            v2 = _in(bottom[2 * j], relu, zero)
-            v3 = _in(bottom[2 * j + 1], relu, zero)
-            t3 = _later_wins(v2, v3)
-            vb = v3 if t3 else v2
-            kb = np.int8(3) if t3 else np.int8(2)
-            take = _later_wins(va, vb)
-            best = vb if take else va
-            yr[j] = best
-            ar[j] = (kb if take else ka) if not relu or best > zero else NO_GRADIENT
+        _row_2x2(x[2 * r * w:2 * r * w + w], x[2 * r * w + w:2 * r * w + 2 * w], y[r * ow:r * ow + ow],
+                 arg[r * ow:r * ow + ow], 2, 1, relu)
+
+
+@njit(inline="always", cache=True)
+def _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu):
+    if kh == 2 and kw == 2:
+        _pool_plane_2x2(xp, y, arg, p, sh, sw, dh, dw, relu)
+    else:
+        _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
 
 
 def tiles_2x2(kernel, strides, dilations, padded: tuple, out: tuple) -> bool:
@@ -162,10 +181,10 @@ def maxpool2d_forward(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel: int, rel
 def _forward_planes(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel, relu):
     if y.size < min_parallel:
         for p in range(xp.shape[0]):
-            _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
+            _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
         return
     for p in prange(xp.shape[0]):
-        _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
+        _pool_any(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu)
 
 
 @njit(inline="always", cache=True)
@@ -213,14 +232,17 @@ def _backward_2x2(g, arg, dxp, min_parallel):
         _unpool_plane_2x2(g, arg, dxp, p)
 
 
-def maxpool2d_backward(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel: int) -> None:
-    """dxp (planes, H, W; padded, C-contiguous) += each output gradient at its window's argmax (none
-    where the argmax is `NO_GRADIENT`). dxp holds zeros on entry, except where the windows tile it
-    (`tiles_2x2`): then every position is written, whatever it held."""
-    if tiles_2x2((kh, kw), (sh, sw), (dh, dw), dxp.shape, g.shape):
+def maxpool2d_backward(g, arg, kh, kw, sh, sw, dh, dw, padded: tuple, min_parallel: int) -> np.ndarray:
+    """dx over the padded input planes (planes, *padded): each output gradient added at its window's argmax
+    (none where the argmax is `NO_GRADIENT`). Where the windows tile the input (`tiles_2x2`) every position
+    is written once, so the array starts empty; else it starts at zeros."""
+    tiled = tiles_2x2((kh, kw), (sh, sw), (dh, dw), padded, g.shape)
+    dxp = (np.empty if tiled else np.zeros)((g.shape[0],) + tuple(padded), g.dtype)
+    if tiled:
         _backward_2x2(g, arg, dxp, min_parallel)
     else:
         _backward_planes(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel)
+    return dxp
 
 
 @njit(parallel=True, cache=True)
@@ -233,7 +255,7 @@ def _backward_planes(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel):
         _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
 
 
-def compiled_case(x: np.ndarray, offsets: int) -> bool:
+def compiled_case(x: np.ndarray, kernel: tuple) -> bool:
     """Whether the compiled kernels take this input: 2-D spatial, float32 or float64, windows of at most
     `MAX_OFFSETS` offsets."""
-    return x.ndim == 4 and x.dtype in (np.float32, np.float64) and offsets <= MAX_OFFSETS
+    return x.ndim == 4 and x.dtype in (np.float32, np.float64) and int(np.prod(kernel)) <= MAX_OFFSETS
