@@ -708,6 +708,38 @@ def test_fused_relu_and_gradient_kernels_against_numpy():
     assert np.array_equal(gk.pooled_grad_scatter_add(d, x.shape, None, None, dout), pooled + dout)
 
 
+def test_the_relu_gradient_formed_by_rows_joins_bit_equal():
+    """The unit's backward under its ReLU with an identity shortcut forms the ReLU's gradient only for the rows
+    that ran the branch, and the rest in the final pass: bit-equal to the whole-tensor form it replaces, NaN,
+    -0.0 and zeros of y included, 4-D and 2-D inputs, some, all and no rows executing."""
+    from edgetrain.precision.dfq import kernels as gk
+
+    rng = np.random.default_rng(7)
+    for shape in ((6, 3, 5, 7), (6, 9)):
+        y = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)
+        y.flat[:5] = [np.nan, -0.0, 0.0, np.nan, 1.0]
+        dout = rng.standard_normal(shape).astype(np.float32)
+        dout.flat[4] = np.nan
+        d = rng.standard_normal(shape[:2]).astype(np.float32)
+        for order in (np.array([4, 0, 3]), None, np.zeros(0, np.int64)):
+            n_rows = shape[0] if order is None else len(order)
+            branch_out = rng.standard_normal((n_rows,) + shape[1:]).astype(np.float32)
+            branch_dx = rng.standard_normal((n_rows,) + shape[1:]).astype(np.float32)
+            g, rows, dots = gk.relu_grad_rows(dout, y, order, branch_out if n_rows else None)
+            expect = gk.pooled_grad_scatter_add(d, shape, branch_dx if n_rows else None, order, g)
+            if n_rows:
+                part, part_dots = gk.relu_grad_part(dout, y, order, branch_out)
+                assert np.array_equal(part, rows, equal_nan=True)
+                assert np.array_equal(part_dots, dots, equal_nan=True)
+                got = gk.relu_joined_grad(d, dout, y, branch_dx, part, order)
+            else:
+                got = gk.relu_joined_grad(d, dout, y, None, None, order)
+            assert np.array_equal(got, expect, equal_nan=True)
+            assert np.array_equal(np.signbit(got), np.signbit(expect))
+        probed = np.array([5, 1, 1])
+        assert np.array_equal(gk.relu_grad_of_rows(dout, y, probed), g[probed], equal_nan=True)
+
+
 def test_the_closing_relu_inside_the_unit_changes_no_bit():
     """Each block's ReLU runs inside its unit (and an identity shortcut's gradient joins there): the loss and
     every gradient equal those of the same model with the ReLUs as their own ops, bit for bit."""

@@ -23,7 +23,10 @@ from edgetrain.precision.dfq.gates import (
 from edgetrain.precision.dfq.guard import apply_floor
 from edgetrain.precision.dfq.kernels import (
     pooled_grad_scatter_add,
+    relu_grad_of_rows,
+    relu_grad_part,
     relu_grad_rows,
+    relu_joined_grad,
     sample_dots,
     scatter_add,
 )
@@ -270,14 +273,15 @@ class GatedUnit(Op):
                                Run(False, run.key, run.position), None, None)
         return Probe(rows, pair_rows, pair_candidate, measured)
 
-    def _probe_grad(self, probe: Probe, dout: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    def _probe_grad(self, probe: Probe, probed_dout: np.ndarray, batch: int, probs: np.ndarray) -> np.ndarray:
         """The probe estimator's dL/d(logits): among the computing candidates, towards each probed sample's
-        target (probe.py's module doc); samples with fewer than two measured candidates get nothing."""
+        target (probe.py's module doc); samples with fewer than two measured candidates get nothing.
+        probed_dout: the gradient of the unit's output at each probe run's sample (probe.rows[probe.pair_rows])."""
         dfq, u = self.dfq, self.unit
         k_count = len(dfq.candidates)
         scores = np.full((len(probe.rows), k_count), np.nan)
         if len(probe.pair_rows):
-            scores[probe.pair_rows, probe.pair_candidate] = sample_dots(dout[probe.rows[probe.pair_rows]], probe.out)
+            scores[probe.pair_rows, probe.pair_candidate] = sample_dots(probed_dout, probe.out)
         keep = (~np.isnan(scores)).sum(axis=1) >= 2  # a choice between computing candidates was measured
         rows = probe.rows[keep]
         cost = dfq.unit_cost[u.index]
@@ -288,7 +292,7 @@ class GatedUnit(Op):
             targets = self._budget(scores, cost, dfq.allowance(u))
         else:  # scores: the task's plus the regulariser's price of each candidate
             record["scores"] = scores = scores[keep] + dfq.cost_gradient(u)[None, :]
-            margin = dfq.config.probe_margin / dout.shape[0]  # per-sample loss to the batch mean's units
+            margin = dfq.config.probe_margin / batch  # per-sample loss to the batch mean's units
             targets = probe_targets(scores, cost, margin) if len(rows) else np.zeros(0, np.int64)
         record["targets"] = targets
         dfq.record.probes[u.index] = record
@@ -317,64 +321,85 @@ class GatedUnit(Op):
         order, n_exec, x_shape, dtype = ctx.order, ctx.n_exec, ctx.x_shape, ctx.dtype
         dout = grads[0]
         out: list[np.ndarray | None] = [None] * len(self.node.inputs)
-        branch_dx = None
         k_count = len(dfq.candidates)
         d_onehot = np.zeros((x_shape[0], k_count), dtype)
         rows = None if isinstance(order, slice) else order
-        if ctx.relu_out is not None:  # through the ReLU, the executing rows gathered, their dots: one pass
+        # An identity shortcut reads the fork itself: its gradient joins dx in the same pass, instead of
+        # the executor adding the two afterwards.
+        identity = u.shortcut is not None and self.node.inputs[1] == self.node.inputs[0]
+        # Under the unit's ReLU with that shortcut, the ReLU's gradient is formed only for the executing rows
+        # here, and for the rest in the final pass (kernels.relu_joined_grad): never as a whole tensor.
+        relu_joined = ctx.relu_out is not None and identity
+        dr = contribution = None
+        if relu_joined:
+            if n_exec:
+                dr, contribution = relu_grad_part(dout, ctx.relu_out, rows, ctx.branch_out)
+        elif ctx.relu_out is not None:  # through the ReLU, the executing rows gathered, their dots: one pass
             dout, dr, contribution = relu_grad_rows(dout, ctx.relu_out, rows, ctx.branch_out if n_exec else None)
         elif n_exec:
             dr = dout[order]
             contribution = sample_dots(dr, ctx.branch_out)
         if n_exec:
-            inner: dict[str, np.ndarray] = {u.branch_output: dr}
             # STE: the chosen candidate's contribution stands in for every computing candidate's (module doc).
             d_onehot[order] = contribution[:, None] * ~dfq.skips[None, :]
-            wanted = dict(zip(self.node.inputs, needed))
-            for node, op, nctx in reversed(ctx.tape):
-                g_out = [inner.pop(o, None) if o else None for o in node.outputs]
-                if g_out[0] is None:
-                    continue
-                # Values inside the branch always carry a gradient; the unit's other inputs as the executor says.
-                inner_needed = [bool(i) and (i in self.produced or i == u.fork or wanted.get(i, True))
-                                for i in node.inputs]
-                gins = self._timed(node.name, "backward", op.backward, nctx, g_out, inner_needed)
-                if isinstance(nctx, MACContext):
-                    self._count(len(nctx.groups))  # one weight-gradient call per group
-                for name, g in zip(node.inputs, gins):
-                    if g is None or not name:
-                        continue
-                    if name in self.produced or name == u.fork:
-                        inner[name] = inner[name] + g if name in inner else g
-                    else:
-                        pos = self.node.inputs.index(name)
-                        out[pos] = g if out[pos] is None else out[pos] + g
-            if u.fork in inner:
-                branch_dx = inner[u.fork]
+        # The gate's backward needs only the contributions, so it runs before the branch's: its pooled
+        # gradient is then known when the branch's gradient joins the shortcut's.
         d_onehot += dfq.cost_gradient(u).astype(dtype)[None, :]
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         if ctx.probe is not None:
-            dlogits = dlogits + self._probe_grad(ctx.probe, dout, ctx.gate.probs)
+            probed = ctx.probe.rows[ctx.probe.pair_rows]
+            probe_dout = relu_grad_of_rows(dout, ctx.relu_out, probed) if relu_joined else dout[probed]
+            dlogits = dlogits + self._probe_grad(ctx.probe, probe_dout, dout.shape[0], ctx.gate.probs)
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype),
                                                             np.zeros((n, EMBED_WIDTH), dtype))
         dpooled, dunit, dshared, dh_prev, dc_prev = self._timed("gate", "backward", gate_backward, ctx.gate, dlogits,
                                                                 dh, dc, ctx.gate_params, ctx.shared)
         dfq.dstate = (dh_prev, dc_prev)
-        # An identity shortcut reads the fork itself: its gradient joins dx in the same pass, instead of
-        # the executor adding the two afterwards.
-        joined = dout if u.shortcut is not None and self.node.inputs[1] == self.node.inputs[0] else None
-        if branch_dx is None and joined is None:
+        branch_dx = self._branch_backward(ctx, dr, needed, out) if n_exec else None
+        dpooled = dpooled.astype(dtype, copy=False)
+        if relu_joined and (branch_dx is not None or not n_exec):
+            dx = relu_joined_grad(dpooled, grads[0], ctx.relu_out, branch_dx, dr if n_exec else None, rows)
+        elif branch_dx is None and not identity:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:
-            dx = pooled_grad_scatter_add(dpooled.astype(dtype, copy=False), x_shape, branch_dx, rows, joined)
+            joined = relu_grad_rows(dout, ctx.relu_out, None, None)[0] if relu_joined else \
+                (dout if identity else None)
+            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, rows, joined)
         out[0] = dx
-        if u.shortcut is not None and joined is None:
+        if u.shortcut is not None and not identity:
             out[1] = dout
         base = 2 + self.n_externals
         for i, g in enumerate(tuple(dunit) + tuple(dshared)):
             out[base + i] = g.astype(dtype, copy=False)
         return out
+
+    def _branch_backward(self, ctx: UnitContext, dr: np.ndarray, needed, out: list) -> np.ndarray | None:
+        """Back through the branch's tape from dr, the gradient of its output for the executing rows: the
+        gradient of the fork's rows (None: the branch does not read the fork), and of the unit's other inputs
+        added into `out` by their position."""
+        u = self.unit
+        inner: dict[str, np.ndarray] = {u.branch_output: dr}
+        wanted = dict(zip(self.node.inputs, needed))
+        for node, op, nctx in reversed(ctx.tape):
+            g_out = [inner.pop(o, None) if o else None for o in node.outputs]
+            if g_out[0] is None:
+                continue
+            # Values inside the branch always carry a gradient; the unit's other inputs as the executor says.
+            inner_needed = [bool(i) and (i in self.produced or i == u.fork or wanted.get(i, True))
+                            for i in node.inputs]
+            gins = self._timed(node.name, "backward", op.backward, nctx, g_out, inner_needed)
+            if isinstance(nctx, MACContext):
+                self._count(len(nctx.groups))  # one weight-gradient call per group
+            for name, g in zip(node.inputs, gins):
+                if g is None or not name:
+                    continue
+                if name in self.produced or name == u.fork:
+                    inner[name] = inner[name] + g if name in inner else g
+                else:
+                    pos = self.node.inputs.index(name)
+                    out[pos] = g if out[pos] is None else out[pos] + g
+        return inner.get(u.fork)
 
     def _count(self, calls: int) -> None:
         """Count MAC-layer passes inside the unit (DFQ.kernel_calls)."""

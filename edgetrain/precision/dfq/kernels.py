@@ -147,6 +147,42 @@ def _constants_plus_part(d, size, part, pos, channels, extra, has_extra, out):
                     orow[j] = v
 
 
+@njit(cache=True, parallel=True)
+def _relu_grad_part(dout, y, order, other, part, dots):
+    """part[k] = row order[k] of dout where y > 0 (else 0), dots[k] its dot product with other[k]."""
+    rows, length = part.shape
+    zero = dout.dtype.type(0)
+    for k in prange(rows):
+        r = order[k]
+        prow, drow, yrow = part[k], dout[r], y[r]
+        for j in range(length):
+            prow[j] = drow[j] if yrow[j] > zero else zero  # the Relu op's backward (norm_kernels.relu_backward)
+        dots[k] = dot_row(prow, other[k], length)
+
+
+@njit(cache=True, parallel=True)
+def _relu_joined(d, size, branch, part, pos, dout, y, channels, out):
+    """One sample per work item, each row's case picked outside its loop (as `_rows_plus_part`). A row in the
+    part sums as `_constants_plus_part` does with the ReLU's gradient as its extra; a row outside it forms that
+    gradient from dout and y here, so no full-size copy of it is ever written."""
+    samples, length = out.shape[0] // channels, out.shape[1]
+    zero = dout.dtype.type(0)
+    for s in prange(samples):
+        k = pos[s]
+        for c in range(channels):
+            r = s * channels + c
+            v = d[r] / size
+            orow = out[r]
+            if k >= 0:
+                brow, prow = branch[k * channels + c], part[k * channels + c]
+                for j in range(length):
+                    orow[j] = (v + brow[j]) + prow[j]
+            else:
+                drow, yrow = dout[r], y[r]
+                for j in range(length):
+                    orow[j] = v + (drow[j] if yrow[j] > zero else zero)
+
+
 def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     """Each of n rows' index into the part (-1: not in it); order None: row k is part's row k."""
     if order is None:
@@ -214,6 +250,46 @@ def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray
     _constants_plus_part(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(rows.shape[1]),
                          np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n), c,
                          more, extra is not None, rows)
+    return out
+
+
+def relu_grad_part(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None,
+                   other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Through a ReLU whose output is y, for the rows in order only (None: every row, in order), in one pass:
+    part[k] = dout[order[k]] where y > 0 (else 0), and part[k]'s dot product with other[k] (sample_dots)."""
+    n = dout.shape[0]
+    order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
+    part = np.empty((len(order),) + dout.shape[1:], dout.dtype)
+    dots = np.empty(len(order), np.result_type(dout.dtype, other.dtype))
+    _relu_grad_part(np.ascontiguousarray(dout).reshape(n, -1), np.ascontiguousarray(y).reshape(n, -1), order,
+                    np.ascontiguousarray(other).reshape(len(order), -1), part.reshape(len(order), -1), dots)
+    return part, dots
+
+
+def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """dout's given rows where y > 0 (else 0): the values `relu_grad_part` writes for them."""
+    return np.where(y[rows] > 0, dout[rows], dout.dtype.type(0))
+
+
+def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray, branch: np.ndarray | None,
+                     part: np.ndarray | None, order: np.ndarray | None) -> np.ndarray:
+    """The gradient of a unit's input x when its identity shortcut and its branch join under a ReLU of output y
+    and its gate read channel_means(x): the pooled gradient of dmeans, plus the ReLU's gradient, plus for the
+    rows in order (None: every row, in order) the branch's gradient branch[k]. part is the ReLU's gradient of
+    those rows (relu_grad_part; both None: no row ran the branch). Bit-equal to pooled_grad_scatter_add(dmeans,
+    x.shape, branch, order, relu_grad_rows(dout, y, ...)[0])."""
+    n = dout.shape[0]
+    c = dout.shape[1]  # rows of one channel; a 2-D x is its own means, so its rows hold one value
+    dtype = dout.dtype if branch is None else branch.dtype
+    if branch is None:
+        branch = part = np.zeros((1,) + dout.shape[1:], dtype)
+        order = np.zeros(0, np.int64)
+    out = np.empty(dout.shape, dtype)
+    rows = out.reshape(n * c, -1)
+    _relu_joined(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(rows.shape[1]),
+                 np.ascontiguousarray(branch).reshape(branch.shape[0] * c, -1),
+                 np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n),
+                 np.ascontiguousarray(dout).reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c, rows)
     return out
 
 
