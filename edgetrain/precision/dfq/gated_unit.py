@@ -158,7 +158,8 @@ class GatedUnit(Op):
                                    dfq.logit_masks[self.unit.index], dfq.pooled.pop(self.node.inputs[0], None))
         dfq.state = (gctx.h, gctx.c)
         if dfq.force is not None and self.unit.index in dfq.force:
-            choice = np.broadcast_to(np.asarray(dfq.force[self.unit.index], np.int64), (n,)).copy()
+            choice = np.empty(n, np.int64)
+            choice[:] = dfq.force[self.unit.index]  # one candidate for all, or one per sample
         else:
             offsets = dfq.selection_offsets(self.unit)
             scored = logits if offsets is None else logits + offsets.astype(logits.dtype)
@@ -358,8 +359,8 @@ class GatedUnit(Op):
         dfq.dstate = (dh_prev, dc_prev)
         branch_dx = self._branch_backward(ctx, dr, needed, out) if n_exec else None
         dpooled = dpooled.astype(dtype, copy=False)
-        if relu_joined and (branch_dx is not None or not n_exec):
-            dx = relu_joined_grad(dpooled, grads[0], ctx.relu_out, branch_dx, dr if n_exec else None, rows)
+        if relu_joined and (branch_dx is not None or not n_exec):  # (a branch not reading the fork: below)
+            dx = relu_joined_grad(dpooled, grads[0], ctx.relu_out, branch_dx, dr, rows)
         elif branch_dx is None and not identity:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:
