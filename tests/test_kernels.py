@@ -862,3 +862,24 @@ def test_rescale_matrix_is_numpys_rescale_in_either_layout(rows, cols, dtype, tr
         assert np.array_equal(out.view(np.uint8), want.view(np.uint8))
     got = rescale.rescale_matrix(acc, scale if per_col else scale[0], dtype, cast_first)
     assert got.flags.c_contiguous and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_scratch_sets_follow_their_slabs():
+    """A kept set of scratch views is handed out again only while no slab has grown: after one grows, a set
+    that shared it gets views of the new slab (the old one neither written nor kept alive)."""
+    from edgetrain.kernels.vnni_backend import _Scratch
+
+    sc = _Scratch()
+    def specs(n):
+        return [("a", (2, n), np.uint8), ("b", (n,), np.int32)]
+
+    first = sc.get_set(("small",), lambda: specs(3))
+    assert sc.get_set(("small",), lambda: pytest.fail("kept set rebuilt")) is first
+    assert [a.shape for a in first] == [(2, 3), (3,)]
+    big = sc.get_set(("big",), lambda: specs(50))  # grows both slabs
+    again = sc.get_set(("small",), lambda: specs(3))
+    assert again is not first and [a.shape for a in again] == [(2, 3), (3,)]
+    assert np.shares_memory(again[0], big[0]) and not np.shares_memory(again[0], first[0])
+    for k in range(_Scratch.MAX_SETS + 1):  # bounded: programs evicted from their caches leave no keys behind
+        sc.get_set((k,), lambda: specs(3))
+    assert len(sc._sets) <= _Scratch.MAX_SETS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,8 +38,11 @@ class _Scratch:
     """Scratch buffers (one slab per name), kept between calls and grown on demand; handed out as
     C-contiguous arrays of the asked shape (per-thread parts are the leading axis)."""
 
+    MAX_SETS = 512
+
     def __init__(self):
         self._bufs: dict[str, np.ndarray] = {}
+        self._sets: dict[tuple, tuple[np.ndarray, ...]] = {}  # get_set's, dropped whenever a slab grows
 
     def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
         size = math.prod(shape)
@@ -46,7 +50,20 @@ class _Scratch:
         if buf is None or buf.dtype != dtype or buf.size < size:
             buf = np.empty(max(size, 1), dtype)
             self._bufs[name] = buf
+            self._sets.clear()  # their views may hold the old slab: neither stale nor kept alive
         return buf[:size].reshape(shape)
+
+    def get_set(self, key: tuple, specs: Callable[[], list[tuple[str, tuple, np.dtype]]]) -> tuple[np.ndarray, ...]:
+        """`get` of each (name, shape, dtype) that specs() lists, kept under key (which must fix them) until a
+        slab grows: a conv's five buffers cost 8 us a call one by one, which at batch 8 is a fifth of a
+        small conv's time outside its kernel."""
+        arrays = self._sets.get(key)
+        if arrays is None:
+            if len(self._sets) >= self.MAX_SETS:  # keys hold geometry programs, which their caches may evict
+                self._sets.clear()
+            arrays = tuple(self.get(*spec) for spec in specs())
+            self._sets[key] = arrays
+        return arrays
 
 
 @dataclass(frozen=True, eq=False)
@@ -491,12 +508,13 @@ class VnniBackend(OrtBackend):
         workers = max(1, min(pool_threads(), n))
         plane = prog.plane
         with self._vlock:
-            sc = self._vscratch
-            planes_w = sc.get("planes", (workers, prog.cpad, plane["phases"], plane["hq"] * plane["wq"]), np.uint8)
-            words_w = sc.get("words", (workers, prog.cpad // 4, plane["phases"], prog.words_per_plane), np.uint32)
-            brows_w = sc.get("brows", (workers, len(prog.taps) * (prog.cpad // 4)), np.int64)
-            c_w = sc.get("c", (workers, 2 * prog.c_size), np.int32)
-            rowf_w = sc.get("rowf_" + row_dtype.char, (workers, prog.out_w_max), row_dtype)  # .name: 1 us
+            planes_w, words_w, brows_w, c_w, rowf_w = self._vscratch.get_set(
+                (prog, workers, row_dtype.char), lambda: [  # .char, not .name: 1 us
+                    ("planes", (workers, prog.cpad, plane["phases"], plane["hq"] * plane["wq"]), np.uint8),
+                    ("words", (workers, prog.cpad // 4, plane["phases"], prog.words_per_plane), np.uint32),
+                    ("brows", (workers, len(prog.taps) * (prog.cpad // 4)), np.int64),
+                    ("c", (workers, 2 * prog.c_size), np.int32),
+                    ("rowf_" + row_dtype.char, (workers, prog.out_w_max), row_dtype)])
             _vn.conv_fused(np.ascontiguousarray(x8).view(np.uint8), prog.table, weights, prog.taps, corr, scale,
                            out_i, out_f, planes_w, words_w, brows_w, c_w, rowf_w, plane["used"], plane["prm"],
                            prog.step[0], prog.step[1], xor, workers, np.zeros(1, np.int64))
@@ -522,11 +540,11 @@ class VnniBackend(OrtBackend):
         dy_xor = _XOR if dy8.dtype == np.int8 else 0  # the vector operand is unsigned
         workers = max(1, min(pool_threads(), n))
         with self._vlock:
-            sc = self._vscratch
-            planes_w = sc.get("planes", (workers, c, g.phases, g.plane_size), np.uint8)
-            dyq_w = sc.get("dyq", (workers, g.mlanes, g.span), np.uint8)
-            dyw_w = sc.get("dyw", (workers, g.q4, g.mlanes), np.uint32)
-            c_w = sc.get("cw", (workers, g.kpad, g.mlanes), np.int32)
+            planes_w, dyq_w, dyw_w, c_w = self._vscratch.get_set((g, workers, c), lambda: [
+                ("planes", (workers, c, g.phases, g.plane_size), np.uint8),
+                ("dyq", (workers, g.mlanes, g.span), np.uint8),
+                ("dyw", (workers, g.q4, g.mlanes), np.uint32),
+                ("cw", (workers, g.kpad, g.mlanes), np.int32)])
             row_addr = _vn.row_addresses(planes_w, g.row_off)
             total = np.zeros((workers, g.kpad, g.mlanes), np.int64)
             sx_total = np.zeros((workers, g.kpad), np.int64)
