@@ -28,6 +28,8 @@ effect on any value.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -255,7 +257,7 @@ def _backward_planes(g, arg, kh, kw, sh, sw, dh, dw, dxp, min_parallel):
         _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw)
 
 
-def compiled_case(x: np.ndarray, kernel: tuple) -> bool:
-    """Whether the compiled kernels take this input: 2-D spatial, float32 or float64, windows of at most
-    `MAX_OFFSETS` offsets."""
-    return x.ndim == 4 and x.dtype in (np.float32, np.float64) and int(np.prod(kernel)) <= MAX_OFFSETS
+def compiled_case(ndim: int, dtype: np.dtype, kernel: tuple) -> bool:
+    """Whether the compiled kernels take an input of `ndim` axes and `dtype`: 2-D spatial, float32 or
+    float64, windows of at most `MAX_OFFSETS` offsets."""
+    return ndim == 4 and dtype in (np.float32, np.float64) and math.prod(kernel) <= MAX_OFFSETS
