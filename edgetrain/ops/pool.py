@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.ops import pool_kernels
 from edgetrain.ops.base import FusedAway, Op, register
@@ -20,7 +21,7 @@ class MaxPool(Op):
 
     relu = False
 
-    def __init__(self, node, opset: int):
+    def __init__(self, node: Node, opset: int):
         super().__init__(node, opset)
         self._plans: dict[tuple, tuple] = {}  # input shape -> _plan's
 
@@ -38,7 +39,7 @@ class MaxPool(Op):
 
     def forward(self, inputs, run):
         (x,) = inputs
-        geo, _ = self._plan(x.shape)
+        geo, padded = self._plan(x.shape)
         xp = pad_spatial(x, geo, _lowest(x.dtype))
         if pool_kernels.compiled_case(x.ndim, x.dtype, geo.kernel):
             y, arg = _pool2d(xp, geo, self.relu)
@@ -54,7 +55,7 @@ class MaxPool(Op):
         outs = [y]
         if len(self.node.outputs) > 1 and self.node.outputs[1]:
             outs.append(self._indices(arg, x.shape, geo))
-        return outs, (arg, x.shape, geo)
+        return outs, (arg, x.shape, geo, padded)
 
     def _indices(self, arg, x_shape, geo):
         """Flat positions of each maximum in the unpadded input, as ONNX's Indices output."""
@@ -77,9 +78,8 @@ class MaxPool(Op):
         return flat + base.reshape(base.shape + (1,) * len(spatial))
 
     def backward(self, ctx, grads, needed):
-        arg, x_shape, geo = ctx
+        arg, x_shape, geo, padded = ctx
         g = grads[0]
-        _, padded = self._plan(tuple(x_shape))
         if pool_kernels.compiled_case(g.ndim, g.dtype, geo.kernel):
             dxp = _unpool2d(np.ascontiguousarray(g), arg, geo, padded)
         else:

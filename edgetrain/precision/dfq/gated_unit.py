@@ -359,14 +359,12 @@ class GatedUnit(Op):
         dfq.dstate = (dh_prev, dc_prev)
         branch_dx = self._branch_backward(ctx, dr, needed, out) if n_exec else None
         dpooled = dpooled.astype(dtype, copy=False)
-        if relu_joined and (branch_dx is not None or not n_exec):  # (a branch not reading the fork: below)
-            dx = relu_joined_grad(dpooled, grads[0], ctx.relu_out, branch_dx, dr, rows)
+        if relu_joined:  # (a branch whose gradient does not reach the fork adds nothing to any row)
+            dx = relu_joined_grad(dpooled, dout, ctx.relu_out, branch_dx, None if branch_dx is None else dr, rows)
         elif branch_dx is None and not identity:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:
-            joined = relu_grad_rows(dout, ctx.relu_out, None, None)[0] if relu_joined else \
-                (dout if identity else None)
-            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, rows, joined)
+            dx = pooled_grad_scatter_add(dpooled, x_shape, branch_dx, rows, dout if identity else None)
         out[0] = dx
         if u.shortcut is not None and not identity:
             out[1] = dout
