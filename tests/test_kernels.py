@@ -722,6 +722,37 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
     assert vb.routes["conv2d_backward_weight:vnni_gemm"] == 8  # to 16x16
 
 
+def test_vnni_convs_are_exact_on_one_and_two_threads(monkeypatch):
+    """The VNNI convs with their work split over images: one and two threads give the int64 reference's
+    integers, the weight gradient summing each thread's partial sums (`vnni.wgrad_finish`) over patch
+    rows that fill its blocks of 8 and that do not (5 x 9 = 45), lanes padded past the output channels."""
+    import numba
+
+    from edgetrain.kernels import threads, vnni
+    vb = kernels._BACKENDS["vnni"]
+    if not vnni.available():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert vb.vnni_usable  # its self-check passed (a kernel that fails it is never used, so never tested here)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba launched one thread")
+    monkeypatch.setattr(threads, "SMALL_WORK", 0)  # the threaded path even for these small shapes
+    monkeypatch.setattr(vb, "routes", type(vb.routes)())
+    kernels.set_backend("vnni")
+    rng = np.random.default_rng(13)
+    kw = dict(stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    before = numba.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            numba.set_num_threads(n_threads)
+            for x_shape, m in (((5, 16, 8, 8), 24), ((4, 5, 9, 9), 7)):
+                x = random_operand(rng, x_shape, 8, signed=False)
+                w = random_operand(rng, (m, x_shape[1], 3, 3), 8)
+                check_all_conv_kernels(x, w, random_operand(rng, y_shape(x.shape, w.shape, kw), 8), kw)
+    finally:
+        numba.set_num_threads(before)
+    assert vb.routes["conv2d_backward_weight:vnni"] == 4
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_vnni_few_channel_convs_unfold_their_rows_exactly(signed, monkeypatch):
     """A conv of one channel and a kernel of 4 rows or more runs with the kernel's rows as channels
