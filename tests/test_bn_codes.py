@@ -175,7 +175,7 @@ def test_gated_units_hand_codes_on_with_the_same_bits(monkeypatch, candidates):
 def test_codes_at_near_ties_are_the_divisions(bits, seed):
     """`bn_codes`'s float32 products (`quantizer._nearest_narrow`'s rule) give rint(y / scale) of the float64
     division where it matters: fed only values whose product lies near a half-integer but not on it (with
-    a = 1, b = 0 the stored y is x itself), under 32 scales."""
+    mean 0, a = 1, b = 0 the stored y is x itself), under 32 scales."""
     from edgetrain.quant.quantizer import NARROW_BLOCK, NARROW_NEAR_HALF, NEAR_HALF
 
     rng = np.random.default_rng(seed)
@@ -189,7 +189,7 @@ def test_codes_at_near_ties_are_the_divisions(bits, seed):
         x = x[(gap > 0) & (gap <= 2.0 ** -13) & (x.astype(np.float64) / float(s) <= qmax)]
         x = np.concatenate([x, (rng.uniform(0, qmax, 64) * float(s)).astype(np.float32)]).reshape(1, 1, -1)
         codes = np.empty(x.shape, np.uint8)
-        norm_kernels.bn_codes(x, np.ones(1), np.zeros(1), np.inf, s, qmax, codes, NEAR_HALF,
+        norm_kernels.bn_codes(x, np.zeros(1), np.ones(1), np.zeros(1), np.inf, s, qmax, codes, NEAR_HALF,
                               np.float32(NARROW_NEAR_HALF), NARROW_BLOCK)
         want = np.clip(np.rint(x.astype(np.float64) / np.float64(s)), 0, qmax)
         assert np.array_equal(codes.astype(np.int64), want.astype(np.int64))

@@ -121,7 +121,7 @@ class BatchNormalization(Op):
         `quantize(y, act_bits, signed=False)` of the y the plain forward stores (the same statistics, the
         same `relu_value`), without writing y or reading it twice.
 
-        y's range comes from x's: within a channel y = relu_value(x * a + b) rounded is monotone in x (IEEE
+        y's range comes from x's: within a channel y = relu_value((x - mean) * a + b) is monotone in x (IEEE
         rounding is), so its extremes are those at x's min and max, which the statistics pass takes while the
         channel is in cache. None (the caller runs the plain forward) when x or y holds a NaN or infinity:
         the reader's quantiser then reports it as it always has."""
@@ -138,13 +138,13 @@ class BatchNormalization(Op):
         s = scale_from_range(np.array([max(top, 0.0)]), bits, signed=False, pow2=pow2)[0]
         codes = np.empty(x3.shape, storage_dtype(bits, False))
         qmax = qrange(bits, False)[1]
-        norm_kernels.bn_codes(x3, a, b, cap, s, qmax, codes, NEAR_HALF, x3.dtype.type(narrow_margin(x3.dtype, qmax)),
-                              NARROW_BLOCK)
+        norm_kernels.bn_codes(x3, mu, a, b, cap, s, qmax, codes, NEAR_HALF,
+                              x3.dtype.type(narrow_margin(x3.dtype, qmax)), NARROW_BLOCK)
         q = QTensor.trusted(codes.reshape(shape), s, bits, False, None, QuantStats(int(codes.size), 0, abs(top)))
 
         def floats() -> np.ndarray:
             y3 = np.empty_like(x3)
-            norm_kernels.bn_apply(x3, a, b, True, cap, y3)
+            norm_kernels.bn_apply(x3, mu, a, b, True, cap, y3)
             return y3.reshape(q.q.shape)
 
         return Prequantised(q, x3.dtype, floats)
