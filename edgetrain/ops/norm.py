@@ -127,9 +127,9 @@ class BatchNormalization(Op):
         the reader's quantiser then reports it as it always has."""
         reader = self.codes_for
         c, cap = x3.shape[1], float(self.cap)
-        a, b = np.empty(c), np.empty(c)
+        a = np.empty(c)
         ys = np.empty(2 * c, x3.dtype)  # y at each channel's min of x, then at its max
-        norm_kernels.bn_stats_extrema(x3, scale64, bias64, eps, cap, mu, bvar, inv, a, b, ys[:c], ys[c:],
+        norm_kernels.bn_stats_extrema(x3, scale64, bias64, eps, cap, mu, bvar, inv, a, ys[:c], ys[c:],
                                       _channel_runs(x3))
         if not np.isfinite(ys).all():
             return None
@@ -138,13 +138,13 @@ class BatchNormalization(Op):
         s = scale_from_range(np.array([max(top, 0.0)]), bits, signed=False, pow2=pow2)[0]
         codes = np.empty(x3.shape, storage_dtype(bits, False))
         qmax = qrange(bits, False)[1]
-        norm_kernels.bn_codes(x3, mu, a, b, cap, s, qmax, codes, NEAR_HALF,
+        norm_kernels.bn_codes(x3, mu, a, bias64, cap, s, qmax, codes, NEAR_HALF,
                               x3.dtype.type(narrow_margin(x3.dtype, qmax)), NARROW_BLOCK)
         q = QTensor.trusted(codes.reshape(shape), s, bits, False, None, QuantStats(int(codes.size), 0, abs(top)))
 
         def floats() -> np.ndarray:
             y3 = np.empty_like(x3)
-            norm_kernels.bn_apply(x3, mu, a, b, True, cap, y3)
+            norm_kernels.bn_apply(x3, mu, a, bias64, True, cap, y3)
             return y3.reshape(q.q.shape)
 
         return Prequantised(q, x3.dtype, floats)

@@ -47,10 +47,11 @@ def in_type(it_x, it_value):
 @njit(cache=True)
 def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_lo, lanes_hi, acc, acc2):
     """Channel ch's batch mean, (population) variance and 1/sqrt(var + eps) into mean, var, inv; returns the
-    coefficients (a, b) of its output, y = (x - mean) * a + b (`affine`). With `extremes`, the same pass also keeps each
-    lane's min and max of x (lanes_lo, lanes_hi: LANES slots, for `bn_stats_extrema`); the sums are the
-    same statements either way. acc, acc2: the caller's LANES-long buffers for the two sums (one pair per
-    run of channels: allocated per channel, they cost 4x4 maps 40% on one thread)."""
+    coefficient a = scale / sqrt(var + eps) of its output, y = (x - mean) * a + bias (`affine`). With
+    `extremes`, the same pass also keeps each lane's min and max of x (lanes_lo, lanes_hi: LANES slots, for
+    `bn_stats_extrema`); the sums are the same statements either way. acc, acc2: the caller's LANES-long
+    buffers for the two sums (one pair per run of channels: allocated per channel, they cost 4x4 maps 40% on
+    one thread)."""
     n, _, length = x.shape
     count = n * length
     span = lane_span(length)
@@ -93,7 +94,7 @@ def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_l
     mean[ch] = m
     var[ch] = variance
     inv[ch] = r
-    return scale[ch] * r, bias[ch]
+    return scale[ch] * r
 
 
 @njit(cache=True)
@@ -120,17 +121,17 @@ def _bn_forward_channels(x, first, stop, scale, bias, eps, y, mean, var, inv, re
     stored, and no more than cap (a ReLU6 folded in: cap 6; np.inf for a plain Relu)."""
     acc, acc2 = np.empty(LANES), np.empty(LANES)
     for ch in range(first, stop):
-        a, b = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, False, mean, mean, acc, acc2)
-        _bn_apply_channel(x, ch, mean[ch], a, b, y, relu, cap)
+        a = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, False, mean, mean, acc, acc2)
+        _bn_apply_channel(x, ch, mean[ch], a, bias[ch], y, relu, cap)
 
 
 # ---- BatchNorm writing the next MAC layer's codes instead of its floats (norm.BatchNormalization.codes_for)
 
 
 @njit(parallel=True, cache=True)
-def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo_out, yhi_out, chunks):
+def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, ylo_out, yhi_out, chunks):
     """The training forward's statistics (the same loops as bn_train_forward, so the same mean, var and inv)
-    and its affine coefficients a_out, b_out, without writing y; and y (with the folded ReLU capped at cap)
+    and its coefficient a_out (`affine`'s a), without writing y; and y (with the folded ReLU capped at cap)
     at each channel's min and max of x, taken in the same pass, as the forward would store it: y is monotone
     in x within a channel, so these are y's extremes there. A NaN or infinity in x makes them NaN or
     infinite (the caller checks). Parallel over `chunks` runs of channels (one pair of lane buffers each:
@@ -144,11 +145,9 @@ def bn_stats_extrema(x, scale, bias, eps, cap, mean, var, inv, a_out, b_out, ylo
         for ch in range(k * c_ // chunks, (k + 1) * c_ // chunks):
             lanes_lo[:] = np.inf
             lanes_hi[:] = -np.inf
-            ca, cb = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi, sums,
-                                       squares)
+            ca = _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, True, lanes_lo, lanes_hi, sums, squares)
             a_out[ch] = ca
-            b_out[ch] = cb
-            mx, ax, bx, capx = in_type(x, mean[ch]), in_type(x, ca), in_type(x, cb), in_type(x, cap)
+            mx, ax, bx, capx = in_type(x, mean[ch]), in_type(x, ca), in_type(x, bias[ch]), in_type(x, cap)
             ylo_out[ch] = relu_value(in_type(x, lanes_lo.min()), mx, ax, bx, capx)
             yhi_out[ch] = relu_value(in_type(x, lanes_hi.max()), mx, ax, bx, capx)
 
@@ -161,7 +160,7 @@ def _stored_y(st_v, st_m, st_a, st_b, st_zero, st_bound):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def bn_codes(x, mean, a, b, cap, scale, qmax, codes, near_half, narrow_half, block):
+def bn_codes(x, mean, a, bias, cap, scale, qmax, codes, near_half, narrow_half, block):
     """codes = the unsigned nearest codes of the y the training forward stores (relu_value, rounded to x's
     type), for a per-tensor scale, y never stored: rint(y / scale) by the quantiser's rule
     (`quantizer._nearest_item`): multiplied by 1 / scale, and a row that holds a value within `near_half` of
@@ -182,7 +181,7 @@ def bn_codes(x, mean, a, b, cap, scale, qmax, codes, near_half, narrow_half, blo
     for row in prange(n * c_):
         img, ch = row // c_, row % c_
         src, dst = x[img, ch], codes[img, ch]
-        cm, ca, cb = in_type(x, mean[ch]), in_type(x, a[ch]), in_type(x, b[ch])
+        cm, ca, cb = in_type(x, mean[ch]), in_type(x, a[ch]), in_type(x, bias[ch])
         if narrow_half > 0:
             for b0 in range(0, length, block):
                 sv = src[b0:min(length, b0 + block)]  # views from 0 (the kernel rules)
@@ -213,11 +212,11 @@ def bn_codes(x, mean, a, b, cap, scale, qmax, codes, near_half, narrow_half, blo
 
 
 @njit(parallel=True, cache=True)
-def bn_apply(x, mean, a, b, relu, cap, y):
-    """y = what the training forward would have stored, from its mean and coefficients a, b (parallel over
+def bn_apply(x, mean, a, bias, relu, cap, y):
+    """y = what the training forward would have stored, from its mean, coefficient a and bias (parallel over
     channels)."""
     for ch in prange(x.shape[1]):
-        _bn_apply_channel(x, ch, mean[ch], a[ch], b[ch], y, relu, cap)
+        _bn_apply_channel(x, ch, mean[ch], a[ch], bias[ch], y, relu, cap)
 
 
 @njit(cache=True, inline="always")
@@ -284,15 +283,15 @@ def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale
     # dx = k * (count * g - sum g - (x - m) * r * sum(g * xhat)), k = scale * r / count, elementwise in x's type
     # (as `affine`; the sums above stay float64): g * scale * r - (x - m) * k r ds - k sg.
     k = scale[ch] * r / count
-    kg, kx, k0 = in_type(x, scale[ch] * r), in_type(x, k * r * ds), in_type(x, k * sg)
+    kx, k0 = in_type(x, k * r * ds), in_type(x, k * sg)  # and scale * r in x's type: ax
     for i in range(n):
         grow, xrow, drow = g[i, ch], x[i, ch], dx[i, ch]
         if relu:
             for j in range(length):
-                drow[j] = _kept(grow, xrow, j, mx, ax, bx, zero, capx, unbounded) * kg - (xrow[j] - mx) * kx - k0
+                drow[j] = _kept(grow, xrow, j, mx, ax, bx, zero, capx, unbounded) * ax - (xrow[j] - mx) * kx - k0
         else:
             for j in range(length):
-                drow[j] = grow[j] * kg - (xrow[j] - mx) * kx - k0
+                drow[j] = grow[j] * ax - (xrow[j] - mx) * kx - k0
 
 
 # Two builds, two functions: Numba's cache keys on the function, so one function compiled both ways
