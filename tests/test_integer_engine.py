@@ -195,13 +195,47 @@ def test_relu_folded_into_maxpool_gives_the_unfolded_bits(monkeypatch):
 
     model, fused_state, fused_out, folded = run()
     assert folded == 2
-    assert sum(isinstance(op, FusedAway) for op in model.executor.ops.values()) == 2
+    # the two pools' Relus, and the classifier's two, folded into their Linears (next test)
+    assert sum(isinstance(op, FusedAway) for op in model.executor.ops.values()) == 4
     model.set_precision("fp32")
     assert not any(isinstance(op, FusedAway) or getattr(op, "relu", False) for op in model.executor.ops.values())
     with monkeypatch.context() as m:
         m.setattr(edgetrain.model.Model, "_fuse_relu_pools", lambda *a, **k: None)
         _, plain_state, plain_out, none = run()
     assert none == 0
+    for k in fused_state:
+        assert np.array_equal(fused_state[k], plain_state[k]), k
+    assert np.array_equal(fused_out, plain_out)
+
+
+@pytest.mark.parametrize("batch", [8, 128])  # small_linear's path, and the general one (bias in the rescale)
+def test_relu_folded_into_linear_gives_the_unfolded_bits(monkeypatch, batch):
+    """The MLP's Relus, each read only by an integer Linear's output, run inside those Linears (and as
+    themselves at fp32 or with the fold off); training with and without the fold ends on the same weights
+    and eval outputs, bit for bit, and the folded layers are the two hidden ones, not the classifier."""
+    from edgetrain.ops.base import FusedAway
+    from edgetrain.quant.mac import QuantLinear
+
+    def run():
+        model = edgetrain.load(models.build_model("mlp", seed=1), seed=0)
+        model.set_precision("8/8")
+        folded = sorted(name for name, op in model.executor.ops.items() if isinstance(op, QuantLinear) and op.relu)
+        x = np.random.default_rng(5).standard_normal((batch, 784)).astype(np.float32)
+        x[:, :3] = 0.0  # inputs whose codes are 0: outputs equal to the bias, -0.0 and +0.0 among them
+        sgd_steps(model, x, np.arange(batch) % 10, steps=3)
+        return model, model.state_dict(), model(x), folded
+
+    model, fused_state, fused_out, folded = run()
+    assert folded == ["fc1", "fc2"]
+    assert sum(isinstance(op, FusedAway) for op in model.executor.ops.values()) == 2
+    model.set_precision("fp32")
+    assert not any(isinstance(op, FusedAway) or getattr(op, "relu", False) for op in model.executor.ops.values())
+    model.set_precision("8/8")
+    assert sum(isinstance(op, FusedAway) for op in model.executor.ops.values()) == 2  # folded again
+    with monkeypatch.context() as m:
+        m.setattr(edgetrain.model.Model, "_fuse_linear_relus", lambda *a, **k: None)
+        _, plain_state, plain_out, none = run()
+    assert none == []
     for k in fused_state:
         assert np.array_equal(fused_state[k], plain_state[k]), k
     assert np.array_equal(fused_out, plain_out)

@@ -868,30 +868,44 @@ def test_operand_coding_transposes_and_xors_exactly(shape):
             np.testing.assert_array_equal(got, view.view(np.uint8) ^ np.uint8(xor))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 150), st.integers(1, 150), st.sampled_from([np.float32, np.float64]), st.booleans(),
-       st.booleans(), st.booleans(), st.integers(0, 2 ** 31))
-def test_rescale_matrix_is_numpys_rescale_in_either_layout(rows, cols, dtype, transposed, per_col, cast_first, seed):
+       st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2 ** 31))
+def test_rescale_matrix_is_numpys_rescale_in_either_layout(rows, cols, dtype, transposed, per_col, cast_first, biased,
+                                                           relu, seed):
     """rescale_matrix on a C-contiguous or a transposed accumulator (the GEMM backends return either),
     tiled or not, serial or parallel: cast_first gives NumPy's acc.astype(dtype) * scale (QuantLinear's
-    forward), else the float64 product rounded once (every other rescale); accumulators beyond 2^24 included."""
+    forward), else the float64 product rounded once (every other rescale); accumulators beyond 2^24 included.
+    With a bias, NumPy's `y + bias` after it, and with relu, np.maximum(y, 0) (the Relu op's) last: zeros,
+    -0.0 and NaN among the values."""
     from edgetrain.kernels import rescale
     from edgetrain.kernels.threads import SMALL_ELEMENTS
 
     rng = np.random.default_rng(seed)
     acc = rng.integers(-2 ** 31, 2 ** 31, (cols, rows) if transposed else (rows, cols), dtype=np.int64)
+    acc[rng.random(acc.shape) < 0.1] = 0
     acc = acc.astype(np.int32).T if transposed else acc.astype(np.int32)
     scale = rng.uniform(1e-6, 3.0, cols if per_col else 1).astype(dtype)
+    if per_col and cols > 2:
+        scale[:3] = (-0.5, 0.0, np.nan)  # a zero scale makes -0.0 of negative codes; NaN stays NaN
+    bias = rng.standard_normal(cols).astype(dtype) if biased else None
+    if biased and cols > 1:
+        bias[1] = -0.0
     if cast_first:
         want = acc.astype(dtype) * scale.reshape(1, -1)
     else:
         want = (acc.astype(np.float64) * scale.astype(np.float64).reshape(1, -1)).astype(dtype)
+    if biased:
+        want = want + bias
+    if relu:
+        want = np.maximum(want, 0).astype(dtype, copy=False)
     want = np.ascontiguousarray(want)
+    empty = np.empty(0, dtype)
     for small in (SMALL_ELEMENTS, 0):  # the serial branch, then the parallel one
         out = np.empty(acc.shape, dtype)
-        rescale._rescale_matrix(acc, scale, out, cast_first, transposed, small)
+        rescale._rescale_matrix(acc, scale, empty if bias is None else bias, out, cast_first, relu, transposed, small)
         assert np.array_equal(out.view(np.uint8), want.view(np.uint8))
-    got = rescale.rescale_matrix(acc, scale if per_col else scale[0], dtype, cast_first)
+    got = rescale.rescale_matrix(acc, scale if per_col else scale[0], dtype, cast_first, bias=bias, relu=relu)
     assert got.flags.c_contiguous and np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
 

@@ -79,7 +79,11 @@ def _gemm(a, b, out):
     """out (M, N) = a (M, K) @ b (K, N): each output a float64 sum over k = 0..K-1 in order, rounded once.
 
     Work item = (tile of ROW_TILE rows, block of COL_BLOCK columns); an output belongs to one item, so the
-    thread count changes who computes it, never how. The j loop (over outputs) is what vectorises."""
+    thread count changes who computes it, never how. The j loop (over outputs) is what vectorises. The first
+    product starts each sum (0.0 + p, the bits of adding it to a zeroed sum), so no accumulator is zeroed, and
+    each row of b is widened to float64 once per k for every row of the tile: a classifier's (128, 10) @ (10, 256)
+    input gradient 53 -> 38 us (one thread), where zeroing a whole tile of accumulators per item took the
+    difference."""
     m, kk = a.shape
     n = b.shape[1]
     tiles = (m + ROW_TILE - 1) // ROW_TILE
@@ -89,17 +93,26 @@ def _gemm(a, b, out):
         j0 = (item % blocks) * COL_BLOCK
         rows = min(m, i0 + ROW_TILE) - i0
         cols = min(n, j0 + COL_BLOCK) - j0
-        acc = np.zeros((ROW_TILE, COL_BLOCK))
+        acc = np.zeros((ROW_TILE, cols)) if kk == 0 else np.empty((ROW_TILE, cols))  # K = 0: sums of nothing
+        wide = np.empty(cols)  # b's row k in float64
         for k in range(kk):
             brow = b[k, j0:j0 + cols]
+            for j in range(cols):
+                wide[j] = np.float64(brow[j])
             for r in range(rows):
                 aik = np.float64(a[i0 + r, k])
                 ar = acc[r]
-                for j in range(cols):
-                    ar[j] += aik * np.float64(brow[j])
+                if k == 0:
+                    for j in range(cols):
+                        ar[j] = 0.0 + aik * wide[j]
+                else:
+                    for j in range(cols):
+                        ar[j] += aik * wide[j]
         for r in range(rows):
+            orow = out[i0 + r, j0:j0 + cols]
+            ar = acc[r]
             for j in range(cols):
-                out[i0 + r, j0 + j] = acc[r, j]
+                orow[j] = ar[j]
 
 
 def _as_float(x: np.ndarray, dtype: np.dtype) -> np.ndarray:

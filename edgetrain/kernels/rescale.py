@@ -117,25 +117,34 @@ MATRIX_TILE = 64  # a 64 x 64 tile of a transposed accumulator and its output st
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _matrix_value(a, s, dst, r, c, cast_first):
+def _matrix_value(a, s, b, dst, r, c, cast_first, biased, relu):
     """One output value: `cast_first`, the output type's conversion of a times s in that type (NumPy's
-    `acc.astype(dtype) * scale`, QuantLinear's forward); else `scale_row`'s a * s (every other rescale)."""
+    `acc.astype(dtype) * scale`, QuantLinear's forward); else `scale_row`'s a * s (every other rescale).
+    Then, in the output's type, + b where `biased` (a Gemm's `y + c`) and the Relu where `relu`: 0 where the
+    value is <= 0, NaN kept, as np.maximum(v, 0) gives it (-0.0 becomes +0.0)."""
     if cast_first:
         dst[r, c] = a
         dst[r, c] = dst[r, c] * s
     else:
         dst[r, c] = a * s
+    if biased:
+        dst[r, c] = dst[r, c] + b
+    if relu:
+        zero = dst.dtype.type(0)
+        dst[r, c] = zero if dst[r, c] <= zero else dst[r, c]
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _matrix_rows(acc, scale, out, cast_first, row):
+def _matrix_rows(acc, scale, bias, out, cast_first, relu, row):
     per_col = scale.size > 1
+    biased = bias.size > 0
     for c in range(out.shape[1]):
-        _matrix_value(acc[row, c], scale[c if per_col else 0], out, row, c, cast_first)
+        b = bias[c] if biased else out.dtype.type(0)
+        _matrix_value(acc[row, c], scale[c if per_col else 0], b, out, row, c, cast_first, biased, relu)
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _matrix_tile(acc_t, scale, out, cast_first, tile):
+def _matrix_tile(acc_t, scale, bias, out, cast_first, relu, tile):
     """Tile `tile` of out: acc_t's rows (out's columns) rescaled into the rows of a padded buffer, then
     transposed out of it row by row. Written straight into out, a column walk strides by out's row
     length, and at a power of two (512 float32) every value of it lands in one cache set: (128, 512)
@@ -148,12 +157,14 @@ def _matrix_tile(acc_t, scale, out, cast_first, tile):
     r1 = min(rows, r0 + MATRIX_TILE)
     c1 = min(cols, c0 + MATRIX_TILE)
     per_col = scale.size > 1
+    biased = bias.size > 0
     buf = np.empty((MATRIX_TILE, MATRIX_TILE + 1), out.dtype)
     for c in range(c1 - c0):  # rescaled along acc_t's rows: contiguous both sides, so it vectorises
         s = scale[c0 + c if per_col else 0]
+        b = bias[c0 + c] if biased else out.dtype.type(0)
         src = acc_t[c0 + c, r0:r1]
         for r in range(r1 - r0):
-            _matrix_value(src[r], s, buf, c, r, cast_first)
+            _matrix_value(src[r], s, b, buf, c, r, cast_first, biased, relu)
     for r in range(r1 - r0):  # then transposed out of the buffer
         dst = out[r0 + r, c0:c1]
         for c in range(c1 - c0):
@@ -161,37 +172,43 @@ def _matrix_tile(acc_t, scale, out, cast_first, tile):
 
 
 @njit(inline="always", cache=True, nogil=True)
-def _matrix_item(acc, scale, out, cast_first, transposed, item):
+def _matrix_item(acc, scale, bias, out, cast_first, relu, transposed, item):
     """Work item `item` of `_rescale_matrix`: a tile of a transposed acc, else a row."""
     if transposed:
-        _matrix_tile(acc.T, scale, out, cast_first, item)
+        _matrix_tile(acc.T, scale, bias, out, cast_first, relu, item)
     else:
-        _matrix_rows(acc, scale, out, cast_first, item)
+        _matrix_rows(acc, scale, bias, out, cast_first, relu, item)
 
 
 @njit(parallel=True, cache=True)
-def _rescale_matrix(acc, scale, out, cast_first, transposed, min_parallel):
-    """out (R, C) = acc * scale[c] (a length-1 scale: every column's), acc read with any strides; a
-    `transposed` acc (its columns contiguous) is walked in tiles, along its columns, so neither side is
-    read or written a cache line per value (a transposed (512, 784) accumulator took 570 us row by row)."""
+def _rescale_matrix(acc, scale, bias, out, cast_first, relu, transposed, min_parallel):
+    """out (R, C) = acc * scale[c] (a length-1 scale: every column's) [+ bias[c]] [then the Relu], acc read
+    with any strides; a `transposed` acc (its columns contiguous) is walked in tiles, along its columns, so
+    neither side is read or written a cache line per value (a transposed (512, 784) accumulator took 570 us
+    row by row). An empty bias adds nothing."""
     rows, cols = out.shape
     items = ((rows + MATRIX_TILE - 1) // MATRIX_TILE) * ((cols + MATRIX_TILE - 1) // MATRIX_TILE) if transposed \
         else rows
     if out.size < min_parallel:
         for item in range(items):
-            _matrix_item(acc, scale, out, cast_first, transposed, item)
+            _matrix_item(acc, scale, bias, out, cast_first, relu, transposed, item)
         return
     for item in prange(items):
-        _matrix_item(acc, scale, out, cast_first, transposed, item)
+        _matrix_item(acc, scale, bias, out, cast_first, relu, transposed, item)
 
 
 def rescale_matrix(acc: np.ndarray, scale, dtype, cast_first: bool = False,
-                   out: np.ndarray | None = None) -> np.ndarray:
+                   out: np.ndarray | None = None, bias: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
     """A 2-D integer accumulator (any strides; a GEMM may return a transposed view) times a per-column
     scale (or one scale) as a C-contiguous array of `dtype` (into `out` if given); cast_first: see
-    `_matrix_value`."""
+    `_matrix_value`. With `bias` (one value per column, of `dtype`), + bias in `dtype` after the product, and
+    with `relu`, then max(., 0): the bits of `y + bias` and np.maximum(y, 0) after the rescale, in its pass."""
     out = np.empty(acc.shape, dtype) if out is None else out
     scale = np.ascontiguousarray(np.asarray(scale, dtype=dtype).reshape(-1))
+    bias = _NO_BIAS[np.dtype(dtype).char] if bias is None else np.ascontiguousarray(bias, dtype=dtype).reshape(-1)
     transposed = acc.ndim == 2 and acc.shape[0] > 1 and acc.strides[0] < acc.strides[1]
-    _rescale_matrix(acc, scale, out, cast_first, transposed, SMALL_ELEMENTS)
+    _rescale_matrix(acc, scale, bias, out, cast_first, bool(relu), transposed, SMALL_ELEMENTS)
     return out
+
+
+_NO_BIAS = {np.dtype(t).char: np.empty(0, t) for t in (np.float32, np.float64)}

@@ -84,20 +84,28 @@ class Div(Op):
         return [unbroadcast(g / b, a.shape), unbroadcast(-g * a / (b * b), b.shape)]
 
 
+def relu(x: np.ndarray) -> np.ndarray:
+    """The Relu op's output: np.maximum(x, 0) in x's type (NaN stays NaN, -0.0 becomes +0.0)."""
+    return np.maximum(x, 0).astype(x.dtype, copy=False)
+
+
+def relu_grad(y: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The Relu op's input gradient from its output y and output gradient g: g where y > 0, else 0."""
+    if not (y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype):
+        return g * (y > 0)
+    out = np.empty_like(g)
+    relu_backward(y.reshape(-1), g.reshape(-1), out.reshape(-1))
+    return out
+
+
 @register("Relu")
 class Relu(Op):
     def forward(self, inputs, run):
-        (x,) = inputs
-        y = np.maximum(x, 0).astype(x.dtype, copy=False)
+        y = relu(inputs[0])
         return [y], y  # y > 0 exactly where x > 0: no separate mask to build and keep
 
     def backward(self, ctx, grads, needed):
-        y, g = ctx, grads[0]
-        if not (y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype):
-            return [g * (y > 0)]
-        out = np.empty_like(g)
-        relu_backward(y.reshape(-1), g.reshape(-1), out.reshape(-1))
-        return [out]
+        return [relu_grad(ctx, grads[0])]
 
 
 @register("LeakyRelu")

@@ -44,6 +44,7 @@ from edgetrain.kernels import detfloat
 from edgetrain.kernels.rescale import rescale_matrix, rescale_planes
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, Run, unbroadcast
+from edgetrain.ops.elementwise import relu, relu_grad
 from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
@@ -111,6 +112,7 @@ class LinearContext(MACContext):
     alpha: float = 1.0
     beta: float = 1.0
     small: small_linear.Codes | None = None  # the forward took `small_linear`'s path: the backward's codes
+    relu_out: np.ndarray | None = None  # the output, where the layer applied the Relu that reads it (QuantLinear.relu)
 
 
 class QuantMAC(Op):
@@ -415,7 +417,14 @@ def _conv3d_backward_data(dyq: np.ndarray, vq: np.ndarray, x_shape: tuple, geo, 
 
 class QuantLinear(QuantMAC):
     """Gemm (transA=0) and MatMul with a 2-D weight: y = x W^T as torch's Linear, in integers. A small static
-    layer in training takes `small_linear` (the same floats, in three calls a step instead of about ten)."""
+    layer in training takes `small_linear` (the same floats, in three calls a step instead of about ten).
+
+    With `relu` set (Model._fuse_linear_relus: a Relu alone reads this layer's output, as in an MLP's hidden
+    layers), the layer applies that Relu itself, inside the rescale's pass together with the bias where one
+    run of codes made the whole output, and its backward masks the output gradient as the Relu's backward
+    would: the bits of the two ops, two passes over the output fewer in the forward."""
+
+    relu = False
 
     def _rows_are_weight(self) -> bool:
         # Rows must be output channels: Gemm with transB=1 stores (out, in), MatMul and transB=0 (in, out).
@@ -428,7 +437,10 @@ class QuantLinear(QuantMAC):
         x, w = inputs[0], inputs[1]
         c = inputs[2] if len(inputs) > 2 else None
         if self._small(x, w, c, run, groups):
-            return self._small_forward(x, w, c, run, groups)
+            (y,), ctx = self._small_forward(x, w, c, run, groups)
+            if self.relu:
+                y = ctx.relu_out = relu(y)
+            return [y], ctx
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         rows = _flat_rows(groups, x.shape, x2.shape[0])
@@ -436,23 +448,32 @@ class QuantLinear(QuantMAC):
         wqs, vqs = _weight_codes(groups, self._weight_rows(w), run.training)
         codes = [q.q for q in xqs]
         runs = _runs(codes, wqs, merge)
+        alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
+        beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
+        # One run of codes making the whole output takes the bias (a plain one, of x's type) and the Relu in
+        # the rescale's pass: the same operations as the array expressions below, in the same order.
+        fused = (len(runs) == 1 and len(runs[0]) == 1 and alpha == 1.0
+                 and (c is None or (beta == 1.0 and c.shape == (w.shape[0] if self._rows_are_weight() else w.shape[1],)
+                                    and c.dtype == x.dtype)))
         parts = []
         for members in runs:
             wq = wqs[members[0]]
             # may be a transposed view
             acc = kernels.linear_forward(_stacked(codes, members), wq.q, bounds=_run_bounds(xqs, wq, members))
             for scale, sl in zip(_forward_scales(xqs, wq, members, x.dtype), _local(codes, members)):
-                parts.append(rescale_matrix(acc if len(members) == 1 else acc[sl], scale, x.dtype, cast_first=True))
+                parts.append(rescale_matrix(acc if len(members) == 1 else acc[sl], scale, x.dtype, cast_first=True,
+                                            bias=c if fused else None, relu=fused and self.relu))
         y = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        alpha = float(self.attr("alpha", 1.0)) if self.node.op_type == "Gemm" else 1.0
-        beta = float(self.attr("beta", 1.0)) if self.node.op_type == "Gemm" else 1.0
-        if alpha != 1.0:
-            y *= x.dtype.type(alpha)
-        if c is not None:
-            y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
+        if not fused:
+            if alpha != 1.0:
+                y *= x.dtype.type(alpha)
+            if c is not None:
+                y = y + (c * c.dtype.type(beta) if beta != 1.0 else c)
+            if self.relu:
+                y = relu(y)
         y = y.reshape(lead + (y.shape[-1],))
         return [y], LinearContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), vqs, rows,
-                                  None if c is None else c.shape, alpha, beta)
+                                  None if c is None else c.shape, alpha, beta, relu_out=y if self.relu else None)
 
     def _small(self, x, w, c, run: Run, groups: Sequence[Group]) -> bool:
         """Whether this step takes `small_linear`: training, one group of every row, weights stored as rows,
@@ -493,6 +514,8 @@ class QuantLinear(QuantMAC):
         return out
 
     def backward(self, ctx: LinearContext, grads, needed):
+        if ctx.relu_out is not None:  # through the Relu this layer applied: the gradient of its own output
+            grads = [relu_grad(ctx.relu_out, grads[0])]
         if ctx.small is not None:
             return self._small_backward(ctx, grads, needed)
         dtype, w = ctx.dtype, ctx.w
