@@ -205,3 +205,24 @@ def test_cache_state_tells_when_kernels_were_compiled(tmp_path):
     for path in sub.iterdir():
         os.utime(path, (started - 60, started - 60))
     assert bench.numba_cache_state(str(tmp_path))["newest_mtime"] < started
+
+
+def test_bars_list_the_throughput_and_memory_bars_of_the_issue():
+    """bars() names every bar of issue 18 a run measured: the batch-128 throughput bars (2.0x, 1.5x, 1.5x, 1.3x),
+    batch 8's 1.0x, peak memory at or below PyTorch's, and says which hold."""
+    from tools import bench
+
+    def case(key, batch, vs_torch, peak, torch_peak):
+        return {"case": key, "key": key, "batch": batch, "threads": 2,
+                "paths": {"edgetrain int 8/8": {"vs_torch": vs_torch, "img_s": 10.0 * vs_torch, "peak_rss_mb": peak},
+                          bench.TORCH: {"img_s": 10.0, "peak_rss_mb": torch_peak}}}
+
+    result = {"cases": [case("resnet20-b128", 128, 1.99, 500.0, 700.0), case("mlp-b128", 128, 1.31, 400.0, 390.0),
+                        case("lenet5-b8", 8, 1.2, 200.0, 300.0)]}
+    got = {(b["bar"], b["case"]): (b["value"], b["limit"], b["holds"]) for b in bench.bars(result)}
+    assert got[("static 8/8 >= 2x PyTorch fp32", "resnet20-b128")] == (1.99, 2.0, False)
+    assert got[("static 8/8 >= 1.3x PyTorch fp32", "mlp-b128")] == (1.31, 1.3, True)
+    assert got[("peak memory <= PyTorch fp32's", "resnet20-b128")] == (500.0, 700.0, True)
+    assert got[("peak memory <= PyTorch fp32's", "mlp-b128")] == (400.0, 390.0, False)
+    assert got[("batch 8: static 8/8 >= 1.0x PyTorch fp32", "lenet5-b8")] == (1.2, 1.0, True)
+    assert not any(bar.startswith("static 8/8 >=") and name == "lenet5-b8" for bar, name in got)  # batch 8's own
