@@ -282,7 +282,7 @@ class Model:
             op = self.executor.ops.get(node.name)
             if type(op) is not QuantLinear:
                 continue
-            op.relu = False  # set again below where it still applies (set_precision keeps ops it did not rebuild)
+            op.relu = False  # every Relu went back to its float op above: the flag follows its Relu
             reader = sole_reader(node.outputs[0], running, outputs)
             if reader is not None and reader.op_type == "Relu" and type(self.executor.ops.get(reader.name)) is Relu:
                 op.relu = True

@@ -142,8 +142,9 @@ def _lane_totals(sums, row, span, buf) -> float:
 def _bn_forward_short_rows(x, first, stop, scale, bias, eps, y, mean, var, inv, relu, cap):
     """`_bn_forward_channels` where a channel's rows are no longer than LANES (maps of 8x8 and less): sample by
     sample over the run of channels, each row's element j into lane j as `_bn_stats_channel` adds it, so the
-    same sums and bits. Channel by channel, each of a row's few values cost the loop's set-up (MobileNetV2's
-    4x4 maps, (128, 64, 8x8): the backward's sums 20-34% faster, `_bn_backward_short_rows`)."""
+    same sums and bits, without a short loop's set-up per row per channel. Paired against the channel-by-channel
+    loops, 2 threads, with a folded ReLU6: (8, 1280, 4x4) 136 -> 110 us, (8, 144, 8x8) 38 -> 28, and with a Relu
+    (128, 64, 8x8) 220 -> 155."""
     n, _, length = x.shape
     count = n * length
     runs = stop - first
