@@ -283,8 +283,8 @@ class Model:
             if type(op) is not QuantLinear:
                 continue
             op.relu = False  # every Relu went back to its float op above: the flag follows its Relu
-            reader = sole_reader(node.outputs[0], running, outputs)
-            if reader is not None and reader.op_type == "Relu" and type(self.executor.ops.get(reader.name)) is Relu:
+            reader = sole_relu_reader(node.outputs[0], running, outputs)
+            if reader is not None and type(self.executor.ops.get(reader.name)) is Relu:
                 op.relu = True
                 self.executor.ops[reader.name] = FusedAway(reader, self.graph.opset)
 

@@ -44,6 +44,48 @@ def in_type(it_x, it_value):
     return it_x.dtype.type(it_value)
 
 
+@njit(cache=True, inline="always")
+def moments(mo_sum, mo_squares, mo_count, mo_eps):
+    """(mean, population variance, 1 / sqrt(variance + eps)) from a channel's float64 sum and sum of squares over
+    mo_count values: the one statement of them (`_bn_stats_channel`, `_bn_forward_short_rows`)."""
+    mo_m = mo_sum / mo_count
+    mo_var = max(mo_squares / mo_count - mo_m * mo_m, 0.0)
+    return mo_m, mo_var, 1.0 / np.sqrt(mo_var + mo_eps)
+
+
+@njit(cache=True, inline="always")
+def apply_row(ar_x, ar_y, ar_len, ar_relu, ar_m, ar_a, ar_b, ar_cap):
+    """ar_y[:ar_len] = `affine` of ar_x[:ar_len], through `relu_value` when ar_relu (tested once, outside the loop)."""
+    if ar_relu:  # a Relu folded in: one pass instead of two (its backward is masked the same way)
+        for ar_j in range(ar_len):
+            ar_y[ar_j] = relu_value(ar_x[ar_j], ar_m, ar_a, ar_b, ar_cap)
+    else:
+        for ar_j in range(ar_len):
+            ar_y[ar_j] = affine(ar_x[ar_j], ar_m, ar_a, ar_b)
+
+
+@njit(cache=True, inline="always")
+def dx_coefficients(dc_x, dc_scale, dc_r, dc_count, dc_ds, dc_sg):
+    """The input gradient's coefficients in x's type from a channel's float64 sums: dx = k * (count * g - sum g
+    - (x - m) * r * sum(g * xhat)), k = scale * r / count, taken as g * scale * r - (x - m) * kx - k0 with
+    kx = k r ds and k0 = k sg (`dx_row`; the sums stay float64, the elementwise work is in x's type)."""
+    dc_k = dc_scale * dc_r / dc_count
+    return in_type(dc_x, dc_k * dc_r * dc_ds), in_type(dc_x, dc_k * dc_sg)
+
+
+@njit(cache=True, inline="always")
+def dx_row(dr_g, dr_x, dr_dx, dr_len, dr_relu, dr_m, dr_a, dr_b, dr_zero, dr_cap, dr_unbounded, dr_kx, dr_k0):
+    """One row of the input gradient (`dx_coefficients`), g masked by the folded Relu (`_kept`) when dr_relu:
+    the test outside the loop, so each loop vectorises."""
+    if dr_relu:
+        for dr_j in range(dr_len):
+            dr_dx[dr_j] = (_kept(dr_g, dr_x, dr_j, dr_m, dr_a, dr_b, dr_zero, dr_cap, dr_unbounded) * dr_a
+                           - (dr_x[dr_j] - dr_m) * dr_kx - dr_k0)
+    else:
+        for dr_j in range(dr_len):
+            dr_dx[dr_j] = dr_g[dr_j] * dr_a - (dr_x[dr_j] - dr_m) * dr_kx - dr_k0
+
+
 @njit(cache=True)
 def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_lo, lanes_hi, acc, acc2):
     """Channel ch's batch mean, (population) variance and 1/sqrt(var + eps) into mean, var, inv; returns the
@@ -88,31 +130,18 @@ def _bn_stats_channel(x, ch, scale, bias, eps, mean, var, inv, extremes, lanes_l
                 v = np.float64(rest[q])
                 acc[q] += v
                 acc2[q] += v * v
-    m = combine_span(acc, span) / count
-    variance = max(combine_span(acc2, span) / count - m * m, 0.0)
-    r = 1.0 / np.sqrt(variance + eps)
-    mean[ch] = m
-    var[ch] = variance
-    inv[ch] = r
-    return scale[ch] * r
+    total = combine_span(acc, span)
+    mean[ch], var[ch], inv[ch] = moments(total, combine_span(acc2, span), count, eps)
+    return scale[ch] * inv[ch]
 
 
 @njit(cache=True)
 def _bn_apply_channel(x, ch, m, a, b, y, relu, cap):
     """y[:, ch] = (x[:, ch] - m) * a + b (`affine`, in x's type), with a folded ReLU (relu_value) when relu."""
     n, _, length = x.shape
-    mx, ax, bx = in_type(x, m), in_type(x, a), in_type(x, b)
-    if relu:  # a Relu folded in: one pass instead of two (its backward is masked the same way)
-        capx = in_type(x, cap)
-        for i in range(n):
-            xrow, yrow = x[i, ch], y[i, ch]
-            for j in range(length):
-                yrow[j] = relu_value(xrow[j], mx, ax, bx, capx)
-    else:
-        for i in range(n):
-            xrow, yrow = x[i, ch], y[i, ch]
-            for j in range(length):
-                yrow[j] = affine(xrow[j], mx, ax, bx)
+    mx, ax, bx, capx = in_type(x, m), in_type(x, a), in_type(x, b), in_type(x, cap)
+    for i in range(n):
+        apply_row(x[i, ch], y[i, ch], length, relu, mx, ax, bx, capx)
 
 
 @njit(cache=True)
@@ -161,25 +190,15 @@ def _bn_forward_short_rows(x, first, stop, scale, bias, eps, y, mean, var, inv, 
     coeff = np.empty(runs)
     for c in range(runs):
         ch = first + c
-        m = _lane_totals(acc, c, span, buf) / count
-        variance = max(_lane_totals(acc2, c, span, buf) / count - m * m, 0.0)
-        r = 1.0 / np.sqrt(variance + eps)
-        mean[ch] = m
-        var[ch] = variance
-        inv[ch] = r
-        coeff[c] = scale[ch] * r
+        total = _lane_totals(acc, c, span, buf)
+        mean[ch], var[ch], inv[ch] = moments(total, _lane_totals(acc2, c, span, buf), count, eps)
+        coeff[c] = scale[ch] * inv[ch]
     capx = in_type(x, cap)
     for i in range(n):
         for c in range(runs):
             ch = first + c
             mx, ax, bx = in_type(x, mean[ch]), in_type(x, coeff[c]), in_type(x, bias[ch])
-            xrow, yrow = x[i, ch], y[i, ch]
-            if relu:
-                for j in range(length):
-                    yrow[j] = relu_value(xrow[j], mx, ax, bx, capx)
-            else:
-                for j in range(length):
-                    yrow[j] = affine(xrow[j], mx, ax, bx)
+            apply_row(x[i, ch], y[i, ch], length, relu, mx, ax, bx, capx)
 
 
 # ---- BatchNorm writing the next MAC layer's codes instead of its floats (norm.BatchNormalization.codes_for)
@@ -337,18 +356,9 @@ def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale
     ds = combine_span(acc_gx, span) * r  # sum of g * xhat
     dscale[ch] = ds
     dbias[ch] = sg
-    # dx = k * (count * g - sum g - (x - m) * r * sum(g * xhat)), k = scale * r / count, elementwise in x's type
-    # (as `affine`; the sums above stay float64): g * scale * r - (x - m) * k r ds - k sg.
-    k = scale[ch] * r / count
-    kx, k0 = in_type(x, k * r * ds), in_type(x, k * sg)  # and scale * r in x's type: ax
+    kx, k0 = dx_coefficients(x, scale[ch], r, count, ds, sg)  # and scale * r in x's type: ax
     for i in range(n):
-        grow, xrow, drow = g[i, ch], x[i, ch], dx[i, ch]
-        if relu:
-            for j in range(length):
-                drow[j] = _kept(grow, xrow, j, mx, ax, bx, zero, capx, unbounded) * ax - (xrow[j] - mx) * kx - k0
-        else:
-            for j in range(length):
-                drow[j] = grow[j] * ax - (xrow[j] - mx) * kx - k0
+        dx_row(g[i, ch], x[i, ch], dx[i, ch], length, relu, mx, ax, bx, zero, capx, unbounded, kx, k0)
 
 
 # Two builds, two functions: Numba's cache keys on the function, so one function compiled both ways
@@ -409,15 +419,12 @@ def _bn_backward_short_rows(x, g, relu, cap, first, stop, scale, bias, mean, inv
         ds = _lane_totals(acc_gx, c, span, buf) * r
         dscale[ch] = ds
         dbias[ch] = sum_g
-        k = scale[ch] * r / count  # as `_bn_backward_channel`
-        kx[c], k0[c] = in_type(x, k * r * ds), in_type(x, k * sum_g)
+        kx[c], k0[c] = dx_coefficients(x, scale[ch], r, count, ds, sum_g)
     for i in range(n):
         for c in range(runs):
-            m32, a32, b32, kxc, k0c = mx[c], ax[c], bx[c], kx[c], k0[c]
-            grow, xrow, drow = g[i, first + c], x[i, first + c], dx[i, first + c]
-            for j in range(length):
-                gv = _kept(grow, xrow, j, m32, a32, b32, zero, capx, unbounded) if relu else grow[j]
-                drow[j] = gv * a32 - (xrow[j] - m32) * kxc - k0c
+            ch = first + c
+            dx_row(g[i, ch], x[i, ch], dx[i, ch], length, relu, mx[c], ax[c], bx[c], zero, capx, unbounded, kx[c],
+                   k0[c])
 
 
 @njit(cache=True)

@@ -453,8 +453,7 @@ class QuantLinear(QuantMAC):
         # One run of codes making the whole output takes the bias (a plain one, of x's type) and the Relu in
         # the rescale's pass: the same operations as the array expressions below, in the same order.
         fused = (len(runs) == 1 and len(runs[0]) == 1 and alpha == 1.0
-                 and (c is None or (beta == 1.0 and c.shape == (w.shape[0] if self._rows_are_weight() else w.shape[1],)
-                                    and c.dtype == x.dtype)))
+                 and (c is None or (beta == 1.0 and c.shape == self._weight_rows(w).shape[:1] and c.dtype == x.dtype)))
         parts = []
         for members in runs:
             wq = wqs[members[0]]
