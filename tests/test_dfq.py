@@ -769,6 +769,47 @@ def test_the_closing_relu_inside_the_unit_changes_no_bit():
         assert np.array_equal(grads_a[name], grads_b[name]), name
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_executing_rows_quantised_ungathered_change_no_bit(training, monkeypatch):
+    """A unit's first conv quantises its executing samples where they lie (SampleRows) instead of from a
+    gathered copy: the loss and every gradient (training) or the outputs (eval) equal the gathered form's, bit
+    for bit, with samples of several computing candidates (groups), skipping samples and rows out of order."""
+    from edgetrain.precision.dfq.gated_unit import GatedUnit
+    from edgetrain.quant import mac
+
+    x, y = _data(16, seed=6)
+    read_in_place = []
+    real = mac.quantize_rows
+
+    def counted(*args, **kwargs):
+        read_in_place.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mac, "quantize_rows", counted)
+    results = []
+    for ungathered in (True, False):
+        m = _resnet8()
+        m.set_precision("8/8")
+        d = DFQ.attach(m)
+        units = [op for op in m.executor.ops.values() if isinstance(op, GatedUnit)]
+        assert len(units) == 3 and all(u.fork_as_rows for u in units)
+        for u in units:
+            u.fork_as_rows = ungathered
+        d.force = {u.index: np.random.default_rng(u.index + 10).integers(0, len(d.candidates), len(x))
+                   for u in d.units}
+        if training:
+            results.append(m.loss_and_grad(x, y))
+        else:
+            m.loss_and_grad(x, y)  # running ranges and statistics to evaluate with
+            results.append((m.run(x)[m.output_name], {}))
+        assert bool(read_in_place) == ungathered
+        read_in_place.clear()
+    (a, grads_a), (b, grads_b) = results
+    assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert np.array_equal(grads_a[name], grads_b[name]), name
+
+
 def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):
     """scatter_add's fused channel means equal channel_means of its output, bit for bit; the next unit's
     gate takes them (DFQ.pooled), and the step equals one where every gate pools its own input."""

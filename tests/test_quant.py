@@ -23,7 +23,7 @@ from edgetrain.quant import (
     uniform,
 )
 from edgetrain.quant import quantizer as quantizer_module
-from edgetrain.quant.quantizer import quantize_weights
+from edgetrain.quant.quantizer import quantize_rows, quantize_weights
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -562,3 +562,46 @@ def test_float32_products_give_the_divisions_codes_at_near_ties(bits, signed, se
         quantizer_module._quantize_nearest(x, s, qmin, qmax, 1, q, np.zeros(1, np.int64), 1 << 30, False)
         want = np.clip(np.rint(x.astype(np.float64) / np.float64(s[0])), qmin, qmax)
         assert np.array_equal(q.astype(np.int64), want.astype(np.int64))
+
+
+@SETTINGS
+@given(x=hnp.arrays(st.sampled_from([np.float32, np.float64]),
+                    st.tuples(st.integers(1, 9), st.integers(1, 4), st.integers(1, 40)), elements=floats_st),
+       data=st.data(), bits=bits_st, signed=st.booleans(), pow2=st.booleans(),
+       fixed=st.one_of(st.none(), st.floats(1e-3, 1e3)))
+def test_rows_quantised_where_they_lie_are_the_gathered_rows_codes(x, data, bits, signed, pow2, fixed):
+    """quantize_rows(x, rows) is quantize(x[rows]) per tensor: the same codes, scale and stats, for any rows
+    (repeated, unordered)."""
+    rows = np.array(data.draw(st.lists(st.integers(0, x.shape[0] - 1), min_size=1, max_size=12)), np.int64)
+    want = quantize(x[rows], bits, signed=signed, pow2=pow2, range=fixed)
+    got = quantize_rows(x, rows, bits, signed=signed, pow2=pow2, range=fixed)
+    assert got.q.dtype == want.q.dtype and np.array_equal(got.q, want.q)
+    assert np.float32(got.scale).tobytes() == np.float32(want.scale).tobytes()
+    assert got.stats == want.stats and (got.bits, got.signed, got.axis) == (want.bits, want.signed, want.axis)
+
+
+def test_rows_quantised_where_they_lie_check_what_quantize_checks():
+    """A NaN in a chosen row is refused as quantize refuses it; one in a row not chosen is never read."""
+    x = np.ones((4, 3, 5), np.float32)
+    x[2, 1, 3] = np.nan
+    with pytest.raises(NonFiniteError):
+        quantize_rows(x, np.array([0, 2]), 8)
+    assert np.array_equal(quantize_rows(x, np.array([3, 0]), 8).q, quantize(x[[3, 0]], 8).q)
+    with pytest.raises(IndexError):
+        quantize_rows(x, np.array([4]), 8)
+    with pytest.raises(ValueError, match="range must be > 0"):
+        quantize_rows(x, np.array([0]), 8, range=0.0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_rows_quantised_where_they_lie_on_the_parallel_loops(signed):
+    """Half of a (64, 16, 32, 32) batch, in a shuffled order: the parallel range scan and parallel codes give
+    quantize(x[rows])'s codes, scale and stats."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 16, 32, 32)).astype(np.float32)
+    x = x if signed else np.maximum(x, 0)
+    rows = rng.permutation(64)[:32]
+    assert rows.size * x[0].size >= 1 << 18  # quantizer._PARALLEL_EXTREMA_MIN
+    want, got = quantize(x[rows], 8, signed=signed), quantize_rows(x, rows, 8, signed=signed)
+    assert np.array_equal(got.q, want.q) and got.scale == want.scale and got.stats == want.stats
+

@@ -49,8 +49,8 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize, small_linear
-from edgetrain.quant.qtensor import Prequantised, QuantStats
-from edgetrain.quant.quantizer import quantize_weights
+from edgetrain.quant.qtensor import Prequantised, QuantStats, SampleRows
+from edgetrain.quant.quantizer import quantize_rows, quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
 STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
@@ -155,7 +155,11 @@ class QuantMAC(Op):
         # before any training step there is no such range and the batch's own is used.
         fixed = running.value if not training and running.value else None
         unsigned = self.unsigned_input if operand == 0 else self.unsigned_other
-        q = quantize(x, self.precision.act_bits, signed=not unsigned, range=fixed, pow2=rt.pow2_scales)
+        if isinstance(x, SampleRows):  # a gated unit's executing rows, read where they lie: the same codes
+            q = quantize_rows(x.source, x.rows, self.precision.act_bits, signed=not unsigned, range=fixed,
+                              pow2=rt.pow2_scales)
+        else:
+            q = quantize(x, self.precision.act_bits, signed=not unsigned, range=fixed, pow2=rt.pow2_scales)
         if training:
             running.update(q.stats.observed_max)
         rt.count(key, q.stats.saturated)
@@ -207,6 +211,12 @@ def takes_codes(op: Op | None, node: Node, value: str) -> bool:
             and value not in node.inputs[1:])
 
 
+def takes_rows(op: Op | None, node: Node, value: str) -> bool:
+    """Whether `op`, running `node`, can take `value` as rows not yet gathered (`SampleRows`): an integer conv
+    reading it as its data input only, which quantises it and keeps nothing else of it."""
+    return type(op) is QuantConv and node.inputs[0] == value and value not in node.inputs[1:]
+
+
 def _groups_channel_sum(dy: np.ndarray, groups: list) -> np.ndarray:
     """A conv's bias gradient over its sample groups: each group's channel sum, added in group order."""
     first, *others = groups
@@ -238,8 +248,8 @@ class QuantConv(QuantMAC):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
         pre = self._prequantised_input(x, groups, run.training)
-        if pre is None and isinstance(x, Prequantised):
-            x = x.floats()  # codes made for another setting: quantise the floats as usual
+        if pre is None and isinstance(x, Prequantised) or isinstance(x, SampleRows) and x.ndim != 4:
+            x = x.floats()  # codes made for another setting, or a 1-D conv's rows: quantise the floats as usual
         args = self._conv_args(x.shape, w.shape)
         out_ndim = x.ndim
         w = _as_2d_conv(w)

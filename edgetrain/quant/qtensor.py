@@ -155,3 +155,48 @@ class Prequantised:
         """np.asarray(this): the floats."""
         out = self.floats()
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class SampleRows:
+    """Some samples of a float tensor, not gathered: a gated unit's executing rows, handed to the integer conv
+    that reads them (`edgetrain.precision.dfq.gated_unit`), which quantises them where they lie
+    (`quantizer.quantize_rows`) instead of from a gathered copy. Anything else that asks gets the copy
+    (`floats`). Shape and dtype are the gathered rows'."""
+
+    __slots__ = ("source", "rows", "shape", "dtype", "_floats")
+
+    def __init__(self, source: np.ndarray, rows: np.ndarray):
+        """source: the whole tensor (samples on axis 0, C-contiguous); rows: the samples, in their order."""
+        self.source = source
+        self.rows = rows
+        self.shape = (len(rows),) + source.shape[1:]
+        self.dtype = source.dtype
+        self._floats: np.ndarray | None = None
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes, as the gathered rows'."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of values, as the gathered rows'."""
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, rows: slice) -> SampleRows:
+        """A run of these rows (a sample group's slice), still not gathered."""
+        if not isinstance(rows, slice):
+            raise TypeError("SampleRows takes a slice of its rows")
+        return SampleRows(self.source, self.rows[rows])
+
+    def floats(self) -> np.ndarray:
+        """The gathered rows (copied once, on the first request)."""
+        if self._floats is None:
+            self._floats = self.source[self.rows]
+        return self._floats
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """np.asarray(this): the gathered rows."""
+        out = self.floats()
+        return out if dtype is None else out.astype(dtype, copy=False)
+

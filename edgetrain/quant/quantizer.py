@@ -567,6 +567,105 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
     return QTensor.trusted(q, np.float32(out[0]), bits, signed, None, stats)
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _rows_key_extrema(bits2, rows, sign, row_smax, row_smin, row_fmax):
+    """The three reductions of `_key_extrema_pieces` per selected row, rows on parallel threads (exact:
+    min and max, so neither the rows' order nor the thread count can change what they combine to)."""
+    for k in prange(rows.size):
+        r0, r1, r2 = _start(sign)
+        row_smax[k], row_smin[k], row_fmax[k] = _fold(bits2[rows[k]], r0, r1, r2, sign)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows_nearest(x2, rows, scale, qmin, qmax, pieces, q2, sat, min_parallel, count):
+    """q2[k] = clip(rint(x2[rows[k]] / scale[0])), `_nearest_item`'s work items on each selected row (one row
+    a (1, 1, inner) tensor), serial below `min_parallel` values as `_quantize_nearest`."""
+    lo = np.float64(qmin)
+    hi = np.float64(qmax)
+    inner = x2.shape[1]
+    if rows.size * inner < min_parallel:
+        for w in range(rows.size * pieces):
+            k = w // pieces
+            _nearest_item(x2[rows[k]:rows[k] + 1].reshape(1, 1, inner), scale, lo, hi, pieces,
+                          q2[k:k + 1].reshape(1, 1, inner), sat[k * pieces:(k + 1) * pieces], w % pieces, count)
+        return
+    for w in prange(rows.size * pieces):
+        k = w // pieces
+        _nearest_item(x2[rows[k]:rows[k] + 1].reshape(1, 1, inner), scale, lo, hi, pieces,
+                      q2[k:k + 1].reshape(1, 1, inner), sat[k * pieces:(k + 1) * pieces], w % pieces, count)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_rows(x2, bits2, rows, exp_mask, mag_mask, sign, given, signed, qmin, qmax, pow2, min_parallel, q2,
+                   out):
+    """`_quantize_flat` (nearest) of x2[rows] without gathering the rows first: the same range, scale and codes.
+    out = [scale, min, max]; returns the saturated count, -1 for NaN or infinity, -2 for a range `_scales`
+    refuses."""
+    slots = rows.size
+    row_smax, row_smin, row_fmax = np.empty(slots, bits2.dtype), np.empty(slots, bits2.dtype), \
+        np.empty(slots, bits2.dtype)
+    if slots * x2.shape[1] >= _PARALLEL_EXTREMA_MIN:
+        _rows_key_extrema(bits2, rows, sign, row_smax, row_smin, row_fmax)
+    else:
+        for k in range(slots):
+            r0, r1, r2 = _start(sign)
+            row_smax[k], row_smin[k], row_fmax[k] = _fold(bits2[rows[k]], r0, r1, r2, sign)
+    lo_hi = np.empty(2, bits2.dtype)
+    lo_hi[0], lo_hi[1], bad = _decode(row_smax.max(), row_smin.min(), row_fmax.max(), sign, exp_mask, mag_mask)
+    if bad:
+        return -1
+    values = lo_hi.view(x2.dtype)
+    lo, hi = np.float64(values[0]), np.float64(values[1])
+    top = np.empty(1)
+    if given > 0:
+        top[0] = given
+    else:
+        top[0] = max(max(abs(lo), abs(hi)), 0.0) if signed else max(hi, 0.0)
+    scale = np.empty(1, np.float32)
+    if not _scales(top, np.float64(qmax), pow2, scale):
+        return -2
+    pieces = (x2.shape[1] + _PIECE - 1) // _PIECE
+    sat = np.zeros(slots * pieces, np.int64)
+    count = _may_saturate(values[:1], values[1:], scale, qmin, qmax)
+    _quantize_rows_nearest(x2, rows, scale, qmin, qmax, pieces, q2, sat, min_parallel, count)
+    out[0], out[1], out[2] = scale[0], lo, hi
+    return sat.sum()
+
+
+def quantize_rows(x: np.ndarray, rows: np.ndarray, bits: int, *, signed: bool = True, pow2: bool = False,
+                  range: float | None = None) -> QTensor:
+    """`quantize(x[rows], bits, ...)` per tensor with nearest rounding, reading the rows where they lie: the
+    same codes, scale and stats, without writing the gathered copy (a gated unit's executing samples,
+    `edgetrain.precision.dfq.gated_unit`)."""
+    bits = check_bits(bits, signed)
+    x = _as_float(x)
+    rows = np.ascontiguousarray(rows, np.int64)
+    shape = (rows.size,) + x.shape[1:]
+    if not rows.size or x.ndim == 0 or not x[0].size:
+        return quantize(x[rows], bits, signed=signed, pow2=pow2, range=range)
+    if rows.min() < 0 or rows.max() >= x.shape[0]:
+        raise IndexError(f"row index out of range for {x.shape[0]} rows")
+    given = 0.0
+    if range is not None:
+        given = float(range)
+        if not given > 0:
+            raise ValueError(f"a given quantisation range must be > 0, got {range}")
+    qmin, qmax = qrange(bits, signed)
+    x2 = x.reshape(x.shape[0], -1)
+    ints, exp_mask, mag_mask, sign = _KEY_VIEWS[x.dtype]
+    q = np.empty(shape, storage_dtype(bits, signed))
+    ensure_pool()  # _quantize_rows is serial and calls parallel kernels
+    out = np.empty(3)
+    sat = _quantize_rows(x2, x2.view(ints), rows, exp_mask, mag_mask, sign, given, signed, qmin, qmax, bool(pow2),
+                         PARALLEL_MIN_ELEMENTS, q.reshape(rows.size, -1), out)
+    if sat == -1:
+        raise non_finite(x[rows].reshape(1, 1, -1))
+    if sat == -2:
+        raise ValueError(f"a quantisation range must be finite and >= 0, got {given}")
+    stats = QuantStats(int(q.size), int(sat), max(abs(float(out[2])), abs(float(out[1]))))
+    return QTensor.trusted(q, np.float32(out[0]), bits, signed, None, stats)
+
+
 @njit(cache=True, nogil=True)
 def _quantize_both(x3, bits3, exp_mask, mag_mask, sign, qmin, qmax, pow2, min_parallel, q_rows, q_flat, scales,
                    extrema):
