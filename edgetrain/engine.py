@@ -99,7 +99,10 @@ class Executor:
                 continue  # only non-differentiable side outputs (indices, masks, stats) were used
             needed = needed_by_node[node.name]
             start = time.perf_counter() if self.timings is not None else 0.0
-            gins = op.backward(ctx, gouts, needed)
+            if op.reuses_grads:
+                gins = op.backward(ctx, gouts, needed, owned=tuple(grads.owned(g) for g in gouts))
+            else:
+                gins = op.backward(ctx, gouts, needed)
             if self.timings is not None:
                 entry = (node.name, "backward")
                 self.timings[entry] = self.timings.get(entry, 0.0) + time.perf_counter() - start
@@ -125,8 +128,15 @@ class _Pending:
     def __init__(self, seeds: dict[str, np.ndarray]):
         self.values: dict[str, np.ndarray] = {}
         self._users: dict[int, int] = {}  # id of an owning array -> pending gradients on its memory
+        self._seeds = {id(g) for g in seeds.values()}  # the caller's arrays: never handed over (`owned`)
         for name, g in seeds.items():
             self.add(name, g)
+
+    def owned(self, g: object) -> bool:
+        """Whether g, just popped, is an array nothing else can see, so its reader may overwrite it: one that
+        owns its memory, writeable and C-contiguous, no seed, and no pending gradient on its memory."""
+        return (type(g) is np.ndarray and g.base is None and g.flags.writeable and g.flags.c_contiguous
+                and id(g) not in self._seeds and id(g) not in self._users)
 
     def _count(self, a: object, step: int) -> None:
         """Add step to the count of a's owning array (the array itself when it owns its data)."""

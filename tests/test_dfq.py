@@ -736,6 +736,10 @@ def test_the_relu_gradient_formed_by_rows_joins_bit_equal():
                 got = gk.relu_joined_grad(d, dout, y, None, None, order)
             assert np.array_equal(got, expect, equal_nan=True)
             assert np.array_equal(np.signbit(got), np.signbit(expect))
+            over = dout.copy()  # written over its dout (a gradient the executor handed over): the same bits
+            args = (branch_dx, part) if n_rows else (None, None)
+            assert gk.relu_joined_grad(d, over, y, *args, order, out=over) is over
+            assert np.array_equal(over, expect, equal_nan=True) and np.array_equal(np.signbit(over), np.signbit(got))
         probed = np.array([5, 1, 1])
         assert np.array_equal(gk.relu_grad_of_rows(dout, y, probed), g[probed], equal_nan=True)
 
@@ -808,6 +812,41 @@ def test_executing_rows_quantised_ungathered_change_no_bit(training, monkeypatch
     assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert np.array_equal(grads_a[name], grads_b[name]), name
+
+
+def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(monkeypatch):
+    """Where the executor hands a unit its output gradient for good (Op.reuses_grads), the unit's final pass
+    writes the input gradient over it: the loss and every gradient equal those of new arrays, bit for bit,
+    and the pass did run over the handed arrays."""
+    from edgetrain.precision.dfq import gated_unit
+    from edgetrain.precision.dfq.gated_unit import GatedUnit
+
+    x, y = _data(16, seed=8)
+    over = []
+    real = gated_unit.relu_joined_grad
+
+    def watched(*args, out=None):
+        over.append(out is not None and out is args[1])
+        return real(*args, out=out)
+
+    monkeypatch.setattr(gated_unit, "relu_joined_grad", watched)
+    results = []
+    for reuse in (True, False):
+        m = _resnet8()
+        m.set_precision("8/8")
+        d = DFQ.attach(m)
+        for op in m.executor.ops.values():
+            if isinstance(op, GatedUnit):
+                op.reuses_grads = reuse
+        d.force = {u.index: np.random.default_rng(u.index + 20).integers(0, len(d.candidates), len(x))
+                   for u in d.units}
+        results.append(m.loss_and_grad(x, y))
+        assert over and all(over) == reuse and any(over) == reuse
+        over.clear()
+    (la, ga), (lb, gb) = results
+    assert la == lb and ga.keys() == gb.keys()
+    for name in ga:
+        assert np.array_equal(ga[name], gb[name]), name
 
 
 def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):

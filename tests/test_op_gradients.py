@@ -185,6 +185,26 @@ def test_fan_out_sum_leaves_an_array_another_pending_gradient_holds():
     assert set(errors) == {"x", "w", "w2"} and max(errors.values()) < TOL, errors
 
 
+def test_a_gradient_is_handed_over_only_where_nothing_else_sees_it():
+    """The engine tells an op it may overwrite a gradient (Op.reuses_grads) only for an array of its own that no
+    pending gradient, seed or view shares: not a seed, not one array pending under two names (Add hands one to
+    both inputs) until the last is popped, not a view or a read-only broadcast."""
+    from edgetrain.engine import _Pending
+
+    seed, fresh, shared = np.ones(4), np.ones(4), np.ones(4)
+    pending = _Pending({"y": seed})
+    assert not pending.owned(pending.pop("y"))
+    pending.add("a", shared)
+    pending.add("b", shared)
+    pending.add("v", fresh[1:])
+    assert not pending.owned(pending.pop("a"))  # b still holds it
+    assert pending.owned(pending.pop("b"))
+    assert not pending.owned(pending.pop("v"))
+    assert not pending.owned(np.broadcast_to(np.ones(1), (4,)))
+    assert not pending.owned(np.ones((4, 4))[:, ::2].copy(order="F"))
+    assert pending.owned(np.ones(4)) and not pending.owned(None)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [7, (1 << 16) + 5, 3 * (1 << 15) + 11])
 def test_gradient_sums_on_the_thread_pool_are_numpys_bits(dtype, size):

@@ -43,6 +43,10 @@ class Op:
     # False: outputs after the first are side outputs (indices, masks, statistics) that take no gradient,
     # and backward runs only when the first output has one. True (LSTM's Y, Y_h, Y_c): any may have one.
     all_outputs_differentiable: ClassVar[bool] = False
+    # True: backward takes `owned`, one flag per output gradient, set where the executor hands that array
+    # over for good (no other gradient, seed or view shares its memory): the op may write its result into it
+    # instead of a new array, which saves the write-allocate read of a fresh one (a pass of memory traffic).
+    reuses_grads: ClassVar[bool] = False
 
     def __init__(self, node: Node, opset: int):
         self.node = node

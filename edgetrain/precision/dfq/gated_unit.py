@@ -326,7 +326,9 @@ class GatedUnit(Op):
         return ctx.updates
 
     # -- backward ----------------------------------------------------------------------------------
-    def backward(self, ctx: UnitContext, grads, needed):
+    reuses_grads = True  # the final pass of a unit that closes with its ReLU writes dx over dout (Op.reuses_grads)
+
+    def backward(self, ctx: UnitContext, grads, needed, owned: tuple[bool, ...] = ()):
         dfq, u = self.dfq, self.unit
         order, n_exec, x_shape, dtype = ctx.order, ctx.n_exec, ctx.x_shape, ctx.dtype
         dout = grads[0]
@@ -369,7 +371,10 @@ class GatedUnit(Op):
         branch_dx = self._branch_backward(ctx, dr, needed, out) if n_exec else None
         dpooled = dpooled.astype(dtype, copy=False)
         if relu_joined:  # (a branch whose gradient does not reach the fork adds nothing to any row)
-            dx = relu_joined_grad(dpooled, dout, ctx.relu_out, branch_dx, None if branch_dx is None else dr, rows)
+            into = dout if owned and owned[0] and dout.dtype == (dtype if branch_dx is None else branch_dx.dtype) \
+                else None
+            dx = relu_joined_grad(dpooled, dout, ctx.relu_out, branch_dx, None if branch_dx is None else dr, rows,
+                                  out=into)
         elif branch_dx is None and not identity:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:

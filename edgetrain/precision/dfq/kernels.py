@@ -183,6 +183,28 @@ def _relu_joined(d, size, branch, part, pos, dout, y, channels, out):
                     orow[j] = v + (drow[j] if yrow[j] > zero else zero)
 
 
+@njit(cache=True, parallel=True)
+def _relu_joined_over(d, size, branch, part, pos, g, y, channels):
+    """`_relu_joined` written over its dout (g): the same sums. A kernel of its own because, handed one array
+    as both dout and out, `_relu_joined`'s loops failed LLVM's overlap check and ran scalar (4-10x slower)."""
+    samples, length = g.shape[0] // channels, g.shape[1]
+    zero = g.dtype.type(0)
+    for s in prange(samples):
+        k = pos[s]
+        for c in range(channels):
+            r = s * channels + c
+            v = d[r] / size
+            grow = g[r]
+            if k >= 0:
+                brow, prow = branch[k * channels + c], part[k * channels + c]
+                for j in range(length):
+                    grow[j] = (v + brow[j]) + prow[j]
+            else:
+                yrow = y[r]
+                for j in range(length):
+                    grow[j] = v + (grow[j] if yrow[j] > zero else zero)
+
+
 def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     """Each of n rows' index into the part (-1: not in it); order None: row k is part's row k."""
     if order is None:
@@ -272,18 +294,29 @@ def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.n
 
 
 def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray, branch: np.ndarray | None,
-                     part: np.ndarray | None, order: np.ndarray | None) -> np.ndarray:
+                     part: np.ndarray | None, order: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
     """The gradient of a unit's input x when its identity shortcut and its branch join under a ReLU of output y
     and its gate read channel_means(x): the pooled gradient of dmeans, plus the ReLU's gradient, plus for the
     rows in order (None: every row, in order) the branch's gradient branch[k]. part is the ReLU's gradient of
     those rows (relu_grad_part; both None: no row ran the branch). Bit-equal to pooled_grad_scatter_add(dmeans,
-    x.shape, branch, order, relu_grad_rows(dout, y, ...)[0])."""
+    x.shape, branch, order, relu_grad_rows(dout, y, ...)[0]). out=dout writes it over dout (`_relu_joined_over`);
+    None, into a new array."""
     n = dout.shape[0]
     c = dout.shape[1]  # rows of one channel; a 2-D x is its own means, so its rows hold one value
     dtype = dout.dtype if branch is None else branch.dtype
     if branch is None:
         branch = part = np.zeros((1,) + dout.shape[1:], dtype)
         order = np.zeros(0, np.int64)
+    if out is dout:
+        if dout.dtype != dtype or not dout.flags.c_contiguous or not dout.flags.writeable:
+            raise ValueError(f"relu_joined_grad: to write over dout, it must be a writeable C-contiguous {dtype} array")
+        _relu_joined_over(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(dout[0].size // c),
+                          np.ascontiguousarray(branch).reshape(branch.shape[0] * c, -1),
+                          np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n),
+                          dout.reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c)
+        return dout
+    if out is not None:
+        raise ValueError("relu_joined_grad: out is dout itself or None")
     out = np.empty(dout.shape, dtype)
     rows = out.reshape(n * c, -1)
     _relu_joined(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(rows.shape[1]),
