@@ -23,6 +23,7 @@ PACKAGE = Path(edgetrain.__file__).resolve().parent
 NESTED = {
     "edgetrain.quant.quantizer._quantize_both": "quantize_weights",
     "edgetrain.quant.quantizer._quantize_flat": "quantize",
+    "edgetrain.quant.quantizer._quantize_rows": "quantize_rows",
     "edgetrain.kernels.vnni_gemm.gemm_large": "VnniBackend.gemm_nt",
 }
 
@@ -75,15 +76,17 @@ def test_a_cached_serial_caller_of_a_parallel_kernel_runs_first_in_a_new_process
         w = np.linspace(-1, 1, 6 * 25, dtype=np.float32).reshape(6, 25)
         x = np.linspace(-3, 3, 1 << 19, dtype=np.float32)  # big enough for the parallel range scan
         key = (1, 2, 3)
+        rows = np.arange(0, 64, 2)  # half of x's 64 rows: big enough for the parallel row scan
     """)
     steps = [
         "quantizer._flat_extrema(x); quantizer.quantize(w, 8, axis=0);"
         " quantizer.quantize(w, 8, axis=0, rounding='stochastic', key=key)",
         "quantizer.quantize_weights(w, 8); quantizer.quantize(x, 8);"
-        " quantizer.quantize(x, 8, rounding='stochastic', key=key)",
+        " quantizer.quantize(x, 8, rounding='stochastic', key=key); quantizer.quantize_rows(x.reshape(64, -1), rows, 8)",
         "print(int(quantizer.quantize_weights(w, 8)[0].q.sum()))",
         "print(int(quantizer.quantize(x, 8).q.astype(np.int64).sum()))",
         "print(int(quantizer.quantize(x, 8, rounding='stochastic', key=key).q.astype(np.int64).sum()))",
+        "print(int(quantizer.quantize_rows(x.reshape(64, -1), rows, 8).q.astype(np.int64).sum()))",
     ]
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_NUM_THREADS": "2"}
     for i, step in enumerate(steps):
