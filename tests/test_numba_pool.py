@@ -82,7 +82,8 @@ def test_a_cached_serial_caller_of_a_parallel_kernel_runs_first_in_a_new_process
         "quantizer._flat_extrema(x); quantizer.quantize(w, 8, axis=0);"
         " quantizer.quantize(w, 8, axis=0, rounding='stochastic', key=key)",
         "quantizer.quantize_weights(w, 8); quantizer.quantize(x, 8);"
-        " quantizer.quantize(x, 8, rounding='stochastic', key=key); quantizer.quantize_rows(x.reshape(64, -1), rows, 8)",
+        " quantizer.quantize(x, 8, rounding='stochastic', key=key);"
+        " quantizer.quantize_rows(x.reshape(64, -1), rows, 8)",
         "print(int(quantizer.quantize_weights(w, 8)[0].q.sum()))",
         "print(int(quantizer.quantize(x, 8).q.astype(np.int64).sum()))",
         "print(int(quantizer.quantize(x, 8, rounding='stochastic', key=key).q.astype(np.int64).sum()))",
