@@ -740,8 +740,48 @@ def test_the_relu_gradient_formed_by_rows_joins_bit_equal():
             args = (branch_dx, part) if n_rows else (None, None)
             assert gk.relu_joined_grad(d, over, y, *args, order, out=over) is over
             assert np.array_equal(over, expect, equal_nan=True) and np.array_equal(np.signbit(over), np.signbit(got))
+            mask = y > 0  # what relu_join keeps of y: every backward here gives the same bits from it
+            masked = gk.relu_joined_grad(d, dout, mask, *args, order)
+            assert np.array_equal(masked, expect, equal_nan=True) and np.array_equal(np.signbit(masked),
+                                                                                    np.signbit(expect))
+            g_m, rows_m, dots_m = gk.relu_grad_rows(dout, mask, order, branch_out if n_rows else None)
+            assert np.array_equal(g_m, g, equal_nan=True)
+            if n_rows:
+                assert np.array_equal(dots_m, dots, equal_nan=True)
+                part_m, part_dots_m = gk.relu_grad_part(dout, mask, order, branch_out)
+                assert np.array_equal(part_m, part, equal_nan=True)
+                assert np.array_equal(part_dots_m, part_dots, equal_nan=True)
         probed = np.array([5, 1, 1])
         assert np.array_equal(gk.relu_grad_of_rows(dout, y, probed), g[probed], equal_nan=True)
+        assert np.array_equal(gk.relu_grad_of_rows(dout, y > 0, probed), g[probed], equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 9)])
+def test_the_relu_join_is_scatter_add_with_its_mask_new_or_over_its_input(shape):
+    """relu_join gives scatter_add(relu=True)'s output and channel means bit for bit, with the mask y > 0;
+    written over an input that is a ReLU's output (>= +0.0 or NaN), the same output in that array, for some,
+    all and no rows executing."""
+    from edgetrain.precision.dfq import kernels as gk
+
+    rng = np.random.default_rng(9)
+    x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)
+    x.flat[:4] = [np.nan, 0.0, 3.0, np.nan]
+    for order in (np.array([4, 0, 3]), None, np.zeros(0, np.int64)):
+        rows = shape[0] if order is None else len(order)
+        part = rng.standard_normal((rows,) + shape[1:]).astype(np.float32) if rows else None
+        part_or_none = part if rows else None
+        want = gk.scatter_add(x, part_or_none, order, relu=True, means=len(shape) > 2)
+        want_y, want_means = want if len(shape) > 2 else (want, None)
+        for over in (False, True):
+            base = x.copy()
+            y, means, mask = gk.relu_join(base, part_or_none, order, means=True, over=over)
+            assert (y is base) == over
+            assert np.array_equal(y, want_y, equal_nan=True) and np.array_equal(np.signbit(y), np.signbit(want_y))
+            assert np.array_equal(mask, want_y > 0) and mask.dtype == np.bool_
+            if want_means is None:
+                assert means is None
+            else:
+                assert np.array_equal(means, want_means, equal_nan=True)
 
 
 def test_the_closing_relu_inside_the_unit_changes_no_bit():
@@ -847,6 +887,41 @@ def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(mo
     assert la == lb and ga.keys() == gb.keys()
     for name in ga:
         assert np.array_equal(ga[name], gb[name]), name
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training):
+    """Where a unit's input is another unit's ReLU output that nothing else reads (every ResNet block after the
+    first of a stage), the unit writes its output over it (GatedUnit.over_input; skipping rows stay where
+    they are): the loss and every gradient (training) or the outputs (eval) equal those of new arrays, bit for
+    bit; units whose input the stem or a projection shortcut also reads never do."""
+    from edgetrain.precision.dfq.gated_unit import GatedUnit
+
+    x, y = _data(16, seed=10)
+    results = []
+    for over in (True, False):
+        m = edgetrain.load(models.build_model("resnet20", num_classes=10, in_channels=1, input_size=12, width=4,
+                                              seed=0), seed=0)
+        m.set_precision("8/8")
+        d = DFQ.attach(m)
+        units = [op for op in m.executor.ops.values() if isinstance(op, GatedUnit)]
+        assert [u.over_input for u in units] == [False, True, True] * 3
+        for u in units:
+            u.over_input = u.over_input and over
+        d.force = {u.index: np.random.default_rng(u.index + 30).integers(0, len(d.candidates), len(x))
+                   for u in d.units}
+        if training:
+            env, tape = m.forward_train(x)
+            inputs = [env[u.node.inputs[0]] for u in units]
+            assert all((a is env[u.node.outputs[0]]) == u.over_input for a, u in zip(inputs, units))
+            results.append(m.loss_and_grad(x, y))
+        else:
+            m.loss_and_grad(x, y)
+            results.append((m.run(x)[m.output_name], {}))
+    (a, grads_a), (b, grads_b) = results
+    assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert np.array_equal(grads_a[name], grads_b[name]), name
 
 
 def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):

@@ -238,6 +238,15 @@ class DFQ:
                 continue
             nodes.append(node)
         model.replace_nodes(nodes, ops)
+        # A unit may write its output over its input where that input is another unit's ReLU output, read by
+        # nothing but this unit (as fork and identity shortcut) and kept by its branch only as codes
+        # (fork_as_rows): no one reads those values again, and the producing unit's backward reads its mask.
+        relu_made = {op.relu_output for op in ops.values() if op.relu}
+        join_of = {u.index: name for name, u in joins.items()}
+        for op in ops.values():
+            x, own = op.node.inputs[0], {n.name for n in op.unit.branch} | {join_of[op.unit.index]}
+            op.over_input = (op.relu and op.node.inputs[1] == x and op.fork_as_rows and x in relu_made
+                             and x not in outputs and all(r.name in own for r in readers.get(x, ())))
 
     def _unit_node(self, model: Model, u: Unit, facts: tuple) -> tuple[Node, GatedUnit]:
         produced = {o for n in u.branch for o in n.outputs if o}

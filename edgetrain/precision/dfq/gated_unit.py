@@ -26,6 +26,7 @@ from edgetrain.precision.dfq.kernels import (
     relu_grad_of_rows,
     relu_grad_part,
     relu_grad_rows,
+    relu_join,
     relu_joined_grad,
     sample_dots,
     scatter_add,
@@ -54,7 +55,7 @@ class UnitContext(NamedTuple):
     gate_params: tuple
     shared: tuple
     probe: Probe | None = None  # the probe estimator's measurements (None: straight-through only)
-    relu_out: np.ndarray | None = None  # the output, where the unit applies the ReLU that reads it (GatedUnit.relu)
+    relu_out: np.ndarray | None = None  # the output's mask (y > 0), where the unit applies the ReLU that reads it
 
 
 class Probe(NamedTuple):
@@ -91,6 +92,10 @@ class GatedUnit(Op):
         # value the next unit reads. The join, the ReLU and, for skipped samples, the copy of the shortcut
         # are then one pass, both directions.
         self.relu_output: str | None = None
+        # Set where the unit may write its output over its input (DFQ._build_ops): an identity shortcut whose value
+        # another unit's ReLU wrote, which nothing else reads and the branch keeps only as codes. The rows that
+        # skip are then left where they are, not copied (ResNet-20 b128, half skipping: ...).
+        self.over_input = False
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
         after_mac = set()
@@ -206,13 +211,13 @@ class GatedUnit(Op):
         probe = None
         if run.training and dfq.config.estimator == "probe":
             probe = self._probe(x, externals, choice, run)
-        if self.relu and shortcut.ndim >= 3:
-            # The output's channel means come from the same pass: the next unit's gate reads them
-            # (DFQ.pooled) instead of the whole tensor again.
-            y, dfq.pooled[self.relu_output] = scatter_add(shortcut, r, None if whole else order, relu=True,
-                                                              means=True)
-        elif self.relu:
-            y = scatter_add(shortcut, r, None if whole else order, relu=True)
+        mask = None
+        if self.relu:
+            # The output's channel means come from the same pass: the next unit's gate reads them (DFQ.pooled)
+            # instead of the whole tensor again; so does the mask the ReLU's backward reads instead of y.
+            y, means, mask = relu_join(shortcut, r, None if whole else order, means=True, over=self.over_input)
+            if means is not None:
+                dfq.pooled[self.relu_output] = means
         elif u.shortcut is not None:
             if whole:
                 y = shortcut + r
@@ -226,7 +231,7 @@ class GatedUnit(Op):
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
         return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared,
-                                probe, y if self.relu else None)
+                                probe, mask)
 
     def _branch(self, x_rows: np.ndarray | SampleRows, externals: dict, groups: list, run: Run, tape: list | None,
                 updates: dict | None) -> np.ndarray:

@@ -1,6 +1,9 @@
 """Numba loops for the DFQ gate's full-tensor passes: channel means, per-sample dot products, and the
 branch gradient plus the gate's pooled gradient.
 
+Where a ReLU's backward is taken here, `y` (its output) may be that output's mask instead (`relu_join`): only
+y > 0 is read, and a bool mask is a quarter of float32's memory traffic.
+
 These are the only parts of a gated unit that touch a whole activation tensor outside the integer
 kernels, so they run once per unit per step on every sample. NumPy does each in one or two passes
 with temporaries; these do one parallel sweep. Sums accumulate in float64 in a fixed order per row
@@ -65,7 +68,7 @@ def sample_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def _rows_plus_part(base, part, pos, relu, channels, out, means):
+def _rows_plus_part(base, part, pos, relu, channels, out, means, mask):
     """One sample per work item, its channels in turn; each row's case (added to or not, ReLU or not) picked
     once, outside its loop, so every loop is branch-free and vectorises (5-15% faster than one loop testing
     both per value, one thread). (Names unlike `sum_row_into`'s: inlined into a parallel loop, a shared name
@@ -73,6 +76,7 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means):
     samples, row_len = out.shape[0] // channels, out.shape[1]
     zero = base.dtype.type(0)
     want = means.size > 0
+    keep_mask = mask.size > 0
     for s in prange(samples):
         lanes_buf = np.empty(LANES)
         k = pos[s]
@@ -98,6 +102,35 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means):
                     orow[j] = brow[j]
             if want:  # channel_means of out, while the row is in cache
                 means[r] = sum_row_into(lanes_buf, orow, row_len) / row_len
+            if keep_mask:  # what the ReLU's backward reads of out (out > 0)
+                mrow = mask[r]
+                for j in range(row_len):
+                    mrow[j] = orow[j] > zero
+
+
+@njit(cache=True, parallel=True)
+def _relu_rows_over(x, part, pos, channels, means, mask):
+    """`_rows_plus_part` with the ReLU, written over its base x (whose values are a ReLU's outputs: >= +0.0 or
+    NaN, so max(x, 0) is x, bit for bit): a row in the part becomes max(x + part, 0); a row outside it is only
+    read, for its mask and means."""
+    samples, row_len = x.shape[0] // channels, x.shape[1]
+    zero = x.dtype.type(0)
+    want = means.size > 0
+    for s in prange(samples):
+        lanes_buf = np.empty(LANES)
+        k = pos[s]
+        for c in range(channels):
+            r = s * channels + c
+            xrow, mrow = x[r], mask[r]
+            if k >= 0:
+                prow = part[k * channels + c]
+                for j in range(row_len):
+                    v = xrow[j] + prow[j]
+                    xrow[j] = zero if v <= zero else v
+            for j in range(row_len):
+                mrow[j] = xrow[j] > zero
+            if want:
+                means[r] = sum_row_into(lanes_buf, xrow, row_len) / row_len
 
 
 @njit(cache=True, parallel=True)
@@ -214,6 +247,34 @@ def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     return pos
 
 
+def relu_join(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None, means: bool,
+              over: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """max(base + part at the rows in order, 0), as scatter_add(base, part, order, relu=True): (the output, its
+    channel_means or None, the output's mask: out > 0, which is all the ReLU's backward reads), in one pass.
+    over: written over base, whose values must be a ReLU's outputs (the rows outside order are left as they
+    are, which is max(base, 0) bit for bit); else into a new array."""
+    n = base.shape[0]
+    channels = base.shape[1] if base.ndim >= 3 else 1
+    dtype = base.dtype if part is None else np.result_type(base.dtype, part.dtype)
+    if part is None:
+        part, order = np.zeros((1,) + base.shape[1:], dtype), np.zeros(0, np.int64)
+    want = means and base.ndim >= 3
+    sums = np.empty(n * channels if want else 0, dtype)
+    mask = np.empty(base.shape, np.bool_)
+    rows_of = (n * channels, -1)
+    part_rows = np.ascontiguousarray(part).reshape(part.shape[0] * channels, -1)
+    if over:
+        if base.dtype != dtype or not base.flags.c_contiguous or not base.flags.writeable:
+            raise ValueError(f"relu_join: to write over base, it must be a writeable C-contiguous {dtype} array")
+        out = base
+        _relu_rows_over(out.reshape(rows_of), part_rows, _positions(order, n), channels, sums, mask.reshape(rows_of))
+    else:
+        out = np.empty(base.shape, dtype)
+        _rows_plus_part(np.ascontiguousarray(base).reshape(rows_of), part_rows, _positions(order, n), True, channels,
+                        out.reshape(rows_of), sums, mask.reshape(rows_of))
+    return out, (sums.reshape(n, channels) if want else None), mask
+
+
 def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None = None, relu: bool = False,
                 means: bool = False):
     """A new array: base, plus part[k] added to row order[k] (rows not in order are base's; order
@@ -228,7 +289,7 @@ def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | N
     sums = np.empty(n * channels if means else 0, dtype)
     _rows_plus_part(np.ascontiguousarray(base).reshape(n * channels, -1),
                     np.ascontiguousarray(part).reshape(part.shape[0] * channels, -1), _positions(order, n),
-                    bool(relu), channels, out.reshape(n * channels, -1), sums)
+                    bool(relu), channels, out.reshape(n * channels, -1), sums, np.zeros((0, 0), np.bool_))
     return (out, sums.reshape(n, channels)) if means else out
 
 
