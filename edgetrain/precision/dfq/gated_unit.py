@@ -94,7 +94,8 @@ class GatedUnit(Op):
         self.relu_output: str | None = None
         # Set where the unit may write its output over its input (DFQ._build_ops): an identity shortcut whose value
         # another unit's ReLU wrote, which nothing else reads and the branch keeps only as codes. The rows that
-        # skip are then left where they are, not copied (ResNet-20 b128, half skipping: ...).
+        # skip are then left where they are, not copied (ResNet-20 b128, half skipping, paired in one process: the
+        # step 1.3-1.8 ms less; level at b32).
         self.over_input = False
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
