@@ -18,6 +18,14 @@ def _resnet8(seed=0):
                                              seed=seed), seed=seed)
 
 
+def _same_bits(results) -> None:
+    """Two runs' (loss or outputs, {name: gradient}) are equal bit for bit."""
+    (a, grads_a), (b, grads_b) = results
+    assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert np.array_equal(grads_a[name], grads_b[name]), name
+
+
 def _data(n=12, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, n)
@@ -807,10 +815,7 @@ def test_the_closing_relu_inside_the_unit_changes_no_bit():
             assert not any(isinstance(m.executor.ops[n], FusedAway) for n in closing)
         d.force = {u.index: np.random.default_rng(u.index).integers(0, len(d.candidates), len(x)) for u in d.units}
         results.append(m.loss_and_grad(x, y))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_a == loss_b and grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        assert np.array_equal(grads_a[name], grads_b[name]), name
+    _same_bits(results)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -848,10 +853,7 @@ def test_executing_rows_quantised_ungathered_change_no_bit(training, monkeypatch
             results.append((m.run(x)[m.output_name], {}))
         assert bool(read_in_place) == ungathered
         read_in_place.clear()
-    (a, grads_a), (b, grads_b) = results
-    assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        assert np.array_equal(grads_a[name], grads_b[name]), name
+    _same_bits(results)
 
 
 def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(monkeypatch):
@@ -883,10 +885,7 @@ def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(mo
         results.append(m.loss_and_grad(x, y))
         assert over and all(over) == reuse and any(over) == reuse
         over.clear()
-    (la, ga), (lb, gb) = results
-    assert la == lb and ga.keys() == gb.keys()
-    for name in ga:
-        assert np.array_equal(ga[name], gb[name]), name
+    _same_bits(results)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -918,10 +917,7 @@ def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training):
         else:
             m.loss_and_grad(x, y)
             results.append((m.run(x)[m.output_name], {}))
-    (a, grads_a), (b, grads_b) = results
-    assert np.array_equal(a, b) and grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        assert np.array_equal(grads_a[name], grads_b[name]), name
+    _same_bits(results)
 
 
 def test_a_units_output_means_are_the_next_gates_input_means(monkeypatch):

@@ -116,23 +116,17 @@ class QTensor:
         return self.q.astype(np.float32) * self.scale_broadcast()
 
 
-class Prequantised:
-    """An activation its producer wrote as its reader's codes instead of floats: a BatchNorm with a folded
-    ReLU whose output only an integer layer reads (`ops.norm.BatchNormalization.codes_for`). `codes` is
-    exactly what `quantize` would make of the floats, so the reader takes it as its quantised input.
+class FloatsStandIn:
+    """A value an op hands on in place of a float tensor it never wrote (subclasses say what stands in): its
+    reader may take the stand-in as it is; anything else asks for the floats (`floats`, np.asarray), made once,
+    on the first request, by `_make`. Shape and dtype are the floats'."""
 
-    The floats are never written, but anything else that asks (np.asarray, a debugging hook) gets them:
-    `materialise` recomputes them, with the bits the producer would have stored. Shape and dtype are the
-    floats'."""
+    __slots__ = ("shape", "dtype", "_floats")
 
-    __slots__ = ("codes", "shape", "dtype", "_materialise", "_floats")
-
-    def __init__(self, codes: QTensor, dtype: np.dtype, materialise):
-        """codes: the reader's quantised input; materialise: () -> the floats, computed on demand."""
-        self.codes = codes
-        self.shape = codes.q.shape
+    def __init__(self, shape: tuple, dtype: np.dtype):
+        """shape, dtype: the floats'."""
+        self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
-        self._materialise = materialise
         self._floats: np.ndarray | None = None
 
     @property
@@ -143,12 +137,15 @@ class Prequantised:
     @property
     def size(self) -> int:
         """Number of values, as the floats'."""
-        return self.codes.q.size
+        return int(np.prod(self.shape))
+
+    def _make(self) -> np.ndarray:
+        raise NotImplementedError
 
     def floats(self) -> np.ndarray:
-        """The float tensor the producer stood in for (computed once, on the first request)."""
+        """The float tensor this stands in for (made once, on the first request)."""
         if self._floats is None:
-            self._floats = self._materialise()
+            self._floats = self._make()
         return self._floats
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -157,31 +154,38 @@ class Prequantised:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-class SampleRows:
+class Prequantised(FloatsStandIn):
+    """An activation its producer wrote as its reader's codes instead of floats: a BatchNorm with a folded
+    ReLU whose output only an integer layer reads (`ops.norm.BatchNormalization.codes_for`). `codes` is
+    exactly what `quantize` would make of the floats, so the reader takes it as its quantised input.
+
+    The floats are never written, but anything else that asks (np.asarray, a debugging hook) gets them:
+    `materialise` recomputes them, with the bits the producer would have stored."""
+
+    __slots__ = ("codes", "_materialise")
+
+    def __init__(self, codes: QTensor, dtype: np.dtype, materialise):
+        """codes: the reader's quantised input; materialise: () -> the floats, computed on demand."""
+        super().__init__(codes.q.shape, dtype)
+        self.codes = codes
+        self._materialise = materialise
+
+    def _make(self) -> np.ndarray:
+        return self._materialise()
+
+
+class SampleRows(FloatsStandIn):
     """Some samples of a float tensor, not gathered: a gated unit's executing rows, handed to the integer conv
     that reads them (`edgetrain.precision.dfq.gated_unit`), which quantises them where they lie
-    (`quantizer.quantize_rows`) instead of from a gathered copy. Anything else that asks gets the copy
-    (`floats`). Shape and dtype are the gathered rows'."""
+    (`quantizer.quantize_rows`) instead of from a gathered copy. Anything else that asks gets the copy."""
 
-    __slots__ = ("source", "rows", "shape", "dtype", "_floats")
+    __slots__ = ("source", "rows")
 
     def __init__(self, source: np.ndarray, rows: np.ndarray):
         """source: the whole tensor (samples on axis 0, C-contiguous); rows: the samples, in their order."""
+        super().__init__((len(rows),) + source.shape[1:], source.dtype)
         self.source = source
         self.rows = rows
-        self.shape = (len(rows),) + source.shape[1:]
-        self.dtype = source.dtype
-        self._floats: np.ndarray | None = None
-
-    @property
-    def ndim(self) -> int:
-        """Number of axes, as the gathered rows'."""
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        """Number of values, as the gathered rows'."""
-        return int(np.prod(self.shape))
 
     def __getitem__(self, rows: slice) -> SampleRows:
         """A run of these rows (a sample group's slice), still not gathered."""
@@ -189,14 +193,5 @@ class SampleRows:
             raise TypeError("SampleRows takes a slice of its rows")
         return SampleRows(self.source, self.rows[rows])
 
-    def floats(self) -> np.ndarray:
-        """The gathered rows (copied once, on the first request)."""
-        if self._floats is None:
-            self._floats = self.source[self.rows]
-        return self._floats
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        """np.asarray(this): the gathered rows."""
-        out = self.floats()
-        return out if dtype is None else out.astype(dtype, copy=False)
-
+    def _make(self) -> np.ndarray:
+        return self.source[self.rows]

@@ -446,6 +446,19 @@ def compute_scale(x: np.ndarray, bits: int, *, signed: bool = True, axis: int | 
 # ---------------------------------------------------------------------------------- quantize
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tensor_scale(values, given, signed, qmax, pow2, scale):
+    """scale[0] from a tensor's [min, max] (values) or the given range (given > 0), as `_scales` sets it;
+    False for a range `_scales` refuses."""
+    lo, hi = np.float64(values[0]), np.float64(values[1])
+    top = np.empty(1)
+    if given > 0:
+        top[0] = given
+    else:
+        top[0] = max(max(abs(lo), abs(hi)), 0.0) if signed else max(hi, 0.0)
+    return _scales(top, np.float64(qmax), pow2, scale)
+
+
 @njit(cache=True, nogil=True)
 def _quantize_flat(x3, bits3, exp_mask, mag_mask, sign, given, signed, qmin, qmax, pow2, stochastic, seed,
                    offset, min_parallel, q3, out):
@@ -469,14 +482,8 @@ def _quantize_flat(x3, bits3, exp_mask, mag_mask, sign, given, signed, qmin, qma
         if bad:
             return -1
     values = lo_hi.view(x3.dtype)
-    lo, hi = np.float64(values[0]), np.float64(values[1])
-    top = np.empty(1)
-    if given > 0:
-        top[0] = given
-    else:
-        top[0] = max(max(abs(lo), abs(hi)), 0.0) if signed else max(hi, 0.0)
     scale = np.empty(1, np.float32)
-    if not _scales(top, np.float64(qmax), pow2, scale):
+    if not _tensor_scale(values, given, signed, qmax, pow2, scale):
         return -2
     pieces = (x3.shape[2] + _PIECE - 1) // _PIECE
     sat = np.zeros(pieces, np.int64)
@@ -487,7 +494,7 @@ def _quantize_flat(x3, bits3, exp_mask, mag_mask, sign, given, signed, qmin, qma
         _quantize_stochastic(x3, scale, qmin, qmax, seed, offset, pieces, q3, sat, min_parallel, count)
     else:
         _quantize_nearest(x3, scale, qmin, qmax, pieces, q3, sat, min_parallel, count)
-    out[0], out[1], out[2] = scale[0], lo, hi
+    out[0], out[1], out[2] = scale[0], values[0], values[1]
     return sat.sum()
 
 
@@ -615,20 +622,14 @@ def _quantize_rows(x2, bits2, rows, exp_mask, mag_mask, sign, given, signed, qmi
     if bad:
         return -1
     values = lo_hi.view(x2.dtype)
-    lo, hi = np.float64(values[0]), np.float64(values[1])
-    top = np.empty(1)
-    if given > 0:
-        top[0] = given
-    else:
-        top[0] = max(max(abs(lo), abs(hi)), 0.0) if signed else max(hi, 0.0)
     scale = np.empty(1, np.float32)
-    if not _scales(top, np.float64(qmax), pow2, scale):
+    if not _tensor_scale(values, given, signed, qmax, pow2, scale):
         return -2
     pieces = (x2.shape[1] + _PIECE - 1) // _PIECE
     sat = np.zeros(slots * pieces, np.int64)
     count = _may_saturate(values[:1], values[1:], scale, qmin, qmax)
     _quantize_rows_nearest(x2, rows, scale, qmin, qmax, pieces, q2, sat, min_parallel, count)
-    out[0], out[1], out[2] = scale[0], lo, hi
+    out[0], out[1], out[2] = scale[0], values[0], values[1]
     return sat.sum()
 
 
