@@ -95,7 +95,8 @@ class GatedUnit(Op):
         # Set where the unit may write its output over its input (DFQ._build_ops): an identity shortcut whose value
         # another unit's ReLU wrote, which nothing else reads and the branch keeps only as codes. The rows that
         # skip are then left where they are, not copied (ResNet-20 b128, half skipping, paired in one process: the
-        # step 1.3-1.8 ms less; level at b32).
+        # step 1.3-1.8 ms less; level at b32). The forward's values (Executor.forward's env) then hold the output
+        # under the input's name too: a training forward's intermediate values are not a record of the step.
         self.over_input = False
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
