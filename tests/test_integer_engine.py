@@ -441,6 +441,7 @@ def test_add_relu_is_add_then_relu_bit_for_bit():
     """AddRelu (the fused join) against NumPy's Add then Relu: values, NaN, broadcasting, the small-tensor
     form, and the backward's mask for both inputs."""
     from edgetrain.graph import Node
+    from edgetrain.kernels.threads import SMALL_ELEMENTS
     from edgetrain.ops.base import Run
     from edgetrain.ops.elementwise import AddRelu
 
@@ -457,5 +458,8 @@ def test_add_relu_is_add_then_relu_bit_for_bit():
         ga, gb = op.backward(ctx, [g], [True, True])
         masked = g * (want > 0)
         assert np.array_equal(ga, masked) and gb.shape == b_shape
+        handed = g.copy()  # a gradient the engine hands over for good (Op.reuses_grads): the same values, over it
+        over_a, _ = op.backward(ctx, [handed], [True, True], owned=(True,))
+        assert np.array_equal(over_a, masked) and (over_a is handed) == (y.size >= SMALL_ELEMENTS)
         assert np.allclose(gb, masked.sum(axis=tuple(i for i, d in enumerate(b_shape) if d == 1 and a_shape[i] > 1),
                                           keepdims=True).reshape(b_shape))

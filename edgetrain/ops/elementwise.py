@@ -6,7 +6,13 @@ import numpy as np
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, register, unbroadcast
-from edgetrain.ops.norm_kernels import add_relu_parallel, clip_forward, relu_backward, relu_backward_parallel
+from edgetrain.ops.norm_kernels import (
+    add_relu_parallel,
+    clip_forward,
+    relu_backward,
+    relu_backward_over,
+    relu_backward_parallel,
+)
 
 
 @register("Add")
@@ -35,12 +41,18 @@ class AddRelu(Op):
             y = np.maximum(s, 0).astype(s.dtype, copy=False)
         return [y], (y, a.shape, b.shape)
 
-    def backward(self, ctx, grads, needed):
+    reuses_grads = True  # the ReLU's gradient is written over the output gradient where that is ours (Op)
+
+    def backward(self, ctx, grads, needed, owned: tuple[bool, ...] = ()):
         y, a_shape, b_shape = ctx
         g = grads[0]
         if y.size >= SMALL_ELEMENTS and y.flags.c_contiguous and g.flags.c_contiguous and y.dtype == g.dtype:
-            masked = np.empty_like(g)
-            relu_backward_parallel(y.reshape(-1), g.reshape(-1), masked.reshape(-1))
+            if owned and owned[0]:
+                relu_backward_over(y.reshape(-1), g.reshape(-1))
+                masked = g
+            else:
+                masked = np.empty_like(g)
+                relu_backward_parallel(y.reshape(-1), g.reshape(-1), masked.reshape(-1))
         else:
             masked = g * (y > 0)
         return [unbroadcast(masked, a_shape), unbroadcast(masked, b_shape)]

@@ -516,6 +516,19 @@ def relu_backward_parallel(y, g, out):
             co[i] = cg[i] if cy[i] > 0 else zero
 
 
+@njit(parallel=True, cache=True)
+def relu_backward_over(y, g):
+    """relu_backward_parallel written over g (the same values). A kernel of its own: one array passed as both g
+    and out fails LLVM's overlap check, and the loop runs scalar."""
+    size = g.size
+    zero = g.dtype.type(0)
+    for k in prange((size + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo, hi = k * FLAT_CHUNK, min(size, (k + 1) * FLAT_CHUNK)
+        cy, cg = y[lo:hi], g[lo:hi]
+        for i in range(cg.size):
+            cg[i] = cg[i] if cy[i] > 0 else zero
+
+
 @njit(cache=True)
 def relu_backward(y, g, out):
     """out = g where y > 0, else 0 (a ReLU's output, or Clip's boolean mask): one pass; a masked NaN gives 0."""
