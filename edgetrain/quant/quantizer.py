@@ -574,32 +574,42 @@ def _quantize_tensor(x: np.ndarray, bits: int, signed: bool, qmin: int, qmax: in
     return QTensor.trusted(q, np.float32(out[0]), bits, signed, None, stats)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_folds(bits2, rows, k, sign, row_smax, row_smin, row_fmax):
+    """Selected row k's three reductions (`_key_extrema_pieces`'), into slot k (names unlike `_fold`'s)."""
+    rf0, rf1, rf2 = _start(sign)
+    row_smax[k], row_smin[k], row_fmax[k] = _fold(bits2[rows[k]], rf0, rf1, rf2, sign)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _rows_key_extrema(bits2, rows, sign, row_smax, row_smin, row_fmax):
-    """The three reductions of `_key_extrema_pieces` per selected row, rows on parallel threads (exact:
-    min and max, so neither the rows' order nor the thread count can change what they combine to)."""
+    """`_row_folds` of every selected row, rows on parallel threads (exact: min and max, so neither the rows'
+    order nor the thread count can change what they combine to)."""
     for k in prange(rows.size):
-        r0, r1, r2 = _start(sign)
-        row_smax[k], row_smin[k], row_fmax[k] = _fold(bits2[rows[k]], r0, r1, r2, sign)
+        _row_folds(bits2, rows, k, sign, row_smax, row_smin, row_fmax)
+
+
+@njit(inline="always", cache=True)
+def _row_nearest_item(x2, rows, scale, lo, hi, pieces, q2, sat, w, count):
+    """Work item w of `_quantize_rows_nearest`: `_nearest_item` on selected row w // pieces as a (1, 1, inner)
+    tensor. (Names unlike `_nearest_item`'s: inlined into a parallel loop, a shared name once gave wrong results.)"""
+    rn_len = x2.shape[1]
+    rn_k = w // pieces
+    _nearest_item(x2[rows[rn_k]:rows[rn_k] + 1].reshape(1, 1, rn_len), scale, lo, hi, pieces,
+                  q2[rn_k:rn_k + 1].reshape(1, 1, rn_len), sat[rn_k * pieces:(rn_k + 1) * pieces], w % pieces, count)
 
 
 @njit(parallel=True, cache=True)
 def _quantize_rows_nearest(x2, rows, scale, qmin, qmax, pieces, q2, sat, min_parallel, count):
-    """q2[k] = clip(rint(x2[rows[k]] / scale[0])), `_nearest_item`'s work items on each selected row (one row
-    a (1, 1, inner) tensor), serial below `min_parallel` values as `_quantize_nearest`."""
+    """q2[k] = clip(rint(x2[rows[k]] / scale[0])), serial below `min_parallel` values as `_quantize_nearest`."""
     lo = np.float64(qmin)
     hi = np.float64(qmax)
-    inner = x2.shape[1]
-    if rows.size * inner < min_parallel:
+    if rows.size * x2.shape[1] < min_parallel:
         for w in range(rows.size * pieces):
-            k = w // pieces
-            _nearest_item(x2[rows[k]:rows[k] + 1].reshape(1, 1, inner), scale, lo, hi, pieces,
-                          q2[k:k + 1].reshape(1, 1, inner), sat[k * pieces:(k + 1) * pieces], w % pieces, count)
+            _row_nearest_item(x2, rows, scale, lo, hi, pieces, q2, sat, w, count)
         return
     for w in prange(rows.size * pieces):
-        k = w // pieces
-        _nearest_item(x2[rows[k]:rows[k] + 1].reshape(1, 1, inner), scale, lo, hi, pieces,
-                      q2[k:k + 1].reshape(1, 1, inner), sat[k * pieces:(k + 1) * pieces], w % pieces, count)
+        _row_nearest_item(x2, rows, scale, lo, hi, pieces, q2, sat, w, count)
 
 
 @njit(cache=True, nogil=True)
@@ -615,8 +625,7 @@ def _quantize_rows(x2, bits2, rows, exp_mask, mag_mask, sign, given, signed, qmi
         _rows_key_extrema(bits2, rows, sign, row_smax, row_smin, row_fmax)
     else:
         for k in range(slots):
-            r0, r1, r2 = _start(sign)
-            row_smax[k], row_smin[k], row_fmax[k] = _fold(bits2[rows[k]], r0, r1, r2, sign)
+            _row_folds(bits2, rows, k, sign, row_smax, row_smin, row_fmax)
     lo_hi = np.empty(2, bits2.dtype)
     lo_hi[0], lo_hi[1], bad = _decode(row_smax.max(), row_smin.min(), row_fmax.max(), sign, exp_mask, mag_mask)
     if bad:
