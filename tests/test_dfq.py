@@ -764,6 +764,53 @@ def test_the_relu_gradient_formed_by_rows_joins_bit_equal():
         assert np.array_equal(gk.relu_grad_of_rows(dout, y > 0, probed), g[probed], equal_nan=True)
 
 
+def test_a_join_over_the_executing_rows_only_leaves_the_rest_to_the_producing_relu():
+    """relu_join_rows gives relu_join's output, means and (for the rows in order) mask, bit for bit, without
+    reading the other rows (their means are the ones handed in); the backward kernels then take that mask by
+    row, and relu_joined_grad without y leaves the other rows unmasked: masked again by the same y (the
+    producing unit's ReLU), the same bits as the masked form, for some, all and no rows executing."""
+    from edgetrain.precision.dfq import kernels as gk
+
+    rng = np.random.default_rng(11)
+    shape = (6, 3, 5, 7)
+    x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)
+    x.flat[:4] = [np.nan, 0.0, 3.0, np.nan]
+    dout = rng.standard_normal(shape).astype(np.float32)
+    dout.flat[7] = -0.0
+    d = rng.standard_normal(shape[:2]).astype(np.float32)
+    for order in (np.array([4, 0, 3]), None, np.zeros(0, np.int64)):
+        rows = np.arange(6) if order is None else order
+        part = rng.standard_normal((len(rows),) + shape[1:]).astype(np.float32)
+        y_want, means_want, mask_want = gk.relu_join(x.copy(), part if len(rows) else None, order, means=True)
+        base, handed = x.copy(), gk.channel_means(x)
+        skipped = np.setdiff1d(np.arange(6), rows)
+        handed[skipped] = 7.0  # not recomputed: what was handed in
+        y, means, mask = gk.relu_join_rows(base, part, order, handed)
+        assert y is base and np.array_equal(y, y_want, equal_nan=True)
+        assert np.array_equal(means[rows], means_want[rows], equal_nan=True) and (means[skipped] == 7.0).all()
+        assert mask.shape == (len(rows),) + shape[1:] and np.array_equal(mask, mask_want[rows])
+        branch_dx = rng.standard_normal(part.shape).astype(np.float32)
+        if len(rows):
+            dr, dots = gk.relu_grad_part(dout, mask_want, order, part)
+            dr_rows, dots_rows = gk.relu_grad_part(dout, mask, order, part, y_rows=True)
+            assert np.array_equal(dr, dr_rows) and np.array_equal(dots, dots_rows, equal_nan=True)
+            probed = rows[::-1][:2]
+            assert np.array_equal(gk.relu_grad_of_rows(dout, mask, probed, np.arange(len(rows))[::-1][:2]),
+                                  gk.relu_grad_of_rows(dout, mask_want, probed))
+            args = (branch_dx, dr)
+        else:
+            args = (None, None)
+        masked = gk.relu_joined_grad(d, dout, mask_want, *args, order)
+        over = dout.copy()
+        for got in (gk.relu_joined_grad(d, dout, None, *args, order),
+                    gk.relu_joined_grad(d, over, None, *args, order, out=over)):
+            assert np.array_equal(got[rows], masked[rows])
+            assert np.array_equal(got[skipped], gates.pooled_grad_to_input(d, shape)[skipped] + dout[skipped])
+            # what the producing unit's ReLU makes of either: the same bits
+            assert np.array_equal(np.where(y_want > 0, got, 0), np.where(y_want > 0, masked, 0), equal_nan=True)
+            assert np.array_equal(np.signbit(np.where(y_want > 0, got, 0)), np.signbit(np.where(y_want > 0, masked, 0)))
+
+
 @pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 9)])
 def test_the_relu_join_is_scatter_add_with_its_mask_new_or_over_its_input(shape):
     """relu_join gives scatter_add(relu=True)'s output and channel means bit for bit, with the mask y > 0;
@@ -888,21 +935,25 @@ def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(mo
     _same_bits(results)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training):
+@pytest.mark.parametrize("training,estimator", [(True, "straight-through"), (True, "probe"),
+                                                (False, "straight-through")])
+def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training, estimator):
     """Where a unit's input is another unit's ReLU output that nothing else reads (every ResNet block after the
     first of a stage), the unit writes its output over it (GatedUnit.over_input; skipping rows stay where
-    they are): the loss and every gradient (training) or the outputs (eval) equal those of new arrays, bit for
-    bit; units whose input the stem or a projection shortcut also reads never do."""
+    they are, neither read nor masked, and their gradient is masked by the producing unit only): the loss and
+    every gradient (training, the probe estimator's too) or the outputs (eval) equal those of new arrays, bit
+    for bit; units whose input the stem or a projection shortcut also reads never do."""
     from edgetrain.precision.dfq.gated_unit import GatedUnit
 
     x, y = _data(16, seed=10)
     results = []
+    config = DFQConfig(candidates=("0", "4/6", "6/8"), estimator="probe", probe_share=0.5) \
+        if estimator == "probe" else None
     for over in (True, False):
         m = edgetrain.load(models.build_model("resnet20", num_classes=10, in_channels=1, input_size=12, width=4,
                                               seed=0), seed=0)
         m.set_precision("8/8")
-        d = DFQ.attach(m)
+        d = DFQ.attach(m, config)
         units = [op for op in m.executor.ops.values() if isinstance(op, GatedUnit)]
         assert [u.over_input for u in units] == [False, True, True] * 3
         for u in units:

@@ -27,6 +27,7 @@ from edgetrain.precision.dfq.kernels import (
     relu_grad_part,
     relu_grad_rows,
     relu_join,
+    relu_join_rows,
     relu_joined_grad,
     sample_dots,
     scatter_add,
@@ -56,6 +57,7 @@ class UnitContext(NamedTuple):
     shared: tuple
     probe: Probe | None = None  # the probe estimator's measurements (None: straight-through only)
     relu_out: np.ndarray | None = None  # the output's mask (y > 0), where the unit applies the ReLU that reads it
+    mask_rows: bool = False  # relu_out holds the executing rows only, in order (GatedUnit.over_input)
 
 
 class Probe(NamedTuple):
@@ -97,6 +99,8 @@ class GatedUnit(Op):
         # skip are then left where they are, not copied (ResNet-20 b128, half skipping, paired in one process: the
         # step 1.3-1.8 ms less; level at b32). The forward's values (Executor.forward's env) then hold the output
         # under the input's name too: a training forward's intermediate values are not a record of the step.
+        # Nor are the skipping rows read at all, either way (relu_join_rows, and relu_joined_grad with y None):
+        # ResNet-20 b128 half skipping, paired: another 1.2 ms off the step; ResNet-38 b32 on one thread, 0.9 ms.
         self.over_input = False
         self.float_ops: dict[str, Op] = {}
         self.candidate_ops: dict[int, dict[str, QuantMAC]] = {}
@@ -213,8 +217,17 @@ class GatedUnit(Op):
         probe = None
         if run.training and dfq.config.estimator == "probe":
             probe = self._probe(x, externals, choice, run)
-        mask = None
-        if self.relu:
+        mask, mask_rows = None, False
+        if self.relu and self.over_input and x.ndim >= 3:
+            # Only the executing rows are touched: a skipping row is its own output, its means are those the gate
+            # pooled, and its mask is the producing unit's (relu_joined_grad with y None says why none is kept).
+            mask_rows = True
+            if r is None:
+                y, means, mask = shortcut, gctx.pooled.copy(), np.zeros((0,) + x.shape[1:], np.bool_)
+            else:
+                y, means, mask = relu_join_rows(shortcut, r, None if whole else order, gctx.pooled)
+            dfq.pooled[self.relu_output] = means
+        elif self.relu:
             # The output's channel means come from the same pass: the next unit's gate reads them (DFQ.pooled)
             # instead of the whole tensor again; so does the mask the ReLU's backward reads instead of y.
             y, means, mask = relu_join(shortcut, r, None if whole else order, means=True, over=self.over_input)
@@ -233,7 +246,7 @@ class GatedUnit(Op):
             y = np.empty((x.shape[0],) + r.shape[1:], r.dtype)
             y[order] = r
         return [y], UnitContext(gctx, choice, order, n_exec, tape, r, updates, x.shape, x.dtype, gate_params, shared,
-                                probe, mask)
+                                probe, mask, mask_rows)
 
     def _branch(self, x_rows: np.ndarray | SampleRows, externals: dict, groups: list, run: Run, tape: list | None,
                 updates: dict | None) -> np.ndarray:
@@ -352,7 +365,7 @@ class GatedUnit(Op):
         dr = contribution = None
         if relu_joined:
             if n_exec:
-                dr, contribution = relu_grad_part(dout, ctx.relu_out, rows, ctx.branch_out)
+                dr, contribution = relu_grad_part(dout, ctx.relu_out, rows, ctx.branch_out, y_rows=ctx.mask_rows)
         elif ctx.relu_out is not None:  # through the ReLU, the executing rows gathered, their dots: one pass
             dout, dr, contribution = relu_grad_rows(dout, ctx.relu_out, rows, ctx.branch_out if n_exec else None)
         elif n_exec:
@@ -367,7 +380,12 @@ class GatedUnit(Op):
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         if ctx.probe is not None:
             probed = ctx.probe.rows[ctx.probe.pair_rows]
-            probe_dout = relu_grad_of_rows(dout, ctx.relu_out, probed) if relu_joined else dout[probed]
+            y_at = None
+            if ctx.mask_rows and rows is not None:  # the probed samples ran: their rows of the mask are theirs in order
+                at = np.full(x_shape[0], -1, np.int64)
+                at[rows] = np.arange(len(rows))
+                y_at = at[probed]
+            probe_dout = relu_grad_of_rows(dout, ctx.relu_out, probed, y_at) if relu_joined else dout[probed]
             dlogits = dlogits + self._probe_grad(ctx.probe, probe_dout, dout.shape[0], ctx.gate.probs)
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype),
@@ -380,8 +398,8 @@ class GatedUnit(Op):
         if relu_joined:  # (a branch whose gradient does not reach the fork adds nothing to any row)
             into = dout if owned and owned[0] and dout.dtype == (dtype if branch_dx is None else branch_dx.dtype) \
                 else None
-            dx = relu_joined_grad(dpooled, dout, ctx.relu_out, branch_dx, None if branch_dx is None else dr, rows,
-                                  out=into)
+            dx = relu_joined_grad(dpooled, dout, None if ctx.mask_rows else ctx.relu_out, branch_dx,
+                                  None if branch_dx is None else dr, rows, out=into)
         elif branch_dx is None and not identity:
             dx = np.array(pooled_grad_to_input(dpooled, x_shape), dtype)
         else:

@@ -134,6 +134,26 @@ def _relu_rows_over(x, part, pos, channels, means, mask):
 
 
 @njit(cache=True, parallel=True)
+def _relu_part_over(x, part, order, channels, means, mask):
+    """`_relu_rows_over` for the rows in order only: row order[k] of x becomes max(x + part[k], 0), mask[k]
+    its mask and means its channel means; no other row of x is read."""
+    row_len = x.shape[1]
+    zero = x.dtype.type(0)
+    for k in prange(order.size):
+        lanes_buf = np.empty(LANES)
+        s = order[k]
+        for c in range(channels):
+            r, q = s * channels + c, k * channels + c
+            xrow, prow, mrow = x[r], part[q], mask[q]
+            for j in range(row_len):
+                v = xrow[j] + prow[j]
+                xrow[j] = zero if v <= zero else v
+            for j in range(row_len):
+                mrow[j] = xrow[j] > zero
+            means[r] = sum_row_into(lanes_buf, xrow, row_len) / row_len
+
+
+@njit(cache=True, parallel=True)
 def _relu_grad_rows(dout, y, pos, other, g, part, dots, every_row):
     rows, length = dout.shape
     zero = dout.dtype.type(0)
@@ -181,23 +201,25 @@ def _constants_plus_part(d, size, part, pos, channels, extra, has_extra, out):
 
 
 @njit(cache=True, parallel=True)
-def _relu_grad_part(dout, y, order, other, part, dots):
-    """part[k] = row order[k] of dout where y > 0 (else 0), dots[k] its dot product with other[k]."""
+def _relu_grad_part(dout, y, order, other, part, dots, y_by_part):
+    """part[k] = row order[k] of dout where y > 0 (else 0), dots[k] its dot product with other[k]; y's row is
+    order[k], or k with y_by_part."""
     rows, length = part.shape
     zero = dout.dtype.type(0)
     for k in prange(rows):
         r = order[k]
-        prow, drow, yrow = part[k], dout[r], y[r]
+        prow, drow, yrow = part[k], dout[r], y[k] if y_by_part else y[r]
         for j in range(length):
             prow[j] = drow[j] if yrow[j] > zero else zero  # the Relu op's backward (norm_kernels.relu_backward)
         dots[k] = dot_row(prow, other[k], length)
 
 
 @njit(cache=True, parallel=True)
-def _relu_joined(d, size, branch, part, pos, dout, y, channels, out):
+def _relu_joined(d, size, branch, part, pos, dout, y, channels, out, masked_rest):
     """One sample per work item, each row's case picked outside its loop (as `_rows_plus_part`). A row in the
     part sums as `_constants_plus_part` does with the ReLU's gradient as its extra; a row outside it forms that
-    gradient from dout and y here, so no full-size copy of it is ever written."""
+    gradient from dout and y here, so no full-size copy of it is ever written (without masked_rest, dout as it
+    is: relu_joined_grad says when)."""
     samples, length = out.shape[0] // channels, out.shape[1]
     zero = dout.dtype.type(0)
     for s in prange(samples):
@@ -210,14 +232,18 @@ def _relu_joined(d, size, branch, part, pos, dout, y, channels, out):
                 brow, prow = branch[k * channels + c], part[k * channels + c]
                 for j in range(length):
                     orow[j] = (v + brow[j]) + prow[j]
-            else:
+            elif masked_rest:
                 drow, yrow = dout[r], y[r]
                 for j in range(length):
                     orow[j] = v + (drow[j] if yrow[j] > zero else zero)
+            else:
+                drow = dout[r]
+                for j in range(length):
+                    orow[j] = v + drow[j]
 
 
 @njit(cache=True, parallel=True)
-def _relu_joined_over(d, size, branch, part, pos, g, y, channels):
+def _relu_joined_over(d, size, branch, part, pos, g, y, channels, masked_rest):
     """`_relu_joined` written over its dout (g): the same sums. A kernel of its own because, handed one array
     as both dout and out, `_relu_joined`'s loops failed LLVM's overlap check and ran scalar (4-10x slower)."""
     samples, length = g.shape[0] // channels, g.shape[1]
@@ -232,10 +258,13 @@ def _relu_joined_over(d, size, branch, part, pos, g, y, channels):
                 brow, prow = branch[k * channels + c], part[k * channels + c]
                 for j in range(length):
                     grow[j] = (v + brow[j]) + prow[j]
-            else:
+            elif masked_rest:
                 yrow = y[r]
                 for j in range(length):
                     grow[j] = v + (grow[j] if yrow[j] > zero else zero)
+            else:
+                for j in range(length):
+                    grow[j] = v + grow[j]
 
 
 def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
@@ -273,6 +302,28 @@ def relu_join(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | Non
         _rows_plus_part(np.ascontiguousarray(base).reshape(rows_of), part_rows, _positions(order, n), True, channels,
                         out.reshape(rows_of), sums, mask.reshape(rows_of))
     return out, (sums.reshape(n, channels) if want else None), mask
+
+
+def relu_join_rows(base: np.ndarray, part: np.ndarray, order: np.ndarray | None,
+                   base_means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """relu_join(base, part, order, means=True, over=True) touching only the rows in order (None: every row):
+    (base, its channel means, the mask of the rows in order, row k for order[k]). base must be a ReLU's output,
+    so a row outside order is its own output and is neither read nor written; its means are base_means'
+    (channel_means(base), which the means relu_join fuses equal bit for bit)."""
+    n = base.shape[0]
+    order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
+    if base.dtype != part.dtype or not base.flags.c_contiguous or not base.flags.writeable:
+        raise ValueError(f"relu_join_rows: base must be a writeable C-contiguous {part.dtype} array")
+    if base.ndim < 3:
+        raise ValueError("relu_join_rows: base must have a channel axis and a spatial one")
+    channels = base.shape[1]
+    means = np.array(base_means, dtype=base.dtype, copy=True, order="C")
+    mask = np.empty((len(order),) + base.shape[1:], np.bool_)
+    row_len = base[0, 0].size
+    _relu_part_over(base.reshape(n * channels, row_len),
+                    np.ascontiguousarray(part).reshape(len(order) * channels, row_len), order, channels,
+                    means.reshape(-1), mask.reshape(len(order) * channels, row_len))
+    return base, means, mask
 
 
 def scatter_add(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None = None, relu: bool = False,
@@ -336,35 +387,44 @@ def pooled_grad_scatter_add(dmeans: np.ndarray, x_shape: tuple, part: np.ndarray
     return out
 
 
-def relu_grad_part(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None,
-                   other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def relu_grad_part(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None, other: np.ndarray,
+                   y_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Through a ReLU whose output is y, for the rows in order only (None: every row, in order), in one pass:
-    part[k] = dout[order[k]] where y > 0 (else 0), and part[k]'s dot product with other[k] (sample_dots)."""
+    part[k] = dout[order[k]] where y > 0 (else 0), and part[k]'s dot product with other[k] (sample_dots).
+    y_rows: y holds only those rows, row k for order[k] (relu_join_rows' mask)."""
     n = dout.shape[0]
     order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
     part = np.empty((len(order),) + dout.shape[1:], dout.dtype)
     dots = np.empty(len(order), np.result_type(dout.dtype, other.dtype))
-    _relu_grad_part(np.ascontiguousarray(dout).reshape(n, -1), np.ascontiguousarray(y).reshape(n, -1), order,
-                    np.ascontiguousarray(other).reshape(len(order), -1), part.reshape(len(order), -1), dots)
+    _relu_grad_part(np.ascontiguousarray(dout).reshape(n, -1), np.ascontiguousarray(y).reshape(y.shape[0], -1), order,
+                    np.ascontiguousarray(other).reshape(len(order), -1), part.reshape(len(order), -1), dots,
+                    bool(y_rows))
     return part, dots
 
 
-def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """dout's given rows where y > 0 (else 0): the values `relu_grad_part` writes for them."""
-    return np.where(y[rows] > 0, dout[rows], dout.dtype.type(0))
+def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray, y_at: np.ndarray | None = None) -> np.ndarray:
+    """dout's given rows where y > 0 (else 0): the values `relu_grad_part` writes for them. y_at: the rows of y
+    that belong to them (default: rows; relu_join_rows' mask holds only the rows that ran)."""
+    return np.where(y[rows if y_at is None else y_at] > 0, dout[rows], dout.dtype.type(0))
 
 
-def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray, branch: np.ndarray | None,
+def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray | None, branch: np.ndarray | None,
                      part: np.ndarray | None, order: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
     """The gradient of a unit's input x when its identity shortcut and its branch join under a ReLU of output y
     and its gate read channel_means(x): the pooled gradient of dmeans, plus the ReLU's gradient, plus for the
     rows in order (None: every row, in order) the branch's gradient branch[k]. part is the ReLU's gradient of
     those rows (relu_grad_part; both None: no row ran the branch). Bit-equal to pooled_grad_scatter_add(dmeans,
     x.shape, branch, order, relu_grad_rows(dout, y, ...)[0]). out=dout writes it over dout (`_relu_joined_over`);
-    None, into a new array."""
+    None, into a new array.
+
+    y None: the rows outside order take dout unmasked. That is the same gradient for whoever reads it through
+    the ReLU whose output x is, where those rows of y are x's own (relu_join_rows): that ReLU's mask is then
+    this one's, and a select by the same mask twice is a select once (GatedUnit.over_input)."""
     n = dout.shape[0]
     c = dout.shape[1]  # rows of one channel; a 2-D x is its own means, so its rows hold one value
     dtype = dout.dtype if branch is None else branch.dtype
+    masked_rest = y is not None
+    y = np.zeros((n * c, 1), np.bool_) if y is None else y  # not read
     if branch is None:
         branch = part = np.zeros((1,) + dout.shape[1:], dtype)
         order = np.zeros(0, np.int64)
@@ -374,7 +434,7 @@ def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray, branch
         _relu_joined_over(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(dout[0].size // c),
                           np.ascontiguousarray(branch).reshape(branch.shape[0] * c, -1),
                           np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n),
-                          dout.reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c)
+                          dout.reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c, masked_rest)
         return dout
     if out is not None:
         raise ValueError("relu_joined_grad: out is dout itself or None")
@@ -383,7 +443,8 @@ def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray, branch
     _relu_joined(np.ascontiguousarray(dmeans, dtype=dtype).reshape(-1), dtype.type(rows.shape[1]),
                  np.ascontiguousarray(branch).reshape(branch.shape[0] * c, -1),
                  np.ascontiguousarray(part).reshape(part.shape[0] * c, -1), _positions(order, n),
-                 np.ascontiguousarray(dout).reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c, rows)
+                 np.ascontiguousarray(dout).reshape(n * c, -1), np.ascontiguousarray(y).reshape(n * c, -1), c, rows,
+                 masked_rest)
     return out
 
 
