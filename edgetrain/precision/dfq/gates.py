@@ -24,7 +24,7 @@ import numpy as np
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.threads import threads_for
 from edgetrain.precision.dfq.gate_kernels import gate_backward_rows, gate_forward_rows, sample_sums
-from edgetrain.precision.dfq.kernels import channel_means  # mm, not BLAS: kernels.matmul says why
+from edgetrain.precision.dfq.kernels import ROW_BLOCK, channel_means  # mm, not BLAS: kernels.matmul says why
 from edgetrain.precision.dfq.kernels import matmul as mm
 
 EMBED_HIDDEN = 32  # the first 1x1 conv's width (FracTrain: C -> 32)
@@ -143,8 +143,8 @@ def gate_forward(x: np.ndarray, unit: tuple[np.ndarray, ...], shared: tuple[np.n
     e, i, f, g, o, c, tanh_c, h = (np.empty((n, width), dtype) for _ in range(8))
     logits, probs = np.empty((n, k_count), dtype), np.empty((n, k_count), dtype)
     m = np.zeros(0, dtype) if mask is None else np.ascontiguousarray(mask, dtype)
-    t_in, t_out = np.empty((n, 4 * width)), np.empty((n, 4 * width))
-    scratch = np.empty((n, detfloat.TANH_SCRATCH_ROWS, 4 * width))
+    t_in, t_out = np.empty(n * 4 * width), np.empty(n * 4 * width)
+    scratch = np.empty((-(-n // ROW_BLOCK), detfloat.TANH_SCRATCH_ROWS, ROW_BLOCK * 4 * width))
     with threads_for(n * (w1.size + 9 * width * width + k_count * width), GATE_PARALLEL_MIN):
         gate_forward_rows(p, *unit, *shared, m, h_prev, c_prev, dtype.type(1), dtype.type(0.5),
                           a1, z1, e, i, f, g, o, c, tanh_c, h, logits, probs, t_in, t_out, scratch)
