@@ -938,11 +938,12 @@ def test_a_unit_writing_its_input_gradient_over_the_handed_one_changes_no_bit(mo
 @pytest.mark.parametrize("training,estimator", [(True, "straight-through"), (True, "probe"),
                                                 (False, "straight-through")])
 def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training, estimator):
-    """Where a unit's input is another unit's ReLU output that nothing else reads (every ResNet block after the
-    first of a stage), the unit writes its output over it (GatedUnit.over_input; skipping rows stay where
-    they are, neither read nor masked, and their gradient is masked by the producing unit only): the loss and
-    every gradient (training, the probe estimator's too) or the outputs (eval) equal those of new arrays, bit
-    for bit; units whose input the stem or a projection shortcut also reads never do."""
+    """Where a unit's input is a ReLU output that nothing else reads and whose producer masks by its own mask
+    (another unit's: every ResNet block after the first of a stage; the stem's BatchNorm with its ReLU folded:
+    the first block), the unit writes its output over it (GatedUnit.over_input; skipping rows stay where they
+    are, neither read nor masked, and their gradient is masked by the producer only): the loss and every
+    gradient (training, the probe estimator's too) equal those of new arrays, bit for bit; units whose input a
+    projection shortcut also reads never do. An eval forward writes new arrays (its values are Model.run's)."""
     from edgetrain.precision.dfq.gated_unit import GatedUnit
 
     x, y = _data(16, seed=10)
@@ -955,7 +956,7 @@ def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training, estim
         m.set_precision("8/8")
         d = DFQ.attach(m, config)
         units = [op for op in m.executor.ops.values() if isinstance(op, GatedUnit)]
-        assert [u.over_input for u in units] == [False, True, True] * 3
+        assert [u.over_input for u in units] == [True, True, True] + [False, True, True] * 2
         for u in units:
             u.over_input = u.over_input and over
         d.force = {u.index: np.random.default_rng(u.index + 30).integers(0, len(d.candidates), len(x))
@@ -967,6 +968,9 @@ def test_a_unit_writing_its_output_over_its_input_changes_no_bit(training, estim
             results.append(m.loss_and_grad(x, y))
         else:
             m.loss_and_grad(x, y)
+            d.begin_forward()
+            env, _ = m.executor.forward(m._feeds(x), m._state(), False)
+            assert not any(env[u.node.inputs[0]] is env[u.node.outputs[0]] for u in units)
             results.append((m.run(x)[m.output_name], {}))
     _same_bits(results)
 

@@ -46,7 +46,7 @@ from edgetrain.errors import EdgetrainError, ModelError
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.layers import non_negative_values
-from edgetrain.ops.norm import FusedAway, sole_relu_reader
+from edgetrain.ops.norm import BatchNormalization, FusedAway, sole_relu_reader
 from edgetrain.precision.cost import LayerCost
 from edgetrain.precision.dfq.config import Candidate, DFQConfig, GatedPrecision, parse_candidates
 from edgetrain.precision.dfq.costs import candidate_costs, chosen_step_costs
@@ -238,10 +238,12 @@ class DFQ:
                 continue
             nodes.append(node)
         model.replace_nodes(nodes, ops)
-        # A unit may write its output over its input where that input is another unit's ReLU output, read by
-        # nothing but this unit (as fork and identity shortcut) and kept by its branch only as codes
-        # (fork_as_rows): no one reads those values again, and the producing unit's backward reads its mask.
-        relu_made = {op.relu_output for op in ops.values() if op.relu}
+        # A unit may write its output over its input where that input is a ReLU output whose producer's backward
+        # reads its mask, not its values (another unit's, or a BatchNorm's folded ReLU, which recomputes its mask
+        # from the BatchNorm's input as the forward rounded it), read by nothing but this unit (as fork and
+        # identity shortcut) and kept by its branch only as codes (fork_as_rows): no one reads those values again,
+        # and the producer masks the gradient of the rows the unit leaves unmasked with the same mask.
+        relu_made = {op.relu_output for op in ops.values() if op.relu} | _batchnorm_relu_outputs(model, nodes)
         join_of = {u.index: name for name, u in joins.items()}
         for op in ops.values():
             x, own = op.node.inputs[0], {n.name for n in op.unit.branch} | {join_of[op.unit.index]}
@@ -402,3 +404,16 @@ class DFQ:
             "candidate_percent": self.candidate_percent(), "gate_parameters": len(self.param_names)}
 
 
+def _batchnorm_relu_outputs(model: Model, nodes: list[Node]) -> set[str]:
+    """Outputs of ReLUs folded into the BatchNorm before them (a plain Relu, no cap): in training that BatchNorm's
+    backward recomputes the ReLU's mask from its own input (norm_kernels, the forward's `affine` as rounded) and
+    reads nothing of this output."""
+    producers = {o: n for n in nodes for o in n.outputs if o}
+    ops, found = model.executor.ops, set()
+    for n in nodes:
+        if n.op_type != "Relu" or not isinstance(ops.get(n.name), FusedAway) or n.inputs[0] not in producers:
+            continue
+        bn = ops.get(producers[n.inputs[0]].name)
+        if isinstance(bn, BatchNormalization) and bn.relu and bn.cap == np.inf:
+            found.add(n.outputs[0])
+    return found

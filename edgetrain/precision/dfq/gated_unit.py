@@ -98,7 +98,8 @@ class GatedUnit(Op):
         # another unit's ReLU wrote, which nothing else reads and the branch keeps only as codes. The rows that
         # skip are then left where they are, not copied (ResNet-20 b128, half skipping, paired in one process: the
         # step 1.3-1.8 ms less; level at b32). The forward's values (Executor.forward's env) then hold the output
-        # under the input's name too: a training forward's intermediate values are not a record of the step.
+        # under the input's name too: a training forward's intermediate values are not a record of the step (an
+        # eval forward's are: it writes new arrays).
         # Nor are the skipping rows read at all, either way (relu_join_rows, and relu_joined_grad with y None):
         # ResNet-20 b128 half skipping, paired: another 1.2 ms off the step; ResNet-38 b32 on one thread, 0.9 ms.
         self.over_input = False
@@ -218,7 +219,8 @@ class GatedUnit(Op):
         if run.training and dfq.config.estimator == "probe":
             probe = self._probe(x, externals, choice, run)
         mask, mask_rows = None, False
-        if self.relu and self.over_input and x.ndim >= 3:
+        over = self.over_input and run.training  # an eval forward's values stay a record of it (Model.run's outputs)
+        if self.relu and over and x.ndim >= 3:
             # Only the executing rows are touched: a skipping row is its own output, its means are those the gate
             # pooled, and its mask is the producing unit's (relu_joined_grad with y None says why none is kept).
             mask_rows = True
@@ -230,7 +232,7 @@ class GatedUnit(Op):
         elif self.relu:
             # The output's channel means come from the same pass: the next unit's gate reads them (DFQ.pooled)
             # instead of the whole tensor again; so does the mask the ReLU's backward reads instead of y.
-            y, means, mask = relu_join(shortcut, r, None if whole else order, means=True, over=self.over_input)
+            y, means, mask = relu_join(shortcut, r, None if whole else order, means=True, over=over)
             if means is not None:
                 dfq.pooled[self.relu_output] = means
         elif u.shortcut is not None:
