@@ -222,7 +222,7 @@ class GatedUnit(Op):
         over = self.over_input and run.training  # an eval forward's values stay a record of it (Model.run's outputs)
         if self.relu and over and x.ndim >= 3:
             # Only the executing rows are touched: a skipping row is its own output, its means are those the gate
-            # pooled, and its mask is the producing unit's (relu_joined_grad with y None says why none is kept).
+            # pooled, and its mask is its producer's (relu_joined_grad with y None says why none is kept here).
             mask_rows = True
             if r is None:
                 y, means, mask = shortcut, gctx.pooled.copy(), np.zeros((0,) + x.shape[1:], np.bool_)
