@@ -795,7 +795,7 @@ def test_a_join_over_the_executing_rows_only_leaves_the_rest_to_the_producing_re
             dr_rows, dots_rows = gk.relu_grad_part(dout, mask, order, part, y_rows=True)
             assert np.array_equal(dr, dr_rows) and np.array_equal(dots, dots_rows, equal_nan=True)
             probed = rows[::-1][:2]
-            assert np.array_equal(gk.relu_grad_of_rows(dout, mask, probed, np.arange(len(rows))[::-1][:2]),
+            assert np.array_equal(gk.relu_grad_of_rows(dout, mask, probed, order),
                                   gk.relu_grad_of_rows(dout, mask_want, probed))
             args = (branch_dx, dr)
         else:
@@ -814,8 +814,9 @@ def test_a_join_over_the_executing_rows_only_leaves_the_rest_to_the_producing_re
 @pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 9)])
 def test_the_relu_join_is_scatter_add_with_its_mask_new_or_over_its_input(shape):
     """relu_join gives scatter_add(relu=True)'s output and channel means bit for bit, with the mask y > 0;
-    written over an input that is a ReLU's output (>= +0.0 or NaN), the same output in that array, for some,
-    all and no rows executing."""
+    written over an input that is a ReLU's output (>= +0.0 or NaN; relu_join_rows, which has a channel axis and
+    a spatial one), the same output in that array, and the mask of the rows that ran, for some, all and no rows
+    executing."""
     from edgetrain.precision.dfq import kernels as gk
 
     rng = np.random.default_rng(9)
@@ -827,12 +828,17 @@ def test_the_relu_join_is_scatter_add_with_its_mask_new_or_over_its_input(shape)
         part_or_none = part if rows else None
         want = gk.scatter_add(x, part_or_none, order, relu=True, means=len(shape) > 2)
         want_y, want_means = want if len(shape) > 2 else (want, None)
-        for over in (False, True):
+        for over in (False, True) if len(shape) > 2 else (False,):
             base = x.copy()
-            y, means, mask = gk.relu_join(base, part_or_none, order, means=True, over=over)
+            if over:
+                empty = np.zeros((0,) + shape[1:], np.float32)
+                y, means, mask = gk.relu_join_rows(base, empty if part is None else part, order, gk.channel_means(x))
+            else:
+                y, means, mask = gk.relu_join(base, part_or_none, order, means=True)
             assert (y is base) == over
             assert np.array_equal(y, want_y, equal_nan=True) and np.array_equal(np.signbit(y), np.signbit(want_y))
-            assert np.array_equal(mask, want_y > 0) and mask.dtype == np.bool_
+            ran = slice(None) if order is None or not over else order
+            assert np.array_equal(mask, want_y[ran] > 0) and mask.dtype == np.bool_
             if want_means is None:
                 assert means is None
             else:

@@ -220,7 +220,7 @@ class GatedUnit(Op):
             probe = self._probe(x, externals, choice, run)
         mask, mask_rows = None, False
         over = self.over_input and run.training  # an eval forward's values stay a record of it (Model.run's outputs)
-        if self.relu and over and x.ndim >= 3:
+        if self.relu and over:  # (over_input: the input is an integer conv's, so it has a channel and a spatial axis)
             # Only the executing rows are touched: a skipping row is its own output, its means are those the gate
             # pooled, and its mask is its producer's (relu_joined_grad with y None says why none is kept here).
             mask_rows = True
@@ -232,7 +232,7 @@ class GatedUnit(Op):
         elif self.relu:
             # The output's channel means come from the same pass: the next unit's gate reads them (DFQ.pooled)
             # instead of the whole tensor again; so does the mask the ReLU's backward reads instead of y.
-            y, means, mask = relu_join(shortcut, r, None if whole else order, means=True, over=over)
+            y, means, mask = relu_join(shortcut, r, None if whole else order, means=True)
             if means is not None:
                 dfq.pooled[self.relu_output] = means
         elif u.shortcut is not None:
@@ -382,12 +382,8 @@ class GatedUnit(Op):
         dlogits = straight_through(ctx.gate.probs, d_onehot)  # 0 on masked candidates: their probability is 0
         if ctx.probe is not None:
             probed = ctx.probe.rows[ctx.probe.pair_rows]
-            y_at = None
-            if ctx.mask_rows and rows is not None:  # the probed samples ran: their rows of the mask are theirs in order
-                at = np.full(x_shape[0], -1, np.int64)
-                at[rows] = np.arange(len(rows))
-                y_at = at[probed]
-            probe_dout = relu_grad_of_rows(dout, ctx.relu_out, probed, y_at) if relu_joined else dout[probed]
+            y_order = rows if ctx.mask_rows else None  # the probed samples ran: the mask has their rows
+            probe_dout = relu_grad_of_rows(dout, ctx.relu_out, probed, y_order) if relu_joined else dout[probed]
             dlogits = dlogits + self._probe_grad(ctx.probe, probe_dout, dout.shape[0], ctx.gate.probs)
         n = x_shape[0]
         dh, dc = dfq.dstate if dfq.dstate is not None else (np.zeros((n, EMBED_WIDTH), dtype),

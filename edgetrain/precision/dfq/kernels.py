@@ -138,34 +138,9 @@ def _rows_plus_part(base, part, pos, relu, channels, out, means, mask):
 
 
 @njit(cache=True, parallel=True)
-def _relu_rows_over(x, part, pos, channels, means, mask):
-    """`_rows_plus_part` with the ReLU, written over its base x (whose values are a ReLU's outputs: >= +0.0 or
-    NaN, so max(x, 0) is x, bit for bit): a row in the part becomes max(x + part, 0); a row outside it is only
-    read, for its mask and means."""
-    samples, row_len = x.shape[0] // channels, x.shape[1]
-    zero = x.dtype.type(0)
-    want = means.size > 0
-    for s in prange(samples):
-        lanes_buf = np.empty(LANES)
-        k = pos[s]
-        for c in range(channels):
-            r = s * channels + c
-            xrow, mrow = x[r], mask[r]
-            if k >= 0:
-                prow = part[k * channels + c]
-                for j in range(row_len):
-                    v = xrow[j] + prow[j]
-                    xrow[j] = zero if v <= zero else v
-            for j in range(row_len):
-                mrow[j] = xrow[j] > zero
-            if want:
-                means[r] = sum_row_into(lanes_buf, xrow, row_len) / row_len
-
-
-@njit(cache=True, parallel=True)
 def _relu_part_over(x, part, order, channels, means, mask):
-    """`_relu_rows_over` for the rows in order only: row order[k] of x becomes max(x + part[k], 0), mask[k]
-    its mask and means its channel means; no other row of x is read."""
+    """Written over x, whose values are a ReLU's outputs (>= +0.0 or NaN, so max(x, 0) is x, bit for bit): row
+    order[k] becomes max(x + part[k], 0), mask[k] its mask and means its channel means; no other row is read."""
     row_len = x.shape[1]
     zero = x.dtype.type(0)
     for k in prange(order.size):
@@ -305,12 +280,11 @@ def _positions(order: np.ndarray | None, n: int) -> np.ndarray:
     return pos
 
 
-def relu_join(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None, means: bool,
-              over: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """max(base + part at the rows in order, 0), as scatter_add(base, part, order, relu=True): (the output, its
-    channel_means or None, the output's mask: out > 0, which is all the ReLU's backward reads), in one pass.
-    over: written over base, whose values must be a ReLU's outputs (the rows outside order are left as they
-    are, which is max(base, 0) bit for bit); else into a new array."""
+def relu_join(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | None,
+              means: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """max(base + part at the rows in order, 0), as scatter_add(base, part, order, relu=True): (a new array, its
+    channel_means or None, its mask: out > 0, which is all the ReLU's backward reads), in one pass. Over a base
+    that is a ReLU's output: relu_join_rows."""
     n = base.shape[0]
     channels = base.shape[1] if base.ndim >= 3 else 1
     dtype = base.dtype if part is None else np.result_type(base.dtype, part.dtype)
@@ -321,24 +295,18 @@ def relu_join(base: np.ndarray, part: np.ndarray | None, order: np.ndarray | Non
     mask = np.empty(base.shape, np.bool_)
     rows_of = (n * channels, -1)
     part_rows = np.ascontiguousarray(part).reshape(part.shape[0] * channels, -1)
-    if over:
-        if base.dtype != dtype or not base.flags.c_contiguous or not base.flags.writeable:
-            raise ValueError(f"relu_join: to write over base, it must be a writeable C-contiguous {dtype} array")
-        out = base
-        _relu_rows_over(out.reshape(rows_of), part_rows, _positions(order, n), channels, sums, mask.reshape(rows_of))
-    else:
-        out = np.empty(base.shape, dtype)
-        _rows_plus_part(np.ascontiguousarray(base).reshape(rows_of), part_rows, _positions(order, n), True, channels,
-                        out.reshape(rows_of), sums, mask.reshape(rows_of))
+    out = np.empty(base.shape, dtype)
+    _rows_plus_part(np.ascontiguousarray(base).reshape(rows_of), part_rows, _positions(order, n), True, channels,
+                    out.reshape(rows_of), sums, mask.reshape(rows_of))
     return out, (sums.reshape(n, channels) if want else None), mask
 
 
 def relu_join_rows(base: np.ndarray, part: np.ndarray, order: np.ndarray | None,
                    base_means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """relu_join(base, part, order, means=True, over=True) touching only the rows in order (None: every row):
-    (base, its channel means, the mask of the rows in order, row k for order[k]). base must be a ReLU's output,
-    so a row outside order is its own output and is neither read nor written; its means are base_means'
-    (channel_means(base), which the means relu_join fuses equal bit for bit)."""
+    """relu_join(base, part, order, means=True) written over base and touching only the rows in order (None:
+    every row): (base, its channel means, the mask of the rows in order, row k for order[k]). base must be a
+    ReLU's output, so a row outside order is its own output and is neither read nor written; its means are
+    base_means' (channel_means(base), which the means relu_join fuses equal bit for bit)."""
     n = base.shape[0]
     order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
     if base.dtype != part.dtype or not base.flags.c_contiguous or not base.flags.writeable:
@@ -431,10 +399,12 @@ def relu_grad_part(dout: np.ndarray, y: np.ndarray, order: np.ndarray | None, ot
     return part, dots
 
 
-def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray, y_at: np.ndarray | None = None) -> np.ndarray:
-    """dout's given rows where y > 0 (else 0): the values `relu_grad_part` writes for them. y_at: the rows of y
-    that belong to them (default: rows; relu_join_rows' mask holds only the rows that ran)."""
-    return np.where(y[rows if y_at is None else y_at] > 0, dout[rows], dout.dtype.type(0))
+def relu_grad_of_rows(dout: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                      y_order: np.ndarray | None = None) -> np.ndarray:
+    """dout's given rows where y > 0 (else 0): the values `relu_grad_part` writes for them. y_order: y holds only
+    these rows of the batch, row k for y_order[k] (relu_join_rows' mask), and every one of `rows` is among them."""
+    y_rows = rows if y_order is None else _positions(y_order, dout.shape[0])[rows]
+    return np.where(y[y_rows] > 0, dout[rows], dout.dtype.type(0))
 
 
 def relu_joined_grad(dmeans: np.ndarray, dout: np.ndarray, y: np.ndarray | None, branch: np.ndarray | None,
