@@ -9,6 +9,7 @@ import numpy as np
 
 from edgetrain.graph import Graph, Node
 from edgetrain.kernels.accumulate import add_into
+from edgetrain.kernels.strided import Dilated
 from edgetrain.ops.base import Run
 
 
@@ -109,7 +110,7 @@ class Executor:
             for name, g, want in zip(node.inputs, gins, needed):
                 if g is not None and want:
                     grads.add(name, g)
-        return grads.values
+        return grads.final()
 
 
 class _Pending:
@@ -152,22 +153,48 @@ class _Pending:
             del self._users[key]
 
     def pop(self, name: str) -> np.ndarray | None:
-        """Take the gradient of `name` out (None if it has none)."""
+        """Take the gradient of `name` out (None if it has none); a `Dilated` one as its full array."""
         g = self.values.pop(name, None)
+        if type(g) is Dilated:
+            return g.dense()
         if g is not None:
             self._count(g, -1)
         return g
 
-    def add(self, name: str, g: np.ndarray) -> None:
-        """Add g to the gradient of `name`, in place where that is safe (class doc)."""
+    def final(self) -> dict[str, np.ndarray]:
+        """The gradients still held (those of leaves), every one a full array."""
+        return {name: g.dense() if type(g) is Dilated else g for name, g in self.values.items()}
+
+    def _writable(self, a: object, other: object) -> bool:
+        """Whether the sum of a and other may go into a in place: a owns its memory, which no other pending
+        gradient or seed uses and other does not overlap, and has the sum's shape and dtype."""
+        return (type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and a.flags.c_contiguous
+                and a.shape == other.shape and np.result_type(a, other.dtype) == a.dtype
+                and self._users.get(id(a), 0) <= 1 and id(a) not in self._seeds
+                and not (isinstance(other, np.ndarray) and np.may_share_memory(a, other)))
+
+    def add(self, name: str, g: np.ndarray | Dilated) -> None:
+        """Add g to the gradient of `name`, in place where that is safe (class doc). A `Dilated` g (a
+        subsampling conv's input gradient, `kernels.strided`) goes into the other gradient's pixels it covers."""
         acc = self.values.get(name)
         if acc is None:
             self.values[name] = g
             self._count(g, 1)
-        elif (type(acc) is np.ndarray and isinstance(g, np.ndarray) and acc.flags.owndata
-              and acc.flags.writeable and acc.shape == g.shape and np.result_type(acc, g) == acc.dtype
-              and self._users.get(id(acc)) == 1
-              and not np.may_share_memory(acc, g)):
+            return
+        if type(g) is Dilated or type(acc) is Dilated:
+            sparse, full = (g, acc) if type(g) is Dilated else (acc, g)
+            if type(full) is Dilated:
+                full = full.dense()
+            elif full is acc and self._writable(acc, sparse) and self._users.get(id(acc)) == 1:
+                sparse.add_into(acc)  # acc stays pending, its count unchanged
+                return
+            elif not (full is g and self._writable(g, sparse) and self._users.get(id(g), 0) == 0):
+                full = np.array(full, dtype=np.result_type(full, sparse.dtype))
+            sparse.add_into(full)
+            self._count(acc, -1)
+            self.values[name] = full
+            self._count(full, 1)
+        elif self._writable(acc, g) and self._users.get(id(acc)) == 1:
             add_into(acc, g)
         else:
             self._count(acc, -1)

@@ -42,6 +42,7 @@ from edgetrain import kernels
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.rescale import rescale_matrix, rescale_planes
+from edgetrain.kernels.strided import Dilated, dilate, subsample
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.elementwise import relu, relu_grad
@@ -103,6 +104,7 @@ class ConvContext(MACContext):
     args: dict = field(default_factory=dict)  # stride, pads, dilation, groups as the kernels take them
     has_bias: bool = False
     out_ndim: int = 4  # 3: a 1-D conv, run (and saved here: inputs, w, x_shape) as its 2-D view
+    subsampled: tuple | None = None  # (the input's 2-D shape, strides): run on every stride-th pixel (kernels.strided)
 
 
 @dataclass
@@ -206,9 +208,10 @@ class QuantMAC(Op):
 
 def takes_codes(op: Op | None, node: Node, value: str) -> bool:
     """Whether `op`, running `node`, can take `value` as codes its producer wrote (`Prequantised`): an integer
-    conv reading it as its data input only, with unsigned codes (a folded ReLU's output)."""
+    conv reading it as its data input only, with unsigned codes (a folded ReLU's output), and every pixel of it
+    (a subsampling conv quantises only the pixels it reads)."""
     return (type(op) is QuantConv and op.unsigned_input and node.inputs[0] == value
-            and value not in node.inputs[1:])
+            and value not in node.inputs[1:] and not op.subsamples())
 
 
 def takes_rows(op: Op | None, node: Node, value: str) -> bool:
@@ -244,6 +247,12 @@ class QuantConv(QuantMAC):
         pads = (geo.pads_begin[0], geo.pads_begin[1], geo.pads_end[0], geo.pads_end[1])
         return dict(stride=geo.strides, pads=pads, dilation=geo.dilations, groups=int(self.attr("group", 1)))
 
+    def subsamples(self) -> bool:
+        """Whether this conv may run as the stride-1 conv of every stride-th pixel (`_pointwise_strides`): strides
+        above 1 on a kernel of 1x1, or of a shape not named (the weights' decides)."""
+        kernel = self.attr("kernel_shape", None)
+        return any(s != 1 for s in self.attr("strides", ())) and (kernel is None or all(k == 1 for k in kernel))
+
     def forward_groups(self, inputs, run, groups, merge=True):
         x, w = inputs[0], inputs[1]
         b = inputs[2] if len(inputs) > 2 else None
@@ -253,6 +262,12 @@ class QuantConv(QuantMAC):
         args = self._conv_args(x.shape, w.shape)
         out_ndim = x.ndim
         w = _as_2d_conv(w)
+        strides = _pointwise_strides(args, w.shape)
+        subsampled = None
+        if strides is not None and pre is None:  # the stride-1 conv of the pixels it reads (kernels.strided)
+            x = _as_2d_conv(x.floats() if isinstance(x, SampleRows) else x)
+            subsampled = (x.shape, strides)
+            x, args = subsample(x, strides), dict(args, stride=(1, 1))
         if pre is not None:
             xqs = [pre]
         else:
@@ -274,7 +289,7 @@ class QuantConv(QuantMAC):
         if out_ndim == 3:
             y = y.reshape(y.shape[:2] + y.shape[3:])
         return [y], ConvContext(list(groups), xqs, w, x.shape, x.dtype, run.key, merge, len(runs), vqs, args,
-                                b is not None, out_ndim)
+                                b is not None, out_ndim, subsampled)
 
     def backward(self, ctx: ConvContext, grads, needed):
         dy, dtype, args = _as_2d_conv(grads[0]), ctx.dtype, ctx.args
@@ -302,11 +317,24 @@ class QuantConv(QuantMAC):
             dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if ctx.out_ndim == 3:  # back from the 2-D view: drop the height-1 axis
             dw = dw.reshape(dw.shape[:2] + dw.shape[3:])
+            if ctx.subsampled is not None and dx is not None:
+                dx = dilate(dx, *ctx.subsampled)
             dx = None if dx is None else dx.reshape(dx.shape[:2] + dx.shape[3:])
+        elif ctx.subsampled is not None and dx is not None:  # zero on every pixel the forward did not read
+            dx = Dilated(dx, *ctx.subsampled)
         out = [dx, dw]
         if ctx.has_bias:
             out.append(_groups_channel_sum(dy, ctx.groups))
         return out
+
+
+def _pointwise_strides(args: dict, w_shape: tuple) -> tuple[int, int] | None:
+    """The strides of a 1x1 conv with strides above 1 and no padding, which reads every stride-th pixel only and
+    so runs as the stride-1 conv of those (`kernels.strided`: the same integers); None for any other conv."""
+    stride = tuple(args["stride"])
+    if tuple(w_shape[2:]) != (1, 1) or stride == (1, 1) or any(args["pads"]):
+        return None
+    return stride
 
 
 def _as_2d_conv(a: np.ndarray) -> np.ndarray:

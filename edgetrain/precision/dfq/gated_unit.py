@@ -10,6 +10,7 @@ import numpy as np
 
 from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Node
+from edgetrain.kernels.strided import dense
 from edgetrain.ops.base import Op, Run
 from edgetrain.ops.norm import BatchNormalization, fuse_relu, sole_reader
 from edgetrain.precision.dfq.config import CANDIDATE_STREAM_STRIDE
@@ -430,6 +431,7 @@ class GatedUnit(Op):
             for name, g in zip(node.inputs, gins):
                 if g is None or not name:
                     continue
+                g = dense(g)  # a subsampling conv's input gradient (kernels.strided) as the full array
                 if name in self.produced or name == u.fork:
                     inner[name] = inner[name] + g if name in inner else g
                 else:
