@@ -69,7 +69,9 @@ class Op:
         """Given dL/d(outputs), return dL/d(inputs) (None where an input takes no gradient).
 
         needed[i] tells whether anyone wants input i's gradient: an op may skip that work (a MAC layer
-        reading the data skips its error back-propagation) and return None there.
+        reading the data skips its error back-propagation) and return None there. An input's gradient may come
+        back as `kernels.strided.Dilated` (a subsampling conv's: zero off the pixels it read); a caller that
+        does not sum it in place takes `kernels.strided.dense` of it.
         """
         raise ModelError(f"node '{self.node.name}': {self.node.op_type} has no gradient")
 
