@@ -184,7 +184,7 @@ class _Pending:
         if type(g) is Dilated or type(acc) is Dilated:
             sparse, full = (g, acc) if type(g) is Dilated else (acc, g)
             if type(full) is Dilated:
-                full = full.dense()
+                full = full.dense().astype(np.result_type(full.dtype, sparse.dtype), copy=False)
             elif full is acc and self._writable(acc, sparse) and self._users.get(id(acc)) == 1:
                 sparse.add_into(acc)  # acc stays pending, its count unchanged
                 return
