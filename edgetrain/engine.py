@@ -165,12 +165,13 @@ class _Pending:
         """The gradients still held (those of leaves), every one a full array."""
         return {name: g.dense() if type(g) is Dilated else g for name, g in self.values.items()}
 
-    def _writable(self, a: object, other: object) -> bool:
-        """Whether the sum of a and other may go into a in place: a owns its memory, which no other pending
-        gradient or seed uses and other does not overlap, and has the sum's shape and dtype."""
+    def _writable(self, a: object, other: object, users: int) -> bool:
+        """Whether the sum of a and other may go into a in place: a owns its memory, which exactly `users` pending
+        gradients (a itself, if pending) and no seed use and other does not overlap, and has the sum's shape and
+        dtype."""
         return (type(a) is np.ndarray and a.flags.owndata and a.flags.writeable and a.flags.c_contiguous
                 and a.shape == other.shape and np.result_type(a, other.dtype) == a.dtype
-                and self._users.get(id(a), 0) <= 1 and id(a) not in self._seeds
+                and self._users.get(id(a), 0) == users and id(a) not in self._seeds
                 and not (isinstance(other, np.ndarray) and np.may_share_memory(a, other)))
 
     def add(self, name: str, g: np.ndarray | Dilated) -> None:
@@ -185,16 +186,16 @@ class _Pending:
             sparse, full = (g, acc) if type(g) is Dilated else (acc, g)
             if type(full) is Dilated:
                 full = full.dense().astype(np.result_type(full.dtype, sparse.dtype), copy=False)
-            elif full is acc and self._writable(acc, sparse) and self._users.get(id(acc)) == 1:
+            elif full is acc and self._writable(acc, sparse, users=1):
                 sparse.add_into(acc)  # acc stays pending, its count unchanged
                 return
-            elif not (full is g and self._writable(g, sparse) and self._users.get(id(g), 0) == 0):
+            elif not (full is g and self._writable(g, sparse, users=0)):  # g not pending yet: no other user
                 full = np.array(full, dtype=np.result_type(full, sparse.dtype))
             sparse.add_into(full)
             self._count(acc, -1)
             self.values[name] = full
             self._count(full, 1)
-        elif self._writable(acc, g) and self._users.get(id(acc)) == 1:
+        elif self._writable(acc, g, users=1):
             add_into(acc, g)
         else:
             self._count(acc, -1)

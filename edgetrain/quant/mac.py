@@ -42,7 +42,7 @@ from edgetrain import kernels
 from edgetrain.graph import Node
 from edgetrain.kernels import detfloat
 from edgetrain.kernels.rescale import rescale_matrix, rescale_planes
-from edgetrain.kernels.strided import Dilated, dilate, subsample
+from edgetrain.kernels.strided import Dilated, dense, subsample
 from edgetrain.kernels.threads import SMALL_ELEMENTS
 from edgetrain.ops.base import Op, Run, unbroadcast
 from edgetrain.ops.elementwise import relu, relu_grad
@@ -315,13 +315,11 @@ class QuantConv(QuantMAC):
                                                           bounds=bounds,
                                                           rescale=(_image_scales(scales, codes, members), dtype)))
             dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if ctx.out_ndim == 3:  # back from the 2-D view: drop the height-1 axis
-            dw = dw.reshape(dw.shape[:2] + dw.shape[3:])
-            if ctx.subsampled is not None and dx is not None:
-                dx = dilate(dx, *ctx.subsampled)
-            dx = None if dx is None else dx.reshape(dx.shape[:2] + dx.shape[3:])
-        elif ctx.subsampled is not None and dx is not None:  # zero on every pixel the forward did not read
+        if ctx.subsampled is not None and dx is not None:  # zero on every pixel the forward did not read
             dx = Dilated(dx, *ctx.subsampled)
+        if ctx.out_ndim == 3:  # back from the 2-D view: drop the height-1 axis (a full array: no 3-D Dilated)
+            dw = dw.reshape(dw.shape[:2] + dw.shape[3:])
+            dx = None if dx is None else dense(dx).reshape(dx.shape[:2] + dx.shape[3:])
         out = [dx, dw]
         if ctx.has_bias:
             out.append(_groups_channel_sum(dy, ctx.groups))
