@@ -271,7 +271,7 @@ def unfold_rows(x8: np.ndarray, w8: np.ndarray, geo):
 
 
 class VnniBackend(OrtBackend):
-    """Convs on fused AVX-512 VNNI kernels; the rest as `OrtBackend`."""
+    """Convs on the fused 8-bit tiles of `vnni` (AVX-512 VNNI, or their AVX2 form); the rest as `OrtBackend`."""
 
     name = "vnni"
     # Weight gradients of small images (fewer reduction positions per image than this) go to the
@@ -282,6 +282,8 @@ class VnniBackend(OrtBackend):
     # per-call cost is the larger. Measured at batch 8, VNNI against onnxruntime: LeNet-5's conv2 (150 x 16,
     # 10x10) 47 against 66 us, 16 -> 16 channels 3x3 on 8x8 38 against 48 us; at 16 -> 32 channels on 8x8
     # (4,608) they are level (58 against 55), at 32 -> 32 (9,216) onnxruntime wins (82 against 94).
+    # Where onnxruntime is not usable (an AVX2 CPU, whose MatMulInteger saturates) they stay here: Numba's
+    # int16 kernels are the next step down, and the tiles beat them 4-5x (Zen 3, 64 -> 64 channels on 8x8).
     WGRAD_SMALL_TILES = 3072
 
     def __init__(self, fallback: NumbaBackend | None = None):
@@ -292,7 +294,7 @@ class VnniBackend(OrtBackend):
 
     @property
     def vnni_usable(self) -> bool:
-        """The CPU has AVX-512 VNNI and the kernels pass a worst-case exactness check."""
+        """The CPU has AVX-512 VNNI or AVX2 and the kernels pass a worst-case exactness check."""
         if self._vnni_ok is None:
             from edgetrain.kernels.routes import route_ok
 
@@ -478,7 +480,8 @@ class VnniBackend(OrtBackend):
             self.routes["conv2d_backward_weight:vnni_gemm"] += 1
             acc = self._gemm(self._channels(dy8), self._channels(x8))  # (M, C): every position of the batch
             return np.ascontiguousarray(acc).reshape(geo.w_shape).astype(out_dtype, copy=False)
-        if ((span < self.WGRAD_MIN_SPAN and geo.in_channels * geo.taps * geo.out_channels > self.WGRAD_SMALL_TILES)
+        if ((span < self.WGRAD_MIN_SPAN and geo.in_channels * geo.taps * geo.out_channels > self.WGRAD_SMALL_TILES
+             and self.usable)
                 or x8 is None or dy8 is None or geo.groups != 1 or geo.batch == 0
                 or geo.out_h * geo.out_w == 0 or geo.in_channels * geo.taps == 0 or span > _vn.RAW_TERMS
                 or not self.vnni_usable):
