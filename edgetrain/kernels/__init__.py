@@ -16,8 +16,9 @@ with explicit pads).
 Backends (`use_backend` by a user's choice or $EDGETRAIN_BACKEND, probed safely by `routes`;
 `set_backend` by name; every one exact, and tests/test_kernels.py runs every test on each):
 
-* "vnni" (default): 8-bit convs on fused AVX-512 VNNI kernels emitted from Numba (`vnni`); the rest
-  as "onnxruntime". Used only on CPUs with the instructions, after a self-check.
+* "vnni" (default): 8-bit convs and GEMMs on fused tile kernels emitted from Numba (`vnni`): one
+  `vpdpbusd` per 4-byte step on AVX-512 VNNI, the same step as two `vpmaddwd` on AVX2; the rest as
+  "onnxruntime". Used only on CPUs with one of the two, after a self-check.
 * "onnxruntime": 8-bit products on onnxruntime's MatMulInteger (MLAS u8 x s8 GEMM) through its C API
   from Numba threads (`ort_backend`, `ort_capi`), after an exactness probe; the rest as "numba".
 * "numba": the portable int16 kernels (`numba_backend`), any bit-width up to 16.

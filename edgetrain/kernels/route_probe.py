@@ -16,11 +16,12 @@ __all__ = ["main"]
 def probe_here(route: str) -> tuple[bool, str]:
     """The route's own check, in this process (the probe's child): (passed, why not)."""
     if route == "vnni":
+        from edgetrain.kernels import vnni
         from edgetrain.kernels.vnni_backend import VnniBackend
 
         if VnniBackend().vnni_kernels_pass():
-            return True, "ok"
-        return False, "the VNNI kernels failed their exactness check"
+            return True, f"ok ({vnni.isa()} tiles)"
+        return False, f"the fused 8-bit kernels ({vnni.isa()} tiles) failed their exactness check"
     if route == "onnxruntime":
         from edgetrain.kernels.ort_backend import OrtBackend
 
