@@ -124,10 +124,11 @@ class _TileCode:
     AVX2_ROWS = 4
     AVX2_VECS = 2
 
-    def __init__(self, builder, c_addr, k4, ldc):
+    def __init__(self, builder, c_addr, k4, ldc, split: bool = False):
         self.builder = builder
         self.i8, self.i16, self.i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        self.wide = has_vnni()
+        self.split = split
+        self.wide = has_vnni() and not split
         self.lanes = 16 if self.wide else 8
         self.vec = ir.VectorType(self.i32, self.lanes)
         if self.wide:
@@ -171,8 +172,8 @@ class _TileCode:
 
     def tile(self, rows: int, vecs: int, init, b_row, a_word_ptr) -> None:
         """C's rows x vecs vectors = init(m, v) + the k loop's dot products, stored: a_word_ptr(m, 4i) points
-        at row m's 4 int8 codes of step i, b_row(i) at B's row i, the uint8 codes of every lane (4 per
-        lane)."""
+        at row m's 4 int8 codes of step i (split: a_word_ptr(m, 8i) at its two words of int16 halves), b_row(i)
+        at B's row i, the uint8 codes of every lane (4 per lane)."""
         rg, vg = (rows, vecs) if self.wide else (self.AVX2_ROWS, self.AVX2_VECS)
         for r0 in range(0, rows, rg):
             for v0 in range(0, vecs, vg):
@@ -191,33 +192,39 @@ class _TileCode:
                                align=1) for v in vs}
             if not self.wide:
                 bvecs = {v: self._halves(bv, signed=False) for v, bv in bvecs.items()}
-            four_i = b.mul(i, self.const(4))
+            a_off = b.mul(i, self.const(8 if self.split else 4))
             for m in ms:
-                splat = self.splat(b.load(b.bitcast(a_word_ptr(m, four_i), self.i32.as_pointer()), align=1))
+                ptr = b.bitcast(a_word_ptr(m, a_off), self.i32.as_pointer())
+                splat = self.splat(b.load(ptr, align=1))
                 if self.wide:
                     for v in vs:
                         b.store(b.call(self.fn, [b.load(accs[m, v]), bvecs[v], splat]), accs[m, v])
                     continue
-                s_even, s_odd = self._halves(splat, signed=True)
+                if self.split:  # the row's halves, split when the weights were packed (`split_words`)
+                    s_even = b.bitcast(splat, self.h16)
+                    s_odd = b.bitcast(self.splat(b.load(b.gep(ptr, [self.const(1)]), align=1)), self.h16)
+                else:
+                    s_even, s_odd = self._halves(splat, signed=True)
                 for v in vs:
                     u_even, u_odd = bvecs[v]
                     acc = b.add(b.load(accs[m, v]), b.call(self.fn, [u_even, s_even]))
                     b.store(b.add(acc, b.call(self.fn, [u_odd, s_odd])), accs[m, v])
 
 
-def _make_tile(MT: int, NT: int):
+def _make_tile(MT: int, NT: int, split: bool = False):
     @intrinsic
     def tile(typingctx, c_addr, a_addr, brows_addr, b_off, k4, lda, ldc, init_addr):
         """C[m, l] = init[m] + sum_i sum_j A[m*lda + 4i + j] (int8) * B_i[b_off + 4l + j] (uint8) for m < MT,
         l < 16*NT, i < k4, where B_i starts at the address brows[i] (int64 (k4,) at brows_addr): each
         step's row read straight out of the interleaved planes, at its own offset. C int32 with row
-        stride ldc (elements), lda and b_off in bytes, init int32 (MT,)."""
+        stride ldc (elements), lda and b_off in bytes, init int32 (MT,). Split: A holds each step's 4 codes
+        as int16 in the order 0, 2, 1, 3 (`split_words`), 8 bytes a step, and the tile takes the AVX2 form."""
         sig = types.void(types.uintp, types.uintp, types.uintp, types.intp, types.intp, types.intp, types.intp,
                          types.uintp)
 
         def codegen(context, builder, signature, args):
             c_addr, a_addr, brows_addr, b_off, k4, lda, ldc, init_addr = args
-            code = _TileCode(builder, c_addr, k4, ldc)
+            code = _TileCode(builder, c_addr, k4, ldc, split)
             ap = builder.inttoptr(a_addr, code.i8.as_pointer())
             ip = builder.inttoptr(init_addr, code.i32.as_pointer())
             rp = builder.inttoptr(brows_addr, ir.IntType(64).as_pointer())
@@ -228,7 +235,7 @@ def _make_tile(MT: int, NT: int):
                 return builder.gep(row, [b_off])
 
             code.tile(MT, code.vectors(LANES * NT), lambda m, v: bias[m], b_row,
-                      lambda m, four_i: builder.gep(ap, [builder.add(builder.mul(code.const(m), lda), four_i)]))
+                      lambda m, off: builder.gep(ap, [builder.add(builder.mul(code.const(m), lda), off)]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -265,6 +272,22 @@ _row_tile_8x32 = _make_row_tile(8, 2)
 _row_tile_16x16 = _make_row_tile(16, 1)
 tile_8x32 = _make_tile(8, 2)
 tile_16x16 = _make_tile(16, 1)
+_split_tile_8x32 = _make_tile(8, 2, split=True)
+_split_tile_16x16 = _make_tile(16, 1, split=True)
+
+
+@njit(**_JIT)
+def split_words(packed):
+    """The broadcast rows of the AVX2 form, split once: each group of 4 int8 codes (c0, c1, c2, c3) as
+    int16 (c0, c2, c1, c3), the two words `vpmaddwd` multiplies with the even and the odd bytes of the
+    lanes. Done in the tile, that split costs 3 of a step's 11 vector operations per row."""
+    out = np.empty(packed.size, np.int16)
+    for g in range(packed.size // 4):
+        out[4 * g] = packed[4 * g]
+        out[4 * g + 1] = packed[4 * g + 2]
+        out[4 * g + 2] = packed[4 * g + 1]
+        out[4 * g + 3] = packed[4 * g + 3]
+    return out
 
 
 @njit(inline="always", **_JIT)
@@ -277,22 +300,31 @@ def gemm_tile_count(c):
 
 @njit(inline="always", **_JIT)
 def gemm_tile(a, brows, c, k4, init, t):
-    """Output tile t of c = init[row] + a (rows x 4*k4, int8 bytes) @ B, where B's row i (4 bytes per
-    column, uint8) starts at the address brows[i]: c's rows a multiple of MT, its columns of LANES, a
-    and c C-contiguous, init int32 (rows,). Tiles go down a column first, so B's tile columns stay in
-    L1 across the rows. The conv kernels and the GEMMs (`vnni_gemm`) share this one tile walk."""
-    lda = a.shape[1]
+    """Output tile t of c = init[row] + a (rows x 4*k4, int8 bytes, or int16 in `split_words`' order) @ B,
+    where B's row i (4 bytes per column, uint8) starts at the address brows[i]: c's rows a multiple of MT,
+    its columns of LANES, a and c C-contiguous, init int32 (rows,). Tiles go down a column first, so B's
+    tile columns stay in L1 across the rows. The conv kernels and the GEMMs (`vnni_gemm`) share this one tile walk."""
+    lda = a.shape[1] * a.itemsize
     ldc = c.shape[1]
+    split = a.itemsize == 2
     if ldc % 32 == 0:
         row_tiles = c.shape[0] // 8
         p0, m0 = (t // row_tiles) * 32, (t % row_tiles) * 8
-        tile_8x32(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                  lda, ldc, init.ctypes.data + m0 * 4)
+        args = (c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
+                lda, ldc, init.ctypes.data + m0 * 4)
+        if split:
+            _split_tile_8x32(*args)
+        else:
+            tile_8x32(*args)
     else:
         row_tiles = c.shape[0] // 16
         p0, m0 = (t // row_tiles) * 16, (t % row_tiles) * 16
-        tile_16x16(c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                   lda, ldc, init.ctypes.data + m0 * 4)
+        args = (c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
+                lda, ldc, init.ctypes.data + m0 * 4)
+        if split:
+            _split_tile_16x16(*args)
+        else:
+            tile_16x16(*args)
 
 
 @njit(inline="always", **_JIT)

@@ -289,6 +289,7 @@ class VnniBackend(OrtBackend):
     def __init__(self, fallback: NumbaBackend | None = None):
         super().__init__(fallback)
         self._vnni_ok: bool | None = None
+        self._split: bool | None = None
         self._vlock = threading.Lock()
         self._vscratch = _Scratch()
 
@@ -300,6 +301,13 @@ class VnniBackend(OrtBackend):
 
             self._vnni_ok = route_ok("vnni") and self.vnni_kernels_pass()  # route_ok asks vnni.available() first
         return self._vnni_ok
+
+    @property
+    def _split_rows(self) -> bool:
+        """The convs' weight rows go in split (`vnni.split_words`): the tiles' AVX2 form."""
+        if self._split is None:
+            self._split = _vn.isa() == "avx2"
+        return self._split
 
     def vnni_kernels_pass(self) -> bool:
         """Compile the VNNI kernels in this process and check them on worst-case operands."""
@@ -498,6 +506,8 @@ class VnniBackend(OrtBackend):
         xor = _XOR if x8.dtype == np.int8 else 0  # the data operand must be unsigned
         corr = np.zeros((prog.job_blocks.shape[0], prog.corr_len), np.int32)
         weights = _pack_weights(np.ascontiguousarray(w8).reshape(-1), prog.w_index, prog.job_blocks, corr, xor != 0)
+        if self._split_rows:
+            weights = _vn.split_words(weights)
         if rescale is None:
             out_i = (np.zeros if prog.zero else np.empty)(prog.out_shape, np.int32)
             out_f = np.zeros((0, 0, 0, 0), np.float32)
