@@ -1,10 +1,14 @@
-"""The fused 8-bit tiles' AVX2 form (`vnni._TileCode`) on a host with AVX-512 VNNI, where the tiles would
-otherwise take their VNNI form: compiled in a child with a Numba cache of its own, against NumPy int64."""
+"""The fused 8-bit tiles' AVX2 form (`vnni._TileCode`): its row split against NumPy, and on a host with AVX-512
+VNNI, where the tiles would otherwise take their VNNI form, compiled in a child with a Numba cache of its own and
+checked against NumPy int64."""
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _AVX2_FORM_CHILD = """
 import numpy as np
@@ -46,3 +50,18 @@ def test_avx2_form_is_exact_on_a_vnni_host(tmp_path):
     done = subprocess.run([sys.executable, "-c", _AVX2_FORM_CHILD], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0 and "avx2 form exact" in done.stdout, done.stderr[-2000:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-128, 127), min_size=0, max_size=67))
+def test_split_words_orders_each_group_0_2_1_3_as_int16(codes):
+    """`vnni.split_words` against NumPy: every whole group of 4 int8 codes as int16 in the order 0, 2, 1, 3
+    (the even and odd halves the AVX2 tiles multiply), trailing codes as they are, sign kept."""
+    from edgetrain.kernels import vnni
+
+    packed = np.array(codes, np.int8)
+    whole = packed.size // 4 * 4
+    want = np.concatenate([packed[:whole].reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(-1), packed[whole:]])
+    got = vnni.split_words(packed)
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(got, want.astype(np.int16))

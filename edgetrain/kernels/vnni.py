@@ -39,8 +39,8 @@ Only compiled and used when the CPU has AVX-512 VNNI or AVX2 (`available()`): em
 for a CPU without it would abort LLVM, so nothing here is compiled before that check. On AVX2 the
 tiles emit each 4-byte step as two `vpmaddwd` (`_TileCode`), the same integers: every layout, tile walk
 and bound here holds for both. Measured on a 2-core Zen 3 without VNNI (`tools/bench_kernels.py`,
-ResNet-20's convs at batch 128): 100-180 G integer operations/s, against 12-65 for the numba route's
-int16 kernels and 70-150 for NumPy's float32 BLAS on the same GEMMs.
+ResNet-20's convs and GEMMs at batch 128): 100-186 G integer operations/s, against 12-65 for the numba
+route's int16 kernels and 70-185 for NumPy's float32 BLAS on the same GEMMs.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class _TileCode:
       as int16 (u8 zero- and s8 sign-extended), two `vpmaddwd` (u0*s0 + u2*s2, u1*s1 + u3*s3, each
       at most 2 * 255 * 128 in magnitude) and two int32 adds, which wrap as `vpdpbusd` does. With 16
       registers the tile is computed in sub-tiles of `AVX2_ROWS` rows by `AVX2_VECS` vectors (8
-      accumulators, 4 split operand vectors, 3 for the broadcast row), each with its own k loop over
+      accumulators, 4 split operand vectors, 2-3 for the broadcast row), each with its own k loop over
       the same operands, which stay in L1. Measured on a 2-core Zen 3 (no VNNI) at ResNet-20's
       shapes, against the int16 kernels of the numba route: see `tools/bench_kernels.py`.
     """
@@ -284,11 +284,14 @@ def split_words(packed):
     int16 (c0, c2, c1, c3), the two words `vpmaddwd` multiplies with the even and the odd bytes of the
     lanes. Done in the tile, that split costs 3 of a step's 11 vector operations per row."""
     out = np.empty(packed.size, np.int16)
-    for g in range(packed.size // 4):
+    whole = packed.size // 4
+    for g in range(whole):
         out[4 * g] = packed[4 * g]
         out[4 * g + 1] = packed[4 * g + 2]
         out[4 * g + 2] = packed[4 * g + 1]
         out[4 * g + 3] = packed[4 * g + 3]
+    for i in range(4 * whole, packed.size):  # no group: as they are (the packed rows come in whole groups)
+        out[i] = packed[i]
     return out
 
 
@@ -308,25 +311,21 @@ def gemm_tile(a, brows, c, k4, init, t):
     tile columns stay in L1 across the rows. The conv kernels and the GEMMs (`vnni_gemm`) share this one tile walk."""
     lda = a.shape[1] * a.itemsize
     ldc = c.shape[1]
-    split = a.itemsize == 2
-    if ldc % 32 == 0:
-        row_tiles = c.shape[0] // 8
-        p0, m0 = (t // row_tiles) * 32, (t % row_tiles) * 8
-        args = (c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                lda, ldc, init.ctypes.data + m0 * 4)
-        if split:
+    wide = ldc % 32 == 0
+    rows, cols = (8, 32) if wide else (16, 16)
+    row_tiles = c.shape[0] // rows
+    p0, m0 = (t // row_tiles) * cols, (t % row_tiles) * rows
+    args = (c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4, lda, ldc,
+            init.ctypes.data + m0 * 4)
+    if a.itemsize == 2:  # rows split by `split_words`
+        if wide:
             _split_tile_8x32(*args)
         else:
-            tile_8x32(*args)
-    else:
-        row_tiles = c.shape[0] // 16
-        p0, m0 = (t // row_tiles) * 16, (t % row_tiles) * 16
-        args = (c.ctypes.data + (m0 * ldc + p0) * 4, a.ctypes.data + m0 * lda, brows.ctypes.data, p0 * 4, k4,
-                lda, ldc, init.ctypes.data + m0 * 4)
-        if split:
             _split_tile_16x16(*args)
-        else:
-            tile_16x16(*args)
+    elif wide:
+        tile_8x32(*args)
+    else:
+        tile_16x16(*args)
 
 
 @njit(inline="always", **_JIT)
