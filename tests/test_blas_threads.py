@@ -27,12 +27,14 @@ def _blas_threads(value: str | None) -> dict:
         env["EDGETRAIN_BLAS_THREADS"] = value
     done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert ("is not a thread count" in done.stderr) == (value is not None and not value.isdigit())
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("value, want", [(None, 1), ("3", 3), ("0", 2)])
+@pytest.mark.parametrize("value, want", [(None, 1), ("3", 3), ("0", 2), ("two", 1)])
 def test_blas_runs_on_the_threads_asked_once_the_kernels_run(value, want):
-    """Default one thread; a count from the environment; 0 leaves BLAS at what it was (2 here)."""
+    """Default one thread; a count from the environment; 0 leaves BLAS at what it was (2 here); a value that is
+    not a count warns and takes the default."""
     seen = _blas_threads(value)
     if not seen["before"]:
         pytest.skip("threadpoolctl sees no BLAS library in this NumPy")

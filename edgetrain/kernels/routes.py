@@ -130,7 +130,7 @@ def _plainly_absent(route: str) -> str:
     if route == "vnni":
         from edgetrain.kernels import vnni
 
-        return "" if vnni.available() else "this CPU has neither AVX-512 VNNI nor AVX2 (or Numba targets any CPU)"
+        return "" if vnni.available() else "this CPU has neither AVX-512 VNNI nor AVX2 (or Numba targets a generic CPU)"
     if route == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed"
     return ""

@@ -34,13 +34,18 @@ def quiet_blas() -> int | None:
     The engine's parallel work runs on Numba's pool; NumPy's BLAS multiplies only a few small products
     (`quant.small_linear`'s exact float32 products, float RNN and QDQ ops). A BLAS pool of its own spins
     for a while after each call, and beside Numba's spinning workers that oversubscribes a small board's
-    cores: LeNet-5's 8/8 step at batch 64 took 24.1 ms with OpenBLAS on 2 threads, 7.0 ms on 1 (2-core
+    cores: LeNet-5's 8/8 step at batch 64 took 24.1 ms with OpenBLAS on 2 threads, 6.4 ms on 1 (2-core
     Zen 3; batch 8 2.40 -> 2.28 ms, the MLP at 128 4.11 -> 3.71 ms). Exact integer products do not depend
     on BLAS's thread count; float ones may, which is why the deterministic float path never uses BLAS."""
+    import logging
     import os
 
     raw = os.environ.get(BLAS_THREADS_ENV, "").strip()
     threads = int(raw) if raw.isdigit() else DEFAULT_BLAS_THREADS
+    if raw and not raw.isdigit():
+        logging.getLogger("edgetrain.kernels").warning(
+            "edgetrain: warning: %s=%s is not a thread count (0 leaves BLAS alone); using %d", BLAS_THREADS_ENV, raw,
+            threads)
     if threads == 0:
         return None
     try:
