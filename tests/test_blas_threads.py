@@ -1,42 +1,38 @@
-"""NumPy's BLAS beside Numba's pool (`kernels.threads.quiet_blas`): one thread once the engine's kernels run,
-or what $EDGETRAIN_BLAS_THREADS says; each case in a fresh interpreter, as the setting is made once per process."""
-import json
-import os
-import subprocess
-import sys
-
-import pytest
-
-_CHILD = """
-import json
+"""`kernels.threads.blas_one_thread`: NumPy's BLAS on one thread inside (the integer path's exact float32
+products, `quant.small_linear`), each library's own count back after, and nothing changed outside it."""
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
-threadpool_limits(2, user_api="blas")
-before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-from edgetrain import kernels
-a = np.ones((16, 16), np.int8)
-assert (kernels.gemm(a, a) == 16).all()  # a small product: the pool comes up (threads.threads_for)
-after = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-print(json.dumps({"before": before, "after": after}))
-"""
+
+from edgetrain.kernels.threads import blas_one_thread
 
 
-def _blas_threads(value: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "EDGETRAIN_BLAS_THREADS"}
-    if value is not None:
-        env["EDGETRAIN_BLAS_THREADS"] = value
-    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert ("is not a thread count" in done.stderr) == (value is not None and not value.isdigit())
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _blas_threads() -> set[int]:
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 
 
-@pytest.mark.parametrize("value, want", [(None, 1), ("3", 3), ("0", 2), ("two", 1)])
-def test_blas_runs_on_the_threads_asked_once_the_kernels_run(value, want):
-    """Default one thread; a count from the environment; 0 leaves BLAS at what it was (2 here); a value that is
-    not a count warns and takes the default."""
-    seen = _blas_threads(value)
-    if not seen["before"]:
+@pytest.mark.parametrize("outside", [1, 2])
+def test_blas_runs_on_one_thread_inside_and_as_before_outside(outside):
+    if not _blas_threads():
         pytest.skip("threadpoolctl sees no BLAS library in this NumPy")
-    assert set(seen["before"]) == {2}
-    assert set(seen["after"]) == {want}
+    with threadpool_limits(outside, user_api="blas"):
+        assert _blas_threads() == {outside}
+        a = np.arange(64 * 48, dtype=np.float32).reshape(64, 48) % 7
+        with blas_one_thread():
+            assert _blas_threads() == {1}
+            inside = a @ a.T
+        assert _blas_threads() == {outside}
+        np.testing.assert_array_equal(inside, a.astype(np.int64) @ a.astype(np.int64).T)  # exact integers
+
+
+def test_a_small_linear_step_leaves_blas_as_it_found_it():
+    """A training step through `quant.small_linear` (LeNet-5 at 8/8) does not change the process's BLAS
+    threads: a float product's bits depend on them, and a resumed run must see the count it had."""
+    if not _blas_threads():
+        pytest.skip("threadpoolctl sees no BLAS library in this NumPy")
+    from tools.bench_step import make_edgetrain_step
+
+    with threadpool_limits(2, user_api="blas"):
+        step, model = make_edgetrain_step("lenet5", 8, (1, 28, 28), "8/8")
+        step()
+        assert _blas_threads() == {2}

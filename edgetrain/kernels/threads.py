@@ -22,38 +22,42 @@ SMALL_ELEMENTS = 1 << 16
 ELEMENT_CHUNK = 1 << 15
 
 
-# Threads for the BLAS libraries loaded in this process (NumPy's OpenBLAS, for one), set once when Numba's
-# pool comes up; $EDGETRAIN_BLAS_THREADS overrides (0: leave BLAS as it is).
-BLAS_THREADS_ENV = "EDGETRAIN_BLAS_THREADS"
-DEFAULT_BLAS_THREADS = 1
+class blas_one_thread:  # lower case: it reads as a function, `with blas_one_thread():`
+    """Run the enclosed NumPy BLAS calls on one thread, and put back each library's count after.
+
+    For products whose result does not depend on BLAS's threads (`quant.small_linear`'s exact float32
+    products). A BLAS pool of its own spins for a while after each call, and beside Numba's spinning
+    workers that oversubscribed a small board's cores: LeNet-5's 8/8 step at batch 64 took 24.1 ms with
+    OpenBLAS on 2 threads, 6.4 ms on 1 (2-core Zen 3; batch 8 2.40 -> 2.28 ms, the MLP at 128 4.11 -> 3.71
+    ms). Only around those calls, not process-wide: a float product's bits depend on BLAS's thread count,
+    and a run resumed in another process must see the count it had (tests/test_run_folders.py). The
+    switch is three C calls (about 2.5 us) through threadpoolctl's controllers, found once."""
+
+    __slots__ = ("_saved",)
+    _libs: list | None = None
+
+    def __enter__(self) -> None:
+        libs = blas_one_thread._libs
+        if libs is None:
+            libs = blas_one_thread._libs = _blas_libraries()
+        self._saved = [(lib, lib.get_num_threads()) for lib in libs]
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
 
 
-def quiet_blas() -> int | None:
-    """Set the loaded BLAS libraries to one thread ($EDGETRAIN_BLAS_THREADS), or leave them; the count set.
-
-    The engine's parallel work runs on Numba's pool; NumPy's BLAS multiplies only a few small products
-    (`quant.small_linear`'s exact float32 products, float RNN and QDQ ops). A BLAS pool of its own spins
-    for a while after each call, and beside Numba's spinning workers that oversubscribes a small board's
-    cores: LeNet-5's 8/8 step at batch 64 took 24.1 ms with OpenBLAS on 2 threads, 6.4 ms on 1 (2-core
-    Zen 3; batch 8 2.40 -> 2.28 ms, the MLP at 128 4.11 -> 3.71 ms). Exact integer products do not depend
-    on BLAS's thread count; float ones may, which is why the deterministic float path never uses BLAS."""
-    import logging
-    import os
-
-    raw = os.environ.get(BLAS_THREADS_ENV, "").strip()
-    threads = int(raw) if raw.isdigit() else DEFAULT_BLAS_THREADS
-    if raw and not raw.isdigit():
-        logging.getLogger("edgetrain.kernels").warning(
-            "edgetrain: warning: %s=%s is not a thread count (0 leaves BLAS alone); using %d", BLAS_THREADS_ENV, raw,
-            threads)
-    if threads == 0:
-        return None
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded now ([] without threadpoolctl)."""
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # a declared dependency; a board without it keeps BLAS as it is
-        return None
-    threadpool_limits(limits=threads, user_api="blas")
-    return threads
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a declared dependency; without it BLAS keeps its threads
+        return []
+    return list(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
 def _pool_switches() -> tuple[Callable[[], int], Callable[[int], None]]:
@@ -76,7 +80,6 @@ def _switches() -> tuple[Callable[[], int], Callable[[int], None]]:
     """`_pool_switches`, bound once (the pool must be up first, so not at import)."""
     if threads_for._switch is None:
         threads_for._switch = _pool_switches()
-        quiet_blas()
     return threads_for._switch
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit
 
 from edgetrain.kernels.extrema import KEY_VIEWS
-from edgetrain.kernels.threads import ensure_pool
+from edgetrain.kernels.threads import blas_one_thread, ensure_pool
 from edgetrain.quant.qtensor import QuantStats, qrange
 from edgetrain.quant.quantizer import PARALLEL_MIN_ELEMENTS, non_finite, quantize_both_kernel, quantize_flat_kernel
 from edgetrain.quant.rng import stream_seed
@@ -120,7 +120,8 @@ def forward(x2: np.ndarray, w_rows: np.ndarray, bias: np.ndarray | None, x_bits:
     if w_sat < 0:
         raise non_finite(w3)
     x_scale = np.float32(x_out[0])
-    y = np.matmul(xf, wf.T)  # exact integers (module doc)
+    with blas_one_thread():  # exact integers (module doc), whatever BLAS's threads; one spares the cores
+        y = np.matmul(xf, wf.T)
     y *= x_scale * w_scales[:-1]  # float32: the general path's per-column scale and its rounding
     if bias is not None:
         y += bias
@@ -145,11 +146,13 @@ def backward(g2: np.ndarray, g_bits: int, pow2: bool, key: tuple[int, int, int],
     if sat < 0:
         raise non_finite(g3)
     g_scale = np.float32(g_out[0])
-    dw = np.matmul(gf.T, codes.x)  # exact integers (module doc), then one float32 rounding of each product
-    dw *= g_scale * codes.x_scale
     dx = None
-    if need_dx:
-        dx = np.matmul(gf, codes.v)
+    with blas_one_thread():
+        dw = np.matmul(gf.T, codes.x)  # exact integers (module doc), then one float32 rounding of each product
+        if need_dx:
+            dx = np.matmul(gf, codes.v)
+    dw *= g_scale * codes.x_scale
+    if dx is not None:
         dx *= g_scale * codes.v_scale
     return dw, dx, db if need_bias else None
 
