@@ -44,6 +44,7 @@ route's int16 kernels and 70-185 for NumPy's float32 BLAS on the same GEMMs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -67,9 +68,10 @@ PLANE_SLACK = 2 * LANES
 _JIT = dict(cache=True, fastmath=False, nogil=True)
 
 
+@functools.lru_cache(maxsize=1)  # the CPU does not change within a process; has_vnni/available/isa all ask
 def _host_features() -> dict:
     """LLVM's view of the host CPU's features, or {} where Numba targets a portable CPU (a shared cache
-    may then run on a CPU without the instructions these kernels emit)."""
+    may then run on a CPU without the instructions these kernels emit). Read only."""
     try:
         import llvmlite.binding as llvm
         import numba
@@ -89,9 +91,9 @@ ISA_ENV = "EDGETRAIN_TILE_ISA"
 def has_vnni() -> bool:
     """True when the host has AVX-512 (F, BW) with VNNI (and `ISA_ENV` does not ask for the AVX2 form):
     the tiles then emit `vpdpbusd`."""
-    features = _host_features()
     if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
         return False
+    features = _host_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
