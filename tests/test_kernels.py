@@ -697,7 +697,7 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
     vb = kernels._BACKENDS["vnni"]
     if not vnni.available():
         assert not vb.vnni_usable
-        pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2")
+        pytest.skip("the tiles have no form for this CPU (AVX-512 VNNI, AVX2, Arm dot product)")
     assert vb.vnni_usable
     monkeypatch.setattr(vb, "routes", type(vb.routes)())
     kernels.set_backend("vnni")
@@ -731,7 +731,7 @@ def test_vnni_convs_are_exact_on_one_and_two_threads(monkeypatch):
     from edgetrain.kernels import threads, vnni
     vb = kernels._BACKENDS["vnni"]
     if not vnni.available():
-        pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2")
+        pytest.skip("the tiles have no form for this CPU (AVX-512 VNNI, AVX2, Arm dot product)")
     assert vb.vnni_usable  # its self-check passed (a kernel that fails it is never used, so never tested here)
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba launched one thread")
@@ -762,7 +762,7 @@ def test_vnni_few_channel_convs_unfold_their_rows_exactly(signed, monkeypatch):
     from edgetrain.kernels import vnni
     vb = kernels._BACKENDS["vnni"]
     if not vnni.available() or not vb.vnni_usable:
-        pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2")
+        pytest.skip("the tiles have no form for this CPU (AVX-512 VNNI, AVX2, Arm dot product)")
     monkeypatch.setattr(vb, "routes", type(vb.routes)())
     kernels.set_backend("vnni")
     rng = np.random.default_rng(11 + signed)
@@ -788,7 +788,7 @@ def test_vnni_gemms_are_exact_on_one_and_many_threads(monkeypatch):
     from edgetrain.kernels import vnni
     vb = kernels._BACKENDS["vnni"]
     if not vnni.available() or not vb.vnni_usable:
-        pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2")
+        pytest.skip("the tiles have no form for this CPU (AVX-512 VNNI, AVX2, Arm dot product)")
     monkeypatch.setattr(vb, "routes", type(vb.routes)())
     kernels.set_backend("vnni")
     rng = np.random.default_rng(6)

@@ -59,6 +59,10 @@ It runs twice: the first process fills Numba's on-disk cache if it is empty (the
 `cache=True`; index files beside their sources in __pycache__ unless NUMBA_CACHE_DIR says otherwise),
 the second starts with it warm. Bar (issue 18): the warm process finishes its first step within 1.5 seconds.
 `--fresh-cache` points both at a new, empty NUMBA_CACHE_DIR, so the first is a true first run ever.
+Python's own bytecode cache is treated like Numba's: both processes may write and read `__pycache__/*.pyc`,
+as Python does by default and as every `pip install` prepares, even where the environment sets
+PYTHONDONTWRITEBYTECODE (without .pyc files every process compiles edgetrain's ~100 modules from source:
+0.25 s more on a 2-core Zen 3); the JSON says which applied (`python_bytecode`).
 
 `--json` prints JSON for tools instead of the table; `--out` also writes it. GOP counts are not
 reported here; `tools/bench_kernels.py` times the kernels alone.
@@ -245,7 +249,8 @@ def cold_start_child(name: str, batch: int, threads: int) -> int:
     t_build = time.time()
     step()
     t_step = time.time()
-    _reply(start=t_start, imported=t_import, built=t_build, step_end=t_step, peak_rss_mb=_peak_mb())
+    _reply(start=t_start, imported=t_import, built=t_build, step_end=t_step, peak_rss_mb=_peak_mb(),
+           writes_bytecode=not sys.dont_write_bytecode)
     return 0
 
 
@@ -380,6 +385,7 @@ def run_cold_start(name: str, batch: int, threads: int, cache_dir: str | None = 
     env = dict(os.environ)
     if cache_dir:
         env["NUMBA_CACHE_DIR"] = cache_dir
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a warm start reads .pyc files, as by default (module doc)
     before = numba_cache_state(cache_dir or os.environ.get("NUMBA_CACHE_DIR"))
     cmd = [sys.executable, "-m", "tools.bench", "--cold-start-child", name,
            "--cold-start-batch", str(batch), "--threads", str(threads)]
@@ -393,7 +399,8 @@ def run_cold_start(name: str, batch: int, threads: int, cache_dir: str | None = 
     after = numba_cache_state(cache_dir or os.environ.get("NUMBA_CACHE_DIR"))
     return {"wall_s": m["step_end"] - t0, "python_start_s": m["start"] - t0, "import_s": m["imported"] - m["start"],
             "build_s": m["built"] - m["imported"], "first_step_s": m["step_end"] - m["built"],
-            "peak_rss_mb": m["peak_rss_mb"], "cache_before": before, "cache_after": after,
+            "peak_rss_mb": m["peak_rss_mb"], "writes_bytecode": m["writes_bytecode"],
+            "cache_before": before, "cache_after": after,
             "compiled_kernels": after["compiled_files"] > before["compiled_files"]}  # it wrote new cache entries
 
 
@@ -410,7 +417,9 @@ def cold_start(name: str, batch: int, threads: int, fresh_cache: bool = False) -
         else "first process of this run (cache already on disk)"
     warm["kind"] = "warm cache"
     env_dir = os.environ.get("NUMBA_CACHE_DIR")
-    return {"model": name, "batch": batch, "threads": threads, "precision": "8/8",
+    bytecode = ("written and read (Python's default; PYTHONDONTWRITEBYTECODE, set here, is dropped for these "
+                "processes)" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "written and read (Python's default)")
+    return {"model": name, "batch": batch, "threads": threads, "precision": "8/8", "python_bytecode": bytecode,
             "numba_cache": {"on_disk": warm["cache_before"]["index_files"] > 0,
                             "dir": ("temporary (--fresh-cache)" if fresh_cache
                                     else (env_dir or "__pycache__ beside the sources")),
@@ -543,7 +552,7 @@ def print_table(result: dict, args) -> None:
     cs = result.get("cold_start")
     if cs:
         print(f"\ncold start: new process, {cs['model']} b{cs['batch']} at 8/8, one training step "
-              f"(Numba cache: {cs['numba_cache']['dir']})")
+              f"(Numba cache: {cs['numba_cache']['dir']}; Python bytecode: {cs['python_bytecode']})")
         print(f"{'process':50} {'total s':>8} {'python':>7} {'import':>7} {'build':>7} {'step':>7} {'peak MB':>8}")
         for key in ("first", "warm"):
             r = cs[key]

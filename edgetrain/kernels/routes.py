@@ -70,7 +70,7 @@ def _machine_key() -> str:
     except Exception:  # no llvmlite means no Numba; the key then only needs the rest
         pass
     parts = [platform.machine(), platform.system(), sys.version, cpu, os.environ.get("NUMBA_CPU_NAME", ""),
-             os.environ.get("NUMBA_CPU_FEATURES", "")]
+             os.environ.get("NUMBA_CPU_FEATURES", ""), os.environ.get("EDGETRAIN_TILE_ISA", "")]
     parts += [f"{d}={_version(d)}" for d in ("edgetrain", "numpy", "numba", "onnxruntime")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -130,7 +130,8 @@ def _plainly_absent(route: str) -> str:
     if route == "vnni":
         from edgetrain.kernels import vnni
 
-        return "" if vnni.available() else "this CPU has neither AVX-512 VNNI nor AVX2 (or Numba targets a generic CPU)"
+        return "" if vnni.available() else ("this CPU has neither AVX-512 VNNI, AVX2 nor Arm's dot product "
+                                          "(or Numba targets a generic CPU)")
     if route == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed"
     return ""
@@ -186,6 +187,15 @@ def cpu_int8_features() -> list[str]:
         return []
 
 
+def _auto_takes_tiles() -> bool:
+    """Whether `auto` may take the vnni route here: only in a form measured faster than the next route
+    (`vnni.AUTO_FORMS`); the Arm `sdot` form is taken when asked for (`--backend vnni`) until it is measured
+    on a board."""
+    from edgetrain.kernels import vnni
+
+    return vnni.isa() in vnni.AUTO_FORMS
+
+
 def choose(choice: str | None = None) -> str:
     """Resolve a backend choice (None: $EDGETRAIN_BACKEND, default auto) to a route this machine can take."""
     raw = choice if choice is not None else os.environ.get(ENV_VAR, "auto")
@@ -194,6 +204,8 @@ def choose(choice: str | None = None) -> str:
         source = f"{ENV_VAR}={raw}" if choice is None else f"--backend {raw}"
         raise EdgetrainError(f"{source}: unknown integer route; choose one of {', '.join(CHOICES)}")
     route = ROUTES[0] if wanted == "auto" else wanted
+    if wanted == "auto" and not _auto_takes_tiles():
+        route = FALLBACK["vnni"]
     while not route_ok(route):
         if wanted != "auto":
             log.warning("edgetrain: warning: integer route %s is not usable here (%s); using %s",

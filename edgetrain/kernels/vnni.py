@@ -1,5 +1,5 @@
-"""Fused u8 x s8 conv kernels on AVX-512 VNNI (`vpdpbusd`), or the same steps on AVX2 (`vpmaddwd`),
-emitted from Numba through LLVM intrinsics.
+"""Fused 8-bit conv kernels on AVX-512 VNNI (`vpdpbusd`), the same steps on AVX2 (`vpmaddwd`), or on Arm's
+dot product (`sdot`: Cortex-A76/A78, the Raspberry Pi 5, Jetson Orin), emitted from Numba through LLVM intrinsics.
 
 `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes and adds each group of four products
 to one of 16 int32 lanes, exactly (no saturation: 4 * 255 * 128 fits easily). The micro-kernels
@@ -26,7 +26,9 @@ once into zero-padded phase planes (as in `im2col`), then
 
 A data operand of the wrong signedness is coded with XOR 0x80 (u8 x -> x - 128, s8 dy -> dy + 128)
 and the exact correction (the zero-point terms, from sums of the operands) is applied in integers:
-folded into the accumulators' initial values (forward) or added after (weight gradient).
+folded into the accumulators' initial values (forward) or added after (weight gradient). `sdot`
+multiplies s8 by s8, so there the lanes are coded signed instead (`lane_coding`: a u8 operand becomes
+x - 128, the correction's sign flips); the rows are s8 in every form.
 
 Exactness: every product and every partial sum is an exact integer in int32 as long as a reduction
 has at most `RAW_TERMS` terms (255 * 128 per term), which the backend checks; results never depend
@@ -35,8 +37,8 @@ a fixed order, partial sums are exact integers).
 
 The GEMMs (linear layers, 1x1 convs on small maps) on the same tiles are in `vnni_gemm`.
 
-Only compiled and used when the CPU has AVX-512 VNNI or AVX2 (`available()`): emitting an intrinsic
-for a CPU without it would abort LLVM, so nothing here is compiled before that check. On AVX2 the
+Only compiled and used when the CPU has AVX-512 VNNI, AVX2 or Arm's dot product (`available()`): emitting
+an intrinsic for a CPU without it would abort LLVM, so nothing here is compiled before that check. On AVX2 the
 tiles emit each 4-byte step as two `vpmaddwd` (`_TileCode`), the same integers: every layout, tile walk
 and bound here holds for both. Measured on a 2-core Zen 3 without VNNI (`tools/bench_kernels.py`,
 ResNet-20's convs and GEMMs at batch 128): 100-186 G integer operations/s, against 12-65 for the numba
@@ -88,24 +90,64 @@ def _host_features() -> dict:
 ISA_ENV = "EDGETRAIN_TILE_ISA"
 
 
+def _forced() -> str:
+    return os.environ.get(ISA_ENV, "").strip().lower()
+
+
 def has_vnni() -> bool:
-    """True when the host has AVX-512 (F, BW) with VNNI (and `ISA_ENV` does not ask for the AVX2 form):
+    """True when the host has AVX-512 (F, BW) with VNNI (and `ISA_ENV` does not ask for another form):
     the tiles then emit `vpdpbusd`."""
-    if os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+    if _forced() in ("avx2", "sdot"):
         return False
     features = _host_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni"))
 
 
+def has_sdot() -> bool:
+    """True on an Arm CPU with the dot-product instructions (Armv8.2 `dotprod`: Cortex-A76/A78, the
+    Raspberry Pi 5, Jetson Orin), where the tiles emit `sdot`; or where `ISA_ENV` asks for that form (tests
+    under emulation, with NUMBA_CPU_NAME naming such a CPU: Numba then reports no host features)."""
+    forced = _forced()
+    if forced:
+        return forced == "sdot"
+    return bool(_host_features().get("dotprod", False))
+
+
 def available() -> bool:
-    """True when Numba compiles for this host and the host has AVX-512 VNNI, or at least AVX2 (the tiles'
-    `vpmaddwd` form)."""
-    return has_vnni() or bool(_host_features().get("avx2", False))
+    """True when Numba compiles for this host and the host has AVX-512 VNNI, at least AVX2 (the tiles'
+    `vpmaddwd` form), or Arm's dot product (the `sdot` form)."""
+    return has_vnni() or has_sdot() or (_forced() != "sdot" and bool(_host_features().get("avx2", False)))
 
 
 def isa() -> str:
-    """The instruction set the tiles are emitted for on this host: "avx512vnni", "avx2" or ""."""
-    return "avx512vnni" if has_vnni() else ("avx2" if available() else "")
+    """The instruction set the tiles are emitted for on this host: "avx512vnni", "sdot", "avx2" or ""."""
+    if has_vnni():
+        return "avx512vnni"
+    if has_sdot():
+        return "sdot"
+    return "avx2" if available() else ""
+
+
+# The forms `auto` takes the tiles in (`routes.choose`): measured faster than onnxruntime's route and Numba's
+# (README "Benchmarks"). The `sdot` form is exact (checked on an emulated Cortex-A76) but not yet timed on a
+# board, where onnxruntime's own dot-product kernel is the alternative: it runs when asked for.
+AUTO_FORMS = ("avx512vnni", "avx2")
+
+
+def lanes_signed() -> bool:
+    """Whether the tiles' lane operand is coded signed: `sdot` multiplies s8 by s8, where `vpdpbusd` (and its
+    AVX2 form) multiplies the lanes' u8 by the rows' s8. The rows are s8 in every form; a lane operand of
+    the other signedness is coded with XOR 0x80 (`lane_coding`)."""
+    return isa() == "sdot"
+
+
+def lane_coding(lanes_are_signed: bool) -> tuple[int, int]:
+    """(xor, zero point) for a lane operand of this signedness on this host's tiles: the XOR that codes it
+    into the tiles' lane type, and z with value = code + z (u8 x coded s8: x - 128, so z = 128; s8 x coded
+    u8: x + 128, z = -128; 0 when no coding is needed). sum rows * values = sum rows * codes + z * sum rows."""
+    if lanes_are_signed == lanes_signed():
+        return 0, 0
+    return 0x80, (-128 if lanes_are_signed else 128)
 
 
 class _TileCode:
@@ -121,21 +163,34 @@ class _TileCode:
       accumulators, 4 split operand vectors, 2-3 for the broadcast row), each with its own k loop over
       the same operands, which stay in L1. Measured on a 2-core Zen 3 (no VNNI) at ResNet-20's
       shapes, against the int16 kernels of the numba route: see `tools/bench_kernels.py`.
+    * Arm dot product: `sdot` by element, 4 int32 lanes a vector, each lane's 4 s8 codes times the row's
+      4 s8 codes (the lanes coded signed, `lane_coding`), in sub-tiles of `SDOT_ROWS` x `SDOT_VECS`.
+      Checked for exactness on an emulated Cortex-A76 (tools/arm64_board.sh); its speed has not been
+      measured on a real board.
     """
 
     AVX2_ROWS = 4
     AVX2_VECS = 2
+    # Arm: 32 registers of 4 int32 lanes, so 4 x 4 accumulators, 4 lane vectors and the broadcast row.
+    SDOT_ROWS = 4
+    SDOT_VECS = 4
 
     def __init__(self, builder, c_addr, k4, ldc, split: bool = False):
         self.builder = builder
         self.i8, self.i16, self.i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
         self.split = split
+        self.sdot = has_sdot()  # split rows too (`_word`): every tile compiles wherever gemm_tile does
         self.wide = has_vnni() and not split
-        self.lanes = 16 if self.wide else 8
+        self.lanes = 16 if self.wide else (4 if self.sdot else 8)
         self.vec = ir.VectorType(self.i32, self.lanes)
         if self.wide:
             self.fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vec, [self.vec] * 3),
                                                      "llvm.x86.avx512.vpdpbusd.512")
+        elif self.sdot:
+            self.b16 = ir.VectorType(self.i8, 16)
+            self.fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vec, [self.vec, self.b16,
+                                                                                                 self.b16]),
+                                                     "llvm.aarch64.neon.sdot.v4i32.v16i8")
         else:
             self.h16 = ir.VectorType(self.i16, 16)
             self.fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vec, [self.h16] * 2),
@@ -172,11 +227,22 @@ class _TileCode:
             return b.ashr(b.shl(w, eight), eight), b.ashr(w, eight)
         return b.and_(w, ir.Constant(self.h16, [0xFF] * 16)), b.lshr(w, eight)
 
+    def _word(self, ptr):
+        """A split row's step (int16 codes in the order 0, 2, 1, 3, `split_words`) as its 4 int8 codes in one
+        int32: the backend splits rows for the AVX2 form only, but the split tiles compile on every host."""
+        b = self.builder
+        halves = b.load(b.bitcast(ptr, ir.VectorType(self.i16, 4).as_pointer()), align=1)
+        codes = b.trunc(halves, ir.VectorType(self.i8, 4))
+        undef = ir.Constant(ir.VectorType(self.i8, 4), ir.Undefined)
+        return b.bitcast(b.shuffle_vector(codes, undef, ir.Constant(ir.VectorType(self.i32, 4), [0, 2, 1, 3])),
+                         self.i32)
+
     def tile(self, rows: int, vecs: int, init, b_row, a_word_ptr) -> None:
         """C's rows x vecs vectors = init(m, v) + the k loop's dot products, stored: a_word_ptr(m, 4i) points
         at row m's 4 int8 codes of step i (split: a_word_ptr(m, 8i) at its two words of int16 halves), b_row(i)
         at B's row i, the uint8 codes of every lane (4 per lane)."""
-        rg, vg = (rows, vecs) if self.wide else (self.AVX2_ROWS, self.AVX2_VECS)
+        rg, vg = ((rows, vecs) if self.wide else (self.SDOT_ROWS, self.SDOT_VECS) if self.sdot
+                  else (self.AVX2_ROWS, self.AVX2_VECS))
         # Down the rows first: the sub-tiles of one column group read the same run of B, which then stays in
         # L1 (a 1024-long reduction's B is 16 KiB per 16 columns; across the columns first, 32 KiB).
         for v0 in range(0, vecs, vg):
@@ -194,15 +260,22 @@ class _TileCode:
             brow = b_row(i)
             bvecs = {v: b.load(b.bitcast(b.gep(brow, [self.const(4 * self.lanes * v)]), self.vec.as_pointer()),
                                align=1) for v in vs}
-            if not self.wide:
+            if self.sdot:
+                bvecs = {v: b.bitcast(bv, self.b16) for v, bv in bvecs.items()}
+            elif not self.wide:
                 bvecs = {v: self._halves(bv, signed=False) for v, bv in bvecs.items()}
             a_off = b.mul(i, self.const(8 if self.split else 4))
             for m in ms:
                 ptr = b.bitcast(a_word_ptr(m, a_off), self.i32.as_pointer())
-                splat = self.splat(b.load(ptr, align=1))
+                splat = self.splat(self._word(ptr) if self.sdot and self.split else b.load(ptr, align=1))
                 if self.wide:
                     for v in vs:
                         b.store(b.call(self.fn, [b.load(accs[m, v]), bvecs[v], splat]), accs[m, v])
+                    continue
+                if self.sdot:  # sdot by element: each lane's 4 bytes times the row's 4 bytes, all signed
+                    s16 = b.bitcast(splat, self.b16)
+                    for v in vs:
+                        b.store(b.call(self.fn, [b.load(accs[m, v]), bvecs[v], s16]), accs[m, v])
                     continue
                 if self.split:  # the row's halves, split when the weights were packed (`split_words`)
                     s_even = b.bitcast(splat, self.h16)
@@ -620,12 +693,14 @@ def wgrad_finish(total, sx_total, sdy_total, zx, zdy, count, out):
 
 @njit(parallel=True, **_JIT)
 def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dyw_w, c_w, used, plane_prm,
-                tap_phase, tap_off, out_h, out_w, q4, chunk, x_xor, dy_xor, workers, counter):
-    """Weight gradient, unsigned lanes = output channels, signed broadcast rows = patch rows (c, tap)
+                tap_phase, tap_off, out_h, out_w, q4, chunk, x_xor, dy_xor, dy_signed, workers, counter):
+    """Weight gradient, lanes = output channels (unsigned codes; signed in the `sdot` form), signed broadcast
+    rows = patch rows (c, tap)
     read straight from the phase planes (row_addr[w, k]: their addresses in thread w's planes):
     total[w] (Kpad, Mlanes) int64 += sum over pixels q of xcode[k, q] * dycode[m, q], with xcode the
     plane bytes (x ^ x_xor as int8) over the 4*q4 positions q = oh*wq + ow of the plane grid and
-    dycode = dy ^ dy_xor (uint8; the code of 0 at junk and padding positions); sx_total[w, k] += the
+    dycode = dy ^ dy_xor (the lanes' type; the code of 0 at junk and padding positions; dy_signed: dy is
+    int8); sx_total[w, k] += the
     plane's real values summed over the same positions and sdy_total[w, m] += dy's (for the zero-point
     correction). Images go to
     whichever thread is free; each thread moves its int32 partial sums to int64 every `chunk` images.
@@ -669,8 +744,8 @@ def wgrad_fused(x, dy, total, sx_total, sdy_total, row_addr, planes_w, dyq_w, dy
                     dst = row[oh * wq:oh * wq + out_w]
                     for t in range(out_w):
                         dst[t] = seg[t] ^ d8
-                dsum = np.int32(0)  # dy's real values: int8 (coded with the XOR), or uint8 as given
-                if dy_xor:
+                dsum = np.int32(0)  # dy's real values, int8 or uint8 (whichever way the lanes code them)
+                if dy_signed:
                     vals = src.view(np.int8)
                     for p in range(vals.size):
                         dsum += np.int32(vals[p])

@@ -194,16 +194,16 @@ def _backward_data_program(geo) -> _ConvProgram | None:
 
 
 @njit(cache=True, nogil=True)
-def _pack_weights(w_flat, w_index, blocks, corr, xor):
+def _pack_weights(w_flat, w_index, blocks, corr, zp):
     """The kernel's weight rows: packed[i] = w_flat[w_index[i]], 0 where the index is -1 (padding). With
-    xor (the data operand was int8, shifted by 128 to unsigned), corr[j, r] = -128 * (sum of job j's row
-    r): the accumulators start there. One compiled call for what took a gather and a NumPy sum per job
-    (about 15 us a conv at batch 8)."""
+    a zero point zp (the data operand coded with XOR 0x80, data = code + zp: `vnni.lane_coding`),
+    corr[j, r] = zp * (sum of job j's row r): the accumulators start there. One compiled call for what took a
+    gather and a NumPy sum per job (about 15 us a conv at batch 8)."""
     packed = np.empty(w_index.size, np.int8)
     for i in range(w_index.size):
         k = w_index[i]
         packed[i] = w_flat[k] if k >= 0 else 0
-    if xor:
+    if zp:
         for j in range(blocks.shape[0]):
             w0, k, rows = blocks[j, 0], blocks[j, 2], blocks[j, 3]
             for r in range(rows):
@@ -211,7 +211,7 @@ def _pack_weights(w_flat, w_index, blocks, corr, xor):
                 total = 0
                 for t in range(k):
                     total += np.int64(row[t])
-                corr[j, r] = -128 * total
+                corr[j, r] = zp * total
     return packed
 
 
@@ -376,19 +376,19 @@ class VnniBackend(OrtBackend):
                                        and b8.shape[0] % _vn.MT == 0 and b8.shape[1] % 4 == 0
                                        and b8.flags.c_contiguous and a8.flags.c_contiguous)
         s, u = (b8, a8) if flip else (a8, b8)
-        xor = _XOR if u.dtype == np.int8 else 0
+        xor, zp = _vn.lane_coding(u.dtype == np.int8)
         rows, lanes = s.shape[0], u.shape[0]
         work = rows * lanes * s.shape[1]
         # Rows of whole words go in as words: their transpose is the packing (`vnni_gemm.transpose_u32`).
         u = u.view(np.uint32) if u.flags.c_contiguous and u.shape[1] % 4 == 0 else u.view(np.uint8)
         if work < self.GEMM_PARALLEL_WORK:
-            c = _vg.gemm_small(s, u, xor)
+            c = _vg.gemm_small(s, u, xor, zp)
         else:
             k4, rpad, lpad = -(-s.shape[1] // 4), _round_up(rows, _vn.MT), _round_up(lanes, _vn.LANES)
             with threads_for(work), self._vlock:
                 sc = self._vscratch
                 c = np.empty((rpad, lpad), np.int32)
-                _vg.gemm_large(s, u, xor, pool_threads(),
+                _vg.gemm_large(s, u, xor, zp, pool_threads(),
                                sc.get("gemm_s", (rpad, 4 * k4), np.int8), sc.get("gemm_u", (k4, lpad), np.uint32),
                                sc.get("gemm_init", (rpad,), np.int32), c)
         out = c[:rows, :lanes]
@@ -503,9 +503,9 @@ class VnniBackend(OrtBackend):
     def _run_convs(self, x8, w8, prog: _ConvProgram, rescale):
         """Run `vnni.conv_fused` for a program (the forward, or the stride phases of a backward-data)."""
         n = x8.shape[0]
-        xor = _XOR if x8.dtype == np.int8 else 0  # the data operand must be unsigned
+        xor, zp = _vn.lane_coding(x8.dtype == np.int8)  # the data operand takes the lanes' signedness
         corr = np.zeros((prog.job_blocks.shape[0], prog.corr_len), np.int32)
-        weights = _pack_weights(np.ascontiguousarray(w8).reshape(-1), prog.w_index, prog.job_blocks, corr, xor != 0)
+        weights = _pack_weights(np.ascontiguousarray(w8).reshape(-1), prog.w_index, prog.job_blocks, corr, zp)
         if self._split_rows:
             weights = _vn.split_words(weights)
         if rescale is None:
@@ -550,7 +550,8 @@ class VnniBackend(OrtBackend):
         g = _wgrad_geometry(geo)
         n, c, m = geo.batch, geo.in_channels, geo.out_channels
         x_xor = _XOR if x8.dtype == np.uint8 else 0  # the broadcast operand is signed
-        dy_xor = _XOR if dy8.dtype == np.int8 else 0  # the vector operand is unsigned
+        dy_signed = dy8.dtype == np.int8
+        dy_xor, dy_zp = _vn.lane_coding(dy_signed)  # the vector operand takes the lanes' signedness
         workers = max(1, min(pool_threads(), n))
         with self._vlock:
             planes_w, dyq_w, dyw_w, c_w = self._vscratch.get_set((g, workers, c), lambda: [
@@ -565,10 +566,10 @@ class VnniBackend(OrtBackend):
             _vn.wgrad_fused(np.ascontiguousarray(x8).view(np.uint8),
                             np.ascontiguousarray(dy8).view(np.uint8).reshape(n, m, geo.out_h * geo.out_w), total,
                             sx_total, sdy_total, row_addr, planes_w, dyq_w, dyw_w, c_w, g.used, g.prm, g.tap_phase,
-                            g.tap_off, geo.out_h, geo.out_w, g.q4, g.chunk, x_xor, dy_xor, workers,
+                            g.tap_off, geo.out_h, geo.out_w, g.q4, g.chunk, x_xor, dy_xor, dy_signed, workers,
                             np.zeros(1, np.int64))
         dw = np.empty((m, g.k_real), out_dtype)
-        _vn.wgrad_finish(total, sx_total, sdy_total, 128 if x_xor else 0, 128 if dy_xor else 0, g.span * n, dw)
+        _vn.wgrad_finish(total, sx_total, sdy_total, 128 if x_xor else 0, -dy_zp, g.span * n, dw)
         return dw.reshape(geo.w_shape)
 
 

@@ -3,8 +3,9 @@
 C (R, L) = S (R, K) @ U (L, K)^T: the int8 operand S gives the tiles' broadcast rows (used in place
 when its rows are C-contiguous whole words, MT of them a tile; else copied, zero-padded), the other
 the lanes, in VNNI layout: words[i, l] = the bytes U[l, 4i..4i+3] (`pack_words`; `transpose_u32` for
-rows of whole words, a word transpose). An int8 U is coded unsigned with XOR 0x80 and its zero-point
-term, 128 times S's row sums, starts the accumulators. Every output tile is summed by one thread in
+rows of whole words, a word transpose). A U of the other signedness than the tiles' lanes (unsigned, or
+signed for `sdot`) is coded with XOR 0x80 and its zero-point term, 128 times S's row sums (negated for a
+signed U on unsigned lanes; `vnni.lane_coding`), starts the accumulators. Every output tile is summed by one thread in
 one fixed order, so neither the thread count nor the path changes a bit; exact while K <= RAW_TERMS.
 
 Only compiled where `vnni.available()` (see `vnni`).
@@ -78,11 +79,11 @@ def _pack(u, words, xor):
 
 
 @njit(inline="always", **_JIT)
-def _gemm_operands(s, u, xor, sp, words, init):
+def _gemm_operands(s, u, xor, zp, sp, words, init):
     """The tiles' operands for s (R, K) int8 @ u (L, K)^T bytes (or words, `_pack`), written into the buffers of
     `_gemm_shape`: s as zero-padded rows sp (Rpad, 4*k4), u in `pack_words`' layout (words) and the
-    accumulators' start init (-128 * s's row sums where u is coded with the XOR: sum s (u + 128) =
-    sum s u + 128 sum s)."""
+    accumulators' start init (zp * s's row sums where u is coded with the XOR, u = code + zp: `vnni.lane_coding`;
+    an s8 u on `vpdpbusd`: sum s (u + 128) = sum s u + 128 sum s, so zp = -128)."""
     rows, k = s.shape
     if sp.shape[0] == 0:  # s is used in place (`_rows_in_place`): only the start values
         for r in range(rows):
@@ -91,7 +92,7 @@ def _gemm_operands(s, u, xor, sp, words, init):
                 src = s[r]
                 for t in range(k):
                     total += np.int32(src[t])
-            init[r] = -128 * total
+            init[r] = zp * total
         _pack(u, words, xor)
         return
     for r in range(sp.shape[0]):
@@ -108,7 +109,7 @@ def _gemm_operands(s, u, xor, sp, words, init):
         if xor:
             for t in range(k):
                 total += np.int32(dst[t])
-        init[r] = -128 * total
+        init[r] = zp * total
     _pack(u, words, xor)  # lanes beyond L are left as they are: computed and dropped
 
 
@@ -119,9 +120,9 @@ def _rows_in_place(s):
 
 
 @njit(**_JIT)
-def gemm_small(s, u, xor):
-    """s (R, K) int8 @ u (L, K)^T (bytes, XOR-coded to unsigned with `xor`) as int32 (Rpad, Lpad), exact
-    for K <= RAW_TERMS, on this thread: one compiled call from the operands to the result."""
+def gemm_small(s, u, xor, zp):
+    """s (R, K) int8 @ u (L, K)^T (bytes, coded to the tiles' lane type with `xor`, zero point zp) as int32
+    (Rpad, Lpad), exact for K <= RAW_TERMS, on this thread: one compiled call from the operands to the result."""
     k4, rpad, lpad = _gemm_shape(s, u)
     # One name per array, no tuple unpacking: Numba 0.68 lost writes to arrays bound that way (see
     # dfq.kernels.sample_sums).
@@ -129,24 +130,24 @@ def gemm_small(s, u, xor):
     words = np.empty((k4, lpad), np.uint32)
     c = np.empty((rpad, lpad), np.int32)
     if _rows_in_place(s):
-        _gemm_operands(s, u, xor, np.empty((0, 4 * k4), np.int8), words, init)  # s may be read-only
+        _gemm_operands(s, u, xor, zp, np.empty((0, 4 * k4), np.int8), words, init)  # s may be read-only
         gemm_words(s, words, c, init)
     else:
         sp = np.empty((rpad, 4 * k4), np.int8)
-        _gemm_operands(s, u, xor, sp, words, init)
+        _gemm_operands(s, u, xor, zp, sp, words, init)
         gemm_words(sp, words, c, init)
     return c
 
 
 @njit(**_JIT)
-def gemm_large(s, u, xor, workers, sp, words, init, c):
+def gemm_large(s, u, xor, zp, workers, sp, words, init, c):
     """`gemm_small` into the caller's buffers (shapes from `_gemm_shape`: kept between calls, fresh
     ones of this size cost page faults), its tiles dealt to `workers` threads (`gemm_words_parallel`)."""
     if _rows_in_place(s):
-        _gemm_operands(s, u, xor, sp[:0], words, init)
+        _gemm_operands(s, u, xor, zp, sp[:0], words, init)
         gemm_words_parallel(s, words, c, init, workers)
     else:
-        _gemm_operands(s, u, xor, sp, words, init)
+        _gemm_operands(s, u, xor, zp, sp, words, init)
         gemm_words_parallel(sp, words, c, init, workers)
 
 
