@@ -240,7 +240,7 @@ class _TileCode:
     def tile(self, rows: int, vecs: int, init, b_row, a_word_ptr) -> None:
         """C's rows x vecs vectors = init(m, v) + the k loop's dot products, stored: a_word_ptr(m, 4i) points
         at row m's 4 int8 codes of step i (split: a_word_ptr(m, 8i) at its two words of int16 halves), b_row(i)
-        at B's row i, the uint8 codes of every lane (4 per lane)."""
+        at B's row i, the codes of every lane (4 per lane: uint8, or int8 in the `sdot` form)."""
         rg, vg = ((rows, vecs) if self.wide else (self.SDOT_ROWS, self.SDOT_VECS) if self.sdot
                   else (self.AVX2_ROWS, self.AVX2_VECS))
         # Down the rows first: the sub-tiles of one column group read the same run of B, which then stays in
@@ -291,11 +291,12 @@ class _TileCode:
 def _make_tile(MT: int, NT: int, split: bool = False):
     @intrinsic
     def tile(typingctx, c_addr, a_addr, brows_addr, b_off, k4, lda, ldc, init_addr):
-        """C[m, l] = init[m] + sum_i sum_j A[m*lda + 4i + j] (int8) * B_i[b_off + 4l + j] (uint8) for m < MT,
-        l < 16*NT, i < k4, where B_i starts at the address brows[i] (int64 (k4,) at brows_addr): each
-        step's row read straight out of the interleaved planes, at its own offset. C int32 with row
+        """C[m, l] = init[m] + sum_i sum_j A[m*lda + 4i + j] (int8) * B_i[b_off + 4l + j] (uint8; int8 for
+        `sdot`) for m < MT, l < 16*NT, i < k4, where B_i starts at the address brows[i] (int64 (k4,) at
+        brows_addr): each step's row read straight out of the interleaved planes, at its own offset. C int32 with row
         stride ldc (elements), lda and b_off in bytes, init int32 (MT,). Split: A holds each step's 4 codes
-        as int16 in the order 0, 2, 1, 3 (`split_words`), 8 bytes a step, and the tile takes the AVX2 form."""
+        as int16 in the order 0, 2, 1, 3 (`split_words`), 8 bytes a step, and the tile takes the AVX2 form (on
+        Arm, `sdot` of the codes taken back out, `_TileCode._word`)."""
         sig = types.void(types.uintp, types.uintp, types.uintp, types.intp, types.intp, types.intp, types.intp,
                          types.uintp)
 
@@ -323,7 +324,7 @@ def _make_tile(MT: int, NT: int, split: bool = False):
 def _make_row_tile(MT: int, NT: int):
     @intrinsic
     def tile(typingctx, c_addr, rows_addr, b_addr, k4, ldb, ldc):
-        """C[m, l] += sum_i sum_j A_m[4i + j] (int8) * B[i*ldb + 4l + j] (uint8) for m < MT, l < 16*NT,
+        """C[m, l] += sum_i sum_j A_m[4i + j] (int8) * B[i*ldb + 4l + j] (uint8; int8 for `sdot`) for m < MT, l < 16*NT,
         i < k4, where A_m starts at the address rows[m] (int64 (MT,) at rows_addr): rows read straight
         out of the phase planes, each at its own offset. C int32 with row stride ldc elements."""
         sig = types.void(types.uintp, types.uintp, types.uintp, types.intp, types.intp, types.intp)
