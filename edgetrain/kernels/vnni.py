@@ -116,7 +116,7 @@ def has_sdot() -> bool:
 def available() -> bool:
     """True when Numba compiles for this host and the host has AVX-512 VNNI, at least AVX2 (the tiles'
     `vpmaddwd` form), or Arm's dot product (the `sdot` form)."""
-    return has_vnni() or has_sdot() or (_forced() != "sdot" and bool(_host_features().get("avx2", False)))
+    return has_vnni() or has_sdot() or bool(_host_features().get("avx2", False))
 
 
 def isa() -> str:
@@ -125,7 +125,7 @@ def isa() -> str:
         return "avx512vnni"
     if has_sdot():
         return "sdot"
-    return "avx2" if available() else ""
+    return "avx2" if _host_features().get("avx2", False) else ""
 
 
 # The forms `auto` takes the tiles in (`routes.choose`): measured faster than onnxruntime's route and Numba's
