@@ -629,6 +629,9 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
     path.write_text(json.dumps(table))
     d = DFQ.attach(m, DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path)))
     assert d.candidate_percent()["block1"] == {"skip": 0.0, "3/6": pytest.approx(60.0)}
+    # Half the samples back-propagating: an integer candidate's backward seconds halve, fp32's (the reference) stay.
+    halved = DFQ.attach(_resnet8(), DFQConfig(candidates=("0", "3/6"), cost_table=read_cost_table(path, 0.5)))
+    assert halved.candidate_percent()["block1"] == {"skip": 0.0, "3/6": pytest.approx(40.0)}
     del table["layer2.0.conv2"]["3/6:w4"]
     path.write_text(json.dumps(table))
     with pytest.raises(EdgetrainError, match="layer2.0.conv2.*3/6:w4"):

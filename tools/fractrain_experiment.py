@@ -92,6 +92,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table, dfq_min_exec_share=args.floor)
         if schedule == "fractrain" and args.floors:
             extra["fractrain_floors"] = list(args.floors)
+    if schedule in ("dfq", "fractrain") and args.backward_share < 1:
+        extra["dfq_backward_share"] = args.backward_share
     if schedule in ("dfq", "fractrain") and args.selection != "argmax":
         extra["dfq_selection"] = args.selection
     if row in PROBE_ROWS:
@@ -264,7 +266,7 @@ def _accuracy_by(per_sample, correct) -> dict:
 # What a row's child process is told, as options of this script (lists go as comma lists; None is left out).
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
-                 "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection",
+                 "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
                  "test_samples", "warmup")
 
 
@@ -558,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="dfq and fractrain rows: argmax (each sample its gate's top candidate) or quota (each "
                         "block's computing samples spend what the target allows, the gates' ranking deciding who "
                         "goes up; docs/GATE_ESTIMATOR.md)")
+    p.add_argument("--backward-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
+                   default=1.0, help="dfq and fractrain rows: share of each block's computing samples whose error "
+                                     "runs back through it (the largest; the rest take 0-bit gradients there)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

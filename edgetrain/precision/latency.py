@@ -26,8 +26,10 @@ def _canonical(where: str, layer: str, precision: str) -> str:
                              "(FW/BW[:wW] or fp32)") from None
 
 
-def read_cost_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """{layer: {precision: seconds per step}} from a latency-table file; one-line errors name the entry."""
+def read_cost_table(path: str | os.PathLike, backward_share: float = 1.0) -> dict[str, dict[str, float]]:
+    """{layer: {precision: seconds per step}} from a latency-table file; one-line errors name the entry.
+    backward_share: the share of the samples whose backward an integer layer runs (DFQConfig.backward_share),
+    which scales its backward seconds; fp32, the reference, keeps its own whole."""
     where = os.fspath(path)
     try:
         with open(where, encoding="utf-8") as f:
@@ -49,9 +51,9 @@ def read_cost_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
             back = times.get("backward_s") or 0.0
             if not isinstance(back, (int, float)):
                 raise EdgetrainError(f"{where}: '{layer}' at '{precision}': 'backward_s' must be a number or null")
-            total = float(times["forward_s"]) + float(back)
-            if not math.isfinite(total) or total < 0:
+            if not all(math.isfinite(t) and t >= 0 for t in (float(times["forward_s"]), float(back))):
                 raise EdgetrainError(f"{where}: '{layer}' at '{precision}': timings must be finite and >= 0")
-            row[_canonical(where, layer, str(precision))] = total
+            key = _canonical(where, layer, str(precision))
+            row[key] = float(times["forward_s"]) + float(back) * (1.0 if key == "fp32" else backward_share)
         table[str(layer)] = row
     return table

@@ -32,7 +32,7 @@ as activations, and its backward returns dA = dY B^T and dB = A^T dY from the sa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -146,6 +146,16 @@ class QuantMAC(Op):
         """The layer's output with each group's rows quantised by its op (every op runs this node);
         with merge, groups share kernel calls where their codes allow (module doc)."""
         raise NotImplementedError
+
+    def backward_rows(self, ctx: MACContext, grads, needed, rows: np.ndarray):
+        """backward with an error for the samples `rows` (sorted) only: the others take 0-bit gradients here, so
+        they add nothing to the weight gradient and get a zero input gradient. This form zeroes their rows and
+        runs every row (no time saved); a conv runs the kernels on `rows` alone (QuantConv.backward_rows)."""
+        if len(rows) == grads[0].shape[0]:
+            return self.backward(ctx, grads, needed)
+        dy = np.zeros_like(grads[0])
+        dy[rows] = grads[0][rows]
+        return self.backward(ctx, [dy, *grads[1:]], needed)
 
     def _quantize_input(self, x: np.ndarray, training: bool, operand: int = 0) -> QTensor:
         """Activations: per-tensor range from the batch in training, the running range in eval.
@@ -324,6 +334,40 @@ class QuantConv(QuantMAC):
         if ctx.has_bias:
             out.append(_groups_channel_sum(dy, ctx.groups))
         return out
+
+
+    def backward_rows(self, ctx: ConvContext, grads, needed, rows: np.ndarray):
+        """backward with an error for the samples `rows` (sorted) only (QuantMAC.backward_rows), its kernels run
+        on those rows' codes alone: the weight gradient and error of the others are never computed."""
+        n = ctx.x_shape[0]
+        if len(rows) == n:
+            return self.backward(ctx, grads, needed)
+        if ctx.subsampled is not None or ctx.out_ndim != 4:  # (a strided or 1-D view: rare inside a gated unit)
+            return super().backward_rows(ctx, grads, needed, rows)
+        groups, inputs, codes, start = [], [], [], 0
+        for i, (g, xq) in enumerate(zip(ctx.groups, ctx.inputs)):
+            first, stop, _ = g.rows.indices(n)
+            lo, hi = np.searchsorted(rows, (first, stop))
+            if hi == lo:
+                continue
+            inputs.append(replace(xq, q=xq.q[rows[lo:hi] - first]))
+            groups.append(Group(slice(start, start + int(hi - lo)), g.op))
+            if ctx.tensor_codes is not None:
+                codes.append(ctx.tensor_codes[i])
+            start += int(hi - lo)
+        dy = grads[0]
+        if not groups:  # no sample carries an error here: nothing to compute
+            dw = np.zeros_like(ctx.w)
+            out = [np.zeros(ctx.x_shape, ctx.dtype) if needed[0] else None, dw]
+            return out + [np.zeros(dy.shape[1], dy.dtype)] if ctx.has_bias else out
+        sub = replace(ctx, groups=groups, inputs=inputs, tensor_codes=codes if ctx.tensor_codes is not None else None,
+                      x_shape=(start,) + tuple(ctx.x_shape[1:]))
+        dx_rows, *rest = self.backward(sub, [dy[rows]], needed)
+        if dx_rows is None:
+            return [None, *rest]
+        dx = np.zeros(ctx.x_shape, dx_rows.dtype)
+        dx[rows] = dx_rows
+        return [dx, *rest]
 
 
 def _pointwise_strides(args: dict, w_shape: tuple) -> tuple[int, int] | None:

@@ -194,6 +194,9 @@ class TrainConfig:
     dfq_min_exec_share: float = setting(0.0, "floor on each block's executed share of a batch (guards against "
                                         "collapse, e.g. with a measured-time cost)", "float", metavar="S", low=0.0,
                                         group="dfq")
+    dfq_backward_share: float = setting(1.0, "share of each block's computing samples whose error runs back through "
+                                        "its layers (those with the largest output gradient; the rest take 0-bit "
+                                        "gradients there)", "float", metavar="S", low=0.0, group="dfq")
     dfq_recalibration_batches: int = setting(dfq.DEFAULT_RECALIBRATION_BATCHES, "training batches that re-estimate "
                                              "BatchNorm statistics and activation ranges at full depth before the "
                                              "export (0: off)", "int", metavar="N", low=0, group="dfq")
@@ -402,7 +405,8 @@ def dfq_settings(c: TrainConfig, cost_table: dict[str, dict[str, float]] | None 
                          weight_bits=c.dfq_weight_bits, target=target, beta=c.dfq_beta, cost_table=cost_table,
                          estimator=c.dfq_estimator, probe_share=c.dfq_probe_share, probe_weight=c.dfq_probe_weight,
                          probe_margin=c.dfq_probe_margin, probe_rule=c.dfq_probe_rule,
-                         min_exec_share=c.dfq_min_exec_share, selection=c.dfq_selection)
+                         min_exec_share=c.dfq_min_exec_share, selection=c.dfq_selection,
+                         backward_share=c.dfq_backward_share)
 
 
 def dfq_config(c: TrainConfig) -> dfq.DFQConfig:
@@ -411,7 +415,7 @@ def dfq_config(c: TrainConfig) -> dfq.DFQConfig:
     if c.dfq_cost_table:
         from edgetrain.precision.latency import read_cost_table
 
-        table = read_cost_table(c.dfq_cost_table)
+        table = read_cost_table(c.dfq_cost_table, c.dfq_backward_share)
     return dfq_settings(c, table)
 
 

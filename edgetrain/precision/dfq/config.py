@@ -94,6 +94,9 @@ class DFQConfig:
     probe_rule: str = "margin"  # "margin": cheapest within a margin of the best; "budget": priced sensitivity
     min_exec_share: float = 0.0  # floor on each skippable unit's executed share of a batch (guards collapse)
     selection: str = "argmax"  # "argmax": each sample its gate's top candidate; "quota": by ranking (dfq.quota)
+    # Share of each unit's computing samples whose error runs back through its MAC layers: those whose output
+    # gradient peaks highest; the rest take 0-bit gradients there (GatedUnit._trained_rows). 1: every sample.
+    backward_share: float = 1.0
 
     def __post_init__(self) -> None:
         """Refuse values no DFQ run can use, whoever builds the config (the CLI, a TOML file, the API)."""
@@ -117,6 +120,8 @@ class DFQConfig:
                 raise EdgetrainError(f"dfq {name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not _real(self.min_exec_share) or not 0 <= self.min_exec_share <= 1:
             raise EdgetrainError(f"dfq min_exec_share must be a share in [0, 1], got {self.min_exec_share!r}")
+        if not _real(self.backward_share) or not 0 < self.backward_share <= 1:
+            raise EdgetrainError(f"dfq backward_share must be a share in (0, 1], got {self.backward_share!r}")
         if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int):
             raise EdgetrainError(f"dfq weight_bits must be an integer, got {self.weight_bits!r}")
         if isinstance(self.candidates, str) or not all(isinstance(c, str) for c in self.candidates):
@@ -130,7 +135,7 @@ class DFQConfig:
                 "beta": self.beta, "initial_logit": self.initial_logit, "initial_choice": self.initial_choice,
                 "estimator": self.estimator, "probe_share": self.probe_share, "probe_weight": self.probe_weight,
                 "probe_margin": self.probe_margin, "probe_rule": self.probe_rule, "min_exec_share": self.min_exec_share,
-                "selection": self.selection}
+                "selection": self.selection, "backward_share": self.backward_share}
 
     def check(self) -> tuple[Candidate, ...]:
         """Refuse weight bits no kernel has and candidates no gate can take; returns the parsed candidates.

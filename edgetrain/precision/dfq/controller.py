@@ -73,6 +73,8 @@ class StepRecord:
     choices: dict[int, np.ndarray] = field(default_factory=dict)
     batch: int = 0
     probe_runs: dict[int, np.ndarray] = field(default_factory=dict)  # per unit: probe samples run per candidate
+    trained: dict[int, np.ndarray] = field(default_factory=dict)  # per unit: rows per candidate whose error ran
+    # back through the branch, where a backward share below 1 kept fewer than all (GatedUnit._trained_rows)
     probes: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # per unit: what the probe estimator
     # saw and aimed at in the last backward (rows, scores, targets, the gate's probabilities of those rows)
 
@@ -128,6 +130,7 @@ class DFQ:
         self.computing = [k for k, c in enumerate(self.candidates) if not c.skip]
         self.target = float(config.target)
         self.floor = float(config.min_exec_share)  # FracTrain may raise it stage by stage (dfq_floor in its spec)
+        self.backward_share = float(config.backward_share)
         self.param_names: list[str] = []
         self.state: tuple[np.ndarray, np.ndarray] | None = None  # the LSTM's (h, c) during a forward
         # channel means of unit outputs, by value name, during a forward (GatedUnit: the next gate's input)
@@ -341,7 +344,7 @@ class DFQ:
         """BitOPs of the gated layers in the last forward: as chosen (plus the probe's forward-only runs), and as
         fp32 for every sample."""
         return chosen_step_costs(self.units, self.candidates, self.record.choices, self.record.batch,
-                                 self.record.probe_runs)
+                                 self.record.probe_runs, self.record.trained)
 
     def static_form(self, layer: str, candidate: str) -> tuple[LayerPrecision, str, bool]:
         """A gated layer run at one candidate for every sample: its precision, range key, unsigned input."""

@@ -58,14 +58,22 @@ def _table_cost(table: dict[str, dict[str, float]], u: Unit, precision: str) -> 
 
 
 def chosen_step_costs(units: list[Unit], candidates: tuple[Candidate, ...], choices: dict[int, np.ndarray],
-                      batch: int, forward_only: dict[int, np.ndarray] | None = None
+                      batch: int, forward_only: dict[int, np.ndarray] | None = None,
+                      trained: dict[int, np.ndarray] | None = None
                       ) -> tuple[dict[str, LayerCost], dict[str, LayerCost]]:
     """BitOPs of the gated layers in a forward with these choices: as chosen, and as fp32 for every sample.
-    forward_only: per unit, samples per candidate that also ran forward only (the probe estimator's runs)."""
+    forward_only: per unit, samples per candidate that also ran forward only (the probe estimator's runs);
+    trained: per unit, samples per candidate whose error ran back (default: all that computed; the rest of
+    them count their forward only)."""
     costs, fp32 = {}, {}
     for u in units:
         counts = np.bincount(choices[u.index], minlength=len(candidates))
-        extra = (forward_only or {}).get(u.index)
+        kept = (trained or {}).get(u.index)
+        extra = counts - kept if kept is not None else None
+        if (forward_only or {}).get(u.index) is not None:
+            extra = forward_only[u.index] + (0 if extra is None else extra)
+        if kept is not None:
+            counts = kept
         for name, macs in u.macs.items():
             weightless = name in u.weightless
             cost = sum((layer_step_cost(int(counts[k]) * macs, _layer_precision(c.precision, weightless), 0)

@@ -3,6 +3,7 @@ the shortcut, and backward."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -418,6 +419,7 @@ class GatedUnit(Op):
         u = self.unit
         inner: dict[str, np.ndarray] = {u.branch_output: dr}
         wanted = dict(zip(self.node.inputs, needed))
+        trained = self._trained_rows(ctx, dr)
         for node, op, nctx in reversed(ctx.tape):
             g_out = [inner.pop(o, None) if o else None for o in node.outputs]
             if g_out[0] is None:
@@ -425,7 +427,10 @@ class GatedUnit(Op):
             # Values inside the branch always carry a gradient; the unit's other inputs as the executor says.
             inner_needed = [bool(i) and (i in self.produced or i == u.fork or wanted.get(i, True))
                             for i in node.inputs]
-            gins = self._timed(node.name, "backward", op.backward, nctx, g_out, inner_needed)
+            if trained is not None and isinstance(nctx, MACContext):
+                gins = self._timed(node.name, "backward", op.backward_rows, nctx, g_out, inner_needed, trained)
+            else:
+                gins = self._timed(node.name, "backward", op.backward, nctx, g_out, inner_needed)
             if isinstance(nctx, MACContext):
                 self._count(len(nctx.groups))  # one weight-gradient call per group
             for name, g in zip(node.inputs, gins):
@@ -438,6 +443,23 @@ class GatedUnit(Op):
                     pos = self.node.inputs.index(name)
                     out[pos] = g if out[pos] is None else out[pos] + g
         return inner.get(u.fork)
+
+    def _trained_rows(self, ctx: UnitContext, dr: np.ndarray) -> np.ndarray | None:
+        """The executing rows whose error runs back through the branch's MAC layers (sorted; None: every row):
+        with a backward share s below 1, the ceil(s n) whose output gradient's largest magnitude is largest (ties:
+        lower row first). A maximum is exact in any order, so the choice is the same on every machine; the rows it
+        passes over are those a per-tensor quantiser codes with the fewest levels. They take 0-bit gradients at
+        the MAC layers (DFQConfig.backward_share); the step's record counts the rows kept, per candidate."""
+        share = self.dfq.backward_share
+        n = ctx.n_exec
+        keep = min(n, max(1, math.ceil(round(share * n, 9))))
+        if keep >= n:
+            return None
+        peaks = np.abs(dr.reshape(n, -1)).max(axis=1)
+        rows = np.sort(np.argsort(-peaks, kind="stable")[:keep])
+        choice = ctx.choice if isinstance(ctx.order, slice) else ctx.choice[ctx.order]
+        self.dfq.record.trained[self.unit.index] = np.bincount(choice[rows], minlength=len(self.dfq.candidates))
+        return rows
 
     def _count(self, calls: int) -> None:
         """Count MAC-layer passes inside the unit (DFQ.kernel_calls)."""
