@@ -134,3 +134,23 @@ def test_the_cli_and_the_agent_take_a_backend_flag(tmp_path: Path) -> None:
     caps = board_capabilities(tmp_path)
     assert set(caps["integer_routes"]) == set(routes.ROUTES) and caps["integer_routes"]["numba"] is True
     assert caps["integer_route"] in routes.ROUTES
+
+
+def test_auto_says_once_which_tiles_it_passes_over(fresh, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from edgetrain.kernels import vnni
+
+    monkeypatch.setenv(vnni.ISA_ENV, "sdot")  # the Arm form, forced: auto does not take it yet
+    monkeypatch.setattr(routes, "_pointed", False)
+    monkeypatch.setattr(routes, "route_ok", lambda route: route == "numba")
+    with caplog.at_level(logging.INFO, logger="edgetrain.kernels"):
+        assert routes.choose("auto") == "numba"
+        assert routes.choose("auto") == "numba"
+    told = [r.getMessage() for r in caplog.records if "passes over" in r.getMessage()]
+    assert len(told) == 1 and "--backend vnni" in told[0]
+    monkeypatch.setattr(routes, "_pointed", False)
+    monkeypatch.setenv(vnni.ISA_ENV, "avx2")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="edgetrain.kernels"):
+        routes.choose("auto")
+    assert not any("passes over" in r.getMessage() for r in caplog.records)

@@ -39,12 +39,14 @@ from edgetrain.precision.dfq.config import (
     DEFAULT_PROBE_MARGIN,
     DEFAULT_PROBE_SHARE,
     DEFAULT_PROBE_WEIGHT,
+    DEFAULT_WEIGHT_BITS,
     PROBE_RULES,
     SELECTIONS,
 )
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.recalibrate import recalibrate
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
+from edgetrain.precision.spec import MAX_BITS, MIN_BITS
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time", "dfq-probe", "fractrain-probe")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
@@ -92,6 +94,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra.update(dfq_target=args.time_target, dfq_cost_table=args.cost_table, dfq_min_exec_share=args.floor)
         if schedule == "fractrain" and args.floors:
             extra["fractrain_floors"] = list(args.floors)
+    if schedule in ("dfq", "fractrain") and args.weight_bits != DEFAULT_WEIGHT_BITS:
+        extra["dfq_weight_bits"] = args.weight_bits
     if schedule in ("dfq", "fractrain") and args.backward_share < 1:
         extra["dfq_backward_share"] = args.backward_share
     if schedule in ("dfq", "fractrain") and args.selection != "argmax":
@@ -267,6 +271,7 @@ def _accuracy_by(per_sample, correct) -> dict:
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
                  "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
+                 "weight_bits",
                  "test_samples", "warmup")
 
 
@@ -290,7 +295,7 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     percentage of their fp32 time."""
     import models
     from edgetrain.onnx_import import load_graph
-    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, DEFAULT_WEIGHT_BITS, parse_candidates
+    from edgetrain.precision.dfq.config import DEFAULT_CANDIDATES, parse_candidates
     from edgetrain.precision.dfq.units import gating_plan
     from edgetrain.precision.latency import read_cost_table
 
@@ -300,7 +305,7 @@ def measure_latency(args: argparse.Namespace, folder: Path) -> tuple[str, float]
     table = folder / "latency.json"
     table.unlink(missing_ok=True)
     specs = ["fp32", "8/8"] + [str(c.precision) for c in parse_candidates(args.candidates or DEFAULT_CANDIDATES,
-                                                                          DEFAULT_WEIGHT_BITS) if not c.skip]
+                                                                          args.weight_bits) if not c.skip]
     for spec in specs:  # the model is built at the experiment's input size, so the profile runs at it
         cmd = [sys.executable, "-m", "edgetrain.cli", "profile", str(model), "--simulate", "--precision", spec,
                "--batch-size", str(args.batch_size), "--steps", str(PROFILE_STEPS), "--warmup", "2",
@@ -494,7 +499,7 @@ def _checked_by(parse):
 
 def _candidates(text: str) -> list[str]:
     """The comma list of DFQ candidates, as written, once edgetrain accepts it."""
-    from edgetrain.precision.dfq.config import DEFAULT_WEIGHT_BITS, parse_candidates
+    from edgetrain.precision.dfq.config import parse_candidates
 
     values = [v.strip() for v in text.split(",") if v.strip()]
     parse_candidates(values, DEFAULT_WEIGHT_BITS)
@@ -560,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="dfq and fractrain rows: argmax (each sample its gate's top candidate) or quota (each "
                         "block's computing samples spend what the target allows, the gates' ranking deciding who "
                         "goes up; docs/GATE_ESTIMATOR.md)")
+    p.add_argument("--weight-bits", type=bounded(int, f"bits in {MIN_BITS}..{MAX_BITS}", low=MIN_BITS, high=MAX_BITS),
+                   default=DEFAULT_WEIGHT_BITS, help="dfq and fractrain rows: the gated layers' weight bits (default "
+                                                     f"{DEFAULT_WEIGHT_BITS}, FracTrain's)")
     p.add_argument("--backward-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
                    default=1.0, help="dfq and fractrain rows: share of each block's computing samples whose error "
                                      "runs back through it (the largest; the rest take 0-bit gradients there)")

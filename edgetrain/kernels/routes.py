@@ -196,6 +196,22 @@ def _auto_takes_tiles() -> bool:
     return vnni.isa() in vnni.AUTO_FORMS
 
 
+_pointed = False  # whether this process was told of the tiles `auto` passes over
+
+
+def _point_at_untimed_tiles() -> None:
+    """Say once per process that `auto` passes over tiles this CPU has (the Arm `sdot` form, exact but not yet
+    timed on a board), and how to take them."""
+    global _pointed
+    from edgetrain.kernels import vnni
+
+    if _pointed or vnni.isa() != "sdot":
+        return
+    _pointed = True
+    log.info("edgetrain: integer route auto passes over this CPU's 8-bit dot-product tiles (sdot: exact, not yet "
+             "timed on a board); --backend vnni or EDGETRAIN_BACKEND=vnni takes them")
+
+
 def choose(choice: str | None = None) -> str:
     """Resolve a backend choice (None: $EDGETRAIN_BACKEND, default auto) to a route this machine can take."""
     raw = choice if choice is not None else os.environ.get(ENV_VAR, "auto")
@@ -206,6 +222,7 @@ def choose(choice: str | None = None) -> str:
     route = ROUTES[0] if wanted == "auto" else wanted
     if wanted == "auto" and not _auto_takes_tiles():
         route = FALLBACK["vnni"]
+        _point_at_untimed_tiles()
     while not route_ok(route):
         if wanted != "auto":
             log.warning("edgetrain: warning: integer route %s is not usable here (%s); using %s",
