@@ -147,3 +147,12 @@ def test_bit_identical_on_one_and_two_threads():
 def test_bad_share_is_refused(share):
     with pytest.raises(EdgetrainError, match="backward_share"):
         DFQConfig(backward_share=share)
+
+
+def test_gates_price_the_backward_at_the_share():
+    """In BitOPs a 4/6 candidate with 4-bit weights costs 16 + 24 + 24 per MAC; at share 0.5 its backward halves."""
+    _, full = _tiny(DFQConfig(candidates=("0", "4/6")))
+    _, half = _tiny(DFQConfig(candidates=("0", "4/6"), backward_share=0.5))
+    for u in full.units:
+        assert half.unit_cost[u.index][1] == pytest.approx(full.unit_cost[u.index][1] * (16 + 24) / 64)
+        assert half.unit_fp32[u.index] == full.unit_fp32[u.index]  # the reference stays fp32's whole step

@@ -15,8 +15,11 @@ from edgetrain.precision.spec import FP32, LayerPrecision
 
 
 def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
-                    table: dict[str, dict[str, float]] | None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-    """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds)."""
+                    table: dict[str, dict[str, float]] | None, backward_share: float = 1.0
+                    ) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds).
+    backward_share: the share of its samples whose backward a computing candidate runs (the BitOPs' backward
+    terms scale by it; a measured table comes with its backward seconds scaled, latency.read_cost_table)."""
     costs, fp32 = {}, {}
     for u in units:
         work = sum(u.macs.values())
@@ -28,7 +31,7 @@ def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
             elif table is not None:
                 row.append(_table_cost(table, u, str(c.precision)))
             else:
-                row.append(float(sum(macs * _step_bits(c.precision, name in u.weightless)
+                row.append(float(sum(macs * _step_bits(c.precision, name in u.weightless, backward_share)
                                      for name, macs in u.macs.items())))
         costs[u.index] = np.array(row)
     return costs, fp32
@@ -39,10 +42,11 @@ def _layer_precision(p: LayerPrecision, weightless: bool) -> LayerPrecision:
     return p.without_weight() if weightless else p
 
 
-def _step_bits(p: LayerPrecision, weightless: bool) -> int:
-    """BitOPs per MAC of one training step (forward, error, weight gradient) at precision p."""
+def _step_bits(p: LayerPrecision, weightless: bool, backward_share: float = 1.0) -> float:
+    """BitOPs per MAC of one training step (forward, error, weight gradient) at precision p, the backward run
+    for a share of the samples."""
     a, w, g = _layer_precision(p, weightless).bitops_bits()
-    return a * w + g * w + a * g
+    return a * w + backward_share * (g * w + a * g)
 
 
 def _table_cost(table: dict[str, dict[str, float]], u: Unit, precision: str) -> float:
