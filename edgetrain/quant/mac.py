@@ -335,7 +335,6 @@ class QuantConv(QuantMAC):
             out.append(_groups_channel_sum(dy, ctx.groups))
         return out
 
-
     def backward_rows(self, ctx: ConvContext, grads, needed, rows: np.ndarray):
         """backward with an error for the samples `rows` (sorted) only (QuantMAC.backward_rows), its kernels run
         on those rows' codes alone: the weight gradient and error of the others are never computed."""
