@@ -122,9 +122,8 @@ class DFQ:
         self.logit_masks = {u.index: logit_mask(self.unit_candidates[u.index], len(self.candidates))
                             for u in self.units}
         measure_units(self.units, graph, self.gated_layers, model.float_op)
-        # A measured table comes with its backward seconds already scaled by the share (latency.read_cost_table).
         self.unit_cost, self.unit_fp32 = candidate_costs(self.units, self.candidates, config.cost_table,
-                                                         1.0 if config.cost_table else config.backward_share)
+                                                         config.backward_share)
         total_fp32 = sum(self.unit_fp32.values())
         # Each candidate's cost over all units, percent of their fp32 cost: what a target is compared to.
         self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32

@@ -18,8 +18,8 @@ def candidate_costs(units: list[Unit], candidates: tuple[Candidate, ...],
                     table: dict[str, dict[str, float]] | None, backward_share: float = 1.0
                     ) -> tuple[dict[int, np.ndarray], dict[int, float]]:
     """Per unit: each candidate's per-sample training cost, and the fp32 one (BitOPs, or measured seconds).
-    backward_share: the share of its samples whose backward a computing candidate runs (the BitOPs' backward
-    terms scale by it; a measured table comes with its backward seconds scaled, latency.read_cost_table)."""
+    backward_share: the share of its samples whose backward a computing candidate runs; it scales the BitOPs'
+    backward terms (a measured table arrives with its backward seconds already scaled: latency.read_cost_table)."""
     costs, fp32 = {}, {}
     for u in units:
         work = sum(u.macs.values())
@@ -71,19 +71,15 @@ def chosen_step_costs(units: list[Unit], candidates: tuple[Candidate, ...], choi
     them count their forward only)."""
     costs, fp32 = {}, {}
     for u in units:
-        counts = np.bincount(choices[u.index], minlength=len(candidates))
-        kept = (trained or {}).get(u.index)
-        extra = counts - kept if kept is not None else None
-        if (forward_only or {}).get(u.index) is not None:
-            extra = forward_only[u.index] + (0 if extra is None else extra)
-        if kept is not None:
-            counts = kept
+        ran = np.bincount(choices[u.index], minlength=len(candidates))
+        counts = (trained or {}).get(u.index, ran)  # whole training steps
+        extra = ran - counts + (forward_only or {}).get(u.index, 0)  # forward only
         for name, macs in u.macs.items():
             weightless = name in u.weightless
             cost = sum((layer_step_cost(int(counts[k]) * macs, _layer_precision(c.precision, weightless), 0)
                         for k, c in enumerate(candidates) if not c.skip and counts[k]), LayerCost(0, 0, 0, 0, 0))
             for k, c in enumerate(candidates):
-                if extra is not None and extra[k] and not c.skip:
+                if extra[k] and not c.skip:
                     step = layer_step_cost(int(extra[k]) * macs, _layer_precision(c.precision, weightless), 0)
                     cost = cost + LayerCost(step.macs, step.forward, 0, 0, 0)
             costs[name] = cost

@@ -3,7 +3,6 @@ the shortcut, and backward."""
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,7 +21,7 @@ from edgetrain.precision.dfq.gates import (
     pooled_grad_to_input,
     straight_through,
 )
-from edgetrain.precision.dfq.guard import apply_floor
+from edgetrain.precision.dfq.guard import apply_floor, share_count
 from edgetrain.precision.dfq.kernels import (
     pooled_grad_scatter_add,
     relu_grad_of_rows,
@@ -452,7 +451,7 @@ class GatedUnit(Op):
         the MAC layers (DFQConfig.backward_share); the step's record counts the rows kept, per candidate."""
         share = self.dfq.backward_share
         n = ctx.n_exec
-        keep = min(n, max(1, math.ceil(round(share * n, 9))))
+        keep = min(n, max(1, share_count(share, n)))
         if keep >= n:
             return None
         peaks = np.abs(dr.reshape(n, -1)).max(axis=1)

@@ -14,11 +14,15 @@ import math
 import numpy as np
 
 
+def share_count(share: float, n: int) -> int:
+    """ceil(share * n), with round() first: 0.25 * 8 must give 2, not 3 from a float that lands a hair above 2."""
+    return math.ceil(round(share * n, 9))
+
+
 def apply_floor(logits: np.ndarray, choice: np.ndarray, skips: np.ndarray, floor: float) -> np.ndarray:
     """`choice` with at least ceil(floor * N) samples at a computing candidate (ties: lower sample index first)."""
     n = len(choice)
-    # round() first: 0.25 * 8 must give 2, not 3 from a float that lands a hair above 2.
-    need = math.ceil(round(floor * n, 9)) - int((~skips[choice]).sum())
+    need = share_count(floor, n) - int((~skips[choice]).sum())
     if need <= 0:
         return choice
     computing = np.where(skips[None, :], -np.inf, logits)
