@@ -59,6 +59,35 @@ def test_compiled_maxpool_is_the_numpy_form_bit_for_bit(attrs, dtype, monkeypatc
     np.testing.assert_array_equal(dx_c.view(np.uint8), dx_n.view(np.uint8))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_tiled_2x2_pool_is_the_numpy_form_bit_for_bit(dtype, relu, monkeypatch):
+    """The windows tile the input (`tiles_2x2`: its gathered two-pass forward and row-wise backward), on
+    many ties, signed zeros, NaN (first and later offsets) and infinities, with and without the folded Relu."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, size=(3, 5, 8, 10)).astype(dtype) * dtype(0.5)
+    x[0, 0, :2, :2] = [[-0.0, 0.0], [0.0, -0.0]]
+    x[1, 2, 4, 5] = np.nan
+    x[1, 2, 5, 4] = np.nan  # two NaNs in one window: the first in offset order wins
+    x[1, 3, 0, 1] = np.nan
+    x[2, 3, :4, :4] = -np.inf
+    x[2, 4] = -0.0
+    assert pool_kernels.tiles_2x2((2, 2), (2, 2), (1, 1), x.shape[2:], (4, 5))
+    g = rng.standard_normal((3, 5, 4, 5)).astype(dtype)
+    g.flat[::7] = -0.0
+    if relu:
+        (y, dx), (yf, dxf) = _relu_then_pool(dict(kernel_shape=[2, 2], strides=[2, 2]), x, g, False, monkeypatch)
+        (_, _), (yc, dxc) = _relu_then_pool(dict(kernel_shape=[2, 2], strides=[2, 2]), x, g, True, monkeypatch)
+        pairs = [(yc, y), (dxc, dx), (yf, y), (dxf, dx)]
+    else:
+        (outs_c, dx_c), (outs_n, dx_n) = _both(_op(dict(kernel_shape=[2, 2], strides=[2, 2]), indices=True), x, g,
+                                                monkeypatch)
+        pairs = list(zip(outs_c, outs_n)) + [(dx_c, dx_n)]
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
 def test_large_input_takes_the_parallel_branch_with_the_same_bits(monkeypatch):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 32, 48, 48)).astype(np.float32)
