@@ -294,7 +294,7 @@ def _kernels():
     from edgetrain.quant import quantizer, small_linear
     from edgetrain.train import optim
 
-    return [detfloat._gemm, detfloat._sum_mid, detfloat._mid_sum, detfloat._sum_outer, norm_kernels.bn_train_forward,
+    return [detfloat._gemm, detfloat._sum_mid, detfloat._mid_sums, detfloat._sum_outer, norm_kernels.bn_train_forward,
             norm_kernels.bn_train_forward_parallel, norm_kernels.bn_train_backward,
             norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
             quantizer._quantize_nearest, quantizer._quantize_stochastic, quantizer._quantize_both,
@@ -336,7 +336,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
             assert not re.search(r"\bv?f(?:n)?m(?:add|sub)\d", asm), kernel.__name__  # x86 FMA3, arm fmadd
             checked.add(kernel.__name__)
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
-    assert {"_gemm", "_sum_mid", "_mid_sum", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
+    assert {"_gemm", "_sum_mid", "_mid_sums", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
             "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "gate_forward_rows",
             "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64", "forward_codes",
             "backward_codes", "_linear_forward_small", "_linear_backward_small"} <= checked

@@ -243,6 +243,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # Partial sums a run is dealt over (`_mid_sum`, written out for eight): independent float64 chains the CPU
 # overlaps, where one chain waits out each add's latency (LeNet-5's conv bias gradient, (8, 6, 28x28)).
 SUM_LANES = 8
+# Runs of channels a parallel `_sum_mid` deals to the threads: more than any thread count here, so a slow
+# thread does not hold the others up (a channel's sum is the same in any run).
+SUM_RUNS = 64
 
 
 @njit(cache=True, inline="always")
@@ -252,18 +255,19 @@ def _add_lanes(s, v, i):
             s[6] + v[i + 6], s[7] + v[i + 7])
 
 
-@njit(cache=True)
-def _mid_sum(x3, c):
+@njit(cache=True, inline="always")
+def _mid_sum(x3, c, tail):
     """The float64 sum of x3[:, c, :] in its fixed order: value i of each run x3[o, c] (the runs in order of o)
     is added to partial sum i % SUM_LANES, and the partial sums are then added in order, 0 first. A run's
-    tail is added through a zero-padded copy: + 0.0 leaves a partial sum as it is (none is ever -0.0: each
-    starts at +0.0, and a round-to-nearest sum is -0.0 only of two -0.0s). Compiled on its own, not inlined
-    into `_sum_mid`'s parallel loop, whose pipeline kept the partial sums out of registers (13 -> 22 us at
-    (8, 6, 784))."""
+    tail is added through `tail`, the caller's SUM_LANES zeros, of which the first inner % SUM_LANES are
+    overwritten (the same count for every run, so the rest stay zero): + 0.0 leaves a partial sum as it is
+    (none is ever -0.0: each starts at +0.0, and a round-to-nearest sum is -0.0 only of two -0.0s). Inlined
+    into `_mid_sums`, a plain loop compiled on its own: inlined into `_sum_mid`'s parallel loop, the pipeline
+    kept the partial sums out of registers (13 -> 22 us at (8, 6, 784)), and called per channel, the call
+    and its reference counts cost more than short sums (`_mid_sums`)."""
     s = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     inner = x3.shape[2]
     whole = inner - inner % SUM_LANES
-    tail = np.zeros(SUM_LANES if whole < inner else 0)
     for o in range(x3.shape[0]):
         row = x3[o, c]
         for i in range(0, whole, SUM_LANES):
@@ -274,16 +278,27 @@ def _mid_sum(x3, c):
     return s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]
 
 
+@njit(cache=True)
+def _mid_sums(x3, out, first, stop):
+    """out[c] = `_mid_sum` of channel c, for c in first..stop-1, with one tail buffer. Allocated per channel,
+    with a compiled call per channel, it cost more than short sums themselves: a global average pool of
+    (8, 1280, 4x4) took 377 us, 91 with both out of the loop (2 threads, Zen 3)."""
+    tail = np.zeros(SUM_LANES)
+    for c in range(first, stop):
+        out[c] = _mid_sum(x3, c, tail)
+
+
 @njit(parallel=True, cache=True)
 def _sum_mid(x3, out, parallel):
-    """out[c] = the float64 sum of x3[o, c, i] over o and i in `_mid_sum`'s order; parallel over c only, and
-    only with `parallel` (below SUM_PARALLEL_MIN a plain loop: no parallel region launched)."""
+    """out[c] = the float64 sum of x3[o, c, i] over o and i in `_mid_sum`'s order; parallel over runs of c only,
+    and only with `parallel` (below SUM_PARALLEL_MIN a plain loop: no parallel region launched)."""
+    mid = x3.shape[1]
     if not parallel:
-        for c in range(x3.shape[1]):
-            out[c] = _mid_sum(x3, c)
+        _mid_sums(x3, out, 0, mid)
         return
-    for c in prange(x3.shape[1]):
-        out[c] = _mid_sum(x3, c)
+    runs = min(mid, SUM_RUNS)
+    for k in prange(runs):
+        _mid_sums(x3, out, k * mid // runs, (k + 1) * mid // runs)
 
 
 @njit(cache=True, inline="always")
