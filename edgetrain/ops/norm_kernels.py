@@ -400,13 +400,20 @@ def _bn_backward_short_rows(x, g, relu, cap, first, stop, scale, bias, mean, inv
     for c in range(runs):  # the forward's `affine`, its coefficients computed and rounded as it did them
         ch = first + c
         mx[c], ax[c], bx[c] = in_type(x, mean[ch]), in_type(x, scale[ch] * inv[ch]), in_type(x, bias[ch])
+    kept = np.empty((n, runs, length) if relu else (0, 0, 0), g.dtype)  # the masked g (`_bn_backward_channel`)
+    if relu:
+        for i in range(n):
+            for c in range(runs):
+                grow, xrow, krow = g[i, first + c], x[i, first + c], kept[i, c]
+                for j in range(length):
+                    krow[j] = _kept(grow, xrow, j, mx[c], ax[c], bx[c], zero, capx, unbounded)
     acc_g, acc_gx = np.zeros((runs, length)), np.zeros((runs, length))
     for i in range(n):
         for c in range(runs):
-            m, m32, a32, b32 = mean[first + c], mx[c], ax[c], bx[c]
-            grow, xrow, sg, sgx = g[i, first + c], x[i, first + c], acc_g[c], acc_gx[c]
+            m = mean[first + c]
+            grow, xrow, sg, sgx = kept[i, c] if relu else g[i, first + c], x[i, first + c], acc_g[c], acc_gx[c]
             for j in range(length):
-                g64 = np.float64(_kept(grow, xrow, j, m32, a32, b32, zero, capx, unbounded) if relu else grow[j])
+                g64 = np.float64(grow[j])
                 sg[j] += g64
                 sgx[j] += g64 * (xrow[j] - m)
     span = lane_span(length)
@@ -423,8 +430,8 @@ def _bn_backward_short_rows(x, g, relu, cap, first, stop, scale, bias, mean, inv
     for i in range(n):
         for c in range(runs):
             ch = first + c
-            dx_row(g[i, ch], x[i, ch], dx[i, ch], length, relu, mx[c], ax[c], bx[c], zero, capx, unbounded, kx[c],
-                   k0[c])
+            dx_row(kept[i, c] if relu else g[i, ch], x[i, ch], dx[i, ch], length, False, mx[c], ax[c], bx[c], zero, capx,
+                   unbounded, kx[c], k0[c])
 
 
 @njit(cache=True)
