@@ -141,11 +141,12 @@ def lanes_signed() -> bool:
     return isa() == "sdot"
 
 
-def lane_coding(lanes_are_signed: bool) -> tuple[int, int]:
-    """(xor, zero point) for a lane operand of this signedness on this host's tiles: the XOR that codes it
-    into the tiles' lane type, and z with value = code + z (u8 x coded s8: x - 128, so z = 128; s8 x coded
-    u8: x + 128, z = -128; 0 when no coding is needed). sum rows * values = sum rows * codes + z * sum rows."""
-    if lanes_are_signed == lanes_signed():
+def lane_coding(lanes_are_signed: bool, tiles_signed: bool | None = None) -> tuple[int, int]:
+    """(xor, zero point) for a lane operand of this signedness on this host's tiles (`tiles_signed`: their
+    `lanes_signed`, asked when not given): the XOR that codes it into the tiles' lane type, and z with value =
+    code + z (u8 x coded s8: x - 128, so z = 128; s8 x coded u8: x + 128, z = -128; 0 when no coding is
+    needed). sum rows * values = sum rows * codes + z * sum rows."""
+    if lanes_are_signed == (lanes_signed() if tiles_signed is None else tiles_signed):
         return 0, 0
     return 0x80, (-128 if lanes_are_signed else 128)
 

@@ -430,8 +430,8 @@ def _bn_backward_short_rows(x, g, relu, cap, first, stop, scale, bias, mean, inv
     for i in range(n):
         for c in range(runs):
             ch = first + c
-            dx_row(kept[i, c] if relu else g[i, ch], x[i, ch], dx[i, ch], length, False, mx[c], ax[c], bx[c], zero, capx,
-                   unbounded, kx[c], k0[c])
+            dx_row(kept[i, c] if relu else g[i, ch], x[i, ch], dx[i, ch], length, False, mx[c], ax[c], bx[c], zero,
+                   capx, unbounded, kx[c], k0[c])
 
 
 @njit(cache=True)
