@@ -103,10 +103,10 @@ def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu):
 def _row_2x2(top, bottom, yr, ar, sw, dw, relu):
     """One output row of a 2x2 pool from its two input rows (window columns j*sw and j*sw + dw): the four
     offsets of an output compared in registers, each input row first and then the two (the top winner's
-    offset is always the earlier one, so NumPy's tie rule holds), every output written once. The general
-    loop updates y and arg in place, offset by offset, and those masked read-after-write vector stores ran
-    up to 4x slower whenever the kernel had not run for a while (inside a LeNet-5 step, 1 thread: 110 us
-    on a call after the step's other work against 33-37 us for this form)."""
+    offset is always the earlier one, so NumPy's tie rule holds), every output written once. For 2x2 windows
+    that do not tile the input (padded, dilated, overlapping); tiling ones take `_rows_2x2`. Its selects
+    compile to branches that mispredict on real activations (`_rows_2x2`'s measure: about 5x its time on
+    one repeated input), which the two-pass form avoids; the case is rare enough to have been left so."""
     zero = yr.dtype.type(0)
     for j in range(yr.size):
         v0 = _in(top[j * sw], relu, zero)
