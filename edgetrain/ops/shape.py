@@ -5,6 +5,8 @@ their inputs are constant; they stay as runtime ops only where they depend on th
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 
@@ -66,8 +68,8 @@ class Flatten(Op):
         (x,) = inputs
         axis = self.attr("axis", 1)
         axis = axis % x.ndim if axis < 0 else axis
-        rows = int(np.prod(x.shape[:axis], dtype=np.int64))
-        return [x.reshape(rows, -1) if x.size else x.reshape(rows, int(np.prod(x.shape[axis:])))], x.shape
+        rows = math.prod(x.shape[:axis])  # np.prod of a shape tuple took most of a batch-8 call's 20 us
+        return [x.reshape(rows, -1) if x.size else x.reshape(rows, math.prod(x.shape[axis:]))], x.shape
 
     def backward(self, ctx, grads, needed):
         return [grads[0].reshape(ctx)]
