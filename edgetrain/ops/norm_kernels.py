@@ -74,16 +74,11 @@ def dx_coefficients(dc_x, dc_scale, dc_r, dc_count, dc_ds, dc_sg):
 
 
 @njit(cache=True, inline="always")
-def dx_row(dr_g, dr_x, dr_dx, dr_len, dr_relu, dr_m, dr_a, dr_b, dr_zero, dr_cap, dr_unbounded, dr_kx, dr_k0):
-    """One row of the input gradient (`dx_coefficients`), g masked by the folded Relu (`_kept`) when dr_relu:
-    the test outside the loop, so each loop vectorises."""
-    if dr_relu:
-        for dr_j in range(dr_len):
-            dr_dx[dr_j] = (_kept(dr_g, dr_x, dr_j, dr_m, dr_a, dr_b, dr_zero, dr_cap, dr_unbounded) * dr_a
-                           - (dr_x[dr_j] - dr_m) * dr_kx - dr_k0)
-    else:
-        for dr_j in range(dr_len):
-            dr_dx[dr_j] = dr_g[dr_j] * dr_a - (dr_x[dr_j] - dr_m) * dr_kx - dr_k0
+def dx_row(dr_g, dr_x, dr_dx, dr_len, dr_a, dr_m, dr_kx, dr_k0):
+    """One row of the input gradient (`dx_coefficients`) from g, already masked where a Relu was folded in
+    (the callers write the masked g out first: `_bn_backward_channel`)."""
+    for dr_j in range(dr_len):
+        dr_dx[dr_j] = dr_g[dr_j] * dr_a - (dr_x[dr_j] - dr_m) * dr_kx - dr_k0
 
 
 @njit(cache=True)
@@ -308,7 +303,7 @@ def _kept(g, x, j, m, a, b, zero, cap, unbounded):
 @njit(cache=True)
 def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale, dbias, acc_g, acc_gx, kept):
     """One channel of the training backward: both mean terms included (every sample moves them). With
-    relu, g is first masked where the folded Relu's output was not positive (no masked copy made).
+    relu, g is first masked where the folded Relu's output was not positive, into `kept`.
 
     The relu test sits outside every loop (a test per element kept the remainder from vectorising),
     and a row's remainder is walked through views from 0: an index like j - tail might be negative
@@ -356,9 +351,8 @@ def _bn_backward_channel(x, g, relu, cap, ch, scale, bias, mean, inv, dx, dscale
     dscale[ch] = ds
     dbias[ch] = sg
     kx, k0 = dx_coefficients(x, scale[ch], r, count, ds, sg)  # and scale * r in x's type: ax
-    for i in range(n):  # g already masked: dx_row's plain form
-        dx_row(kept[i] if relu else g[i, ch], x[i, ch], dx[i, ch], length, False, mx, ax, bx, zero, capx, unbounded,
-               kx, k0)
+    for i in range(n):
+        dx_row(kept[i] if relu else g[i, ch], x[i, ch], dx[i, ch], length, ax, mx, kx, k0)
 
 
 # Two builds, two functions: Numba's cache keys on the function, so one function compiled both ways
@@ -430,8 +424,7 @@ def _bn_backward_short_rows(x, g, relu, cap, first, stop, scale, bias, mean, inv
     for i in range(n):
         for c in range(runs):
             ch = first + c
-            dx_row(kept[i, c] if relu else g[i, ch], x[i, ch], dx[i, ch], length, False, mx[c], ax[c], bx[c], zero,
-                   capx, unbounded, kx[c], k0[c])
+            dx_row(kept[i, c] if relu else g[i, ch], x[i, ch], dx[i, ch], length, ax[c], mx[c], kx[c], k0[c])
 
 
 @njit(cache=True)

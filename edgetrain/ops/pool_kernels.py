@@ -105,8 +105,9 @@ def _row_2x2(top, bottom, yr, ar, sw, dw, relu):
     offsets of an output compared in registers, each input row first and then the two (the top winner's
     offset is always the earlier one, so NumPy's tie rule holds), every output written once. For 2x2 windows
     that do not tile the input (padded, dilated, overlapping); tiling ones take `_rows_2x2`. Its selects
-    compile to branches that mispredict on real activations (`_rows_2x2`'s measure: about 5x its time on
-    one repeated input), which the two-pass form avoids; the case is rare enough to have been left so."""
+    compile to branches, which mispredict on real activations (the tiled case ran 5x slower on new inputs
+    than on one repeated input this way, `_rows_2x2`); the two-pass form avoids that, and this rarer case
+    has not been moved to it yet."""
     zero = yr.dtype.type(0)
     for j in range(yr.size):
         v0 = _in(top[j * sw], relu, zero)
@@ -166,7 +167,8 @@ def _rows_2x2(x, y, arg, ow, r0, r1, relu):
     turns into branches (on x86 a select on a loaded value becomes a jump), and on real activations those
     mispredict: LeNet-5's (8, 6, 28, 28) pool took 170 us a call inside a training step against 31 us in a
     loop over one input, whose branches the predictor had learnt. Gathered first, the compare vectorises:
-    17 us on new inputs every call, one thread of a Zen 3."""
+    16-21 us on new inputs every call, one thread of a Zen 3. The four arrays hold one copy of the input's
+    values (per chunk on the parallel branch), freed on return."""
     n = (r1 - r0) * ow
     w = 2 * ow
     v0, v1, v2, v3 = np.empty(n, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype), np.empty(n, x.dtype)
