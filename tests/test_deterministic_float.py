@@ -296,7 +296,8 @@ def _kernels():
 
     return [detfloat._gemm, detfloat._sum_mid, detfloat._mid_sums, detfloat._sum_outer, norm_kernels.bn_train_forward,
             norm_kernels.bn_train_forward_parallel, norm_kernels.bn_train_backward,
-            norm_kernels.bn_train_backward_parallel, norm_kernels.rescale_flat, rescale._rescale_planes,
+            norm_kernels.bn_train_backward_parallel, norm_kernels.running_stats, norm_kernels.rescale_flat,
+            rescale._rescale_planes,
             quantizer._quantize_nearest, quantizer._quantize_stochastic, quantizer._quantize_both,
             quantizer._quantize_flat, optim._sgd_momentum, dfq_kernels._matmul, dfq_kernels._row_means,
             gate_kernels.gate_forward_rows, gate_kernels.gate_backward_rows, gate_kernels.sample_sums,
@@ -322,6 +323,9 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     from edgetrain.quant import quantize  # the per-channel kernels (per-tensor codes take _quantize_flat)
     quantize(np.ones((2, 3), F32), 8, axis=0)
     quantize(np.ones((2, 3), F32), 8, axis=0, rounding="stochastic", key=(0, 0, 0))
+    from edgetrain.ops import norm_kernels  # BatchNorm's running statistics (LeNet-5 has no BatchNorm)
+    ones = np.ones(2, F32)
+    norm_kernels.running_stats(ones, ones, np.ones(2), np.ones(2), 0.9, 1.0, np.empty(2, F32), np.empty(2, F32))
     checked = set()
     for kernel in _kernels():
         opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
@@ -337,8 +341,8 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
             checked.add(kernel.__name__)
     # what the LeNet-5 runs and the gate above compiled (the other DFQ kernels only when a DFQ test ran first)
     assert {"_gemm", "_sum_mid", "_mid_sums", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
-            "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "gate_forward_rows",
-            "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64", "forward_codes",
+            "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "running_stats",
+            "gate_forward_rows", "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64", "forward_codes",
             "backward_codes", "_linear_forward_small", "_linear_backward_small"} <= checked
 
 

@@ -105,11 +105,9 @@ class BatchNormalization(Op):
                 norm_kernels.bn_train_forward(*args)
             y = y3.reshape(x.shape)
         count = x.size // x.shape[1]
-        m = np.asarray(self.attr("momentum", 0.9), dtype=mean.dtype)
         onnx_training = bool(self.attr("training_mode", 0)) and not run.training
-        unbiased = bvar if onnx_training or count < 2 else bvar * (count / (count - 1))
-        new_mean = mean * m + mu.astype(mean.dtype) * (1 - m)
-        new_var = var * m + unbiased.astype(var.dtype) * (1 - m)
+        factor = 1.0 if onnx_training or count < 2 else count / (count - 1)  # the unbiased correction, or none
+        new_mean, new_var = _running_stats(mean, var, mu, bvar, float(self.attr("momentum", 0.9)), factor)
         outs = [y]
         if len(self.node.outputs) > 1:
             outs += [new_mean, new_var][: len(self.node.outputs) - 1]
@@ -176,6 +174,21 @@ class BatchNormalization(Op):
         else:
             norm_kernels.bn_train_backward(*args)
         return [dx.reshape(shape), dscale.astype(scale.dtype), dbias.astype(scale.dtype), None, None]
+
+
+def _running_stats(mean: np.ndarray, var: np.ndarray, mu: np.ndarray, bvar: np.ndarray, momentum: float,
+                   factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """The running statistics after a batch (ONNX's momentum convention): one compiled call
+    (`norm_kernels.running_stats`) for float32 or float64 statistics, NumPy's expressions for anything else
+    (the same values)."""
+    if (mean.dtype == var.dtype and mean.dtype in (np.float32, np.float64) and mean.ndim == var.ndim == 1
+            and mean.shape == var.shape == mu.shape):
+        new_mean, new_var = np.empty_like(mean), np.empty_like(var)
+        norm_kernels.running_stats(mean, var, mu, bvar, momentum, factor, new_mean, new_var)
+        return new_mean, new_var
+    m = np.asarray(momentum, dtype=mean.dtype)
+    unbiased = bvar if factor == 1.0 else bvar * factor
+    return mean * m + mu.astype(mean.dtype) * (1 - m), var * m + unbiased.astype(var.dtype) * (1 - m)
 
 
 def _channel_runs(x3: np.ndarray) -> int:

@@ -456,6 +456,26 @@ def bn_train_backward_parallel(x, g, relu, scale, bias, mean, inv, dx, dscale, d
                               dscale, dbias)
 
 
+@njit(cache=True)
+def running_stats(mean, var, mu, bvar, momentum, factor, new_mean, new_var):
+    """new_mean, new_var = the running statistics after a training batch, in one call with exactly NumPy's
+    roundings of `mean * m + mu.astype(t) * (1 - m)` and `var * m + (bvar * factor).astype(t) * (1 - m)` (t the
+    statistics' float type, m the momentum rounded to t). 1 - m is exact in float64, so rounding it to t is
+    t's own subtraction; each batch value is rounded to t on its store (bvar times factor, the unbiased
+    correction, in float64 first); then two products and a sum in t, unfused (`tests/test_deterministic_float`
+    checks no contraction). As ten NumPy operations on C-long arrays this was about 25 us of a BatchNorm's
+    forward, 1.3 ms of a MobileNetV2 step at batch 8."""
+    ms = np.empty(2, mean.dtype)
+    ms[0] = momentum
+    ms[1] = 1.0 - ms[0]
+    m, one_m = ms[0], ms[1]
+    for c in range(mean.size):
+        new_mean[c] = mu[c]
+        new_mean[c] = mean[c] * m + new_mean[c] * one_m
+        new_var[c] = bvar[c] * factor
+        new_var[c] = var[c] * m + new_var[c] * one_m
+
+
 @njit(parallel=True, cache=True)
 def rescale_channels(acc, scale, out):
     """out (N, C, L) = acc * scale[c]: an integer accumulator back to floats in one pass."""
