@@ -463,8 +463,8 @@ def running_stats(mean, var, mu, bvar, momentum, factor, new_mean, new_var):
     statistics' float type, m the momentum rounded to t). 1 - m is exact in float64, so rounding it to t is
     t's own subtraction; each batch value is rounded to t on its store (bvar times factor, the unbiased
     correction, in float64 first); then two products and a sum in t, unfused (`tests/test_deterministic_float`
-    checks no contraction). As ten NumPy operations on C-long arrays this was about 25 us of a BatchNorm's
-    forward, 1.3 ms of a MobileNetV2 step at batch 8."""
+    checks no contraction). As ten NumPy operations on C-long arrays, BatchNorm's forward in a MobileNetV2-0.35
+    step at batch 8 spent 1.9 ms in its own Python (profiled); with this call, 1.2 ms."""
     ms = np.empty(2, mean.dtype)
     ms[0] = momentum
     ms[1] = 1.0 - ms[0]

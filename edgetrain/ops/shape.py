@@ -68,7 +68,7 @@ class Flatten(Op):
         (x,) = inputs
         axis = self.attr("axis", 1)
         axis = axis % x.ndim if axis < 0 else axis
-        rows = math.prod(x.shape[:axis])  # np.prod of a shape tuple took most of a batch-8 call's 20 us
+        rows = math.prod(x.shape[:axis])  # np.prod of a shape tuple: about 5 us a call, math.prod 0.1
         return [x.reshape(rows, -1) if x.size else x.reshape(rows, math.prod(x.shape[axis:]))], x.shape
 
     def backward(self, ctx, grads, needed):
