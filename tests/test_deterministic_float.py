@@ -254,6 +254,35 @@ def test_compiled_scalar_twins_give_the_array_forms_bits(xs):
         assert _same_bits64(block.astype(F32).astype(np.float64), twin.astype(np.float64))
 
 
+MAPS = [("exp", detfloat.exp, detfloat._exp_array), ("log", detfloat.log, detfloat._log_array),
+        ("expm1", detfloat.expm1, detfloat._expm1_array), ("tanh", detfloat.tanh, detfloat._tanh_array),
+        ("sigmoid", detfloat.sigmoid, detfloat._sigmoid_array)]
+
+
+@pytest.mark.parametrize("name,compiled,reference", MAPS, ids=[m[0] for m in MAPS])
+@pytest.mark.parametrize("dtype", [F32, np.float64])
+def test_compiled_maps_give_the_array_forms_bits(name, compiled, reference, dtype):
+    """The compiled elementwise maps (`detfloat._map`) are the ufunc forms' operations in the same order: the
+    same bits for both float types, over every range exp reduces (to +-1100 and beyond, where it is 0 or inf),
+    NaN, infinities, signed zeros and subnormals, on the serial branch, across block ends, and on the
+    parallel branch; a non-contiguous input gives its contiguous copy's bits."""
+    rng = np.random.default_rng(len(name))
+    for n in (1, detfloat.MAP_BLOCK - 1, detfloat.MAP_BLOCK + 3, detfloat.MAP_PARALLEL_MIN + 77):
+        x = np.concatenate([rng.standard_normal(n) * rng.choice([0.1, 1.0, 30.0, 900.0, 1e4], n),
+                            np.array(EDGES + [0.5, -0.5, 0.49999999999999994, 709.8, -745.2, 1100.0, -2000.0,
+                                              88.7, -103.9, 40.0, 5e-324, -1e-310])]).astype(dtype)
+        if name == "log":
+            x = np.abs(x) if n % 2 else x  # mostly the domain, and negatives on some sizes
+        with np.errstate(all="ignore"):
+            got, want = compiled(x), reference(x)
+        assert got.dtype == want.dtype == dtype
+        assert _same_bits64(got.astype(np.float64), want.astype(np.float64)), (name, n)
+    x2 = rng.standard_normal((6, 40)).astype(dtype)[:, ::3]  # strided
+    with np.errstate(all="ignore"):
+        assert _same_bits64(compiled(x2).astype(np.float64), reference(np.ascontiguousarray(x2)).astype(np.float64))
+    assert compiled(np.empty((0, 3), dtype)).shape == (0, 3)
+
+
 def _xent_array_form(logits: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     """The cross-entropy as whole-array detfloat calls: what `softmax_xent64` must equal bit for bit."""
     n = logits.shape[0]
@@ -302,7 +331,7 @@ def _kernels():
             quantizer._quantize_flat, optim._sgd_momentum, dfq_kernels._matmul, dfq_kernels._row_means,
             gate_kernels.gate_forward_rows, gate_kernels.gate_backward_rows, gate_kernels.sample_sums,
             detfloat.tanh64_block, detfloat.softmax_xent64, small_linear.forward_codes, small_linear.backward_codes,
-            detfloat._linear_forward_small, detfloat._linear_backward_small]
+            detfloat._linear_forward_small, detfloat._linear_backward_small, detfloat._map, detfloat._map_run]
 
 
 FAST_FLAG = re.compile(r"= f(?:add|sub|mul|div|neg)\s+(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -326,6 +355,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     from edgetrain.ops import norm_kernels  # BatchNorm's running statistics (LeNet-5 has no BatchNorm)
     ones = np.ones(2, F32)
     norm_kernels.running_stats(ones, ones, np.ones(2), np.ones(2), 0.9, 1.0, np.empty(2, F32), np.empty(2, F32))
+    detfloat.sigmoid(ones)  # the elementwise maps (LeNet-5 has no transcendental activation)
     checked = set()
     for kernel in _kernels():
         opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath")}
@@ -343,7 +373,7 @@ def test_no_kernel_allows_contraction_or_reassociation(lenet_runs):
     assert {"_gemm", "_sum_mid", "_mid_sums", "_sum_outer", "rescale_flat", "_rescale_planes", "_quantize_nearest",
             "_quantize_stochastic", "_quantize_both", "_quantize_flat", "_sgd_momentum", "running_stats",
             "gate_forward_rows", "gate_backward_rows", "sample_sums", "tanh64_block", "softmax_xent64", "forward_codes",
-            "backward_codes", "_linear_forward_small", "_linear_backward_small"} <= checked
+            "backward_codes", "_linear_forward_small", "_linear_backward_small", "_map", "_map_run"} <= checked
 
 
 # ----------------------------------------------------------------------- training, bit for bit
@@ -456,6 +486,54 @@ def test_no_blas_libm_or_numpy_float_sum_on_the_deterministic_path(builder, kw, 
     request.getfixturevalue("trapped")
     step(1, x, y)
     model(x)  # eval too
+
+
+ACTIVATIONS = [("Sigmoid", {}), ("Tanh", {}), ("Gelu", {}), ("Gelu", dict(approximate="tanh")), ("Erf", {}),
+               ("Softplus", {}), ("Mish", {}), ("Elu", {}), ("Selu", {}), ("Celu", {}), ("Exp", {}),
+               ("Softmax", dict(axis=1)), ("LogSoftmax", dict(axis=1))]
+
+
+def _activations_model():
+    """Gemm (16 -> 16) then each of ACTIVATIONS in turn, a Gemm to 10 classes last: every transcendental activation
+    an exported model brings (SiLU is Sigmoid and Mul, GELU is Gelu or Erf), on the training path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(3)
+    nodes, inits, cur = [], [], "x"
+    for i, (op, attrs) in enumerate(ACTIVATIONS + [(None, {})]):
+        out_dim = 10 if op is None else 16
+        inits += [numpy_helper.from_array((r.standard_normal((out_dim, 16)) * 0.3).astype(F32), f"w{i}"),
+                  numpy_helper.from_array(np.zeros(out_dim, F32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
+        cur = f"g{i}"
+        if op is not None:
+            nodes.append(helper.make_node(op, [cur], [f"a{i}"], name=f"act{i}", **attrs))
+            cur = f"a{i}"
+    graph = helper.make_graph(nodes, "acts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info(cur, TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+
+
+@pytest.mark.parametrize("precision", ["8/8", "fp32"])
+def test_no_platform_libm_in_the_activations_on_the_deterministic_path(precision, request):
+    """Sigmoid, Tanh, both GELUs, Erf, Softplus, Mish, the ELUs, Exp and the softmaxes forward and backward take
+    detfloat's portable functions while it is active (numpy's exp/tanh/log1p are per-platform SIMD code)."""
+    from edgetrain import load
+    from edgetrain.train.loop import TrainStep
+    from edgetrain.train.optim import SGD
+
+    model = load(_activations_model())
+    if precision != "fp32":
+        model.set_precision(precision)
+    model.deterministic = True
+    step = TrainStep(model, SGD(model.parameters(), 0.01, momentum=0.9))
+    x = rng.standard_normal((4, 16)).astype(F32)
+    y = rng.integers(0, 10, 4)
+    step(0, x, y)
+    request.getfixturevalue("trapped")
+    step(1, x, y)
+    assert np.isfinite(model(x)).all()
 
 
 # `a @ b` reaches BLAS without passing numpy's module functions, so it is checked in the source instead:

@@ -137,12 +137,7 @@ class LeakyRelu(Op):
 class Sigmoid(Op):
     def forward(self, inputs, run):
         (x,) = inputs
-        # Split by sign so exp never overflows.
-        if detfloat.active():
-            y = detfloat.sigmoid(x)
-            return [y], y
-        e = np.exp(-np.abs(x))
-        y = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+        y = detfloat.op_sigmoid(x)
         return [y], y
 
     def backward(self, ctx, grads, needed):

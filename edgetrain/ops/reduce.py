@@ -119,10 +119,10 @@ class ReduceL2(Reduce):
 @register("ReduceLogSum")
 class ReduceLogSum(Reduce):
     def reduce(self, x, axes):
-        return np.log(x.sum(axis=axes, keepdims=True))
+        return detfloat.op_log(detfloat.op_sum(x, axes, keepdims=True))
 
     def derivative(self, x, y, g, axes):
-        return _spread(g / np.exp(y), x.shape)
+        return _spread(g / detfloat.op_exp(y), x.shape)
 
 
 @register("ReduceLogSumExp")
@@ -134,10 +134,10 @@ class ReduceLogSumExp(Reduce):
             x = x.astype(np.float64)
         m = np.max(x, axis=axes, keepdims=True, initial=-np.inf)
         shift = np.where(np.isfinite(m), m, 0)
-        return np.log(np.exp(x - shift).sum(axis=axes, keepdims=True)) + shift
+        return detfloat.op_log(detfloat.op_sum(detfloat.op_exp(x - shift), axes, keepdims=True)) + shift
 
     def derivative(self, x, y, g, axes):
-        return g * np.exp(x - y)
+        return g * detfloat.op_exp(x - y)
 
 
 @register("ReduceProd")

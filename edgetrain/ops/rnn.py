@@ -16,15 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, Run, register
 
 DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp of a non-positive number only: no overflow for large |x|
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -33,8 +28,8 @@ def _relu(x: np.ndarray) -> np.ndarray:
 
 # name -> (function, derivative expressed through the function's output)
 ACTIVATIONS = {
-    "sigmoid": (_sigmoid, lambda y: y * (1 - y)),
-    "tanh": (np.tanh, lambda y: 1 - y * y),
+    "sigmoid": (detfloat.op_sigmoid, lambda y: y * (1 - y)),
+    "tanh": (detfloat.op_tanh, lambda y: 1 - y * y),
     "relu": (_relu, lambda y: (y > 0).astype(y.dtype)),
 }
 

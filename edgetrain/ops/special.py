@@ -2,7 +2,8 @@
 
 fdlibm's rational approximations are good to < 1 ulp in float64 over the whole line. float32 inputs are
 evaluated in float64 and rounded once, so their result is the correctly rounded value but for rare
-double-rounding ties. Deterministic: elementwise, no reductions, no threads.
+double-rounding ties. Portable: its exp is `detfloat.exp` (IEEE operations only), so every CPU gives the same
+bits; numpy's exp is per-platform SIMD code.
 
 Coefficients from FreeBSD msun s_erf.c: "Copyright (C) 1993 by Sun Microsystems, Inc. All rights reserved.
 Developed at SunSoft, a Sun Microsystems, Inc. business. Permission to use, copy, modify, and distribute this
@@ -11,6 +12,8 @@ software is freely granted, provided that this notice is preserved."
 from __future__ import annotations
 
 import numpy as np
+
+from edgetrain.kernels import detfloat
 
 _ERX = 8.45062911510467529297e-01
 _EFX = 1.28379167095512586316e-01  # 2/sqrt(pi) - 1
@@ -70,7 +73,7 @@ def _erf64(x: np.ndarray) -> np.ndarray:
         ratio = np.where(near, _poly(_RA, s) / _poly(_SA, s), _poly(_RB, s) / _poly(_SB, s))
         # z is t with its low 32 bits cleared, so z*z is exact and exp's argument loses nothing.
         zt = (t.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)
-        r = np.exp(-zt * zt - 0.5625) * np.exp((zt - t) * (zt + t) + ratio)
+        r = detfloat.exp(-zt * zt - 0.5625) * detfloat.exp((zt - t) * (zt + t) + ratio)
         out[tail] = np.copysign(1.0 - r / t, x[tail])
 
         far = a >= 6.0

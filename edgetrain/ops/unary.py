@@ -23,13 +23,7 @@ _GELU_CUBIC = 0.044715
 
 def _softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): no overflow."""
-    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Split by sign so exp never overflows."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return np.maximum(x, 0) + detfloat.op_log1p(detfloat.op_exp(-np.abs(x)))
 
 
 class Unary(Op):
@@ -166,7 +160,7 @@ class Erf(Unary):
         return erf(x) if np.issubdtype(x.dtype, np.floating) else erf(x.astype(np.float64))
 
     def df(self, x, y, g):
-        return g * (_TWO_OVER_SQRT_PI * np.exp(-x * x))
+        return g * (_TWO_OVER_SQRT_PI * detfloat.op_exp(-x * x))
 
 
 @register("Softplus")
@@ -177,14 +171,14 @@ class Softplus(Unary):
         return _softplus(x)
 
     def df(self, x, y, g):
-        return g * _sigmoid(x)
+        return g * detfloat.op_sigmoid(x)
 
 
 @register("Elu")
 class Elu(Unary):
     def f(self, x):
         alpha = self.const("alpha", 1.0, x)
-        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+        return np.where(x > 0, x, alpha * detfloat.op_expm1(np.minimum(x, 0)))
 
     def df(self, x, y, g):
         return np.where(x > 0, g, g * (y + self.const("alpha", 1.0, x)))
@@ -197,11 +191,11 @@ class Selu(Unary):
 
     def f(self, x):
         alpha, gamma = self.const("alpha", self.ALPHA, x), self.const("gamma", self.GAMMA, x)
-        return gamma * np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+        return gamma * np.where(x > 0, x, alpha * detfloat.op_expm1(np.minimum(x, 0)))
 
     def df(self, x, y, g):
         alpha, gamma = self.const("alpha", self.ALPHA, x), self.const("gamma", self.GAMMA, x)
-        return g * gamma * np.where(x > 0, 1, alpha * np.exp(np.minimum(x, 0)))
+        return g * gamma * np.where(x > 0, 1, alpha * detfloat.op_exp(np.minimum(x, 0)))
 
 
 @register("HardSigmoid")
@@ -242,16 +236,16 @@ class Gelu(Unary):
     def f(self, x):
         if self.tanh:
             inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-            return 0.5 * x * (1 + np.tanh(inner.astype(x.dtype, copy=False)))
+            return 0.5 * x * (1 + detfloat.op_tanh(inner.astype(x.dtype, copy=False)))
         return 0.5 * x * (1 + erf(x * np.asarray(_SQRT_HALF, dtype=x.dtype)))
 
     def df(self, x, y, g):
         if self.tanh:
-            t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
+            t = detfloat.op_tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
             dinner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
             return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
         cdf = 0.5 * (1 + erf(x * np.asarray(_SQRT_HALF, dtype=x.dtype)))
-        return g * (cdf + x * (_INV_SQRT_2PI * np.exp(-0.5 * x * x)))
+        return g * (cdf + x * (_INV_SQRT_2PI * detfloat.op_exp(-0.5 * x * x)))
 
 
 @register("Celu")
@@ -260,10 +254,10 @@ class Celu(Unary):
 
     def f(self, x):
         alpha = self.const("alpha", 1.0, x)
-        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0) / alpha))
+        return np.where(x > 0, x, alpha * detfloat.op_expm1(np.minimum(x, 0) / alpha))
 
     def df(self, x, y, g):
-        return np.where(x > 0, g, g * np.exp(np.minimum(x, 0) / self.const("alpha", 1.0, x)))
+        return np.where(x > 0, g, g * detfloat.op_exp(np.minimum(x, 0) / self.const("alpha", 1.0, x)))
 
 
 @register("Mish")
@@ -271,11 +265,11 @@ class Mish(Unary):
     """x * tanh(softplus(x))."""
 
     def f(self, x):
-        return x * np.tanh(_softplus(x))
+        return x * detfloat.op_tanh(_softplus(x))
 
     def df(self, x, y, g):
-        t = np.tanh(_softplus(x))
-        return g * (t + x * _sigmoid(x) * (1 - t * t))
+        t = detfloat.op_tanh(_softplus(x))
+        return g * (t + x * detfloat.op_sigmoid(x) * (1 - t * t))
 
 
 @register("Softsign")
