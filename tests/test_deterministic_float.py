@@ -496,7 +496,6 @@ ACTIVATIONS = [("Sigmoid", {}), ("Tanh", {}), ("Gelu", {}), ("Gelu", dict(approx
 def _activations_model():
     """Gemm (16 -> 16) then each of ACTIVATIONS in turn, a Gemm to 10 classes last: every transcendental activation
     an exported model brings (SiLU is Sigmoid and Mul, GELU is Gelu or Erf), on the training path."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     r = np.random.default_rng(3)

@@ -673,7 +673,7 @@ _ROUND_MAGIC_BITS = int(np.float64(_ROUND_MAGIC).view(np.int64))
 
 @njit(cache=True, inline="always")
 def _pow2_row(t, n):
-    """t[q] = 2^t[q] for integer-valued t[q] in [-1022, 1023], exactly (`_pow2`'s bits), in two passes that vectorise."""
+    """t[q] = 2^t[q] for integer-valued t[q] in [-1022, 1023], exactly (`_pow2`'s bits), in two vectorised passes."""
     bits = t.view(np.int64)
     for q in range(n):
         t[q] = t[q] + _ROUND_MAGIC
