@@ -722,6 +722,62 @@ def test_vnni_backend_runs_its_kernels_where_the_cpu_has_them(monkeypatch):
     assert vb.routes["conv2d_backward_weight:vnni_gemm"] == 8  # to 16x16
 
 
+def test_vnni_small_maps_run_as_one_gemm_over_the_patches(monkeypatch):
+    """Convs with at most SMALL_MAP_POSITIONS output positions per image take the patch-matrix route
+    (`unfold`, one GEMM over the batch, `unfold.fold` for the input gradient): the int64 reference's integers
+    over strides, dilations, uneven pads, kernels wider than the map, 1x1 strided shortcuts and a 1x1 output,
+    signed and unsigned data, worst-case codes, and the rescaled forms' bits (small shapes, the weights' floor
+    lowered to 0); at the defaults, 128 channels on 4x4 maps take it, 64 channels and 6x6 outputs do not."""
+    from edgetrain.kernels import vnni
+    vb = kernels._BACKENDS["vnni"]
+    if not vnni.available() or not vb.vnni_usable:
+        pytest.skip("the tiles have no form for this CPU (AVX-512 VNNI, AVX2, Arm dot product)")
+    monkeypatch.setattr(vb, "routes", type(vb.routes)())
+    monkeypatch.setattr(vb, "SMALL_MAP_MIN_WEIGHTS", 0)
+    kernels.set_backend("vnni")
+    rng = np.random.default_rng(21)
+    cases = [((4, 8, 4, 4), (6, 8, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+             ((2, 6, 8, 8), (5, 6, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+             ((3, 5, 3, 3), (4, 5, 3, 3), (1, 1), (0, 0, 0, 0), (1, 1)),  # one output position
+             ((2, 4, 6, 5), (3, 4, 3, 2), (2, 2), (0, 1, 2, 1), (2, 1)),
+             ((2, 8, 7, 7), (9, 8, 1, 1), (2, 2), (0, 0, 0, 0), (1, 1)),  # a projection shortcut
+             ((2, 3, 4, 4), (7, 3, 5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),  # taps past every edge
+             ((1, 20, 2, 3), (33, 20, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1))]
+    for x_shape, w_shape, stride, pads, dilation in cases:
+        kw = dict(stride=stride, pads=pads, dilation=dilation, groups=1)
+        for signed in (False, True):
+            x = random_operand(rng, x_shape, 8, signed=signed)
+            w = random_operand(rng, w_shape, 8)
+            dy = random_operand(rng, y_shape(x_shape, w_shape, kw), 8, signed=not signed)
+            check_all_conv_kernels(x, w, dy, kw)
+        x_top = np.full(x_shape, 255, np.uint8)  # worst case: every sum at its bound
+        w_low = np.full(w_shape, -128, np.int8)
+        dy_low = np.full(y_shape(x_shape, w_shape, kw), -128, np.int8)
+        check_all_conv_kernels(x_top, w_low, dy_low, kw)
+        scale_y = rng.uniform(1e-4, 3.0, w_shape[0]).astype(np.float32)
+        scale_x = rng.uniform(1e-4, 3.0, x_shape[1]).astype(np.float32)
+        args = (stride, pads, dilation, 1)
+        y = kernels.conv2d_forward(x_top, w_low, **kw, bounds=(255, 128), rescale=(scale_y, np.dtype(np.float32)))
+        np.testing.assert_array_equal(y, _rescale_ref(ref_conv_forward(x_top, w_low, *args), scale_y, np.float32))
+        dx = kernels.conv2d_backward_data(dy_low, w_low, x_shape, **kw, bounds=(128, 128),
+                                          rescale=(scale_x, np.dtype(np.float32)))
+        want = ref_conv_backward_data(dy_low, w_low, x_shape, *args)
+        np.testing.assert_array_equal(dx, _rescale_ref(want, scale_x, np.float32))
+    calls = 3 * len(cases)  # two signednesses and the worst case
+    assert vb.routes["conv2d_forward:vnni_patches"] == calls + len(cases)  # and the rescaled form
+    assert vb.routes["conv2d_backward_data:vnni_patches"] == calls + len(cases)
+    assert vb.routes["conv2d_backward_weight:vnni_patches"] == calls
+    monkeypatch.undo()
+    monkeypatch.setattr(vb, "routes", type(vb.routes)())
+    kw = dict(stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    for shape, m, routed in (((2, 128, 4, 4), 128, True), ((2, 64, 4, 4), 64, False), ((1, 160, 6, 6), 160, False)):
+        x = random_operand(rng, shape, 8, signed=False)
+        w = random_operand(rng, (m, shape[1], 3, 3), 8)
+        check_all_conv_kernels(x, w, random_operand(rng, (shape[0], m) + shape[2:], 8), kw)
+        assert vb.routes["conv2d_forward:vnni_patches"] == routed, shape
+        monkeypatch.setattr(vb, "routes", type(vb.routes)())
+
+
 def test_vnni_convs_are_exact_on_one_and_two_threads(monkeypatch):
     """The VNNI convs with their work split over images: one and two threads give the int64 reference's
     integers, the weight gradient summing each thread's partial sums (`vnni.wgrad_finish`) over patch
