@@ -70,33 +70,45 @@ def _in(v, relu, zero):
 def _pool_plane(xp, y, arg, p, kh, kw, sh, sw, dh, dw, relu):
     """Max and argmax of every window of plane p of xp (planes, H, W) into y[p], arg[p].
 
-    Offset by offset over a whole output row, with selects rather than branches: the outputs of a row
-    are independent, so the loop pipelines (and vectorises), where a window-at-a-time loop waits on
-    each compare and mispredicts on data (measured 3.5x slower)."""
+    Offset by offset over the whole plane: the offset's values first gathered into one contiguous array (a
+    strided copy, no select), then compared with each window's best so far in one loop of selects over the
+    plane's outputs, which vectorises (the offset index updated by arithmetic: as a select that keeps the old
+    index, it kept the loop scalar). Compared where they lie (a stride known only at run time), the selects
+    on loaded values compiled to branches, which mispredict on real activations. A 3x3 stride-2 pool of (4,
+    64, 65, 65), a ResNet stem's, took 11 ms a call on new inputs (one Zen 3 thread), 2.9 ms this way. A
+    window-at-a-time loop waits on each compare (measured 3.5x slower again)."""
     zero = y.dtype.type(0)
-    for i in range(y.shape[1]):
-        yr = y[p, i]
-        ar = arg[p, i]
-        src = xp[p, i * sh]
-        for j in range(yr.size):
-            yr[j] = _in(src[j * sw], relu, zero)
-            ar[j] = 0
-        for a in range(kh):
-            src = xp[p, i * sh + a * dh]
-            for b in range(kw):
-                k = a * kw + b
-                if k == 0:
-                    continue
-                off = b * dw
-                for j in range(yr.size):
-                    v = _in(src[j * sw + off], relu, zero)
-                    best = yr[j]
-                    take = _later_wins(best, v)
-                    yr[j] = v if take else best
-                    ar[j] = np.int8(k) if take else ar[j]
-        if relu:
-            for j in range(yr.size):
-                ar[j] = ar[j] if yr[j] > zero else NO_GRADIENT
+    oh, ow = y.shape[1], y.shape[2]
+    yp = y[p].reshape(-1)
+    ap = arg[p].reshape(-1)
+    vals = np.empty(oh * ow, y.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            k = a * kw + b
+            off = b * dw
+            for i in range(oh):
+                src = xp[p, i * sh + a * dh]
+                o = i * ow
+                for j in range(ow):
+                    vals[o + j] = src[j * sw + off]
+            if k == 0:
+                for q in range(yp.size):
+                    yp[q] = _in(vals[q], relu, zero)
+                    ap[q] = 0
+                continue
+            kk = np.int8(k)
+            for q in range(yp.size):
+                v = vals[q]
+                if relu:  # `_in`, written as `_max4` writes it
+                    v = v if (v > zero) | (v != v) else zero
+                best = yp[q]
+                take = _later_wins(best, v)
+                yp[q] = v if take else best
+                # the offset by arithmetic: as `ap[q] = kk if take else ap[q]`, the loop did not vectorise
+                ap[q] = ap[q] + np.int8(take) * (kk - ap[q])
+    if relu:
+        for q in range(yp.size):
+            ap[q] = ap[q] if yp[q] > zero else NO_GRADIENT
 
 
 @njit(inline="always", cache=True)
@@ -235,17 +247,25 @@ def _forward_planes(xp, kh, kw, sh, sw, dh, dw, y, arg, min_parallel, relu):
 
 @njit(inline="always", cache=True)
 def _unpool_plane(g, arg, dxp, p, kh, kw, sh, sw, dh, dw):
+    """Plane p's output gradients added at their windows' argmax, offset by offset (`_pool_plane`'s two passes
+    in reverse: the offset's terms selected over the whole plane into one contiguous array, then added at a
+    stride, so no select is a branch). 5.2 -> 2.5 ms a call on (4, 64, 65, 65) at 3x3 stride 2."""
     zero = g.dtype.type(0)
+    oh, ow = g.shape[1], g.shape[2]
+    gp = g[p].reshape(-1)
+    ap = arg[p].reshape(-1)
+    terms = np.empty(oh * ow, g.dtype)
     for a in range(kh):  # offset-major, as the NumPy form adds its per-offset terms (zeros included)
         for b in range(kw):
             k = a * kw + b
-            for i in range(g.shape[1]):
-                gr = g[p, i]
-                ar = arg[p, i]
+            for q in range(gp.size):
+                terms[q] = gp[q] if ap[q] == k else zero
+            off = b * dw
+            for i in range(oh):
                 dst = dxp[p, i * sh + a * dh]
-                off = b * dw
-                for j in range(gr.size):
-                    dst[j * sw + off] += gr[j] if ar[j] == k else zero
+                o = i * ow
+                for j in range(ow):
+                    dst[j * sw + off] += terms[o + j]
 
 
 @njit(inline="always", cache=True)
