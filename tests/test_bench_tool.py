@@ -228,3 +228,23 @@ def test_bars_list_the_throughput_and_memory_bars_of_the_issue():
     assert got[("peak memory <= PyTorch fp32's", "mlp-b128")] == (400.0, 390.0, False)
     assert got[("batch 8: static 8/8 >= 1.0x PyTorch fp32", "lenet5-b8")] == (1.2, 1.0, True)
     assert not any(bar.startswith("static 8/8 >=") and name == "lenet5-b8" for bar, name in got)  # batch 8's own
+
+
+def test_zoo_check_runs_the_three_paths_and_writes_its_json(tmp_path):
+    """tools.bench_zoo on a torchvision-style SqueezeNet at 32 px: every path steps, the JSON holds positive
+    times and ratios that are the times' quotients; an unknown model is one line and exit 2."""
+    pytest.importorskip("torch")
+    from tools import bench_zoo
+
+    out = tmp_path / "zoo.json"
+    assert bench_zoo.main(["--models", "squeezenet", "--size", "32", "--batch", "2", "--rounds", "1", "--steps", "1",
+                           "--warmup", "0", "--json", "--out", str(out)]) == 0
+    import json
+    (row,) = json.loads(out.read_text())["models"]
+    med = row["median_step_s"]
+    assert set(med) == set(bench_zoo.PATHS) and all(v > 0 for v in med.values())
+    assert row["vs_torch"]["edgetrain int 8/8"] == pytest.approx(med["torch fp32"] / med["edgetrain int 8/8"])
+    assert row["int_vs_edgetrain_fp32"] == pytest.approx(med["edgetrain fp32"] / med["edgetrain int 8/8"])
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_zoo", "--models", "alexnet"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown model(s) alexnet" in proc.stderr and "Traceback" not in proc.stderr
