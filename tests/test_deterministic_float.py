@@ -283,6 +283,27 @@ def test_compiled_maps_give_the_array_forms_bits(name, compiled, reference, dtyp
     assert compiled(np.empty((0, 3), dtype)).shape == (0, 3)
 
 
+@pytest.mark.parametrize("exponent", [2.0, 3.0, -1.0, -2.0, 0.5, 0.0, 1.0, 7.0, 2.5, -0.3, 1.5, np.nan, np.inf])
+def test_power_is_pow_to_within_an_ulp_with_pow_special_values(exponent):
+    """detfloat.power against float64 pow rounded once: products for integer exponents, sqrt for 0.5, exp/log
+    otherwise; C's pow rules at zeros, infinities, negative bases and NaN (pow(x, 0) = pow(1, y) = 1)."""
+    r = np.random.default_rng(9)
+    a = np.concatenate([r.standard_normal(500) * 3, r.uniform(0, 40, 100),
+                        [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 2.0, -2.0, 1e-20, 1e20]]).astype(F32)
+    e32 = np.float32(exponent)
+    with np.errstate(all="ignore"):
+        got = detfloat.power(a, e32)
+        want = np.power(a.astype(np.float64), np.float64(e32)).astype(F32)
+    assert got.dtype == F32 and got.shape == a.shape
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.signbit(got[got == 0]), np.signbit(want[got == 0]))
+    np.testing.assert_allclose(got, want, rtol=2 ** -23, atol=0)
+    b = r.standard_normal(a.size).astype(F32) * 3  # a whole array of exponents
+    with np.errstate(all="ignore"):
+        want_ab = np.power(a.astype(np.float64), b.astype(np.float64)).astype(F32)
+        np.testing.assert_allclose(detfloat.power(a, b), want_ab, rtol=2 ** -22, atol=0, equal_nan=True)
+
+
 def _xent_array_form(logits: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     """The cross-entropy as whole-array detfloat calls: what `softmax_xent64` must equal bit for bit."""
     n = logits.shape[0]
@@ -490,7 +511,8 @@ def test_no_blas_libm_or_numpy_float_sum_on_the_deterministic_path(builder, kw, 
 
 ACTIVATIONS = [("Sigmoid", {}), ("Tanh", {}), ("Gelu", {}), ("Gelu", dict(approximate="tanh")), ("Erf", {}),
                ("Softplus", {}), ("Mish", {}), ("Elu", {}), ("Selu", {}), ("Celu", {}), ("Exp", {}),
-               ("Softmax", dict(axis=1)), ("LogSoftmax", dict(axis=1))]
+               ("Softmax", dict(axis=1)), ("LogSoftmax", dict(axis=1)), ("Pow", dict(exponent=3.0)),
+               ("Sigmoid", {}), ("Pow", dict(exponent=1.5, direct=True))]  # of the Sigmoid's positive values
 
 
 def _activations_model():
@@ -502,11 +524,17 @@ def _activations_model():
     nodes, inits, cur = [], [], "x"
     for i, (op, attrs) in enumerate(ACTIVATIONS + [(None, {})]):
         out_dim = 10 if op is None else 16
-        inits += [numpy_helper.from_array((r.standard_normal((out_dim, 16)) * 0.3).astype(F32), f"w{i}"),
-                  numpy_helper.from_array(np.zeros(out_dim, F32), f"b{i}")]
-        nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
-        cur = f"g{i}"
-        if op is not None:
+        if not attrs.get("direct"):  # a Gemm first, but where the op takes the previous activation's output
+            inits += [numpy_helper.from_array((r.standard_normal((out_dim, 16)) * 0.3).astype(F32), f"w{i}"),
+                      numpy_helper.from_array(np.zeros(out_dim, F32), f"b{i}")]
+            nodes.append(helper.make_node("Gemm", [cur, f"w{i}", f"b{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
+            cur = f"g{i}"
+        if op == "Pow":  # the exponent a Constant node, as exporters write it
+            nodes.append(helper.make_node("Constant", [], [f"e{i}"], name=f"exp{i}",
+                                          value=numpy_helper.from_array(np.array(attrs["exponent"], F32))))
+            nodes.append(helper.make_node("Pow", [cur, f"e{i}"], [f"a{i}"], name=f"act{i}"))
+            cur = f"a{i}"
+        elif op is not None:
             nodes.append(helper.make_node(op, [cur], [f"a{i}"], name=f"act{i}", **attrs))
             cur = f"a{i}"
     graph = helper.make_graph(nodes, "acts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
@@ -516,8 +544,9 @@ def _activations_model():
 
 @pytest.mark.parametrize("precision", ["8/8", "fp32"])
 def test_no_platform_libm_in_the_activations_on_the_deterministic_path(precision, request):
-    """Sigmoid, Tanh, both GELUs, Erf, Softplus, Mish, the ELUs, Exp and the softmaxes forward and backward take
-    detfloat's portable functions while it is active (numpy's exp/tanh/log1p are per-platform SIMD code)."""
+    """Sigmoid, Tanh, both GELUs, Erf, Softplus, Mish, the ELUs, Exp, the softmaxes and Pow forward and backward
+    take detfloat's portable functions while it is active (numpy's exp/tanh/log1p are per-platform SIMD code,
+    its power the platform's libm)."""
     from edgetrain import load
     from edgetrain.train.loop import TrainStep
     from edgetrain.train.optim import SGD

@@ -823,6 +823,53 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     return _out(e / sum64(e, axis, keepdims=True), z)
 
 
+# Integer exponents up to this size are powered by binary exponentiation (IEEE products in a fixed order);
+# others through exp(b * log|a|).
+POWER_MAX_INT = 64
+
+
+def _powi_array(a64: np.ndarray, n: int) -> np.ndarray:
+    """a64 ** n for an integer n >= 0 by binary exponentiation on arrays (`powi`'s sequence of products)."""
+    result, b = np.ones_like(a64), a64
+    while n:
+        if n & 1:
+            result = result * b
+        n >>= 1
+        if n:
+            b = b * b
+    return result
+
+
+def power(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a ** b elementwise (broadcast) in a's float dtype, portable: an integer exponent (one for the whole
+    array, |b| <= POWER_MAX_INT) by products in float64 (x**2 is x*x, x**3 (x*x)*x ...; a negative one the
+    reciprocal), 0.5 as sqrt (numpy's own shortcut), any other through `exp` and `log` of |a| with C's pow rules
+    for the sign, zeros, infinities and NaN. numpy's power calls the platform's libm pow, whose last bit differs
+    between builds."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    a64 = _wide(a)
+    with np.errstate(all="ignore"):
+        if b.size == 1 or (b.size and (b == b.reshape(-1)[0]).all()):
+            e = float(b.reshape(-1)[0]) if b.size else 0.0
+            if e == 0.5:  # sqrt is correctly rounded (and numpy's power takes it for 0.5 too: sqrt(-inf) is nan)
+                return _out(np.broadcast_to(np.sqrt(a64), np.broadcast_shapes(a.shape, b.shape)).copy(), a)
+            if math.isfinite(e) and e == int(e) and abs(e) <= POWER_MAX_INT:
+                p = _powi_array(a64, abs(int(e)))
+                p = 1.0 / p if e < 0 else p
+                return _out(np.broadcast_to(p, np.broadcast_shapes(a.shape, b.shape)).copy(), a)
+        a64, b64 = np.broadcast_arrays(a64, _wide(b))
+        mag = np.abs(a64)
+        y = _exp64(b64 * _log64(mag))  # |a| ** b; log 0 = -inf gives 0 or inf by b's sign, as pow
+        whole = b64 == np.floor(b64)
+        odd = whole & np.isfinite(b64) & (np.fmod(b64, 2.0) != 0.0)
+        y = np.where((a64 < 0) & ~whole & np.isfinite(a64), np.nan, y)  # a negative base to a fractional power
+        y = np.where((a64 < 0) & odd, -y, y)  # (-x) ** odd n = -(x ** n)
+        y = np.where(b64 == 0.0, 1.0, y)  # pow(x, 0) is 1, even for NaN
+        y = np.where((a64 == 1.0) | ((a64 == -1.0) & np.isinf(b64)), 1.0, y)  # pow(1, y), pow(-1, +-inf)
+        return _out(y, a)
+
+
 def powi(base: float, n: int) -> float:
     """base ** n for an integer n >= 0 by binary exponentiation: a fixed sequence of IEEE products, where
     Python's float ** calls the platform's libm pow (not correctly rounded, and built with FMA on some)."""
@@ -898,6 +945,11 @@ def op_log(x: np.ndarray) -> np.ndarray:
 def op_tanh(x: np.ndarray) -> np.ndarray:
     """`tanh` when active, else np.tanh."""
     return tanh(x) if active() else np.tanh(x)
+
+
+def op_power(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`power` when active, else np.power (both in a's dtype: b cast to it first, ONNX's rule)."""
+    return power(a, b) if active() else np.power(a, np.asarray(b).astype(a.dtype, copy=False))
 
 
 def op_expm1(x: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgetrain.kernels import detfloat
 from edgetrain.ops.base import Op, register, unbroadcast
 
 
@@ -23,7 +24,7 @@ class Pow(Op):
         a, b = inputs
         with np.errstate(all="ignore"):
             if _floating(a):
-                y = np.power(a, b.astype(a.dtype, copy=False))
+                y = detfloat.op_power(a, b.astype(a.dtype, copy=False))
             elif not _floating(b) and (b >= 0).all():
                 y = np.power(a, b.astype(a.dtype, copy=False))
             else:
@@ -38,9 +39,9 @@ class Pow(Op):
         with np.errstate(all="ignore"):
             if needed[0] and _floating(a):
                 e = b.astype(a.dtype, copy=False)
-                da = unbroadcast(np.where(e == 0, 0, g * (e * np.power(a, e - 1))), a.shape).astype(a.dtype)
+                da = unbroadcast(np.where(e == 0, 0, g * (e * detfloat.op_power(a, e - 1))), a.shape).astype(a.dtype)
             if len(needed) > 1 and needed[1] and _floating(b) and _floating(a):
-                term = np.where((a == 0) & (b >= 0), 0, y * np.log(a)).astype(b.dtype, copy=False)
+                term = np.where((a == 0) & (b >= 0), 0, y * detfloat.op_log(a)).astype(b.dtype, copy=False)
                 db = unbroadcast(g.astype(b.dtype, copy=False) * term, b.shape)
         return [da, db]
 
