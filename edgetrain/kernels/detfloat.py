@@ -20,9 +20,11 @@ so any conforming CPU gives the same bits:
   per output (parallel loops split OUTPUTS, never a sum), and rounded once to the output type. LLVM does
   not reorder (vectorise) a float reduction without the `reassoc` flag, which Numba sets only under
   fastmath.
-* exp, log, expm1, tanh and sigmoid are polynomials and range reductions written in float64 numpy
-  ufuncs (one IEEE operation per ufunc call: nothing to fuse), accurate to about 1 ulp of float64, so
-  float32 results are the correctly rounded value but for rare near-ties (tests measure the ulp error).
+* exp, log, expm1, tanh and sigmoid are polynomials and range reductions in float64, accurate to about
+  1 ulp of float64, so float32 results are the correctly rounded value but for rare near-ties (tests
+  measure the ulp error). Their reference forms are numpy ufuncs (one IEEE operation per call: nothing to
+  fuse); what runs is one compiled map (`_map`) of the same operations in the same order, which the tests
+  hold to the reference's bits and, like every kernel here, to IR without contraction flags.
 
 The switch: `active()` says whether the calling op must take this path. A Model turns it on for the
 duration of its forward and backward (`using(True)`) when it trains with integer layers, or when its
