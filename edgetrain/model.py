@@ -114,6 +114,7 @@ class Model:
         m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
         m.deterministic = self.deterministic
         m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
+        m.runtime.grad_ranges = self.runtime.grad_ranges
         return m
 
     @property

@@ -46,7 +46,7 @@ from edgetrain.precision.dfq.config import (
 from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.recalibrate import recalibrate
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
-from edgetrain.precision.spec import MAX_BITS, MIN_BITS
+from edgetrain.precision.spec import GRAD_RANGES, MAX_BITS, MIN_BITS
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time", "dfq-probe", "fractrain-probe")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
@@ -108,6 +108,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         final = extra["dfq_target"]
         steps = args.targets if args.targets and row not in TIMED_ROWS else DEFAULT_TARGETS
         extra["fractrain_targets"] = [final * t / steps[-1] for t in steps]
+    if args.grad_ranges != "tensor":
+        extra["grad_ranges"] = args.grad_ranges
     config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
@@ -186,6 +188,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         label += f" ({args.probe_rule} rule)"
     if _schedule(row) in ("dfq", "fractrain") and args.selection != "argmax":
         label += f", {args.selection} selection"
+    if args.grad_ranges != "tensor" and row != "fp32":
+        label += f", {args.grad_ranges} gradient ranges"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -271,8 +275,7 @@ def _accuracy_by(per_sample, correct) -> dict:
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
                  "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
-                 "weight_bits",
-                 "test_samples", "warmup")
+                 "weight_bits", "grad_ranges", "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -571,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backward-share", type=bounded(float, "a share in (0, 1]", low=0.0, low_open=True, high=1.0),
                    default=1.0, help="dfq and fractrain rows: share of each block's computing samples whose error "
                                      "runs back through it (the largest; the rest take 0-bit gradients there)")
+    p.add_argument("--grad-ranges", choices=GRAD_RANGES, default="tensor",
+                   help="every row: the integer layers' output-gradient ranges (tensor: one per gradient, FracTrain's; "
+                        "split: per output channel for the weight gradient, per sample for the error)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

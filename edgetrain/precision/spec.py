@@ -14,6 +14,10 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.graph import Graph
 from edgetrain.layers import classifier_nodes, mac_nodes
 
+# How an integer layer's output gradient takes its ranges: "tensor", one per gradient (FracTrain's and SBM's), or
+# "split", quantised twice: per output channel for the weight gradient (a row of dW each) and per sample for the
+# error (a row of dX each), so a sample whose gradient is small keeps its bits (docs/NUMERICS.md).
+GRAD_RANGES = ("tensor", "split")
 MIN_BITS = 2
 MAX_BITS = 16
 FP32_BITS = 32  # what a float layer counts as in BitOPs

@@ -55,6 +55,7 @@ from edgetrain.quant.quantizer import quantize_rows, quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
 STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
+SPLIT_STREAM = 1 << 32  # the error's codes of a split output gradient draw from stream layer + this
 
 
 @dataclass
@@ -66,6 +67,7 @@ class QuantRuntime:
     """
 
     pow2_scales: bool = False
+    grad_ranges: str = "tensor"  # one of precision.spec.GRAD_RANGES
     range_momentum: float = 0.1  # weight of a new batch in the running activation range eval uses
     act_ranges: dict[str, RunningRange] = field(default_factory=dict)
     saturated: dict[str, int] = field(default_factory=dict)  # elements clipped, per layer
@@ -208,9 +210,10 @@ class QuantMAC(Op):
             return quantize_weights(w_rows, bits, pow2=pow2)
         return quantize(w_rows, bits, signed=True, axis=0, pow2=pow2), None
 
-    def _quantize_grad(self, g: np.ndarray, key: tuple[int, int]) -> QTensor:
-        return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic",
-                        key=(*key, self.layer_index * STREAMS_PER_LAYER), pow2=self.runtime.pow2_scales)
+    def _quantize_grad(self, g: np.ndarray, key: tuple[int, int], axis: int | None = None, stream: int = 0) -> QTensor:
+        return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic", axis=axis,
+                        key=(*key, self.layer_index * STREAMS_PER_LAYER + stream * SPLIT_STREAM),
+                        pow2=self.runtime.pow2_scales)
 
     def macs(self, in_shapes, out_shapes):
         return self.float_op.macs(in_shapes, out_shapes)
@@ -303,15 +306,18 @@ class QuantConv(QuantMAC):
 
     def backward(self, ctx: ConvContext, grads, needed):
         dy, dtype, args = _as_2d_conv(grads[0]), ctx.dtype, ctx.args
-        dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key) for g in ctx.groups]
+        split = self.runtime.grad_ranges == "split"
+        rescaled = _rows_rescaled if split else _rescaled
+        dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key, axis=1 if split else None) for g in ctx.groups]
         dw = None
         for dyq, xq in zip(dyqs, ctx.inputs):
-            part = _rescaled(kernels.conv2d_backward_weight(dyq.q, xq.q, ctx.w.shape, **args,
-                                                            bounds=(_bound(dyq), _bound(xq))),
-                             dyq.scale, xq.scale, dtype)
+            acc = kernels.conv2d_backward_weight(dyq.q, xq.q, ctx.w.shape, **args, bounds=(_bound(dyq), _bound(xq)))
+            part = rescaled(acc, dyq.scale, xq.scale, dtype)
             dw = part if dw is None else dw + part
         dx = None
         if needed[0]:
+            if split:
+                dyqs = [g.op._quantize_grad(dy[g.rows], ctx.key, axis=0, stream=1) for g in ctx.groups]
             vqs = _tensor_codes(ctx, ctx.w)
             codes = [q.q for q in dyqs]
             parts = []
@@ -319,11 +325,15 @@ class QuantConv(QuantMAC):
                 vq = vqs[members[0]]
                 stacked = _stacked(codes, members)
                 bounds = _run_bounds(dyqs, vq, members)
-                scales = [np.full(ctx.x_shape[1], _scale_product(dyqs[i].scale, vq.scale, dtype), dtype=dtype)
-                          for i in members]
+                if split:
+                    rescale = np.concatenate([_per_image_scales(dyqs[i].scale, vq.scale, ctx.x_shape[1], dtype)
+                                              for i in members])
+                else:
+                    scales = [np.full(ctx.x_shape[1], _scale_product(dyqs[i].scale, vq.scale, dtype), dtype=dtype)
+                              for i in members]
+                    rescale = _image_scales(scales, codes, members)
                 parts.append(kernels.conv2d_backward_data(stacked, vq.q, (stacked.shape[0],) + ctx.x_shape[1:], **args,
-                                                          bounds=bounds,
-                                                          rescale=(_image_scales(scales, codes, members), dtype)))
+                                                          bounds=bounds, rescale=(rescale, dtype)))
             dx = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if ctx.subsampled is not None and dx is not None:  # zero on every pixel the forward did not read
             dx = Dilated(dx, *ctx.subsampled)
@@ -555,7 +565,10 @@ class QuantLinear(QuantMAC):
 
     def _small(self, x, w, c, run: Run, groups: Sequence[Group]) -> bool:
         """Whether this step takes `small_linear`: training, one group of every row, weights stored as rows,
-        a plain bias, and a product small enough (`small_linear.fits`)."""
+        a plain bias, a product small enough (`small_linear.fits`), and one range per output gradient (the
+        kernel's)."""
+        if self.runtime.grad_ranges != "tensor":
+            return False
         if not (run.training and len(groups) == 1 and groups[0].op is self and x.ndim >= 2 and x.size
                 and groups[0].rows.indices(x.shape[0]) == (0, x.shape[0], 1) and self._rows_are_weight()
                 and x.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x.dtype):
@@ -599,16 +612,20 @@ class QuantLinear(QuantMAC):
         dtype, w = ctx.dtype, ctx.w
         dy = grads[0].reshape(-1, grads[0].shape[-1])
         dy_a = dy * dtype.type(ctx.alpha) if ctx.alpha != 1.0 else dy
-        dyqs = [g.op._quantize_grad(dy_a[r], ctx.key) for g, r in zip(ctx.groups, ctx.rows)]
+        split = self.runtime.grad_ranges == "split"
+        rescaled = _rows_rescaled if split else _rescaled
+        dyqs = [g.op._quantize_grad(dy_a[r], ctx.key, axis=1 if split else None) for g, r in zip(ctx.groups, ctx.rows)]
         dw = None
         for dyq, xq in zip(dyqs, ctx.inputs):
-            dw_rows = _rescaled(kernels.linear_backward_weight(dyq.q, xq.q, bounds=(_bound(dyq), _bound(xq))),
-                                dyq.scale, xq.scale, dtype)
+            acc = kernels.linear_backward_weight(dyq.q, xq.q, bounds=(_bound(dyq), _bound(xq)))
+            dw_rows = rescaled(acc, dyq.scale, xq.scale, dtype)
             # By layout, not shape: a square weight stored (in, out) needs the transpose too.
             part = dw_rows if self._rows_are_weight() else np.ascontiguousarray(dw_rows.T)
             dw = part if dw is None else dw + part
         dx = None
         if needed[0]:
+            if split:
+                dyqs = [g.op._quantize_grad(dy_a[r], ctx.key, axis=0, stream=1) for g, r in zip(ctx.groups, ctx.rows)]
             vqs = _tensor_codes(ctx, self._weight_rows(w))
             codes = [q.q for q in dyqs]
             parts = []
@@ -616,7 +633,7 @@ class QuantLinear(QuantMAC):
                 vq = vqs[members[0]]
                 acc = kernels.linear_backward_data(_stacked(codes, members), vq.q,
                                                    bounds=_run_bounds(dyqs, vq, members))
-                parts += [_rescaled(acc if len(members) == 1 else acc[sl], dyqs[i].scale, vq.scale, dtype)
+                parts += [rescaled(acc if len(members) == 1 else acc[sl], dyqs[i].scale, vq.scale, dtype)
                           for i, sl in zip(members, _local(codes, members))]
             dx = (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(ctx.x_shape)
         out = [dx, dw]
@@ -791,6 +808,20 @@ def _bound(t) -> int:
 def _scale_product(s_a, s_b, dtype):
     """The float32 product of two per-tensor scales, as the output dtype's scalar."""
     return dtype.type(np.float32(s_a) * np.float32(s_b))
+
+
+def _rows_rescaled(acc: np.ndarray, row_scales: np.ndarray, s_b, dtype) -> np.ndarray:
+    """An integer accumulator whose rows (axis 0) carry their own scale, times the float32 product of that scale
+    and a per-tensor one, formed in float64 and stored as dtype (as `_rescaled` rounds: once)."""
+    scale = row_scales.astype(np.float32) * np.float32(s_b)
+    out = acc.astype(np.float64) * scale.astype(np.float64).reshape((-1,) + (1,) * (acc.ndim - 1))
+    return out.astype(dtype, copy=False)
+
+
+def _per_image_scales(image_scales: np.ndarray, s_b, channels: int, dtype) -> np.ndarray:
+    """(images, channels) rescale rows: each image's scale times a per-tensor one (float32 products)."""
+    scale = (image_scales.astype(np.float32) * np.float32(s_b)).astype(dtype)
+    return np.ascontiguousarray(np.broadcast_to(scale[:, None], (scale.size, channels)))
 
 
 def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:

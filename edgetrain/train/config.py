@@ -36,7 +36,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
 from edgetrain.precision import fractrain, pfq
 from edgetrain.precision.dfq import config as dfq
-from edgetrain.precision.spec import parse_precision
+from edgetrain.precision.spec import GRAD_RANGES, parse_precision
 
 try:  # Python 3.11+
     import tomllib
@@ -143,6 +143,9 @@ class TrainConfig:
     quantize_classifier: bool = setting(False, "quantise the classifier too (FracTrain keeps it fp32)", "bool",
                                         cli=FILE_ONLY)
     pow2_scales: bool = setting(False, "power-of-two quantisation scales", "bool", cli=FILE_ONLY)
+    grad_ranges: str = setting("tensor", "output-gradient ranges of the integer layers: tensor (one per gradient, "
+                               "FracTrain's) or split (per output channel for the weight gradient, per sample for "
+                               "the error: two quantisations)", "str", choices=GRAD_RANGES)
     precision_overrides: dict[str, str] = setting({}, "a table of layer pattern = \"bits\"", "str_table",
                                                   cli=FILE_ONLY)
     # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/precision/pfq.py
