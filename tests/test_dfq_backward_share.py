@@ -54,7 +54,7 @@ def test_conv_backward_on_kept_rows_equals_zeroing_the_others(rows):
     keep[rows] = True
     dy[~keep] *= 0.5  # the dropped rows' gradients stay below the kept ones': the same per-tensor scale either way
     # Nearest rounding, so both forms quantise a kept row to the same codes (stochastic rounding draws by position).
-    op._quantize_grad = lambda g, key: quantize(g, op.precision.grad_bits, signed=True)
+    op._quantize_grad = lambda g, key, axis=None, stream=0: quantize(g, op.precision.grad_bits, signed=True, axis=axis)
     fast = op.backward_rows(ctx, [dy], [True, True], rows)
     if not len(rows):
         assert not fast[0].any() and not fast[1].any()
