@@ -810,18 +810,21 @@ def _scale_product(s_a, s_b, dtype):
     return dtype.type(np.float32(s_a) * np.float32(s_b))
 
 
-def _rows_rescaled(acc: np.ndarray, row_scales: np.ndarray, s_b, dtype) -> np.ndarray:
-    """An integer accumulator whose rows (axis 0) carry their own scale, times the float32 product of that scale
-    and a per-tensor one, formed in float64 and stored as dtype (as `_rescaled` rounds: once)."""
-    scale = row_scales.astype(np.float32) * np.float32(s_b)
-    out = acc.astype(np.float64) * scale.astype(np.float64).reshape((-1,) + (1,) * (acc.ndim - 1))
-    return out.astype(dtype, copy=False)
-
-
 def _per_image_scales(image_scales: np.ndarray, s_b, channels: int, dtype) -> np.ndarray:
-    """(images, channels) rescale rows: each image's scale times a per-tensor one (float32 products)."""
+    """(images, channels) rescale rows as the kernels take them: each image's scale times a per-tensor one, the
+    float32 product as dtype (what `_scale_product` makes of two per-tensor scales)."""
     scale = (image_scales.astype(np.float32) * np.float32(s_b)).astype(dtype)
     return np.ascontiguousarray(np.broadcast_to(scale[:, None], (scale.size, channels)))
+
+
+def _rows_rescaled(acc: np.ndarray, row_scales: np.ndarray, s_b, dtype) -> np.ndarray:
+    """An integer accumulator (2-D or 4-D, any strides) whose rows (axis 0) carry their own scale, times the
+    float32 product of that scale and a per-tensor one: the planes' rescale with one row per "image" (a row of
+    dW, a sample of dX), so the one rescaling expression (`kernels.rescale.scale_row`) and one pass."""
+    planes = acc[:, :, None, None] if acc.ndim == 2 else acc
+    out = np.empty(planes.shape, dtype=dtype)
+    rescale_planes(planes, _per_image_scales(row_scales, s_b, planes.shape[1], dtype), out)
+    return out.reshape(acc.shape)
 
 
 def _rescaled(acc: np.ndarray, s_a, s_b, dtype) -> np.ndarray:
