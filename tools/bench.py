@@ -156,8 +156,8 @@ def _reply(**kw) -> None:
     sys.stdout.flush()
 
 
-def _limit_threads(threads: int):
-    """Numba's and the BLAS/OpenMP pools' threads; returns the threadpoolctl limiter to keep alive."""
+def limit_threads(threads: int) -> object:
+    """Set Numba's and the BLAS/OpenMP pools' threads; return the threadpoolctl limiter, to be kept alive."""
     import numba
     from threadpoolctl import threadpool_limits
 
@@ -178,7 +178,7 @@ def worker(path: str, case: str, threads: int) -> int:
         from tools.bench_step import make_torch_step
         step = make_torch_step(name, batch, shape, **model_kwargs)
     else:
-        _limits = _limit_threads(threads)  # kept for the worker's lifetime
+        _limits = limit_threads(threads)  # kept for the worker's lifetime
         from edgetrain import kernels
         from tools.bench_step import make_edgetrain_step, parse_mix
         mix, dfq_config = None, None
@@ -241,7 +241,7 @@ def _profile(step, model) -> dict:
 def cold_start_child(name: str, batch: int, threads: int) -> int:
     """One new process: import, build `name` at 8/8, one training step; reply with wall-clock marks."""
     t_start = time.time()
-    _limits = _limit_threads(threads)  # the same threads as the workers
+    _limits = limit_threads(threads)  # the same threads as the workers
     # timed as imports: bench_step imports edgetrain (numpy, numba, onnx, the kernels) and models
     from tools.bench_step import make_edgetrain_step
     t_import = time.time()

@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("bench_zoo: needs PyTorch: pip install 'edgetrain[torch]'", file=sys.stderr)
         return 2
-    from tools.bench import _limit_threads
+    from tools.bench import limit_threads
 
     torch.set_num_threads(args.threads)
-    _limits = _limit_threads(args.threads)
+    _limits = limit_threads(args.threads)
     result = {"threads": args.threads, "batch": args.batch, "size": args.size, "rounds": args.rounds,
               "steps_per_round": args.steps, "machine": {"platform": platform.platform(),
                                                          "processor": platform.processor() or platform.machine()},

@@ -830,18 +830,6 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 POWER_MAX_INT = 64
 
 
-def _powi_array(a64: np.ndarray, n: int) -> np.ndarray:
-    """a64 ** n for an integer n >= 0 by binary exponentiation on arrays (`powi`'s sequence of products)."""
-    result, b = np.ones_like(a64), a64
-    while n:
-        if n & 1:
-            result = result * b
-        n >>= 1
-        if n:
-            b = b * b
-    return result
-
-
 def power(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a ** b elementwise (broadcast) in a's float dtype, portable: an integer exponent (one for the whole
     array, |b| <= POWER_MAX_INT) by products in float64 (x**2 is x*x, x**3 (x*x)*x ...; a negative one the
@@ -857,7 +845,7 @@ def power(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             if e == 0.5:  # sqrt is correctly rounded (and numpy's power takes it for 0.5 too: sqrt(-inf) is nan)
                 return _out(np.broadcast_to(np.sqrt(a64), np.broadcast_shapes(a.shape, b.shape)).copy(), a)
             if math.isfinite(e) and e == int(e) and abs(e) <= POWER_MAX_INT:
-                p = _powi_array(a64, abs(int(e)))
+                p = powi(a64, abs(int(e)))
                 p = 1.0 / p if e < 0 else p
                 return _out(np.broadcast_to(p, np.broadcast_shapes(a.shape, b.shape)).copy(), a)
         a64, b64 = np.broadcast_arrays(a64, _wide(b))
@@ -872,17 +860,20 @@ def power(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _out(y, a)
 
 
-def powi(base: float, n: int) -> float:
+def powi(base: float | np.ndarray, n: int) -> float | np.ndarray:
     """base ** n for an integer n >= 0 by binary exponentiation: a fixed sequence of IEEE products, where
-    Python's float ** calls the platform's libm pow (not correctly rounded, and built with FMA on some)."""
+    Python's float ** and numpy's power call the platform's libm pow (not correctly rounded, and built with FMA
+    on some). A float, or elementwise over a float array (same products, in its dtype)."""
     if n < 0:
         raise ValueError(f"powi needs n >= 0, got {n}")
-    result, b = 1.0, float(base)
+    array = isinstance(base, np.ndarray)
+    result, b = (np.ones_like(base), base) if array else (1.0, float(base))
     while n:
         if n & 1:
-            result *= b
-        b *= b
+            result = result * b
         n >>= 1
+        if n:  # no square past the last bit: a wasted pass over an array, and an overflow it would not use
+            b = b * b
     return result
 
 
