@@ -115,6 +115,7 @@ class Model:
         m.deterministic = self.deterministic
         m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
         m.runtime.grad_ranges = self.runtime.grad_ranges
+        m.runtime.clip_act_bits = self.runtime.clip_act_bits
         return m
 
     @property

@@ -110,6 +110,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra["fractrain_targets"] = [final * t / steps[-1] for t in steps]
     if args.grad_ranges != "tensor":
         extra["grad_ranges"] = args.grad_ranges
+    if args.clip_act_bits:
+        extra["clip_act_bits"] = args.clip_act_bits
     config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
@@ -190,6 +192,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         label += f", {args.selection} selection"
     if args.grad_ranges != "tensor" and row != "fp32":
         label += f", {args.grad_ranges} gradient ranges"
+    if args.clip_act_bits and row != "fp32":
+        label += f", activations clipped at <= {args.clip_act_bits} bits"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -275,7 +279,7 @@ def _accuracy_by(per_sample, correct) -> dict:
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
                  "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
-                 "weight_bits", "grad_ranges", "test_samples", "warmup")
+                 "weight_bits", "grad_ranges", "clip_act_bits", "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -577,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-ranges", choices=GRAD_RANGES, default="tensor",
                    help="every row: the integer layers' output-gradient ranges (tensor: one per gradient, FracTrain's; "
                         "split: per output channel for the weight gradient, per sample for the error)")
+    p.add_argument("--clip-act-bits", type=NON_NEGATIVE_INT, default=0, metavar="BITS",
+                   help="every row: activations of this many bits or fewer take the range of least squared error on a "
+                        "sample of the batch in training (edgetrain.quant.clip; default 0: the batch's largest value)")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

@@ -94,7 +94,7 @@ class BatchNormalization(Op):
         bias64 = bias.astype(np.float64)
         y = None
         if (self.codes_for is not None and run.training and x.ndim == 4 and x3.shape[2] >= CODES_MIN_PLANE
-                and self._parallel_for(x3)):
+                and self._parallel_for(x3) and not self.codes_for.clips_input()):  # (codes of the batch's range)
             y = self._forward_codes(x3, x.shape, scale.astype(np.float64), bias64, float(eps), mu, bvar, inv)
         if y is None:
             y3 = np.empty_like(x3)

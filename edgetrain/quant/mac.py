@@ -50,6 +50,7 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize, small_linear
+from edgetrain.quant.clip import clipped_range, sample_values
 from edgetrain.quant.qtensor import Prequantised, QuantStats, SampleRows
 from edgetrain.quant.quantizer import quantize_rows, quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
@@ -68,6 +69,7 @@ class QuantRuntime:
 
     pow2_scales: bool = False
     grad_ranges: str = "tensor"  # one of precision.spec.GRAD_RANGES
+    clip_act_bits: int = 0  # activations at this many bits or fewer take a clipped range in training (quant.clip)
     range_momentum: float = 0.1  # weight of a new batch in the running activation range eval uses
     act_ranges: dict[str, RunningRange] = field(default_factory=dict)
     saturated: dict[str, int] = field(default_factory=dict)  # elements clipped, per layer
@@ -169,15 +171,23 @@ class QuantMAC(Op):
         # before any training step there is no such range and the batch's own is used.
         fixed = running.value if not training and running.value else None
         unsigned = self.unsigned_input if operand == 0 else self.unsigned_other
+        clipped = None
+        if training and self.clips_input():
+            values = sample_values(x.source, x.rows) if isinstance(x, SampleRows) else sample_values(x)
+            clipped = fixed = clipped_range(values, self.precision.act_bits, signed=not unsigned, pow2=rt.pow2_scales)
         if isinstance(x, SampleRows):  # a gated unit's executing rows, read where they lie: the same codes
             q = quantize_rows(x.source, x.rows, self.precision.act_bits, signed=not unsigned, range=fixed,
                               pow2=rt.pow2_scales)
         else:
             q = quantize(x, self.precision.act_bits, signed=not unsigned, range=fixed, pow2=rt.pow2_scales)
-        if training:
-            running.update(q.stats.observed_max)
+        if training:  # eval quantises with the range training used: the batch's, or its clipped one
+            running.update(q.stats.observed_max if clipped is None else clipped)
         rt.count(key, q.stats.saturated)
         return q
+
+    def clips_input(self) -> bool:
+        """Whether this layer's activations take a clipped range in training (QuantRuntime.clip_act_bits)."""
+        return 0 < self.precision.act_bits <= self.runtime.clip_act_bits
 
     def _record_input(self, stats: QuantStats) -> None:
         """What `_quantize_input` records of a training batch's codes made elsewhere: the running range and
@@ -566,8 +576,8 @@ class QuantLinear(QuantMAC):
     def _small(self, x, w, c, run: Run, groups: Sequence[Group]) -> bool:
         """Whether this step takes `small_linear`: training, one group of every row, weights stored as rows,
         a plain bias, a product small enough (`small_linear.fits`), and one range per output gradient (the
-        kernel's)."""
-        if self.runtime.grad_ranges != "tensor":
+        kernel's), its input's range the batch's (no clip)."""
+        if self.runtime.grad_ranges != "tensor" or self.clips_input():
             return False
         if not (run.training and len(groups) == 1 and groups[0].op is self and x.ndim >= 2 and x.size
                 and groups[0].rows.indices(x.shape[0]) == (0, x.shape[0], 1) and self._rows_are_weight()

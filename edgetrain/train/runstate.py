@@ -83,6 +83,7 @@ def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> N
     model.set_precision(default, overrides, quantize_classifier=config.quantize_classifier,
                         pow2_scales=config.pow2_scales)
     model.runtime.grad_ranges = config.grad_ranges
+    model.runtime.clip_act_bits = config.clip_act_bits
     if isinstance(spec, dict) and "dfq_target" in spec:
         dfq = DFQ.of(model)
         if dfq is None:
