@@ -146,9 +146,10 @@ class TrainConfig:
     grad_ranges: str = setting("tensor", "output-gradient ranges of the integer layers: tensor (one per gradient, "
                                "FracTrain's) or split (per output channel for the weight gradient, per sample for "
                                "the error: two quantisations)", "str", choices=GRAD_RANGES)
-    clip_act_bits: int = setting(0, "integer layers whose activations have this many bits or fewer quantise them, in "
-                                 "training, to the range of least squared error on a sample of the batch instead of "
-                                 "its largest value (0: never)", "int", metavar="BITS", low=0)
+    clip_act_bits: int = setting(0, "integer convs, linear layers and MatMuls whose activations have this many bits "
+                                 "or fewer quantise them, in training, to the range of least squared error on a "
+                                 "sample of the batch instead of its largest value (0: never)", "int",
+                                 metavar="BITS", low=0)
     precision_overrides: dict[str, str] = setting({}, "a table of layer pattern = \"bits\"", "str_table",
                                                   cli=FILE_ONLY)
     # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/precision/pfq.py
