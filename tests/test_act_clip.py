@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from test_grad_ranges import step_bits
 from test_integer_paths import KEY, _op
 
 from edgetrain.ops.base import Run
@@ -99,33 +100,11 @@ def test_above_the_bits_nothing_changes():
         np.testing.assert_array_equal(a, b)
 
 
-def _clipped_step(threads: int, clip: int):
-    import numba
-
-    import edgetrain
-    import models
-
-    m = edgetrain.load(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=12, width=8, seed=0),
-                       seed=0)
-    m.set_precision("4/8")
-    m.runtime.clip_act_bits = clip
-    rng = np.random.default_rng(5)
-    x, y = rng.standard_normal((24, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, 24)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        m.step = 3
-        loss, g = m.loss_and_grad(x, y)
-    finally:
-        numba.set_num_threads(before)
-    return [np.float64(loss).tobytes()] + [g[k].tobytes() for k in sorted(g)]
-
-
 def test_clipped_steps_are_bit_identical_on_one_and_two_threads_and_differ_from_unclipped():
     """Through BatchNorms that would otherwise hand the convs codes of the batch's range."""
-    one = _clipped_step(1, 4)
-    assert one == _clipped_step(2, 4)
-    assert one[0] != _clipped_step(1, 0)[0]
+    one = step_bits(1, "4/8", None, clip_act_bits=4)
+    assert one == step_bits(2, "4/8", None, clip_act_bits=4)
+    assert one[0] != step_bits(1, "4/8", None, clip_act_bits=0)[0]
 
 
 def test_a_run_configured_with_a_clip_trains_with_it(tmp_path):

@@ -113,7 +113,10 @@ def test_split_ranges_keep_small_samples_errors_where_one_range_loses_them():
     assert errors["split"] < 0.1 < 0.5 < errors["tensor"], errors
 
 
-def _gated_step(threads: int, grad_ranges: str):
+def step_bits(threads: int, precision: str = "8/8", candidates: tuple[str, ...] | None = ("0", "4/6", "6/8"),
+              **runtime) -> list[bytes]:
+    """The loss and every gradient's bytes of one training step of a small ResNet-8 at `precision` (DFQ on its
+    blocks with `candidates`, None: static), `runtime` set on its QuantRuntime, on `threads` threads."""
     import numba
 
     import edgetrain
@@ -123,9 +126,11 @@ def _gated_step(threads: int, grad_ranges: str):
 
     m = edgetrain.load(models.build_model("resnet8", num_classes=10, in_channels=1, input_size=12, width=8, seed=0),
                        seed=0)
-    m.set_precision("8/8")
-    m.runtime.grad_ranges = grad_ranges
-    DFQ.attach(m, DFQConfig(candidates=("0", "4/6", "6/8")))
+    m.set_precision(precision)
+    for name, value in runtime.items():
+        setattr(m.runtime, name, value)
+    if candidates is not None:
+        DFQ.attach(m, DFQConfig(candidates=candidates))
     rng = np.random.default_rng(5)
     x, y = rng.standard_normal((24, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, 24)
     before = numba.get_num_threads()
@@ -139,9 +144,9 @@ def _gated_step(threads: int, grad_ranges: str):
 
 
 def test_split_gated_steps_are_bit_identical_on_one_and_two_threads_and_differ_from_one_range():
-    one = _gated_step(1, "split")
-    assert one == _gated_step(2, "split")
-    tensor = _gated_step(1, "tensor")
+    one = step_bits(1, grad_ranges="split")
+    assert one == step_bits(2, grad_ranges="split")
+    tensor = step_bits(1, grad_ranges="tensor")
     assert one[0] == tensor[0]  # the same forward
     assert one[1:] != tensor[1:]
 
