@@ -28,6 +28,10 @@ class _Reader:
         self.precision = type("P", (), {"act_bits": bits})()
         self.runtime = type("R", (), {"pow2_scales": pow2})()
 
+    def clips_input(self) -> bool:
+        """A clipping layer takes floats, not codes of the batch's range (QuantMAC.clips_input): never here."""
+        return False
+
 
 def _bn(cap: float, reader=None) -> BatchNormalization:
     node = Node("bn", "BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], {"epsilon": 1e-5, "momentum": 0.9})

@@ -580,7 +580,8 @@ def test_fractrain_experiment_row_configs(tmp_path):
                               beta=1e-3, time_target=12.0, cost_table=str(table), switch_at=[0.25, 0.5, 0.75],
                               candidates=None, targets=None, static_bits=None, floor=0.25, floors=None,
                               probe_share=0.25, probe_weight=0.5, probe_margin=0.02, probe_rule="budget",
-                              selection="argmax", backward_share=1.0, weight_bits=4, grad_ranges="tensor")
+                              selection="argmax", backward_share=1.0, weight_bits=4, grad_ranges="tensor",
+                              clip_act_bits=0)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only
@@ -605,6 +606,9 @@ def test_fractrain_experiment_row_configs(tmp_path):
     wide = argparse.Namespace(**{**vars(args), "weight_bits": 8})
     assert fx._row_config("fractrain-time", wide, "out").dfq_weight_bits == 8
     assert fx._row_config("fractrain", args, "out").dfq_weight_bits == 4
+    clipped = argparse.Namespace(**{**vars(args), "clip_act_bits": 4})
+    assert fx._row_config("static", clipped, "out").clip_act_bits == 4  # every row
+    assert fx._row_config("fractrain", args, "out").clip_act_bits == 0
     c = fx._row_config("fractrain-time", args, "out")
     assert c.fractrain_targets == pytest.approx([6.0, 8.0, 10.0, 12.0])
     assert c.pfq_switch_steps == [100, 200, 300]
