@@ -40,9 +40,8 @@ def sample_values(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
 def clipped_range(values: np.ndarray, bits: int, *, signed: bool, pow2: bool = False) -> float | None:
     """The range among CLIP_FRACTIONS of max |values| whose codes at `bits` err least on `values`; None when
     values hold no finite nonzero magnitude (the quantiser then decides, and reports NaN or infinity)."""
-    mags = np.abs(values)
-    top = float(mags.max()) if mags.size else 0.0
-    if not (np.isfinite(top) and top > 0.0) or not np.isfinite(values).all():
+    top = float(np.abs(values).max()) if values.size else 0.0
+    if not (np.isfinite(top) and top > 0.0):  # a NaN or an infinity anywhere makes the max one
         return None
     qmin, qmax = qrange(bits, signed)
     ranges = np.array([top * f for f in CLIP_FRACTIONS])

@@ -171,12 +171,14 @@ class QuantMAC(Op):
         # before any training step there is no such range and the batch's own is used.
         fixed = running.value if not training and running.value else None
         unsigned = self.unsigned_input if operand == 0 else self.unsigned_other
+        # a gated unit's executing rows are read where they lie: the same codes as the gathered copy's
+        source, rows = (x.source, x.rows) if isinstance(x, SampleRows) else (x, None)
         clipped = None
         if training and self.clips_input():
-            values = sample_values(x.source, x.rows) if isinstance(x, SampleRows) else sample_values(x)
-            clipped = fixed = clipped_range(values, self.precision.act_bits, signed=not unsigned, pow2=rt.pow2_scales)
-        if isinstance(x, SampleRows):  # a gated unit's executing rows, read where they lie: the same codes
-            q = quantize_rows(x.source, x.rows, self.precision.act_bits, signed=not unsigned, range=fixed,
+            clipped = fixed = clipped_range(sample_values(source, rows), self.precision.act_bits, signed=not unsigned,
+                                            pow2=rt.pow2_scales)
+        if rows is not None:
+            q = quantize_rows(source, rows, self.precision.act_bits, signed=not unsigned, range=fixed,
                               pow2=rt.pow2_scales)
         else:
             q = quantize(x, self.precision.act_bits, signed=not unsigned, range=fixed, pow2=rt.pow2_scales)
