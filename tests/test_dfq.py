@@ -581,7 +581,7 @@ def test_fractrain_experiment_row_configs(tmp_path):
                               candidates=None, targets=None, static_bits=None, floor=0.25, floors=None,
                               probe_share=0.25, probe_weight=0.5, probe_margin=0.02, probe_rule="budget",
                               selection="argmax", backward_share=1.0, weight_bits=4, grad_ranges="tensor",
-                              clip_act_bits=0)
+                              clip_act_bits=0, stage_grad_bits=None)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only
@@ -591,6 +591,9 @@ def test_fractrain_experiment_row_configs(tmp_path):
     assert staged.fractrain_floors == [1.0, 0.5, 0.5, 0.5]  # --floors: FracTrain's floor per target
     assert fx._row_config("dfq-time", argparse.Namespace(**{**vars(args), "floors": [1.0]}), "out").fractrain_floors \
         is None  # DFQ has no stages to step through
+    raised = argparse.Namespace(**{**vars(args), "stage_grad_bits": [0, 0, 0, 8]})
+    assert fx._row_config("fractrain", raised, "out").fractrain_grad_bits == [0, 0, 0, 8]  # every FracTrain row
+    assert fx._row_config("static", raised, "out").fractrain_grad_bits is None
     c = fx._row_config("fractrain-probe", args, "out")
     assert c.schedule == "fractrain" and c.dfq_estimator == "probe" and c.dfq_min_exec_share == 0.0
     assert (c.dfq_probe_share, c.dfq_probe_weight, c.dfq_probe_margin, c.dfq_probe_rule) == (0.25, 0.5, 0.02, "budget")

@@ -370,3 +370,61 @@ def test_fractrain_floors_step_with_its_targets_and_hold_in_the_gates():
         m.loss_and_grad(x, y)
         for unit, choice in d.record.choices.items():
             assert (choice != 0).sum() == int(np.ceil(20 * spec["dfq_floor"])), unit
+
+
+def _grads(m, x, y) -> dict:
+    m.step = 0
+    return {k: v.copy() for k, v in m.loss_and_grad(x, y)[1].items()}
+
+
+def test_stage_gradient_bits_run_every_candidate_backward_as_that_candidate_would():
+    """set_grad_bits(8) on a 4/6 gate gives the gradients, bit for bit, of a gate whose candidate is 4/8 (the same
+    stochastic streams and forward); its costs are then 4/8's; None brings back 4/6's gradients and costs."""
+    x, y = _batch(16)
+    m6, d6 = _tiny(DFQConfig(candidates=("0", "4/6"), initial_choice="4/6"))
+    m8, d8 = _tiny(DFQConfig(candidates=("0", "4/8"), initial_choice="4/8"))
+    at6 = _grads(m6, x, y)
+    at8 = _grads(m8, x, y)
+    assert any(not np.array_equal(at6[k], at8[k]) for k in at6)  # the bits matter to this check
+    d6.set_grad_bits(8)
+    assert [str(c.precision) for c in d6.candidates] == ["None", "4/8"] and d6.candidates[1].text == "4/6"
+    assert d6.total_percent == d8.total_percent
+    raised = _grads(m6, x, y)
+    assert all(np.array_equal(raised[k], at8[k]) for k in at8)
+    d6.set_grad_bits(None)
+    assert d6.total_percent != d8.total_percent
+    assert all(np.array_equal(v, at6[k]) for k, v in _grads(m6, x, y).items())
+    with pytest.raises(EdgetrainError, match="gradient bits must be an integer in"):
+        d6.set_grad_bits(1)
+
+
+def test_fractrain_gradient_bits_step_with_its_targets():
+    """With grad_bits, FracTrain's spec carries the stage's gradient bits (0: the candidates' own); apply_precision
+    puts them in force in the gates, and a run's config refuses a list of the wrong length or bits out of range."""
+    from edgetrain.precision.fractrain import FracTrainController
+    from edgetrain.train.config import TrainConfig, validate
+    from edgetrain.train.runstate import apply_precision
+
+    with pytest.raises(EdgetrainError, match="one per target"):
+        FracTrainController(targets=(1.0, 2.0), grad_bits=(8,))
+    ctl = FracTrainController(targets=(1.0, 2.0), grad_bits=(0, 8), switch_steps=(3,), period_steps=1)
+    first = ctl.precision
+    assert first == {"default": "8/8", "dfq_target": 1.0, "dfq_grad_bits": 0}
+    moved = [ctl.on_step(step, 1.0) for step in range(4)]
+    assert moved[2] == {"default": "8/8", "dfq_target": 2.0, "dfq_grad_bits": 8}
+    assert ctl.switches[0]["dfq_grad_bits"] == 8 and ctl.settings()["grad_bits"] == [0, 8]
+
+    m, d = _tiny(DFQConfig(candidates=("0", "3/6", "4/6")))
+    config = TrainConfig(schedule="fractrain")
+    apply_precision(m, first, config)
+    assert d.grad_bits is None and [str(c.precision) for c in d.candidates[1:]] == ["3/6:w4", "4/6"]
+    apply_precision(m, moved[2], config)
+    assert d.grad_bits == 8 and [str(c.precision) for c in d.candidates[1:]] == ["3/8:w4", "4/8"]
+    for layers in (op.candidate_ops for op in m.executor.ops.values() if hasattr(op, "candidate_ops")):
+        assert {mac.precision.grad_bits for ops in layers.values() for mac in ops.values()} == {8}
+
+    for bits, message in (([0, 8], "2 gradient widths for 4 targets"), ([0, 0, 1, 8], "each must be 0")):
+        with pytest.raises(EdgetrainError, match=message):
+            validate(TrainConfig(schedule="fractrain", fractrain_grad_bits=bits))
+    with pytest.raises(EdgetrainError, match="only --schedule fractrain steps through gradient bits"):
+        validate(TrainConfig(schedule="dfq", fractrain_grad_bits=[0, 0, 0, 8]))

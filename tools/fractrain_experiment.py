@@ -108,6 +108,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         final = extra["dfq_target"]
         steps = args.targets if args.targets and row not in TIMED_ROWS else DEFAULT_TARGETS
         extra["fractrain_targets"] = [final * t / steps[-1] for t in steps]
+        if args.stage_grad_bits:
+            extra["fractrain_grad_bits"] = list(args.stage_grad_bits)
     if args.grad_ranges != "tensor":
         extra["grad_ranges"] = args.grad_ranges
     if args.clip_act_bits:
@@ -194,6 +196,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         label += f", {args.grad_ranges} gradient ranges"
     if args.clip_act_bits and row != "fp32":
         label += f", activations clipped at <= {args.clip_act_bits} bits"
+    if args.stage_grad_bits and _schedule(row) == "fractrain":
+        label += f", gradient bits by target {','.join(map(str, args.stage_grad_bits))}"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
            "fp32_bitops": result.fp32_bitops, "percent_of_fp32": result.percent_of_fp32,
            "train_seconds": result.seconds, "wall_seconds": wall,
@@ -279,7 +283,7 @@ def _accuracy_by(per_sample, correct) -> dict:
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
                  "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
-                 "weight_bits", "grad_ranges", "clip_act_bits", "test_samples", "warmup")
+                 "weight_bits", "grad_ranges", "clip_act_bits", "stage_grad_bits", "test_samples", "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -492,6 +496,8 @@ _fraction_list = _number_list(float, lambda v: 0 < v < 1, "rising comma-separate
 _target_list = _number_list(float, lambda v: 0 < v <= 100, "rising comma-separated percentages", "rising")
 _floor_list = _number_list(float, lambda v: 0 <= v <= 1, "comma-separated shares in [0, 1]")
 _seed_list = _number_list(int, lambda v: v >= 0, "comma-separated seeds >= 0")
+_bits_list = _number_list(int, lambda v: v == 0 or MIN_BITS <= v <= MAX_BITS,
+                          f"comma-separated bits, each 0 or in [{MIN_BITS}, {MAX_BITS}]")
 
 
 def _checked_by(parse):
@@ -584,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-act-bits", type=NON_NEGATIVE_INT, default=0, metavar="BITS",
                    help="every row: activations of this many bits or fewer take the range of least squared error on a "
                         "sample of the batch in training (edgetrain.quant.clip; default 0: the batch's largest value)")
+    p.add_argument("--stage-grad-bits", type=_bits_list, default=None, metavar="B,...",
+                   help="FracTrain rows: every computing candidate's gradient bits per target (0: its own), e.g. "
+                        "0,0,0,8 for 8-bit gradients at the last target")
     p.add_argument("--test-samples", type=POSITIVE_INT, default=None, help="test on the first N test samples only")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=WARMUP_STEPS,
                    help="untimed steps per row first, so compiling kernels is not counted as training time")

@@ -75,6 +75,8 @@ def make_controller(config: TrainConfig) -> PrecisionController:
         return FracTrainController(targets=tuple(config.fractrain_targets or DEFAULT_TARGETS),
                                    ungated=config.dfq_ungated,
                                    floors=None if config.fractrain_floors is None else tuple(config.fractrain_floors),
+                                   grad_bits=None if config.fractrain_grad_bits is None
+                                   else tuple(config.fractrain_grad_bits),
                                    **_turning_point_options(config))
     if config.schedule == "pfq":
         from edgetrain.precision.pfq import DEFAULT_STAGES, PFQController

@@ -7,6 +7,9 @@ the computing candidate nearest the first target, and at every switch the traine
 costliest candidate at or below the new one (`DFQ.aim`): a stretch at one target saturates their
 softmax, and the straight-through estimator could not move them on by itself.
 
+With `grad_bits`, each target comes with the gradient bits every computing candidate's backward runs at (0:
+each candidate's own; `DFQ.set_grad_bits`): gradients, not only the forward, can rise with the stages.
+
 With `floors`, each target comes with its own floor on every block's executed share (`DFQ.floor`,
 edgetrain.precision.dfq.guard): where only skipping saves time (a measured-time cost on an 8-bit
 unit), the executed share is the precision that rises, as bits rise in the paper.
@@ -32,7 +35,8 @@ class FracTrainController:
     """Precision controller of --schedule fractrain: spec {"default": ungated bits, "dfq_target": t}."""
 
     def __init__(self, targets: tuple[float, ...] = DEFAULT_TARGETS, ungated: str = "8/8",
-                 floors: tuple[float, ...] | None = None, period_steps: int = 400,
+                 floors: tuple[float, ...] | None = None, grad_bits: tuple[int, ...] | None = None,
+                 period_steps: int = 400,
                  switch_steps: tuple[int, ...] | None = None, eps: float = DEFAULT_EPS, alpha: float = DEFAULT_ALPHA,
                  window: int = DEFAULT_WINDOW, normaliser_periods: int = DEFAULT_NORMALISER_PERIODS,
                  alpha_switches: int = DEFAULT_ALPHA_SWITCHES):
@@ -42,6 +46,10 @@ class FracTrainController:
         if floors is not None and len(floors) != len(self.targets):
             raise EdgetrainError(f"fractrain: {len(floors)} floors for {len(self.targets)} targets: one per target")
         self.floors = None if floors is None else tuple(float(f) for f in floors)
+        if grad_bits is not None and len(grad_bits) != len(self.targets):
+            raise EdgetrainError(f"fractrain: {len(grad_bits)} gradient widths for {len(self.targets)} targets: "
+                                 "one per target")
+        self.grad_bits = None if grad_bits is None else tuple(int(b) for b in grad_bits)
         self.ungated = ungated
         # The indicator is PFQ's, run over placeholder stages: one per target.
         self.indicator = PFQController(stages=tuple("8/8" for _ in self.targets), period_steps=period_steps,
@@ -54,6 +62,8 @@ class FracTrainController:
         spec = {"default": self.ungated, "dfq_target": self.targets[self.indicator.stage]}
         if self.floors is not None:
             spec["dfq_floor"] = self.floors[self.indicator.stage]
+        if self.grad_bits is not None:
+            spec["dfq_grad_bits"] = self.grad_bits[self.indicator.stage]
         return spec
 
     @property
@@ -66,6 +76,8 @@ class FracTrainController:
             d["dfq_target"] = self.targets[s.stage]
             if self.floors is not None:
                 d["dfq_floor"] = self.floors[s.stage]
+            if self.grad_bits is not None:
+                d["dfq_grad_bits"] = self.grad_bits[s.stage]
             out.append(d)
         return out
 
@@ -86,4 +98,5 @@ class FracTrainController:
         out = self.indicator.settings()
         out.pop("stages")
         floors = {} if self.floors is None else {"floors": list(self.floors)}
-        return {"targets": list(self.targets), "ungated": self.ungated, **floors, **out}
+        grad_bits = {} if self.grad_bits is None else {"grad_bits": list(self.grad_bits)}
+        return {"targets": list(self.targets), "ungated": self.ungated, **floors, **grad_bits, **out}

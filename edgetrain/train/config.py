@@ -36,7 +36,7 @@ from edgetrain.errors import EdgetrainError
 from edgetrain.fileio import write_atomic
 from edgetrain.precision import fractrain, pfq
 from edgetrain.precision.dfq import config as dfq
-from edgetrain.precision.spec import GRAD_RANGES, parse_precision
+from edgetrain.precision.spec import GRAD_RANGES, MAX_BITS, MIN_BITS, parse_precision
 
 try:  # Python 3.11+
     import tomllib
@@ -214,6 +214,9 @@ class TrainConfig:
     fractrain_floors: list[float] | None = setting(None, "a floor on each block's executed share per target (in "
                                                    "place of --dfq-min-exec-share), e.g. 1,0.75,0.5,0.5",
                                                    "float_list", metavar="S,...", group="dfq")
+    fractrain_grad_bits: list[int] | None = setting(None, "the gradient bits of every computing candidate per target "
+                                                    "(0: each candidate's own), e.g. 0,0,0,8: 8-bit gradients at the "
+                                                    "last target", "int_list", metavar="B,...", group="dfq")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -381,6 +384,9 @@ def validate(c: TrainConfig) -> None:
         raise EdgetrainError(f"bits '{c.bits}': pfq's stages set the bits (--pfq-stages, e.g. 3/6,4/6,6/8,8/8)")
     if c.fractrain_floors is not None and c.schedule != "fractrain":
         raise _fail("option", "fractrain_floors", f"only --schedule fractrain steps through floors, not {c.schedule}")
+    if c.fractrain_grad_bits is not None and c.schedule != "fractrain":
+        raise _fail("option", "fractrain_grad_bits", f"only --schedule fractrain steps through gradient bits, not "
+                    f"{c.schedule}")
     if c.schedule in DYNAMIC_SCHEDULES:
         _validate_dfq(c)
     if c.bits is not None and c.schedule == "fp32":
@@ -435,13 +441,20 @@ def _validate_dfq(c: TrainConfig) -> None:
     targets = [c.dfq_target] + list(c.fractrain_targets or [])
     if any(not math.isfinite(t) or not 0 < t <= 100 for t in targets):
         raise EdgetrainError(f"dfq cost target {targets}: each must be a percentage in (0, 100]")
+    n_targets = len(c.fractrain_targets or fractrain.DEFAULT_TARGETS)
     if c.fractrain_floors is not None:
-        n_targets = len(c.fractrain_targets or fractrain.DEFAULT_TARGETS)
         if len(c.fractrain_floors) != n_targets:
             raise _fail("option", "fractrain_floors", f"{len(c.fractrain_floors)} floors for {n_targets} targets; "
                         "give one per target")
         if any(not math.isfinite(f) or not 0 <= f <= 1 for f in c.fractrain_floors):
             raise _fail("option", "fractrain_floors", f"{c.fractrain_floors}: each must be a share in [0, 1]")
+    if c.fractrain_grad_bits is not None:
+        if len(c.fractrain_grad_bits) != n_targets:
+            raise _fail("option", "fractrain_grad_bits", f"{len(c.fractrain_grad_bits)} gradient widths for "
+                        f"{n_targets} targets; give one per target")
+        if any(b != 0 and not MIN_BITS <= b <= MAX_BITS for b in c.fractrain_grad_bits):
+            raise _fail("option", "fractrain_grad_bits", f"{c.fractrain_grad_bits}: each must be 0 (the candidate's "
+                        f"own) or bits in [{MIN_BITS}, {MAX_BITS}]")
     if c.dfq_cost_table is not None and not os.path.isfile(c.dfq_cost_table):
         raise _fail("option", "dfq_cost_table", f"{c.dfq_cost_table}: no such file")
 

@@ -91,6 +91,8 @@ def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> N
         dfq.target = float(spec["dfq_target"])
         if "dfq_floor" in spec:
             dfq.floor = float(spec["dfq_floor"])
+        if "dfq_grad_bits" in spec:
+            dfq.set_grad_bits(int(spec["dfq_grad_bits"]) or None)  # 0: each candidate's own
 
 
 def pack_state(model: Model, controller_state: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,7 +54,7 @@ from edgetrain.precision.dfq.gated_unit import GatedUnit
 from edgetrain.precision.dfq.gates import PREFIX, SHARED_NAMES, init_gate_params, logit_mask, unit_param_names
 from edgetrain.precision.dfq.quota import bracket, next_threshold, quota_mask, split
 from edgetrain.precision.dfq.units import Unit, find_units, measure_units
-from edgetrain.precision.spec import LayerPrecision
+from edgetrain.precision.spec import MAX_BITS, MIN_BITS, LayerPrecision
 
 if TYPE_CHECKING:
     from edgetrain.model import Model
@@ -122,12 +122,8 @@ class DFQ:
         self.logit_masks = {u.index: logit_mask(self.unit_candidates[u.index], len(self.candidates))
                             for u in self.units}
         measure_units(self.units, graph, self.gated_layers, model.float_op)
-        self.unit_cost, self.unit_fp32 = candidate_costs(self.units, self.candidates, config.cost_table,
-                                                         config.backward_share)
-        total_fp32 = sum(self.unit_fp32.values())
-        # Each candidate's cost over all units, percent of their fp32 cost: what a target is compared to.
-        self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
-                              for k in range(len(self.candidates))]
+        self._price()
+        self.grad_bits: int | None = None  # FracTrain's stage may run every candidate's backward at these bits
         self.computing = [k for k, c in enumerate(self.candidates) if not c.skip]
         self.target = float(config.target)
         self.floor = float(config.min_exec_share)  # FracTrain may raise it stage by stage (dfq_floor in its spec)
@@ -149,6 +145,35 @@ class DFQ:
         self._build_ops(model)
 
     # -- construction ------------------------------------------------------------------------------
+    def _price(self) -> None:
+        """Each candidate's cost per unit and over all units (percent of their fp32 cost: what a target is
+        compared to), at the candidates' precisions in force."""
+        self.unit_cost, self.unit_fp32 = candidate_costs(self.units, self.candidates, self.config.cost_table,
+                                                         self.config.backward_share)
+        total_fp32 = sum(self.unit_fp32.values())
+        self.total_percent = [100 * sum(self.unit_cost[u.index][k] for u in self.units) / total_fp32
+                              for k in range(len(self.candidates))]
+
+    def set_grad_bits(self, bits: int | None) -> None:
+        """Run every computing candidate's backward at `bits` gradient bits (None: each at its own), and price
+        them so: a FracTrain stage's `dfq_grad_bits`. A candidate keeps its name (its gate logit, activation
+        ranges and record), so "4/6" names the 4-bit forward whichever gradient bits are in force."""
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or
+                                 not MIN_BITS <= bits <= MAX_BITS):
+            raise EdgetrainError(f"dfq gradient bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        if bits == self.grad_bits:
+            return
+        own = parse_candidates(self.config.candidates, self.config.weight_bits)
+        self.candidates = tuple(c if c.skip or bits is None else Candidate(c.text, replace(c.precision, grad_bits=bits))
+                                for c in own)
+        for op in self.model.executor.ops.values():
+            if isinstance(op, GatedUnit):
+                for k, layers in op.candidate_ops.items():
+                    for mac in layers.values():
+                        mac.precision = replace(mac.precision, grad_bits=self.candidates[k].precision.grad_bits)
+        self.grad_bits = bits
+        self._price()
+
     def candidate_percent(self) -> dict[str, dict[str, float]]:
         """Each unit's candidates' cost in percent of the unit's fp32 training cost."""
         return {u.name: {self.candidates[k].text: 100 * self.unit_cost[u.index][k] / self.unit_fp32[u.index]
