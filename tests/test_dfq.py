@@ -656,6 +656,31 @@ def test_a_measured_latency_table_is_the_cost(tmp_path):
         read_cost_table(path)
 
 
+def test_a_latency_table_without_a_stage_s_gradient_bits_fails_before_training(tmp_path):
+    """--fractrain-grad-bits reprices the candidates at each stage's bits: a measured table that lacks them is refused
+    when the run is set up, naming the layer and precision, not at the switch that would first need them."""
+    import json
+
+    from edgetrain.train.config import TrainConfig
+    from edgetrain.train.runstate import prepare_model
+
+    layers = [f"layer{s}.0.conv{i}" for s in (1, 2, 3) for i in (1, 2)]
+    table = {name: {"fp32": {"forward_s": 0.003, "backward_s": 0.007},
+                    "3/6:w4": {"forward_s": 0.002, "backward_s": 0.004}} for name in layers}
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(table))
+    config = TrainConfig(schedule="fractrain", dfq_candidates=["0", "3/6"], dfq_cost_table=str(path),
+                         fractrain_grad_bits=[0, 0, 0, 8])
+    with pytest.raises(EdgetrainError, match="no timing for layer 'layer1.0.conv1' at '3/8:w4'"):
+        prepare_model(_resnet8(), config)
+    for name in layers:
+        table[name]["3/8:w4"] = {"forward_s": 0.002, "backward_s": 0.005}
+    path.write_text(json.dumps(table))
+    m = _resnet8()
+    prepare_model(m, config)
+    assert DFQ.of(m).grad_bits is None and str(DFQ.of(m).candidates[1].precision) == "3/6:w4"
+
+
 def test_a_simulated_board_profile_becomes_dfq_cost(tmp_path, capsys):
     """edgetrain profile --simulate --latency-table at fp32 and at a candidate, then train dfq on that table.
     The CLI runs in this process (only the simulated board's agent is a process of its own)."""

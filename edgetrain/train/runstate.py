@@ -71,7 +71,12 @@ def prepare_model(model: Model, config: TrainConfig) -> None:
     deterministic float mode of an fp32 run that asked for it (integer schedules have it always)."""
     model.deterministic = bool(config.deterministic)
     if config.schedule in DYNAMIC_SCHEDULES and DFQ.of(model) is None:
-        DFQ.attach(model, dfq_config(config))
+        dfq = DFQ.attach(model, dfq_config(config))
+        # Price every stage's gradient bits now: a measured cost table without them fails before training, not at
+        # the switch hours in.
+        for bits in sorted(set(config.fractrain_grad_bits or ())):
+            dfq.set_grad_bits(bits or None)
+        dfq.set_grad_bits(None)
 
 
 def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> None:
