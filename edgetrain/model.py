@@ -22,7 +22,7 @@ from edgetrain.ops.norm import BatchNormalization, fuse_relu, sole_reader, sole_
 from edgetrain.ops.pool import fuse_relu_pool
 from edgetrain.precision.cost import CostMeter, LayerCost, layer_step_cost
 from edgetrain.precision.spec import FP32, LayerPrecision, PrecisionConfig
-from edgetrain.quant.mac import QuantLinear, QuantMAC, QuantRuntime, integer_form, takes_codes
+from edgetrain.quant.mac import RUNTIME_SETTINGS, QuantLinear, QuantMAC, QuantRuntime, integer_form, takes_codes
 
 # What the float engine computes in (float16: forward passes of float16 graphs, e.g. ONNX's own test cases).
 COMPUTE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -114,8 +114,8 @@ class Model:
         m._buffers = {k: v.astype(dtype) for k, v in self._buffers.items()}
         m.deterministic = self.deterministic
         m.set_precision(self.precision_config, pow2_scales=self.runtime.pow2_scales)
-        m.runtime.grad_ranges = self.runtime.grad_ranges
-        m.runtime.clip_act_bits = self.runtime.clip_act_bits
+        for name in RUNTIME_SETTINGS:
+            setattr(m.runtime, name, getattr(self.runtime, name))
         return m
 
     @property

@@ -581,7 +581,7 @@ def test_fractrain_experiment_row_configs(tmp_path):
                               candidates=None, targets=None, static_bits=None, floor=0.25, floors=None,
                               probe_share=0.25, probe_weight=0.5, probe_margin=0.02, probe_rule="budget",
                               selection="argmax", backward_share=1.0, weight_bits=4, grad_ranges="tensor",
-                              clip_act_bits=0, stage_grad_bits=None)
+                              clip_act_bits=0, clip_weight_bits=0, stage_grad_bits=None)
     c = fx._row_config("fractrain-time", args, "out")
     assert c.schedule == "fractrain" and c.dfq_cost_table == str(table) and c.dfq_target == 12.0
     assert c.dfq_min_exec_share == 0.25 and c.dfq_estimator == "ste"  # the floor guards the timed rows only

@@ -114,6 +114,8 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra["grad_ranges"] = args.grad_ranges
     if args.clip_act_bits:
         extra["clip_act_bits"] = args.clip_act_bits
+    if args.clip_weight_bits:
+        extra["clip_weight_bits"] = args.clip_weight_bits
     config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)
@@ -196,6 +198,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         label += f", {args.grad_ranges} gradient ranges"
     if args.clip_act_bits and row != "fp32":
         label += f", activations clipped at <= {args.clip_act_bits} bits"
+    if args.clip_weight_bits and row != "fp32":
+        label += f", weights clipped at <= {args.clip_weight_bits} bits"
     if args.stage_grad_bits and _schedule(row) == "fractrain":
         label += f", gradient bits by target {','.join(map(str, args.stage_grad_bits))}"
     out = {"row": row, "label": label, "test_accuracy": result.test_accuracy, "bitops": result.bitops,
@@ -283,7 +287,8 @@ def _accuracy_by(per_sample, correct) -> dict:
 CHILD_OPTIONS = ("model", "steps", "batch_size", "seed", "lr", "period", "eps", "alpha", "target", "time_target",
                  "beta", "switch_at", "cost_table", "candidates", "static_bits", "targets", "input_size", "floor",
                  "floors", "probe_share", "probe_weight", "probe_margin", "probe_rule", "selection", "backward_share",
-                 "weight_bits", "grad_ranges", "clip_act_bits", "stage_grad_bits", "test_samples", "warmup")
+                 "weight_bits", "grad_ranges", "clip_act_bits", "clip_weight_bits", "stage_grad_bits", "test_samples",
+                 "warmup")
 
 
 def _child(row: str, args: argparse.Namespace) -> dict:
@@ -590,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-act-bits", type=NON_NEGATIVE_INT, default=0, metavar="BITS",
                    help="every row: activations of this many bits or fewer take the range of least squared error on a "
                         "sample of the batch in training (edgetrain.quant.clip; default 0: the batch's largest value)")
+    p.add_argument("--clip-weight-bits", type=NON_NEGATIVE_INT, default=0, metavar="BITS",
+                   help="every row: weights of this many bits or fewer take, per output channel, the range of least "
+                        "squared error on its weights (edgetrain.quant.clip; default 0: their largest value)")
     p.add_argument("--stage-grad-bits", type=_bits_list, default=None, metavar="B,...",
                    help="FracTrain rows: every computing candidate's gradient bits per target (0: its own), e.g. "
                         "0,0,0,8 for 8-bit gradients at the last target")

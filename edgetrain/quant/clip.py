@@ -1,5 +1,6 @@
-"""A clipped range for low-bit activations: the fraction of the batch's largest magnitude whose codes give a
-sample of the batch the least squared error.
+"""Clipped ranges for low-bit operands: for activations, the fraction of the batch's largest magnitude whose codes
+give a sample of the batch the least squared error; for weights, the same search per output channel over all of
+its weights (`clipped_rows`).
 
 At 3 or 4 bits a per-tensor range set by the batch's largest value spends most codes on a tail few values
 reach: post-ReLU activations of a BatchNorm are roughly half-normal, whose maximum over a batch of 10^5 to
@@ -13,6 +14,11 @@ estimator over the activation quantiser).
 
 Cost: up to `CLIP_SAMPLE` values read (evenly spaced samples, then an odd stride so that no pixel or channel
 position is favoured) and one (fractions x sample) float64 pass per quantised activation.
+
+Weights at 4 bits per output channel have the same problem where a channel holds a few large weights: 15 codes
+spread to its largest weight leave the bulk of them on two or three. `clipped_rows` picks each channel's range the
+same way from all of its weights (a ResNet-20 has about 270,000: one (fractions x weights) pass a step, as the
+weights change every step), and the clipped weights pass their gradient straight through, as every weight does.
 """
 from __future__ import annotations
 
@@ -50,3 +56,21 @@ def clipped_range(values: np.ndarray, bits: int, *, signed: bool, pow2: bool = F
     err = codes * scales - values[None, :]
     totals = detfloat.sum64(err * err, axis=1)
     return float(ranges[int(np.argmin(totals))])  # ties: the first, the widest range
+
+
+def clipped_rows(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> np.ndarray | None:
+    """Per row of w_rows (an output channel's weights), the range among CLIP_FRACTIONS of the row's max |w| whose
+    signed codes at `bits` err least on the row, as float64; a row of zeros gets 1.0 (any range codes it
+    exactly). None when a weight is NaN or infinite (the quantiser then reports it)."""
+    w = np.asarray(w_rows, np.float64).reshape(len(w_rows), -1)
+    top = np.abs(w).max(axis=1) if w.size else np.zeros(len(w))
+    if not np.isfinite(top).all():
+        return None
+    top = np.where(top > 0.0, top, 1.0)
+    qmin, qmax = qrange(bits, True)
+    ranges = np.array(CLIP_FRACTIONS)[:, None] * top[None, :]  # (fractions, rows)
+    scales = scale_from_range(ranges.reshape(-1), bits, signed=True, pow2=pow2).astype(np.float64)
+    scales = scales.reshape(ranges.shape)[:, :, None]
+    err = np.clip(np.rint(w[None] / scales), qmin, qmax) * scales - w[None]
+    totals = detfloat.sum64(err * err, axis=2)
+    return ranges[np.argmin(totals, axis=0), np.arange(len(w))]  # ties: the first, the widest range

@@ -50,11 +50,13 @@ from edgetrain.ops.norm_kernels import rescale_flat
 from edgetrain.ops.windows import geometry
 from edgetrain.precision.spec import LayerPrecision
 from edgetrain.quant import QTensor, RunningRange, quantize, small_linear
-from edgetrain.quant.clip import clipped_range, sample_values
+from edgetrain.quant.clip import clipped_range, clipped_rows, sample_values
 from edgetrain.quant.qtensor import Prequantised, QuantStats, SampleRows
 from edgetrain.quant.quantizer import quantize_rows, quantize_weights
 from edgetrain.quant.rnn import QUANT_RECURRENT
 
+# The QuantRuntime fields a run's config sets (TrainConfig keys of the same names): what a copy of a model keeps.
+RUNTIME_SETTINGS = ("grad_ranges", "clip_act_bits", "clip_weight_bits")
 STREAMS_PER_LAYER = 1  # random-bit streams a layer draws per step: its output gradient's rounding
 SPLIT_STREAM = 1 << 32  # the error's codes of a split output gradient draw from stream layer + this
 
@@ -70,6 +72,7 @@ class QuantRuntime:
     pow2_scales: bool = False
     grad_ranges: str = "tensor"  # one of precision.spec.GRAD_RANGES
     clip_act_bits: int = 0  # activations at this many bits or fewer take a clipped range in training (quant.clip)
+    clip_weight_bits: int = 0  # weights at this many bits or fewer take a clipped range per output channel
     range_momentum: float = 0.1  # weight of a new batch in the running activation range eval uses
     act_ranges: dict[str, RunningRange] = field(default_factory=dict)
     saturated: dict[str, int] = field(default_factory=dict)  # elements clipped, per layer
@@ -218,9 +221,17 @@ class QuantMAC(Op):
         forward and, in training, per tensor for the error back-propagation, both from one scan (the
         weights cannot change between a forward and its backward)."""
         bits, pow2 = self.precision.weight_bits, self.runtime.pow2_scales
+        ranges = clipped_rows(w_rows, bits, pow2=pow2) if self.clips_weight() else None
+        if ranges is not None:  # the backward's per-tensor codes at the widest row's clipped range
+            rows = quantize(w_rows, bits, signed=True, axis=0, pow2=pow2, range=ranges)
+            return rows, quantize(w_rows, bits, signed=True, pow2=pow2, range=ranges.max()) if training else None
         if training:
             return quantize_weights(w_rows, bits, pow2=pow2)
         return quantize(w_rows, bits, signed=True, axis=0, pow2=pow2), None
+
+    def clips_weight(self) -> bool:
+        """Whether this layer's weights take a clipped range per output channel (QuantRuntime.clip_weight_bits)."""
+        return self.HAS_WEIGHT and 0 < self.precision.weight_bits <= self.runtime.clip_weight_bits
 
     def _quantize_grad(self, g: np.ndarray, key: tuple[int, int], axis: int | None = None, stream: int = 0) -> QTensor:
         return quantize(g, self.precision.grad_bits, signed=True, rounding="stochastic", axis=axis,
@@ -578,8 +589,8 @@ class QuantLinear(QuantMAC):
     def _small(self, x, w, c, run: Run, groups: Sequence[Group]) -> bool:
         """Whether this step takes `small_linear`: training, one group of every row, weights stored as rows,
         a plain bias, a product small enough (`small_linear.fits`), and one range per output gradient (the
-        kernel's), its input's range the batch's (no clip)."""
-        if self.runtime.grad_ranges != "tensor" or self.clips_input():
+        kernel's), its input's and weights' ranges their largest values (no clip)."""
+        if self.runtime.grad_ranges != "tensor" or self.clips_input() or self.clips_weight():
             return False
         if not (run.training and len(groups) == 1 and groups[0].op is self and x.ndim >= 2 and x.size
                 and groups[0].rows.indices(x.shape[0]) == (0, x.shape[0], 1) and self._rows_are_weight()

@@ -150,6 +150,9 @@ class TrainConfig:
                                  "or fewer quantise them, in training, to the range of least squared error on a "
                                  "sample of the batch instead of its largest value (0: never)", "int",
                                  metavar="BITS", low=0)
+    clip_weight_bits: int = setting(0, "integer layers whose weights have this many bits or fewer quantise each "
+                                    "output channel to the range of least squared error on its weights instead of "
+                                    "their largest value (0: never)", "int", metavar="BITS", low=0)
     precision_overrides: dict[str, str] = setting({}, "a table of layer pattern = \"bits\"", "str_table",
                                                   cli=FILE_ONLY)
     # PFQ (--schedule pfq): defaults are FracTrain's, see edgetrain/precision/pfq.py

@@ -28,6 +28,7 @@ from edgetrain.model import Model
 from edgetrain.onnx_import import Importer, read_onnx
 from edgetrain.precision.control import PrecisionSpec
 from edgetrain.precision.dfq.controller import DFQ
+from edgetrain.quant.mac import RUNTIME_SETTINGS
 from edgetrain.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -87,8 +88,8 @@ def apply_precision(model: Model, spec: PrecisionSpec, config: TrainConfig) -> N
         default, overrides = spec, None
     model.set_precision(default, overrides, quantize_classifier=config.quantize_classifier,
                         pow2_scales=config.pow2_scales)
-    model.runtime.grad_ranges = config.grad_ranges
-    model.runtime.clip_act_bits = config.clip_act_bits
+    for name in RUNTIME_SETTINGS:
+        setattr(model.runtime, name, getattr(config, name))
     if isinstance(spec, dict) and "dfq_target" in spec:
         dfq = DFQ.of(model)
         if dfq is None:
