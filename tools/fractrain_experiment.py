@@ -47,6 +47,7 @@ from edgetrain.precision.dfq.controller import DFQ
 from edgetrain.precision.dfq.recalibrate import recalibrate
 from edgetrain.precision.fractrain import DEFAULT_TARGETS
 from edgetrain.precision.spec import GRAD_RANGES, MAX_BITS, MIN_BITS
+from edgetrain.quant.mac import RUNTIME_SETTINGS
 
 ROWS = ("fp32", "static", "pfq", "dfq", "fractrain", "dfq-time", "fractrain-time", "dfq-probe", "fractrain-probe")
 LABELS = {"fp32": "fp32", "static": "static 8/8 (SBM)", "pfq": "PFQ", "dfq": "DFQ", "fractrain": "FracTrain",
@@ -110,12 +111,7 @@ def _row_config(row: str, args: argparse.Namespace, out: str):
         extra["fractrain_targets"] = [final * t / steps[-1] for t in steps]
         if args.stage_grad_bits:
             extra["fractrain_grad_bits"] = list(args.stage_grad_bits)
-    if args.grad_ranges != "tensor":
-        extra["grad_ranges"] = args.grad_ranges
-    if args.clip_act_bits:
-        extra["clip_act_bits"] = args.clip_act_bits
-    if args.clip_weight_bits:
-        extra["clip_weight_bits"] = args.clip_weight_bits
+    extra.update({name: getattr(args, name) for name in RUNTIME_SETTINGS})  # every row: options of the same names
     config = TrainConfig(schedule=schedule, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                          lr_schedule="cosine", weight_decay=5e-4, eval_every=args.steps, out=out, data="digits",
                          checkpoint_every=args.steps, keep=1, **extra)

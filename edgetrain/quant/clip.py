@@ -49,13 +49,7 @@ def clipped_range(values: np.ndarray, bits: int, *, signed: bool, pow2: bool = F
     top = float(np.abs(values).max()) if values.size else 0.0
     if not (np.isfinite(top) and top > 0.0):  # a NaN or an infinity anywhere makes the max one
         return None
-    qmin, qmax = qrange(bits, signed)
-    ranges = np.array([top * f for f in CLIP_FRACTIONS])
-    scales = scale_from_range(ranges, bits, signed=signed, pow2=pow2).astype(np.float64)[:, None]
-    codes = np.clip(np.rint(values[None, :] / scales), qmin, qmax)
-    err = codes * scales - values[None, :]
-    totals = detfloat.sum64(err * err, axis=1)
-    return float(ranges[int(np.argmin(totals))])  # ties: the first, the widest range
+    return float(_least_error(values.reshape(1, -1), np.array([top]), bits, signed, pow2)[0])
 
 
 def clipped_rows(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> np.ndarray | None:
@@ -66,11 +60,17 @@ def clipped_rows(w_rows: np.ndarray, bits: int, *, pow2: bool = False) -> np.nda
     top = np.abs(w).max(axis=1) if w.size else np.zeros(len(w))
     if not np.isfinite(top).all():
         return None
-    top = np.where(top > 0.0, top, 1.0)
-    qmin, qmax = qrange(bits, True)
+    return _least_error(w, np.where(top > 0.0, top, 1.0), bits, True, pow2)
+
+
+def _least_error(rows: np.ndarray, top: np.ndarray, bits: int, signed: bool, pow2: bool) -> np.ndarray:
+    """Per row of `rows` (float64), the range among CLIP_FRACTIONS of its `top` whose nearest codes (the quantiser's
+    scale formula) err least on the row, the squared errors summed in detfloat's fixed order; ties: the first, the
+    widest range."""
+    qmin, qmax = qrange(bits, signed)
     ranges = np.array(CLIP_FRACTIONS)[:, None] * top[None, :]  # (fractions, rows)
-    scales = scale_from_range(ranges.reshape(-1), bits, signed=True, pow2=pow2).astype(np.float64)
+    scales = scale_from_range(ranges.reshape(-1), bits, signed=signed, pow2=pow2).astype(np.float64)
     scales = scales.reshape(ranges.shape)[:, :, None]
-    err = np.clip(np.rint(w[None] / scales), qmin, qmax) * scales - w[None]
+    err = np.clip(np.rint(rows[None] / scales), qmin, qmax) * scales - rows[None]
     totals = detfloat.sum64(err * err, axis=2)
-    return ranges[np.argmin(totals, axis=0), np.arange(len(w))]  # ties: the first, the widest range
+    return ranges[np.argmin(totals, axis=0), np.arange(len(rows))]
